@@ -1,0 +1,344 @@
+"""The PostgreSQL backend (asyncpg): production and high availability.
+
+Ordering. Every append updates the one-row `log_head` (position, hash, recorded_at, epoch) in
+the same statement that inserts its events. The row lock that UPDATE takes is held until
+commit, so appends commit one after another in position order: positions are gapless and in
+commit order, and a reader that has seen position N has seen everything before it. Readers
+therefore never need gap detection or a high-water mark (see docs/event-log.md).
+
+Writing. The writer caches the head it last wrote and sends one statement per batch:
+
+    WITH h AS (UPDATE log_head SET ... WHERE epoch = $mine AND position = $cached RETURNING 1)
+    INSERT INTO events SELECT ... WHERE EXISTS (SELECT 1 FROM h)
+
+If another writer took over (epoch changed) or wrote (position changed), nothing is inserted:
+the backend rereads the head and raises FencedError, or retries with fresh facts. The facts a
+batch needs (stream versions, already-stored event ids) are read just before, and are still
+true when the statement succeeds, because every write moves the head.
+
+Waking. Each batch sends `NOTIFY batchd_events, '<head position>'` in its transaction. The
+notification is only a hint: a listener connection (reconnecting in a loop) pokes
+subscribers, which then read from their own position; they also poll as a fallback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Sequence
+
+import asyncpg
+import structlog
+
+from batchd.events import errors
+from batchd.events.envelope import Head
+from batchd.events.store import AppendRequest, BatchPlan, Prepare, Snapshot
+
+logger = structlog.get_logger(__name__)
+
+SCHEMA_VERSION = 1
+CHANNEL = "batchd_events"
+MIGRATION_LOCK = 0x62617463  # advisory lock key held while migrating ("batc")
+WRITE_ATTEMPTS = 3
+LISTEN_BACKOFF = 0.5  # seconds between listener reconnects
+CONNECT_TIMEOUT = 10.0  # seconds
+
+MIGRATIONS: dict[int, str] = {
+    1: """
+    CREATE TABLE events (
+        position       bigint  PRIMARY KEY,
+        event_id       uuid    NOT NULL UNIQUE,
+        stream         text    NOT NULL,
+        version        bigint  NOT NULL,
+        type           text    NOT NULL,
+        schema         integer NOT NULL,
+        recorded_at    bigint  NOT NULL,   -- microseconds since the Unix epoch, UTC
+        actor          text    NOT NULL,
+        correlation_id uuid,
+        causation_id   uuid,
+        data           bytea   NOT NULL,   -- msgpack
+        hash           bytea   NOT NULL,
+        UNIQUE (stream, version)
+    );
+    CREATE INDEX events_recorded_at ON events (recorded_at, position);
+    CREATE TABLE log_head (
+        id          smallint PRIMARY KEY CHECK (id = 1),
+        position    bigint   NOT NULL,
+        hash        bytea    NOT NULL,
+        recorded_at bigint   NOT NULL,
+        epoch       bigint   NOT NULL
+    );
+    INSERT INTO log_head VALUES (1, 0, decode(repeat('00', 32), 'hex'), 0, 0);
+    CREATE TABLE snapshots (
+        projection text    NOT NULL,
+        position   bigint  NOT NULL,
+        format     integer NOT NULL,
+        code_hash  text    NOT NULL,
+        state      bytea   NOT NULL,
+        PRIMARY KEY (projection, position)
+    );
+    """,
+}
+
+_COLUMNS = (
+    "position, event_id, stream, version, type, schema, recorded_at, actor, "
+    "correlation_id, causation_id, data, hash"
+)
+_HEAD = "SELECT position, hash, recorded_at, epoch FROM log_head WHERE id = 1"
+_TAKE_EPOCH = (
+    "UPDATE log_head SET epoch = epoch + 1 WHERE id = 1 RETURNING position, hash, recorded_at, epoch"
+)
+_FACTS = """
+SELECT stream, max(version) AS n, NULL::uuid AS event_id
+  FROM events WHERE stream = ANY($1::text[]) GROUP BY stream
+UNION ALL
+SELECT stream, position, event_id FROM events WHERE event_id = ANY($2::uuid[])
+"""
+_WRITE = f"""
+WITH h AS (
+    UPDATE log_head SET position = $3, hash = $4, recorded_at = $5
+    WHERE id = 1 AND epoch = $1 AND position = $2
+    RETURNING position
+), ins AS (
+    INSERT INTO events ({_COLUMNS})
+    SELECT * FROM unnest($6::bigint[], $7::uuid[], $8::text[], $9::bigint[], $10::text[],
+                         $11::integer[], $12::bigint[], $13::text[], $14::uuid[], $15::uuid[],
+                         $16::bytea[], $17::bytea[])
+    WHERE EXISTS (SELECT 1 FROM h)
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM ins) AS inserted,
+       (SELECT pg_notify('{CHANNEL}', position::text) FROM h) IS NULL AS notified
+"""
+_READ = f"SELECT {_COLUMNS} FROM events WHERE position > $1 ORDER BY position LIMIT $2"
+_READ_STREAM = f"SELECT {_COLUMNS} FROM events WHERE stream = $1 AND version > $2 ORDER BY version"
+_POSITION_AT = (
+    "SELECT position FROM events WHERE recorded_at <= $1 "
+    "ORDER BY recorded_at DESC, position DESC LIMIT 1"
+)
+
+_UNAVAILABLE = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.CannotConnectNowError,
+)
+
+
+def redact_dsn(dsn: str) -> str:
+    """The DSN with any password replaced by ***, for messages and logs."""
+    scheme, sep, rest = dsn.partition("://")
+    userinfo, at, hostpart = rest.rpartition("@")
+    if not at or ":" not in userinfo:
+        return dsn
+    return f"{scheme}{sep}{userinfo.split(':', 1)[0]}:***@{hostpart}"
+
+
+class PostgresBackend:
+    name = "postgres"
+
+    def __init__(self, dsn: str, *, pool_size: int = 4) -> None:
+        self.dsn = dsn
+        self.where = redact_dsn(dsn)
+        self.pool_size = pool_size
+        self._pool: asyncpg.Pool | None = None
+        self._head: Head | None = None  # the head this writer last wrote (cache)
+        self._wakeup: Callable[[], None] = lambda: None
+        self._listener: asyncio.Task | None = None
+
+    def set_wakeup(self, callback: Callable[[], None]) -> None:
+        self._wakeup = callback
+
+    def _translate(self, exc: BaseException) -> errors.StoreError:
+        if isinstance(exc, asyncpg.InvalidCatalogNameError):
+            return errors.StoreError(f"cannot open log {self.where}: {exc}")
+        if isinstance(exc, asyncpg.InvalidAuthorizationSpecificationError | asyncpg.InvalidPasswordError):
+            return errors.StoreError(f"cannot open log {self.where}: authentication failed ({exc})")
+        if isinstance(exc, _UNAVAILABLE):
+            reason = str(exc) or type(exc).__name__
+            return errors.StoreUnavailable(f"log {self.where} unreachable: {reason}")
+        return errors.StoreError(f"log {self.where}: {exc}")
+
+    # -- opening ---------------------------------------------------------------------------
+    async def open(self, readonly: bool) -> None:
+        try:
+            self._pool = await asyncpg.create_pool(
+                self.dsn, min_size=1, max_size=self.pool_size, timeout=CONNECT_TIMEOUT
+            )
+        except (asyncpg.PostgresError, *_UNAVAILABLE) as exc:
+            raise self._translate(exc) from None
+        except ValueError as exc:  # asyncpg's DSN parser
+            raise errors.StoreUrlError(f"malformed PostgreSQL URL {self.where}: {exc}") from None
+        try:
+            async with self._pool.acquire() as conn:
+                if readonly:
+                    await self._check_readable(conn)
+                else:
+                    await self._migrate(conn)
+        except BaseException:
+            await self._pool.close()
+            raise
+        self._listener = asyncio.create_task(self._listen(), name="postgres-listener")
+
+    async def _schema_version(self, conn: asyncpg.Connection) -> int | None:
+        if await conn.fetchval("SELECT to_regclass('batchd_schema')") is None:
+            return None
+        return await conn.fetchval("SELECT version FROM batchd_schema")
+
+    def _check_version(self, version: int) -> None:
+        if version > SCHEMA_VERSION:
+            raise errors.SchemaVersionError(
+                f"log {self.where} is at schema version {version}; this batchd knows up to "
+                f"{SCHEMA_VERSION}: upgrade batchd"
+            )
+
+    async def _check_readable(self, conn: asyncpg.Connection) -> None:
+        try:
+            version = await self._schema_version(conn)
+        except (asyncpg.PostgresError, *_UNAVAILABLE) as exc:
+            raise self._translate(exc) from None
+        if version is None:
+            raise errors.StoreError(f"no batchd log in {self.where} (its tables do not exist)")
+        self._check_version(version)
+
+    async def _migrate(self, conn: asyncpg.Connection) -> None:
+        try:
+            async with conn.transaction():
+                await conn.execute(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
+                current = await self._schema_version(conn) or 0
+                self._check_version(current)
+                for version in range(current + 1, SCHEMA_VERSION + 1):
+                    await conn.execute(MIGRATIONS[version])
+                    await conn.execute(
+                        "CREATE TABLE IF NOT EXISTS batchd_schema (version integer NOT NULL);"
+                        "DELETE FROM batchd_schema;"
+                        f"INSERT INTO batchd_schema VALUES ({version});"
+                    )
+        except errors.StoreError:
+            raise
+        except (asyncpg.PostgresError, *_UNAVAILABLE) as exc:
+            raise self._translate(exc) from None
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+        if self._pool is not None:
+            await self._pool.close()
+
+    async def _listen(self) -> None:
+        """Keep a LISTEN connection; poke subscribers on every notification and reconnect."""
+        while True:
+            conn = None
+            try:
+                conn = await asyncpg.connect(self.dsn, timeout=CONNECT_TIMEOUT)
+                lost = asyncio.Event()
+                conn.add_termination_listener(lambda _c: lost.set())
+                await conn.add_listener(CHANNEL, lambda *_a: self._wakeup())
+                self._wakeup()  # listening again: subscribers reread from their position
+                await lost.wait()
+            except (asyncpg.PostgresError, *_UNAVAILABLE) as exc:
+                logger.debug("log.listener_reconnect", error=str(exc))
+            finally:
+                if conn is not None:
+                    conn.terminate()
+            await asyncio.sleep(LISTEN_BACKOFF)
+
+    # -- plumbing --------------------------------------------------------------------------
+    async def _fetch(self, sql: str, *args) -> list:
+        try:
+            return await self._pool.fetch(sql, *args)
+        except (asyncpg.PostgresError, *_UNAVAILABLE) as exc:
+            raise self._translate(exc) from None
+
+    # -- head and epoch --------------------------------------------------------------------
+    async def read_head(self) -> Head:
+        return Head(*(await self._fetch(_HEAD))[0])
+
+    async def take_epoch(self) -> Head:
+        self._head = Head(*(await self._fetch(_TAKE_EPOCH))[0])
+        return self._head
+
+    # -- appending -------------------------------------------------------------------------
+    async def commit(self, requests: Sequence[AppendRequest], epoch: int, prepare: Prepare) -> BatchPlan:
+        for _attempt in range(WRITE_ATTEMPTS):
+            head = self._head or await self.read_head()
+            if head.epoch != epoch:
+                raise errors.FencedError(epoch, head.epoch)
+            try:
+                plan = await self._try_commit(requests, head, prepare)
+            except asyncpg.UniqueViolationError:
+                plan = None  # another writer got in between: reread and decide again
+            except (asyncpg.PostgresError, *_UNAVAILABLE) as exc:
+                self._head = None  # ambiguous: the next batch rereads the head
+                raise self._translate(exc) from None
+            if plan is not None:
+                self._head = plan.head
+                return plan
+            self._head = None
+        raise errors.StoreUnavailable(f"log {self.where}: the head kept moving under this writer")
+
+    async def _try_commit(
+        self, requests: Sequence[AppendRequest], head: Head, prepare: Prepare
+    ) -> BatchPlan | None:
+        streams = list({r.stream for r in requests})
+        ids = [e.event_id for r in requests for e in r.events]
+        async with self._pool.acquire() as conn:
+            versions: dict[str, int] = {}
+            existing = {}
+            for stream, n, event_id in await conn.fetch(_FACTS, streams, ids):
+                if event_id is None:
+                    versions[stream] = n
+                else:
+                    existing[event_id] = (n, stream)
+            plan = prepare(head, versions, existing)
+            if not plan.rows:
+                return plan
+            columns = list(zip(*plan.rows, strict=True))
+            new = plan.head
+            inserted, _ = await conn.fetchrow(
+                _WRITE, head.epoch, head.position, new.position, new.hash, new.recorded_at, *columns
+            )
+        return plan if inserted == len(plan.rows) else None
+
+    # -- reading ---------------------------------------------------------------------------
+    async def read_rows(self, after: int, limit: int) -> list[tuple]:
+        return [tuple(r) for r in await self._fetch(_READ, after, limit)]
+
+    async def read_stream_rows(self, stream: str, after_version: int) -> list[tuple]:
+        return [tuple(r) for r in await self._fetch(_READ_STREAM, stream, after_version)]
+
+    async def position_at(self, recorded_at: int) -> int:
+        rows = await self._fetch(_POSITION_AT, recorded_at)
+        return rows[0][0] if rows else 0
+
+    # -- snapshots -------------------------------------------------------------------------
+    async def save_snapshot(self, snapshot: Snapshot, keep: int) -> None:
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                await conn.execute(
+                    "INSERT INTO snapshots VALUES ($1, $2, $3, $4, $5) "
+                    "ON CONFLICT (projection, position) DO UPDATE SET format = $3, "
+                    "code_hash = $4, state = $5",
+                    *snapshot,
+                )
+                await conn.execute(
+                    "DELETE FROM snapshots WHERE projection = $1 AND position NOT IN "
+                    "(SELECT position FROM snapshots WHERE projection = $1 "
+                    "ORDER BY position DESC LIMIT $2)",
+                    snapshot.projection,
+                    keep,
+                )
+        except (asyncpg.PostgresError, *_UNAVAILABLE) as exc:
+            raise self._translate(exc) from None
+
+    async def load_snapshot(self, projection: str) -> Snapshot | None:
+        rows = await self._fetch(
+            "SELECT projection, position, format, code_hash, state FROM snapshots "
+            "WHERE projection = $1 ORDER BY position DESC LIMIT 1",
+            projection,
+        )
+        return Snapshot(*rows[0]) if rows else None

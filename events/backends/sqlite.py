@@ -1,0 +1,346 @@
+"""The SQLite backend: the embedded default.
+
+One file, WAL journal, `synchronous=FULL` (a committed append survives power loss), one writer
+connection on its own thread and one reader connection on another, so reads never wait for a
+commit. `BEGIN IMMEDIATE` takes the write lock before the head is read, so positions are
+assigned in commit order; the writer epoch lives in the same `log_head` row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import sqlite3
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from batchd.events import errors
+from batchd.events.envelope import Head
+from batchd.events.store import AppendRequest, BatchPlan, Prepare, Snapshot
+
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_MS = 10_000
+
+MIGRATIONS: dict[int, str] = {
+    1: """
+    CREATE TABLE events (
+        position       INTEGER PRIMARY KEY,
+        event_id       BLOB    NOT NULL UNIQUE,
+        stream         TEXT    NOT NULL,
+        version        INTEGER NOT NULL,
+        type           TEXT    NOT NULL,
+        schema         INTEGER NOT NULL,
+        recorded_at    INTEGER NOT NULL,   -- microseconds since the Unix epoch, UTC
+        actor          TEXT    NOT NULL,
+        correlation_id BLOB,
+        causation_id   BLOB,
+        data           BLOB    NOT NULL,   -- msgpack
+        hash           BLOB    NOT NULL,
+        UNIQUE (stream, version)
+    );
+    CREATE INDEX events_recorded_at ON events (recorded_at, position);
+    CREATE TABLE log_head (
+        id          INTEGER PRIMARY KEY CHECK (id = 1),
+        position    INTEGER NOT NULL,
+        hash        BLOB    NOT NULL,
+        recorded_at INTEGER NOT NULL,
+        epoch       INTEGER NOT NULL
+    );
+    INSERT INTO log_head VALUES (1, 0, zeroblob(32), 0, 0);
+    CREATE TABLE snapshots (
+        projection TEXT    NOT NULL,
+        position   INTEGER NOT NULL,
+        format     INTEGER NOT NULL,
+        code_hash  TEXT    NOT NULL,
+        state      BLOB    NOT NULL,
+        PRIMARY KEY (projection, position)
+    );
+    """,
+}
+
+_COLUMNS = (
+    "position, event_id, stream, version, type, schema, recorded_at, actor, "
+    "correlation_id, causation_id, data, hash"
+)
+_INSERT = f"INSERT INTO events ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
+_READ = f"SELECT {_COLUMNS} FROM events WHERE position > ? ORDER BY position LIMIT ?"
+_POSITION_AT = (
+    "SELECT position FROM events WHERE recorded_at <= ? "
+    "ORDER BY recorded_at DESC, position DESC LIMIT 1"
+)
+_READ_STREAM = f"SELECT {_COLUMNS} FROM events WHERE stream = ? AND version > ? ORDER BY version"
+_HEAD = "SELECT position, hash, recorded_at, epoch FROM log_head WHERE id = 1"
+
+
+def _to_uuid_row(row: tuple) -> tuple:
+    """sqlite3 returns uuids as 16-byte blobs; the envelope speaks uuid.UUID."""
+    eid, corr, caus = row[1], row[8], row[9]
+    return (
+        row[0], uuid.UUID(bytes=eid), *row[2:8],
+        None if corr is None else uuid.UUID(bytes=corr),
+        None if caus is None else uuid.UUID(bytes=caus),
+        row[10], row[11],
+    )  # fmt: skip
+
+
+def _uuid_bytes(value) -> bytes | None:
+    return None if value is None else value.bytes
+
+
+class SqliteBackend:
+    name = "sqlite"
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._reader: sqlite3.Connection | None = None
+        self._writer: sqlite3.Connection | None = None
+        self._rexec = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sqlite-read")
+        self._wexec = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sqlite-write")
+
+    def set_wakeup(self, callback: Callable[[], None]) -> None:
+        pass  # other processes' appends are seen by polling
+
+    # -- opening ---------------------------------------------------------------------------
+    async def open(self, readonly: bool) -> None:
+        try:
+            if readonly:
+                self._reader = await self._run_read(self._connect_readonly)
+            else:
+                self._writer = await self._run_write(self._connect_writer)
+                self._reader = await self._run_read(self._connect, "rw")
+        except sqlite3.DatabaseError as exc:
+            raise self._translate(exc) from None
+
+    def _connect(self, mode: str) -> sqlite3.Connection:
+        uri = f"file:{Path(self.path).absolute().as_posix()}?mode={mode}"
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        return conn
+
+    def _connect_readonly(self) -> sqlite3.Connection:
+        if not os.path.exists(self.path):
+            raise errors.StoreError(f"no batchd log at {self.path}: the file does not exist")
+        conn = self._connect("ro")
+        version = self._schema_version(conn)
+        if version is None:
+            raise errors.StoreCorrupt(f"{self.path} is a SQLite file but not a batchd log")
+        self._check_version(version)
+        return conn
+
+    def _connect_writer(self) -> sqlite3.Connection:
+        directory = Path(self.path).absolute().parent
+        if not directory.is_dir():
+            raise errors.StoreError(f"cannot open log {self.path}: {directory} does not exist")
+        conn = self._connect("rwc")
+        try:
+            version = self._schema_version(conn)  # reads the header first: nothing written yet
+            if version is not None:
+                self._check_version(version)
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = FULL")
+            self._migrate(conn, version or 0)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _schema_version(self, conn: sqlite3.Connection) -> int | None:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if "batchd_schema" not in tables:
+            if tables:
+                raise errors.StoreCorrupt(
+                    f"{self.path} holds other tables ({', '.join(sorted(tables)[:3])}) "
+                    "and no batchd log"
+                )
+            return None
+        return conn.execute("SELECT version FROM batchd_schema").fetchone()[0]
+
+    def _check_version(self, version: int) -> None:
+        if version > SCHEMA_VERSION:
+            raise errors.SchemaVersionError(
+                f"log {self.path} is at schema version {version}; this batchd knows up to "
+                f"{SCHEMA_VERSION}: upgrade batchd"
+            )
+
+    def _migrate(self, conn: sqlite3.Connection, current: int) -> None:
+        for version in range(current + 1, SCHEMA_VERSION + 1):
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in _split_sql(MIGRATIONS[version]):
+                    conn.execute(statement)
+                conn.execute("CREATE TABLE IF NOT EXISTS batchd_schema (version INTEGER NOT NULL)")
+                conn.execute("DELETE FROM batchd_schema")
+                conn.execute("INSERT INTO batchd_schema VALUES (?)", (version,))
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+    async def close(self) -> None:
+        for conn, executor in ((self._writer, self._wexec), (self._reader, self._rexec)):
+            if conn is not None:
+                await asyncio.get_running_loop().run_in_executor(executor, conn.close)
+        self._wexec.shutdown(wait=False)
+        self._rexec.shutdown(wait=False)
+
+    # -- plumbing --------------------------------------------------------------------------
+    async def _run_read(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._rexec, fn, *args)
+
+    async def _run_write(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._wexec, fn, *args)
+
+    def _translate(self, exc: sqlite3.Error) -> errors.StoreError:
+        message = str(exc)
+        if isinstance(exc, sqlite3.DatabaseError) and (
+            "not a database" in message or "malformed" in message
+        ):
+            return errors.StoreCorrupt(f"{self.path} is damaged or not a SQLite file: {message}")
+        if isinstance(exc, sqlite3.OperationalError):
+            return errors.StoreUnavailable(f"log {self.path}: {message}")
+        return errors.StoreError(f"log {self.path}: {message}")
+
+    async def _read(self, sql: str, params: tuple) -> list[tuple]:
+        def run() -> list[tuple]:
+            return self._reader.execute(sql, params).fetchall()
+
+        try:
+            rows = await self._run_read(run)
+        except sqlite3.Error as exc:
+            raise self._translate(exc) from None
+        return [_to_uuid_row(r) for r in rows]
+
+    # -- head and epoch --------------------------------------------------------------------
+    async def read_head(self) -> Head:
+        def run() -> Head:
+            return Head(*self._reader.execute(_HEAD).fetchone())
+
+        return await self._run_read(run)
+
+    async def take_epoch(self) -> Head:
+        def run() -> Head:
+            conn = self._writer
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute("UPDATE log_head SET epoch = epoch + 1 WHERE id = 1")
+                head = Head(*conn.execute(_HEAD).fetchone())
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            return head
+
+        try:
+            return await self._run_write(run)
+        except sqlite3.Error as exc:
+            raise self._translate(exc) from None
+
+    # -- appending -------------------------------------------------------------------------
+    async def commit(self, requests: Sequence[AppendRequest], epoch: int, prepare: Prepare) -> BatchPlan:
+        try:
+            return await self._run_write(self._commit_sync, requests, epoch, prepare)
+        except sqlite3.Error as exc:
+            raise self._translate(exc) from None
+
+    def _commit_sync(self, requests: Sequence[AppendRequest], epoch: int, prepare: Prepare) -> BatchPlan:
+        conn = self._writer
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            head = Head(*conn.execute(_HEAD).fetchone())
+            if head.epoch != epoch:
+                raise errors.FencedError(epoch, head.epoch)
+            plan = prepare(head, *self._facts(conn, requests))
+            if plan.rows:
+                conn.executemany(_INSERT, [_to_sql_row(r) for r in plan.rows])
+                conn.execute(
+                    "UPDATE log_head SET position = ?, hash = ?, recorded_at = ? WHERE id = 1",
+                    plan.head[:3],
+                )
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return plan
+
+    def _facts(self, conn: sqlite3.Connection, requests: Sequence[AppendRequest]):
+        streams = list({r.stream for r in requests})
+        versions: dict[str, int] = {}
+        for chunk in _chunks(streams):
+            marks = ",".join("?" * len(chunk))
+            sql = f"SELECT stream, max(version) FROM events WHERE stream IN ({marks}) GROUP BY stream"
+            versions.update(conn.execute(sql, chunk).fetchall())
+        ids = [e.event_id.bytes for r in requests for e in r.events]
+        existing = {}
+        for chunk in _chunks(ids):
+            marks = ",".join("?" * len(chunk))
+            sql = f"SELECT event_id, position, stream FROM events WHERE event_id IN ({marks})"
+            for eid, position, stream in conn.execute(sql, chunk):
+                existing[_uuid(eid)] = (position, stream)
+        return versions, existing
+
+    # -- reading ---------------------------------------------------------------------------
+    async def read_rows(self, after: int, limit: int) -> list[tuple]:
+        return await self._read(_READ, (after, limit))
+
+    async def position_at(self, recorded_at: int) -> int:
+        def run() -> int:
+            row = self._reader.execute(_POSITION_AT, (recorded_at,)).fetchone()
+            return 0 if row is None else row[0]
+
+        return await self._run_read(run)
+
+    async def read_stream_rows(self, stream: str, after_version: int) -> list[tuple]:
+        return await self._read(_READ_STREAM, (stream, after_version))
+
+    # -- snapshots -------------------------------------------------------------------------
+    async def save_snapshot(self, snapshot: Snapshot, keep: int) -> None:
+        def run() -> None:
+            conn = self._writer
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute("INSERT OR REPLACE INTO snapshots VALUES (?,?,?,?,?)", snapshot)
+                conn.execute(
+                    "DELETE FROM snapshots WHERE projection = ? AND position NOT IN "
+                    "(SELECT position FROM snapshots WHERE projection = ? "
+                    "ORDER BY position DESC LIMIT ?)",
+                    (snapshot.projection, snapshot.projection, keep),
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+        await self._run_write(run)
+
+    async def load_snapshot(self, projection: str) -> Snapshot | None:
+        def run():
+            return self._reader.execute(
+                "SELECT projection, position, format, code_hash, state FROM snapshots "
+                "WHERE projection = ? ORDER BY position DESC LIMIT 1",
+                (projection,),
+            ).fetchone()
+
+        row = await self._run_read(run)
+        return None if row is None else Snapshot(*row)
+
+
+def _uuid(raw: bytes) -> uuid.UUID:
+    return uuid.UUID(bytes=raw)
+
+
+def _to_sql_row(row: tuple) -> tuple:
+    return (
+        row[0], row[1].bytes, *row[2:8], _uuid_bytes(row[8]), _uuid_bytes(row[9]), row[10], row[11]
+    )  # fmt: skip
+
+
+def _chunks(items: list, size: int = 500):
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _split_sql(script: str) -> list[str]:
+    return [s.strip() for s in script.split(";") if s.strip()]

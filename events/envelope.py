@@ -1,0 +1,115 @@
+"""The event envelope and the hash chain.
+
+A stored event is a row of twelve fields (see `RecordedEvent`). Every row's `hash` is
+
+    hash[n] = SHA-256( hash[n-1] || msgpack([position, event_id, stream, version, type, schema,
+                                            recorded_at, actor, correlation_id, causation_id,
+                                            data]) )
+
+with `hash[0]` = 32 zero bytes. The msgpack array uses the smallest encoding of each value (as
+the msgpack spec asks, and every mainstream library does): integers as integers, strings as
+str, `event_id`/`correlation_id`/`causation_id` as bin of their 16 uuid bytes (nil when
+absent), `recorded_at` as integer microseconds since the Unix epoch (UTC), and `data` as bin
+holding the stored msgpack bytes of the payload exactly as they are in the log. An auditor can
+recompute the chain with any msgpack library from the rows alone (docs/event-log.md shows how).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import msgpack
+
+GENESIS_HASH = bytes(32)
+ANY: None = None  # expected_version that skips the optimistic-concurrency check
+NO_STREAM = 0  # expected_version of a stream that must not exist yet
+
+_packb = msgpack.Packer(use_bin_type=True).pack
+_sha256 = hashlib.sha256
+
+
+@dataclass(slots=True)
+class NewEvent:
+    """An event a writer wants to append. `event_id` makes a retried append idempotent."""
+
+    type: str
+    data: dict[str, Any]
+    actor: str = "scheduler"
+    correlation_id: uuid.UUID | None = None
+    causation_id: uuid.UUID | None = None
+    event_id: uuid.UUID = field(default_factory=uuid.uuid4)
+
+
+class EncodedEvent(NamedTuple):
+    """A NewEvent after the codec: data packed (secrets sealed) and its schema chosen."""
+
+    event_id: uuid.UUID
+    type: str
+    schema: int
+    actor: str
+    correlation_id: uuid.UUID | None
+    causation_id: uuid.UUID | None
+    data: bytes
+
+
+class RecordedEvent(NamedTuple):
+    """An event as stored in the log (with `data` decoded and upcast when read through a store)."""
+
+    position: int
+    event_id: uuid.UUID
+    stream: str
+    version: int
+    type: str
+    schema: int
+    recorded_at: int  # microseconds since the Unix epoch, UTC
+    actor: str
+    correlation_id: uuid.UUID | None
+    causation_id: uuid.UUID | None
+    data: Any
+    hash: bytes
+
+
+class Head(NamedTuple):
+    """The log's head: last position and hash, last recorded_at, and the writer epoch."""
+
+    position: int
+    hash: bytes
+    recorded_at: int
+    epoch: int
+
+
+EMPTY_HEAD = Head(0, GENESIS_HASH, 0, 0)
+
+
+def _uuid_bytes(value: uuid.UUID | None) -> bytes | None:
+    return None if value is None else value.bytes
+
+
+def canonical_bytes(row: tuple) -> bytes:
+    """The msgpack bytes hashed for one row (all fields but `hash`, data as stored bytes)."""
+    (position, event_id, stream, version, type_, schema, recorded_at, actor, corr, caus, data) = row[
+        :11
+    ]
+    return _packb(
+        [
+            position,
+            event_id.bytes,
+            stream,
+            version,
+            type_,
+            schema,
+            recorded_at,
+            actor,
+            _uuid_bytes(corr),
+            _uuid_bytes(caus),
+            data,
+        ]
+    )
+
+
+def chain_hash(previous: bytes, row: tuple) -> bytes:
+    """The hash of `row` given the hash of the row before it."""
+    return _sha256(previous + canonical_bytes(row)).digest()

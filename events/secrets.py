@@ -1,0 +1,146 @@
+"""Encryption of secret fields (AES-256-GCM), so that secrets are never readable in the log.
+
+A sealed value is stored as msgpack extension type 1 whose payload is
+
+    key-id length (1 byte) || key id (ASCII) || nonce (12 bytes) || ciphertext+tag
+
+The key id travels with the ciphertext, so keys can rotate: new secrets are sealed with the
+keyring's active key, and old ones still open with the key they name. Sealed values decode as
+`Sealed` objects that show as `***`; only code that must hand the secret to a job calls
+`Keyring.open`.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from collections.abc import Mapping
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from batchd.events import errors
+
+SEALED_EXT = 1  # msgpack extension type code of a sealed value
+REDACTED = "***"
+_NONCE_BYTES = 12
+
+
+class Sealed:
+    """An encrypted value as stored in the log. It never shows its plaintext."""
+
+    __slots__ = ("payload",)
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+
+    @property
+    def key_id(self) -> str:
+        return self.payload[1 : 1 + self.payload[0]].decode("ascii")
+
+    def __repr__(self) -> str:
+        return REDACTED
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sealed) and other.payload == self.payload
+
+    def __hash__(self) -> int:
+        return hash(self.payload)
+
+
+class Keyring:
+    """Named 256-bit keys; `active` seals, any of them opens."""
+
+    def __init__(self, keys: Mapping[str, bytes], active: str) -> None:
+        if active not in keys:
+            raise errors.SecretKeyError(f"active secret key {active!r} is not among the keys")
+        for key_id, key in keys.items():
+            if not key_id.isascii() or not 0 < len(key_id) < 256:
+                raise errors.SecretKeyError(f"secret key id {key_id!r} must be 1-255 ASCII chars")
+            if len(key) != 32:
+                raise errors.SecretKeyError(f"secret key {key_id!r} must be 32 bytes")
+        self._ciphers = {k: AESGCM(v) for k, v in keys.items()}
+        self.active = active
+
+    @classmethod
+    def generate(cls, key_id: str = "k1") -> Keyring:
+        return cls({key_id: AESGCM.generate_key(bit_length=256)}, key_id)
+
+    @classmethod
+    def from_base64(cls, keys: Mapping[str, str], active: str) -> Keyring:
+        try:
+            decoded = {k: base64.b64decode(v, validate=True) for k, v in keys.items()}
+        except ValueError:
+            raise errors.SecretKeyError("secret keys must be base64 (32 bytes each)") from None
+        return cls(decoded, active)
+
+    def seal(self, plaintext: str) -> Sealed:
+        kid = self.active.encode("ascii")
+        nonce = os.urandom(_NONCE_BYTES)
+        ct = self._ciphers[self.active].encrypt(nonce, plaintext.encode("utf-8"), kid)
+        return Sealed(bytes([len(kid)]) + kid + nonce + ct)
+
+    def open(self, sealed: Sealed) -> str:
+        key_id = sealed.key_id
+        cipher = self._ciphers.get(key_id)
+        if cipher is None:
+            raise errors.SecretKeyError(f"secret sealed with key {key_id!r}, which is not loaded")
+        start = 1 + sealed.payload[0]
+        nonce = sealed.payload[start : start + _NONCE_BYTES]
+        try:
+            plain = cipher.decrypt(nonce, sealed.payload[start + _NONCE_BYTES :], key_id.encode())
+        except InvalidTag:
+            raise errors.SecretKeyError(f"secret sealed with key {key_id!r} fails to open") from None
+        return plain.decode("utf-8")
+
+
+def _parse_path(path: str) -> list[str]:
+    return [part for piece in path.split(".") for part in _split_list(piece)]
+
+
+def _split_list(piece: str) -> list[str]:
+    return [piece[:-2], "[]"] if piece.endswith("[]") else [piece]
+
+
+def seal_paths(data: dict, paths: tuple[str, ...], keyring: Keyring | None) -> dict:
+    """Return `data` with the plaintext values at `paths` sealed (the input is not modified)."""
+    for path in paths:
+        data = _seal(data, _parse_path(path), keyring, path)
+    return data
+
+
+def _seal(node: object, parts: list[str], keyring: Keyring | None, path: str) -> object:
+    if not parts:
+        if node is None or isinstance(node, Sealed):
+            return node
+        if keyring is None:
+            raise errors.SecretKeyError(f"field {path} holds a secret but no secret key is set")
+        if not isinstance(node, str):
+            raise errors.SecretKeyError(f"field {path} must be a string")
+        return keyring.seal(node)
+    head, rest = parts[0], parts[1:]
+    if head == "[]":
+        if not isinstance(node, list):
+            return node
+        return [_seal(item, rest, keyring, path) for item in node]
+    if not isinstance(node, dict) or head not in node:
+        return node
+    sealed = _seal(node[head], rest, keyring, path)
+    if sealed is node[head]:
+        return node
+    return {**node, head: sealed}
+
+
+def redact(value: object) -> object:
+    """A JSON-ready copy of decoded event data: sealed values as `***`, bytes as base64."""
+    if isinstance(value, dict):
+        return {k: redact(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [redact(v) for v in value]
+    if isinstance(value, Sealed):
+        return REDACTED
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode("ascii")
+    return value

@@ -1,0 +1,344 @@
+"""The event store: one contract over several backends.
+
+`EventStore` holds everything that does not depend on the database: encoding, the group-commit
+writer, the pure batch decision (`prepare_batch`), decoding, leadership, and subscriptions.
+A backend (events/backends/) only runs its SQL: it reads the head and the facts a batch needs
+inside its write transaction, hands them to `prepare_batch`, and stores the rows it returns.
+
+Group commit: `append` queues a request and waits; one writer task takes every request queued
+while the previous transaction was in flight (up to MAX_BATCH_EVENTS events) and commits them
+in one transaction. A request that fails its version check, or reuses some of another append's
+event ids, fails alone; the others in the batch commit. An append retried with the same event
+ids after an ambiguous failure is recognised and answered with the original positions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import re
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Protocol
+
+import structlog
+
+from batchd.events import errors
+from batchd.events.codec import Codec
+from batchd.events.envelope import (
+    EncodedEvent,
+    Head,
+    NewEvent,
+    RecordedEvent,
+    chain_hash,
+)
+from batchd.events.timeutil import now_us
+
+logger = structlog.get_logger(__name__)
+
+MAX_BATCH_EVENTS = 500  # events per group-commit transaction
+READ_PAGE = 1000  # events per read while catching up
+POLL_INTERVAL = 1.0  # seconds between subscription polls when no wake-up arrives
+RETRY_BACKOFF = (0.05, 0.1, 0.2, 0.5, 1.0)  # seconds, for a subscription whose store dropped
+_STREAM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./:<>@+=-]{0,254}$")
+
+
+@dataclass(slots=True)
+class AppendRequest:
+    stream: str
+    events: list[EncodedEvent]
+    expected_version: int | None
+    future: asyncio.Future = field(repr=False)
+
+
+class Snapshot(NamedTuple):
+    """A projection's state saved at a log position (see projections/)."""
+
+    projection: str
+    position: int
+    format: int
+    code_hash: str
+    state: bytes
+
+
+class BatchPlan(NamedTuple):
+    """What one transaction stores: its rows, the new head, and one outcome per request."""
+
+    rows: list[tuple]
+    head: Head
+    outcomes: list[list[int] | errors.StoreError]
+
+
+Prepare = Callable[[Head, dict[str, int], dict[Any, tuple[int, str]]], BatchPlan]
+
+
+def prepare_batch(
+    requests: Sequence[AppendRequest],
+    head: Head,
+    versions: dict[str, int],
+    existing: dict[Any, tuple[int, str]],
+    now: int,
+) -> BatchPlan:
+    """Decide a batch: which requests commit (with positions, versions and hashes) and which fail.
+
+    `versions` maps each stream of the batch to its current version (absent: 0); `existing` maps
+    event ids already stored to their (position, stream). Pure: no I/O, no clock.
+    """
+    rows: list[tuple] = []
+    outcomes: list[list[int] | errors.StoreError] = []
+    versions = dict(versions)
+    seen = dict(existing)
+    position, previous = head.position, head.hash
+    recorded_at = max(now, head.recorded_at)  # never decreasing along positions
+    for request in requests:
+        stream = request.stream
+        found = [seen.get(e.event_id) for e in request.events]
+        if any(found):
+            outcomes.append(_retry_outcome(request, found))
+            continue
+        current = versions.get(stream, 0)
+        if request.expected_version is not None and request.expected_version != current:
+            outcomes.append(errors.ConcurrencyError(stream, request.expected_version, current))
+            continue
+        positions = []
+        for e in request.events:
+            position += 1
+            current += 1
+            row = (position, e.event_id, stream, current, e.type, e.schema, recorded_at,
+                   e.actor, e.correlation_id, e.causation_id, e.data)  # fmt: skip
+            previous = chain_hash(previous, row)
+            rows.append((*row, previous))
+            positions.append(position)
+            seen[e.event_id] = (position, stream)
+        versions[stream] = current
+        outcomes.append(positions)
+    return BatchPlan(rows, Head(position, previous, recorded_at, head.epoch), outcomes)
+
+
+def _retry_outcome(request: AppendRequest, found: list) -> list[int] | errors.StoreError:
+    if all(f is not None and f[1] == request.stream for f in found):
+        return [f[0] for f in found]  # the same append, already committed: answer it again
+    return errors.DuplicateEventError(
+        f"append to {request.stream!r} reuses event ids already stored by another append"
+    )
+
+
+class Backend(Protocol):
+    """What a database must provide. Rows are 12-tuples in RecordedEvent's field order with
+    `data` as the stored msgpack bytes."""
+
+    name: str
+
+    async def open(self, readonly: bool) -> None: ...
+    async def close(self) -> None: ...
+    async def read_head(self) -> Head: ...
+    async def take_epoch(self) -> Head:
+        """Increment the writer epoch; later appends of any older epoch fail with FencedError."""
+
+    async def commit(self, requests: Sequence[AppendRequest], epoch: int, prepare: Prepare) -> BatchPlan:
+        """In one transaction: check `epoch` against the log's, call `prepare(head, versions,
+        existing)`, store its rows and head. Raise FencedError if the epoch is stale."""
+
+    async def read_rows(self, after: int, limit: int) -> list[tuple]: ...
+    async def read_stream_rows(self, stream: str, after_version: int) -> list[tuple]: ...
+    async def position_at(self, recorded_at: int) -> int:
+        """The last position recorded at or before `recorded_at` (0 if none)."""
+
+    async def save_snapshot(self, snapshot: Snapshot, keep: int) -> None: ...
+    async def load_snapshot(self, projection: str) -> Snapshot | None: ...
+    def set_wakeup(self, callback: Callable[[], None]) -> None:
+        """Call `callback` whenever another process may have appended (a hint, may be lost)."""
+
+
+class EventStore:
+    """The log: append with optimistic concurrency and fencing, read, subscribe, snapshot."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        codec: Codec | None = None,
+        *,
+        clock: Callable[[], int] = now_us,
+        poll_interval: float = POLL_INTERVAL,
+    ) -> None:
+        self.backend = backend
+        self.codec = codec or Codec()
+        self.clock = clock
+        self.poll_interval = poll_interval
+        self.epoch: int | None = None
+        self.readonly = False
+        self._queue: collections.deque[AppendRequest] = collections.deque()
+        self._pending = asyncio.Event()
+        self._changed = asyncio.Event()
+        self._writer: asyncio.Task | None = None
+        self._closing = False
+        self.backend.set_wakeup(self._pulse)
+
+    async def open(self, readonly: bool = False) -> EventStore:
+        self.readonly = readonly
+        await self.backend.open(readonly)
+        return self
+
+    async def __aenter__(self) -> EventStore:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Finish queued appends, stop the writer, close the backend."""
+        self._closing = True
+        if self._writer is not None:
+            while self._queue and not self._writer.done():
+                await asyncio.sleep(0.001)
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+        await self.backend.close()
+
+    # -- leadership ------------------------------------------------------------------------
+    async def take_leadership(self) -> int:
+        """Become the log's writer: bump the epoch so that any older writer is fenced."""
+        self._check_writable()
+        head = await self.backend.take_epoch()
+        self.epoch = head.epoch
+        logger.info("log.leadership_taken", epoch=head.epoch, position=head.position)
+        return head.epoch
+
+    # -- writing ---------------------------------------------------------------------------
+    async def append(
+        self, stream: str, events: Sequence[NewEvent], expected_version: int | None = None
+    ) -> list[int]:
+        """Append `events` to `stream` atomically; return their positions.
+
+        `expected_version` is the stream's version the caller saw (0: the stream must be new);
+        None skips the check. Raises ConcurrencyError, FencedError, StoreUnavailable (ambiguous:
+        retry with the same events), DuplicateEventError.
+        """
+        self._check_writable()
+        if not _STREAM_NAME.match(stream):
+            raise ValueError(f"invalid stream name {stream!r}")
+        if not events:
+            raise ValueError("append needs at least one event")
+        encoded = [self.codec.encode(e) for e in events]
+        future = asyncio.get_running_loop().create_future()
+        self._queue.append(AppendRequest(stream, encoded, expected_version, future))
+        self._pending.set()
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_loop(), name="event-store-writer")
+        return await future
+
+    def _check_writable(self) -> None:
+        if self.readonly:
+            raise errors.StoreError("this store was opened read-only")
+        if self._closing:
+            raise errors.StoreError("this store is closing")
+
+    async def _write_loop(self) -> None:
+        while True:
+            await self._pending.wait()
+            batch = self._take_batch()
+            if not batch:
+                continue
+            try:
+                await self._commit(batch)
+            except Exception as exc:  # the batch failed as a whole: every caller hears why
+                _fail(batch, exc)
+
+    def _take_batch(self) -> list[AppendRequest]:
+        batch: list[AppendRequest] = []
+        size = 0
+        while self._queue and (not batch or size + len(self._queue[0].events) <= MAX_BATCH_EVENTS):
+            request = self._queue.popleft()
+            if request.future.done():  # caller cancelled before commit: drop it
+                continue
+            batch.append(request)
+            size += len(request.events)
+        if not self._queue:
+            self._pending.clear()
+        return batch
+
+    async def _commit(self, batch: list[AppendRequest]) -> None:
+        if self.epoch is None:
+            await self.take_leadership()
+        now = self.clock()
+        plan = await self.backend.commit(
+            batch, self.epoch, lambda head, v, e: prepare_batch(batch, head, v, e, now)
+        )
+        for request, outcome in zip(batch, plan.outcomes, strict=True):
+            if request.future.done():
+                continue
+            if isinstance(outcome, Exception):
+                request.future.set_exception(outcome)
+            else:
+                request.future.set_result(outcome)
+        if plan.rows:
+            self._pulse()
+
+    def _pulse(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    # -- reading ---------------------------------------------------------------------------
+    async def head(self) -> Head:
+        return await self.backend.read_head()
+
+    async def read_all(self, after: int = 0, limit: int = READ_PAGE) -> list[RecordedEvent]:
+        """Events with position > after, in position order, at most `limit`."""
+        decode = self.codec.decode
+        return [decode(r) for r in await self.backend.read_rows(after, limit)]
+
+    async def position_at(self, at: int) -> int:
+        """The last position recorded at or before `at` (microseconds; 0 if none): "as of T"."""
+        return await self.backend.position_at(at)
+
+    async def read_stream(self, stream: str, after_version: int = 0) -> list[RecordedEvent]:
+        decode = self.codec.decode
+        return [decode(r) for r in await self.backend.read_stream_rows(stream, after_version)]
+
+    async def iter_rows(self, after: int = 0, page: int = 5000) -> AsyncIterator[tuple]:
+        """Every stored row after `after` as it is in the database (for audit and export)."""
+        while rows := await self.backend.read_rows(after, page):
+            for row in rows:
+                yield row
+            after = rows[-1][0]
+
+    async def subscribe(self, after: int = 0, page: int = READ_PAGE) -> AsyncIterator[RecordedEvent]:
+        """Every event after `after`, once each, in order: catch up, then follow live.
+
+        Wake-ups (this process's commits, PostgreSQL NOTIFY) only shorten the wait; the poll
+        interval is the fallback. A dropped connection is retried from the last position
+        yielded, so nothing is missed or repeated.
+        """
+        failures = 0
+        while True:
+            changed = self._changed  # taken before the read, so no wake-up is lost
+            try:
+                events = await self.read_all(after, page)
+            except errors.StoreUnavailable as exc:
+                delay = RETRY_BACKOFF[min(failures, len(RETRY_BACKOFF) - 1)]
+                failures += 1
+                logger.warning("log.subscription_retry", after=after, error=str(exc), delay=delay)
+                await asyncio.sleep(delay)
+                continue
+            failures = 0
+            for event in events:
+                yield event
+                after = event.position
+            if len(events) < page:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), self.poll_interval)
+
+    # -- snapshots -------------------------------------------------------------------------
+    async def save_snapshot(self, snapshot: Snapshot, keep: int = 2) -> None:
+        await self.backend.save_snapshot(snapshot, keep)
+
+    async def load_snapshot(self, projection: str) -> Snapshot | None:
+        return await self.backend.load_snapshot(projection)
+
+
+def _fail(batch: list[AppendRequest], exc: Exception) -> None:
+    for request in batch:
+        if not request.future.done():
+            request.future.set_exception(exc)

@@ -1,0 +1,42 @@
+"""Times in the log: integer microseconds since the Unix epoch, UTC.
+
+`recorded_at` is stored as an integer so that it hashes exactly and decodes fast; these helpers
+convert it to and from ISO-8601 for people. A time written without a zone is taken as UTC.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+def now_us() -> int:
+    """The current wall-clock time in microseconds since the epoch."""
+    return time.time_ns() // 1000
+
+
+def to_iso(us: int) -> str:
+    """`1700000000123456` -> `'2023-11-14T22:13:20.123456Z'`."""
+    return (_EPOCH + dt.timedelta(microseconds=us)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def to_datetime(us: int) -> dt.datetime:
+    return _EPOCH + dt.timedelta(microseconds=us)
+
+
+def parse_iso(text: str) -> int:
+    """Parse an ISO-8601 time (zone optional, UTC if absent) into microseconds.
+
+    Raises ValueError with a message naming the text when it is not a time.
+    """
+    raw = text.strip()
+    try:
+        value = dt.datetime.fromisoformat(raw.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"{text!r} is not an ISO-8601 time (e.g. 2026-11-26T10:42:00Z)") from None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.UTC)
+    delta = value - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
