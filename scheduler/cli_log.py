@@ -1,0 +1,63 @@
+"""`batchd events tail` and `batchd audit verify`: offline, read-only views of the log."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from batchd.events import audit, jsonform, urls
+from batchd.events.envelope import RecordedEvent
+from batchd.events.store import EventStore
+from batchd.events.timeutil import to_iso
+from batchd.scheduler import config
+
+
+async def open_readonly(args: argparse.Namespace) -> EventStore:
+    url = args.store or config.default_store_url(config.state_dir(args.state_dir))
+    return await urls.open_store(url, readonly=True)
+
+
+def _line(event: RecordedEvent) -> str:
+    return f"{event.position:>9}  {to_iso(event.recorded_at)}  {event.type:<26} {event.stream:<44} {event.actor}"
+
+
+async def tail(args: argparse.Namespace) -> int:
+    store = await open_readonly(args)
+    try:
+        after = args.after
+        if after is None:
+            after = max(0, (await store.head()).position - args.lines)
+        show = (lambda e: json.dumps(jsonform.to_json(e))) if args.json else _line
+        if args.follow:
+            async for event in store.subscribe(after):
+                print(show(event), flush=True)
+        else:
+            while events := await store.read_all(after):
+                for event in events:
+                    print(show(event))
+                after = events[-1].position
+    finally:
+        await store.close()
+    return 0
+
+
+async def verify(args: argparse.Namespace) -> int:
+    expect = audit.Anchor.parse(args.expect) if args.expect else None
+    store = await open_readonly(args)
+    try:
+        result = await audit.verify(store, expect)
+    finally:
+        await store.close()
+    if args.json:
+        print(json.dumps({
+            "ok": result.ok, "events": result.count,
+            "head": str(result.head) if result.head else None,
+            "badPosition": result.bad_position, "problem": result.problem,
+        }))  # fmt: skip
+    elif result.ok:
+        print(f"ok: {result.count} events, head {result.head or '0:(empty)'}")
+    else:
+        print(f"FAILED at position {result.bad_position}: {result.problem}", file=sys.stderr)
+        print(f"last good: {result.head or 'none'} ({result.count} events verified)", file=sys.stderr)
+    return 0 if result.ok else 1

@@ -1,0 +1,115 @@
+"""Daemon and CLI configuration: state directory, store URL, secret keys.
+
+The state directory is `--state-dir`, else `$BATCHD_STATE_DIR`, else `~/.local/state/batchd`;
+the store defaults to `sqlite:///<state-dir>/events.db`. Secret keys come from
+`$BATCHD_SECRET_KEYS` (`id:base64[,id:base64...]`, the last one seals) or from the file named by
+`[secrets] keys_file` in the TOML configuration, else `<state-dir>/secret.keys`, which the
+daemon creates (mode 0600) with one fresh key on first start.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from batchd.events.secrets import Keyring
+
+DEFAULT_LISTEN = "127.0.0.1:8080"
+KEYS_ENV = "BATCHD_SECRET_KEYS"
+
+
+class ConfigError(Exception):
+    """A configuration value that cannot be used; the message names it."""
+
+
+@dataclass
+class Config:
+    state_dir: Path
+    store_url: str
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 8080
+    keys_file: Path | None = None
+    raw: dict = field(default_factory=dict)
+
+
+def state_dir(explicit: str | None) -> Path:
+    if explicit:
+        return Path(explicit)
+    if os.environ.get("BATCHD_STATE_DIR"):
+        return Path(os.environ["BATCHD_STATE_DIR"])
+    return Path.home() / ".local" / "state" / "batchd"
+
+
+def default_store_url(directory: Path) -> str:
+    return f"sqlite:///{directory.absolute() / 'events.db'}"
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ConfigError(f"listen address {text!r} must be HOST:PORT")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def load(
+    config_file: str | None,
+    *,
+    state: str | None = None,
+    store: str | None = None,
+    listen: str | None = None,
+) -> Config:
+    """Build the configuration: flags override the TOML file, which overrides the defaults."""
+    raw: dict = {}
+    if config_file:
+        try:
+            raw = tomllib.loads(Path(config_file).read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read configuration {config_file}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"configuration {config_file} is not valid TOML: {exc}") from None
+    directory = state_dir(state or raw.get("state_dir"))
+    host, port = parse_listen(listen or raw.get("server", {}).get("listen", DEFAULT_LISTEN))
+    keys_file = raw.get("secrets", {}).get("keys_file")
+    return Config(
+        state_dir=directory,
+        store_url=store or raw.get("store", {}).get("url") or default_store_url(directory),
+        listen_host=host,
+        listen_port=port,
+        keys_file=Path(keys_file) if keys_file else None,
+        raw=raw,
+    )
+
+
+def load_keyring(config: Config, *, create: bool) -> Keyring | None:
+    """The secret keys from the environment or the keys file (created if `create`)."""
+    if os.environ.get(KEYS_ENV):
+        return _parse_keys(os.environ[KEYS_ENV].replace(",", "\n"), KEYS_ENV)
+    path = config.keys_file or config.state_dir / "secret.keys"
+    if not path.exists():
+        if not create:
+            return None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        key = base64.b64encode(os.urandom(32)).decode("ascii")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(f"k1:{key}\n")
+    return _parse_keys(path.read_text(), str(path))
+
+
+def _parse_keys(text: str, where: str) -> Keyring:
+    keys: dict[str, str] = {}
+    for line in text.splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key_id, sep, value = line.strip().partition(":")
+            if not sep:
+                raise ConfigError(f"secret keys in {where} must be lines of ID:BASE64")
+            keys[key_id] = value
+    if not keys:
+        raise ConfigError(f"no secret keys in {where}")
+    try:
+        return Keyring.from_base64(keys, active=list(keys)[-1])
+    except Exception as exc:
+        raise ConfigError(f"secret keys in {where}: {exc}") from None

@@ -1,0 +1,73 @@
+"""Shared fixtures: real services, found or refused.
+
+PostgreSQL is at $BATCHD_TEST_PG_DSN (default postgresql://postgres@127.0.0.1:5432/postgres);
+each test that needs it gets a fresh database. Where a service is missing the test is skipped,
+except in CI (BATCHD_REQUIRE_SERVICES=1), where a missing service fails the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+
+import asyncpg
+import pytest
+
+PG_DSN = os.environ.get("BATCHD_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
+REQUIRE_SERVICES = os.environ.get("BATCHD_REQUIRE_SERVICES") == "1"
+
+
+def service_missing(what: str) -> None:
+    if REQUIRE_SERVICES:
+        pytest.fail(f"{what} is required (BATCHD_REQUIRE_SERVICES=1) but not available")
+    pytest.skip(f"{what} not available")
+
+
+def _dsn_for(database: str) -> str:
+    base, _, _ = PG_DSN.rpartition("/")
+    return f"{base}/{database}"
+
+
+async def _admin(sql: str) -> None:
+    conn = await asyncpg.connect(PG_DSN, timeout=5)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def pg_available() -> bool:
+    try:
+        asyncio.run(_admin("SELECT 1"))
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        service_missing(f"PostgreSQL at {PG_DSN} ({exc})")
+    return True
+
+
+@pytest.fixture
+def pg_database(pg_available):
+    """A fresh, empty PostgreSQL database; returns its DSN and drops it afterwards."""
+    name = f"batchd_test_{uuid.uuid4().hex[:12]}"
+    asyncio.run(_admin(f"CREATE DATABASE {name}"))
+    yield _dsn_for(name)
+    asyncio.run(_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
+def store_url(request, tmp_path) -> str:
+    """A URL of an empty log, once per backend."""
+    if request.param == "memory":
+        return f"memory://{uuid.uuid4().hex}"
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'events.db'}"
+    return request.getfixturevalue("pg_database")
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def durable_url(request, tmp_path) -> str:
+    """A URL of an empty log on a backend that survives its process."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'events.db'}"
+    return request.getfixturevalue("pg_database")

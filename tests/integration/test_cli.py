@@ -1,0 +1,212 @@
+"""The `batchd` command line as a user runs it: a real process, real stores."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from batchd.events import urls
+from batchd.events.codec import Codec
+from batchd.events.envelope import NewEvent
+from batchd.events.secrets import Keyring
+from batchd.events.urls import parse
+
+
+def batchd(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "batchd.scheduler.cli", *args],
+        capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+    )  # fmt: skip
+
+
+def assert_one_line_error(done: subprocess.CompletedProcess, *words: str) -> None:
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("batchd: error: "), done.stderr
+    for word in words:
+        assert word in lines[0]
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+async def write_log(url: str, count: int, keyring: Keyring | None = None) -> None:
+    store = await urls.open_store(url, codec=Codec(keyring))
+    try:
+        for n in range(count):
+            await store.append(f"job-{n}", [NewEvent("JobStarted", {"n": n}, actor="user:ann")])
+    finally:
+        await store.close()
+
+
+async def test_events_tail_prints_the_last_events_and_json(durable_url):
+    await write_log(durable_url, 15)
+    done = batchd("events", "tail", "--store", durable_url, "-n", "3")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == ["13", "14", "15"]
+    assert "JobStarted" in lines[0] and "user:ann" in lines[0]
+    done = batchd("events", "tail", "--store", durable_url, "--after", "13", "--json")
+    events = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [e["position"] for e in events] == [14, 15]
+    assert set(events[0]) == {
+        "position", "eventId", "stream", "version", "type", "schema", "recordedAt", "actor",
+        "correlationId", "causationId", "data", "hash",
+    }  # fmt: skip
+    assert events[0]["data"] == {"n": 13} and events[0]["recordedAt"].endswith("Z")
+
+
+async def test_events_tail_json_redacts_secrets(tmp_path):
+    url = f"sqlite:///{tmp_path / 'events.db'}"
+    store = await urls.open_store(url, codec=Codec(Keyring.generate()))
+    spec = {"containerSettings": {"imageSourceRegistry": {"credentials": {"password": "pw-XYZ"}}}}
+    await store.append("job-1", [NewEvent("JobSubmitted", {"spec": spec})])
+    await store.close()
+    done = batchd("events", "tail", "--store", url, "--json")
+    event = json.loads(done.stdout)
+    assert event["data"]["spec"]["containerSettings"]["imageSourceRegistry"]["credentials"] == {
+        "password": "***"
+    }
+    assert b"pw-XYZ" not in (tmp_path / "events.db").read_bytes()
+    wal = tmp_path / "events.db-wal"
+    assert not wal.exists() or b"pw-XYZ" not in wal.read_bytes()
+
+
+async def test_events_tail_follow_prints_new_events_as_they_land(tmp_path):
+    url = f"sqlite:///{tmp_path / 'events.db'}"
+    await write_log(url, 2)
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "batchd.scheduler.cli", "events", "tail", "--store", url,
+         "--after", "0", "--follow", "--json"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert json.loads(follower.stdout.readline())["position"] == 1
+        assert json.loads(follower.stdout.readline())["position"] == 2
+        await write_log(url, 1)
+        assert json.loads(follower.stdout.readline())["position"] == 3
+    finally:
+        follower.terminate()
+        follower.wait(10)
+        follower.stdout.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [
+        ("mysql://root@localhost/db", ["unsupported store URL", "mysql://"]),
+        ("sqlite://relative.db", ["malformed SQLite URL"]),
+        ("postgresql://u:s3cret@127.0.0.1:1/db", ["unreachable", "127.0.0.1:1", "u:***@"]),
+        ("sqlite:////nonexistent/dir/events.db", ["no batchd log", "/nonexistent/dir/events.db"]),
+    ],
+)
+def test_bad_store_urls_give_one_line_errors(url, words):
+    for command in (["events", "tail"], ["audit", "verify"]):
+        done = batchd(*command, "--store", url)
+        assert_one_line_error(done, *words)
+        assert "s3cret" not in done.stderr
+
+
+def test_a_corrupted_sqlite_file_is_reported_and_left_alone(tmp_path):
+    path = tmp_path / "events.db"
+    path.write_bytes(b"this is not a database at all" * 200)
+    before = digest(path)
+    for command in (["events", "tail", "--store"], ["audit", "verify", "--store"]):
+        assert_one_line_error(batchd(*command, f"sqlite:///{path}"), str(path), "not a SQLite")
+    state = tmp_path / "state"
+    done = batchd("serve", "--store", f"sqlite:///{path}", "--state-dir", str(state),
+                  "--listen", "127.0.0.1:0")  # fmt: skip
+    assert done.returncode != 0 and "not a SQLite" in done.stderr and "Traceback" not in done.stderr
+    assert digest(path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["events.db", "state"]
+
+
+async def _set_schema_version(url: str, version: int) -> None:
+    target = parse(url)
+    if target.scheme == "sqlite":
+        conn = sqlite3.connect(target.target)
+        conn.execute("UPDATE batchd_schema SET version = ?", (version,))
+        conn.commit()
+        conn.close()
+    else:
+        conn = await asyncpg.connect(target.target)
+        await conn.execute("UPDATE batchd_schema SET version = $1", version)
+        await conn.close()
+
+
+async def test_a_log_at_a_newer_schema_version_is_refused_untouched(durable_url, tmp_path):
+    await write_log(durable_url, 3)
+    await _set_schema_version(durable_url, 99)
+    assert_one_line_error(batchd("events", "tail", "--store", durable_url), "schema version 99")
+    done = batchd("serve", "--store", durable_url, "--state-dir", str(tmp_path / "s"),
+                  "--listen", "127.0.0.1:0")  # fmt: skip
+    assert done.returncode != 0 and "schema version 99" in done.stderr
+    await _set_schema_version(durable_url, 1)
+    store = await urls.open_store(durable_url, readonly=True)
+    head = await store.head()
+    await store.close()
+    assert (head.position, head.epoch) == (3, 1)  # serve took no leadership, wrote nothing
+
+
+def test_bad_flags_are_usage_errors():
+    done = batchd("audit", "verify", "--store", "memory://", "--expect", "12:nothex")
+    assert_one_line_error(done, "POSITION:HASH")
+    done = batchd("events", "tail", "--after", "-3")
+    assert done.returncode == 2 and "must not be negative" in done.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_answers_healthz_and_stops_cleanly_on_sigterm(tmp_path):
+    port = _free_port()
+    state = tmp_path / "state"
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "batchd.scheduler.cli", "serve", "--state-dir", str(state),
+         "--listen", f"127.0.0.1:{port}"],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        body = None
+        for _ in range(100):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as r:
+                    body = json.load(r)
+                break
+            except OSError:
+                time.sleep(0.1)
+        assert body == {"status": "ok"}
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
+            assert json.load(r)["epoch"] == 1
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(15) == 0
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+        logs = [json.loads(line) for line in daemon.stderr.read().splitlines()]
+        daemon.stderr.close()
+    assert [e["event"] for e in logs if e["event"].startswith("daemon.")] == [
+        "daemon.started", "daemon.stopping", "daemon.stopped",
+    ]  # fmt: skip
+    anchor = next(e for e in logs if e["event"] == "log.anchor")
+    assert anchor["position"] == 0
+    assert (state / "events.db").exists()
+    assert oct((state / "secret.keys").stat().st_mode & 0o777) == "0o600"

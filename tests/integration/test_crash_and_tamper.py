@@ -1,0 +1,175 @@
+"""Durability and tamper evidence on the stores that outlive a process (SQLite, PostgreSQL).
+
+A writer killed with SIGKILL in the middle of its batches leaves whole batches or none, and a
+chain that verifies; altering, deleting or swapping stored rows makes `batchd audit verify`
+fail at that position; cutting the tail fails `--expect`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+
+import asyncpg
+import pytest
+
+from batchd.events import audit, urls
+from batchd.events.envelope import NewEvent
+from batchd.events.urls import parse
+
+BATCH = 200
+
+WRITER = textwrap.dedent(
+    """
+    import asyncio, sys
+    from batchd.events import urls
+    from batchd.events.envelope import NewEvent
+
+    async def main(url):
+        store = await urls.open_store(url)
+        await store.take_leadership()
+        print("ready", flush=True)
+        n = 0
+        while True:
+            n += 1
+            batch = [NewEvent("JobStarted", {"n": n, "k": k, "pad": "x" * 200}) for k in range(%d)]
+            await asyncio.gather(*(store.append(f"crash-{n}-{w}", batch[w::4], 0) for w in range(4)))
+
+    asyncio.run(main(sys.argv[1]))
+    """
+    % BATCH
+)
+
+
+def _batchd(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "batchd.scheduler.cli", *args],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+async def _wait_for_events(url: str, at_least: int) -> None:
+    store = await urls.open_store(url, readonly=True)
+    try:
+        for _ in range(400):
+            if (await store.head()).position >= at_least:
+                return
+            await asyncio.sleep(0.025)
+        raise AssertionError("the writer never got going")
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("kill_after", [1_000, 3_000, 6_000])
+async def test_sigkill_mid_batch_leaves_whole_batches_and_a_valid_chain(durable_url, kill_after):
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, durable_url], stdout=subprocess.PIPE)
+    try:
+        while writer.stdout.readline().strip() != b"ready":  # (log lines come first)
+            assert writer.poll() is None, "the writer died"
+        await _wait_for_events(durable_url, kill_after)
+    finally:
+        os.kill(writer.pid, signal.SIGKILL)
+        writer.wait(10)
+        writer.stdout.close()
+    store = await urls.open_store(durable_url)  # reopening recovers (WAL replay) and migrates
+    try:
+        result = await audit.verify(store)
+        assert result.ok, result.problem
+        per_stream: dict[str, int] = {}
+        async for row in store.iter_rows():
+            per_stream[row[2]] = per_stream.get(row[2], 0) + 1
+        assert per_stream and set(per_stream.values()) == {BATCH // 4}  # no partial append
+        await store.append("after-crash", [NewEvent("JobStarted", {})])  # and it still writes
+        assert (await audit.verify(store)).ok
+    finally:
+        await store.close()
+
+
+# -- tampering -------------------------------------------------------------------------------
+
+
+async def _tamper(url: str, *statements: str) -> None:
+    target = parse(url)
+    if target.scheme == "sqlite":
+        conn = sqlite3.connect(target.target)
+        for sql in statements:
+            conn.execute(sql)
+        conn.commit()
+        conn.close()
+        return
+    conn = await asyncpg.connect(target.target)
+    try:
+        for sql in statements:  # SQLite's x'..' blob literal in PostgreSQL's spelling
+            await conn.execute(re.sub(r"x'([0-9a-f]*)'", r"'\\x\1'::bytea", sql))
+    finally:
+        await conn.close()
+
+
+async def _fill(url: str, count: int = 20) -> str:
+    store = await urls.open_store(url)
+    try:
+        for n in range(count):
+            await store.append(f"job-{n % 3}", [NewEvent("JobStarted", {"n": n})])
+        return str((await audit.verify(store)).head)
+    finally:
+        await store.close()
+
+
+async def test_an_intact_log_verifies_and_prints_its_head(durable_url):
+    head = await _fill(durable_url)
+    done = _batchd("audit", "verify", "--store", durable_url, "--expect", head)
+    assert done.returncode == 0, done.stderr
+    assert f"20 events, head {head}" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("statements", "bad", "why"),
+    [
+        (["UPDATE events SET data = x'81a16ecd0101' WHERE position = 7"], 7, "altered"),
+        (["UPDATE events SET actor = 'mallory' WHERE position = 12"], 12, "altered"),
+        (["DELETE FROM events WHERE position = 9"], 9, "missing"),
+        (
+            [
+                "UPDATE events SET position = -4 WHERE position = 4",
+                "UPDATE events SET position = 4 WHERE position = 5",
+                "UPDATE events SET position = 5 WHERE position = -4",
+            ],
+            4,
+            "altered or moved",
+        ),
+        (["DELETE FROM events WHERE position = 20"], 20, "log head says position 20"),
+    ],
+    ids=["data-altered", "actor-altered", "row-deleted", "rows-swapped", "last-row-deleted"],
+)
+async def test_tampering_fails_verification_at_that_position(durable_url, statements, bad, why):
+    await _fill(durable_url)
+    await _tamper(durable_url, *statements)
+    done = _batchd("audit", "verify", "--store", durable_url)
+    assert done.returncode == 1
+    assert f"FAILED at position {bad}" in done.stderr and why in done.stderr
+
+
+async def test_a_cut_tail_fails_against_the_anchor(durable_url):
+    anchor = await _fill(durable_url)
+    store = await urls.open_store(durable_url, readonly=True)
+    rows = [row async for row in store.iter_rows()]
+    await store.close()
+    fifteen = rows[14]
+    await _tamper(
+        durable_url,
+        "DELETE FROM events WHERE position > 15",
+        f"UPDATE log_head SET position = 15, hash = x'{fifteen[11].hex()}', "
+        f"recorded_at = {fifteen[6]}",
+    )
+    assert _batchd("audit", "verify", "--store", durable_url).returncode == 0  # the chain alone
+    done = _batchd("audit", "verify", "--store", durable_url, "--expect", anchor)
+    assert done.returncode == 1
+    assert "FAILED at position 16" in done.stderr and "tail was cut" in done.stderr
+    wrong = _batchd("audit", "verify", "--store", durable_url, "--expect", f"3:{'ab' * 32}")
+    assert wrong.returncode == 1 and "the anchor says" in wrong.stderr

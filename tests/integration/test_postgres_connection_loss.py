@@ -1,0 +1,62 @@
+"""A subscription on PostgreSQL survives its connections being killed by the server."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+
+from batchd.events import urls
+from batchd.events.envelope import NewEvent
+from tests.conftest import PG_DSN
+
+TOTAL = 400
+
+
+async def _kill(application_name: str) -> int:
+    conn = await asyncpg.connect(PG_DSN)
+    try:
+        return await conn.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE application_name = $1",
+            application_name,
+        )
+    finally:
+        await conn.close()
+
+
+async def test_subscription_sees_every_event_once_across_pg_terminate_backend(pg_database):
+    writer = await urls.open_store(pg_database)
+    reader = await urls.open_store(f"{pg_database}?application_name=batchd-sub", readonly=True)
+    got: list[int] = []
+    kills = 0
+
+    async def follow():
+        async for event in reader.subscribe(after=0, page=20):
+            got.append(event.position)
+            if event.position == TOTAL:
+                return
+
+    async def append_all():
+        for n in range(TOTAL // 4):
+            await asyncio.gather(*(writer.append(f"job-{n}-{k}", [NewEvent("JobStarted", {})])
+                                   for k in range(4)))  # fmt: skip
+            await asyncio.sleep(0.002)
+
+    async def killer():
+        nonlocal kills
+        while len(got) < TOTAL:
+            await asyncio.sleep(0.05)
+            kills += await _kill("batchd-sub")
+
+    try:
+        following = asyncio.create_task(follow())
+        killing = asyncio.create_task(killer())
+        await append_all()
+        await asyncio.wait_for(following, 30)
+        killing.cancel()
+        assert kills >= 2  # the reader's connections really were cut, more than once
+        assert got == list(range(1, TOTAL + 1))
+    finally:
+        await reader.close()
+        await writer.close()

@@ -1,0 +1,251 @@
+"""The event-store contract, run against every backend (memory, SQLite, real PostgreSQL)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from batchd.events import errors, urls
+from batchd.events.codec import Codec
+from batchd.events.envelope import NO_STREAM, NewEvent
+from batchd.events.secrets import Keyring, Sealed
+from batchd.events.store import Snapshot
+from batchd.events.types import EventType
+
+
+def ev(type_: str = "JobStarted", **data) -> NewEvent:
+    return NewEvent(type_, data or {"jobId": "j"})
+
+
+@pytest.fixture
+async def store(store_url):
+    store = await urls.open_store(store_url, codec=Codec(Keyring.generate()))
+    yield store
+    await store.close()
+
+
+async def test_positions_start_at_one_and_streams_keep_versions(store):
+    assert await store.append("job-a", [ev(), ev()], NO_STREAM) == [1, 2]
+    assert await store.append("job-b", [ev()], NO_STREAM) == [3]
+    assert await store.append("job-a", [ev("JobSucceeded", exitCode=0)], 2) == [4]
+    stream = await store.read_stream("job-a")
+    assert [(e.position, e.version) for e in stream] == [(1, 1), (2, 2), (4, 3)]
+    assert stream[2].data == {"exitCode": 0}
+    assert [e.position for e in await store.read_all(after=2)] == [3, 4]
+    assert [e.position for e in await store.read_all(after=0, limit=2)] == [1, 2]
+    assert (await store.head()).position == 4
+    assert [e.version for e in await store.read_stream("job-a", after_version=1)] == [2, 3]
+
+
+async def test_expected_version_mismatch_is_refused_and_writes_nothing(store):
+    await store.append("job-a", [ev()], NO_STREAM)
+    with pytest.raises(errors.ConcurrencyError) as refused:
+        await store.append("job-a", [ev(), ev()], NO_STREAM)
+    assert (refused.value.expected, refused.value.actual) == (0, 1)
+    with pytest.raises(errors.ConcurrencyError):
+        await store.append("job-a", [ev()], 5)
+    assert (await store.head()).position == 1
+    assert await store.append("job-a", [ev()], None) == [2]  # None: no check
+
+
+async def test_a_conflict_in_a_shared_batch_fails_only_its_own_append(store):
+    results = await asyncio.gather(
+        store.append("job-x", [ev()], NO_STREAM),
+        store.append("job-y", [ev(), ev()], NO_STREAM),
+        store.append("job-x", [ev()], NO_STREAM),  # loses the race to the first
+        store.append("job-z", [ev()], NO_STREAM),
+        return_exceptions=True,
+    )
+    assert isinstance(results[2], errors.ConcurrencyError)
+    assert [r for i, r in enumerate(results) if i != 2] == [[1], [2, 3], [4]]
+    assert len(await store.read_stream("job-x")) == 1
+
+
+async def test_a_retried_append_is_recognised_not_written_twice(store):
+    events = [ev(), ev()]
+    first = await store.append("job-a", events, NO_STREAM)
+    assert await store.append("job-a", events, NO_STREAM) == first  # same ids: same answer
+    assert (await store.head()).position == 2
+    with pytest.raises(errors.DuplicateEventError):
+        await store.append("job-a", [events[0], ev()], 2)  # half old, half new
+    with pytest.raises(errors.DuplicateEventError):
+        await store.append("job-b", [events[1]], NO_STREAM)  # an old id on another stream
+    assert (await store.head()).position == 2
+
+
+async def test_positions_are_gapless_and_in_commit_order_with_16_appenders(store):
+    rng = random.Random(16)
+    seen: list[int] = []
+    done = asyncio.Event()
+
+    async def reader():  # a reader must never see position n+1 before n
+        after = 0
+        while not done.is_set() or after < (await store.head()).position:
+            for e in await store.read_all(after):
+                assert e.position == after + 1
+                after = e.position
+                seen.append(after)
+            await asyncio.sleep(0)
+
+    async def appender(n: int):
+        version = 0
+        for _ in range(25):
+            size = rng.randint(1, 5)
+            positions = await store.append(f"job-w{n}", [ev() for _ in range(size)], version)
+            assert positions == list(range(positions[0], positions[0] + size))
+            version += size
+
+    reading = asyncio.create_task(reader())
+    await asyncio.gather(*(appender(n) for n in range(16)))
+    done.set()
+    await reading
+    head = (await store.head()).position
+    assert seen == list(range(1, head + 1))
+    assert [e.position for e in await store.read_all(0, limit=head + 10)] == seen
+    times = [e.recorded_at for e in await store.read_all(0, limit=head)]
+    assert times == sorted(times)
+
+
+async def test_subscription_sees_every_event_once_while_appends_run(store):
+    got: list[int] = []
+    await store.append("job-early", [ev(), ev()], NO_STREAM)
+
+    async def follow():
+        async for event in store.subscribe(after=0):
+            got.append(event.position)
+            if event.position == 202:
+                return
+
+    following = asyncio.create_task(follow())
+    for n in range(50):
+        await asyncio.gather(*(store.append(f"job-{n}-{k}", [ev()], NO_STREAM) for k in range(4)))
+    await asyncio.wait_for(following, 10)
+    assert got == list(range(1, 203))
+
+
+async def test_a_second_writer_fences_the_first(store_url):
+    first = await urls.open_store(store_url)
+    second = await urls.open_store(store_url)
+    try:
+        await first.take_leadership()
+        await first.append("job-a", [ev()], NO_STREAM)
+        stop = asyncio.Event()
+
+        async def keep_appending():
+            n = 0
+            while not stop.is_set():
+                n += 1
+                try:
+                    await first.append(f"job-old-{n}", [NewEvent("JobStarted", {}, actor="old")])
+                except errors.FencedError:
+                    return n
+                await asyncio.sleep(0)
+            return n
+
+        appending = asyncio.create_task(keep_appending())
+        await asyncio.sleep(0.05)
+        epoch = await second.take_leadership()
+        takeover = (await second.head()).position
+        await asyncio.wait_for(appending, 10)
+        with pytest.raises(errors.FencedError) as fenced:
+            await first.append("job-b", [ev()])
+        assert fenced.value.current == epoch
+        await second.append("job-new", [NewEvent("JobStarted", {}, actor="new")])
+        old = [e.position for e in await second.read_all(0, 100_000) if e.actor == "old"]
+        assert old and max(old) <= takeover  # nothing of the old writer after the takeover
+    finally:
+        stop.set()
+        await first.close()
+        await second.close()
+
+
+async def test_upcasters_run_on_read(store_url):
+    v1 = Codec()
+    v1.register(EventType("GadgetMade", schema=1))
+    store = await urls.open_store(store_url, codec=v1)
+    await store.append("gadget-1", [NewEvent("GadgetMade", {"size": 3})])
+    await store.close()
+
+    v2 = Codec()
+    v2.register(EventType("GadgetMade", schema=2), {1: lambda d: {"sizeCm": d["size"] * 10}})
+    store = await urls.open_store(store_url, codec=v2)
+    try:
+        await store.append("gadget-2", [NewEvent("GadgetMade", {"sizeCm": 5})])
+        got = [(e.schema, e.data) for e in await store.read_all()]
+        assert got == [(2, {"sizeCm": 30}), (2, {"sizeCm": 5})]
+        rows = [row async for row in store.iter_rows()]
+        assert [r[5] for r in rows] == [1, 2]  # the stored rows are never rewritten
+    finally:
+        await store.close()
+
+
+async def test_secret_values_are_sealed_in_storage(store):
+    secret = "hunter2-do-not-log"
+    spec = {"secrets": [{"name": "TOKEN", "value": secret}], "nodeCount": 1}
+    await store.append("job-s", [NewEvent("JobSubmitted", {"jobId": "s", "spec": spec})])
+    rows = [row async for row in store.iter_rows()]
+    assert secret.encode() not in rows[0][10]
+    value = (await store.read_all())[0].data["spec"]["secrets"][0]["value"]
+    assert isinstance(value, Sealed) and repr(value) == "***"
+    assert store.codec.keyring.open(value) == secret
+    assert spec["secrets"][0]["value"] == secret  # the caller's document is untouched
+
+
+async def test_secrets_need_a_key(store_url):
+    store = await urls.open_store(store_url)  # no keyring
+    try:
+        spec = {"secrets": [{"name": "TOKEN", "value": "x"}]}
+        with pytest.raises(errors.SecretKeyError, match=r"spec\.secrets\[\]\.value"):
+            await store.append("job-s", [NewEvent("JobSubmitted", {"spec": spec})])
+        assert (await store.head()).position == 0
+    finally:
+        await store.close()
+
+
+async def test_recorded_at_never_decreases_even_when_the_clock_steps_back(store_url):
+    clock = iter([5_000_000, 9_000_000, 1_000_000, 9_500_000])
+    store = await urls.open_store(store_url, clock=lambda: next(clock))
+    try:
+        for n in range(4):
+            await store.append(f"job-{n}", [ev()])
+        assert [e.recorded_at for e in await store.read_all()] == [
+            5_000_000, 9_000_000, 9_000_000, 9_500_000,
+        ]  # fmt: skip
+        assert await store.position_at(8_999_999) == 1
+        assert await store.position_at(9_000_000) == 3
+        assert await store.position_at(1) == 0
+    finally:
+        await store.close()
+
+
+async def test_snapshots_keep_the_newest_two(store):
+    for position in (10, 30, 20):
+        await store.save_snapshot(Snapshot("queue", position, 1, "abc", b"state%d" % position))
+    newest = await store.load_snapshot("queue")
+    assert newest == Snapshot("queue", 30, 1, "abc", b"state30")
+    assert await store.load_snapshot("nodes") is None
+
+
+async def test_unknown_event_types_and_bad_streams_are_refused(store):
+    with pytest.raises(errors.UnknownEventType):
+        await store.append("job-a", [NewEvent("JobExploded", {})])
+    with pytest.raises(ValueError, match="stream"):
+        await store.append("", [ev()])
+    with pytest.raises(ValueError, match="at least one"):
+        await store.append("job-a", [])
+    assert (await store.head()).position == 0
+
+
+async def test_a_read_only_store_refuses_to_write(store_url):
+    writer = await urls.open_store(store_url)
+    await writer.append("job-a", [ev()])
+    reader = await urls.open_store(store_url, readonly=True)
+    try:
+        with pytest.raises(errors.StoreError, match="read-only"):
+            await reader.append("job-b", [ev()])
+        assert [e.stream for e in await reader.read_all()] == ["job-a"]
+    finally:
+        await reader.close()
+        await writer.close()
