@@ -27,7 +27,9 @@ class Anchor(NamedTuple):
         except ValueError:
             anchor = None
         if not sep or anchor is None or anchor.position < 1 or len(anchor.hash) != 32:
-            raise ValueError(f"anchor {text!r} must be POSITION:HASH (a position >= 1, 64 hex digits)")
+            raise ValueError(
+                f"anchor {text!r} must be POSITION:HASH (a position >= 1, 64 hex digits)"
+            )
         return anchor
 
     def __str__(self) -> str:
@@ -80,7 +82,8 @@ class _Walk:
         problem = _check_row(row, self.position + 1, self.previous, self.last_time)
         if problem is None and expect is not None and row[0] == expect.position:
             if row[11] != expect.hash:
-                return f"position {row[0]} has hash {row[11].hex()}, the anchor says {expect.hash.hex()}"
+                stored, said = row[11].hex(), expect.hash.hex()
+                return f"position {row[0]} has hash {stored}, the anchor says {said}"
             self.anchor_seen = True
         if problem is None:
             self.count, self.position, self.previous, self.last_time = (

@@ -90,9 +90,9 @@ def _uuid_bytes(value: uuid.UUID | None) -> bytes | None:
 
 def canonical_bytes(row: tuple) -> bytes:
     """The msgpack bytes hashed for one row (all fields but `hash`, data as stored bytes)."""
-    (position, event_id, stream, version, type_, schema, recorded_at, actor, corr, caus, data) = row[
-        :11
-    ]
+    (position, event_id, stream, version, type_, schema, recorded_at, actor, corr, caus, data) = (
+        row[:11]
+    )
     return _packb(
         [
             position,

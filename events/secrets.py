@@ -92,7 +92,9 @@ class Keyring:
         try:
             plain = cipher.decrypt(nonce, sealed.payload[start + _NONCE_BYTES :], key_id.encode())
         except InvalidTag:
-            raise errors.SecretKeyError(f"secret sealed with key {key_id!r} fails to open") from None
+            raise errors.SecretKeyError(
+                f"secret sealed with key {key_id!r} fails to open"
+            ) from None
         return plain.decode("utf-8")
 
 

@@ -136,7 +136,9 @@ class Backend(Protocol):
     async def take_epoch(self) -> Head:
         """Increment the writer epoch; later appends of any older epoch fail with FencedError."""
 
-    async def commit(self, requests: Sequence[AppendRequest], epoch: int, prepare: Prepare) -> BatchPlan:
+    async def commit(
+        self, requests: Sequence[AppendRequest], epoch: int, prepare: Prepare
+    ) -> BatchPlan:
         """In one transaction: check `epoch` against the log's, call `prepare(head, versions,
         existing)`, store its rows and head. Raise FencedError if the epoch is stale."""
 
@@ -304,7 +306,9 @@ class EventStore:
                 yield row
             after = rows[-1][0]
 
-    async def subscribe(self, after: int = 0, page: int = READ_PAGE) -> AsyncIterator[RecordedEvent]:
+    async def subscribe(
+        self, after: int = 0, page: int = READ_PAGE
+    ) -> AsyncIterator[RecordedEvent]:
         """Every event after `after`, once each, in order: catch up, then follow live.
 
         Wake-ups (this process's commits, PostgreSQL NOTIFY) only shorten the wait; the poll

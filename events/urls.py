@@ -1,8 +1,8 @@
 """Store URLs (SQLAlchemy's rules) and opening a store from one.
 
-    memory://            a private in-memory log          memory://NAME  a named one (tests)
-    sqlite:///rel.db     a file relative to the cwd       sqlite:////abs/path.db  an absolute one
-    postgresql://user@host:port/db   (also postgres://)
+memory://            a private in-memory log          memory://NAME  a named one (tests)
+sqlite:///rel.db     a file relative to the cwd       sqlite:////abs/path.db  an absolute one
+postgresql://user@host:port/db   (also postgres://)
 """
 
 from __future__ import annotations
@@ -46,8 +46,10 @@ def parse(url: str) -> StoreUrl:
         if "?" in path:
             raise errors.StoreUrlError(f"malformed SQLite URL {url!r}: options are not supported")
         return StoreUrl("sqlite", path)
-    if not rest or rest.startswith("/") and rest.strip("/") == "":
-        raise errors.StoreUrlError(f"malformed PostgreSQL URL {redact_dsn(url)!r}: no host or database")
+    if not rest or (rest.startswith("/") and rest.strip("/") == ""):
+        raise errors.StoreUrlError(
+            f"malformed PostgreSQL URL {redact_dsn(url)!r}: no host or database"
+        )
     return StoreUrl("postgresql", f"postgresql://{rest}")
 
 

@@ -59,10 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     events = commands.add_parser("events", help="read the event log")
     events_sub = events.add_subparsers(dest="events_command", required=True, metavar="COMMAND")
-    tail = events_sub.add_parser("tail", parents=[common], help="print events (the last 10, or after --after N)")
+    tail = events_sub.add_parser(
+        "tail", parents=[common], help="print events (the last 10, or after --after N)"
+    )
     _store_flag(tail)
     tail.add_argument("--after", type=_non_negative, help="print events after this position")
-    tail.add_argument("-n", "--lines", type=_positive, default=10, help="how many of the last events")
+    tail.add_argument(
+        "-n", "--lines", type=_positive, default=10, help="how many of the last events"
+    )
     tail.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
     tail.add_argument("--json", action="store_true", help="one JSON object per line")
 
@@ -77,20 +81,30 @@ def build_parser() -> argparse.ArgumentParser:
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="COMMAND")
     append = bench_sub.add_parser("append", help="append throughput against the bare driver")
     _bench_store_flag(append)
-    append.add_argument("--batch", type=_positive, default=500, help="events per append (default 500)")
-    append.add_argument("--writers", type=_positive, default=1, help="concurrent appenders (default 1)")
-    append.add_argument("--events", type=_positive, default=100_000, help="events in all (default 100000)")
+    append.add_argument(
+        "--batch", type=_positive, default=500, help="events per append (default 500)"
+    )
+    append.add_argument(
+        "--writers", type=_positive, default=1, help="concurrent appenders (default 1)"
+    )
+    append.add_argument(
+        "--events", type=_positive, default=100_000, help="events in all (default 100000)"
+    )
     append.add_argument("--json", action="store_true", help="print one JSON line")
     replay = bench_sub.add_parser("replay", help="replay throughput (generates a log if empty)")
     _bench_store_flag(replay)
-    replay.add_argument("--events", type=_positive, default=200_000, help="events to generate if empty")
+    replay.add_argument(
+        "--events", type=_positive, default=200_000, help="events to generate if empty"
+    )
     replay.add_argument("--projections", choices=("none", "all"), default="none")
     replay.add_argument("--json", action="store_true", help="print one JSON line")
     return parser
 
 
 def _store_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--store", help="event log URL, read-only (default: the state directory's log)")
+    parser.add_argument(
+        "--store", help="event log URL, read-only (default: the state directory's log)"
+    )
 
 
 def _bench_store_flag(parser: argparse.ArgumentParser) -> None:

@@ -19,7 +19,8 @@ async def open_readonly(args: argparse.Namespace) -> EventStore:
 
 
 def _line(event: RecordedEvent) -> str:
-    return f"{event.position:>9}  {to_iso(event.recorded_at)}  {event.type:<26} {event.stream:<44} {event.actor}"
+    when = to_iso(event.recorded_at)
+    return f"{event.position:>9}  {when}  {event.type:<26} {event.stream:<44} {event.actor}"
 
 
 async def tail(args: argparse.Namespace) -> int:
@@ -59,5 +60,7 @@ async def verify(args: argparse.Namespace) -> int:
         print(f"ok: {result.count} events, head {result.head or '0:(empty)'}")
     else:
         print(f"FAILED at position {result.bad_position}: {result.problem}", file=sys.stderr)
-        print(f"last good: {result.head or 'none'} ({result.count} events verified)", file=sys.stderr)
+        print(
+            f"last good: {result.head or 'none'} ({result.count} events verified)", file=sys.stderr
+        )
     return 0 if result.ok else 1

@@ -59,7 +59,9 @@ class MemoryBackend:
         self.log.head = self.log.head._replace(epoch=self.log.head.epoch + 1)
         return self.log.head
 
-    async def commit(self, requests: Sequence[AppendRequest], epoch: int, prepare: Prepare) -> BatchPlan:
+    async def commit(
+        self, requests: Sequence[AppendRequest], epoch: int, prepare: Prepare
+    ) -> BatchPlan:
         log = self.log
         if log.head.epoch != epoch:
             raise errors.FencedError(epoch, log.head.epoch)

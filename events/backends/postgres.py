@@ -86,7 +86,8 @@ _COLUMNS = (
 )
 _HEAD = "SELECT position, hash, recorded_at, epoch FROM log_head WHERE id = 1"
 _TAKE_EPOCH = (
-    "UPDATE log_head SET epoch = epoch + 1 WHERE id = 1 RETURNING position, hash, recorded_at, epoch"
+    "UPDATE log_head SET epoch = epoch + 1 WHERE id = 1 "
+    "RETURNING position, hash, recorded_at, epoch"
 )
 _FACTS = """
 SELECT stream, max(version) AS n, NULL::uuid AS event_id
@@ -154,7 +155,9 @@ class PostgresBackend:
     def _translate(self, exc: BaseException) -> errors.StoreError:
         if isinstance(exc, asyncpg.InvalidCatalogNameError):
             return errors.StoreError(f"cannot open log {self.where}: {exc}")
-        if isinstance(exc, asyncpg.InvalidAuthorizationSpecificationError | asyncpg.InvalidPasswordError):
+        if isinstance(
+            exc, asyncpg.InvalidAuthorizationSpecificationError | asyncpg.InvalidPasswordError
+        ):
             return errors.StoreError(f"cannot open log {self.where}: authentication failed ({exc})")
         if isinstance(exc, _UNAVAILABLE):
             reason = str(exc) or type(exc).__name__
@@ -236,7 +239,7 @@ class PostgresBackend:
             try:
                 conn = await asyncpg.connect(self.dsn, timeout=CONNECT_TIMEOUT)
                 lost = asyncio.Event()
-                conn.add_termination_listener(lambda _c: lost.set())
+                conn.add_termination_listener(lambda _c, lost=lost: lost.set())
                 await conn.add_listener(CHANNEL, lambda *_a: self._wakeup())
                 self._wakeup()  # listening again: subscribers reread from their position
                 await lost.wait()
@@ -263,7 +266,9 @@ class PostgresBackend:
         return self._head
 
     # -- appending -------------------------------------------------------------------------
-    async def commit(self, requests: Sequence[AppendRequest], epoch: int, prepare: Prepare) -> BatchPlan:
+    async def commit(
+        self, requests: Sequence[AppendRequest], epoch: int, prepare: Prepare
+    ) -> BatchPlan:
         for _attempt in range(WRITE_ATTEMPTS):
             head = self._head or await self.read_head()
             if head.epoch != epoch:

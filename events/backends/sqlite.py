@@ -238,13 +238,17 @@ class SqliteBackend:
             raise self._translate(exc) from None
 
     # -- appending -------------------------------------------------------------------------
-    async def commit(self, requests: Sequence[AppendRequest], epoch: int, prepare: Prepare) -> BatchPlan:
+    async def commit(
+        self, requests: Sequence[AppendRequest], epoch: int, prepare: Prepare
+    ) -> BatchPlan:
         try:
             return await self._run_write(self._commit_sync, requests, epoch, prepare)
         except sqlite3.Error as exc:
             raise self._translate(exc) from None
 
-    def _commit_sync(self, requests: Sequence[AppendRequest], epoch: int, prepare: Prepare) -> BatchPlan:
+    def _commit_sync(
+        self, requests: Sequence[AppendRequest], epoch: int, prepare: Prepare
+    ) -> BatchPlan:
         conn = self._writer
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -270,7 +274,9 @@ class SqliteBackend:
         versions: dict[str, int] = {}
         for chunk in _chunks(streams):
             marks = ",".join("?" * len(chunk))
-            sql = f"SELECT stream, max(version) FROM events WHERE stream IN ({marks}) GROUP BY stream"
+            sql = (
+                f"SELECT stream, max(version) FROM events WHERE stream IN ({marks}) GROUP BY stream"
+            )
             versions.update(conn.execute(sql, chunk).fetchall())
         ids = [e.event_id.bytes for r in requests for e in r.events]
         existing = {}

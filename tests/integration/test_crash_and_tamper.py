@@ -38,13 +38,14 @@ WRITER = textwrap.dedent(
         n = 0
         while True:
             n += 1
-            batch = [NewEvent("JobStarted", {"n": n, "k": k, "pad": "x" * 200}) for k in range(%d)]
-            await asyncio.gather(*(store.append(f"crash-{n}-{w}", batch[w::4], 0) for w in range(4)))
+            batch = [NewEvent("JobStarted", {"n": n, "k": k, "pad": "x" * 200})
+                     for k in range(BATCH)]
+            appends = [store.append(f"crash-{n}-{w}", batch[w::4], 0) for w in range(4)]
+            await asyncio.gather(*appends)
 
     asyncio.run(main(sys.argv[1]))
     """
-    % BATCH
-)
+).replace("BATCH", str(BATCH))
 
 
 def _batchd(*args: str) -> subprocess.CompletedProcess:

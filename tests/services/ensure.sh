@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Installs (apt) and starts the services the tests talk to, where they are missing:
+#   PostgreSQL on 127.0.0.1:5432, reachable as user postgres without a password.
+# Safe to run again: what is already there and running is left as it is.
+set -euo pipefail
+
+PG_PORT=5432
+
+say() { echo "services: $*"; }
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+    say "need root to run: $*"; exit 1; fi
+}
+
+pg_bin() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1; }
+
+pg_ready() { "$(pg_bin)/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT" 2>/dev/null; }
+
+ensure_postgres() {
+  if [ -z "$(pg_bin)" ]; then
+    say "installing PostgreSQL"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+  fi
+  if ! pg_ready; then
+    local version
+    version=$(ls /etc/postgresql 2>/dev/null | sort -V | tail -n 1)
+    if [ -z "$version" ]; then
+      version=$(basename "$(dirname "$(pg_bin)")")
+      as_root pg_createcluster "$version" main
+    fi
+    say "starting PostgreSQL $version"
+    as_root pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
+    for _ in $(seq 1 60); do pg_ready && break; sleep 0.5; done
+    pg_ready || { say "PostgreSQL did not start"; exit 1; }
+  fi
+  if ! psql -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -Atc 'SELECT 1' >/dev/null 2>&1; then
+    # A fresh install asks for passwords over TCP: let local test connections in.
+    local hba
+    hba=$(as_root su postgres -c "psql -p $PG_PORT -Atc 'SHOW hba_file'")
+    say "trusting local TCP connections in $hba"
+    as_root sed -i '1i host all all 127.0.0.1/32 trust' "$hba"
+    as_root su postgres -c "psql -p $PG_PORT -Atc 'SELECT pg_reload_conf()'" >/dev/null
+    sleep 1
+  fi
+  say "PostgreSQL ready on 127.0.0.1:$PG_PORT"
+}
+
+ensure_postgres

@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+import os
+
+import msgpack
+import pytest
+
+from batchd.events import errors
+from batchd.events.codec import Codec
+from batchd.events.envelope import NewEvent
+from batchd.events.secrets import Keyring, Sealed, redact, seal_paths
+
+
+def test_sealed_values_open_with_their_key_after_rotation():
+    key_2025, key_2026 = os.urandom(32), os.urandom(32)
+    old = Keyring({"2025": key_2025}, "2025")
+    sealed = old.seal("s3cret")
+    assert sealed.key_id == "2025" and b"s3cret" not in sealed.payload
+    rotated = Keyring({"2025": key_2025, "2026": key_2026}, "2026")
+    assert rotated.open(sealed) == "s3cret"
+    assert rotated.seal("new").key_id == "2026"
+    with pytest.raises(errors.SecretKeyError, match="'2026', which is not loaded"):
+        old.open(rotated.seal("x"))
+
+
+def test_a_tampered_ciphertext_does_not_open():
+    ring = Keyring.generate()
+    sealed = ring.seal("value")
+    broken = Sealed(sealed.payload[:-1] + bytes([sealed.payload[-1] ^ 1]))
+    with pytest.raises(errors.SecretKeyError, match="fails to open"):
+        ring.open(broken)
+
+
+def test_seal_paths_reaches_into_lists_and_leaves_the_rest():
+    ring = Keyring.generate()
+    data = {"spec": {"secrets": [{"name": "A", "value": "1"}, {"name": "B", "value": "2"}],
+                     "environmentVariables": [{"name": "C", "value": "3"}]}}  # fmt: skip
+    sealed = seal_paths(data, ("spec.secrets[].value", "spec.missing.value"), ring)
+    values = [s["value"] for s in sealed["spec"]["secrets"]]
+    assert all(isinstance(v, Sealed) for v in values)
+    assert [ring.open(v) for v in values] == ["1", "2"]
+    assert sealed["spec"]["environmentVariables"] == [{"name": "C", "value": "3"}]
+    assert data["spec"]["secrets"][0]["value"] == "1"  # the input is not modified
+    assert redact(sealed)["spec"]["secrets"][1] == {"name": "B", "value": "***"}
+
+
+def test_the_codec_stores_sealed_values_as_extension_type_1():
+    codec = Codec(Keyring.generate())
+    spec = {"userAccountSettings": {"adminUserName": "ann", "adminUserPassword": "pw-123"}}
+    encoded = codec.encode(NewEvent("ClusterCreated", {"spec": spec}))
+    assert b"pw-123" not in encoded.data
+    raw = msgpack.unpackb(encoded.data)
+    assert raw["spec"]["userAccountSettings"]["adminUserPassword"].code == 1
+    assert raw["spec"]["userAccountSettings"]["adminUserName"] == "ann"
+
+
+def test_keyring_refuses_bad_keys():
+    with pytest.raises(errors.SecretKeyError, match="32 bytes"):
+        Keyring({"k": b"short"}, "k")
+    with pytest.raises(errors.SecretKeyError, match="not among"):
+        Keyring({"k": bytes(32)}, "other")
+    with pytest.raises(errors.SecretKeyError, match="base64"):
+        Keyring.from_base64({"k": "not base64!"}, "k")

@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+import pytest
+
+from batchd.events import errors
+from batchd.events.audit import Anchor
+from batchd.events.timeutil import parse_iso, to_iso
+from batchd.events.urls import StoreUrl, parse
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("sqlite:///relative.db", StoreUrl("sqlite", "relative.db")),
+        ("sqlite:////var/lib/batchd/events.db", StoreUrl("sqlite", "/var/lib/batchd/events.db")),
+        (
+            "postgresql://ann@db:5433/batchd",
+            StoreUrl("postgresql", "postgresql://ann@db:5433/batchd"),
+        ),
+        ("postgres://ann@db/batchd", StoreUrl("postgresql", "postgresql://ann@db/batchd")),
+        ("memory://", StoreUrl("memory", "")),
+    ],
+)
+def test_store_urls_follow_sqlalchemys_rules(url, expected):
+    assert parse(url) == expected
+
+
+@pytest.mark.parametrize(
+    "url", ["sqlite://x.db", "sqlite:///", "redis://h", "events.db", "postgresql://"]
+)
+def test_malformed_store_urls_are_refused(url):
+    with pytest.raises(errors.StoreUrlError):
+        parse(url)
+
+
+def test_passwords_never_show_in_a_store_url():
+    shown = str(parse("postgresql://ann:hunter2@db/batchd"))
+    assert "hunter2" not in shown and "ann:***@db" in shown
+    with pytest.raises(errors.StoreUrlError) as refused:
+        parse("mysql://ann:hunter2@db/batchd")
+    assert "hunter2" not in str(refused.value)
+
+
+def test_times_without_a_zone_are_utc():
+    assert parse_iso("2026-11-26T10:42:00") == parse_iso("2026-11-26T10:42:00Z")
+    assert parse_iso("2026-11-26T11:42:00+01:00") == parse_iso("2026-11-26T10:42:00Z")
+    assert to_iso(parse_iso("2026-11-26T10:42:00.000123Z")) == "2026-11-26T10:42:00.000123Z"
+    with pytest.raises(ValueError, match="not an ISO-8601 time"):
+        parse_iso("yesterday")
+
+
+def test_anchors_parse_and_print():
+    text = "42:" + "ab" * 32
+    assert str(Anchor.parse(text)) == text
+    for bad in ("42", "x:" + "ab" * 32, "0:" + "ab" * 32, "4:abcd"):
+        with pytest.raises(ValueError, match="POSITION:HASH"):
+            Anchor.parse(bad)
