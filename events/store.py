@@ -40,6 +40,7 @@ logger = structlog.get_logger(__name__)
 MAX_BATCH_EVENTS = 500  # events per group-commit transaction
 READ_PAGE = 1000  # events per read while catching up
 POLL_INTERVAL = 1.0  # seconds between subscription polls when no wake-up arrives
+CLOSE_GRACE = 10.0  # seconds close() waits for queued appends to commit
 RETRY_BACKOFF = (0.05, 0.1, 0.2, 0.5, 1.0)  # seconds, for a subscription whose store dropped
 _STREAM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./:<>@+=-]{0,254}$")
 
@@ -188,15 +189,17 @@ class EventStore:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def close(self) -> None:
-        """Finish queued appends, stop the writer, close the backend."""
+    async def close(self, grace: float = CLOSE_GRACE) -> None:
+        """Stop taking appends, commit the queued ones (for up to `grace` seconds), close."""
         self._closing = True
+        self._pending.set()
         if self._writer is not None:
-            while self._queue and not self._writer.done():
-                await asyncio.sleep(0.001)
+            await asyncio.wait({self._writer}, timeout=grace)
             self._writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._writer
+        _fail(list(self._queue), errors.StoreError("the store closed before this append"))
+        self._queue.clear()
         await self.backend.close()
 
     # -- leadership ------------------------------------------------------------------------
@@ -238,7 +241,7 @@ class EventStore:
             raise errors.StoreError("this store is closing")
 
     async def _write_loop(self) -> None:
-        while True:
+        while self._queue or not self._closing:
             await self._pending.wait()
             batch = self._take_batch()
             if not batch:

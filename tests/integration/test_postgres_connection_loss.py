@@ -60,3 +60,20 @@ async def test_subscription_sees_every_event_once_across_pg_terminate_backend(pg
     finally:
         await reader.close()
         await writer.close()
+
+
+async def test_notify_wakes_a_subscriber_of_another_store_long_before_its_poll(pg_database):
+    writer = await urls.open_store(pg_database)
+    reader = await urls.open_store(pg_database, readonly=True, poll_interval=3600)
+    try:
+        await writer.append("job-1", [NewEvent("JobStarted", {})])
+        following = reader.subscribe(after=0)
+        assert (await anext(following)).position == 1  # caught up; now it waits
+        waiting = asyncio.ensure_future(anext(following))
+        await asyncio.sleep(0.2)
+        await writer.append("job-2", [NewEvent("JobStarted", {})])
+        assert (await asyncio.wait_for(waiting, 20)).position == 2  # only NOTIFY can wake it
+        await following.aclose()
+    finally:
+        await reader.close()
+        await writer.close()
