@@ -17,6 +17,8 @@ recompute the chain with any msgpack library from the rows alone (docs/event-log
 from __future__ import annotations
 
 import hashlib
+import os
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -31,6 +33,20 @@ _packb = msgpack.Packer(use_bin_type=True).pack
 _sha256 = hashlib.sha256
 
 
+def new_event_id() -> uuid.UUID:
+    """A time-ordered uuid (RFC 9562 version 7: 48-bit Unix milliseconds, then random bits).
+
+    Ids that grow with time land at the end of the unique index instead of at random places
+    in it, which makes appends to both databases markedly cheaper than with uuid4.
+    """
+    value = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10))
+    return uuid.UUID(int=value & _V7_CLEAR | _V7_SET)
+
+
+_V7_CLEAR = ~((0xF << 76) | (0x3 << 62)) & ((1 << 128) - 1)  # version and variant bits
+_V7_SET = (0x7 << 76) | (0x2 << 62)
+
+
 @dataclass(slots=True)
 class NewEvent:
     """An event a writer wants to append. `event_id` makes a retried append idempotent."""
@@ -40,7 +56,7 @@ class NewEvent:
     actor: str = "scheduler"
     correlation_id: uuid.UUID | None = None
     causation_id: uuid.UUID | None = None
-    event_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    event_id: uuid.UUID = field(default_factory=new_event_id)
 
 
 class EncodedEvent(NamedTuple):

@@ -70,6 +70,12 @@ class BatchPlan(NamedTuple):
     head: Head
     outcomes: list[list[int] | errors.StoreError]
 
+    @property
+    def conflicted(self) -> bool:
+        """Some request failed its version check: it may be a retry of a committed append,
+        which only a look-up of its event ids can tell."""
+        return any(isinstance(o, errors.ConcurrencyError) for o in self.outcomes)
+
 
 Prepare = Callable[[Head, dict[str, int], dict[Any, tuple[int, str]]], BatchPlan]
 
@@ -145,8 +151,8 @@ class Backend(Protocol):
 
     async def read_rows(self, after: int, limit: int) -> list[tuple]: ...
     async def read_stream_rows(self, stream: str, after_version: int) -> list[tuple]: ...
-    async def position_at(self, recorded_at: int) -> int:
-        """The last position recorded at or before `recorded_at` (0 if none)."""
+    async def recorded_at(self, position: int) -> int:
+        """The `recorded_at` of the event at `position` (which exists)."""
 
     async def save_snapshot(self, snapshot: Snapshot, keep: int) -> None: ...
     async def load_snapshot(self, projection: str) -> Snapshot | None: ...
@@ -295,8 +301,19 @@ class EventStore:
         return [decode(r) for r in await self.backend.read_rows(after, limit)]
 
     async def position_at(self, at: int) -> int:
-        """The last position recorded at or before `at` (microseconds; 0 if none): "as of T"."""
-        return await self.backend.position_at(at)
+        """The last position recorded at or before `at` (microseconds; 0 if none): "as of T".
+
+        `recorded_at` never decreases along positions, so a binary search over positions finds
+        it with about log2(head) point reads and no index on time.
+        """
+        low, high = 0, (await self.backend.read_head()).position  # answer is in [low, high]
+        while low < high:
+            middle = (low + high + 1) // 2
+            if await self.backend.recorded_at(middle) <= at:
+                low = middle
+            else:
+                high = middle - 1
+        return low
 
     async def read_stream(self, stream: str, after_version: int = 0) -> list[RecordedEvent]:
         decode = self.codec.decode

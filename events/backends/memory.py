@@ -6,7 +6,6 @@ two writers fence each other); `memory://` opens a fresh, private one.
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -87,8 +86,8 @@ class MemoryBackend:
     async def read_rows(self, after: int, limit: int) -> list[tuple]:
         return self.log.rows[after : after + limit]  # positions are gapless from 1
 
-    async def position_at(self, recorded_at: int) -> int:
-        return bisect.bisect_right(self.log.rows, recorded_at, key=lambda r: r[6])
+    async def recorded_at(self, position: int) -> int:
+        return self.log.rows[position - 1][6]
 
     async def read_stream_rows(self, stream: str, after_version: int) -> list[tuple]:
         return [self.log.rows[i] for i in self.log.streams.get(stream, [])[after_version:]]

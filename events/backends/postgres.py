@@ -60,7 +60,6 @@ MIGRATIONS: dict[int, str] = {
         hash           bytea   NOT NULL,
         UNIQUE (stream, version)
     );
-    CREATE INDEX events_recorded_at ON events (recorded_at, position);
     CREATE TABLE log_head (
         id          smallint PRIMARY KEY CHECK (id = 1),
         position    bigint   NOT NULL,
@@ -89,12 +88,11 @@ _TAKE_EPOCH = (
     "UPDATE log_head SET epoch = epoch + 1 WHERE id = 1 "
     "RETURNING position, hash, recorded_at, epoch"
 )
-_FACTS = """
-SELECT stream, max(version) AS n, NULL::uuid AS event_id
-  FROM events WHERE stream = ANY($1::text[]) GROUP BY stream
-UNION ALL
-SELECT stream, position, event_id FROM events WHERE event_id = ANY($2::uuid[])
-"""
+_VERSIONS = "SELECT stream, max(version) FROM events WHERE stream = ANY($1::text[]) GROUP BY stream"
+_EXISTING = (
+    "SELECT e.event_id, e.position, e.stream "
+    "FROM unnest($1::uuid[]) AS i(id) JOIN events e ON e.event_id = i.id"
+)
 _WRITE = f"""
 WITH h AS (
     UPDATE log_head SET position = $3, hash = $4, recorded_at = $5
@@ -113,10 +111,7 @@ SELECT (SELECT count(*) FROM ins) AS inserted,
 """
 _READ = f"SELECT {_COLUMNS} FROM events WHERE position > $1 ORDER BY position LIMIT $2"
 _READ_STREAM = f"SELECT {_COLUMNS} FROM events WHERE stream = $1 AND version > $2 ORDER BY version"
-_POSITION_AT = (
-    "SELECT position FROM events WHERE recorded_at <= $1 "
-    "ORDER BY recorded_at DESC, position DESC LIMIT 1"
-)
+_RECORDED_AT = "SELECT recorded_at FROM events WHERE position = $1"
 
 _UNAVAILABLE = (
     OSError,
@@ -125,6 +120,9 @@ _UNAVAILABLE = (
     asyncpg.PostgresConnectionError,
     asyncpg.exceptions.OperatorInterventionError,
     asyncpg.exceptions.CannotConnectNowError,
+    # asyncpg's protocol state can be left inconsistent when the server ends a connection
+    # in the middle of an operation (pg_terminate_backend, failover)
+    asyncpg.exceptions._base.InternalClientError,
 )
 
 
@@ -252,9 +250,25 @@ class PostgresBackend:
 
     # -- plumbing --------------------------------------------------------------------------
     async def _fetch(self, sql: str, *args) -> list:
+        async with self._connection() as conn:
+            return await conn.fetch(sql, *args)
+
+    @contextlib.asynccontextmanager
+    async def _connection(self, translate: bool = True):
+        """A pooled connection; after a connection failure it is discarded, not reused.
+
+        Errors are translated into events.errors unless `translate` is False.
+        """
         try:
-            return await self._pool.fetch(sql, *args)
+            async with self._pool.acquire() as conn:
+                try:
+                    yield conn
+                except _UNAVAILABLE:
+                    conn.terminate()
+                    raise
         except (asyncpg.PostgresError, *_UNAVAILABLE) as exc:
+            if not translate:
+                raise
             raise self._translate(exc) from None
 
     # -- head and epoch --------------------------------------------------------------------
@@ -269,14 +283,16 @@ class PostgresBackend:
     async def commit(
         self, requests: Sequence[AppendRequest], epoch: int, prepare: Prepare
     ) -> BatchPlan:
+        check_ids = False  # looked up only once an insert says some id is stored already
         for _attempt in range(WRITE_ATTEMPTS):
             head = self._head or await self.read_head()
             if head.epoch != epoch:
                 raise errors.FencedError(epoch, head.epoch)
             try:
-                plan = await self._try_commit(requests, head, prepare)
+                plan = await self._try_commit(requests, head, prepare, check_ids)
             except asyncpg.UniqueViolationError:
-                plan = None  # another writer got in between: reread and decide again
+                plan = None  # a retried append, or another writer got in: decide again
+                check_ids = True
             except (asyncpg.PostgresError, *_UNAVAILABLE) as exc:
                 self._head = None  # ambiguous: the next batch rereads the head
                 raise self._translate(exc) from None
@@ -287,19 +303,15 @@ class PostgresBackend:
         raise errors.StoreUnavailable(f"log {self.where}: the head kept moving under this writer")
 
     async def _try_commit(
-        self, requests: Sequence[AppendRequest], head: Head, prepare: Prepare
+        self, requests: Sequence[AppendRequest], head: Head, prepare: Prepare, check_ids: bool
     ) -> BatchPlan | None:
-        streams = list({r.stream for r in requests})
-        ids = [e.event_id for r in requests for e in r.events]
-        async with self._pool.acquire() as conn:
-            versions: dict[str, int] = {}
-            existing = {}
-            for stream, n, event_id in await conn.fetch(_FACTS, streams, ids):
-                if event_id is None:
-                    versions[stream] = n
-                else:
-                    existing[event_id] = (n, stream)
-            plan = prepare(head, versions, existing)
+        async with self._connection(translate=False) as conn:
+            versions = dict(await conn.fetch(_VERSIONS, list({r.stream for r in requests})))
+            plan = prepare(head, versions, {})
+            if check_ids or plan.conflicted:
+                ids = [e.event_id for r in requests for e in r.events]
+                existing = {i: (p, s) for i, p, s in await conn.fetch(_EXISTING, ids)}
+                plan = prepare(head, versions, existing)
             if not plan.rows:
                 return plan
             columns = list(zip(*plan.rows, strict=True))
@@ -316,29 +328,25 @@ class PostgresBackend:
     async def read_stream_rows(self, stream: str, after_version: int) -> list[tuple]:
         return [tuple(r) for r in await self._fetch(_READ_STREAM, stream, after_version)]
 
-    async def position_at(self, recorded_at: int) -> int:
-        rows = await self._fetch(_POSITION_AT, recorded_at)
-        return rows[0][0] if rows else 0
+    async def recorded_at(self, position: int) -> int:
+        return (await self._fetch(_RECORDED_AT, position))[0][0]
 
     # -- snapshots -------------------------------------------------------------------------
     async def save_snapshot(self, snapshot: Snapshot, keep: int) -> None:
-        try:
-            async with self._pool.acquire() as conn, conn.transaction():
-                await conn.execute(
-                    "INSERT INTO snapshots VALUES ($1, $2, $3, $4, $5) "
-                    "ON CONFLICT (projection, position) DO UPDATE SET format = $3, "
-                    "code_hash = $4, state = $5",
-                    *snapshot,
-                )
-                await conn.execute(
-                    "DELETE FROM snapshots WHERE projection = $1 AND position NOT IN "
-                    "(SELECT position FROM snapshots WHERE projection = $1 "
-                    "ORDER BY position DESC LIMIT $2)",
-                    snapshot.projection,
-                    keep,
-                )
-        except (asyncpg.PostgresError, *_UNAVAILABLE) as exc:
-            raise self._translate(exc) from None
+        async with self._connection() as conn, conn.transaction():
+            await conn.execute(
+                "INSERT INTO snapshots VALUES ($1, $2, $3, $4, $5) "
+                "ON CONFLICT (projection, position) DO UPDATE SET format = $3, "
+                "code_hash = $4, state = $5",
+                *snapshot,
+            )
+            await conn.execute(
+                "DELETE FROM snapshots WHERE projection = $1 AND position NOT IN "
+                "(SELECT position FROM snapshots WHERE projection = $1 "
+                "ORDER BY position DESC LIMIT $2)",
+                snapshot.projection,
+                keep,
+            )
 
     async def load_snapshot(self, projection: str) -> Snapshot | None:
         rows = await self._fetch(

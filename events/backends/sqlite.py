@@ -40,7 +40,6 @@ MIGRATIONS: dict[int, str] = {
         hash           BLOB    NOT NULL,
         UNIQUE (stream, version)
     );
-    CREATE INDEX events_recorded_at ON events (recorded_at, position);
     CREATE TABLE log_head (
         id          INTEGER PRIMARY KEY CHECK (id = 1),
         position    INTEGER NOT NULL,
@@ -66,10 +65,7 @@ _COLUMNS = (
 )
 _INSERT = f"INSERT INTO events ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
 _READ = f"SELECT {_COLUMNS} FROM events WHERE position > ? ORDER BY position LIMIT ?"
-_POSITION_AT = (
-    "SELECT position FROM events WHERE recorded_at <= ? "
-    "ORDER BY recorded_at DESC, position DESC LIMIT 1"
-)
+_RECORDED_AT = "SELECT recorded_at FROM events WHERE position = ?"
 _READ_STREAM = f"SELECT {_COLUMNS} FROM events WHERE stream = ? AND version > ? ORDER BY version"
 _HEAD = "SELECT position, hash, recorded_at, epoch FROM log_head WHERE id = 1"
 
@@ -242,12 +238,18 @@ class SqliteBackend:
         self, requests: Sequence[AppendRequest], epoch: int, prepare: Prepare
     ) -> BatchPlan:
         try:
-            return await self._run_write(self._commit_sync, requests, epoch, prepare)
+            return await self._run_write(self._commit_sync, requests, epoch, prepare, False)
+        except sqlite3.IntegrityError:
+            pass  # some event id is stored already (a retried append): decide again knowing it
+        except sqlite3.Error as exc:
+            raise self._translate(exc) from None
+        try:
+            return await self._run_write(self._commit_sync, requests, epoch, prepare, True)
         except sqlite3.Error as exc:
             raise self._translate(exc) from None
 
     def _commit_sync(
-        self, requests: Sequence[AppendRequest], epoch: int, prepare: Prepare
+        self, requests: Sequence[AppendRequest], epoch: int, prepare: Prepare, check_ids: bool
     ) -> BatchPlan:
         conn = self._writer
         conn.execute("BEGIN IMMEDIATE")
@@ -255,7 +257,10 @@ class SqliteBackend:
             head = Head(*conn.execute(_HEAD).fetchone())
             if head.epoch != epoch:
                 raise errors.FencedError(epoch, head.epoch)
-            plan = prepare(head, *self._facts(conn, requests))
+            versions = self._versions(conn, requests)
+            plan = prepare(head, versions, {})
+            if check_ids or plan.conflicted:
+                plan = prepare(head, versions, self._existing(conn, requests))
             if plan.rows:
                 conn.executemany(_INSERT, [_to_sql_row(r) for r in plan.rows])
                 conn.execute(
@@ -269,7 +274,7 @@ class SqliteBackend:
             raise
         return plan
 
-    def _facts(self, conn: sqlite3.Connection, requests: Sequence[AppendRequest]):
+    def _versions(self, conn: sqlite3.Connection, requests: Sequence[AppendRequest]) -> dict:
         streams = list({r.stream for r in requests})
         versions: dict[str, int] = {}
         for chunk in _chunks(streams):
@@ -278,23 +283,24 @@ class SqliteBackend:
                 f"SELECT stream, max(version) FROM events WHERE stream IN ({marks}) GROUP BY stream"
             )
             versions.update(conn.execute(sql, chunk).fetchall())
-        ids = [e.event_id.bytes for r in requests for e in r.events]
+        return versions
+
+    def _existing(self, conn: sqlite3.Connection, requests: Sequence[AppendRequest]) -> dict:
         existing = {}
-        for chunk in _chunks(ids):
+        for chunk in _chunks([e.event_id.bytes for r in requests for e in r.events]):
             marks = ",".join("?" * len(chunk))
             sql = f"SELECT event_id, position, stream FROM events WHERE event_id IN ({marks})"
             for eid, position, stream in conn.execute(sql, chunk):
                 existing[_uuid(eid)] = (position, stream)
-        return versions, existing
+        return existing
 
     # -- reading ---------------------------------------------------------------------------
     async def read_rows(self, after: int, limit: int) -> list[tuple]:
         return await self._read(_READ, (after, limit))
 
-    async def position_at(self, recorded_at: int) -> int:
+    async def recorded_at(self, position: int) -> int:
         def run() -> int:
-            row = self._reader.execute(_POSITION_AT, (recorded_at,)).fetchone()
-            return 0 if row is None else row[0]
+            return self._reader.execute(_RECORDED_AT, (position,)).fetchone()[0]
 
         return await self._run_read(run)
 

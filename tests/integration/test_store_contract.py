@@ -68,11 +68,16 @@ async def test_a_retried_append_is_recognised_not_written_twice(store):
     first = await store.append("job-a", events, NO_STREAM)
     assert await store.append("job-a", events, NO_STREAM) == first  # same ids: same answer
     assert (await store.head()).position == 2
+    unchecked = [ev()]
+    assert await store.append("job-u", unchecked) == [3]  # no version check at all
+    assert await store.append("job-u", unchecked) == [3]
+    both = asyncio.gather(store.append("job-u", unchecked), store.append("job-v", [ev()]))
+    assert await both == [[3], [4]]  # a retry in one batch with a new append
     with pytest.raises(errors.DuplicateEventError):
         await store.append("job-a", [events[0], ev()], 2)  # half old, half new
     with pytest.raises(errors.DuplicateEventError):
         await store.append("job-b", [events[1]], NO_STREAM)  # an old id on another stream
-    assert (await store.head()).position == 2
+    assert (await store.head()).position == 4
 
 
 async def test_positions_are_gapless_and_in_commit_order_with_16_appenders(store):
