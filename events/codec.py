@@ -8,7 +8,7 @@ never rewritten: upcasting happens only on the way out.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import msgpack
@@ -16,6 +16,9 @@ import msgpack
 from batchd.events import errors, secrets
 from batchd.events.envelope import EncodedEvent, NewEvent, RecordedEvent
 from batchd.events.types import VOCABULARY, EventType
+
+_unpackb = msgpack.unpackb
+_new_tuple = tuple.__new__  # RecordedEvent from a ready tuple, without NamedTuple's __new__
 
 Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
 
@@ -44,11 +47,13 @@ class Codec:
         self.keyring = keyring
         self.vocabulary = dict(vocabulary)
         self.upcasters = dict(upcasters or {})
+        self._schemas = {name: spec.schema for name, spec in self.vocabulary.items()}
         self._pack = msgpack.Packer(use_bin_type=True, default=_default).pack
 
     def register(self, event_type: EventType, upcasters: Mapping[int, Upcaster] = ()) -> None:
         """Add or replace a type, with upcasters keyed by the schema each one upgrades from."""
         self.vocabulary[event_type.name] = event_type
+        self._schemas[event_type.name] = event_type.schema
         for from_schema, fn in dict(upcasters).items():
             self.upcasters[(event_type.name, from_schema)] = fn
 
@@ -71,14 +76,22 @@ class Codec:
             self._pack(data),
         )
 
-    def decode(self, row: tuple) -> RecordedEvent:
-        """A stored row (data as bytes) as a RecordedEvent with decoded, upcast data."""
-        data = msgpack.unpackb(row[10], raw=False, ext_hook=_ext_hook)
+    def decode(self, row: Sequence[Any]) -> RecordedEvent:
+        """A stored row (data as bytes) as a RecordedEvent with decoded, upcast data.
+
+        `row` is any indexable row in envelope order (a tuple, an asyncpg Record). This is the
+        replay hot path: one unpack, one schema comparison, one tuple.
+        """
+        data = _unpackb(row[10], raw=False, ext_hook=_ext_hook)
+        type_ = row[4]
         schema = row[5]
-        spec = self.vocabulary.get(row[4])
-        if spec is not None and schema < spec.schema:
-            data, schema = self._upcast(row[4], schema, spec.schema, data)
-        return RecordedEvent(*row[:5], schema, *row[6:10], data, row[11])
+        if schema < self._schemas.get(type_, schema):
+            data, schema = self._upcast(type_, schema, self._schemas[type_], data)
+        return _new_tuple(
+            RecordedEvent,
+            (row[0], row[1], row[2], row[3], type_, schema, row[6], row[7], row[8], row[9], data,
+             row[11]),
+        )  # fmt: skip
 
     def _upcast(self, type_: str, schema: int, target: int, data: Any) -> tuple[Any, int]:
         while schema < target:

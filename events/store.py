@@ -149,8 +149,13 @@ class Backend(Protocol):
         """In one transaction: check `epoch` against the log's, call `prepare(head, versions,
         existing)`, store its rows and head. Raise FencedError if the epoch is stale."""
 
-    async def read_rows(self, after: int, limit: int) -> list[tuple]: ...
-    async def read_stream_rows(self, stream: str, after_version: int) -> list[tuple]: ...
+    async def read_rows(self, after: int, limit: int) -> Sequence[Sequence[Any]]:
+        """Stored rows after `after` in position order: indexable in envelope order, uuids as
+        uuid.UUID, data as the stored bytes (tuples, or the driver's own record type)."""
+
+    async def read_stream_rows(
+        self, stream: str, after_version: int
+    ) -> Sequence[Sequence[Any]]: ...
     async def recorded_at(self, position: int) -> int:
         """The `recorded_at` of the event at `position` (which exists)."""
 
@@ -300,6 +305,28 @@ class EventStore:
         decode = self.codec.decode
         return [decode(r) for r in await self.backend.read_rows(after, limit)]
 
+    async def read_pages(
+        self, after: int = 0, limit: int = READ_PAGE
+    ) -> AsyncIterator[list[RecordedEvent]]:
+        """Every event after `after` up to the head, page by page, for catching up and replay.
+
+        While the caller works on one page the next is already being read (in SQLite's reader
+        thread, or by the PostgreSQL server), so reading and decoding overlap.
+        """
+        read_rows, decode = self.backend.read_rows, self.codec.decode
+        rows = await read_rows(after, limit)
+        while rows:
+            ahead = None
+            if len(rows) == limit:
+                ahead = asyncio.ensure_future(read_rows(rows[-1][0], limit))
+            try:
+                yield [decode(r) for r in rows]
+            except BaseException:
+                if ahead is not None:
+                    ahead.cancel()
+                raise
+            rows = await ahead if ahead is not None else ()
+
     async def position_at(self, at: int) -> int:
         """The last position recorded at or before `at` (microseconds; 0 if none): "as of T".
 
@@ -323,7 +350,7 @@ class EventStore:
         """Every stored row after `after` as it is in the database (for audit and export)."""
         while rows := await self.backend.read_rows(after, page):
             for row in rows:
-                yield row
+                yield tuple(row)
             after = rows[-1][0]
 
     async def subscribe(

@@ -14,7 +14,13 @@ Writing. The writer caches the head it last wrote and sends one statement per ba
 If another writer took over (epoch changed) or wrote (position changed), nothing is inserted:
 the backend rereads the head and raises FencedError, or retries with fresh facts. The facts a
 batch needs (stream versions, already-stored event ids) are read just before, and are still
-true when the statement succeeds, because every write moves the head.
+true when the statement succeeds, because every write moves the head. For the same reason the
+writer also caches the stream versions it read or wrote while its cached head stands: nobody
+else can have written meanwhile. A stream it does not know, appended with NO_STREAM, is
+assumed new (UNIQUE(stream, version) refuses version 1 if it is not, and the batch is then
+decided again from the tables). So a one-event append is usually one statement. A version
+conflict found against cached or assumed versions is rechecked against the table before it
+is reported; the cache is dropped whenever the cached head is.
 
 Waking. Each batch sends `NOTIFY batchd_events, '<head position>'` in its transaction. The
 notification is only a hint: a listener connection (reconnecting in a loop) pokes
@@ -31,7 +37,7 @@ import asyncpg
 import structlog
 
 from batchd.events import errors
-from batchd.events.envelope import Head
+from batchd.events.envelope import NO_STREAM, Head
 from batchd.events.store import AppendRequest, BatchPlan, Prepare, Snapshot
 
 logger = structlog.get_logger(__name__)
@@ -42,6 +48,7 @@ MIGRATION_LOCK = 0x62617463  # advisory lock key held while migrating ("batc")
 WRITE_ATTEMPTS = 3
 LISTEN_BACKOFF = 0.5  # seconds between listener reconnects
 CONNECT_TIMEOUT = 10.0  # seconds
+VERSION_CACHE = 100_000  # streams whose version the writer remembers
 
 MIGRATIONS: dict[int, str] = {
     1: """
@@ -113,6 +120,14 @@ _READ = f"SELECT {_COLUMNS} FROM events WHERE position > $1 ORDER BY position LI
 _READ_STREAM = f"SELECT {_COLUMNS} FROM events WHERE stream = $1 AND version > $2 ORDER BY version"
 _RECORDED_AT = "SELECT recorded_at FROM events WHERE position = $1"
 
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Pool reset: pooled connections keep no session state (no LISTEN, no session locks or
+    settings; the listener has its own connection), so nothing is reset on release and a
+    one-event append costs no extra round trip. asyncpg still rolls back an open transaction.
+    """
+
+
 _UNAVAILABLE = (
     OSError,
     asyncio.TimeoutError,
@@ -144,6 +159,7 @@ class PostgresBackend:
         self.pool_size = pool_size
         self._pool: asyncpg.Pool | None = None
         self._head: Head | None = None  # the head this writer last wrote (cache)
+        self._versions: dict[str, int] = {}  # stream versions as of self._head (cache)
         self._wakeup: Callable[[], None] = lambda: None
         self._listener: asyncio.Task | None = None
 
@@ -166,7 +182,11 @@ class PostgresBackend:
     async def open(self, readonly: bool) -> None:
         try:
             self._pool = await asyncpg.create_pool(
-                self.dsn, min_size=1, max_size=self.pool_size, timeout=CONNECT_TIMEOUT
+                self.dsn,
+                min_size=1,
+                max_size=self.pool_size,
+                timeout=CONNECT_TIMEOUT,
+                reset=_keep_session,
             )
         except (asyncpg.PostgresError, *_UNAVAILABLE) as exc:
             raise self._translate(exc) from None
@@ -276,39 +296,53 @@ class PostgresBackend:
         return Head(*(await self._fetch(_HEAD))[0])
 
     async def take_epoch(self) -> Head:
+        self._forget()
         self._head = Head(*(await self._fetch(_TAKE_EPOCH))[0])
         return self._head
+
+    def _forget(self) -> None:
+        """Drop the cached head and the stream versions that hold only as long as it does."""
+        self._head = None
+        self._versions = {}
 
     # -- appending -------------------------------------------------------------------------
     async def commit(
         self, requests: Sequence[AppendRequest], epoch: int, prepare: Prepare
     ) -> BatchPlan:
-        check_ids = False  # looked up only once an insert says some id is stored already
+        recheck = False  # set once an insert violates a unique constraint
         for _attempt in range(WRITE_ATTEMPTS):
             head = self._head or await self.read_head()
             if head.epoch != epoch:
                 raise errors.FencedError(epoch, head.epoch)
             try:
-                plan = await self._try_commit(requests, head, prepare, check_ids)
+                plan = await self._try_commit(requests, head, prepare, recheck)
             except asyncpg.UniqueViolationError:
                 plan = None  # a retried append, or another writer got in: decide again
-                check_ids = True
+                recheck = True
             except (asyncpg.PostgresError, *_UNAVAILABLE) as exc:
-                self._head = None  # ambiguous: the next batch rereads the head
+                self._forget()  # ambiguous: the next batch rereads the head
                 raise self._translate(exc) from None
             if plan is not None:
                 self._head = plan.head
+                self._remember_versions(plan)
                 return plan
-            self._head = None
+            self._forget()
         raise errors.StoreUnavailable(f"log {self.where}: the head kept moving under this writer")
 
     async def _try_commit(
-        self, requests: Sequence[AppendRequest], head: Head, prepare: Prepare, check_ids: bool
+        self, requests: Sequence[AppendRequest], head: Head, prepare: Prepare, recheck: bool
     ) -> BatchPlan | None:
+        """One attempt; `recheck` (after a unique violation) reads every fact from the tables."""
         async with self._connection(translate=False) as conn:
-            versions = dict(await conn.fetch(_VERSIONS, list({r.stream for r in requests})))
+            if recheck:
+                self._versions = {}
+            versions, assumed = await self._stream_versions(conn, requests, assume=not recheck)
             plan = prepare(head, versions, {})
-            if check_ids or plan.conflicted:
+            if plan.conflicted and assumed:
+                self._versions = {}  # a conflict is reported only as the table has it
+                versions, _ = await self._stream_versions(conn, requests, assume=False)
+                plan = prepare(head, versions, {})
+            if recheck or plan.conflicted:
                 ids = [e.event_id for r in requests for e in r.events]
                 existing = {i: (p, s) for i, p, s in await conn.fetch(_EXISTING, ids)}
                 plan = prepare(head, versions, existing)
@@ -321,12 +355,48 @@ class PostgresBackend:
             )
         return plan if inserted == len(plan.rows) else None
 
-    # -- reading ---------------------------------------------------------------------------
-    async def read_rows(self, after: int, limit: int) -> list[tuple]:
-        return [tuple(r) for r in await self._fetch(_READ, after, limit)]
+    async def _stream_versions(
+        self, conn: asyncpg.Connection, requests: Sequence[AppendRequest], assume: bool
+    ) -> tuple[dict[str, int], bool]:
+        """The current version of each stream of `requests` (0: none), and whether any of them
+        was taken from the cache or assumed rather than read.
 
-    async def read_stream_rows(self, stream: str, after_version: int) -> list[tuple]:
-        return [tuple(r) for r in await self._fetch(_READ_STREAM, stream, after_version)]
+        With `assume`, a stream this writer does not know whose appends all expect NO_STREAM
+        is taken to be new without asking: if it is not, inserting its version 1 violates
+        UNIQUE(stream, version) and the batch is decided again with `recheck`.
+        """
+        known = self._versions
+        versions = {}
+        unknown = set()
+        for request in requests:
+            stream = request.stream
+            if stream in known:
+                versions[stream] = known[stream]
+            elif not assume or request.expected_version != NO_STREAM:
+                unknown.add(stream)
+            elif stream not in unknown:
+                versions[stream] = 0
+        assumed = bool(versions)
+        if unknown:
+            if len(known) + len(unknown) > VERSION_CACHE:
+                known.clear()
+            fetched = dict.fromkeys(unknown, 0)
+            fetched.update(await conn.fetch(_VERSIONS, list(unknown)))
+            known.update(fetched)
+            versions.update(fetched)
+        return versions, assumed
+
+    def _remember_versions(self, plan: BatchPlan) -> None:
+        versions = self._versions
+        for row in plan.rows:  # in position order, so the last version of a stream wins
+            versions[row[2]] = row[3]
+
+    # -- reading ---------------------------------------------------------------------------
+    async def read_rows(self, after: int, limit: int) -> list[asyncpg.Record]:
+        return await self._fetch(_READ, after, limit)  # Records index like the row tuples
+
+    async def read_stream_rows(self, stream: str, after_version: int) -> list[asyncpg.Record]:
+        return await self._fetch(_READ_STREAM, stream, after_version)
 
     async def recorded_at(self, position: int) -> int:
         return (await self._fetch(_RECORDED_AT, position))[0][0]

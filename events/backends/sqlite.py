@@ -65,22 +65,43 @@ _COLUMNS = (
     "position, event_id, stream, version, type, schema, recorded_at, actor, "
     "correlation_id, causation_id, data, hash"
 )
+_SELECT_COLUMNS = (
+    'position, event_id AS "event_id [batchd_uuid]", stream, version, type, schema, '
+    'recorded_at, actor, correlation_id AS "correlation_id [batchd_uuid]", '
+    'causation_id AS "causation_id [batchd_uuid]", data, hash'
+)
 _INSERT = f"INSERT INTO events ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
-_READ = f"SELECT {_COLUMNS} FROM events WHERE position > ? ORDER BY position LIMIT ?"
+_READ = f"SELECT {_SELECT_COLUMNS} FROM events WHERE position > ? ORDER BY position LIMIT ?"
 _RECORDED_AT = "SELECT recorded_at FROM events WHERE position = ?"
-_READ_STREAM = f"SELECT {_COLUMNS} FROM events WHERE stream = ? AND version > ? ORDER BY version"
+_READ_STREAM = (
+    f"SELECT {_SELECT_COLUMNS} FROM events WHERE stream = ? AND version > ? ORDER BY version"
+)
 _HEAD = "SELECT position, hash, recorded_at, epoch FROM log_head WHERE id = 1"
 
 
-def _to_uuid_row(row: tuple) -> tuple:
-    """sqlite3 returns uuids as 16-byte blobs; the envelope speaks uuid.UUID."""
-    eid, corr, caus = row[1], row[8], row[9]
-    return (
-        row[0], uuid.UUID(bytes=eid), *row[2:8],
-        None if corr is None else uuid.UUID(bytes=corr),
-        None if caus is None else uuid.UUID(bytes=caus),
-        row[10], row[11],
-    )  # fmt: skip
+_UUID = uuid.UUID
+_SAFE_UNKNOWN = uuid.SafeUUID.unknown
+_new_object = object.__new__
+_set_slot = object.__setattr__
+_from_bytes = int.from_bytes
+
+
+def _uuid(raw: bytes) -> uuid.UUID:
+    """A uuid.UUID from its 16 stored bytes, without the checks of UUID(bytes=...).
+
+    The bytes were written from a uuid.UUID by this backend, so they are always 16 long; this
+    builds the same object as UUID(bytes=raw) in about a third of the time (replay reads one
+    per event).
+    """
+    value = _new_object(_UUID)
+    _set_slot(value, "int", _from_bytes(raw))
+    _set_slot(value, "is_safe", _SAFE_UNKNOWN)
+    return value
+
+
+# Reads name uuid columns "<column> [batchd_uuid]" so that sqlite3 converts them while it
+# builds each row (connections open with PARSE_COLNAMES; NULLs are left as None).
+sqlite3.register_converter("batchd_uuid", _uuid)
 
 
 def _uuid_bytes(value) -> bytes | None:
@@ -113,7 +134,13 @@ class SqliteBackend:
 
     def _connect(self, mode: str) -> sqlite3.Connection:
         uri = f"file:{Path(self.path).absolute().as_posix()}?mode={mode}"
-        conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+        conn = sqlite3.connect(
+            uri,
+            uri=True,
+            isolation_level=None,
+            check_same_thread=False,
+            detect_types=sqlite3.PARSE_COLNAMES,
+        )
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
         return conn
@@ -207,10 +234,9 @@ class SqliteBackend:
             return self._reader.execute(sql, params).fetchall()
 
         try:
-            rows = await self._run_read(run)
+            return await self._run_read(run)
         except sqlite3.Error as exc:
             raise self._translate(exc) from None
-        return [_to_uuid_row(r) for r in rows]
 
     # -- head and epoch --------------------------------------------------------------------
     async def read_head(self) -> Head:
@@ -341,10 +367,6 @@ class SqliteBackend:
 
         row = await self._run_read(run)
         return None if row is None else Snapshot(*row)
-
-
-def _uuid(raw: bytes) -> uuid.UUID:
-    return uuid.UUID(bytes=raw)
 
 
 def _to_sql_row(row: tuple) -> tuple:

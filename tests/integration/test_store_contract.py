@@ -166,6 +166,29 @@ async def test_a_second_writer_fences_the_first(store_url):
         await second.close()
 
 
+async def test_version_checks_hold_when_leadership_moves_back_and_forth(store_url):
+    # Each writer knows the stream versions it wrote; after another writer took over and
+    # appended, a writer that takes leadership back must check against what is stored.
+    first = await urls.open_store(store_url)
+    second = await urls.open_store(store_url)
+    try:
+        await first.append("job-a", [ev()], NO_STREAM)
+        await second.take_leadership()
+        await second.append("job-a", [ev(), ev()], 1)
+        await first.take_leadership()
+        with pytest.raises(errors.ConcurrencyError):
+            await first.append("job-a", [ev()], 1)
+        assert await first.append("job-a", [ev()], 3) == [4]
+        await second.take_leadership()
+        with pytest.raises(errors.ConcurrencyError):
+            await second.append("job-a", [ev()], 3)
+        assert await second.append("job-a", [ev()], 4) == [5]
+        assert [e.version for e in await second.read_stream("job-a")] == [1, 2, 3, 4, 5]
+    finally:
+        await first.close()
+        await second.close()
+
+
 async def test_upcasters_run_on_read(store_url):
     v1 = Codec()
     v1.register(EventType("GadgetMade", schema=1))
