@@ -38,6 +38,7 @@ from batchd.events.timeutil import now_us
 logger = structlog.get_logger(__name__)
 
 MAX_BATCH_EVENTS = 500  # events per group-commit transaction
+MAX_POSITION = 2**63 - 1  # positions are PostgreSQL bigints
 READ_PAGE = 1000  # events per read while catching up
 POLL_INTERVAL = 1.0  # seconds between subscription polls when no wake-up arrives
 CLOSE_GRACE = 10.0  # seconds close() waits for queued appends to commit
@@ -160,7 +161,7 @@ class Backend(Protocol):
         """The `recorded_at` of the event at `position` (which exists)."""
 
     async def save_snapshot(self, snapshot: Snapshot, keep: int) -> None: ...
-    async def load_snapshot(self, projection: str) -> Snapshot | None: ...
+    async def load_snapshot(self, projection: str, upto: int) -> Snapshot | None: ...
     def set_wakeup(self, callback: Callable[[], None]) -> None:
         """Call `callback` whenever another process may have appended (a hint, may be lost)."""
 
@@ -385,8 +386,9 @@ class EventStore:
     async def save_snapshot(self, snapshot: Snapshot, keep: int = 2) -> None:
         await self.backend.save_snapshot(snapshot, keep)
 
-    async def load_snapshot(self, projection: str) -> Snapshot | None:
-        return await self.backend.load_snapshot(projection)
+    async def load_snapshot(self, projection: str, upto: int | None = None) -> Snapshot | None:
+        """The newest snapshot of `projection` taken at or before position `upto` (any)."""
+        return await self.backend.load_snapshot(projection, MAX_POSITION if upto is None else upto)
 
 
 def _fail(batch: list[AppendRequest], exc: Exception) -> None:

@@ -71,6 +71,36 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
     tail.add_argument("--json", action="store_true", help="one JSON object per line")
 
+    export = events_sub.add_parser(
+        "export", parents=[common], help="print events as NDJSON (secrets redacted)"
+    )
+    _store_flag(export)
+    export.add_argument("--from", dest="from_", metavar="ISO", help="events recorded at or after")
+    export.add_argument("--to", metavar="ISO", help="events recorded at or before")
+    export.add_argument("--stream", help="only this stream (e.g. job-<id>, cluster-<ws>/<name>)")
+
+    replay = commands.add_parser(
+        "replay", parents=[common], help="the clusters, nodes, queues and jobs at a past moment"
+    )
+    _store_flag(replay)
+    moment = replay.add_mutually_exclusive_group(required=True)
+    moment.add_argument("--at", metavar="ISO", help="as of this time (UTC if no zone is given)")
+    moment.add_argument(
+        "--position", type=_non_negative, help="as of this log position (inclusive)"
+    )
+    replay.add_argument("--json", action="store_true", help="print one JSON document")
+
+    job = commands.add_parser("job", help="jobs")
+    job_sub = job.add_subparsers(dest="job_command", required=True, metavar="COMMAND")
+    job_history = job_sub.add_parser(
+        "history", parents=[common], help="a job's timeline (deleted jobs and reused names too)"
+    )
+    job_history.add_argument("name", help="the job's name")
+    _store_flag(job_history)
+    job_history.add_argument("-w", "--workspace", default="default", help="(default: default)")
+    job_history.add_argument("-e", "--experiment", default="default", help="(default: default)")
+    job_history.add_argument("--json", action="store_true", help="print one JSON document")
+
     audit = commands.add_parser("audit", help="check the log's integrity")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True, metavar="COMMAND")
     verify = audit_sub.add_parser("verify", parents=[common], help="verify the hash chain")
@@ -113,13 +143,17 @@ def _bench_store_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def _dispatch(args: argparse.Namespace):
-    from batchd.scheduler import cli_log, daemon
+    from batchd.scheduler import cli_log, cli_replay, daemon
     from batchd.scheduler.bench import append, replay
 
     if args.command == "serve":
         return daemon.main(args)
     if args.command == "events":
-        return cli_log.tail(args)
+        return cli_log.tail(args) if args.events_command == "tail" else cli_replay.export(args)
+    if args.command == "replay":
+        return cli_replay.replay(args)
+    if args.command == "job":
+        return cli_replay.job_history(args)
     if args.command == "audit":
         return cli_log.verify(args)
     return {"append": append.main, "replay": replay.main}[args.bench_command](args)

@@ -98,6 +98,6 @@ class MemoryBackend:
         kept.sort(key=lambda s: s.position)
         del kept[:-keep]
 
-    async def load_snapshot(self, projection: str) -> Snapshot | None:
-        kept = self.log.snapshots.get(projection)
+    async def load_snapshot(self, projection: str, upto: int) -> Snapshot | None:
+        kept = [s for s in self.log.snapshots.get(projection, ()) if s.position <= upto]
         return kept[-1] if kept else None

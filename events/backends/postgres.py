@@ -418,10 +418,11 @@ class PostgresBackend:
                 keep,
             )
 
-    async def load_snapshot(self, projection: str) -> Snapshot | None:
+    async def load_snapshot(self, projection: str, upto: int) -> Snapshot | None:
         rows = await self._fetch(
             "SELECT projection, position, format, code_hash, state FROM snapshots "
-            "WHERE projection = $1 ORDER BY position DESC LIMIT 1",
+            "WHERE projection = $1 AND position <= $2 ORDER BY position DESC LIMIT 1",
             projection,
+            upto,
         )
         return Snapshot(*rows[0]) if rows else None

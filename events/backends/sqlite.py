@@ -357,12 +357,12 @@ class SqliteBackend:
 
         await self._run_write(run)
 
-    async def load_snapshot(self, projection: str) -> Snapshot | None:
+    async def load_snapshot(self, projection: str, upto: int) -> Snapshot | None:
         def run():
             return self._reader.execute(
                 "SELECT projection, position, format, code_hash, state FROM snapshots "
-                "WHERE projection = ? ORDER BY position DESC LIMIT 1",
-                (projection,),
+                "WHERE projection = ? AND position <= ? ORDER BY position DESC LIMIT 1",
+                (projection, upto),
             ).fetchone()
 
         row = await self._run_read(run)

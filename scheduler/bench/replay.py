@@ -4,10 +4,15 @@ If the log is empty, a synthetic one of about `--events` events (workload.py) is
 untimed: one event per append, as a daemon makes them, with up to 500 appends in flight at once
 so that group commit batches them. A non-empty log is replayed as it is.
 
-The timed part reads every event with `read_all(after, limit=5000)` (decoding and upcasting
-included) and folds it: `--projections none` counts events per type; `--projections all` feeds
-every projection the project defines (`load_projections`), or falls back to counting (and says
-so) while none is defined.
+`--projections none` times reading every event (`read_pages`, decoding and upcasting
+included) and counting events per type. `--projections all` times the daemon's own start-up
+work instead, with the projection runner:
+
+- `rebuild_s`: every read model from scratch (snapshots ignored); `events_per_s` is based on it;
+- `restore_s`: the newest snapshot, then catch-up to the head. Unless the log has a usable
+  snapshot already, one is first saved (untimed) `SNAPSHOT_EVERY` events before the head (or
+  at 90 % of a shorter log), where a daemon taking one every `SNAPSHOT_EVERY` events would
+  have it at worst.
 """
 
 from __future__ import annotations
@@ -16,23 +21,17 @@ import argparse
 import asyncio
 import collections
 import gc
-import importlib
 import json
 import time
-from collections.abc import Callable, Sequence
-from typing import Any
 
 from batchd.events import urls
-from batchd.events.envelope import RecordedEvent
 from batchd.events.store import EventStore
+from batchd.projections import snapshot
+from batchd.projections.runner import SNAPSHOT_EVERY, Runner
 from batchd.scheduler.bench import append, workload
 
 PAGE = 5000  # events per read_all
 APPENDS_IN_FLIGHT = 500  # events appended concurrently while generating
-REGISTRY = "batchd.projections.registry"  # module whose PROJECTIONS replay --projections all runs
-NO_PROJECTIONS = "none (no projections defined yet)"
-
-Fold = Callable[[list[RecordedEvent]], None]
 
 
 async def main(args: argparse.Namespace) -> int:
@@ -53,16 +52,16 @@ async def run(url: str, events: int, projections: str) -> tuple[dict, int]:
         generated = 0
         if (await store.head()).position == 0:
             generated = await generate(store, events)
-            gc.collect()  # the generator's garbage is not the replay's
-        fold, label = _fold(projections)
-        count, seconds = await replay(store, fold)
+        gc.collect()  # the generator's garbage is not the replay's
+        result = {"bench": "replay", "store": store.backend.name}
+        if projections == "all":
+            result.update(await fold_all(store))
+        else:
+            count, seconds = await read_and_count(store)
+            result.update(events=count, seconds=round(seconds, 4), projections="none")
+            result["events_per_s"] = round(count / seconds, 1)
     finally:
         await store.close()
-    result = {
-        "bench": "replay", "store": store.backend.name, "events": count,
-        "seconds": round(seconds, 4), "events_per_s": round(count / seconds, 1),
-        "projections": label,
-    }  # fmt: skip
     return result, generated
 
 
@@ -84,66 +83,50 @@ async def generate(store: EventStore, events: int, seed: int = 7) -> int:
     return total
 
 
-async def replay(store: EventStore, fold: Fold) -> tuple[int, float]:
-    """Read every event page by page and fold it; return (events, seconds)."""
-    count = 0
+async def read_and_count(store: EventStore) -> tuple[int, float]:
+    """Read every event page by page and count them by type; return (events, seconds)."""
+    counts: collections.Counter[str] = collections.Counter()
     started = time.perf_counter()
     async for page in store.read_pages(0, limit=PAGE):
-        fold(page)
-        count += len(page)
-    return count, time.perf_counter() - started
-
-
-def _fold(projections: str) -> tuple[Fold, str]:
-    if projections == "all":
-        found = load_projections()
-        if found:
-            return _projection_fold(found), f"all ({', '.join(_name(p) for p in found)})"
-        return _count_fold(), NO_PROJECTIONS
-    return _count_fold(), "none"
-
-
-def load_projections() -> Sequence[Any]:
-    """The hook: `batchd.projections.registry.PROJECTIONS`, or () while it is not defined.
-
-    Each projection has `initial()` (a fresh state) and `apply(state, event)` returning the new
-    state, or None when it changed the state in place (see DESIGN.md, "Read models").
-    """
-    try:
-        registry = importlib.import_module(REGISTRY)
-    except ModuleNotFoundError as exc:
-        if exc.name is not None and REGISTRY.startswith(exc.name):
-            return ()
-        raise
-    return tuple(getattr(registry, "PROJECTIONS", ()))
-
-
-def _count_fold() -> Fold:
-    counts: collections.Counter[str] = collections.Counter()
-
-    def fold(page: list[RecordedEvent]) -> None:
         for event in page:
             counts[event.type] += 1
-
-    return fold
-
-
-def _projection_fold(projections: Sequence[Any]) -> Fold:
-    states = [p.initial() for p in projections]
-    steps = list(enumerate(p.apply for p in projections))
-
-    def fold(page: list[RecordedEvent]) -> None:
-        for event in page:
-            for i, apply in steps:
-                state = apply(states[i], event)
-                if state is not None:
-                    states[i] = state
-
-    return fold
+    return sum(counts.values()), time.perf_counter() - started
 
 
-def _name(projection: Any) -> str:
-    return str(getattr(projection, "name", None) or getattr(projection, "__name__", projection))
+async def fold_all(store: EventStore) -> dict:
+    """Rebuild every read model from scratch, then restore from a snapshot; time both."""
+    head = (await store.head()).position
+    started = time.perf_counter()
+    rebuilt = Runner(store, use_snapshots=False)
+    await rebuilt.restore()
+    rebuild_s = time.perf_counter() - started
+    del rebuilt
+    gc.collect()
+    if not await _usable_snapshot(store):
+        base = Runner(store, use_snapshots=False)
+        await base.restore(upto=max(0, head - min(SNAPSHOT_EVERY, head // 10)))
+        await base.save_snapshot()
+        del base
+        gc.collect()
+    started = time.perf_counter()
+    restored = Runner(store)
+    info = await restored.restore()
+    restore_s = time.perf_counter() - started
+    return {
+        "events": head, "seconds": round(rebuild_s, 4),
+        "events_per_s": round(head / rebuild_s, 1) if rebuild_s else 0.0,
+        "rebuild_s": round(rebuild_s, 4), "restore_s": round(restore_s, 4),
+        "snapshot_position": info.snapshot_position, "caught_up": info.replayed,
+        "jobs": len(restored.models.jobs), "nodes": len(restored.models.nodes),
+        "projections": "all",
+    }  # fmt: skip
+
+
+async def _usable_snapshot(store: EventStore) -> bool:
+    stored = await store.load_snapshot(snapshot.NAME)
+    if stored is None:
+        return False
+    return stored.format == snapshot.FORMAT and stored.code_hash == snapshot.CODE_HASH
 
 
 def _summary(result: dict, generated: int, url: str) -> str:
@@ -155,4 +138,10 @@ def _summary(result: dict, generated: int, url: str) -> str:
         f"{result['events_per_s']:,.0f} events/s, projections {result['projections']}, "
         f"store {urls.parse(url)}"
     )
+    if "restore_s" in result:
+        lines.append(
+            f"rebuild from scratch {result['rebuild_s']:.3f} s; restore from the snapshot at "
+            f"{result['snapshot_position']:,} and catch up {result['caught_up']:,} events "
+            f"{result['restore_s']:.3f} s"
+        )
     return "\n".join(lines)

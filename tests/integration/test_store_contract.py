@@ -253,6 +253,8 @@ async def test_snapshots_keep_the_newest_two(store):
         await store.save_snapshot(Snapshot("queue", position, 1, "abc", b"state%d" % position))
     newest = await store.load_snapshot("queue")
     assert newest == Snapshot("queue", 30, 1, "abc", b"state30")
+    assert (await store.load_snapshot("queue", upto=29)).position == 20
+    assert await store.load_snapshot("queue", upto=19) is None
     assert await store.load_snapshot("nodes") is None
 
 

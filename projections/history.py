@@ -1,0 +1,75 @@
+"""A job's audit timeline, from the events of its stream: each transition with its time,
+actor, node, attempt and reason. Pure: the caller reads the stream (deleted jobs keep theirs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from batchd.events.envelope import RecordedEvent
+from batchd.events.timeutil import to_iso
+
+# What each job event means for the job, as history shows it.
+STATE_AFTER = {
+    "JobSubmitted": "queued",
+    "JobScheduled": "scheduled",
+    "JobPreparing": "preparing",
+    "JobStarted": "running",
+    "JobSucceeded": "succeeded",
+    "JobFailed": "failed",
+    "JobRequeued": "queued",
+    "JobPreempted": "queued",
+    "JobTerminateRequested": "terminating",
+    "JobTerminated": "failed",
+    "JobDeleted": "deleted",
+}
+
+
+def timeline(events: Iterable[RecordedEvent]) -> list[dict[str, Any]]:
+    entries = []
+    nodes: list[str] = []  # the current attempt's nodes
+    for e in events:
+        d = e.data if isinstance(e.data, dict) else {}
+        if e.type == "JobScheduled":
+            nodes = [t["node"] for t in d.get("tasks", ())]
+        entries.append({
+            "position": e.position, "time": to_iso(e.recorded_at), "event": e.type,
+            "state": STATE_AFTER.get(e.type), "actor": e.actor, "attempt": d.get("attempt"),
+            "nodes": _nodes(e, d, nodes), "reason": _reason(e.type, d),
+        })  # fmt: skip
+    return entries
+
+
+def _nodes(e: RecordedEvent, d: dict[str, Any], scheduled: list[str]) -> list[str]:
+    if e.type == "JobScheduled":
+        return scheduled
+    if e.actor.startswith("agent:"):
+        return [e.actor.removeprefix("agent:")]
+    if "attempt" in d and e.type != "JobSubmitted":
+        return scheduled
+    return []
+
+
+def _reason(type_: str, d: dict[str, Any]) -> str | None:
+    if type_ == "JobPendingReasonChanged":
+        return pending_reason(d.get("reason"))
+    if type_ in ("JobRequeued", "JobPreempted"):
+        return d.get("cause", "preempted")
+    if type_ == "JobFailed":
+        error = d.get("error") or {}
+        return error.get("message") or f"exit code {d.get('exitCode')}"
+    if type_ in ("JobSucceeded", "JobTaskExited"):
+        return f"exit code {d.get('exitCode')}"
+    if type_ in ("JobTerminateRequested", "JobTerminated", "JobDeleted"):
+        return d.get("reason")
+    return None
+
+
+def pending_reason(reason: dict[str, Any] | None) -> str | None:
+    """`{"code": "insufficient_gpus", "need": 4, "maxFree": 2}` -> `insufficient_gpus{need=4,
+    maxFree=2}`: a pending reason as people read it."""
+    if not reason:
+        return None
+    params = ", ".join(f"{k}={v}" for k, v in reason.items() if k != "code")
+    return f"{reason.get('code')}{{{params}}}" if params else str(reason.get("code"))

@@ -1,0 +1,178 @@
+"""The job table: every job's state, attempts, per-cause retry ledger, times, exit code,
+errors and current pending reason; and the name index (a name can be reused after a delete).
+
+Events about an attempt other than the job's current one are ignored: they come from an
+attempt that was already requeued (DESIGN.md, "Every attempt carries its number").
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from batchd.events.envelope import RecordedEvent
+from batchd.projections import allocation, queue
+from batchd.projections.model import (
+    ATTEMPT_STATES,
+    FAILED,
+    LIVE_STATES,
+    PREPARING_JOB,
+    QUEUED,
+    RUNNING,
+    SCHEDULED,
+    SUCCEEDED,
+    TERMINATING,
+    Job,
+    ReadModels,
+    job_key,
+)
+
+MAX_ERRORS = 20  # newest errors kept per job
+
+
+def _current(m: ReadModels, e: RecordedEvent, states: frozenset[str]) -> Job | None:
+    """The event's job if it is in one of `states` and the event is about its attempt."""
+    job = m.jobs.get(e.data["jobId"])
+    if job is None or job.state not in states or e.data.get("attempt", job.attempt) != job.attempt:
+        return None
+    return job
+
+
+def _error(job: Job, error: dict[str, Any] | None, at: int) -> None:
+    if error:
+        job.errors.append({**error, "at": at})
+        del job.errors[:-MAX_ERRORS]
+
+
+def submitted(m: ReadModels, e: RecordedEvent) -> None:
+    d = e.data
+    job = Job(
+        d["jobId"], d["workspace"], d["experiment"], d["name"], d["cluster"], d["owner"],
+        d.get("priority", 0), d.get("nodeCount", 1), d.get("gpusPerNode", 0),
+        e.recorded_at, e.position, d.get("maxRetries", 0), d.get("maxNodeFailureRetries", 3),
+        d.get("preemptible", False), d.get("maxWallClockTime"),
+    )  # fmt: skip
+    m.jobs[job.job_id] = job
+    m.job_ids.setdefault(job_key(job.workspace, job.experiment, job.name), []).append(job.job_id)
+    queue.enqueue(m, job)
+
+
+def pending_reason_changed(m: ReadModels, e: RecordedEvent) -> None:
+    job = m.jobs.get(e.data["jobId"])
+    if job is not None and job.state == QUEUED:
+        job.pending_reason = e.data["reason"]
+
+
+def scheduled(m: ReadModels, e: RecordedEvent) -> None:
+    job = m.jobs.get(e.data["jobId"])
+    if job is None or job.state != QUEUED:
+        return
+    job.state, job.attempt = SCHEDULED, e.data["attempt"]
+    job.scheduled_at, job.started_at = e.recorded_at, None
+    job.pending_reason = None
+    job.task_exits = {}
+    queue.dequeue(m, job)
+    allocation.allocate(m, job, e.data["tasks"])
+
+
+_SCHEDULED = frozenset({SCHEDULED})
+_PREPARED = frozenset({SCHEDULED, PREPARING_JOB})
+
+
+def preparing(m: ReadModels, e: RecordedEvent) -> None:
+    job = _current(m, e, _SCHEDULED)
+    if job is not None:
+        job.state = PREPARING_JOB
+
+
+def started(m: ReadModels, e: RecordedEvent) -> None:
+    job = _current(m, e, _PREPARED)
+    if job is not None:
+        job.state, job.started_at = RUNNING, e.recorded_at
+
+
+def task_exited(m: ReadModels, e: RecordedEvent) -> None:
+    job = _current(m, e, ATTEMPT_STATES)
+    if job is not None:
+        job.task_exits[str(e.data["task"])] = e.data["exitCode"]
+
+
+def _end(m: ReadModels, job: Job, state: str, e: RecordedEvent) -> None:
+    job.state, job.ended_at = state, e.recorded_at
+    job.exit_code = e.data.get("exitCode", job.exit_code)
+    job.pending_reason = None
+    queue.dequeue(m, job)
+    allocation.release(m, job)
+
+
+def succeeded(m: ReadModels, e: RecordedEvent) -> None:
+    job = _current(m, e, ATTEMPT_STATES)
+    if job is not None:
+        _end(m, job, SUCCEEDED, e)
+
+
+def failed(m: ReadModels, e: RecordedEvent) -> None:
+    job = _current(m, e, LIVE_STATES)
+    if job is not None:
+        _error(job, e.data.get("error"), e.recorded_at)
+        _end(m, job, FAILED, e)
+
+
+def _requeue(m: ReadModels, e: RecordedEvent, cause: str) -> None:
+    job = _current(m, e, ATTEMPT_STATES)
+    if job is None:
+        return
+    allocation.release(m, job)
+    job.state = QUEUED
+    job.retries[cause] = job.retries.get(cause, 0) + 1
+    _error(job, e.data.get("error"), e.recorded_at)
+    queue.enqueue(m, job)
+
+
+def requeued(m: ReadModels, e: RecordedEvent) -> None:
+    _requeue(m, e, e.data["cause"])
+
+
+def preempted(m: ReadModels, e: RecordedEvent) -> None:
+    _requeue(m, e, "preempted")
+
+
+def terminate_requested(m: ReadModels, e: RecordedEvent) -> None:
+    job = m.jobs.get(e.data["jobId"])
+    if job is None or job.state not in LIVE_STATES:
+        return
+    job.terminate_requested_by = e.actor
+    queue.dequeue(m, job)
+    job.state = TERMINATING
+
+
+def terminated(m: ReadModels, e: RecordedEvent) -> None:
+    job = m.jobs.get(e.data["jobId"])
+    if job is None or job.state not in LIVE_STATES:
+        return
+    reason = e.data.get("reason") or "terminated by request"
+    _error(job, {"code": "terminated", "message": reason}, e.recorded_at)
+    _end(m, job, FAILED, e)
+
+
+def deleted(m: ReadModels, e: RecordedEvent) -> None:
+    job = m.jobs.pop(e.data["jobId"], None)
+    if job is not None:
+        queue.dequeue(m, job)
+        allocation.release(m, job)
+
+
+HANDLERS = {
+    "JobSubmitted": submitted,
+    "JobPendingReasonChanged": pending_reason_changed,
+    "JobScheduled": scheduled,
+    "JobPreparing": preparing,
+    "JobStarted": started,
+    "JobTaskExited": task_exited,
+    "JobSucceeded": succeeded,
+    "JobFailed": failed,
+    "JobRequeued": requeued,
+    "JobPreempted": preempted,
+    "JobTerminateRequested": terminate_requested,
+    "JobTerminated": terminated,
+    "JobDeleted": deleted,
+}

@@ -1,0 +1,110 @@
+"""Nodes: resources (GPUs, CPUs, memory, runtimes), state and its last transition.
+
+A node appears with NodeProvisioning (a provider asked for it) or, for nodes that join by
+themselves, with NodeRegistered. Its GPU allocations are kept by projections/allocation.py.
+"""
+
+from __future__ import annotations
+
+from batchd.events.envelope import RecordedEvent
+from batchd.projections.model import (
+    LEAVING,
+    LOST,
+    PREPARING,
+    PROVISIONING,
+    READY,
+    SUSPECT,
+    UNUSABLE,
+    Node,
+    ReadModels,
+)
+
+MAX_ERRORS = 10  # newest node errors kept
+
+
+def _node(m: ReadModels, e: RecordedEvent, state: str) -> Node | None:
+    """Move the event's node to `state` (if it is known) and return it."""
+    node = m.nodes.get(e.data["nodeId"])
+    if node is not None:
+        node.state, node.since, node.last_event = state, e.recorded_at, e.type
+    return node
+
+
+def provisioning(m: ReadModels, e: RecordedEvent) -> None:
+    d = e.data
+    if d["nodeId"] in m.nodes or d["cluster"] not in m.clusters:
+        return
+    m.nodes[d["nodeId"]] = Node(d["nodeId"], d["cluster"], PROVISIONING, e.recorded_at, e.type)
+    m.clusters[d["cluster"]].nodes.append(d["nodeId"])
+
+
+def registered(m: ReadModels, e: RecordedEvent) -> None:
+    d = e.data
+    node = m.nodes.get(d["nodeId"])
+    if node is None:
+        provisioning(m, e)
+        node = m.nodes.get(d["nodeId"])
+        if node is None:
+            return
+    if node.state != READY:  # a ready node re-registering after a reconnect stays ready
+        node.state, node.since = PREPARING, e.recorded_at
+    node.last_event = e.type
+    node.gpus, node.gpu_model = d.get("gpus", 0), d.get("gpuModel", "")
+    node.cpus, node.memory_mb = d.get("cpus", 0), d.get("memoryMb", 0)
+    node.runtimes = list(d.get("runtimes", ()))
+    node.agent_version, node.incarnation = d.get("agentVersion", ""), d.get("incarnation", 0)
+
+
+def setup_started(m: ReadModels, e: RecordedEvent) -> None:
+    _node(m, e, PREPARING)
+
+
+def setup_succeeded(m: ReadModels, e: RecordedEvent) -> None:
+    _node(m, e, READY)
+
+
+def setup_failed(m: ReadModels, e: RecordedEvent) -> None:
+    node = _node(m, e, UNUSABLE)
+    if node is not None and "error" in e.data:
+        node.errors.append({**e.data["error"], "at": e.recorded_at})
+        del node.errors[:-MAX_ERRORS]
+
+
+def suspected(m: ReadModels, e: RecordedEvent) -> None:
+    _node(m, e, SUSPECT)
+
+
+def lost(m: ReadModels, e: RecordedEvent) -> None:
+    _node(m, e, LOST)
+
+
+def recovered(m: ReadModels, e: RecordedEvent) -> None:
+    _node(m, e, READY)
+
+
+def leaving(m: ReadModels, e: RecordedEvent) -> None:
+    _node(m, e, LEAVING)
+
+
+def removed(m: ReadModels, e: RecordedEvent) -> None:
+    node = m.nodes.pop(e.data["nodeId"], None)
+    if node is None:
+        return
+    cluster = m.clusters.get(node.cluster)
+    if cluster is not None:
+        cluster.nodes.remove(node.node_id)
+
+
+HANDLERS = {
+    "NodeProvisioning": provisioning,
+    "NodeRegistered": registered,
+    "NodeSetupStarted": setup_started,
+    "NodeSetupSucceeded": setup_succeeded,
+    "NodeSetupFailed": setup_failed,
+    "NodeSuspected": suspected,
+    "NodeLost": lost,
+    "NodeRecovered": recovered,
+    "NodePreempted": leaving,
+    "NodeDrainRequested": leaving,
+    "NodeRemoved": removed,
+}

@@ -1,0 +1,89 @@
+"""The read models as JSON-ready documents: what `batchd replay` prints (and the API serves).
+
+Keys are camelCase as in Batch AI's API; times are ISO-8601 UTC.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from batchd.events.timeutil import to_iso
+from batchd.projections import clusters, queue
+from batchd.projections.model import EXECUTION_STATE, Cluster, Job, Node, ReadModels
+
+
+def _time(us: int | None) -> str | None:
+    return None if us is None else to_iso(us)
+
+
+def cluster(m: ReadModels, c: Cluster) -> dict[str, Any]:
+    return {
+        "id": c.cluster_id, "workspace": c.workspace, "name": c.name, "vmSize": c.vm_size,
+        "vmPriority": c.vm_priority, "scaleSettings": c.scale_settings,
+        "allocationState": c.allocation_state, "deleting": c.deleting,
+        "currentNodeCount": len(c.nodes), "nodeStateCounts": clusters.node_counts(m, c),
+        "queuedJobs": len(m.queues.get(c.cluster_id, ())), "errors": c.errors,
+        "creationTime": _time(c.created_at), "createdBy": c.created_by,
+    }  # fmt: skip
+
+
+def node(m: ReadModels, n: Node) -> dict[str, Any]:
+    owner = m.clusters.get(n.cluster)
+    return {
+        "id": n.node_id, "cluster": owner.name if owner else n.cluster, "state": n.state,
+        "since": _time(n.since), "lastTransition": n.last_event, "gpus": n.gpus,
+        "gpuModel": n.gpu_model, "cpus": n.cpus, "memoryMb": n.memory_mb,
+        "runtimes": n.runtimes, "agentVersion": n.agent_version,
+        "allocations": [
+            {"gpu": int(gpu), "job": job_id, "jobName": _job_name(m, job_id), "attempt": attempt,
+             "task": task}
+            for gpu, (job_id, attempt, task) in sorted(n.allocations.items(), key=_gpu_order)
+        ],
+        "errors": n.errors,
+    }  # fmt: skip
+
+
+def _job_name(m: ReadModels, job_id: str) -> str | None:
+    held = m.jobs.get(job_id)
+    return None if held is None else held.name
+
+
+def _gpu_order(item: tuple[str, list]) -> int:
+    return int(item[0])
+
+
+def job(m: ReadModels, j: Job) -> dict[str, Any]:
+    owner = m.clusters.get(j.cluster)
+    return {
+        "id": j.job_id, "workspace": j.workspace, "experiment": j.experiment, "name": j.name,
+        "cluster": owner.name if owner else j.cluster, "owner": j.owner, "priority": j.priority,
+        "nodeCount": j.node_count, "gpusPerNode": j.gpus_per_node, "state": j.state,
+        "executionState": EXECUTION_STATE[j.state], "attempt": j.attempt,
+        "retries": j.retries, "pendingReason": j.pending_reason,
+        "tasks": [{"node": node_id, "gpus": gpus} for node_id, gpus in j.tasks],
+        "creationTime": _time(j.submitted_at), "scheduledTime": _time(j.scheduled_at),
+        "startTime": _time(j.started_at), "endTime": _time(j.ended_at),
+        "exitCode": j.exit_code, "errors": j.errors,
+    }  # fmt: skip
+
+
+def queued(m: ReadModels, c: Cluster) -> list[dict[str, Any]]:
+    """The cluster's queue in placement order, with each job's pending reason."""
+    return [
+        {"job": j.job_id, "name": j.name, "priority": j.priority, "pendingReason": j.pending_reason}
+        for j in queue.ordered(m, c.cluster_id)
+    ]
+
+
+def world(m: ReadModels) -> dict[str, Any]:
+    """Everything: clusters, nodes, each cluster's queue in order, and every job."""
+    return {
+        "position": m.position,
+        "recordedAt": _time(m.recorded_at) if m.position else None,
+        "workspaces": sorted(m.workspaces),
+        "experiments": sorted(m.experiments),
+        "clusters": [cluster(m, c) for c in m.clusters.values()],
+        "nodes": [node(m, n) for n in m.nodes.values()],
+        "queues": {f"{c.workspace}/{c.name}": queued(m, c) for c in m.clusters.values()},
+        "jobs": [job(m, j) for j in m.jobs.values()],
+    }

@@ -1,0 +1,178 @@
+"""`batchd replay`, `batchd job history` and `batchd events export`: the log's history,
+offline and read-only on `--store`.
+
+`--at T` means every event with recordedAt <= T (a time without zone is UTC); `--position N`
+includes event N; both rebuild the read models as they stood then (from the newest snapshot
+at or before that point, if one fits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from batchd.events import jsonform
+from batchd.events.store import EventStore
+from batchd.events.timeutil import parse_iso, to_iso
+from batchd.projections import history, views
+from batchd.projections.model import LIVE_STATES, job_key
+from batchd.projections.runner import Runner
+from batchd.scheduler.cli_log import open_readonly
+
+
+class NotFound(ValueError):
+    """Something the user named is not in the log."""
+
+
+# -- replay -----------------------------------------------------------------------------------
+async def replay(args: argparse.Namespace) -> int:
+    at = parse_iso(args.at) if args.at is not None else None
+    store = await open_readonly(args)
+    try:
+        head = (await store.head()).position
+        if at is not None:
+            position = await store.position_at(at)
+        else:
+            position = args.position
+            if position > head:
+                raise NotFound(f"--position {position} is beyond the log's head ({head})")
+        runner = Runner(store)
+        await runner.restore(upto=position)
+        note = await _note(store, at, position, head)
+    finally:
+        await store.close()
+    document = views.world(runner.models)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(document))
+    else:
+        print(_world_text(document))
+    return 0
+
+
+async def _note(store: EventStore, at: int | None, position: int, head: int) -> str | None:
+    if at is None or position > 0:
+        return None
+    if head == 0:
+        return "the log is empty: nothing had happened yet"
+    first = (await store.read_all(0, 1))[0]
+    return (
+        f"{to_iso(at)} is before the first event ({to_iso(first.recorded_at)}): "
+        "nothing had happened yet"
+    )
+
+
+def _world_text(w: dict[str, Any]) -> str:
+    when = f" ({w['recordedAt']})" if w["recordedAt"] else ""
+    lines = [f"as of position {w['position']}{when}", ""]
+    lines.append(f"clusters ({len(w['clusters'])})")
+    lines += _table(
+        ["CLUSTER", "VM SIZE", "ALLOCATION", "NODES", "IDLE", "RUNNING", "PREPARING", "UNUSABLE",
+         "LEAVING", "QUEUED"],
+        [[f"{c['workspace']}/{c['name']}", c["vmSize"], c["allocationState"],
+          c["currentNodeCount"], *c["nodeStateCounts"].values(), c["queuedJobs"]]
+         for c in w["clusters"]],
+    )  # fmt: skip
+    lines.append("")
+    lines.append(f"nodes ({len(w['nodes'])})")
+    lines += _table(
+        ["NODE", "CLUSTER", "STATE", "SINCE", "GPUS", "ALLOCATED"],
+        [[n["id"], n["cluster"], n["state"], n["since"], n["gpus"],
+          " ".join(f"{a['gpu']}:{a['jobName']}#{a['attempt']}" for a in n["allocations"]) or "-"]
+         for n in w["nodes"]],
+    )  # fmt: skip
+    for name, queued in w["queues"].items():
+        lines.append("")
+        lines.append(f"queue {name} ({len(queued)})")
+        lines += _table(
+            ["#", "JOB", "PRIORITY", "PENDING REASON"],
+            [[i, q["name"], q["priority"], history.pending_reason(q["pendingReason"]) or "-"]
+             for i, q in enumerate(queued, 1)],
+        )  # fmt: skip
+    live = [j for j in w["jobs"] if j["state"] in LIVE_STATES]
+    lines.append("")
+    lines.append(
+        f"jobs: {len(live)} live, {len(w['jobs']) - len(live)} ended (--json lists every job)"
+    )
+    lines += _table(
+        ["JOB", "WORKSPACE/EXPERIMENT", "STATE", "ATTEMPT", "CLUSTER", "NODES"],
+        [[j["name"], f"{j['workspace']}/{j['experiment']}", j["state"], j["attempt"],
+          j["cluster"], " ".join(t["node"] for t in j["tasks"]) or "-"] for j in live],
+    )  # fmt: skip
+    return "\n".join(lines)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    if not rows:
+        return ["  (none)"]
+    cells = [header, *([str(c) for c in row] for row in rows)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    return ["  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+            for row in cells]  # fmt: skip
+
+
+# -- job history ------------------------------------------------------------------------------
+async def job_history(args: argparse.Namespace) -> int:
+    store = await open_readonly(args)
+    try:
+        runner = Runner(store)
+        await runner.restore()
+        key = job_key(args.workspace, args.experiment, args.name)
+        job_ids = runner.models.job_ids.get(key)
+        if not job_ids:
+            raise NotFound(
+                f"no job named {args.name!r} in workspace {args.workspace!r}, "
+                f"experiment {args.experiment!r}"
+            )
+        incarnations = []
+        for job_id in job_ids:
+            events = await store.read_stream(f"job-{job_id}")
+            incarnations.append({"id": job_id, "timeline": history.timeline(events)})
+    finally:
+        await store.close()
+    if args.json:
+        document = {"name": args.name, "workspace": args.workspace,
+                    "experiment": args.experiment, "incarnations": incarnations}  # fmt: skip
+        print(json.dumps(document))
+        return 0
+    for n, incarnation in enumerate(incarnations, 1):
+        if n > 1:
+            print()
+        print(f"job {key} (id {incarnation['id']}, incarnation {n} of {len(incarnations)})")
+        rows = [[e["time"], e["event"], e["state"] or "", e["attempt"] or "",
+                 " ".join(e["nodes"]) or "", e["actor"], e["reason"] or ""]
+                for e in incarnation["timeline"]]  # fmt: skip
+        print("\n".join(_table(["TIME", "EVENT", "STATE", "ATTEMPT", "NODES", "ACTOR", "REASON"],
+                               rows)))  # fmt: skip
+    return 0
+
+
+# -- events export ----------------------------------------------------------------------------
+async def export(args: argparse.Namespace) -> int:
+    start = parse_iso(args.from_) if args.from_ else None
+    end = parse_iso(args.to) if args.to else None
+    if start is not None and end is not None and end < start:
+        raise ValueError(f"--to {args.to} is before --from {args.from_}")
+    store = await open_readonly(args)
+    try:
+        write = sys.stdout.write
+        if args.stream:
+            for event in await store.read_stream(args.stream):
+                if (start is None or event.recorded_at >= start) and (
+                    end is None or event.recorded_at <= end
+                ):
+                    write(json.dumps(jsonform.to_json(event)) + "\n")
+            return 0
+        after = 0 if start is None else await store.position_at(start - 1)
+        last = (await store.head()).position if end is None else await store.position_at(end)
+        async for page in store.read_pages(after, 5000):
+            for event in page:
+                if event.position > last:
+                    return 0
+                write(json.dumps(jsonform.to_json(event)) + "\n")
+    finally:
+        await store.close()
+    return 0
