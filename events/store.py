@@ -18,6 +18,7 @@ import asyncio
 import collections
 import contextlib
 import re
+import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
@@ -43,6 +44,7 @@ READ_PAGE = 1000  # events per read while catching up
 POLL_INTERVAL = 1.0  # seconds between subscription polls when no wake-up arrives
 CLOSE_GRACE = 10.0  # seconds close() waits for queued appends to commit
 RETRY_BACKOFF = (0.05, 0.1, 0.2, 0.5, 1.0)  # seconds, for a subscription whose store dropped
+_ACTOR = re.compile(r"^[^\x00-\x1f\x7f]{1,200}$")
 _STREAM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./:<>@+=-]{0,254}$")
 
 
@@ -238,6 +240,10 @@ class EventStore:
             raise ValueError(f"invalid stream name {stream!r}")
         if not events:
             raise ValueError("append needs at least one event")
+        for event in events:
+            _check_envelope(event)
+        if len({e.event_id for e in events}) != len(events):
+            raise ValueError("an append repeats an event_id among its own events")
         encoded = [self.codec.encode(e) for e in events]
         future = asyncio.get_running_loop().create_future()
         self._queue.append(AppendRequest(stream, encoded, expected_version, future))
@@ -389,6 +395,23 @@ class EventStore:
     async def load_snapshot(self, projection: str, upto: int | None = None) -> Snapshot | None:
         """The newest snapshot of `projection` taken at or before position `upto` (any)."""
         return await self.backend.load_snapshot(projection, MAX_POSITION if upto is None else upto)
+
+
+def _check_envelope(event: NewEvent) -> None:
+    """Refuse, before it is queued, what would otherwise fail a whole group commit."""
+    if not isinstance(event.event_id, uuid.UUID):
+        raise ValueError(f"{event.type}: event_id must be a uuid.UUID")
+    for name in ("correlation_id", "causation_id"):
+        value = getattr(event, name)
+        if value is not None and not isinstance(value, uuid.UUID):
+            raise ValueError(f"{event.type}: {name} must be a uuid.UUID or None")
+    actor = event.actor
+    if not isinstance(actor, str) or not _ACTOR.match(actor):
+        raise ValueError(f"{event.type}: actor {actor!r} is not 1-200 printable characters")
+    try:
+        actor.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{event.type}: actor {actor!r} is not valid Unicode") from None
 
 
 def _fail(batch: list[AppendRequest], exc: Exception) -> None:

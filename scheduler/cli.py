@@ -180,6 +180,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CliError, config.ConfigError, errors.StoreError, ValueError) as exc:
         print(f"batchd: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
+    except OSError as exc:  # a file or directory the command needs (state dir, keys, output)
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"batchd: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

@@ -63,9 +63,13 @@ async def main(args: argparse.Namespace) -> int:
     runner = web.AppRunner(build_app(store), access_log=None)
     periodic = AsyncIOScheduler()
     try:
-        await store.take_leadership()
         await runner.setup()
-        await web.TCPSite(runner, cfg.listen_host, cfg.listen_port).start()
+        try:
+            await web.TCPSite(runner, cfg.listen_host, cfg.listen_port).start()
+        except OSError as exc:  # bind first: a daemon that cannot serve must not fence another
+            where = f"{cfg.listen_host}:{cfg.listen_port}"
+            raise ValueError(f"cannot listen on {where}: {exc.strerror}") from None
+        await store.take_leadership()
         periodic.add_job(publish_anchor, "interval", args=[store], seconds=ANCHOR_INTERVAL)
         periodic.start()
         await publish_anchor(store)

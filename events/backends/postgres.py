@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import Callable, Sequence
 
 import asyncpg
@@ -142,12 +143,16 @@ _UNAVAILABLE = (
 
 
 def redact_dsn(dsn: str) -> str:
-    """The DSN with any password replaced by ***, for messages and logs."""
+    """The DSN with any password (in the user part or as a `password=` parameter) replaced
+    by ***, for messages and logs."""
     scheme, sep, rest = dsn.partition("://")
     userinfo, at, hostpart = rest.rpartition("@")
-    if not at or ":" not in userinfo:
-        return dsn
-    return f"{scheme}{sep}{userinfo.split(':', 1)[0]}:***@{hostpart}"
+    if at and ":" in userinfo:
+        rest = f"{userinfo.split(':', 1)[0]}:***@{hostpart}"
+    return scheme + sep + _QUERY_PASSWORD.sub(r"\1***", rest)
+
+
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
 
 
 class PostgresBackend:
@@ -293,11 +298,16 @@ class PostgresBackend:
 
     # -- head and epoch --------------------------------------------------------------------
     async def read_head(self) -> Head:
-        return Head(*(await self._fetch(_HEAD))[0])
+        return self._head_of(await self._fetch(_HEAD))
+
+    def _head_of(self, rows: list) -> Head:
+        if not rows:
+            raise errors.StoreCorrupt(f"log {self.where} is damaged: its log_head row is missing")
+        return Head(*rows[0])
 
     async def take_epoch(self) -> Head:
         self._forget()
-        self._head = Head(*(await self._fetch(_TAKE_EPOCH))[0])
+        self._head = self._head_of(await self._fetch(_TAKE_EPOCH))
         return self._head
 
     def _forget(self) -> None:
@@ -388,6 +398,8 @@ class PostgresBackend:
 
     def _remember_versions(self, plan: BatchPlan) -> None:
         versions = self._versions
+        if len(versions) > VERSION_CACHE:
+            versions.clear()  # forgotten versions are read again when needed
         for row in plan.rows:  # in position order, so the last version of a stream wins
             versions[row[2]] = row[3]
 

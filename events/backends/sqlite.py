@@ -12,6 +12,7 @@ import asyncio
 import concurrent.futures
 import os
 import sqlite3
+import urllib.parse
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -133,7 +134,8 @@ class SqliteBackend:
             raise self._translate(exc) from None
 
     def _connect(self, mode: str) -> sqlite3.Connection:
-        uri = f"file:{Path(self.path).absolute().as_posix()}?mode={mode}"
+        path = urllib.parse.quote(Path(self.path).absolute().as_posix())
+        uri = f"file:{path}?mode={mode}"
         conn = sqlite3.connect(
             uri,
             uri=True,
@@ -214,7 +216,10 @@ class SqliteBackend:
 
     # -- plumbing --------------------------------------------------------------------------
     async def _run_read(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._rexec, fn, *args)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._rexec, fn, *args)
+        except sqlite3.Error as exc:
+            raise self._translate(exc) from None
 
     async def _run_write(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._wexec, fn, *args)
@@ -233,17 +238,19 @@ class SqliteBackend:
         def run() -> list[tuple]:
             return self._reader.execute(sql, params).fetchall()
 
-        try:
-            return await self._run_read(run)
-        except sqlite3.Error as exc:
-            raise self._translate(exc) from None
+        return await self._run_read(run)
 
     # -- head and epoch --------------------------------------------------------------------
     async def read_head(self) -> Head:
         def run() -> Head:
-            return Head(*self._reader.execute(_HEAD).fetchone())
+            return self._head(self._reader.execute(_HEAD).fetchone())
 
         return await self._run_read(run)
+
+    def _head(self, row: tuple | None) -> Head:
+        if row is None:
+            raise errors.StoreCorrupt(f"{self.path} is damaged: its log_head row is missing")
+        return Head(*row)
 
     async def take_epoch(self) -> Head:
         def run() -> Head:
@@ -251,7 +258,7 @@ class SqliteBackend:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 conn.execute("UPDATE log_head SET epoch = epoch + 1 WHERE id = 1")
-                head = Head(*conn.execute(_HEAD).fetchone())
+                head = self._head(conn.execute(_HEAD).fetchone())
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
@@ -355,7 +362,10 @@ class SqliteBackend:
                 conn.execute("ROLLBACK")
                 raise
 
-        await self._run_write(run)
+        try:
+            await self._run_write(run)
+        except sqlite3.Error as exc:
+            raise self._translate(exc) from None
 
     async def load_snapshot(self, projection: str, upto: int) -> Snapshot | None:
         def run():

@@ -258,6 +258,45 @@ async def test_snapshots_keep_the_newest_two(store):
     assert await store.load_snapshot("nodes") is None
 
 
+async def test_a_bad_append_is_refused_alone_and_fails_no_other(store):
+    event = ev()
+    bad = [
+        [event, NewEvent("JobStarted", {}, event_id=event.event_id)],  # an id twice
+        [NewEvent("JobStarted", {}, actor="a\x00b")],
+        [NewEvent("JobStarted", {}, actor="\ud800")],
+        [NewEvent("JobStarted", {}, correlation_id="not-a-uuid")],
+    ]
+    results = await asyncio.gather(
+        store.append("job-good-1", [ev()]),
+        *(store.append(f"job-bad-{n}", events) for n, events in enumerate(bad)),
+        store.append("job-good-2", [ev()]),
+        return_exceptions=True,
+    )
+    assert results[0] == [1] and results[-1] == [2]
+    assert all(isinstance(r, ValueError) for r in results[1:-1]), results
+    assert [e.stream for e in await store.read_all()] == ["job-good-1", "job-good-2"]
+
+
+async def test_a_fresh_writer_appending_to_an_existing_stream_as_new_is_refused(store_url):
+    first = await urls.open_store(store_url)
+    try:
+        await first.append("job-a", [ev()], NO_STREAM)
+    finally:
+        await first.close()
+    second = await urls.open_store(store_url)  # knows no stream versions yet
+    try:
+        results = await asyncio.gather(
+            second.append("job-a", [ev()], NO_STREAM),
+            second.append("job-b", [ev()], NO_STREAM),
+            return_exceptions=True,
+        )
+        assert isinstance(results[0], errors.ConcurrencyError)
+        assert results[1] == [2]
+        assert [e.version for e in await second.read_stream("job-a")] == [1]
+    finally:
+        await second.close()
+
+
 async def test_unknown_event_types_and_bad_streams_are_refused(store):
     with pytest.raises(errors.UnknownEventType):
         await store.append("job-a", [NewEvent("JobExploded", {})])
