@@ -9,6 +9,7 @@ made (see docs/projections.md).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import operator
@@ -67,10 +68,10 @@ def decode(data: bytes) -> ReadModels:
 
 
 def plain(models: ReadModels) -> dict:
-    """The state as plain, order-insensitive data: what tests compare for equality."""
+    """A deep copy of the state as plain, order-insensitive data: what tests compare."""
     out = {"position": models.position, "recorded_at": models.recorded_at}
     for attribute, _cls, _key in _ENTITIES:
         out[attribute] = {k: dataclasses.asdict(v) for k, v in getattr(models, attribute).items()}
     for index in _INDEXES:
-        out[index] = getattr(models, index)
+        out[index] = copy.deepcopy(getattr(models, index))
     return out

@@ -14,6 +14,10 @@ import uuid
 import asyncpg
 import pytest
 
+from batchd.events import urls
+from batchd.events.codec import Codec
+from batchd.events.secrets import Keyring
+
 PG_DSN = os.environ.get("BATCHD_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 REQUIRE_SERVICES = os.environ.get("BATCHD_REQUIRE_SERVICES") == "1"
 
@@ -71,3 +75,19 @@ def durable_url(request, tmp_path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'events.db'}"
     return request.getfixturevalue("pg_database")
+
+
+def sealing_codec() -> Codec:
+    """A codec with a key, so that secret fields can be sealed (one key per test session)."""
+    return _CODEC
+
+
+_CODEC = Codec(Keyring.generate())
+
+
+@pytest.fixture
+async def store(store_url):
+    """An open, empty store on each backend (secrets sealed with the test key)."""
+    store = await urls.open_store(store_url, codec=sealing_codec())
+    yield store
+    await store.close()

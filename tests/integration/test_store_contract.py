@@ -10,20 +10,13 @@ import pytest
 from batchd.events import errors, urls
 from batchd.events.codec import Codec
 from batchd.events.envelope import NO_STREAM, NewEvent
-from batchd.events.secrets import Keyring, Sealed
+from batchd.events.secrets import Sealed
 from batchd.events.store import Snapshot
 from batchd.events.types import EventType
 
 
 def ev(type_: str = "JobStarted", **data) -> NewEvent:
     return NewEvent(type_, data or {"jobId": "j"})
-
-
-@pytest.fixture
-async def store(store_url):
-    store = await urls.open_store(store_url, codec=Codec(Keyring.generate()))
-    yield store
-    await store.close()
 
 
 async def test_positions_start_at_one_and_streams_keep_versions(store):

@@ -1,0 +1,150 @@
+"""`batchd replay`, `batchd job history` and `batchd events export` as a user runs them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from batchd.events import urls
+from batchd.events.envelope import NewEvent
+from batchd.events.timeutil import to_iso
+from batchd.scheduler.bench import workload
+from tests.conftest import sealing_codec
+from tests.integration.test_cli import assert_one_line_error, batchd
+
+SECRET = "hunter2-very-secret"
+
+
+def _submitted(job_id: str, name: str) -> NewEvent:
+    return NewEvent("JobSubmitted", {
+        "jobId": job_id, "workspace": "ws", "experiment": "exp", "name": name,
+        "cluster": "c-1", "owner": "ann", "priority": 0, "nodeCount": 1, "gpusPerNode": 1,
+        "spec": {"secrets": [{"name": "TOKEN", "value": SECRET}]},
+    }, actor="user:ann")  # fmt: skip
+
+
+async def _build(url: str) -> dict:
+    store = await urls.open_store(url, codec=sealing_codec())
+    try:
+        for stream, batch in workload.cluster_log(400, seed=5):
+            await store.append(stream, batch)
+        middle = (await store.head()).position
+        await store.append("job-a1", [_submitted("a1", "train")])
+        await store.append("job-a1", [NewEvent("JobTerminateRequested", {"jobId": "a1"},
+                                               actor="user:bob")])  # fmt: skip
+        await store.append("job-a1", [NewEvent("JobTerminated", {"jobId": "a1"})])
+        await store.append("job-a1", [NewEvent("JobDeleted", {"jobId": "a1"}, actor="user:ann")])
+        await store.append("job-a2", [_submitted("a2", "train")])
+        events = await store.read_all(0, 100_000)
+    finally:
+        await store.close()
+    return {"middle": middle, "first": events[0], "events": events}
+
+
+@pytest.fixture(scope="module")
+def log(tmp_path_factory) -> dict:
+    url = f"sqlite:///{tmp_path_factory.mktemp('history') / 'events.db'}"
+    return {"url": url, **asyncio.run(_build(url))}
+
+
+def test_replay_at_a_position_shows_that_moment(log):
+    done = batchd("replay", "--store", log["url"], "--position", str(log["middle"]), "--json")
+    assert done.returncode == 0, done.stderr
+    world = json.loads(done.stdout)
+    assert world["position"] == log["middle"]
+    assert {c["name"] for c in world["clusters"]} == {"nc24-a", "nc24-b", "nc24-c"}
+    assert all(j["name"] != "train" for j in world["jobs"])  # submitted after that moment
+    for queued in world["queues"].values():
+        keys = [(-q["priority"]) for q in queued]
+        assert keys == sorted(keys)
+    text = batchd("replay", "--store", log["url"], "--position", str(log["middle"]))
+    assert text.returncode == 0 and "queue vision/nc24-a" in text.stdout
+
+
+def test_replay_at_a_time_includes_events_recorded_at_that_time(log):
+    last = log["events"][-1]
+    done = batchd("replay", "--store", log["url"], "--at", to_iso(last.recorded_at), "--json")
+    world = json.loads(done.stdout)
+    assert world["position"] == last.position
+    assert [j["state"] for j in world["jobs"] if j["name"] == "train"] == ["queued"]
+
+
+def test_replay_before_the_first_event_is_empty_with_a_note(log):
+    done = batchd("replay", "--store", log["url"], "--at", "2001-01-01T00:00:00", "--json")
+    assert done.returncode == 0
+    world = json.loads(done.stdout)
+    assert world["position"] == 0 and world["clusters"] == [] and world["jobs"] == []
+    assert "before the first event" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--at", "last tuesday"], ["last tuesday", "ISO-8601"]),
+        (["--position", "999999"], ["999999", "beyond"]),
+    ],
+)
+def test_replay_refuses_bad_moments(log, args, words):
+    assert_one_line_error(batchd("replay", "--store", log["url"], *args), *words)
+
+
+def test_job_history_lists_each_incarnation_of_a_reused_name(log):
+    done = batchd("job", "history", "train", "-w", "ws", "-e", "exp", "--store", log["url"],
+                  "--json")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    history = json.loads(done.stdout)
+    first, second = history["incarnations"]
+    assert [e["event"] for e in first["timeline"]] == [
+        "JobSubmitted", "JobTerminateRequested", "JobTerminated", "JobDeleted",
+    ]  # fmt: skip
+    assert first["timeline"][1]["actor"] == "user:bob"
+    assert [e["state"] for e in second["timeline"]] == ["queued"]
+    text = batchd("job", "history", "train", "-w", "ws", "-e", "exp", "--store", log["url"])
+    assert "incarnation 2 of 2" in text.stdout and "user:bob" in text.stdout
+
+
+def test_job_history_of_a_scheduled_job_names_its_nodes_and_attempts(log):
+    scheduled = next(e for e in log["events"] if e.type == "JobScheduled")
+    submitted = next(
+        e for e in log["events"]
+        if e.type == "JobSubmitted" and e.data["jobId"] == scheduled.data["jobId"]
+    )  # fmt: skip
+    d = submitted.data
+    done = batchd("job", "history", d["name"], "-w", d["workspace"], "-e", d["experiment"],
+                  "--store", log["url"], "--json")  # fmt: skip
+    timeline = json.loads(done.stdout)["incarnations"][0]["timeline"]
+    entry = next(e for e in timeline if e["event"] == "JobScheduled")
+    assert entry["attempt"] == 1
+    assert entry["nodes"] == [t["node"] for t in scheduled.data["tasks"]]
+
+
+def test_job_history_of_an_unknown_job_is_an_error(log):
+    assert_one_line_error(
+        batchd("job", "history", "nope", "--store", log["url"]), "nope", "no job named"
+    )
+
+
+def test_export_is_ndjson_in_the_event_json_form_with_secrets_redacted(log):
+    done = batchd("events", "export", "--store", log["url"])
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == len(log["events"])
+    assert SECRET not in done.stdout and '"***"' in done.stdout
+    assert json.loads(lines[0])["position"] == 1
+    stream = batchd("events", "export", "--store", log["url"], "--stream", "job-a1")
+    assert [json.loads(x)["type"] for x in stream.stdout.splitlines()][-1] == "JobDeleted"
+
+
+def test_export_between_two_times_is_inclusive(log):
+    events = log["events"]
+    start, end = events[10].recorded_at, events[-3].recorded_at
+    done = batchd("events", "export", "--store", log["url"], "--from", to_iso(start),
+                  "--to", to_iso(end))  # fmt: skip
+    got = [json.loads(x)["position"] for x in done.stdout.splitlines()]
+    want = [e.position for e in events if start <= e.recorded_at <= end]
+    assert got == want
+    assert_one_line_error(
+        batchd("events", "export", "--store", log["url"], "--from", "soon"), "soon"
+    )
