@@ -129,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     replay.add_argument("--projections", choices=("none", "all"), default="none")
     replay.add_argument("--json", action="store_true", help="print one JSON line")
+    memory = bench_sub.add_parser("memory", help="memory of the read models of N jobs, M nodes")
+    memory.add_argument("--jobs", type=_positive, default=100_000, help="(default 100000)")
+    memory.add_argument("--nodes", type=_positive, default=1000, help="(default 1000)")
+    memory.add_argument("--json", action="store_true", help="print one JSON line")
     return parser
 
 
@@ -144,7 +148,7 @@ def _bench_store_flag(parser: argparse.ArgumentParser) -> None:
 
 def _dispatch(args: argparse.Namespace):
     from batchd.scheduler import cli_log, cli_replay, daemon
-    from batchd.scheduler.bench import append, replay
+    from batchd.scheduler.bench import append, memory, replay
 
     if args.command == "serve":
         return daemon.main(args)
@@ -156,7 +160,8 @@ def _dispatch(args: argparse.Namespace):
         return cli_replay.job_history(args)
     if args.command == "audit":
         return cli_log.verify(args)
-    return {"append": append.main, "replay": replay.main}[args.bench_command](args)
+    benches = {"append": append.main, "replay": replay.main, "memory": memory.main}
+    return benches[args.bench_command](args)
 
 
 # Collect young objects after 50,000 net allocations instead of CPython's 700. Reading the log

@@ -1,0 +1,39 @@
+"""The benchmark commands run end to end and print the fields BENCHMARKS.md quotes."""
+
+from __future__ import annotations
+
+import json
+
+from tests.integration.test_cli import batchd
+
+
+def _json(*args: str) -> dict:
+    done = batchd("bench", *args, "--json", timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_bench_append_compares_with_the_bare_driver(pg_database):
+    for store in ([], ["--store", pg_database]):
+        result = _json("append", "--events", "2000", "--batch", "100", *store)
+        assert result["events"] == 2000 and result["batch"] == 100
+        assert result["events_per_s"] > 0 and result["raw_events_per_s"] > 0
+        assert result["ratio"] == round(result["events_per_s"] / result["raw_events_per_s"], 4)
+
+
+def test_bench_replay_reports_rebuild_and_restore(tmp_path):
+    url = f"sqlite:///{tmp_path / 'bench.db'}"
+    none = _json("replay", "--events", "3000", "--store", url)
+    assert none["events"] >= 3000 and none["projections"] == "none"
+    full = _json("replay", "--projections", "all", "--store", url)
+    assert full["events"] == none["events"]  # the log generated above, replayed as it is
+    assert full["rebuild_s"] > 0 and full["restore_s"] > 0
+    assert 0 < full["snapshot_position"] < full["events"]
+    assert full["snapshot_position"] + full["caught_up"] == full["events"]
+    assert full["jobs"] > 400 and full["nodes"] > 0
+
+
+def test_bench_memory_measures_the_read_models():
+    result = _json("memory", "--jobs", "2000", "--nodes", "20")
+    assert result["jobs"] == 2000 and result["nodes"] == 20
+    assert result["read_models_mib"] >= 0 and result["rss_after_mib"] > 0
