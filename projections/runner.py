@@ -22,7 +22,7 @@ from batchd.projections.model import ReadModels
 
 logger = structlog.get_logger(__name__)
 
-SNAPSHOT_EVERY = 50_000  # events between snapshots
+SNAPSHOT_EVERY = 10_000  # events between snapshots (a restart catches up at most this many)
 SNAPSHOT_INTERVAL = 300.0  # seconds between snapshots, if any event arrived
 SNAPSHOTS_KEPT = 2
 PAGE = 5000  # events per read while catching up

@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from batchd.events.envelope import NewEvent
+from batchd.events.envelope import NewEvent, uuid7
 
 Append = tuple[str, list[NewEvent]]
 
@@ -57,8 +57,6 @@ IMAGES = (
 USER = "user:alice"
 START_MS = 1_717_200_000_000  # the simulated clock's start (2024-06-01, Unix milliseconds)
 STEP_MS = 500  # mean milliseconds between two steps of the simulation
-_V7_CLEAR = ~((0xF << 76) | (0x3 << 62)) & ((1 << 128) - 1)  # uuid version and variant bits
-_V7_SET = (0x7 << 76) | (0x2 << 62)
 SCHEDULER = "scheduler"
 
 
@@ -136,8 +134,7 @@ class _Simulation:
     # -- plumbing --------------------------------------------------------------------------
     def uuid(self) -> uuid.UUID:
         """A time-ordered id (like `envelope.new_event_id`) on the simulated clock."""
-        value = self.clock_ms << 80 | self.rng.getrandbits(80)
-        return uuid.UUID(int=value & _V7_CLEAR | _V7_SET)
+        return uuid7(self.clock_ms, self.rng.getrandbits(80))
 
     def emit(
         self,
