@@ -166,6 +166,7 @@ class SqliteBackend:
             version = self._schema_version(conn)  # reads the header first: nothing written yet
             if version is not None:
                 self._check_version(version)
+                self._check_integrity(conn)
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = FULL")
             conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_CHECKPOINT_PAGES}")
@@ -174,6 +175,13 @@ class SqliteBackend:
             conn.close()
             raise
         return conn
+
+    def _check_integrity(self, conn: sqlite3.Connection) -> None:
+        """Refuse to write to a damaged log (PRAGMA quick_check reads every page once)."""
+        problems = [row[0] for row in conn.execute("PRAGMA quick_check(3)")]
+        if problems != ["ok"]:
+            found = "; ".join(" ".join(p.split()) for p in problems)  # one line
+            raise errors.StoreCorrupt(f"{self.path} is damaged: {found}")
 
     def _schema_version(self, conn: sqlite3.Connection) -> int | None:
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}

@@ -135,6 +135,24 @@ def test_a_corrupted_sqlite_file_is_reported_and_left_alone(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["events.db", "state"]
 
 
+def test_a_log_with_a_damaged_page_is_not_written_to(tmp_path):
+    path = tmp_path / "events.db"
+    conn = sqlite3.connect(path)
+    conn.close()
+    done = batchd("bench", "append", "--events", "3000", "--batch", "100",
+                  "--store", f"sqlite:///{path}")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    with open(path, "r+b") as damaged:  # a page in the middle of the events table
+        damaged.seek(4096 * 40)
+        damaged.write(b"\xff" * 4096)
+    before = digest(path)
+    state = tmp_path / "state"
+    done = batchd("serve", "--store", f"sqlite:///{path}", "--state-dir", str(state),
+                  "--listen", "127.0.0.1:0")  # fmt: skip
+    assert_one_line_error(done, str(path), "is damaged")
+    assert digest(path) == before
+
+
 async def _set_schema_version(url: str, version: int) -> None:
     target = parse(url)
     if target.scheme == "sqlite":
