@@ -1,9 +1,11 @@
 """`batchd serve`: the daemon.
 
-For now the daemon owns the log (taking leadership, so any older writer is fenced), publishes
-the log's head anchor periodically (a log line `log.anchor` an operator can keep elsewhere for
+For now the daemon owns the log (taking leadership, so any older writer is fenced), restores
+the read models (newest snapshot, then catch-up) and follows the log with them, publishes the
+log's head anchor periodically (a log line `log.anchor` an operator can keep elsewhere for
 `batchd audit verify --expect`), and serves `GET /healthz` and `GET /readyz`. It stops
-gracefully on SIGTERM or SIGINT: stop accepting, finish in-flight appends, close the log.
+gracefully on SIGTERM or SIGINT: stop accepting, finish in-flight appends, save a read-model
+snapshot, close the log.
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from batchd.events import urls
 from batchd.events.codec import Codec
 from batchd.events.store import EventStore
+from batchd.projections.runner import Runner
 from batchd.scheduler import config
 
 logger = structlog.get_logger(__name__)
 
 ANCHOR_INTERVAL = 60.0  # seconds between head-anchor log lines
 STORE_KEY = web.AppKey("store", EventStore)
+MODELS_KEY = web.AppKey("models", Runner)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -35,12 +39,16 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     store = request.app[STORE_KEY]
     head = await store.head()
-    return web.json_response({"status": "ready", "position": head.position, "epoch": store.epoch})
+    return web.json_response({
+        "status": "ready", "position": head.position, "epoch": store.epoch,
+        "readModelsPosition": request.app[MODELS_KEY].position,
+    })  # fmt: skip
 
 
-def build_app(store: EventStore) -> web.Application:
+def build_app(store: EventStore, models: Runner) -> web.Application:
     app = web.Application()
     app[STORE_KEY] = store
+    app[MODELS_KEY] = models
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     return app
@@ -60,8 +68,10 @@ async def main(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    runner = web.AppRunner(build_app(store), access_log=None)
+    models = Runner(store)
+    runner = web.AppRunner(build_app(store, models), access_log=None)
     periodic = AsyncIOScheduler()
+    following = None
     try:
         await runner.setup()
         try:
@@ -70,6 +80,10 @@ async def main(args: argparse.Namespace) -> int:
             where = f"{cfg.listen_host}:{cfg.listen_port}"
             raise ValueError(f"cannot listen on {where}: {exc.strerror}") from None
         await store.take_leadership()
+        restored = await models.restore()
+        logger.info("projections.restored", position=models.position,
+                    snapshot=restored.snapshot_position, replayed=restored.replayed)  # fmt: skip
+        following = asyncio.create_task(models.follow(), name="read-models")
         periodic.add_job(publish_anchor, "interval", args=[store], seconds=ANCHOR_INTERVAL)
         periodic.start()
         await publish_anchor(store)
@@ -81,6 +95,11 @@ async def main(args: argparse.Namespace) -> int:
         with contextlib.suppress(Exception):
             periodic.shutdown(wait=False)
         await runner.cleanup()
+        if following is not None:
+            following.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await following
+            await models.save_snapshot()
         await store.close()
     logger.info("daemon.stopped")
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -22,6 +23,7 @@ from batchd.events.codec import Codec
 from batchd.events.envelope import NewEvent
 from batchd.events.secrets import Keyring
 from batchd.events.urls import parse
+from batchd.projections import snapshot
 
 
 def batchd(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -193,26 +195,62 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_serve_answers_healthz_and_stops_cleanly_on_sigterm(tmp_path):
-    port = _free_port()
-    state = tmp_path / "state"
+def _start_daemon(state: Path, port: int) -> tuple[subprocess.Popen, dict | None]:
+    """`batchd serve` on `state`; returns the process and its first /healthz answer."""
     daemon = subprocess.Popen(
         [sys.executable, "-m", "batchd.scheduler.cli", "serve", "--state-dir", str(state),
          "--listen", f"127.0.0.1:{port}"],
         stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
+    for _ in range(150):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as r:
+                return daemon, json.load(r)
+        except OSError:
+            time.sleep(0.1)
+    return daemon, None
+
+
+def test_serve_restores_the_read_models_and_snapshots_them_on_sigterm(tmp_path):
+    state = tmp_path / "state"
+    state.mkdir()
+    url = f"sqlite:///{state / 'events.db'}"
+    done = batchd("bench", "replay", "--events", "2000", "--store", url)
+    assert done.returncode == 0, done.stderr
+    port = _free_port()
+    daemon, health = _start_daemon(state, port)
     try:
-        body = None
-        for _ in range(100):
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as r:
-                    body = json.load(r)
-                break
-            except OSError:
-                time.sleep(0.1)
+        assert health == {"status": "ok"}
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
+            ready = json.load(r)
+        assert ready["readModelsPosition"] == ready["position"] >= 2000
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(15) == 0
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+        daemon.stderr.close()
+
+    async def newest_snapshot():
+        store = await urls.open_store(url, readonly=True)
+        try:
+            return await store.load_snapshot(snapshot.NAME)
+        finally:
+            await store.close()
+
+    assert asyncio.run(newest_snapshot()).position == ready["position"]
+
+
+def test_serve_answers_healthz_and_stops_cleanly_on_sigterm(tmp_path):
+    port = _free_port()
+    state = tmp_path / "state"
+    daemon, body = _start_daemon(state, port)
+    try:
         assert body == {"status": "ok"}
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
-            assert json.load(r)["epoch"] == 1
+            ready = json.load(r)
+        assert ready["epoch"] == 1 and ready["readModelsPosition"] == ready["position"] == 0
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(15) == 0
     finally:
