@@ -38,5 +38,9 @@ def parse_iso(text: str) -> int:
         raise ValueError(f"{text!r} is not an ISO-8601 time (e.g. 2026-11-26T10:42:00Z)") from None
     if value.tzinfo is None:
         value = value.replace(tzinfo=dt.UTC)
+    try:
+        value.astimezone(dt.UTC)
+    except OverflowError:
+        raise ValueError(f"{text!r} is out of range (years 1 to 9999, UTC)") from None
     delta = value - _EPOCH
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds

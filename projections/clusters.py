@@ -63,7 +63,8 @@ def cluster_deleted(m: ReadModels, e: RecordedEvent) -> None:
     key = f"{cluster.workspace}/{cluster.name}"
     if m.cluster_ids.get(key) == cluster.cluster_id:
         del m.cluster_ids[key]
-    m.queues.pop(cluster.cluster_id, None)
+    if not m.queues.get(cluster.cluster_id):  # jobs still queued for it stay visible
+        m.queues.pop(cluster.cluster_id, None)
 
 
 def node_counts(m: ReadModels, cluster: Cluster) -> dict[str, int]:

@@ -33,11 +33,27 @@ def _dispatch() -> dict[str, Handler]:
 DISPATCH = _dispatch()
 
 
+class ProjectionError(ValueError):
+    """A stored event whose data the read models cannot use (a bug in what wrote it)."""
+
+    def __init__(self, event: RecordedEvent, exc: Exception) -> None:
+        super().__init__(
+            f"event {event.position} ({event.type} on {event.stream}) cannot be applied to the "
+            f"read models: {type(exc).__name__} {exc}"
+        )
+
+
+_BAD_DATA = (KeyError, TypeError, ValueError, AttributeError, IndexError)
+
+
 def apply(models: ReadModels, event: RecordedEvent) -> None:
     """Fold one event (the next after `models.position`) into `models`."""
     handler = DISPATCH.get(event.type)
     if handler is not None:
-        handler(models, event)
+        try:
+            handler(models, event)
+        except _BAD_DATA as exc:
+            raise ProjectionError(event, exc) from None
     models.position = event.position
     models.recorded_at = event.recorded_at
 
@@ -49,7 +65,10 @@ def apply_page(models: ReadModels, events: Iterable[RecordedEvent]) -> None:
     for event in events:
         handler = get(event.type)
         if handler is not None:
-            handler(models, event)
+            try:
+                handler(models, event)
+            except _BAD_DATA as exc:
+                raise ProjectionError(event, exc) from None
         last = event
     if last is not None:
         models.position = last.position

@@ -9,36 +9,39 @@ from typing import Any
 
 from batchd.events.envelope import RecordedEvent
 from batchd.events.timeutil import to_iso
+from batchd.projections import fold
+from batchd.projections.model import ReadModels
 
-# What each job event means for the job, as history shows it.
-STATE_AFTER = {
-    "JobSubmitted": "queued",
-    "JobScheduled": "scheduled",
-    "JobPreparing": "preparing",
-    "JobStarted": "running",
-    "JobSucceeded": "succeeded",
-    "JobFailed": "failed",
-    "JobRequeued": "queued",
-    "JobPreempted": "queued",
-    "JobTerminateRequested": "terminating",
-    "JobTerminated": "failed",
-    "JobDeleted": "deleted",
-}
+# Events that record something without moving the job to another state.
+_NOT_TRANSITIONS = frozenset({"JobSubmitted", "JobPendingReasonChanged", "JobTaskExited"})
 
 
 def timeline(events: Iterable[RecordedEvent]) -> list[dict[str, Any]]:
+    """One entry per event of a job's stream. `state` is the job's state after the event, as
+    the read models have it (the same handlers fold the stream); an event the read models
+    ignore (about an older attempt, or too late) says so in `ignored`."""
+    models = ReadModels()
     entries = []
     nodes: list[str] = []  # the current attempt's nodes
     for e in events:
         d = e.data if isinstance(e.data, dict) else {}
-        if e.type == "JobScheduled":
+        before = _state(models, d)
+        fold.apply(models, e)
+        after = _state(models, d) or ("deleted" if e.type == "JobDeleted" else None)
+        if e.type == "JobScheduled" and after == "scheduled":
             nodes = [t["node"] for t in d.get("tasks", ())]
         entries.append({
             "position": e.position, "time": to_iso(e.recorded_at), "event": e.type,
-            "state": STATE_AFTER.get(e.type), "actor": e.actor, "attempt": d.get("attempt"),
+            "state": after, "actor": e.actor, "attempt": d.get("attempt"),
             "nodes": _nodes(e, d, nodes), "reason": _reason(e.type, d),
+            "ignored": e.type not in _NOT_TRANSITIONS and before == after,
         })  # fmt: skip
     return entries
+
+
+def _state(models: ReadModels, d: dict[str, Any]) -> str | None:
+    job = models.jobs.get(d.get("jobId"))
+    return None if job is None else job.state
 
 
 def _nodes(e: RecordedEvent, d: dict[str, Any], scheduled: list[str]) -> list[str]:

@@ -111,14 +111,19 @@ def succeeded(m: ReadModels, e: RecordedEvent) -> None:
 
 
 def failed(m: ReadModels, e: RecordedEvent) -> None:
-    job = _current(m, e, LIVE_STATES)
+    # about an attempt: only while that attempt holds GPUs; without one (the scheduler failing
+    # a job it cannot place), in any live state
+    job = _current(m, e, ATTEMPT_STATES if "attempt" in e.data else LIVE_STATES)
     if job is not None:
         _error(job, e.data.get("error"), e.recorded_at)
         _end(m, job, FAILED, e)
 
 
+_REQUEUABLE = frozenset({SCHEDULED, PREPARING_JOB, RUNNING})  # not terminating: it ends
+
+
 def _requeue(m: ReadModels, e: RecordedEvent, cause: str) -> None:
-    job = _current(m, e, ATTEMPT_STATES)
+    job = _current(m, e, _REQUEUABLE)
     if job is None:
         return
     allocation.release(m, job)
@@ -141,6 +146,7 @@ def terminate_requested(m: ReadModels, e: RecordedEvent) -> None:
     if job is None or job.state not in LIVE_STATES:
         return
     job.terminate_requested_by = e.actor
+    job.pending_reason = None
     queue.dequeue(m, job)
     job.state = TERMINATING
 

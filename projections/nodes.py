@@ -46,7 +46,7 @@ def registered(m: ReadModels, e: RecordedEvent) -> None:
         node = m.nodes.get(d["nodeId"])
         if node is None:
             return
-    if node.state != READY:  # a ready node re-registering after a reconnect stays ready
+    if node.state == PROVISIONING:  # re-registering (a reconnect) leaves the state alone
         node.state, node.since = PREPARING, e.recorded_at
     node.last_event = e.type
     node.gpus, node.gpu_model = d.get("gpus", 0), d.get("gpuModel", "")

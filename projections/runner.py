@@ -2,10 +2,11 @@
 
 `restore()` loads the newest snapshot whose format and code hash match the running code
 (anything else is discarded: the read models are rebuilt from the log), then folds every event
-after it. `follow()` then applies events live as they are appended, and takes a snapshot every
-`snapshot_every` events or `snapshot_interval` seconds, whichever comes first, between pages,
-never inside `apply`. `wait_for(position)` lets a reader wait until the read models have
-reached a position (an API write's `?after=`).
+after it. `follow()` then applies events live as they are appended, and takes a snapshot once
+`snapshot_every` events have arrived since the last one, or at the first event after
+`snapshot_interval` seconds (the daemon also calls `save_snapshot()` on a timer, so a quiet
+log gets its snapshot too), never inside `apply`. `wait_for(position)` lets a reader wait
+until the read models have reached a position (an API write's `?after=`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from batchd.events import errors
 from batchd.events.store import EventStore, Snapshot
 from batchd.projections import fold, snapshot
 from batchd.projections.model import ReadModels
@@ -54,6 +56,8 @@ class Runner:
         self._snapshot_position = 0
         self._snapshot_time = time.monotonic()
         self._advanced = asyncio.Condition()
+        self._saving = asyncio.Lock()  # one snapshot at a time
+        self._encoding: asyncio.Future | None = None  # set while a snapshot is being encoded
 
     @property
     def position(self) -> int:
@@ -67,9 +71,13 @@ class Runner:
             stored = await self.store.load_snapshot(snapshot.NAME, upto)
             discarded = _incompatible(stored)
             if stored is not None and discarded is None:
-                self.models = snapshot.decode(stored.state)
-                self._snapshot_position = stored.position
-            elif stored is not None:
+                try:
+                    self.models = snapshot.decode(stored.state)
+                    self._snapshot_position = stored.position
+                except Exception as exc:  # any damage means: rebuild from the log
+                    self.models = ReadModels()
+                    discarded = f"unreadable ({type(exc).__name__}: {exc})"
+            if discarded is not None:
                 logger.info("projections.snapshot_discarded", reason=discarded)
         start = self.models.position
         await self._catch_up(upto)
@@ -84,13 +92,26 @@ class Runner:
             apply_page(self.models, page)
 
     async def follow(self) -> None:
-        """Apply events live, for ever (cancel to stop); snapshots as configured."""
+        """Apply events live, for ever (cancel to stop); snapshots as configured.
+
+        A snapshot that cannot be stored is logged and tried again an interval later: the read
+        models go on following the log regardless.
+        """
         async for event in self.store.subscribe(self.models.position):
+            if self._encoding is not None:
+                await self._encoding  # the models hold still while a snapshot is encoded
             fold.apply(self.models, event)
             async with self._advanced:
                 self._advanced.notify_all()
             if self._snapshot_due():
-                await self.save_snapshot()
+                await self._try_snapshot()
+
+    async def _try_snapshot(self) -> None:
+        try:
+            await self.save_snapshot()
+        except errors.StoreError as exc:
+            self._snapshot_time = time.monotonic()
+            logger.warning("projections.snapshot_failed", error=str(exc))
 
     def _snapshot_due(self) -> bool:
         since = self.models.position - self._snapshot_position
@@ -99,17 +120,27 @@ class Runner:
         return since > 0 and time.monotonic() - self._snapshot_time >= self.snapshot_interval
 
     async def save_snapshot(self) -> None:
-        """Store the read models as they are now (a no-op if nothing changed)."""
-        position = self.models.position
-        if position == self._snapshot_position:
+        """Store the read models as they are now (a no-op if nothing changed, or if the store
+        is read-only). The encoding runs in a worker thread, so the event loop keeps serving
+        readers meanwhile; `follow` applies no event until it is done."""
+        if self.store.readonly:
             return
-        state = snapshot.encode(self.models)
-        await self.store.save_snapshot(
-            Snapshot(snapshot.NAME, position, snapshot.FORMAT, snapshot.CODE_HASH, state),
-            keep=SNAPSHOTS_KEPT,
-        )
-        self._snapshot_position, self._snapshot_time = position, time.monotonic()
-        logger.info("projections.snapshot_saved", position=position, bytes=len(state))
+        async with self._saving:
+            position = self.models.position
+            if position == self._snapshot_position:
+                return
+            self._encoding = asyncio.get_running_loop().create_future()
+            try:
+                state = await asyncio.to_thread(snapshot.encode, self.models)
+            finally:
+                self._encoding.set_result(None)
+                self._encoding = None
+            await self.store.save_snapshot(
+                Snapshot(snapshot.NAME, position, snapshot.FORMAT, snapshot.CODE_HASH, state),
+                keep=SNAPSHOTS_KEPT,
+            )
+            self._snapshot_position, self._snapshot_time = position, time.monotonic()
+            logger.info("projections.snapshot_saved", position=position, bytes=len(state))
 
     async def wait_for(self, position: int, timeout: float | None = None) -> None:
         """Return once the read models have applied `position` (TimeoutError after `timeout`)."""

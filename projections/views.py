@@ -67,12 +67,21 @@ def job(m: ReadModels, j: Job) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def queued(m: ReadModels, c: Cluster) -> list[dict[str, Any]]:
+def queued(m: ReadModels, cluster_id: str) -> list[dict[str, Any]]:
     """The cluster's queue in placement order, with each job's pending reason."""
     return [
         {"job": j.job_id, "name": j.name, "priority": j.priority, "pendingReason": j.pending_reason}
-        for j in queue.ordered(m, c.cluster_id)
+        for j in queue.ordered(m, cluster_id)
     ]
+
+
+def queues(m: ReadModels) -> dict[str, list[dict[str, Any]]]:
+    """Every queue by cluster (`workspace/name`; a deleted cluster's leftover queue by id)."""
+    out = {f"{c.workspace}/{c.name}": queued(m, c.cluster_id) for c in m.clusters.values()}
+    for cluster_id, waiting in m.queues.items():
+        if cluster_id not in m.clusters and waiting:
+            out[f"deleted cluster {cluster_id}"] = queued(m, cluster_id)
+    return out
 
 
 def world(m: ReadModels) -> dict[str, Any]:
@@ -84,6 +93,6 @@ def world(m: ReadModels) -> dict[str, Any]:
         "experiments": sorted(m.experiments),
         "clusters": [cluster(m, c) for c in m.clusters.values()],
         "nodes": [node(m, n) for n in m.nodes.values()],
-        "queues": {f"{c.workspace}/{c.name}": queued(m, c) for c in m.clusters.values()},
+        "queues": queues(m),
         "jobs": [job(m, j) for j in m.jobs.values()],
     }

@@ -143,7 +143,8 @@ async def job_history(args: argparse.Namespace) -> int:
             print()
         print(f"job {key} (id {incarnation['id']}, incarnation {n} of {len(incarnations)})")
         rows = [[e["time"], e["event"], e["state"] or "", e["attempt"] or "",
-                 " ".join(e["nodes"]) or "", e["actor"], e["reason"] or ""]
+                 " ".join(e["nodes"]) or "", e["actor"],
+                 ("(ignored) " if e["ignored"] else "") + (e["reason"] or "")]
                 for e in incarnation["timeline"]]  # fmt: skip
         print("\n".join(_table(["TIME", "EVENT", "STATE", "ATTEMPT", "NODES", "ACTOR", "REASON"],
                                rows)))  # fmt: skip
@@ -160,7 +161,10 @@ async def export(args: argparse.Namespace) -> int:
     try:
         write = sys.stdout.write
         if args.stream:
-            for event in await store.read_stream(args.stream):
+            events = await store.read_stream(args.stream)
+            if not events:
+                raise NotFound(f"no stream {args.stream!r} in the log")
+            for event in events:
                 if (start is None or event.recorded_at >= start) and (
                     end is None or event.recorded_at <= end
                 ):

@@ -19,10 +19,10 @@ import structlog
 from aiohttp import web
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from batchd.events import urls
+from batchd.events import errors, urls
 from batchd.events.codec import Codec
 from batchd.events.store import EventStore
-from batchd.projections.runner import Runner
+from batchd.projections.runner import SNAPSHOT_INTERVAL, Runner
 from batchd.scheduler import config
 
 logger = structlog.get_logger(__name__)
@@ -54,6 +54,17 @@ def build_app(store: EventStore, models: Runner) -> web.Application:
     return app
 
 
+def _stopped_early(task: asyncio.Task, stop: asyncio.Event, failed: list[str]) -> None:
+    """A task the daemon cannot run without ended: log why and stop the daemon (exit 1)."""
+    if task.cancelled():
+        return
+    error = task.exception()
+    failed.append(task.get_name())
+    logger.error("daemon.task_failed", task=task.get_name(),
+                 error=repr(error) if error else "returned")  # fmt: skip
+    stop.set()
+
+
 async def publish_anchor(store: EventStore) -> None:
     head = await store.head()
     logger.info("log.anchor", position=head.position, hash=head.hash.hex(), epoch=head.epoch)
@@ -72,6 +83,7 @@ async def main(args: argparse.Namespace) -> int:
     runner = web.AppRunner(build_app(store, models), access_log=None)
     periodic = AsyncIOScheduler()
     following = None
+    failed: list[str] = []  # names of tasks that ended on their own
     try:
         await runner.setup()
         try:
@@ -84,6 +96,8 @@ async def main(args: argparse.Namespace) -> int:
         logger.info("projections.restored", position=models.position,
                     snapshot=restored.snapshot_position, replayed=restored.replayed)  # fmt: skip
         following = asyncio.create_task(models.follow(), name="read-models")
+        following.add_done_callback(lambda task: _stopped_early(task, stop, failed))
+        periodic.add_job(models.save_snapshot, "interval", seconds=SNAPSHOT_INTERVAL)
         periodic.add_job(publish_anchor, "interval", args=[store], seconds=ANCHOR_INTERVAL)
         periodic.start()
         await publish_anchor(store)
@@ -97,9 +111,12 @@ async def main(args: argparse.Namespace) -> int:
         await runner.cleanup()
         if following is not None:
             following.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await following
-            await models.save_snapshot()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await following  # its failure, if any, was logged when it happened
+            try:
+                await models.save_snapshot()
+            except errors.StoreError as exc:
+                logger.warning("projections.snapshot_failed", error=str(exc))
         await store.close()
     logger.info("daemon.stopped")
-    return 0
+    return 1 if failed else 0

@@ -71,6 +71,14 @@ def test_replay_at_a_time_includes_events_recorded_at_that_time(log):
     assert [j["state"] for j in world["jobs"] if j["name"] == "train"] == ["queued"]
 
 
+def test_a_time_without_a_zone_is_utc_whatever_the_local_zone(log):
+    event = log["events"][len(log["events"]) // 2]
+    naive = to_iso(event.recorded_at).removesuffix("Z")
+    done = batchd("replay", "--store", log["url"], "--at", naive, "--json",
+                  env={"TZ": "America/New_York"})  # fmt: skip
+    assert json.loads(done.stdout)["position"] == event.position
+
+
 def test_replay_before_the_first_event_is_empty_with_a_note(log):
     done = batchd("replay", "--store", log["url"], "--at", "2001-01-01T00:00:00", "--json")
     assert done.returncode == 0
@@ -84,6 +92,7 @@ def test_replay_before_the_first_event_is_empty_with_a_note(log):
     [
         (["--at", "last tuesday"], ["last tuesday", "ISO-8601"]),
         (["--position", "999999"], ["999999", "beyond"]),
+        (["--at", "0001-01-01T00:00:00+01:00"], ["out of range"]),
     ],
 )
 def test_replay_refuses_bad_moments(log, args, words):
@@ -147,4 +156,7 @@ def test_export_between_two_times_is_inclusive(log):
     assert got == want
     assert_one_line_error(
         batchd("events", "export", "--store", log["url"], "--from", "soon"), "soon"
+    )
+    assert_one_line_error(
+        batchd("events", "export", "--store", log["url"], "--stream", "job-nope"), "job-nope"
     )

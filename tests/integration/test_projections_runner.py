@@ -83,3 +83,35 @@ async def test_a_snapshot_from_other_code_is_discarded_and_the_models_rebuilt(st
     assert info.snapshot_position == 0 and "other projection code" in info.discarded
     assert info.replayed == head
     assert len(runner.models.jobs) > 0
+
+
+async def test_a_read_only_follower_keeps_following_when_snapshots_are_due(durable_url):
+    writer = await urls.open_store(durable_url, codec=sealing_codec())
+    reader = await urls.open_store(durable_url, readonly=True)
+    follower = Runner(reader, snapshot_every=5)  # due often; a read-only store takes none
+    following = asyncio.create_task(follower.follow())
+    try:
+        async for position in _append_workload(writer, 60):
+            last = position
+        await follower.wait_for(last, timeout=10)
+        assert not following.done()
+        assert await reader.load_snapshot(snapshot.NAME) is None
+    finally:
+        following.cancel()
+        await reader.close()
+        await writer.close()
+
+
+async def test_an_unreadable_snapshot_is_discarded_and_the_models_rebuilt(store):
+    async for _ in _append_workload(store, 200):
+        pass
+    head = (await store.head()).position
+    await store.save_snapshot(
+        Snapshot(snapshot.NAME, head, snapshot.FORMAT, snapshot.CODE_HASH, b"\xc1 not msgpack")
+    )
+    runner = Runner(store)
+    info = await runner.restore()
+    assert info.discarded.startswith("unreadable") and info.replayed == head
+    scratch = Runner(store, use_snapshots=False)
+    await scratch.restore()
+    assert snapshot.plain(runner.models) == snapshot.plain(scratch.models)

@@ -1,16 +1,23 @@
 """Property tests of the read models over random valid histories (hypothesis).
 
-A state machine plays a small cluster world and logs what happens as events: clusters, nodes
-that register, fail setup, get lost and removed; jobs of several shapes and priorities that
-queue, get placed on free GPUs, prepare, run, succeed, fail, get requeued or preempted,
-terminated and deleted. After every step it checks that
+A state machine plays a small cluster world and logs what happens as events: workspaces,
+clusters that resize, change scale settings and are deleted; nodes that register, fail setup,
+are suspected and recover, drain, get lost and removed; jobs of several shapes and priorities
+that queue, are placed on free GPUs, prepare, run, succeed, fail, are requeued or preempted,
+terminated and deleted; and late reports about attempts that were already requeued (which the
+read models must ignore). The machine keeps its own account of every job and node as the
+oracle. After every event it checks that
 
 - the live read models (applied event by event) equal the read models rebuilt from scratch,
-  and equal the snapshot taken before the step plus catch-up over the step's events (so, over
-  a run, snapshot-plus-catch-up is checked from every prefix);
+  and equal a snapshot taken just before the event plus catch-up over it (so snapshot plus
+  catch-up is checked from every prefix of the log);
+- every job's state and attempt, and every node's state, are what the oracle says;
+
+and after every step that
+
 - each cluster's queue is exactly its queued jobs, in (priority desc, submission asc) order;
 - no GPU is held by two live attempts, and the nodes' allocations are exactly the GPUs the
-  live attempts hold.
+  live attempts hold; node counts by state add up to the cluster's nodes.
 """
 
 from __future__ import annotations
@@ -22,13 +29,15 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from batchd.events.envelope import RecordedEvent
-from batchd.projections import fold, queue, snapshot
+from batchd.projections import clusters, fold, queue, snapshot
 from batchd.projections.model import ATTEMPT_STATES, QUEUED, ReadModels
 
 GPUS = 4
 SCALE = {"manual": {"targetNodeCount": 2}}
 OUTCOMES = st.sampled_from(["advance", "advance", "succeed", "fail", "requeue", "preempt"])
 PRIORITIES = st.sampled_from([-500, 0, 0, 500, 1000])
+LATE_REPORTS = st.sampled_from(["JobStarted", "JobSucceeded", "JobFailed", "JobRequeued"])
+RUNNING_STATES = ("scheduled", "preparing", "running")
 
 
 class World(RuleBasedStateMachine):
@@ -37,20 +46,18 @@ class World(RuleBasedStateMachine):
         self.log: list[RecordedEvent] = []
         self.versions: dict[str, int] = {}
         self.live = ReadModels()
-        self.before_step = snapshot.encode(self.live)
-        self.step_start = 0
-        # the generator's own view, used only to keep the history valid
+        self.ids = 0  # ids are counted, not random: hypothesis must be able to replay a run
+        # the oracle: what the read models must say
         self.clusters: list[str] = []
-        self.nodes: dict[str, dict] = {}  # id -> {"cluster", "ready", "free": set}
+        self.nodes: dict[str, dict] = {}  # id -> {"cluster", "state", "free": set}
         self.jobs: dict[str, dict] = {}  # id -> {"cluster", "state", "attempt", "tasks", ...}
         self.names = 0
-        self.ids = 0  # ids are counted, not random: hypothesis must be able to replay a run
 
     def new_id(self) -> uuid.UUID:
         self.ids += 1
         return uuid.UUID(int=self.ids)
 
-    # -- logging ---------------------------------------------------------------------------
+    # -- logging: every event is checked as it is applied ----------------------------------
     def emit(self, stream: str, type_: str, data: dict, actor: str = "scheduler") -> None:
         version = self.versions.get(stream, 0) + 1
         self.versions[stream] = version
@@ -59,21 +66,28 @@ class World(RuleBasedStateMachine):
             position, self.new_id(), stream, version, type_, 1, 1_000_000 * position, actor,
             None, None, data, b"",
         )  # fmt: skip
+        before = snapshot.encode(self.live)
         self.log.append(event)
         fold.apply(self.live, event)
+        live = snapshot.plain(self.live)
+        assert live == snapshot.plain(fold.rebuild(self.log)), f"rebuild differs at {position}"
+        restored = snapshot.decode(before)
+        fold.apply(restored, event)
+        assert snapshot.plain(restored) == live, f"snapshot + catch-up differs at {position}"
 
     def job_event(self, job_id: str, type_: str, **data) -> None:
         self.emit(f"job-{job_id}", type_, {"jobId": job_id, **data})
 
-    # -- steps -----------------------------------------------------------------------------
-    def begin(self) -> None:
-        self.before_step = snapshot.encode(self.live)
-        self.step_start = len(self.log)
+    def node_event(self, node_id: str, type_: str, state: str, **data) -> None:
+        self.emit(f"node-{node_id}", type_, {"nodeId": node_id, **data})
+        self.nodes[node_id]["state"] = state
 
+    # -- clusters --------------------------------------------------------------------------
     @precondition(lambda self: len(self.clusters) < 2)
     @rule()
     def create_cluster(self) -> None:
-        self.begin()
+        if not self.clusters:
+            self.emit("workspace-ws", "WorkspaceCreated", {"workspace": "ws"}, "user:ops")
         cluster_id = str(self.new_id())
         self.clusters.append(cluster_id)
         name = f"c{len(self.clusters)}"
@@ -82,66 +96,120 @@ class World(RuleBasedStateMachine):
             "spec": {"vmSize": "Standard_NC24s_v3", "scaleSettings": SCALE},
         }, "user:ops")  # fmt: skip
 
+    @precondition(lambda self: self.clusters)
+    @rule(data=st.data(), size=st.integers(0, 4))
+    def resize(self, data, size: int) -> None:
+        cluster = data.draw(st.sampled_from(self.clusters))
+        stream = f"cluster-{cluster}"
+        scale = {"manual": {"targetNodeCount": size}}
+        self.emit(
+            stream, "ClusterScaleSettingsChanged", {"clusterId": cluster, "scaleSettings": scale}
+        )
+        self.emit(stream, "ClusterResizeStarted", {"clusterId": cluster})
+        self.emit(stream, "ClusterResizeCompleted", {"clusterId": cluster})
+
+    @precondition(lambda self: any(self._empty(c) for c in self.clusters))
+    @rule(data=st.data())
+    def delete_cluster(self, data) -> None:
+        cluster = data.draw(st.sampled_from([c for c in self.clusters if self._empty(c)]))
+        self.emit(f"cluster-{cluster}", "ClusterDeleteRequested", {"clusterId": cluster})
+        self.emit(f"cluster-{cluster}", "ClusterDeleted", {"clusterId": cluster})
+        self.clusters.remove(cluster)
+
+    def _empty(self, cluster: str) -> bool:
+        return not any(n["cluster"] == cluster for n in self.nodes.values())
+
+    # -- nodes -----------------------------------------------------------------------------
     @precondition(lambda self: self.clusters and len(self.nodes) < 5)
     @rule(data=st.data(), setup_fails=st.booleans())
     def add_node(self, data, setup_fails: bool) -> None:
-        self.begin()
         cluster = data.draw(st.sampled_from(self.clusters))
         node_id = f"n{self.new_id().int}"
-        stream = f"node-{node_id}"
-        self.emit(stream, "NodeProvisioning", {"nodeId": node_id, "cluster": cluster})
+        self.nodes[node_id] = {"cluster": cluster, "state": "", "free": set(range(GPUS))}
+        self.node_event(node_id, "NodeProvisioning", "provisioning", cluster=cluster)
         resources = {"gpus": GPUS, "cpus": 24, "memoryMb": 1000, "runtimes": ["process"]}
-        self.emit(stream, "NodeRegistered", {"nodeId": node_id, "cluster": cluster, **resources})
-        self.emit(stream, "NodeSetupStarted", {"nodeId": node_id})
+        self.node_event(node_id, "NodeRegistered", "preparing", cluster=cluster, **resources)
+        self.node_event(node_id, "NodeSetupStarted", "preparing")
         if setup_fails:
-            self.emit(stream, "NodeSetupFailed", {"nodeId": node_id, "error": {"code": "setup"}})
+            self.node_event(node_id, "NodeSetupFailed", "unusable", error={"code": "setup"})
         else:
-            self.emit(stream, "NodeSetupSucceeded", {"nodeId": node_id})
-        self.nodes[node_id] = {
-            "cluster": cluster,
-            "ready": not setup_fails,
-            "free": set(range(GPUS)),
-        }
+            self.node_event(node_id, "NodeSetupSucceeded", "ready")
 
+    def _nodes_in(self, *states: str) -> list[str]:
+        return sorted(n for n, s in self.nodes.items() if s["state"] in states)
+
+    @precondition(lambda self: self._nodes_in("ready"))
+    @rule(data=st.data(), recovers=st.booleans())
+    def suspect_node(self, data, recovers: bool) -> None:
+        node_id = data.draw(st.sampled_from(self._nodes_in("ready")))
+        self.node_event(node_id, "NodeSuspected", "suspect")
+        if recovers:
+            self.node_event(node_id, "NodeRecovered", "ready")
+        else:  # it comes back after all, with a reconnect: registering again keeps its state
+            cluster = self.nodes[node_id]["cluster"]
+            self.node_event(node_id, "NodeRegistered", "suspect", cluster=cluster, incarnation=2)
+
+    @precondition(lambda self: self._nodes_in("ready", "suspect"))
+    @rule(data=st.data(), how=st.sampled_from(["lost", "drained", "evicted"]), remove=st.booleans())
+    def lose_node(self, data, how: str, remove: bool) -> None:
+        node_id = data.draw(st.sampled_from(self._nodes_in("ready", "suspect")))
+        if how == "lost":
+            self.node_event(node_id, "NodeLost", "lost", reason="heartbeat_timeout")
+        else:
+            type_ = "NodeDrainRequested" if how == "drained" else "NodePreempted"
+            self.node_event(node_id, type_, "leaving")
+        cause = {"lost": "node_lost", "drained": "node_lost", "evicted": "evicted"}[how]
+        for job_id in self._jobs_in(*RUNNING_STATES, "terminating"):
+            job = self.jobs[job_id]
+            if not any(t["node"] == node_id for t in job["tasks"]):
+                continue
+            if job["state"] == "terminating":  # it was ending anyway: it ends
+                self.job_event(job_id, "JobTerminated", reason="node lost while terminating")
+                job["state"] = "failed"
+            else:
+                self.job_event(job_id, "JobRequeued", attempt=job["attempt"], cause=cause)
+                job["state"] = QUEUED
+            self._release(job_id)
+        if remove:
+            self.emit(f"node-{node_id}", "NodeRemoved", {"nodeId": node_id})
+            del self.nodes[node_id]
+
+    # -- jobs ------------------------------------------------------------------------------
     @precondition(lambda self: self.clusters)
     @rule(data=st.data(), priority=PRIORITIES, gpus=st.sampled_from([1, 2, 4]),
           node_count=st.sampled_from([1, 1, 2]))  # fmt: skip
     def submit(self, data, priority: int, gpus: int, node_count: int) -> None:
-        self.begin()
         cluster = data.draw(st.sampled_from(self.clusters))
         job_id = str(self.new_id())
         self.names += 1
+        self.jobs[job_id] = {"cluster": cluster, "state": QUEUED, "attempt": 0, "tasks": [],
+                             "gpus": gpus, "nodes": node_count}  # fmt: skip
         self.emit(f"job-{job_id}", "JobSubmitted", {
             "jobId": job_id, "workspace": "ws", "experiment": "exp",
             "name": f"job-{self.names % 4}", "cluster": cluster, "owner": "alice",
             "priority": priority, "nodeCount": node_count, "gpusPerNode": gpus, "spec": {},
         }, "user:alice")  # fmt: skip
-        self.jobs[job_id] = {"cluster": cluster, "state": QUEUED, "attempt": 0, "tasks": [],
-                             "gpus": gpus, "nodes": node_count}  # fmt: skip
         if data.draw(st.booleans()):
             reason = {"code": "insufficient_gpus", "need": gpus, "maxFree": 0}
             self.job_event(job_id, "JobPendingReasonChanged", reason=reason)
 
-    def _in(self, *states: str) -> list[str]:
+    def _jobs_in(self, *states: str) -> list[str]:
         return sorted(j for j, s in self.jobs.items() if s["state"] in states)
 
-    @precondition(lambda self: self._in(QUEUED))
+    @precondition(lambda self: self._jobs_in(QUEUED))
     @rule(data=st.data())
     def schedule(self, data) -> None:
-        job_id = data.draw(st.sampled_from(self._in(QUEUED)))
+        job_id = data.draw(st.sampled_from(self._jobs_in(QUEUED)))
         job = self.jobs[job_id]
-        fits = sorted(
-            n for n, s in self.nodes.items()
-            if s["ready"] and s["cluster"] == job["cluster"] and len(s["free"]) >= job["gpus"]
-        )  # fmt: skip
+        fits = [n for n in self._nodes_in("ready")
+                if self.nodes[n]["cluster"] == job["cluster"]
+                and len(self.nodes[n]["free"]) >= job["gpus"]]  # fmt: skip
         if len(fits) < job["nodes"]:
             return
-        self.begin()
         chosen = data.draw(st.permutations(fits))[: job["nodes"]]
         tasks = []
         for node_id in chosen:
-            free = sorted(self.nodes[node_id]["free"])
-            gpus = free[: job["gpus"]]
+            gpus = sorted(self.nodes[node_id]["free"])[: job["gpus"]]
             self.nodes[node_id]["free"] -= set(gpus)
             tasks.append({"node": node_id, "gpus": gpus})
         job["attempt"] += 1
@@ -154,11 +222,10 @@ class World(RuleBasedStateMachine):
                 self.nodes[task["node"]]["free"] |= set(task["gpus"])
         self.jobs[job_id]["tasks"] = []
 
-    @precondition(lambda self: self._in("scheduled", "preparing", "running"))
+    @precondition(lambda self: self._jobs_in(*RUNNING_STATES))
     @rule(data=st.data(), outcome=OUTCOMES)
     def progress(self, data, outcome: str) -> None:
-        self.begin()
-        job_id = data.draw(st.sampled_from(self._in("scheduled", "preparing", "running")))
+        job_id = data.draw(st.sampled_from(self._jobs_in(*RUNNING_STATES)))
         job = self.jobs[job_id]
         attempt = job["attempt"]
         if outcome == "advance" and job["state"] != "running":
@@ -185,28 +252,26 @@ class World(RuleBasedStateMachine):
             job["state"] = QUEUED
             self._release(job_id)
 
-    @precondition(lambda self: any(s["ready"] for s in self.nodes.values()))
-    @rule(data=st.data(), remove=st.booleans())
-    def lose_node(self, data, remove: bool) -> None:
-        self.begin()
-        node_id = data.draw(st.sampled_from(sorted(n for n, s in self.nodes.items() if s["ready"])))
-        self.emit(f"node-{node_id}", "NodeLost", {"nodeId": node_id, "reason": "heartbeat_timeout"})
-        self.nodes[node_id]["ready"] = False
-        for job_id in self._in("scheduled", "preparing", "running", "terminating"):
-            job = self.jobs[job_id]
-            if any(t["node"] == node_id for t in job["tasks"]):
-                self.job_event(job_id, "JobRequeued", attempt=job["attempt"], cause="node_lost")
-                job["state"] = QUEUED
-                self._release(job_id)
-        if remove:
-            self.emit(f"node-{node_id}", "NodeRemoved", {"nodeId": node_id})
-            del self.nodes[node_id]
+    def _stale(self) -> list[tuple[str, int]]:
+        """(job, an attempt of it that was requeued): the current one of a job queued again,
+        or the one before the current."""
+        return sorted(
+            (j, s["attempt"] if s["state"] == QUEUED else s["attempt"] - 1)
+            for j, s in self.jobs.items()
+            if (s["attempt"] and s["state"] == QUEUED) or s["attempt"] > 1
+        )
 
-    @precondition(lambda self: self._in(QUEUED, "scheduled", "preparing", "running"))
+    @precondition(lambda self: self._stale())
+    @rule(data=st.data(), type_=LATE_REPORTS)
+    def late_report_of_an_old_attempt(self, data, type_: str) -> None:
+        job_id, attempt = data.draw(st.sampled_from(self._stale()))
+        extra = {"cause": "node_lost"} if type_ == "JobRequeued" else {"exitCode": 1}
+        self.job_event(job_id, type_, attempt=attempt, **extra)  # the oracle: nothing changes
+
+    @precondition(lambda self: self._jobs_in(QUEUED, *RUNNING_STATES))
     @rule(data=st.data(), finish=st.booleans())
     def terminate(self, data, finish: bool) -> None:
-        self.begin()
-        job_id = data.draw(st.sampled_from(self._in(QUEUED, "scheduled", "preparing", "running")))
+        job_id = data.draw(st.sampled_from(self._jobs_in(QUEUED, *RUNNING_STATES)))
         self.emit(f"job-{job_id}", "JobTerminateRequested", {"jobId": job_id}, "user:bob")
         self.jobs[job_id]["state"] = "terminating"
         if finish:
@@ -214,27 +279,28 @@ class World(RuleBasedStateMachine):
             self.jobs[job_id]["state"] = "failed"
             self._release(job_id)
 
-    @precondition(lambda self: self._in("succeeded", "failed"))
+    @precondition(lambda self: self._jobs_in("succeeded", "failed"))
     @rule(data=st.data())
     def delete(self, data) -> None:
-        self.begin()
-        job_id = data.draw(st.sampled_from(self._in("succeeded", "failed")))
+        job_id = data.draw(st.sampled_from(self._jobs_in("succeeded", "failed")))
         self.job_event(job_id, "JobDeleted")
         del self.jobs[job_id]
 
     # -- invariants ------------------------------------------------------------------------
     @invariant()
-    def live_equals_rebuilt_and_snapshot_plus_catch_up(self) -> None:
-        live = snapshot.plain(self.live)
-        assert live == snapshot.plain(fold.rebuild(self.log))
-        restored = snapshot.decode(self.before_step)
-        fold.apply_page(restored, self.log[self.step_start :])
-        assert snapshot.plain(restored) == live
+    def jobs_and_nodes_are_as_the_oracle_says(self) -> None:
+        m = self.live
+        assert {j: (s["state"], s["attempt"]) for j, s in self.jobs.items()} == {
+            j: (job.state, job.attempt) for j, job in m.jobs.items()
+        }
+        assert {n: s["state"] for n, s in self.nodes.items()} == {
+            n: node.state for n, node in m.nodes.items()
+        }
 
     @invariant()
     def queues_hold_exactly_the_queued_jobs_in_priority_then_submission_order(self) -> None:
         m = self.live
-        for cluster_id in m.clusters:
+        for cluster_id in {j.cluster for j in m.jobs.values()} | set(m.clusters):
             queued = [j for j in m.jobs.values() if j.state == QUEUED and j.cluster == cluster_id]
             queued.sort(key=lambda j: (-j.priority, j.submitted_position))
             assert [j.job_id for j in queue.ordered(m, cluster_id)] == [j.job_id for j in queued]
@@ -257,6 +323,17 @@ class World(RuleBasedStateMachine):
             for gpu, holder in node.allocations.items()
         }
         assert allocated == {k: v for k, v in held.items() if k[0] in m.nodes}
+
+    @invariant()
+    def node_counts_add_up(self) -> None:
+        m = self.live
+        for cluster in m.clusters.values():
+            counts = clusters.node_counts(m, cluster)
+            assert sum(counts.values()) == len(cluster.nodes)
+            busy = sum(
+                1 for n in cluster.nodes if m.nodes[n].allocations and m.nodes[n].state == "ready"
+            )
+            assert counts["running"] == busy
 
 
 TestWorld = World.TestCase

@@ -1,0 +1,105 @@
+"""The read models on hand-written histories: the cases a real scheduler logs and that are
+easy to get wrong (late reports from requeued attempts, terminate during requeue, deleted
+clusters with queued jobs, a bad event)."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from batchd.events.envelope import RecordedEvent
+from batchd.projections import fold, history, views
+from batchd.projections.fold import ProjectionError
+
+
+class Log:
+    def __init__(self) -> None:
+        self.events: list[RecordedEvent] = []
+
+    def __call__(self, type_: str, actor: str = "scheduler", **data) -> Log:
+        n = len(self.events) + 1
+        self.events.append(RecordedEvent(
+            n, uuid.UUID(int=n), "s", n, type_, 1, n * 1_000_000, actor, None, None, data, b"",
+        ))  # fmt: skip
+        return self
+
+    def models(self):
+        return fold.rebuild(self.events)
+
+
+def cluster_with_a_job() -> Log:
+    log = Log()
+    log("ClusterCreated", clusterId="c1", workspace="ws", name="gpu", spec={})
+    for node in ("n1", "n2"):
+        log("NodeRegistered", nodeId=node, cluster="c1", gpus=4)
+        log("NodeSetupSucceeded", nodeId=node)
+    log("JobSubmitted", jobId="j", workspace="ws", experiment="e", name="train", cluster="c1",
+        owner="ann", priority=0, nodeCount=1, gpusPerNode=2)  # fmt: skip
+    log("JobScheduled", jobId="j", attempt=1, tasks=[{"node": "n1", "gpus": [0, 1]}])
+    log("JobStarted", jobId="j", attempt=1)
+    log("NodeLost", nodeId="n1")
+    log("JobRequeued", jobId="j", attempt=1, cause="node_lost")
+    return log
+
+
+def test_a_late_failure_of_a_requeued_attempt_leaves_the_job_queued():
+    log = cluster_with_a_job()("JobFailed", jobId="j", attempt=1, exitCode=137)
+    m = log.models()
+    assert m.jobs["j"].state == "queued" and m.jobs["j"].retries == {"node_lost": 1}
+    assert list(m.queues["c1"]) == ["j"]
+    timeline = history.timeline([e for e in log.events if e.type.startswith("Job")])
+    assert [(e["event"], e["state"], e["ignored"]) for e in timeline[-2:]] == [
+        ("JobRequeued", "queued", False), ("JobFailed", "queued", True),
+    ]  # fmt: skip
+
+
+def test_reports_of_an_old_attempt_do_not_touch_the_new_one():
+    log = cluster_with_a_job()
+    log("JobScheduled", jobId="j", attempt=2, tasks=[{"node": "n2", "gpus": [2, 3]}])
+    log("JobSucceeded", jobId="j", attempt=1, exitCode=0)
+    log("JobStarted", jobId="j", attempt=1)
+    m = log.models()
+    assert (m.jobs["j"].state, m.jobs["j"].attempt) == ("scheduled", 2)
+    assert m.nodes["n2"].allocations == {"2": ["j", 2, 0], "3": ["j", 2, 0]}
+    job_stream = [e for e in log.events if e.type.startswith("Job")]
+    timeline = history.timeline(job_stream)
+    assert [(e["state"], e["ignored"]) for e in timeline[-3:]] == [
+        ("scheduled", False), ("scheduled", True), ("scheduled", True),
+    ]  # fmt: skip
+
+
+def test_a_requeue_does_not_undo_a_terminate_request():
+    log = Log()
+    log("ClusterCreated", clusterId="c1", workspace="ws", name="gpu", spec={})
+    log("NodeRegistered", nodeId="n1", cluster="c1", gpus=4)("NodeSetupSucceeded", nodeId="n1")
+    log("JobSubmitted", jobId="j", workspace="ws", experiment="e", name="t", cluster="c1",
+        owner="ann", priority=0, nodeCount=1, gpusPerNode=1)  # fmt: skip
+    log("JobScheduled", jobId="j", attempt=1, tasks=[{"node": "n1", "gpus": [0]}])
+    log("JobTerminateRequested", actor="user:bob", jobId="j")
+    log("JobRequeued", jobId="j", attempt=1, cause="node_lost")
+    m = log.models()
+    assert m.jobs["j"].state == "terminating" and m.jobs["j"].terminate_requested_by == "user:bob"
+    assert not m.queues["c1"]
+    log("JobTerminated", jobId="j")
+    m = log.models()
+    assert m.jobs["j"].state == "failed" and m.nodes["n1"].allocations == {}
+
+
+def test_jobs_queued_for_a_deleted_cluster_stay_visible():
+    log = Log()
+    log("ClusterCreated", clusterId="c1", workspace="ws", name="gpu", spec={})
+    log("JobSubmitted", jobId="j", workspace="ws", experiment="e", name="t", cluster="c1",
+        owner="ann", priority=0, nodeCount=1, gpusPerNode=1)  # fmt: skip
+    log("ClusterDeleted", clusterId="c1")
+    world = views.world(log.models())
+    assert world["clusters"] == []
+    assert [q["job"] for q in world["queues"]["deleted cluster c1"]] == ["j"]
+
+
+def test_an_event_whose_data_cannot_be_applied_names_its_position():
+    log = Log()
+    log("ClusterCreated", clusterId="c1", workspace="ws", name="gpu", spec={})
+    log("NodeLost", reason="no node id")
+    with pytest.raises(ProjectionError, match="event 2 \\(NodeLost"):
+        log.models()
