@@ -27,7 +27,8 @@ def test_bench_replay_reports_rebuild_and_restore(tmp_path):
     assert none["events"] >= 3000 and none["projections"] == "none"
     full = _json("replay", "--projections", "all", "--store", url)
     assert full["events"] == none["events"]  # the log generated above, replayed as it is
-    assert full["rebuild_s"] > 0 and full["restore_s"] > 0
+    assert full["rebuild_s"] > 0 and full["restore_s"] > 0 and full["none_events_per_s"] > 0
+    assert abs(full["ratio"] - full["events_per_s"] / full["none_events_per_s"]) < 0.01
     assert 0 < full["snapshot_position"] < full["events"]
     assert full["snapshot_position"] + full["caught_up"] == full["events"]
     assert full["jobs"] > 400 and full["nodes"] > 0
