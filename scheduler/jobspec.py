@@ -1,0 +1,236 @@
+"""Job documents: Batch AI 2018-05-01 job properties (and 2018-03-01's integer `priority`),
+validated and reduced to what the scheduler decides with.
+
+`parse_job(document)` accepts the properties with or without the `{"properties": ...}`
+envelope; the envelope's `$schema`, `location`, `tags`, `id`, `name` and `type` are ignored;
+any other unknown property is refused by its path. Checks that need the cluster (does it
+exist, can it ever hold `nodeCount` nodes, does its VM size have `gpusPerNode` GPUs) belong to
+the submit command, which has the read models.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from batchd.scheduler.schema import (
+    DocumentError,
+    boolean,
+    choice,
+    integer,
+    items,
+    obj,
+    string,
+)
+
+PRIORITY_OF = {"low": -500, "normal": 0, "high": 500}  # schedulingPriority -> stored integer
+MAX_WALL_CLOCK_S = 7 * 24 * 3600  # Batch AI's default and maximum: 7 days
+ENVELOPE_IGNORED = ("$schema", "location", "tags", "id", "name", "type")
+TOOLKITS = (
+    "cntkSettings", "pyTorchSettings", "tensorFlowSettings", "caffeSettings", "caffe2Settings",
+    "chainerSettings", "horovodSettings", "customMpiSettings", "customToolkitSettings",
+)  # fmt: skip
+
+_text = string()
+_name = string(max_len=64, pattern=r"[-\w]+", what="1-64 letters, digits, '-' or '_'")
+_env_name = string(max_len=256, pattern=r"[A-Za-z_][A-Za-z0-9_]*", what="a variable name")
+_count = integer(1, 10_000)
+
+
+def _resource_id(value: Any, path: str) -> str:
+    """A name, a resource id string, or Batch AI's `{"id": "..."}`."""
+    if isinstance(value, dict):
+        return obj({"id": _text}, required=["id"])(value, path)["id"]
+    return _text(value, path)
+
+
+_DURATION = "a duration such as '1.00:00:00' or 'P1D'"
+
+
+def timespan_seconds(value: Any, path: str) -> int:
+    """`maxWallClockTime` in seconds: .NET `[d.]hh:mm:ss` (as Batch AI wrote it) or ISO-8601
+    `P[nD]T[nH][nM][nS]`; more than zero and at most 7 days."""
+    if not isinstance(value, str):
+        raise DocumentError(path, f"must be {_DURATION}, not {value!r}")
+    text = value.strip()
+    if text.startswith("-"):
+        raise DocumentError(path, "must not be negative")
+    dotnet = re.fullmatch(r"(?:(\d+)\.)?(\d+):([0-5]?\d):([0-5]?\d)(?:\.\d+)?", text)
+    iso = re.fullmatch(r"P(?:(\d+)D)?(?:T(?:(\d+)H)?(?:(\d+)M)?(?:(\d+)S)?)?", text, re.I)
+    if dotnet:
+        days, hours, minutes, seconds = (int(x or 0) for x in dotnet.groups())
+    elif iso and text.upper() not in ("P", "PT"):
+        days, hours, minutes, seconds = (int(x or 0) for x in iso.groups())
+    else:
+        raise DocumentError(path, f"must be {_DURATION}, not {value!r}")
+    total = ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+    if total <= 0:
+        raise DocumentError(path, "must be more than zero")
+    if total > MAX_WALL_CLOCK_S:
+        raise DocumentError(path, "must be at most 7 days")
+    return total
+
+
+def _timespan(value: Any, path: str) -> str:
+    timespan_seconds(value, path)
+    return value
+
+
+def _shm_size(value: Any, path: str) -> str:
+    if isinstance(value, str) and re.fullmatch(r"\d+[bkmgBKMG]?", value):
+        return value
+    raise DocumentError(path, f"must be a size such as '2g' or '512m', not {value!r}")
+
+
+_secret_ref = obj({"sourceVault": obj({"id": _text}), "secretUrl": _text})
+_credentials = obj(
+    {"accountKey": _text, "accountKeySecretReference": _secret_ref},
+    one_of=["accountKey", "accountKeySecretReference"],
+)
+_mount_path = string(max_len=512, pattern=r"[\w.-]+(?:/[\w.-]+)*", what="a relative path")
+MOUNT_VOLUMES = obj({
+    "azureFileShares": items(obj({
+        "accountName": _text, "azureFileUrl": _text, "credentials": _credentials,
+        "relativeMountPath": _mount_path, "fileMode": _text, "directoryMode": _text,
+    }, required=["azureFileUrl", "relativeMountPath"])),
+    "azureBlobFileSystems": items(obj({
+        "accountName": _text, "containerName": _text, "credentials": _credentials,
+        "relativeMountPath": _mount_path, "mountOptions": _text,
+    }, required=["accountName", "containerName", "relativeMountPath"])),
+    "fileServers": items(obj({
+        "fileServer": _resource_id, "sourceDirectory": _text, "relativeMountPath": _mount_path,
+        "mountOptions": _text,
+    }, required=["fileServer", "relativeMountPath"])),
+    "unmanagedFileSystems": items(obj(
+        {"mountCommand": _text, "relativeMountPath": _mount_path},
+        required=["mountCommand", "relativeMountPath"],
+    )),
+})  # fmt: skip
+
+_script = {"pythonScriptFilePath": _text, "pythonInterpreterPath": _text, "commandLineArgs": _text}
+_process_count = {"processCount": _count}
+_TOOLKIT_FIELDS = {
+    "cntkSettings": obj({
+        **_script, **_process_count, "languageType": choice("BrainScript", "Python"),
+        "configFilePath": _text,
+    }, one_of=["configFilePath", "pythonScriptFilePath"], required=["*"]),
+    "pyTorchSettings": obj({
+        **_script, **_process_count, "communicationBackend": choice("TCP", "Gloo", "MPI"),
+    }, required=["pythonScriptFilePath"]),
+    "tensorFlowSettings": obj({
+        "pythonScriptFilePath": _text, "pythonInterpreterPath": _text,
+        "masterCommandLineArgs": _text, "workerCommandLineArgs": _text,
+        "parameterServerCommandLineArgs": _text, "workerCount": _count,
+        "parameterServerCount": integer(0, 10_000),
+    }, required=["pythonScriptFilePath"]),
+    "caffeSettings": obj({**_script, **_process_count, "configFilePath": _text},
+                         one_of=["configFilePath", "pythonScriptFilePath"], required=["*"]),
+    "caffe2Settings": obj(_script, required=["pythonScriptFilePath"]),
+    "chainerSettings": obj({**_script, **_process_count}, required=["pythonScriptFilePath"]),
+    "horovodSettings": obj({**_script, **_process_count}, required=["pythonScriptFilePath"]),
+    "customMpiSettings": obj({"commandLine": _text, **_process_count}, required=["commandLine"]),
+    "customToolkitSettings": obj({"commandLine": _text}, required=["commandLine"]),
+}  # fmt: skip
+
+_registry_credentials = obj(
+    {"username": _text, "password": _text, "passwordSecretReference": _secret_ref},
+    required=["username"],
+    one_of=["password", "passwordSecretReference"],
+)
+JOB_PROPERTIES = obj({
+    "cluster": _resource_id,
+    "nodeCount": _count,
+    "schedulingPriority": choice("low", "normal", "high"),
+    "priority": integer(-1000, 1000),
+    "containerSettings": obj({
+        "imageSourceRegistry": obj({
+            "image": _text, "serverUrl": _text,
+            "credentials": _registry_credentials,
+        }, required=["image"]),
+        "shmSize": _shm_size,
+    }, required=["imageSourceRegistry"]),
+    **_TOOLKIT_FIELDS,
+    "jobPreparation": obj({"commandLine": _text}, required=["commandLine"]),
+    "inputDirectories": items(obj({"id": _name, "path": _text}, required=["id", "path"])),
+    "outputDirectories": items(obj({
+        "id": _name, "pathPrefix": _text, "pathSuffix": _text, "type": _text,
+        "createNew": boolean,
+    }, required=["id", "pathPrefix"])),
+    "stdOutErrPathPrefix": _text,
+    "environmentVariables": items(obj({"name": _env_name, "value": string(max_len=32_768)},
+                                      required=["name", "value"])),
+    "secrets": items(obj({"name": _env_name, "value": string(max_len=32_768),
+                          "valueSecretReference": _secret_ref},
+                         required=["name", "*"], one_of=["value", "valueSecretReference"])),
+    "mountVolumes": MOUNT_VOLUMES,
+    "constraints": obj({"maxWallClockTime": _timespan}),
+    # batchd's additions
+    "gpusPerNode": integer(0, 64),
+    "maxRetries": integer(0, 100),
+    "maxNodeFailureRetries": integer(0, 100),
+    "preemptible": boolean,
+}, required=["nodeCount", "stdOutErrPathPrefix"])  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class JobSpec:
+    """What the scheduler decides with, and the validated properties as given."""
+
+    cluster: str | None  # a name or a resource id; None: the caller names it
+    node_count: int
+    gpus_per_node: int | None  # None: every GPU of the VM size
+    priority: int
+    max_retries: int
+    max_node_failure_retries: int
+    preemptible: bool
+    max_wall_clock_s: int
+    toolkit: str
+    properties: dict[str, Any]
+
+
+def parse_job(document: Any) -> JobSpec:
+    """Validate a job document; raise DocumentError naming the first field that is wrong."""
+    if not isinstance(document, dict):
+        raise DocumentError("", "must be a JSON object")
+    if "properties" in document:
+        unknown = [k for k in document if k != "properties" and k not in ENVELOPE_IGNORED]
+        if unknown:
+            raise DocumentError(unknown[0], "is not a known property")
+        properties, prefix = document["properties"], "properties"
+    else:
+        properties = {k: v for k, v in document.items() if k not in ENVELOPE_IGNORED}
+        prefix = ""
+    props = JOB_PROPERTIES(properties, prefix)
+    toolkits = [k for k in TOOLKITS if k in props]
+    where = prefix or "the document"
+    if not toolkits:
+        raise DocumentError(where, f"needs a command: customToolkitSettings.commandLine or one of "
+                                   f"{', '.join(TOOLKITS[:-1])}")  # fmt: skip
+    if len(toolkits) > 1:
+        rule = "give either a toolkit or customToolkitSettings.commandLine, not both"
+        if "customToolkitSettings" not in toolkits:
+            rule = f"give only one toolkit, not {' and '.join(toolkits)}"
+        raise DocumentError(where, rule)
+    if "schedulingPriority" in props and "priority" in props:
+        raise DocumentError(where, "give schedulingPriority or priority, not both")
+    priority = props.get("priority", PRIORITY_OF[props.get("schedulingPriority", "normal")])
+    return JobSpec(
+        cluster=props.get("cluster"),
+        node_count=props["nodeCount"],
+        gpus_per_node=props.get("gpusPerNode"),
+        priority=priority,
+        max_retries=props.get("maxRetries", 0),
+        max_node_failure_retries=props.get("maxNodeFailureRetries", 3),
+        preemptible=props.get("preemptible", False),
+        max_wall_clock_s=_wall_clock(props, prefix),
+        toolkit=toolkits[0],
+        properties=props,
+    )
+
+
+def _wall_clock(props: dict[str, Any], prefix: str) -> int:
+    limit = props.get("constraints", {}).get("maxWallClockTime")
+    if limit is None:
+        return MAX_WALL_CLOCK_S
+    return timespan_seconds(limit, f"{prefix}.constraints.maxWallClockTime".lstrip("."))

@@ -1,0 +1,129 @@
+"""A small validator toolkit for API documents: each validator checks one value and returns
+it normalised, or raises `DocumentError` naming the field's path and the rule it broke.
+
+Validators compose: `obj({...})` checks an object's properties (refusing unknown ones by
+name), `items(v)` every item of a list. Paths read like `properties.mountVolumes.
+azureFileShares[1].relativeMountPath`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+Validator = Callable[[Any, str], Any]
+
+
+class DocumentError(ValueError):
+    """A document broke a rule: `path` names the field, `rule` says what is wrong."""
+
+    def __init__(self, path: str, rule: str) -> None:
+        super().__init__(f"{path or 'the document'}: {rule}")
+        self.path = path
+        self.rule = rule
+
+
+_KINDS = {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
+          int: "a whole number", float: "a number"}  # fmt: skip
+
+
+def _kind(value: Any) -> str:
+    return _KINDS.get(type(value), "null" if value is None else type(value).__name__)
+
+
+def string(*, max_len: int = 4096, pattern: str | None = None, what: str = "") -> Validator:
+    compiled = re.compile(pattern) if pattern else None
+
+    def check(value: Any, path: str) -> str:
+        if not isinstance(value, str):
+            raise DocumentError(path, f"must be a string, not {_kind(value)}")
+        if not value:
+            raise DocumentError(path, "must not be empty")
+        if len(value) > max_len:
+            raise DocumentError(path, f"must be at most {max_len} characters")
+        if compiled and not compiled.fullmatch(value):
+            raise DocumentError(path, f"must be {what or 'of the form ' + pattern}")
+        return value
+
+    return check
+
+
+def integer(low: int | None = None, high: int | None = None) -> Validator:
+    def check(value: Any, path: str) -> int:
+        if type(value) is not int:
+            raise DocumentError(path, f"must be a whole number, not {_kind(value)}")
+        if low is not None and value < low:
+            raise DocumentError(path, f"must be at least {low}")
+        if high is not None and value > high:
+            raise DocumentError(path, f"must be at most {high}")
+        return value
+
+    return check
+
+
+def boolean(value: Any, path: str) -> bool:
+    if type(value) is not bool:
+        raise DocumentError(path, f"must be true or false, not {_kind(value)}")
+    return value
+
+
+def choice(*values: str) -> Validator:
+    """One of `values`, matched without regard to case and returned as spelled here."""
+    canonical = {v.lower(): v for v in values}
+
+    def check(value: Any, path: str) -> str:
+        if not isinstance(value, str) or value.lower() not in canonical:
+            raise DocumentError(path, f"must be one of {', '.join(values)}, not {value!r}")
+        return canonical[value.lower()]
+
+    return check
+
+
+def items(item: Validator, *, max_items: int = 1000) -> Validator:
+    def check(value: Any, path: str) -> list:
+        if not isinstance(value, list):
+            raise DocumentError(path, f"must be a list, not {_kind(value)}")
+        if len(value) > max_items:
+            raise DocumentError(path, f"must have at most {max_items} items")
+        return [item(v, f"{path}[{i}]") for i, v in enumerate(value)]
+
+    return check
+
+
+def obj(
+    fields: Mapping[str, Validator],
+    *,
+    required: Iterable[str] = (),
+    one_of: Iterable[str] = (),
+    ignored: Iterable[str] = (),
+) -> Validator:
+    """An object with these properties; `required` must be present, at most one of `one_of`
+    (and at least one, when it is also in `required` as "*"), `ignored` are dropped."""
+    required = tuple(required)
+    one_of = tuple(one_of)
+    ignored = frozenset(ignored)
+
+    def check(value: Any, path: str) -> dict:
+        if not isinstance(value, dict):
+            raise DocumentError(path, f"must be an object, not {_kind(value)}")
+        out = {}
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else key
+            if key in ignored:
+                continue
+            if key not in fields:
+                raise DocumentError(where, "is not a known property")
+            out[key] = fields[key](item, where)
+        for key in required:
+            if key != "*" and key not in value:
+                where = f"{path}.{key}" if path else key
+                raise DocumentError(where, "is required")
+        given = [k for k in one_of if k in value]
+        if len(given) > 1:
+            raise DocumentError(path, f"give only one of {', '.join(given)}")
+        if "*" in required and one_of and not given:
+            raise DocumentError(path, f"needs one of {', '.join(one_of)}")
+        return out
+
+    return check

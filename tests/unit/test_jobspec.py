@@ -1,0 +1,116 @@
+"""Job documents: every real Batch AI recipe is accepted; bad ones are refused by field path."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from batchd.scheduler.jobspec import MAX_WALL_CLOCK_S, parse_job
+from batchd.scheduler.schema import DocumentError
+
+RECIPES = sorted((Path(__file__).parents[1] / "data" / "batchai-recipes").glob("*.json"))
+MINIMAL = {
+    "nodeCount": 1,
+    "stdOutErrPathPrefix": "$AZ_BATCHAI_JOB_MOUNT_ROOT/logs",
+    "customToolkitSettings": {"commandLine": "python train.py"},
+}
+
+
+def test_the_recipes_are_there():
+    assert len(RECIPES) == 17
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_every_batch_ai_recipe_is_accepted(recipe):
+    document = json.loads(recipe.read_text())
+    spec = parse_job(document)
+    assert spec.node_count == document["properties"]["nodeCount"]
+    assert spec.toolkit in document["properties"]
+    assert spec.priority == 0 and spec.max_wall_clock_s == MAX_WALL_CLOCK_S
+
+
+def test_with_or_without_the_envelope_the_same_job():
+    bare = parse_job(MINIMAL)
+    wrapped = parse_job({"properties": MINIMAL, "location": "eastus", "name": "x", "tags": {}})
+    assert bare == wrapped
+
+
+@pytest.mark.parametrize(
+    ("extra", "priority"),
+    [({}, 0), ({"schedulingPriority": "High"}, 500), ({"schedulingPriority": "low"}, -500),
+     ({"priority": -1000}, -1000), ({"priority": 250}, 250)],
+)  # fmt: skip
+def test_priorities_map_to_one_integer(extra, priority):
+    assert parse_job({**MINIMAL, **extra}).priority == priority
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("1.00:00:00", 86400), ("02:30:00", 9000), ("7.00:00:00", 604800), ("PT90M", 5400),
+     ("P1DT1H", 90000)],
+)  # fmt: skip
+def test_wall_clock_limits_in_both_notations(text, seconds):
+    spec = parse_job({**MINIMAL, "constraints": {"maxWallClockTime": text}})
+    assert spec.max_wall_clock_s == seconds
+    assert spec.properties["constraints"]["maxWallClockTime"] == text  # stored as given
+
+
+def _broken(path: str, value):
+    document = copy.deepcopy({"properties": MINIMAL})
+    *parents, last = path.split(".")
+    node = document
+    for key in parents:
+        node = node.setdefault(key, {})
+    if value is KeyError:
+        del node[last]
+    else:
+        node[last] = value
+    return document
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "where", "rule"),
+    [
+        ("properties.nodeCount", 0, "properties.nodeCount", "at least 1"),
+        ("properties.nodeCount", "2", "properties.nodeCount", "whole number"),
+        ("properties.nodeCount", KeyError, "properties.nodeCount", "is required"),
+        ("properties.pyTorchSettings", {"pythonScriptFilePath": "t.py"}, "properties",
+         "either a toolkit or customToolkitSettings.commandLine, not both"),
+        ("properties.customToolkitSettings", KeyError, "properties", "needs a command"),
+        ("properties.schedulingPriority", "urgent", "properties.schedulingPriority",
+         "one of low, normal, high"),
+        ("properties.priority", 5000, "properties.priority", "at most 1000"),
+        ("properties.constraints.maxWallClockTime", "-01:00:00",
+         "properties.constraints.maxWallClockTime", "negative"),
+        ("properties.constraints.maxWallClockTime", "8.00:00:00",
+         "properties.constraints.maxWallClockTime", "at most 7 days"),
+        ("properties.constraints.maxWallClockTime", "soon",
+         "properties.constraints.maxWallClockTime", "duration"),
+        ("properties.frobnicate", 1, "properties.frobnicate", "not a known property"),
+        ("properties.containerSettings", {"imageSourceRegistry": {"image": "x", "tag": "y"}},
+         "properties.containerSettings.imageSourceRegistry.tag", "not a known property"),
+        ("properties.environmentVariables", [{"name": "1BAD", "value": "x"}],
+         "properties.environmentVariables[0].name", "variable name"),
+        ("properties.gpusPerNode", -1, "properties.gpusPerNode", "at least 0"),
+        ("properties.mountVolumes", {"azureFileShares": [{"azureFileUrl": "u"}]},
+         "properties.mountVolumes.azureFileShares[0].relativeMountPath", "is required"),
+        ("color", "blue", "color", "not a known property"),
+    ],
+)  # fmt: skip
+def test_bad_documents_are_refused_by_field_path(path, value, where, rule):
+    with pytest.raises(DocumentError) as refused:
+        parse_job(_broken(path, value))
+    assert refused.value.path == where
+    assert rule in refused.value.rule
+
+
+def test_two_toolkits_are_refused_by_name():
+    with pytest.raises(DocumentError, match="pyTorchSettings and horovodSettings"):
+        parse_job({
+            **{k: v for k, v in MINIMAL.items() if k != "customToolkitSettings"},
+            "pyTorchSettings": {"pythonScriptFilePath": "a.py"},
+            "horovodSettings": {"pythonScriptFilePath": "b.py"},
+        })  # fmt: skip
