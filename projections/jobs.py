@@ -10,17 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 from batchd.events.envelope import RecordedEvent
-from batchd.projections import allocation, queue
+from batchd.projections import allocation, lifecycle, queue
+from batchd.projections.lifecycle import HOLDING, TRANSITIONS
 from batchd.projections.model import (
-    ATTEMPT_STATES,
-    FAILED,
-    LIVE_STATES,
-    PREPARING_JOB,
-    QUEUED,
-    RUNNING,
-    SCHEDULED,
-    SUCCEEDED,
-    TERMINATING,
     Job,
     ReadModels,
     job_key,
@@ -29,12 +21,20 @@ from batchd.projections.model import (
 MAX_ERRORS = 20  # newest errors kept per job
 
 
-def _current(m: ReadModels, e: RecordedEvent, states: frozenset[str]) -> Job | None:
-    """The event's job if it is in one of `states` and the event is about its attempt."""
+def _current(m: ReadModels, e: RecordedEvent, states: frozenset[str] | None = None) -> Job | None:
+    """The event's job if the state machine allows the event now (in `states`, if given,
+    else as `lifecycle.TRANSITIONS` says) and the event is about the job's current attempt."""
     job = m.jobs.get(e.data["jobId"])
-    if job is None or job.state not in states or e.data.get("attempt", job.attempt) != job.attempt:
+    if job is None or job.state not in (states or TRANSITIONS[e.type][0]):
+        return None
+    if e.data.get("attempt", job.attempt) != job.attempt:
         return None
     return job
+
+
+def _after(e: RecordedEvent) -> str:
+    """The job's state after `e` (lifecycle.TRANSITIONS, the one definition)."""
+    return TRANSITIONS[e.type][1]
 
 
 def _error(job: Job, error: dict[str, Any] | None, at: int) -> None:
@@ -58,15 +58,15 @@ def submitted(m: ReadModels, e: RecordedEvent) -> None:
 
 def pending_reason_changed(m: ReadModels, e: RecordedEvent) -> None:
     job = m.jobs.get(e.data["jobId"])
-    if job is not None and job.state == QUEUED:
+    if job is not None and lifecycle.allowed(job.state, e.type):
         job.pending_reason = e.data["reason"]
 
 
 def scheduled(m: ReadModels, e: RecordedEvent) -> None:
-    job = m.jobs.get(e.data["jobId"])
-    if job is None or job.state != QUEUED:
+    job = m.jobs.get(e.data["jobId"])  # a new attempt: its number is the event's
+    if job is None or not lifecycle.allowed(job.state, e.type):
         return
-    job.state, job.attempt = SCHEDULED, e.data["attempt"]
+    job.state, job.attempt = _after(e), e.data["attempt"]
     job.scheduled_at, job.started_at = e.recorded_at, None
     job.pending_reason = None
     job.task_exits = {}
@@ -74,30 +74,26 @@ def scheduled(m: ReadModels, e: RecordedEvent) -> None:
     allocation.allocate(m, job, e.data["tasks"])
 
 
-_SCHEDULED = frozenset({SCHEDULED})
-_PREPARED = frozenset({SCHEDULED, PREPARING_JOB})
-
-
 def preparing(m: ReadModels, e: RecordedEvent) -> None:
-    job = _current(m, e, _SCHEDULED)
+    job = _current(m, e)
     if job is not None:
-        job.state = PREPARING_JOB
+        job.state = _after(e)
 
 
 def started(m: ReadModels, e: RecordedEvent) -> None:
-    job = _current(m, e, _PREPARED)
+    job = _current(m, e)
     if job is not None:
-        job.state, job.started_at = RUNNING, e.recorded_at
+        job.state, job.started_at = _after(e), e.recorded_at
 
 
 def task_exited(m: ReadModels, e: RecordedEvent) -> None:
-    job = _current(m, e, ATTEMPT_STATES)
+    job = _current(m, e)
     if job is not None:
         job.task_exits[str(e.data["task"])] = e.data["exitCode"]
 
 
-def _end(m: ReadModels, job: Job, state: str, e: RecordedEvent) -> None:
-    job.state, job.ended_at = state, e.recorded_at
+def _end(m: ReadModels, job: Job, e: RecordedEvent) -> None:
+    job.state, job.ended_at = _after(e), e.recorded_at
     job.exit_code = e.data.get("exitCode", job.exit_code)
     job.pending_reason = None
     queue.dequeue(m, job)
@@ -105,29 +101,26 @@ def _end(m: ReadModels, job: Job, state: str, e: RecordedEvent) -> None:
 
 
 def succeeded(m: ReadModels, e: RecordedEvent) -> None:
-    job = _current(m, e, ATTEMPT_STATES)
+    job = _current(m, e)
     if job is not None:
-        _end(m, job, SUCCEEDED, e)
+        _end(m, job, e)
 
 
 def failed(m: ReadModels, e: RecordedEvent) -> None:
     # about an attempt: only while that attempt holds GPUs; without one (the scheduler failing
     # a job it cannot place), in any live state
-    job = _current(m, e, ATTEMPT_STATES if "attempt" in e.data else LIVE_STATES)
+    job = _current(m, e, HOLDING if "attempt" in e.data else None)
     if job is not None:
         _error(job, e.data.get("error"), e.recorded_at)
-        _end(m, job, FAILED, e)
-
-
-_REQUEUABLE = frozenset({SCHEDULED, PREPARING_JOB, RUNNING})  # not terminating: it ends
+        _end(m, job, e)
 
 
 def _requeue(m: ReadModels, e: RecordedEvent, cause: str) -> None:
-    job = _current(m, e, _REQUEUABLE)
+    job = _current(m, e)
     if job is None:
         return
     allocation.release(m, job)
-    job.state = QUEUED
+    job.state = _after(e)
     job.retries[cause] = job.retries.get(cause, 0) + 1
     _error(job, e.data.get("error"), e.recorded_at)
     queue.enqueue(m, job)
@@ -142,29 +135,27 @@ def preempted(m: ReadModels, e: RecordedEvent) -> None:
 
 
 def terminate_requested(m: ReadModels, e: RecordedEvent) -> None:
-    job = m.jobs.get(e.data["jobId"])
-    if job is None or job.state not in LIVE_STATES:
+    job = _current(m, e)
+    if job is None:
         return
     job.terminate_requested_by = e.actor
     job.pending_reason = None
     queue.dequeue(m, job)
-    job.state = TERMINATING
+    job.state = _after(e)
 
 
 def terminated(m: ReadModels, e: RecordedEvent) -> None:
-    job = m.jobs.get(e.data["jobId"])
-    if job is None or job.state not in LIVE_STATES:
+    job = _current(m, e)
+    if job is None:
         return
     reason = e.data.get("reason") or "terminated by request"
     _error(job, {"code": "terminated", "message": reason}, e.recorded_at)
-    _end(m, job, FAILED, e)
+    _end(m, job, e)
 
 
 def deleted(m: ReadModels, e: RecordedEvent) -> None:
-    job = m.jobs.pop(e.data["jobId"], None)
-    if job is not None:
-        queue.dequeue(m, job)
-        allocation.release(m, job)
+    if _current(m, e) is not None:
+        del m.jobs[e.data["jobId"]]
 
 
 HANDLERS = {

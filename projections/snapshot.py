@@ -17,7 +17,7 @@ from pathlib import Path
 
 import msgpack
 
-from batchd.projections import allocation, fold, model, queue
+from batchd.projections import allocation, fold, lifecycle, model, queue
 from batchd.projections.model import Cluster, Experiment, Job, Node, ReadModels, Workspace
 
 FORMAT = 1
@@ -39,7 +39,7 @@ _ROW = {
 
 def _code_hash() -> str:
     digest = hashlib.sha256(f"format {FORMAT}".encode())
-    for module in (model, allocation, queue, fold, *fold.MODULES):
+    for module in (model, lifecycle, allocation, queue, fold, *fold.MODULES):
         digest.update(Path(module.__file__).read_bytes())
     return digest.hexdigest()[:16]
 

@@ -21,12 +21,13 @@ from batchd.scheduler.schema import (
     integer,
     items,
     obj,
+    resource_id,
     string,
+    unwrap,
 )
 
 PRIORITY_OF = {"low": -500, "normal": 0, "high": 500}  # schedulingPriority -> stored integer
 MAX_WALL_CLOCK_S = 7 * 24 * 3600  # Batch AI's default and maximum: 7 days
-ENVELOPE_IGNORED = ("$schema", "location", "tags", "id", "name", "type")
 TOOLKITS = (
     "cntkSettings", "pyTorchSettings", "tensorFlowSettings", "caffeSettings", "caffe2Settings",
     "chainerSettings", "horovodSettings", "customMpiSettings", "customToolkitSettings",
@@ -36,13 +37,6 @@ _text = string()
 _name = string(max_len=64, pattern=r"[-\w]+", what="1-64 letters, digits, '-' or '_'")
 _env_name = string(max_len=256, pattern=r"[A-Za-z_][A-Za-z0-9_]*", what="a variable name")
 _count = integer(1, 10_000)
-
-
-def _resource_id(value: Any, path: str) -> str:
-    """A name, a resource id string, or Batch AI's `{"id": "..."}`."""
-    if isinstance(value, dict):
-        return obj({"id": _text}, required=["id"])(value, path)["id"]
-    return _text(value, path)
 
 
 _DURATION = "a duration such as '1.00:00:00' or 'P1D'"
@@ -99,7 +93,7 @@ MOUNT_VOLUMES = obj({
         "relativeMountPath": _mount_path, "mountOptions": _text,
     }, required=["accountName", "containerName", "relativeMountPath"])),
     "fileServers": items(obj({
-        "fileServer": _resource_id, "sourceDirectory": _text, "relativeMountPath": _mount_path,
+        "fileServer": resource_id, "sourceDirectory": _text, "relativeMountPath": _mount_path,
         "mountOptions": _text,
     }, required=["fileServer", "relativeMountPath"])),
     "unmanagedFileSystems": items(obj(
@@ -139,7 +133,7 @@ _registry_credentials = obj(
     one_of=["password", "passwordSecretReference"],
 )
 JOB_PROPERTIES = obj({
-    "cluster": _resource_id,
+    "cluster": resource_id,
     "nodeCount": _count,
     "schedulingPriority": choice("low", "normal", "high"),
     "priority": integer(-1000, 1000),
@@ -191,16 +185,7 @@ class JobSpec:
 
 def parse_job(document: Any) -> JobSpec:
     """Validate a job document; raise DocumentError naming the first field that is wrong."""
-    if not isinstance(document, dict):
-        raise DocumentError("", "must be a JSON object")
-    if "properties" in document:
-        unknown = [k for k in document if k != "properties" and k not in ENVELOPE_IGNORED]
-        if unknown:
-            raise DocumentError(unknown[0], "is not a known property")
-        properties, prefix = document["properties"], "properties"
-    else:
-        properties = {k: v for k, v in document.items() if k not in ENVELOPE_IGNORED}
-        prefix = ""
+    properties, prefix = unwrap(document)
     props = JOB_PROPERTIES(properties, prefix)
     toolkits = [k for k in TOOLKITS if k in props]
     where = prefix or "the document"

@@ -127,3 +127,30 @@ def obj(
         return out
 
     return check
+
+
+ENVELOPE_IGNORED = ("$schema", "location", "tags", "id", "name", "type")
+
+
+def unwrap(document: Any) -> tuple[dict, str]:
+    """A resource document's properties and the path prefix to report errors under.
+
+    The properties may come inside Batch AI's `{"properties": ...}` envelope or bare; the
+    envelope's `$schema`, `location`, `tags`, `id`, `name` and `type` are ignored, any other
+    key beside `properties` is refused.
+    """
+    if not isinstance(document, dict):
+        raise DocumentError("", "must be a JSON object")
+    if "properties" not in document:
+        return {k: v for k, v in document.items() if k not in ENVELOPE_IGNORED}, ""
+    unknown = [k for k in document if k != "properties" and k not in ENVELOPE_IGNORED]
+    if unknown:
+        raise DocumentError(unknown[0], "is not a known property")
+    return document["properties"], "properties"
+
+
+def resource_id(value: Any, path: str) -> str:
+    """A name, a resource id string, or Batch AI's `{"id": "..."}`."""
+    if isinstance(value, dict):
+        return obj({"id": string()}, required=["id"])(value, path)["id"]
+    return string()(value, path)
