@@ -11,6 +11,8 @@ from typing import Any
 
 from batchd.projections.model import Job, ReadModels
 
+WHOLE_NODE = ("*",)  # the allocation key of a task on a node without GPUs: the whole node
+
 
 def allocate(m: ReadModels, job: Job, tasks: list[dict[str, Any]]) -> None:
     job.tasks = []
@@ -21,7 +23,7 @@ def allocate(m: ReadModels, job: Job, tasks: list[dict[str, Any]]) -> None:
         if node is None:
             continue
         holder = [job.job_id, job.attempt, index]
-        for gpu in gpus:
+        for gpu in gpus or WHOLE_NODE:
             node.allocations[str(gpu)] = holder
 
 
@@ -30,7 +32,7 @@ def release(m: ReadModels, job: Job) -> None:
         node = m.nodes.get(node_id)
         if node is None:
             continue
-        for gpu in gpus:
+        for gpu in gpus or WHOLE_NODE:
             holder = node.allocations.get(str(gpu))
             if holder is not None and holder[0] == job.job_id and holder[1] == job.attempt:
                 del node.allocations[str(gpu)]

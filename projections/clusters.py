@@ -18,7 +18,7 @@ def cluster_created(m: ReadModels, e: RecordedEvent) -> None:
     cluster = Cluster(
         d["clusterId"], d["workspace"], d["name"], spec.get("vmSize", ""),
         spec.get("vmPriority", "dedicated"), spec.get("scaleSettings") or {},
-        e.recorded_at, e.actor,
+        e.recorded_at, e.actor, preemption=bool(spec.get("preemption", False)),
     )  # fmt: skip
     m.clusters[cluster.cluster_id] = cluster
     m.cluster_ids[f"{cluster.workspace}/{cluster.name}"] = cluster.cluster_id

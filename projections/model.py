@@ -81,6 +81,7 @@ class Cluster:
     deleting: bool = False
     nodes: list[str] = field(default_factory=list)  # node ids, in the order they appeared
     errors: list[dict[str, Any]] = field(default_factory=list)
+    preemption: bool = False  # may the scheduler preempt preemptible lower-priority jobs
 
 
 @dataclass(slots=True)
@@ -97,7 +98,8 @@ class Node:
     runtimes: list[str] = field(default_factory=list)
     agent_version: str = ""
     incarnation: int = 0
-    # GPU index (as a string key, for snapshots) -> [job id, attempt, task index]
+    # GPU index (as a string key, for snapshots; "*" for the whole of a node without GPUs)
+    # -> [job id, attempt, task index]
     allocations: dict[str, list[Any]] = field(default_factory=dict)
     errors: list[dict[str, Any]] = field(default_factory=list)
 

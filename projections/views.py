@@ -35,9 +35,9 @@ def node(m: ReadModels, n: Node) -> dict[str, Any]:
         "gpuModel": n.gpu_model, "cpus": n.cpus, "memoryMb": n.memory_mb,
         "runtimes": n.runtimes, "agentVersion": n.agent_version,
         "allocations": [
-            {"gpu": int(gpu), "job": job_id, "jobName": _job_name(m, job_id), "attempt": attempt,
-             "task": task}
-            for gpu, (job_id, attempt, task) in sorted(n.allocations.items(), key=_gpu_order)
+            {"gpu": _gpu_order(item), "job": item[1][0], "jobName": _job_name(m, item[1][0]),
+             "attempt": item[1][1], "task": item[1][2]}
+            for item in sorted(n.allocations.items(), key=_gpu_order)
         ],
         "errors": n.errors,
     }  # fmt: skip
@@ -48,8 +48,9 @@ def _job_name(m: ReadModels, job_id: str) -> str | None:
     return None if held is None else held.name
 
 
-def _gpu_order(item: tuple[str, list]) -> int:
-    return int(item[0])
+def _gpu_order(item: tuple[str, list]) -> int | None:
+    """The GPU index of an allocation (None: the whole node, which has no GPUs)."""
+    return None if item[0] == "*" else int(item[0])
 
 
 def job(m: ReadModels, j: Job) -> dict[str, Any]:

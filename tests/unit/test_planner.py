@@ -1,0 +1,223 @@
+"""Placement, in the style of Nomad's scheduler tests: seed the read models with factories,
+run the planner, assert on the events it returns."""
+
+from __future__ import annotations
+
+import uuid
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from batchd.events.envelope import RecordedEvent
+from batchd.projections import fold
+from batchd.projections.model import ReadModels
+from batchd.scheduler.planner import overdue, plan
+
+HOUR = 3600
+NOW = 10_000 * 1_000_000
+
+
+class World:
+    """Read models built the real way: events folded by the projections."""
+
+    def __init__(self) -> None:
+        self.models = ReadModels()
+        self.jobs = 0
+
+    def apply(self, type_: str, **data) -> None:
+        n = self.models.position + 1
+        event = RecordedEvent(n, uuid.UUID(int=n), "s", n, type_, 1, n, "test", None, None,
+                              data, b"")  # fmt: skip
+        fold.apply(self.models, event)
+
+    def cluster(self, name="c", nodes=2, gpus=4, preemption=False, resizing=False) -> World:
+        self.apply("ClusterCreated", clusterId=name, workspace="ws", name=name,
+                   spec={"vmSize": "x", "preemption": preemption})  # fmt: skip
+        for i in range(nodes):
+            node = f"{name}-n{i}"
+            self.apply("NodeRegistered", nodeId=node, cluster=name, gpus=gpus)
+            self.apply("NodeSetupSucceeded", nodeId=node)
+        if resizing:
+            self.apply("ClusterResizeStarted", clusterId=name)
+        return self
+
+    def job(self, gpus=1, nodes=1, priority=0, cluster="c", wall=24 * HOUR, preemptible=False,
+            name=None) -> str:  # fmt: skip
+        self.jobs += 1
+        job_id = name or f"j{self.jobs}"
+        self.apply("JobSubmitted", jobId=job_id, workspace="ws", experiment="e", name=job_id,
+                   cluster=cluster, owner="ann", priority=priority, nodeCount=nodes,
+                   gpusPerNode=gpus, maxWallClockTime=wall, preemptible=preemptible)  # fmt: skip
+        return job_id
+
+    def run(self, job_id: str, tasks: list[tuple[str, list[int]]], at: int = 0) -> None:
+        self.apply("JobScheduled", jobId=job_id, attempt=1,
+                   tasks=[{"node": n, "gpus": g} for n, g in tasks])  # fmt: skip
+        self.models.jobs[job_id].scheduled_at = at
+        self.apply("JobStarted", jobId=job_id, attempt=1)
+
+    def plan(self, now: int = NOW, apply: bool = True) -> list:
+        decisions = plan(self.models, now)
+        if apply:
+            for _stream, event in decisions:
+                self.apply(event.type, **event.data)
+        return decisions
+
+
+def placed(decisions) -> dict[str, list]:
+    return {e.data["jobId"]: e.data["tasks"] for _s, e in decisions if e.type == "JobScheduled"}
+
+
+def reasons(decisions) -> dict[str, dict]:
+    return {e.data["jobId"]: e.data["reason"] for _s, e in decisions
+            if e.type == "JobPendingReasonChanged"}  # fmt: skip
+
+
+def test_higher_priority_first_then_first_come_first_served():
+    w = World().cluster(nodes=1, gpus=4)
+    first, urgent, second = w.job(gpus=2), w.job(gpus=2, priority=500), w.job(gpus=2)
+    decisions = w.plan()
+    assert set(placed(decisions)) == {urgent, first}
+    assert reasons(decisions)[second] == {"code": "insufficient_gpus", "need": 2, "max_free": 0}
+
+
+def test_best_fit_packs_gpus_onto_the_fullest_node():
+    w = World().cluster(nodes=2, gpus=4)
+    w.run(w.job(gpus=3), [("c-n1", [0, 1, 2])])
+    small = w.job(gpus=1)
+    assert placed(w.plan()) == {small: [{"node": "c-n1", "gpus": [3]}]}
+
+
+def test_a_gang_starts_on_distinct_nodes_all_at_once_or_not_at_all():
+    w = World().cluster(nodes=3, gpus=4)
+    w.run(w.job(gpus=2), [("c-n0", [0, 1])])
+    gang = w.job(gpus=4, nodes=2)
+    tasks = placed(w.plan())[gang]
+    assert sorted(t["node"] for t in tasks) == ["c-n1", "c-n2"]
+    big = w.job(gpus=4, nodes=2)
+    decisions = w.plan()
+    assert big not in placed(decisions)
+    assert reasons(decisions)[big] == {"code": "gang_incomplete", "need_nodes": 2, "free_nodes": 0}
+
+
+def test_fragmented_capacity_is_told_apart_from_missing_capacity():
+    w = World().cluster(nodes=2, gpus=4)
+    w.run(w.job(gpus=2), [("c-n0", [0, 1])])
+    w.run(w.job(gpus=2), [("c-n1", [0, 1])])
+    four = w.job(gpus=4)
+    assert reasons(w.plan())[four] == {
+        "code": "fragmented", "need": 4, "max_free": 2, "total_free": 4,
+    }  # fmt: skip
+
+
+def test_backfill_only_when_it_ends_before_the_reserved_job_could_start():
+    w = World().cluster(nodes=1, gpus=4)
+    w.run(w.job(gpus=3, wall=2 * HOUR), [("c-n0", [0, 1, 2])], at=NOW)  # frees at NOW + 2 h
+    big = w.job(gpus=4, priority=500)
+    long = w.job(gpus=1, wall=3 * HOUR)
+    short = w.job(gpus=1, wall=1 * HOUR)
+    decisions = w.plan()
+    assert set(placed(decisions)) == {short}
+    assert reasons(decisions)[big]["code"] == "insufficient_gpus"
+    assert reasons(decisions)[long] == {"code": "behind_reservation", "job": big}
+
+
+def test_a_job_too_big_for_the_cluster_does_not_block_the_others():
+    w = World().cluster(nodes=1, gpus=4)
+    huge = w.job(gpus=4, nodes=3, priority=1000)
+    small = w.job(gpus=1, wall=30 * 24 * HOUR)
+    decisions = w.plan()
+    assert set(placed(decisions)) == {small}
+    assert reasons(decisions)[huge]["code"] == "gang_incomplete"
+
+
+def test_preemption_takes_only_preemptible_lower_priority_jobs_where_allowed():
+    w = World().cluster(nodes=1, gpus=4, preemption=True)
+    keep = w.job(gpus=2, priority=-500)  # not preemptible
+    w.run(keep, [("c-n0", [0, 1])])
+    victim = w.job(gpus=2, priority=-500, preemptible=True)
+    w.run(victim, [("c-n0", [2, 3])])
+    urgent = w.job(gpus=2, priority=500)
+    decisions = w.plan()
+    preempted = [e.data["jobId"] for _s, e in decisions if e.type == "JobPreempted"]
+    assert preempted == [victim]
+    assert reasons(decisions)[urgent] == {"code": "preempting", "victims": [victim]}
+    assert placed(w.plan()) == {urgent: [{"node": "c-n0", "gpus": [2, 3]}]}
+    assert w.models.jobs[victim].state == "queued" and w.models.jobs[keep].state == "running"
+
+
+def test_no_preemption_where_the_cluster_does_not_allow_it_or_for_equal_priority():
+    for preemption, priority in ((False, 500), (True, -500)):
+        w = World().cluster(nodes=1, gpus=4, preemption=preemption)
+        w.run(w.job(gpus=4, priority=-500, preemptible=True), [("c-n0", [0, 1, 2, 3])])
+        w.job(gpus=4, priority=priority)
+        assert not [e for _s, e in w.plan() if e.type == "JobPreempted"]
+
+
+def test_pending_reasons_for_scaling_and_missing_clusters_recorded_only_when_they_change():
+    w = World().cluster(nodes=0, resizing=True)
+    job = w.job(gpus=1)
+    assert reasons(w.plan())[job] == {"code": "cluster_scaling", "ready_nodes": 0}
+    assert w.plan() == []  # the same reason again: nothing to record
+    w.apply("ClusterDeleted", clusterId="c")
+    assert reasons(w.plan())[job] == {"code": "cluster_missing"}
+
+
+def test_jobs_past_their_wall_clock_are_terminated_with_that_reason():
+    w = World().cluster(nodes=1)
+    late, fine = w.job(gpus=1, wall=60), w.job(gpus=1, wall=3600)
+    w.run(late, [("c-n0", [0])])
+    w.run(fine, [("c-n0", [1])])
+    w.models.jobs[late].started_at = w.models.jobs[fine].started_at = NOW - 120 * 1_000_000
+    decisions = overdue(w.models, NOW)
+    assert [(e.type, e.data["jobId"]) for _s, e in decisions] == [("JobTerminateRequested", late)]
+    assert "maxWallClockTime" in decisions[0][1].data["reason"]
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(
+    nodes=st.integers(1, 4),
+    running=st.lists(st.tuples(st.integers(0, 3), st.integers(1, 4)), max_size=6),
+    queued=st.lists(
+        st.tuples(
+            st.sampled_from([1, 2, 4]),
+            st.integers(1, 2),
+            st.sampled_from([-500, 0, 500]),
+            st.integers(1, 48),
+        ),
+        max_size=12,
+    ),
+)
+def test_placements_never_overcommit_and_never_pass_over_a_job_that_fit(nodes, running, queued):
+    w = World().cluster(nodes=nodes, gpus=4)
+    free = {f"c-n{i}": list(range(4)) for i in range(nodes)}
+    for node_index, gpus in running:
+        node = f"c-n{node_index % nodes}"
+        if len(free[node]) >= gpus:
+            take, free[node] = free[node][:gpus], free[node][gpus:]
+            w.run(w.job(gpus=gpus), [(node, take)], at=NOW)
+    for gpus, count, priority, hours in queued:
+        w.job(gpus=gpus, nodes=count, priority=priority, wall=hours * HOUR)
+    order = [j.job_id for j in sorted(
+        (j for j in w.models.jobs.values() if j.state == "queued"),
+        key=lambda j: (-j.priority, j.submitted_position))]  # fmt: skip
+    decisions = w.plan()
+    got = placed(decisions)
+    # no GPU twice, none beyond a node's four, gangs on distinct nodes
+    held = [(t["node"], g) for tasks in got.values() for t in tasks for g in t["gpus"]]
+    assert len(held) == len(set(held)) and all(g in free[n] for n, g in held)
+    for tasks in got.values():
+        assert len({t["node"] for t in tasks}) == len(tasks)
+    # replay the queue: a job not placed either did not fit in what was left when its turn came,
+    # or waits behind the reservation of an earlier blocked job
+    left = {n: len(f) for n, f in free.items()}
+    blocked = False
+    for job_id in order:
+        job = w.models.jobs[job_id]
+        if job_id in got:
+            for t in got[job_id]:
+                left[t["node"]] -= len(t["gpus"])
+            continue
+        fits = sum(1 for n in left.values() if n >= job.gpus_per_node) >= job.node_count
+        assert not fits or blocked, f"{job_id} fit and was passed over"
+        blocked = True
