@@ -235,6 +235,31 @@ class EventStore:
         None skips the check. Raises ConcurrencyError, FencedError, StoreUnavailable (ambiguous:
         retry with the same events), DuplicateEventError.
         """
+        return await self._enqueue(stream, events, expected_version)
+
+    async def append_many(
+        self, appends: Sequence[tuple[str, Sequence[NewEvent], int | None]]
+    ) -> list[list[int] | Exception]:
+        """Several appends at once, `(stream, events, expected_version)` each: every one is
+        checked and committed as `append` would (group commit puts them in few transactions),
+        and its positions, or the error that refused it, come back in the same order.
+
+        A scheduler cycle's decisions go in this way: one call instead of one per event.
+        """
+        futures = []
+        for stream, events, expected_version in appends:
+            try:
+                futures.append(self._enqueue(stream, events, expected_version))
+            except (ValueError, errors.StoreError) as exc:
+                done = asyncio.get_running_loop().create_future()
+                done.set_exception(exc)
+                futures.append(done)
+        return await asyncio.gather(*futures, return_exceptions=True)
+
+    def _enqueue(
+        self, stream: str, events: Sequence[NewEvent], expected_version: int | None
+    ) -> asyncio.Future:
+        """Check and encode an append and queue it for the writer; its future gets the result."""
         self._check_writable()
         if not _STREAM_NAME.match(stream):
             raise ValueError(f"invalid stream name {stream!r}")
@@ -250,7 +275,7 @@ class EventStore:
         self._pending.set()
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write_loop(), name="event-store-writer")
-        return await future
+        return future
 
     def _check_writable(self) -> None:
         if self.readonly:

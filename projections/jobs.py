@@ -59,7 +59,7 @@ def submitted(m: ReadModels, e: RecordedEvent) -> None:
 def pending_reason_changed(m: ReadModels, e: RecordedEvent) -> None:
     job = m.jobs.get(e.data["jobId"])
     if job is not None and lifecycle.allowed(job.state, e.type):
-        job.pending_reason = e.data["reason"]
+        job.pending_reason, job.pending_reason_at = e.data["reason"], e.recorded_at
 
 
 def scheduled(m: ReadModels, e: RecordedEvent) -> None:

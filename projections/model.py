@@ -133,6 +133,7 @@ class Job:
     exit_code: int | None = None
     errors: list[dict[str, Any]] = field(default_factory=list)
     terminate_requested_by: str | None = None
+    pending_reason_at: int = 0  # when the pending reason was last recorded
 
 
 @dataclass(slots=True)

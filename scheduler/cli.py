@@ -129,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     replay.add_argument("--projections", choices=("none", "all"), default="none")
     replay.add_argument("--json", action="store_true", help="print one JSON line")
+    schedule = bench_sub.add_parser("schedule", help="placement throughput of the planner")
+    _bench_store_flag(schedule)
+    schedule.add_argument("--jobs", type=_positive, default=10_000, help="(default 10000)")
+    schedule.add_argument("--nodes", type=_positive, default=1000, help="(default 1000)")
+    schedule.add_argument("--gpus-per-node", type=_positive, default=8, help="(default 8)")
+    schedule.add_argument("--json", action="store_true", help="print one JSON line")
     memory = bench_sub.add_parser("memory", help="memory of the read models of N jobs, M nodes")
     memory.add_argument("--jobs", type=_positive, default=100_000, help="(default 100000)")
     memory.add_argument("--nodes", type=_positive, default=1000, help="(default 1000)")
@@ -148,7 +154,7 @@ def _bench_store_flag(parser: argparse.ArgumentParser) -> None:
 
 def _dispatch(args: argparse.Namespace):
     from batchd.scheduler import cli_log, cli_replay, daemon
-    from batchd.scheduler.bench import append, memory, replay
+    from batchd.scheduler.bench import append, memory, replay, schedule
 
     if args.command == "serve":
         return daemon.main(args)
@@ -160,7 +166,10 @@ def _dispatch(args: argparse.Namespace):
         return cli_replay.job_history(args)
     if args.command == "audit":
         return cli_log.verify(args)
-    benches = {"append": append.main, "replay": replay.main, "memory": memory.main}
+    benches = {
+        "append": append.main, "replay": replay.main, "memory": memory.main,
+        "schedule": schedule.main,
+    }  # fmt: skip
     return benches[args.bench_command](args)
 
 

@@ -11,8 +11,10 @@ smaller job may start before it (backfill) only if its own wall-clock limit ends
 backfill never delays the reserved job. On a cluster with `preemption`, a blocked job may
 preempt running `preemptible` jobs of lower priority when that frees what it needs.
 
-Every queued job that does not start gets a pending reason from a closed set, recorded only
-when it changes:
+Every queued job that does not start gets a pending reason from a closed set. A new reason is
+recorded at once; when only its numbers change (`max_free`, `free_nodes`, ...) it is recorded
+again at most every `REASON_REFRESH_S` seconds, so a busy cluster does not log a new reason
+for every queued job at every cycle. The reasons:
 
 - `cluster_missing{}`: its cluster was deleted;
 - `cluster_scaling{ready_nodes}`: the cluster is resizing and has too few ready nodes yet;
@@ -20,7 +22,7 @@ when it changes:
   whole has fewer free GPUs than one node of the job needs (capacity);
 - `fragmented{need, max_free, total_free}`: enough GPUs are free, but spread over nodes;
 - `gang_incomplete{need_nodes, free_nodes}`: fewer than `nodeCount` nodes could hold a task;
-- `behind_reservation{job}`: it would fit, but would delay the reserved job;
+- `behind_reservation{}`: it would fit, but would delay the job holding the reservation;
 - `preempting{victims}`: running jobs are being preempted to make room for it.
 """
 
@@ -37,6 +39,7 @@ from batchd.projections.model import READY, Cluster, Job, ReadModels
 
 Decision = tuple[str, NewEvent]  # (stream, event)
 NEVER = float("inf")
+REASON_REFRESH_S = 300  # least seconds between two records of a reason whose code is the same
 
 
 @dataclass(slots=True)
@@ -124,7 +127,7 @@ def plan(m: ReadModels, now: int) -> list[Decision]:
         cluster = m.clusters.get(cluster_id)
         if cluster is None:
             for job in waiting:
-                _reason(decisions, job, {"code": "cluster_missing"})
+                _reason(decisions, job, {"code": "cluster_missing"}, now)
             continue
         _plan_cluster(m, cluster, waiting, now, decisions)
     return decisions
@@ -135,16 +138,22 @@ def _plan_cluster(
 ) -> None:
     capacity = _capacity(m, cluster)
     reserved: tuple[Job, float] | None = None  # the first blocked job, and when it can start
+    why: dict[tuple[int, int], dict[str, Any]] = {}  # reasons by shape, while capacity holds
     for job in waiting:
         need, nodes = _need(job, capacity), job.node_count
         if reserved is not None and not _ends_before(job, now, reserved[1]):
-            if capacity.fitting(need) >= nodes:
-                _reason(out, job, {"code": "behind_reservation", "job": reserved[0].job_id})
-            else:
-                _reason(out, job, _why(cluster, capacity, job))
+            reason = why.get((need, nodes))
+            if reason is None:
+                reason = why[need, nodes] = (
+                    {"code": "behind_reservation"}
+                    if capacity.fitting(need) >= nodes
+                    else _why(cluster, capacity, need, nodes)
+                )
+            _reason(out, job, reason, now)
             continue
         tasks = capacity.take(need, nodes)
         if tasks is not None:
+            why.clear()
             attempt = job.attempt + 1
             placed = [{"node": node_id, "gpus": gpus} for node_id, gpus in tasks]
             out.append((f"job-{job.job_id}", NewEvent(
@@ -160,11 +169,12 @@ def _plan_cluster(
                         {"jobId": victim.job_id, "attempt": victim.attempt, "by": job.job_id},
                     )))  # fmt: skip
                 reason = {"code": "preempting", "victims": [v.job_id for v in victims]}
-                _reason(out, job, reason)
+                _reason(out, job, reason, now)
                 reserved = (job, now)  # room is being made for it: nothing passes it now
                 continue
             reserved = (job, _start_estimate(m, cluster, job))
-        _reason(out, job, _why(cluster, capacity, job))
+            why.clear()
+        _reason(out, job, _why(cluster, capacity, need, nodes), now)
 
 
 def _need(job: Job, capacity: _Capacity) -> int:
@@ -172,8 +182,7 @@ def _need(job: Job, capacity: _Capacity) -> int:
     return job.gpus_per_node or max(capacity.gpus.values(), default=0)
 
 
-def _why(cluster: Cluster, capacity: _Capacity, job: Job) -> dict[str, Any]:
-    need, nodes = _need(job, capacity), job.node_count
+def _why(cluster: Cluster, capacity: _Capacity, need: int, nodes: int) -> dict[str, Any]:
     ready = len(capacity.gpus)
     if cluster.allocation_state == "resizing" and ready < nodes:
         return {"code": "cluster_scaling", "ready_nodes": ready}
@@ -187,11 +196,19 @@ def _why(cluster: Cluster, capacity: _Capacity, job: Job) -> dict[str, Any]:
     return {"code": "insufficient_gpus", "need": need, "max_free": max_free}
 
 
-def _reason(out: list[Decision], job: Job, reason: dict[str, Any]) -> None:
-    if job.pending_reason != reason:
-        out.append((f"job-{job.job_id}", NewEvent(
-            "JobPendingReasonChanged", {"jobId": job.job_id, "reason": reason},
-        )))  # fmt: skip
+def _reason(out: list[Decision], job: Job, reason: dict[str, Any], now: int) -> None:
+    recorded = job.pending_reason
+    if recorded == reason:
+        return
+    if (
+        recorded is not None
+        and recorded.get("code") == reason["code"]
+        and now - job.pending_reason_at < REASON_REFRESH_S * 1_000_000
+    ):
+        return
+    out.append((f"job-{job.job_id}", NewEvent(
+        "JobPendingReasonChanged", {"jobId": job.job_id, "reason": reason},
+    )))  # fmt: skip
 
 
 def _ends_before(job: Job, now: int, deadline: float) -> bool:

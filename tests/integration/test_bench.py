@@ -38,3 +38,11 @@ def test_bench_memory_measures_the_read_models():
     result = _json("memory", "--jobs", "2000", "--nodes", "20")
     assert result["jobs"] == 2000 and result["nodes"] == 20
     assert result["read_models_mib"] >= 0 and result["rss_after_mib"] > 0
+
+
+def test_bench_schedule_places_every_job_and_checks_each_cycle():
+    result = _json("schedule", "--jobs", "600", "--nodes", "40", "--gpus-per-node", "8")
+    assert result["jobs"] == 600 and result["checked"] is True
+    assert result["cycles"] >= 2 and result["placements_per_s"] > 0
+    assert result["cycle_p99_ms"] >= result["cycle_p50_ms"] > 0
+    assert result["events"] >= 600  # one JobScheduled per job, and the pending reasons

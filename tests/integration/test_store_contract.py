@@ -270,6 +270,20 @@ async def test_a_bad_append_is_refused_alone_and_fails_no_other(store):
     assert [e.stream for e in await store.read_all()] == ["job-good-1", "job-good-2"]
 
 
+async def test_append_many_answers_each_append_in_order(store):
+    await store.append("job-a", [ev()], NO_STREAM)
+    results = await store.append_many([
+        ("job-b", [ev(), ev()], NO_STREAM),
+        ("job-a", [ev()], NO_STREAM),  # job-a exists: refused alone
+        ("not a stream!", [ev()], None),  # refused before it is queued
+        ("job-a", [ev()], 1),
+    ])  # fmt: skip
+    assert results[0] == [2, 3] and results[3] == [4]
+    assert isinstance(results[1], errors.ConcurrencyError)
+    assert isinstance(results[2], ValueError)
+    assert [e.stream for e in await store.read_all()] == ["job-a", "job-b", "job-b", "job-a"]
+
+
 async def test_a_fresh_writer_appending_to_an_existing_stream_as_new_is_refused(store_url):
     first = await urls.open_store(store_url)
     try:

@@ -119,7 +119,7 @@ def test_backfill_only_when_it_ends_before_the_reserved_job_could_start():
     decisions = w.plan()
     assert set(placed(decisions)) == {short}
     assert reasons(decisions)[big]["code"] == "insufficient_gpus"
-    assert reasons(decisions)[long] == {"code": "behind_reservation", "job": big}
+    assert reasons(decisions)[long] == {"code": "behind_reservation"}
 
 
 def test_a_job_too_big_for_the_cluster_does_not_block_the_others():
