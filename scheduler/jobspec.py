@@ -188,7 +188,7 @@ def parse_job(document: Any) -> JobSpec:
     properties, prefix = unwrap(document)
     props = JOB_PROPERTIES(properties, prefix)
     toolkits = [k for k in TOOLKITS if k in props]
-    where = prefix or "the document"
+    where = prefix  # "" is reported as "the document"
     if not toolkits:
         raise DocumentError(where, f"needs a command: customToolkitSettings.commandLine or one of "
                                    f"{', '.join(TOOLKITS[:-1])}")  # fmt: skip

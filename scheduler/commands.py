@@ -1,0 +1,252 @@
+"""Commands: requests validated against the read models and turned into events.
+
+Each command is a pure function `(models, ..., actor) -> list[Decision]` returning the events
+to append (stream, event); nothing is appended when it raises. `DocumentError` names a field
+of the request; `CommandError` says why the request cannot apply to what exists (`status`
+is the HTTP status the API answers with: 404 for something missing, 409 for a conflict).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from batchd.events.envelope import NewEvent
+from batchd.projections import lifecycle
+from batchd.projections.model import LIVE_STATES, Job, ReadModels, job_key
+from batchd.scheduler.clusterspec import max_nodes, parse_cluster, parse_scale_settings
+from batchd.scheduler.jobspec import parse_job
+from batchd.scheduler.planner import Decision
+from batchd.scheduler.schema import DocumentError, string
+from batchd.scheduler.vmsizes import CATALOG, Catalog
+
+NAME_RULE = "1-64 letters, digits, '-' or '_'"
+NewId = Callable[[], str]
+
+
+class CommandError(ValueError):
+    def __init__(self, message: str, status: int = 409) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _uuid() -> str:
+    return str(uuid.uuid4())
+
+
+_NAME = string(max_len=64, pattern=r"[-\w]+", what=NAME_RULE)
+
+
+def _check_name(kind: str, name: str) -> None:
+    _NAME(name, f"{kind} name")
+
+
+def _event(stream: str, type_: str, data: dict[str, Any], actor: str) -> Decision:
+    return (stream, NewEvent(type_, data, actor))
+
+
+# -- workspaces and experiments ----------------------------------------------------------------
+def create_workspace(m: ReadModels, workspace: str, actor: str) -> list[Decision]:
+    _check_name("workspace", workspace)
+    if workspace in m.workspaces:
+        raise CommandError(f"workspace {workspace!r} exists already")
+    return [_event(f"workspace-{workspace}", "WorkspaceCreated", {"workspace": workspace}, actor)]
+
+
+def delete_workspace(m: ReadModels, workspace: str, actor: str) -> list[Decision]:
+    _workspace(m, workspace)
+    clusters = [c.name for c in m.clusters.values() if c.workspace == workspace]
+    experiments = [x.name for x in m.experiments.values() if x.workspace == workspace]
+    if clusters or experiments:
+        raise CommandError(
+            f"workspace {workspace!r} still holds clusters {clusters} and experiments "
+            f"{experiments}: delete them first"
+        )
+    return [_event(f"workspace-{workspace}", "WorkspaceDeleted", {"workspace": workspace}, actor)]
+
+
+def create_experiment(m: ReadModels, workspace: str, experiment: str, actor: str) -> list[Decision]:
+    _workspace(m, workspace)
+    _check_name("experiment", experiment)
+    if f"{workspace}/{experiment}" in m.experiments:
+        raise CommandError(f"experiment {experiment!r} exists already in {workspace!r}")
+    data = {"workspace": workspace, "experiment": experiment}
+    return [_event(f"experiment-{workspace}/{experiment}", "ExperimentCreated", data, actor)]
+
+
+def delete_experiment(m: ReadModels, workspace: str, experiment: str, actor: str) -> list[Decision]:
+    """Deleting an experiment terminates its live jobs (as Batch AI did)."""
+    _experiment(m, workspace, experiment)
+    out = [
+        _event(f"job-{j.job_id}", "JobTerminateRequested",
+               {"jobId": j.job_id, "reason": f"experiment {experiment} deleted"}, actor)
+        for j in m.jobs.values()
+        if j.workspace == workspace and j.experiment == experiment
+        and lifecycle.allowed(j.state, "JobTerminateRequested")
+    ]  # fmt: skip
+    data = {"workspace": workspace, "experiment": experiment}
+    out.append(_event(f"experiment-{workspace}/{experiment}", "ExperimentDeleted", data, actor))
+    return out
+
+
+def _workspace(m: ReadModels, workspace: str) -> None:
+    if workspace not in m.workspaces:
+        raise CommandError(f"no workspace {workspace!r}", 404)
+
+
+def _experiment(m: ReadModels, workspace: str, experiment: str) -> None:
+    _workspace(m, workspace)
+    if f"{workspace}/{experiment}" not in m.experiments:
+        raise CommandError(f"no experiment {experiment!r} in workspace {workspace!r}", 404)
+
+
+# -- clusters ----------------------------------------------------------------------------------
+def create_cluster(
+    m: ReadModels, workspace: str, name: str, document: Any, actor: str,
+    catalog: Catalog = CATALOG, new_id: NewId = _uuid,
+) -> list[Decision]:  # fmt: skip
+    _workspace(m, workspace)
+    _check_name("cluster", name)
+    spec = parse_cluster(document, catalog)
+    if f"{workspace}/{name}" in m.cluster_ids:
+        raise CommandError(f"cluster {name!r} exists already in {workspace!r}")
+    properties = {**spec.properties, "vmSize": spec.vm_size.name,
+                  "scaleSettings": spec.scale_settings}  # fmt: skip
+    data = {"clusterId": new_id(), "workspace": workspace, "name": name, "spec": properties}
+    return [_event(f"cluster-{workspace}/{name}", "ClusterCreated", data, actor)]
+
+
+def _cluster(m: ReadModels, workspace: str, name: str):
+    _workspace(m, workspace)
+    cluster_id = m.cluster_ids.get(f"{workspace}/{name}")
+    if cluster_id is None:
+        raise CommandError(f"no cluster {name!r} in workspace {workspace!r}", 404)
+    return m.clusters[cluster_id]
+
+
+def update_scale_settings(
+    m: ReadModels, workspace: str, name: str, document: Any, actor: str
+) -> list[Decision]:
+    """PATCH: only `scaleSettings` may change (Batch AI's rule)."""
+    cluster = _cluster(m, workspace, name)
+    if not isinstance(document, dict):
+        raise DocumentError("", "must be a JSON object")
+    body = document.get("properties", document)
+    other = [k for k in body if k != "scaleSettings"] if isinstance(body, dict) else []
+    if other:
+        raise DocumentError(
+            other[0], "cannot be changed: a cluster update changes only scaleSettings"
+        )
+    if not isinstance(body, dict) or "scaleSettings" not in body:
+        raise DocumentError("scaleSettings", "is required")
+    settings = parse_scale_settings(body["scaleSettings"])
+    if cluster.deleting:
+        raise CommandError(f"cluster {name!r} is being deleted")
+    data = {"clusterId": cluster.cluster_id, "scaleSettings": settings}
+    return [_event(f"cluster-{workspace}/{name}", "ClusterScaleSettingsChanged", data, actor)]
+
+
+def delete_cluster(m: ReadModels, workspace: str, name: str, actor: str) -> list[Decision]:
+    """Ask to delete; with no nodes left the cluster goes at once, else once they are removed."""
+    cluster = _cluster(m, workspace, name)
+    data = {"clusterId": cluster.cluster_id}
+    out = [] if cluster.deleting else [
+        _event(f"cluster-{workspace}/{name}", "ClusterDeleteRequested", data, actor)
+    ]  # fmt: skip
+    if not cluster.nodes:
+        out.append(_event(f"cluster-{workspace}/{name}", "ClusterDeleted", data, actor))
+    return out
+
+
+# -- jobs --------------------------------------------------------------------------------------
+def submit_job(
+    m: ReadModels, workspace: str, experiment: str, name: str, document: Any, actor: str,
+    cluster: str | None = None, catalog: Catalog = CATALOG, new_id: NewId = _uuid,
+) -> list[Decision]:  # fmt: skip
+    """Validate a job document against the cluster it names and return its JobSubmitted.
+
+    `cluster` (a name, as `--cluster` gives it) is used when the document names none; a
+    Batch AI resource id (`.../workspaces/W/clusters/C`) names cluster C of workspace W.
+    """
+    _experiment(m, workspace, experiment)
+    _check_name("job", name)
+    spec = parse_job(document)
+    where = "properties." if isinstance(document, dict) and "properties" in document else ""
+    target_ws, target = _cluster_reference(spec.cluster or cluster, workspace, where)
+    cluster_id = m.cluster_ids.get(f"{target_ws}/{target}")
+    if cluster_id is None:
+        raise DocumentError(f"{where}cluster", f"no cluster {target!r} in workspace {target_ws!r}")
+    c = m.clusters[cluster_id]
+    if c.deleting:
+        raise DocumentError(f"{where}cluster", f"cluster {target!r} is being deleted")
+    limit = max_nodes(c.scale_settings)
+    if spec.node_count > limit:
+        rule = f"{spec.node_count} is more than cluster {target!r} can hold ({limit} nodes at most)"
+        raise DocumentError(f"{where}nodeCount", rule)
+    size = catalog.get(c.vm_size)
+    gpus = size.gpus if size is not None else 0
+    if spec.gpus_per_node is not None and size is not None and spec.gpus_per_node > gpus:
+        rule = f"{spec.gpus_per_node} is more than the {gpus} GPUs of {size.name}"
+        raise DocumentError(f"{where}gpusPerNode", rule)
+    _name_free(m, workspace, experiment, name)
+    job_id = new_id()
+    data = {
+        "jobId": job_id, "workspace": workspace, "experiment": experiment, "name": name,
+        "cluster": cluster_id, "owner": actor.removeprefix("user:"), "priority": spec.priority,
+        "nodeCount": spec.node_count,
+        "gpusPerNode": spec.gpus_per_node if spec.gpus_per_node is not None else gpus,
+        "maxRetries": spec.max_retries, "maxNodeFailureRetries": spec.max_node_failure_retries,
+        "preemptible": spec.preemptible, "maxWallClockTime": spec.max_wall_clock_s,
+        "spec": spec.properties,
+    }  # fmt: skip
+    return [_event(f"job-{job_id}", "JobSubmitted", data, actor)]
+
+
+def _cluster_reference(reference: str | None, workspace: str, where: str) -> tuple[str, str]:
+    if not reference:
+        raise DocumentError(f"{where}cluster", "is required (or name the cluster on the command)")
+    parts = reference.strip("/").split("/")
+    if len(parts) == 1:
+        return workspace, parts[0]
+    lowered = [p.lower() for p in parts]
+    if "clusters" in lowered and "workspaces" in lowered:
+        ws = parts[lowered.index("workspaces") + 1]
+        name = parts[lowered.index("clusters") + 1]
+        return ws, name
+    raise DocumentError(f"{where}cluster", f"{reference!r} is neither a cluster name nor a "
+                                           "Batch AI cluster resource id")  # fmt: skip
+
+
+def _name_free(m: ReadModels, workspace: str, experiment: str, name: str) -> None:
+    ids = m.job_ids.get(job_key(workspace, experiment, name), [])
+    if ids and ids[-1] in m.jobs:
+        raise CommandError(f"job {name!r} exists already in {workspace}/{experiment}")
+
+
+def _job(m: ReadModels, workspace: str, experiment: str, name: str) -> Job:
+    ids = m.job_ids.get(job_key(workspace, experiment, name), [])
+    if not ids or ids[-1] not in m.jobs:
+        raise CommandError(f"no job {name!r} in {workspace}/{experiment}", 404)
+    return m.jobs[ids[-1]]
+
+
+def terminate_job(
+    m: ReadModels, workspace: str, experiment: str, name: str, actor: str
+) -> list[Decision]:
+    job = _job(m, workspace, experiment, name)
+    lifecycle.check(job.state, "JobTerminateRequested")
+    data = {"jobId": job.job_id, "reason": f"terminated by {actor}"}
+    return [_event(f"job-{job.job_id}", "JobTerminateRequested", data, actor)]
+
+
+def delete_job(
+    m: ReadModels, workspace: str, experiment: str, name: str, actor: str
+) -> list[Decision]:
+    job = _job(m, workspace, experiment, name)
+    if job.state in LIVE_STATES:
+        raise CommandError(
+            f"cannot delete a job that is {job.state}: terminate it first, then delete it"
+        )
+    lifecycle.check(job.state, "JobDeleted")
+    return [_event(f"job-{job.job_id}", "JobDeleted", {"jobId": job.job_id}, actor)]

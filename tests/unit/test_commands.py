@@ -1,0 +1,141 @@
+"""Commands: validated against the read models, turned into events; refused with nothing to
+append, naming the field or the conflict."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import uuid
+from pathlib import Path
+
+import pytest
+
+from batchd.events.envelope import RecordedEvent
+from batchd.projections import fold
+from batchd.projections.lifecycle import InvalidTransition
+from batchd.projections.model import ReadModels
+from batchd.scheduler import commands
+from batchd.scheduler.commands import CommandError
+from batchd.scheduler.schema import DocumentError
+
+RECIPES = sorted((Path(__file__).parents[1] / "data" / "batchai-recipes").glob("*.json"))
+JOB = {"nodeCount": 1, "stdOutErrPathPrefix": "/logs",
+       "customToolkitSettings": {"commandLine": "python train.py"}}  # fmt: skip
+AUTO = {"autoScale": {"minimumNodeCount": 0, "maximumNodeCount": 4}}
+CLUSTER = {"vmSize": "Standard_NC24s_v3", "scaleSettings": AUTO}
+
+
+class World:
+    def __init__(self) -> None:
+        self.m = ReadModels()
+        self.ids = itertools.count(1)
+
+    def do(self, decisions) -> list:
+        for stream, event in decisions:
+            n = self.m.position + 1
+            fold.apply(self.m, RecordedEvent(n, event.event_id, stream, 1, event.type, 1, n,
+                                             event.actor, None, None, event.data, b""))  # fmt: skip
+        return decisions
+
+    def new_id(self) -> str:
+        return f"id-{next(self.ids)}"
+
+
+@pytest.fixture
+def w() -> World:
+    w = World()
+    w.do(commands.create_workspace(w.m, "ws", "user:ops"))
+    w.do(commands.create_experiment(w.m, "ws", "exp", "user:ops"))
+    w.do(commands.create_cluster(w.m, "ws", "gpu", CLUSTER, "user:ops", new_id=w.new_id))
+    return w
+
+
+def test_a_job_is_submitted_with_what_the_scheduler_needs(w):
+    [(stream, event)] = w.do(commands.submit_job(w.m, "ws", "exp", "train", JOB, "user:ann",
+                                                 cluster="gpu", new_id=w.new_id))  # fmt: skip
+    assert event.type == "JobSubmitted" and stream == f"job-{event.data['jobId']}"
+    assert event.data["cluster"] == "id-1" and event.data["owner"] == "ann"
+    assert event.data["gpusPerNode"] == 4  # every GPU of an NC24s_v3 by default
+    assert w.m.jobs[event.data["jobId"]].state == "queued"
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_every_recipe_is_accepted_on_a_named_cluster(w, recipe):
+    document = json.loads(recipe.read_text())
+    [(_s, event)] = commands.submit_job(w.m, "ws", "exp", "r", document, "user:ann", cluster="gpu")
+    assert event.data["nodeCount"] == document["properties"]["nodeCount"]
+
+
+def test_a_batch_ai_resource_id_names_the_cluster(w):
+    rid = (
+        "/subscriptions/s/resourceGroups/rg/providers/Microsoft.BatchAI/workspaces/ws/clusters/gpu"
+    )
+    [(_s, event)] = commands.submit_job(w.m, "ws", "exp", "j", {**JOB, "cluster": {"id": rid}},
+                                        "user:ann")  # fmt: skip
+    assert event.data["cluster"] == "id-1"
+
+
+@pytest.mark.parametrize(
+    ("change", "where", "rule"),
+    [
+        ({"cluster": "nope"}, "cluster", "no cluster 'nope'"),
+        ({"nodeCount": 5}, "nodeCount", "more than cluster 'gpu' can hold (4 nodes at most)"),
+        ({"gpusPerNode": 8}, "gpusPerNode", "more than the 4 GPUs of Standard_NC24s_v3"),
+        ({"pyTorchSettings": {"pythonScriptFilePath": "x.py"}}, "", "not both"),
+        ({"schedulingPriority": "asap"}, "schedulingPriority", "one of low, normal, high"),
+        ({"constraints": {"maxWallClockTime": "-1:00:00"}}, "constraints.maxWallClockTime",
+         "negative"),
+        ({"magic": True}, "magic", "not a known property"),
+    ],
+)  # fmt: skip
+def test_bad_jobs_are_refused_by_field(w, change, where, rule):
+    with pytest.raises(DocumentError) as refused:
+        commands.submit_job(w.m, "ws", "exp", "j", {**JOB, **change}, "user:ann", cluster="gpu")
+    assert refused.value.path == where and rule in refused.value.rule
+
+
+def test_names_conflicts_and_lifecycle(w):
+    w.do(commands.submit_job(w.m, "ws", "exp", "j", JOB, "user:ann", cluster="gpu"))
+    with pytest.raises(CommandError, match="exists already") as conflict:
+        commands.submit_job(w.m, "ws", "exp", "j", JOB, "user:ann", cluster="gpu")
+    assert conflict.value.status == 409
+    with pytest.raises(CommandError, match="terminate it first"):
+        commands.delete_job(w.m, "ws", "exp", "j", "user:ann")
+    w.do(commands.terminate_job(w.m, "ws", "exp", "j", "user:bob"))
+    with pytest.raises(InvalidTransition, match="cannot terminate a job that is terminating"):
+        commands.terminate_job(w.m, "ws", "exp", "j", "user:bob")
+    job_id = w.m.job_ids["ws/exp/j"][-1]
+    w.do([(f"job-{job_id}", _event("JobTerminated", jobId=job_id))])
+    w.do(commands.delete_job(w.m, "ws", "exp", "j", "user:ann"))
+    w.do(commands.submit_job(w.m, "ws", "exp", "j", JOB, "user:ann", cluster="gpu"))  # reused
+    assert len(w.m.job_ids["ws/exp/j"]) == 2
+    with pytest.raises(CommandError) as missing:
+        commands.terminate_job(w.m, "ws", "exp", "other", "user:bob")
+    assert missing.value.status == 404
+
+
+def _event(type_, **data):
+    from batchd.events.envelope import NewEvent
+
+    return NewEvent(type_, data, "scheduler", event_id=uuid.uuid4())
+
+
+def test_workspaces_experiments_and_clusters(w):
+    with pytest.raises(DocumentError, match="workspace name"):
+        commands.create_workspace(w.m, "bad name!", "user:ops")
+    with pytest.raises(CommandError, match="still holds clusters"):
+        commands.delete_workspace(w.m, "ws", "user:ops")
+    with pytest.raises(DocumentError, match="only scaleSettings"):
+        commands.update_scale_settings(w.m, "ws", "gpu", {"vmSize": "Standard_NC6"}, "user:ops")
+    w.do(
+        commands.update_scale_settings(
+            w.m, "ws", "gpu", {"scaleSettings": {"manual": {"targetNodeCount": 2}}}, "user:ops"
+        )
+    )
+    assert w.m.clusters["id-1"].scale_settings == {"manual": {"targetNodeCount": 2}}
+    w.do(commands.submit_job(w.m, "ws", "exp", "j", JOB, "user:ann", cluster="gpu"))
+    deleted = w.do(commands.delete_experiment(w.m, "ws", "exp", "user:ops"))
+    assert [e.type for _s, e in deleted] == ["JobTerminateRequested", "ExperimentDeleted"]
+    decisions = w.do(commands.delete_cluster(w.m, "ws", "gpu", "user:ops"))
+    assert [e.type for _s, e in decisions] == ["ClusterDeleteRequested", "ClusterDeleted"]
+    assert "ws/gpu" not in w.m.cluster_ids
