@@ -1,0 +1,290 @@
+"""Toolkit translation: a job's toolkit settings become what each node runs, with the
+environment Batch AI gave it.
+
+`translate(properties, job, hosts, paths)` returns one `TaskPlan` per node (task index order),
+each with its shell command (None: the node only hosts MPI ranks or waits on the master), its
+environment and the files to write first (the MPI host file). The agent runs the command with
+`bash -c` in that environment; `$AZ_BATCHAI_*` references in the user's command lines are left
+for the shell, while paths batchd builds are written out in full.
+
+Per toolkit (`processCount` defaults to `nodeCount`):
+
+- `customToolkitSettings`: `commandLine` on the master node (task 0).
+- `customMpiSettings`: `mpirun` on the master, `processCount` ranks over the host file.
+- `horovodSettings`, `chainerSettings`, `cntkSettings` and `caffeSettings`: the script (or, for
+  CNTK BrainScript and Caffe, `cntk configFile=...` / `caffe train --solver=...`) run directly
+  when it is one process on one node, else under `mpirun` on the master.
+- `pyTorchSettings`: the script on every node with `AZ_BATCHAI_PYTORCH_INIT_METHOD`
+  (`tcp://<master>:<port>`) and the torch.distributed variables; with the MPI backend, under
+  `mpirun` on the master instead.
+- `caffe2Settings`: the script on every node.
+- `tensorFlowSettings`: `parameterServerCount` parameter servers (default 1) on the first nodes and
+  `workerCount` workers (default `nodeCount`) round-robin over all nodes; `AZ_BATCHAI_PS_HOSTS`,
+  `AZ_BATCHAI_WORKER_HOSTS` and a `TF_CONFIG` per process; worker 0 gets
+  `masterCommandLineArgs`. A node's parameter servers run in the background and are stopped
+  when its workers end.
+
+Multi-node jobs also get `MASTER_ADDR`, `MASTER_PORT`, `WORLD_SIZE` (the node count) and `RANK`
+(the task index), as DESIGN.md defines them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+from dataclasses import dataclass, field
+from typing import Any
+
+MASTER_PORT = 29500  # torch.distributed rendezvous on the master node
+PS_PORT = 2222  # TensorFlow parameter servers; workers use the next ports
+MPIRUN = "mpirun --allow-run-as-root --hostfile $AZ_BATCHAI_MPI_HOST_FILE"
+
+
+@dataclass(frozen=True, slots=True)
+class Host:
+    node_id: str
+    address: str  # how the other nodes reach it
+    gpus: tuple[int, ...] = ()  # GPU indices assigned to the job's task there
+
+
+@dataclass(frozen=True, slots=True)
+class JobIdentity:
+    workspace: str
+    experiment: str
+    name: str
+    job_id: str
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class Paths:
+    mount_root: str  # cluster mounts ($AZ_BATCHAI_MOUNT_ROOT)
+    job_mount_root: str  # job mounts ($AZ_BATCHAI_JOB_MOUNT_ROOT)
+    job_temp: str  # per-node scratch, wiped between jobs
+    shared_job_temp: str
+
+
+@dataclass(frozen=True, slots=True)
+class TaskPlan:
+    index: int
+    node_id: str
+    command: str | None
+    env: dict[str, str]
+    files: dict[str, str] = field(default_factory=dict)  # path -> content, written first
+
+
+def output_path(prefix: str, suffix: str | None, job: JobIdentity) -> str:
+    """Batch AI's output directory: prefix / job segment / suffix."""
+    segment = f"{job.workspace}/experiments/{job.experiment}/jobs/{job.name}/{job.job_id}"
+    return "/".join(p.rstrip("/") for p in (prefix, segment, suffix or "") if p)
+
+
+def stdouterr_dir(prefix: str, job: JobIdentity) -> str:
+    return (
+        f"{prefix.rstrip('/')}/{job.workspace}/{job.experiment}/{job.name}/{job.attempt}/stdouterr"
+    )
+
+
+def translate(
+    properties: dict[str, Any], job: JobIdentity, hosts: list[Host], paths: Paths,
+    secrets: dict[str, str] | None = None,
+) -> list[TaskPlan]:  # fmt: skip
+    """What each node of `hosts` (task index order) runs for this job attempt."""
+    known = {
+        "AZ_BATCHAI_MOUNT_ROOT": paths.mount_root,
+        "AZ_BATCHAI_JOB_MOUNT_ROOT": paths.job_mount_root,
+        "AZ_BATCHAI_JOB_TEMP": paths.job_temp,
+        "AZ_BATCHAI_SHARED_JOB_TEMP": paths.shared_job_temp,
+    }
+    expand = _expander(known)
+    base = {
+        **known,
+        "AZ_BATCHAI_JOB_NAME": job.name,
+        "AZ_BATCHAI_JOB_ID": job.job_id,
+        "AZ_BATCHAI_EXPERIMENT_NAME": job.experiment,
+        "AZ_BATCHAI_WORKSPACE_NAME": job.workspace,
+        "AZ_BATCHAI_JOB_ATTEMPT": str(job.attempt),
+        "AZ_BATCHAI_STDOUTERR_DIR": stdouterr_dir(expand(properties["stdOutErrPathPrefix"]), job),
+        "AZ_BATCHAI_MPI_HOST_FILE": f"{paths.job_temp}/mpi-hostfile",
+    }
+    for item in properties.get("inputDirectories", ()):
+        base[f"AZ_BATCHAI_INPUT_{item['id'].upper()}"] = expand(item["path"])
+    for item in properties.get("outputDirectories", ()):
+        path = output_path(expand(item["pathPrefix"]), item.get("pathSuffix"), job)
+        base[f"AZ_BATCHAI_OUTPUT_{item['id'].upper()}"] = path
+    for item in properties.get("environmentVariables", ()):
+        base[item["name"]] = item["value"]
+    base.update(secrets or {})
+    nodes = len(hosts)
+    toolkit, settings = _toolkit(properties)
+    commands, extra = _COMMANDS[toolkit](settings, hosts)
+    process_count = settings.get("processCount", nodes) if isinstance(settings, dict) else nodes
+    slots = max(1, math.ceil(process_count / nodes))
+    hostfile = "".join(f"{h.address} slots={slots}\n" for h in hosts)
+    plans = []
+    for index, host in enumerate(hosts):
+        env = {**base, **extra[index], "AZ_BATCHAI_TASK_INDEX": str(index),
+               "AZ_BATCHAI_NUM_GPUS": str(len(host.gpus))}  # fmt: skip
+        if nodes > 1:
+            env.update(MASTER_ADDR=hosts[0].address, MASTER_PORT=str(MASTER_PORT),
+                       WORLD_SIZE=str(nodes), RANK=str(index))  # fmt: skip
+        files = {env["AZ_BATCHAI_MPI_HOST_FILE"]: hostfile}
+        plans.append(TaskPlan(index, host.node_id, commands[index], env, files))
+    return plans
+
+
+def _expander(known: dict[str, str]):
+    def expand(text: str) -> str:
+        for name in sorted(known, key=len, reverse=True):  # longest first: JOB_MOUNT_ROOT
+            text = text.replace(f"${name}", known[name]).replace(f"${{{name}}}", known[name])
+        return text
+
+    return expand
+
+
+def _toolkit(properties: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    for name in _COMMANDS:
+        if name in properties:
+            return name, properties[name]
+    raise ValueError("the job has no toolkit settings")  # parse_job refuses such a job
+
+
+def _python(settings: dict[str, Any]) -> str:
+    interpreter = settings.get("pythonInterpreterPath") or "python"
+    args = settings.get("commandLineArgs")
+    return " ".join(p for p in (interpreter, settings["pythonScriptFilePath"], args) if p)
+
+
+def _master_only(command: str, hosts: list[Host]) -> tuple[list[str | None], list[dict]]:
+    return [command] + [None] * (len(hosts) - 1), [{} for _ in hosts]
+
+
+def _mpi_or_direct(command: str, settings: dict[str, Any], hosts: list[Host]):
+    processes = settings.get("processCount", len(hosts))
+    if processes == 1 and len(hosts) == 1:
+        return _master_only(command, hosts)
+    return _master_only(f"{MPIRUN} -np {processes} {command}", hosts)
+
+
+def _custom(settings, hosts):
+    return _master_only(settings["commandLine"], hosts)
+
+
+def _custom_mpi(settings, hosts):
+    processes = settings.get("processCount", len(hosts))
+    return _master_only(f"{MPIRUN} -np {processes} {settings['commandLine']}", hosts)
+
+
+def _script_mpi(settings, hosts):
+    return _mpi_or_direct(_python(settings), settings, hosts)
+
+
+def _cntk(settings, hosts):
+    if settings.get("configFilePath"):
+        args = settings.get("commandLineArgs")
+        command = f"cntk configFile={settings['configFilePath']}" + (f" {args}" if args else "")
+    else:
+        command = _python(settings)
+    return _mpi_or_direct(command, settings, hosts)
+
+
+def _caffe(settings, hosts):
+    if settings.get("configFilePath"):
+        args = settings.get("commandLineArgs")
+        command = f"caffe train --solver={settings['configFilePath']}" + (
+            f" {args}" if args else ""
+        )
+    else:
+        command = _python(settings)
+    return _mpi_or_direct(command, settings, hosts)
+
+
+def _every_node(settings, hosts):
+    return [_python(settings)] * len(hosts), [{} for _ in hosts]
+
+
+def _pytorch(settings, hosts):
+    init = {"AZ_BATCHAI_PYTORCH_INIT_METHOD": f"tcp://{hosts[0].address}:{MASTER_PORT}"}
+    if settings.get("communicationBackend") == "MPI":
+        commands, _ = _mpi_or_direct(_python(settings), settings, hosts)
+        return commands, [dict(init) for _ in hosts]
+    return [_python(settings)] * len(hosts), [dict(init) for _ in hosts]
+
+
+def _tensorflow(settings, hosts):
+    nodes = len(hosts)
+    workers = settings.get("workerCount", nodes)
+    parameter_servers = settings.get("parameterServerCount", 1) if nodes > 1 else 0
+    interpreter = settings.get("pythonInterpreterPath") or "python"
+    script = settings["pythonScriptFilePath"]
+    if nodes == 1 and workers <= 1:
+        args = settings.get("masterCommandLineArgs") or settings.get("workerCommandLineArgs")
+        return [" ".join(p for p in (interpreter, script, args) if p)], [{}]
+    ps = [(i % nodes, f"{hosts[i % nodes].address}:{PS_PORT + i // nodes}")
+          for i in range(parameter_servers)]  # fmt: skip
+    worker = [(i % nodes, f"{hosts[i % nodes].address}:{PS_PORT + 100 + i // nodes}")
+              for i in range(workers)]  # fmt: skip
+    cluster = {"ps": [a for _n, a in ps], "worker": [a for _n, a in worker]}
+    hosts_env = {"AZ_BATCHAI_PS_HOSTS": ",".join(cluster["ps"]),
+                 "AZ_BATCHAI_WORKER_HOSTS": ",".join(cluster["worker"])}  # fmt: skip
+    commands: list[str | None] = []
+    envs = []
+    for node in range(nodes):
+        background = []
+        for index, (where, _address) in enumerate(ps):
+            if where == node:
+                config = _tf_config(cluster, "ps", index)
+                args = settings.get("parameterServerCommandLineArgs")
+                background.append(_process(interpreter, script, args, config))
+        foreground = []
+        for index, (where, _address) in enumerate(worker):
+            if where == node:
+                config = _tf_config(cluster, "worker", index)
+                key = "masterCommandLineArgs" if index == 0 else "workerCommandLineArgs"
+                args = settings.get(key) or settings.get("workerCommandLineArgs")
+                foreground.append(_process(interpreter, script, args, config, index))
+        commands.append(_node_script(background, foreground))
+        envs.append(dict(hosts_env))
+    return commands, envs
+
+
+def _tf_config(cluster: dict[str, list[str]], role: str, index: int) -> str:
+    return json.dumps({"cluster": cluster, "task": {"type": role, "index": index}})
+
+
+def _process(interpreter: str, script: str, args: str | None, tf_config: str,
+             task_index: int | None = None) -> str:  # fmt: skip
+    """One TensorFlow process in a subshell, so that its arguments see its own variables."""
+    exports = f"export TF_CONFIG={shlex.quote(tf_config)}; "
+    if task_index is not None:
+        exports += f"export AZ_BATCHAI_TASK_INDEX={task_index}; "
+    return f"({exports}exec {' '.join(p for p in (interpreter, script, args) if p)})"
+
+
+def _node_script(background: list[str], foreground: list[str]) -> str | None:
+    """Parameter servers in the background, workers in the foreground; the node's exit code is
+    the first failing worker's (0 when all succeed); the servers stop when the workers end."""
+    if not background and not foreground:
+        return None
+    lines = ["set -m"]  # each process its own group, so a server is stopped with its children
+    lines += [f'{command} & servers="$servers $!"' for command in background]
+    lines += [f'{command} & workers="$workers $!"' for command in foreground]
+    lines.append('rc=0; for w in $workers; do wait "$w"; s=$?; [ "$rc" = 0 ] && rc=$s; done')
+    if background:
+        lines.append('for s in $servers; do kill -- "-$s" 2>/dev/null; done')
+    lines.append("exit $rc")
+    return "\n".join(lines)
+
+
+_COMMANDS = {
+    "customToolkitSettings": _custom,
+    "customMpiSettings": _custom_mpi,
+    "horovodSettings": _script_mpi,
+    "chainerSettings": _script_mpi,
+    "cntkSettings": _cntk,
+    "caffeSettings": _caffe,
+    "caffe2Settings": _every_node,
+    "pyTorchSettings": _pytorch,
+    "tensorFlowSettings": _tensorflow,
+}

@@ -1,0 +1,104 @@
+"""Toolkit translation, pinned on real Batch AI recipes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+from batchd.scheduler.jobspec import parse_job
+from batchd.scheduler.toolkits import Host, JobIdentity, Paths, translate
+
+RECIPES = Path(__file__).parents[1] / "data" / "batchai-recipes"
+JOB = JobIdentity("vision", "mnist", "train", "0190-job", attempt=2)
+PATHS = Paths("/mnt/batch", "/mnt/job", "/tmp/job", "/mnt/shared/job")
+HOSTS = [Host("n0", "10.0.0.4", (0, 1)), Host("n1", "10.0.0.5", (0, 1))]
+
+
+def plans(recipe: str, hosts=HOSTS):
+    properties = parse_job(json.loads((RECIPES / recipe).read_text())).properties
+    return translate(properties, JOB, hosts, PATHS)
+
+
+def test_tensorflow_distributed_gets_ps_and_worker_hosts_and_tf_config():
+    p0, p1 = plans("TensorFlow__TensorFlow-GPU-Distributed__job.json")
+    assert p0.env["AZ_BATCHAI_PS_HOSTS"] == "10.0.0.4:2222"
+    assert p0.env["AZ_BATCHAI_WORKER_HOSTS"] == "10.0.0.4:2322,10.0.0.5:2322"
+    lines = p0.command.splitlines()[1:]  # after `set -m`
+    assert lines[0].startswith("(export TF_CONFIG=") and "--job_name=ps" in lines[0]
+    assert lines[0].endswith(') & servers="$servers $!"')
+    config = json.loads(lines[1].split("'")[1])
+    assert config == {"cluster": {"ps": ["10.0.0.4:2222"],
+                                  "worker": ["10.0.0.4:2322", "10.0.0.5:2322"]},
+                      "task": {"type": "worker", "index": 0}}  # fmt: skip
+    assert "export AZ_BATCHAI_TASK_INDEX=0; exec python" in lines[1]
+    assert "--job_name=ps" not in p1.command and '"index": 1' in p1.command
+    assert p0.env["AZ_BATCHAI_OUTPUT_MODEL"] == (
+        "/mnt/job/logs/vision/experiments/mnist/jobs/train/0190-job/Models"
+    )
+    assert p0.env["AZ_BATCHAI_STDOUTERR_DIR"] == "/mnt/job/logs/vision/mnist/train/2/stdouterr"
+    assert (p0.env["MASTER_ADDR"], p1.env["RANK"], p1.env["WORLD_SIZE"]) == ("10.0.0.4", "1", "2")
+
+
+def test_horovod_runs_mpirun_on_the_master_over_the_host_file():
+    master, other = plans("Horovod__Horovod-PyTorch__job.json")
+    assert master.command == (
+        "mpirun --allow-run-as-root --hostfile $AZ_BATCHAI_MPI_HOST_FILE -np 2 "
+        "python $AZ_BATCHAI_JOB_MOUNT_ROOT/scripts/horovod/pytorch_mnist.py"
+    )
+    assert other.command is None
+    assert master.files == {"/tmp/job/mpi-hostfile": "10.0.0.4 slots=1\n10.0.0.5 slots=1\n"}
+    assert master.env["AZ_BATCHAI_MPI_HOST_FILE"] == "/tmp/job/mpi-hostfile"
+
+
+def test_pytorch_gloo_runs_on_every_node_with_the_init_method():
+    for index, plan in enumerate(plans("PyTorch__PyTorch-GPU-Distributed-Gloo__job.json")):
+        assert plan.env["AZ_BATCHAI_PYTORCH_INIT_METHOD"] == "tcp://10.0.0.4:29500"
+        assert plan.env["AZ_BATCHAI_TASK_INDEX"] == plan.env["RANK"] == str(index)
+        assert plan.command.startswith("python $AZ_BATCHAI_JOB_MOUNT_ROOT/scripts/")
+
+
+def test_single_node_cntk_brainscript_runs_cntk_directly():
+    [plan] = plans("CNTK__CNTK-GPU-BrainScript__job.json", HOSTS[:1])
+    assert plan.command == (
+        "cntk configFile=$AZ_BATCHAI_INPUT_CONFIG/ConvNet_MNIST.cntk rootDir=. "
+        "dataDir=$AZ_BATCHAI_INPUT_DATASET outputDir=$AZ_BATCHAI_OUTPUT_MODEL"
+    )
+    assert plan.env["AZ_BATCHAI_INPUT_CONFIG"].startswith("/mnt/")
+    assert "MASTER_ADDR" not in plan.env and plan.env["AZ_BATCHAI_NUM_GPUS"] == "2"
+
+
+def test_chainer_with_a_process_count_spreads_slots_over_the_nodes():
+    master, _ = plans("Chainer__Chainer-GPU-Distributed-Infiniband__job.json")
+    assert " -np 8 python " in master.command
+    assert master.files["/tmp/job/mpi-hostfile"] == "10.0.0.4 slots=4\n10.0.0.5 slots=4\n"
+
+
+def test_a_tensorflow_node_script_exits_with_the_first_failing_worker(tmp_path):
+    script = tmp_path / "fake.sh"
+    script.write_text('case "$*" in *ps*) sleep 30;; *index=1*) exit 3;; *) exit 0;; esac\n')
+    properties = {
+        "nodeCount": 1, "stdOutErrPathPrefix": "/logs",
+        "tensorFlowSettings": {
+            "pythonScriptFilePath": str(script), "pythonInterpreterPath": "sh",
+            "workerCount": 2, "parameterServerCount": 1,
+            "parameterServerCommandLineArgs": "ps",
+            "workerCommandLineArgs": "index=$AZ_BATCHAI_TASK_INDEX",
+        },
+    }  # fmt: skip
+    hosts = [Host("n0", "127.0.0.1", (0,)), Host("n1", "127.0.0.2", (0,))]
+    [first, second] = translate(properties, JOB, hosts, PATHS)
+    done = subprocess.run(["bash", "-c", second.command], capture_output=True, timeout=20)
+    assert done.returncode == 3  # worker 1 failed
+    done = subprocess.run(["bash", "-c", first.command], capture_output=True, timeout=20)
+    assert done.returncode == 0  # worker 0 succeeded; its parameter server was stopped
+
+
+def test_every_recipe_translates_with_a_command_on_the_master():
+    for recipe in sorted(RECIPES.glob("*.json")):
+        properties = parse_job(json.loads(recipe.read_text())).properties
+        hosts = [Host(f"n{i}", f"10.0.1.{i}", (0,)) for i in range(properties["nodeCount"])]
+        plans_ = translate(properties, JOB, hosts, PATHS)
+        assert [p.index for p in plans_] == list(range(len(hosts))), recipe.name
+        assert plans_[0].command, recipe.name
+        assert all(p.env["AZ_BATCHAI_JOB_ID"] == "0190-job" for p in plans_)
