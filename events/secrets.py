@@ -13,6 +13,7 @@ keyring's active key, and old ones still open with the key they name. Sealed val
 from __future__ import annotations
 
 import base64
+import functools
 import os
 from collections.abc import Mapping
 
@@ -98,8 +99,9 @@ class Keyring:
         return plain.decode("utf-8")
 
 
-def _parse_path(path: str) -> list[str]:
-    return [part for piece in path.split(".") for part in _split_list(piece)]
+@functools.cache
+def _parse_path(path: str) -> tuple[str, ...]:
+    return tuple(part for piece in path.split(".") for part in _split_list(piece))
 
 
 def _split_list(piece: str) -> list[str]:
@@ -113,7 +115,7 @@ def seal_paths(data: dict, paths: tuple[str, ...], keyring: Keyring | None) -> d
     return data
 
 
-def _seal(node: object, parts: list[str], keyring: Keyring | None, path: str) -> object:
+def _seal(node: object, parts: tuple[str, ...], keyring: Keyring | None, path: str) -> object:
     if not parts:
         if node is None or isinstance(node, Sealed):
             return node

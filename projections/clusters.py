@@ -88,3 +88,20 @@ HANDLERS = {
     "ClusterDeleteRequested": delete_requested,
     "ClusterDeleted": cluster_deleted,
 }
+
+
+def free_capacity(m: ReadModels, cluster: Cluster) -> dict[str, int]:
+    """What the cluster's ready nodes have free now, to read beside pending reasons (which do
+    not carry these numbers, as they change at every placement): ready nodes, free GPUs in
+    all, the most free on one node, and the ready nodes with nothing allocated."""
+    ready = free = most = idle = 0
+    for node_id in cluster.nodes:
+        node = m.nodes[node_id]
+        if node.state != READY:
+            continue
+        ready += 1
+        idle += not node.allocations
+        here = node.gpus - len(node.allocations) if node.gpus else 0
+        free += here
+        most = max(most, here)
+    return {"readyNodes": ready, "freeGpus": free, "maxFreeGpusOnNode": most, "idleNodes": idle}

@@ -70,8 +70,8 @@ def _reason(type_: str, d: dict[str, Any]) -> str | None:
 
 
 def pending_reason(reason: dict[str, Any] | None) -> str | None:
-    """`{"code": "insufficient_gpus", "need": 4, "maxFree": 2}` -> `insufficient_gpus{need=4,
-    maxFree=2}`: a pending reason as people read it."""
+    """`{"code": "gang_incomplete", "need_nodes": 4}` -> `gang_incomplete{need_nodes=4}`: a
+    pending reason as people read it."""
     if not reason:
         return None
     params = ", ".join(f"{k}={v}" for k, v in reason.items() if k != "code")

@@ -133,7 +133,7 @@ class Job:
     exit_code: int | None = None
     errors: list[dict[str, Any]] = field(default_factory=list)
     terminate_requested_by: str | None = None
-    pending_reason_at: int = 0  # when the pending reason was last recorded
+    pending_reason_at: int = 0  # when the current pending reason was recorded
 
 
 @dataclass(slots=True)

@@ -22,6 +22,7 @@ def cluster(m: ReadModels, c: Cluster) -> dict[str, Any]:
         "vmPriority": c.vm_priority, "scaleSettings": c.scale_settings,
         "allocationState": c.allocation_state, "deleting": c.deleting,
         "currentNodeCount": len(c.nodes), "nodeStateCounts": clusters.node_counts(m, c),
+        "freeCapacity": clusters.free_capacity(m, c),
         "queuedJobs": len(m.queues.get(c.cluster_id, ())), "errors": c.errors,
         "creationTime": _time(c.created_at), "createdBy": c.created_by,
     }  # fmt: skip
@@ -61,6 +62,7 @@ def job(m: ReadModels, j: Job) -> dict[str, Any]:
         "nodeCount": j.node_count, "gpusPerNode": j.gpus_per_node, "state": j.state,
         "executionState": EXECUTION_STATE[j.state], "attempt": j.attempt,
         "retries": j.retries, "pendingReason": j.pending_reason,
+        "pendingReasonSince": _time(j.pending_reason_at) if j.pending_reason else None,
         "tasks": [{"node": node_id, "gpus": gpus} for node_id, gpus in j.tasks],
         "creationTime": _time(j.submitted_at), "scheduledTime": _time(j.scheduled_at),
         "startTime": _time(j.started_at), "endTime": _time(j.ended_at),

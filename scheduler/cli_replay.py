@@ -71,9 +71,10 @@ def _world_text(w: dict[str, Any]) -> str:
     lines.append(f"clusters ({len(w['clusters'])})")
     lines += _table(
         ["CLUSTER", "VM SIZE", "ALLOCATION", "NODES", "IDLE", "RUNNING", "PREPARING", "UNUSABLE",
-         "LEAVING", "QUEUED"],
+         "LEAVING", "FREE GPUS", "MOST ON A NODE", "QUEUED"],
         [[f"{c['workspace']}/{c['name']}", c["vmSize"], c["allocationState"],
-          c["currentNodeCount"], *c["nodeStateCounts"].values(), c["queuedJobs"]]
+          c["currentNodeCount"], *c["nodeStateCounts"].values(), c["freeCapacity"]["freeGpus"],
+          c["freeCapacity"]["maxFreeGpusOnNode"], c["queuedJobs"]]
          for c in w["clusters"]],
     )  # fmt: skip
     lines.append("")

@@ -11,18 +11,22 @@ smaller job may start before it (backfill) only if its own wall-clock limit ends
 backfill never delays the reserved job. On a cluster with `preemption`, a blocked job may
 preempt running `preemptible` jobs of lower priority when that frees what it needs.
 
-Every queued job that does not start gets a pending reason from a closed set. A new reason is
-recorded at once; when only its numbers change (`max_free`, `free_nodes`, ...) it is recorded
-again at most every `REASON_REFRESH_S` seconds, so a busy cluster does not log a new reason
-for every queued job at every cycle. The reasons:
+Every queued job that does not start gets a pending reason from a closed set, recorded only
+when it changes. Its parameters are stable: they describe the job (what it needs) or the
+decision (whom it preempts), never the cluster's free capacity of the moment, which changes at
+every cycle and would log a new reason for every queued job each time (the read models show
+that capacity beside the queue: `projections.clusters.free_capacity`). The reasons:
 
 - `cluster_missing{}`: its cluster was deleted;
-- `cluster_scaling{ready_nodes}`: the cluster is resizing and has too few ready nodes yet;
-- `insufficient_gpus{need, max_free}`: no ready node has enough free GPUs, and the cluster as a
-  whole has fewer free GPUs than one node of the job needs (capacity);
-- `fragmented{need, max_free, total_free}`: enough GPUs are free, but spread over nodes;
-- `gang_incomplete{need_nodes, free_nodes}`: fewer than `nodeCount` nodes could hold a task;
-- `behind_reservation{}`: it would fit, but would delay the job holding the reservation;
+- `cluster_scaling{}`: the cluster is resizing and has too few ready nodes yet;
+- `insufficient_gpus{need}`: no ready node has `need` free GPUs, and the cluster as a whole
+  has fewer than the job needs (capacity);
+- `fragmented{need}`: enough GPUs are free in all, but no node has `need` of them;
+- `gang_incomplete{need_nodes}`: fewer than `need_nodes` nodes could each hold a task;
+- `behind_reservation{}`: an earlier job holds the reservation, and this one could not start
+  before it without delaying it (or could, but does not fit now). Like Slurm's `Priority`
+  beside `Resources`, this keeps the reasons of a long queue steady: only the job at its head
+  is told about capacity, and only its reason changes as capacity comes and goes;
 - `preempting{victims}`: running jobs are being preempted to make room for it.
 """
 
@@ -39,7 +43,7 @@ from batchd.projections.model import READY, Cluster, Job, ReadModels
 
 Decision = tuple[str, NewEvent]  # (stream, event)
 NEVER = float("inf")
-REASON_REFRESH_S = 300  # least seconds between two records of a reason whose code is the same
+BEHIND_RESERVATION = {"code": "behind_reservation"}
 
 
 @dataclass(slots=True)
@@ -51,12 +55,21 @@ class _Capacity:
     by_free: list[list[str]] = field(default_factory=list)  # free count -> node ids
 
     def __post_init__(self) -> None:
+        if self.by_free:
+            return
         top = max(self.gpus.values(), default=0)
         self.by_free = [[] for _ in range(max(top, 1) + 1)]
         for node_id, free in self.free.items():
             self.by_free[self._slots(node_id, free)].append(node_id)
         for bucket in self.by_free:
             bucket.sort()
+
+    def copy(self) -> _Capacity:
+        return _Capacity(
+            {node_id: list(free) for node_id, free in self.free.items()},
+            self.gpus,
+            [list(nodes) for nodes in self.by_free],
+        )
 
     def _slots(self, node_id: str, free: list[int]) -> int:
         """What a node can still take: its free GPUs, or 1/0 for a node without GPUs."""
@@ -110,10 +123,12 @@ def _capacity(m: ReadModels, cluster: Cluster) -> _Capacity:
         if node.state != READY:
             continue
         gpus[node_id] = node.gpus
-        if node.gpus:
+        if not node.allocations:
+            free[node_id] = list(range(node.gpus)) if node.gpus else [-1]  # [-1]: a whole node
+        elif node.gpus:
             free[node_id] = [g for g in range(node.gpus) if str(g) not in node.allocations]
         else:
-            free[node_id] = [] if node.allocations else [-1]  # [-1]: the whole node is free
+            free[node_id] = []
     return _Capacity(free, gpus)
 
 
@@ -127,7 +142,7 @@ def plan(m: ReadModels, now: int) -> list[Decision]:
         cluster = m.clusters.get(cluster_id)
         if cluster is None:
             for job in waiting:
-                _reason(decisions, job, {"code": "cluster_missing"}, now)
+                _reason(decisions, job, {"code": "cluster_missing"})
             continue
         _plan_cluster(m, cluster, waiting, now, decisions)
     return decisions
@@ -137,44 +152,40 @@ def _plan_cluster(
     m: ReadModels, cluster: Cluster, waiting: list[Job], now: int, out: list[Decision]
 ) -> None:
     capacity = _capacity(m, cluster)
-    reserved: tuple[Job, float] | None = None  # the first blocked job, and when it can start
-    why: dict[tuple[int, int], dict[str, Any]] = {}  # reasons by shape, while capacity holds
+    reserved: float | None = None  # when the first blocked job can start, once there is one
+    ends: list[tuple[float, str, list[int]]] = []  # this cycle's placements: (end, node, GPUs)
     for job in waiting:
         need, nodes = _need(job, capacity), job.node_count
-        if reserved is not None and not _ends_before(job, now, reserved[1]):
-            reason = why.get((need, nodes))
-            if reason is None:
-                reason = why[need, nodes] = (
-                    {"code": "behind_reservation"}
-                    if capacity.fitting(need) >= nodes
-                    else _why(cluster, capacity, need, nodes)
-                )
-            _reason(out, job, reason, now)
+        if reserved is not None and not _ends_before(job, now, reserved):
+            _reason(out, job, BEHIND_RESERVATION)
             continue
         tasks = capacity.take(need, nodes)
         if tasks is not None:
-            why.clear()
             attempt = job.attempt + 1
             placed = [{"node": node_id, "gpus": gpus} for node_id, gpus in tasks]
             out.append((f"job-{job.job_id}", NewEvent(
                 "JobScheduled", {"jobId": job.job_id, "attempt": attempt, "tasks": placed},
             )))  # fmt: skip
+            end = _end(now, job.max_wall_clock_s)
+            ends.extend((end, node_id, gpus) for node_id, gpus in tasks)
             continue
-        if reserved is None:
-            victims = _victims(m, cluster, job) if cluster.preemption else None
-            if victims:
-                for victim in victims:
-                    out.append((f"job-{victim.job_id}", NewEvent(
-                        "JobPreempted",
-                        {"jobId": victim.job_id, "attempt": victim.attempt, "by": job.job_id},
-                    )))  # fmt: skip
-                reason = {"code": "preempting", "victims": [v.job_id for v in victims]}
-                _reason(out, job, reason, now)
-                reserved = (job, now)  # room is being made for it: nothing passes it now
-                continue
-            reserved = (job, _start_estimate(m, cluster, job))
-            why.clear()
-        _reason(out, job, _why(cluster, capacity, need, nodes), now)
+        if reserved is not None:  # it could have backfilled, but does not fit now
+            _reason(out, job, BEHIND_RESERVATION)
+            continue
+        victims = _victims(m, cluster, job) if cluster.preemption else None
+        if victims:
+            for victim in victims:
+                out.append((f"job-{victim.job_id}", NewEvent(
+                    "JobPreempted",
+                    {"jobId": victim.job_id, "attempt": victim.attempt, "by": job.job_id},
+                )))  # fmt: skip
+            _reason(out, job, {"code": "preempting", "victims": [v.job_id for v in victims]})
+            reserved = now  # room is being made for it: nothing passes it now
+            continue
+        start = _start_estimate(m, cluster, job, capacity.copy(), ends)
+        if start != NEVER:  # a job that can never fit here reserves nothing
+            reserved = start
+        _reason(out, job, _why(cluster, capacity, need, nodes))
 
 
 def _need(job: Job, capacity: _Capacity) -> int:
@@ -185,30 +196,20 @@ def _need(job: Job, capacity: _Capacity) -> int:
 def _why(cluster: Cluster, capacity: _Capacity, need: int, nodes: int) -> dict[str, Any]:
     ready = len(capacity.gpus)
     if cluster.allocation_state == "resizing" and ready < nodes:
-        return {"code": "cluster_scaling", "ready_nodes": ready}
+        return {"code": "cluster_scaling"}
     fitting = capacity.fitting(need)
     if nodes > 1 and fitting < nodes and (fitting > 0 or ready >= nodes):
-        return {"code": "gang_incomplete", "need_nodes": nodes, "free_nodes": fitting}
-    max_free = capacity.max_free()
-    total = capacity.total_free()
-    if need and total >= need * nodes and max_free < need:
-        return {"code": "fragmented", "need": need, "max_free": max_free, "total_free": total}
-    return {"code": "insufficient_gpus", "need": need, "max_free": max_free}
+        return {"code": "gang_incomplete", "need_nodes": nodes}
+    if need and capacity.total_free() >= need * nodes and capacity.max_free() < need:
+        return {"code": "fragmented", "need": need}
+    return {"code": "insufficient_gpus", "need": need}
 
 
-def _reason(out: list[Decision], job: Job, reason: dict[str, Any], now: int) -> None:
-    recorded = job.pending_reason
-    if recorded == reason:
-        return
-    if (
-        recorded is not None
-        and recorded.get("code") == reason["code"]
-        and now - job.pending_reason_at < REASON_REFRESH_S * 1_000_000
-    ):
-        return
-    out.append((f"job-{job.job_id}", NewEvent(
-        "JobPendingReasonChanged", {"jobId": job.job_id, "reason": reason},
-    )))  # fmt: skip
+def _reason(out: list[Decision], job: Job, reason: dict[str, Any]) -> None:
+    if job.pending_reason != reason:
+        out.append((f"job-{job.job_id}", NewEvent(
+            "JobPendingReasonChanged", {"jobId": job.job_id, "reason": reason},
+        )))  # fmt: skip
 
 
 def _ends_before(job: Job, now: int, deadline: float) -> bool:
@@ -226,27 +227,36 @@ def _running(m: ReadModels, cluster: Cluster) -> Iterable[Job]:
                 yield m.jobs[job_id]
 
 
-def _start_estimate(m: ReadModels, cluster: Cluster, job: Job) -> float:
-    """When `job` could start at the latest, if running attempts end at their wall-clock limit
-    (NEVER if it can never fit on the cluster's ready nodes)."""
-    capacity = _capacity(m, cluster)
-    ends: list[tuple[float, str, list[int]]] = []
+def _end(start: int, limit: int | None) -> float:
+    """When an attempt started at `start` ends at the latest."""
+    return NEVER if limit is None else start + limit * 1_000_000
+
+
+def _start_estimate(
+    m: ReadModels,
+    cluster: Cluster,
+    job: Job,
+    capacity: _Capacity,
+    ends: list[tuple[float, str, list[int]]],
+) -> float:
+    """When `job` could start at the latest, from the free `capacity` (which it may use up) and
+    the attempts holding the rest: those running, and this cycle's placements `ends`, each
+    ending at its wall-clock limit. NEVER if it can never fit on the cluster's ready nodes."""
+    ends = list(ends)
     for running in _running(m, cluster):
-        limit = running.max_wall_clock_s
-        started = running.scheduled_at or 0
-        end = started + limit * 1_000_000 if limit is not None else NEVER
-        for node_id, gpus in running.tasks:
-            if node_id in capacity.free:
-                ends.append((end, node_id, gpus))
+        end = _end(running.scheduled_at or 0, running.max_wall_clock_s)
+        ends.extend(
+            (end, node_id, gpus) for node_id, gpus in running.tasks if node_id in capacity.free
+        )
     ends.sort()
     need = _need(job, capacity)
+    if capacity.fitting(need) >= job.node_count:
+        return 0
     for end, node_id, gpus in ends:
-        if capacity.fitting(need) >= job.node_count:
-            break
         _give_back(capacity, node_id, gpus)
         if capacity.fitting(need) >= job.node_count:
             return end
-    return NEVER if capacity.fitting(need) < job.node_count else 0
+    return NEVER
 
 
 def _give_back(capacity: _Capacity, node_id: str, gpus: list[int]) -> None:

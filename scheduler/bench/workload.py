@@ -292,11 +292,7 @@ class _Simulation:
         bisect.insort(cluster.pending, job, key=_queue_order)
         self.schedule(cluster)
         if job in cluster.pending:
-            reason = {
-                "code": "insufficient_gpus",
-                "need": job.gpus_per_node,
-                "maxFree": _max_free(cluster, job.node_count),
-            }
+            reason = {"code": "insufficient_gpus", "need": job.gpus_per_node}
             self.emit_job(job, "JobPendingReasonChanged", {"jobId": job.job_id, "reason": reason})
 
     def schedule(self, cluster: _Cluster) -> None:
@@ -388,9 +384,3 @@ def _place(cluster: _Cluster, job: _Job) -> list[tuple[_Node, list[int]]] | None
         del node.free[: job.gpus_per_node]
         tasks.append((node, gpus))
     return tasks
-
-
-def _max_free(cluster: _Cluster, node_count: int) -> int:
-    """The most GPUs per node that `node_count` ready nodes could give right now."""
-    free = sorted((len(n.free) for n in cluster.nodes if n.ready), reverse=True)
-    return free[node_count - 1] if len(free) >= node_count else 0

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from batchd.events.envelope import RecordedEvent
-from batchd.projections import fold
+from batchd.projections import clusters, fold
 from batchd.projections.model import ReadModels
 from batchd.scheduler.planner import overdue, plan
 
@@ -78,7 +78,7 @@ def test_higher_priority_first_then_first_come_first_served():
     first, urgent, second = w.job(gpus=2), w.job(gpus=2, priority=500), w.job(gpus=2)
     decisions = w.plan()
     assert set(placed(decisions)) == {urgent, first}
-    assert reasons(decisions)[second] == {"code": "insufficient_gpus", "need": 2, "max_free": 0}
+    assert reasons(decisions)[second] == {"code": "insufficient_gpus", "need": 2}
 
 
 def test_best_fit_packs_gpus_onto_the_fullest_node():
@@ -97,7 +97,7 @@ def test_a_gang_starts_on_distinct_nodes_all_at_once_or_not_at_all():
     big = w.job(gpus=4, nodes=2)
     decisions = w.plan()
     assert big not in placed(decisions)
-    assert reasons(decisions)[big] == {"code": "gang_incomplete", "need_nodes": 2, "free_nodes": 0}
+    assert reasons(decisions)[big] == {"code": "gang_incomplete", "need_nodes": 2}
 
 
 def test_fragmented_capacity_is_told_apart_from_missing_capacity():
@@ -105,9 +105,7 @@ def test_fragmented_capacity_is_told_apart_from_missing_capacity():
     w.run(w.job(gpus=2), [("c-n0", [0, 1])])
     w.run(w.job(gpus=2), [("c-n1", [0, 1])])
     four = w.job(gpus=4)
-    assert reasons(w.plan())[four] == {
-        "code": "fragmented", "need": 4, "max_free": 2, "total_free": 4,
-    }  # fmt: skip
+    assert reasons(w.plan())[four] == {"code": "fragmented", "need": 4}
 
 
 def test_backfill_only_when_it_ends_before_the_reserved_job_could_start():
@@ -120,6 +118,18 @@ def test_backfill_only_when_it_ends_before_the_reserved_job_could_start():
     assert set(placed(decisions)) == {short}
     assert reasons(decisions)[big]["code"] == "insufficient_gpus"
     assert reasons(decisions)[long] == {"code": "behind_reservation"}
+
+
+def test_the_reservation_counts_the_jobs_placed_earlier_in_the_same_cycle():
+    w = World().cluster(nodes=1, gpus=4)
+    first = w.job(gpus=2, wall=1 * HOUR)  # placed now: the node's 4 GPUs are free at NOW + 1 h
+    big = w.job(gpus=4)
+    short, long = w.job(gpus=2, wall=HOUR // 2), w.job(gpus=2, wall=2 * HOUR)
+    decisions = w.plan()
+    assert set(placed(decisions)) == {first, short}
+    assert reasons(decisions) == {
+        big: {"code": "insufficient_gpus", "need": 4}, long: {"code": "behind_reservation"},
+    }  # fmt: skip
 
 
 def test_a_job_too_big_for_the_cluster_does_not_block_the_others():
@@ -157,10 +167,25 @@ def test_no_preemption_where_the_cluster_does_not_allow_it_or_for_equal_priority
 def test_pending_reasons_for_scaling_and_missing_clusters_recorded_only_when_they_change():
     w = World().cluster(nodes=0, resizing=True)
     job = w.job(gpus=1)
-    assert reasons(w.plan())[job] == {"code": "cluster_scaling", "ready_nodes": 0}
+    assert reasons(w.plan())[job] == {"code": "cluster_scaling"}
     assert w.plan() == []  # the same reason again: nothing to record
     w.apply("ClusterDeleted", clusterId="c")
     assert reasons(w.plan())[job] == {"code": "cluster_missing"}
+
+
+def test_a_reason_is_not_recorded_again_when_only_the_free_capacity_changes():
+    w = World().cluster(nodes=2, gpus=4)
+    w.run(w.job(gpus=4), [("c-n0", [0, 1, 2, 3])])
+    w.run(w.job(gpus=3), [("c-n1", [0, 1, 2])])
+    waiting = [w.job(gpus=8), w.job(gpus=8)]  # larger than any node: never placed
+    assert [r["code"] for r in reasons(w.plan()).values()] == ["insufficient_gpus"] * 2
+    capacity = clusters.free_capacity(w.models, w.models.clusters["c"])
+    assert capacity == {"readyNodes": 2, "freeGpus": 1, "maxFreeGpusOnNode": 1, "idleNodes": 0}
+    w.apply("JobSucceeded", jobId=w.models.nodes["c-n1"].allocations["0"][0], attempt=1,
+            exitCode=0)  # fmt: skip
+    assert clusters.free_capacity(w.models, w.models.clusters["c"])["freeGpus"] == 4
+    assert w.plan() == []  # the same reasons: nothing new to record for `waiting`
+    assert all(w.models.jobs[j].pending_reason["code"] == "insufficient_gpus" for j in waiting)
 
 
 def test_jobs_past_their_wall_clock_are_terminated_with_that_reason():

@@ -190,7 +190,7 @@ class World(RuleBasedStateMachine):
             "priority": priority, "nodeCount": node_count, "gpusPerNode": gpus, "spec": {},
         }, "user:alice")  # fmt: skip
         if data.draw(st.booleans()):
-            reason = {"code": "insufficient_gpus", "need": gpus, "maxFree": 0}
+            reason = {"code": "insufficient_gpus", "need": gpus}
             self.job_event(job_id, "JobPendingReasonChanged", reason=reason)
 
     def _jobs_in(self, *states: str) -> list[str]:
