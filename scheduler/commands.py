@@ -14,7 +14,7 @@ from typing import Any
 
 from batchd.events.envelope import NewEvent
 from batchd.projections import lifecycle
-from batchd.projections.model import LIVE_STATES, Job, ReadModels, job_key
+from batchd.projections.model import LIVE_STATES, QUEUED, Job, ReadModels, job_key
 from batchd.scheduler.clusterspec import max_nodes, parse_cluster, parse_scale_settings
 from batchd.scheduler.jobspec import parse_job
 from batchd.scheduler.planner import Decision
@@ -84,6 +84,12 @@ def delete_experiment(m: ReadModels, workspace: str, experiment: str, actor: str
         for j in m.jobs.values()
         if j.workspace == workspace and j.experiment == experiment
         and lifecycle.allowed(j.state, "JobTerminateRequested")
+    ]  # fmt: skip
+    out += [
+        _event(f"job-{j.job_id}", "JobTerminated",
+               {"jobId": j.job_id, "reason": f"experiment {experiment} deleted"}, actor)
+        for j in m.jobs.values()
+        if j.workspace == workspace and j.experiment == experiment and j.state == QUEUED
     ]  # fmt: skip
     data = {"workspace": workspace, "experiment": experiment}
     out.append(_event(f"experiment-{workspace}/{experiment}", "ExperimentDeleted", data, actor))
@@ -189,6 +195,9 @@ def submit_job(
     if spec.gpus_per_node is not None and size is not None and spec.gpus_per_node > gpus:
         rule = f"{spec.gpus_per_node} is more than the {gpus} GPUs of {size.name}"
         raise DocumentError(f"{where}gpusPerNode", rule)
+    if spec.gpus_per_node == 0 and gpus:
+        rule = f"must be at least 1 on {size.name}, which has {gpus} GPUs"
+        raise DocumentError(f"{where}gpusPerNode", rule)
     _name_free(m, workspace, experiment, name)
     job_id = new_id()
     data = {
@@ -211,9 +220,9 @@ def _cluster_reference(reference: str | None, workspace: str, where: str) -> tup
         return workspace, parts[0]
     lowered = [p.lower() for p in parts]
     if "clusters" in lowered and "workspaces" in lowered:
-        ws = parts[lowered.index("workspaces") + 1]
-        name = parts[lowered.index("clusters") + 1]
-        return ws, name
+        at_ws, at_name = lowered.index("workspaces") + 1, lowered.index("clusters") + 1
+        if at_ws < at_name == len(parts) - 1 and parts[at_ws] and parts[at_name]:
+            return parts[at_ws], parts[at_name]
     raise DocumentError(f"{where}cluster", f"{reference!r} is neither a cluster name nor a "
                                            "Batch AI cluster resource id")  # fmt: skip
 
@@ -234,10 +243,14 @@ def _job(m: ReadModels, workspace: str, experiment: str, name: str) -> Job:
 def terminate_job(
     m: ReadModels, workspace: str, experiment: str, name: str, actor: str
 ) -> list[Decision]:
+    """A queued job ends at once; one that holds GPUs ends when its node reports it killed."""
     job = _job(m, workspace, experiment, name)
     lifecycle.check(job.state, "JobTerminateRequested")
     data = {"jobId": job.job_id, "reason": f"terminated by {actor}"}
-    return [_event(f"job-{job.job_id}", "JobTerminateRequested", data, actor)]
+    out = [_event(f"job-{job.job_id}", "JobTerminateRequested", data, actor)]
+    if job.state == QUEUED:
+        out.append(_event(f"job-{job.job_id}", "JobTerminated", data, actor))
+    return out
 
 
 def delete_job(

@@ -193,10 +193,15 @@ def parse_job(document: Any) -> JobSpec:
         raise DocumentError(where, f"needs a command: customToolkitSettings.commandLine or one of "
                                    f"{', '.join(TOOLKITS[:-1])}")  # fmt: skip
     if len(toolkits) > 1:
-        rule = "give either a toolkit or customToolkitSettings.commandLine, not both"
-        if "customToolkitSettings" not in toolkits:
-            rule = f"give only one toolkit, not {' and '.join(toolkits)}"
-        raise DocumentError(where, rule)
+        first, second = toolkits[0], toolkits[1]
+        if "customToolkitSettings" in toolkits:
+            first = "customToolkitSettings"
+            second = next(k for k in toolkits if k != first)
+            rule = f"cannot be given with {second}: a job has either a command line or a toolkit"
+        else:
+            rule = f"cannot be given with {first}: a job has only one toolkit"
+            first = second
+        raise DocumentError(f"{prefix}.{first}".lstrip("."), rule)
     if "schedulingPriority" in props and "priority" in props:
         raise DocumentError(where, "give schedulingPriority or priority, not both")
     priority = props.get("priority", PRIORITY_OF[props.get("schedulingPriority", "normal")])

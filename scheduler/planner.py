@@ -17,14 +17,17 @@ decision (whom it preempts), never the cluster's free capacity of the moment, wh
 every cycle and would log a new reason for every queued job each time (the read models show
 that capacity beside the queue: `projections.clusters.free_capacity`). The reasons:
 
-- `cluster_missing{}`: its cluster was deleted;
+- `cluster_missing{}`: its cluster was deleted, or is being deleted;
 - `cluster_scaling{}`: the cluster is resizing and has too few ready nodes yet;
 - `insufficient_gpus{need}`: no ready node has `need` free GPUs, and the cluster as a whole
   has fewer than the job needs (capacity);
 - `fragmented{need}`: enough GPUs are free in all, but no node has `need` of them;
 - `gang_incomplete{need_nodes}`: fewer than `need_nodes` nodes could each hold a task;
+- `insufficient_nodes{need_nodes}`: on a VM size without GPUs, fewer than `need_nodes` nodes
+  are idle;
 - `behind_reservation{}`: an earlier job holds the reservation, and this one could not start
-  before it without delaying it (or could, but does not fit now). Like Slurm's `Priority`
+  before it without delaying it (or could, but does not fit now); a job that could never fit
+  the cluster's ready nodes is told its own reason instead. Like Slurm's `Priority`
   beside `Resources`, this keeps the reasons of a long queue steady: only the job at its head
   is told about capacity, and only its reason changes as capacity comes and goes;
 - `preempting{victims}`: running jobs are being preempted to make room for it.
@@ -38,50 +41,64 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from batchd.events.envelope import NewEvent
-from batchd.projections import queue
+from batchd.projections import lifecycle, queue
 from batchd.projections.model import READY, Cluster, Job, ReadModels
 
 Decision = tuple[str, NewEvent]  # (stream, event)
 NEVER = float("inf")
 BEHIND_RESERVATION = {"code": "behind_reservation"}
+CLUSTER_MISSING = {"code": "cluster_missing"}
 
 
 @dataclass(slots=True)
 class _Capacity:
-    """Free capacity of one cluster during a cycle: free GPU indices per ready node."""
+    """Free capacity of one cluster during a cycle. Nodes with GPUs take tasks that need GPUs
+    (`by_free`: free GPU count -> node ids); nodes without GPUs take whole-node tasks
+    (`need` 0) while idle (`whole`). Node ids are kept sorted in each list."""
 
     free: dict[str, list[int]]  # node id -> free GPU indices, ascending
     gpus: dict[str, int]  # node id -> GPUs on the node (0: a node without GPUs)
-    by_free: list[list[str]] = field(default_factory=list)  # free count -> node ids
+    whole: list[str]  # idle nodes without GPUs
+    by_free: list[list[str]] = field(default_factory=list)
+    _ever: dict[int, int] = field(default_factory=dict)  # need -> nodes that could ever hold it
 
     def __post_init__(self) -> None:
         if self.by_free:
             return
-        top = max(self.gpus.values(), default=0)
-        self.by_free = [[] for _ in range(max(top, 1) + 1)]
+        self.by_free = [[] for _ in range(max(self.gpus.values(), default=0) + 1)]
         for node_id, free in self.free.items():
-            self.by_free[self._slots(node_id, free)].append(node_id)
+            if self.gpus[node_id]:
+                self.by_free[len(free)].append(node_id)
         for bucket in self.by_free:
             bucket.sort()
+        self.whole.sort()
 
     def copy(self) -> _Capacity:
         return _Capacity(
             {node_id: list(free) for node_id, free in self.free.items()},
             self.gpus,
+            list(self.whole),
             [list(nodes) for nodes in self.by_free],
+            self._ever,
         )
-
-    def _slots(self, node_id: str, free: list[int]) -> int:
-        """What a node can still take: its free GPUs, or 1/0 for a node without GPUs."""
-        return len(free) if self.gpus[node_id] else (1 if free == [-1] else 0)
 
     def fitting(self, need: int) -> int:
         """How many nodes could hold one task that needs `need` GPUs (0: a whole node)."""
-        low = max(need, 1)
-        return sum(len(b) for b in self.by_free[low:]) if low < len(self.by_free) else 0
+        if not need:
+            return len(self.whole)
+        return sum(len(b) for b in self.by_free[need:]) if need < len(self.by_free) else 0
+
+    def ever_fits(self, need: int, nodes: int) -> bool:
+        """Whether `nodes` of the ready nodes could hold a task each, were they all free."""
+        count = self._ever.get(need)
+        if count is None:
+            count = self._ever[need] = sum(
+                1 for gpus in self.gpus.values() if (gpus >= need if need else not gpus)
+            )
+        return count >= nodes
 
     def max_free(self) -> int:
-        for count in range(len(self.by_free) - 1, -1, -1):
+        for count in range(len(self.by_free) - 1, 0, -1):
             if self.by_free[count]:
                 return count
         return 0
@@ -91,45 +108,57 @@ class _Capacity:
 
     def take(self, need: int, nodes: int) -> list[tuple[str, list[int]]] | None:
         """Best fit: `nodes` distinct nodes with the fewest free GPUs that still hold `need`."""
-        low = max(need, 1)
+        if not need:
+            if len(self.whole) < nodes:
+                return None
+            chosen, self.whole[:nodes] = self.whole[:nodes], []
+            return [(node_id, []) for node_id in chosen]
         chosen: list[str] = []
-        for count in range(low, len(self.by_free)):
-            for node_id in self.by_free[count]:
-                chosen.append(node_id)
-                if len(chosen) == nodes:
-                    break
+        for count in range(need, len(self.by_free)):
+            chosen.extend(self.by_free[count][: nodes - len(chosen)])
             if len(chosen) == nodes:
                 break
-        if len(chosen) < nodes:
+        else:
             return None
         tasks = []
         for node_id in chosen:
             free = self.free[node_id]
-            self.by_free[self._slots(node_id, free)].remove(node_id)
-            if self.gpus[node_id]:
-                gpus, self.free[node_id] = free[:need], free[need:]
-            else:
-                gpus, self.free[node_id] = [], []
-            bisect.insort(self.by_free[self._slots(node_id, self.free[node_id])], node_id)
+            self.by_free[len(free)].remove(node_id)
+            gpus, self.free[node_id] = free[:need], free[need:]
+            bisect.insort(self.by_free[len(free) - need], node_id)
             tasks.append((node_id, gpus))
         return tasks
+
+    def give_back(self, node_id: str, gpus: list[int]) -> None:
+        """Return a task's GPUs (or its whole node) to the free capacity."""
+        if not self.gpus[node_id]:
+            bisect.insort(self.whole, node_id)
+            return
+        free = self.free[node_id]
+        self.by_free[len(free)].remove(node_id)
+        free.extend(gpus)
+        free.sort()
+        bisect.insort(self.by_free[len(free)], node_id)
 
 
 def _capacity(m: ReadModels, cluster: Cluster) -> _Capacity:
     free: dict[str, list[int]] = {}
     gpus: dict[str, int] = {}
+    whole: list[str] = []
     for node_id in cluster.nodes:
         node = m.nodes[node_id]
         if node.state != READY:
             continue
         gpus[node_id] = node.gpus
-        if not node.allocations:
-            free[node_id] = list(range(node.gpus)) if node.gpus else [-1]  # [-1]: a whole node
-        elif node.gpus:
-            free[node_id] = [g for g in range(node.gpus) if str(g) not in node.allocations]
-        else:
+        if not node.gpus:
             free[node_id] = []
-    return _Capacity(free, gpus)
+            if not node.allocations:
+                whole.append(node_id)
+        elif not node.allocations:
+            free[node_id] = list(range(node.gpus))
+        else:
+            free[node_id] = [g for g in range(node.gpus) if str(g) not in node.allocations]
+    return _Capacity(free, gpus, whole)
 
 
 def plan(m: ReadModels, now: int) -> list[Decision]:
@@ -140,9 +169,9 @@ def plan(m: ReadModels, now: int) -> list[Decision]:
         if not waiting:
             continue
         cluster = m.clusters.get(cluster_id)
-        if cluster is None:
+        if cluster is None or cluster.deleting:
             for job in waiting:
-                _reason(decisions, job, {"code": "cluster_missing"})
+                _reason(decisions, job, CLUSTER_MISSING)
             continue
         _plan_cluster(m, cluster, waiting, now, decisions)
     return decisions
@@ -155,9 +184,9 @@ def _plan_cluster(
     reserved: float | None = None  # when the first blocked job can start, once there is one
     ends: list[tuple[float, str, list[int]]] = []  # this cycle's placements: (end, node, GPUs)
     for job in waiting:
-        need, nodes = _need(job, capacity), job.node_count
+        need, nodes = job.gpus_per_node, job.node_count
         if reserved is not None and not _ends_before(job, now, reserved):
-            _reason(out, job, BEHIND_RESERVATION)
+            _wait_behind(out, job, cluster, capacity)
             continue
         tasks = capacity.take(need, nodes)
         if tasks is not None:
@@ -170,9 +199,9 @@ def _plan_cluster(
             ends.extend((end, node_id, gpus) for node_id, gpus in tasks)
             continue
         if reserved is not None:  # it could have backfilled, but does not fit now
-            _reason(out, job, BEHIND_RESERVATION)
+            _wait_behind(out, job, cluster, capacity)
             continue
-        victims = _victims(m, cluster, job) if cluster.preemption else None
+        victims = _victims(m, cluster, job, capacity) if cluster.preemption else None
         if victims:
             for victim in victims:
                 out.append((f"job-{victim.job_id}", NewEvent(
@@ -188,19 +217,29 @@ def _plan_cluster(
         _reason(out, job, _why(cluster, capacity, need, nodes))
 
 
-def _need(job: Job, capacity: _Capacity) -> int:
-    """GPUs per node the job needs (0 from an older submission: every GPU of a node)."""
-    return job.gpus_per_node or max(capacity.gpus.values(), default=0)
+def _wait_behind(out: list[Decision], job: Job, cluster: Cluster, capacity: _Capacity) -> None:
+    """A job held behind the reservation: told so, unless it could never fit anyway."""
+    need, nodes = job.gpus_per_node, job.node_count
+    if capacity.ever_fits(need, nodes):
+        _reason(out, job, BEHIND_RESERVATION)
+    else:
+        _reason(out, job, _why(cluster, capacity, need, nodes))
 
 
 def _why(cluster: Cluster, capacity: _Capacity, need: int, nodes: int) -> dict[str, Any]:
     ready = len(capacity.gpus)
     if cluster.allocation_state == "resizing" and ready < nodes:
         return {"code": "cluster_scaling"}
+    if not need:
+        return {"code": "insufficient_nodes", "need_nodes": nodes}
     fitting = capacity.fitting(need)
-    if nodes > 1 and fitting < nodes and (fitting > 0 or ready >= nodes):
+    if (
+        nodes > 1
+        and fitting < nodes
+        and (fitting or ready >= nodes or not capacity.ever_fits(need, nodes))
+    ):
         return {"code": "gang_incomplete", "need_nodes": nodes}
-    if need and capacity.total_free() >= need * nodes and capacity.max_free() < need:
+    if capacity.total_free() >= need * nodes and capacity.max_free() < need:
         return {"code": "fragmented", "need": need}
     return {"code": "insufficient_gpus", "need": need}
 
@@ -228,7 +267,8 @@ def _running(m: ReadModels, cluster: Cluster) -> Iterable[Job]:
 
 
 def _end(start: int, limit: int | None) -> float:
-    """When an attempt started at `start` ends at the latest."""
+    """When an attempt placed at `start` ends at the latest (the limit counts from placement,
+    as the attempt holds its GPUs from then: see `overdue`)."""
     return NEVER if limit is None else start + limit * 1_000_000
 
 
@@ -249,56 +289,58 @@ def _start_estimate(
             (end, node_id, gpus) for node_id, gpus in running.tasks if node_id in capacity.free
         )
     ends.sort()
-    need = _need(job, capacity)
+    need = job.gpus_per_node
     if capacity.fitting(need) >= job.node_count:
         return 0
     for end, node_id, gpus in ends:
-        _give_back(capacity, node_id, gpus)
+        capacity.give_back(node_id, gpus)
         if capacity.fitting(need) >= job.node_count:
             return end
     return NEVER
 
 
-def _give_back(capacity: _Capacity, node_id: str, gpus: list[int]) -> None:
-    free = capacity.free[node_id]
-    capacity.by_free[capacity._slots(node_id, free)].remove(node_id)
-    if capacity.gpus[node_id]:
-        free.extend(gpus)
-        free.sort()
-    else:
-        capacity.free[node_id] = free = [-1]
-    bisect.insort(capacity.by_free[capacity._slots(node_id, free)], node_id)
-
-
-def _victims(m: ReadModels, cluster: Cluster, job: Job) -> list[Job] | None:
-    """The fewest running preemptible jobs of lower priority (lowest priority, then newest
-    first) whose GPUs, with what is free, let `job` start; None if even all would not do."""
+def _victims(m: ReadModels, cluster: Cluster, job: Job, free: _Capacity) -> list[Job] | None:
+    """Running preemptible jobs of lower priority whose GPUs, with what is `free` now, let
+    `job` start: taken lowest priority, then newest, first; then each one found not needed
+    (highest priority first) is spared. None if even all of them would not do."""
     candidates = sorted(
-        (r for r in _running(m, cluster) if r.preemptible and r.priority < job.priority),
+        (r for r in _running(m, cluster) if r.preemptible and r.priority < job.priority
+         and lifecycle.allowed(r.state, "JobPreempted")),
         key=lambda r: (r.priority, -(r.scheduled_at or 0)),
-    )
-    capacity = _capacity(m, cluster)
-    chosen = []
+    )  # fmt: skip
+    chosen: list[Job] = []
     for victim in candidates:
-        if capacity.fitting(_need(job, capacity)) >= job.node_count:
+        if _frees_enough(free, chosen, job):
             break
+        chosen.append(victim)
+    if not chosen or not _frees_enough(free, chosen, job):
+        return None
+    for victim in reversed(list(chosen)):
+        rest = [v for v in chosen if v is not victim]
+        if _frees_enough(free, rest, job):
+            chosen = rest
+    return chosen
+
+
+def _frees_enough(free: _Capacity, victims: list[Job], job: Job) -> bool:
+    capacity = free.copy()
+    for victim in victims:
         for node_id, gpus in victim.tasks:
             if node_id in capacity.free:
-                _give_back(capacity, node_id, gpus)
-        chosen.append(victim)
-    if capacity.fitting(_need(job, capacity)) < job.node_count:
-        return None
-    return chosen or None
+                capacity.give_back(node_id, gpus)
+    return capacity.fitting(job.gpus_per_node) >= job.node_count
 
 
 def overdue(m: ReadModels, now: int) -> list[Decision]:
-    """Terminate requests for running jobs past their wall-clock limit."""
+    """Terminate requests for placed jobs past their wall-clock limit, which counts from
+    placement: the attempt holds its GPUs from then, preparation included, and the planner's
+    reservations count on that."""
     out = []
     for job in m.jobs.values():
         limit = job.max_wall_clock_s
-        if job.state in ("scheduled", "preparing", "running") and limit is not None:
-            started = job.started_at or job.scheduled_at or now
-            if now - started > limit * 1_000_000:
+        if job.state in lifecycle.PLACED and limit is not None:
+            placed = job.scheduled_at if job.scheduled_at is not None else now
+            if now - placed > limit * 1_000_000:
                 out.append((f"job-{job.job_id}", NewEvent(
                     "JobTerminateRequested",
                     {"jobId": job.job_id, "reason": f"maxWallClockTime of {limit} s exceeded"},

@@ -12,7 +12,7 @@ from typing import Any
 
 from batchd.events.envelope import NewEvent
 from batchd.projections import lifecycle
-from batchd.projections.model import ReadModels
+from batchd.projections.model import TERMINATING, ReadModels
 from batchd.scheduler.planner import Decision
 
 NODE_CAUSES = ("node_lost", "evicted")
@@ -23,11 +23,17 @@ def attempt_ended(
     error: dict[str, Any] | None = None,
 ) -> list[Decision]:  # fmt: skip
     """The events for an attempt that ended because of `cause` (exit_code, node_lost, evicted,
-    preempted); nothing if the attempt is not the job's current one or no longer holds GPUs."""
+    preempted); nothing if the attempt is not the job's current one or no longer holds GPUs.
+    An attempt that was being terminated ends the termination."""
     job = m.jobs.get(job_id)
-    if job is None or job.attempt != attempt or not lifecycle.allowed(job.state, "JobRequeued"):
+    if job is None or job.attempt != attempt:
         return []
     stream = f"job-{job_id}"
+    if job.state == TERMINATING:  # it was being killed anyway: the termination is complete
+        data = {"jobId": job_id, "attempt": attempt, "reason": f"terminated ({cause})"}
+        return [(stream, NewEvent("JobTerminated", data))]
+    if not lifecycle.allowed(job.state, "JobRequeued"):
+        return []
     if cause == "preempted":
         return [(stream, NewEvent("JobPreempted", {"jobId": job_id, "attempt": attempt}))]
     if cause == "exit_code":

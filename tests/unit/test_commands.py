@@ -14,7 +14,7 @@ from batchd.events.envelope import RecordedEvent
 from batchd.projections import fold
 from batchd.projections.lifecycle import InvalidTransition
 from batchd.projections.model import ReadModels
-from batchd.scheduler import commands
+from batchd.scheduler import commands, retries
 from batchd.scheduler.commands import CommandError
 from batchd.scheduler.schema import DocumentError
 
@@ -81,7 +81,8 @@ def test_a_batch_ai_resource_id_names_the_cluster(w):
         ({"cluster": "nope"}, "cluster", "no cluster 'nope'"),
         ({"nodeCount": 5}, "nodeCount", "more than cluster 'gpu' can hold (4 nodes at most)"),
         ({"gpusPerNode": 8}, "gpusPerNode", "more than the 4 GPUs of Standard_NC24s_v3"),
-        ({"pyTorchSettings": {"pythonScriptFilePath": "x.py"}}, "", "not both"),
+        ({"pyTorchSettings": {"pythonScriptFilePath": "x.py"}}, "customToolkitSettings",
+         "cannot be given with pyTorchSettings"),
         ({"schedulingPriority": "asap"}, "schedulingPriority", "one of low, normal, high"),
         ({"constraints": {"maxWallClockTime": "-1:00:00"}}, "constraints.maxWallClockTime",
          "negative"),
@@ -101,17 +102,48 @@ def test_names_conflicts_and_lifecycle(w):
     assert conflict.value.status == 409
     with pytest.raises(CommandError, match="terminate it first"):
         commands.delete_job(w.m, "ws", "exp", "j", "user:ann")
-    w.do(commands.terminate_job(w.m, "ws", "exp", "j", "user:bob"))
-    with pytest.raises(InvalidTransition, match="cannot terminate a job that is terminating"):
-        commands.terminate_job(w.m, "ws", "exp", "j", "user:bob")
+    w.do(commands.terminate_job(w.m, "ws", "exp", "j", "user:bob"))  # queued: ends at once
     job_id = w.m.job_ids["ws/exp/j"][-1]
-    w.do([(f"job-{job_id}", _event("JobTerminated", jobId=job_id))])
+    assert w.m.jobs[job_id].state == "failed"
+    assert w.m.jobs[job_id].errors[-1]["code"] == "terminated"
+    with pytest.raises(InvalidTransition, match="cannot terminate a job that is failed"):
+        commands.terminate_job(w.m, "ws", "exp", "j", "user:bob")
     w.do(commands.delete_job(w.m, "ws", "exp", "j", "user:ann"))
     w.do(commands.submit_job(w.m, "ws", "exp", "j", JOB, "user:ann", cluster="gpu"))  # reused
     assert len(w.m.job_ids["ws/exp/j"]) == 2
     with pytest.raises(CommandError) as missing:
         commands.terminate_job(w.m, "ws", "exp", "other", "user:bob")
     assert missing.value.status == 404
+
+
+def test_a_running_job_is_terminating_until_its_node_reports_or_is_lost(w):
+    w.do(commands.submit_job(w.m, "ws", "exp", "j", JOB, "user:ann", cluster="gpu"))
+    job_id = w.m.job_ids["ws/exp/j"][-1]
+    tasks = [{"node": "n1", "gpus": [0]}]
+    w.do([(f"job-{job_id}", _event("JobScheduled", jobId=job_id, attempt=1, tasks=tasks)),
+          (f"job-{job_id}", _event("JobStarted", jobId=job_id, attempt=1))])  # fmt: skip
+    w.do(commands.terminate_job(w.m, "ws", "exp", "j", "user:bob"))
+    assert w.m.jobs[job_id].state == "terminating"
+    with pytest.raises(InvalidTransition, match="cannot terminate a job that is terminating"):
+        commands.terminate_job(w.m, "ws", "exp", "j", "user:bob")
+    ended = retries.attempt_ended(w.m, job_id, 1, "node_lost")
+    assert [e.type for _s, e in ended] == ["JobTerminated"]
+    w.do(ended)
+    assert w.m.jobs[job_id].state == "failed"
+
+
+def test_malformed_cluster_resource_ids_are_refused_by_field(w):
+    for reference in ("/x/clusters/c/workspaces", "workspaces/w/clusters", "a/b"):
+        with pytest.raises(DocumentError) as refused:
+            commands.submit_job(w.m, "ws", "exp", "k", {**JOB, "cluster": reference}, "user:a")
+        assert refused.value.path == "cluster" and "resource id" in refused.value.rule
+
+
+def test_zero_gpus_per_node_is_refused_on_a_gpu_size(w):
+    with pytest.raises(DocumentError) as refused:
+        commands.submit_job(w.m, "ws", "exp", "k", {**JOB, "gpusPerNode": 0}, "user:a",
+                            cluster="gpu")  # fmt: skip
+    assert refused.value.path == "gpusPerNode" and "at least 1" in refused.value.rule
 
 
 def _event(type_, **data):
@@ -135,7 +167,11 @@ def test_workspaces_experiments_and_clusters(w):
     assert w.m.clusters["id-1"].scale_settings == {"manual": {"targetNodeCount": 2}}
     w.do(commands.submit_job(w.m, "ws", "exp", "j", JOB, "user:ann", cluster="gpu"))
     deleted = w.do(commands.delete_experiment(w.m, "ws", "exp", "user:ops"))
-    assert [e.type for _s, e in deleted] == ["JobTerminateRequested", "ExperimentDeleted"]
+    assert [e.type for _s, e in deleted] == [
+        "JobTerminateRequested",
+        "JobTerminated",
+        "ExperimentDeleted",
+    ]
     decisions = w.do(commands.delete_cluster(w.m, "ws", "gpu", "user:ops"))
     assert [e.type for _s, e in decisions] == ["ClusterDeleteRequested", "ClusterDeleted"]
     assert "ws/gpu" not in w.m.cluster_ids

@@ -77,8 +77,8 @@ def _broken(path: str, value):
         ("properties.nodeCount", 0, "properties.nodeCount", "at least 1"),
         ("properties.nodeCount", "2", "properties.nodeCount", "whole number"),
         ("properties.nodeCount", KeyError, "properties.nodeCount", "is required"),
-        ("properties.pyTorchSettings", {"pythonScriptFilePath": "t.py"}, "properties",
-         "either a toolkit or customToolkitSettings.commandLine, not both"),
+        ("properties.pyTorchSettings", {"pythonScriptFilePath": "t.py"},
+         "properties.customToolkitSettings", "cannot be given with pyTorchSettings"),
         ("properties.customToolkitSettings", KeyError, "properties", "needs a command"),
         ("properties.schedulingPriority", "urgent", "properties.schedulingPriority",
          "one of low, normal, high"),
@@ -108,7 +108,8 @@ def test_bad_documents_are_refused_by_field_path(path, value, where, rule):
 
 
 def test_two_toolkits_are_refused_by_name():
-    with pytest.raises(DocumentError, match="pyTorchSettings and horovodSettings"):
+    expected = "horovodSettings: cannot be given with pyTorchSettings"
+    with pytest.raises(DocumentError, match=expected):
         parse_job({
             **{k: v for k, v in MINIMAL.items() if k != "customToolkitSettings"},
             "pyTorchSettings": {"pythonScriptFilePath": "a.py"},

@@ -164,6 +164,68 @@ def test_no_preemption_where_the_cluster_does_not_allow_it_or_for_equal_priority
         assert not [e for _s, e in w.plan() if e.type == "JobPreempted"]
 
 
+def test_no_preemption_when_earlier_placements_of_the_cycle_leave_it_useless():
+    w = World().cluster(nodes=1, gpus=4, preemption=True)
+    w.run(w.job(gpus=2, priority=-500, preemptible=True), [("c-n0", [0, 1])])
+    urgent, big = w.job(gpus=2, priority=500), w.job(gpus=4)
+    decisions = w.plan()
+    assert set(placed(decisions)) == {urgent}  # on GPUs 2 and 3
+    assert not [e for _s, e in decisions if e.type == "JobPreempted"]
+    assert reasons(decisions)[big]["code"] == "insufficient_gpus"
+
+
+def test_preemption_spares_victims_whose_gpus_would_not_help():
+    w = World().cluster(nodes=2, gpus=4, preemption=True)
+    useless = w.job(gpus=2, priority=-500, preemptible=True)
+    w.run(useless, [("c-n0", [0, 1])])
+    w.run(w.job(gpus=2, priority=-500), [("c-n0", [2, 3])])  # not preemptible
+    needed = w.job(gpus=4, priority=-100, preemptible=True)
+    w.run(needed, [("c-n1", [0, 1, 2, 3])])
+    urgent = w.job(gpus=4, priority=500)
+    decisions = w.plan()
+    assert [e.data["jobId"] for _s, e in decisions if e.type == "JobPreempted"] == [needed]
+    assert reasons(decisions)[urgent] == {"code": "preempting", "victims": [needed]}
+
+
+def test_a_terminating_job_is_not_preempted():
+    w = World().cluster(nodes=1, gpus=4, preemption=True)
+    victim = w.job(gpus=4, priority=-500, preemptible=True)
+    w.run(victim, [("c-n0", [0, 1, 2, 3])])
+    w.apply("JobTerminateRequested", jobId=victim)
+    w.job(gpus=4, priority=500)
+    assert not [e for _s, e in w.plan() if e.type == "JobPreempted"]
+
+
+def test_gpu_jobs_never_go_to_nodes_without_gpus_and_whole_node_jobs_only_there():
+    w = World().cluster(nodes=1, gpus=0)
+    w.apply("NodeRegistered", nodeId="c-gpu", cluster="c", gpus=2)
+    w.apply("NodeSetupSucceeded", nodeId="c-gpu")
+    one_gpu, whole, second_whole = w.job(gpus=1), w.job(gpus=0), w.job(gpus=0)
+    decisions = w.plan()
+    assert placed(decisions) == {one_gpu: [{"node": "c-gpu", "gpus": [0]}],
+                                 whole: [{"node": "c-n0", "gpus": []}]}  # fmt: skip
+    assert reasons(decisions)[second_whole] == {"code": "insufficient_nodes", "need_nodes": 1}
+
+
+def test_a_cluster_being_deleted_gets_no_new_jobs():
+    w = World().cluster(nodes=1, gpus=4)
+    job = w.job(gpus=1)
+    w.apply("ClusterDeleteRequested", clusterId="c")
+    decisions = w.plan()
+    assert placed(decisions) == {}
+    assert reasons(decisions)[job] == {"code": "cluster_missing"}
+
+
+def test_a_job_that_can_never_fit_is_told_so_even_behind_a_reservation():
+    w = World().cluster(nodes=2, gpus=4)
+    w.run(w.job(gpus=4), [("c-n0", [0, 1, 2, 3])])
+    w.run(w.job(gpus=2), [("c-n1", [0, 1])])
+    head, never = w.job(gpus=4), w.job(gpus=4, nodes=3)
+    decisions = w.plan()
+    assert reasons(decisions)[head]["code"] == "insufficient_gpus"
+    assert reasons(decisions)[never] == {"code": "gang_incomplete", "need_nodes": 3}
+
+
 def test_pending_reasons_for_scaling_and_missing_clusters_recorded_only_when_they_change():
     w = World().cluster(nodes=0, resizing=True)
     job = w.job(gpus=1)
@@ -193,7 +255,10 @@ def test_jobs_past_their_wall_clock_are_terminated_with_that_reason():
     late, fine = w.job(gpus=1, wall=60), w.job(gpus=1, wall=3600)
     w.run(late, [("c-n0", [0])])
     w.run(fine, [("c-n0", [1])])
-    w.models.jobs[late].started_at = w.models.jobs[fine].started_at = NOW - 120 * 1_000_000
+    # placed two minutes ago, started (after preparing) ten seconds ago: the limit counts
+    # from placement, as the GPUs are held from then
+    w.models.jobs[late].scheduled_at = w.models.jobs[fine].scheduled_at = NOW - 120 * 1_000_000
+    w.models.jobs[late].started_at = w.models.jobs[fine].started_at = NOW - 10 * 1_000_000
     decisions = overdue(w.models, NOW)
     assert [(e.type, e.data["jobId"]) for _s, e in decisions] == [("JobTerminateRequested", late)]
     assert "maxWallClockTime" in decisions[0][1].data["reason"]
