@@ -16,7 +16,7 @@ from typing import Any
 
 Schema = dict[str, Any]
 
-OPENAPI_VERSION = "3.0.3"
+OPENAPI_VERSION = "3.1.0"
 API_VERSION = "1"
 NAME_PATTERN = r"^[-\w]{1,64}$"
 STATES = ("queued", "scheduled", "preparing", "running", "terminating", "succeeded", "failed")
@@ -68,9 +68,10 @@ def array(item: Schema, max_items: int | None = None) -> Schema:
 
 
 def nullable(schema: Schema) -> Schema:
-    if "$ref" in schema:
-        return {"allOf": [schema], "nullable": True}
-    return {**schema, "nullable": True}
+    """The schema or null (OpenAPI 3.1: JSON Schema's type list)."""
+    if "type" not in schema:
+        return {"anyOf": [schema, {"type": "null"}]}
+    return {**schema, "type": [schema["type"], "null"]}
 
 
 def obj(
@@ -153,7 +154,7 @@ def _envelope(properties: Schema, component: str, example: Schema) -> Schema:
     wrapped = obj({"properties": ref(component), **ignored}, ("properties",), closed=True)
     bare = copy.deepcopy(properties)
     bare["properties"].update(ignored)
-    return {"anyOf": [bare, wrapped], "example": example}
+    return {"anyOf": [bare, wrapped], "examples": [example]}
 
 
 def _toolkits() -> dict[str, Schema]:
@@ -364,6 +365,13 @@ def event_schema() -> Schema:
         "correlationId": nullable(string()), "causationId": nullable(string()), "data": {},
         "hash": string(),
     }, ("position", "type", "stream", "data"))  # fmt: skip
+
+
+def sse_event() -> Schema:
+    """One Server-Sent Event: `id:` the position, `event:` the type, `data:` the JSON form."""
+    data = string(contentMediaType="application/json", contentSchema=ref("Event"))
+    return obj({"id": string(pattern=r"^[0-9]+$"), "event": text(), "data": data},
+               ("id", "event", "data"))  # fmt: skip
 
 
 def history_schema() -> Schema:
@@ -666,7 +674,7 @@ def admin_paths() -> dict[str, Schema]:
     stream = {
         "200": {"description": "Server-Sent Events: `id:` position, `event:` type, `data:` the "
                                "event's JSON form",
-                "content": {"text/event-stream": {"schema": string()}}},
+                "content": {"text/event-stream": {"schema": sse_event()}}},
         **errors(400, 401, 403),
     }  # fmt: skip
     last_event = header("Last-Event-ID", string(pattern=r"^\d{1,18}$"), "resume after this")
