@@ -1,9 +1,9 @@
 """Folding the log into the read models: one dispatch table over every projection.
 
-Each projection module (workspaces, clusters, nodes, jobs) maps event types to handlers
-`handler(models, event) -> None`: deterministic, no I/O, no clock, no logging. `apply` looks
-the event's type up once and runs that type's handlers; types no projection reads (tokens,
-for now) only move the position.
+Each projection module (workspaces, clusters, nodes, jobs, tokens) maps event types to
+handlers `handler(models, event) -> None`: deterministic, no I/O, no clock, no logging.
+`apply` looks the event's type up once and runs that type's handlers; types no projection
+reads only move the position.
 """
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from batchd.events.envelope import RecordedEvent
-from batchd.projections import clusters, jobs, nodes, workspaces
+from batchd.projections import clusters, jobs, nodes, tokens, workspaces
 from batchd.projections.model import ReadModels
 
 Handler = Callable[[ReadModels, RecordedEvent], None]
 
 # The modules whose code decides the read models: their source is in the snapshot code hash.
-MODULES = (workspaces, clusters, nodes, jobs)
+MODULES = (workspaces, clusters, nodes, jobs, tokens)
 
 
 def _dispatch() -> dict[str, Handler]:

@@ -137,6 +137,17 @@ class Job:
 
 
 @dataclass(slots=True)
+class Token:
+    token_id: str
+    name: str
+    role: str  # viewer | operator | admin | agent
+    workspaces: list[str]  # the only workspaces it may use; empty: all
+    hash: str  # SHA-256 of the token, hex
+    created_at: int
+    created_by: str
+
+
+@dataclass(slots=True)
 class ReadModels:
     """Everything the log says now (as of `position`)."""
 
@@ -152,6 +163,8 @@ class ReadModels:
     job_ids: dict[str, list[str]] = field(default_factory=dict)
     # cluster id -> queued job id -> its queue key (-priority, submitted_position)
     queues: dict[str, dict[str, list[int]]] = field(default_factory=dict)
+    tokens: dict[str, Token] = field(default_factory=dict)  # by token id
+    token_hashes: dict[str, str] = field(default_factory=dict)  # SHA-256 hex -> token id
 
 
 def job_key(workspace: str, experiment: str, name: str) -> str:

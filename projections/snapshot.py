@@ -18,7 +18,15 @@ from pathlib import Path
 import msgpack
 
 from batchd.projections import allocation, fold, lifecycle, model, queue
-from batchd.projections.model import Cluster, Experiment, Job, Node, ReadModels, Workspace
+from batchd.projections.model import (
+    Cluster,
+    Experiment,
+    Job,
+    Node,
+    ReadModels,
+    Token,
+    Workspace,
+)
 
 FORMAT = 1
 NAME = "read-models"  # the projection name snapshots are stored under
@@ -29,8 +37,9 @@ _ENTITIES = (  # (ReadModels attribute, entity class, key of an entity)
     ("clusters", Cluster, lambda x: x.cluster_id),
     ("nodes", Node, lambda x: x.node_id),
     ("jobs", Job, lambda x: x.job_id),
+    ("tokens", Token, lambda x: x.token_id),
 )
-_INDEXES = ("cluster_ids", "job_ids", "queues")
+_INDEXES = ("cluster_ids", "job_ids", "queues", "token_hashes")
 _ROW = {
     cls: operator.attrgetter(*(f.name for f in dataclasses.fields(cls)))
     for _attribute, cls, _key in _ENTITIES

@@ -38,8 +38,9 @@ def _uuid() -> str:
 _NAME = string(max_len=64, pattern=r"[-\w]+", what=NAME_RULE)
 
 
-def _check_name(kind: str, name: str) -> None:
-    _NAME(name, f"{kind} name")
+def check_name(kind: str, name: str, path: str | None = None) -> None:
+    """DocumentError unless `name` is a valid name of a `kind` (reported at `path`)."""
+    _NAME(name, path or f"{kind} name")
 
 
 def _event(stream: str, type_: str, data: dict[str, Any], actor: str) -> Decision:
@@ -48,7 +49,7 @@ def _event(stream: str, type_: str, data: dict[str, Any], actor: str) -> Decisio
 
 # -- workspaces and experiments ----------------------------------------------------------------
 def create_workspace(m: ReadModels, workspace: str, actor: str) -> list[Decision]:
-    _check_name("workspace", workspace)
+    check_name("workspace", workspace)
     if workspace in m.workspaces:
         raise CommandError(f"workspace {workspace!r} exists already")
     return [_event(f"workspace-{workspace}", "WorkspaceCreated", {"workspace": workspace}, actor)]
@@ -68,7 +69,7 @@ def delete_workspace(m: ReadModels, workspace: str, actor: str) -> list[Decision
 
 def create_experiment(m: ReadModels, workspace: str, experiment: str, actor: str) -> list[Decision]:
     _workspace(m, workspace)
-    _check_name("experiment", experiment)
+    check_name("experiment", experiment)
     if f"{workspace}/{experiment}" in m.experiments:
         raise CommandError(f"experiment {experiment!r} exists already in {workspace!r}")
     data = {"workspace": workspace, "experiment": experiment}
@@ -113,7 +114,7 @@ def create_cluster(
     catalog: Catalog = CATALOG, new_id: NewId = _uuid,
 ) -> list[Decision]:  # fmt: skip
     _workspace(m, workspace)
-    _check_name("cluster", name)
+    check_name("cluster", name)
     spec = parse_cluster(document, catalog)
     if f"{workspace}/{name}" in m.cluster_ids:
         raise CommandError(f"cluster {name!r} exists already in {workspace!r}")
@@ -176,14 +177,12 @@ def submit_job(
     Batch AI resource id (`.../workspaces/W/clusters/C`) names cluster C of workspace W.
     """
     _experiment(m, workspace, experiment)
-    _check_name("job", name)
+    check_name("job", name)
     spec = parse_job(document)
     where = "properties." if isinstance(document, dict) and "properties" in document else ""
-    target_ws, target = _cluster_reference(spec.cluster or cluster, workspace, where)
-    cluster_id = m.cluster_ids.get(f"{target_ws}/{target}")
-    if cluster_id is None:
-        raise DocumentError(f"{where}cluster", f"no cluster {target!r} in workspace {target_ws!r}")
+    cluster_id = resolve_cluster(m, spec.cluster or cluster, workspace, where)
     c = m.clusters[cluster_id]
+    target = c.name
     if c.deleting:
         raise DocumentError(f"{where}cluster", f"cluster {target!r} is being deleted")
     limit = max_nodes(c.scale_settings)
@@ -210,6 +209,15 @@ def submit_job(
         "spec": spec.properties,
     }  # fmt: skip
     return [_event(f"job-{job_id}", "JobSubmitted", data, actor)]
+
+
+def resolve_cluster(m: ReadModels, reference: str | None, workspace: str, where: str) -> str:
+    """The id of the live cluster a job names (a name, or a Batch AI resource id)."""
+    target_ws, target = _cluster_reference(reference, workspace, where)
+    cluster_id = m.cluster_ids.get(f"{target_ws}/{target}")
+    if cluster_id is None:
+        raise DocumentError(f"{where}cluster", f"no cluster {target!r} in workspace {target_ws!r}")
+    return cluster_id
 
 
 def _cluster_reference(reference: str | None, workspace: str, where: str) -> tuple[str, str]:

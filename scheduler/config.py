@@ -32,7 +32,19 @@ class Config:
     listen_host: str = "127.0.0.1"
     listen_port: int = 8080
     keys_file: Path | None = None
+    mount_root: Path | None = None  # where the daemon reads $AZ_BATCHAI_MOUNT_ROOT
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_self_signed: bool = False
     raw: dict = field(default_factory=dict)
+
+    @property
+    def mounts(self) -> Path:
+        return self.mount_root or self.state_dir / "mounts"
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_self_signed or self.tls_cert is not None
 
 
 def state_dir(explicit: str | None) -> Path:
@@ -60,6 +72,9 @@ def load(
     state: str | None = None,
     store: str | None = None,
     listen: str | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    tls_self_signed: bool = False,
 ) -> Config:
     """Build the configuration: flags override the TOML file, which overrides the defaults."""
     raw: dict = {}
@@ -73,12 +88,25 @@ def load(
     directory = state_dir(state or raw.get("state_dir"))
     host, port = parse_listen(listen or raw.get("server", {}).get("listen", DEFAULT_LISTEN))
     keys_file = raw.get("secrets", {}).get("keys_file")
+    server = raw.get("server", {})
+    cert = tls_cert or server.get("tls_cert")
+    key = tls_key or server.get("tls_key")
+    if bool(cert) != bool(key):
+        raise ConfigError("TLS needs both a certificate and a key (--tls-cert and --tls-key)")
+    self_signed = tls_self_signed or bool(server.get("tls_self_signed", False))
+    if cert and self_signed:
+        raise ConfigError("give either a TLS certificate and key or --tls-self-signed, not both")
+    mount_root = raw.get("storage", {}).get("mount_root")
     return Config(
         state_dir=directory,
         store_url=store or raw.get("store", {}).get("url") or default_store_url(directory),
         listen_host=host,
         listen_port=port,
         keys_file=Path(keys_file) if keys_file else None,
+        mount_root=Path(mount_root) if mount_root else None,
+        tls_cert=Path(cert) if cert else None,
+        tls_key=Path(key) if key else None,
+        tls_self_signed=self_signed,
         raw=raw,
     )
 

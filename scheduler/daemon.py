@@ -1,11 +1,16 @@
 """`batchd serve`: the daemon.
 
-For now the daemon owns the log (taking leadership, so any older writer is fenced), restores
-the read models (newest snapshot, then catch-up) and follows the log with them, publishes the
-log's head anchor periodically (a log line `log.anchor` an operator can keep elsewhere for
-`batchd audit verify --expect`), and serves `GET /healthz` and `GET /readyz`. It stops
-gracefully on SIGTERM or SIGINT: stop accepting, finish in-flight appends, save a read-model
-snapshot, close the log.
+One asyncio process owns the log (it takes leadership, so any older writer is fenced),
+restores the read models (newest snapshot, then catch-up) and follows the log with them,
+runs the planner whenever the log moves, runs periodic work on APScheduler (wall-clock
+limits, read-model snapshots, the head anchor: a log line `log.anchor` an operator can keep
+elsewhere for `batchd audit verify --expect`), and serves the HTTP API (scheduler/api.py),
+`GET /healthz` and `GET /readyz`. If a task it cannot run without ends, it stops with exit 1.
+On SIGTERM or SIGINT it stops gracefully: stop accepting, let in-flight requests and appends
+finish, save a read-model snapshot, close the log, exit 0.
+
+On first start it creates an admin token and writes it to `<state-dir>/admin.token` (mode
+0600), which the CLI on the same machine uses when given no token.
 """
 
 from __future__ import annotations
@@ -13,7 +18,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
+import time
+from pathlib import Path
 
 import structlog
 from aiohttp import web
@@ -23,13 +31,16 @@ from batchd.events import errors, urls
 from batchd.events.codec import Codec
 from batchd.events.store import EventStore
 from batchd.projections.runner import SNAPSHOT_INTERVAL, Runner
-from batchd.scheduler import config
+from batchd.scheduler import api, auth, config, planner, tls
+from batchd.scheduler.control import Control
 
 logger = structlog.get_logger(__name__)
 
 ANCHOR_INTERVAL = 60.0  # seconds between head-anchor log lines
-STORE_KEY = web.AppKey("store", EventStore)
-MODELS_KEY = web.AppKey("models", Runner)
+OVERDUE_INTERVAL = 5.0  # seconds between wall-clock checks
+PLAN_IDLE = 10.0  # seconds between planner cycles while the log stands still
+ADMIN_TOKEN_FILE = "admin.token"
+DAEMON_KEY = web.AppKey("daemon", object)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -37,86 +48,182 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    store = request.app[STORE_KEY]
-    head = await store.head()
+    daemon: Daemon = request.app[DAEMON_KEY]  # type: ignore[assignment]
+    head = await daemon.store.head()
     return web.json_response({
-        "status": "ready", "position": head.position, "epoch": store.epoch,
-        "readModelsPosition": request.app[MODELS_KEY].position,
+        "status": "ready", "position": head.position, "epoch": daemon.store.epoch,
+        "readModelsPosition": daemon.models.position,
     })  # fmt: skip
 
 
-def build_app(store: EventStore, models: Runner) -> web.Application:
-    app = web.Application()
-    app[STORE_KEY] = store
-    app[MODELS_KEY] = models
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    return app
+def _now_us() -> int:
+    return time.time_ns() // 1000
 
 
-def _stopped_early(task: asyncio.Task, stop: asyncio.Event, failed: list[str]) -> None:
-    """A task the daemon cannot run without ended: log why and stop the daemon (exit 1)."""
-    if task.cancelled():
-        return
-    error = task.exception()
-    failed.append(task.get_name())
-    logger.error("daemon.task_failed", task=task.get_name(),
-                 error=repr(error) if error else "returned")  # fmt: skip
-    stop.set()
+class Daemon:
+    """The running daemon; `start()` then `stop()`, or `run()` until a signal."""
 
+    def __init__(self, cfg: config.Config) -> None:
+        self.cfg = cfg
+        self.stopping = asyncio.Event()
+        self.failed: list[str] = []  # names of tasks that ended on their own
+        self.url = ""
+        self.admin_token = ""
+        self.store: EventStore = None  # type: ignore[assignment]
+        self.models: Runner = None  # type: ignore[assignment]
+        self.control: Control = None  # type: ignore[assignment]
+        self._web: web.AppRunner | None = None
+        self._periodic = AsyncIOScheduler()
+        self._tasks: list[asyncio.Task] = []
 
-async def publish_anchor(store: EventStore) -> None:
-    head = await store.head()
-    logger.info("log.anchor", position=head.position, hash=head.hash.hex(), epoch=head.epoch)
+    @property
+    def state_dir(self) -> Path:
+        return self.cfg.state_dir
 
-
-async def main(args: argparse.Namespace) -> int:
-    cfg = config.load(args.config, state=args.state_dir, store=args.store, listen=args.listen)
-    cfg.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    keyring = config.load_keyring(cfg, create=True)
-    store = await urls.open_store(cfg.store_url, codec=Codec(keyring))
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    models = Runner(store)
-    runner = web.AppRunner(build_app(store, models), access_log=None)
-    periodic = AsyncIOScheduler()
-    following = None
-    failed: list[str] = []  # names of tasks that ended on their own
-    try:
-        await runner.setup()
+    async def start(self) -> None:
+        cfg = self.cfg
+        cfg.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        keyring = config.load_keyring(cfg, create=True)
+        ssl_context = self._tls()
+        self.store = await urls.open_store(cfg.store_url, codec=Codec(keyring))
+        self.models = Runner(self.store)
+        self.control = Control(self.store, self.models)
+        service = api.Api(self.store, self.models, self.control, keyring, cfg.mounts)
+        app = api.build(service, self._add_service_routes)
+        self._web = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._web.setup()
+        site = web.TCPSite(self._web, cfg.listen_host, cfg.listen_port, ssl_context=ssl_context)
         try:
-            await web.TCPSite(runner, cfg.listen_host, cfg.listen_port).start()
+            await site.start()
         except OSError as exc:  # bind first: a daemon that cannot serve must not fence another
             where = f"{cfg.listen_host}:{cfg.listen_port}"
             raise ValueError(f"cannot listen on {where}: {exc.strerror}") from None
-        await store.take_leadership()
-        restored = await models.restore()
-        logger.info("projections.restored", position=models.position,
+        port = site._server.sockets[0].getsockname()[1]  # the port, also when asked for 0
+        host = cfg.listen_host if ":" not in cfg.listen_host else f"[{cfg.listen_host}]"
+        self.url = f"{'https' if ssl_context else 'http'}://{host}:{port}"
+        await self.store.take_leadership()
+        restored = await self.models.restore()
+        logger.info("projections.restored", position=self.models.position,
                     snapshot=restored.snapshot_position, replayed=restored.replayed)  # fmt: skip
-        following = asyncio.create_task(models.follow(), name="read-models")
-        following.add_done_callback(lambda task: _stopped_early(task, stop, failed))
-        periodic.add_job(models.save_snapshot, "interval", seconds=SNAPSHOT_INTERVAL)
-        periodic.add_job(publish_anchor, "interval", args=[store], seconds=ANCHOR_INTERVAL)
-        periodic.start()
-        await publish_anchor(store)
-        logger.info("daemon.started", listen=f"{cfg.listen_host}:{cfg.listen_port}",
-                    store=str(urls.parse(cfg.store_url)), state_dir=str(cfg.state_dir))  # fmt: skip
-        await stop.wait()
+        self._task(self.models.follow(), "read-models")
+        self.admin_token = await self._admin_token()
+        self._task(self._plan_loop(), "planner")
+        self._periodic.add_job(self.models.save_snapshot, "interval", seconds=SNAPSHOT_INTERVAL)
+        self._periodic.add_job(self._publish_anchor, "interval", seconds=ANCHOR_INTERVAL)
+        self._periodic.add_job(self._enforce_wall_clock, "interval", seconds=OVERDUE_INTERVAL)
+        self._periodic.start()
+        await self._publish_anchor()
+        logger.info("daemon.started", url=self.url, store=str(urls.parse(cfg.store_url)),
+                    state_dir=str(cfg.state_dir))  # fmt: skip
+
+    def _tls(self):
+        cfg = self.cfg
+        if cfg.tls_self_signed:
+            cert, key = tls.self_signed(cfg.state_dir / "tls", cfg.listen_host)
+            return tls.server_context(cert, key)
+        if cfg.tls_cert is not None and cfg.tls_key is not None:
+            return tls.server_context(cfg.tls_cert, cfg.tls_key)
+        return None
+
+    def _add_service_routes(self, app: web.Application) -> None:
+        app[DAEMON_KEY] = self
+        app.router.add_get("/healthz", healthz)
+        app.router.add_get("/readyz", readyz)
+
+    def _task(self, coroutine, name: str) -> None:
+        task = asyncio.create_task(coroutine, name=name)
+        task.add_done_callback(self._stopped_early)
+        self._tasks.append(task)
+
+    def _stopped_early(self, task: asyncio.Task) -> None:
+        """A task the daemon cannot run without ended: log why and stop the daemon (exit 1)."""
+        if task.cancelled():
+            return
+        error = task.exception()
+        self.failed.append(task.get_name())
+        logger.error("daemon.task_failed", task=task.get_name(),
+                     error=repr(error) if error else "returned")  # fmt: skip
+        self.stopping.set()
+
+    async def _admin_token(self) -> str:
+        """The admin token of `<state-dir>/admin.token`, made (and logged as a hash) when the
+        file is missing or holds a token the log does not know."""
+        path = self.cfg.state_dir / ADMIN_TOKEN_FILE
+        with contextlib.suppress(FileNotFoundError):
+            token = path.read_text().strip()
+            if auth.digest(token) in self.models.models.token_hashes:
+                return token
+        token = auth.new_token()
+
+        def decide(m):
+            taken = {t.name for t in m.tokens.values()}
+            name = next(n for n in (f"admin-{i}" if i else "admin" for i in range(len(taken) + 1))
+                        if n not in taken)  # fmt: skip
+            return auth.create_token(m, name, "admin", [], token, "batchd:serve")
+
+        await self.control.run(decide, structural=True)
+        partial = path.with_suffix(".tmp")
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(token + "\n")
+        os.replace(partial, path)
+        logger.info("auth.admin_token_written", path=str(path))
+        return token
+
+    async def _plan_loop(self) -> None:
+        """A planner cycle whenever the log has moved (or every PLAN_IDLE seconds)."""
+        planned_at = -1
+        last = 0.0
+        while True:
+            position = self.models.position
+            if position != planned_at or time.monotonic() - last >= PLAN_IDLE:
+                planned_at, last = position, time.monotonic()
+                await self.control.run(lambda m: planner.plan(m, _now_us()))
+                planned_at = max(planned_at, position)
+            with contextlib.suppress(TimeoutError):
+                await self.models.wait_for(self.models.position + 1, 1.0)
+
+    async def _enforce_wall_clock(self) -> None:
+        await self.control.run(lambda m: planner.overdue(m, _now_us()))
+
+    async def _publish_anchor(self) -> None:
+        head = await self.store.head()
+        logger.info("log.anchor", position=head.position, hash=head.hash.hex(), epoch=head.epoch)
+
+    async def stop(self) -> None:
         logger.info("daemon.stopping")
-    finally:
         with contextlib.suppress(Exception):
-            periodic.shutdown(wait=False)
-        await runner.cleanup()
-        if following is not None:
-            following.cancel()
+            self._periodic.shutdown(wait=False)
+        if self._web is not None:
+            await self._web.cleanup()  # stops accepting; lets in-flight requests finish
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await following  # its failure, if any, was logged when it happened
+                await task  # a failure, if any, was logged when it happened
+        if self.models is not None and self.models.position:
             try:
-                await models.save_snapshot()
+                await self.models.save_snapshot()
             except errors.StoreError as exc:
                 logger.warning("projections.snapshot_failed", error=str(exc))
-        await store.close()
-    logger.info("daemon.stopped")
-    return 1 if failed else 0
+        if self.store is not None:
+            await self.store.close()
+        logger.info("daemon.stopped")
+
+
+async def main(args: argparse.Namespace) -> int:
+    cfg = config.load(
+        args.config, state=args.state_dir, store=args.store, listen=args.listen,
+        tls_cert=getattr(args, "tls_cert", None), tls_key=getattr(args, "tls_key", None),
+        tls_self_signed=getattr(args, "tls_self_signed", False),
+    )  # fmt: skip
+    daemon = Daemon(cfg)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, daemon.stopping.set)
+    try:
+        await daemon.start()
+        await daemon.stopping.wait()
+    finally:
+        await daemon.stop()
+    return 1 if daemon.failed else 0

@@ -1,0 +1,764 @@
+"""The HTTP API under /v1 (docs/api.md): resources in ARM's shape, bearer tokens, writes
+through `Control`, read-your-writes with `?after=`, events as JSON and Server-Sent Events.
+
+Handlers are thin: authorise, parse, run a command from scheduler/commands.py (or read the
+read models), shape the answer with scheduler/resources.py. Every error is JSON in the error
+shape, with the field paths at fault in `details`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from batchd.events import jsonform
+from batchd.events.secrets import Keyring
+from batchd.events.store import EventStore
+from batchd.events.timeutil import parse_iso, to_iso
+from batchd.projections import history, lifecycle, views
+from batchd.projections.model import (
+    FAILED,
+    PREPARING_JOB,
+    QUEUED,
+    RUNNING,
+    SCHEDULED,
+    SUCCEEDED,
+    TERMINATING,
+    Job,
+    ReadModels,
+    job_key,
+)
+from batchd.projections.runner import Runner
+from batchd.scheduler import auth, commands, files, openapi, resources
+from batchd.scheduler.auth import AuthError, Principal
+from batchd.scheduler.clusterspec import parse_cluster
+from batchd.scheduler.commands import CommandError
+from batchd.scheduler.control import Control
+from batchd.scheduler.jobspec import parse_job
+from batchd.scheduler.schema import DocumentError, unwrap
+
+logger = structlog.get_logger(__name__)
+
+MAX_BODY = 1024 * 1024  # bytes
+READ_WAIT = 10.0  # seconds a read with ?after= waits for the read models
+PAGE = 100
+MAX_PAGE = 1000
+SSE_KEEPALIVE = 15.0  # seconds between comments on a quiet event stream
+FOLLOW_POLL = 0.25  # seconds between looks at a followed file
+POSITION_HEADER = "Batchd-Position"
+STATES = (QUEUED, SCHEDULED, PREPARING_JOB, RUNNING, TERMINATING, SUCCEEDED, FAILED)
+
+
+class Api:
+    """What the handlers share: the log, the read models, the write path, the settings."""
+
+    def __init__(self, store: EventStore, runner: Runner, control: Control,
+                 keyring: Keyring | None, mount_root: Path) -> None:  # fmt: skip
+        self.store = store
+        self.runner = runner
+        self.control = control
+        self.keyring = keyring
+        self.mount_root = mount_root
+
+    @property
+    def models(self) -> ReadModels:
+        return self.runner.models
+
+
+API_KEY = web.AppKey("api", Api)
+PRINCIPAL_KEY = "batchd.principal"
+
+
+# -- errors ------------------------------------------------------------------------------------
+def error_response(status: int, code: str, message: str,
+                   details: list[dict[str, str]] | None = None) -> web.Response:  # fmt: skip
+    body = {"error": {"code": code, "message": message, "details": details or []}}
+    return web.json_response(body, status=status)
+
+
+_CODES = {
+    400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound",
+    405: "MethodNotAllowed", 409: "Conflict", 413: "PayloadTooLarge",
+    415: "UnsupportedMediaType", 416: "RangeNotSatisfiable", 503: "ServiceUnavailable",
+}  # fmt: skip
+
+
+def _code(status: int) -> str:
+    return _CODES.get(status, "Error")
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Callable[..., Awaitable]) -> Any:
+    try:
+        return await handler(request)
+    except DocumentError as exc:
+        where = exc.path or "body"
+        return error_response(400, "BadRequest", f"{where}: {exc.rule}",
+                              [{"name": where, "value": exc.rule}])  # fmt: skip
+    except CommandError as exc:
+        return error_response(exc.status, _code(exc.status), str(exc))
+    except lifecycle.InvalidTransition as exc:
+        return error_response(409, "Conflict", str(exc))
+    except AuthError as exc:
+        response = error_response(exc.status, _code(exc.status), str(exc))
+        if exc.status == 401:
+            response.headers["WWW-Authenticate"] = 'Bearer realm="batchd"'
+        return response
+    except files.FileNotFound as exc:
+        return error_response(404, "NotFound", str(exc))
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        message = exc.reason if exc.status != 413 else f"the body is over {MAX_BODY} bytes"
+        return error_response(exc.status, _code(exc.status), message)
+    except TimeoutError:
+        return error_response(503, "ServiceUnavailable", "the read models are behind; retry")
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception:
+        logger.exception("api.failed", method=request.method, path=request.path)
+        return error_response(500, "InternalError", "the request failed; see the daemon's log")
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Callable[..., Awaitable]) -> Any:
+    """Every /v1 request but the OpenAPI document names a token (an agent's is refused)."""
+    if request.path.startswith("/v1/") and request.path != "/v1/openapi.json":
+        principal = auth.authenticate(request.app[API_KEY].models,
+                                      request.headers.get("Authorization"))  # fmt: skip
+        if principal.role == "agent":
+            raise AuthError("an agent credential cannot use the user API", 403)
+        request[PRINCIPAL_KEY] = principal
+    return await handler(request)
+
+
+@web.middleware
+async def after_middleware(request: web.Request, handler: Callable[..., Awaitable]) -> Any:
+    """`?after=N` on a read: answer once the read models have reached position N."""
+    if request.method == "GET" and "after" in request.query and request.path != "/v1/events":
+        after = _int_query(request, "after", 0)
+        runner = request.app[API_KEY].runner
+        if runner.position < after:
+            head = (await request.app[API_KEY].store.head()).position
+            if after > head:
+                raise DocumentError("after", f"is beyond the log's head ({head})")
+            await runner.wait_for(after, READ_WAIT)
+    return await handler(request)
+
+
+# -- request helpers ---------------------------------------------------------------------------
+def _principal(request: web.Request) -> Principal:
+    return request[PRINCIPAL_KEY]
+
+
+async def _body(request: web.Request) -> Any:
+    raw = await request.read()
+    if not raw.strip():
+        return {}
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DocumentError("body", f"is not valid JSON ({exc})") from None
+
+
+def _int_query(request: web.Request, name: str, default: int, low: int = 0,
+               high: int | None = None) -> int:  # fmt: skip
+    text = request.query.get(name)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise DocumentError(name, f"must be a whole number, not {text!r}") from None
+    if value < low:
+        raise DocumentError(name, f"must be at least {low}")
+    if high is not None and value > high:
+        raise DocumentError(name, f"must be at most {high}")
+    return value
+
+
+def _written(document: dict[str, Any], position: int | None, request: web.Request,
+             status: int = 200) -> web.Response:  # fmt: skip
+    if position is None:
+        position = request.app[API_KEY].runner.position
+    return web.json_response({**document, "position": position}, status=status,
+                             headers={POSITION_HEADER: str(position)})  # fmt: skip
+
+
+def _page(request: web.Request, items: list[Any]) -> web.Response:
+    """A list page: `top` items from `skiptoken` on, and the link to the next page."""
+    top = _int_query(request, "top", PAGE, 1, MAX_PAGE)
+    start = _int_query(request, "skiptoken", 0)
+    chunk = items[start : start + top]
+    next_link = None
+    if start + top < len(items):
+        query = {**request.query, "skiptoken": str(start + top), "top": str(top)}
+        next_link = str(request.rel_url.with_query(query))
+    return web.json_response({"value": chunk, "nextLink": next_link})
+
+
+def _ws(request: web.Request, role: str = "viewer") -> str:
+    workspace = request.match_info["ws"]
+    _principal(request).require(role, workspace)
+    return workspace
+
+
+def _job(m: ReadModels, ws: str, exp: str, name: str) -> Job:
+    ids = m.job_ids.get(job_key(ws, exp, name), [])
+    if not ids or ids[-1] not in m.jobs:
+        raise CommandError(f"no job {name!r} in {ws}/{exp}", 404)
+    return m.jobs[ids[-1]]
+
+
+# -- workspaces and experiments ----------------------------------------------------------------
+def _plain_body(document: Any) -> None:
+    """A workspace or experiment body: `{}`, or Batch AI's envelope with empty properties."""
+    properties, prefix = unwrap(document)
+    if properties:
+        if not isinstance(properties, dict):
+            raise DocumentError(prefix or "body", "must be a JSON object")
+        raise DocumentError(f"{prefix}.{next(iter(properties))}".lstrip("."),
+                            "is not a known property")  # fmt: skip
+
+
+async def list_workspaces(request: web.Request) -> web.Response:
+    principal = _principal(request)
+    principal.require("viewer")
+    m = request.app[API_KEY].models
+    items = [resources.workspace(w) for name, w in sorted(m.workspaces.items())
+             if principal.sees(name)]  # fmt: skip
+    return _page(request, items)
+
+
+async def put_workspace(request: web.Request) -> web.Response:
+    ws = _ws(request, "admin")
+    _plain_body(await _body(request))
+    api = request.app[API_KEY]
+    created = await api.control.run(
+        lambda m: [] if ws in m.workspaces else commands.create_workspace(m, ws, _actor(request)),
+        structural=True,
+    )
+    return _written(resources.workspace(api.models.workspaces[ws]), created, request,
+                    201 if created else 200)  # fmt: skip
+
+
+async def get_workspace(request: web.Request) -> web.Response:
+    ws = _ws(request)
+    found = request.app[API_KEY].models.workspaces.get(ws)
+    if found is None:
+        raise CommandError(f"no workspace {ws!r}", 404)
+    return web.json_response(resources.workspace(found))
+
+
+async def delete_workspace(request: web.Request) -> web.Response:
+    ws = _ws(request, "admin")
+    api = request.app[API_KEY]
+    position = await api.control.run(
+        lambda m: commands.delete_workspace(m, ws, _actor(request)), structural=True
+    )
+    return _written({}, position, request, 202)
+
+
+def _actor(request: web.Request) -> str:
+    return _principal(request).actor
+
+
+async def list_experiments(request: web.Request) -> web.Response:
+    ws = _ws(request)
+    m = request.app[API_KEY].models
+    _need_workspace(m, ws)
+    items = [resources.experiment(x) for key, x in sorted(m.experiments.items())
+             if x.workspace == ws]  # fmt: skip
+    return _page(request, items)
+
+
+def _need_workspace(m: ReadModels, ws: str) -> None:
+    if ws not in m.workspaces:
+        raise CommandError(f"no workspace {ws!r}", 404)
+
+
+async def put_experiment(request: web.Request) -> web.Response:
+    ws = _ws(request, "operator")
+    exp = request.match_info["exp"]
+    _plain_body(await _body(request))
+    api = request.app[API_KEY]
+    key = f"{ws}/{exp}"
+    created = await api.control.run(
+        lambda m: [] if key in m.experiments
+        else commands.create_experiment(m, ws, exp, _actor(request)),
+        structural=True,
+    )  # fmt: skip
+    return _written(resources.experiment(api.models.experiments[key]), created, request,
+                    201 if created else 200)  # fmt: skip
+
+
+async def get_experiment(request: web.Request) -> web.Response:
+    ws = _ws(request)
+    exp = request.match_info["exp"]
+    found = request.app[API_KEY].models.experiments.get(f"{ws}/{exp}")
+    if found is None:
+        _need_workspace(request.app[API_KEY].models, ws)
+        raise CommandError(f"no experiment {exp!r} in workspace {ws!r}", 404)
+    return web.json_response(resources.experiment(found))
+
+
+async def delete_experiment(request: web.Request) -> web.Response:
+    ws = _ws(request, "operator")
+    exp = request.match_info["exp"]
+    api = request.app[API_KEY]
+    position = await api.control.run(
+        lambda m: commands.delete_experiment(m, ws, exp, _actor(request)), structural=True
+    )
+    return _written({}, position, request, 202)
+
+
+# -- clusters ----------------------------------------------------------------------------------
+def _cluster(m: ReadModels, ws: str, name: str):
+    _need_workspace(m, ws)
+    cluster_id = m.cluster_ids.get(f"{ws}/{name}")
+    if cluster_id is None:
+        raise CommandError(f"no cluster {name!r} in workspace {ws!r}", 404)
+    return m.clusters[cluster_id]
+
+
+async def list_clusters(request: web.Request) -> web.Response:
+    ws = _ws(request)
+    m = request.app[API_KEY].models
+    _need_workspace(m, ws)
+    items = [resources.cluster(m, c) for c in m.clusters.values() if c.workspace == ws]
+    return _page(request, sorted(items, key=lambda c: c["name"]))
+
+
+async def put_cluster(request: web.Request) -> web.Response:
+    ws = _ws(request, "admin")
+    name = request.match_info["name"]
+    document = await _body(request)
+    api = request.app[API_KEY]
+
+    async def decide(m: ReadModels):
+        existing = m.cluster_ids.get(f"{ws}/{name}")
+        if existing is None:
+            return commands.create_cluster(m, ws, name, document, _actor(request))
+        stored = await resources.cluster_spec(api.store, m.clusters[existing])
+        wanted = parse_cluster(document).properties
+        if _same(resources.opened(stored, api.keyring), wanted):
+            return []
+        raise CommandError(f"cluster {name!r} exists with another document: only its "
+                           "scaleSettings may change (PATCH)")  # fmt: skip
+
+    created = await api.control.run(decide, structural=True)
+    return await _cluster_answer(request, ws, name, created, 201 if created else 200)
+
+
+def _same(stored: dict[str, Any], wanted: dict[str, Any]) -> bool:
+    """Whether a repeated document asks for what is stored (keys batchd fills in ignored)."""
+    return all(stored.get(key) == value for key, value in wanted.items())
+
+
+async def _cluster_answer(request: web.Request, ws: str, name: str, position: int | None,
+                          status: int) -> web.Response:  # fmt: skip
+    api = request.app[API_KEY]
+    found = _cluster(api.models, ws, name)
+    spec = await resources.cluster_spec(api.store, found)
+    return _written(resources.cluster(api.models, found, spec), position, request, status)
+
+
+async def get_cluster(request: web.Request) -> web.Response:
+    ws = _ws(request)
+    api = request.app[API_KEY]
+    found = _cluster(api.models, ws, request.match_info["name"])
+    spec = await resources.cluster_spec(api.store, found)
+    return web.json_response(resources.cluster(api.models, found, spec))
+
+
+async def patch_cluster(request: web.Request) -> web.Response:
+    ws = _ws(request, "admin")
+    name = request.match_info["name"]
+    document = await _body(request)
+    api = request.app[API_KEY]
+    position = await api.control.run(
+        lambda m: commands.update_scale_settings(m, ws, name, document, _actor(request)),
+        structural=True,
+    )
+    return await _cluster_answer(request, ws, name, position, 200)
+
+
+async def delete_cluster(request: web.Request) -> web.Response:
+    ws = _ws(request, "admin")
+    name = request.match_info["name"]
+    api = request.app[API_KEY]
+    position = await api.control.run(
+        lambda m: commands.delete_cluster(m, ws, name, _actor(request)), structural=True
+    )
+    return _written({}, position, request, 202)
+
+
+# -- jobs --------------------------------------------------------------------------------------
+def _job_filters(request: web.Request, m: ReadModels, jobs: list[Job]) -> list[Job]:
+    state = request.query.get("state")
+    if state is not None and state not in STATES:
+        raise DocumentError("state", f"must be one of {', '.join(STATES)}")
+    cluster = request.query.get("cluster")
+    out = []
+    for j in jobs:
+        if state is not None and j.state != state:
+            continue
+        if cluster is not None:
+            owner = m.clusters.get(j.cluster)
+            if owner is None or cluster not in (owner.name, owner.cluster_id):
+                continue
+        out.append(j)
+    return out
+
+
+async def list_jobs(request: web.Request) -> web.Response:
+    ws = _ws(request)
+    exp = request.match_info["exp"]
+    m = request.app[API_KEY].models
+    if f"{ws}/{exp}" not in m.experiments:
+        _need_workspace(m, ws)
+        raise CommandError(f"no experiment {exp!r} in workspace {ws!r}", 404)
+    jobs = [j for j in m.jobs.values() if j.workspace == ws and j.experiment == exp]
+    chosen = _job_filters(request, m, jobs)
+    return _page(request, [resources.job(m, j) for j in chosen])
+
+
+async def list_all_jobs(request: web.Request) -> web.Response:
+    principal = _principal(request)
+    principal.require("viewer")
+    m = request.app[API_KEY].models
+    workspace = request.query.get("workspace")
+    experiment = request.query.get("experiment")
+    jobs = [j for j in m.jobs.values() if principal.sees(j.workspace)
+            and (workspace is None or j.workspace == workspace)
+            and (experiment is None or j.experiment == experiment)]  # fmt: skip
+    chosen = _job_filters(request, m, jobs)
+    return _page(request, [resources.job(m, j) for j in chosen])
+
+
+async def put_job(request: web.Request) -> web.Response:
+    ws = _ws(request, "operator")
+    exp, name = request.match_info["exp"], request.match_info["name"]
+    document = await _body(request)
+    api = request.app[API_KEY]
+
+    async def decide(m: ReadModels):
+        ids = m.job_ids.get(job_key(ws, exp, name), [])
+        if not ids or ids[-1] not in m.jobs:
+            return commands.submit_job(m, ws, exp, name, document, _actor(request))
+        existing = m.jobs[ids[-1]]
+        stored = resources.opened(await resources.job_spec(api.store, existing), api.keyring)
+        wanted = parse_job(document)
+        target = commands.resolve_cluster(m, wanted.cluster, ws, "")
+        if stored == wanted.properties and target == existing.cluster:
+            return []
+        raise CommandError(f"job {name!r} exists already in {ws}/{exp} with another document")
+
+    created = await api.control.run(decide, key=job_key(ws, exp, name))
+    found = _job(api.models, ws, exp, name)
+    spec = await resources.job_spec(api.store, found)
+    return _written(resources.job(api.models, found, spec), created, request,
+                    201 if created else 200)  # fmt: skip
+
+
+async def get_job(request: web.Request) -> web.Response:
+    ws = _ws(request)
+    api = request.app[API_KEY]
+    found = _job(api.models, ws, request.match_info["exp"], request.match_info["name"])
+    spec = await resources.job_spec(api.store, found)
+    return web.json_response(resources.job(api.models, found, spec))
+
+
+async def terminate_job(request: web.Request) -> web.Response:
+    ws = _ws(request, "operator")
+    exp, name = request.match_info["exp"], request.match_info["name"]
+    api = request.app[API_KEY]
+    position = await api.control.run(
+        lambda m: commands.terminate_job(m, ws, exp, name, _actor(request)),
+        key=job_key(ws, exp, name),
+    )
+    found = _job(api.models, ws, exp, name)
+    return _written(resources.job(api.models, found), position, request, 202)
+
+
+async def delete_job(request: web.Request) -> web.Response:
+    ws = _ws(request, "operator")
+    exp, name = request.match_info["exp"], request.match_info["name"]
+    api = request.app[API_KEY]
+    position = await api.control.run(
+        lambda m: commands.delete_job(m, ws, exp, name, _actor(request)),
+        key=job_key(ws, exp, name),
+    )
+    return _written({}, position, request, 202)
+
+
+async def job_history(request: web.Request) -> web.Response:
+    ws = _ws(request)
+    exp, name = request.match_info["exp"], request.match_info["name"]
+    api = request.app[API_KEY]
+    _need_workspace(api.models, ws)
+    job_ids = api.models.job_ids.get(job_key(ws, exp, name))
+    if not job_ids:
+        raise CommandError(f"no job named {name!r} in {ws}/{exp}, now or before", 404)
+    incarnations = []
+    for job_id in job_ids:
+        events = await api.store.read_stream(f"job-{job_id}")
+        incarnations.append({"id": job_id, "timeline": history.timeline(events)})
+    return web.json_response({"value": incarnations, "nextLink": None})
+
+
+# -- files -------------------------------------------------------------------------------------
+async def _output_dir(request: web.Request) -> tuple[Job, Path]:
+    ws = _ws(request)
+    api = request.app[API_KEY]
+    job = _job(api.models, ws, request.match_info["exp"], request.match_info["name"])
+    directory_id = request.query.get("outputdirectoryid", files.STDOUTERR)
+    attempt = _int_query(request, "attempt", max(job.attempt, 1), 1, max(job.attempt, 1))
+    spec = await resources.job_spec(api.store, job)
+    return job, files.output_dir(spec, job, directory_id, attempt, api.mount_root)
+
+
+async def list_files(request: web.Request) -> web.Response:
+    _job_found, base = await _output_dir(request)
+    directory = files.inside(base, request.query.get("directory", "."), "directory")
+    entries = files.listing(directory)
+    prefix = request.query.get("directory", ".").strip("/")
+    query = {k: v for k, v in request.query.items() if k in ("outputdirectoryid", "attempt")}
+    for entry in entries:
+        path = entry["name"] if prefix in ("", ".") else f"{prefix}/{entry['name']}"
+        entry["lastModified"] = to_iso(int(entry["lastModified"] * 1_000_000))
+        if not entry["isDirectory"]:
+            link = request.rel_url.with_path(f"{request.path}/{path}").with_query(query)
+            entry["downloadUrl"] = str(link)
+    return _page(request, entries)
+
+
+async def get_file(request: web.Request) -> web.StreamResponse:
+    job, base = await _output_dir(request)
+    path = files.inside(base, request.match_info["path"], "path")
+    if request.query.get("follow", "false").lower() in ("true", "1"):
+        return await _follow(request, job, path)
+    if not path.is_file():
+        raise files.FileNotFound(f"no file {request.match_info['path']!r} (yet)")
+    return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
+
+
+async def _follow(request: web.Request, job: Job, path: Path) -> web.StreamResponse:
+    """The file from the start (or the Range start) as it grows, until the job has ended
+    and everything written is sent."""
+    start = request.http_range.start or 0
+    response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+    await response.prepare(request)
+    runner = request.app[API_KEY].runner
+    offset = start
+    while True:
+        ended = runner.models.jobs.get(job.job_id) is None or (
+            runner.models.jobs[job.job_id].state in lifecycle.ENDED
+        )
+        chunk = await asyncio.to_thread(_read_from, path, offset)
+        if chunk:
+            await response.write(chunk)
+            offset += len(chunk)
+            continue
+        if ended:
+            break
+        await asyncio.sleep(FOLLOW_POLL)
+    await response.write_eof()
+    return response
+
+
+def _read_from(path: Path, offset: int, size: int = 1 << 16) -> bytes:
+    try:
+        with path.open("rb") as handle:
+            handle.seek(offset)
+            return handle.read(size)
+    except FileNotFoundError:
+        return b""
+
+
+# -- tokens ------------------------------------------------------------------------------------
+TOKEN_FIELDS = {"name", "role", "workspaces"}
+
+
+async def create_token(request: web.Request) -> web.Response:
+    _principal(request).require("admin")
+    body = await _body(request)
+    if not isinstance(body, dict):
+        raise DocumentError("body", "must be a JSON object")
+    for key in body:
+        if key not in TOKEN_FIELDS:
+            raise DocumentError(key, "is not a known property")
+    for key in ("name", "role"):
+        if key not in body:
+            raise DocumentError(key, "is required")
+        if not isinstance(body[key], str):
+            raise DocumentError(key, "must be a string")
+    workspaces = body.get("workspaces") or []
+    if not isinstance(workspaces, list) or not all(isinstance(w, str) for w in workspaces):
+        raise DocumentError("workspaces", "must be a list of workspace names")
+    secret = auth.new_token()
+    api = request.app[API_KEY]
+    position = await api.control.run(
+        lambda m: auth.create_token(m, body["name"], body["role"], workspaces, secret,
+                                    _actor(request)),
+        structural=True,
+    )  # fmt: skip
+    token_id = api.models.token_hashes[auth.digest(secret)]
+    document = {**resources.token(api.models.tokens[token_id]), "token": secret}
+    return _written(document, position, request, 201)
+
+
+async def list_tokens(request: web.Request) -> web.Response:
+    _principal(request).require("admin")
+    m = request.app[API_KEY].models
+    return _page(request, [resources.token(t) for t in sorted(m.tokens.values(),
+                                                              key=lambda t: t.name)])  # fmt: skip
+
+
+async def revoke_token(request: web.Request) -> web.Response:
+    _principal(request).require("admin")
+    token_id = request.match_info["id"]
+    api = request.app[API_KEY]
+    position = await api.control.run(
+        lambda m: auth.revoke_token(m, token_id, _actor(request)), structural=True
+    )
+    return _written({}, position, request, 202)
+
+
+# -- the log -----------------------------------------------------------------------------------
+async def list_events(request: web.Request) -> web.Response:
+    _principal(request).require_whole_log()
+    after = _int_query(request, "after", 0)
+    top = _int_query(request, "top", PAGE, 1, MAX_PAGE)
+    api = request.app[API_KEY]
+    events = await api.store.read_all(after, top)
+    items = [jsonform.to_json(e) for e in events]
+    next_link = None
+    if len(events) == top:
+        query = {**request.query, "after": str(events[-1].position), "top": str(top)}
+        next_link = str(request.rel_url.with_query(query))
+    return web.json_response({"value": items, "nextLink": next_link})
+
+
+async def event_stream(request: web.Request) -> web.StreamResponse:
+    """Server-Sent Events from `Last-Event-ID` (or `?after=`): each event once, in order."""
+    _principal(request).require_whole_log()
+    resume = request.headers.get("Last-Event-ID")
+    if resume is not None:
+        try:
+            after = int(resume)
+        except ValueError:
+            raise DocumentError("Last-Event-ID", "must be a log position") from None
+    else:
+        after = _int_query(request, "after", 0)
+    response = web.StreamResponse(headers={
+        "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+    })  # fmt: skip
+    await response.prepare(request)
+    api = request.app[API_KEY]
+    events = api.store.subscribe(after).__aiter__()
+    pending: asyncio.Task | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(events.__anext__())
+            done, _ = await asyncio.wait({pending}, timeout=SSE_KEEPALIVE)
+            if not done:
+                await response.write(b": keep-alive\n\n")
+                continue
+            event = pending.result()
+            pending = None
+            data = json.dumps(jsonform.to_json(event), separators=(",", ":"))
+            await response.write(
+                f"id: {event.position}\nevent: {event.type}\ndata: {data}\n\n".encode()
+            )
+    except (ConnectionResetError, asyncio.CancelledError):
+        pass
+    finally:
+        if pending is not None:
+            pending.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await pending
+        with contextlib.suppress(Exception):
+            await events.aclose()
+    return response
+
+
+async def replay(request: web.Request) -> web.Response:
+    _principal(request).require_whole_log()
+    api = request.app[API_KEY]
+    head = (await api.store.head()).position
+    if ("at" in request.query) == ("position" in request.query):
+        raise DocumentError("at", "give either at (ISO-8601) or position, not both or neither")
+    if "at" in request.query:
+        try:
+            at = parse_iso(request.query["at"])
+        except ValueError as exc:
+            raise DocumentError("at", str(exc)) from None
+        position = await api.store.position_at(at)
+    else:
+        position = _int_query(request, "position", 0, 0, head)
+    past = Runner(api.store, use_snapshots=True)
+    await past.restore(upto=position)
+    return web.json_response(views.world(past.models))
+
+
+# -- service -----------------------------------------------------------------------------------
+async def openapi_document(request: web.Request) -> web.Response:
+    return web.json_response(openapi.document())
+
+
+def add_routes(app: web.Application) -> None:
+    ws = "/v1/workspaces/{ws:[-\\w]{1,64}}"
+    exp = ws + "/experiments/{exp:[-\\w]{1,64}}"
+    job = exp + "/jobs/{name:[-\\w]{1,64}}"
+    cluster = ws + "/clusters/{name:[-\\w]{1,64}}"
+    r = app.router
+    r.add_get("/v1/openapi.json", openapi_document)
+    r.add_get("/v1/workspaces", list_workspaces)
+    r.add_put(ws, put_workspace)
+    r.add_get(ws, get_workspace)
+    r.add_delete(ws, delete_workspace)
+    r.add_get(ws + "/clusters", list_clusters)
+    r.add_put(cluster, put_cluster)
+    r.add_get(cluster, get_cluster)
+    r.add_patch(cluster, patch_cluster)
+    r.add_delete(cluster, delete_cluster)
+    r.add_get(ws + "/experiments", list_experiments)
+    r.add_put(exp, put_experiment)
+    r.add_get(exp, get_experiment)
+    r.add_delete(exp, delete_experiment)
+    r.add_get(exp + "/jobs", list_jobs)
+    r.add_put(job, put_job)
+    r.add_get(job, get_job)
+    r.add_delete(job, delete_job)
+    r.add_post(job + "/terminate", terminate_job)
+    r.add_get(job + "/history", job_history)
+    r.add_get(job + "/files", list_files)
+    r.add_get(job + "/files/{path:.+}", get_file)
+    r.add_get("/v1/jobs", list_all_jobs)
+    r.add_post("/v1/tokens", create_token)
+    r.add_get("/v1/tokens", list_tokens)
+    r.add_delete("/v1/tokens/{id}", revoke_token)
+    r.add_get("/v1/events", list_events)
+    r.add_get("/v1/events/stream", event_stream)
+    r.add_get("/v1/replay", replay)
+
+
+def build(api: Api, extra: Callable[[web.Application], None] | None = None) -> web.Application:
+    app = web.Application(
+        client_max_size=MAX_BODY,
+        middlewares=[errors_middleware, auth_middleware, after_middleware],
+    )
+    app[API_KEY] = api
+    add_routes(app)
+    if extra is not None:
+        extra(app)
+    return app

@@ -1,0 +1,121 @@
+"""The write path: run a command against the read models and append what it decides.
+
+`Control.run(decide, ...)` holds the locks the command needs, calls `decide(models)` (the
+pure command function, or a closure over one), appends the returned events and waits until
+the read models have folded them, so the next command sees them and the caller can read its
+own write. Commands that change the structure (workspaces, experiments, clusters, tokens)
+run alone; job commands and the planner's cycles share the structure and run side by side,
+one at a time per job name, so their appends share group commits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from batchd.events.envelope import NewEvent
+from batchd.events.store import EventStore
+from batchd.projections.model import ReadModels
+from batchd.projections.runner import Runner
+from batchd.scheduler.planner import Decision
+
+Decide = Callable[[ReadModels], list[Decision] | Awaitable[list[Decision]]]
+FOLD_TIMEOUT = 30.0  # seconds an appended command waits for the read models
+
+
+class SharedLock:
+    """Many shared holders or one exclusive holder; a waiting exclusive holder goes first."""
+
+    def __init__(self) -> None:
+        self._shared = 0
+        self._exclusive = False
+        self._waiting_exclusive = 0
+        self._changed = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def shared(self) -> AsyncIterator[None]:
+        async with self._changed:
+            await self._changed.wait_for(
+                lambda: not self._exclusive and not self._waiting_exclusive
+            )
+            self._shared += 1
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self._shared -= 1
+                self._changed.notify_all()
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        async with self._changed:
+            self._waiting_exclusive += 1
+            try:
+                await self._changed.wait_for(lambda: not self._exclusive and not self._shared)
+            finally:
+                self._waiting_exclusive -= 1
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self._exclusive = False
+                self._changed.notify_all()
+
+
+class Control:
+    def __init__(self, store: EventStore, runner: Runner) -> None:
+        self.store = store
+        self.runner = runner
+        self._structure = SharedLock()
+        self._keys: dict[str, tuple[asyncio.Lock, int]] = {}  # key -> (lock, holders)
+
+    @property
+    def models(self) -> ReadModels:
+        return self.runner.models
+
+    async def run(self, decide: Decide, *, structural: bool = False, key: str = "") -> int | None:
+        """Decide and append; the position of the last event appended, or None if the
+        command decided nothing (a repeated request)."""
+        hold = self._structure.exclusive() if structural else self._structure.shared()
+        async with hold, self._key(key):
+            decisions = decide(self.models)
+            if not isinstance(decisions, list):
+                decisions = await decisions
+            if not decisions:
+                return None
+            position = await self.append(decisions)
+            await self.runner.wait_for(position, FOLD_TIMEOUT)
+            return position
+
+    async def append(self, decisions: list[Decision]) -> int:
+        """Append the decisions, consecutive events of one stream together; the last position."""
+        appends: list[tuple[str, list[NewEvent], None]] = []
+        for stream, event in decisions:
+            if appends and appends[-1][0] == stream:
+                appends[-1][1].append(event)
+            else:
+                appends.append((stream, [event], None))
+        results = await self.store.append_many(appends)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return max(positions[-1] for positions in results)
+
+    @contextlib.asynccontextmanager
+    async def _key(self, key: str) -> AsyncIterator[None]:
+        if not key:
+            yield
+            return
+        lock, holders = self._keys.get(key) or (asyncio.Lock(), 0)
+        self._keys[key] = (lock, holders + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, holders = self._keys[key]
+            if holders == 1:
+                del self._keys[key]
+            else:
+                self._keys[key] = (lock, holders - 1)

@@ -1,0 +1,127 @@
+"""The API's resources: read models (and the documents as submitted) in ARM's shape.
+
+A resource is `{"id", "name", "type", "properties"}`; its properties carry the Batch AI
+document as created (secrets as "***") beside the read-only fields Batch AI reported
+(`executionState`, `executionInfo`, `allocationState`, `nodeStateCounts`, ...) and batchd's
+own (`state`, `pendingReason`, ...). See docs/api.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from batchd.events.secrets import Keyring, Sealed, redact
+from batchd.events.store import EventStore
+from batchd.events.timeutil import to_iso
+from batchd.projections import clusters
+from batchd.projections.model import (
+    EXECUTION_STATE,
+    Cluster,
+    Experiment,
+    Job,
+    ReadModels,
+    Token,
+    Workspace,
+)
+
+
+def _time(us: int | None) -> str | None:
+    return None if us is None else to_iso(us)
+
+
+def workspace_id(ws: str) -> str:
+    return f"/workspaces/{ws}"
+
+
+def cluster_id(ws: str, name: str) -> str:
+    return f"/workspaces/{ws}/clusters/{name}"
+
+
+def experiment_id(ws: str, exp: str) -> str:
+    return f"/workspaces/{ws}/experiments/{exp}"
+
+
+def job_id(ws: str, exp: str, name: str) -> str:
+    return f"/workspaces/{ws}/experiments/{exp}/jobs/{name}"
+
+
+def workspace(w: Workspace) -> dict[str, Any]:
+    return {"id": workspace_id(w.name), "name": w.name, "type": "batchd/workspaces",
+            "properties": {"creationTime": _time(w.created_at), "createdBy": w.created_by,
+                           "provisioningState": "succeeded"}}  # fmt: skip
+
+
+def experiment(x: Experiment) -> dict[str, Any]:
+    return {"id": experiment_id(x.workspace, x.name), "name": x.name,
+            "type": "batchd/experiments",
+            "properties": {"creationTime": _time(x.created_at), "createdBy": x.created_by,
+                           "provisioningState": "succeeded"}}  # fmt: skip
+
+
+def cluster(m: ReadModels, c: Cluster, spec: dict[str, Any] | None = None) -> dict[str, Any]:
+    properties = {
+        **(redact(spec) if spec else {}),
+        "vmSize": c.vm_size, "vmPriority": c.vm_priority, "scaleSettings": c.scale_settings,
+        "allocationState": c.allocation_state, "currentNodeCount": len(c.nodes),
+        "nodeStateCounts": clusters.node_counts(m, c),
+        "freeCapacity": clusters.free_capacity(m, c), "errors": c.errors,
+        "creationTime": _time(c.created_at), "createdBy": c.created_by,
+        "provisioningState": "deleting" if c.deleting else "succeeded",
+    }  # fmt: skip
+    return {"id": cluster_id(c.workspace, c.name), "name": c.name, "type": "batchd/clusters",
+            "properties": properties}  # fmt: skip
+
+
+def job(m: ReadModels, j: Job, spec: dict[str, Any] | None = None) -> dict[str, Any]:
+    owner = m.clusters.get(j.cluster)
+    target = cluster_id(owner.workspace, owner.name) if owner else j.cluster
+    properties = {
+        **(redact(spec) if spec else {}),
+        "cluster": {"id": target}, "nodeCount": j.node_count, "gpusPerNode": j.gpus_per_node,
+        "priority": j.priority, "state": j.state, "executionState": EXECUTION_STATE[j.state],
+        "executionInfo": {
+            "startTime": _time(j.started_at), "endTime": _time(j.ended_at),
+            "exitCode": j.exit_code, "errors": j.errors,
+        },
+        "pendingReason": j.pending_reason,
+        "pendingReasonSince": _time(j.pending_reason_at) if j.pending_reason else None,
+        "attempt": j.attempt, "retries": j.retries,
+        "tasks": [{"node": node_id, "gpus": gpus} for node_id, gpus in j.tasks],
+        "owner": j.owner, "creationTime": _time(j.submitted_at),
+        "scheduledTime": _time(j.scheduled_at), "provisioningState": "succeeded",
+    }  # fmt: skip
+    return {"id": job_id(j.workspace, j.experiment, j.name), "name": j.name,
+            "type": "batchd/jobs", "properties": properties}  # fmt: skip
+
+
+def token(t: Token) -> dict[str, Any]:
+    return {"id": t.token_id, "name": t.name, "role": t.role, "workspaces": t.workspaces,
+            "creationTime": _time(t.created_at), "createdBy": t.created_by}  # fmt: skip
+
+
+# -- the documents as submitted -----------------------------------------------------------------
+async def job_spec(store: EventStore, j: Job) -> dict[str, Any]:
+    """The job's properties as submitted (secrets still sealed)."""
+    for event in await store.read_stream(f"job-{j.job_id}"):
+        if event.type == "JobSubmitted":
+            return event.data.get("spec") or {}
+    return {}
+
+
+async def cluster_spec(store: EventStore, c: Cluster) -> dict[str, Any]:
+    """The cluster's properties as created (secrets still sealed)."""
+    for event in await store.read_stream(f"cluster-{c.workspace}/{c.name}"):
+        if event.type == "ClusterCreated" and event.data.get("clusterId") == c.cluster_id:
+            return event.data.get("spec") or {}
+    return {}
+
+
+def opened(value: Any, keyring: Keyring | None) -> Any:
+    """`value` with its sealed secrets opened, to compare with a new request's plain ones."""
+    if isinstance(value, dict):
+        return {k: opened(v, keyring) for k, v in value.items()}
+    if isinstance(value, list):
+        return [opened(v, keyring) for v in value]
+    if isinstance(value, Sealed):
+        return keyring.open(value) if keyring is not None else value
+    return value

@@ -1,0 +1,30 @@
+"""`api`: a real daemon (HTTP API, planner, read models) in the test's event loop, on a
+SQLite log in a temporary state directory, listening on a free port of 127.0.0.1."""
+
+from __future__ import annotations
+
+import pytest
+
+from batchd.scheduler import config
+from batchd.scheduler.daemon import Daemon
+
+
+async def start_daemon(state_dir, **options) -> Daemon:
+    cfg = config.load(None, state=str(state_dir), listen="127.0.0.1:0", **options)
+    daemon = Daemon(cfg)
+    try:
+        await daemon.start()
+    except BaseException:
+        await daemon.stop()
+        raise
+    return daemon
+
+
+@pytest.fixture
+async def api(tmp_path, monkeypatch):
+    monkeypatch.delenv("BATCHD_SECRET_KEYS", raising=False)
+    daemon = await start_daemon(tmp_path / "state")
+    try:
+        yield daemon
+    finally:
+        await daemon.stop()
