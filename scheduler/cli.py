@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from batchd.events import errors
-from batchd.scheduler import config, logs
+from batchd.scheduler import client, config, logs
 
 EXIT_FAILURE = 1  # the command ran and found a problem (audit verify) or could not finish
 EXIT_USAGE = 2  # bad flags or values
@@ -45,6 +45,26 @@ def _non_negative(text: str) -> int:
     return value
 
 
+def _priority(text: str) -> str | int:
+    """`--priority`: low, normal, high, or a whole number (the server checks its range)."""
+    if text in ("low", "normal", "high"):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not low, normal, high or a whole number"
+        ) from None
+
+
+def _env_pair(text: str) -> tuple[str, str]:
+    """`--env NAME=VALUE`."""
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=VALUE")
+    return name, value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="batchd", description="A self-hosted GPU scheduler.")
     common = argparse.ArgumentParser(add_help=False)
@@ -57,19 +77,39 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="TOML configuration file")
     serve.add_argument("--store", help="event log URL (default: SQLite in the state directory)")
     serve.add_argument("--listen", help="HOST:PORT for the API (default 127.0.0.1:8080)")
+    serve.add_argument("--tls-cert", metavar="FILE", help="serve https with this certificate")
+    serve.add_argument("--tls-key", metavar="FILE", help="the certificate's private key")
+    serve.add_argument(
+        "--tls-self-signed", action="store_true",
+        help="serve https with a generated self-signed pair (<state-dir>/tls/)",
+    )  # fmt: skip
+    client = argparse.ArgumentParser(add_help=False)
+    client.add_argument(
+        "--server", help="the API's URL (default $BATCHD_SERVER or http://127.0.0.1:8080)"
+    )
+    client.add_argument(
+        "--token", help="bearer token (default $BATCHD_TOKEN or <state-dir>/admin.token)"
+    )
+    client.add_argument(
+        "--cacert", metavar="FILE",
+        help="CA of an https server (default $BATCHD_CACERT or <state-dir>/tls/cert.pem)",
+    )  # fmt: skip
+    client.add_argument("--json", action="store_true", help="print the API's JSON")
+    api = [common, client]
+    _resource_commands(commands, api)
 
     events = commands.add_parser("events", help="read the event log")
     events_sub = events.add_subparsers(dest="events_command", required=True, metavar="COMMAND")
     tail = events_sub.add_parser(
-        "tail", parents=[common], help="print events (the last 10, or after --after N)"
+        "tail", parents=api, help="print events (the last 10, or after --after N)"
     )
-    _store_flag(tail)
+    _store_flag(tail, offline=True)
     tail.add_argument("--after", type=_non_negative, help="print events after this position")
     tail.add_argument(
         "-n", "--lines", type=_positive, default=10, help="how many of the last events"
     )
     tail.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
-    tail.add_argument("--json", action="store_true", help="one JSON object per line")
+    tail.set_defaults(api="events_tail")
 
     export = events_sub.add_parser(
         "export", parents=[common], help="print events as NDJSON (secrets redacted)"
@@ -80,26 +120,17 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--stream", help="only this stream (e.g. job-<id>, cluster-<ws>/<name>)")
 
     replay = commands.add_parser(
-        "replay", parents=[common], help="the clusters, nodes, queues and jobs at a past moment"
+        "replay", parents=api, help="the clusters, nodes, queues and jobs at a past moment"
     )
-    _store_flag(replay)
+    _store_flag(replay, offline=True)
     moment = replay.add_mutually_exclusive_group(required=True)
     moment.add_argument("--at", metavar="ISO", help="as of this time (UTC if no zone is given)")
     moment.add_argument(
         "--position", type=_non_negative, help="as of this log position (inclusive)"
     )
-    replay.add_argument("--json", action="store_true", help="print one JSON document")
+    replay.set_defaults(api="replay")
 
-    job = commands.add_parser("job", help="jobs")
-    job_sub = job.add_subparsers(dest="job_command", required=True, metavar="COMMAND")
-    job_history = job_sub.add_parser(
-        "history", parents=[common], help="a job's timeline (deleted jobs and reused names too)"
-    )
-    job_history.add_argument("name", help="the job's name")
-    _store_flag(job_history)
-    job_history.add_argument("-w", "--workspace", default="default", help="(default: default)")
-    job_history.add_argument("-e", "--experiment", default="default", help="(default: default)")
-    job_history.add_argument("--json", action="store_true", help="print one JSON document")
+    _job_commands(commands, api)
 
     audit = commands.add_parser("audit", help="check the log's integrity")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True, metavar="COMMAND")
@@ -142,10 +173,113 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _store_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--store", help="event log URL, read-only (default: the state directory's log)"
-    )
+def _names(parser: argparse.ArgumentParser, *, experiment: bool = False) -> None:
+    parser.add_argument("-w", "--workspace", default="default", help="(default: default)")
+    if experiment:
+        parser.add_argument("-e", "--experiment", default="default", help="(default: default)")
+
+
+def _subcommands(commands, name: str, help: str, parents: list) -> tuple:
+    """`batchd NAME create|list|show|delete`: the parsers of each, named NAME_<verb>."""
+    group = commands.add_parser(name, help=help)
+    verbs = group.add_subparsers(dest=f"{name}_command", required=True, metavar="COMMAND")
+    made = {}
+    for verb, text in (("create", f"create a {name}"), ("list", f"list {name}s"),
+                       ("show", f"show a {name}"), ("delete", f"delete a {name}")):  # fmt: skip
+        made[verb] = verbs.add_parser(verb, parents=parents, help=text)
+        made[verb].set_defaults(api=f"{name}_{verb}")
+        if verb != "list":
+            made[verb].add_argument("name", help=f"the {name}'s name")
+    return verbs, made
+
+
+def _resource_commands(commands, api: list) -> None:
+    _, workspace = _subcommands(commands, "workspace", "workspaces", api)
+    workspace["create"].add_argument("--location", help="a label kept with the workspace")
+
+    _, experiment = _subcommands(commands, "experiment", "experiments (groups of jobs)", api)
+    for parser in experiment.values():
+        _names(parser)
+
+    verbs, cluster = _subcommands(commands, "cluster", "clusters of GPU nodes", api)
+    cluster["resize"] = verbs.add_parser("resize", parents=api, help="set a cluster's node count")
+    cluster["resize"].set_defaults(api="cluster_resize")
+    cluster["resize"].add_argument("name", help="the cluster's name")
+    cluster["resize"].add_argument("--nodes", type=_non_negative, required=True,
+                                   help="target node count (manual scale)")  # fmt: skip
+    for parser in cluster.values():
+        _names(parser)
+    create = cluster["create"]
+    create.add_argument("-f", "--config-file", help="a Batch AI cluster JSON file")
+    create.add_argument("-s", "--vm-size", help="VM size (overrides the file)")
+    create.add_argument("--vm-priority", choices=("dedicated", "lowpriority"))
+    create.add_argument("--nodes", type=_non_negative, help="target node count (manual scale)")
+
+    token = commands.add_parser("token", help="API tokens")
+    verbs = token.add_subparsers(dest="token_command", required=True, metavar="COMMAND")
+    create = verbs.add_parser("create", parents=api, help="create a token (printed once)")
+    create.set_defaults(api="token_create")
+    create.add_argument("--role", required=True, choices=("viewer", "operator", "admin", "agent"))
+    create.add_argument("--name", dest="token_name", required=True, help="who or what it is for")
+    create.add_argument("-w", "--workspace", dest="scopes", action="append", metavar="WORKSPACE",
+                        help="limit it to this workspace (repeatable)")  # fmt: skip
+    verbs.add_parser("list", parents=api, help="list tokens").set_defaults(api="token_list")
+    revoke = verbs.add_parser("revoke", parents=api, help="revoke a token")
+    revoke.set_defaults(api="token_revoke")
+    revoke.add_argument("id", help="the token's id (token list)")
+
+
+def _job_commands(commands, api: list) -> None:
+    verbs, job = _subcommands(commands, "job", "jobs", api)
+    for verb, text in (
+        ("terminate", "terminate a job"), ("wait", "wait for a job to end"),
+        ("history", "a job's timeline (deleted jobs and reused names too)"),
+    ):  # fmt: skip
+        job[verb] = verbs.add_parser(verb, parents=api, help=text)
+        job[verb].set_defaults(api=f"job_{verb}")
+        job[verb].add_argument("name", help="the job's name")
+    _store_flag(job["history"], offline=True)
+    job["wait"].add_argument("--timeout", type=float, metavar="S",
+                             help="give up after S seconds (exit 124)")  # fmt: skip
+    create = job["create"]
+    create.add_argument("--cluster", help="the cluster's name (or resource id)")
+    source = create.add_mutually_exclusive_group(required=True)
+    source.add_argument("-f", "--config-file", help="a Batch AI job JSON file")
+    source.add_argument("--command", help="the command line to run")
+    create.add_argument("--image", help="container image")
+    create.add_argument("--nodes", type=_positive, help="node count")
+    create.add_argument("--gpus-per-node", type=_non_negative, help="GPUs on each node")
+    create.add_argument("--priority", type=_priority, help="low, normal, high or -1000..1000")
+    create.add_argument("--max-retries", type=_non_negative, help="retries after a failure")
+    create.add_argument("--env", type=_env_pair, action="append", metavar="NAME=VALUE",
+                        help="an environment variable (repeatable)")  # fmt: skip
+    job["list"].add_argument("--state", help="only jobs in this state (queued, running, ...)")
+    job["list"].add_argument("--cluster", help="only jobs on this cluster")
+
+    file = verbs.add_parser("file", help="a job's output files")
+    file_verbs = file.add_subparsers(dest="file_command", required=True, metavar="COMMAND")
+    listing = file_verbs.add_parser("list", parents=api, help="list a job's files")
+    listing.set_defaults(api="job_file_list")
+    listing.add_argument("--directory", default=".", help="(default: .)")
+    stream = file_verbs.add_parser("stream", parents=api, help="print a file as it grows")
+    stream.set_defaults(api="job_file_stream")
+    stream.add_argument("--file", default="stdout.txt", help="(default: stdout.txt)")
+    for parser in (listing, stream):
+        parser.add_argument("name", help="the job's name")
+        parser.add_argument("--attempt", type=_positive, help="(default: the latest)")
+        parser.add_argument("--output-directory-id", default="stdouterr",
+                            help="(default: stdouterr)")  # fmt: skip
+    for parser in (*job.values(), listing, stream):
+        _names(parser, experiment=True)
+
+
+def _store_flag(parser: argparse.ArgumentParser, *, offline: bool = False) -> None:
+    if offline:  # without --store the command asks the server
+        parser.add_argument("--store", help="read this event log URL offline, read-only")
+    else:
+        parser.add_argument(
+            "--store", help="event log URL, read-only (default: the state directory's log)"
+        )
 
 
 def _bench_store_flag(parser: argparse.ArgumentParser) -> None:
@@ -158,12 +292,16 @@ def _dispatch(args: argparse.Namespace):
 
     if args.command == "serve":
         return daemon.main(args)
+    offline = {"events_tail": cli_log.tail, "replay": cli_replay.replay,
+               "job_history": cli_replay.job_history}  # fmt: skip
+    if getattr(args, "api", None):
+        if getattr(args, "store", None) and args.api in offline:
+            return offline[args.api](args)
+        from batchd.scheduler import cli_api
+
+        return getattr(cli_api, args.api)(args)
     if args.command == "events":
-        return cli_log.tail(args) if args.events_command == "tail" else cli_replay.export(args)
-    if args.command == "replay":
-        return cli_replay.replay(args)
-    if args.command == "job":
-        return cli_replay.job_history(args)
+        return cli_replay.export(args)
     if args.command == "audit":
         return cli_log.verify(args)
     benches = {
@@ -180,7 +318,13 @@ GC_THRESHOLDS = (50_000, 20, 20)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        if bool(args.tls_cert) != bool(args.tls_key):
+            parser.error("--tls-cert and --tls-key go together")
+        if args.tls_self_signed and args.tls_cert:
+            parser.error("give --tls-cert and --tls-key, or --tls-self-signed, not both")
     gc.set_threshold(*GC_THRESHOLDS)
     serving = args.command == "serve"
     logs.configure(json=serving, level=logging.INFO if serving else logging.WARNING)
@@ -191,7 +335,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
-    except (CliError, config.ConfigError, errors.StoreError, ValueError) as exc:
+    except client.ApiError as exc:  # the server's message, then each field path and problem
+        print(f"batchd: error: {exc.lines()[0]}", *exc.lines()[1:], sep="\n", file=sys.stderr)
+        return EXIT_FAILURE
+    except (CliError, client.ClientError, config.ConfigError, errors.StoreError,
+            ValueError) as exc:  # fmt: skip
         print(f"batchd: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except OSError as exc:  # a file or directory the command needs (state dir, keys, output)

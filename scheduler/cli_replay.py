@@ -49,7 +49,7 @@ async def replay(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(document))
     else:
-        print(_world_text(document))
+        print(world_text(document))
     return 0
 
 
@@ -65,11 +65,11 @@ async def _note(store: EventStore, at: int | None, position: int, head: int) -> 
     )
 
 
-def _world_text(w: dict[str, Any]) -> str:
+def world_text(w: dict[str, Any]) -> str:
     when = f" ({w['recordedAt']})" if w["recordedAt"] else ""
     lines = [f"as of position {w['position']}{when}", ""]
     lines.append(f"clusters ({len(w['clusters'])})")
-    lines += _table(
+    lines += table(
         ["CLUSTER", "VM SIZE", "ALLOCATION", "NODES", "IDLE", "RUNNING", "PREPARING", "UNUSABLE",
          "LEAVING", "FREE GPUS", "MOST ON A NODE", "QUEUED"],
         [[f"{c['workspace']}/{c['name']}", c["vmSize"], c["allocationState"],
@@ -79,7 +79,7 @@ def _world_text(w: dict[str, Any]) -> str:
     )  # fmt: skip
     lines.append("")
     lines.append(f"nodes ({len(w['nodes'])})")
-    lines += _table(
+    lines += table(
         ["NODE", "CLUSTER", "STATE", "SINCE", "GPUS", "ALLOCATED"],
         [[n["id"], n["cluster"], n["state"], n["since"], n["gpus"],
           " ".join(f"{a['gpu']}:{a['jobName']}#{a['attempt']}" for a in n["allocations"]) or "-"]
@@ -88,7 +88,7 @@ def _world_text(w: dict[str, Any]) -> str:
     for name, queued in w["queues"].items():
         lines.append("")
         lines.append(f"queue {name} ({len(queued)})")
-        lines += _table(
+        lines += table(
             ["#", "JOB", "PRIORITY", "PENDING REASON"],
             [[i, q["name"], q["priority"], history.pending_reason(q["pendingReason"]) or "-"]
              for i, q in enumerate(queued, 1)],
@@ -98,7 +98,7 @@ def _world_text(w: dict[str, Any]) -> str:
     lines.append(
         f"jobs: {len(live)} live, {len(w['jobs']) - len(live)} ended (--json lists every job)"
     )
-    lines += _table(
+    lines += table(
         ["JOB", "WORKSPACE/EXPERIMENT", "STATE", "ATTEMPT", "CLUSTER", "NODES"],
         [[j["name"], f"{j['workspace']}/{j['experiment']}", j["state"], j["attempt"],
           j["cluster"], " ".join(t["node"] for t in j["tasks"]) or "-"] for j in live],
@@ -106,7 +106,7 @@ def _world_text(w: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+def table(header: list[str], rows: list[list[Any]]) -> list[str]:
     if not rows:
         return ["  (none)"]
     cells = [header, *([str(c) for c in row] for row in rows)]
@@ -139,17 +139,23 @@ async def job_history(args: argparse.Namespace) -> int:
                     "experiment": args.experiment, "incarnations": incarnations}  # fmt: skip
         print(json.dumps(document))
         return 0
+    print(history_text(key, incarnations))
+    return 0
+
+
+def history_text(key: str, incarnations: list[dict[str, Any]]) -> str:
+    """Each incarnation of a job name and its timeline, as tables."""
+    lines: list[str] = []
     for n, incarnation in enumerate(incarnations, 1):
         if n > 1:
-            print()
-        print(f"job {key} (id {incarnation['id']}, incarnation {n} of {len(incarnations)})")
+            lines.append("")
+        lines.append(f"job {key} (id {incarnation['id']}, incarnation {n} of {len(incarnations)})")
         rows = [[e["time"], e["event"], e["state"] or "", e["attempt"] or "",
                  " ".join(e["nodes"]) or "", e["actor"],
                  ("(ignored) " if e["ignored"] else "") + (e["reason"] or "")]
                 for e in incarnation["timeline"]]  # fmt: skip
-        print("\n".join(_table(["TIME", "EVENT", "STATE", "ATTEMPT", "NODES", "ACTOR", "REASON"],
-                               rows)))  # fmt: skip
-    return 0
+        lines += table(["TIME", "EVENT", "STATE", "ATTEMPT", "NODES", "ACTOR", "REASON"], rows)
+    return "\n".join(lines)
 
 
 # -- events export ----------------------------------------------------------------------------

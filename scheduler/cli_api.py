@@ -1,0 +1,614 @@
+"""`batchd workspace|experiment|cluster|job|token ...`, and `events tail` and `replay` without
+`--store`: the CLI over the HTTP API (docs/api.md).
+
+Each command prints a table on a terminal and tab-separated lines otherwise (`show`: one
+`key: value` line per property); `--json` prints the API's JSON unchanged (a list's pages as
+one `{"value": [...], "nextLink": null}`). Errors are ApiError/ClientError, printed by cli.main.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from batchd.projections.history import pending_reason
+from batchd.scheduler import cli_replay
+from batchd.scheduler.client import Client, ClientError, segment, server_events, settings
+
+ENDED = ("succeeded", "failed")
+EXIT_WAIT_TIMEOUT = 124  # `job wait --timeout` ran out (as timeout(1))
+WAIT_POLL_MAX = 2.0  # seconds between polls of a job at most
+RECONNECT_WITHIN = 30.0  # seconds: `events tail --follow` retries a lost stream this long
+
+Row = Callable[[dict[str, Any]], list[Any]]
+
+
+def _client(args: argparse.Namespace) -> Client:
+    return Client(settings(args))
+
+
+# -- output -----------------------------------------------------------------------------------
+def _tty() -> bool:
+    return sys.stdout.isatty()
+
+
+def _get(item: dict[str, Any], path: str, default: Any = None) -> Any:
+    value: Any = item
+    for key in path.split("."):
+        if not isinstance(value, dict) or key not in value:
+            return default
+        value = value[key]
+    return value
+
+
+def _cell(value: Any) -> str:
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, (list, dict)):
+        return json.dumps(value)
+    return str(value)
+
+
+def _print_table(header: list[str], rows: Iterable[list[Any]]) -> None:
+    cells = [[_cell(c) for c in row] for row in rows]
+    if not _tty():
+        for row in cells:
+            print("\t".join(row))
+        return
+    if not cells:
+        print("(none)")
+        return
+    cells.insert(0, header)
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    for row in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _flatten(value: Any, prefix: str) -> Iterable[tuple[str, str]]:
+    if isinstance(value, dict) and value:
+        for key, inner in value.items():
+            yield from _flatten(inner, f"{prefix}.{key}" if prefix else key)
+    elif isinstance(value, list) and value:
+        for index, inner in enumerate(value):
+            yield from _flatten(inner, f"{prefix}[{index}]")
+    else:
+        yield prefix, _cell(value) if value not in ({}, []) else json.dumps(value)
+
+
+def _print_resource(args: argparse.Namespace, resource: dict[str, Any]) -> None:
+    if args.json:
+        print(json.dumps(resource))
+        return
+    for key in ("name", "id"):
+        if key in resource:
+            print(f"{key}: {resource[key]}")
+    for key, value in _flatten(resource.get("properties", {}), ""):
+        print(f"{key}: {value}")
+
+
+async def _print_list(
+    args: argparse.Namespace, api: Client, path: str, header: list[str], row: Row, **params: Any
+) -> int:
+    items = [item async for item in api.items(path, **params)]
+    if args.json:
+        print(json.dumps({"value": items, "nextLink": None}))
+    else:
+        _print_table(header, (row(item) for item in items))
+    return 0
+
+
+def _print_write(
+    args: argparse.Namespace, status: int, body: Any, done: str, unchanged: str | None = None
+) -> int:
+    """After a write: the API's answer with --json, else one line saying what happened."""
+    if args.json:
+        print(json.dumps(body))
+    else:
+        print(unchanged if status == 200 and unchanged else done)
+    return 0
+
+
+def _when(value: str | None) -> str | None:
+    """An ISO time to the second (tables only)."""
+    return value[:19].replace("T", " ") if isinstance(value, str) else value
+
+
+# -- documents --------------------------------------------------------------------------------
+ACCOUNT_ENV, KEY_ENV = "AZURE_BATCHAI_STORAGE_ACCOUNT", "AZURE_BATCHAI_STORAGE_KEY"
+PLACEHOLDERS = {f"<{ACCOUNT_ENV}>": ACCOUNT_ENV, f"<{KEY_ENV}>": KEY_ENV}
+DEFAULT_STDOUTERR = "$AZ_BATCHAI_MOUNT_ROOT"  # stdOutErrPathPrefix of a job made from --command
+
+
+class InputError(ValueError):
+    """A flag or file the command cannot use; printed as one line."""
+
+
+def load_document(path: str) -> dict[str, Any]:
+    """A Batch AI JSON file (with or without the `{"properties": ...}` envelope)."""
+    text = Path(path).read_text()
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as exc:
+        where = f"line {exc.lineno} column {exc.colno}"
+        raise InputError(f"{path} is not valid JSON: {exc.msg} at {where}") from None
+    if not isinstance(document, dict):
+        raise InputError(f"{path} must hold a JSON object")
+    return document
+
+
+def _properties(document: dict[str, Any]) -> dict[str, Any]:
+    inner = document.get("properties")
+    return inner if isinstance(inner, dict) else document
+
+
+def _child(parent: dict[str, Any], key: str) -> dict[str, Any]:
+    if not isinstance(parent.get(key), dict):
+        parent[key] = {}
+    return parent[key]
+
+
+def _replace_placeholders(value: Any, values: dict[str, str], left: set[str]) -> Any:
+    if isinstance(value, dict):
+        return {k: _replace_placeholders(v, values, left) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_replace_placeholders(v, values, left) for v in value]
+    if isinstance(value, str):
+        for placeholder, env in PLACEHOLDERS.items():
+            if placeholder in value:
+                if env in values:
+                    value = value.replace(placeholder, values[env])
+                else:
+                    left.add(env)
+    return value
+
+
+def fill_storage(document: dict[str, Any], where: dict[str, Any]) -> dict[str, Any]:
+    """As `az batchai` did: `<AZURE_BATCHAI_STORAGE_ACCOUNT>`/`_KEY>` placeholders and Azure
+    file shares or blob containers without credentials get the values of those environment
+    variables (those not set are left as they are, with a note on stderr)."""
+    values = {env: os.environ[env] for env in (ACCOUNT_ENV, KEY_ENV) if os.environ.get(env)}
+    left: set[str] = set()
+    document = _replace_placeholders(document, values, left)
+    volumes = [_get(_properties(document), path) for path in where]
+    for mounts in (v for v in volumes if isinstance(v, dict)):
+        for kind in ("azureFileShares", "azureBlobFileSystems"):
+            for entry in mounts.get(kind) or ():
+                if not isinstance(entry, dict):
+                    continue
+                credentials = entry.get("credentials")
+                if credentials is None or (
+                    isinstance(credentials, dict)
+                    and not {"accountKey", "accountKeySecretReference"} & credentials.keys()
+                ):
+                    if KEY_ENV in values:
+                        _child(entry, "credentials")["accountKey"] = values[KEY_ENV]
+                    else:
+                        left.add(KEY_ENV)
+    for env in sorted(left):
+        print(f"note: set {env} to fill in the storage {'key' if env == KEY_ENV else 'account'}"
+              " (left as the file has it)", file=sys.stderr)  # fmt: skip
+    return document
+
+
+def job_document(args: argparse.Namespace) -> dict[str, Any]:
+    """The job document to PUT: the config file (or one made from --command), then the flags."""
+    if args.config_file:
+        document = load_document(args.config_file)
+    else:
+        document = {"properties": {
+            "nodeCount": 1, "stdOutErrPathPrefix": DEFAULT_STDOUTERR,
+            "customToolkitSettings": {"commandLine": args.command},
+        }}  # fmt: skip
+    props = _properties(document)
+    if args.cluster:
+        props["cluster"] = args.cluster
+    elif "cluster" not in props:
+        raise InputError("job create needs --cluster NAME")
+    if args.image:
+        _child(_child(props, "containerSettings"), "imageSourceRegistry")["image"] = args.image
+    if args.nodes is not None:
+        props["nodeCount"] = args.nodes
+    if args.gpus_per_node is not None:
+        props["gpusPerNode"] = args.gpus_per_node
+    if isinstance(args.priority, str):
+        props["schedulingPriority"] = args.priority
+        props.pop("priority", None)
+    elif args.priority is not None:
+        props["priority"] = args.priority
+        props.pop("schedulingPriority", None)
+    if args.max_retries is not None:
+        props["maxRetries"] = args.max_retries
+    if args.env:
+        given = props.get("environmentVariables")
+        variables = given if isinstance(given, list) else []
+        for name, value in args.env:
+            variables = [
+                v for v in variables if not (isinstance(v, dict) and v.get("name") == name)
+            ]
+            variables.append({"name": name, "value": value})
+        props["environmentVariables"] = variables
+    return fill_storage(document, ["mountVolumes"])
+
+
+def cluster_document(args: argparse.Namespace) -> dict[str, Any]:
+    """The cluster document to PUT: the config file, then the flags."""
+    if not args.config_file and not args.vm_size:
+        raise InputError("cluster create needs --config-file FILE or --vm-size SIZE")
+    document = load_document(args.config_file) if args.config_file else {"properties": {}}
+    props = _properties(document)
+    if args.vm_size:
+        props["vmSize"] = args.vm_size
+    if args.vm_priority:
+        props["vmPriority"] = args.vm_priority
+    if args.nodes is not None:
+        props["scaleSettings"] = {"manual": {"targetNodeCount": args.nodes}}
+    return fill_storage(document, ["nodeSetup.mountVolumes"])
+
+
+# -- paths ------------------------------------------------------------------------------------
+def _workspace(args: argparse.Namespace, name: str | None = None) -> str:
+    return f"/v1/workspaces/{segment(name or args.workspace)}"
+
+
+def _experiment(args: argparse.Namespace, name: str | None = None) -> str:
+    return f"{_workspace(args)}/experiments/{segment(name or args.experiment)}"
+
+
+def _job(args: argparse.Namespace) -> str:
+    return f"{_experiment(args)}/jobs/{segment(args.name)}"
+
+
+def _job_key(args: argparse.Namespace) -> str:
+    return f"{args.workspace}/{args.experiment}/{args.name}"
+
+
+# -- workspaces and experiments ---------------------------------------------------------------
+async def workspace_create(args: argparse.Namespace) -> int:
+    body = {"location": args.location} if args.location else {}
+    async with _client(args) as api:
+        status, answer = await api.call("PUT", _workspace(args, args.name), body=body)
+    return _print_write(
+        args,
+        status,
+        answer,
+        f"created workspace {args.name}",
+        f"workspace {args.name} exists as given: unchanged",
+    )
+
+
+async def workspace_list(args: argparse.Namespace) -> int:
+    async with _client(args) as api:
+        return await _print_list(
+            args, api, "/v1/workspaces", ["NAME", "LOCATION", "CREATED", "CREATED BY", "STATE"],
+            lambda w: [w.get("name"), _get(w, "properties.location"),
+                       _when(_get(w, "properties.creationTime")), _get(w, "properties.createdBy"),
+                       _get(w, "properties.provisioningState")],
+        )  # fmt: skip
+
+
+async def workspace_show(args: argparse.Namespace) -> int:
+    async with _client(args) as api:
+        _print_resource(args, await api.get(_workspace(args, args.name)))
+    return 0
+
+
+async def workspace_delete(args: argparse.Namespace) -> int:
+    async with _client(args) as api:
+        status, answer = await api.call("DELETE", _workspace(args, args.name))
+    return _print_write(args, status, answer, f"deleted workspace {args.name}")
+
+
+async def experiment_create(args: argparse.Namespace) -> int:
+    async with _client(args) as api:
+        status, answer = await api.call("PUT", _experiment(args, args.name), body={})
+    what = f"experiment {args.workspace}/{args.name}"
+    return _print_write(args, status, answer, f"created {what}", f"{what} exists: unchanged")
+
+
+async def experiment_list(args: argparse.Namespace) -> int:
+    async with _client(args) as api:
+        return await _print_list(
+            args, api, f"{_workspace(args)}/experiments",
+            ["NAME", "CREATED", "CREATED BY", "STATE"],
+            lambda e: [e.get("name"), _when(_get(e, "properties.creationTime")),
+                       _get(e, "properties.createdBy"), _get(e, "properties.provisioningState")],
+        )  # fmt: skip
+
+
+async def experiment_show(args: argparse.Namespace) -> int:
+    async with _client(args) as api:
+        _print_resource(args, await api.get(_experiment(args, args.name)))
+    return 0
+
+
+async def experiment_delete(args: argparse.Namespace) -> int:
+    async with _client(args) as api:
+        status, answer = await api.call("DELETE", _experiment(args, args.name))
+    return _print_write(args, status, answer, f"deleted experiment {args.workspace}/{args.name}")
+
+
+# -- clusters ---------------------------------------------------------------------------------
+def _cluster_path(args: argparse.Namespace) -> str:
+    return f"{_workspace(args)}/clusters/{segment(args.name)}"
+
+
+def _target(c: dict[str, Any]) -> str:
+    scale = _get(c, "properties.scaleSettings", {})
+    if "autoScale" in scale:
+        auto = scale["autoScale"]
+        return f"{auto.get('minimumNodeCount')}-{auto.get('maximumNodeCount')}"
+    return _cell(_get(scale, "manual.targetNodeCount"))
+
+
+def _cluster_row(c: dict[str, Any]) -> list[Any]:
+    counts = _get(c, "properties.nodeStateCounts", {})
+    return [
+        c.get("name"), _get(c, "properties.vmSize"),
+        _get(c, "properties.vmPriority", "dedicated"), _get(c, "properties.allocationState"),
+        f"{_cell(_get(c, 'properties.currentNodeCount'))}/{_target(c)}",
+        *(counts.get(k) for k in ("idle", "running", "preparing", "unusable", "leaving")),
+        _get(c, "properties.freeCapacity.freeGpus"), _get(c, "properties.provisioningState"),
+    ]  # fmt: skip
+
+
+async def cluster_create(args: argparse.Namespace) -> int:
+    document = cluster_document(args)
+    async with _client(args) as api:
+        status, answer = await api.call("PUT", _cluster_path(args), body=document)
+    what = f"cluster {args.workspace}/{args.name}"
+    return _print_write(
+        args, status, answer, f"created {what}", f"{what} exists as given: unchanged"
+    )
+
+
+async def cluster_list(args: argparse.Namespace) -> int:
+    header = ["NAME", "VM SIZE", "PRIORITY", "ALLOCATION", "NODES", "IDLE", "RUNNING",
+              "PREPARING", "UNUSABLE", "LEAVING", "FREE GPUS", "STATE"]  # fmt: skip
+    async with _client(args) as api:
+        return await _print_list(args, api, f"{_workspace(args)}/clusters", header, _cluster_row)
+
+
+async def cluster_show(args: argparse.Namespace) -> int:
+    async with _client(args) as api:
+        _print_resource(args, await api.get(_cluster_path(args)))
+    return 0
+
+
+async def cluster_resize(args: argparse.Namespace) -> int:
+    body = {"scaleSettings": {"manual": {"targetNodeCount": args.nodes}}}
+    async with _client(args) as api:
+        status, answer = await api.call("PATCH", _cluster_path(args), body=body)
+    return _print_write(
+        args, status, answer, f"resized cluster {args.workspace}/{args.name} to {args.nodes} nodes"
+    )
+
+
+async def cluster_delete(args: argparse.Namespace) -> int:
+    async with _client(args) as api:
+        status, answer = await api.call("DELETE", _cluster_path(args))
+    return _print_write(args, status, answer, f"deleted cluster {args.workspace}/{args.name}")
+
+
+# -- jobs -------------------------------------------------------------------------------------
+def _job_row(j: dict[str, Any]) -> list[Any]:
+    state = _get(j, "properties.state")
+    reason = pending_reason(_get(j, "properties.pendingReason")) if state == "queued" else None
+    nodes = [t.get("node") for t in _get(j, "properties.tasks", []) if isinstance(t, dict)]
+    return [
+        j.get("name"), state, _get(j, "properties.cluster.id", "").rpartition("/")[2],
+        _get(j, "properties.nodeCount"), _get(j, "properties.priority"),
+        _get(j, "properties.attempt"), _get(j, "properties.executionInfo.exitCode"),
+        _when(_get(j, "properties.creationTime")), reason or " ".join(n for n in nodes if n),
+    ]  # fmt: skip
+
+
+async def job_create(args: argparse.Namespace) -> int:
+    document = job_document(args)
+    async with _client(args) as api:
+        status, answer = await api.call("PUT", _job(args), body=document)
+    state = _get(answer, "properties.state")
+    done = f"created job {_job_key(args)}" + (f" ({state})" if state else "")
+    unchanged = f"job {_job_key(args)} exists as given: unchanged"
+    return _print_write(args, status, answer, done, unchanged)
+
+
+async def job_list(args: argparse.Namespace) -> int:
+    header = ["NAME", "STATE", "CLUSTER", "NODES", "PRIORITY", "ATTEMPT", "EXIT CODE", "CREATED",
+              "PENDING REASON / NODES"]  # fmt: skip
+    async with _client(args) as api:
+        return await _print_list(args, api, f"{_experiment(args)}/jobs", header, _job_row,
+                                 state=args.state, cluster=args.cluster)  # fmt: skip
+
+
+async def job_show(args: argparse.Namespace) -> int:
+    async with _client(args) as api:
+        _print_resource(args, await api.get(_job(args)))
+    return 0
+
+
+async def job_terminate(args: argparse.Namespace) -> int:
+    async with _client(args) as api:
+        status, answer = await api.call("POST", f"{_job(args)}/terminate")
+    return _print_write(args, status, answer, f"terminating job {_job_key(args)}")
+
+
+async def job_delete(args: argparse.Namespace) -> int:
+    async with _client(args) as api:
+        status, answer = await api.call("DELETE", _job(args))
+    return _print_write(args, status, answer, f"deleted job {_job_key(args)}")
+
+
+async def job_history(args: argparse.Namespace) -> int:
+    async with _client(args) as api:
+        answer = await api.get(f"{_job(args)}/history")
+    if args.json:
+        print(json.dumps(answer))
+    else:
+        print(cli_replay.history_text(_job_key(args), answer.get("value", [])))
+    return 0
+
+
+async def job_wait(args: argparse.Namespace) -> int:
+    """Poll the job until it has ended; its exit code (1 if it failed without one)."""
+    progress = sys.stderr.isatty() and not args.json
+    started = time.monotonic()
+    delay = 0.1
+    async with _client(args) as api:
+        while True:
+            job = await api.get(_job(args))
+            state = _get(job, "properties.state")
+            waited = time.monotonic() - started
+            if state in ENDED:
+                break
+            if progress:
+                reason = pending_reason(_get(job, "properties.pendingReason"))
+                line = f"job {_job_key(args)}: {state}{f' ({reason})' if reason else ''}"
+                sys.stderr.write(f"\r\x1b[K{line}, {waited:.0f} s")
+                sys.stderr.flush()
+            if args.timeout is not None and waited >= args.timeout:
+                if progress:
+                    sys.stderr.write("\r\x1b[K")
+                print(f"batchd: error: job {_job_key(args)} is still {state} after "
+                      f"{args.timeout:g} s", file=sys.stderr)  # fmt: skip
+                return EXIT_WAIT_TIMEOUT
+            pause = delay if args.timeout is None else min(delay, args.timeout - waited)
+            await asyncio.sleep(max(pause, 0.01))
+            delay = min(delay * 1.5, WAIT_POLL_MAX)
+    if progress:
+        sys.stderr.write("\r\x1b[K")
+    code = _get(job, "properties.executionInfo.exitCode")
+    if args.json:
+        print(json.dumps(job))
+    else:
+        print(f"job {_job_key(args)} {state}" + (f", exit code {code}" if code is not None else ""))
+    if state == "succeeded":
+        return 0
+    return code if isinstance(code, int) and 0 < code < 256 else 1
+
+
+def _file_params(args: argparse.Namespace) -> dict[str, Any]:
+    return {"outputdirectoryid": args.output_directory_id, "attempt": args.attempt}
+
+
+async def job_file_list(args: argparse.Namespace) -> int:
+    async with _client(args) as api:
+        return await _print_list(
+            args, api, f"{_job(args)}/files", ["NAME", "TYPE", "SIZE", "MODIFIED"],
+            lambda f: [f.get("name"), "directory" if f.get("isDirectory") else "file",
+                       _get(f, "properties.contentLength"),
+                       _when(_get(f, "properties.lastModified"))],
+            directory=args.directory, **_file_params(args),
+        )  # fmt: skip
+
+
+async def job_file_stream(args: argparse.Namespace) -> int:
+    path = f"{_job(args)}/files/{segment(args.file)}"
+    params = {"follow": "true", **{k: str(v) for k, v in _file_params(args).items() if v}}
+    sys.stdout.flush()
+    out = sys.stdout.buffer
+    async with _client(args) as api, api.stream(path, params=params) as response:
+        async for chunk in response.content.iter_any():
+            out.write(chunk)
+            out.flush()
+    return 0
+
+
+# -- tokens -----------------------------------------------------------------------------------
+async def token_create(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"name": args.token_name, "role": args.role}
+    if args.scopes:
+        body["workspaces"] = args.scopes
+    async with _client(args) as api:
+        _, answer = await api.call("POST", "/v1/tokens", body=body)
+    if args.json:
+        print(json.dumps(answer))
+        return 0
+    print(answer.get("token"))
+    ident = str(answer.get("id", "")).rpartition("/")[2]
+    note = f"token {ident} ({args.role}) for {args.token_name}: it is shown only this once"
+    print(note, file=sys.stderr)
+    return 0
+
+
+def _token_row(t: dict[str, Any]) -> list[Any]:
+    workspaces = _get(t, "properties.workspaces") or ()
+    return [
+        str(t.get("id", "")).rpartition("/")[2], t.get("name"), _get(t, "properties.role"),
+        ",".join(workspaces) or "(all)", _when(_get(t, "properties.creationTime")),
+        _get(t, "properties.createdBy"),
+    ]  # fmt: skip
+
+
+async def token_list(args: argparse.Namespace) -> int:
+    header = ["ID", "NAME", "ROLE", "WORKSPACES", "CREATED", "CREATED BY"]
+    async with _client(args) as api:
+        return await _print_list(args, api, "/v1/tokens", header, _token_row)
+
+
+async def token_revoke(args: argparse.Namespace) -> int:
+    async with _client(args) as api:
+        status, answer = await api.call("DELETE", f"/v1/tokens/{segment(args.id)}")
+    return _print_write(args, status, answer, f"revoked token {args.id}")
+
+
+# -- events and replay ------------------------------------------------------------------------
+def _event_line(e: dict[str, Any]) -> str:
+    return (
+        f"{e.get('position'):>9}  {e.get('recordedAt')}  {e.get('type'):<26} "
+        f"{e.get('stream'):<44} {e.get('actor')}"
+    )
+
+
+async def events_tail(args: argparse.Namespace) -> int:
+    show = json.dumps if args.json else _event_line
+    async with _client(args) as api:
+        after = args.after
+        if after is None:
+            head = (await api.get("/readyz")).get("position", 0)
+            after = max(0, head - args.lines)
+        if args.follow:
+            await _follow(api, after, show)
+            return 0
+        async for event in api.items("/v1/events", after=after, top=1000):
+            print(show(event))
+    return 0
+
+
+async def _follow(api: Client, after: int, show: Callable[[dict[str, Any]], str]) -> None:
+    """Print the event stream from `after` on; reconnect (resuming) if the server drops it."""
+    last, lost_at = after, None
+    headers = {"Accept": "text/event-stream"}
+    while True:
+        try:
+            async with api.stream(
+                "/v1/events/stream", params={"after": str(last)}, headers=headers
+            ) as response:
+                lost_at = None
+                async for message in server_events(response):
+                    event = json.loads(message.data)
+                    print(show(event), flush=True)
+                    last = int(message.id) if message.id else event.get("position", last)
+        except ClientError as exc:
+            if getattr(exc, "status", None) is not None:  # an answer, not a lost connection
+                raise
+            lost_at = lost_at or time.monotonic()
+            if time.monotonic() - lost_at > RECONNECT_WITHIN:
+                raise
+        await asyncio.sleep(1.0 if lost_at else 0.1)
+
+
+async def replay(args: argparse.Namespace) -> int:
+    async with _client(args) as api:
+        world = await api.get("/v1/replay", at=args.at, position=args.position)
+    if args.json:
+        print(json.dumps(world))
+    else:
+        print(cli_replay.world_text(world))
+    return 0
