@@ -157,6 +157,13 @@ def _envelope(properties: Schema, component: str, example: Schema) -> Schema:
     return {"anyOf": [bare, wrapped], "examples": [example]}
 
 
+def plain_document() -> Schema:
+    """A workspace's or experiment's body: `{}`, `{"location": ...}`, or the envelope with
+    empty properties."""
+    ignored = {k: {} for k in ("$schema", "location", "tags", "id", "name", "type")}
+    return obj({"properties": obj({}, closed=True), **ignored}, closed=True)
+
+
 def _toolkits() -> dict[str, Schema]:
     script = {
         "pythonScriptFilePath": text(), "pythonInterpreterPath": text(),
@@ -331,15 +338,17 @@ def cluster_view() -> Schema:
         "currentNodeCount": integer(0),
         "nodeStateCounts": counts,
         "freeCapacity": any_object(),
-        "errors": nullable(array({})),
+        "errors": array(any_object()),
+        "vmPriority": string(),
         "scaleSettings": any_object(),
     })  # fmt: skip
 
 
 def job_view() -> Schema:
     info = obj({
-        "startTime": nullable(string()), "endTime": nullable(string()),
-        "exitCode": nullable(integer()), "errors": nullable(array({})),
+        "startTime": nullable(string(format="date-time")),
+        "endTime": nullable(string(format="date-time")),
+        "exitCode": nullable(integer()), "errors": array(any_object()),
     })  # fmt: skip
     return obj({
         **{k: {} for k in job_properties()["properties"]},
@@ -349,11 +358,14 @@ def job_view() -> Schema:
         "executionState": enum(*EXECUTION_STATES),
         "executionInfo": info,
         "pendingReason": nullable(any_object()),
-        "pendingReasonSince": nullable(string()),
+        "pendingReasonSince": nullable(string(format="date-time")),
+        "scheduledTime": nullable(string(format="date-time")),
         "priority": integer(),
+        "nodeCount": integer(1),
+        "gpusPerNode": nullable(integer(0)),
         "attempt": integer(0),
-        "retries": any_object(),
-        "tasks": array(any_object()),
+        "retries": {"type": "object", "additionalProperties": integer(0)},
+        "tasks": array(obj({"node": string(), "gpus": array(integer(0))})),
         "owner": nullable(string()),
     })  # fmt: skip
 
@@ -375,13 +387,20 @@ def sse_event() -> Schema:
 
 
 def history_schema() -> Schema:
-    entry = obj({"position": integer(), "event": string(), "state": nullable(string())})
+    entry = obj({
+        "position": integer(1), "time": string(format="date-time"), "event": string(),
+        "state": nullable(string()), "actor": nullable(string()), "attempt": nullable(integer()),
+        "nodes": nullable(array(string())), "reason": nullable(string()), "ignored": boolean(),
+    }, ("position", "event"))  # fmt: skip
     incarnation = obj({"id": string(), "timeline": array(entry)}, ("id", "timeline"))
-    return obj({"value": array(incarnation)}, ("value",))
+    return obj({"value": array(incarnation), "nextLink": {"type": "null"}}, ("value",))
 
 
 def file_schema() -> Schema:
-    return obj({"name": string(), "isDirectory": boolean(), "properties": any_object()}, ("name",))
+    return obj({
+        "name": text(), "isDirectory": boolean(), "contentLength": integer(0),
+        "lastModified": string(format="date-time"), "downloadUrl": string(),
+    }, ("name", "isDirectory"))  # fmt: skip
 
 
 def token_request() -> Schema:
@@ -393,8 +412,16 @@ def token_request() -> Schema:
 
 
 def token_view() -> Schema:
-    return obj({"role": string(), "workspaces": nullable(array(string())),
-                "creationTime": nullable(string()), "createdBy": nullable(string())})  # fmt: skip
+    """A token as listed: never its secret."""
+    return obj({
+        "id": text(), "name": string(), "role": enum(*ROLES), "workspaces": array(string()),
+        "creationTime": nullable(string(format="date-time")), "createdBy": nullable(string()),
+    }, ("id", "name", "role", "workspaces"))  # fmt: skip
+
+
+def new_token() -> Schema:
+    """A created token: the secret, shown this once, and the position of its event."""
+    return {"allOf": [ref("Token"), obj({"token": text()}, ("token",)), ref("Written")]}
 
 
 def replay_schema() -> Schema:
@@ -413,8 +440,8 @@ def components() -> Schema:
         "responses": {n: json_response(s, ref("Error")) for s, n in ERROR_NAMES.items()},
         "schemas": {
             "Error": error_schema(),
-            "WorkspaceDocument": obj({"location": string()}, closed=True),
-            "ExperimentDocument": obj({}, closed=True),
+            "WorkspaceDocument": plain_document(),
+            "ExperimentDocument": plain_document(),
             "ClusterDocument": _envelope(cluster, "ClusterProperties", CLUSTER_EXAMPLE),
             "ClusterProperties": cluster,
             "ScaleSettingsPatch": obj({"scaleSettings": ref("ScaleSettings")},
@@ -430,14 +457,13 @@ def components() -> Schema:
             "Experiment": resource(workspace_view()),
             "Cluster": resource(cluster_view()),
             "Job": resource(job_view()),
-            "Token": resource(token_view()),
+            "Token": token_view(),
             "WrittenWorkspace": written("Workspace"),
             "WrittenExperiment": written("Experiment"),
             "WrittenCluster": written("Cluster"),
             "WrittenJob": written("Job"),
             "Written": obj({"position": integer(0)}, ("position",)),
-            "NewToken": obj({**resource(token_view())["properties"], "token": text(),
-                             "position": integer(0)}, ("id", "token", "position")),
+            "NewToken": new_token(),
             "WorkspaceList": page(ref("Workspace")),
             "ExperimentList": page(ref("Experiment")),
             "ClusterList": page(ref("Cluster")),
@@ -571,7 +597,7 @@ def put(op_id: str, summary: str, body: str, written: str) -> Schema:
 def write(op_id: str, summary: str, status: int, schema: str, body: str | None = None) -> Schema:
     responses = {
         str(status): json_response(status, ref(schema), written=True),
-        **errors(400, 401, 403, 404, 409, 413),
+        **errors(400, 401, 403, 404, 409, *((413,) if body else ())),
     }
     return operation(op_id, summary, responses, body=body)
 
@@ -588,7 +614,7 @@ def workspace_paths() -> dict[str, Schema]:
             "put": put("createWorkspace", "create a workspace", "WorkspaceDocument",
                        "WrittenWorkspace"),
             "get": read("getWorkspace", "a workspace", "Workspace"),
-            "delete": write("deleteWorkspace", "delete an empty workspace", 200, "Written"),
+            "delete": write("deleteWorkspace", "delete an empty workspace", 202, "Written"),
         }, WORKSPACE),
         _WS + "/experiments": _with_params({
             "get": listing("listExperiments", "list a workspace's experiments",
@@ -599,7 +625,7 @@ def workspace_paths() -> dict[str, Schema]:
                        "WrittenExperiment"),
             "get": read("getExperiment", "an experiment", "Experiment"),
             "delete": write("deleteExperiment", "delete an experiment, terminating its jobs",
-                            200, "Written"),
+                            202, "Written"),
         }, WORKSPACE, EXPERIMENT),
     }  # fmt: skip
 
@@ -615,7 +641,7 @@ def cluster_paths() -> dict[str, Schema]:
             "get": read("getCluster", "a cluster", "Cluster"),
             "patch": write("resizeCluster", "change a cluster's scaleSettings", 200,
                            "WrittenCluster", body="ScaleSettingsPatch"),
-            "delete": write("deleteCluster", "delete a cluster", 200, "Written"),
+            "delete": write("deleteCluster", "delete a cluster", 202, "Written"),
         }, WORKSPACE, CLUSTER),
     }  # fmt: skip
 
@@ -656,7 +682,7 @@ def job_paths() -> dict[str, Schema]:
             "put": put("createJob", "submit a Batch AI job document", "JobDocument",
                        "WrittenJob"),
             "get": read("getJob", "a job", "Job"),
-            "delete": write("deleteJob", "delete a job", 200, "Written"),
+            "delete": write("deleteJob", "delete a job", 202, "Written"),
         }, WORKSPACE, EXPERIMENT, JOB),
         _JOB + "/terminate": _with_params({"post": terminate}, WORKSPACE, EXPERIMENT, JOB),
         _JOB + "/history": _with_params({
@@ -689,7 +715,7 @@ def admin_paths() -> dict[str, Schema]:
             "get": listing("listTokens", "list tokens, without secrets", "TokenList"),
         },
         "/v1/tokens/{token}": _with_params({
-            "delete": write("revokeToken", "revoke a token", 200, "Written"),
+            "delete": write("revokeToken", "revoke a token", 202, "Written"),
         }, {"name": "token", "in": "path", "required": True, "schema": text(),
             "description": "the token's id"}),
         "/v1/events": {"get": read("listEvents", "events after a position", "EventList",
@@ -710,6 +736,9 @@ def health_paths() -> dict[str, Schema]:
             "200": json_response(200, ref("Health"))}, public=True)},
         "/readyz": {"get": operation("readyz", "readiness, with positions", ready,
                                      public=True)},
+        "/v1/openapi.json": {"get": operation("openapi", "this document", {
+            "200": json_response(200, {"type": "object", "required": ["openapi", "paths"]})},
+            public=True)},
     }  # fmt: skip
 
 
