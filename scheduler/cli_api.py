@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from batchd.projections.history import pending_reason
 from batchd.scheduler import cli_replay
@@ -500,16 +501,18 @@ def _file_params(args: argparse.Namespace) -> dict[str, Any]:
 async def job_file_list(args: argparse.Namespace) -> int:
     async with _client(args) as api:
         return await _print_list(
-            args, api, f"{_job(args)}/files", ["NAME", "TYPE", "SIZE", "MODIFIED"],
-            lambda f: [f.get("name"), "directory" if f.get("isDirectory") else "file",
-                       _get(f, "properties.contentLength"),
-                       _when(_get(f, "properties.lastModified"))],
-            directory=args.directory, **_file_params(args),
-        )  # fmt: skip
+            args,
+            api,
+            f"{_job(args)}/files",
+            ["NAME", "TYPE", "SIZE", "MODIFIED"],
+            _file_row,
+            directory=args.directory,
+            **_file_params(args),
+        )
 
 
 async def job_file_stream(args: argparse.Namespace) -> int:
-    path = f"{_job(args)}/files/{segment(args.file)}"
+    path = f"{_job(args)}/files/{quote(args.file.lstrip('/'), safe='/')}"
     params = {"follow": "true", **{k: str(v) for k, v in _file_params(args).items() if v}}
     sys.stdout.flush()
     out = sys.stdout.buffer
@@ -538,12 +541,18 @@ async def token_create(args: argparse.Namespace) -> int:
 
 
 def _token_row(t: dict[str, Any]) -> list[Any]:
-    workspaces = _get(t, "properties.workspaces") or ()
+    fields = {**t, **(t.get("properties") or {})}  # flat, or in a resource's properties
     return [
-        str(t.get("id", "")).rpartition("/")[2], t.get("name"), _get(t, "properties.role"),
-        ",".join(workspaces) or "(all)", _when(_get(t, "properties.creationTime")),
-        _get(t, "properties.createdBy"),
+        str(fields.get("id", "")).rpartition("/")[2], fields.get("name"), fields.get("role"),
+        ",".join(fields.get("workspaces") or ()) or "(all)", _when(fields.get("creationTime")),
+        fields.get("createdBy"),
     ]  # fmt: skip
+
+
+def _file_row(f: dict[str, Any]) -> list[Any]:
+    fields = {**f, **(f.get("properties") or {})}
+    kind = "directory" if fields.get("isDirectory") else "file"
+    return [f.get("name"), kind, fields.get("contentLength"), _when(fields.get("lastModified"))]
 
 
 async def token_list(args: argparse.Namespace) -> int:

@@ -1,0 +1,477 @@
+"""The `batchd` CLI against a real in-process daemon, as a user runs it: exit codes, printed
+lines, and what the server holds afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from batchd.events.envelope import NewEvent
+from batchd.scheduler.cli import main
+from tests.integration.conftest import start_daemon
+
+RECIPES = Path(__file__).parent.parent / "data" / "batchai-recipes"
+STORAGE_KEY = "c3RvcmFnZS1rZXktZm9yLXRlc3Rz"
+
+
+@dataclass
+class Done:
+    code: int
+    out: str
+    err: str
+
+    @property
+    def lines(self) -> list[str]:
+        return self.out.splitlines()
+
+    @property
+    def json(self):
+        return json.loads(self.out)
+
+
+@pytest.fixture
+def batchd(api, capsys, monkeypatch):
+    """Run `batchd ...` (cli.main in a thread) against the `api` daemon, with the server and
+    state directory from the environment, so the CLI reads the admin token from the file."""
+    monkeypatch.setenv("BATCHD_SERVER", api.url)
+    monkeypatch.setenv("BATCHD_STATE_DIR", str(api.state_dir))
+    for name in ("BATCHD_TOKEN", "BATCHD_CACERT"):
+        monkeypatch.delenv(name, raising=False)
+    return _runner(capsys)
+
+
+def _runner(capsys):
+    async def run(*argv: str) -> Done:
+        capsys.readouterr()
+        try:
+            code = await asyncio.to_thread(main, list(argv))
+        except SystemExit as exc:  # argparse usage errors
+            code = exc.code
+        out, err = capsys.readouterr()
+        assert "Traceback" not in err
+        return Done(code, out, err)
+
+    return run
+
+
+def assert_error(done: Done, *words: str) -> list[str]:
+    """A plain error: non-zero exit, `batchd: error: ...` first, no traceback; the lines."""
+    assert done.code == 1, (done.code, done.err)
+    lines = [line for line in done.err.strip().splitlines() if not line.startswith("note: ")]
+    assert lines[0].startswith("batchd: error: "), done.err
+    for word in words:
+        assert word in done.err, (word, done.err)
+    return lines
+
+
+async def _setup(batchd, vm_size: str = "STANDARD_NC24", nodes: int = 2) -> None:
+    assert (await batchd("workspace", "create", "ws")).code == 0
+    assert (await batchd("experiment", "create", "exp", "-w", "ws")).code == 0
+    done = await batchd("cluster", "create", "c", "-w", "ws", "--vm-size", vm_size,
+                        "--nodes", str(nodes))  # fmt: skip
+    assert done.code == 0, done.err
+
+
+def _job_id(api, name: str, ws: str = "ws", exp: str = "exp") -> str:
+    return api.models.models.job_ids[f"{ws}/{exp}/{name}"][-1]
+
+
+async def _drive(api, job_id: str, *ends: tuple[str, dict]) -> None:
+    """Schedule and start the job's first attempt, then append `ends` (type, data)."""
+    stream = f"job-{job_id}"
+    events = [
+        NewEvent("JobScheduled", {"jobId": job_id, "attempt": 1,
+                                  "tasks": [{"node": "n-1", "gpus": [0]}]}),
+        NewEvent("JobStarted", {"jobId": job_id, "attempt": 1}),
+        *(NewEvent(kind, {"jobId": job_id, "attempt": 1, **data}) for kind, data in ends),
+    ]  # fmt: skip
+    for event in events:
+        position = await api.store.append(stream, [event])
+    await api.models.wait_for(_position(position))
+
+
+def _position(positions: list[int]) -> int:
+    return positions[-1]
+
+
+# -- the whole lifecycle ----------------------------------------------------------------------
+async def test_workspace_experiment_and_cluster_lifecycle(batchd, api):
+    done = await batchd("workspace", "create", "ws")
+    assert done.code == 0 and done.lines == ["created workspace ws"]
+    assert (await batchd("workspace", "create", "ws")).lines == [
+        "workspace ws exists as given: unchanged"
+    ]
+    assert [line.split("\t")[0] for line in (await batchd("workspace", "list")).lines] == ["ws"]
+    shown = await batchd("workspace", "show", "ws")
+    assert "name: ws" in shown.lines and "provisioningState: succeeded" in shown.lines
+
+    done = await batchd("experiment", "create", "exp", "-w", "ws")
+    assert done.lines == ["created experiment ws/exp"]
+    listed = await batchd("experiment", "list", "-w", "ws", "--json")
+    assert [e["name"] for e in listed.json["value"]] == ["exp"]
+
+    done = await batchd("cluster", "create", "c", "-w", "ws", "--vm-size", "STANDARD_NC24",
+                        "--nodes", "2")  # fmt: skip
+    assert done.code == 0 and done.lines == ["created cluster ws/c"]
+    rows = [line.split("\t") for line in (await batchd("cluster", "list", "-w", "ws")).lines]
+    assert [(r[0], r[1]) for r in rows] == [("c", "Standard_NC24")]
+    done = await batchd("cluster", "resize", "c", "-w", "ws", "--nodes", "3")
+    assert done.code == 0 and done.lines == ["resized cluster ws/c to 3 nodes"]
+    shown = await batchd("cluster", "show", "c", "-w", "ws")
+    assert "scaleSettings.manual.targetNodeCount: 3" in shown.lines
+    assert (await batchd("cluster", "show", "c", "-w", "ws", "--json")).json["properties"][
+        "scaleSettings"
+    ] == {"manual": {"targetNodeCount": 3}}
+
+    assert (await batchd("cluster", "delete", "c", "-w", "ws")).lines == ["deleted cluster ws/c"]
+    assert_error(await batchd("cluster", "show", "c", "-w", "ws"), "no cluster 'c'")
+    done = await batchd("experiment", "delete", "exp", "-w", "ws")
+    assert done.code == 0 and "ws/exp" not in api.models.models.experiments
+    assert (await batchd("workspace", "delete", "ws")).code == 0
+    assert (await batchd("workspace", "list")).lines == []
+
+
+async def test_job_from_flags_then_list_show_wait_history_and_delete(batchd, api):
+    await _setup(batchd)
+    done = await batchd(
+        "job", "create", "train", "-w", "ws", "-e", "exp", "--cluster", "c",
+        "--command", "python train.py --epochs 3", "--image", "pytorch/pytorch:2.3",
+        "--nodes", "2", "--gpus-per-node", "1", "--priority", "high", "--max-retries", "2",
+        "--env", "LR=0.1", "--env", "BATCH=64",
+    )  # fmt: skip
+    assert done.code == 0, done.err
+    assert done.lines == ["created job ws/exp/train (queued)"]
+
+    shown = (await batchd("job", "show", "train", "-w", "ws", "-e", "exp")).lines
+    for line in (
+        "state: queued", "nodeCount: 2", "gpusPerNode: 1", "priority: 500", "maxRetries: 2",
+        "customToolkitSettings.commandLine: python train.py --epochs 3",
+        "containerSettings.imageSourceRegistry.image: pytorch/pytorch:2.3",
+        "environmentVariables[0].name: LR", "environmentVariables[1].value: 64",
+        "cluster.id: /workspaces/ws/clusters/c",
+    ):  # fmt: skip
+        assert line in shown, line
+
+    job = await batchd("job", "list", "-w", "ws", "-e", "exp")
+    (row,) = [line.split("\t") for line in job.lines]
+    assert row[:6] == ["train", "queued", "c", "2", "500", "0"]
+    assert (await batchd("job", "list", "-w", "ws", "-e", "exp", "--state", "running")).lines == []
+
+    await _drive(api, _job_id(api, "train"), ("JobFailed", {"exitCode": 3}))
+    waited = await batchd("job", "wait", "train", "-w", "ws", "-e", "exp")
+    assert waited.code == 3 and waited.lines == ["job ws/exp/train failed, exit code 3"]
+    listed = await batchd("job", "list", "-w", "ws", "-e", "exp", "--state", "failed", "--json")
+    assert [j["properties"]["executionInfo"]["exitCode"] for j in listed.json["value"]] == [3]
+
+    history = await batchd("job", "history", "train", "-w", "ws", "-e", "exp")
+    assert history.code == 0
+    assert "incarnation 1 of 1" in history.out
+    for event in ("JobSubmitted", "JobScheduled", "JobStarted", "JobFailed"):
+        assert event in history.out
+    timeline = (await batchd("job", "history", "train", "-w", "ws", "-e", "exp", "--json")).json
+    assert timeline["value"][0]["timeline"][0]["event"] == "JobSubmitted"
+
+    done = await batchd("job", "delete", "train", "-w", "ws", "-e", "exp")
+    assert done.lines == ["deleted job ws/exp/train"]
+    assert (await batchd("job", "list", "-w", "ws", "-e", "exp")).lines == []
+    assert_error(await batchd("job", "show", "train", "-w", "ws", "-e", "exp"), "no job")
+    gone = await batchd("job", "history", "train", "-w", "ws", "-e", "exp", "--json")
+    assert [e["event"] for e in gone.json["value"][0]["timeline"]][-1] == "JobDeleted"
+
+
+async def test_job_from_a_config_file_with_flags_overriding_it(batchd, api, tmp_path):
+    await _setup(batchd)
+    spec = {"properties": {
+        "nodeCount": 1, "stdOutErrPathPrefix": "$AZ_BATCHAI_MOUNT_ROOT/logs",
+        "schedulingPriority": "low", "customToolkitSettings": {"commandLine": "echo hi"},
+        "environmentVariables": [{"name": "LR", "value": "1"}],
+    }}  # fmt: skip
+    path = tmp_path / "job.json"
+    path.write_text(json.dumps(spec))
+    done = await batchd("job", "create", "j1", "-w", "ws", "-e", "exp", "--cluster", "c",
+                        "--config-file", str(path), "--nodes", "2", "--priority", "42",
+                        "--env", "LR=0.5")  # fmt: skip
+    assert done.code == 0, done.err
+    job = (await batchd("job", "show", "j1", "-w", "ws", "-e", "exp", "--json")).json
+    props = job["properties"]
+    assert (props["nodeCount"], props["priority"]) == (2, 42)
+    assert "schedulingPriority" not in props
+    assert props["environmentVariables"] == [{"name": "LR", "value": "0.5"}]
+    # the same document again is no change; a different one is refused with the reason
+    again = await batchd("job", "create", "j1", "-w", "ws", "-e", "exp", "--cluster", "c",
+                         "--config-file", str(path), "--nodes", "2", "--priority", "42",
+                         "--env", "LR=0.5")  # fmt: skip
+    assert again.code == 0 and again.lines == ["job ws/exp/j1 exists as given: unchanged"]
+    other = await batchd("job", "create", "j1", "-w", "ws", "-e", "exp", "--cluster", "c",
+                         "--config-file", str(path))  # fmt: skip
+    assert_error(other, "exists already")
+
+
+async def test_terminate_a_queued_job_and_wait_for_succeeded_ones(batchd, api):
+    await _setup(batchd)
+    for name in ("a", "b"):
+        done = await batchd("job", "create", name, "-w", "ws", "-e", "exp", "--cluster", "c",
+                            "--command", "sleep 100")  # fmt: skip
+        assert done.code == 0, done.err
+    done = await batchd("job", "terminate", "a", "-w", "ws", "-e", "exp")
+    assert done.code == 0 and done.lines == ["terminating job ws/exp/a"]
+    waited = await batchd("job", "wait", "a", "-w", "ws", "-e", "exp")
+    assert waited.code == 1 and waited.lines == ["job ws/exp/a failed"]
+    again = await batchd("job", "terminate", "a", "-w", "ws", "-e", "exp")
+    assert_error(again, "cannot terminate a job that is failed")
+
+    timed_out = await batchd("job", "wait", "b", "-w", "ws", "-e", "exp", "--timeout", "0.3")
+    assert timed_out.code == 124 and "still queued after 0.3 s" in timed_out.err
+    assert_error(await batchd("job", "delete", "b", "-w", "ws", "-e", "exp"), "terminate it first")
+
+    await _drive(api, _job_id(api, "b"), ("JobSucceeded", {"exitCode": 0}))
+    waited = await batchd("job", "wait", "b", "-w", "ws", "-e", "exp", "--json")
+    assert waited.code == 0 and waited.json["properties"]["state"] == "succeeded"
+
+
+async def test_job_output_files_are_listed_and_streamed(batchd, api):
+    await _setup(batchd)
+    done = await batchd("job", "create", "t", "-w", "ws", "-e", "exp", "--cluster", "c",
+                        "--command", "python t.py")  # fmt: skip
+    assert done.code == 0, done.err
+    await _drive(api, _job_id(api, "t"))
+    out = api.cfg.mounts / "ws" / "exp" / "t" / "1" / "stdouterr"  # $AZ_BATCHAI_MOUNT_ROOT
+    out.mkdir(parents=True)
+    (out / "stdout.txt").write_bytes(b"epoch 1\n")
+    (out / "stderr.txt").write_bytes(b"")
+    listed = await batchd("job", "file", "list", "t", "-w", "ws", "-e", "exp")
+    assert [line.split("\t")[:3] for line in listed.lines] == [
+        ["stderr.txt", "file", "0"], ["stdout.txt", "file", "8"],
+    ]  # fmt: skip
+
+    streaming = asyncio.create_task(batchd("job", "file", "stream", "t", "-w", "ws", "-e", "exp"))
+    await asyncio.sleep(0.5)
+    with (out / "stdout.txt").open("ab") as handle:
+        handle.write(b"epoch 2\n")
+    await asyncio.sleep(0.5)
+    assert not streaming.done()  # follows while the job runs
+    await _drive_end(api, _job_id(api, "t"), "JobSucceeded", {"exitCode": 0})
+    done = await asyncio.wait_for(streaming, 10)
+    assert done.code == 0 and done.out == "epoch 1\nepoch 2\n"
+    missing = await batchd("job", "file", "stream", "t", "-w", "ws", "-e", "exp",
+                           "--output-directory-id", "nope")  # fmt: skip
+    assert_error(missing, "nope")
+
+
+async def _drive_end(api, job_id: str, kind: str, data: dict) -> None:
+    event = NewEvent(kind, {"jobId": job_id, "attempt": 1, **data})
+    result = await api.store.append(f"job-{job_id}", [event])
+    await api.models.wait_for(_position(result))
+
+
+# -- tokens and roles -------------------------------------------------------------------------
+async def test_a_viewer_token_reads_but_cannot_write(batchd, api):
+    await _setup(batchd)
+    done = await batchd("token", "create", "--role", "viewer", "--name", "ann")
+    assert done.code == 0, done.err
+    (token,) = done.lines
+    assert len(token) >= 32 and "shown only this once" in done.err
+    listed = await batchd("token", "list")
+    rows = {line.split("\t")[1]: line.split("\t") for line in listed.lines}
+    assert rows["ann"][2] == "viewer" and token not in listed.out
+    assert rows["admin"][2] == "admin"
+    assert api.admin_token not in listed.out + listed.err
+
+    seen = await batchd("cluster", "list", "-w", "ws", "--token", token)
+    assert seen.code == 0 and seen.lines[0].startswith("c\t")
+    refused = await batchd("job", "create", "x", "-w", "ws", "-e", "exp", "--cluster", "c",
+                           "--command", "true", "--token", token)  # fmt: skip
+    lines = assert_error(refused)
+    assert len(lines) == 1 and token not in refused.err
+    assert "ws/exp/x" not in api.models.models.job_ids
+
+    revoked = await batchd("token", "revoke", rows["ann"][0])
+    assert revoked.code == 0
+    assert_error(await batchd("cluster", "list", "-w", "ws", "--token", token))
+
+
+async def test_a_workspace_scoped_operator_token(batchd, api, monkeypatch):
+    await _setup(batchd)
+    assert (await batchd("workspace", "create", "other")).code == 0
+    done = await batchd("token", "create", "--role", "operator", "--name", "bob", "-w", "ws",
+                        "--json")  # fmt: skip
+    token = done.json["token"]
+    monkeypatch.setenv("BATCHD_TOKEN", token)
+    listed = await batchd("workspace", "list")
+    assert [line.split("\t")[0] for line in listed.lines] == ["ws"]
+    ok = await batchd("job", "create", "x", "-w", "ws", "-e", "exp", "--cluster", "c",
+                      "--command", "true")  # fmt: skip
+    assert ok.code == 0, ok.err
+    assert_error(await batchd("experiment", "create", "e2", "-w", "other"))
+    assert_error(await batchd("cluster", "delete", "c", "-w", "ws"))
+    assert_error(await batchd("events", "tail"))
+
+
+# -- bad input --------------------------------------------------------------------------------
+async def test_bad_input_is_printed_plainly_with_the_field_path(batchd, api, tmp_path):
+    await _setup(batchd)
+    done = await batchd("job", "create", "j", "-w", "ws", "-e", "exp", "--cluster", "c",
+                        "--command", "true", "--priority", "5000")  # fmt: skip
+    lines = assert_error(done)
+    assert "  properties.priority: must be at most 1000" in lines
+
+    done = await batchd("cluster", "create", "c2", "-w", "ws", "--vm-size", "STANDARD_XYZ")
+    assert "properties.vmSize" in assert_error(done, "STANDARD_XYZ")[-1]
+
+    path = tmp_path / "job.json"
+    path.write_text(json.dumps({"properties": {
+        "nodeCount": 1, "stdOutErrPathPrefix": "/x", "customToolkitSettings": {"commandLine": "x"},
+        "mountVolumes": {"azureFileShares": [{"azureFileUrl": "u", "relativeMountPath": "../up"}]},
+        "bogus": 1,
+    }}))  # fmt: skip
+    done = await batchd("job", "create", "j", "-w", "ws", "-e", "exp", "--cluster", "c",
+                        "-f", str(path))  # fmt: skip
+    lines = assert_error(done)
+    assert any(line.startswith("  properties.") for line in lines[1:]), lines
+
+    path.write_text("{not json")
+    done = await batchd("job", "create", "j", "-w", "ws", "-e", "exp", "--cluster", "c",
+                        "-f", str(path))  # fmt: skip
+    assert assert_error(done, str(path), "not valid JSON") == done.err.strip().splitlines()[:1]
+    done = await batchd("job", "create", "j", "-w", "ws", "-e", "exp", "--cluster", "c",
+                        "-f", str(tmp_path / "missing.json"))  # fmt: skip
+    assert_error(done, "missing.json")
+    done = await batchd("job", "create", "j", "-w", "ws", "-e", "exp", "--cluster", "nope",
+                        "--command", "true")  # fmt: skip
+    assert_error(done, "nope")
+    done = await batchd("job", "create", "j", "-w", "ws", "-e", "exp", "--command", "true")
+    assert_error(done, "--cluster")
+    done = await batchd("job", "show", "nope", "-w", "ws", "-e", "exp")
+    assert_error(done, "no job 'nope'")
+    done = await batchd("job", "create", "j", "--cluster", "c", "--command", "x", "--env", "X")
+    assert done.code == 2 and "NAME=VALUE" in done.err
+    assert api.models.models.job_ids.get("ws/exp/j") is None
+
+
+async def test_unreachable_server_and_missing_token(capsys, monkeypatch, tmp_path):
+    batchd = _runner(capsys)
+    monkeypatch.setenv("BATCHD_STATE_DIR", str(tmp_path))
+    monkeypatch.delenv("BATCHD_TOKEN", raising=False)
+    done = await batchd("workspace", "list", "--server", "http://127.0.0.1:9")
+    lines = assert_error(done, "http://127.0.0.1:9", "connection refused")
+    assert len(lines) == 1
+    done = await batchd("job", "wait", "x", "--server", "ftp://example.org")
+    assert_error(done, "http:// or https://")
+
+
+async def test_no_token_is_explained(batchd, api, monkeypatch, tmp_path):
+    monkeypatch.setenv("BATCHD_STATE_DIR", str(tmp_path))  # no admin.token here
+    done = await batchd("workspace", "list")
+    assert_error(done, "--token", "BATCHD_TOKEN")
+    done = await batchd("workspace", "list", "--token", "not-a-token")
+    assert len(assert_error(done)) == 1 and "not-a-token" not in done.err
+
+
+# -- every Batch AI recipe --------------------------------------------------------------------
+async def test_every_batchai_recipe_is_accepted(batchd, api, monkeypatch):
+    await _setup(batchd, "STANDARD_NC24", 2)
+    monkeypatch.setenv("AZURE_BATCHAI_STORAGE_ACCOUNT", "mystorage")
+    monkeypatch.setenv("AZURE_BATCHAI_STORAGE_KEY", STORAGE_KEY)
+    recipes = sorted(RECIPES.glob("*.json"))
+    assert len(recipes) == 17
+    for n, recipe in enumerate(recipes):
+        done = await batchd("job", "create", f"r{n}", "-w", "ws", "-e", "exp",
+                            "--config-file", str(recipe), "--cluster", "c")  # fmt: skip
+        assert done.code == 0, (recipe.name, done.err)
+        assert STORAGE_KEY not in done.out + done.err
+    listed = await batchd("job", "list", "-w", "ws", "-e", "exp")
+    assert sorted(line.split("\t")[0] for line in listed.lines) == sorted(
+        f"r{n}" for n in range(17)
+    )
+    shares = []
+    for n in range(17):
+        shown = await batchd("job", "show", f"r{n}", "-w", "ws", "-e", "exp", "--json")
+        assert STORAGE_KEY not in shown.out
+        volumes = shown.json["properties"].get("mountVolumes", {})
+        shares += volumes.get("azureFileShares", []) + volumes.get("azureBlobFileSystems", [])
+    assert len(shares) == 34
+    assert all("<AZURE_BATCHAI" not in json.dumps(share) for share in shares)
+    assert all("mystorage" in json.dumps(share) for share in shares)
+    assert all(share["credentials"] == {"accountKey": "***"} for share in shares)
+
+
+async def test_recipes_without_storage_settings_are_sent_as_written(batchd, api, monkeypatch):
+    await _setup(batchd, "STANDARD_NC24", 2)
+    monkeypatch.delenv("AZURE_BATCHAI_STORAGE_ACCOUNT", raising=False)
+    monkeypatch.delenv("AZURE_BATCHAI_STORAGE_KEY", raising=False)
+    recipe = RECIPES / "Horovod__Horovod-PyTorch__job.json"
+    done = await batchd("job", "create", "h", "-w", "ws", "-e", "exp", "--cluster", "c",
+                        "-f", str(recipe))  # fmt: skip
+    assert done.code == 0, done.err
+    assert "AZURE_BATCHAI_STORAGE_ACCOUNT" in done.err and "AZURE_BATCHAI_STORAGE_KEY" in done.err
+
+
+# -- the log through the API ------------------------------------------------------------------
+async def test_events_tail_and_replay_through_the_api(batchd, api):
+    await _setup(batchd)
+    head = (await api.store.head()).position
+    done = await batchd("events", "tail", "-n", "2")
+    assert done.code == 0
+    assert [int(line.split()[0]) for line in done.lines] == [head - 1, head]
+    assert "ClusterCreated" in done.lines[-1] or "Cluster" in done.out
+    events = [json.loads(line) for line in (await batchd("events", "tail", "--after", "0",
+                                                          "--json")).lines]  # fmt: skip
+    assert [e["position"] for e in events] == list(range(1, head + 1))
+    world = (await batchd("replay", "--position", str(head), "--json")).json
+    assert world["position"] == head and [c["name"] for c in world["clusters"]] == ["c"]
+    text = await batchd("replay", "--position", str(head))
+    assert text.code == 0 and "clusters (1)" in text.out
+    assert_error(await batchd("replay", "--position", str(head + 100)), "position")
+
+
+async def test_events_tail_follow_prints_new_events_as_they_land(batchd, api):
+    env = {**os.environ, "BATCHD_SERVER": api.url, "BATCHD_TOKEN": api.admin_token}
+    follower = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "batchd.scheduler.cli", "events", "tail", "--after", "0",
+        "--follow", "--json", env=env, stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        first = json.loads(await asyncio.wait_for(follower.stdout.readline(), 20))
+        assert first["position"] == 1
+        head = (await api.store.head()).position
+        for _ in range(head - 1):
+            await asyncio.wait_for(follower.stdout.readline(), 10)
+        assert (await batchd("workspace", "create", "late")).code == 0
+        landed = json.loads(await asyncio.wait_for(follower.stdout.readline(), 10))
+        assert landed["position"] == head + 1 and landed["data"]["workspace"] == "late"
+    finally:
+        follower.terminate()
+        await follower.wait()
+
+
+# -- TLS --------------------------------------------------------------------------------------
+async def test_https_with_the_daemons_self_signed_certificate(capsys, monkeypatch, tmp_path):
+    monkeypatch.delenv("BATCHD_SECRET_KEYS", raising=False)
+    for name in ("BATCHD_TOKEN", "BATCHD_CACERT", "BATCHD_SERVER"):
+        monkeypatch.delenv(name, raising=False)
+    state = tmp_path / "state"
+    daemon = await start_daemon(state, tls_self_signed=True)
+    batchd = _runner(capsys)
+    try:
+        assert daemon.url.startswith("https://")
+        done = await batchd("workspace", "create", "ws", "--server", daemon.url,
+                            "--state-dir", str(state))  # fmt: skip
+        assert done.code == 0, done.err  # the state directory's tls/cert.pem is trusted
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        elsewhere_flags = ["--state-dir", str(elsewhere), "--token", daemon.admin_token]
+        done = await batchd("workspace", "list", "--server", daemon.url, *elsewhere_flags)
+        assert_error(done, daemon.url, "--cacert")
+        cacert = str(state / "tls" / "cert.pem")
+        done = await batchd(
+            "workspace", "list", "--server", daemon.url, *elsewhere_flags, "--cacert", cacert
+        )
+        assert done.code == 0 and done.lines[0].startswith("ws\t")
+    finally:
+        await daemon.stop()
