@@ -66,14 +66,14 @@ class Api:
         self.control = control
         self.keyring = keyring
         self.mount_root = mount_root
-
+        self.closing = asyncio.Event()  # set when the daemon stops: streams end
     @property
     def models(self) -> ReadModels:
         return self.runner.models
 
 
 API_KEY = web.AppKey("api", Api)
-PRINCIPAL_KEY = "batchd.principal"
+PRINCIPAL_KEY = web.RequestKey("principal", Principal)
 
 
 # -- errors ------------------------------------------------------------------------------------
@@ -567,7 +567,7 @@ async def _follow(request: web.Request, job: Job, path: Path) -> web.StreamRespo
             await response.write(chunk)
             offset += len(chunk)
             continue
-        if ended:
+        if ended or request.app[API_KEY].closing.is_set():
             break
         await asyncio.sleep(FOLLOW_POLL)
     await response.write_eof()
@@ -665,11 +665,16 @@ async def event_stream(request: web.Request) -> web.StreamResponse:
     api = request.app[API_KEY]
     events = api.store.subscribe(after).__aiter__()
     pending: asyncio.Task | None = None
+    closing = asyncio.ensure_future(api.closing.wait())
     try:
         while True:
             if pending is None:
                 pending = asyncio.ensure_future(events.__anext__())
-            done, _ = await asyncio.wait({pending}, timeout=SSE_KEEPALIVE)
+            done, _ = await asyncio.wait(
+                {pending, closing}, timeout=SSE_KEEPALIVE, return_when=asyncio.FIRST_COMPLETED
+            )
+            if closing in done:
+                break
             if not done:
                 await response.write(b": keep-alive\n\n")
                 continue
@@ -682,6 +687,7 @@ async def event_stream(request: web.Request) -> web.StreamResponse:
     except (ConnectionResetError, asyncio.CancelledError):
         pass
     finally:
+        closing.cancel()
         if pending is not None:
             pending.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -73,6 +73,7 @@ class Daemon:
         self.models: Runner = None  # type: ignore[assignment]
         self.control: Control = None  # type: ignore[assignment]
         self._web: web.AppRunner | None = None
+        self.api: api.Api | None = None
         self._periodic = AsyncIOScheduler()
         self._tasks: list[asyncio.Task] = []
 
@@ -88,7 +89,7 @@ class Daemon:
         self.store = await urls.open_store(cfg.store_url, codec=Codec(keyring))
         self.models = Runner(self.store)
         self.control = Control(self.store, self.models)
-        service = api.Api(self.store, self.models, self.control, keyring, cfg.mounts)
+        self.api = service = api.Api(self.store, self.models, self.control, keyring, cfg.mounts)
         app = api.build(service, self._add_service_routes)
         self._web = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._web.setup()
@@ -195,6 +196,7 @@ class Daemon:
         with contextlib.suppress(Exception):
             self._periodic.shutdown(wait=False)
         if self._web is not None:
+            self.api.closing.set()
             await self._web.cleanup()  # stops accepting; lets in-flight requests finish
         for task in self._tasks:
             task.cancel()

@@ -1,0 +1,240 @@
+"""The HTTP API through a real daemon: lifecycle, idempotent PUT, conflicts, read-your-writes,
+the event stream, output files, TLS."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+
+import aiohttp
+import pytest
+
+from batchd.events.envelope import NewEvent
+from tests.integration.conftest import start_daemon
+
+CLUSTER = {"properties": {"vmSize": "Standard_NC24s_v3",
+                          "scaleSettings": {"manual": {"targetNodeCount": 2}}}}  # fmt: skip
+JOB = {
+    "cluster": "gpu", "nodeCount": 1, "stdOutErrPathPrefix": "$AZ_BATCHAI_MOUNT_ROOT/logs",
+    "containerSettings": {"imageSourceRegistry": {"image": "pytorch/pytorch:latest"}},
+    "customToolkitSettings": {"commandLine": "python train.py"},
+    "environmentVariables": [{"name": "EPOCHS", "value": "3"}],
+}  # fmt: skip
+EXP = "/v1/workspaces/ws/experiments/exp"
+
+
+class Client:
+    def __init__(self, session: aiohttp.ClientSession, url: str, token: str | None) -> None:
+        self.session, self.url = session, url
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+
+    async def call(self, method: str, path: str, body=None, headers=None, raw=None):
+        data = raw if raw is not None else (None if body is None else json.dumps(body))
+        async with self.session.request(
+            method, self.url + path, data=data, headers={**self.headers, **(headers or {})}
+        ) as response:
+            text = await response.text()
+            try:
+                document = json.loads(text) if text else None
+            except json.JSONDecodeError:
+                document = text
+            return response.status, document
+
+
+@pytest.fixture
+async def client(api):
+    async with aiohttp.ClientSession() as session:
+        yield Client(session, api.url, api.admin_token)
+
+
+async def seed(client: Client) -> None:
+    assert (await client.call("PUT", "/v1/workspaces/ws", {}))[0] == 201
+    assert (await client.call("PUT", EXP, {}))[0] == 201
+    assert (await client.call("PUT", "/v1/workspaces/ws/clusters/gpu", CLUSTER))[0] == 201
+
+
+async def test_the_whole_lifecycle_of_workspace_experiment_cluster_and_job(client, api):
+    await seed(client)
+    status, job = await client.call("PUT", f"{EXP}/jobs/train", JOB)
+    assert status == 201
+    assert job["id"] == "/workspaces/ws/experiments/exp/jobs/train"
+    assert job["properties"]["executionState"] == "queued"
+    assert job["properties"]["cluster"] == {"id": "/workspaces/ws/clusters/gpu"}
+    assert job["properties"]["gpusPerNode"] == 4  # all of Standard_NC24s_v3's GPUs
+    assert job["properties"]["owner"] == "admin"
+    # the planner explains why it waits: the cluster has no nodes yet
+    for _ in range(50):
+        status, job = await client.call("GET", f"{EXP}/jobs/train")
+        if job["properties"]["pendingReason"]:
+            break
+        await asyncio.sleep(0.1)
+    assert job["properties"]["pendingReason"] == {"code": "insufficient_gpus", "need": 4}
+    status, listed = await client.call("GET", "/v1/jobs?state=queued&cluster=gpu")
+    assert [j["name"] for j in listed["value"]] == ["train"] and listed["nextLink"] is None
+    status, cluster = await client.call("PATCH", "/v1/workspaces/ws/clusters/gpu",
+                                        {"scaleSettings": {"manual": {"targetNodeCount": 4}}})  # fmt: skip
+    assert status == 200 and cluster["properties"]["scaleSettings"]["manual"] == {
+        "targetNodeCount": 4}  # fmt: skip
+    status, ended = await client.call("POST", f"{EXP}/jobs/train/terminate")
+    assert status == 202 and ended["properties"]["state"] == "failed"
+    assert ended["properties"]["executionInfo"]["errors"][0]["code"] == "terminated"
+    status, hist = await client.call("GET", f"{EXP}/jobs/train/history")
+    events = [e["event"] for e in hist["value"][0]["timeline"]]
+    assert events[0] == "JobSubmitted" and events[-2:] == ["JobTerminateRequested",
+                                                           "JobTerminated"]  # fmt: skip
+    assert (await client.call("DELETE", f"{EXP}/jobs/train"))[0] == 202
+    assert (await client.call("GET", f"{EXP}/jobs/train"))[0] == 404
+    status, hist = await client.call("GET", f"{EXP}/jobs/train/history")  # deleted: still told
+    assert hist["value"][0]["timeline"][-1]["event"] == "JobDeleted"
+    assert (await client.call("DELETE", EXP))[0] == 202
+    assert (await client.call("DELETE", "/v1/workspaces/ws/clusters/gpu"))[0] == 202
+    assert (await client.call("DELETE", "/v1/workspaces/ws"))[0] == 202
+    status, listed = await client.call("GET", "/v1/workspaces")
+    assert listed["value"] == []
+
+
+async def test_put_is_idempotent_and_a_different_document_is_a_conflict(client):
+    await seed(client)
+    assert (await client.call("PUT", "/v1/workspaces/ws/clusters/gpu", CLUSTER))[0] == 200
+    bigger = {"properties": {**CLUSTER["properties"], "vmSize": "Standard_ND40rs_v2"}}
+    status, error = await client.call("PUT", "/v1/workspaces/ws/clusters/gpu", bigger)
+    assert status == 409 and "PATCH" in error["error"]["message"]
+    status, first = await client.call("PUT", f"{EXP}/jobs/train", JOB)
+    status, again = await client.call("PUT", f"{EXP}/jobs/train", {"properties": JOB})
+    assert status == 200 and again["position"] >= first["position"]
+    status, hist = await client.call("GET", f"{EXP}/jobs/train/history")
+    submitted = [e for e in hist["value"][0]["timeline"] if e["event"] == "JobSubmitted"]
+    assert len(hist["value"]) == 1 and len(submitted) == 1  # nothing new was submitted
+    status, error = await client.call("PUT", f"{EXP}/jobs/train", {**JOB, "nodeCount": 2})
+    assert status == 409 and error["error"]["code"] == "Conflict"
+
+
+async def test_every_write_returns_its_position_and_reads_can_wait_for_it(client, api):
+    await seed(client)
+    status, job = await client.call("PUT", f"{EXP}/jobs/train", JOB)
+    position = job["position"]
+    head = (await api.store.head()).position
+    assert 0 < position <= head
+    # a read after a write sees it: also one that names the position explicitly
+    status, found = await client.call("GET", f"{EXP}/jobs/train?after={position}")
+    assert status == 200 and found["name"] == "train"
+    status, error = await client.call("GET", f"{EXP}/jobs/train?after={head + 1000}")
+    assert status == 400 and error["error"]["details"][0]["name"] == "after"
+
+
+async def test_many_concurrent_submissions_are_all_accepted_once(client, api):
+    await seed(client)
+
+    async def submit(n: int):
+        return await client.call("PUT", f"{EXP}/jobs/j{n % 20}", JOB)
+
+    results = await asyncio.gather(*(submit(n) for n in range(60)))
+    assert sorted(status for status, _ in results).count(201) == 20
+    assert all(status in (200, 201) for status, _ in results)
+    names = [j.name for j in api.models.models.jobs.values()]
+    assert sorted(names) == sorted(f"j{n}" for n in range(20))
+
+
+async def _sse(client: Client, headers: dict, count: int) -> list[tuple[int, str, dict]]:
+    """The first `count` events of the stream: (id, event type, data)."""
+    out: list[tuple[int, str, dict]] = []
+    fields: dict[str, str] = {}
+    async with client.session.get(client.url + "/v1/events/stream",
+                                  headers={**client.headers, **headers}) as response:  # fmt: skip
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        async for line in response.content:
+            text = line.decode().rstrip("\n")
+            if not text:
+                if "id" in fields:
+                    out.append((int(fields["id"]), fields["event"], json.loads(fields["data"])))
+                    if len(out) == count:
+                        return out
+                fields = {}
+            elif not text.startswith(":"):
+                key, _, value = text.partition(": ")
+                fields[key] = value
+    return out
+
+
+async def test_the_event_stream_resumes_after_last_event_id_without_loss_or_repeats(client, api):
+    await seed(client)  # token + 3 events
+    first = await asyncio.wait_for(_sse(client, {}, 3), 10)
+    assert [p for p, _t, _d in first] == [1, 2, 3]
+    for n in range(5):
+        await client.call("PUT", f"{EXP}/jobs/j{n}", JOB)
+    head = (await api.store.head()).position
+    rest = await asyncio.wait_for(_sse(client, {"Last-Event-ID": "3"}, head - 3), 10)
+    assert [p for p, _t, _d in rest] == list(range(4, head + 1))
+    status, listed = await client.call("GET", f"/v1/events?after=3&top={len(rest)}")
+    assert [(e["position"], e["type"]) for e in listed["value"]] == [(p, t) for p, t, _ in rest]
+
+
+async def test_output_files_are_listed_and_read_by_range_as_they_grow(client, api):
+    await seed(client)
+    status, job = await client.call("PUT", f"{EXP}/jobs/train", JOB)
+    job_id = api.models.models.job_ids["ws/exp/train"][-1]
+    await api.store.append(f"job-{job_id}", [
+        NewEvent("JobScheduled", {"jobId": job_id, "attempt": 1,
+                                  "tasks": [{"node": "n1", "gpus": [0, 1, 2, 3]}]}),
+        NewEvent("JobStarted", {"jobId": job_id, "attempt": 1}),
+    ])  # fmt: skip
+    out = api.state_dir / "mounts/logs/ws/exp/train/1/stdouterr"
+    out.mkdir(parents=True)
+    (out / "stdout.txt").write_bytes(b"epoch 1\n")
+    status, listed = await client.call("GET", f"{EXP}/jobs/train/files?outputdirectoryid=stdouterr")
+    assert status == 200
+    assert [(f["name"], f["contentLength"]) for f in listed["value"]] == [("stdout.txt", 8)]
+    link = listed["value"][0]["downloadUrl"]
+    async with client.session.get(client.url + link, headers={**client.headers,
+                                                              "Range": "bytes=0-4"}) as r:  # fmt: skip
+        assert (r.status, await r.read()) == (206, b"epoch")
+    with (out / "stdout.txt").open("ab") as handle:
+        handle.write(b"epoch 2\n")
+    async with client.session.get(client.url + link, headers={**client.headers,
+                                                              "Range": "bytes=8-"}) as r:  # fmt: skip
+        assert (r.status, await r.read()) == (206, b"epoch 2\n")
+
+    async def finish():
+        await asyncio.sleep(0.5)
+        with (out / "stdout.txt").open("ab") as handle:
+            handle.write(b"done\n")
+        await api.store.append(f"job-{job_id}", [
+            NewEvent("JobSucceeded", {"jobId": job_id, "attempt": 1, "exitCode": 0})])
+
+    finishing = asyncio.create_task(finish())
+    async with client.session.get(client.url + f"{EXP}/jobs/train/files/stdout.txt?follow=true",
+                                  headers=client.headers) as r:  # fmt: skip
+        body = await asyncio.wait_for(r.read(), 10)
+    await finishing
+    assert body == b"epoch 1\nepoch 2\ndone\n"  # everything, and the stream ended with the job
+
+
+async def test_replay_over_the_api_shows_a_past_moment(client):
+    await seed(client)
+    status, job = await client.call("PUT", f"{EXP}/jobs/train", JOB)
+    status, world = await client.call("GET", f"/v1/replay?position={job['position'] - 1}")
+    assert status == 200 and world["jobs"] == []
+    status, world = await client.call("GET", f"/v1/replay?position={job['position']}")
+    assert [j["name"] for j in world["jobs"]] == ["train"]
+    status, error = await client.call("GET", "/v1/replay?at=yesterday")
+    assert status == 400 and error["error"]["details"][0]["name"] == "at"
+
+
+async def test_tls_with_a_self_signed_certificate(tmp_path):
+    daemon = await start_daemon(tmp_path / "state", tls_self_signed=True)
+    try:
+        assert daemon.url.startswith("https://")
+        trust = ssl.create_default_context(cafile=str(tmp_path / "state/tls/cert.pem"))
+        async with aiohttp.ClientSession() as session:
+            async with session.get(daemon.url + "/v1/workspaces", ssl=trust,
+                                   headers={"Authorization": f"Bearer {daemon.admin_token}"}) as r:  # fmt: skip
+                assert r.status == 200
+            with pytest.raises(aiohttp.ClientConnectorCertificateError):
+                await session.get(daemon.url + "/healthz")  # not trusted without the cert
+            plain = daemon.url.replace("https://", "http://")
+            with pytest.raises(aiohttp.ClientError):
+                await session.get(plain + "/healthz")
+    finally:
+        await daemon.stop()

@@ -1,0 +1,183 @@
+"""Who may do what through the API, and what never leaks: tokens, roles, workspace scopes,
+agent credentials, paths out of a job's directory, oversized bodies, secrets and tokens in
+responses, events and logs."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+
+import aiohttp
+import pytest
+import structlog
+
+from batchd.events.envelope import NewEvent
+from batchd.scheduler import auth
+from tests.integration.test_api import CLUSTER, EXP, JOB, Client, _sse, seed
+
+SECRET = "hunter2-do-not-show"
+
+
+@pytest.fixture
+async def session():
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+async def token(admin: Client, name: str, role: str, workspaces=()) -> str:
+    status, made = await admin.call("POST", "/v1/tokens", {"name": name, "role": role,
+                                                           "workspaces": list(workspaces)})  # fmt: skip
+    assert status == 201, made
+    return made["token"]
+
+
+async def test_no_or_unknown_token_is_401(api, session):
+    anonymous = Client(session, api.url, None)
+    status, error = await anonymous.call("GET", "/v1/workspaces")
+    assert status == 401 and error["error"]["code"] == "Unauthorized"
+    status, _ = await Client(session, api.url, "bd_not-a-token").call("GET", "/v1/workspaces")
+    assert status == 401
+    assert (await anonymous.call("GET", "/healthz"))[0] == 200  # probes need no token
+
+
+async def test_roles_viewer_reads_operator_runs_jobs_admin_owns_clusters(api, session):
+    admin = Client(session, api.url, api.admin_token)
+    await seed(admin)
+    viewer = Client(session, api.url, await token(admin, "vera", "viewer"))
+    operator = Client(session, api.url, await token(admin, "otto", "operator"))
+    assert (await viewer.call("GET", f"{EXP}/jobs"))[0] == 200
+    status, error = await viewer.call("PUT", f"{EXP}/jobs/mine", JOB)
+    assert status == 403 and "needs operator" in error["error"]["message"]
+    status, job = await operator.call("PUT", f"{EXP}/jobs/mine", JOB)
+    assert status == 201 and job["properties"]["owner"] == "otto"
+    assert (await operator.call("POST", f"{EXP}/jobs/mine/terminate"))[0] == 202
+    for method, body in (("PUT", CLUSTER), ("PATCH", {"scaleSettings": {}}), ("DELETE", None)):
+        status, error = await operator.call(method, "/v1/workspaces/ws/clusters/gpu", body)
+        assert status == 403 and "needs admin" in error["error"]["message"]
+    assert (await operator.call("POST", "/v1/tokens", {"name": "x", "role": "admin"}))[0] == 403
+    # the acting principal is in every event it caused
+    events = await api.store.read_all(0, 1000)
+    actors = {e.type: e.actor for e in events if e.type.startswith("Job")}
+    assert actors["JobSubmitted"] == actors["JobTerminateRequested"] == "user:otto"
+
+
+async def test_a_workspace_scoped_token_sees_only_its_workspaces(api, session):
+    admin = Client(session, api.url, api.admin_token)
+    await seed(admin)
+    await admin.call("PUT", "/v1/workspaces/other", {})
+    await admin.call("PUT", "/v1/workspaces/other/experiments/exp", {})
+    await admin.call("PUT", "/v1/workspaces/other/clusters/gpu", CLUSTER)
+    await admin.call("PUT", "/v1/workspaces/other/experiments/exp/jobs/theirs", JOB)
+    await admin.call("PUT", f"{EXP}/jobs/ours", JOB)
+    scoped = Client(session, api.url, await token(admin, "team", "operator", ["ws"]))
+    status, listed = await scoped.call("GET", "/v1/workspaces")
+    assert [w["name"] for w in listed["value"]] == ["ws"]
+    status, listed = await scoped.call("GET", "/v1/jobs")
+    assert [j["name"] for j in listed["value"]] == ["ours"]
+    for path in ("/v1/workspaces/other", "/v1/workspaces/other/experiments/exp/jobs/theirs",
+                 "/v1/workspaces/other/clusters"):  # fmt: skip
+        status, error = await scoped.call("GET", path)
+        assert status == 403 and "limited to workspaces ws" in error["error"]["message"]
+    for path in ("/v1/events", "/v1/replay?position=1", "/v1/events/stream"):
+        assert (await scoped.call("GET", path))[0] == 403  # the whole log spans workspaces
+
+
+async def test_an_agent_credential_cannot_use_the_user_api(api, session):
+    agent_token = auth.new_token()
+    await api.control.run(
+        lambda m: auth.create_token(m, "node-1", "agent", [], agent_token, "batchd:serve"),
+        structural=True,
+    )
+    agent = Client(session, api.url, agent_token)
+    for method, path in (("GET", "/v1/workspaces"), ("PUT", "/v1/workspaces/x"),
+                         ("GET", "/v1/events")):  # fmt: skip
+        status, error = await agent.call(method, path, {})
+        assert status == 403 and "agent" in error["error"]["message"]
+
+
+async def test_file_paths_cannot_leave_the_jobs_directory(api, session):
+    admin = Client(session, api.url, api.admin_token)
+    await seed(admin)
+    await admin.call("PUT", f"{EXP}/jobs/train", JOB)
+    job_id = api.models.models.job_ids["ws/exp/train"][-1]
+    await api.store.append(f"job-{job_id}", [NewEvent("JobScheduled", {
+        "jobId": job_id, "attempt": 1, "tasks": [{"node": "n1", "gpus": [0]}]})])
+    out = api.state_dir / "mounts/logs/ws/exp/train/1/stdouterr"
+    out.mkdir(parents=True)
+    (out / "stdout.txt").write_text("fine\n")
+    (api.state_dir / "mounts/logs/ws/exp/train/1/elsewhere.txt").write_text("OUTSIDE-CONTENT\n")
+    (out / "link").symlink_to(api.state_dir / "admin.token")
+    base = api.url + f"{EXP}/jobs/train/files"
+    attempts = [
+        "/../elsewhere.txt", "/%2e%2e/elsewhere.txt", "/..%2Felsewhere.txt",
+        "/%2e%2e%2f%2e%2e%2fadmin.token", "/%2Fetc%2Fpasswd", "//etc/passwd", "/link",
+        "?directory=..", "?directory=%2e%2e", "?directory=/etc", "?directory=link/..",
+    ]
+    for attempt in attempts:
+        async with session.get(base + attempt, headers=admin.headers) as r:
+            text = await r.text()
+            assert r.status in (400, 404), (attempt, r.status, text)
+            assert "OUTSIDE-CONTENT" not in text and api.admin_token not in text and "root:" not in text
+    async with session.get(base + "/stdout.txt", headers=admin.headers) as r:
+        assert (r.status, await r.text()) == (200, "fine\n")
+
+
+async def test_bodies_over_one_mebibyte_are_refused(api, session):
+    admin = Client(session, api.url, api.admin_token)
+    await seed(admin)
+    huge = json.dumps({**JOB, "padding": "x" * (1024 * 1024)}).encode()
+    status, error = await admin.call("PUT", f"{EXP}/jobs/big", raw=io.BytesIO(huge),
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+    assert status == 413 and error["error"]["code"] == "PayloadTooLarge"
+    assert "ws/exp/big" not in api.models.models.job_ids
+
+
+async def test_bad_documents_get_400_naming_the_field_and_nothing_is_stored(api, session):
+    admin = Client(session, api.url, api.admin_token)
+    await seed(admin)
+    head = (await api.store.head()).position
+    cases = [
+        (b"{not json", "body", "not valid JSON"),
+        (json.dumps({**JOB, "nodeCount": "two"}), "nodeCount", "whole number"),
+        (json.dumps({**JOB, "nodeCount": 100}), "nodeCount", "can hold"),
+        (json.dumps({**JOB, "colour": "red"}), "colour", "not a known property"),
+        (json.dumps({**JOB, "cluster": "nope"}), "cluster", "no cluster 'nope'"),
+        (json.dumps({**JOB, "constraints": {"maxWallClockTime": "-01:00:00"}}),
+         "constraints.maxWallClockTime", "negative"),
+        (json.dumps({"properties": {**JOB, "schedulingPriority": "urgent"}}),
+         "properties.schedulingPriority", "one of low, normal, high"),
+    ]
+    for body, path, problem in cases:
+        status, error = await admin.call("PUT", f"{EXP}/jobs/bad", raw=body)
+        assert status == 400, (body, error)
+        detail = error["error"]["details"][0]
+        assert detail["name"] == path and problem in detail["value"], (path, error)
+    assert (await api.store.head()).position == head
+
+
+async def test_secrets_and_tokens_never_show_in_answers_events_or_logs(api, session):
+    admin = Client(session, api.url, api.admin_token)
+    with structlog.testing.capture_logs() as logs:
+        await seed(admin)
+        secret_job = {**JOB, "secrets": [{"name": "WANDB_KEY", "value": SECRET}]}
+        status, job = await admin.call("PUT", f"{EXP}/jobs/train", secret_job)
+        assert status == 201
+        viewer_token = await token(admin, "vera", "viewer")
+        answers = [json.dumps(job)]
+        for path in (f"{EXP}/jobs/train", f"{EXP}/jobs", "/v1/jobs", f"{EXP}/jobs/train/history",
+                     "/v1/events?top=1000", "/v1/replay?position=100", "/v1/tokens"):  # fmt: skip
+            status, document = await admin.call("GET", path)
+            answers.append(json.dumps(document))
+        head = (await api.store.head()).position
+        streamed = await asyncio.wait_for(_sse(admin, {}, head), 10)
+        answers.append(json.dumps(streamed))
+        await admin.call("PUT", f"{EXP}/jobs/train", {**secret_job, "nodeCount": 2})  # a 409
+    assert '"value": "***"' in answers[0]
+    logged = repr(logs)
+    for text in [*answers, logged]:
+        assert SECRET not in text
+        assert api.admin_token not in text and viewer_token not in text
+    # stored sealed: not even the log's bytes hold it
+    database = (api.state_dir / "events.db").read_bytes()
+    assert SECRET.encode() not in database and api.admin_token.encode() not in database
