@@ -72,10 +72,9 @@ async def test_the_whole_lifecycle_of_workspace_experiment_cluster_and_job(clien
     assert job["properties"]["pendingReason"] == {"code": "insufficient_gpus", "need": 4}
     status, listed = await client.call("GET", "/v1/jobs?state=queued&cluster=gpu")
     assert [j["name"] for j in listed["value"]] == ["train"] and listed["nextLink"] is None
-    status, cluster = await client.call("PATCH", "/v1/workspaces/ws/clusters/gpu",
-                                        {"scaleSettings": {"manual": {"targetNodeCount": 4}}})  # fmt: skip
-    assert status == 200 and cluster["properties"]["scaleSettings"]["manual"] == {
-        "targetNodeCount": 4}  # fmt: skip
+    resize = {"scaleSettings": {"manual": {"targetNodeCount": 4}}}
+    status, cluster = await client.call("PATCH", "/v1/workspaces/ws/clusters/gpu", resize)
+    assert status == 200 and cluster["properties"]["scaleSettings"] == resize["scaleSettings"]
     status, ended = await client.call("POST", f"{EXP}/jobs/train/terminate")
     assert status == 202 and ended["properties"]["state"] == "failed"
     assert ended["properties"]["executionInfo"]["errors"][0]["code"] == "terminated"
@@ -167,13 +166,13 @@ async def test_the_event_stream_resumes_after_last_event_id_without_loss_or_repe
     head = (await api.store.head()).position
     rest = await asyncio.wait_for(_sse(client, {"Last-Event-ID": "3"}, head - 3), 10)
     assert [p for p, _t, _d in rest] == list(range(4, head + 1))
-    status, listed = await client.call("GET", f"/v1/events?after=3&top={len(rest)}")
+    _status, listed = await client.call("GET", f"/v1/events?after=3&top={len(rest)}")
     assert [(e["position"], e["type"]) for e in listed["value"]] == [(p, t) for p, t, _ in rest]
 
 
 async def test_output_files_are_listed_and_read_by_range_as_they_grow(client, api):
     await seed(client)
-    status, job = await client.call("PUT", f"{EXP}/jobs/train", JOB)
+    await client.call("PUT", f"{EXP}/jobs/train", JOB)
     job_id = api.models.models.job_ids["ws/exp/train"][-1]
     await api.store.append(f"job-{job_id}", [
         NewEvent("JobScheduled", {"jobId": job_id, "attempt": 1,
@@ -187,21 +186,23 @@ async def test_output_files_are_listed_and_read_by_range_as_they_grow(client, ap
     assert status == 200
     assert [(f["name"], f["contentLength"]) for f in listed["value"]] == [("stdout.txt", 8)]
     link = listed["value"][0]["downloadUrl"]
-    async with client.session.get(client.url + link, headers={**client.headers,
-                                                              "Range": "bytes=0-4"}) as r:  # fmt: skip
+    start = {**client.headers, "Range": "bytes=0-4"}
+    async with client.session.get(client.url + link, headers=start) as r:
         assert (r.status, await r.read()) == (206, b"epoch")
     with (out / "stdout.txt").open("ab") as handle:
         handle.write(b"epoch 2\n")
-    async with client.session.get(client.url + link, headers={**client.headers,
-                                                              "Range": "bytes=8-"}) as r:  # fmt: skip
+    rest = {**client.headers, "Range": "bytes=8-"}
+    async with client.session.get(client.url + link, headers=rest) as r:
         assert (r.status, await r.read()) == (206, b"epoch 2\n")
 
     async def finish():
         await asyncio.sleep(0.5)
         with (out / "stdout.txt").open("ab") as handle:
             handle.write(b"done\n")
-        await api.store.append(f"job-{job_id}", [
-            NewEvent("JobSucceeded", {"jobId": job_id, "attempt": 1, "exitCode": 0})])
+        await api.store.append(
+            f"job-{job_id}",
+            [NewEvent("JobSucceeded", {"jobId": job_id, "attempt": 1, "exitCode": 0})],
+        )
 
     finishing = asyncio.create_task(finish())
     async with client.session.get(client.url + f"{EXP}/jobs/train/files/stdout.txt?follow=true",
@@ -228,8 +229,8 @@ async def test_tls_with_a_self_signed_certificate(tmp_path):
         assert daemon.url.startswith("https://")
         trust = ssl.create_default_context(cafile=str(tmp_path / "state/tls/cert.pem"))
         async with aiohttp.ClientSession() as session:
-            async with session.get(daemon.url + "/v1/workspaces", ssl=trust,
-                                   headers={"Authorization": f"Bearer {daemon.admin_token}"}) as r:  # fmt: skip
+            bearer = {"Authorization": f"Bearer {daemon.admin_token}"}
+            async with session.get(daemon.url + "/v1/workspaces", ssl=trust, headers=bearer) as r:
                 assert r.status == 200
             with pytest.raises(aiohttp.ClientConnectorCertificateError):
                 await session.get(daemon.url + "/healthz")  # not trusted without the cert
