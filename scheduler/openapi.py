@@ -18,11 +18,12 @@ Schema = dict[str, Any]
 
 OPENAPI_VERSION = "3.1.0"
 API_VERSION = "1"
-NAME_PATTERN = r"^[-\w]{1,64}$"
+NAME_PATTERN = r"^[-A-Za-z0-9_]{1,64}$"  # what the log takes in stream names: ASCII
 STATES = ("queued", "scheduled", "preparing", "running", "terminating", "succeeded", "failed")
 EXECUTION_STATES = ("queued", "running", "terminating", "succeeded", "failed")
 ROLES = ("viewer", "operator", "admin", "agent")
 MAX_TOP = 1000
+MAX_POSITION = 2**63 - 1
 
 _WS = "/v1/workspaces/{workspace}"
 _EXP = _WS + "/experiments/{experiment}"
@@ -50,6 +51,11 @@ def integer(minimum: int | None = None, maximum: int | None = None) -> Schema:
     if maximum is not None:
         out["maximum"] = maximum
     return out
+
+
+def position() -> Schema:
+    """A log position: positions are 64-bit signed integers in every store."""
+    return integer(0, MAX_POSITION)
 
 
 def boolean() -> Schema:
@@ -277,6 +283,7 @@ def cluster_properties() -> Schema:
 
 JOB_EXAMPLE = {
     "properties": {
+        "cluster": "gpu",
         "nodeCount": 1,
         "gpusPerNode": 1,
         "stdOutErrPathPrefix": "$AZ_BATCHAI_JOB_MOUNT_ROOT/logs",
@@ -501,7 +508,7 @@ WORKSPACE = path_param("workspace", "the workspace's name")
 EXPERIMENT = path_param("experiment", "the experiment's name")
 CLUSTER = path_param("cluster", "the cluster's name")
 JOB = path_param("job", "the job's name")
-AFTER = query("after", integer(0), "answer once the read models have reached this position")
+AFTER = query("after", position(), "answer once the read models have reached this position")
 TOP = query("top", integer(1, MAX_TOP), "page size (100 by default)")
 SKIPTOKEN = query("skiptoken", string(), "where the page starts, from nextLink")
 STATE = query("state", enum(*STATES), "only jobs in this state")
@@ -703,10 +710,10 @@ def admin_paths() -> dict[str, Schema]:
                 "content": {"text/event-stream": {"schema": sse_event()}}},
         **errors(400, 401, 403),
     }  # fmt: skip
-    last_event = header("Last-Event-ID", string(pattern=r"^\d{1,18}$"), "resume after this")
+    last_event = header("Last-Event-ID", string(pattern=r"^[0-9]{1,19}$"), "resume after this")
     replay_params = (
         query("at", string(format="date-time"), "the world as of this time (ISO-8601)"),
-        query("position", integer(0), "the world as of this position"),
+        query("position", position(), "the world as of this position"),
     )
     return {
         "/v1/tokens": {
@@ -722,7 +729,7 @@ def admin_paths() -> dict[str, Schema]:
                                    (TOP,))},
         "/v1/events/stream": {"get": operation(
             "streamEvents", "events as Server-Sent Events", stream,
-            params=(query("after", integer(0), "start after this position"), last_event),
+            params=(query("after", position(), "start after this position"), last_event),
         )},
         "/v1/replay": {"get": read("replay", "the world as of a time or position", "Replay",
                                    replay_params)},
