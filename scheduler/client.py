@@ -46,11 +46,14 @@ class ApiError(ClientError):
         self.details = details
 
     def lines(self) -> list[str]:
-        """The message, then one `  <path>: <problem>` line per detail."""
+        """The message, then one `  <path>: <problem>` line per detail (but one that only
+        repeats the message)."""
         out = [self.message]
         for detail in self.details:
             name, value = detail.get("name"), detail.get("value")
-            out.append(f"  {name}: {value}" if name else f"  {value}")
+            line = f"{name}: {value}" if name else str(value)
+            if line != self.message:
+                out.append(f"  {line}")
         return out
 
 
