@@ -10,6 +10,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import pytest
 from aiohttp import web
 
@@ -212,6 +213,25 @@ async def test_job_from_a_config_file_with_flags_overriding_it(batchd, api, tmp_
     other = await batchd("job", "create", "j1", "-w", "ws", "-e", "exp", "--cluster", "c",
                          "--config-file", str(path))  # fmt: skip
     assert_error(other, "exists already")
+
+
+async def test_job_list_follows_every_page(batchd, api):
+    await _setup(batchd)
+    headers = {"Authorization": f"Bearer {api.admin_token}"}
+    document = {"properties": {"cluster": "c", "nodeCount": 1, "stdOutErrPathPrefix": "/o",
+                               "customToolkitSettings": {"commandLine": "true"}}}  # fmt: skip
+    async with aiohttp.ClientSession(api.url, headers=headers) as session:
+
+        async def put(n: int) -> int:
+            path = f"/v1/workspaces/ws/experiments/exp/jobs/j{n:03}"
+            async with session.put(path, json=document) as response:
+                return response.status
+
+        assert set(await asyncio.gather(*(put(n) for n in range(130)))) == {201}
+    listed = await batchd("job", "list", "-w", "ws", "-e", "exp")
+    assert sorted(line.split("\t")[0] for line in listed.lines) == [f"j{n:03}" for n in range(130)]
+    as_json = (await batchd("job", "list", "-w", "ws", "-e", "exp", "--json")).json
+    assert len(as_json["value"]) == 130 and as_json["nextLink"] is None
 
 
 async def test_terminate_a_queued_job_and_wait_for_succeeded_ones(batchd, api):
