@@ -137,6 +137,21 @@ def _seal(node: object, parts: tuple[str, ...], keyring: Keyring | None, path: s
     return {**node, head: sealed}
 
 
+class _Mask:
+    """Stands in for a keyring where secrets are to be hidden, not sealed."""
+
+    def seal(self, plaintext: str) -> str:
+        return REDACTED
+
+
+def mask_paths(data: dict, paths: tuple[str, ...]) -> dict:
+    """Return `data` with the plaintext values at `paths` as `***` (the input is not
+    modified): how a request's own secrets are shown back to it."""
+    for path in paths:
+        data = _seal(data, _parse_path(path), _Mask(), path)  # type: ignore[arg-type]
+    return data
+
+
 def redact(value: object) -> object:
     """A JSON-ready copy of decoded event data: sealed values as `***`, bytes as base64."""
     if isinstance(value, dict):

@@ -19,9 +19,10 @@ import structlog
 from aiohttp import web
 
 from batchd.events import jsonform
-from batchd.events.secrets import Keyring
+from batchd.events.secrets import Keyring, mask_paths
 from batchd.events.store import EventStore
 from batchd.events.timeutil import parse_iso, to_iso
+from batchd.events.types import JOB_SECRET_PATHS
 from batchd.projections import history, lifecycle, views
 from batchd.projections.model import (
     FAILED,
@@ -67,6 +68,7 @@ class Api:
         self.keyring = keyring
         self.mount_root = mount_root
         self.closing = asyncio.Event()  # set when the daemon stops: streams end
+
     @property
     def models(self) -> ReadModels:
         return self.runner.models
@@ -463,7 +465,11 @@ async def put_job(request: web.Request) -> web.Response:
 
     created = await api.control.run(decide, key=job_key(ws, exp, name))
     found = _job(api.models, ws, exp, name)
-    spec = await resources.job_spec(api.store, found)
+    if created:  # the document just accepted: no need to read it back
+        submitted = {"spec": parse_job(document).properties}  # as JobSubmitted holds it
+        spec = mask_paths(submitted, JOB_SECRET_PATHS)["spec"]
+    else:
+        spec = await resources.job_spec(api.store, found)
     return _written(resources.job(api.models, found, spec), created, request,
                     201 if created else 200)  # fmt: skip
 

@@ -39,6 +39,7 @@ logger = structlog.get_logger(__name__)
 ANCHOR_INTERVAL = 60.0  # seconds between head-anchor log lines
 OVERDUE_INTERVAL = 5.0  # seconds between wall-clock checks
 PLAN_IDLE = 10.0  # seconds between planner cycles while the log stands still
+PLAN_GAP = 0.1  # least seconds between two planner cycles: a busy log is planned in batches
 ADMIN_TOKEN_FILE = "admin.token"
 DAEMON_KEY = web.AppKey("daemon", object)
 
@@ -180,9 +181,9 @@ class Daemon:
             if position != planned_at or time.monotonic() - last >= PLAN_IDLE:
                 planned_at, last = position, time.monotonic()
                 await self.control.run(lambda m: planner.plan(m, _now_us()))
-                planned_at = max(planned_at, position)
+                await asyncio.sleep(PLAN_GAP)
             with contextlib.suppress(TimeoutError):
-                await self.models.wait_for(self.models.position + 1, 1.0)
+                await self.models.wait_for(planned_at + 1, 1.0)
 
     async def _enforce_wall_clock(self) -> None:
         await self.control.run(lambda m: planner.overdue(m, _now_us()))

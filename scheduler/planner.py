@@ -211,9 +211,9 @@ def _plan_cluster(
             _reason(out, job, {"code": "preempting", "victims": [v.job_id for v in victims]})
             reserved = now  # room is being made for it: nothing passes it now
             continue
-        start = _start_estimate(m, cluster, job, capacity.copy(), ends)
-        if start != NEVER:  # a job that can never fit here reserves nothing
-            reserved = start
+        if capacity.ever_fits(need, nodes):  # a job that can never fit here reserves nothing
+            start = _start_estimate(m, cluster, job, capacity.copy(), ends)
+            reserved = None if start == NEVER else start
         _reason(out, job, _why(cluster, capacity, need, nodes))
 
 
