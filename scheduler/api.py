@@ -101,9 +101,8 @@ async def errors_middleware(request: web.Request, handler: Callable[..., Awaitab
     try:
         return await handler(request)
     except DocumentError as exc:
-        where = exc.path or "body"
-        return error_response(400, "BadRequest", f"{where}: {exc.rule}",
-                              [{"name": where, "value": exc.rule}])  # fmt: skip
+        details = [{"name": path or "body", "value": rule} for path, rule in exc.problems]
+        return error_response(400, "BadRequest", str(exc), details)
     except CommandError as exc:
         return error_response(exc.status, _code(exc.status), str(exc))
     except lifecycle.InvalidTransition as exc:

@@ -16,12 +16,19 @@ Validator = Callable[[Any, str], Any]
 
 
 class DocumentError(ValueError):
-    """A document broke a rule: `path` names the field, `rule` says what is wrong."""
+    """A document broke rules: `problems` lists each `(path, rule)`, the field and what is
+    wrong with it; `path` and `rule` are the first."""
 
-    def __init__(self, path: str, rule: str) -> None:
-        super().__init__(f"{path or 'the document'}: {rule}")
-        self.path = path
-        self.rule = rule
+    def __init__(self, path: str, rule: str, problems: list[tuple[str, str]] | None = None):
+        self.problems = problems or [(path, rule)]
+        self.path, self.rule = self.problems[0]
+        more = len(self.problems) - 1
+        also = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+        super().__init__(f"{self.path or 'the document'}: {self.rule}{also}")
+
+    @classmethod
+    def of(cls, problems: list[tuple[str, str]]) -> DocumentError:
+        return cls(*problems[0], problems)
 
 
 _KINDS = {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
@@ -86,7 +93,15 @@ def items(item: Validator, *, max_items: int = 1000) -> Validator:
             raise DocumentError(path, f"must be a list, not {_kind(value)}")
         if len(value) > max_items:
             raise DocumentError(path, f"must have at most {max_items} items")
-        return [item(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        out, problems = [], []
+        for i, v in enumerate(value):
+            try:
+                out.append(item(v, f"{path}[{i}]"))
+            except DocumentError as exc:
+                problems.extend(exc.problems)
+        if problems:
+            raise DocumentError.of(problems)
+        return out
 
     return check
 
@@ -107,23 +122,29 @@ def obj(
     def check(value: Any, path: str) -> dict:
         if not isinstance(value, dict):
             raise DocumentError(path, f"must be an object, not {_kind(value)}")
-        out = {}
+        out: dict[str, Any] = {}
+        problems: list[tuple[str, str]] = []  # every broken rule, not just the first
         for key, item in value.items():
             where = f"{path}.{key}" if path else key
             if key in ignored:
                 continue
             if key not in fields:
-                raise DocumentError(where, "is not a known property")
-            out[key] = fields[key](item, where)
+                problems.append((where, "is not a known property"))
+                continue
+            try:
+                out[key] = fields[key](item, where)
+            except DocumentError as exc:
+                problems.extend(exc.problems)
         for key in required:
             if key != "*" and key not in value:
-                where = f"{path}.{key}" if path else key
-                raise DocumentError(where, "is required")
+                problems.append((f"{path}.{key}" if path else key, "is required"))
         given = [k for k in one_of if k in value]
         if len(given) > 1:
-            raise DocumentError(path, f"give only one of {', '.join(given)}")
+            problems.append((path, f"give only one of {', '.join(given)}"))
         if "*" in required and one_of and not given:
-            raise DocumentError(path, f"needs one of {', '.join(one_of)}")
+            problems.append((path, f"needs one of {', '.join(one_of)}"))
+        if problems:
+            raise DocumentError.of(problems)
         return out
 
     return check

@@ -175,6 +175,14 @@ async def test_bad_documents_get_400_naming_the_field_and_nothing_is_stored(api,
         assert status == 400, (body, error)
         detail = error["error"]["details"][0]
         assert detail["name"] == path and problem in detail["value"], (path, error)
+    several = {**JOB, "nodeCount": "two", "colour": "red", "gpusPerNode": -1}
+    status, error = await admin.call("PUT", f"{EXP}/jobs/bad", several)
+    assert status == 400
+    assert {d["name"]: d["value"] for d in error["error"]["details"]} == {
+        "nodeCount": "must be a whole number, not a string",
+        "colour": "is not a known property",
+        "gpusPerNode": "must be at least 0",
+    }  # every problem, each by its field
     assert (await api.store.head()).position == head
 
 
