@@ -143,7 +143,13 @@ async def auth_middleware(request: web.Request, handler: Callable[..., Awaitable
 @web.middleware
 async def after_middleware(request: web.Request, handler: Callable[..., Awaitable]) -> Any:
     """`?after=N` on a read: answer once the read models have reached position N."""
-    if request.method == "GET" and "after" in request.query and request.path != "/v1/events":
+    if (
+        request.method == "GET"
+        and "after" in request.query
+        and (
+            not request.path.startswith("/v1/events")  # there, `after` is where the events start
+        )
+    ):
         after = _int_query(request, "after", 0)
         runner = request.app[API_KEY].runner
         if runner.position < after:
