@@ -45,6 +45,16 @@ def _non_negative(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text} must not be negative")
+    return value
+
+
 def _priority(text: str) -> str | int:
     """`--priority`: low, normal, high, or a whole number (the server checks its range)."""
     if text in ("low", "normal", "high"):
@@ -239,7 +249,7 @@ def _job_commands(commands, api: list) -> None:
         job[verb].set_defaults(api=f"job_{verb}")
         job[verb].add_argument("name", help="the job's name")
     _store_flag(job["history"], offline=True)
-    job["wait"].add_argument("--timeout", type=float, metavar="S",
+    job["wait"].add_argument("--timeout", type=_seconds, metavar="S",
                              help="give up after S seconds (exit 124)")  # fmt: skip
     create = job["create"]
     create.add_argument("--cluster", help="the cluster's name (or resource id)")

@@ -515,11 +515,14 @@ async def job_file_stream(args: argparse.Namespace) -> int:
     path = f"{_job(args)}/files/{quote(args.file.lstrip('/'), safe='/')}"
     params = {"follow": "true", **{k: str(v) for k, v in _file_params(args).items() if v}}
     sys.stdout.flush()
-    out = sys.stdout.buffer
+    out = getattr(sys.stdout, "buffer", None)  # bytes as they are, where stdout has a buffer
     async with _client(args) as api, api.stream(path, params=params) as response:
         async for chunk in response.content.iter_any():
-            out.write(chunk)
-            out.flush()
+            if out is None:
+                sys.stdout.write(chunk.decode(errors="replace"))
+            else:
+                out.write(chunk)
+            (out or sys.stdout).flush()
     return 0
 
 
