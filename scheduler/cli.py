@@ -176,6 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     schedule.add_argument("--nodes", type=_positive, default=1000, help="(default 1000)")
     schedule.add_argument("--gpus-per-node", type=_positive, default=8, help="(default 8)")
     schedule.add_argument("--json", action="store_true", help="print one JSON line")
+    api = bench_sub.add_parser("api", help="job submission through a real daemon's API")
+    api.add_argument("--jobs", type=_positive, default=10_000, help="(default 10000)")
+    api.add_argument("--clients", type=_positive, default=32, help="(default 32)")
+    api.add_argument("--json", action="store_true", help="print one JSON line")
     memory = bench_sub.add_parser("memory", help="memory of the read models of N jobs, M nodes")
     memory.add_argument("--jobs", type=_positive, default=100_000, help="(default 100000)")
     memory.add_argument("--nodes", type=_positive, default=1000, help="(default 1000)")
@@ -298,6 +302,7 @@ def _bench_store_flag(parser: argparse.ArgumentParser) -> None:
 
 def _dispatch(args: argparse.Namespace):
     from batchd.scheduler import cli_log, cli_replay, daemon
+    from batchd.scheduler.bench import api as bench_api
     from batchd.scheduler.bench import append, memory, replay, schedule
 
     if args.command == "serve":
@@ -316,7 +321,7 @@ def _dispatch(args: argparse.Namespace):
         return cli_log.verify(args)
     benches = {
         "append": append.main, "replay": replay.main, "memory": memory.main,
-        "schedule": schedule.main,
+        "schedule": schedule.main, "api": bench_api.main,
     }  # fmt: skip
     return benches[args.bench_command](args)
 

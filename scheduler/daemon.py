@@ -193,7 +193,9 @@ class Daemon:
         logger.info("log.anchor", position=head.position, hash=head.hash.hex(), epoch=head.epoch)
 
     async def stop(self) -> None:
-        logger.info("daemon.stopping")
+        started = bool(self.url)  # a daemon that failed to start says so once, not "stopping"
+        if started:
+            logger.info("daemon.stopping")
         with contextlib.suppress(Exception):
             self._periodic.shutdown(wait=False)
         if self._web is not None:
@@ -211,7 +213,8 @@ class Daemon:
                 logger.warning("projections.snapshot_failed", error=str(exc))
         if self.store is not None:
             await self.store.close()
-        logger.info("daemon.stopped")
+        if started:
+            logger.info("daemon.stopped")
 
 
 async def main(args: argparse.Namespace) -> int:

@@ -250,7 +250,8 @@ def test_serve_answers_healthz_and_stops_cleanly_on_sigterm(tmp_path):
         assert body == {"status": "ok"}
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
             ready = json.load(r)
-        assert ready["epoch"] == 1 and ready["readModelsPosition"] == ready["position"] == 0
+        # the first start's one event: the admin token it made (its hash)
+        assert ready["epoch"] == 1 and ready["readModelsPosition"] == ready["position"] == 1
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(15) == 0
     finally:
@@ -263,6 +264,9 @@ def test_serve_answers_healthz_and_stops_cleanly_on_sigterm(tmp_path):
         "daemon.started", "daemon.stopping", "daemon.stopped",
     ]  # fmt: skip
     anchor = next(e for e in logs if e["event"] == "log.anchor")
-    assert anchor["position"] == 0
+    assert anchor["position"] == 1
     assert (state / "events.db").exists()
     assert oct((state / "secret.keys").stat().st_mode & 0o777) == "0o600"
+    token = (state / "admin.token").read_text().strip()
+    assert oct((state / "admin.token").stat().st_mode & 0o777) == "0o600"
+    assert token.startswith("bd_") and token not in json.dumps(logs)
