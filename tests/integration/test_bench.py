@@ -46,3 +46,9 @@ def test_bench_schedule_places_every_job_and_checks_each_cycle():
     assert result["cycles"] >= 2 and result["placements_per_s"] > 0
     assert result["cycle_p99_ms"] >= result["cycle_p50_ms"] > 0
     assert result["events"] >= 600  # one JobScheduled per job, and the pending reasons
+
+
+def test_bench_api_submits_through_a_real_daemon_and_finds_every_job_in_the_log():
+    result = _json("api", "--jobs", "300", "--clients", "8")
+    assert result["jobs"] == result["in_log"] == 300 and result["clients"] == 8
+    assert result["jobs_per_s"] > 0 and result["p99_ms"] >= result["p50_ms"] > 0
