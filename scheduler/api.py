@@ -217,13 +217,6 @@ def _ws(request: web.Request, role: str = "viewer") -> str:
     return workspace
 
 
-def _job(m: ReadModels, ws: str, exp: str, name: str) -> Job:
-    ids = m.job_ids.get(job_key(ws, exp, name), [])
-    if not ids or ids[-1] not in m.jobs:
-        raise CommandError(f"no job {name!r} in {ws}/{exp}", 404)
-    return m.jobs[ids[-1]]
-
-
 # -- workspaces and experiments ----------------------------------------------------------------
 def _plain_body(document: Any) -> None:
     """A workspace or experiment body: `{}`, or Batch AI's envelope with empty properties."""
@@ -266,29 +259,26 @@ async def get_workspace(request: web.Request) -> web.Response:
 
 async def delete_workspace(request: web.Request) -> web.Response:
     ws = _ws(request, "admin")
-    api = request.app[API_KEY]
-    position = await api.control.run(
-        lambda m: commands.delete_workspace(m, ws, _actor(request)), structural=True
-    )
-    return _written({}, position, request, 202)
+    return await _structural(request, lambda m: commands.delete_workspace(m, ws, _actor(request)))
 
 
 def _actor(request: web.Request) -> str:
     return _principal(request).actor
 
 
+async def _structural(request: web.Request, decide, status: int = 202) -> web.Response:
+    """Run a structural command (it runs alone) and answer with the position it reached."""
+    position = await request.app[API_KEY].control.run(decide, structural=True)
+    return _written({}, position, request, status)
+
+
 async def list_experiments(request: web.Request) -> web.Response:
     ws = _ws(request)
     m = request.app[API_KEY].models
-    _need_workspace(m, ws)
+    commands.find_workspace(m, ws)
     items = [resources.experiment(x) for key, x in sorted(m.experiments.items())
              if x.workspace == ws]  # fmt: skip
     return _page(request, items)
-
-
-def _need_workspace(m: ReadModels, ws: str) -> None:
-    if ws not in m.workspaces:
-        raise CommandError(f"no workspace {ws!r}", 404)
 
 
 async def put_experiment(request: web.Request) -> web.Response:
@@ -309,36 +299,24 @@ async def put_experiment(request: web.Request) -> web.Response:
 async def get_experiment(request: web.Request) -> web.Response:
     ws = _ws(request)
     exp = request.match_info["exp"]
-    found = request.app[API_KEY].models.experiments.get(f"{ws}/{exp}")
-    if found is None:
-        _need_workspace(request.app[API_KEY].models, ws)
-        raise CommandError(f"no experiment {exp!r} in workspace {ws!r}", 404)
-    return web.json_response(resources.experiment(found))
+    m = request.app[API_KEY].models
+    commands.find_experiment(m, ws, exp)
+    return web.json_response(resources.experiment(m.experiments[f"{ws}/{exp}"]))
 
 
 async def delete_experiment(request: web.Request) -> web.Response:
     ws = _ws(request, "operator")
     exp = request.match_info["exp"]
-    api = request.app[API_KEY]
-    position = await api.control.run(
-        lambda m: commands.delete_experiment(m, ws, exp, _actor(request)), structural=True
+    return await _structural(
+        request, lambda m: commands.delete_experiment(m, ws, exp, _actor(request))
     )
-    return _written({}, position, request, 202)
 
 
 # -- clusters ----------------------------------------------------------------------------------
-def _cluster(m: ReadModels, ws: str, name: str):
-    _need_workspace(m, ws)
-    cluster_id = m.cluster_ids.get(f"{ws}/{name}")
-    if cluster_id is None:
-        raise CommandError(f"no cluster {name!r} in workspace {ws!r}", 404)
-    return m.clusters[cluster_id]
-
-
 async def list_clusters(request: web.Request) -> web.Response:
     ws = _ws(request)
     m = request.app[API_KEY].models
-    _need_workspace(m, ws)
+    commands.find_workspace(m, ws)
     items = [resources.cluster(m, c) for c in m.clusters.values() if c.workspace == ws]
     return _page(request, sorted(items, key=lambda c: c["name"]))
 
@@ -372,7 +350,7 @@ def _same(stored: dict[str, Any], wanted: dict[str, Any]) -> bool:
 async def _cluster_answer(request: web.Request, ws: str, name: str, position: int | None,
                           status: int) -> web.Response:  # fmt: skip
     api = request.app[API_KEY]
-    found = _cluster(api.models, ws, name)
+    found = commands.find_cluster(api.models, ws, name)
     spec = await resources.cluster_spec(api.store, found)
     return _written(resources.cluster(api.models, found, spec), position, request, status)
 
@@ -380,7 +358,7 @@ async def _cluster_answer(request: web.Request, ws: str, name: str, position: in
 async def get_cluster(request: web.Request) -> web.Response:
     ws = _ws(request)
     api = request.app[API_KEY]
-    found = _cluster(api.models, ws, request.match_info["name"])
+    found = commands.find_cluster(api.models, ws, request.match_info["name"])
     spec = await resources.cluster_spec(api.store, found)
     return web.json_response(resources.cluster(api.models, found, spec))
 
@@ -400,11 +378,9 @@ async def patch_cluster(request: web.Request) -> web.Response:
 async def delete_cluster(request: web.Request) -> web.Response:
     ws = _ws(request, "admin")
     name = request.match_info["name"]
-    api = request.app[API_KEY]
-    position = await api.control.run(
-        lambda m: commands.delete_cluster(m, ws, name, _actor(request)), structural=True
+    return await _structural(
+        request, lambda m: commands.delete_cluster(m, ws, name, _actor(request))
     )
-    return _written({}, position, request, 202)
 
 
 # -- jobs --------------------------------------------------------------------------------------
@@ -429,9 +405,7 @@ async def list_jobs(request: web.Request) -> web.Response:
     ws = _ws(request)
     exp = request.match_info["exp"]
     m = request.app[API_KEY].models
-    if f"{ws}/{exp}" not in m.experiments:
-        _need_workspace(m, ws)
-        raise CommandError(f"no experiment {exp!r} in workspace {ws!r}", 404)
+    commands.find_experiment(m, ws, exp)
     jobs = [j for j in m.jobs.values() if j.workspace == ws and j.experiment == exp]
     chosen = _job_filters(request, m, jobs)
     return _page(request, [resources.job(m, j) for j in chosen])
@@ -469,7 +443,7 @@ async def put_job(request: web.Request) -> web.Response:
         raise CommandError(f"job {name!r} exists already in {ws}/{exp} with another document")
 
     created = await api.control.run(decide, key=job_key(ws, exp, name))
-    found = _job(api.models, ws, exp, name)
+    found = commands.find_job(api.models, ws, exp, name)
     if created:  # the document just accepted: no need to read it back
         submitted = {"spec": parse_job(document).properties}  # as JobSubmitted holds it
         spec = mask_paths(submitted, JOB_SECRET_PATHS)["spec"]
@@ -482,7 +456,7 @@ async def put_job(request: web.Request) -> web.Response:
 async def get_job(request: web.Request) -> web.Response:
     ws = _ws(request)
     api = request.app[API_KEY]
-    found = _job(api.models, ws, request.match_info["exp"], request.match_info["name"])
+    found = commands.find_job(api.models, ws, request.match_info["exp"], request.match_info["name"])
     spec = await resources.job_spec(api.store, found)
     return web.json_response(resources.job(api.models, found, spec))
 
@@ -495,7 +469,7 @@ async def terminate_job(request: web.Request) -> web.Response:
         lambda m: commands.terminate_job(m, ws, exp, name, _actor(request)),
         key=job_key(ws, exp, name),
     )
-    found = _job(api.models, ws, exp, name)
+    found = commands.find_job(api.models, ws, exp, name)
     return _written(resources.job(api.models, found), position, request, 202)
 
 
@@ -514,7 +488,7 @@ async def job_history(request: web.Request) -> web.Response:
     ws = _ws(request)
     exp, name = request.match_info["exp"], request.match_info["name"]
     api = request.app[API_KEY]
-    _need_workspace(api.models, ws)
+    commands.find_workspace(api.models, ws)
     job_ids = api.models.job_ids.get(job_key(ws, exp, name))
     if not job_ids:
         raise CommandError(f"no job named {name!r} in {ws}/{exp}, now or before", 404)
@@ -529,7 +503,7 @@ async def job_history(request: web.Request) -> web.Response:
 async def _output_dir(request: web.Request) -> tuple[Job, Path]:
     ws = _ws(request)
     api = request.app[API_KEY]
-    job = _job(api.models, ws, request.match_info["exp"], request.match_info["name"])
+    job = commands.find_job(api.models, ws, request.match_info["exp"], request.match_info["name"])
     directory_id = request.query.get("outputdirectoryid", files.STDOUTERR)
     attempt = _int_query(request, "attempt", max(job.attempt, 1), 1, max(job.attempt, 1))
     spec = await resources.job_spec(api.store, job)
@@ -636,11 +610,7 @@ async def list_tokens(request: web.Request) -> web.Response:
 async def revoke_token(request: web.Request) -> web.Response:
     _principal(request).require("admin")
     token_id = request.match_info["id"]
-    api = request.app[API_KEY]
-    position = await api.control.run(
-        lambda m: auth.revoke_token(m, token_id, _actor(request)), structural=True
-    )
-    return _written({}, position, request, 202)
+    return await _structural(request, lambda m: auth.revoke_token(m, token_id, _actor(request)))
 
 
 # -- the log -----------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from typing import Any
 
 from batchd.events.envelope import NewEvent
 from batchd.projections import lifecycle
-from batchd.projections.model import LIVE_STATES, QUEUED, Job, ReadModels, job_key
+from batchd.projections.model import LIVE_STATES, QUEUED, Cluster, Job, ReadModels, job_key
 from batchd.scheduler.clusterspec import max_nodes, parse_cluster, parse_scale_settings
 from batchd.scheduler.jobspec import parse_job
 from batchd.scheduler.planner import Decision
@@ -56,7 +56,7 @@ def create_workspace(m: ReadModels, workspace: str, actor: str) -> list[Decision
 
 
 def delete_workspace(m: ReadModels, workspace: str, actor: str) -> list[Decision]:
-    _workspace(m, workspace)
+    find_workspace(m, workspace)
     clusters = [c.name for c in m.clusters.values() if c.workspace == workspace]
     experiments = [x.name for x in m.experiments.values() if x.workspace == workspace]
     if clusters or experiments:
@@ -68,7 +68,7 @@ def delete_workspace(m: ReadModels, workspace: str, actor: str) -> list[Decision
 
 
 def create_experiment(m: ReadModels, workspace: str, experiment: str, actor: str) -> list[Decision]:
-    _workspace(m, workspace)
+    find_workspace(m, workspace)
     check_name("experiment", experiment)
     if f"{workspace}/{experiment}" in m.experiments:
         raise CommandError(f"experiment {experiment!r} exists already in {workspace!r}")
@@ -78,7 +78,7 @@ def create_experiment(m: ReadModels, workspace: str, experiment: str, actor: str
 
 def delete_experiment(m: ReadModels, workspace: str, experiment: str, actor: str) -> list[Decision]:
     """Deleting an experiment terminates its live jobs (as Batch AI did)."""
-    _experiment(m, workspace, experiment)
+    find_experiment(m, workspace, experiment)
     out = [
         _event(f"job-{j.job_id}", "JobTerminateRequested",
                {"jobId": j.job_id, "reason": f"experiment {experiment} deleted"}, actor)
@@ -97,13 +97,15 @@ def delete_experiment(m: ReadModels, workspace: str, experiment: str, actor: str
     return out
 
 
-def _workspace(m: ReadModels, workspace: str) -> None:
+def find_workspace(m: ReadModels, workspace: str) -> None:
+    """CommandError 404 unless the workspace exists."""
     if workspace not in m.workspaces:
         raise CommandError(f"no workspace {workspace!r}", 404)
 
 
-def _experiment(m: ReadModels, workspace: str, experiment: str) -> None:
-    _workspace(m, workspace)
+def find_experiment(m: ReadModels, workspace: str, experiment: str) -> None:
+    """CommandError 404 unless the workspace and experiment exist."""
+    find_workspace(m, workspace)
     if f"{workspace}/{experiment}" not in m.experiments:
         raise CommandError(f"no experiment {experiment!r} in workspace {workspace!r}", 404)
 
@@ -113,7 +115,7 @@ def create_cluster(
     m: ReadModels, workspace: str, name: str, document: Any, actor: str,
     catalog: Catalog = CATALOG, new_id: NewId = _uuid,
 ) -> list[Decision]:  # fmt: skip
-    _workspace(m, workspace)
+    find_workspace(m, workspace)
     check_name("cluster", name)
     spec = parse_cluster(document, catalog)
     if f"{workspace}/{name}" in m.cluster_ids:
@@ -124,8 +126,9 @@ def create_cluster(
     return [_event(f"cluster-{workspace}/{name}", "ClusterCreated", data, actor)]
 
 
-def _cluster(m: ReadModels, workspace: str, name: str):
-    _workspace(m, workspace)
+def find_cluster(m: ReadModels, workspace: str, name: str) -> Cluster:
+    """The live cluster of that name; CommandError 404 if none."""
+    find_workspace(m, workspace)
     cluster_id = m.cluster_ids.get(f"{workspace}/{name}")
     if cluster_id is None:
         raise CommandError(f"no cluster {name!r} in workspace {workspace!r}", 404)
@@ -136,7 +139,7 @@ def update_scale_settings(
     m: ReadModels, workspace: str, name: str, document: Any, actor: str
 ) -> list[Decision]:
     """PATCH: only `scaleSettings` may change (Batch AI's rule)."""
-    cluster = _cluster(m, workspace, name)
+    cluster = find_cluster(m, workspace, name)
     if not isinstance(document, dict):
         raise DocumentError("", "must be a JSON object")
     body = document.get("properties", document)
@@ -156,7 +159,7 @@ def update_scale_settings(
 
 def delete_cluster(m: ReadModels, workspace: str, name: str, actor: str) -> list[Decision]:
     """Ask to delete; with no nodes left the cluster goes at once, else once they are removed."""
-    cluster = _cluster(m, workspace, name)
+    cluster = find_cluster(m, workspace, name)
     data = {"clusterId": cluster.cluster_id}
     out = [] if cluster.deleting else [
         _event(f"cluster-{workspace}/{name}", "ClusterDeleteRequested", data, actor)
@@ -176,7 +179,7 @@ def submit_job(
     `cluster` (a name, as `--cluster` gives it) is used when the document names none; a
     Batch AI resource id (`.../workspaces/W/clusters/C`) names cluster C of workspace W.
     """
-    _experiment(m, workspace, experiment)
+    find_experiment(m, workspace, experiment)
     check_name("job", name)
     spec = parse_job(document)
     where = "properties." if isinstance(document, dict) and "properties" in document else ""
@@ -241,7 +244,8 @@ def _name_free(m: ReadModels, workspace: str, experiment: str, name: str) -> Non
         raise CommandError(f"job {name!r} exists already in {workspace}/{experiment}")
 
 
-def _job(m: ReadModels, workspace: str, experiment: str, name: str) -> Job:
+def find_job(m: ReadModels, workspace: str, experiment: str, name: str) -> Job:
+    """The job (not deleted) of that name; CommandError 404 if none."""
     ids = m.job_ids.get(job_key(workspace, experiment, name), [])
     if not ids or ids[-1] not in m.jobs:
         raise CommandError(f"no job {name!r} in {workspace}/{experiment}", 404)
@@ -252,7 +256,7 @@ def terminate_job(
     m: ReadModels, workspace: str, experiment: str, name: str, actor: str
 ) -> list[Decision]:
     """A queued job ends at once; one that holds GPUs ends when its node reports it killed."""
-    job = _job(m, workspace, experiment, name)
+    job = find_job(m, workspace, experiment, name)
     lifecycle.check(job.state, "JobTerminateRequested")
     data = {"jobId": job.job_id, "reason": f"terminated by {actor}"}
     out = [_event(f"job-{job.job_id}", "JobTerminateRequested", data, actor)]
@@ -264,7 +268,7 @@ def terminate_job(
 def delete_job(
     m: ReadModels, workspace: str, experiment: str, name: str, actor: str
 ) -> list[Decision]:
-    job = _job(m, workspace, experiment, name)
+    job = find_job(m, workspace, experiment, name)
     if job.state in LIVE_STATES:
         raise CommandError(
             f"cannot delete a job that is {job.state}: terminate it first, then delete it"
