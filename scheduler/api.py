@@ -18,7 +18,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from batchd.events import jsonform
+from batchd.events import errors, jsonform
 from batchd.events.secrets import Keyring, mask_paths
 from batchd.events.store import EventStore
 from batchd.events.timeutil import parse_iso, to_iso
@@ -121,6 +121,9 @@ async def errors_middleware(request: web.Request, handler: Callable[..., Awaitab
         return error_response(exc.status, _code(exc.status), message)
     except TimeoutError:
         return error_response(503, "ServiceUnavailable", "the read models are behind; retry")
+    except (errors.StoreUnavailable, errors.FencedError) as exc:
+        logger.warning("api.store_unavailable", error=str(exc))
+        return error_response(503, "ServiceUnavailable", "the event log is unavailable; retry")
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception:

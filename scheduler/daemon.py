@@ -180,7 +180,11 @@ class Daemon:
             position = self.models.position
             if position != planned_at or time.monotonic() - last >= PLAN_IDLE:
                 planned_at, last = position, time.monotonic()
-                await self.control.run(lambda m: planner.plan(m, _now_us()))
+                try:
+                    await self.control.run(lambda m: planner.plan(m, _now_us()))
+                except errors.StoreUnavailable as exc:  # the log is back soon: plan again then
+                    logger.warning("planner.store_unavailable", error=str(exc))
+                    planned_at = -1
                 await asyncio.sleep(PLAN_GAP)
             with contextlib.suppress(TimeoutError):
                 await self.models.wait_for(planned_at + 1, 1.0)
