@@ -93,6 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--tls-self-signed", action="store_true",
         help="serve https with a generated self-signed pair (<state-dir>/tls/)",
     )  # fmt: skip
+    agent = commands.add_parser("agent", help="run a node agent")
+    agent.add_argument("--server", required=True, help="the daemon's URL")
+    agent.add_argument("--token-file", required=True, help="file holding the agent credential")
+    agent.add_argument("--node-id", help="this node's id (default: the host name)")
+    agent.add_argument(
+        "--cluster", default="default/local", help="WORKSPACE/CLUSTER to join (default %(default)s)"
+    )
+    agent.add_argument("--runtimes", default="process", help="(default %(default)s)")
+    agent.add_argument("--gpus", default="auto", help="auto, or N to simulate N GPUs")
+    agent.add_argument("--work-dir", default=".", help="where tasks run (default: here)")
     client = argparse.ArgumentParser(add_help=False)
     client.add_argument(
         "--server", help="the API's URL (default $BATCHD_SERVER or http://127.0.0.1:8080)"
@@ -307,6 +317,10 @@ def _dispatch(args: argparse.Namespace):
 
     if args.command == "serve":
         return daemon.main(args)
+    if args.command == "agent":
+        from batchd.scheduler import agent
+
+        return agent.main(args)
     offline = {"events_tail": cli_log.tail, "replay": cli_replay.replay,
                "job_history": cli_replay.job_history}  # fmt: skip
     if getattr(args, "api", None):
@@ -341,7 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.tls_self_signed and args.tls_cert:
             parser.error("give --tls-cert and --tls-key, or --tls-self-signed, not both")
     gc.set_threshold(*GC_THRESHOLDS)
-    serving = args.command == "serve"
+    serving = args.command in ("serve", "agent")
     logs.configure(json=serving, level=logging.INFO if serving else logging.WARNING)
     try:
         result = _dispatch(args)

@@ -18,6 +18,7 @@ from pathlib import Path
 from batchd.events.secrets import Keyring
 
 DEFAULT_LISTEN = "127.0.0.1:8080"
+DEFAULT_LOCAL_NODES = 2
 KEYS_ENV = "BATCHD_SECRET_KEYS"
 
 
@@ -36,6 +37,8 @@ class Config:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_self_signed: bool = False
+    local_nodes: int = 0  # agents of the embedded cluster default/local (0: none)
+    local_gpus: int = 4  # simulated GPUs on each
     raw: dict = field(default_factory=dict)
 
     @property
@@ -75,6 +78,7 @@ def load(
     tls_cert: str | None = None,
     tls_key: str | None = None,
     tls_self_signed: bool = False,
+    local_nodes: int | None = None,
 ) -> Config:
     """Build the configuration: flags override the TOML file, which overrides the defaults."""
     raw: dict = {}
@@ -97,6 +101,9 @@ def load(
     if cert and self_signed:
         raise ConfigError("give either a TLS certificate and key or --tls-self-signed, not both")
     mount_root = raw.get("storage", {}).get("mount_root")
+    local = raw.get("local", {})
+    if local_nodes is None:  # the embedded default has 2 simulated nodes; a file says how many
+        local_nodes = int(local.get("nodes", 0 if config_file else DEFAULT_LOCAL_NODES))
     return Config(
         state_dir=directory,
         store_url=store or raw.get("store", {}).get("url") or default_store_url(directory),
@@ -107,6 +114,8 @@ def load(
         tls_cert=Path(cert) if cert else None,
         tls_key=Path(key) if key else None,
         tls_self_signed=self_signed,
+        local_nodes=local_nodes,
+        local_gpus=int(local.get("gpus_per_node", 4)),
         raw=raw,
     )
 

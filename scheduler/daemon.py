@@ -33,11 +33,14 @@ from batchd.events.store import EventStore
 from batchd.projections.runner import SNAPSHOT_INTERVAL, Runner
 from batchd.scheduler import api, auth, config, planner, tls
 from batchd.scheduler.control import Control
+from batchd.scheduler.nodes import NodeService
+from batchd.scheduler.providers import LocalProvider
 
 logger = structlog.get_logger(__name__)
 
 ANCHOR_INTERVAL = 60.0  # seconds between head-anchor log lines
 OVERDUE_INTERVAL = 5.0  # seconds between wall-clock checks
+SWEEP_INTERVAL = 1.0  # seconds between looks for silent nodes
 PLAN_IDLE = 10.0  # seconds between planner cycles while the log stands still
 PLAN_GAP = 0.1  # least seconds between two planner cycles: a busy log is planned in batches
 ADMIN_TOKEN_FILE = "admin.token"
@@ -75,6 +78,8 @@ class Daemon:
         self.control: Control = None  # type: ignore[assignment]
         self._web: web.AppRunner | None = None
         self.api: api.Api | None = None
+        self.nodes: NodeService = None  # type: ignore[assignment]
+        self.local: LocalProvider | None = None
         self._periodic = AsyncIOScheduler()
         self._tasks: list[asyncio.Task] = []
 
@@ -91,6 +96,8 @@ class Daemon:
         self.models = Runner(self.store)
         self.control = Control(self.store, self.models)
         self.api = service = api.Api(self.store, self.models, self.control, keyring, cfg.mounts)
+        self.nodes = NodeService(self.store, self.models, self.control, cfg.mounts,
+                                 cfg.state_dir)  # fmt: skip
         app = api.build(service, self._add_service_routes)
         self._web = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._web.setup()
@@ -109,10 +116,15 @@ class Daemon:
                     snapshot=restored.snapshot_position, replayed=restored.replayed)  # fmt: skip
         self._task(self.models.follow(), "read-models")
         self.admin_token = await self._admin_token()
+        if cfg.local_nodes:
+            self.local = LocalProvider(self.control, self.url, cfg.state_dir, cfg.local_nodes,
+                                       cfg.local_gpus)  # fmt: skip
+            await self.local.bootstrap()
         self._task(self._plan_loop(), "planner")
         self._periodic.add_job(self.models.save_snapshot, "interval", seconds=SNAPSHOT_INTERVAL)
         self._periodic.add_job(self._publish_anchor, "interval", seconds=ANCHOR_INTERVAL)
         self._periodic.add_job(self._enforce_wall_clock, "interval", seconds=OVERDUE_INTERVAL)
+        self._periodic.add_job(self.nodes.sweep, "interval", seconds=SWEEP_INTERVAL)
         self._periodic.start()
         await self._publish_anchor()
         logger.info("daemon.started", url=self.url, store=str(urls.parse(cfg.store_url)),
@@ -129,6 +141,7 @@ class Daemon:
 
     def _add_service_routes(self, app: web.Application) -> None:
         app[DAEMON_KEY] = self
+        self.nodes.add_routes(app)
         app.router.add_get("/healthz", healthz)
         app.router.add_get("/readyz", readyz)
 
@@ -182,6 +195,9 @@ class Daemon:
                 planned_at, last = position, time.monotonic()
                 try:
                     await self.control.run(lambda m: planner.plan(m, _now_us()))
+                    await self.nodes.dispatch()
+                    if self.local is not None:
+                        await self.local.reconcile()
                 except errors.StoreUnavailable as exc:  # the log is back soon: plan again then
                     logger.warning("planner.store_unavailable", error=str(exc))
                     planned_at = -1
@@ -202,8 +218,13 @@ class Daemon:
             logger.info("daemon.stopping")
         with contextlib.suppress(Exception):
             self._periodic.shutdown(wait=False)
+        if self.api is not None:
+            self.api.closing.set()  # streams end
+        if self.nodes is not None:
+            self.nodes.close()  # long-polls answer at once
+        if self.local is not None:
+            await self.local.stop()  # this machine's agents: they stop their tasks
         if self._web is not None:
-            self.api.closing.set()
             await self._web.cleanup()  # stops accepting; lets in-flight requests finish
         for task in self._tasks:
             task.cancel()

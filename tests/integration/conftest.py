@@ -10,6 +10,7 @@ from batchd.scheduler.daemon import Daemon
 
 
 async def start_daemon(state_dir, **options) -> Daemon:
+    options.setdefault("local_nodes", 0)  # no embedded cluster unless a test asks for one
     cfg = config.load(None, state=str(state_dir), listen="127.0.0.1:0", **options)
     daemon = Daemon(cfg)
     try:

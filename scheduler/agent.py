@@ -1,0 +1,242 @@
+"""`batchd agent`: the node agent. It registers its node with the daemon, sends heartbeats
+with the tasks it runs, takes StartTask and KillTask commands by long-poll, runs tasks on the
+process runtime (scheduler/runtimes.py) and reports when they start and exit.
+
+If it cannot reach the daemon for `LEASE_TIMEOUT` seconds (less than the daemon's node
+timeout), it kills its own tasks: the daemon will have given their jobs to other nodes, and
+two attempts of one job must never run at once. After a reconnect it registers again and
+says what still runs; the daemon kills what it no longer wants.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import structlog
+
+from batchd.scheduler import protocol
+from batchd.scheduler.protocol import TaskKey
+from batchd.scheduler.runtimes import ProcessTask
+
+logger = structlog.get_logger(__name__)
+
+HEARTBEAT_INTERVAL = 2.0
+LEASE_TIMEOUT = 8.0  # < the daemon's node timeout (10 s)
+POLL_WAIT = 20  # seconds a command long-poll may wait
+RETRY_DELAY = 1.0
+AGENT_VERSION = "1"
+
+
+class AgentError(ValueError):
+    """The agent cannot go on as asked (a bad flag), or the daemon refused a message."""
+
+
+def discover_gpus(option: str) -> tuple[int, str]:
+    """(count, model): `N` simulates N GPUs; `auto` asks NVML, then nvidia-smi, else none."""
+    if option != "auto":
+        try:
+            count = int(option)
+        except ValueError:
+            raise AgentError(f"--gpus must be auto or a number, not {option!r}") from None
+        return count, "simulated" if count else ""
+    try:
+        import pynvml  # nvidia-ml-py
+
+        pynvml.nvmlInit()
+        count = pynvml.nvmlDeviceGetCount()
+        model = pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0)) if count else ""
+        return count, model.decode() if isinstance(model, bytes) else model
+    except Exception:  # no library, no driver, no device: try the tool
+        pass
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        import subprocess
+
+        done = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=10)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("GPU ")]
+        if done.returncode == 0 and lines:
+            return len(lines), lines[0].split(": ", 1)[1].split(" (")[0]
+    return 0, ""
+
+
+class Agent:
+    def __init__(self, server: str, token: str, node_id: str, cluster: str, gpus: int,
+                 gpu_model: str, runtimes: list[str]) -> None:  # fmt: skip
+        self.server = server.rstrip("/")
+        self.headers = {"Authorization": f"Bearer {token}",
+                        "Content-Type": protocol.CONTENT_TYPE}  # fmt: skip
+        self.node_id = node_id
+        self.cluster = cluster
+        self.gpus, self.gpu_model = gpus, gpu_model
+        self.runtimes = runtimes
+        self.incarnation = time.time_ns()
+        self.tasks: dict[TaskKey, ProcessTask] = {}
+        self.epoch = 0
+        self.last_contact = time.monotonic()
+        self.outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.background: set[asyncio.Task] = set()  # tasks running and kills under way
+
+    def _message(self, type_: str, **fields: Any) -> dict[str, Any]:
+        return protocol.message(type_, self.node_id, self.incarnation, **fields)
+
+    def _running(self) -> list[list[Any]]:
+        return [list(key) for key in self.tasks]
+
+    async def run(self, stop: asyncio.Event) -> None:
+        async with aiohttp.ClientSession(headers=self.headers) as session:
+            self.session = session
+            await self._register()
+            workers = [asyncio.create_task(self._heartbeats(), name="heartbeats"),
+                       asyncio.create_task(self._commands(), name="commands"),
+                       asyncio.create_task(self._send(), name="reports")]  # fmt: skip
+            try:
+                await stop.wait()
+            finally:
+                for worker in workers:
+                    worker.cancel()
+                await asyncio.gather(*workers, return_exceptions=True)
+                await asyncio.gather(*(t.kill() for t in self.tasks.values()))
+
+    async def _post(self, messages: list[dict[str, Any]]) -> None:
+        async with self.session.post(f"{self.server}/agent/v1/messages",
+                                     data=protocol.pack(messages)) as response:  # fmt: skip
+            if response.status != 200:
+                raise AgentError(f"daemon answered {response.status}: {await response.text()}")
+        self.last_contact = time.monotonic()
+
+    async def _register(self) -> None:
+        register = self._message(
+            "Register", cluster=self.cluster, gpus=self.gpus, gpuModel=self.gpu_model,
+            cpus=os.cpu_count() or 1, memoryMb=_memory_mb(), runtimes=self.runtimes,
+            agentVersion=AGENT_VERSION, running=self._running(),
+        )  # fmt: skip
+        while True:
+            try:
+                await self._post([register])
+                logger.info("agent.registered", node=self.node_id, server=self.server)
+                return
+            except (aiohttp.ClientError, AgentError, OSError) as exc:
+                logger.warning("agent.register_failed", error=str(exc))
+                self._check_lease()
+                await asyncio.sleep(RETRY_DELAY)
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
+            try:
+                await self._post([self._message("Heartbeat", running=self._running())])
+            except (aiohttp.ClientError, AgentError, OSError) as exc:
+                logger.warning("agent.heartbeat_failed", error=str(exc))
+                self._check_lease()
+                await self._register()
+
+    def _check_lease(self) -> None:
+        """Out of touch for longer than the lease: stop every task (the daemon has moved on)."""
+        if self.tasks and time.monotonic() - self.last_contact > LEASE_TIMEOUT:
+            logger.warning("agent.lease_expired", tasks=len(self.tasks))
+            for task in list(self.tasks.values()):
+                self._background(task.kill(), "kill")
+
+    async def _send(self) -> None:
+        """Send reports in order, as many at a time as are waiting; retry until sent."""
+        while True:
+            batch = [await self.outbox.get()]
+            while not self.outbox.empty():
+                batch.append(self.outbox.get_nowait())
+            while True:
+                try:
+                    await self._post(batch)
+                    break
+                except (aiohttp.ClientError, AgentError, OSError) as exc:
+                    logger.warning("agent.report_failed", error=str(exc))
+                    await asyncio.sleep(RETRY_DELAY)
+
+    async def _commands(self) -> None:
+        query = {"node": self.node_id, "incarnation": str(self.incarnation),
+                 "wait": str(POLL_WAIT)}  # fmt: skip
+        while True:
+            try:
+                async with self.session.get(f"{self.server}/agent/v1/commands", params=query,
+                                            timeout=aiohttp.ClientTimeout(total=POLL_WAIT + 10)
+                                            ) as response:  # fmt: skip
+                    if response.status != 200:
+                        raise AgentError(f"daemon answered {response.status}")
+                    commands = protocol.unpack(await response.read())
+                self.last_contact = time.monotonic()
+            except (aiohttp.ClientError, AgentError, OSError, TimeoutError) as exc:
+                logger.warning("agent.poll_failed", error=str(exc))
+                await asyncio.sleep(RETRY_DELAY)
+                continue
+            for command in commands:
+                self._handle(command)
+
+    def _handle(self, command: dict[str, Any]) -> None:
+        epoch = command.get("epoch", 0)
+        if epoch < self.epoch:
+            return  # from a daemon that has been replaced
+        self.epoch = epoch
+        key = protocol.task_key(command)
+        if command["type"] == "StartTask" and key not in self.tasks:
+            task = ProcessTask(command)
+            self.tasks[key] = task
+            self._background(self._run_task(key, task), f"task {key}")
+        elif command["type"] == "KillTask" and key in self.tasks:
+            self._background(self.tasks[key].kill(), f"kill {key}")
+
+    def _background(self, coroutine, name: str) -> None:
+        task = asyncio.create_task(coroutine, name=name)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    async def _run_task(self, key: TaskKey, task: ProcessTask) -> None:
+        job_id, attempt, index = key
+        started = asyncio.Event()
+        running = asyncio.create_task(task.run(started))
+        await started.wait()
+        if task.process is not None:
+            self.outbox.put_nowait(self._message(
+                "TaskStarted", jobId=job_id, attempt=attempt, task=index))  # fmt: skip
+        result = await running
+        self.tasks.pop(key, None)
+        report = {"jobId": job_id, "attempt": attempt, "task": index,
+                  "exitCode": result.exit_code}  # fmt: skip
+        if result.error:
+            report["error"] = result.error
+        self.outbox.put_nowait(self._message("TaskExited", **report))
+
+
+def _memory_mb() -> int:
+    with contextlib.suppress(OSError, ValueError):
+        pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return pages // (1024 * 1024)
+    return 0
+
+
+async def main(args: argparse.Namespace) -> int:
+    try:
+        token = Path(args.token_file).read_text().strip()
+    except OSError as exc:
+        raise AgentError(f"cannot read --token-file {args.token_file}: {exc.strerror}") from None
+    gpus, model = discover_gpus(args.gpus)
+    runtimes = [r.strip() for r in args.runtimes.split(",") if r.strip()]
+    unknown = [r for r in runtimes if r != "process"]
+    if unknown:
+        raise AgentError(f"--runtimes: {', '.join(unknown)} not available (this agent: process)")
+    agent = Agent(args.server, token, args.node_id or socket.gethostname(), args.cluster, gpus,
+                  model, runtimes)  # fmt: skip
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await agent.run(stop)
+    return 0

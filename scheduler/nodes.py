@@ -1,0 +1,315 @@
+"""The daemon's side of the agent channel: agents register, beat, report; the daemon turns
+that into node and job events, hands out StartTask and KillTask commands, and finds dead
+nodes.
+
+- Register: `NodeRegistered` when the node or its incarnation is new, then
+  `NodeSetupSucceeded` (or `NodeRecovered` for a node that was suspected or lost); what the
+  agent says still runs is reconciled: a task of an attempt the log no longer places there is
+  killed.
+- TaskStarted: `JobStarted`. TaskExited: `JobTaskExited`, then the attempt's end once it is
+  known: every task exited 0 (`JobSucceeded`), one failed (the others are killed, the retry
+  ledger decides: `JobRequeued` or `JobFailed`), or it was being terminated (`JobTerminated`).
+- `dispatch()` (after every planner cycle) sends StartTask for each newly scheduled attempt,
+  with the per-node commands and environment of scheduler/toolkits.py, and KillTask for each
+  attempt being terminated or preempted.
+- `sweep()` (every second): a node silent for 3 heartbeats is suspected, for `NODE_TIMEOUT`
+  lost, and its attempts requeued or failed (scheduler/retries.py). After a daemon start every
+  node gets one full timeout of grace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from pathlib import Path
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from batchd.events.envelope import NewEvent
+from batchd.events.store import EventStore
+from batchd.projections import lifecycle
+from batchd.projections.model import (
+    LOST,
+    PREPARING,
+    PREPARING_JOB,
+    PROVISIONING,
+    READY,
+    SCHEDULED,
+    SUSPECT,
+    TERMINATING,
+    Job,
+    ReadModels,
+)
+from batchd.projections.runner import Runner
+from batchd.scheduler import auth, protocol, retries, toolkits
+from batchd.scheduler.auth import AuthError
+from batchd.scheduler.control import Control
+from batchd.scheduler.planner import Decision
+
+logger = structlog.get_logger(__name__)
+
+HEARTBEAT_INTERVAL = 2.0
+SUSPECT_AFTER = 3 * HEARTBEAT_INTERVAL
+NODE_TIMEOUT = 10.0
+MAX_WAIT = 30
+
+
+class NodeService:
+    def __init__(self, store: EventStore, runner: Runner, control: Control, mounts: Path,
+                 state_dir: Path) -> None:  # fmt: skip
+        self.store, self.runner, self.control = store, runner, control
+        self.mounts, self.state_dir = mounts, state_dir
+        self.seen: dict[str, float] = {}  # node id -> monotonic time of its last message
+        self.outbox: dict[str, list[dict[str, Any]]] = {}
+        self.wakeups: dict[str, asyncio.Event] = {}
+        self.dispatched: set[tuple[str, int]] = set()  # attempts sent StartTask
+        self.killed: set[tuple[str, int]] = set()  # attempts sent KillTask
+        self.started_at = time.monotonic()
+        self.closing = False
+
+    @property
+    def models(self) -> ReadModels:
+        return self.runner.models
+
+    # -- commands out ------------------------------------------------------------------------
+    def _send(self, node_id: str, command: dict[str, Any]) -> None:
+        command = {**command, "v": protocol.VERSION, "node": node_id,
+                   "epoch": self.store.epoch}  # fmt: skip
+        self.outbox.setdefault(node_id, []).append(command)
+        self.wakeups.setdefault(node_id, asyncio.Event()).set()
+
+    def _kill(self, job_id: str, attempt: int, tasks: list[list[Any]], skip: int = -1) -> None:
+        for index, (node_id, _gpus) in enumerate(tasks):
+            if index != skip:
+                self._send(node_id, {"type": "KillTask", "jobId": job_id, "attempt": attempt,
+                                     "task": index})  # fmt: skip
+
+    async def dispatch(self) -> None:
+        """StartTask for newly scheduled attempts; KillTask for those being terminated."""
+        m = self.models
+        for job in list(m.jobs.values()):
+            key = (job.job_id, job.attempt)
+            if job.state == SCHEDULED and key not in self.dispatched:
+                self.dispatched.add(key)
+                await self._start(job)
+            elif job.state == TERMINATING and key not in self.killed and job.tasks:
+                self.killed.add(key)
+                self._kill(job.job_id, job.attempt, job.tasks)
+
+    async def _start(self, job: Job) -> None:
+        spec = await _job_spec(self.store, job)
+        identity = toolkits.JobIdentity(job.workspace, job.experiment, job.name, job.job_id,
+                                        job.attempt)  # fmt: skip
+        jobs_root = self.state_dir / "nodes"
+        hosts = [toolkits.Host(node_id, "127.0.0.1", tuple(gpus)) for node_id, gpus in job.tasks]
+        paths = toolkits.Paths(
+            mount_root=str(self.mounts), job_mount_root=str(self.mounts / "jobs" / job.job_id),
+            job_temp=str(jobs_root / "temp" / job.job_id / str(job.attempt)),
+            shared_job_temp=str(self.mounts / "shared" / job.job_id),
+        )  # fmt: skip
+        secrets = {item["name"]: item["value"] for item in spec.get("secrets") or ()
+                   if isinstance(item.get("value"), str)}  # fmt: skip
+        try:
+            plans = toolkits.translate(spec, identity, hosts, paths, secrets)
+        except (KeyError, TypeError, ValueError) as exc:
+            error = {"code": "translation_failed", "message": str(exc)}
+            await self.control.run(lambda m: _fail(m, job.job_id, job.attempt, error),
+                                   key=job.job_id)  # fmt: skip
+            return
+        preparation = (spec.get("jobPreparation") or {}).get("commandLine")
+        for plan in plans:
+            self._send(plan.node_id, {
+                "type": "StartTask", "jobId": job.job_id, "attempt": job.attempt,
+                "task": plan.index, "gpus": list(hosts[plan.index].gpus), "command": plan.command,
+                "env": plan.env, "files": plan.files, "runtime": "process",
+                "stdouterr": plan.env["AZ_BATCHAI_STDOUTERR_DIR"],
+                "workDir": str(jobs_root / "work" / job.job_id / str(job.attempt)
+                               / str(plan.index)),
+                "preparation": preparation,
+            })  # fmt: skip
+
+    # -- messages in -------------------------------------------------------------------------
+    async def handle_messages(self, request: web.Request) -> web.Response:
+        principal = _agent(request)
+        try:
+            messages = protocol.unpack(await request.read())
+            if not isinstance(messages, list):
+                raise protocol.ProtocolError("the body must be a list of messages")
+            for msg in messages:
+                await self._handle(protocol.check(msg, protocol.AGENT_MESSAGES), principal)
+        except protocol.ProtocolError as exc:
+            return web.json_response({"error": {"code": "BadRequest", "message": str(exc),
+                                                "details": []}}, status=400)  # fmt: skip
+        return web.Response(body=protocol.pack({"ok": True}), content_type=protocol.CONTENT_TYPE)
+
+    async def _handle(self, msg: dict[str, Any], principal: auth.Principal) -> None:
+        node_id = msg["node"]
+        self.seen[node_id] = time.monotonic()
+        kind = msg["type"]
+        if kind == "Register":
+            await self.control.run(lambda m: self._register(m, msg, principal.actor),
+                                   key=f"node/{node_id}")  # fmt: skip
+        elif kind == "Heartbeat":
+            node = self.models.nodes.get(node_id)
+            if node is not None and node.state in (SUSPECT, LOST):
+                await self.control.run(lambda m: _recovered(m, node_id), key=f"node/{node_id}")
+        elif kind == "TaskStarted":
+            job_id, attempt, _task = protocol.task_key(msg)
+            await self.control.run(lambda m: _started(m, job_id, attempt), key=job_id)
+        elif kind == "TaskExited":
+            job_id, _attempt, _task = protocol.task_key(msg)
+            await self.control.run(lambda m: self._exited(m, msg), key=job_id)
+
+    def _register(self, m: ReadModels, msg: dict[str, Any], actor: str) -> list[Decision]:
+        node_id = msg["node"]
+        cluster_id = m.cluster_ids.get(str(msg.get("cluster", "")))
+        if cluster_id is None:
+            raise protocol.ProtocolError(f"no cluster {msg.get('cluster')!r} (WORKSPACE/NAME)")
+        node = m.nodes.get(node_id)
+        out: list[Decision] = []
+        stream = f"node-{node_id}"
+        if node is None or node.incarnation != msg["incarnation"]:
+            data = {"nodeId": node_id, "cluster": cluster_id, "incarnation": msg["incarnation"]}
+            for field in ("gpus", "gpuModel", "cpus", "memoryMb", "runtimes", "agentVersion"):
+                if field in msg:
+                    data[field] = msg[field]
+            out.append((stream, NewEvent("NodeRegistered", data, actor)))
+        state = node.state if node is not None else PROVISIONING
+        if state in (PROVISIONING, PREPARING):
+            out.append((stream, NewEvent("NodeSetupSucceeded", {"nodeId": node_id}, actor)))
+        elif state in (SUSPECT, LOST):
+            out.append((stream, NewEvent("NodeRecovered", {"nodeId": node_id}, actor)))
+        for key in msg.get("running") or ():
+            job_id, attempt, task = str(key[0]), int(key[1]), int(key[2])
+            job = m.jobs.get(job_id)
+            wanted = (job is not None and job.attempt == attempt
+                      and job.state in lifecycle.HOLDING and task < len(job.tasks)
+                      and job.tasks[task][0] == node_id)  # fmt: skip
+            if not wanted:
+                self._send(node_id, {"type": "KillTask", "jobId": job_id, "attempt": attempt,
+                                     "task": task})  # fmt: skip
+        return out
+
+    def _exited(self, m: ReadModels, msg: dict[str, Any]) -> list[Decision]:
+        job_id, attempt, task = protocol.task_key(msg)
+        job = m.jobs.get(job_id)
+        if job is None or job.attempt != attempt or job.state not in lifecycle.HOLDING:
+            return []
+        code = msg.get("exitCode")
+        stream = f"job-{job_id}"
+        out: list[Decision] = [(stream, NewEvent(
+            "JobTaskExited", {"jobId": job_id, "attempt": attempt, "task": task,
+                              "exitCode": code}))]  # fmt: skip
+        exits = {**job.task_exits, str(task): code}
+        if job.state == TERMINATING:
+            if len(exits) >= len(job.tasks):
+                out.append((stream, NewEvent("JobTerminated", {
+                    "jobId": job_id, "attempt": attempt, "reason": "terminated"})))  # fmt: skip
+            return out
+        if code != 0:
+            self._kill(job_id, attempt, job.tasks, skip=task)
+            error = msg.get("error") or {
+                "code": "exit_code", "message": f"task {task} exited with {code}"}  # fmt: skip
+            out += retries.attempt_ended(m, job_id, attempt, "exit_code", exit_code=code,
+                                         error=error)  # fmt: skip
+        elif len(exits) >= len(job.tasks) and all(c == 0 for c in exits.values()):
+            out.append((stream, NewEvent("JobSucceeded", {
+                "jobId": job_id, "attempt": attempt, "exitCode": 0})))  # fmt: skip
+        return out
+
+    async def handle_commands(self, request: web.Request) -> web.Response:
+        _agent(request)
+        node_id = request.query.get("node", "")
+        try:
+            wait = min(float(request.query.get("wait", "0")), MAX_WAIT)
+        except ValueError:
+            wait = 0.0
+        self.seen[node_id] = time.monotonic()
+        wakeup = self.wakeups.setdefault(node_id, asyncio.Event())
+        if not self.outbox.get(node_id) and wait > 0 and not self.closing:
+            wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wakeup.wait(), wait)
+        commands = self.outbox.pop(node_id, [])
+        self.seen[node_id] = time.monotonic()
+        return web.Response(body=protocol.pack(commands), content_type=protocol.CONTENT_TYPE)
+
+    def close(self) -> None:
+        """The daemon stops: every waiting long-poll answers now, and new ones at once."""
+        self.closing = True
+        for wakeup in self.wakeups.values():
+            wakeup.set()
+
+    # -- dead nodes ----------------------------------------------------------------------------
+    async def sweep(self) -> None:
+        now = time.monotonic()
+        for node in list(self.models.nodes.values()):
+            last = max(self.seen.get(node.node_id, 0.0), self.started_at)
+            silent = now - last
+            if node.state == READY and silent > SUSPECT_AFTER:
+                await self.control.run(lambda m, n=node.node_id: _suspected(m, n),
+                                       key=f"node/{node.node_id}")  # fmt: skip
+            elif node.state == SUSPECT and silent > NODE_TIMEOUT:
+                await self.control.run(lambda m, n=node.node_id: _lost(m, n),
+                                       key=f"node/{node.node_id}")  # fmt: skip
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_post("/agent/v1/messages", self.handle_messages)
+        app.router.add_get("/agent/v1/commands", self.handle_commands)
+
+
+def _agent(request: web.Request) -> auth.Principal:
+    from batchd.scheduler.api import API_KEY
+
+    principal = auth.authenticate(request.app[API_KEY].models,
+                                  request.headers.get("Authorization"))  # fmt: skip
+    if principal.role != "agent":
+        raise AuthError("the agent channel takes agent credentials only", 403)
+    return principal
+
+
+async def _job_spec(store: EventStore, job: Job) -> dict[str, Any]:
+    from batchd.scheduler.resources import job_spec, opened
+
+    keyring = store.codec.keyring
+    return opened(await job_spec(store, job), keyring)
+
+
+def _fail(m: ReadModels, job_id: str, attempt: int, error: dict[str, str]) -> list[Decision]:
+    job = m.jobs.get(job_id)
+    if job is None or job.attempt != attempt or job.state not in lifecycle.HOLDING:
+        return []
+    data = {"jobId": job_id, "attempt": attempt, "error": error}
+    return [(f"job-{job_id}", NewEvent("JobFailed", data))]
+
+
+def _started(m: ReadModels, job_id: str, attempt: int) -> list[Decision]:
+    job = m.jobs.get(job_id)
+    if job is None or job.attempt != attempt or job.state not in (SCHEDULED, PREPARING_JOB):
+        return []
+    return [(f"job-{job_id}", NewEvent("JobStarted", {"jobId": job_id, "attempt": attempt}))]
+
+
+def _recovered(m: ReadModels, node_id: str) -> list[Decision]:
+    node = m.nodes.get(node_id)
+    if node is None or node.state not in (SUSPECT, LOST):
+        return []
+    return [(f"node-{node_id}", NewEvent("NodeRecovered", {"nodeId": node_id}))]
+
+
+def _suspected(m: ReadModels, node_id: str) -> list[Decision]:
+    node = m.nodes.get(node_id)
+    if node is None or node.state != READY:
+        return []
+    return [(f"node-{node_id}", NewEvent("NodeSuspected", {"nodeId": node_id}))]
+
+
+def _lost(m: ReadModels, node_id: str) -> list[Decision]:
+    node = m.nodes.get(node_id)
+    if node is None or node.state != SUSPECT:
+        return []
+    out = [(f"node-{node_id}", NewEvent("NodeLost", {"nodeId": node_id}))]
+    return out + retries.node_lost(m, node_id)

@@ -1,0 +1,70 @@
+"""The agent channel's messages (DESIGN.md "Nodes"): msgpack maps over HTTP.
+
+Every message carries the protocol version `v`, the node id and the agent's `incarnation`
+(new at each agent start, so a restarted agent under the same node id is told apart).
+Commands from the daemon carry the leader `epoch`; an agent drops commands of an older epoch
+than the newest it has seen. Every message is idempotent: a StartTask for an attempt already
+started, or a report already recorded, changes nothing.
+
+Agent to daemon (POST /agent/v1/messages, a list of messages in one body):
+  Register {gpus, gpuModel, cpus, memoryMb, runtimes, agentVersion, running: [task keys]}
+  Heartbeat {running: [task keys]}
+  TaskStarted {jobId, attempt, task}
+  TaskExited {jobId, attempt, task, exitCode, error?}
+Daemon to agent (GET /agent/v1/commands?node=&incarnation=&wait=S, long-poll):
+  StartTask {jobId, attempt, task, gpus, command, env, files, workDir, stdouterr, runtime,
+             image?, preparation?}
+  KillTask {jobId, attempt, task}
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+VERSION = 1
+CONTENT_TYPE = "application/msgpack"
+AGENT_MESSAGES = ("Register", "Heartbeat", "TaskStarted", "TaskExited")
+COMMANDS = ("StartTask", "KillTask")
+
+TaskKey = tuple[str, int, int]  # (job id, attempt, task index)
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow the protocol (the sender is told why, with a 400)."""
+
+
+def pack(value: Any) -> bytes:
+    return msgpack.packb(value, use_bin_type=True)
+
+
+def unpack(body: bytes) -> Any:
+    try:
+        return msgpack.unpackb(body, raw=False)
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+        raise ProtocolError(f"the body is not msgpack: {exc}") from None
+
+
+def message(type_: str, node: str, incarnation: int, **fields: Any) -> dict[str, Any]:
+    return {"v": VERSION, "type": type_, "node": node, "incarnation": incarnation, **fields}
+
+
+def check(msg: Any, allowed: tuple[str, ...]) -> dict[str, Any]:
+    """`msg` if it is a message of a type in `allowed` and of this protocol version."""
+    if not isinstance(msg, dict):
+        raise ProtocolError("a message must be a map")
+    if msg.get("v") != VERSION:
+        raise ProtocolError(f"protocol version {msg.get('v')!r} is not {VERSION}")
+    if msg.get("type") not in allowed:
+        raise ProtocolError(f"unknown message type {msg.get('type')!r}")
+    if not isinstance(msg.get("node"), str) or not isinstance(msg.get("incarnation"), int):
+        raise ProtocolError("a message needs its node (a string) and incarnation (an integer)")
+    return msg
+
+
+def task_key(msg: dict[str, Any]) -> TaskKey:
+    try:
+        return (str(msg["jobId"]), int(msg["attempt"]), int(msg["task"]))
+    except (KeyError, TypeError, ValueError):
+        raise ProtocolError(f"{msg.get('type')} needs jobId, attempt and task") from None

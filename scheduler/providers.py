@@ -1,0 +1,148 @@
+"""Providers create and remove a cluster's nodes. `local`: agent processes on this machine.
+
+The embedded default (`batchd serve` with no configuration) has a cluster `local` in
+workspace `default` whose nodes are `batchd agent` processes with simulated GPUs on the
+process runtime. The provider keeps as many running as the cluster's manual scale settings
+ask (`targetNodeCount`); an agent that exits is started again; a node above the target is
+stopped once it runs nothing, and removed from the cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from pathlib import Path
+
+import structlog
+
+from batchd.events.envelope import NewEvent
+from batchd.projections.model import ReadModels
+from batchd.scheduler import auth, commands
+from batchd.scheduler.control import Control
+
+logger = structlog.get_logger(__name__)
+
+WORKSPACE, EXPERIMENT, CLUSTER = "default", "default", "local"
+VM_SIZE = "Standard_NC24s_v3"  # 4 GPUs a node, simulated
+STOP_GRACE = 10.0
+ACTOR = "batchd:serve"
+
+
+class LocalProvider:
+    def __init__(self, control: Control, url: str, state_dir: Path, nodes: int,
+                 gpus_per_node: int) -> None:  # fmt: skip
+        self.control = control
+        self.url = url
+        self.state_dir = state_dir
+        self.nodes, self.gpus = nodes, gpus_per_node
+        self.processes: dict[str, asyncio.subprocess.Process] = {}
+        self.token_file = state_dir / "agent.token"
+
+    async def bootstrap(self) -> None:
+        """The embedded workspace, experiment and cluster, and the agents' credential."""
+
+        def decide(m: ReadModels):
+            out = []
+            if WORKSPACE not in m.workspaces:
+                out += commands.create_workspace(m, WORKSPACE, ACTOR)
+            return out
+
+        await self.control.run(decide, structural=True)
+
+        def decide_rest(m: ReadModels):
+            out = []
+            if f"{WORKSPACE}/{EXPERIMENT}" not in m.experiments:
+                out += commands.create_experiment(m, WORKSPACE, EXPERIMENT, ACTOR)
+            if f"{WORKSPACE}/{CLUSTER}" not in m.cluster_ids:
+                scale = {"manual": {"targetNodeCount": self.nodes}}
+                document = {"vmSize": VM_SIZE, "scaleSettings": scale}
+                out += commands.create_cluster(m, WORKSPACE, CLUSTER, document, ACTOR)
+            return out
+
+        await self.control.run(decide_rest, structural=True)
+        await self._agent_token()
+
+    async def _agent_token(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            token = self.token_file.read_text().strip()
+            if auth.digest(token) in self.control.models.token_hashes:
+                return
+        token = auth.new_token()
+
+        def decide(m: ReadModels):
+            taken = {t.name for t in m.tokens.values()}
+            name = next(f"local-agents-{i}" if i else "local-agents" for i in range(len(taken) + 1)
+                        if (f"local-agents-{i}" if i else "local-agents") not in taken)  # fmt: skip
+            return auth.create_token(m, name, "agent", [], token, ACTOR)
+
+        await self.control.run(decide, structural=True)
+        partial = self.token_file.with_suffix(".tmp")
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(token + "\n")
+        os.replace(partial, self.token_file)
+
+    def _target(self) -> int:
+        m = self.control.models
+        cluster_id = m.cluster_ids.get(f"{WORKSPACE}/{CLUSTER}")
+        if cluster_id is None:
+            return 0
+        manual = m.clusters[cluster_id].scale_settings.get("manual") or {}
+        return int(manual.get("targetNodeCount", 0))
+
+    async def reconcile(self) -> None:
+        """Start the agents the target asks for (again, if one exited); stop idle extras."""
+        target = self._target()
+        for index in range(target):
+            node_id = f"{CLUSTER}-{index}"
+            process = self.processes.get(node_id)
+            if process is None or process.returncode is not None:
+                if process is not None:
+                    logger.warning("local.agent_exited", node=node_id, code=process.returncode)
+                self.processes[node_id] = await self._spawn(node_id)
+        m = self.control.models
+        for node_id in [n for n in self.processes if int(n.rsplit("-", 1)[1]) >= target]:
+            node = m.nodes.get(node_id)
+            if node is not None and node.allocations:
+                continue  # stopped once it runs nothing
+            await self._stop(self.processes.pop(node_id))
+            if node is not None:
+                event = NewEvent("NodeRemoved", {"nodeId": node_id}, ACTOR)
+                await self.control.run(lambda _m, e=event, n=node_id: [(f"node-{n}", e)],
+                                       key=f"node/{node_id}")  # fmt: skip
+
+    async def _spawn(self, node_id: str) -> asyncio.subprocess.Process:
+        work = self.state_dir / "nodes" / node_id
+        work.mkdir(parents=True, exist_ok=True)
+        log = open(work / "agent.log", "ab")  # noqa: SIM115 (the child keeps it open)
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "batchd.scheduler.cli", "agent", "--server", self.url,
+                "--token-file", str(self.token_file), "--node-id", node_id,
+                "--cluster", f"{WORKSPACE}/{CLUSTER}", "--gpus", str(self.gpus),
+                "--runtimes", "process", "--work-dir", str(work),
+                stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
+            )  # fmt: skip
+        finally:
+            log.close()
+        logger.info("local.agent_started", node=node_id, pid=process.pid)
+        return process
+
+    async def _stop(self, process: asyncio.subprocess.Process) -> None:
+        if process.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(process.wait(), STOP_GRACE)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(self._stop(p) for p in self.processes.values()))
+        self.processes.clear()

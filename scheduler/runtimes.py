@@ -1,0 +1,111 @@
+"""How an agent runs a task: the `process` runtime.
+
+A task runs as `/bin/sh -c COMMAND` in its own process group (so KillTask reaches every
+process it started), with the job's environment and `CUDA_VISIBLE_DEVICES` set to the GPUs it
+was given (empty: none). `jobPreparation` runs first, the same way; if it fails, the task
+fails with its exit code. What a task leaves running in its group when it exits is killed.
+A task without a command (a node an MPI master reaches) exits 0 at once. stdout and stderr
+go to `stdout.txt` and `stderr.txt` in the attempt's stdouterr directory (the
+preparation's to `stdout-prep.txt`, `stderr-prep.txt`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+KILL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL of a task's process group
+BASE_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "USER")
+
+
+@dataclass
+class TaskResult:
+    exit_code: int | None  # None: it never started
+    error: dict[str, str] | None = None
+
+
+def _exit_code(returncode: int) -> int:
+    """A shell's convention: killed by signal N is 128 + N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+class ProcessTask:
+    """One task of one attempt, run as a process group."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.spec = spec
+        self.process: asyncio.subprocess.Process | None = None
+        self.killed = False
+
+    def _env(self) -> dict[str, str]:
+        env = {k: os.environ[k] for k in BASE_ENV if k in os.environ}
+        env.update({str(k): str(v) for k, v in (self.spec.get("env") or {}).items()})
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in self.spec.get("gpus") or ())
+        return env
+
+    async def run(self, started: asyncio.Event) -> TaskResult:
+        """Prepare, run, and wait; `started` is set once the command is running."""
+        out = Path(self.spec["stdouterr"])
+        work = Path(self.spec["workDir"])
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            work.mkdir(parents=True, exist_ok=True)
+            for path, content in (self.spec.get("files") or {}).items():
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                Path(path).write_text(content)
+        except OSError as exc:
+            message = f"cannot write {exc.filename}: {exc.strerror}"
+            return TaskResult(None, {"code": "output_unwritable", "message": message})
+        env = self._env()
+        preparation = self.spec.get("preparation")
+        if preparation:
+            result = await self._run(preparation, env, work, out, "-prep")
+            if result.exit_code != 0 or self.killed:
+                if result.error is None and not self.killed:
+                    message = f"jobPreparation exited with {result.exit_code}"
+                    result.error = {"code": "job_preparation_failed", "message": message}
+                started.set()
+                return result
+        if self.spec.get("command") is None:  # a node the master reaches (MPI): nothing here
+            started.set()
+            return TaskResult(0)
+        return await self._run(self.spec["command"], env, work, out, "", started)
+
+    async def _run(self, command: str, env: dict[str, str], work: Path, out: Path, suffix: str,
+                   started: asyncio.Event | None = None) -> TaskResult:  # fmt: skip
+        if self.killed:
+            return TaskResult(None, {"code": "killed", "message": "killed before it started"})
+        try:
+            with open(out / f"stdout{suffix}.txt", "ab") as stdout, \
+                    open(out / f"stderr{suffix}.txt", "ab") as stderr:  # fmt: skip
+                self.process = await asyncio.create_subprocess_exec(
+                    "/bin/sh", "-c", command, cwd=work, env=env, stdin=asyncio.subprocess.DEVNULL,
+                    stdout=stdout, stderr=stderr, start_new_session=True,
+                )  # fmt: skip
+        except OSError as exc:
+            return TaskResult(None, {"code": "cannot_start", "message": f"{exc.strerror}"})
+        finally:
+            if started is not None:
+                started.set()
+        returncode = await self.process.wait()
+        with contextlib.suppress(ProcessLookupError):  # what it left running in its group
+            os.killpg(self.process.pid, signal.SIGKILL)
+        return TaskResult(_exit_code(returncode))
+
+    async def kill(self) -> None:
+        """SIGTERM the task's process group; SIGKILL it if it is still there after a grace."""
+        self.killed = True
+        process = self.process
+        if process is None or process.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(process.wait()), KILL_GRACE)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # also children that outlived the leader

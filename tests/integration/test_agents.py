@@ -1,0 +1,133 @@
+"""Jobs really run: a daemon with its local cluster of two agent processes (4 simulated GPUs
+each, process runtime), driven through the API."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+import pytest
+
+from tests.integration.conftest import start_daemon
+from tests.integration.test_api import Client
+
+EXP = "/v1/workspaces/default/experiments/default"
+
+
+@pytest.fixture
+async def local(tmp_path, monkeypatch):
+    monkeypatch.delenv("BATCHD_SECRET_KEYS", raising=False)
+    daemon = await start_daemon(tmp_path / "state", local_nodes=2)
+    try:
+        async with aiohttp.ClientSession() as session:
+            client = Client(session, daemon.url, daemon.admin_token)
+            await _until(lambda: _ready_nodes(daemon) == 2, 30)
+            yield daemon, client
+    finally:
+        await daemon.stop()
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for init to reap it is dead)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _ready_nodes(daemon) -> int:
+    return sum(1 for n in daemon.models.models.nodes.values() if n.state == "ready")
+
+
+async def _until(check, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.05)
+
+
+async def _run(client: Client, name: str, command: str, **extra) -> dict:
+    job = {"cluster": "local", "nodeCount": 1, "gpusPerNode": 1,
+           "stdOutErrPathPrefix": "$AZ_BATCHAI_MOUNT_ROOT/logs",
+           "customToolkitSettings": {"commandLine": command}, **extra}  # fmt: skip
+    status, created = await client.call("PUT", f"{EXP}/jobs/{name}", job)
+    assert status == 201, created
+    return created
+
+
+async def _ended(daemon, client: Client, name: str, seconds: float = 30) -> dict:
+    def done() -> bool:
+        ids = daemon.models.models.job_ids.get(f"default/default/{name}", [])
+        job = daemon.models.models.jobs.get(ids[-1]) if ids else None
+        return job is not None and job.state in ("succeeded", "failed")
+
+    await _until(done, seconds)
+    return (await client.call("GET", f"{EXP}/jobs/{name}"))[1]
+
+
+def _out(daemon, name: str, attempt: int = 1, file: str = "stdout.txt") -> str:
+    path = daemon.state_dir / f"mounts/logs/default/default/{name}/{attempt}/stdouterr/{file}"
+    return path.read_text()
+
+
+async def test_a_job_runs_on_its_gpu_and_its_output_and_exit_code_come_back(local):
+    daemon, client = local
+    command = 'echo "hello from $AZ_BATCHAI_JOB_NAME on GPU $CUDA_VISIBLE_DEVICES"; echo oops >&2'
+    await _run(client, "hello", command)
+    job = await _ended(daemon, client, "hello")
+    assert job["properties"]["state"] == "succeeded"
+    assert job["properties"]["executionInfo"]["exitCode"] == 0
+    assert job["properties"]["tasks"] == []  # its GPU was given back when it ended
+    assert _out(daemon, "hello") in {f"hello from hello on GPU {g}\n" for g in range(4)}
+    assert _out(daemon, "hello", file="stderr.txt") == "oops\n"
+    _status, files = await client.call("GET", f"{EXP}/jobs/hello/files")
+    assert sorted(f["name"] for f in files["value"]) == ["stderr.txt", "stdout.txt"]
+
+
+async def test_a_failing_command_fails_the_job_with_its_exit_code(local):
+    daemon, client = local
+    await _run(client, "bad", "exit 3")
+    job = await _ended(daemon, client, "bad")
+    assert job["properties"]["state"] == "failed"
+    assert job["properties"]["executionInfo"]["exitCode"] == 3
+    assert "exited with 3" in job["properties"]["executionInfo"]["errors"][-1]["message"]
+    await _run(client, "prep", "echo never", jobPreparation={"commandLine": "exit 7"})
+    job = await _ended(daemon, client, "prep")
+    assert job["properties"]["state"] == "failed"
+    assert job["properties"]["executionInfo"]["errors"][-1]["code"] == "job_preparation_failed"
+
+
+async def test_terminate_kills_the_whole_process_tree_even_a_child_ignoring_sigterm(local):
+    daemon, client = local
+    pid_file = daemon.state_dir / "child.pid"
+    await _run(client, "stubborn", f"sh -c 'trap \"\" TERM; echo $$ > {pid_file}; sleep 600' & "
+               "sleep 600")  # fmt: skip
+    await _until(lambda: pid_file.exists() and pid_file.read_text().strip(), 30)
+    child = int(pid_file.read_text())
+    status, _ = await client.call("POST", f"{EXP}/jobs/stubborn/terminate")
+    assert status == 202
+    job = await _ended(daemon, client, "stubborn", seconds=30)
+    assert job["properties"]["state"] == "failed"
+    assert job["properties"]["executionInfo"]["errors"][-1]["code"] == "terminated"
+    await _until(lambda: not _alive(child), 10)  # the child that ignored SIGTERM is gone too
+
+
+async def test_a_two_node_job_gets_consistent_ranks_hosts_and_master(local):
+    daemon, client = local
+    status, _ = await client.call("PUT", f"{EXP}/jobs/ddp", {
+        "cluster": "local", "nodeCount": 2, "gpusPerNode": 4,
+        "stdOutErrPathPrefix": "$AZ_BATCHAI_MOUNT_ROOT/logs",
+        "pyTorchSettings": {  # runs on every node: `/bin/sh -c '...'`
+            "pythonInterpreterPath": "/bin/sh", "pythonScriptFilePath": "-c",
+            "commandLineArgs": "'echo rank=$RANK world=$WORLD_SIZE "
+                               "master=$MASTER_ADDR:$MASTER_PORT task=$AZ_BATCHAI_TASK_INDEX'",
+        },
+    })  # fmt: skip
+    assert status == 201
+    job = await _ended(daemon, client, "ddp")
+    assert job["properties"]["state"] == "succeeded"
+    lines = sorted(_out(daemon, "ddp").splitlines())
+    assert lines == ["rank=0 world=2 master=127.0.0.1:29500 task=0",
+                     "rank=1 world=2 master=127.0.0.1:29500 task=1"]  # fmt: skip
