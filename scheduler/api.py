@@ -54,6 +54,7 @@ MAX_PAGE = 1000
 SSE_KEEPALIVE = 15.0  # seconds between comments on a quiet event stream
 FOLLOW_POLL = 0.25  # seconds between looks at a followed file
 POSITION_HEADER = "Batchd-Position"
+MAX_POSITION = 2**63 - 1  # positions are 64-bit
 STATES = (QUEUED, SCHEDULED, PREPARING_JOB, RUNNING, TERMINATING, SUCCEEDED, FAILED)
 
 
@@ -96,6 +97,15 @@ def _code(status: int) -> str:
     return _CODES.get(status, "Error")
 
 
+def _status_of(exc: Exception) -> int | None:
+    """The HTTP status of an error a request may meet (None: a bug, 500)."""
+    if isinstance(exc, CommandError | AuthError):
+        return exc.status
+    simple = {lifecycle.InvalidTransition: 409, files.FileNotFound: 404,
+              RangeNotSatisfiable: 416, TimeoutError: 503}  # fmt: skip
+    return next((status for kind, status in simple.items() if isinstance(exc, kind)), None)
+
+
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Callable[..., Awaitable]) -> Any:
     try:
@@ -103,32 +113,26 @@ async def errors_middleware(request: web.Request, handler: Callable[..., Awaitab
     except DocumentError as exc:
         details = [{"name": path or "body", "value": rule} for path, rule in exc.problems]
         return error_response(400, "BadRequest", str(exc), details)
-    except CommandError as exc:
-        return error_response(exc.status, _code(exc.status), str(exc))
-    except lifecycle.InvalidTransition as exc:
-        return error_response(409, "Conflict", str(exc))
-    except AuthError as exc:
-        response = error_response(exc.status, _code(exc.status), str(exc))
-        if exc.status == 401:
-            response.headers["WWW-Authenticate"] = 'Bearer realm="batchd"'
-        return response
-    except files.FileNotFound as exc:
-        return error_response(404, "NotFound", str(exc))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         message = exc.reason if exc.status != 413 else f"the body is over {MAX_BODY} bytes"
         return error_response(exc.status, _code(exc.status), message)
-    except TimeoutError:
-        return error_response(503, "ServiceUnavailable", "the read models are behind; retry")
     except (errors.StoreUnavailable, errors.FencedError) as exc:
         logger.warning("api.store_unavailable", error=str(exc))
         return error_response(503, "ServiceUnavailable", "the event log is unavailable; retry")
     except (asyncio.CancelledError, ConnectionResetError):
         raise
-    except Exception:
-        logger.exception("api.failed", method=request.method, path=request.path)
-        return error_response(500, "InternalError", "the request failed; see the daemon's log")
+    except Exception as exc:
+        status = _status_of(exc)
+        if status is None:
+            logger.exception("api.failed", method=request.method, path=request.path)
+            return error_response(500, "InternalError", "the request failed; see the daemon's log")
+        message = "the read models are behind; retry" if status == 503 else str(exc)
+        response = error_response(status, _code(status), message)
+        if status == 401:
+            response.headers["WWW-Authenticate"] = 'Bearer realm="batchd"'
+        return response
 
 
 @web.middleware
@@ -176,10 +180,12 @@ async def _body(request: web.Request) -> Any:
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DocumentError("body", f"is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise DocumentError("body", "is nested too deeply") from None
 
 
 def _int_query(request: web.Request, name: str, default: int, low: int = 0,
-               high: int | None = None) -> int:  # fmt: skip
+               high: int = MAX_POSITION) -> int:  # fmt: skip
     text = request.query.get(name)
     if text is None:
         return default
@@ -189,7 +195,7 @@ def _int_query(request: web.Request, name: str, default: int, low: int = 0,
         raise DocumentError(name, f"must be a whole number, not {text!r}") from None
     if value < low:
         raise DocumentError(name, f"must be at least {low}")
-    if high is not None and value > high:
+    if value > high:
         raise DocumentError(name, f"must be at most {high}")
     return value
 
@@ -432,6 +438,10 @@ async def put_job(request: web.Request) -> web.Response:
     exp, name = request.match_info["exp"], request.match_info["name"]
     document = await _body(request)
     api = request.app[API_KEY]
+    reference = parse_job(document).cluster
+    if reference:  # a cluster of another workspace: the token must reach that one too
+        where = "properties." if "properties" in document else ""
+        _principal(request).require("operator", commands.cluster_workspace(reference, ws, where))
 
     async def decide(m: ReadModels):
         ids = m.job_ids.get(job_key(ws, exp, name), [])
@@ -515,7 +525,8 @@ async def _output_dir(request: web.Request) -> tuple[Job, Path]:
 
 async def list_files(request: web.Request) -> web.Response:
     _job_found, base = await _output_dir(request)
-    directory = files.inside(base, request.query.get("directory", "."), "directory")
+    mounts = request.app[API_KEY].mount_root
+    directory = files.inside(base, request.query.get("directory", "."), "directory", mounts)
     entries = files.listing(directory)
     prefix = request.query.get("directory", ".").strip("/")
     query = {k: v for k, v in request.query.items() if k in ("outputdirectoryid", "attempt")}
@@ -530,35 +541,66 @@ async def list_files(request: web.Request) -> web.Response:
 
 async def get_file(request: web.Request) -> web.StreamResponse:
     job, base = await _output_dir(request)
-    path = files.inside(base, request.match_info["path"], "path")
+    path = files.inside(base, request.match_info["path"], "path", request.app[API_KEY].mount_root)
+    if path.is_dir():
+        raise files.FileNotFound(f"{request.match_info['path']!r} is a directory")
+    start = _range_start(request, path)
     if request.query.get("follow", "false").lower() in ("true", "1"):
-        return await _follow(request, job, path)
+        return await _follow(request, job, path, start)
     if not path.is_file():
         raise files.FileNotFound(f"no file {request.match_info['path']!r} (yet)")
     return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
 
 
-async def _follow(request: web.Request, job: Job, path: Path) -> web.StreamResponse:
-    """The file from the start (or the Range start) as it grows, until the job has ended
-    and everything written is sent."""
-    start = request.http_range.start or 0
+def _range_start(request: web.Request, path: Path) -> int:
+    """Where a Range header starts reading (0 without one); 416 in the error shape for one
+    that cannot be served."""
+    try:
+        wanted = request.http_range
+    except ValueError:
+        raise _unsatisfiable("the Range header is not bytes=START-[END]") from None
+    start = wanted.start or 0
+    if start < 0 or (wanted.stop is not None and wanted.stop <= start):
+        raise _unsatisfiable("only ranges from a start offset are served")
+    size = path.stat().st_size if path.is_file() else 0
+    if start and start >= size and request.query.get("follow", "false").lower() not in (
+        "true", "1"
+    ):  # fmt: skip
+        raise _unsatisfiable(f"the file has {size} bytes")
+    return start
+
+
+class RangeNotSatisfiable(ValueError):
+    """A Range header that cannot be served (416)."""
+
+
+def _unsatisfiable(message: str) -> RangeNotSatisfiable:
+    return RangeNotSatisfiable(message)
+
+
+async def _follow(request: web.Request, job: Job, path: Path, start: int) -> web.StreamResponse:
+    """The file from `start` as it grows, until the job has ended and everything written is
+    sent, the client has gone, or the daemon stops."""
     response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
     await response.prepare(request)
-    runner = request.app[API_KEY].runner
+    api = request.app[API_KEY]
     offset = start
-    while True:
-        ended = runner.models.jobs.get(job.job_id) is None or (
-            runner.models.jobs[job.job_id].state in lifecycle.ENDED
-        )
-        chunk = await asyncio.to_thread(_read_from, path, offset)
-        if chunk:
-            await response.write(chunk)
-            offset += len(chunk)
-            continue
-        if ended or request.app[API_KEY].closing.is_set():
-            break
-        await asyncio.sleep(FOLLOW_POLL)
-    await response.write_eof()
+    try:
+        while True:
+            current = api.models.jobs.get(job.job_id)
+            ended = current is None or current.state in lifecycle.ENDED
+            chunk = await asyncio.to_thread(_read_from, path, offset)
+            if chunk:
+                await response.write(chunk)
+                offset += len(chunk)
+                continue
+            transport = request.transport
+            if ended or api.closing.is_set() or transport is None or transport.is_closing():
+                break
+            await asyncio.sleep(FOLLOW_POLL)
+        await response.write_eof()
+    except (ConnectionResetError, OSError):
+        pass  # the client went away
     return response
 
 
@@ -567,7 +609,7 @@ def _read_from(path: Path, offset: int, size: int = 1 << 16) -> bytes:
         with path.open("rb") as handle:
             handle.seek(offset)
             return handle.read(size)
-    except FileNotFoundError:
+    except (FileNotFoundError, IsADirectoryError):
         return b""
 
 
@@ -576,7 +618,7 @@ TOKEN_FIELDS = {"name", "role", "workspaces"}
 
 
 async def create_token(request: web.Request) -> web.Response:
-    _principal(request).require("admin")
+    _principal(request).require_unscoped("admin", "manage tokens")
     body = await _body(request)
     if not isinstance(body, dict):
         raise DocumentError("body", "must be a JSON object")
@@ -604,14 +646,14 @@ async def create_token(request: web.Request) -> web.Response:
 
 
 async def list_tokens(request: web.Request) -> web.Response:
-    _principal(request).require("admin")
+    _principal(request).require_unscoped("admin", "manage tokens")
     m = request.app[API_KEY].models
     return _page(request, [resources.token(t) for t in sorted(m.tokens.values(),
                                                               key=lambda t: t.name)])  # fmt: skip
 
 
 async def revoke_token(request: web.Request) -> web.Response:
-    _principal(request).require("admin")
+    _principal(request).require_unscoped("admin", "manage tokens")
     token_id = request.match_info["id"]
     return await _structural(request, lambda m: auth.revoke_token(m, token_id, _actor(request)))
 
@@ -636,10 +678,9 @@ async def event_stream(request: web.Request) -> web.StreamResponse:
     _principal(request).require_whole_log()
     resume = request.headers.get("Last-Event-ID")
     if resume is not None:
-        try:
-            after = int(resume)
-        except ValueError:
-            raise DocumentError("Last-Event-ID", "must be a log position") from None
+        if not resume.isdigit() or int(resume) > MAX_POSITION:
+            raise DocumentError("Last-Event-ID", "must be a log position")
+        after = int(resume)
     else:
         after = _int_query(request, "after", 0)
     response = web.StreamResponse(headers={
@@ -706,10 +747,11 @@ async def openapi_document(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
-    ws = "/v1/workspaces/{ws:[-\\w]{1,64}}"
-    exp = ws + "/experiments/{exp:[-\\w]{1,64}}"
-    job = exp + "/jobs/{name:[-\\w]{1,64}}"
-    cluster = ws + "/clusters/{name:[-\\w]{1,64}}"
+    name = "[-A-Za-z0-9_]{1,64}"  # as commands.check_name: what stream names may hold
+    ws = f"/v1/workspaces/{{ws:{name}}}"
+    exp = f"{ws}/experiments/{{exp:{name}}}"
+    job = f"{exp}/jobs/{{name:{name}}}"
+    cluster = f"{ws}/clusters/{{name:{name}}}"
     r = app.router
     r.add_get("/v1/openapi.json", openapi_document)
     r.add_get("/v1/workspaces", list_workspaces)

@@ -54,12 +54,15 @@ class Principal:
                 f"token {self.name!r} is limited to workspaces {', '.join(self.workspaces)}", 403
             )
 
-    def require_whole_log(self) -> None:
-        self.require("viewer")
+    def require_unscoped(self, role: str, what: str) -> None:
+        """AuthError 403 unless this principal has `role` over every workspace (the whole
+        log, tokens: things that span workspaces)."""
+        self.require(role)
         if self.workspaces:
-            raise AuthError(
-                f"token {self.name!r} is limited to workspaces: it cannot read the whole log", 403
-            )
+            raise AuthError(f"token {self.name!r} is limited to workspaces: it cannot {what}", 403)
+
+    def require_whole_log(self) -> None:
+        self.require_unscoped("viewer", "read the whole log")
 
     def sees(self, workspace: str) -> bool:
         return not self.workspaces or workspace in self.workspaces

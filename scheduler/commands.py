@@ -21,7 +21,7 @@ from batchd.scheduler.planner import Decision
 from batchd.scheduler.schema import DocumentError, string
 from batchd.scheduler.vmsizes import CATALOG, Catalog
 
-NAME_RULE = "1-64 letters, digits, '-' or '_'"
+NAME_RULE = "1-64 ASCII letters, digits, '-' or '_'"
 NewId = Callable[[], str]
 
 
@@ -35,7 +35,7 @@ def _uuid() -> str:
     return str(uuid.uuid4())
 
 
-_NAME = string(max_len=64, pattern=r"[-\w]+", what=NAME_RULE)
+_NAME = string(max_len=64, pattern=r"[-A-Za-z0-9_]+", what=NAME_RULE)
 
 
 def check_name(kind: str, name: str, path: str | None = None) -> None:
@@ -221,6 +221,11 @@ def resolve_cluster(m: ReadModels, reference: str | None, workspace: str, where:
     if cluster_id is None:
         raise DocumentError(f"{where}cluster", f"no cluster {target!r} in workspace {target_ws!r}")
     return cluster_id
+
+
+def cluster_workspace(reference: str, workspace: str, where: str) -> str:
+    """The workspace of the cluster a job names (a name: the job's own)."""
+    return _cluster_reference(reference, workspace, where)[0]
 
 
 def _cluster_reference(reference: str | None, workspace: str, where: str) -> tuple[str, str]:

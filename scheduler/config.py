@@ -43,7 +43,7 @@ class Config:
 
     @property
     def mounts(self) -> Path:
-        return self.mount_root or self.state_dir / "mounts"
+        return (self.mount_root or self.state_dir / "mounts").absolute()
 
     @property
     def tls(self) -> bool:

@@ -26,20 +26,28 @@ class FileNotFound(LookupError):
 
 def output_dir(spec: dict[str, Any], job: Job, directory_id: str, attempt: int,
                mount_root: Path) -> Path:  # fmt: skip
-    """The directory of output `directory_id` (`stdouterr` or an outputDirectories id)."""
+    """The directory of output `directory_id` (`stdouterr` or an outputDirectories id); it
+    must lie on the storage the daemon reads (under `mount_root`)."""
     expand = _expander(mount_root, job)
     identity = toolkits.JobIdentity(job.workspace, job.experiment, job.name, job.job_id, attempt)
     if directory_id.lower() == STDOUTERR:
         prefix = spec.get("stdOutErrPathPrefix")
         if not prefix:
             raise FileNotFound("the job has no stdOutErrPathPrefix")
-        return Path(toolkits.stdouterr_dir(expand(prefix), identity))
+        return _on_storage(toolkits.stdouterr_dir(expand(prefix), identity), mount_root)
     for item in spec.get("outputDirectories") or ():
         if isinstance(item, dict) and str(item.get("id", "")).lower() == directory_id.lower():
             path = toolkits.output_path(expand(item["pathPrefix"]), item.get("pathSuffix"),
                                         identity)  # fmt: skip
-            return Path(path)
+            return _on_storage(path, mount_root)
     raise FileNotFound(f"the job has no output directory {directory_id!r}")
+
+
+def _on_storage(path: str, mount_root: Path) -> Path:
+    normal = Path(os.path.normpath(path))
+    if not normal.is_relative_to(os.path.normpath(mount_root)):
+        raise FileNotFound("the job's output is not on the storage the daemon reads")
+    return normal
 
 
 def _expander(mount_root: Path, job: Job):
@@ -56,9 +64,10 @@ def _expander(mount_root: Path, job: Job):
     return expand
 
 
-def inside(base: Path, relative: str, field: str) -> Path:
-    """`base / relative`, refusing absolute paths, `..`, and anything that resolves (through
-    links) outside `base`; DocumentError names `field`."""
+def inside(base: Path, relative: str, field: str, mount_root: Path) -> Path:
+    """`base / relative`, refusing absolute paths, `..`, and any link on the way from the
+    mount root (a job could make its own output a link to anywhere); DocumentError names
+    `field`."""
     if "\x00" in relative or "\\" in relative:
         raise DocumentError(field, "must not contain NUL or backslashes")
     if relative.startswith("/"):
@@ -67,10 +76,10 @@ def inside(base: Path, relative: str, field: str) -> Path:
     if ".." in parts:
         raise DocumentError(field, "must not contain '..'")
     target = base.joinpath(*parts)
-    real_base = os.path.realpath(base)
-    real = os.path.realpath(target)
-    if real != real_base and not real.startswith(real_base + os.sep):
-        raise DocumentError(field, "leads outside the job's output directory")
+    root = os.path.normpath(mount_root)
+    unlinked = os.path.join(os.path.realpath(root), os.path.relpath(target, root))
+    if os.path.realpath(target) != os.path.normpath(unlinked):
+        raise DocumentError(field, "leads through a link, outside the job's output directory")
     return target
 
 

@@ -35,6 +35,18 @@ TOOLKITS = (
 
 _text = string()
 _name = string(max_len=64, pattern=r"[-\w]+", what="1-64 letters, digits, '-' or '_'")
+
+
+def _storage_path(value: Any, path: str) -> str:
+    """A path prefix or suffix of job output: text without `..`, NUL or backslashes."""
+    text = _text(value, path)
+    if "\x00" in text or "\\" in text:
+        raise DocumentError(path, "must not contain NUL or backslashes")
+    if ".." in text.split("/"):
+        raise DocumentError(path, "must not contain '..'")
+    return text
+
+
 _env_name = string(max_len=256, pattern=r"[A-Za-z_][A-Za-z0-9_]*", what="a variable name")
 _count = integer(1, 10_000)
 
@@ -148,10 +160,10 @@ JOB_PROPERTIES = obj({
     "jobPreparation": obj({"commandLine": _text}, required=["commandLine"]),
     "inputDirectories": items(obj({"id": _name, "path": _text}, required=["id", "path"])),
     "outputDirectories": items(obj({
-        "id": _name, "pathPrefix": _text, "pathSuffix": _text, "type": _text,
+        "id": _name, "pathPrefix": _storage_path, "pathSuffix": _storage_path, "type": _text,
         "createNew": boolean,
     }, required=["id", "pathPrefix"])),
-    "stdOutErrPathPrefix": _text,
+    "stdOutErrPathPrefix": _storage_path,
     "environmentVariables": items(obj({"name": _env_name, "value": string(max_len=32_768)},
                                       required=["name", "value"])),
     "secrets": items(obj({"name": _env_name, "value": string(max_len=32_768),

@@ -28,6 +28,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
+from batchd.events import errors
 from batchd.events.envelope import NewEvent
 from batchd.events.store import EventStore
 from batchd.projections import lifecycle
@@ -42,6 +43,7 @@ from batchd.projections.model import (
     TERMINATING,
     Job,
     ReadModels,
+    job_key,
 )
 from batchd.projections.runner import Runner
 from batchd.scheduler import auth, protocol, retries, toolkits
@@ -100,7 +102,13 @@ class NodeService:
                 self._kill(job.job_id, job.attempt, job.tasks)
 
     async def _start(self, job: Job) -> None:
-        spec = await _job_spec(self.store, job)
+        try:
+            spec = await _job_spec(self.store, job)
+        except errors.SecretKeyError as exc:  # sealed with a key this daemon does not hold
+            error = {"code": "secret_key", "message": str(exc)}
+            await self.control.run(lambda m: _fail(m, job.job_id, job.attempt, error),
+                                   key=self._key(job.job_id))  # fmt: skip
+            return
         identity = toolkits.JobIdentity(job.workspace, job.experiment, job.name, job.job_id,
                                         job.attempt)  # fmt: skip
         jobs_root = self.state_dir / "nodes"
@@ -117,7 +125,7 @@ class NodeService:
         except (KeyError, TypeError, ValueError) as exc:
             error = {"code": "translation_failed", "message": str(exc)}
             await self.control.run(lambda m: _fail(m, job.job_id, job.attempt, error),
-                                   key=job.job_id)  # fmt: skip
+                                   key=self._key(job.job_id))  # fmt: skip
             return
         preparation = (spec.get("jobPreparation") or {}).get("commandLine")
         for plan in plans:
@@ -158,10 +166,15 @@ class NodeService:
                 await self.control.run(lambda m: _recovered(m, node_id), key=f"node/{node_id}")
         elif kind == "TaskStarted":
             job_id, attempt, _task = protocol.task_key(msg)
-            await self.control.run(lambda m: _started(m, job_id, attempt), key=job_id)
+            await self.control.run(lambda m: _started(m, job_id, attempt), key=self._key(job_id))
         elif kind == "TaskExited":
             job_id, _attempt, _task = protocol.task_key(msg)
-            await self.control.run(lambda m: self._exited(m, msg), key=job_id)
+            await self.control.run(lambda m: self._exited(m, msg), key=self._key(job_id))
+
+    def _key(self, job_id: str) -> str:
+        """The lock of a job's commands: the one the API takes for it (its name)."""
+        job = self.models.jobs.get(job_id)
+        return job_key(job.workspace, job.experiment, job.name) if job else job_id
 
     def _register(self, m: ReadModels, msg: dict[str, Any], actor: str) -> list[Decision]:
         node_id = msg["node"]

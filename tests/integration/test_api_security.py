@@ -211,3 +211,92 @@ async def test_secrets_and_tokens_never_show_in_answers_events_or_logs(api, sess
     # stored sealed: not even the log's bytes hold it
     database = (api.state_dir / "events.db").read_bytes()
     assert SECRET.encode() not in database and api.admin_token.encode() not in database
+
+
+async def test_output_paths_cannot_be_steered_out_of_the_storage(api, session):
+    admin = Client(session, api.url, api.admin_token)
+    await seed(admin)
+    for field, value in (
+        ("pathSuffix", "../../../../.."),
+        ("pathPrefix", "$AZ_BATCHAI_MOUNT_ROOT/../.."),
+    ):
+        output = {"id": "X", "pathPrefix": "$AZ_BATCHAI_MOUNT_ROOT/out", field: value}
+        status, error = await admin.call(
+            "PUT", f"{EXP}/jobs/evil", {**JOB, "outputDirectories": [output]}
+        )
+        assert status == 400 and error["error"]["details"][0]["value"] == "must not contain '..'"
+    # a job whose output directory is a link to elsewhere (as a job could make it) is refused
+    await admin.call("PUT", f"{EXP}/jobs/linked", JOB)
+    job_id = api.models.models.job_ids["ws/exp/linked"][-1]
+    await api.store.append(
+        f"job-{job_id}",
+        [
+            NewEvent(
+                "JobScheduled",
+                {"jobId": job_id, "attempt": 1, "tasks": [{"node": "n1", "gpus": [0]}]},
+            )
+        ],
+    )
+    attempt = api.state_dir / "mounts/logs/ws/exp/linked/1"
+    attempt.mkdir(parents=True)
+    (attempt / "stdouterr").symlink_to(api.state_dir)
+    for path in ("/files", "/files/admin.token"):
+        status, answer = await admin.call("GET", f"{EXP}/jobs/linked{path}")
+        assert status == 400 and "link" in answer["error"]["message"]
+    # an absolute prefix off the daemon's storage is not served
+    await admin.call("PUT", f"{EXP}/jobs/abs", {**JOB, "stdOutErrPathPrefix": str(api.state_dir)})
+    status, _ = await admin.call("GET", f"{EXP}/jobs/abs/files/admin.token")
+    assert status == 404
+
+
+async def test_scoped_tokens_cannot_mint_tokens_or_use_other_workspaces_clusters(api, session):
+    admin = Client(session, api.url, api.admin_token)
+    await seed(admin)
+    await admin.call("PUT", "/v1/workspaces/other", {})
+    await admin.call("PUT", "/v1/workspaces/other/clusters/theirs", CLUSTER)
+    scoped_admin = Client(session, api.url, await token(admin, "ws-admin", "admin", ["ws"]))
+    status, error = await scoped_admin.call("POST", "/v1/tokens", {"name": "up", "role": "admin"})
+    assert status == 403 and "manage tokens" in error["error"]["message"]
+    assert (await scoped_admin.call("GET", "/v1/tokens"))[0] == 403
+    scoped = Client(session, api.url, await token(admin, "ws-op", "operator", ["ws"]))
+    elsewhere = {**JOB, "cluster": "/workspaces/other/clusters/theirs"}
+    status, error = await scoped.call("PUT", f"{EXP}/jobs/borrow", elsewhere)
+    assert status == 403 and "limited to workspaces ws" in error["error"]["message"]
+    status, _ = await admin.call("PUT", f"{EXP}/jobs/borrow", elsewhere)  # an admin may
+    assert status == 201
+
+
+async def test_odd_requests_get_4xx_in_the_error_shape(api, session):
+    admin = Client(session, api.url, api.admin_token)
+    await seed(admin)
+    cases = [
+        ("PUT", "/v1/workspaces/w%C3%A9", None, None, 404),  # names are ASCII
+        ("PUT", f"{EXP}/jobs/deep", "[" * 100_000 + "]" * 100_000, None, 400),
+        ("GET", "/v1/events?after=9223372036854775808", None, None, 400),
+        ("GET", "/v1/events/stream", None, {"Last-Event-ID": "99999999999999999999"}, 400),
+        ("GET", "/v1/nowhere", None, None, 404),
+        ("POST", "/v1/workspaces", None, None, 405),
+    ]
+    for method, path, raw, headers, expected in cases:
+        status, answer = await admin.call(method, path, raw=raw, headers=headers)
+        assert status == expected, (path, status, answer)
+        assert isinstance(answer, dict) and "message" in answer["error"], (path, answer)
+    await admin.call("PUT", f"{EXP}/jobs/train", JOB)
+    job_id = api.models.models.job_ids["ws/exp/train"][-1]
+    await api.store.append(
+        f"job-{job_id}",
+        [
+            NewEvent(
+                "JobScheduled",
+                {"jobId": job_id, "attempt": 1, "tasks": [{"node": "n1", "gpus": [0]}]},
+            )
+        ],
+    )
+    out = api.state_dir / "mounts/logs/ws/exp/train/1/stdouterr"
+    out.mkdir(parents=True)
+    (out / "stdout.txt").write_text("0123456789")
+    for header, follow in (("bytes=-2", "true"), ("garbage", "false"), ("bytes=50-", "false")):
+        status, answer = await admin.call(
+            "GET", f"{EXP}/jobs/train/files/stdout.txt?follow={follow}", headers={"Range": header}
+        )
+        assert status == 416 and answer["error"]["code"] == "RangeNotSatisfiable", (header, answer)

@@ -196,10 +196,13 @@ def _free_port() -> int:
 
 
 def _start_daemon(state: Path, port: int) -> tuple[subprocess.Popen, dict | None]:
-    """`batchd serve` on `state`; returns the process and its first /healthz answer."""
+    """`batchd serve` on `state` without the embedded local cluster (a configuration that
+    asks for no local nodes); returns the process and its first /healthz answer."""
+    config = state.parent / "no-local-nodes.toml"
+    config.write_text("[local]\nnodes = 0\n")
     daemon = subprocess.Popen(
         [sys.executable, "-m", "batchd.scheduler.cli", "serve", "--state-dir", str(state),
-         "--listen", f"127.0.0.1:{port}"],
+         "--listen", f"127.0.0.1:{port}", "--config", str(config)],
         stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     for _ in range(150):
