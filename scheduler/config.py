@@ -89,6 +89,7 @@ def load(
             raise ConfigError(f"cannot read configuration {config_file}: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"configuration {config_file} is not valid TOML: {exc}") from None
+    _check_types(raw, config_file or "")
     directory = state_dir(state or raw.get("state_dir"))
     host, port = parse_listen(listen or raw.get("server", {}).get("listen", DEFAULT_LISTEN))
     keys_file = raw.get("secrets", {}).get("keys_file")
@@ -118,6 +119,35 @@ def load(
         local_gpus=int(local.get("gpus_per_node", 4)),
         raw=raw,
     )
+
+
+# the configuration's tables and the type of each key in them ("" is the top level)
+_TYPES: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "": {"state_dir": str, "server": dict, "store": dict, "secrets": dict, "storage": dict,
+         "local": dict, "vm_sizes": dict},
+    "server": {"listen": str, "tls_cert": str, "tls_key": str, "tls_self_signed": bool},
+    "store": {"url": str},
+    "secrets": {"keys_file": str},
+    "storage": {"mount_root": str},
+    "local": {"nodes": int, "gpus_per_node": int},
+}  # fmt: skip
+
+
+_KIND_NAMES = {str: "a string", dict: "a table", int: "a whole number", bool: "true or false"}
+
+
+def _check_types(raw: dict, where: str) -> None:
+    """ConfigError naming the key whose value has the wrong type, or that is unknown."""
+    for table, keys in _TYPES.items():
+        values = raw if not table else raw.get(table, {})
+        for key, value in values.items():
+            name = f"{table}.{key}" if table else key
+            if key not in keys:
+                raise ConfigError(f"configuration {where}: unknown key {name}")
+            wanted = keys[key]
+            if not isinstance(value, wanted) or (wanted is int and isinstance(value, bool)):
+                kind = _KIND_NAMES.get(wanted, "value")
+                raise ConfigError(f"configuration {where}: {name} must be {kind}")
 
 
 def load_keyring(config: Config, *, create: bool) -> Keyring | None:

@@ -273,3 +273,14 @@ def test_serve_answers_healthz_and_stops_cleanly_on_sigterm(tmp_path):
     token = (state / "admin.token").read_text().strip()
     assert oct((state / "admin.token").stat().st_mode & 0o777) == "0o600"
     assert token.startswith("bd_") and token not in json.dumps(logs)
+
+
+def test_a_configuration_with_a_wrong_type_or_unknown_key_is_one_clear_error(tmp_path):
+    config = tmp_path / "batchd.toml"
+    for text, words in (('server = "x"', ("server", "a table")),
+                        ("[server]\nlisten = 8080", ("server.listen", "a string")),
+                        ("[local]\nnodes = true", ("local.nodes", "a whole number")),
+                        ("colour = 1", ("unknown key colour",))):  # fmt: skip
+        config.write_text(text + "\n")
+        done = batchd("serve", "--config", str(config), "--state-dir", str(tmp_path / "s"))
+        assert_one_line_error(done, *words)
