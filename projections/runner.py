@@ -144,10 +144,8 @@ class Runner:
 
     async def wait_for(self, position: int, timeout: float | None = None) -> None:
         """Return once the read models have applied `position` (TimeoutError after `timeout`)."""
-        async with self._advanced:
-            await asyncio.wait_for(
-                self._advanced.wait_for(lambda: self.models.position >= position), timeout
-            )
+        async with asyncio.timeout(timeout), self._advanced:  # not wait_for: in 3.11 it can
+            await self._advanced.wait_for(lambda: self.models.position >= position)  # eat a cancel
 
 
 def _incompatible(stored: Snapshot | None) -> str | None:

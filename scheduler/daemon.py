@@ -41,6 +41,7 @@ logger = structlog.get_logger(__name__)
 ANCHOR_INTERVAL = 60.0  # seconds between head-anchor log lines
 OVERDUE_INTERVAL = 5.0  # seconds between wall-clock checks
 SWEEP_INTERVAL = 1.0  # seconds between looks for silent nodes
+TASK_STOP_TIMEOUT = 10.0  # seconds the daemon waits for its tasks to end when it stops
 PLAN_IDLE = 10.0  # seconds between planner cycles while the log stands still
 PLAN_GAP = 0.1  # least seconds between two planner cycles: a busy log is planned in batches
 ADMIN_TOKEN_FILE = "admin.token"
@@ -228,9 +229,10 @@ class Daemon:
             await self._web.cleanup()  # stops accepting; lets in-flight requests finish
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task  # a failure, if any, was logged when it happened
+        if self._tasks:  # a failure, if any, was logged when it happened
+            _done, stuck = await asyncio.wait(self._tasks, timeout=TASK_STOP_TIMEOUT)
+            for task in stuck:
+                logger.warning("daemon.task_did_not_stop", task=task.get_name())
         if self.models is not None and self.models.position:
             try:
                 await self.models.save_snapshot()
