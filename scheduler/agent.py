@@ -26,7 +26,7 @@ import structlog
 
 from batchd.scheduler import protocol
 from batchd.scheduler.protocol import TaskKey
-from batchd.scheduler.runtimes import ProcessTask
+from batchd.scheduler.runtimes import ProcessTask, reap_leftovers
 
 logger = structlog.get_logger(__name__)
 
@@ -71,7 +71,7 @@ def discover_gpus(option: str) -> tuple[int, str]:
 
 class Agent:
     def __init__(self, server: str, token: str, node_id: str, cluster: str, gpus: int,
-                 gpu_model: str, runtimes: list[str]) -> None:  # fmt: skip
+                 gpu_model: str, runtimes: list[str], work_dir: Path) -> None:  # fmt: skip
         self.server = server.rstrip("/")
         self.headers = {"Authorization": f"Bearer {token}",
                         "Content-Type": protocol.CONTENT_TYPE}  # fmt: skip
@@ -80,6 +80,7 @@ class Agent:
         self.gpus, self.gpu_model = gpus, gpu_model
         self.runtimes = runtimes
         self.incarnation = time.time_ns()
+        self.running_dir = work_dir / "running"  # a pid file per running task
         self.tasks: dict[TaskKey, ProcessTask] = {}
         self.epoch = 0
         self.last_contact = time.monotonic()
@@ -93,6 +94,10 @@ class Agent:
         return [list(key) for key in self.tasks]
 
     async def run(self, stop: asyncio.Event) -> None:
+        left = reap_leftovers(self.running_dir)
+        if left:
+            logger.warning("agent.reaped_leftover_tasks", count=left)
+        self.running_dir.mkdir(parents=True, exist_ok=True)
         async with aiohttp.ClientSession(headers=self.headers) as session:
             self.session = session
             await self._register()
@@ -187,7 +192,7 @@ class Agent:
         self.epoch = epoch
         key = protocol.task_key(command)
         if command["type"] == "StartTask" and key not in self.tasks:
-            task = ProcessTask(command)
+            task = ProcessTask(command, self.running_dir / f"{key[0]}-{key[1]}-{key[2]}.pid")
             self.tasks[key] = task
             self._background(self._run_task(key, task), f"task {key}")
         elif command["type"] == "KillTask" and key in self.tasks:
@@ -233,7 +238,7 @@ async def main(args: argparse.Namespace) -> int:
     if unknown:
         raise AgentError(f"--runtimes: {', '.join(unknown)} not available (this agent: process)")
     agent = Agent(args.server, token, args.node_id or socket.gethostname(), args.cluster, gpus,
-                  model, runtimes)  # fmt: skip
+                  model, runtimes, Path(args.work_dir))  # fmt: skip
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -5,7 +5,8 @@ nodes.
 - Register: `NodeRegistered` when the node or its incarnation is new, then
   `NodeSetupSucceeded` (or `NodeRecovered` for a node that was suspected or lost); what the
   agent says still runs is reconciled: a task of an attempt the log no longer places there is
-  killed.
+  killed. A new incarnation (the agent restarted) lost every attempt the node held: they are
+  requeued or failed as for a lost node.
 - TaskStarted: `JobStarted`. TaskExited: `JobTaskExited`, then the attempt's end once it is
   known: every task exited 0 (`JobSucceeded`), one failed (the others are killed, the retry
   ledger decides: `JobRequeued` or `JobFailed`), or it was being terminated (`JobTerminated`).
@@ -57,6 +58,7 @@ HEARTBEAT_INTERVAL = 2.0
 SUSPECT_AFTER = 3 * HEARTBEAT_INTERVAL
 NODE_TIMEOUT = 10.0
 MAX_WAIT = 30
+RESEND_AFTER = 5.0  # seconds before a StartTask the node does not report is sent again
 
 
 class NodeService:
@@ -71,6 +73,10 @@ class NodeService:
         self.killed: set[tuple[str, int]] = set()  # attempts sent KillTask
         self.started_at = time.monotonic()
         self.closing = False
+        self.pollers: dict[str, int] = {}  # node id -> its newest poll
+        self._polls = 0
+        # (job id, attempt, task) -> (node, StartTask, when sent): until the node reports it
+        self.unstarted: dict[tuple[str, int, int], tuple[str, dict[str, Any], float]] = {}
 
     @property
     def models(self) -> ReadModels:
@@ -82,6 +88,11 @@ class NodeService:
                    "epoch": self.store.epoch}  # fmt: skip
         self.outbox.setdefault(node_id, []).append(command)
         self.wakeups.setdefault(node_id, asyncio.Event()).set()
+
+    def _send_start(self, node_id: str, command: dict[str, Any]) -> None:
+        self._send(node_id, command)
+        key = (command["jobId"], command["attempt"], command["task"])
+        self.unstarted[key] = (node_id, self.outbox[node_id][-1], time.monotonic())
 
     def _kill(self, job_id: str, attempt: int, tasks: list[list[Any]], skip: int = -1) -> None:
         for index, (node_id, _gpus) in enumerate(tasks):
@@ -129,7 +140,7 @@ class NodeService:
             return
         preparation = (spec.get("jobPreparation") or {}).get("commandLine")
         for plan in plans:
-            self._send(plan.node_id, {
+            self._send_start(plan.node_id, {
                 "type": "StartTask", "jobId": job.job_id, "attempt": job.attempt,
                 "task": plan.index, "gpus": list(hosts[plan.index].gpus), "command": plan.command,
                 "env": plan.env, "files": plan.files, "runtime": "process",
@@ -161,10 +172,13 @@ class NodeService:
             await self.control.run(lambda m: self._register(m, msg, principal.actor),
                                    key=f"node/{node_id}")  # fmt: skip
         elif kind == "Heartbeat":
+            self._resend_unstarted(node_id, msg.get("running") or [])
             node = self.models.nodes.get(node_id)
             if node is not None and node.state in (SUSPECT, LOST):
                 await self.control.run(lambda m: _recovered(m, node_id), key=f"node/{node_id}")
-        elif kind == "TaskStarted":
+        elif kind in ("TaskStarted", "TaskExited"):
+            self.unstarted.pop(protocol.task_key(msg), None)
+        if kind == "TaskStarted":
             job_id, attempt, _task = protocol.task_key(msg)
             await self.control.run(lambda m: _started(m, job_id, attempt), key=self._key(job_id))
         elif kind == "TaskExited":
@@ -184,6 +198,8 @@ class NodeService:
         node = m.nodes.get(node_id)
         out: list[Decision] = []
         stream = f"node-{node_id}"
+        if node is not None and node.incarnation not in (0, msg["incarnation"]):
+            out += retries.node_lost(m, node_id)  # a restarted agent runs none of the old tasks
         if node is None or node.incarnation != msg["incarnation"]:
             data = {"nodeId": node_id, "cluster": cluster_id, "incarnation": msg["incarnation"]}
             for field in ("gpus", "gpuModel", "cpus", "memoryMb", "runtimes", "agentVersion"):
@@ -234,6 +250,8 @@ class NodeService:
         return out
 
     async def handle_commands(self, request: web.Request) -> web.Response:
+        """Long-poll: the node's waiting commands. Only the node's newest poll takes them (an
+        older one may belong to an agent that died, whose answer nobody reads)."""
         _agent(request)
         node_id = request.query.get("node", "")
         try:
@@ -241,14 +259,32 @@ class NodeService:
         except ValueError:
             wait = 0.0
         self.seen[node_id] = time.monotonic()
+        self._polls += 1
+        poll = self.pollers[node_id] = self._polls
         wakeup = self.wakeups.setdefault(node_id, asyncio.Event())
+        wakeup.set()  # an older poll of this node ends, empty
+        wakeup = self.wakeups[node_id] = asyncio.Event()
         if not self.outbox.get(node_id) and wait > 0 and not self.closing:
-            wakeup.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wakeup.wait(), wait)
-        commands = self.outbox.pop(node_id, [])
+        commands = self.outbox.pop(node_id, []) if self.pollers.get(node_id) == poll else []
         self.seen[node_id] = time.monotonic()
         return web.Response(body=protocol.pack(commands), content_type=protocol.CONTENT_TYPE)
+
+    def _resend_unstarted(self, node_id: str, running: list[Any]) -> None:
+        """StartTask again for tasks sent to this node a while ago that it does not run and
+        has not reported (a command lost on the way)."""
+        reported = {tuple(key) for key in running}
+        now = time.monotonic()
+        for key, (target, command, sent) in list(self.unstarted.items()):
+            if target == node_id and key not in reported and now - sent > RESEND_AFTER:
+                job = self.models.jobs.get(key[0])
+                if job is None or job.attempt != key[1] or job.state != SCHEDULED:
+                    del self.unstarted[key]
+                    continue
+                self.unstarted[key] = (target, command, now)
+                self.outbox.setdefault(node_id, []).append(command)
+                self.wakeups.setdefault(node_id, asyncio.Event()).set()
 
     def close(self) -> None:
         """The daemon stops: every waiting long-poll answers now, and new ones at once."""

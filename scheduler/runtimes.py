@@ -37,10 +37,11 @@ def _exit_code(returncode: int) -> int:
 class ProcessTask:
     """One task of one attempt, run as a process group."""
 
-    def __init__(self, spec: dict[str, Any]) -> None:
+    def __init__(self, spec: dict[str, Any], pid_file: Path | None = None) -> None:
         self.spec = spec
         self.process: asyncio.subprocess.Process | None = None
         self.killed = False
+        self.pid_file = pid_file  # holds the process group while it runs (see reap_leftovers)
 
     def _env(self) -> dict[str, str]:
         env = {k: os.environ[k] for k in BASE_ENV if k in os.environ}
@@ -92,9 +93,13 @@ class ProcessTask:
         finally:
             if started is not None:
                 started.set()
+        if self.pid_file is not None:
+            self.pid_file.write_text(str(self.process.pid))
         returncode = await self.process.wait()
         with contextlib.suppress(ProcessLookupError):  # what it left running in its group
             os.killpg(self.process.pid, signal.SIGKILL)
+        if self.pid_file is not None:
+            self.pid_file.unlink(missing_ok=True)
         return TaskResult(_exit_code(returncode))
 
     async def kill(self) -> None:
@@ -109,3 +114,15 @@ class ProcessTask:
             await asyncio.wait_for(asyncio.shield(process.wait()), KILL_GRACE)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)  # also children that outlived the leader
+
+
+def reap_leftovers(directory: Path) -> int:
+    """Kill the process groups a previous agent on this node left running (it died without
+    stopping them: its node's attempts are given to others now); how many there were."""
+    count = 0
+    for pid_file in directory.glob("*.pid") if directory.is_dir() else ():
+        with contextlib.suppress(ValueError, OSError):
+            os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+            count += 1
+        pid_file.unlink(missing_ok=True)
+    return count

@@ -131,3 +131,23 @@ async def test_a_two_node_job_gets_consistent_ranks_hosts_and_master(local):
     lines = sorted(_out(daemon, "ddp").splitlines())
     assert lines == ["rank=0 world=2 master=127.0.0.1:29500 task=0",
                      "rank=1 world=2 master=127.0.0.1:29500 task=1"]  # fmt: skip
+
+
+async def test_a_killed_agent_loses_its_attempt_which_runs_again_elsewhere_or_after(local):
+    daemon, client = local
+    await _run(client, "long", "echo attempt $AZ_BATCHAI_JOB_ATTEMPT; sleep 600")
+    models = daemon.models.models
+
+    def job():
+        return models.jobs[models.job_ids["default/default/long"][-1]]
+
+    await _until(lambda: job().state == "running", 30)
+    node_id = job().tasks[0][0]
+    daemon.local.processes[node_id].kill()  # SIGKILL: the agent cannot stop its task
+    await _until(lambda: job().attempt == 2 and job().state == "running", 60)
+    assert job().retries == {"node_lost": 1}
+    assert _out(daemon, "long", attempt=2) == "attempt 2\n"
+    status, _ = await client.call("POST", f"{EXP}/jobs/long/terminate")
+    ended = await _ended(daemon, client, "long")
+    assert ended["properties"]["state"] == "failed"
+    await _until(lambda: not list((daemon.state_dir / "nodes").glob("*/running/*.pid")), 10)
