@@ -83,6 +83,7 @@ class Daemon:
         self.local: LocalProvider | None = None
         self._periodic = AsyncIOScheduler()
         self._tasks: list[asyncio.Task] = []
+        self._plan_seconds = 0.0  # how long the last planner cycle took
 
     @property
     def state_dir(self) -> Path:
@@ -195,16 +196,23 @@ class Daemon:
             if position != planned_at or time.monotonic() - last >= PLAN_IDLE:
                 planned_at, last = position, time.monotonic()
                 try:
-                    await self.control.run(lambda m: planner.plan(m, _now_us()))
+                    await self.control.run(lambda m: self._timed_plan(m))
                     await self.nodes.dispatch()
                     if self.local is not None:
                         await self.local.reconcile()
                 except errors.StoreUnavailable as exc:  # the log is back soon: plan again then
                     logger.warning("planner.store_unavailable", error=str(exc))
                     planned_at = -1
-                await asyncio.sleep(PLAN_GAP)
+                # a long cycle (a long queue) waits longer: planning takes at most a quarter
+                await asyncio.sleep(max(PLAN_GAP, 3 * self._plan_seconds))
             with contextlib.suppress(TimeoutError):
                 await self.models.wait_for(planned_at + 1, 1.0)
+
+    def _timed_plan(self, models) -> list:
+        started = time.perf_counter()
+        decisions = planner.plan(models, _now_us())
+        self._plan_seconds = time.perf_counter() - started
+        return decisions
 
     async def _enforce_wall_clock(self) -> None:
         await self.control.run(lambda m: planner.overdue(m, _now_us()))

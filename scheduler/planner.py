@@ -183,10 +183,11 @@ def _plan_cluster(
     capacity = _capacity(m, cluster)
     reserved: float | None = None  # when the first blocked job can start, once there is one
     ends: list[tuple[float, str, list[int]]] = []  # this cycle's placements: (end, node, GPUs)
+    why: dict[tuple[int, int], dict[str, Any]] = {}  # reasons by shape, while nothing is placed
     for job in waiting:
         need, nodes = job.gpus_per_node, job.node_count
         if reserved is not None and not _ends_before(job, now, reserved):
-            _wait_behind(out, job, cluster, capacity)
+            _wait_behind(out, job, cluster, capacity, why)
             continue
         tasks = capacity.take(need, nodes)
         if tasks is not None:
@@ -197,9 +198,10 @@ def _plan_cluster(
             )))  # fmt: skip
             end = _end(now, job.max_wall_clock_s)
             ends.extend((end, node_id, gpus) for node_id, gpus in tasks)
+            why.clear()
             continue
         if reserved is not None:  # it could have backfilled, but does not fit now
-            _wait_behind(out, job, cluster, capacity)
+            _wait_behind(out, job, cluster, capacity, why)
             continue
         victims = _victims(m, cluster, job, capacity) if cluster.preemption else None
         if victims:
@@ -214,16 +216,26 @@ def _plan_cluster(
         if capacity.ever_fits(need, nodes):  # a job that can never fit here reserves nothing
             start = _start_estimate(m, cluster, job, capacity.copy(), ends)
             reserved = None if start == NEVER else start
-        _reason(out, job, _why(cluster, capacity, need, nodes))
+        _reason(out, job, _cached_why(why, cluster, capacity, need, nodes))
 
 
-def _wait_behind(out: list[Decision], job: Job, cluster: Cluster, capacity: _Capacity) -> None:
+def _wait_behind(out: list[Decision], job: Job, cluster: Cluster, capacity: _Capacity,
+                 why: dict[tuple[int, int], dict[str, Any]]) -> None:  # fmt: skip
     """A job held behind the reservation: told so, unless it could never fit anyway."""
     need, nodes = job.gpus_per_node, job.node_count
     if capacity.ever_fits(need, nodes):
         _reason(out, job, BEHIND_RESERVATION)
     else:
-        _reason(out, job, _why(cluster, capacity, need, nodes))
+        _reason(out, job, _cached_why(why, cluster, capacity, need, nodes))
+
+
+def _cached_why(why: dict[tuple[int, int], dict[str, Any]], cluster: Cluster,
+                capacity: _Capacity, need: int, nodes: int) -> dict[str, Any]:  # fmt: skip
+    """`_why` for a job shape, computed once while the free capacity stays as it is."""
+    reason = why.get((need, nodes))
+    if reason is None:
+        reason = why[need, nodes] = _why(cluster, capacity, need, nodes)
+    return reason
 
 
 def _why(cluster: Cluster, capacity: _Capacity, need: int, nodes: int) -> dict[str, Any]:
