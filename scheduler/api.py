@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,7 @@ class Api:
         self.keyring = keyring
         self.mount_root = mount_root
         self.closing = asyncio.Event()  # set when the daemon stops: streams end
+        self.heard_from: dict[str, float] = {}  # node id -> monotonic time of its last message
 
     @property
     def models(self) -> ReadModels:
@@ -613,6 +615,41 @@ def _read_from(path: Path, offset: int, size: int = 1 << 16) -> bytes:
         return b""
 
 
+# -- nodes -------------------------------------------------------------------------------------
+def _node_answer(api: Api, node) -> dict[str, Any]:
+    heard = api.heard_from.get(node.node_id)
+    return resources.node(api.models, node, None if heard is None else time.monotonic() - heard)
+
+
+def _node_workspace(m: ReadModels, node) -> str | None:
+    cluster = m.clusters.get(node.cluster)
+    return cluster.workspace if cluster else None
+
+
+async def list_nodes(request: web.Request) -> web.Response:
+    principal = _principal(request)
+    principal.require("viewer")
+    api = request.app[API_KEY]
+    m = api.models
+    wanted = request.query.get("cluster")  # WORKSPACE/NAME
+    cluster_id = m.cluster_ids.get(wanted) if wanted else None
+    if wanted and cluster_id is None:
+        raise CommandError(f"no cluster {wanted!r} (WORKSPACE/NAME)", 404)
+    items = [_node_answer(api, n) for n in sorted(m.nodes.values(), key=lambda n: n.node_id)
+             if (cluster_id is None or n.cluster == cluster_id)
+             and principal.sees(_node_workspace(m, n) or "")]  # fmt: skip
+    return _page(request, items)
+
+
+async def get_node(request: web.Request) -> web.Response:
+    api = request.app[API_KEY]
+    node = api.models.nodes.get(request.match_info["id"])
+    if node is None:
+        raise CommandError(f"no node {request.match_info['id']!r}", 404)
+    _principal(request).require("viewer", _node_workspace(api.models, node))
+    return web.json_response(_node_answer(api, node))
+
+
 # -- tokens ------------------------------------------------------------------------------------
 TOKEN_FIELDS = {"name", "role", "workspaces"}
 
@@ -776,6 +813,8 @@ def add_routes(app: web.Application) -> None:
     r.add_get(job + "/files", list_files)
     r.add_get(job + "/files/{path:.+}", get_file)
     r.add_get("/v1/jobs", list_all_jobs)
+    r.add_get("/v1/nodes", list_nodes)
+    r.add_get("/v1/nodes/{id:[-.A-Za-z0-9_]{1,253}}", get_node)
     r.add_post("/v1/tokens", create_token)
     r.add_get("/v1/tokens", list_tokens)
     r.add_delete("/v1/tokens/{id}", revoke_token)

@@ -239,6 +239,15 @@ def _resource_commands(commands, api: list) -> None:
     create.add_argument("--vm-priority", choices=("dedicated", "lowpriority"))
     create.add_argument("--nodes", type=_non_negative, help="target node count (manual scale)")
 
+    node = commands.add_parser("node", help="a cluster's nodes")
+    verbs = node.add_subparsers(dest="node_command", required=True, metavar="COMMAND")
+    listing = verbs.add_parser("list", parents=api, help="nodes: state, GPUs, heartbeat age")
+    listing.set_defaults(api="node_list")
+    listing.add_argument("--cluster", metavar="WORKSPACE/NAME", help="only this cluster's")
+    show = verbs.add_parser("show", parents=api, help="one node, all it is known by")
+    show.set_defaults(api="node_show")
+    show.add_argument("id", help="the node's id")
+
     token = commands.add_parser("token", help="API tokens")
     verbs = token.add_subparsers(dest="token_command", required=True, metavar="COMMAND")
     create = verbs.add_parser("create", parents=api, help="create a token (printed once)")

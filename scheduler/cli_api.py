@@ -420,6 +420,34 @@ async def job_create(args: argparse.Namespace) -> int:
     return _print_write(args, status, answer, done, unchanged)
 
 
+# -- nodes -----------------------------------------------------------------------------------
+def _node_row(n: dict[str, Any]) -> list[Any]:
+    p = n.get("properties", {})
+    cluster = (_get(p, "cluster.id") or "").removeprefix("/workspaces/").replace("/clusters/", "/")
+    used = len(p.get("allocations") or [])
+    age = p.get("heartbeatAgeSeconds")
+    errors = p.get("errors") or []
+    last_error = errors[-1].get("message") if errors else None
+    heartbeat = None if age is None else f"{age:.0f}s"
+    gpus = f"{used}/{p.get('gpus', 0)}"
+    runtimes = ",".join(p.get("runtimes") or [])
+    return [n.get("name"), cluster, p.get("state"), gpus, p.get("gpuModel"), runtimes, heartbeat,
+            last_error]  # fmt: skip
+
+
+async def node_list(args: argparse.Namespace) -> int:
+    header = ["NODE", "CLUSTER", "STATE", "GPUS USED", "GPU MODEL", "RUNTIMES", "HEARTBEAT",
+              "LAST ERROR"]  # fmt: skip
+    async with _client(args) as api:
+        return await _print_list(args, api, "/v1/nodes", header, _node_row, cluster=args.cluster)
+
+
+async def node_show(args: argparse.Namespace) -> int:
+    async with _client(args) as api:
+        _print_resource(args, await api.get(f"/v1/nodes/{quote(args.id, safe='')}"))
+    return 0
+
+
 async def job_list(args: argparse.Namespace) -> int:
     header = ["NAME", "STATE", "CLUSTER", "NODES", "PRIORITY", "ATTEMPT", "EXIT CODE", "CREATED",
               "PENDING REASON / NODES"]  # fmt: skip

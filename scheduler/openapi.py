@@ -351,6 +351,17 @@ def cluster_view() -> Schema:
     })  # fmt: skip
 
 
+def node_view() -> Schema:
+    return obj({
+        "cluster": obj({"id": string()}, ("id",)), "state": string(),
+        "since": nullable(string(format="date-time")), "lastTransition": string(),
+        "gpus": integer(0), "gpuModel": string(), "cpus": integer(0), "memoryMb": integer(0),
+        "runtimes": array(string()), "agentVersion": string(),
+        "allocations": array(any_object()), "errors": array(any_object()),
+        "heartbeatAgeSeconds": nullable({"type": "number"}),
+    })  # fmt: skip
+
+
 def job_view() -> Schema:
     info = obj({
         "startTime": nullable(string(format="date-time")),
@@ -476,6 +487,8 @@ def components() -> Schema:
             "ClusterList": page(ref("Cluster")),
             "JobList": page(ref("Job")),
             "TokenList": page(ref("Token")),
+            "Node": resource(node_view()),
+            "NodeList": page(ref("Node")),
             "EventList": page(ref("Event")),
             "FileList": page(file_schema()),
             "Event": event_schema(),
@@ -700,6 +713,16 @@ def job_paths() -> dict[str, Schema]:
             STATE, CLUSTER_FILTER, query("workspace", name(), "only this workspace"),
             query("experiment", name(), "only this experiment"),
         ))},
+        "/v1/nodes": {"get": listing("listNodes", "every node the token can see", "NodeList", (
+            query("cluster", string(pattern=r"^[-A-Za-z0-9_]{1,64}/[-A-Za-z0-9_]{1,64}$"),
+                  "only this cluster's nodes (WORKSPACE/NAME)"),
+        ))},
+        "/v1/nodes/{id}": {
+            "get": read("getNode", "a node: state, GPUs, runtimes, heartbeat age, errors", "Node"),
+            "parameters": [{"name": "id", "in": "path", "required": True,
+                            "description": "the node's id",
+                            "schema": string(pattern=r"^[-.A-Za-z0-9_]{1,253}$")}],
+        },
     }  # fmt: skip
 
 

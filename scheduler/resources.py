@@ -13,12 +13,13 @@ from typing import Any
 from batchd.events.secrets import Keyring, Sealed, redact
 from batchd.events.store import EventStore
 from batchd.events.timeutil import to_iso
-from batchd.projections import clusters
+from batchd.projections import clusters, views
 from batchd.projections.model import (
     EXECUTION_STATE,
     Cluster,
     Experiment,
     Job,
+    Node,
     ReadModels,
     Token,
     Workspace,
@@ -92,6 +93,17 @@ def job(m: ReadModels, j: Job, spec: dict[str, Any] | None = None) -> dict[str, 
     }  # fmt: skip
     return {"id": job_id(j.workspace, j.experiment, j.name), "name": j.name,
             "type": "batchd/jobs", "properties": properties}  # fmt: skip
+
+
+def node(m: ReadModels, n: Node, heartbeat_age: float | None) -> dict[str, Any]:
+    """A node as `batchd replay` shows it, with its cluster's id and its heartbeat's age."""
+    owner = m.clusters.get(n.cluster)
+    properties = views.node(m, n)
+    properties.pop("id")
+    properties["cluster"] = {"id": cluster_id(owner.workspace, owner.name) if owner else n.cluster}
+    properties["heartbeatAgeSeconds"] = None if heartbeat_age is None else round(heartbeat_age, 1)
+    return {"id": f"/nodes/{n.node_id}", "name": n.node_id, "type": "batchd/nodes",
+            "properties": properties}  # fmt: skip
 
 
 def token(t: Token) -> dict[str, Any]:

@@ -4,6 +4,7 @@ each, process runtime), driven through the API."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import aiohttp
@@ -11,6 +12,7 @@ import pytest
 
 from tests.integration.conftest import start_daemon
 from tests.integration.test_api import Client
+from tests.integration.test_cli import batchd
 
 EXP = "/v1/workspaces/default/experiments/default"
 
@@ -147,7 +149,28 @@ async def test_a_killed_agent_loses_its_attempt_which_runs_again_elsewhere_or_af
     await _until(lambda: job().attempt == 2 and job().state == "running", 60)
     assert job().retries == {"node_lost": 1}
     assert _out(daemon, "long", attempt=2) == "attempt 2\n"
-    status, _ = await client.call("POST", f"{EXP}/jobs/long/terminate")
+    await client.call("POST", f"{EXP}/jobs/long/terminate")
     ended = await _ended(daemon, client, "long")
     assert ended["properties"]["state"] == "failed"
     await _until(lambda: not list((daemon.state_dir / "nodes").glob("*/running/*.pid")), 10)
+
+
+async def test_node_list_and_show_tell_state_gpus_and_heartbeat_age(local):
+    daemon, client = local
+    await _run(client, "busy", "sleep 600")
+    models = daemon.models.models
+    await _until(lambda: any(n.allocations for n in models.nodes.values()), 30)
+    env = {"BATCHD_SERVER": daemon.url, "BATCHD_TOKEN": daemon.admin_token}
+    done = await asyncio.to_thread(batchd, "node", "list", "--cluster", "default/local", env=env)
+    assert done.returncode == 0, done.stderr
+    rows = sorted(line.split("\t") for line in done.stdout.splitlines())
+    assert [(r[0], r[1], r[2], r[4], r[5]) for r in rows] == [
+        ("local-0", "default/local", "ready", "simulated", "process"),
+        ("local-1", "default/local", "ready", "simulated", "process"),
+    ]  # fmt: skip
+    assert sorted(r[3] for r in rows) == ["0/4", "1/4"]
+    assert all(r[6].endswith("s") and int(r[6][:-1]) < 10 for r in rows)  # heard from lately
+    done = await asyncio.to_thread(batchd, "node", "show", "local-0", "--json", env=env)
+    node = json.loads(done.stdout)
+    assert node["properties"]["gpus"] == 4 and node["properties"]["runtimes"] == ["process"]
+    await client.call("POST", f"{EXP}/jobs/busy/terminate")

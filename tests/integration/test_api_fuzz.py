@@ -138,7 +138,7 @@ class Fuzzer:
         output = self.mounts / "logs" / ws / exp / job / "1" / "stdouterr"  # attempt 1's
         output.mkdir(parents=True)
         (output / "stdout.txt").write_bytes(b"epoch 1: loss 0.5\n" * 100)
-        self.seeded = {**SEEDED, "token": answer.json()["id"], "path": "stdout.txt"}
+        self.seeded = {**SEEDED, "token": answer.json()["id"], "path": "stdout.txt", "id": "node-1"}
 
     def send(self, case: Any) -> None:
         """Send `case` as the admin and record how its answer breaks the document."""
