@@ -190,6 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument("--jobs", type=_positive, default=10_000, help="(default 10000)")
     api.add_argument("--clients", type=_positive, default=32, help="(default 32)")
     api.add_argument("--json", action="store_true", help="print one JSON line")
+    e2e = bench_sub.add_parser("e2e", help="trivial jobs through a real daemon and agents")
+    e2e.add_argument("--jobs", type=_positive, default=500, help="(default 500)")
+    e2e.add_argument("--nodes", type=_positive, default=4, help="(default 4)")
+    e2e.add_argument("--gpus-per-node", type=_positive, default=8, help="(default 8)")
+    e2e.add_argument("--runtime", choices=("process", "docker"), default="process")
+    e2e.add_argument("--json", action="store_true", help="print one JSON line")
     memory = bench_sub.add_parser("memory", help="memory of the read models of N jobs, M nodes")
     memory.add_argument("--jobs", type=_positive, default=100_000, help="(default 100000)")
     memory.add_argument("--nodes", type=_positive, default=1000, help="(default 1000)")
@@ -322,7 +328,7 @@ def _bench_store_flag(parser: argparse.ArgumentParser) -> None:
 def _dispatch(args: argparse.Namespace):
     from batchd.scheduler import cli_log, cli_replay, daemon
     from batchd.scheduler.bench import api as bench_api
-    from batchd.scheduler.bench import append, memory, replay, schedule
+    from batchd.scheduler.bench import append, e2e, memory, replay, schedule
 
     if args.command == "serve":
         return daemon.main(args)
@@ -344,7 +350,7 @@ def _dispatch(args: argparse.Namespace):
         return cli_log.verify(args)
     benches = {
         "append": append.main, "replay": replay.main, "memory": memory.main,
-        "schedule": schedule.main, "api": bench_api.main,
+        "schedule": schedule.main, "api": bench_api.main, "e2e": e2e.main,
     }  # fmt: skip
     return benches[args.bench_command](args)
 

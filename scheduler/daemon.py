@@ -43,7 +43,7 @@ OVERDUE_INTERVAL = 5.0  # seconds between wall-clock checks
 SWEEP_INTERVAL = 1.0  # seconds between looks for silent nodes
 TASK_STOP_TIMEOUT = 10.0  # seconds the daemon waits for its tasks to end when it stops
 PLAN_IDLE = 10.0  # seconds between planner cycles while the log stands still
-PLAN_GAP = 0.1  # least seconds between two planner cycles: a busy log is planned in batches
+PLAN_GAP = 0.02  # least seconds between two planner cycles: a busy log is planned in batches
 ADMIN_TOKEN_FILE = "admin.token"
 DAEMON_KEY = web.AppKey("daemon", object)
 

@@ -62,12 +62,13 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-async def _start(state: Path, port: int) -> asyncio.subprocess.Process:
+async def _start(state: Path, port: int, *flags: str) -> asyncio.subprocess.Process:
+    """`batchd serve` on `state` and `port` (with `flags`), once it answers /readyz."""
     env = {**os.environ, "BATCHD_STATE_DIR": str(state)}
     env.pop("BATCHD_SECRET_KEYS", None)
     daemon = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "batchd.scheduler.cli", "serve", "--listen", f"127.0.0.1:{port}",
-        env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        *flags, env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
     deadline = time.monotonic() + 60
     async with aiohttp.ClientSession() as session:

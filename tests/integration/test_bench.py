@@ -52,3 +52,10 @@ def test_bench_api_submits_through_a_real_daemon_and_finds_every_job_in_the_log(
     result = _json("api", "--jobs", "300", "--clients", "8")
     assert result["jobs"] == result["in_log"] == 300 and result["clients"] == 8
     assert result["jobs_per_s"] > 0 and result["p99_ms"] >= result["p50_ms"] > 0
+
+
+def test_bench_e2e_runs_every_job_on_real_agents():
+    result = _json("e2e", "--jobs", "40", "--nodes", "2", "--gpus-per-node", "4")
+    assert (result["jobs"], result["nodes"], result["gpus_per_node"]) == (40, 2, 4)
+    assert result["jobs_per_s"] > 0
+    assert result["submit_to_start_p99_ms"] >= result["submit_to_start_p50_ms"] > 0

@@ -1,0 +1,148 @@
+"""`batchd bench e2e`: trivial jobs through a real daemon and real agents until all succeed.
+
+A `batchd serve` process runs with a local cluster of `--nodes` agents of `--gpus-per-node`
+simulated GPUs each (the process runtime). `--jobs` one-GPU jobs running `true` are
+submitted through the API in a closed loop that keeps at most nodes x GPUs of them queued or
+running, so latency measures scheduling and dispatch, not waiting for capacity; the daemon's
+event stream says when each ends. `jobs_per_s` is the jobs over the time from the first
+submission to the last success; submit-to-start is each job's JobStarted minus its
+JobSubmitted, read from the log afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import signal
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from batchd.events import urls
+from batchd.scheduler.bench.api import BenchError, _free_port, _start
+
+EXPERIMENT = "/v1/workspaces/default/experiments/default"
+
+
+async def main(args: argparse.Namespace) -> int:
+    if args.runtime != "process":
+        raise BenchError("--runtime docker is not available yet: the agents run processes")
+    result = await run(args.jobs, args.nodes, args.gpus_per_node)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"bench e2e: {result['jobs']:,} jobs on {result['nodes']} nodes x "
+            f"{result['gpus_per_node']} GPUs in {result['seconds']:.2f} s: "
+            f"{result['jobs_per_s']:,.0f} jobs/s, submit to start p50 "
+            f"{result['submit_to_start_p50_ms']:.1f} ms, p99 "
+            f"{result['submit_to_start_p99_ms']:.1f} ms"
+        )
+    return 0
+
+
+async def run(jobs: int, nodes: int, gpus: int) -> dict[str, Any]:
+    state = Path(tempfile.mkdtemp(prefix="batchd-bench-e2e-"))
+    config = state / "batchd.toml"
+    config.write_text(f"[local]\nnodes = {nodes}\ngpus_per_node = {gpus}\n")
+    port = _free_port()
+    daemon = await _start(state, port, "--config", str(config))
+    try:
+        token = (state / "admin.token").read_text().strip()
+        url = f"http://127.0.0.1:{port}"
+        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        async with aiohttp.ClientSession(headers=headers) as session:
+            await _nodes_ready(session, url, nodes)
+            seconds = await _closed_loop(session, url, jobs, nodes * gpus)
+    finally:
+        if daemon.returncode is None:
+            daemon.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(daemon.wait(), 60)
+    try:
+        waits = await _submit_to_start(state)
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
+    if len(waits) != jobs:
+        raise BenchError(f"{len(waits)} of {jobs} jobs started")
+    ordered = sorted(waits)
+    return {
+        "bench": "e2e", "runtime": "process", "jobs": jobs, "nodes": nodes,
+        "gpus_per_node": gpus, "seconds": round(seconds, 4),
+        "jobs_per_s": round(jobs / seconds, 1),
+        "submit_to_start_p50_ms": round(statistics.median(ordered) / 1000, 3),
+        "submit_to_start_p99_ms": round(ordered[min(len(ordered) - 1,
+                                                    int(len(ordered) * 0.99))] / 1000, 3),
+    }  # fmt: skip
+
+
+async def _nodes_ready(session: aiohttp.ClientSession, url: str, nodes: int) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        async with session.get(f"{url}/v1/nodes?cluster=default/local") as response:
+            listed = await response.json()
+        if sum(n["properties"]["state"] == "ready" for n in listed["value"]) >= nodes:
+            return
+        await asyncio.sleep(0.1)
+    raise BenchError(f"{nodes} nodes did not become ready within 60 s")
+
+
+async def _closed_loop(session: aiohttp.ClientSession, url: str, jobs: int, window: int) -> float:
+    """Submit `jobs` jobs, at most `window` unfinished at a time; seconds until all succeeded."""
+    free = asyncio.Semaphore(window)
+    done = asyncio.Event()
+    finished = 0
+    head = (await (await session.get(f"{url}/readyz")).json())["position"]
+    body = json.dumps({"cluster": "local", "nodeCount": 1, "gpusPerNode": 1,
+                       "stdOutErrPathPrefix": "$AZ_BATCHAI_MOUNT_ROOT/bench",
+                       "customToolkitSettings": {"commandLine": "true"}})  # fmt: skip
+
+    async def watch() -> None:
+        nonlocal finished
+        stream = f"{url}/v1/events/stream?after={head}"
+        async with session.get(stream, timeout=aiohttp.ClientTimeout(total=None)) as response:
+            async for line in response.content:
+                if line.startswith(b"event: JobSucceeded") or line.startswith(b"event: JobFailed"):
+                    if line.startswith(b"event: JobFailed"):
+                        raise BenchError("a job failed")
+                    finished += 1
+                    free.release()
+                    if finished == jobs:
+                        done.set()
+                        return
+
+    watcher = asyncio.create_task(watch())
+    started = time.perf_counter()
+    for n in range(jobs):
+        await free.acquire()
+        async with session.put(f"{url}{EXPERIMENT}/jobs/e2e-{n:07d}", data=body) as response:
+            if response.status != 201:
+                raise BenchError(f"job {n}: HTTP {response.status} {await response.text()}")
+    await asyncio.wait({watcher, asyncio.ensure_future(done.wait())},
+                       return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+    if watcher.done() and watcher.exception():
+        raise watcher.exception()
+    watcher.cancel()
+    return time.perf_counter() - started
+
+
+async def _submit_to_start(state: Path) -> list[int]:
+    """Microseconds from each job's JobSubmitted to its (first) JobStarted."""
+    store = await urls.open_store(f"sqlite:///{state / 'events.db'}", readonly=True)
+    submitted: dict[str, int] = {}
+    waits: dict[str, int] = {}
+    try:
+        async for page in store.read_pages(0, 5000):
+            for e in page:
+                if e.type == "JobSubmitted":
+                    submitted[e.data["jobId"]] = e.recorded_at
+                elif e.type == "JobStarted" and e.data["jobId"] not in waits:
+                    waits[e.data["jobId"]] = e.recorded_at - submitted[e.data["jobId"]]
+    finally:
+        await store.close()
+    return list(waits.values())
