@@ -18,6 +18,7 @@ import asyncio
 import collections
 import contextlib
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -186,6 +187,7 @@ class EventStore:
         self.epoch: int | None = None
         self.readonly = False
         self._queue: collections.deque[AppendRequest] = collections.deque()
+        self._committing = False  # a batch is being committed
         self._pending = asyncio.Event()
         self._changed = asyncio.Event()
         self._writer: asyncio.Task | None = None
@@ -202,6 +204,12 @@ class EventStore:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+    async def drain(self, timeout: float) -> None:
+        """Return once every append queued so far is committed (or after `timeout`)."""
+        deadline = time.monotonic() + timeout
+        while (self._queue or self._committing) and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
 
     async def close(self, grace: float = CLOSE_GRACE) -> None:
         """Stop taking appends, commit the queued ones (for up to `grace` seconds), close."""
@@ -289,10 +297,13 @@ class EventStore:
             batch = self._take_batch()
             if not batch:
                 continue
+            self._committing = True
             try:
                 await self._commit(batch)
             except Exception as exc:  # the batch failed as a whole: every caller hears why
                 _fail(batch, exc)
+            finally:
+                self._committing = False
 
     def _take_batch(self) -> list[AppendRequest]:
         batch: list[AppendRequest] = []

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 from batchd.events.envelope import NewEvent
 from batchd.events.store import EventStore
@@ -119,3 +121,29 @@ class Control:
                 del self._keys[key]
             else:
                 self._keys[key] = (lock, holders - 1)
+
+
+async def token_file(control: Control, path: Path, role: str, name: str, actor: str) -> str:
+    """The token kept in `path` (mode 0600): the one there if the log knows it, else a new
+    one of `role`, named `name` (or `name-N` if that is taken), logged by its hash only."""
+    from batchd.scheduler import auth
+
+    with contextlib.suppress(FileNotFoundError):
+        token = path.read_text().strip()
+        if auth.digest(token) in control.models.token_hashes:
+            return token
+    token = auth.new_token()
+
+    def decide(m: ReadModels) -> list[Decision]:
+        taken = {t.name for t in m.tokens.values()}
+        free = next(n for n in (f"{name}-{i}" if i else name for i in range(len(taken) + 1))
+                    if n not in taken)  # fmt: skip
+        return auth.create_token(m, free, role, [], token, actor)
+
+    await control.run(decide, structural=True)
+    partial = path.with_suffix(".tmp")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(token + "\n")
+    os.replace(partial, path)
+    return token

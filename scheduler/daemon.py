@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import signal
 import time
 from pathlib import Path
@@ -31,8 +30,8 @@ from batchd.events import errors, urls
 from batchd.events.codec import Codec
 from batchd.events.store import EventStore
 from batchd.projections.runner import SNAPSHOT_INTERVAL, Runner
-from batchd.scheduler import api, auth, config, planner, tls
-from batchd.scheduler.control import Control
+from batchd.scheduler import api, config, planner, tls
+from batchd.scheduler.control import Control, token_file
 from batchd.scheduler.nodes import NodeService
 from batchd.scheduler.providers import LocalProvider
 
@@ -42,9 +41,11 @@ ANCHOR_INTERVAL = 60.0  # seconds between head-anchor log lines
 OVERDUE_INTERVAL = 5.0  # seconds between wall-clock checks
 SWEEP_INTERVAL = 1.0  # seconds between looks for silent nodes
 TASK_STOP_TIMEOUT = 10.0  # seconds the daemon waits for its tasks to end when it stops
+FOLD_AT_STOP = 5.0  # seconds it waits for the read models to take in the log before its snapshot
 PLAN_IDLE = 10.0  # seconds between planner cycles while the log stands still
 PLAN_GAP = 0.02  # least seconds between two planner cycles: a busy log is planned in batches
 ADMIN_TOKEN_FILE = "admin.token"
+ACTOR = "batchd:serve"  # the actor of what the daemon itself logs
 DAEMON_KEY = web.AppKey("daemon", object)
 
 
@@ -167,25 +168,8 @@ class Daemon:
         """The admin token of `<state-dir>/admin.token`, made (and logged as a hash) when the
         file is missing or holds a token the log does not know."""
         path = self.cfg.state_dir / ADMIN_TOKEN_FILE
-        with contextlib.suppress(FileNotFoundError):
-            token = path.read_text().strip()
-            if auth.digest(token) in self.models.models.token_hashes:
-                return token
-        token = auth.new_token()
-
-        def decide(m):
-            taken = {t.name for t in m.tokens.values()}
-            name = next(n for n in (f"admin-{i}" if i else "admin" for i in range(len(taken) + 1))
-                        if n not in taken)  # fmt: skip
-            return auth.create_token(m, name, "admin", [], token, "batchd:serve")
-
-        await self.control.run(decide, structural=True)
-        partial = path.with_suffix(".tmp")
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(token + "\n")
-        os.replace(partial, path)
-        logger.info("auth.admin_token_written", path=str(path))
+        token = await token_file(self.control, path, "admin", "admin", ACTOR)
+        logger.info("auth.admin_token", path=str(path))
         return token
 
     async def _plan_loop(self) -> None:
@@ -222,6 +206,14 @@ class Daemon:
         head = await self.store.head()
         logger.info("log.anchor", position=head.position, hash=head.hash.hex(), epoch=head.epoch)
 
+    async def _cancel(self, tasks: list[asyncio.Task]) -> None:
+        for task in tasks:
+            task.cancel()
+        if tasks:  # a failure, if any, was logged when it happened
+            _done, stuck = await asyncio.wait(tasks, timeout=TASK_STOP_TIMEOUT)
+            for task in stuck:
+                logger.warning("daemon.task_did_not_stop", task=task.get_name())
+
     async def stop(self) -> None:
         started = bool(self.url)  # a daemon that failed to start says so once, not "stopping"
         if started:
@@ -236,12 +228,14 @@ class Daemon:
             await self.local.stop()  # this machine's agents: they stop their tasks
         if self._web is not None:
             await self._web.cleanup()  # stops accepting; lets in-flight requests finish
-        for task in self._tasks:
-            task.cancel()
-        if self._tasks:  # a failure, if any, was logged when it happened
-            _done, stuck = await asyncio.wait(self._tasks, timeout=TASK_STOP_TIMEOUT)
-            for task in stuck:
-                logger.warning("daemon.task_did_not_stop", task=task.get_name())
+        following = [t for t in self._tasks if t.get_name() == "read-models"]
+        await self._cancel([t for t in self._tasks if t not in following])
+        if following and not following[0].done():  # the snapshot takes in all that was written
+            with contextlib.suppress(TimeoutError, errors.StoreError):
+                await self.store.drain(FOLD_AT_STOP)
+                head = (await self.store.head()).position
+                await self.models.wait_for(head, FOLD_AT_STOP)
+        await self._cancel(following)
         if self.models is not None and self.models.position:
             try:
                 await self.models.save_snapshot()

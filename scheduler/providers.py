@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import sys
 from pathlib import Path
@@ -20,8 +19,8 @@ import structlog
 
 from batchd.events.envelope import NewEvent
 from batchd.projections.model import ReadModels
-from batchd.scheduler import auth, commands
-from batchd.scheduler.control import Control
+from batchd.scheduler import commands
+from batchd.scheduler.control import Control, token_file
 
 logger = structlog.get_logger(__name__)
 
@@ -66,24 +65,7 @@ class LocalProvider:
         await self._agent_token()
 
     async def _agent_token(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            token = self.token_file.read_text().strip()
-            if auth.digest(token) in self.control.models.token_hashes:
-                return
-        token = auth.new_token()
-
-        def decide(m: ReadModels):
-            taken = {t.name for t in m.tokens.values()}
-            name = next(f"local-agents-{i}" if i else "local-agents" for i in range(len(taken) + 1)
-                        if (f"local-agents-{i}" if i else "local-agents") not in taken)  # fmt: skip
-            return auth.create_token(m, name, "agent", [], token, ACTOR)
-
-        await self.control.run(decide, structural=True)
-        partial = self.token_file.with_suffix(".tmp")
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(token + "\n")
-        os.replace(partial, self.token_file)
+        await token_file(self.control, self.token_file, "agent", "local-agents", ACTOR)
 
     def _target(self) -> int:
         m = self.control.models

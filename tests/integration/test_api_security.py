@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -23,6 +24,18 @@ SECRET = "hunter2-do-not-show"
 async def session():
     async with aiohttp.ClientSession() as s:
         yield s
+
+
+async def placed_with_output(admin: Client, api, name: str) -> Path:
+    """Job `name` submitted and placed (attempt 1), with its empty stdouterr directory."""
+    await admin.call("PUT", f"{EXP}/jobs/{name}", JOB)
+    job_id = api.models.models.job_ids[f"ws/exp/{name}"][-1]
+    tasks = [{"node": "n1", "gpus": [0]}]
+    await api.store.append(f"job-{job_id}", [
+        NewEvent("JobScheduled", {"jobId": job_id, "attempt": 1, "tasks": tasks})])  # fmt: skip
+    out = api.state_dir / f"mounts/logs/ws/exp/{name}/1/stdouterr"
+    out.mkdir(parents=True)
+    return out
 
 
 async def token(admin: Client, name: str, role: str, workspaces=()) -> str:
@@ -99,19 +112,7 @@ async def test_an_agent_credential_cannot_use_the_user_api(api, session):
 async def test_file_paths_cannot_leave_the_jobs_directory(api, session):
     admin = Client(session, api.url, api.admin_token)
     await seed(admin)
-    await admin.call("PUT", f"{EXP}/jobs/train", JOB)
-    job_id = api.models.models.job_ids["ws/exp/train"][-1]
-    await api.store.append(
-        f"job-{job_id}",
-        [
-            NewEvent(
-                "JobScheduled",
-                {"jobId": job_id, "attempt": 1, "tasks": [{"node": "n1", "gpus": [0]}]},
-            )
-        ],
-    )
-    out = api.state_dir / "mounts/logs/ws/exp/train/1/stdouterr"
-    out.mkdir(parents=True)
+    out = await placed_with_output(admin, api, "train")
     (out / "stdout.txt").write_text("fine\n")
     (api.state_dir / "mounts/logs/ws/exp/train/1/elsewhere.txt").write_text("OUTSIDE-CONTENT\n")
     (out / "link").symlink_to(api.state_dir / "admin.token")
@@ -226,20 +227,9 @@ async def test_output_paths_cannot_be_steered_out_of_the_storage(api, session):
         )
         assert status == 400 and error["error"]["details"][0]["value"] == "must not contain '..'"
     # a job whose output directory is a link to elsewhere (as a job could make it) is refused
-    await admin.call("PUT", f"{EXP}/jobs/linked", JOB)
-    job_id = api.models.models.job_ids["ws/exp/linked"][-1]
-    await api.store.append(
-        f"job-{job_id}",
-        [
-            NewEvent(
-                "JobScheduled",
-                {"jobId": job_id, "attempt": 1, "tasks": [{"node": "n1", "gpus": [0]}]},
-            )
-        ],
-    )
-    attempt = api.state_dir / "mounts/logs/ws/exp/linked/1"
-    attempt.mkdir(parents=True)
-    (attempt / "stdouterr").symlink_to(api.state_dir)
+    out = await placed_with_output(admin, api, "linked")
+    out.rmdir()
+    out.symlink_to(api.state_dir)
     for path in ("/files", "/files/admin.token"):
         status, answer = await admin.call("GET", f"{EXP}/jobs/linked{path}")
         assert status == 400 and "link" in answer["error"]["message"]
@@ -281,19 +271,7 @@ async def test_odd_requests_get_4xx_in_the_error_shape(api, session):
         status, answer = await admin.call(method, path, raw=raw, headers=headers)
         assert status == expected, (path, status, answer)
         assert isinstance(answer, dict) and "message" in answer["error"], (path, answer)
-    await admin.call("PUT", f"{EXP}/jobs/train", JOB)
-    job_id = api.models.models.job_ids["ws/exp/train"][-1]
-    await api.store.append(
-        f"job-{job_id}",
-        [
-            NewEvent(
-                "JobScheduled",
-                {"jobId": job_id, "attempt": 1, "tasks": [{"node": "n1", "gpus": [0]}]},
-            )
-        ],
-    )
-    out = api.state_dir / "mounts/logs/ws/exp/train/1/stdouterr"
-    out.mkdir(parents=True)
+    out = await placed_with_output(admin, api, "train")
     (out / "stdout.txt").write_text("0123456789")
     for header, follow in (("bytes=-2", "true"), ("garbage", "false"), ("bytes=50-", "false")):
         status, answer = await admin.call(
