@@ -102,6 +102,8 @@ class Node:
     # -> [job id, attempt, task index]
     allocations: dict[str, list[Any]] = field(default_factory=dict)
     errors: list[dict[str, Any]] = field(default_factory=list)
+    # the setup task's last run: state (running, succeeded, failed), outputDir, exitCode, tail
+    setup: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(slots=True)

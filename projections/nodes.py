@@ -56,16 +56,29 @@ def registered(m: ReadModels, e: RecordedEvent) -> None:
 
 
 def setup_started(m: ReadModels, e: RecordedEvent) -> None:
-    _node(m, e, PREPARING)
+    node = _node(m, e, PREPARING)
+    if node is not None and "outputDir" in e.data:
+        node.setup = {"state": "running", "outputDir": e.data["outputDir"]}
+
+
+def _setup_ended(node: Node, e: RecordedEvent, state: str) -> None:
+    if node.setup:
+        node.setup = {**node.setup, "state": state, "exitCode": e.data.get("exitCode"),
+                      "tail": e.data.get("tail", "")}  # fmt: skip
 
 
 def setup_succeeded(m: ReadModels, e: RecordedEvent) -> None:
-    _node(m, e, READY)
+    node = _node(m, e, READY)
+    if node is not None:
+        _setup_ended(node, e, "succeeded")
 
 
 def setup_failed(m: ReadModels, e: RecordedEvent) -> None:
     node = _node(m, e, UNUSABLE)
-    if node is not None and "error" in e.data:
+    if node is None:
+        return
+    _setup_ended(node, e, "failed")
+    if "error" in e.data:
         node.errors.append({**e.data["error"], "at": e.recorded_at})
         del node.errors[:-MAX_ERRORS]
 

@@ -40,7 +40,7 @@ def node(m: ReadModels, n: Node) -> dict[str, Any]:
              "attempt": item[1][1], "task": item[1][2]}
             for item in sorted(n.allocations.items(), key=_gpu_order)
         ],
-        "errors": n.errors,
+        "errors": n.errors, "setup": n.setup,
     }  # fmt: skip
 
 

@@ -86,6 +86,7 @@ class Agent:
         self.last_contact = time.monotonic()
         self.outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.background: set[asyncio.Task] = set()  # tasks running and kills under way
+        self.setup: asyncio.Task | None = None  # the node's setup task, while it runs
 
     def _message(self, type_: str, **fields: Any) -> dict[str, Any]:
         return protocol.message(type_, self.node_id, self.incarnation, **fields)
@@ -190,6 +191,10 @@ class Agent:
         if epoch < self.epoch:
             return  # from a daemon that has been replaced
         self.epoch = epoch
+        if command["type"] == "RunSetup":
+            if self.setup is None or self.setup.done():
+                self.setup = asyncio.create_task(self._run_setup(command), name="setup")
+            return
         key = protocol.task_key(command)
         if command["type"] == "StartTask" and key not in self.tasks:
             task = ProcessTask(command, self.running_dir / f"{key[0]}-{key[1]}-{key[2]}.pid")
@@ -202,6 +207,17 @@ class Agent:
         task = asyncio.create_task(coroutine, name=name)
         self.background.add(task)
         task.add_done_callback(self.background.discard)
+
+    async def _run_setup(self, command: dict[str, Any]) -> None:
+        """The cluster's setup task; the daemon hears how it ended and the output's tail."""
+        result = await ProcessTask(command).run(asyncio.Event())
+        out = Path(command["stdouterr"])
+        tail = "".join(_tail(out / name) for name in ("stdout.txt", "stderr.txt"))
+        report = {"exitCode": result.exit_code, "tail": tail}
+        if result.error:
+            report["error"] = result.error
+        logger.info("agent.setup_ended", exit_code=result.exit_code)
+        self.outbox.put_nowait(self._message("SetupExited", **report))
 
     async def _run_task(self, key: TaskKey, task: ProcessTask) -> None:
         job_id, attempt, index = key
@@ -218,6 +234,16 @@ class Agent:
         if result.error:
             report["error"] = result.error
         self.outbox.put_nowait(self._message("TaskExited", **report))
+
+
+def _tail(path: Path, size: int = 2000) -> str:
+    """The last `size` bytes of a file, as text ("" if there is none)."""
+    try:
+        with path.open("rb") as handle:
+            handle.seek(max(0, path.stat().st_size - size))
+            return handle.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
 
 
 def _memory_mb() -> int:

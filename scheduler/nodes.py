@@ -42,6 +42,7 @@ from batchd.projections.model import (
     SCHEDULED,
     SUSPECT,
     TERMINATING,
+    Cluster,
     Job,
     ReadModels,
     job_key,
@@ -51,6 +52,7 @@ from batchd.scheduler import auth, protocol, retries, toolkits
 from batchd.scheduler.auth import AuthError
 from batchd.scheduler.control import Control
 from batchd.scheduler.planner import Decision
+from batchd.scheduler.resources import cluster_spec, job_spec, opened
 
 logger = structlog.get_logger(__name__)
 
@@ -58,6 +60,7 @@ HEARTBEAT_INTERVAL = 2.0
 SUSPECT_AFTER = 3 * HEARTBEAT_INTERVAL
 NODE_TIMEOUT = 10.0
 MAX_WAIT = 30
+SETUP_TAIL = 4000  # characters of the setup task's output kept in the log
 RESEND_AFTER = 5.0  # seconds before a StartTask the node does not report is sent again
 
 
@@ -171,6 +174,8 @@ class NodeService:
         if kind == "Register":
             await self.control.run(lambda m: self._register(m, msg, principal.actor),
                                    key=f"node/{node_id}")  # fmt: skip
+        elif kind == "SetupExited":
+            await self.control.run(lambda m: _setup_exited(m, msg), key=f"node/{node_id}")
         elif kind == "Heartbeat":
             self._resend_unstarted(node_id, msg.get("running") or [])
             node = self.models.nodes.get(node_id)
@@ -190,7 +195,7 @@ class NodeService:
         job = self.models.jobs.get(job_id)
         return job_key(job.workspace, job.experiment, job.name) if job else job_id
 
-    def _register(self, m: ReadModels, msg: dict[str, Any], actor: str) -> list[Decision]:
+    async def _register(self, m: ReadModels, msg: dict[str, Any], actor: str) -> list[Decision]:
         node_id = msg["node"]
         cluster_id = m.cluster_ids.get(str(msg.get("cluster", "")))
         if cluster_id is None:
@@ -207,8 +212,17 @@ class NodeService:
                     data[field] = msg[field]
             out.append((stream, NewEvent("NodeRegistered", data, actor)))
         state = node.state if node is not None else PROVISIONING
-        if state in (PROVISIONING, PREPARING):
-            out.append((stream, NewEvent("NodeSetupSucceeded", {"nodeId": node_id}, actor)))
+        fresh = node is None or node.incarnation != msg["incarnation"]  # a start, or a reboot
+        if fresh or state in (PROVISIONING, PREPARING):
+            setup = await self._setup_command(m.clusters[cluster_id], node_id)
+            if setup is None:
+                if state in (PROVISIONING, PREPARING, SUSPECT, LOST):
+                    out.append((stream, NewEvent("NodeSetupSucceeded", {"nodeId": node_id},
+                                                 actor)))  # fmt: skip
+            else:
+                data = {"nodeId": node_id, "outputDir": setup["stdouterr"]}
+                out.append((stream, NewEvent("NodeSetupStarted", data, actor)))
+                self._send(node_id, setup)
         elif state in (SUSPECT, LOST):
             out.append((stream, NewEvent("NodeRecovered", {"nodeId": node_id}, actor)))
         for key in msg.get("running") or ():
@@ -221,6 +235,25 @@ class NodeService:
                 self._send(node_id, {"type": "KillTask", "jobId": job_id, "attempt": attempt,
                                      "task": task})  # fmt: skip
         return out
+
+    async def _setup_command(self, cluster: Cluster, node_id: str) -> dict[str, Any] | None:
+        """RunSetup for the cluster's nodeSetup.setupTask (None: it has none)."""
+        spec = opened(await cluster_spec(self.store, cluster), self.store.codec.keyring)
+        task = (spec.get("nodeSetup") or {}).get("setupTask")
+        if not task:
+            return None
+        env = {item["name"]: item["value"] for item in task.get("environmentVariables") or ()}
+        env.update({item["name"]: item["value"] for item in task.get("secrets") or ()
+                    if isinstance(item.get("value"), str)})  # fmt: skip
+        env.update(AZ_BATCHAI_MOUNT_ROOT=str(self.mounts), AZ_BATCHAI_NODE_ID=node_id,
+                   AZ_BATCHAI_CLUSTER_NAME=cluster.name,
+                   AZ_BATCHAI_WORKSPACE_NAME=cluster.workspace)  # fmt: skip
+        prefix = str(task["stdOutErrPathPrefix"]).replace("$AZ_BATCHAI_MOUNT_ROOT",
+                                                          str(self.mounts))  # fmt: skip
+        where = f"{cluster.workspace}/clusters/{cluster.name}/{node_id}/stdouterr"
+        return {"type": "RunSetup", "command": task["commandLine"], "env": env,
+                "stdouterr": f"{prefix.rstrip('/')}/{where}",
+                "workDir": str(self.state_dir / "nodes" / "setup" / node_id)}  # fmt: skip
 
     def _exited(self, m: ReadModels, msg: dict[str, Any]) -> list[Decision]:
         job_id, attempt, task = protocol.task_key(msg)
@@ -321,8 +354,6 @@ def _agent(request: web.Request) -> auth.Principal:
 
 
 async def _job_spec(store: EventStore, job: Job) -> dict[str, Any]:
-    from batchd.scheduler.resources import job_spec, opened
-
     keyring = store.codec.keyring
     return opened(await job_spec(store, job), keyring)
 
@@ -333,6 +364,21 @@ def _fail(m: ReadModels, job_id: str, attempt: int, error: dict[str, str]) -> li
         return []
     data = {"jobId": job_id, "attempt": attempt, "error": error}
     return [(f"job-{job_id}", NewEvent("JobFailed", data))]
+
+
+def _setup_exited(m: ReadModels, msg: dict[str, Any]) -> list[Decision]:
+    """The node's setup task ended: it takes work, or is unusable with the reason."""
+    node_id = msg["node"]
+    node = m.nodes.get(node_id)
+    if node is None or node.state != PREPARING or node.incarnation != msg["incarnation"]:
+        return []
+    code = msg.get("exitCode")
+    data = {"nodeId": node_id, "exitCode": code, "tail": str(msg.get("tail", ""))[-SETUP_TAIL:]}
+    if code == 0:
+        return [(f"node-{node_id}", NewEvent("NodeSetupSucceeded", data))]
+    reason = (msg.get("error") or {}).get("message") or f"the setup task exited with {code}"
+    data["error"] = {"code": "setup_failed", "message": reason}
+    return [(f"node-{node_id}", NewEvent("NodeSetupFailed", data))]
 
 
 def _started(m: ReadModels, job_id: str, attempt: int) -> list[Decision]:

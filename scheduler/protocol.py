@@ -11,10 +11,13 @@ Agent to daemon (POST /agent/v1/messages, a list of messages in one body):
   Heartbeat {running: [task keys]}
   TaskStarted {jobId, attempt, task}
   TaskExited {jobId, attempt, task, exitCode, error?}
+  SetupExited {incarnation's setup: exitCode, error?, tail (the output's last lines)}
 Daemon to agent (GET /agent/v1/commands?node=&incarnation=&wait=S, long-poll):
   StartTask {jobId, attempt, task, gpus, command, env, files, workDir, stdouterr, runtime,
              image?, preparation?}
   KillTask {jobId, attempt, task}
+  RunSetup {command, env, stdouterr, workDir}: the cluster's nodeSetup.setupTask, run before
+             the node takes work
 """
 
 from __future__ import annotations
@@ -25,8 +28,8 @@ import msgpack
 
 VERSION = 1
 CONTENT_TYPE = "application/msgpack"
-AGENT_MESSAGES = ("Register", "Heartbeat", "TaskStarted", "TaskExited")
-COMMANDS = ("StartTask", "KillTask")
+AGENT_MESSAGES = ("Register", "Heartbeat", "TaskStarted", "TaskExited", "SetupExited")
+COMMANDS = ("StartTask", "KillTask", "RunSetup")
 
 TaskKey = tuple[str, int, int]  # (job id, attempt, task index)
 

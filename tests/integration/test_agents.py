@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
 
 import aiohttp
@@ -174,3 +175,53 @@ async def test_node_list_and_show_tell_state_gpus_and_heartbeat_age(local):
     node = json.loads(done.stdout)
     assert node["properties"]["gpus"] == 4 and node["properties"]["runtimes"] == ["process"]
     await client.call("POST", f"{EXP}/jobs/busy/terminate")
+
+
+async def test_the_setup_task_runs_before_a_node_takes_work_and_its_failure_is_shown(local):
+    daemon, client = local
+    models = daemon.models.models
+    agents = []
+    try:
+        for name, command in (("good", "echo prepared $GREETING; exit 0"),
+                              ("bad", "echo cannot mount >&2; exit 4")):  # fmt: skip
+            setup = {
+                "commandLine": command,
+                "stdOutErrPathPrefix": "$AZ_BATCHAI_MOUNT_ROOT",
+                "environmentVariables": [{"name": "GREETING", "value": "hi"}],
+            }
+            cluster = {
+                "vmSize": "Standard_NC6",
+                "nodeSetup": {"setupTask": setup},
+                "scaleSettings": {"manual": {"targetNodeCount": 1}},
+            }
+            status, _ = await client.call("PUT", f"/v1/workspaces/default/clusters/{name}", cluster)
+            assert status == 201
+            agents.append(await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "batchd.scheduler.cli", "agent", "--server", daemon.url,
+                "--token-file", str(daemon.state_dir / "agent.token"), "--node-id", f"{name}-0",
+                "--cluster", f"default/{name}", "--gpus", "1",
+                "--work-dir", str(daemon.state_dir / f"nodes/{name}-0"),
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+            ))  # fmt: skip
+        await _until(lambda: models.nodes.get("good-0") is not None
+                     and models.nodes["good-0"].state == "ready", 30)  # fmt: skip
+        await _until(lambda: models.nodes.get("bad-0") is not None
+                     and models.nodes["bad-0"].state == "unusable", 30)  # fmt: skip
+        _status, good = await client.call("GET", "/v1/nodes/good-0")
+        assert good["properties"]["setup"]["state"] == "succeeded"
+        assert good["properties"]["setup"]["tail"] == "prepared hi\n"
+        _status, bad = await client.call("GET", "/v1/nodes/bad-0")
+        assert bad["properties"]["setup"]["exitCode"] == 4
+        assert "cannot mount" in bad["properties"]["setup"]["tail"]
+        assert bad["properties"]["errors"][-1]["code"] == "setup_failed"
+        # the unusable node takes no work; the job says why
+        job = {"cluster": "bad", "nodeCount": 1, "stdOutErrPathPrefix": "$AZ_BATCHAI_MOUNT_ROOT",
+               "customToolkitSettings": {"commandLine": "true"}}  # fmt: skip
+        await client.call("PUT", f"{EXP}/jobs/stuck", job)
+        await _until(lambda: (client_job := models.jobs.get(
+            models.job_ids["default/default/stuck"][-1])) is not None
+            and client_job.pending_reason is not None, 10)  # fmt: skip
+    finally:
+        for agent in agents:
+            agent.terminate()
+            await agent.wait()
