@@ -15,7 +15,12 @@ from typing import Any
 from batchd.events.envelope import NewEvent
 from batchd.projections import lifecycle
 from batchd.projections.model import LIVE_STATES, QUEUED, Cluster, Job, ReadModels, job_key
-from batchd.scheduler.clusterspec import max_nodes, parse_cluster, parse_scale_settings
+from batchd.scheduler.clusterspec import (
+    ClusterSpec,
+    max_nodes,
+    parse_cluster,
+    parse_scale_settings,
+)
 from batchd.scheduler.jobspec import parse_job
 from batchd.scheduler.planner import Decision
 from batchd.scheduler.schema import DocumentError, string
@@ -120,10 +125,15 @@ def create_cluster(
     spec = parse_cluster(document, catalog)
     if f"{workspace}/{name}" in m.cluster_ids:
         raise CommandError(f"cluster {name!r} exists already in {workspace!r}")
-    properties = {**spec.properties, "vmSize": spec.vm_size.name,
-                  "scaleSettings": spec.scale_settings}  # fmt: skip
-    data = {"clusterId": new_id(), "workspace": workspace, "name": name, "spec": properties}
+    data = {"clusterId": new_id(), "workspace": workspace, "name": name,
+            "spec": cluster_properties(spec)}  # fmt: skip
     return [_event(f"cluster-{workspace}/{name}", "ClusterCreated", data, actor)]
+
+
+def cluster_properties(spec: ClusterSpec) -> dict[str, Any]:
+    """What ClusterCreated keeps of a cluster document: its properties, the VM size in the
+    catalog's spelling and the scale settings with their defaults."""
+    return {**spec.properties, "vmSize": spec.vm_size.name, "scaleSettings": spec.scale_settings}
 
 
 def find_cluster(m: ReadModels, workspace: str, name: str) -> Cluster:

@@ -239,3 +239,17 @@ async def test_tls_with_a_self_signed_certificate(tmp_path):
                 await session.get(plain + "/healthz")
     finally:
         await daemon.stop()
+
+
+async def test_a_cluster_put_is_the_same_only_for_the_same_document_as_it_stands(client):
+    await seed(client)
+    spelled = {"properties": {**CLUSTER["properties"], "vmSize": "STANDARD_NC24S_V3"}}
+    assert (await client.call("PUT", "/v1/workspaces/ws/clusters/gpu", spelled))[0] == 200
+    setup = {"setupTask": {"commandLine": "true", "stdOutErrPathPrefix": "/tmp"}}
+    more = {"properties": {**CLUSTER["properties"], "nodeSetup": setup}}
+    assert (await client.call("PUT", "/v1/workspaces/ws/clusters/gpu", more))[0] == 409
+    resize = {"scaleSettings": {"manual": {"targetNodeCount": 3}}}
+    await client.call("PATCH", "/v1/workspaces/ws/clusters/gpu", resize)
+    resized = {"properties": {**CLUSTER["properties"], **resize}}
+    assert (await client.call("PUT", "/v1/workspaces/ws/clusters/gpu", resized))[0] == 200
+    assert (await client.call("PUT", "/v1/workspaces/ws/clusters/gpu", CLUSTER))[0] == 409
