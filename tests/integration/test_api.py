@@ -253,3 +253,10 @@ async def test_a_cluster_put_is_the_same_only_for_the_same_document_as_it_stands
     resized = {"properties": {**CLUSTER["properties"], **resize}}
     assert (await client.call("PUT", "/v1/workspaces/ws/clusters/gpu", resized))[0] == 200
     assert (await client.call("PUT", "/v1/workspaces/ws/clusters/gpu", CLUSTER))[0] == 409
+
+
+async def test_a_task_the_daemon_cannot_run_without_ending_stops_it(api):
+    # an event the read models cannot use (a bug in what wrote it) ends their task
+    await api.store.append("job-broken", [NewEvent("JobSubmitted", {"jobId": "broken"})])
+    await asyncio.wait_for(api.stopping.wait(), 10)
+    assert api.failed == ["read-models"]  # and `batchd serve` exits 1 (daemon.main)
