@@ -50,7 +50,14 @@ class ProcessTask:
         return env
 
     async def run(self, started: asyncio.Event) -> TaskResult:
-        """Prepare, run, and wait; `started` is set once the command is running."""
+        """Prepare, run, and wait; `started` is set once the command is running (or once it
+        is clear that it never will)."""
+        try:
+            return await self._prepare_and_run(started)
+        finally:
+            started.set()
+
+    async def _prepare_and_run(self, started: asyncio.Event) -> TaskResult:
         out = Path(self.spec["stdouterr"])
         work = Path(self.spec["workDir"])
         try:

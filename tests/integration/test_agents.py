@@ -225,3 +225,18 @@ async def test_the_setup_task_runs_before_a_node_takes_work_and_its_failure_is_s
         for agent in agents:
             agent.terminate()
             await agent.wait()
+
+
+async def test_a_job_that_cannot_write_its_output_or_start_fails_clearly_and_the_agent_stays(local):
+    daemon, client = local
+    await _run(client, "nowhere", "echo hi", stdOutErrPathPrefix="/proc/batchd-no-such-place")
+    job = await _ended(daemon, client, "nowhere")
+    error = job["properties"]["executionInfo"]["errors"][-1]
+    assert job["properties"]["state"] == "failed"
+    assert error["code"] == "output_unwritable" and "/proc/batchd-no-such-place" in error["message"]
+    await _run(client, "missing", "no-such-command-here")
+    job = await _ended(daemon, client, "missing")
+    assert job["properties"]["executionInfo"]["exitCode"] == 127  # the shell's "not found"
+    assert "not found" in _out(daemon, "missing", file="stderr.txt")
+    await _run(client, "after", "echo still here")  # the agents took it all in their stride
+    assert (await _ended(daemon, client, "after"))["properties"]["state"] == "succeeded"
