@@ -21,10 +21,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aiodocker
 import aiohttp
 import structlog
 
 from batchd.scheduler import protocol
+from batchd.scheduler.containers import LABEL, ContainerTask, engine_of
 from batchd.scheduler.protocol import TaskKey
 from batchd.scheduler.runtimes import ProcessTask, reap_leftovers
 
@@ -87,12 +89,40 @@ class Agent:
         self.outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.background: set[asyncio.Task] = set()  # tasks running and kills under way
         self.setup: asyncio.Task | None = None  # the node's setup task, while it runs
+        self.docker: aiodocker.Docker | None = None  # the docker runtime's engine
+        self.engine = "docker"
+        self.attach_gpus = False
 
     def _message(self, type_: str, **fields: Any) -> dict[str, Any]:
         return protocol.message(type_, self.node_id, self.incarnation, **fields)
 
     def _running(self) -> list[list[Any]]:
         return [list(key) for key in self.tasks]
+
+    async def connect_engine(self, url: str, attach_gpus: bool) -> None:
+        """The container engine for the docker runtime; containers a previous agent of this
+        node left are removed."""
+        self.docker = aiodocker.Docker(url=url)
+        try:
+            self.engine = await engine_of(self.docker)
+            left = await self.docker.containers.list(
+                all=True, filters={"label": [f"{LABEL}.node={self.node_id}"]})  # fmt: skip
+        except (aiodocker.DockerError, aiohttp.ClientError, OSError) as exc:
+            await self.docker.close()
+            raise AgentError(f"cannot use the container engine at {url}: {exc}") from None
+        for container in left:
+            with contextlib.suppress(aiodocker.DockerError):
+                await container.delete(force=True)
+        self.attach_gpus = attach_gpus
+        logger.info("agent.engine", engine=self.engine, url=url, removed=len(left))
+
+    def _task(self, command: dict[str, Any], key: TaskKey):
+        if command.get("runtime") == "docker":
+            if self.docker is None:
+                return None
+            return ContainerTask({**command, "node": self.node_id}, self.docker, self.engine,
+                                 self.attach_gpus)  # fmt: skip
+        return ProcessTask(command, self.running_dir / f"{key[0]}-{key[1]}-{key[2]}.pid")
 
     async def run(self, stop: asyncio.Event) -> None:
         left = reap_leftovers(self.running_dir)
@@ -112,6 +142,8 @@ class Agent:
                     worker.cancel()
                 await asyncio.gather(*workers, return_exceptions=True)
                 await asyncio.gather(*(t.kill() for t in self.tasks.values()))
+                if self.docker is not None:
+                    await self.docker.close()
 
     async def _post(self, messages: list[dict[str, Any]]) -> None:
         async with self.session.post(f"{self.server}/agent/v1/messages",
@@ -197,7 +229,16 @@ class Agent:
             return
         key = protocol.task_key(command)
         if command["type"] == "StartTask" and key not in self.tasks:
-            task = ProcessTask(command, self.running_dir / f"{key[0]}-{key[1]}-{key[2]}.pid")
+            task = self._task(command, key)
+            if task is None:  # the daemon checks runtimes: only a stale command gets here
+                error = {
+                    "code": "runtime_missing",
+                    "message": f"this node has no {command.get('runtime')} runtime",
+                }
+                report = {"jobId": key[0], "attempt": key[1], "task": key[2], "exitCode": None,
+                          "error": error}  # fmt: skip
+                self.outbox.put_nowait(self._message("TaskExited", **report))
+                return
             self.tasks[key] = task
             self._background(self._run_task(key, task), f"task {key}")
         elif command["type"] == "KillTask" and key in self.tasks:
@@ -224,7 +265,7 @@ class Agent:
         started = asyncio.Event()
         running = asyncio.create_task(task.run(started))
         await started.wait()
-        if task.process is not None:
+        if task.began:
             self.outbox.put_nowait(self._message(
                 "TaskStarted", jobId=job_id, attempt=attempt, task=index))  # fmt: skip
         result = await running
@@ -260,11 +301,14 @@ async def main(args: argparse.Namespace) -> int:
         raise AgentError(f"cannot read --token-file {args.token_file}: {exc.strerror}") from None
     gpus, model = discover_gpus(args.gpus)
     runtimes = [r.strip() for r in args.runtimes.split(",") if r.strip()]
-    unknown = [r for r in runtimes if r != "process"]
+    unknown = [r for r in runtimes if r not in ("process", "docker")]
     if unknown:
-        raise AgentError(f"--runtimes: {', '.join(unknown)} not available (this agent: process)")
+        raise AgentError(f"--runtimes: {', '.join(unknown)}: the runtimes are process, docker")
     agent = Agent(args.server, token, args.node_id or socket.gethostname(), args.cluster, gpus,
                   model, runtimes, Path(args.work_dir))  # fmt: skip
+    if "docker" in runtimes:
+        attach = args.gpu_attach == "always" or (args.gpu_attach == "auto" and model != "simulated")
+        await agent.connect_engine(args.docker_host, attach)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import gc
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -103,6 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--runtimes", default="process", help="(default %(default)s)")
     agent.add_argument("--gpus", default="auto", help="auto, or N to simulate N GPUs")
     agent.add_argument("--work-dir", default=".", help="where tasks run (default: here)")
+    agent.add_argument(
+        "--docker-host",
+        default=os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock"),
+        help="the container engine's API for the docker runtime (default $DOCKER_HOST)",
+    )
+    agent.add_argument(
+        "--gpu-attach", choices=("auto", "always", "never"), default="auto",
+        help="attach GPUs to containers: auto (real GPUs only), always, never",
+    )  # fmt: skip
     client = argparse.ArgumentParser(add_help=False)
     client.add_argument(
         "--server", help="the API's URL (default $BATCHD_SERVER or http://127.0.0.1:8080)"

@@ -220,6 +220,7 @@ def submit_job(
         "maxRetries": spec.max_retries, "maxNodeFailureRetries": spec.max_node_failure_retries,
         "preemptible": spec.preemptible, "maxWallClockTime": spec.max_wall_clock_s,
         "spec": spec.properties,
+        "runtime": "docker" if "containerSettings" in spec.properties else "process",
     }  # fmt: skip
     return [_event(f"job-{job_id}", "JobSubmitted", data, actor)]
 

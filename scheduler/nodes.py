@@ -142,11 +142,22 @@ class NodeService:
                                    key=self._key(job.job_id))  # fmt: skip
             return
         preparation = (spec.get("jobPreparation") or {}).get("commandLine")
+        container = spec.get("containerSettings") or {}
+        nodes = self.models.nodes
+        lacking = [n for n, _ in job.tasks if n in nodes and job.runtime not in nodes[n].runtimes]
+        if lacking:
+            error = {"code": "runtime_missing",
+                     "message": f"node {lacking[0]} has no {job.runtime} runtime"}  # fmt: skip
+            await self.control.run(lambda m: _fail(m, job.job_id, job.attempt, error),
+                                   key=self._key(job.job_id))  # fmt: skip
+            return
         for plan in plans:
             self._send_start(plan.node_id, {
                 "type": "StartTask", "jobId": job.job_id, "attempt": job.attempt,
                 "task": plan.index, "gpus": list(hosts[plan.index].gpus), "command": plan.command,
-                "env": plan.env, "files": plan.files, "runtime": "process",
+                "env": plan.env, "files": plan.files, "runtime": job.runtime,
+                "image": (container.get("imageSourceRegistry") or {}).get("image"),
+                "shmSize": container.get("shmSize"),
                 "stdouterr": plan.env["AZ_BATCHAI_STDOUTERR_DIR"],
                 "workDir": str(jobs_root / "work" / job.job_id / str(job.attempt)
                                / str(plan.index)),

@@ -25,6 +25,8 @@ that capacity beside the queue: `projections.clusters.free_capacity`). The reaso
 - `gang_incomplete{need_nodes}`: fewer than `need_nodes` nodes could each hold a task;
 - `insufficient_nodes{need_nodes}`: on a VM size without GPUs, fewer than `need_nodes` nodes
   are idle;
+- `runtime_missing{runtime}`: no ready node offers the runtime it needs (`docker` for a job
+  with containerSettings, `process` otherwise);
 - `behind_reservation{}`: an earlier job holds the reservation, and this one could not start
   before it without delaying it (or could, but does not fit now); a job that could never fit
   the cluster's ready nodes is told its own reason instead. Like Slurm's `Priority`
@@ -184,8 +186,12 @@ def _plan_cluster(
     reserved: float | None = None  # when the first blocked job can start, once there is one
     ends: list[tuple[float, str, list[int]]] = []  # this cycle's placements: (end, node, GPUs)
     why: dict[tuple[int, int], dict[str, Any]] = {}  # reasons by shape, while nothing is placed
+    runtimes = {r for n in capacity.gpus for r in m.nodes[n].runtimes}
     for job in waiting:
         need, nodes = job.gpus_per_node, job.node_count
+        if job.runtime not in runtimes and capacity.gpus:  # no ready node can run it
+            _reason(out, job, {"code": "runtime_missing", "runtime": job.runtime})
+            continue
         if reserved is not None and not _ends_before(job, now, reserved):
             _wait_behind(out, job, cluster, capacity, why)
             continue

@@ -41,6 +41,7 @@ class ProcessTask:
         self.spec = spec
         self.process: asyncio.subprocess.Process | None = None
         self.killed = False
+        self.began = False  # the command (not the preparation) is running
         self.pid_file = pid_file  # holds the process group while it runs (see reap_leftovers)
 
     def _env(self) -> dict[str, str]:
@@ -99,6 +100,7 @@ class ProcessTask:
             return TaskResult(None, {"code": "cannot_start", "message": f"{exc.strerror}"})
         finally:
             if started is not None:
+                self.began = self.process is not None
                 started.set()
         if self.pid_file is not None:
             self.pid_file.write_text(str(self.process.pid))

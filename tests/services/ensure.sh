@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs (apt) and starts the services the tests talk to, where they are missing:
-#   PostgreSQL on 127.0.0.1:5432, reachable as user postgres without a password.
+#   PostgreSQL on 127.0.0.1:5432, reachable as user postgres without a password;
+#   a Docker Engine API (podman, containers on runc) on unix:///run/podman/podman.sock, with
+#   the image localhost/busybox:test built from busybox (no registry can be reached).
 # Safe to run again: what is already there and running is left as it is.
 set -euo pipefail
 
@@ -47,4 +49,42 @@ ensure_postgres() {
   say "PostgreSQL ready on 127.0.0.1:$PG_PORT"
 }
 
+PODMAN_SOCKET=/run/podman/podman.sock
+TEST_IMAGE=localhost/busybox:test
+
+podman_ready() { curl -sf --unix-socket "$PODMAN_SOCKET" http://d/v1.41/version >/dev/null 2>&1; }
+
+ensure_podman() {
+  if ! command -v podman >/dev/null || ! command -v runc >/dev/null || [ ! -x /bin/busybox ]; then
+    say "installing podman, runc and busybox"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc busybox-static curl >/dev/null
+  fi
+  if [ ! -f /etc/containers/containers.conf ]; then
+    as_root mkdir -p /etc/containers
+    printf '[containers]\ndefault_ulimits = []\n[engine]\nruntime = "runc"\n' |
+      as_root tee /etc/containers/containers.conf >/dev/null
+  fi
+  if ! podman_ready; then
+    say "starting podman's Docker API on $PODMAN_SOCKET"
+    as_root mkdir -p "$(dirname "$PODMAN_SOCKET")"
+    as_root setsid nohup podman system service --time=0 "unix://$PODMAN_SOCKET" \
+      >/tmp/batchd-podman.log 2>&1 < /dev/null &
+    for _ in $(seq 1 60); do podman_ready && break; sleep 0.5; done
+    podman_ready || { say "podman's API did not start"; exit 1; }
+  fi
+  if ! as_root podman image exists "$TEST_IMAGE"; then
+    local root
+    root=$(mktemp -d)
+    mkdir -p "$root/bin"
+    cp /bin/busybox "$root/bin/"
+    for c in sh echo sleep cat env ls kill true false; do ln -s busybox "$root/bin/$c"; done
+    tar -C "$root" -cf "$root.tar" .
+    as_root podman import -q "$root.tar" "$TEST_IMAGE" >/dev/null
+    rm -rf "$root" "$root.tar"
+  fi
+  say "podman ready on $PODMAN_SOCKET with $TEST_IMAGE"
+}
+
 ensure_postgres
+ensure_podman

@@ -1,0 +1,189 @@
+"""The `docker` runtime: a task in a container, through the Docker Engine API (aiodocker).
+
+The engine may be Docker or podman's Docker-compatible API. GPUs are attached the way the
+engine understands them: DeviceRequests with the device ids for Docker, CDI device names
+(`nvidia.com/gpu=N`) for podman, whose compatible API ignores DeviceRequests. The job's
+paths (mount root, job temp, the stdouterr directory) are bound at the same paths inside,
+so the job's environment means the same thing in and out. stdout and stderr are written to
+the stdouterr files as the task runs. Labels name the job, attempt and task; the container
+is removed once it has exited. `jobPreparation` runs first, in a container of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from pathlib import Path
+from typing import Any
+
+import aiodocker
+
+from batchd.scheduler.runtimes import KILL_GRACE, TaskResult
+
+LABEL = "batchd"
+# the task's output goes to the stdouterr files while it runs; "$2" is the command
+WRAPPER = 'exec >>"$0" 2>>"$1" && eval "$2"'
+_SHM = re.compile(r"(\d+)([bkmg]?)", re.IGNORECASE)
+
+
+def shm_bytes(text: str | None) -> int | None:
+    """Batch AI's `shmSize` ("2g", "512m", "1024") in bytes."""
+    if not text:
+        return None
+    match = _SHM.fullmatch(text.strip())
+    if match is None:
+        return None
+    return int(match.group(1)) * 1024 ** "bkmg".index((match.group(2) or "b").lower())
+
+
+def create_config(spec: dict[str, Any], command: str, suffix: str, engine: str,
+                  attach_gpus: bool) -> dict[str, Any]:  # fmt: skip
+    """The container create request of a task (`engine`: "docker" or "podman")."""
+    out = spec["stdouterr"]
+    gpus = [str(g) for g in spec.get("gpus") or ()]
+    env = {**(spec.get("env") or {}), "CUDA_VISIBLE_DEVICES": ",".join(gpus)}
+    host: dict[str, Any] = {"Binds": [f"{p}:{p}" for p in _binds(spec)]}
+    size = shm_bytes(spec.get("shmSize"))
+    if size:
+        host["ShmSize"] = size
+    if gpus and attach_gpus:
+        if engine == "podman":
+            host["Devices"] = [{"PathOnHost": f"nvidia.com/gpu={g}", "PathInContainer": "",
+                                "CgroupPermissions": "rwm"} for g in gpus]  # fmt: skip
+        else:
+            host["DeviceRequests"] = [{"Driver": "nvidia", "DeviceIDs": gpus,
+                                       "Capabilities": [["gpu"]]}]  # fmt: skip
+    return {
+        "Image": spec["image"],
+        "Cmd": ["/bin/sh", "-c", WRAPPER, f"{out}/stdout{suffix}.txt",
+                f"{out}/stderr{suffix}.txt", command],
+        "Env": [f"{k}={v}" for k, v in sorted(env.items())],
+        "WorkingDir": spec["workDir"],
+        "Labels": {LABEL: "task", f"{LABEL}.node": spec.get("node", ""),
+                   f"{LABEL}.job": spec["jobId"], f"{LABEL}.attempt": str(spec["attempt"]),
+                   f"{LABEL}.task": str(spec["task"])},
+        "HostConfig": host,
+    }  # fmt: skip
+
+
+def _binds(spec: dict[str, Any]) -> list[str]:
+    """Host directories the task sees at the same paths: the mount root, its job temp, its
+    work directory and its stdouterr directory (each once, the outermost kept)."""
+    env = spec.get("env") or {}
+    paths = [env.get("AZ_BATCHAI_MOUNT_ROOT"), env.get("AZ_BATCHAI_JOB_TEMP"),
+             spec["workDir"], spec["stdouterr"]]  # fmt: skip
+    chosen: list[str] = []
+    for path in sorted({p for p in paths if p}, key=len):
+        if not any(path == c or path.startswith(c.rstrip("/") + "/") for c in chosen):
+            chosen.append(path)
+    return chosen
+
+
+class ContainerTask:
+    """One task of one attempt in a container of the engine at `docker`."""
+
+    def __init__(self, spec: dict[str, Any], docker: aiodocker.Docker, engine: str,
+                 attach_gpus: bool) -> None:  # fmt: skip
+        self.spec = spec
+        self.docker, self.engine, self.attach_gpus = docker, engine, attach_gpus
+        self.container: Any = None
+        self.killed = False
+        self.began = False  # the command (not the preparation) is running
+
+    async def run(self, started: asyncio.Event) -> TaskResult:
+        try:
+            return await self._prepare_and_run(started)
+        finally:
+            started.set()
+
+    async def _prepare_and_run(self, started: asyncio.Event) -> TaskResult:
+        try:
+            for path in (self.spec["stdouterr"], self.spec["workDir"],
+                         (self.spec.get("env") or {}).get("AZ_BATCHAI_JOB_TEMP")):  # fmt: skip
+                if path:
+                    Path(path).mkdir(parents=True, exist_ok=True)
+            for path, content in (self.spec.get("files") or {}).items():
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                Path(path).write_text(content)
+        except OSError as exc:
+            message = f"cannot write {exc.filename}: {exc.strerror}"
+            return TaskResult(None, {"code": "output_unwritable", "message": message})
+        problem = await self._image()
+        if problem is not None:
+            return TaskResult(None, problem)
+        preparation = self.spec.get("preparation")
+        if preparation:
+            result = await self._container(preparation, "-prep", None)
+            if result.exit_code != 0 or self.killed:
+                if result.error is None and not self.killed:
+                    message = f"jobPreparation exited with {result.exit_code}"
+                    result.error = {"code": "job_preparation_failed", "message": message}
+                return result
+        if self.spec.get("command") is None:
+            return TaskResult(0)
+        return await self._container(self.spec["command"], "", started)
+
+    async def _image(self) -> dict[str, str] | None:
+        """None once the image is here (pulled if it was not), else the error."""
+        image = self.spec["image"]
+        try:
+            await self.docker.images.inspect(image)
+            return None
+        except aiodocker.DockerError:
+            pass
+        try:
+            await self.docker.images.pull(image)
+            return None
+        except aiodocker.DockerError as exc:
+            return {"code": "image_unavailable", "message": f"cannot pull image {image}: "
+                                                           f"{exc.message}"}  # fmt: skip
+
+    async def _container(self, command: str, suffix: str,
+                         started: asyncio.Event | None) -> TaskResult:  # fmt: skip
+        if self.killed:
+            return TaskResult(None, {"code": "killed", "message": "killed before it started"})
+        config = create_config(self.spec, command, suffix, self.engine, self.attach_gpus)
+        try:
+            self.container = await self.docker.containers.create(config=config)
+            await self.container.start()
+        except aiodocker.DockerError as exc:
+            await self._remove()
+            return TaskResult(None, {"code": "cannot_start", "message": exc.message})
+        if started is not None:
+            self.began = True
+            started.set()
+        try:
+            status = await self.container.wait(timeout=None)
+        except aiodocker.DockerError as exc:
+            return TaskResult(None, {"code": "container_lost", "message": exc.message})
+        finally:
+            await self._remove()
+        return TaskResult(int(status.get("StatusCode", 1)))
+
+    async def _remove(self) -> None:
+        if self.container is not None:
+            with contextlib.suppress(aiodocker.DockerError):
+                await self.container.delete(force=True)
+
+    async def kill(self) -> None:
+        """SIGTERM the container; SIGKILL it if it is still there after a grace."""
+        self.killed = True
+        container = self.container
+        if container is None:
+            return
+        with contextlib.suppress(aiodocker.DockerError):
+            await container.kill(signal="SIGTERM")
+            for _ in range(int(KILL_GRACE / 0.1)):
+                state = (await container.show()).get("State", {})
+                if not state.get("Running"):
+                    return
+                await asyncio.sleep(0.1)
+            await container.kill(signal="SIGKILL")
+
+
+async def engine_of(docker: aiodocker.Docker) -> str:
+    """ "podman" or "docker", by what the engine says it is."""
+    version = await docker.version()
+    names = " ".join(c.get("Name", "") for c in version.get("Components") or ())
+    return "podman" if "podman" in names.lower() else "docker"

@@ -1,0 +1,203 @@
+"""The docker runtime against a real Docker Engine API (podman), through a recording proxy in
+front of the engine's socket, so the exact create request batchd sends is asserted."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from tests.conftest import service_missing
+from tests.integration.conftest import start_daemon
+from tests.integration.test_agents import _until
+from tests.integration.test_api import Client
+
+ENGINE = "/run/podman/podman.sock"
+IMAGE = "localhost/busybox:test"
+EXP = "/v1/workspaces/default/experiments/default"
+GPU_FIELDS = ("Devices", "DeviceRequests")
+
+
+class RecordingProxy:
+    """Forwards every request to the engine and keeps what was asked. The engine here has no
+    GPUs, so the GPU attachment is recorded and then left out of what is forwarded."""
+
+    def __init__(self, socket_path: str) -> None:
+        self.socket_path = socket_path
+        self.requests: list[tuple[str, str, object]] = []
+        self.session = aiohttp.ClientSession(connector=aiohttp.UnixConnector(ENGINE))
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        document = json.loads(body) if body and request.content_type == "application/json" else None
+        self.requests.append((request.method, request.path, document))
+        if request.path.endswith("/containers/create") and isinstance(document, dict):
+            host = {k: v for k, v in document.get("HostConfig", {}).items() if k not in GPU_FIELDS}
+            body = json.dumps({**document, "HostConfig": host}).encode()
+        headers = {k: v for k, v in request.headers.items()
+                   if k.lower() not in ("host", "content-length", "transfer-encoding")}  # fmt: skip
+        forever = aiohttp.ClientTimeout(total=None)  # `wait` answers when the container exits
+        async with self.session.request(request.method, f"http://d{request.path_qs}",
+                                        data=body or None, headers=headers,
+                                        timeout=forever) as upstream:  # fmt: skip
+            response = web.StreamResponse(status=upstream.status, headers={
+                k: v for k, v in upstream.headers.items()
+                if k.lower() not in ("content-length", "transfer-encoding", "content-encoding")
+            })  # fmt: skip
+            await response.prepare(request)
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+
+    def creates(self) -> list[dict]:
+        return [d for m, p, d in self.requests if p.endswith("/containers/create")]
+
+
+@pytest.fixture
+async def proxy(tmp_path):
+    try:
+        async with (
+            aiohttp.ClientSession(connector=aiohttp.UnixConnector(ENGINE)) as s,
+            s.get("http://d/v1.41/images/json") as r,
+        ):
+            images = await r.json()
+    except (aiohttp.ClientError, OSError) as exc:
+        service_missing(f"a Docker Engine API at {ENGINE} ({exc})")
+    if not any(IMAGE in (i.get("RepoTags") or ()) for i in images):
+        service_missing(f"the image {IMAGE} (tests/services/ensure.sh makes it)")
+    recording = RecordingProxy(str(tmp_path / "engine.sock"))
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", recording.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.UnixSite(runner, recording.socket_path).start()
+    try:
+        yield recording
+    finally:
+        await runner.cleanup()
+        await recording.session.close()
+
+
+@pytest.fixture
+async def box(tmp_path, proxy, monkeypatch):
+    """A daemon, a cluster `box` and one agent on it with the docker runtime via the proxy."""
+    monkeypatch.delenv("BATCHD_SECRET_KEYS", raising=False)
+    daemon = await start_daemon(tmp_path / "state")
+    agent = None
+    try:
+        async with aiohttp.ClientSession() as session:
+            client = Client(session, daemon.url, daemon.admin_token)
+            await client.call("PUT", "/v1/workspaces/default", {})
+            await client.call("PUT", EXP, {})
+            cluster = {"vmSize": "Standard_NC24s_v3",
+                       "scaleSettings": {"manual": {"targetNodeCount": 1}}}  # fmt: skip
+            await client.call("PUT", "/v1/workspaces/default/clusters/box", cluster)
+            _status, made = await client.call("POST", "/v1/tokens",
+                                              {"name": "box-agent", "role": "agent"})  # fmt: skip
+            token_file = tmp_path / "agent.token"
+            token_file.write_text(made["token"])
+            agent = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "batchd.scheduler.cli", "agent", "--server", daemon.url,
+                "--token-file", str(token_file), "--node-id", "box-0", "--cluster", "default/box",
+                "--gpus", "4", "--runtimes", "docker,process", "--gpu-attach", "always",
+                "--docker-host", f"unix://{proxy.socket_path}", "--work-dir", str(tmp_path / "n"),
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+            )  # fmt: skip
+            nodes = daemon.models.models.nodes
+            await _until(lambda: "box-0" in nodes and nodes["box-0"].state == "ready", 30)
+            yield daemon, client, proxy
+    finally:
+        if agent is not None:
+            agent.terminate()
+            await agent.wait()
+        await daemon.stop()
+
+
+async def _ended(daemon, name: str) -> None:
+    models = daemon.models.models
+
+    def done() -> bool:
+        ids = models.job_ids.get(f"default/default/{name}", [])
+        return bool(ids) and models.jobs[ids[-1]].state in ("succeeded", "failed")
+
+    await _until(done, 60)
+
+
+async def _containers(job_id: str) -> list:
+    async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(ENGINE)) as s:
+        filters = json.dumps({"label": [f"batchd.job={job_id}"]})
+        query = {"all": "1", "filters": filters}
+        async with s.get("http://d/v1.41/containers/json", params=query) as r:
+            return await r.json()
+
+
+COMMAND = (
+    'echo "job=$AZ_BATCHAI_JOB_NAME gpus=$CUDA_VISIBLE_DEVICES"; '
+    'ls "$AZ_BATCHAI_MOUNT_ROOT" >/dev/null && echo mounted; echo oops >&2; exit 3'
+)
+
+
+async def test_a_container_job_runs_with_its_environment_mounts_labels_and_gpus(box):
+    daemon, client, proxy = box
+    job = {"cluster": "box", "nodeCount": 1, "gpusPerNode": 2,
+           "stdOutErrPathPrefix": "$AZ_BATCHAI_MOUNT_ROOT/logs",
+           "containerSettings": {"imageSourceRegistry": {"image": IMAGE}, "shmSize": "64m"},
+           "customToolkitSettings": {"commandLine": COMMAND}}  # fmt: skip
+    status, _ = await client.call("PUT", f"{EXP}/jobs/boxed", job)
+    assert status == 201
+    await _ended(daemon, "boxed")
+    _status, answer = await client.call("GET", f"{EXP}/jobs/boxed")
+    assert answer["properties"]["state"] == "failed"
+    assert answer["properties"]["executionInfo"]["exitCode"] == 3
+    out = daemon.state_dir / "mounts/logs/default/default/boxed/1/stdouterr"
+    assert (out / "stdout.txt").read_text() == "job=boxed gpus=0,1\nmounted\n"
+    assert (out / "stderr.txt").read_text() == "oops\n"
+    (create,) = proxy.creates()
+    job_id = daemon.models.models.job_ids["default/default/boxed"][-1]
+    mounts = str(daemon.cfg.mounts)
+    assert create["Image"] == IMAGE
+    assert create["Cmd"][:3] == ["/bin/sh", "-c", 'exec >>"$0" 2>>"$1" && eval "$2"']
+    assert create["Cmd"][3:5] == [f"{out}/stdout.txt", f"{out}/stderr.txt"]
+    assert create["Labels"] == {"batchd": "task", "batchd.node": "box-0", "batchd.job": job_id,
+                                "batchd.attempt": "1", "batchd.task": "0"}  # fmt: skip
+    env = dict(item.split("=", 1) for item in create["Env"])
+    assert env["CUDA_VISIBLE_DEVICES"] == "0,1" and env["AZ_BATCHAI_JOB_ID"] == job_id
+    assert env["AZ_BATCHAI_MOUNT_ROOT"] == mounts
+    host = create["HostConfig"]
+    assert f"{mounts}:{mounts}" in host["Binds"]
+    assert host["ShmSize"] == 64 * 1024 * 1024
+    assert host["Devices"] == [  # podman: CDI names, not DeviceRequests
+        {"PathOnHost": "nvidia.com/gpu=0", "PathInContainer": "", "CgroupPermissions": "rwm"},
+        {"PathOnHost": "nvidia.com/gpu=1", "PathInContainer": "", "CgroupPermissions": "rwm"},
+    ]  # fmt: skip
+    assert "DeviceRequests" not in host
+    assert await _containers(job_id) == []  # removed after it exited
+
+
+async def test_terminate_stops_the_container_and_a_missing_image_fails_clearly(box):
+    daemon, client, _proxy = box
+    job = {"cluster": "box", "nodeCount": 1, "gpusPerNode": 1,
+           "stdOutErrPathPrefix": "$AZ_BATCHAI_MOUNT_ROOT/logs",
+           "containerSettings": {"imageSourceRegistry": {"image": IMAGE}},
+           "customToolkitSettings": {"commandLine": "echo started; sleep 600"}}  # fmt: skip
+    await client.call("PUT", f"{EXP}/jobs/sleepy", job)
+    models = daemon.models.models
+    await _until(lambda: models.jobs[models.job_ids["default/default/sleepy"][-1]].state
+                 == "running", 60)  # fmt: skip
+    job_id = models.job_ids["default/default/sleepy"][-1]
+    assert len(await _containers(job_id)) == 1
+    await client.call("POST", f"{EXP}/jobs/sleepy/terminate")
+    await _ended(daemon, "sleepy")
+    assert await _containers(job_id) == []
+    missing = {**job, "containerSettings": {"imageSourceRegistry": {
+        "image": "localhost/no-such-image:1"}}}  # fmt: skip
+    await client.call("PUT", f"{EXP}/jobs/noimage", missing)
+    await _ended(daemon, "noimage")
+    _status, answer = await client.call("GET", f"{EXP}/jobs/noimage")
+    error = answer["properties"]["executionInfo"]["errors"][-1]
+    assert error["code"] == "image_unavailable" and "no-such-image" in error["message"]

@@ -1,0 +1,50 @@
+"""The container create request: GPUs as each engine understands them, binds, shm size."""
+
+from __future__ import annotations
+
+from batchd.scheduler.containers import create_config, shm_bytes
+
+SPEC = {
+    "image": "pytorch/pytorch:2.3.0", "jobId": "j1", "attempt": 2, "task": 1, "node": "n7",
+    "gpus": [2, 3], "stdouterr": "/mnt/batch/logs/ws/e/j/2/stdouterr", "workDir": "/var/w/j1",
+    "env": {"AZ_BATCHAI_MOUNT_ROOT": "/mnt/batch", "AZ_BATCHAI_JOB_TEMP": "/var/tmp/j1",
+            "RANK": "1"},
+    "shmSize": "2g",
+}  # fmt: skip
+
+
+def test_docker_gets_device_requests_and_podman_cdi_names():
+    docker = create_config(SPEC, "python train.py", "", "docker", attach_gpus=True)
+    assert docker["HostConfig"]["DeviceRequests"] == [
+        {"Driver": "nvidia", "DeviceIDs": ["2", "3"], "Capabilities": [["gpu"]]}
+    ]
+    assert "Devices" not in docker["HostConfig"]
+    podman = create_config(SPEC, "python train.py", "", "podman", attach_gpus=True)
+    assert [d["PathOnHost"] for d in podman["HostConfig"]["Devices"]] == [
+        "nvidia.com/gpu=2",
+        "nvidia.com/gpu=3",
+    ]
+    simulated = create_config(SPEC, "python train.py", "", "podman", attach_gpus=False)
+    assert "Devices" not in simulated["HostConfig"]
+    assert "CUDA_VISIBLE_DEVICES=2,3" in simulated["Env"]  # told which, attached or not
+
+
+def test_binds_the_job_paths_once_each_and_sizes_shared_memory():
+    config = create_config(SPEC, "python train.py", "-prep", "docker", attach_gpus=False)
+    assert config["HostConfig"]["Binds"] == [
+        "/var/w/j1:/var/w/j1",
+        "/mnt/batch:/mnt/batch",
+        "/var/tmp/j1:/var/tmp/j1",
+    ]
+    assert config["HostConfig"]["ShmSize"] == 2 * 1024**3
+    assert config["Cmd"][3:] == ["/mnt/batch/logs/ws/e/j/2/stdouterr/stdout-prep.txt",
+                                 "/mnt/batch/logs/ws/e/j/2/stdouterr/stderr-prep.txt",
+                                 "python train.py"]  # fmt: skip
+    assert config["Labels"]["batchd.attempt"] == "2" and config["Labels"]["batchd.node"] == "n7"
+    assert [shm_bytes(t) for t in ("512m", "1024", "1k", "x", None)] == [
+        512 * 1024**2,
+        1024,
+        1024,
+        None,
+        None,
+    ]
