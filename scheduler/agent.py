@@ -223,6 +223,9 @@ class Agent:
         if epoch < self.epoch:
             return  # from a daemon that has been replaced
         self.epoch = epoch
+        if command["type"] == "Exec":
+            self._background(self._exec(command), f"exec {command.get('execId')}")
+            return
         if command["type"] == "RunSetup":
             if self.setup is None or self.setup.done():
                 self.setup = asyncio.create_task(self._run_setup(command), name="setup")
@@ -248,6 +251,25 @@ class Agent:
         task = asyncio.create_task(coroutine, name=name)
         self.background.add(task)
         task.add_done_callback(self.background.discard)
+
+    async def _exec(self, command: dict[str, Any]) -> None:
+        """A command beside a running task, its output sent as it comes."""
+        exec_id = command.get("execId")
+        task = self.tasks.get(protocol.task_key(command))
+
+        def send(**fields: Any) -> None:
+            self.outbox.put_nowait(self._message("ExecOutput", execId=exec_id, **fields))
+
+        if task is None:
+            error = {"code": "not_running", "message": "the task does not run on this node"}
+            send(exitCode=None, error=error)
+            return
+        try:
+            code = await task.exec(command["command"], send)
+        except (OSError, aiodocker.DockerError) as exc:
+            send(exitCode=None, error={"code": "exec_failed", "message": str(exc)})
+            return
+        send(exitCode=code)
 
     async def _run_setup(self, command: dict[str, Any]) -> None:
         """The cluster's setup task; the daemon hears how it ended and the output's tail."""

@@ -54,6 +54,7 @@ PAGE = 100
 MAX_PAGE = 1000
 SSE_KEEPALIVE = 15.0  # seconds between comments on a quiet event stream
 FOLLOW_POLL = 0.25  # seconds between looks at a followed file
+EXEC_TIMEOUT = 600.0  # seconds an exec may go without output before it is given up
 POSITION_HEADER = "Batchd-Position"
 MAX_POSITION = 2**63 - 1  # positions are 64-bit
 STATES = (QUEUED, SCHEDULED, PREPARING_JOB, RUNNING, TERMINATING, SUCCEEDED, FAILED)
@@ -71,6 +72,7 @@ class Api:
         self.mount_root = mount_root
         self.closing = asyncio.Event()  # set when the daemon stops: streams end
         self.heard_from: dict[str, float] = {}  # node id -> monotonic time of its last message
+        self.nodes: Any = None  # the agent channel (scheduler/nodes.py), for exec
 
     @property
     def models(self) -> ReadModels:
@@ -495,6 +497,55 @@ async def delete_job(request: web.Request) -> web.Response:
     return _written({}, position, request, 202)
 
 
+EXEC_FIELDS = {"command", "node"}
+
+
+async def exec_in_job(request: web.Request) -> web.StreamResponse:
+    """Run a command beside a running job's task, in its environment, through its node's
+    agent; the answer streams NDJSON lines: `{"stdout": ...}`, `{"stderr": ...}`, and last
+    `{"exitCode": N}` (with `error` if it could not run)."""
+    ws = _ws(request, "operator")
+    api = request.app[API_KEY]
+    job = commands.find_job(api.models, ws, request.match_info["exp"], request.match_info["name"])
+    body = await _body(request)
+    if not isinstance(body, dict):
+        raise DocumentError("body", "must be a JSON object")
+    unknown = [k for k in body if k not in EXEC_FIELDS]
+    if unknown:
+        raise DocumentError(unknown[0], "is not a known property")
+    command, task = body.get("command"), body.get("node", 0)
+    if not isinstance(command, str) or not command.strip():
+        raise DocumentError("command", "is required: the command line to run")
+    if type(task) is not int or task < 0:
+        raise DocumentError("node", "must be a task index (0 and up)")
+    if job.state != RUNNING or api.nodes is None:
+        raise CommandError(f"job {job.name!r} is {job.state}: only a running job takes exec")
+    if task >= len(job.tasks):
+        raise DocumentError("node", f"the job runs {len(job.tasks)} task(s): 0 to "
+                                    f"{len(job.tasks) - 1}")  # fmt: skip
+    exec_id, output = api.nodes.exec(job, task, command)
+    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await response.prepare(request)
+    try:
+        while True:
+            msg = await asyncio.wait_for(output.get(), EXEC_TIMEOUT)
+            line = {k: msg[k] for k in ("stdout", "stderr", "exitCode", "error") if k in msg}
+            await response.write((json.dumps(line) + "\n").encode())
+            if "exitCode" in msg:
+                break
+        await response.write_eof()
+    except TimeoutError:
+        with contextlib.suppress(ConnectionResetError, OSError):
+            message = f"no word from the node in {EXEC_TIMEOUT:.0f} s"
+            await response.write((json.dumps({"exitCode": None, "error": {
+                "code": "exec_timeout", "message": message}}) + "\n").encode())  # fmt: skip
+    except (ConnectionResetError, OSError):
+        pass
+    finally:
+        api.nodes.exec_done(exec_id)
+    return response
+
+
 async def job_history(request: web.Request) -> web.Response:
     ws = _ws(request)
     exp, name = request.match_info["exp"], request.match_info["name"]
@@ -806,6 +857,7 @@ def add_routes(app: web.Application) -> None:
     r.add_delete(job, delete_job)
     r.add_post(job + "/terminate", terminate_job)
     r.add_get(job + "/history", job_history)
+    r.add_post(job + "/exec", exec_in_job)
     r.add_get(job + "/files", list_files)
     r.add_get(job + "/files/{path:.+}", get_file)
     r.add_get("/v1/jobs", list_all_jobs)

@@ -305,6 +305,15 @@ def _job_commands(commands, api: list) -> None:
     job["list"].add_argument("--state", help="only jobs in this state (queued, running, ...)")
     job["list"].add_argument("--cluster", help="only jobs on this cluster")
 
+    run = verbs.add_parser("exec", parents=api, help="run a command beside a running job")
+    run.set_defaults(api="job_exec")
+    run.add_argument("name", help="the job's name")
+    run.add_argument("--node", type=_non_negative, default=0,
+                     help="the job's task (node) index (default 0)")  # fmt: skip
+    run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD",
+                     help="the command and its arguments, after --")  # fmt: skip
+    job["exec"] = run
+
     file = verbs.add_parser("file", help="a job's output files")
     file_verbs = file.add_subparsers(dest="file_command", required=True, metavar="COMMAND")
     listing = file_verbs.add_parser("list", parents=api, help="list a job's files")

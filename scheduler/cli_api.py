@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import json
 import os
+import shlex
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -552,6 +553,44 @@ async def job_file_stream(args: argparse.Namespace) -> int:
                 out.write(chunk)
             (out or sys.stdout).flush()
     return 0
+
+
+def _split_at_dashes(words: list[str]) -> tuple[list[str], list[str]]:
+    """What comes before `--`, and what after (all of it after, if there is no `--`)."""
+    if "--" not in words:
+        return [], words
+    at = words.index("--")
+    return words[:at], words[at + 1 :]
+
+
+async def job_exec(args: argparse.Namespace) -> int:
+    """A command beside the job's task on node K, its output as it comes; its exit code."""
+    before, parts = _split_at_dashes(args.cmd)
+    node = args.node
+    while before:  # options given after the job's name, before --
+        if before[0] != "--node" or len(before) < 2 or not before[1].isdigit():
+            raise InputError(f"unexpected {before[0]!r}: batchd job exec NAME [--node K] -- CMD")
+        node, before = int(before[1]), before[2:]
+    command = parts[0] if len(parts) == 1 else " ".join(shlex.quote(part) for part in parts)
+    if not command:
+        raise InputError("give the command after --: batchd job exec NAME -- CMD ...")
+    body = {"command": command, "node": node}
+    code: int | None = None
+    async with _client(args) as api, api.stream(f"{_job(args)}/exec", method="POST",
+                                                body=body) as response:  # fmt: skip
+        async for line in response.content:
+            message = json.loads(line)
+            if "stdout" in message:
+                sys.stdout.write(message["stdout"])
+                sys.stdout.flush()
+            if "stderr" in message:
+                sys.stderr.write(message["stderr"])
+                sys.stderr.flush()
+            if "exitCode" in message:
+                code = message["exitCode"]
+                if message.get("error"):
+                    print(f"batchd: error: {message['error'].get('message')}", file=sys.stderr)
+    return 1 if code is None else code
 
 
 # -- tokens -----------------------------------------------------------------------------------

@@ -160,11 +160,13 @@ class Client:
             url, query = page.get("nextLink"), None
 
     def stream(
-        self, path: str, *, params: dict | None = None, headers: dict | None = None
-    ) -> _Request:
-        """A GET whose body is read as it comes (no overall time limit)."""
+        self, path: str, *, params: dict | None = None, headers: dict | None = None,
+        method: str = "GET", body: Any = None,
+    ) -> _Request:  # fmt: skip
+        """A request whose answer is read as it comes (no overall time limit)."""
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT)
-        return self._open("GET", path, params=params, headers=headers, timeout=timeout)
+        return self._open(method, path, params=params, headers=headers, timeout=timeout,
+                          body=body)  # fmt: skip
 
     def _open(self, method: str, path: str, **options: Any) -> _Request:
         assert self._session is not None, "use Client as an async context manager"

@@ -166,6 +166,19 @@ class ContainerTask:
             with contextlib.suppress(aiodocker.DockerError):
                 await self.container.delete(force=True)
 
+    async def exec(self, command: str, send) -> int:
+        """Run `command` in the task's container; `send(stdout=...)`, `send(stderr=...)` get
+        its output as it comes; its exit code."""
+        if self.container is None:
+            raise OSError("the container is not running yet")
+        run = await self.container.exec(cmd=["/bin/sh", "-c", command], stdout=True,
+                                        stderr=True, environment=None)  # fmt: skip
+        async with run.start(detach=False) as stream:
+            while (message := await stream.read_out()) is not None:
+                name = "stdout" if message.stream == 1 else "stderr"
+                send(**{name: message.data.decode("utf-8", "replace")})
+        return int((await run.inspect()).get("ExitCode") or 0)
+
     async def kill(self) -> None:
         """SIGTERM the container; SIGKILL it if it is still there after a grace."""
         self.killed = True

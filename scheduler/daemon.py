@@ -102,6 +102,7 @@ class Daemon:
         self.nodes = NodeService(self.store, self.models, self.control, cfg.mounts,
                                  cfg.state_dir)  # fmt: skip
         service.heard_from = self.nodes.seen
+        service.nodes = self.nodes
         app = api.build(service, self._add_service_routes)
         self._web = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._web.setup()

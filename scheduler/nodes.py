@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,7 @@ class NodeService:
         self._polls = 0
         # (job id, attempt, task) -> (node, StartTask, when sent): until the node reports it
         self.unstarted: dict[tuple[str, int, int], tuple[str, dict[str, Any], float]] = {}
+        self.execs: dict[str, asyncio.Queue[dict[str, Any]]] = {}  # exec id -> its output
 
     @property
     def models(self) -> ReadModels:
@@ -185,6 +187,10 @@ class NodeService:
         if kind == "Register":
             await self.control.run(lambda m: self._register(m, msg, principal.actor),
                                    key=f"node/{node_id}")  # fmt: skip
+        elif kind == "ExecOutput":
+            output = self.execs.get(str(msg.get("execId")))
+            if output is not None:
+                output.put_nowait(msg)
         elif kind == "SetupExited":
             await self.control.run(lambda m: _setup_exited(m, msg), key=f"node/{node_id}")
         elif kind == "Heartbeat":
@@ -329,6 +335,19 @@ class NodeService:
                 self.unstarted[key] = (target, command, now)
                 self.outbox.setdefault(node_id, []).append(command)
                 self.wakeups.setdefault(node_id, asyncio.Event()).set()
+
+    def exec(self, job: Job, task: int, command: str) -> tuple[str, asyncio.Queue]:
+        """Ask the node of `job`'s task to run `command` beside it; its output comes to the
+        queue returned (drop it with `exec_done`)."""
+        exec_id = uuid.uuid4().hex
+        self.execs[exec_id] = output = asyncio.Queue()
+        node_id = job.tasks[task][0]
+        self._send(node_id, {"type": "Exec", "execId": exec_id, "jobId": job.job_id,
+                             "attempt": job.attempt, "task": task, "command": command})  # fmt: skip
+        return exec_id, output
+
+    def exec_done(self, exec_id: str) -> None:
+        self.execs.pop(exec_id, None)
 
     def close(self) -> None:
         """The daemon stops: every waiting long-poll answers now, and new ones at once."""

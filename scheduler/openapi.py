@@ -471,6 +471,8 @@ def components() -> Schema:
             "JobDocument": _envelope(job, "JobProperties", JOB_EXAMPLE),
             "JobProperties": job,
             "TokenRequest": token_request(),
+            "ExecRequest": obj({"command": string(minLength=1), "node": integer(0)},
+                               ("command",), closed=True),
             "Workspace": resource(workspace_view()),
             "Experiment": resource(workspace_view()),
             "Cluster": resource(cluster_view()),
@@ -705,6 +707,12 @@ def job_paths() -> dict[str, Schema]:
             "delete": write("deleteJob", "delete a job", 202, "Written"),
         }, WORKSPACE, EXPERIMENT, JOB),
         _JOB + "/terminate": _with_params({"post": terminate}, WORKSPACE, EXPERIMENT, JOB),
+        _JOB + "/exec": _with_params({"post": operation(
+            "execInJob", "run a command beside a running job's task, in its environment", {
+                "200": {"description": "NDJSON lines: {stdout}, {stderr}, last {exitCode}",
+                        "content": {"application/x-ndjson": {"schema": {"type": "string"}}}},
+                **errors(400, 401, 403, 404, 409, 413),
+            }, body="ExecRequest")}, WORKSPACE, EXPERIMENT, JOB),
         _JOB + "/history": _with_params({
             "get": read("getJobHistory", "a job's incarnations and their timelines", "History"),
         }, WORKSPACE, EXPERIMENT, JOB),

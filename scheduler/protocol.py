@@ -12,12 +12,15 @@ Agent to daemon (POST /agent/v1/messages, a list of messages in one body):
   TaskStarted {jobId, attempt, task}
   TaskExited {jobId, attempt, task, exitCode, error?}
   SetupExited {incarnation's setup: exitCode, error?, tail (the output's last lines)}
+  ExecOutput {execId, stdout? | stderr? (text), exitCode? and error? (at the end)}
 Daemon to agent (GET /agent/v1/commands?node=&incarnation=&wait=S, long-poll):
   StartTask {jobId, attempt, task, gpus, command, env, files, workDir, stdouterr, runtime,
              image?, preparation?}
   KillTask {jobId, attempt, task}
   RunSetup {command, env, stdouterr, workDir}: the cluster's nodeSetup.setupTask, run before
              the node takes work
+  Exec {execId, jobId, attempt, task, command}: run a command beside a running task, in its
+        environment (its container, for the docker runtime)
 """
 
 from __future__ import annotations
@@ -28,8 +31,9 @@ import msgpack
 
 VERSION = 1
 CONTENT_TYPE = "application/msgpack"
-AGENT_MESSAGES = ("Register", "Heartbeat", "TaskStarted", "TaskExited", "SetupExited")
-COMMANDS = ("StartTask", "KillTask", "RunSetup")
+AGENT_MESSAGES = ("Register", "Heartbeat", "TaskStarted", "TaskExited", "SetupExited",
+                  "ExecOutput")  # fmt: skip
+COMMANDS = ("StartTask", "KillTask", "RunSetup", "Exec")
 
 TaskKey = tuple[str, int, int]  # (job id, attempt, task index)
 

@@ -111,6 +111,22 @@ class ProcessTask:
             self.pid_file.unlink(missing_ok=True)
         return TaskResult(_exit_code(returncode))
 
+    async def exec(self, command: str, send) -> int:
+        """Run `command` in the task's environment and directory; `send(stdout=...)` and
+        `send(stderr=...)` get its output as it comes; its exit code."""
+        process = await asyncio.create_subprocess_exec(
+            "/bin/sh", "-c", command, cwd=self.spec["workDir"], env=self._env(),
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, start_new_session=True,
+        )  # fmt: skip
+
+        async def pump(stream: asyncio.StreamReader, name: str) -> None:
+            while chunk := await stream.read(1 << 14):
+                send(**{name: chunk.decode("utf-8", "replace")})
+
+        await asyncio.gather(pump(process.stdout, "stdout"), pump(process.stderr, "stderr"))
+        return _exit_code(await process.wait())
+
     async def kill(self) -> None:
         """SIGTERM the task's process group; SIGKILL it if it is still there after a grace."""
         self.killed = True

@@ -240,3 +240,26 @@ async def test_a_job_that_cannot_write_its_output_or_start_fails_clearly_and_the
     assert "not found" in _out(daemon, "missing", file="stderr.txt")
     await _run(client, "after", "echo still here")  # the agents took it all in their stride
     assert (await _ended(daemon, client, "after"))["properties"]["state"] == "succeeded"
+
+
+async def test_job_exec_runs_beside_the_job_in_its_environment_and_streams_output(local):
+    daemon, client = local
+    await _run(client, "busy", "sleep 600")
+    models = daemon.models.models
+    await _until(lambda: models.jobs[models.job_ids["default/default/busy"][-1]].state
+                 == "running", 30)  # fmt: skip
+    env = {"BATCHD_SERVER": daemon.url, "BATCHD_TOKEN": daemon.admin_token}
+    done = await asyncio.to_thread(
+        batchd, "job", "exec", "busy", "--",
+        'echo "in $AZ_BATCHAI_JOB_NAME on GPU $CUDA_VISIBLE_DEVICES"; echo warn >&2; exit 5',
+        env=env,
+    )  # fmt: skip
+    assert done.returncode == 5
+    assert done.stdout.startswith("in busy on GPU ") and done.stderr == "warn\n"
+    done = await asyncio.to_thread(batchd, "job", "exec", "busy", "--node", "3", "--", "true",
+                                   env=env)  # fmt: skip
+    assert done.returncode == 1 and "0 to 0" in done.stderr  # one task only
+    await client.call("POST", f"{EXP}/jobs/busy/terminate")
+    await _ended(daemon, client, "busy")
+    done = await asyncio.to_thread(batchd, "job", "exec", "busy", "--", "true", env=env)
+    assert done.returncode == 1 and "only a running job" in done.stderr

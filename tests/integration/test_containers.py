@@ -201,3 +201,23 @@ async def test_terminate_stops_the_container_and_a_missing_image_fails_clearly(b
     _status, answer = await client.call("GET", f"{EXP}/jobs/noimage")
     error = answer["properties"]["executionInfo"]["errors"][-1]
     assert error["code"] == "image_unavailable" and "no-such-image" in error["message"]
+
+
+async def test_exec_runs_in_the_tasks_container(proxy):
+    import aiodocker
+
+    from batchd.scheduler.containers import ContainerTask
+
+    docker = aiodocker.Docker(url=f"unix://{ENGINE}")
+    container = await docker.containers.create(config={"Image": IMAGE, "Cmd": ["sleep", "60"]})
+    try:
+        await container.start()
+        task = ContainerTask({}, docker, "podman", attach_gpus=False)
+        task.container = container
+        heard: list[dict] = []
+        code = await task.exec("echo inside; echo err >&2; exit 4", lambda **kw: heard.append(kw))
+        joined = {k: "".join(h.get(k, "") for h in heard) for k in ("stdout", "stderr")}
+        assert (code, joined) == (4, {"stdout": "inside\n", "stderr": "err\n"})
+    finally:
+        await container.delete(force=True)
+        await docker.close()
