@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import subprocess
 import sys
 import time
 
@@ -13,7 +16,7 @@ import pytest
 
 from tests.integration.conftest import start_daemon
 from tests.integration.test_api import Client
-from tests.integration.test_cli import batchd
+from tests.integration.test_cli import _free_port, batchd
 
 EXP = "/v1/workspaces/default/experiments/default"
 
@@ -263,3 +266,29 @@ async def test_job_exec_runs_beside_the_job_in_its_environment_and_streams_outpu
     await _ended(daemon, client, "busy")
     done = await asyncio.to_thread(batchd, "job", "exec", "busy", "--", "true", env=env)
     assert done.returncode == 1 and "only a running job" in done.stderr
+
+
+def test_the_readme_walk_through_from_serve_to_the_jobs_output(tmp_path):
+    """`make run` starts `batchd serve` with no configuration; then, in a second shell, the
+    README's three commands."""
+    port = _free_port()
+    env = {"BATCHD_STATE_DIR": str(tmp_path / "state"), "BATCHD_SERVER": f"http://127.0.0.1:{port}"}
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "batchd.scheduler.cli", "serve", "--listen", f"127.0.0.1:{port}"],
+        env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while batchd("node", "list", env=env).stdout.count("\tready\t") < 2:
+            assert time.monotonic() < deadline, "the local nodes did not become ready"
+            time.sleep(0.2)
+        done = batchd("job", "create", "hello", "--cluster", "local", "--command",
+                      "echo hello; nvidia-smi -L || true", env=env)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        done = batchd("job", "wait", "hello", env=env)
+        assert done.returncode == 0, done.stderr
+        done = batchd("job", "file", "stream", "hello", env=env)
+        assert done.returncode == 0 and done.stdout == "hello\n", (done.stdout, done.stderr)
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(30) == 0
