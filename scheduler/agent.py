@@ -25,7 +25,7 @@ import aiodocker
 import aiohttp
 import structlog
 
-from batchd.scheduler import protocol
+from batchd.scheduler import files, protocol
 from batchd.scheduler.containers import LABEL, ContainerTask, engine_of
 from batchd.scheduler.protocol import TaskKey
 from batchd.scheduler.runtimes import ProcessTask, reap_leftovers
@@ -223,6 +223,9 @@ class Agent:
         if epoch < self.epoch:
             return  # from a daemon that has been replaced
         self.epoch = epoch
+        if command["type"] == "ReadFile":
+            self._background(self._read_file(command), "read file")
+            return
         if command["type"] == "Exec":
             self._background(self._exec(command), f"exec {command.get('execId')}")
             return
@@ -251,6 +254,12 @@ class Agent:
         task = asyncio.create_task(coroutine, name=name)
         self.background.add(task)
         task.add_done_callback(self.background.discard)
+
+    async def _read_file(self, command: dict[str, Any]) -> None:
+        """A job's output file or directory the daemon cannot read itself."""
+        answer = await asyncio.to_thread(read_output, command)
+        self.outbox.put_nowait(self._message("FileData", requestId=command.get("requestId"),
+                                             **answer))  # fmt: skip
 
     async def _exec(self, command: dict[str, Any]) -> None:
         """A command beside a running task, its output sent as it comes."""
@@ -297,6 +306,27 @@ class Agent:
         if result.error:
             report["error"] = result.error
         self.outbox.put_nowait(self._message("TaskExited", **report))
+
+
+def read_output(command: dict[str, Any]) -> dict[str, Any]:
+    """What a ReadFile asks: the entries of a directory, or bytes of a file from an offset.
+    The daemon has checked the path's parts; a path that leads through a link is refused."""
+    path = Path(str(command.get("path", "")))
+    if not path.is_absolute() or not files.unlinked(path):
+        return {"error": {"code": "refused", "message": "the path leads through a link"}}
+    try:
+        if command.get("list"):
+            return {"entries": files.listing(path)}
+        with path.open("rb") as handle:
+            handle.seek(int(command.get("offset", 0)))
+            data = handle.read(int(command.get("size", 1 << 20)))
+        return {"data": data, "size": path.stat().st_size}
+    except files.FileNotFound as exc:
+        return {"error": {"code": "not_found", "message": str(exc)}}
+    except (FileNotFoundError, NotADirectoryError):
+        return {"error": {"code": "not_found", "message": "no such file (yet)"}}
+    except OSError as exc:
+        return {"error": {"code": "unreadable", "message": exc.strerror or str(exc)}}
 
 
 def _tail(path: Path, size: int = 2000) -> str:

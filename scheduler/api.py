@@ -562,21 +562,44 @@ async def job_history(request: web.Request) -> web.Response:
 
 
 # -- files -------------------------------------------------------------------------------------
-async def _output_dir(request: web.Request) -> tuple[Job, Path]:
+async def _output_dir(request: web.Request) -> tuple[Job, Path, str | None]:
+    """The job, its output directory, and the node to ask for it (None: the daemon reads it
+    on its own storage)."""
     ws = _ws(request)
     api = request.app[API_KEY]
     job = commands.find_job(api.models, ws, request.match_info["exp"], request.match_info["name"])
     directory_id = request.query.get("outputdirectoryid", files.STDOUTERR)
     attempt = _int_query(request, "attempt", max(job.attempt, 1), 1, max(job.attempt, 1))
     spec = await resources.job_spec(api.store, job)
-    return job, files.output_dir(spec, job, directory_id, attempt, api.mount_root)
+    try:
+        return job, files.output_dir(spec, job, directory_id, attempt, api.mount_root), None
+    except files.OffStorage as off:
+        node = await _node_of(api, job, attempt)
+        if node is None or api.nodes is None:
+            raise files.FileNotFound(f"{off}, and no node ran attempt {attempt}") from None
+        return job, off.path, node
 
 
-async def list_files(request: web.Request) -> web.Response:
-    _job_found, base = await _output_dir(request)
-    mounts = request.app[API_KEY].mount_root
-    directory = files.inside(base, request.query.get("directory", "."), "directory", mounts)
-    entries = files.listing(directory)
+async def _node_of(api: Api, job: Job, attempt: int) -> str | None:
+    """The node of the first task of `attempt` (from the log: ended jobs hold no tasks)."""
+    for event in await api.store.read_stream(f"job-{job.job_id}"):
+        if event.type == "JobScheduled" and event.data.get("attempt") == attempt:
+            tasks = event.data.get("tasks") or []
+            return tasks[0]["node"] if tasks else None
+    return None
+
+
+async def _remote(api: Api, node: str, path: Path, **options: Any) -> dict[str, Any]:
+    answer = await api.nodes.read_remote(node, str(path), **options)
+    error = answer.get("error")
+    if error is not None:
+        if error.get("code") == "refused":
+            raise DocumentError("path", "leads through a link, outside the job's output directory")
+        raise files.FileNotFound(f"node {node}: {error.get('message')}")
+    return answer
+
+
+def _entries(request: web.Request, entries: list[dict[str, Any]]) -> web.Response:
     prefix = request.query.get("directory", ".").strip("/")
     query = {k: v for k, v in request.query.items() if k in ("outputdirectoryid", "attempt")}
     for entry in entries:
@@ -588,9 +611,24 @@ async def list_files(request: web.Request) -> web.Response:
     return _page(request, entries)
 
 
+async def list_files(request: web.Request) -> web.Response:
+    _job_found, base, node = await _output_dir(request)
+    api = request.app[API_KEY]
+    relative = request.query.get("directory", ".")
+    if node is not None:
+        directory = files.joined(base, relative, "directory")
+        return _entries(request, (await _remote(api, node, directory, listing=True))["entries"])
+    directory = files.inside(base, relative, "directory", api.mount_root)
+    return _entries(request, files.listing(directory))
+
+
 async def get_file(request: web.Request) -> web.StreamResponse:
-    job, base = await _output_dir(request)
-    path = files.inside(base, request.match_info["path"], "path", request.app[API_KEY].mount_root)
+    job, base, node = await _output_dir(request)
+    api = request.app[API_KEY]
+    if node is not None:
+        return await _remote_file(request, node, files.joined(base, request.match_info["path"],
+                                                              "path"))  # fmt: skip
+    path = files.inside(base, request.match_info["path"], "path", api.mount_root)
     if path.is_dir():
         raise files.FileNotFound(f"{request.match_info['path']!r} is a directory")
     start = _range_start(request, path)
@@ -599,6 +637,30 @@ async def get_file(request: web.Request) -> web.StreamResponse:
     if not path.is_file():
         raise files.FileNotFound(f"no file {request.match_info['path']!r} (yet)")
     return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
+
+
+async def _remote_file(request: web.Request, node: str, path: Path) -> web.StreamResponse:
+    """A file the job's node has, from the Range start to its end, in chunks."""
+    api = request.app[API_KEY]
+    try:
+        offset = request.http_range.start or 0
+    except ValueError:
+        raise _unsatisfiable("the Range header is not bytes=START-[END]") from None
+    if offset < 0:
+        raise _unsatisfiable("only ranges from a start offset are served")
+    first = await _remote(api, node, path, offset=offset)
+    response = web.StreamResponse(status=206 if offset else 200,
+                                  headers={"Content-Type": "application/octet-stream"})  # fmt: skip
+    await response.prepare(request)
+    chunk = first
+    while chunk.get("data"):
+        await response.write(chunk["data"])
+        offset += len(chunk["data"])
+        if offset >= chunk.get("size", 0):
+            break
+        chunk = await _remote(api, node, path, offset=offset)
+    await response.write_eof()
+    return response
 
 
 def _range_start(request: web.Request, path: Path) -> int:

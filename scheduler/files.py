@@ -43,10 +43,18 @@ def output_dir(spec: dict[str, Any], job: Job, directory_id: str, attempt: int,
     raise FileNotFound(f"the job has no output directory {directory_id!r}")
 
 
+class OffStorage(LookupError):
+    """The job's output directory is not on the daemon's storage: its node has it."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(f"{path} is not on the storage the daemon reads")
+        self.path = path
+
+
 def _on_storage(path: str, mount_root: Path) -> Path:
     normal = Path(os.path.normpath(path))
     if not normal.is_relative_to(os.path.normpath(mount_root)):
-        raise FileNotFound("the job's output is not on the storage the daemon reads")
+        raise OffStorage(normal)
     return normal
 
 
@@ -64,10 +72,8 @@ def _expander(mount_root: Path, job: Job):
     return expand
 
 
-def inside(base: Path, relative: str, field: str, mount_root: Path) -> Path:
-    """`base / relative`, refusing absolute paths, `..`, and any link on the way from the
-    mount root (a job could make its own output a link to anywhere); DocumentError names
-    `field`."""
+def joined(base: Path, relative: str, field: str) -> Path:
+    """`base / relative`, refusing absolute paths, `..`, NUL and backslashes by `field`."""
     if "\x00" in relative or "\\" in relative:
         raise DocumentError(field, "must not contain NUL or backslashes")
     if relative.startswith("/"):
@@ -75,10 +81,22 @@ def inside(base: Path, relative: str, field: str, mount_root: Path) -> Path:
     parts = [p for p in relative.split("/") if p not in ("", ".")]
     if ".." in parts:
         raise DocumentError(field, "must not contain '..'")
-    target = base.joinpath(*parts)
+    return base.joinpath(*parts)
+
+
+def unlinked(path: Path) -> bool:
+    """Whether no link leads anywhere on the way to `path` (its real path is itself)."""
+    return os.path.realpath(path) == os.path.normpath(os.path.abspath(path))
+
+
+def inside(base: Path, relative: str, field: str, mount_root: Path) -> Path:
+    """`base / relative`, refusing absolute paths, `..`, and any link on the way from the
+    mount root (a job could make its own output a link to anywhere); DocumentError names
+    `field`."""
+    target = joined(base, relative, field)
     root = os.path.normpath(mount_root)
-    unlinked = os.path.join(os.path.realpath(root), os.path.relpath(target, root))
-    if os.path.realpath(target) != os.path.normpath(unlinked):
+    expected = os.path.join(os.path.realpath(root), os.path.relpath(target, root))
+    if os.path.realpath(target) != os.path.normpath(expected):
         raise DocumentError(field, "leads through a link, outside the job's output directory")
     return target
 

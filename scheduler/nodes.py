@@ -63,6 +63,8 @@ NODE_TIMEOUT = 10.0
 MAX_WAIT = 30
 SETUP_TAIL = 4000  # characters of the setup task's output kept in the log
 RESEND_AFTER = 5.0  # seconds before a StartTask the node does not report is sent again
+READ_CHUNK = 1 << 20  # bytes of a file a node sends in one answer
+READ_TIMEOUT = 10.0  # seconds a node has to answer for a file
 
 
 class NodeService:
@@ -187,8 +189,8 @@ class NodeService:
         if kind == "Register":
             await self.control.run(lambda m: self._register(m, msg, principal.actor),
                                    key=f"node/{node_id}")  # fmt: skip
-        elif kind == "ExecOutput":
-            output = self.execs.get(str(msg.get("execId")))
+        elif kind in ("ExecOutput", "FileData"):
+            output = self.execs.get(str(msg.get("execId") or msg.get("requestId")))
             if output is not None:
                 output.put_nowait(msg)
         elif kind == "SetupExited":
@@ -345,6 +347,22 @@ class NodeService:
         self._send(node_id, {"type": "Exec", "execId": exec_id, "jobId": job.job_id,
                              "attempt": job.attempt, "task": task, "command": command})  # fmt: skip
         return exec_id, output
+
+    async def read_remote(self, node_id: str, path: str, *, listing: bool = False,
+                          offset: int = 0) -> dict[str, Any]:  # fmt: skip
+        """Ask a node's agent for a file's bytes from `offset` (or a directory's entries):
+        its FileData answer (`data` or `entries`, or `error`)."""
+        request_id = uuid.uuid4().hex
+        self.execs[request_id] = answer = asyncio.Queue()
+        self._send(node_id, {"type": "ReadFile", "requestId": request_id, "path": path,
+                             "list": listing, "offset": offset, "size": READ_CHUNK})  # fmt: skip
+        try:
+            return await asyncio.wait_for(answer.get(), READ_TIMEOUT)
+        except TimeoutError:
+            return {"error": {"code": "node_unreachable",
+                              "message": f"node {node_id} did not answer"}}  # fmt: skip
+        finally:
+            self.execs.pop(request_id, None)
 
     def exec_done(self, exec_id: str) -> None:
         self.execs.pop(exec_id, None)

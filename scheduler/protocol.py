@@ -13,6 +13,7 @@ Agent to daemon (POST /agent/v1/messages, a list of messages in one body):
   TaskExited {jobId, attempt, task, exitCode, error?}
   SetupExited {incarnation's setup: exitCode, error?, tail (the output's last lines)}
   ExecOutput {execId, stdout? | stderr? (text), exitCode? and error? (at the end)}
+  FileData {requestId, data (bytes) and size | entries | error}
 Daemon to agent (GET /agent/v1/commands?node=&incarnation=&wait=S, long-poll):
   StartTask {jobId, attempt, task, gpus, command, env, files, workDir, stdouterr, runtime,
              image?, preparation?}
@@ -21,6 +22,8 @@ Daemon to agent (GET /agent/v1/commands?node=&incarnation=&wait=S, long-poll):
              the node takes work
   Exec {execId, jobId, attempt, task, command}: run a command beside a running task, in its
         environment (its container, for the docker runtime)
+  ReadFile {requestId, path, list, offset, size}: a job's output file (or directory) that the
+        daemon cannot read itself
 """
 
 from __future__ import annotations
@@ -32,8 +35,8 @@ import msgpack
 VERSION = 1
 CONTENT_TYPE = "application/msgpack"
 AGENT_MESSAGES = ("Register", "Heartbeat", "TaskStarted", "TaskExited", "SetupExited",
-                  "ExecOutput")  # fmt: skip
-COMMANDS = ("StartTask", "KillTask", "RunSetup", "Exec")
+                  "ExecOutput", "FileData")  # fmt: skip
+COMMANDS = ("StartTask", "KillTask", "RunSetup", "Exec", "ReadFile")
 
 TaskKey = tuple[str, int, int]  # (job id, attempt, task index)
 

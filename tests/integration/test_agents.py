@@ -292,3 +292,28 @@ def test_the_readme_walk_through_from_serve_to_the_jobs_output(tmp_path):
     finally:
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(30) == 0
+
+
+async def test_output_the_daemon_cannot_read_is_served_by_the_jobs_node(local, tmp_path):
+    daemon, client = local
+    node_local = tmp_path / "node-local-disk"  # not on the daemon's storage
+    await _run(
+        client, "local-out", "echo from the node; echo more", stdOutErrPathPrefix=str(node_local)
+    )
+    job = await _ended(daemon, client, "local-out")
+    assert job["properties"]["state"] == "succeeded"
+    _status, listed = await client.call("GET", f"{EXP}/jobs/local-out/files")
+    assert sorted(f["name"] for f in listed["value"]) == ["stderr.txt", "stdout.txt"]
+    async with client.session.get(client.url + f"{EXP}/jobs/local-out/files/stdout.txt",
+                                  headers=client.headers) as r:  # fmt: skip
+        assert (r.status, await r.text()) == (200, "from the node\nmore\n")
+    headers = {**client.headers, "Range": "bytes=5-"}
+    async with client.session.get(client.url + f"{EXP}/jobs/local-out/files/stdout.txt",
+                                  headers=headers) as r:  # fmt: skip
+        assert (r.status, await r.text()) == (206, "the node\nmore\n")
+    out = node_local / "default/default/local-out/1/stdouterr"
+    (out / "secret").symlink_to(daemon.state_dir / "admin.token")
+    status, answer = await client.call("GET", f"{EXP}/jobs/local-out/files/secret")
+    assert status == 400 and "link" in answer["error"]["message"]
+    status, _ = await client.call("GET", f"{EXP}/jobs/local-out/files/absent.txt")
+    assert status == 404
