@@ -14,12 +14,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from pathlib import Path
 from typing import Any
 
 import aiodocker
 
-from batchd.scheduler.runtimes import KILL_GRACE, TaskResult
+from batchd.scheduler.runtimes import KILL_GRACE, TaskResult, prepare_directories
 
 LABEL = "batchd"
 # the task's output goes to the stdouterr files while it runs; "$2" is the command
@@ -98,17 +97,9 @@ class ContainerTask:
             started.set()
 
     async def _prepare_and_run(self, started: asyncio.Event) -> TaskResult:
-        try:
-            for path in (self.spec["stdouterr"], self.spec["workDir"],
-                         (self.spec.get("env") or {}).get("AZ_BATCHAI_JOB_TEMP")):  # fmt: skip
-                if path:
-                    Path(path).mkdir(parents=True, exist_ok=True)
-            for path, content in (self.spec.get("files") or {}).items():
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
-                Path(path).write_text(content)
-        except OSError as exc:
-            message = f"cannot write {exc.filename}: {exc.strerror}"
-            return TaskResult(None, {"code": "output_unwritable", "message": message})
+        unwritable = prepare_directories(self.spec)
+        if unwritable is not None:
+            return unwritable
         problem = await self._image()
         if problem is not None:
             return TaskResult(None, problem)

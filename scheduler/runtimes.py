@@ -29,6 +29,23 @@ class TaskResult:
     error: dict[str, str] | None = None
 
 
+def prepare_directories(spec: dict[str, Any]) -> TaskResult | None:
+    """Make a task's stdouterr, work and job temp directories and write its files (the MPI
+    host file); a failed TaskResult saying what could not be written, or None."""
+    try:
+        for path in (spec["stdouterr"], spec["workDir"],
+                     (spec.get("env") or {}).get("AZ_BATCHAI_JOB_TEMP")):  # fmt: skip
+            if path:
+                Path(path).mkdir(parents=True, exist_ok=True)
+        for path, content in (spec.get("files") or {}).items():
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(content)
+    except OSError as exc:
+        message = f"cannot write {exc.filename}: {exc.strerror}"
+        return TaskResult(None, {"code": "output_unwritable", "message": message})
+    return None
+
+
 def _exit_code(returncode: int) -> int:
     """A shell's convention: killed by signal N is 128 + N."""
     return 128 - returncode if returncode < 0 else returncode
@@ -61,15 +78,9 @@ class ProcessTask:
     async def _prepare_and_run(self, started: asyncio.Event) -> TaskResult:
         out = Path(self.spec["stdouterr"])
         work = Path(self.spec["workDir"])
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            work.mkdir(parents=True, exist_ok=True)
-            for path, content in (self.spec.get("files") or {}).items():
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
-                Path(path).write_text(content)
-        except OSError as exc:
-            message = f"cannot write {exc.filename}: {exc.strerror}"
-            return TaskResult(None, {"code": "output_unwritable", "message": message})
+        unwritable = prepare_directories(self.spec)
+        if unwritable is not None:
+            return unwritable
         env = self._env()
         preparation = self.spec.get("preparation")
         if preparation:

@@ -22,6 +22,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -84,25 +85,34 @@ async def _start(state: Path, port: int, *flags: str) -> asyncio.subprocess.Proc
     raise BenchError("the daemon did not become ready within 60 s")
 
 
-async def run(jobs: int, clients: int) -> dict[str, Any]:
-    state = Path(tempfile.mkdtemp(prefix="batchd-bench-api-"))
+@contextlib.asynccontextmanager
+async def daemon_in(state: Path, *flags: str) -> AsyncIterator[tuple[str, str]]:
+    """A `batchd serve` process on `state` (with `flags`) while the block runs: its URL and
+    admin token. It is stopped with SIGTERM afterwards, as an operator would."""
     port = _free_port()
-    daemon = await _start(state, port)
+    daemon = await _start(state, port, *flags)
     try:
-        token = (state / "admin.token").read_text().strip()
-        base = f"http://127.0.0.1:{port}/v1/workspaces/bench"
-        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
-        async with aiohttp.ClientSession(headers=headers) as session:
-            for path, body in (("", {}), ("/experiments/bench", {}), ("/clusters/bench", CLUSTER)):
-                async with session.put(base + path, data=json.dumps(body)) as response:
-                    if response.status != 201:
-                        raise BenchError(f"PUT {path}: {response.status} {await response.text()}")
-        accepted, latencies, seconds = await _submit(base, headers, jobs, clients)
+        yield f"http://127.0.0.1:{port}", (state / "admin.token").read_text().strip()
     finally:
         if daemon.returncode is None:
             daemon.send_signal(signal.SIGTERM)
             await asyncio.wait_for(daemon.wait(), 60)
+
+
+async def run(jobs: int, clients: int) -> dict[str, Any]:
+    state = Path(tempfile.mkdtemp(prefix="batchd-bench-api-"))
     try:
+        async with daemon_in(state) as (url, token):
+            base = f"{url}/v1/workspaces/bench"
+            headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+            async with aiohttp.ClientSession(headers=headers) as session:
+                for path, body in (("", {}), ("/experiments/bench", {}),
+                                   ("/clusters/bench", CLUSTER)):  # fmt: skip
+                    async with session.put(base + path, data=json.dumps(body)) as response:
+                        if response.status != 201:
+                            raise BenchError(f"PUT {path}: {response.status} "
+                                             f"{await response.text()}")  # fmt: skip
+            accepted, latencies, seconds = await _submit(base, headers, jobs, clients)
         stored = await _submitted_names(state)
     finally:
         shutil.rmtree(state, ignore_errors=True)

@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import json
 import shutil
-import signal
 import statistics
 import tempfile
 import time
@@ -25,7 +24,7 @@ from typing import Any
 import aiohttp
 
 from batchd.events import urls
-from batchd.scheduler.bench.api import BenchError, _free_port, _start
+from batchd.scheduler.bench.api import BenchError, daemon_in
 
 EXPERIMENT = "/v1/workspaces/default/experiments/default"
 
@@ -51,20 +50,12 @@ async def run(jobs: int, nodes: int, gpus: int) -> dict[str, Any]:
     state = Path(tempfile.mkdtemp(prefix="batchd-bench-e2e-"))
     config = state / "batchd.toml"
     config.write_text(f"[local]\nnodes = {nodes}\ngpus_per_node = {gpus}\n")
-    port = _free_port()
-    daemon = await _start(state, port, "--config", str(config))
     try:
-        token = (state / "admin.token").read_text().strip()
-        url = f"http://127.0.0.1:{port}"
-        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
-        async with aiohttp.ClientSession(headers=headers) as session:
-            await _nodes_ready(session, url, nodes)
-            seconds = await _closed_loop(session, url, jobs, nodes * gpus)
-    finally:
-        if daemon.returncode is None:
-            daemon.send_signal(signal.SIGTERM)
-            await asyncio.wait_for(daemon.wait(), 60)
-    try:
+        async with daemon_in(state, "--config", str(config)) as (url, token):
+            headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+            async with aiohttp.ClientSession(headers=headers) as session:
+                await _nodes_ready(session, url, nodes)
+                seconds = await _closed_loop(session, url, jobs, nodes * gpus)
         waits = await _submit_to_start(state)
     finally:
         shutil.rmtree(state, ignore_errors=True)
