@@ -37,6 +37,8 @@ LEASE_TIMEOUT = 8.0  # < the daemon's node timeout (10 s)
 POLL_WAIT = 20  # seconds a command long-poll may wait
 RETRY_DELAY = 1.0
 AGENT_VERSION = "1"
+POST_TIMEOUT = 5.0  # seconds a message to the daemon may take
+PARENT_ENV = "BATCHD_AGENT_PARENT"  # set by the local provider: the daemon's pid
 
 
 class AgentError(ValueError):
@@ -49,7 +51,9 @@ def discover_gpus(option: str) -> tuple[int, str]:
         try:
             count = int(option)
         except ValueError:
-            raise AgentError(f"--gpus must be auto or a number, not {option!r}") from None
+            count = -1
+        if not 0 <= count <= 64:
+            raise AgentError(f"--gpus must be auto or a number from 0 to 64, not {option!r}")
         return count, "simulated" if count else ""
     try:
         import pynvml  # nvidia-ml-py
@@ -92,6 +96,9 @@ class Agent:
         self.docker: aiodocker.Docker | None = None  # the docker runtime's engine
         self.engine = "docker"
         self.attach_gpus = False
+        self.stop: asyncio.Event | None = None
+        # a local agent's daemon (its parent): when it is gone, the agent stops
+        self.parent = int(os.environ[PARENT_ENV]) if os.environ.get(PARENT_ENV) else None
 
     def _message(self, type_: str, **fields: Any) -> dict[str, Any]:
         return protocol.message(type_, self.node_id, self.incarnation, **fields)
@@ -124,7 +131,18 @@ class Agent:
                                  self.attach_gpus)  # fmt: skip
         return ProcessTask(command, self.running_dir / f"{key[0]}-{key[1]}-{key[2]}.pid")
 
+    async def _watch_lease(self) -> None:
+        """Every second: out of touch for longer than the lease means stop every task; a
+        local agent whose daemon is gone stops itself."""
+        while True:
+            await asyncio.sleep(1.0)
+            self._check_lease()
+            if self.parent is not None and os.getppid() != self.parent and self.stop is not None:
+                logger.warning("agent.daemon_gone", node=self.node_id)
+                self.stop.set()
+
     async def run(self, stop: asyncio.Event) -> None:
+        self.stop = stop
         left = reap_leftovers(self.running_dir)
         if left:
             logger.warning("agent.reaped_leftover_tasks", count=left)
@@ -134,7 +152,8 @@ class Agent:
             await self._register()
             workers = [asyncio.create_task(self._heartbeats(), name="heartbeats"),
                        asyncio.create_task(self._commands(), name="commands"),
-                       asyncio.create_task(self._send(), name="reports")]  # fmt: skip
+                       asyncio.create_task(self._send(), name="reports"),
+                       asyncio.create_task(self._watch_lease(), name="lease")]  # fmt: skip
             try:
                 await stop.wait()
             finally:
@@ -147,10 +166,20 @@ class Agent:
 
     async def _post(self, messages: list[dict[str, Any]]) -> None:
         async with self.session.post(f"{self.server}/agent/v1/messages",
-                                     data=protocol.pack(messages)) as response:  # fmt: skip
+                                     data=protocol.pack(messages),
+                                     timeout=aiohttp.ClientTimeout(total=POST_TIMEOUT)
+                                     ) as response:  # fmt: skip
+            self._answered(response.status)
             if response.status != 200:
                 raise AgentError(f"daemon answered {response.status}: {await response.text()}")
         self.last_contact = time.monotonic()
+
+    def _answered(self, status: int) -> None:
+        """409: another agent registered as this node since; this one stops (its tasks are
+        the other's to run now)."""
+        if status == 409 and self.stop is not None and not self.stop.is_set():
+            logger.warning("agent.superseded", node=self.node_id)
+            self.stop.set()
 
     async def _register(self) -> None:
         register = self._message(
@@ -195,7 +224,10 @@ class Agent:
                 try:
                     await self._post(batch)
                     break
-                except (aiohttp.ClientError, AgentError, OSError) as exc:
+                except AgentError as exc:  # refused: sending it again would not help
+                    logger.error("agent.report_refused", error=str(exc))
+                    break
+                except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                     logger.warning("agent.report_failed", error=str(exc))
                     await asyncio.sleep(RETRY_DELAY)
 
@@ -207,6 +239,7 @@ class Agent:
                 async with self.session.get(f"{self.server}/agent/v1/commands", params=query,
                                             timeout=aiohttp.ClientTimeout(total=POLL_WAIT + 10)
                                             ) as response:  # fmt: skip
+                    self._answered(response.status)
                     if response.status != 200:
                         raise AgentError(f"daemon answered {response.status}")
                     commands = protocol.unpack(await response.read())
@@ -216,7 +249,10 @@ class Agent:
                 await asyncio.sleep(RETRY_DELAY)
                 continue
             for command in commands:
-                self._handle(command)
+                try:
+                    self._handle(command)
+                except (protocol.ProtocolError, KeyError, TypeError, ValueError) as exc:
+                    logger.error("agent.bad_command", error=str(exc))
 
     def _handle(self, command: dict[str, Any]) -> None:
         epoch = command.get("epoch", 0)

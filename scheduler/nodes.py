@@ -53,6 +53,7 @@ from batchd.scheduler import auth, protocol, retries, toolkits
 from batchd.scheduler.auth import AuthError
 from batchd.scheduler.control import Control
 from batchd.scheduler.planner import Decision
+from batchd.scheduler.protocol import TaskKey
 from batchd.scheduler.resources import cluster_spec, job_spec, opened
 
 logger = structlog.get_logger(__name__)
@@ -63,6 +64,7 @@ NODE_TIMEOUT = 10.0
 MAX_WAIT = 30
 SETUP_TAIL = 4000  # characters of the setup task's output kept in the log
 RESEND_AFTER = 5.0  # seconds before a StartTask the node does not report is sent again
+MAX_GPUS = 64  # a node reporting more is refused
 READ_CHUNK = 1 << 20  # bytes of a file a node sends in one answer
 READ_TIMEOUT = 10.0  # seconds a node has to answer for a file
 
@@ -75,7 +77,8 @@ class NodeService:
         self.seen: dict[str, float] = {}  # node id -> monotonic time of its last message
         self.outbox: dict[str, list[dict[str, Any]]] = {}
         self.wakeups: dict[str, asyncio.Event] = {}
-        self.dispatched: set[tuple[str, int]] = set()  # attempts sent StartTask
+        # attempts sent StartTask and still live -> their tasks ([node, GPUs] each)
+        self.dispatched: dict[tuple[str, int], list[list[Any]]] = {}
         self.killed: set[tuple[str, int]] = set()  # attempts sent KillTask
         self.started_at = time.monotonic()
         self.closing = False
@@ -108,16 +111,24 @@ class NodeService:
                                      "task": index})  # fmt: skip
 
     async def dispatch(self) -> None:
-        """StartTask for newly scheduled attempts; KillTask for those being terminated."""
+        """StartTask for newly scheduled attempts; KillTask for those being terminated, and
+        for dispatched attempts that are no longer the job's live one (preempted, requeued,
+        failed): their tasks must not run beside the next attempt."""
         m = self.models
         for job in list(m.jobs.values()):
             key = (job.job_id, job.attempt)
             if job.state == SCHEDULED and key not in self.dispatched:
-                self.dispatched.add(key)
+                self.dispatched[key] = [list(t) for t in job.tasks]
                 await self._start(job)
             elif job.state == TERMINATING and key not in self.killed and job.tasks:
                 self.killed.add(key)
                 self._kill(job.job_id, job.attempt, job.tasks)
+        for (job_id, attempt), tasks in list(self.dispatched.items()):
+            job = m.jobs.get(job_id)
+            if job is None or job.attempt != attempt or job.state not in lifecycle.HOLDING:
+                del self.dispatched[job_id, attempt]
+                self.killed.discard((job_id, attempt))
+                self._kill(job_id, attempt, tasks)  # a task that already exited ignores it
 
     async def _start(self, job: Job) -> None:
         try:
@@ -180,13 +191,19 @@ class NodeService:
         except protocol.ProtocolError as exc:
             return web.json_response({"error": {"code": "BadRequest", "message": str(exc),
                                                 "details": []}}, status=400)  # fmt: skip
+        except Superseded as exc:
+            return web.json_response({"error": {"code": "Conflict", "message": str(exc),
+                                                "details": []}}, status=409)  # fmt: skip
         return web.Response(body=protocol.pack({"ok": True}), content_type=protocol.CONTENT_TYPE)
 
     async def _handle(self, msg: dict[str, Any], principal: auth.Principal) -> None:
         node_id = msg["node"]
-        self.seen[node_id] = time.monotonic()
         kind = msg["type"]
+        if kind != "Register":
+            self._check_current(node_id, msg["incarnation"])
+        self.seen[node_id] = time.monotonic()
         if kind == "Register":
+            _check_register(msg)
             await self.control.run(lambda m: self._register(m, msg, principal.actor),
                                    key=f"node/{node_id}")  # fmt: skip
         elif kind in ("ExecOutput", "FileData"):
@@ -196,7 +213,11 @@ class NodeService:
         elif kind == "SetupExited":
             await self.control.run(lambda m: _setup_exited(m, msg), key=f"node/{node_id}")
         elif kind == "Heartbeat":
-            self._resend_unstarted(node_id, msg.get("running") or [])
+            running = _running_keys(msg)
+            for job_id, attempt in self._resend_unstarted(node_id, running):
+                await self.control.run(lambda m, j=job_id, a=attempt: _terminated(m, j, a),
+                                       key=self._key(job_id))  # fmt: skip
+            self._kill_unwanted(self.models, node_id, running)
             node = self.models.nodes.get(node_id)
             if node is not None and node.state in (SUSPECT, LOST):
                 await self.control.run(lambda m: _recovered(m, node_id), key=f"node/{node_id}")
@@ -208,6 +229,13 @@ class NodeService:
         elif kind == "TaskExited":
             job_id, _attempt, _task = protocol.task_key(msg)
             await self.control.run(lambda m: self._exited(m, msg), key=self._key(job_id))
+
+    def _check_current(self, node_id: str, incarnation: int) -> None:
+        """A message from an agent that is not the node's registered one is refused: a
+        replaced agent must stop (it hears 409), and nobody speaks for a node unregistered."""
+        node = self.models.nodes.get(node_id)
+        if node is None or node.incarnation != incarnation:
+            raise Superseded(f"node {node_id} incarnation {incarnation} is not registered")
 
     def _key(self, job_id: str) -> str:
         """The lock of a job's commands: the one the API takes for it (its name)."""
@@ -244,8 +272,12 @@ class NodeService:
                 self._send(node_id, setup)
         elif state in (SUSPECT, LOST):
             out.append((stream, NewEvent("NodeRecovered", {"nodeId": node_id}, actor)))
-        for key in msg.get("running") or ():
-            job_id, attempt, task = str(key[0]), int(key[1]), int(key[2])
+        self._kill_unwanted(m, node_id, _running_keys(msg))
+        return out
+
+    def _kill_unwanted(self, m: ReadModels, node_id: str, running: list[TaskKey]) -> None:
+        """KillTask for each task the node runs that the log does not place there now."""
+        for job_id, attempt, task in running:
             job = m.jobs.get(job_id)
             wanted = (job is not None and job.attempt == attempt
                       and job.state in lifecycle.HOLDING and task < len(job.tasks)
@@ -253,7 +285,6 @@ class NodeService:
             if not wanted:
                 self._send(node_id, {"type": "KillTask", "jobId": job_id, "attempt": attempt,
                                      "task": task})  # fmt: skip
-        return out
 
     async def _setup_command(self, cluster: Cluster, node_id: str) -> dict[str, Any] | None:
         """RunSetup for the cluster's nodeSetup.setupTask (None: it has none)."""
@@ -279,6 +310,8 @@ class NodeService:
         job = m.jobs.get(job_id)
         if job is None or job.attempt != attempt or job.state not in lifecycle.HOLDING:
             return []
+        if task >= len(job.tasks) or job.tasks[task][0] != msg["node"]:
+            return []  # only the node that runs a task reports on it
         code = msg.get("exitCode")
         stream = f"job-{job_id}"
         out: list[Decision] = [(stream, NewEvent(
@@ -308,8 +341,14 @@ class NodeService:
         node_id = request.query.get("node", "")
         try:
             wait = min(float(request.query.get("wait", "0")), MAX_WAIT)
+            self._check_current(node_id, int(request.query.get("incarnation", "")))
         except ValueError:
-            wait = 0.0
+            return web.json_response({"error": {"code": "BadRequest", "details": [],
+                                                "message": "wait and incarnation are numbers"}},
+                                     status=400)  # fmt: skip
+        except Superseded as exc:
+            return web.json_response({"error": {"code": "Conflict", "message": str(exc),
+                                                "details": []}}, status=409)  # fmt: skip
         self.seen[node_id] = time.monotonic()
         self._polls += 1
         poll = self.pollers[node_id] = self._polls
@@ -323,20 +362,25 @@ class NodeService:
         self.seen[node_id] = time.monotonic()
         return web.Response(body=protocol.pack(commands), content_type=protocol.CONTENT_TYPE)
 
-    def _resend_unstarted(self, node_id: str, running: list[Any]) -> None:
+    def _resend_unstarted(self, node_id: str, running: list[Any]) -> list[tuple[str, int]]:
         """StartTask again for tasks sent to this node a while ago that it does not run and
-        has not reported (a command lost on the way)."""
+        has not reported (a command lost on the way). The attempts being terminated among
+        them never started: they are returned, to end their termination."""
         reported = {tuple(key) for key in running}
         now = time.monotonic()
+        never_started = []
         for key, (target, command, sent) in list(self.unstarted.items()):
             if target == node_id and key not in reported and now - sent > RESEND_AFTER:
                 job = self.models.jobs.get(key[0])
+                if job is not None and job.attempt == key[1] and job.state == TERMINATING:
+                    never_started.append((key[0], key[1]))
                 if job is None or job.attempt != key[1] or job.state != SCHEDULED:
                     del self.unstarted[key]
                     continue
                 self.unstarted[key] = (target, command, now)
                 self.outbox.setdefault(node_id, []).append(command)
                 self.wakeups.setdefault(node_id, asyncio.Event()).set()
+        return never_started
 
     def exec(self, job: Job, task: int, command: str) -> tuple[str, asyncio.Queue]:
         """Ask the node of `job`'s task to run `command` beside it; its output comes to the
@@ -412,6 +456,46 @@ def _fail(m: ReadModels, job_id: str, attempt: int, error: dict[str, str]) -> li
         return []
     data = {"jobId": job_id, "attempt": attempt, "error": error}
     return [(f"job-{job_id}", NewEvent("JobFailed", data))]
+
+
+class Superseded(Exception):
+    """A message from an agent incarnation the log does not have for its node (409)."""
+
+
+_REGISTER_FIELDS = {"gpus": int, "cpus": int, "memoryMb": int, "gpuModel": str,
+                    "agentVersion": str, "runtimes": list, "cluster": str}  # fmt: skip
+
+
+def _check_register(msg: dict[str, Any]) -> None:
+    """A Register's fields have their types (they go into the log, and the planner counts
+    on them)."""
+    for name, kind in _REGISTER_FIELDS.items():
+        value = msg.get(name)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            raise protocol.ProtocolError(f"Register {name} must be a {kind.__name__}")
+    if not 0 <= msg.get("gpus", 0) <= MAX_GPUS:
+        raise protocol.ProtocolError(f"Register gpus must be 0 to {MAX_GPUS}")
+    unknown = [r for r in msg.get("runtimes") or () if r not in ("process", "docker")]
+    if unknown:
+        raise protocol.ProtocolError(f"unknown runtimes {unknown}")
+
+
+def _running_keys(msg: dict[str, Any]) -> list[TaskKey]:
+    """The tasks an agent says it runs, checked."""
+    running = msg.get("running") or []
+    try:
+        return [(str(k[0]), int(k[1]), int(k[2])) for k in running]
+    except (TypeError, ValueError, IndexError, KeyError):
+        raise protocol.ProtocolError("running must be a list of [jobId, attempt, task]") from None
+
+
+def _terminated(m: ReadModels, job_id: str, attempt: int) -> list[Decision]:
+    """End the termination of an attempt whose task never started."""
+    job = m.jobs.get(job_id)
+    if job is None or job.attempt != attempt or job.state != TERMINATING:
+        return []
+    data = {"jobId": job_id, "attempt": attempt, "reason": "terminated before it started"}
+    return [(f"job-{job_id}", NewEvent("JobTerminated", data))]
 
 
 def _setup_exited(m: ReadModels, msg: dict[str, Any]) -> list[Decision]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ import structlog
 from batchd.events.envelope import NewEvent
 from batchd.projections.model import ReadModels
 from batchd.scheduler import commands
+from batchd.scheduler.agent import PARENT_ENV
 from batchd.scheduler.control import Control, token_file
 
 logger = structlog.get_logger(__name__)
@@ -39,6 +41,7 @@ class LocalProvider:
         self.nodes, self.gpus = nodes, gpus_per_node
         self.processes: dict[str, asyncio.subprocess.Process] = {}
         self.token_file = state_dir / "agent.token"
+        self.stopping = False
 
     async def bootstrap(self) -> None:
         """The embedded workspace, experiment and cluster, and the agents' credential."""
@@ -77,6 +80,8 @@ class LocalProvider:
 
     async def reconcile(self) -> None:
         """Start the agents the target asks for (again, if one exited); stop idle extras."""
+        if self.stopping:
+            return
         target = self._target()
         for index in range(target):
             node_id = f"{CLUSTER}-{index}"
@@ -107,6 +112,7 @@ class LocalProvider:
                 "--cluster", f"{WORKSPACE}/{CLUSTER}", "--gpus", str(self.gpus),
                 "--runtimes", "process", "--work-dir", str(work),
                 stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
+                env={**os.environ, PARENT_ENV: str(os.getpid())},
             )  # fmt: skip
         finally:
             log.close()
@@ -126,5 +132,6 @@ class LocalProvider:
             await process.wait()
 
     async def stop(self) -> None:
+        self.stopping = True  # no agent is started again from now on
         await asyncio.gather(*(self._stop(p) for p in self.processes.values()))
         self.processes.clear()

@@ -114,7 +114,10 @@ class ProcessTask:
                 self.began = self.process is not None
                 started.set()
         if self.pid_file is not None:
-            self.pid_file.write_text(str(self.process.pid))
+            try:
+                self.pid_file.write_text(str(self.process.pid))
+            except OSError:  # the task runs on: only its cleanup after an agent crash is lost
+                self.pid_file = None
         returncode = await self.process.wait()
         with contextlib.suppress(ProcessLookupError):  # what it left running in its group
             os.killpg(self.process.pid, signal.SIGKILL)

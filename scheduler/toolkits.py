@@ -113,9 +113,11 @@ def translate(
     for item in properties.get("outputDirectories", ()):
         path = output_path(expand(item["pathPrefix"]), item.get("pathSuffix"), job)
         base[f"AZ_BATCHAI_OUTPUT_{item['id'].upper()}"] = path
+    ours = dict(base)  # the job's own variables cannot move its paths
     for item in properties.get("environmentVariables", ()):
         base[item["name"]] = item["value"]
     base.update(secrets or {})
+    base.update(ours)
     nodes = len(hosts)
     toolkit, settings = _toolkit(properties)
     commands, extra = _COMMANDS[toolkit](settings, hosts)

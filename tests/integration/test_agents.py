@@ -14,6 +14,7 @@ import time
 import aiohttp
 import pytest
 
+from batchd.scheduler import protocol
 from tests.integration.conftest import start_daemon
 from tests.integration.test_api import Client
 from tests.integration.test_cli import _free_port, batchd
@@ -71,6 +72,13 @@ async def _ended(daemon, client: Client, name: str, seconds: float = 30) -> dict
 
     await _until(done, seconds)
     return (await client.call("GET", f"{EXP}/jobs/{name}"))[1]
+
+
+def _exists_with(daemon, name: str, attempt: int, text: str) -> bool:
+    try:
+        return _out(daemon, name, attempt=attempt) == text
+    except FileNotFoundError:
+        return False
 
 
 def _out(daemon, name: str, attempt: int = 1, file: str = "stdout.txt") -> str:
@@ -152,7 +160,7 @@ async def test_a_killed_agent_loses_its_attempt_which_runs_again_elsewhere_or_af
     daemon.local.processes[node_id].kill()  # SIGKILL: the agent cannot stop its task
     await _until(lambda: job().attempt == 2 and job().state == "running", 60)
     assert job().retries == {"node_lost": 1}
-    assert _out(daemon, "long", attempt=2) == "attempt 2\n"
+    await _until(lambda: _exists_with(daemon, "long", 2, "attempt 2\n"), 10)
     await client.call("POST", f"{EXP}/jobs/long/terminate")
     ended = await _ended(daemon, client, "long")
     assert ended["properties"]["state"] == "failed"
@@ -317,3 +325,68 @@ async def test_output_the_daemon_cannot_read_is_served_by_the_jobs_node(local, t
     assert status == 400 and "link" in answer["error"]["message"]
     status, _ = await client.call("GET", f"{EXP}/jobs/local-out/files/absent.txt")
     assert status == 404
+
+
+async def _agent_on(daemon, client, cluster: str, document: dict) -> asyncio.subprocess.Process:
+    """A cluster of its own, and one agent on it (the local agents' credential)."""
+    status, _ = await client.call("PUT", f"/v1/workspaces/default/clusters/{cluster}", document)
+    assert status == 201
+    agent = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "batchd.scheduler.cli", "agent", "--server", daemon.url,
+        "--token-file", str(daemon.state_dir / "agent.token"), "--node-id", f"{cluster}-0",
+        "--cluster", f"default/{cluster}", "--gpus", "1",
+        "--work-dir", str(daemon.state_dir / f"nodes/{cluster}-0"),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    nodes = daemon.models.models.nodes
+    await _until(lambda: f"{cluster}-0" in nodes and nodes[f"{cluster}-0"].state == "ready", 30)
+    return agent
+
+
+async def test_a_preempted_jobs_task_is_killed_before_its_gpu_is_reused(local):
+    daemon, client = local
+    document = {"vmSize": "Standard_NC6", "preemption": True,
+                "scaleSettings": {"manual": {"targetNodeCount": 1}}}  # fmt: skip
+    agent = await _agent_on(daemon, client, "pre", document)
+    try:
+        pid_file = daemon.state_dir / "victim.pid"
+        await _run(client, "victim", f"echo $$ > {pid_file}; exec sleep 600", cluster="pre",
+                   schedulingPriority="low", preemptible=True)  # fmt: skip
+        await _until(lambda: pid_file.exists() and pid_file.read_text().strip(), 30)
+        victim = int(pid_file.read_text())
+        await _run(client, "urgent", "echo urgent", cluster="pre", schedulingPriority="high")
+        job = await _ended(daemon, client, "urgent")
+        assert job["properties"]["state"] == "succeeded"
+        await _until(lambda: not _alive(victim), 10)  # killed, not left beside the urgent job
+        await client.call("POST", f"{EXP}/jobs/victim/terminate")
+    finally:
+        agent.terminate()
+        await agent.wait()
+
+
+async def test_the_agent_channel_refuses_strangers_and_bad_registrations(local):
+    daemon, client = local
+    token = (daemon.state_dir / "agent.token").read_text().strip()
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": protocol.CONTENT_TYPE}
+
+    async def post(*messages) -> int:
+        async with client.session.post(daemon.url + "/agent/v1/messages", headers=headers,
+                                       data=protocol.pack(list(messages))) as r:  # fmt: skip
+            return r.status
+
+    await _run(client, "real", "sleep 600")
+    models = daemon.models.models
+    await _until(lambda: models.jobs[models.job_ids["default/default/real"][-1]].state
+                 == "running", 30)  # fmt: skip
+    job_id = models.job_ids["default/default/real"][-1]
+    fake_exit = protocol.message("TaskExited", "evil-node", 1, jobId=job_id, attempt=1, task=0,
+                                 exitCode=0)  # fmt: skip
+    assert await post(fake_exit) == 409  # a node nobody registered speaks for no task
+    bad = protocol.message("Register", "evil-node", 2, cluster="default/local", gpus="x")
+    assert await post(bad) == 400
+    assert models.jobs[job_id].state == "running" and "evil-node" not in models.nodes
+    assert not daemon.stopping.is_set()
+    async with client.session.get(daemon.url + "/agent/v1/commands", headers=headers,
+                                  params={"node": "local-0", "incarnation": "7"}) as r:  # fmt: skip
+        assert r.status == 409  # another agent's commands are not handed out
+    await client.call("POST", f"{EXP}/jobs/real/terminate")
