@@ -149,13 +149,18 @@ class Agent:
         self.running_dir.mkdir(parents=True, exist_ok=True)
         async with aiohttp.ClientSession(headers=self.headers) as session:
             self.session = session
-            await self._register()
-            workers = [asyncio.create_task(self._heartbeats(), name="heartbeats"),
-                       asyncio.create_task(self._commands(), name="commands"),
-                       asyncio.create_task(self._send(), name="reports"),
-                       asyncio.create_task(self._watch_lease(), name="lease")]  # fmt: skip
+            workers = [asyncio.create_task(self._watch_lease(), name="lease")]
             try:
-                await stop.wait()
+                registering = asyncio.create_task(self._register(), name="register")
+                workers.append(registering)
+                stopping = asyncio.create_task(stop.wait())
+                await asyncio.wait({registering, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                stopping.cancel()
+                if not stop.is_set():  # registered: to work
+                    workers += [asyncio.create_task(self._heartbeats(), name="heartbeats"),
+                                asyncio.create_task(self._commands(), name="commands"),
+                                asyncio.create_task(self._send(), name="reports")]  # fmt: skip
+                    await stop.wait()
             finally:
                 for worker in workers:
                     worker.cancel()
