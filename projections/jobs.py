@@ -51,6 +51,7 @@ def submitted(m: ReadModels, e: RecordedEvent) -> None:
         e.recorded_at, e.position, d.get("maxRetries", 0), d.get("maxNodeFailureRetries", 3),
         d.get("preemptible", False), d.get("maxWallClockTime"),
     )  # fmt: skip
+    job.runtime = d.get("runtime", "process")
     m.jobs[job.job_id] = job
     m.job_ids.setdefault(job_key(job.workspace, job.experiment, job.name), []).append(job.job_id)
     queue.enqueue(m, job)

@@ -136,6 +136,7 @@ class Job:
     errors: list[dict[str, Any]] = field(default_factory=list)
     terminate_requested_by: str | None = None
     pending_reason_at: int = 0  # when the current pending reason was recorded
+    runtime: str = "process"  # what its nodes must offer: "docker" for containerSettings
 
 
 @dataclass(slots=True)
