@@ -21,6 +21,12 @@ def configure(*, json: bool, level: int = logging.INFO) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=_stderr_logger,
         cache_logger_on_first_use=False,
     )
+
+
+def _stderr_logger(*_args: object) -> structlog.PrintLogger:
+    """A logger to the standard error of the moment (not the one at configuration: a test
+    harness or a daemon's supervisor may replace it)."""
+    return structlog.PrintLogger(sys.stderr)
