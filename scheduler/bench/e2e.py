@@ -107,18 +107,26 @@ async def _closed_loop(session: aiohttp.ClientSession, url: str, jobs: int, wind
                         done.set()
                         return
 
-    watcher = asyncio.create_task(watch())
+    async def submit() -> None:
+        for n in range(jobs):
+            await free.acquire()
+            async with session.put(f"{url}{EXPERIMENT}/jobs/e2e-{n:07d}", data=body) as answer:
+                if answer.status != 201:
+                    raise BenchError(f"job {n}: HTTP {answer.status} {await answer.text()}")
+        await done.wait()
+
     started = time.perf_counter()
-    for n in range(jobs):
-        await free.acquire()
-        async with session.put(f"{url}{EXPERIMENT}/jobs/e2e-{n:07d}", data=body) as response:
-            if response.status != 201:
-                raise BenchError(f"job {n}: HTTP {response.status} {await response.text()}")
-    await asyncio.wait({watcher, asyncio.ensure_future(done.wait())},
-                       return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
-    if watcher.done() and watcher.exception():
-        raise watcher.exception()
-    watcher.cancel()
+    watcher, submitter = asyncio.create_task(watch()), asyncio.create_task(submit())
+    try:  # whichever ends first: all done, or a failure (a failed job ends the watcher)
+        await asyncio.wait({watcher, submitter}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (watcher, submitter):
+            if task.done() and task.exception():
+                raise task.exception()
+        if not done.is_set():
+            raise BenchError("the daemon's event stream ended early")
+    finally:
+        watcher.cancel()
+        submitter.cancel()
     return time.perf_counter() - started
 
 
