@@ -65,6 +65,7 @@ MAX_WAIT = 30
 SETUP_TAIL = 4000  # characters of the setup task's output kept in the log
 RESEND_AFTER = 5.0  # seconds before a StartTask the node does not report is sent again
 MAX_GPUS = 64  # a node reporting more is refused
+FORGET = 60.0  # seconds after which the daemon forgets a silent node id it has no node for
 READ_CHUNK = 1 << 20  # bytes of a file a node sends in one answer
 READ_TIMEOUT = 10.0  # seconds a node has to answer for a file
 
@@ -429,6 +430,21 @@ class NodeService:
             elif node.state == SUSPECT and silent > NODE_TIMEOUT:
                 await self.control.run(lambda m, n=node.node_id: _lost(m, n),
                                        key=f"node/{node.node_id}")  # fmt: skip
+        self._forget_gone(now)
+
+    def _forget_gone(self, now: float) -> None:
+        """Drop what is kept for node ids the log does not have (removed nodes, strangers)
+        once they have been silent for a while."""
+        known = self.models.nodes
+        for node_id in [n for n, t in self.seen.items() if n not in known and now - t > FORGET]:
+            for per_node in (self.seen, self.pollers, self.outbox):
+                per_node.pop(node_id, None)
+            wakeup = self.wakeups.pop(node_id, None)
+            if wakeup is not None:
+                wakeup.set()
+        for key, (target, _command, _sent) in list(self.unstarted.items()):
+            if target not in known:
+                del self.unstarted[key]
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_post("/agent/v1/messages", self.handle_messages)

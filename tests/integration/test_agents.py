@@ -390,3 +390,15 @@ async def test_the_agent_channel_refuses_strangers_and_bad_registrations(local):
                                   params={"node": "local-0", "incarnation": "7"}) as r:  # fmt: skip
         assert r.status == 409  # another agent's commands are not handed out
     await client.call("POST", f"{EXP}/jobs/real/terminate")
+
+
+async def test_the_daemon_forgets_node_ids_it_has_no_node_for(local):
+    daemon, _client = local
+    service = daemon.nodes
+    service.seen["ghost"] = time.monotonic() - 120  # a removed node, or a stranger, long silent
+    service.outbox["ghost"] = [{"type": "KillTask"}]
+    service.pollers["ghost"] = 1
+    await service.sweep()
+    assert "ghost" not in service.seen and "ghost" not in service.outbox
+    assert "ghost" not in service.pollers
+    assert {"local-0", "local-1"} <= set(service.seen)  # the real ones are kept
