@@ -140,6 +140,7 @@ def terminate_requested(m: ReadModels, e: RecordedEvent) -> None:
     if job is None:
         return
     job.terminate_requested_by = e.actor
+    job.terminate_reason = e.data.get("reason")
     job.pending_reason = None
     queue.dequeue(m, job)
     job.state = _after(e)

@@ -135,6 +135,7 @@ class Job:
     exit_code: int | None = None
     errors: list[dict[str, Any]] = field(default_factory=list)
     terminate_requested_by: str | None = None
+    terminate_reason: str | None = None  # why it is being terminated (the request's reason)
     pending_reason_at: int = 0  # when the current pending reason was recorded
     runtime: str = "process"  # what its nodes must offer: "docker" for containerSettings
 

@@ -322,7 +322,8 @@ class NodeService:
         if job.state == TERMINATING:
             if len(exits) >= len(job.tasks):
                 out.append((stream, NewEvent("JobTerminated", {
-                    "jobId": job_id, "attempt": attempt, "reason": "terminated"})))  # fmt: skip
+                    "jobId": job_id, "attempt": attempt,
+                    "reason": job.terminate_reason or "terminated"})))  # fmt: skip
             return out
         if code != 0:
             self._kill(job_id, attempt, job.tasks, skip=task)

@@ -402,3 +402,12 @@ async def test_the_daemon_forgets_node_ids_it_has_no_node_for(local):
     assert "ghost" not in service.seen and "ghost" not in service.outbox
     assert "ghost" not in service.pollers
     assert {"local-0", "local-1"} <= set(service.seen)  # the real ones are kept
+
+
+async def test_a_running_job_past_its_wall_clock_is_killed_with_that_reason(local):
+    daemon, client = local
+    await _run(client, "slow", "sleep 600", constraints={"maxWallClockTime": "00:00:01"})
+    job = await _ended(daemon, client, "slow", seconds=30)
+    error = job["properties"]["executionInfo"]["errors"][-1]
+    assert job["properties"]["state"] == "failed"
+    assert error["code"] == "terminated" and "maxWallClockTime of 1 s exceeded" in error["message"]
