@@ -411,3 +411,12 @@ async def test_a_running_job_past_its_wall_clock_is_killed_with_that_reason(loca
     error = job["properties"]["executionInfo"]["errors"][-1]
     assert job["properties"]["state"] == "failed"
     assert error["code"] == "terminated" and "maxWallClockTime of 1 s exceeded" in error["message"]
+
+
+async def test_an_exit_code_failure_is_retried_up_to_max_retries(local):
+    daemon, client = local
+    await _run(client, "flaky", "echo try $AZ_BATCHAI_JOB_ATTEMPT; exit 3", maxRetries=1)
+    job = await _ended(daemon, client, "flaky")
+    assert job["properties"]["state"] == "failed"
+    assert (job["properties"]["attempt"], job["properties"]["retries"]) == (2, {"exit_code": 1})
+    assert [_out(daemon, "flaky", attempt=a) for a in (1, 2)] == ["try 1\n", "try 2\n"]
