@@ -197,9 +197,8 @@ class Agent:
                 await self._post([register])
                 logger.info("agent.registered", node=self.node_id, server=self.server)
                 return
-            except (aiohttp.ClientError, AgentError, OSError) as exc:
+            except (aiohttp.ClientError, AgentError, OSError, TimeoutError) as exc:
                 logger.warning("agent.register_failed", error=str(exc))
-                self._check_lease()
                 await asyncio.sleep(RETRY_DELAY)
 
     async def _heartbeats(self) -> None:
@@ -207,10 +206,9 @@ class Agent:
             await asyncio.sleep(HEARTBEAT_INTERVAL)
             try:
                 await self._post([self._message("Heartbeat", running=self._running())])
-            except (aiohttp.ClientError, AgentError, OSError) as exc:
+            except (aiohttp.ClientError, AgentError, OSError, TimeoutError) as exc:
                 logger.warning("agent.heartbeat_failed", error=str(exc))
-                self._check_lease()
-                await self._register()
+                await self._register()  # (the lease is watched on its own: _watch_lease)
 
     def _check_lease(self) -> None:
         """Out of touch for longer than the lease: stop every task (the daemon has moved on)."""

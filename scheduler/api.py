@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -26,13 +27,8 @@ from batchd.events.timeutil import parse_iso, to_iso
 from batchd.events.types import JOB_SECRET_PATHS
 from batchd.projections import history, lifecycle, views
 from batchd.projections.model import (
-    FAILED,
-    PREPARING_JOB,
-    QUEUED,
+    EXECUTION_STATE,
     RUNNING,
-    SCHEDULED,
-    SUCCEEDED,
-    TERMINATING,
     Job,
     ReadModels,
     job_key,
@@ -57,7 +53,7 @@ FOLLOW_POLL = 0.25  # seconds between looks at a followed file
 EXEC_TIMEOUT = 600.0  # seconds an exec may go without output before it is given up
 POSITION_HEADER = "Batchd-Position"
 MAX_POSITION = 2**63 - 1  # positions are 64-bit
-STATES = (QUEUED, SCHEDULED, PREPARING_JOB, RUNNING, TERMINATING, SUCCEEDED, FAILED)
+STATES = tuple(EXECUTION_STATE)  # batchd's job states, in lifecycle order
 
 
 class Api:
@@ -212,11 +208,15 @@ def _written(document: dict[str, Any], position: int | None, request: web.Reques
                              headers={POSITION_HEADER: str(position)})  # fmt: skip
 
 
-def _page(request: web.Request, items: list[Any]) -> web.Response:
-    """A list page: `top` items from `skiptoken` on, and the link to the next page."""
+def _page(request: web.Request, items: list[Any],
+          shape: Callable[[Any], Any] | None = None) -> web.Response:  # fmt: skip
+    """A list page: `top` items from `skiptoken` on (each through `shape`, if given: only
+    the page's items are shaped), and the link to the next page."""
     top = _int_query(request, "top", PAGE, 1, MAX_PAGE)
     start = _int_query(request, "skiptoken", 0)
     chunk = items[start : start + top]
+    if shape is not None:
+        chunk = [shape(item) for item in chunk]
     next_link = None
     if start + top < len(items):
         query = {**request.query, "skiptoken": str(start + top), "top": str(top)}
@@ -417,7 +417,7 @@ async def list_jobs(request: web.Request) -> web.Response:
     commands.find_experiment(m, ws, exp)
     jobs = [j for j in m.jobs.values() if j.workspace == ws and j.experiment == exp]
     chosen = _job_filters(request, m, jobs)
-    return _page(request, [resources.job(m, j) for j in chosen])
+    return _page(request, chosen, lambda j: resources.job(m, j))
 
 
 async def list_all_jobs(request: web.Request) -> web.Response:
@@ -430,7 +430,7 @@ async def list_all_jobs(request: web.Request) -> web.Response:
             and (workspace is None or j.workspace == workspace)
             and (experiment is None or j.experiment == experiment)]  # fmt: skip
     chosen = _job_filters(request, m, jobs)
-    return _page(request, [resources.job(m, j) for j in chosen])
+    return _page(request, chosen, lambda j: resources.job(m, j))
 
 
 async def put_job(request: web.Request) -> web.Response:
@@ -888,8 +888,13 @@ async def replay(request: web.Request) -> web.Response:
 
 
 # -- service -----------------------------------------------------------------------------------
+@functools.cache
+def _openapi_body() -> bytes:
+    return json.dumps(openapi.document()).encode()  # the same for the daemon's whole life
+
+
 async def openapi_document(request: web.Request) -> web.Response:
-    return web.json_response(openapi.document())
+    return web.Response(body=_openapi_body(), content_type="application/json")
 
 
 def add_routes(app: web.Application) -> None:

@@ -116,7 +116,9 @@ class NodeService:
         for dispatched attempts that are no longer the job's live one (preempted, requeued,
         failed): their tasks must not run beside the next attempt."""
         m = self.models
-        for job in list(m.jobs.values()):
+        # scheduled and terminating attempts hold GPUs: look at those, not the job history
+        holding = {held[0] for node in m.nodes.values() for held in node.allocations.values()}
+        for job in [m.jobs[j] for j in holding if j in m.jobs]:
             key = (job.job_id, job.attempt)
             if job.state == SCHEDULED and key not in self.dispatched:
                 self.dispatched[key] = [list(t) for t in job.tasks]

@@ -232,6 +232,9 @@ async def test_the_setup_task_runs_before_a_node_takes_work_and_its_failure_is_s
         await _until(lambda: (client_job := models.jobs.get(
             models.job_ids["default/default/stuck"][-1])) is not None
             and client_job.pending_reason is not None, 10)  # fmt: skip
+        stuck = models.jobs[models.job_ids["default/default/stuck"][-1]]
+        assert stuck.state == "queued"  # the only node is unusable: no GPU to be had
+        assert stuck.pending_reason == {"code": "insufficient_gpus", "need": 1}
     finally:
         for agent in agents:
             agent.terminate()
