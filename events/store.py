@@ -437,17 +437,29 @@ def _check_envelope(event: NewEvent) -> None:
     """Refuse, before it is queued, what would otherwise fail a whole group commit."""
     if not isinstance(event.event_id, uuid.UUID):
         raise ValueError(f"{event.type}: event_id must be a uuid.UUID")
-    for name in ("correlation_id", "causation_id"):
-        value = getattr(event, name)
-        if value is not None and not isinstance(value, uuid.UUID):
-            raise ValueError(f"{event.type}: {name} must be a uuid.UUID or None")
+    if event.correlation_id is not None and not isinstance(event.correlation_id, uuid.UUID):
+        raise ValueError(f"{event.type}: correlation_id must be a uuid.UUID or None")
+    if event.causation_id is not None and not isinstance(event.causation_id, uuid.UUID):
+        raise ValueError(f"{event.type}: causation_id must be a uuid.UUID or None")
     actor = event.actor
+    if type(actor) is not str or actor not in _GOOD_ACTORS:
+        _check_actor(event.type, actor)
+
+
+_GOOD_ACTORS: set[str] = set()  # actors already checked (a daemon has few)
+_GOOD_ACTORS_MAX = 10_000
+
+
+def _check_actor(event_type: str, actor: object) -> None:
     if not isinstance(actor, str) or not _ACTOR.match(actor):
-        raise ValueError(f"{event.type}: actor {actor!r} is not 1-200 printable characters")
+        raise ValueError(f"{event_type}: actor {actor!r} is not 1-200 printable characters")
     try:
         actor.encode("utf-8")
     except UnicodeEncodeError:
-        raise ValueError(f"{event.type}: actor {actor!r} is not valid Unicode") from None
+        raise ValueError(f"{event_type}: actor {actor!r} is not valid Unicode") from None
+    if len(_GOOD_ACTORS) >= _GOOD_ACTORS_MAX:
+        _GOOD_ACTORS.clear()
+    _GOOD_ACTORS.add(actor)
 
 
 def _fail(batch: list[AppendRequest], exc: Exception) -> None:

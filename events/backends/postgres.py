@@ -11,6 +11,8 @@ Writing. The writer caches the head it last wrote and sends one statement per ba
     WITH h AS (UPDATE log_head SET ... WHERE epoch = $mine AND position = $cached RETURNING 1)
     INSERT INTO events SELECT ... WHERE EXISTS (SELECT 1 FROM h)
 
+A batch of COPY_ROWS events or more runs the same check as an UPDATE of the head, then COPYs
+its rows, in one transaction (COPY costs the server far less than INSERT of arrays).
 If another writer took over (epoch changed) or wrote (position changed), nothing is inserted:
 the backend rereads the head and raises FencedError, or retries with fresh facts. The facts a
 batch needs (stream versions, already-stored event ids) are read just before, and are still
@@ -50,6 +52,7 @@ WRITE_ATTEMPTS = 3
 LISTEN_BACKOFF = 0.5  # seconds between listener reconnects
 CONNECT_TIMEOUT = 10.0  # seconds
 VERSION_CACHE = 100_000  # streams whose version the writer remembers
+COPY_ROWS = 64  # a batch of at least this many events is stored with COPY
 
 MIGRATIONS: dict[int, str] = {
     1: """
@@ -117,6 +120,15 @@ WITH h AS (
 SELECT (SELECT count(*) FROM ins) AS inserted,
        (SELECT pg_notify('{CHANNEL}', position::text) FROM h) IS NULL AS notified
 """
+_MOVE_HEAD = f"""
+WITH h AS (
+    UPDATE log_head SET position = $3, hash = $4, recorded_at = $5
+    WHERE id = 1 AND epoch = $1 AND position = $2
+    RETURNING position
+)
+SELECT pg_notify('{CHANNEL}', position::text) FROM h
+"""
+_COPY_COLUMNS = tuple(_COLUMNS.split(", "))
 _READ = f"SELECT {_COLUMNS} FROM events WHERE position > $1 ORDER BY position LIMIT $2"
 _READ_STREAM = f"SELECT {_COLUMNS} FROM events WHERE stream = $1 AND version > $2 ORDER BY version"
 _RECORDED_AT = "SELECT recorded_at FROM events WHERE position = $1"
@@ -358,12 +370,28 @@ class PostgresBackend:
                 plan = prepare(head, versions, existing)
             if not plan.rows:
                 return plan
+            if len(plan.rows) >= COPY_ROWS:
+                return plan if await self._copy(conn, head, plan) else None
             columns = list(zip(*plan.rows, strict=True))
             new = plan.head
             inserted, _ = await conn.fetchrow(
                 _WRITE, head.epoch, head.position, new.position, new.hash, new.recorded_at, *columns
             )
         return plan if inserted == len(plan.rows) else None
+
+    async def _copy(self, conn: asyncpg.Connection, head: Head, plan: BatchPlan) -> bool:
+        """Store a large batch in one transaction: move the head (if it is still `head`),
+        then COPY the rows, which costs the server much less than INSERT of arrays.
+        False when the head had moved: nothing is stored."""
+        new = plan.head
+        async with conn.transaction():
+            moved = await conn.fetchrow(
+                _MOVE_HEAD, head.epoch, head.position, new.position, new.hash, new.recorded_at
+            )
+            if moved is None:
+                return False
+            await conn.copy_records_to_table("events", records=plan.rows, columns=_COPY_COLUMNS)
+        return True
 
     async def _stream_versions(
         self, conn: asyncpg.Connection, requests: Sequence[AppendRequest], assume: bool

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from batchd.events import errors, urls
+from batchd.events import audit, errors, urls
 from batchd.events.codec import Codec
 from batchd.events.envelope import NO_STREAM, NewEvent
 from batchd.events.secrets import Sealed
@@ -301,6 +301,35 @@ async def test_a_fresh_writer_appending_to_an_existing_stream_as_new_is_refused(
         assert results[1] == [2]
         assert [e.version for e in await second.read_stream("job-a")] == [1]
     finally:
+        await second.close()
+
+
+async def test_large_batches_keep_the_contract(store_url):
+    # Batches of a few hundred events take the bulk path of a backend (COPY on PostgreSQL):
+    # retries, conflicts found only by the database, and fencing must hold there too.
+    big = [ev() for _ in range(300)]
+    first = await urls.open_store(store_url)
+    second = await urls.open_store(store_url)  # knows no stream versions yet
+    try:
+        await first.take_leadership()
+        assert await first.append("job-big", big, NO_STREAM) == list(range(1, 301))
+        assert await first.append("job-big", big, NO_STREAM) == list(range(1, 301))
+        await second.take_leadership()
+        results = await asyncio.gather(
+            second.append("job-big", [ev() for _ in range(200)], NO_STREAM),
+            second.append("job-other", [ev() for _ in range(200)], NO_STREAM),
+            return_exceptions=True,
+        )
+        assert isinstance(results[0], errors.ConcurrencyError)
+        assert results[1] == list(range(301, 501))
+        with pytest.raises(errors.FencedError):
+            await first.append("job-late", [ev() for _ in range(200)], NO_STREAM)
+        assert (await second.head()).position == 500
+        assert len(await second.read_stream("job-big")) == 300
+        assert await second.read_stream("job-late") == []
+        assert (await audit.verify(second)).ok
+    finally:
+        await first.close()
         await second.close()
 
 
