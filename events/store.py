@@ -42,6 +42,7 @@ logger = structlog.get_logger(__name__)
 MAX_BATCH_EVENTS = 500  # events per group-commit transaction
 MAX_POSITION = 2**63 - 1  # positions are PostgreSQL bigints
 READ_PAGE = 1000  # events per read while catching up
+RECENT_ROWS = 10_000  # rows this process committed last, kept for its readers (at least)
 POLL_INTERVAL = 1.0  # seconds between subscription polls when no wake-up arrives
 CLOSE_GRACE = 10.0  # seconds close() waits for queued appends to commit
 RETRY_BACKOFF = (0.05, 0.1, 0.2, 0.5, 1.0)  # seconds, for a subscription whose store dropped
@@ -192,6 +193,10 @@ class EventStore:
         self._changed = asyncio.Event()
         self._writer: asyncio.Task | None = None
         self._closing = False
+        # The rows this process committed last, contiguous in position from _recent_first:
+        # readers that follow the head (projections, event streams) get them without a query.
+        self._recent: list[tuple] = []
+        self._recent_first = 0
         self.backend.set_wakeup(self._pulse)
 
     async def open(self, readonly: bool = False) -> EventStore:
@@ -333,7 +338,19 @@ class EventStore:
             else:
                 request.future.set_result(outcome)
         if plan.rows:
+            self._remember(plan.rows)
             self._pulse()
+
+    def _remember(self, rows: list[tuple]) -> None:
+        recent = self._recent
+        if not recent or recent[-1][0] + 1 != rows[0][0]:
+            recent.clear()  # not contiguous (another writer wrote between): start again
+            self._recent_first = rows[0][0]
+        recent.extend(rows)
+        if len(recent) > 2 * RECENT_ROWS:
+            drop = len(recent) - RECENT_ROWS
+            del recent[:drop]
+            self._recent_first += drop
 
     def _pulse(self) -> None:
         self._changed.set()
@@ -346,6 +363,9 @@ class EventStore:
     async def read_all(self, after: int = 0, limit: int = READ_PAGE) -> list[RecordedEvent]:
         """Events with position > after, in position order, at most `limit`."""
         decode = self.codec.decode
+        start = after + 1 - self._recent_first
+        if 0 <= start < len(self._recent):  # committed here lately: no query
+            return [decode(r) for r in self._recent[start : start + limit]]
         return [decode(r) for r in await self.backend.read_rows(after, limit)]
 
     async def read_pages(
@@ -405,6 +425,14 @@ class EventStore:
         interval is the fallback. A dropped connection is retried from the last position
         yielded, so nothing is missed or repeated.
         """
+        async for events in self.subscribe_pages(after, page):
+            for event in events:
+                yield event
+
+    async def subscribe_pages(
+        self, after: int = 0, page: int = READ_PAGE
+    ) -> AsyncIterator[list[RecordedEvent]]:
+        """`subscribe`, a page of the events there are at a time (never an empty page)."""
         failures = 0
         while True:
             changed = self._changed  # taken before the read, so no wake-up is lost
@@ -417,9 +445,9 @@ class EventStore:
                 await asyncio.sleep(delay)
                 continue
             failures = 0
-            for event in events:
-                yield event
-                after = event.position
+            if events:
+                yield events
+                after = events[-1].position
             if len(events) < page:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(changed.wait(), self.poll_interval)

@@ -19,7 +19,18 @@ def now_us() -> int:
 
 def to_iso(us: int) -> str:
     """`1700000000123456` -> `'2023-11-14T22:13:20.123456Z'`."""
-    return (_EPOCH + dt.timedelta(microseconds=us)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    global _last
+    second, micro = divmod(us, 1_000_000)
+    last = _last  # one tuple, read and replaced whole: safe from any thread
+    if last[0] != second:  # times come in runs within one second: format that once
+        last = _last = (
+            second,
+            (_EPOCH + dt.timedelta(seconds=second)).strftime("%Y-%m-%dT%H:%M:%S"),
+        )
+    return f"{last[1]}.{micro:06d}Z"
+
+
+_last: tuple[int | None, str] = (None, "")
 
 
 def to_datetime(us: int) -> dt.datetime:

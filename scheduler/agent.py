@@ -28,7 +28,7 @@ import structlog
 from batchd.scheduler import files, protocol
 from batchd.scheduler.containers import LABEL, ContainerTask, engine_of
 from batchd.scheduler.protocol import TaskKey
-from batchd.scheduler.runtimes import ProcessTask, reap_leftovers
+from batchd.scheduler.runtimes import ProcessTask, reap_leftovers, remove_work_dir
 
 logger = structlog.get_logger(__name__)
 
@@ -86,7 +86,9 @@ class Agent:
         self.gpus, self.gpu_model = gpus, gpu_model
         self.runtimes = runtimes
         self.incarnation = time.time_ns()
-        self.running_dir = work_dir / "running"  # a pid file per running task
+        self.running_dir = work_dir / "running"  # pid-file slots of running tasks
+        self.free_slots: list[Path] = []  # pid files no task holds now
+        self.slots = 0  # pid files made so far
         self.tasks: dict[TaskKey, ProcessTask] = {}
         self.epoch = 0
         self.last_contact = time.monotonic()
@@ -129,7 +131,13 @@ class Agent:
                 return None
             return ContainerTask({**command, "node": self.node_id}, self.docker, self.engine,
                                  self.attach_gpus)  # fmt: skip
-        return ProcessTask(command, self.running_dir / f"{key[0]}-{key[1]}-{key[2]}.pid")
+        return ProcessTask(command, self._slot())
+
+    def _slot(self) -> Path:
+        if self.free_slots:
+            return self.free_slots.pop()
+        self.slots += 1
+        return self.running_dir / f"slot-{self.incarnation}-{self.slots}.pid"
 
     async def _watch_lease(self) -> None:
         """Every second: out of touch for longer than the lease means stop every task; a
@@ -144,6 +152,7 @@ class Agent:
     async def run(self, stop: asyncio.Event) -> None:
         self.stop = stop
         left = reap_leftovers(self.running_dir)
+        self.free_slots = sorted(self.running_dir.glob("*.pid"))
         if left:
             logger.warning("agent.reaped_leftover_tasks", count=left)
         self.running_dir.mkdir(parents=True, exist_ok=True)
@@ -340,6 +349,9 @@ class Agent:
                 "TaskStarted", jobId=job_id, attempt=attempt, task=index))  # fmt: skip
         result = await running
         self.tasks.pop(key, None)
+        if isinstance(task, ProcessTask) and task.pid_file is not None:
+            self.free_slots.append(task.pid_file)
+        await asyncio.to_thread(remove_work_dir, task.spec)
         report = {"jobId": job_id, "attempt": attempt, "task": index,
                   "exitCode": result.exit_code}  # fmt: skip
         if result.error:

@@ -834,13 +834,13 @@ async def event_stream(request: web.Request) -> web.StreamResponse:
     })  # fmt: skip
     await response.prepare(request)
     api = request.app[API_KEY]
-    events = api.store.subscribe(after).__aiter__()
+    pages = api.store.subscribe_pages(after).__aiter__()
     pending: asyncio.Task | None = None
     closing = asyncio.ensure_future(api.closing.wait())
     try:
         while True:
             if pending is None:
-                pending = asyncio.ensure_future(events.__anext__())
+                pending = asyncio.ensure_future(pages.__anext__())
             done, _ = await asyncio.wait(
                 {pending, closing}, timeout=SSE_KEEPALIVE, return_when=asyncio.FIRST_COMPLETED
             )
@@ -849,12 +849,9 @@ async def event_stream(request: web.Request) -> web.StreamResponse:
             if not done:
                 await response.write(b": keep-alive\n\n")
                 continue
-            event = pending.result()
+            events = pending.result()
             pending = None
-            data = json.dumps(jsonform.to_json(event), separators=(",", ":"))
-            await response.write(
-                f"id: {event.position}\nevent: {event.type}\ndata: {data}\n\n".encode()
-            )
+            await response.write("".join(_sse(event) for event in events).encode())
     except (ConnectionResetError, asyncio.CancelledError):
         pass
     finally:
@@ -864,8 +861,13 @@ async def event_stream(request: web.Request) -> web.StreamResponse:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await pending
         with contextlib.suppress(Exception):
-            await events.aclose()
+            await pages.aclose()
     return response
+
+
+def _sse(event) -> str:
+    data = json.dumps(jsonform.to_json(event), separators=(",", ":"))
+    return f"id: {event.position}\nevent: {event.type}\ndata: {data}\n\n"
 
 
 async def replay(request: web.Request) -> web.Response:

@@ -147,7 +147,7 @@ class NodeService:
         hosts = [toolkits.Host(node_id, "127.0.0.1", tuple(gpus)) for node_id, gpus in job.tasks]
         paths = toolkits.Paths(
             mount_root=str(self.mounts), job_mount_root=str(self.mounts / "jobs" / job.job_id),
-            job_temp=str(jobs_root / "temp" / job.job_id / str(job.attempt)),
+            job_temp=str(jobs_root / "temp" / f"{job.job_id}.{job.attempt}"),
             shared_job_temp=str(self.mounts / "shared" / job.job_id),
         )  # fmt: skip
         secrets = {item["name"]: item["value"] for item in spec.get("secrets") or ()
@@ -177,8 +177,7 @@ class NodeService:
                 "image": (container.get("imageSourceRegistry") or {}).get("image"),
                 "shmSize": container.get("shmSize"),
                 "stdouterr": plan.env["AZ_BATCHAI_STDOUTERR_DIR"],
-                "workDir": str(jobs_root / "work" / job.job_id / str(job.attempt)
-                               / str(plan.index)),
+                "workDir": str(jobs_root / "work" / f"{job.job_id}.{job.attempt}.{plan.index}"),
                 "preparation": preparation,
             })  # fmt: skip
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,7 +123,8 @@ class ProcessTask:
         with contextlib.suppress(ProcessLookupError):  # what it left running in its group
             os.killpg(self.process.pid, signal.SIGKILL)
         if self.pid_file is not None:
-            self.pid_file.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self.pid_file.write_text("")  # free: the agent gives the slot to another task
         return TaskResult(_exit_code(returncode))
 
     async def exec(self, command: str, send) -> int:
@@ -157,11 +159,24 @@ class ProcessTask:
 
 def reap_leftovers(directory: Path) -> int:
     """Kill the process groups a previous agent on this node left running (it died without
-    stopping them: its node's attempts are given to others now); how many there were."""
+    stopping them: its node's attempts are given to others now); how many there were.
+
+    Each `*.pid` file is a slot that holds the process group of a running task, or nothing;
+    slots are emptied here and reused (a new file costs far more than a rewritten one).
+    """
     count = 0
     for pid_file in directory.glob("*.pid") if directory.is_dir() else ():
         with contextlib.suppress(ValueError, OSError):
-            os.killpg(int(pid_file.read_text()), signal.SIGKILL)
-            count += 1
-        pid_file.unlink(missing_ok=True)
+            text = pid_file.read_text().strip()
+            if text:
+                os.killpg(int(text), signal.SIGKILL)
+                count += 1
+        with contextlib.suppress(OSError):
+            pid_file.write_text("")
     return count
+
+
+def remove_work_dir(spec: dict[str, Any]) -> None:
+    """Remove a task's work directory (its own, by the daemon's layout) once it has ended."""
+    if spec.get("workDir"):
+        shutil.rmtree(spec["workDir"], ignore_errors=True)

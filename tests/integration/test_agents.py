@@ -88,10 +88,12 @@ def _out(daemon, name: str, attempt: int = 1, file: str = "stdout.txt") -> str:
 
 async def test_a_job_runs_on_its_gpu_and_its_output_and_exit_code_come_back(local):
     daemon, client = local
-    command = 'echo "hello from $AZ_BATCHAI_JOB_NAME on GPU $CUDA_VISIBLE_DEVICES"; echo oops >&2'
+    command = ('echo "hello from $AZ_BATCHAI_JOB_NAME on GPU $CUDA_VISIBLE_DEVICES"; '
+               'echo oops >&2; echo scratch > in-the-work-dir')  # fmt: skip
     await _run(client, "hello", command)
     job = await _ended(daemon, client, "hello")
     assert job["properties"]["state"] == "succeeded"
+    assert list((daemon.state_dir / "nodes" / "work").iterdir()) == []  # removed once it ended
     assert job["properties"]["executionInfo"]["exitCode"] == 0
     assert job["properties"]["tasks"] == []  # its GPU was given back when it ended
     assert _out(daemon, "hello") in {f"hello from hello on GPU {g}\n" for g in range(4)}
@@ -164,7 +166,8 @@ async def test_a_killed_agent_loses_its_attempt_which_runs_again_elsewhere_or_af
     await client.call("POST", f"{EXP}/jobs/long/terminate")
     ended = await _ended(daemon, client, "long")
     assert ended["properties"]["state"] == "failed"
-    await _until(lambda: not list((daemon.state_dir / "nodes").glob("*/running/*.pid")), 10)
+    nodes = daemon.state_dir / "nodes"
+    await _until(lambda: not any(s.read_text().strip() for s in nodes.glob("*/running/*.pid")), 10)
 
 
 async def test_node_list_and_show_tell_state_gpus_and_heartbeat_age(local):

@@ -304,6 +304,36 @@ async def test_a_fresh_writer_appending_to_an_existing_stream_as_new_is_refused(
         await second.close()
 
 
+async def test_what_a_writer_reads_back_is_what_another_process_reads(store_url):
+    # A writer answers reads of what it committed lately from memory; those events must be
+    # exactly the stored ones, also across a takeover by another writer (a gap in its cache).
+    first = await urls.open_store(store_url)
+    second = await urls.open_store(store_url)
+    try:
+        await first.take_leadership()
+        cid = NewEvent("JobStarted", {}).event_id
+        await first.append("job-a", [NewEvent("JobStarted", {"jobId": "a", "n": [1, 2]},
+                                              actor="alice", correlation_id=cid)])  # fmt: skip
+        await first.append("job-b", [ev() for _ in range(3)], NO_STREAM)
+        early = await first.read_all(0, 100)
+        await second.take_leadership()
+        await second.append("job-c", [ev()], NO_STREAM)
+        await first.take_leadership()
+        await first.append("job-d", [ev(), ev()], NO_STREAM)
+        mine = await first.read_all(0, 100)
+        theirs = await second.read_all(0, 100)
+        assert [e.position for e in mine] == [1, 2, 3, 4, 5, 6, 7]
+        assert mine == theirs
+        assert early == theirs[:4]
+        assert mine[0].correlation_id == cid and mine[0].data == {"jobId": "a", "n": [1, 2]}
+        assert await first.read_all(5) == theirs[5:]
+        assert await first.read_all(5, 1) == theirs[5:6]
+        assert await first.read_all(3, 2) == theirs[3:5]
+    finally:
+        await first.close()
+        await second.close()
+
+
 async def test_large_batches_keep_the_contract(store_url):
     # Batches of a few hundred events take the bulk path of a backend (COPY on PostgreSQL):
     # retries, conflicts found only by the database, and fencing must hold there too.

@@ -55,3 +55,20 @@ def test_anchors_parse_and_print():
     for bad in ("42", "x:" + "ab" * 32, "0:" + "ab" * 32, "4:abcd"):
         with pytest.raises(ValueError, match="POSITION:HASH"):
             Anchor.parse(bad)
+
+
+def test_iso_times_are_exact_to_the_microsecond_within_and_across_seconds():
+    import datetime as dt
+    import random
+
+    epoch = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+    rng = random.Random(7)
+    base = 1_800_000_000_000_000
+    # runs within one second (the cached prefix), jumps, and times before the epoch
+    times = [base + n * 37_000 for n in range(60)] + [-1, 0, 999_999, -1_000_001]
+    times += [rng.randint(-(10**16), 10**17) for _ in range(2000)]
+    for us in times:
+        assert to_iso(us) == (epoch + dt.timedelta(microseconds=us)).strftime(
+            "%Y-%m-%dT%H:%M:%S.%fZ"
+        )
+        assert parse_iso(to_iso(us)) == us
