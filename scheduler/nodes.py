@@ -131,7 +131,8 @@ class NodeService:
             if job is None or job.attempt != attempt or job.state not in lifecycle.HOLDING:
                 del self.dispatched[job_id, attempt]
                 self.killed.discard((job_id, attempt))
-                self._kill(job_id, attempt, tasks)  # a task that already exited ignores it
+                if job is None or job.attempt != attempt or len(job.task_exits) < len(tasks):
+                    self._kill(job_id, attempt, tasks)  # some task may still run
 
     async def _start(self, job: Job) -> None:
         try:

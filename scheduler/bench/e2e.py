@@ -76,7 +76,7 @@ async def _nodes_ready(session: aiohttp.ClientSession, url: str, nodes: int) -> 
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         async with session.get(f"{url}/v1/nodes?cluster=default/local") as response:
-            listed = await response.json()
+            listed = await response.json() if response.status == 200 else {"value": []}
         if sum(n["properties"]["state"] == "ready" for n in listed["value"]) >= nodes:
             return
         await asyncio.sleep(0.1)
