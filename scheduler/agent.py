@@ -28,7 +28,13 @@ import structlog
 from batchd.scheduler import files, protocol
 from batchd.scheduler.containers import LABEL, ContainerTask, engine_of
 from batchd.scheduler.protocol import TaskKey
-from batchd.scheduler.runtimes import ProcessTask, reap_leftovers, remove_work_dir
+from batchd.scheduler.runtimes import (
+    ProcessTask,
+    reap_leftovers,
+    remove_work_dir,
+    remove_work_tree,
+    watch_children_with_pidfd,
+)
 
 logger = structlog.get_logger(__name__)
 
@@ -351,7 +357,8 @@ class Agent:
         self.tasks.pop(key, None)
         if isinstance(task, ProcessTask) and task.pid_file is not None:
             self.free_slots.append(task.pid_file)
-        await asyncio.to_thread(remove_work_dir, task.spec)
+        if not remove_work_dir(task.spec):  # not empty: remove it without holding the loop
+            await asyncio.to_thread(remove_work_tree, task.spec)
         report = {"jobId": job_id, "attempt": attempt, "task": index,
                   "exitCode": result.exit_code}  # fmt: skip
         if result.error:
@@ -412,6 +419,7 @@ async def main(args: argparse.Namespace) -> int:
     if "docker" in runtimes:
         attach = args.gpu_attach == "always" or (args.gpu_attach == "auto" and model != "simulated")
         await agent.connect_engine(args.docker_host, attach)
+    watch_children_with_pidfd()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -114,10 +114,9 @@ def token(t: Token) -> dict[str, Any]:
 # -- the documents as submitted -----------------------------------------------------------------
 async def job_spec(store: EventStore, j: Job) -> dict[str, Any]:
     """The job's properties as submitted (secrets still sealed)."""
-    submission = await store.read_all(j.submitted_position - 1, 1)  # a recent one: from memory
-    if submission and submission[0].type == "JobSubmitted":
-        if submission[0].data.get("jobId") == j.job_id:
-            return submission[0].data.get("spec") or {}
+    found = await store.read_all(j.submitted_position - 1, 1)  # a recent one: from memory
+    if found and found[0].type == "JobSubmitted" and found[0].data.get("jobId") == j.job_id:
+        return found[0].data.get("spec") or {}
     for event in await store.read_stream(f"job-{j.job_id}"):
         if event.type == "JobSubmitted":
             return event.data.get("spec") or {}

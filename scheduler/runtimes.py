@@ -16,6 +16,7 @@ import contextlib
 import os
 import shutil
 import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,21 @@ def prepare_directories(spec: dict[str, Any]) -> TaskResult | None:
         message = f"cannot write {exc.filename}: {exc.strerror}"
         return TaskResult(None, {"code": "output_unwritable", "message": message})
     return None
+
+
+def watch_children_with_pidfd() -> None:
+    """(In the running loop.) Have asyncio wait for child processes in the event loop through pidfds. Python 3.11's
+    default waits for each one in a thread of its own (a thread started per task); 3.12 and
+    later choose pidfds themselves."""
+    if sys.version_info >= (3, 12) or not hasattr(os, "pidfd_open"):
+        return
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except OSError:  # a kernel without pidfds
+        return
+    watcher = asyncio.PidfdChildWatcher()
+    watcher.attach_loop(asyncio.get_running_loop())
+    asyncio.set_child_watcher(watcher)
 
 
 def _exit_code(returncode: int) -> int:
@@ -176,7 +192,19 @@ def reap_leftovers(directory: Path) -> int:
     return count
 
 
-def remove_work_dir(spec: dict[str, Any]) -> None:
-    """Remove a task's work directory (its own, by the daemon's layout) once it has ended."""
-    if spec.get("workDir"):
-        shutil.rmtree(spec["workDir"], ignore_errors=True)
+def remove_work_dir(spec: dict[str, Any]) -> bool:
+    """Remove a task's work directory (its own, by the daemon's layout) once it has ended, if
+    it is empty (most are); False if it still holds files (see remove_work_tree)."""
+    try:
+        if spec.get("workDir"):
+            os.rmdir(spec["workDir"])
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return False
+    return True
+
+
+def remove_work_tree(spec: dict[str, Any]) -> None:
+    """Remove a task's work directory and what it holds (this may take a while)."""
+    shutil.rmtree(spec["workDir"], ignore_errors=True)
