@@ -96,16 +96,21 @@ async def _closed_loop(session: aiohttp.ClientSession, url: str, jobs: int, wind
     async def watch() -> None:
         nonlocal finished
         stream = f"{url}/v1/events/stream?after={head}"
+        tail = b""  # the end of the previous chunk, where a line may have been cut
         async with session.get(stream, timeout=aiohttp.ClientTimeout(total=None)) as response:
-            async for line in response.content:
-                if line.startswith(b"event: JobSucceeded") or line.startswith(b"event: JobFailed"):
-                    if line.startswith(b"event: JobFailed"):
-                        raise BenchError("a job failed")
-                    finished += 1
+            async for chunk in response.content.iter_any():  # the events a write carried
+                text = tail + chunk
+                cut = text.rfind(b"\n") + 1
+                lines, tail = text[:cut], text[cut:]
+                if b"\nevent: JobFailed\n" in b"\n" + lines:
+                    raise BenchError("a job failed")
+                ended = (b"\n" + lines).count(b"\nevent: JobSucceeded\n")
+                for _ in range(ended):
                     free.release()
-                    if finished == jobs:
-                        done.set()
-                        return
+                finished += ended
+                if finished >= jobs:
+                    done.set()
+                    return
 
     async def submit() -> None:
         for n in range(jobs):
