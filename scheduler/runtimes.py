@@ -49,9 +49,9 @@ def prepare_directories(spec: dict[str, Any]) -> TaskResult | None:
 
 
 def watch_children_with_pidfd() -> None:
-    """(In the running loop.) Have asyncio wait for child processes in the event loop through pidfds. Python 3.11's
-    default waits for each one in a thread of its own (a thread started per task); 3.12 and
-    later choose pidfds themselves."""
+    """Have asyncio wait for child processes in the (running) event loop through pidfds.
+    Python 3.11's default waits for each one in a thread of its own (a thread started per
+    task); 3.12 and later choose pidfds themselves."""
     if sys.version_info >= (3, 12) or not hasattr(os, "pidfd_open"):
         return
     try:
