@@ -179,6 +179,7 @@ class PostgresBackend:
         self._versions: dict[str, int] = {}  # stream versions as of self._head (cache)
         self._wakeup: Callable[[], None] = lambda: None
         self._listener: asyncio.Task | None = None
+        self._writer: asyncpg.Connection | None = None  # the connection appends use
 
     def set_wakeup(self, callback: Callable[[], None]) -> None:
         self._wakeup = callback
@@ -260,6 +261,9 @@ class PostgresBackend:
             raise self._translate(exc) from None
 
     async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.terminate()
+            self._writer = None
         if self._listener is not None:
             self._listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -308,6 +312,21 @@ class PostgresBackend:
                 raise
             raise self._translate(exc) from None
 
+    @contextlib.asynccontextmanager
+    async def _write_connection(self):
+        """The writer's own connection (appends are one at a time: no pool round trip); it is
+        dropped, and opened again by the next append, after anything but a statement error."""
+        if self._writer is None or self._writer.is_closed():
+            self._writer = await asyncpg.connect(self.dsn, timeout=CONNECT_TIMEOUT)
+        try:
+            yield self._writer
+        except BaseException as exc:  # lost, or cancelled mid-statement: start afresh
+            broken = isinstance(exc, _UNAVAILABLE) or not isinstance(exc, asyncpg.PostgresError)
+            if broken and self._writer is not None:
+                self._writer.terminate()
+                self._writer = None
+            raise
+
     # -- head and epoch --------------------------------------------------------------------
     async def read_head(self) -> Head:
         return self._head_of(await self._fetch(_HEAD))
@@ -355,7 +374,7 @@ class PostgresBackend:
         self, requests: Sequence[AppendRequest], head: Head, prepare: Prepare, recheck: bool
     ) -> BatchPlan | None:
         """One attempt; `recheck` (after a unique violation) reads every fact from the tables."""
-        async with self._connection(translate=False) as conn:
+        async with self._write_connection() as conn:
             if recheck:
                 self._versions = {}
             versions, assumed = await self._stream_versions(conn, requests, assume=not recheck)

@@ -6,7 +6,7 @@ import asyncio
 
 import asyncpg
 
-from batchd.events import urls
+from batchd.events import audit, errors, urls
 from batchd.events.envelope import NewEvent
 from tests.conftest import PG_DSN
 
@@ -76,4 +76,26 @@ async def test_notify_wakes_a_subscriber_of_another_store_long_before_its_poll(p
         await following.aclose()
     finally:
         await reader.close()
+        await writer.close()
+
+
+async def test_a_writer_whose_connections_are_killed_appends_again(pg_database):
+    # Its append in flight may fail (ambiguous: it is reported, not guessed); the next ones
+    # reconnect, a retry with the same event ids is not written twice, and the chain holds.
+    writer = await urls.open_store(f"{pg_database}?application_name=batchd-writer")
+    try:
+        assert await writer.append("job-a", [NewEvent("JobStarted", {})], 0) == [1]
+        assert await _kill("batchd-writer") >= 1
+        event = NewEvent("JobStarted", {})
+        for _ in range(3):
+            try:
+                positions = await writer.append("job-b", [event], 0)
+                break
+            except errors.StoreUnavailable:
+                continue
+        assert positions == [2]
+        assert await writer.append("job-b", [event], 0) == [2]  # the same append again
+        assert await writer.append("job-c", [NewEvent("JobStarted", {})], 0) == [3]
+        assert (await audit.verify(writer)).ok
+    finally:
         await writer.close()
