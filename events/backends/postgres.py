@@ -104,22 +104,32 @@ _EXISTING = (
     "SELECT e.event_id, e.position, e.stream "
     "FROM unnest($1::uuid[]) AS i(id) JOIN events e ON e.event_id = i.id"
 )
-_WRITE = f"""
+_TYPES = ("bigint", "uuid", "text", "bigint", "text", "integer", "bigint", "text", "uuid", "uuid",
+          "bytea", "bytea")  # fmt: skip
+
+
+def _write(rows: str) -> str:
+    """The one statement of a batch: move the head if it is still where this writer left it,
+    insert `rows` (a SELECT over $6...$17) only then, and NOTIFY."""
+    return f"""
 WITH h AS (
     UPDATE log_head SET position = $3, hash = $4, recorded_at = $5
     WHERE id = 1 AND epoch = $1 AND position = $2
     RETURNING position
 ), ins AS (
     INSERT INTO events ({_COLUMNS})
-    SELECT * FROM unnest($6::bigint[], $7::uuid[], $8::text[], $9::bigint[], $10::text[],
-                         $11::integer[], $12::bigint[], $13::text[], $14::uuid[], $15::uuid[],
-                         $16::bytea[], $17::bytea[])
+    {rows}
     WHERE EXISTS (SELECT 1 FROM h)
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM ins) AS inserted,
        (SELECT pg_notify('{CHANNEL}', position::text) FROM h) IS NULL AS notified
 """
+
+
+_PARAMS = list(enumerate(_TYPES, start=6))
+_WRITE = _write(f"SELECT * FROM unnest({', '.join(f'${n}::{t}[]' for n, t in _PARAMS)})")
+_WRITE_ONE = _write(f"SELECT {', '.join(f'${n}::{t}' for n, t in _PARAMS)}")  # scalars: cheaper
 _MOVE_HEAD = f"""
 WITH h AS (
     UPDATE log_head SET position = $3, hash = $4, recorded_at = $5
@@ -391,11 +401,13 @@ class PostgresBackend:
                 return plan
             if len(plan.rows) >= COPY_ROWS:
                 return plan if await self._copy(conn, head, plan) else None
-            columns = list(zip(*plan.rows, strict=True))
+            if len(plan.rows) == 1:
+                statement, values = _WRITE_ONE, plan.rows[0]
+            else:
+                statement, values = _WRITE, list(zip(*plan.rows, strict=True))
             new = plan.head
-            inserted, _ = await conn.fetchrow(
-                _WRITE, head.epoch, head.position, new.position, new.hash, new.recorded_at, *columns
-            )
+            inserted, _ = await conn.fetchrow(statement, head.epoch, head.position, new.position,
+                                              new.hash, new.recorded_at, *values)  # fmt: skip
         return plan if inserted == len(plan.rows) else None
 
     async def _copy(self, conn: asyncpg.Connection, head: Head, plan: BatchPlan) -> bool:
