@@ -132,7 +132,7 @@ class ProcessTask:
                 started.set()
         if self.pid_file is not None:
             try:
-                self.pid_file.write_text(str(self.process.pid))
+                self.pid_file.write_text(process_mark(self.process.pid))
             except OSError:  # the task runs on: only its cleanup after an agent crash is lost
                 self.pid_file = None
         returncode = await self.process.wait()
@@ -173,20 +173,56 @@ class ProcessTask:
             os.killpg(process.pid, signal.SIGKILL)  # also children that outlived the leader
 
 
+def process_mark(pid: int) -> str:
+    """What a slot file holds for a running task: its process group, this boot's id and the
+    leader's start time, so that a later agent never kills a group that only reuses the id."""
+    return f"{pid} {_boot_id()} {_start_time(pid)}"
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return "-"
+
+
+def _start_time(pid: int) -> str:
+    """The process's start time in clock ticks since boot ("-" if it does not exist)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return "-"
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22; the name before ")" may hold spaces
+
+
+def _still_ours(mark: str) -> int | None:
+    """The process group a slot names, if it can only be the task's: same boot, and its
+    leader is the same process or gone (a group id is not reused while the group lives)."""
+    parts = mark.split()
+    if len(parts) != 3 or not parts[0].isdigit() or parts[1] != _boot_id():
+        return None
+    pid = int(parts[0])
+    started = _start_time(pid)
+    return pid if started in ("-", parts[2]) else None
+
+
 def reap_leftovers(directory: Path) -> int:
     """Kill the process groups a previous agent on this node left running (it died without
     stopping them: its node's attempts are given to others now); how many there were.
 
-    Each `*.pid` file is a slot that holds the process group of a running task, or nothing;
-    slots are emptied here and reused (a new file costs far more than a rewritten one).
+    Each `*.pid` file is a slot that holds the mark of a running task's process group, or
+    nothing; slots are emptied here and reused (a new file costs far more than a rewritten
+    one). A mark from an earlier boot, or whose id another process has taken since, is
+    ignored.
     """
     count = 0
     for pid_file in directory.glob("*.pid") if directory.is_dir() else ():
-        with contextlib.suppress(ValueError, OSError):
-            text = pid_file.read_text().strip()
-            if text:
-                os.killpg(int(text), signal.SIGKILL)
-                count += 1
+        with contextlib.suppress(OSError):
+            group = _still_ours(pid_file.read_text())
+            if group is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(group, signal.SIGKILL)
+                    count += 1
         with contextlib.suppress(OSError):
             pid_file.write_text("")
     return count
