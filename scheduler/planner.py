@@ -19,6 +19,9 @@ that capacity beside the queue: `projections.clusters.free_capacity`). The reaso
 
 - `cluster_missing{}`: its cluster was deleted, or is being deleted;
 - `cluster_scaling{}`: the cluster is resizing and has too few ready nodes yet;
+- `cluster_too_small{need_nodes}`: the cluster's scale settings were lowered after the job was
+  submitted, and now allow fewer than `need_nodes` nodes (nor does it have them); it waits
+  until they allow enough;
 - `insufficient_gpus{need}`: no ready node has `need` free GPUs, and the cluster as a whole
   has fewer than the job needs (capacity);
 - `fragmented{need}`: enough GPUs are free in all, but no node has `need` of them;
@@ -45,6 +48,7 @@ from typing import Any
 from batchd.events.envelope import NewEvent
 from batchd.projections import lifecycle, queue
 from batchd.projections.model import READY, Cluster, Job, ReadModels
+from batchd.scheduler.clusterspec import max_nodes
 
 Decision = tuple[str, NewEvent]  # (stream, event)
 NEVER = float("inf")
@@ -235,6 +239,13 @@ def _wait_behind(out: list[Decision], job: Job, cluster: Cluster, capacity: _Cap
         _reason(out, job, _cached_why(why, cluster, capacity, need, nodes))
 
 
+def _too_small(cluster: Cluster, nodes: int) -> bool:
+    """The job needs more nodes than the cluster's scale settings allow (they were lowered
+    after it was submitted) and than the cluster has."""
+    limit = max_nodes(cluster.scale_settings) if cluster.scale_settings else nodes
+    return nodes > max(limit, len(cluster.nodes))
+
+
 def _cached_why(why: dict[tuple[int, int], dict[str, Any]], cluster: Cluster,
                 capacity: _Capacity, need: int, nodes: int) -> dict[str, Any]:  # fmt: skip
     """`_why` for a job shape, computed once while the free capacity stays as it is."""
@@ -245,6 +256,8 @@ def _cached_why(why: dict[tuple[int, int], dict[str, Any]], cluster: Cluster,
 
 
 def _why(cluster: Cluster, capacity: _Capacity, need: int, nodes: int) -> dict[str, Any]:
+    if _too_small(cluster, nodes):
+        return {"code": "cluster_too_small", "need_nodes": nodes}
     ready = len(capacity.gpus)
     if cluster.allocation_state == "resizing" and ready < nodes:
         return {"code": "cluster_scaling"}

@@ -311,3 +311,22 @@ def test_placements_never_overcommit_and_never_pass_over_a_job_that_fit(nodes, r
         fits = sum(1 for n in left.values() if n >= job.gpus_per_node) >= job.node_count
         assert not fits or blocked, f"{job_id} fit and was passed over"
         blocked = True
+
+
+def test_a_gang_beyond_lowered_scale_settings_says_the_cluster_is_too_small():
+    w = World()
+    w.apply("ClusterCreated", clusterId="c", workspace="ws", name="c",
+            spec={"vmSize": "x", "scaleSettings": {"manual": {"targetNodeCount": 3}}})  # fmt: skip
+    for i in range(2):
+        w.apply("NodeRegistered", nodeId=f"c-n{i}", cluster="c", gpus=4)
+        w.apply("NodeSetupSucceeded", nodeId=f"c-n{i}")
+    gang, small = w.job(gpus=4, nodes=3), w.job(gpus=1)
+    decisions = w.plan()
+    assert reasons(decisions)[gang] == {"code": "gang_incomplete", "need_nodes": 3}  # may come
+    assert small in placed(decisions)  # the gang that cannot start reserves nothing
+    w.apply("ClusterScaleSettingsChanged", clusterId="c",
+            scaleSettings={"manual": {"targetNodeCount": 2}})  # fmt: skip
+    assert reasons(w.plan())[gang] == {"code": "cluster_too_small", "need_nodes": 3}
+    auto = {"autoScale": {"minimumNodeCount": 0, "maximumNodeCount": 4}}
+    w.apply("ClusterScaleSettingsChanged", clusterId="c", scaleSettings=auto)
+    assert reasons(w.plan())[gang] == {"code": "gang_incomplete", "need_nodes": 3}
