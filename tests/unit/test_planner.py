@@ -267,7 +267,9 @@ def test_jobs_past_their_wall_clock_are_terminated_with_that_reason():
 @settings(max_examples=150, deadline=None, derandomize=True)
 @given(
     nodes=st.integers(1, 4),
-    running=st.lists(st.tuples(st.integers(0, 3), st.integers(1, 4)), max_size=6),
+    running=st.lists(
+        st.tuples(st.integers(0, 3), st.integers(1, 4), st.integers(1, 48)), max_size=6
+    ),
     queued=st.lists(
         st.tuples(
             st.sampled_from([1, 2, 4]),
@@ -278,14 +280,16 @@ def test_jobs_past_their_wall_clock_are_terminated_with_that_reason():
         max_size=12,
     ),
 )
-def test_placements_never_overcommit_and_never_pass_over_a_job_that_fit(nodes, running, queued):
+def test_placements_never_overcommit_pass_over_a_job_that_fit_or_delay_the_reserved_one(
+    nodes, running, queued
+):
     w = World().cluster(nodes=nodes, gpus=4)
     free = {f"c-n{i}": list(range(4)) for i in range(nodes)}
-    for node_index, gpus in running:
+    for node_index, gpus, hours in running:
         node = f"c-n{node_index % nodes}"
         if len(free[node]) >= gpus:
             take, free[node] = free[node][:gpus], free[node][gpus:]
-            w.run(w.job(gpus=gpus), [(node, take)], at=NOW)
+            w.run(w.job(gpus=gpus, wall=hours * HOUR), [(node, take)], at=NOW)
     for gpus, count, priority, hours in queued:
         w.job(gpus=gpus, nodes=count, priority=priority, wall=hours * HOUR)
     order = [j.job_id for j in sorted(
@@ -311,6 +315,38 @@ def test_placements_never_overcommit_and_never_pass_over_a_job_that_fit(nodes, r
         fits = sum(1 for n in left.values() if n >= job.gpus_per_node) >= job.node_count
         assert not fits or blocked, f"{job_id} fit and was passed over"
         blocked = True
+    # backfill never delays the reserved job: the first one that did not start but could fit
+    # the cluster starts no later than it would have without the jobs placed after it
+    jobs = w.models.jobs
+    reserved = next((j for j in order if j not in got and jobs[j].node_count <= nodes), None)
+    if reserved is not None:
+        ahead = order[: order.index(reserved)]
+        before = {j: t for j, t in got.items() if j in ahead}
+        assert _earliest_start(w, nodes, reserved, before) == _earliest_start(
+            w, nodes, reserved, got
+        ), f"backfill delayed {reserved}"
+
+
+def _earliest_start(w: World, nodes: int, job_id: str, placed_now: dict) -> float:
+    """When `job_id` could start at the earliest if every running job (and each of
+    `placed_now`, placed at NOW) held its GPUs until its wall clock ends."""
+    jobs = w.models.jobs
+    free = {f"c-n{i}": 4 for i in range(nodes)}
+    ends = []
+    holding = [(j.job_id, j.tasks, j.scheduled_at) for j in jobs.values() if j.state == "running"]
+    for j, tasks in placed_now.items():
+        holding.append((j, [(t["node"], t["gpus"]) for t in tasks], NOW))
+    for held_by, tasks, since in holding:
+        for node, gpus in tasks:
+            free[node] -= len(gpus)
+            ends.append((since + jobs[held_by].max_wall_clock_s * 1_000_000, node, len(gpus)))
+    need, count = jobs[job_id].gpus_per_node, jobs[job_id].node_count
+    for at, node, gpus in [(NOW, None, 0), *sorted(ends)]:
+        if node is not None:
+            free[node] += gpus
+        if sum(1 for n in free.values() if n >= need) >= count:
+            return at
+    return float("inf")
 
 
 def test_a_gang_beyond_lowered_scale_settings_says_the_cluster_is_too_small():
