@@ -124,8 +124,9 @@ class ProcessTask:
                     "/bin/sh", "-c", command, cwd=work, env=env, stdin=asyncio.subprocess.DEVNULL,
                     stdout=stdout, stderr=stderr, start_new_session=True,
                 )  # fmt: skip
-        except OSError as exc:
-            return TaskResult(None, {"code": "cannot_start", "message": f"{exc.strerror}"})
+        except (OSError, ValueError) as exc:  # ValueError: a NUL in the command or environment
+            message = exc.strerror if isinstance(exc, OSError) else str(exc)
+            return TaskResult(None, {"code": "cannot_start", "message": f"{message}"})
         finally:
             if started is not None:
                 self.began = self.process is not None

@@ -49,6 +49,8 @@ def string(*, max_len: int = 4096, pattern: str | None = None, what: str = "") -
             raise DocumentError(path, "must not be empty")
         if len(value) > max_len:
             raise DocumentError(path, f"must be at most {max_len} characters")
+        if "\x00" in value:  # no command, path or variable can hold one
+            raise DocumentError(path, "must not contain NUL characters")
         if compiled and not compiled.fullmatch(value):
             raise DocumentError(path, f"must be {what or 'of the form ' + pattern}")
         return value

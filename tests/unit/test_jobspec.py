@@ -98,6 +98,10 @@ def _broken(path: str, value):
         ("properties.mountVolumes", {"azureFileShares": [{"azureFileUrl": "u"}]},
          "properties.mountVolumes.azureFileShares[0].relativeMountPath", "is required"),
         ("color", "blue", "color", "not a known property"),
+        ("properties.customToolkitSettings", {"commandLine": "echo a\x00b"},
+         "properties.customToolkitSettings.commandLine", "NUL"),
+        ("properties.environmentVariables", [{"name": "A", "value": "x\x00"}],
+         "properties.environmentVariables[0].value", "NUL"),
     ],
 )  # fmt: skip
 def test_bad_documents_are_refused_by_field_path(path, value, where, rule):
