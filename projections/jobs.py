@@ -11,7 +11,7 @@ from typing import Any
 
 from batchd.events.envelope import RecordedEvent
 from batchd.projections import allocation, lifecycle, queue
-from batchd.projections.lifecycle import HOLDING, TRANSITIONS
+from batchd.projections.lifecycle import ENDED, HOLDING, TRANSITIONS
 from batchd.projections.model import (
     Job,
     ReadModels,
@@ -99,6 +99,19 @@ def _end(m: ReadModels, job: Job, e: RecordedEvent) -> None:
     job.pending_reason = None
     queue.dequeue(m, job)
     allocation.release(m, job)
+    if job.detached:  # its experiment is gone: nothing shows it once it holds nothing
+        del m.jobs[job.job_id]
+
+
+def experiment_deleted(m: ReadModels, workspace: str, experiment: str) -> None:
+    """An experiment's jobs go with it (their histories stay in the log, by name). One that
+    still holds GPUs while its termination completes stays, detached, until it ends."""
+    for job in [j for j in m.jobs.values()
+                if j.workspace == workspace and j.experiment == experiment]:  # fmt: skip
+        if job.state in ENDED:
+            del m.jobs[job.job_id]
+        else:
+            job.detached = True
 
 
 def succeeded(m: ReadModels, e: RecordedEvent) -> None:

@@ -138,6 +138,7 @@ class Job:
     terminate_reason: str | None = None  # why it is being terminated (the request's reason)
     pending_reason_at: int = 0  # when the current pending reason was recorded
     runtime: str = "process"  # what its nodes must offer: "docker" for containerSettings
+    detached: bool = False  # its experiment was deleted while it ran: it ends out of sight
 
 
 @dataclass(slots=True)

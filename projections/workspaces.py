@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from batchd.events.envelope import RecordedEvent
+from batchd.projections import jobs
 from batchd.projections.model import Experiment, ReadModels, Workspace
 
 
@@ -25,6 +26,7 @@ def experiment_created(m: ReadModels, e: RecordedEvent) -> None:
 
 def experiment_deleted(m: ReadModels, e: RecordedEvent) -> None:
     m.experiments.pop(f"{e.data['workspace']}/{e.data['experiment']}", None)
+    jobs.experiment_deleted(m, e.data["workspace"], e.data["experiment"])
 
 
 HANDLERS = {

@@ -415,7 +415,8 @@ async def list_jobs(request: web.Request) -> web.Response:
     exp = request.match_info["exp"]
     m = request.app[API_KEY].models
     commands.find_experiment(m, ws, exp)
-    jobs = [j for j in m.jobs.values() if j.workspace == ws and j.experiment == exp]
+    jobs = [j for j in m.jobs.values()
+            if j.workspace == ws and j.experiment == exp and not j.detached]  # fmt: skip
     chosen = _job_filters(request, m, jobs)
     return _page(request, chosen, lambda j: resources.job(m, j))
 
@@ -426,7 +427,7 @@ async def list_all_jobs(request: web.Request) -> web.Response:
     m = request.app[API_KEY].models
     workspace = request.query.get("workspace")
     experiment = request.query.get("experiment")
-    jobs = [j for j in m.jobs.values() if principal.sees(j.workspace)
+    jobs = [j for j in m.jobs.values() if principal.sees(j.workspace) and not j.detached
             and (workspace is None or j.workspace == workspace)
             and (experiment is None or j.experiment == experiment)]  # fmt: skip
     chosen = _job_filters(request, m, jobs)
@@ -444,10 +445,9 @@ async def put_job(request: web.Request) -> web.Response:
         _principal(request).require("operator", commands.cluster_workspace(reference, ws, where))
 
     async def decide(m: ReadModels):
-        ids = m.job_ids.get(job_key(ws, exp, name), [])
-        if not ids or ids[-1] not in m.jobs:
+        existing = commands.current_job(m, ws, exp, name)
+        if existing is None:
             return commands.submit_job(m, ws, exp, name, document, _actor(request))
-        existing = m.jobs[ids[-1]]
         stored = resources.opened(await resources.job_spec(api.store, existing), api.keyring)
         wanted = parse_job(document)
         target = commands.resolve_cluster(m, wanted.cluster, ws, "")

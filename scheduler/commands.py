@@ -255,17 +255,24 @@ def _cluster_reference(reference: str | None, workspace: str, where: str) -> tup
 
 
 def _name_free(m: ReadModels, workspace: str, experiment: str, name: str) -> None:
-    ids = m.job_ids.get(job_key(workspace, experiment, name), [])
-    if ids and ids[-1] in m.jobs:
+    if current_job(m, workspace, experiment, name) is not None:
         raise CommandError(f"job {name!r} exists already in {workspace}/{experiment}")
+
+
+def current_job(m: ReadModels, workspace: str, experiment: str, name: str) -> Job | None:
+    """The job that has that name now: its newest incarnation, unless that was deleted (or
+    went with its experiment)."""
+    ids = m.job_ids.get(job_key(workspace, experiment, name))
+    job = m.jobs.get(ids[-1]) if ids else None
+    return None if job is None or job.detached else job
 
 
 def find_job(m: ReadModels, workspace: str, experiment: str, name: str) -> Job:
     """The job (not deleted) of that name; CommandError 404 if none."""
-    ids = m.job_ids.get(job_key(workspace, experiment, name), [])
-    if not ids or ids[-1] not in m.jobs:
+    job = current_job(m, workspace, experiment, name)
+    if job is None:
         raise CommandError(f"no job {name!r} in {workspace}/{experiment}", 404)
-    return m.jobs[ids[-1]]
+    return job
 
 
 def terminate_job(

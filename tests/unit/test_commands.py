@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from batchd.events.envelope import RecordedEvent
+from batchd.events.envelope import NewEvent, RecordedEvent
 from batchd.projections import fold
 from batchd.projections.lifecycle import InvalidTransition
 from batchd.projections.model import ReadModels
@@ -175,3 +175,27 @@ def test_workspaces_experiments_and_clusters(w):
     decisions = w.do(commands.delete_cluster(w.m, "ws", "gpu", "user:ops"))
     assert [e.type for _s, e in decisions] == ["ClusterDeleteRequested", "ClusterDeleted"]
     assert "ws/gpu" not in w.m.cluster_ids
+
+
+def test_a_deleted_experiments_jobs_go_with_it_and_a_new_one_starts_empty(w):
+    for name in ("queued", "running"):
+        w.do(commands.submit_job(w.m, "ws", "exp", name, JOB, "user:ann", cluster="gpu",
+                                 new_id=w.new_id))  # fmt: skip
+    running = commands.find_job(w.m, "ws", "exp", "running")
+    w.do([(f"job-{running.job_id}", event) for event in (
+        NewEvent("JobScheduled", {"jobId": running.job_id, "attempt": 1, "tasks": []}),
+        NewEvent("JobStarted", {"jobId": running.job_id, "attempt": 1}),
+    )])  # fmt: skip
+    w.do(commands.delete_experiment(w.m, "ws", "exp", "user:ops"))
+    w.do(commands.create_experiment(w.m, "ws", "exp", "user:ops"))
+    # the queued job went at once; the running one is terminating, out of sight
+    assert [j.name for j in w.m.jobs.values()] == ["running"]
+    with pytest.raises(CommandError, match="no job 'running'"):
+        commands.find_job(w.m, "ws", "exp", "running")
+    # the names are free in the new experiment, also while the old job still terminates
+    w.do(commands.submit_job(w.m, "ws", "exp", "running", JOB, "user:ann", cluster="gpu",
+                             new_id=w.new_id))  # fmt: skip
+    assert commands.find_job(w.m, "ws", "exp", "running").state == "queued"
+    w.do([(f"job-{running.job_id}", NewEvent("JobTerminated", {"jobId": running.job_id}))])
+    assert running.job_id not in w.m.jobs  # ended: gone
+    assert len(w.m.job_ids["ws/exp/running"]) == 2  # both incarnations keep their history
