@@ -43,6 +43,7 @@ MAX_BATCH_EVENTS = 500  # events per group-commit transaction
 MAX_POSITION = 2**63 - 1  # positions are PostgreSQL bigints
 READ_PAGE = 1000  # events per read while catching up
 RECENT_ROWS = 10_000  # rows this process committed last, kept for its readers (at least)
+RECENT_BYTES = 32 << 20  # ...unless their data holds more bytes than this
 POLL_INTERVAL = 1.0  # seconds between subscription polls when no wake-up arrives
 CLOSE_GRACE = 10.0  # seconds close() waits for queued appends to commit
 RETRY_BACKOFF = (0.05, 0.1, 0.2, 0.5, 1.0)  # seconds, for a subscription whose store dropped
@@ -193,10 +194,13 @@ class EventStore:
         self._changed = asyncio.Event()
         self._writer: asyncio.Task | None = None
         self._closing = False
-        # The rows this process committed last, contiguous in position from _recent_first:
-        # readers that follow the head (projections, event streams) get them without a query.
+        # The rows this process committed last, contiguous in position from _recent_first and
+        # ending at the head this writer last wrote (emptied when a commit fails or leadership
+        # is taken): readers that follow the head (projections, event streams) get them
+        # without a query.
         self._recent: list[tuple] = []
         self._recent_first = 0
+        self._recent_bytes = 0
         self.backend.set_wakeup(self._pulse)
 
     async def open(self, readonly: bool = False) -> EventStore:
@@ -233,6 +237,7 @@ class EventStore:
     async def take_leadership(self) -> int:
         """Become the log's writer: bump the epoch so that any older writer is fenced."""
         self._check_writable()
+        self._forget_recent()  # others may have written since this writer's last commit
         head = await self.backend.take_epoch()
         self.epoch = head.epoch
         logger.info("log.leadership_taken", epoch=head.epoch, position=head.position)
@@ -306,6 +311,7 @@ class EventStore:
             try:
                 await self._commit(batch)
             except Exception as exc:  # the batch failed as a whole: every caller hears why
+                self._forget_recent()  # it may have landed after all: read from the log
                 _fail(batch, exc)
             finally:
                 self._committing = False
@@ -344,13 +350,23 @@ class EventStore:
     def _remember(self, rows: list[tuple]) -> None:
         recent = self._recent
         if not recent or recent[-1][0] + 1 != rows[0][0]:
-            recent.clear()  # not contiguous (another writer wrote between): start again
+            self._forget_recent()  # not contiguous (another writer wrote between): start again
             self._recent_first = rows[0][0]
         recent.extend(rows)
-        if len(recent) > 2 * RECENT_ROWS:
-            drop = len(recent) - RECENT_ROWS
+        self._recent_bytes += sum(len(r[10]) for r in rows)
+        if len(recent) > 2 * RECENT_ROWS or self._recent_bytes > RECENT_BYTES:
+            drop = max(0, len(recent) - RECENT_ROWS)
+            freed = sum(len(r[10]) for r in recent[:drop])
+            while drop < len(recent) - 1 and self._recent_bytes - freed > RECENT_BYTES // 2:
+                freed += len(recent[drop][10])
+                drop += 1
             del recent[:drop]
             self._recent_first += drop
+            self._recent_bytes -= freed
+
+    def _forget_recent(self) -> None:
+        self._recent.clear()
+        self._recent_bytes = 0
 
     def _pulse(self) -> None:
         self._changed.set()

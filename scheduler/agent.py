@@ -357,13 +357,13 @@ class Agent:
         self.tasks.pop(key, None)
         if isinstance(task, ProcessTask) and task.pid_file is not None:
             self.free_slots.append(task.pid_file)
-        if not remove_work_dir(task.spec):  # not empty: remove it without holding the loop
-            await asyncio.to_thread(remove_work_tree, task.spec)
         report = {"jobId": job_id, "attempt": attempt, "task": index,
                   "exitCode": result.exit_code}  # fmt: skip
         if result.error:
             report["error"] = result.error
-        self.outbox.put_nowait(self._message("TaskExited", **report))
+        self.outbox.put_nowait(self._message("TaskExited", **report))  # its GPUs are free now
+        if not remove_work_dir(task.spec):  # not empty: remove it without holding the loop
+            await asyncio.to_thread(remove_work_tree, task.spec)
 
 
 def read_output(command: dict[str, Any]) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import functools
 import json
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -625,15 +626,19 @@ async def list_files(request: web.Request) -> web.Response:
 async def get_file(request: web.Request) -> web.StreamResponse:
     job, base, node = await _output_dir(request)
     api = request.app[API_KEY]
+    follow = request.query.get("follow", "false").lower() in ("true", "1")
     if node is not None:
-        return await _remote_file(request, node, files.joined(base, request.match_info["path"],
-                                                              "path"))  # fmt: skip
+        path = files.joined(base, request.match_info["path"], "path")
+        if follow:
+            return await _follow(request, job, _remote_reader(api, node, path),
+                                 _range_offset(request))  # fmt: skip
+        return await _remote_file(request, node, path)
     path = files.inside(base, request.match_info["path"], "path", api.mount_root)
     if path.is_dir():
         raise files.FileNotFound(f"{request.match_info['path']!r} is a directory")
     start = _range_start(request, path)
-    if request.query.get("follow", "false").lower() in ("true", "1"):
-        return await _follow(request, job, path, start)
+    if follow:
+        return await _follow(request, job, partial(asyncio.to_thread, _read_from, path), start)
     if not path.is_file():
         raise files.FileNotFound(f"no file {request.match_info['path']!r} (yet)")
     return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
@@ -642,12 +647,7 @@ async def get_file(request: web.Request) -> web.StreamResponse:
 async def _remote_file(request: web.Request, node: str, path: Path) -> web.StreamResponse:
     """A file the job's node has, from the Range start to its end, in chunks."""
     api = request.app[API_KEY]
-    try:
-        offset = request.http_range.start or 0
-    except ValueError:
-        raise _unsatisfiable("the Range header is not bytes=START-[END]") from None
-    if offset < 0:
-        raise _unsatisfiable("only ranges from a start offset are served")
+    offset = _range_offset(request)
     first = await _remote(api, node, path, offset=offset)
     response = web.StreamResponse(status=206 if offset else 200,
                                   headers={"Content-Type": "application/octet-stream"})  # fmt: skip
@@ -661,6 +661,29 @@ async def _remote_file(request: web.Request, node: str, path: Path) -> web.Strea
         chunk = await _remote(api, node, path, offset=offset)
     await response.write_eof()
     return response
+
+
+def _range_offset(request: web.Request) -> int:
+    """Where a Range header starts a file read from a node (0 without one)."""
+    try:
+        offset = request.http_range.start or 0
+    except ValueError:
+        raise _unsatisfiable("the Range header is not bytes=START-[END]") from None
+    if offset < 0:
+        raise _unsatisfiable("only ranges from a start offset are served")
+    return offset
+
+
+def _remote_reader(api: Api, node: str, path: Path) -> Callable[[int], Awaitable[bytes]]:
+    """Reads of a file on the job's node from an offset (b"": nothing there yet)."""
+
+    async def read(offset: int) -> bytes:
+        try:
+            return (await _remote(api, node, path, offset=offset)).get("data") or b""
+        except files.FileNotFound:
+            return b""
+
+    return read
 
 
 def _range_start(request: web.Request, path: Path) -> int:
@@ -689,9 +712,11 @@ def _unsatisfiable(message: str) -> RangeNotSatisfiable:
     return RangeNotSatisfiable(message)
 
 
-async def _follow(request: web.Request, job: Job, path: Path, start: int) -> web.StreamResponse:
-    """The file from `start` as it grows, until the job has ended and everything written is
-    sent, the client has gone, or the daemon stops."""
+async def _follow(request: web.Request, job: Job, read: Callable[[int], Awaitable[bytes]],
+                  start: int) -> web.StreamResponse:  # fmt: skip
+    """A file from `start` as it grows (`read(offset)` gives what follows an offset), until
+    the job has ended and everything written is sent, the client has gone, the node cannot
+    be reached, or the daemon stops."""
     response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
     await response.prepare(request)
     api = request.app[API_KEY]
@@ -700,7 +725,7 @@ async def _follow(request: web.Request, job: Job, path: Path, start: int) -> web
         while True:
             current = api.models.jobs.get(job.job_id)
             ended = current is None or current.state in lifecycle.ENDED
-            chunk = await asyncio.to_thread(_read_from, path, offset)
+            chunk = await read(offset)
             if chunk:
                 await response.write(chunk)
                 offset += len(chunk)
@@ -712,6 +737,8 @@ async def _follow(request: web.Request, job: Job, path: Path, start: int) -> web
         await response.write_eof()
     except (ConnectionResetError, OSError):
         pass  # the client went away
+    except TimeoutError:
+        pass  # the node does not answer: the stream ends where it got to
     return response
 
 

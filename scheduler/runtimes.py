@@ -21,6 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import structlog
+
+logger = structlog.get_logger(__name__)
+
 KILL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL of a task's process group
 BASE_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "USER")
 
@@ -82,6 +86,7 @@ class ProcessTask:
         env = {k: os.environ[k] for k in BASE_ENV if k in os.environ}
         env.update({str(k): str(v) for k, v in (self.spec.get("env") or {}).items()})
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in self.spec.get("gpus") or ())
+        env[TASK_VARIABLE] = task_label(self.spec)
         return env
 
     async def run(self, started: asyncio.Event) -> TaskResult:
@@ -133,7 +138,7 @@ class ProcessTask:
                 started.set()
         if self.pid_file is not None:
             try:
-                self.pid_file.write_text(process_mark(self.process.pid))
+                self.pid_file.write_text(process_mark(self.process.pid, task_label(self.spec)))
             except OSError:  # the task runs on: only its cleanup after an agent crash is lost
                 self.pid_file = None
         returncode = await self.process.wait()
@@ -174,10 +179,18 @@ class ProcessTask:
             os.killpg(process.pid, signal.SIGKILL)  # also children that outlived the leader
 
 
-def process_mark(pid: int) -> str:
-    """What a slot file holds for a running task: its process group, this boot's id and the
-    leader's start time, so that a later agent never kills a group that only reuses the id."""
-    return f"{pid} {_boot_id()} {_start_time(pid)}"
+TASK_VARIABLE = "BATCHD_TASK"  # in every task's environment: <jobId>.<attempt>.<task>
+
+
+def task_label(spec: dict[str, Any]) -> str:
+    return f"{spec.get('jobId')}.{spec.get('attempt')}.{spec.get('task')}"
+
+
+def process_mark(pid: int, label: str) -> str:
+    """What a slot file holds for a running task: its process group, this boot's id, the
+    leader's start time and the task's label, so that a later agent never kills a group that
+    only reuses the id."""
+    return f"{pid} {_boot_id()} {_start_time(pid)} {label}"
 
 
 def _boot_id() -> str:
@@ -187,24 +200,57 @@ def _boot_id() -> str:
         return "-"
 
 
-def _start_time(pid: int) -> str:
-    """The process's start time in clock ticks since boot ("-" if it does not exist)."""
+def _stat(pid: int | str) -> list[str] | None:
+    """/proc/PID/stat's fields after the name (which may hold spaces): [2] is the process
+    group, [19] the start time in clock ticks since boot."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return "-"
-    return stat.rsplit(")", 1)[1].split()[19]  # field 22; the name before ")" may hold spaces
-
-
-def _still_ours(mark: str) -> int | None:
-    """The process group a slot names, if it can only be the task's: same boot, and its
-    leader is the same process or gone (a group id is not reused while the group lives)."""
-    parts = mark.split()
-    if len(parts) != 3 or not parts[0].isdigit() or parts[1] != _boot_id():
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
         return None
-    pid = int(parts[0])
-    started = _start_time(pid)
-    return pid if started in ("-", parts[2]) else None
+
+
+def _start_time(pid: int) -> str:
+    fields = _stat(pid)
+    return fields[19] if fields else "-"
+
+
+def _members(group: int, label: str) -> list[int]:
+    """The processes of a group whose leader is gone that carry the task's label in their
+    environment (a group id another process reused holds none of them)."""
+    wanted = f"{TASK_VARIABLE}={label}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        fields = _stat(entry.name) if entry.name.isdigit() else None
+        if fields is None or fields[2] != str(group):
+            continue
+        with contextlib.suppress(OSError):
+            if wanted in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+    return found
+
+
+def _kill_left(mark: str) -> bool:
+    """Kill what a slot's mark names, if it can only be that task's; whether anything was."""
+    parts = mark.split()
+    if not parts:
+        return False
+    if len(parts) != 4 or not parts[0].isdigit():
+        logger.warning("agent.leftover_unverified", slot=mark[:200])  # an older format: left
+        return False
+    group, boot, started, label = int(parts[0]), parts[1], parts[2], parts[3]
+    if boot != _boot_id():
+        return False  # from before a reboot: none of it runs
+    now = _start_time(group)
+    targets = [group] if now == started else _members(group, label) if now == "-" else []
+    killed = False
+    for pid in targets:
+        with contextlib.suppress(ProcessLookupError):
+            if pid == group:
+                os.killpg(group, signal.SIGKILL)
+            else:
+                os.kill(pid, signal.SIGKILL)
+            killed = True
+    return killed
 
 
 def reap_leftovers(directory: Path) -> int:
@@ -213,17 +259,14 @@ def reap_leftovers(directory: Path) -> int:
 
     Each `*.pid` file is a slot that holds the mark of a running task's process group, or
     nothing; slots are emptied here and reused (a new file costs far more than a rewritten
-    one). A mark from an earlier boot, or whose id another process has taken since, is
-    ignored.
+    one). A group whose leader still runs is killed whole; of one whose leader is gone, only
+    the processes that carry the task's label. A mark from an earlier boot, or whose id
+    another process has taken since, kills nothing.
     """
     count = 0
     for pid_file in directory.glob("*.pid") if directory.is_dir() else ():
         with contextlib.suppress(OSError):
-            group = _still_ours(pid_file.read_text())
-            if group is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(group, signal.SIGKILL)
-                    count += 1
+            count += _kill_left(pid_file.read_text())
         with contextlib.suppress(OSError):
             pid_file.write_text("")
     return count

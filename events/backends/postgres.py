@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import time
 from collections.abc import Callable, Sequence
 
 import asyncpg
@@ -53,6 +54,8 @@ LISTEN_BACKOFF = 0.5  # seconds between listener reconnects
 CONNECT_TIMEOUT = 10.0  # seconds
 VERSION_CACHE = 100_000  # streams whose version the writer remembers
 COPY_ROWS = 64  # a batch of at least this many events is stored with COPY
+WRITER_IDLE = 60.0  # seconds: the writer's connection is opened again after this long unused
+WRITE_TIMEOUT = 60.0  # seconds a write statement may take before its connection is dropped
 
 MIGRATIONS: dict[int, str] = {
     1: """
@@ -190,6 +193,7 @@ class PostgresBackend:
         self._wakeup: Callable[[], None] = lambda: None
         self._listener: asyncio.Task | None = None
         self._writer: asyncpg.Connection | None = None  # the connection appends use
+        self._writer_used = 0.0  # when it last served an append (monotonic seconds)
 
     def set_wakeup(self, callback: Callable[[], None]) -> None:
         self._wakeup = callback
@@ -325,11 +329,19 @@ class PostgresBackend:
     @contextlib.asynccontextmanager
     async def _write_connection(self):
         """The writer's own connection (appends are one at a time: no pool round trip); it is
-        dropped, and opened again by the next append, after anything but a statement error."""
-        if self._writer is None or self._writer.is_closed():
-            self._writer = await asyncpg.connect(self.dsn, timeout=CONNECT_TIMEOUT)
+        dropped, and opened again by the next append, after anything but a statement error,
+        and after WRITER_IDLE seconds unused (a middlebox may drop a quiet connection without
+        a word, and a write would then wait for TCP to give up)."""
+        idle = time.monotonic() - self._writer_used
+        if self._writer is not None and (self._writer.is_closed() or idle > WRITER_IDLE):
+            self._writer.terminate()  # a quiet connection may have been dropped on the way
+            self._writer = None
+        if self._writer is None:
+            self._writer = await asyncpg.connect(self.dsn, timeout=CONNECT_TIMEOUT,
+                                                 command_timeout=WRITE_TIMEOUT)  # fmt: skip
         try:
             yield self._writer
+            self._writer_used = time.monotonic()
         except BaseException as exc:  # lost, or cancelled mid-statement: start afresh
             broken = isinstance(exc, _UNAVAILABLE) or not isinstance(exc, asyncpg.PostgresError)
             if broken and self._writer is not None:

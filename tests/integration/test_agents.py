@@ -93,7 +93,8 @@ async def test_a_job_runs_on_its_gpu_and_its_output_and_exit_code_come_back(loca
     await _run(client, "hello", command)
     job = await _ended(daemon, client, "hello")
     assert job["properties"]["state"] == "succeeded"
-    assert list((daemon.state_dir / "nodes" / "work").iterdir()) == []  # removed once it ended
+    work = daemon.state_dir / "nodes" / "work"
+    await _until(lambda: not list(work.iterdir()), 10)  # removed once it ended
     assert job["properties"]["executionInfo"]["exitCode"] == 0
     assert job["properties"]["tasks"] == []  # its GPU was given back when it ended
     assert _out(daemon, "hello") in {f"hello from hello on GPU {g}\n" for g in range(4)}
@@ -331,6 +332,22 @@ async def test_output_the_daemon_cannot_read_is_served_by_the_jobs_node(local, t
     assert status == 400 and "link" in answer["error"]["message"]
     status, _ = await client.call("GET", f"{EXP}/jobs/local-out/files/absent.txt")
     assert status == 404
+
+
+async def test_output_on_the_node_can_be_followed_while_the_job_runs(local, tmp_path):
+    _daemon, client = local
+    node_local = tmp_path / "node-local-disk"  # not on the daemon's storage
+    await _run(client, "chatty", "for i in 1 2 3 4; do echo line $i; sleep 0.3; done",
+               stdOutErrPathPrefix=str(node_local))  # fmt: skip
+    out = node_local / "default/default/chatty/1/stdouterr/stdout.txt"
+    await _until(lambda: out.exists() and out.read_text().startswith("line 1"), 30)
+    url = client.url + f"{EXP}/jobs/chatty/files/stdout.txt?follow=true"
+    async with client.session.get(url, headers=client.headers) as r:
+        assert r.status == 200
+        streamed = await asyncio.wait_for(r.text(), 30)  # ends when the job has ended
+    assert streamed == "line 1\nline 2\nline 3\nline 4\n"
+    job = (await client.call("GET", f"{EXP}/jobs/chatty"))[1]
+    assert job["properties"]["state"] == "succeeded"
 
 
 async def _agent_on(daemon, client, cluster: str, document: dict) -> asyncio.subprocess.Process:

@@ -87,6 +87,7 @@ async def test_a_writer_whose_connections_are_killed_appends_again(pg_database):
         assert await writer.append("job-a", [NewEvent("JobStarted", {})], 0) == [1]
         assert await _kill("batchd-writer") >= 1
         event = NewEvent("JobStarted", {})
+        positions = None
         for _ in range(3):
             try:
                 positions = await writer.append("job-b", [event], 0)

@@ -2,47 +2,94 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 
-from batchd.scheduler.runtimes import process_mark, reap_leftovers
+from batchd.scheduler.runtimes import TASK_VARIABLE, process_mark, reap_leftovers
+
+LABEL = "job-1.1.0"
 
 
-def _group() -> subprocess.Popen:
-    return subprocess.Popen(["sleep", "60"], start_new_session=True)
+def _group(label: str | None = LABEL) -> subprocess.Popen:
+    """A process group like a task's: a shell leader that waits on its stdin, and a child."""
+    env = {k: v for k, v in os.environ.items() if k != TASK_VARIABLE}
+    if label:
+        env[TASK_VARIABLE] = label
+    return subprocess.Popen(["sh", "-c", "sleep 60 & echo $!; read _"], env=env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            start_new_session=True, text=True)  # fmt: skip
 
 
-def _gone(process: subprocess.Popen, seconds: float = 5) -> bool:
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _until_gone(pid: int, seconds: float = 5) -> bool:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        if process.poll() is not None:
+        if not _alive(pid):
             return True
         time.sleep(0.01)
     return False
 
 
+def _leaderless(group: subprocess.Popen) -> int:
+    """End the group's leader, leaving its child; the child's pid."""
+    child = int(group.stdout.readline())
+    group.stdin.close()
+    group.wait()
+    return child
+
+
 def test_a_left_task_group_is_killed_and_its_slot_freed(tmp_path):
-    left = _group()
-    slot = tmp_path / "slot-1.pid"
-    slot.write_text(process_mark(left.pid))
-    (tmp_path / "slot-2.pid").write_text("")  # a free slot
-    assert reap_leftovers(tmp_path) == 1
-    assert _gone(left)
+    with _group() as left:
+        child = int(left.stdout.readline())
+        slot = tmp_path / "slot-1.pid"
+        slot.write_text(process_mark(left.pid, LABEL))
+        (tmp_path / "slot-2.pid").write_text("")  # a free slot
+        assert reap_leftovers(tmp_path) == 1
+        assert _until_gone(child)
     assert slot.read_text() == ""
     assert sorted(p.name for p in tmp_path.iterdir()) == ["slot-1.pid", "slot-2.pid"]
 
 
-def test_a_mark_from_another_boot_or_a_reused_id_kills_nothing(tmp_path):
-    bystander = _group()
+def test_of_a_group_whose_leader_is_gone_only_the_tasks_processes_are_killed(tmp_path):
+    with _group() as ours, _group(label=None) as stranger:
+        ours_mark = process_mark(ours.pid, LABEL)
+        stranger_mark = process_mark(stranger.pid, LABEL)  # as if its id were a task's
+        ours_child, stranger_child = _leaderless(ours), _leaderless(stranger)
     try:
-        pid, boot, started = process_mark(bystander.pid).split()
-        (tmp_path / "old-boot.pid").write_text(f"{pid} 00000000-0000-0000-0000-000000000000 "
-                                                f"{started}")  # fmt: skip
-        (tmp_path / "reused.pid").write_text(f"{pid} {boot} {int(started) - 1}")
+        (tmp_path / "a.pid").write_text(ours_mark)
+        (tmp_path / "b.pid").write_text(stranger_mark)
+        assert reap_leftovers(tmp_path) == 1
+        assert _until_gone(ours_child)
+        assert _alive(stranger_child)  # no label: not the task's, whatever its group id
+    finally:
+        os.kill(stranger_child, 9)
+
+
+def test_a_mark_from_another_boot_or_a_reused_id_kills_nothing(tmp_path):
+    with _group() as bystander:
+        child = int(bystander.stdout.readline())
+        _check_nothing_is_killed(tmp_path, bystander, child)
+
+
+def _check_nothing_is_killed(tmp_path, bystander: subprocess.Popen, child: int) -> None:
+    try:
+        pid, boot, started, label = process_mark(bystander.pid, LABEL).split()
+        nil = "00000000-0000-0000-0000-000000000000"
+        (tmp_path / "old-boot.pid").write_text(f"{pid} {nil} {started} {label}")
+        (tmp_path / "reused.pid").write_text(f"{pid} {boot} {int(started) - 1} {label}")
+        (tmp_path / "older-format.pid").write_text(pid)
         (tmp_path / "garbage.pid").write_text("not a mark")
         assert reap_leftovers(tmp_path) == 0
-        assert bystander.poll() is None  # still running
+        assert _alive(bystander.pid) and _alive(child)
         assert all(p.read_text() == "" for p in tmp_path.iterdir())
     finally:
-        bystander.kill()
+        os.killpg(bystander.pid, 9)
         bystander.wait()
