@@ -150,6 +150,7 @@ class Token:
     hash: str  # SHA-256 of the token, hex
     created_at: int
     created_by: str
+    node: str | None = None  # an agent token bound to one node: it speaks for that node only
 
 
 @dataclass(slots=True)

@@ -12,7 +12,7 @@ from batchd.projections.model import ReadModels, Token
 def token_created(m: ReadModels, e: RecordedEvent) -> None:
     d = e.data
     token = Token(d["tokenId"], d["name"], d["role"], list(d.get("workspaces") or ()),
-                  d["hash"], e.recorded_at, e.actor)  # fmt: skip
+                  d["hash"], e.recorded_at, e.actor, d.get("node"))  # fmt: skip
     m.tokens[token.token_id] = token
     m.token_hashes[token.hash] = token.token_id
 

@@ -787,7 +787,7 @@ async def get_node(request: web.Request) -> web.Response:
 
 
 # -- tokens ------------------------------------------------------------------------------------
-TOKEN_FIELDS = {"name", "role", "workspaces"}
+TOKEN_FIELDS = {"name", "role", "workspaces", "node"}
 
 
 async def create_token(request: web.Request) -> web.Response:
@@ -806,11 +806,14 @@ async def create_token(request: web.Request) -> web.Response:
     workspaces = body.get("workspaces") or []
     if not isinstance(workspaces, list) or not all(isinstance(w, str) for w in workspaces):
         raise DocumentError("workspaces", "must be a list of workspace names")
+    node = body.get("node")
+    if node is not None and not isinstance(node, str):
+        raise DocumentError("node", "must be a node id (a string)")
     secret = auth.new_token()
     api = request.app[API_KEY]
     position = await api.control.run(
         lambda m: auth.create_token(m, body["name"], body["role"], workspaces, secret,
-                                    _actor(request)),
+                                    _actor(request), node),
         structural=True,
     )  # fmt: skip
     token_id = api.models.token_hashes[auth.digest(secret)]

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from batchd.events.envelope import NewEvent
 from batchd.projections.model import ReadModels, Token
+from batchd.scheduler import protocol
 from batchd.scheduler.commands import CommandError, check_name
 from batchd.scheduler.planner import Decision
 from batchd.scheduler.schema import DocumentError
@@ -40,6 +41,12 @@ class Principal:
     name: str
     role: str
     workspaces: tuple[str, ...]  # empty: every workspace
+    node: str | None = None  # an agent bound to one node
+
+    def require_node(self, node_id: str) -> None:
+        """AuthError 403 if this agent credential is bound to another node."""
+        if self.node is not None and self.node != node_id:
+            raise AuthError(f"token {self.name!r} speaks for node {self.node} only", 403)
 
     @property
     def actor(self) -> str:
@@ -88,22 +95,31 @@ def authenticate(m: ReadModels, header: str | None) -> Principal:
 
 
 def principal_of(token: Token) -> Principal:
-    return Principal(token.token_id, token.name, token.role, tuple(token.workspaces))
+    return Principal(token.token_id, token.name, token.role, tuple(token.workspaces),
+                     token.node)  # fmt: skip
 
 
 def create_token(
-    m: ReadModels, name: str, role: str, workspaces: list[str], token: str, actor: str
-) -> list[Decision]:
-    """TokenCreated for `token` (its hash only)."""
+    m: ReadModels, name: str, role: str, workspaces: list[str], token: str, actor: str,
+    node: str | None = None,
+) -> list[Decision]:  # fmt: skip
+    """TokenCreated for `token` (its hash only); `node` binds an agent token to one node."""
     check_name("token", name)
     if role not in ROLES:
         raise DocumentError("role", f"must be one of {', '.join(ROLES)}")
     for index, workspace in enumerate(workspaces):
         check_name("workspace", workspace, f"workspaces[{index}]")
+    if node is not None:
+        if role != "agent":
+            raise DocumentError("node", "binds an agent token: give it with role agent only")
+        if not protocol.NODE_ID.fullmatch(node):
+            raise DocumentError("node", f"must be a node id: {protocol.NODE_ID_RULE}")
     if any(t.name == name for t in m.tokens.values()):
         raise CommandError(f"a token named {name!r} exists already")
     data = {"tokenId": str(uuid.uuid4()), "name": name, "role": role,
             "workspaces": list(workspaces), "hash": digest(token)}  # fmt: skip
+    if node is not None:
+        data["node"] = node
     return [(f"token-{data['tokenId']}", NewEvent("TokenCreated", data, actor))]
 
 

@@ -272,6 +272,8 @@ def _resource_commands(commands, api: list) -> None:
     create.add_argument("--name", dest="token_name", required=True, help="who or what it is for")
     create.add_argument("-w", "--workspace", dest="scopes", action="append", metavar="WORKSPACE",
                         help="limit it to this workspace (repeatable)")  # fmt: skip
+    create.add_argument("--node", help="(role agent) bind it to this node id: it speaks for "
+                                       "that node only")  # fmt: skip
     verbs.add_parser("list", parents=api, help="list tokens").set_defaults(api="token_list")
     revoke = verbs.add_parser("revoke", parents=api, help="revoke a token")
     revoke.set_defaults(api="token_revoke")

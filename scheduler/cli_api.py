@@ -598,6 +598,8 @@ async def token_create(args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"name": args.token_name, "role": args.role}
     if args.scopes:
         body["workspaces"] = args.scopes
+    if args.node:
+        body["node"] = args.node
     async with _client(args) as api:
         _, answer = await api.call("POST", "/v1/tokens", body=body)
     if args.json:

@@ -123,9 +123,11 @@ class Control:
                 self._keys[key] = (lock, holders - 1)
 
 
-async def token_file(control: Control, path: Path, role: str, name: str, actor: str) -> str:
+async def token_file(control: Control, path: Path, role: str, name: str, actor: str,
+                     node: str | None = None) -> str:  # fmt: skip
     """The token kept in `path` (mode 0600): the one there if the log knows it, else a new
-    one of `role`, named `name` (or `name-N` if that is taken), logged by its hash only."""
+    one of `role` (bound to `node`, if given), named `name` (or `name-N` if that is taken),
+    logged by its hash only."""
     from batchd.scheduler import auth
 
     with contextlib.suppress(FileNotFoundError):
@@ -138,7 +140,7 @@ async def token_file(control: Control, path: Path, role: str, name: str, actor: 
         taken = {t.name for t in m.tokens.values()}
         free = next(n for n in (f"{name}-{i}" if i else name for i in range(len(taken) + 1))
                     if n not in taken)  # fmt: skip
-        return auth.create_token(m, free, role, [], token, actor)
+        return auth.create_token(m, free, role, [], token, actor, node)
 
     await control.run(decide, structural=True)
     partial = path.with_suffix(".tmp")

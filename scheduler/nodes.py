@@ -190,7 +190,9 @@ class NodeService:
             if not isinstance(messages, list):
                 raise protocol.ProtocolError("the body must be a list of messages")
             for msg in messages:
-                await self._handle(protocol.check(msg, protocol.AGENT_MESSAGES), principal)
+                msg = protocol.check(msg, protocol.AGENT_MESSAGES)
+                principal.require_node(msg["node"])
+                await self._handle(msg, principal)
         except protocol.ProtocolError as exc:
             return web.json_response({"error": {"code": "BadRequest", "message": str(exc),
                                                 "details": []}}, status=400)  # fmt: skip
@@ -341,8 +343,9 @@ class NodeService:
     async def handle_commands(self, request: web.Request) -> web.Response:
         """Long-poll: the node's waiting commands. Only the node's newest poll takes them (an
         older one may belong to an agent that died, whose answer nobody reads)."""
-        _agent(request)
+        principal = _agent(request)
         node_id = request.query.get("node", "")
+        principal.require_node(node_id)
         try:
             wait = min(float(request.query.get("wait", "0")), MAX_WAIT)
             self._check_current(node_id, int(request.query.get("incarnation", "")))

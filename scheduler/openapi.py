@@ -14,6 +14,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from batchd.scheduler.protocol import NODE_ID
+
 Schema = dict[str, Any]
 
 OPENAPI_VERSION = "3.1.0"
@@ -423,7 +425,12 @@ def file_schema() -> Schema:
 
 def token_request() -> Schema:
     return obj(
-        {"name": name(), "role": enum(*ROLES), "workspaces": array(name())},
+        {
+            "name": name(),
+            "role": enum(*ROLES),
+            "workspaces": array(name()),
+            "node": string(pattern=f"^{NODE_ID.pattern}$"),  # role agent only: that node
+        },
         ("name", "role"),
         closed=True,
     )
@@ -434,6 +441,7 @@ def token_view() -> Schema:
     return obj({
         "id": text(), "name": string(), "role": enum(*ROLES), "workspaces": array(string()),
         "creationTime": nullable(string(format="date-time")), "createdBy": nullable(string()),
+        "node": string(),
     }, ("id", "name", "role", "workspaces"))  # fmt: skip
 
 

@@ -28,10 +28,13 @@ Daemon to agent (GET /agent/v1/commands?node=&incarnation=&wait=S, long-poll):
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import msgpack
 
+NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,199}")
+NODE_ID_RULE = "1-200 letters, digits and _ . : - (starting with a letter or digit)"
 VERSION = 1
 CONTENT_TYPE = "application/msgpack"
 AGENT_MESSAGES = ("Register", "Heartbeat", "TaskStarted", "TaskExited", "SetupExited",
@@ -70,6 +73,8 @@ def check(msg: Any, allowed: tuple[str, ...]) -> dict[str, Any]:
         raise ProtocolError(f"unknown message type {msg.get('type')!r}")
     if not isinstance(msg.get("node"), str) or not isinstance(msg.get("incarnation"), int):
         raise ProtocolError("a message needs its node (a string) and incarnation (an integer)")
+    if not NODE_ID.fullmatch(msg["node"]):
+        raise ProtocolError(f"node id {msg['node'][:80]!r} is not {NODE_ID_RULE}")
     return msg
 
 

@@ -40,11 +40,10 @@ class LocalProvider:
         self.state_dir = state_dir
         self.nodes, self.gpus = nodes, gpus_per_node
         self.processes: dict[str, asyncio.subprocess.Process] = {}
-        self.token_file = state_dir / "agent.token"
         self.stopping = False
 
     async def bootstrap(self) -> None:
-        """The embedded workspace, experiment and cluster, and the agents' credential."""
+        """The embedded workspace, experiment and cluster."""
 
         def decide(m: ReadModels):
             out = []
@@ -65,10 +64,6 @@ class LocalProvider:
             return out
 
         await self.control.run(decide_rest, structural=True)
-        await self._agent_token()
-
-    async def _agent_token(self) -> None:
-        await token_file(self.control, self.token_file, "agent", "local-agents", ACTOR)
 
     def _target(self) -> int:
         m = self.control.models
@@ -104,11 +99,13 @@ class LocalProvider:
     async def _spawn(self, node_id: str) -> asyncio.subprocess.Process:
         work = self.state_dir / "nodes" / node_id
         work.mkdir(parents=True, exist_ok=True)
+        token = work / "agent.token"  # the node's own credential: it speaks for this node only
+        await token_file(self.control, token, "agent", f"local-agent-{node_id}", ACTOR, node_id)
         log = open(work / "agent.log", "ab")  # noqa: SIM115 (the child keeps it open)
         try:
             process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "batchd.scheduler.cli", "agent", "--server", self.url,
-                "--token-file", str(self.token_file), "--node-id", node_id,
+                "--token-file", str(token), "--node-id", node_id,
                 "--cluster", f"{WORKSPACE}/{CLUSTER}", "--gpus", str(self.gpus),
                 "--runtimes", "process", "--work-dir", str(work),
                 stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,

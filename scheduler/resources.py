@@ -107,8 +107,11 @@ def node(m: ReadModels, n: Node, heartbeat_age: float | None) -> dict[str, Any]:
 
 
 def token(t: Token) -> dict[str, Any]:
-    return {"id": t.token_id, "name": t.name, "role": t.role, "workspaces": t.workspaces,
-            "creationTime": _time(t.created_at), "createdBy": t.created_by}  # fmt: skip
+    answer = {"id": t.token_id, "name": t.name, "role": t.role, "workspaces": t.workspaces,
+              "creationTime": _time(t.created_at), "createdBy": t.created_by}  # fmt: skip
+    if t.node is not None:
+        answer["node"] = t.node
+    return answer
 
 
 # -- the documents as submitted -----------------------------------------------------------------

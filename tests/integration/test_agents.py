@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -213,7 +214,8 @@ async def test_the_setup_task_runs_before_a_node_takes_work_and_its_failure_is_s
             assert status == 201
             agents.append(await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "batchd.scheduler.cli", "agent", "--server", daemon.url,
-                "--token-file", str(daemon.state_dir / "agent.token"), "--node-id", f"{name}-0",
+                "--token-file", str(await _node_token(client, daemon, f"{name}-0")),
+                "--node-id", f"{name}-0",
                 "--cluster", f"default/{name}", "--gpus", "1",
                 "--work-dir", str(daemon.state_dir / f"nodes/{name}-0"),
                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
@@ -350,13 +352,26 @@ async def test_output_on_the_node_can_be_followed_while_the_job_runs(local, tmp_
     assert job["properties"]["state"] == "succeeded"
 
 
+async def _node_token(client: Client, daemon, node_id: str, node: str | None = "") -> Path:
+    """A file holding a new agent token bound to `node_id` (`node=None`: to no node)."""
+    body = {"name": f"agent-{node_id}", "role": "agent"}
+    if node is not None:
+        body["node"] = node or node_id
+    status, made = await client.call("POST", "/v1/tokens", body)
+    assert status == 201, made
+    path = daemon.state_dir / f"{node_id}.token"
+    path.write_text(made["token"])
+    return path
+
+
 async def _agent_on(daemon, client, cluster: str, document: dict) -> asyncio.subprocess.Process:
     """A cluster of its own, and one agent on it (the local agents' credential)."""
     status, _ = await client.call("PUT", f"/v1/workspaces/default/clusters/{cluster}", document)
     assert status == 201
     agent = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "batchd.scheduler.cli", "agent", "--server", daemon.url,
-        "--token-file", str(daemon.state_dir / "agent.token"), "--node-id", f"{cluster}-0",
+        "--token-file", str(await _node_token(client, daemon, f"{cluster}-0")),
+        "--node-id", f"{cluster}-0",
         "--cluster", f"default/{cluster}", "--gpus", "1",
         "--work-dir", str(daemon.state_dir / f"nodes/{cluster}-0"),
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
@@ -389,12 +404,19 @@ async def test_a_preempted_jobs_task_is_killed_before_its_gpu_is_reused(local):
 
 async def test_the_agent_channel_refuses_strangers_and_bad_registrations(local):
     daemon, client = local
-    token = (daemon.state_dir / "agent.token").read_text().strip()
-    headers = {"Authorization": f"Bearer {token}", "Content-Type": protocol.CONTENT_TYPE}
+    own = (daemon.state_dir / "nodes" / "local-0" / "agent.token").read_text().strip()
+    fleet = (await _node_token(client, daemon, "fleet", node=None)).read_text().strip()
 
-    async def post(*messages) -> int:
+    async def post(token: str, *messages) -> int:
+        headers = {"Authorization": f"Bearer {token}", "Content-Type": protocol.CONTENT_TYPE}
         async with client.session.post(daemon.url + "/agent/v1/messages", headers=headers,
                                        data=protocol.pack(list(messages))) as r:  # fmt: skip
+            return r.status
+
+    async def poll(token: str, node: str) -> int:
+        headers = {"Authorization": f"Bearer {token}"}
+        async with client.session.get(daemon.url + "/agent/v1/commands", headers=headers,
+                                      params={"node": node, "incarnation": "7"}) as r:  # fmt: skip
             return r.status
 
     await _run(client, "real", "sleep 600")
@@ -402,16 +424,25 @@ async def test_the_agent_channel_refuses_strangers_and_bad_registrations(local):
     await _until(lambda: models.jobs[models.job_ids["default/default/real"][-1]].state
                  == "running", 30)  # fmt: skip
     job_id = models.job_ids["default/default/real"][-1]
-    fake_exit = protocol.message("TaskExited", "evil-node", 1, jobId=job_id, attempt=1, task=0,
+    node_id = models.jobs[job_id].tasks[0][0]
+    fake_exit = protocol.message("TaskExited", node_id, 1, jobId=job_id, attempt=1, task=0,
                                  exitCode=0)  # fmt: skip
-    assert await post(fake_exit) == 409  # a node nobody registered speaks for no task
+    # a local agent's credential speaks for its own node only
+    other = "local-1" if node_id == "local-0" else "local-0"
+    if node_id != "local-0":
+        assert await post(own, fake_exit) == 403
+    assert await poll(own, "local-1") == 403  # nor does it get another node's commands
+    assert await post(own, protocol.message("Heartbeat", other, 1, running=[])) in (403, 409)
+    # a fleet credential (bound to no node) still cannot speak for a task it was not given
+    stranger_exit = protocol.message("TaskExited", "evil-node", 1, jobId=job_id, attempt=1,
+                                     task=0, exitCode=0)  # fmt: skip
+    assert await post(fleet, stranger_exit) == 409  # a node nobody registered speaks for none
     bad = protocol.message("Register", "evil-node", 2, cluster="default/local", gpus="x")
-    assert await post(bad) == 400
+    assert await post(fleet, bad) == 400
+    assert await post(fleet, protocol.message("Heartbeat", "bad id!", 1, running=[])) == 400
     assert models.jobs[job_id].state == "running" and "evil-node" not in models.nodes
     assert not daemon.stopping.is_set()
-    async with client.session.get(daemon.url + "/agent/v1/commands", headers=headers,
-                                  params={"node": "local-0", "incarnation": "7"}) as r:  # fmt: skip
-        assert r.status == 409  # another agent's commands are not handed out
+    assert await poll(fleet, "local-0") == 409  # another agent's commands are not handed out
     await client.call("POST", f"{EXP}/jobs/real/terminate")
 
 

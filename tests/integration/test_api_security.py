@@ -109,6 +109,21 @@ async def test_an_agent_credential_cannot_use_the_user_api(api, session):
         assert status == 403 and "agent" in error["error"]["message"]
 
 
+async def test_agent_tokens_can_be_bound_to_one_node(api, session):
+    admin = Client(session, api.url, api.admin_token)
+    body = {"name": "gpu-7", "role": "agent", "node": "gpu-7.cluster.internal"}
+    status, made = await admin.call("POST", "/v1/tokens", body)
+    assert status == 201 and made["node"] == "gpu-7.cluster.internal"
+    listed = (await admin.call("GET", "/v1/tokens"))[1]["value"]
+    assert [t.get("node") for t in listed if t["name"] == "gpu-7"] == ["gpu-7.cluster.internal"]
+    for bad, rule in (({"name": "v", "role": "viewer", "node": "n"}, "role agent only"),
+                      ({"name": "a", "role": "agent", "node": "no spaces"}, "node id"),
+                      ({"name": "a", "role": "agent", "node": 7}, "node id")):  # fmt: skip
+        status, error = await admin.call("POST", "/v1/tokens", bad)
+        assert status == 400 and error["error"]["details"][0]["name"] == "node", error
+        assert rule in error["error"]["message"]
+
+
 async def test_file_paths_cannot_leave_the_jobs_directory(api, session):
     admin = Client(session, api.url, api.admin_token)
     await seed(admin)

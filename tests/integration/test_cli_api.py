@@ -317,6 +317,15 @@ async def test_a_viewer_token_reads_but_cannot_write(batchd, api):
     assert_error(await batchd("cluster", "list", "-w", "ws", "--token", token))
 
 
+async def test_an_agent_token_for_one_node(batchd, api):
+    done = await batchd("token", "create", "--role", "agent", "--name", "gpu-1", "--node",
+                        "gpu-1", "--json")  # fmt: skip
+    assert done.code == 0, done.err
+    assert done.json["node"] == "gpu-1" and done.json["role"] == "agent"
+    wrong = await batchd("token", "create", "--role", "viewer", "--name", "v", "--node", "gpu-1")
+    assert "node" in assert_error(wrong)[0]
+
+
 async def test_a_workspace_scoped_operator_token(batchd, api, monkeypatch):
     await _setup(batchd)
     assert (await batchd("workspace", "create", "other")).code == 0

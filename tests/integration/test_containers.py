@@ -98,7 +98,8 @@ async def box(tmp_path, proxy, monkeypatch):
                        "scaleSettings": {"manual": {"targetNodeCount": 1}}}  # fmt: skip
             await client.call("PUT", "/v1/workspaces/default/clusters/box", cluster)
             _status, made = await client.call("POST", "/v1/tokens",
-                                              {"name": "box-agent", "role": "agent"})  # fmt: skip
+                                              {"name": "box-agent", "role": "agent",
+                                               "node": "box-0"})  # fmt: skip
             token_file = tmp_path / "agent.token"
             token_file.write_text(made["token"])
             agent = await asyncio.create_subprocess_exec(
