@@ -30,9 +30,12 @@ from batchd.scheduler.containers import LABEL, ContainerTask, engine_of
 from batchd.scheduler.protocol import TaskKey
 from batchd.scheduler.runtimes import (
     ProcessTask,
+    become_subreaper,
     reap_leftovers,
     remove_work_dir,
     remove_work_tree,
+    sweep_orphans,
+    task_label,
     watch_children_with_pidfd,
 )
 
@@ -44,6 +47,7 @@ POLL_WAIT = 20  # seconds a command long-poll may wait
 RETRY_DELAY = 1.0
 AGENT_VERSION = "1"
 POST_TIMEOUT = 5.0  # seconds a message to the daemon may take
+ORPHAN_WATCH = 600.0  # seconds after a task ends that what it left behind is still ended
 PARENT_ENV = "BATCHD_AGENT_PARENT"  # set by the local provider: the daemon's pid
 
 
@@ -94,6 +98,8 @@ class Agent:
         self.incarnation = time.time_ns()
         self.running_dir = work_dir / "running"  # pid-file slots of running tasks
         self.free_slots: list[Path] = []  # pid files no task holds now
+        self.ended: dict[str, float] = {}  # labels of tasks ended lately -> when (orphan sweep)
+        self.seen: dict[int, str] = {}  # orphans met alive -> their task's label
         self.slots = 0  # pid files made so far
         self.tasks: dict[TaskKey, ProcessTask] = {}
         self.epoch = 0
@@ -151,9 +157,19 @@ class Agent:
         while True:
             await asyncio.sleep(1.0)
             self._check_lease()
+            self._sweep()
             if self.parent is not None and os.getppid() != self.parent and self.stop is not None:
                 logger.warning("agent.daemon_gone", node=self.node_id)
                 self.stop.set()
+
+    def _sweep(self) -> None:
+        """End what tasks that ended left behind outside their process groups."""
+        horizon = time.monotonic() - ORPHAN_WATCH
+        for label in [label for label, at in self.ended.items() if at < horizon]:
+            del self.ended[label]
+        killed = sweep_orphans(self.ended, self.seen)
+        if killed:
+            logger.info("agent.killed_orphans", count=killed)
 
     async def run(self, stop: asyncio.Event) -> None:
         self.stop = stop
@@ -300,6 +316,7 @@ class Agent:
                 self.outbox.put_nowait(self._message("TaskExited", **report))
                 return
             self.tasks[key] = task
+            self.ended.pop(task_label(command), None)  # the same task again: its own now
             self._background(self._run_task(key, task), f"task {key}")
         elif command["type"] == "KillTask" and key in self.tasks:
             self._background(self.tasks[key].kill(), f"kill {key}")
@@ -362,6 +379,8 @@ class Agent:
         if result.error:
             report["error"] = result.error
         self.outbox.put_nowait(self._message("TaskExited", **report))  # its GPUs are free now
+        self.ended[task_label(task.spec)] = time.monotonic()
+        self._sweep()
         if not remove_work_dir(task.spec):  # not empty: remove it without holding the loop
             await asyncio.to_thread(remove_work_tree, task.spec)
 
@@ -420,6 +439,8 @@ async def main(args: argparse.Namespace) -> int:
         attach = args.gpu_attach == "always" or (args.gpu_attach == "auto" and model != "simulated")
         await agent.connect_engine(args.docker_host, attach)
     watch_children_with_pidfd()
+    if not become_subreaper():
+        logger.warning("agent.no_subreaper", note="processes that leave a task's group survive it")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import shutil
 import signal
 import sys
+from collections.abc import Container
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -157,13 +159,17 @@ class ProcessTask:
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE, start_new_session=True,
         )  # fmt: skip
+        WAITED.add(process.pid)
 
         async def pump(stream: asyncio.StreamReader, name: str) -> None:
             while chunk := await stream.read(1 << 14):
                 send(**{name: chunk.decode("utf-8", "replace")})
 
-        await asyncio.gather(pump(process.stdout, "stdout"), pump(process.stderr, "stderr"))
-        return _exit_code(await process.wait())
+        try:
+            await asyncio.gather(pump(process.stdout, "stdout"), pump(process.stderr, "stderr"))
+            return _exit_code(await process.wait())
+        finally:
+            WAITED.discard(process.pid)
 
     async def kill(self) -> None:
         """SIGTERM the task's process group; SIGKILL it if it is still there after a grace."""
@@ -180,6 +186,74 @@ class ProcessTask:
 
 
 TASK_VARIABLE = "BATCHD_TASK"  # in every task's environment: <jobId>.<attempt>.<task>
+PR_SET_CHILD_SUBREAPER = 36  # prctl option (Linux 3.4 and later)
+WAITED: set[int] = set()  # children asyncio itself waits for beyond a task's end (exec)
+
+
+def become_subreaper() -> bool:
+    """Make this process the one that inherits its descendants' orphans (instead of init): a
+    task's process that leaves its group (setsid, a double fork) then stays findable here.
+    False where the system does not allow it."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _children() -> list[int]:
+    """This process's children (of every thread: an orphan may be given to any of them)."""
+    found = []
+    with contextlib.suppress(OSError):
+        for thread in os.listdir("/proc/self/task"):
+            with contextlib.suppress(OSError):
+                text = Path(f"/proc/self/task/{thread}/children").read_text()
+                found += [int(pid) for pid in text.split()]
+    return found
+
+
+def _label(pid: int) -> str | None:
+    """The task label in a process's environment (None: none, or it is gone)."""
+    prefix = f"{TASK_VARIABLE}=".encode()
+    try:
+        variables = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    return next((v[len(prefix) :].decode() for v in variables if v.startswith(prefix)), None)
+
+
+def sweep_orphans(ended: Container[str], seen: dict[int, str]) -> int:
+    """Kill the orphaned processes (this agent's children by inheritance) of tasks that have
+    ended, and reap those that are dead; how many were killed. `seen` remembers the label of
+    each child met alive (a dead one's environment can no longer be read).
+
+    A task's own processes are waited for by asyncio before the task ends, so only what left
+    its process group (and then lost its parent) is found here.
+    """
+    killed = 0
+    children = _children()
+    for pid in list(seen):
+        if pid not in children:
+            del seen[pid]
+    for pid in children:
+        if pid in WAITED:
+            continue
+        label = _label(pid) or seen.get(pid)
+        if label is None:
+            continue
+        if label not in ended:
+            seen[pid] = label  # its task runs: it is left alone until that ends
+            continue
+        fields = _stat(pid)
+        if fields is not None and fields[0] == "Z":
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+            continue
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+            seen[pid] = label
+            killed += 1
+    return killed
 
 
 def task_label(spec: dict[str, Any]) -> str:

@@ -132,6 +132,18 @@ async def test_terminate_kills_the_whole_process_tree_even_a_child_ignoring_sigt
     await _until(lambda: not _alive(child), 10)  # the child that ignored SIGTERM is gone too
 
 
+async def test_a_process_that_leaves_the_tasks_group_is_killed_when_the_task_ends(local):
+    daemon, client = local
+    pid_file = daemon.state_dir / "escaped.pid"
+    # setsid puts sleep in a session (and group) of its own: KillTask's and the end's killpg
+    # of the task's group cannot reach it; the agent inherits it as an orphan instead
+    await _run(client, "escape", f"setsid sleep 600 & echo $! > {pid_file}; sleep 0.2")
+    job = await _ended(daemon, client, "escape")
+    assert job["properties"]["state"] == "succeeded"
+    escaped = int(pid_file.read_text())
+    await _until(lambda: not _alive(escaped), 10)
+
+
 async def test_a_two_node_job_gets_consistent_ranks_hosts_and_master(local):
     daemon, client = local
     status, _ = await client.call("PUT", f"{EXP}/jobs/ddp", {
