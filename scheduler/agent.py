@@ -99,7 +99,6 @@ class Agent:
         self.running_dir = work_dir / "running"  # pid-file slots of running tasks
         self.free_slots: list[Path] = []  # pid files no task holds now
         self.ended: dict[str, float] = {}  # labels of tasks ended lately -> when (orphan sweep)
-        self.seen: dict[int, str] = {}  # orphans met alive -> their task's label
         self.slots = 0  # pid files made so far
         self.tasks: dict[TaskKey, ProcessTask] = {}
         self.epoch = 0
@@ -167,7 +166,7 @@ class Agent:
         horizon = time.monotonic() - ORPHAN_WATCH
         for label in [label for label, at in self.ended.items() if at < horizon]:
             del self.ended[label]
-        killed = sweep_orphans(self.ended, self.seen)
+        killed = sweep_orphans(self.ended)
         if killed:
             logger.info("agent.killed_orphans", count=killed)
 
@@ -429,11 +428,14 @@ async def main(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise AgentError(f"cannot read --token-file {args.token_file}: {exc.strerror}") from None
     gpus, model = discover_gpus(args.gpus)
+    node_id = args.node_id or socket.gethostname()
+    if not protocol.NODE_ID.fullmatch(node_id):
+        raise AgentError(f"--node-id {node_id!r}: a node id is {protocol.NODE_ID_RULE}")
     runtimes = [r.strip() for r in args.runtimes.split(",") if r.strip()]
     unknown = [r for r in runtimes if r not in ("process", "docker")]
     if unknown:
         raise AgentError(f"--runtimes: {', '.join(unknown)}: the runtimes are process, docker")
-    agent = Agent(args.server, token, args.node_id or socket.gethostname(), args.cluster, gpus,
+    agent = Agent(args.server, token, node_id, args.cluster, gpus,
                   model, runtimes, Path(args.work_dir))  # fmt: skip
     if "docker" in runtimes:
         attach = args.gpu_attach == "always" or (args.gpu_attach == "auto" and model != "simulated")

@@ -674,14 +674,21 @@ def _range_offset(request: web.Request) -> int:
     return offset
 
 
+class _FollowEnds(Exception):
+    """A followed file can no longer be read (its node is gone, or refuses it)."""
+
+
 def _remote_reader(api: Api, node: str, path: Path) -> Callable[[int], Awaitable[bytes]]:
     """Reads of a file on the job's node from an offset (b"": nothing there yet)."""
 
     async def read(offset: int) -> bytes:
-        try:
-            return (await _remote(api, node, path, offset=offset)).get("data") or b""
-        except files.FileNotFound:
+        answer = await api.nodes.read_remote(node, str(path), offset=offset)
+        error = answer.get("error")
+        if error is None:
+            return answer.get("data") or b""
+        if error.get("code") == "not_found":
             return b""
+        raise _FollowEnds(error.get("message"))
 
     return read
 
@@ -720,12 +727,17 @@ async def _follow(request: web.Request, job: Job, read: Callable[[int], Awaitabl
     response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
     await response.prepare(request)
     api = request.app[API_KEY]
+    followed = _int_query(request, "attempt", max(job.attempt, 1), 1, max(job.attempt, 1))
     offset = start
     try:
         while True:
             current = api.models.jobs.get(job.job_id)
             ended = current is None or current.state in lifecycle.ENDED
-            chunk = await read(offset)
+            ended = ended or current.attempt > followed  # a later attempt runs now
+            try:
+                chunk = await read(offset)
+            except _FollowEnds:
+                break
             if chunk:
                 await response.write(chunk)
                 offset += len(chunk)
@@ -737,8 +749,6 @@ async def _follow(request: web.Request, job: Job, read: Callable[[int], Awaitabl
         await response.write_eof()
     except (ConnectionResetError, OSError):
         pass  # the client went away
-    except TimeoutError:
-        pass  # the node does not answer: the stream ends where it got to
     return response
 
 

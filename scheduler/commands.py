@@ -257,6 +257,11 @@ def _cluster_reference(reference: str | None, workspace: str, where: str) -> tup
 def _name_free(m: ReadModels, workspace: str, experiment: str, name: str) -> None:
     if current_job(m, workspace, experiment, name) is not None:
         raise CommandError(f"job {name!r} exists already in {workspace}/{experiment}")
+    ids = m.job_ids.get(job_key(workspace, experiment, name))
+    if ids and ids[-1] in m.jobs:  # detached: its experiment was deleted while it ran
+        raise CommandError(f"job {name!r} of a deleted experiment {workspace}/{experiment} is "
+                           "still being terminated (it would write to the same output "
+                           "directory); its name is free once it has ended")  # fmt: skip
 
 
 def current_job(m: ReadModels, workspace: str, experiment: str, name: str) -> Job | None:

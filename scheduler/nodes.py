@@ -87,7 +87,8 @@ class NodeService:
         self._polls = 0
         # (job id, attempt, task) -> (node, StartTask, when sent): until the node reports it
         self.unstarted: dict[tuple[str, int, int], tuple[str, dict[str, Any], float]] = {}
-        self.execs: dict[str, asyncio.Queue[dict[str, Any]]] = {}  # exec id -> its output
+        # exec or file request id -> (the node asked, where its answers go)
+        self.execs: dict[str, tuple[str, asyncio.Queue[dict[str, Any]]]] = {}
 
     @property
     def models(self) -> ReadModels:
@@ -208,13 +209,13 @@ class NodeService:
             self._check_current(node_id, msg["incarnation"])
         self.seen[node_id] = time.monotonic()
         if kind == "Register":
-            _check_register(msg)
+            _check_register(msg, principal)
             await self.control.run(lambda m: self._register(m, msg, principal.actor),
                                    key=f"node/{node_id}")  # fmt: skip
         elif kind in ("ExecOutput", "FileData"):
-            output = self.execs.get(str(msg.get("execId") or msg.get("requestId")))
-            if output is not None:
-                output.put_nowait(msg)
+            asked = self.execs.get(str(msg.get("execId") or msg.get("requestId")))
+            if asked is not None and asked[0] == node_id:  # only the node asked answers
+                asked[1].put_nowait(msg)
         elif kind == "SetupExited":
             await self.control.run(lambda m: _setup_exited(m, msg), key=f"node/{node_id}")
         elif kind == "Heartbeat":
@@ -227,7 +228,10 @@ class NodeService:
             if node is not None and node.state in (SUSPECT, LOST):
                 await self.control.run(lambda m: _recovered(m, node_id), key=f"node/{node_id}")
         elif kind in ("TaskStarted", "TaskExited"):
-            self.unstarted.pop(protocol.task_key(msg), None)
+            key = protocol.task_key(msg)
+            if not _placed_on(self.models, key, node_id):
+                return  # only the node that runs a task reports on it
+            self.unstarted.pop(key, None)
         if kind == "TaskStarted":
             job_id, attempt, _task = protocol.task_key(msg)
             await self.control.run(lambda m: _started(m, job_id, attempt), key=self._key(job_id))
@@ -393,8 +397,9 @@ class NodeService:
         """Ask the node of `job`'s task to run `command` beside it; its output comes to the
         queue returned (drop it with `exec_done`)."""
         exec_id = uuid.uuid4().hex
-        self.execs[exec_id] = output = asyncio.Queue()
         node_id = job.tasks[task][0]
+        output: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.execs[exec_id] = (node_id, output)
         self._send(node_id, {"type": "Exec", "execId": exec_id, "jobId": job.job_id,
                              "attempt": job.attempt, "task": task, "command": command})  # fmt: skip
         return exec_id, output
@@ -403,8 +408,13 @@ class NodeService:
                           offset: int = 0) -> dict[str, Any]:  # fmt: skip
         """Ask a node's agent for a file's bytes from `offset` (or a directory's entries):
         its FileData answer (`data` or `entries`, or `error`)."""
+        node = self.models.nodes.get(node_id)
+        if node is None or node.state == LOST:  # nobody would take the request
+            return {"error": {"code": "node_unreachable",
+                              "message": f"node {node_id} is gone or lost"}}  # fmt: skip
         request_id = uuid.uuid4().hex
-        self.execs[request_id] = answer = asyncio.Queue()
+        answer: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.execs[request_id] = (node_id, answer)
         self._send(node_id, {"type": "ReadFile", "requestId": request_id, "path": path,
                              "list": listing, "offset": offset, "size": READ_CHUNK})  # fmt: skip
         try:
@@ -488,9 +498,13 @@ _REGISTER_FIELDS = {"gpus": int, "cpus": int, "memoryMb": int, "gpuModel": str,
                     "agentVersion": str, "runtimes": list, "cluster": str}  # fmt: skip
 
 
-def _check_register(msg: dict[str, Any]) -> None:
+def _check_register(msg: dict[str, Any], principal: auth.Principal) -> None:
     """A Register's fields have their types (they go into the log, and the planner counts
-    on them)."""
+    on them), and a token limited to workspaces joins only their clusters."""
+    workspace = str(msg.get("cluster", "")).partition("/")[0]
+    if principal.workspaces and workspace not in principal.workspaces:
+        raise AuthError(f"token {principal.name!r} may join clusters of workspaces "
+                        f"{', '.join(principal.workspaces)} only", 403)  # fmt: skip
     for name, kind in _REGISTER_FIELDS.items():
         value = msg.get(name)
         if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
@@ -533,6 +547,14 @@ def _setup_exited(m: ReadModels, msg: dict[str, Any]) -> list[Decision]:
     reason = (msg.get("error") or {}).get("message") or f"the setup task exited with {code}"
     data["error"] = {"code": "setup_failed", "message": reason}
     return [(f"node-{node_id}", NewEvent("NodeSetupFailed", data))]
+
+
+def _placed_on(m: ReadModels, key: protocol.TaskKey, node_id: str) -> bool:
+    """Is task `key` (job, attempt, index) the current attempt's, placed on `node_id`?"""
+    job_id, attempt, task = key
+    job = m.jobs.get(job_id)
+    return (job is not None and job.attempt == attempt and task < len(job.tasks)
+            and job.tasks[task][0] == node_id)  # fmt: skip
 
 
 def _started(m: ReadModels, job_id: str, attempt: int) -> list[Decision]:

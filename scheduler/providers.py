@@ -22,6 +22,7 @@ from batchd.events.envelope import NewEvent
 from batchd.projections.model import ReadModels
 from batchd.scheduler import commands
 from batchd.scheduler.agent import PARENT_ENV
+from batchd.scheduler.auth import digest, revoke_token
 from batchd.scheduler.control import Control, token_file
 
 logger = structlog.get_logger(__name__)
@@ -64,6 +65,18 @@ class LocalProvider:
             return out
 
         await self.control.run(decide_rest, structural=True)
+        await self._retire_shared_token()
+
+    async def _retire_shared_token(self) -> None:
+        """Earlier versions gave every local agent one token that could speak for any node
+        (`<state-dir>/agent.token`); each agent has its own bound one now: revoke it."""
+        legacy = self.state_dir / "agent.token"
+        with contextlib.suppress(FileNotFoundError):
+            token_id = self.control.models.token_hashes.get(digest(legacy.read_text().strip()))
+            if token_id is not None:
+                await self.control.run(lambda m: revoke_token(m, token_id, ACTOR),
+                                       structural=True)  # fmt: skip
+            legacy.unlink()
 
     def _target(self) -> int:
         m = self.control.models

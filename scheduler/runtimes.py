@@ -127,7 +127,7 @@ class ProcessTask:
         try:
             with open(out / f"stdout{suffix}.txt", "ab") as stdout, \
                     open(out / f"stderr{suffix}.txt", "ab") as stderr:  # fmt: skip
-                self.process = await asyncio.create_subprocess_exec(
+                self.process = await _start(
                     "/bin/sh", "-c", command, cwd=work, env=env, stdin=asyncio.subprocess.DEVNULL,
                     stdout=stdout, stderr=stderr, start_new_session=True,
                 )  # fmt: skip
@@ -143,7 +143,7 @@ class ProcessTask:
                 self.pid_file.write_text(process_mark(self.process.pid, task_label(self.spec)))
             except OSError:  # the task runs on: only its cleanup after an agent crash is lost
                 self.pid_file = None
-        returncode = await self.process.wait()
+        returncode = await _waited(self.process)
         with contextlib.suppress(ProcessLookupError):  # what it left running in its group
             os.killpg(self.process.pid, signal.SIGKILL)
         if self.pid_file is not None:
@@ -154,12 +154,11 @@ class ProcessTask:
     async def exec(self, command: str, send) -> int:
         """Run `command` in the task's environment and directory; `send(stdout=...)` and
         `send(stderr=...)` get its output as it comes; its exit code."""
-        process = await asyncio.create_subprocess_exec(
+        process = await _start(
             "/bin/sh", "-c", command, cwd=self.spec["workDir"], env=self._env(),
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE, start_new_session=True,
         )  # fmt: skip
-        WAITED.add(process.pid)
 
         async def pump(stream: asyncio.StreamReader, name: str) -> None:
             while chunk := await stream.read(1 << 14):
@@ -167,9 +166,9 @@ class ProcessTask:
 
         try:
             await asyncio.gather(pump(process.stdout, "stdout"), pump(process.stderr, "stderr"))
-            return _exit_code(await process.wait())
+            return _exit_code(await _waited(process))
         finally:
-            WAITED.discard(process.pid)
+            WAITED.discard(process.pid)  # also when abandoned: it is nobody's to wait for then
 
     async def kill(self) -> None:
         """SIGTERM the task's process group; SIGKILL it if it is still there after a grace."""
@@ -187,7 +186,7 @@ class ProcessTask:
 
 TASK_VARIABLE = "BATCHD_TASK"  # in every task's environment: <jobId>.<attempt>.<task>
 PR_SET_CHILD_SUBREAPER = 36  # prctl option (Linux 3.4 and later)
-WAITED: set[int] = set()  # children asyncio itself waits for beyond a task's end (exec)
+WAITED: set[int] = set()  # the children asyncio waits for (tasks, preparations, setup, exec)
 
 
 def become_subreaper() -> bool:
@@ -222,38 +221,54 @@ def _label(pid: int) -> str | None:
     return next((v[len(prefix) :].decode() for v in variables if v.startswith(prefix)), None)
 
 
-def sweep_orphans(ended: Container[str], seen: dict[int, str]) -> int:
-    """Kill the orphaned processes (this agent's children by inheritance) of tasks that have
-    ended, and reap those that are dead; how many were killed. `seen` remembers the label of
-    each child met alive (a dead one's environment can no longer be read).
+def sweep_orphans(ended: Container[str]) -> int:
+    """Kill the orphans (this agent's children by inheritance) of tasks that have ended, and
+    reap every orphan that has died; how many were killed.
 
-    A task's own processes are waited for by asyncio before the task ends, so only what left
-    its process group (and then lost its parent) is found here.
+    A child that is not one asyncio waits for (WAITED) is an orphan: what was left in a
+    task's group when its leader exited, or what left the group (setsid, a double fork) and
+    lost its parent. While a process is being started it is not in WAITED yet, so no dead
+    child is reaped then: it could be that one.
     """
     killed = 0
-    children = _children()
-    for pid in list(seen):
-        if pid not in children:
-            del seen[pid]
-    for pid in children:
+    for pid in _children():
         if pid in WAITED:
             continue
-        label = _label(pid) or seen.get(pid)
-        if label is None:
-            continue
-        if label not in ended:
-            seen[pid] = label  # its task runs: it is left alone until that ends
-            continue
         fields = _stat(pid)
-        if fields is not None and fields[0] == "Z":
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, os.WNOHANG)
+        if fields is None:
             continue
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-            seen[pid] = label
-            killed += 1
+        if fields[0] == "Z":
+            if not _starting:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, os.WNOHANG)
+            continue
+        if _label(pid) in ended:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
     return killed
+
+
+async def _start(*command: str, **options: Any) -> asyncio.subprocess.Process:
+    """A child process asyncio waits for (see sweep_orphans); `_waited` forgets it."""
+    global _starting
+    _starting += 1
+    try:
+        process = await asyncio.create_subprocess_exec(*command, **options)
+    finally:
+        _starting -= 1
+    WAITED.add(process.pid)
+    return process
+
+
+async def _waited(process: asyncio.subprocess.Process) -> int:
+    """Wait for a child started by `_start`; its return code."""
+    code = await process.wait()
+    WAITED.discard(process.pid)
+    return code
+
+
+_starting = 0  # processes being started now
 
 
 def task_label(spec: dict[str, Any]) -> str:

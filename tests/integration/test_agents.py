@@ -144,6 +144,24 @@ async def test_a_process_that_leaves_the_tasks_group_is_killed_when_the_task_end
     await _until(lambda: not _alive(escaped), 10)
 
 
+async def test_what_a_task_leaves_in_its_group_is_killed_and_reaped(local):
+    daemon, client = local
+    await _run(client, "forks", "sleep 300 & sleep 300 & sleep 0.3")
+    job = await _ended(daemon, client, "forks")
+    assert job["properties"]["state"] == "succeeded"
+    agents = [p.pid for p in daemon.local.processes.values()]
+
+    def zombies() -> list[int]:
+        found = []
+        for agent in agents:
+            for thread in os.listdir(f"/proc/{agent}/task"):
+                with open(f"/proc/{agent}/task/{thread}/children") as handle:
+                    found += [int(p) for p in handle.read().split() if not _alive(int(p))]
+        return found
+
+    await _until(lambda: not zombies(), 10)  # the agents inherit them and reap them
+
+
 async def test_a_two_node_job_gets_consistent_ranks_hosts_and_master(local):
     daemon, client = local
     status, _ = await client.call("PUT", f"{EXP}/jobs/ddp", {
@@ -445,6 +463,21 @@ async def test_the_agent_channel_refuses_strangers_and_bad_registrations(local):
         assert await post(own, fake_exit) == 403
     assert await poll(own, "local-1") == 403  # nor does it get another node's commands
     assert await post(own, protocol.message("Heartbeat", other, 1, running=[])) in (403, 409)
+    # nor can a node report on a task placed on another node, under its own name
+    await _run(client, "prep", "true", jobPreparation={"commandLine": "sleep 4"})
+    await _until(lambda: models.jobs[models.job_ids["default/default/prep"][-1]].tasks, 30)
+    prep = models.jobs[models.job_ids["default/default/prep"][-1]]
+    elsewhere = "local-1" if prep.tasks[0][0] == "local-0" else "local-0"
+    spoof = protocol.message("TaskStarted", elsewhere, models.nodes[elsewhere].incarnation,
+                             jobId=prep.job_id, attempt=1, task=0)  # fmt: skip
+    elsewhere_token = (daemon.state_dir / "nodes" / elsewhere / "agent.token").read_text()
+    assert await post(elsewhere_token.strip(), spoof) == 200  # accepted, and ignored
+    assert models.jobs[prep.job_id].state in ("scheduled", "preparing")  # still preparing
+    # a token limited to a workspace joins only that workspace's clusters
+    scoped = await client.call("POST", "/v1/tokens", {"name": "scoped-agent", "role": "agent",
+                                                       "workspaces": ["elsewhere"]})  # fmt: skip
+    join = protocol.message("Register", "new-node", 3, cluster="default/local", gpus=1)
+    assert await post(scoped[1]["token"], join) == 403
     # a fleet credential (bound to no node) still cannot speak for a task it was not given
     stranger_exit = protocol.message("TaskExited", "evil-node", 1, jobId=job_id, attempt=1,
                                      task=0, exitCode=0)  # fmt: skip
@@ -486,3 +519,26 @@ async def test_an_exit_code_failure_is_retried_up_to_max_retries(local):
     assert job["properties"]["state"] == "failed"
     assert (job["properties"]["attempt"], job["properties"]["retries"]) == (2, {"exit_code": 1})
     assert [_out(daemon, "flaky", attempt=a) for a in (1, 2)] == ["try 1\n", "try 2\n"]
+
+
+async def test_the_shared_agent_token_of_earlier_versions_is_revoked(tmp_path, monkeypatch):
+    monkeypatch.delenv("BATCHD_SECRET_KEYS", raising=False)
+    state = tmp_path / "state"
+    daemon = await start_daemon(state)  # as an earlier version left it: one unbound token
+    try:
+        async with aiohttp.ClientSession() as session:
+            client = Client(session, daemon.url, daemon.admin_token)
+            _status, made = await client.call(
+                "POST", "/v1/tokens", {"name": "local-agents", "role": "agent"}
+            )
+            (state / "agent.token").write_text(made["token"])
+    finally:
+        await daemon.stop()
+    daemon = await start_daemon(state, local_nodes=1)
+    try:
+        assert not (state / "agent.token").exists()
+        tokens = daemon.models.models.tokens
+        await _until(lambda: "local-agent-local-0" in {t.name for t in tokens.values()}, 30)
+        assert "local-agents" not in {t.name for t in tokens.values()}
+    finally:
+        await daemon.stop()

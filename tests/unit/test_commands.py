@@ -192,10 +192,15 @@ def test_a_deleted_experiments_jobs_go_with_it_and_a_new_one_starts_empty(w):
     assert [j.name for j in w.m.jobs.values()] == ["running"]
     with pytest.raises(CommandError, match="no job 'running'"):
         commands.find_job(w.m, "ws", "exp", "running")
-    # the names are free in the new experiment, also while the old job still terminates
+    # the names are free in the new experiment, but the one of a job still terminating only
+    # once it has ended (its output directory is the same)
+    w.do(commands.submit_job(w.m, "ws", "exp", "queued", JOB, "user:ann", cluster="gpu",
+                             new_id=w.new_id))  # fmt: skip
+    with pytest.raises(CommandError, match="still being terminated"):
+        commands.submit_job(w.m, "ws", "exp", "running", JOB, "user:ann", cluster="gpu")
+    w.do([(f"job-{running.job_id}", NewEvent("JobTerminated", {"jobId": running.job_id}))])
+    assert running.job_id not in w.m.jobs  # ended: gone
     w.do(commands.submit_job(w.m, "ws", "exp", "running", JOB, "user:ann", cluster="gpu",
                              new_id=w.new_id))  # fmt: skip
     assert commands.find_job(w.m, "ws", "exp", "running").state == "queued"
-    w.do([(f"job-{running.job_id}", NewEvent("JobTerminated", {"jobId": running.job_id}))])
-    assert running.job_id not in w.m.jobs  # ended: gone
     assert len(w.m.job_ids["ws/exp/running"]) == 2  # both incarnations keep their history
