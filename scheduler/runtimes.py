@@ -303,41 +303,56 @@ def _start_time(pid: int) -> str:
     return fields[19] if fields else "-"
 
 
-def _members(group: int, label: str) -> list[int]:
-    """The processes of a group whose leader is gone that carry the task's label in their
-    environment (a group id another process reused holds none of them)."""
-    wanted = f"{TASK_VARIABLE}={label}".encode()
+def _members(group: int, wanted: set[bytes]) -> list[int]:
+    """The processes of group `group` whose environment holds every entry of `wanted` (the
+    task's label): a group id another process reused holds none of them."""
     found = []
     for entry in Path("/proc").iterdir():
         fields = _stat(entry.name) if entry.name.isdigit() else None
         if fields is None or fields[2] != str(group):
             continue
         with contextlib.suppress(OSError):
-            if wanted in (entry / "environ").read_bytes().split(b"\0"):
+            if wanted <= set((entry / "environ").read_bytes().split(b"\0")):
                 found.append(int(entry.name))
     return found
 
 
-def _kill_left(mark: str) -> bool:
+def _kill_left(slot: Path, mark: str) -> bool:
     """Kill what a slot's mark names, if it can only be that task's; whether anything was."""
     parts = mark.split()
-    if not parts:
-        return False
+    if len(parts) == 1 and parts[0].isdigit():
+        return _kill_members(int(parts[0]), _older_slot_label(slot))
     if len(parts) != 4 or not parts[0].isdigit():
-        logger.warning("agent.leftover_unverified", slot=mark[:200])  # an older format: left
+        if parts:
+            logger.warning("agent.leftover_unverified", slot=mark[:200])
         return False
     group, boot, started, label = int(parts[0]), parts[1], parts[2], parts[3]
     if boot != _boot_id():
         return False  # from before a reboot: none of it runs
     now = _start_time(group)
-    targets = [group] if now == started else _members(group, label) if now == "-" else []
-    killed = False
-    for pid in targets:
+    if now == started:  # its leader still runs: the whole group is the task's
         with contextlib.suppress(ProcessLookupError):
-            if pid == group:
-                os.killpg(group, signal.SIGKILL)
-            else:
-                os.kill(pid, signal.SIGKILL)
+            os.killpg(group, signal.SIGKILL)
+            return True
+        return False
+    return now == "-" and _kill_members(group, {f"{TASK_VARIABLE}={label}".encode()})
+
+
+def _older_slot_label(slot: Path) -> set[bytes]:
+    """What the task of an earlier version's slot (`<jobId>-<attempt>-<task>.pid`, holding
+    the bare group id) has in its environment; empty: nothing can be told."""
+    job_id, _, rest = slot.stem.rpartition("-")
+    job_id, _, attempt = job_id.rpartition("-")
+    if not job_id or not attempt.isdigit() or not rest.isdigit():
+        return set()
+    return {f"AZ_BATCHAI_JOB_ID={job_id}".encode(), f"AZ_BATCHAI_JOB_ATTEMPT={attempt}".encode()}
+
+
+def _kill_members(group: int, wanted: set[bytes]) -> bool:
+    killed = False
+    for pid in _members(group, wanted) if wanted else ():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
             killed = True
     return killed
 
@@ -355,7 +370,7 @@ def reap_leftovers(directory: Path) -> int:
     count = 0
     for pid_file in directory.glob("*.pid") if directory.is_dir() else ():
         with contextlib.suppress(OSError):
-            count += _kill_left(pid_file.read_text())
+            count += _kill_left(pid_file, pid_file.read_text())
         with contextlib.suppress(OSError):
             pid_file.write_text("")
     return count

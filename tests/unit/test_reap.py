@@ -93,3 +93,18 @@ def _check_nothing_is_killed(tmp_path, bystander: subprocess.Popen, child: int) 
     finally:
         os.killpg(bystander.pid, 9)
         bystander.wait()
+
+
+def test_an_earlier_versions_slot_kills_only_processes_of_its_task(tmp_path, monkeypatch):
+    # earlier versions wrote the bare group id into <jobId>-<attempt>-<task>.pid
+    monkeypatch.setenv("AZ_BATCHAI_JOB_ID", "0b7c-job")
+    monkeypatch.setenv("AZ_BATCHAI_JOB_ATTEMPT", "2")
+    with _group() as task, _group() as other:
+        task_child, other_child = (int(p.stdout.readline()) for p in (task, other))
+        (tmp_path / "0b7c-job-2-0.pid").write_text(str(task.pid))
+        (tmp_path / "0b7c-job-3-0.pid").write_text(str(other.pid))  # another attempt's
+        try:
+            assert reap_leftovers(tmp_path) == 1
+            assert _until_gone(task_child) and _alive(other_child)
+        finally:
+            os.killpg(other.pid, 9)
