@@ -19,6 +19,7 @@ from batchd.scheduler import protocol
 from tests.integration.conftest import start_daemon
 from tests.integration.test_api import Client
 from tests.integration.test_cli import _free_port, batchd
+from tests.processes import alive
 
 EXP = "/v1/workspaces/default/experiments/default"
 
@@ -34,15 +35,6 @@ async def local(tmp_path, monkeypatch):
             yield daemon, client
     finally:
         await daemon.stop()
-
-
-def _alive(pid: int) -> bool:
-    """Running (a zombie waiting for init to reap it is dead)."""
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def _ready_nodes(daemon) -> int:
@@ -129,7 +121,7 @@ async def test_terminate_kills_the_whole_process_tree_even_a_child_ignoring_sigt
     job = await _ended(daemon, client, "stubborn", seconds=30)
     assert job["properties"]["state"] == "failed"
     assert job["properties"]["executionInfo"]["errors"][-1]["code"] == "terminated"
-    await _until(lambda: not _alive(child), 10)  # the child that ignored SIGTERM is gone too
+    await _until(lambda: not alive(child), 10)  # the child that ignored SIGTERM is gone too
 
 
 async def test_a_process_that_leaves_the_tasks_group_is_killed_when_the_task_ends(local):
@@ -141,7 +133,7 @@ async def test_a_process_that_leaves_the_tasks_group_is_killed_when_the_task_end
     job = await _ended(daemon, client, "escape")
     assert job["properties"]["state"] == "succeeded"
     escaped = int(pid_file.read_text())
-    await _until(lambda: not _alive(escaped), 10)
+    await _until(lambda: not alive(escaped), 10)
 
 
 async def test_what_a_task_leaves_in_its_group_is_killed_and_reaped(local):
@@ -156,7 +148,7 @@ async def test_what_a_task_leaves_in_its_group_is_killed_and_reaped(local):
         for agent in agents:
             for thread in os.listdir(f"/proc/{agent}/task"):
                 with open(f"/proc/{agent}/task/{thread}/children") as handle:
-                    found += [int(p) for p in handle.read().split() if not _alive(int(p))]
+                    found += [int(p) for p in handle.read().split() if not alive(int(p))]
         return found
 
     await _until(lambda: not zombies(), 10)  # the agents inherit them and reap them
@@ -425,7 +417,7 @@ async def test_a_preempted_jobs_task_is_killed_before_its_gpu_is_reused(local):
         await _run(client, "urgent", "echo urgent", cluster="pre", schedulingPriority="high")
         job = await _ended(daemon, client, "urgent")
         assert job["properties"]["state"] == "succeeded"
-        await _until(lambda: not _alive(victim), 10)  # killed, not left beside the urgent job
+        await _until(lambda: not alive(victim), 10)  # killed, not left beside the urgent job
         await client.call("POST", f"{EXP}/jobs/victim/terminate")
     finally:
         agent.terminate()

@@ -7,6 +7,7 @@ import subprocess
 import time
 
 from batchd.scheduler.runtimes import TASK_VARIABLE, process_mark, reap_leftovers
+from tests.processes import alive
 
 LABEL = "job-1.1.0"
 
@@ -21,18 +22,10 @@ def _group(label: str | None = LABEL) -> subprocess.Popen:
                             start_new_session=True, text=True)  # fmt: skip
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def _until_gone(pid: int, seconds: float = 5) -> bool:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        if not _alive(pid):
+        if not alive(pid):
             return True
         time.sleep(0.01)
     return False
@@ -68,7 +61,7 @@ def test_of_a_group_whose_leader_is_gone_only_the_tasks_processes_are_killed(tmp
         (tmp_path / "b.pid").write_text(stranger_mark)
         assert reap_leftovers(tmp_path) == 1
         assert _until_gone(ours_child)
-        assert _alive(stranger_child)  # no label: not the task's, whatever its group id
+        assert alive(stranger_child)  # no label: not the task's, whatever its group id
     finally:
         os.kill(stranger_child, 9)
 
@@ -88,7 +81,7 @@ def _check_nothing_is_killed(tmp_path, bystander: subprocess.Popen, child: int) 
         (tmp_path / "older-format.pid").write_text(pid)
         (tmp_path / "garbage.pid").write_text("not a mark")
         assert reap_leftovers(tmp_path) == 0
-        assert _alive(bystander.pid) and _alive(child)
+        assert alive(bystander.pid) and alive(child)
         assert all(p.read_text() == "" for p in tmp_path.iterdir())
     finally:
         os.killpg(bystander.pid, 9)
@@ -105,6 +98,6 @@ def test_an_earlier_versions_slot_kills_only_processes_of_its_task(tmp_path, mon
         (tmp_path / "0b7c-job-3-0.pid").write_text(str(other.pid))  # another attempt's
         try:
             assert reap_leftovers(tmp_path) == 1
-            assert _until_gone(task_child) and _alive(other_child)
+            assert _until_gone(task_child) and alive(other_child)
         finally:
             os.killpg(other.pid, 9)
