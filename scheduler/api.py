@@ -741,7 +741,8 @@ async def _follow(request: web.Request, job: Job, read: Callable[[int], Awaitabl
             if chunk:
                 await response.write(chunk)
                 offset += len(chunk)
-                continue
+                if not api.closing.is_set():
+                    continue
             transport = request.transport
             if ended or api.closing.is_set() or transport is None or transport.is_closing():
                 break

@@ -192,7 +192,7 @@ class NodeService:
                 raise protocol.ProtocolError("the body must be a list of messages")
             for msg in messages:
                 msg = protocol.check(msg, protocol.AGENT_MESSAGES)
-                principal.require_node(msg["node"])
+                self._authorize(principal, msg["node"])
                 await self._handle(msg, principal)
         except protocol.ProtocolError as exc:
             return web.json_response({"error": {"code": "BadRequest", "message": str(exc),
@@ -238,6 +238,17 @@ class NodeService:
         elif kind == "TaskExited":
             job_id, _attempt, _task = protocol.task_key(msg)
             await self.control.run(lambda m: self._exited(m, msg), key=self._key(job_id))
+
+    def _authorize(self, principal: auth.Principal, node_id: str) -> None:
+        """AuthError 403 unless `principal` may speak for `node_id`: a token bound to another
+        node may not, nor one limited to workspaces other than that of the node's cluster."""
+        principal.require_node(node_id)
+        node = self.models.nodes.get(node_id)
+        if principal.workspaces and node is not None:
+            cluster = self.models.clusters.get(node.cluster)
+            if cluster is None or cluster.workspace not in principal.workspaces:
+                raise AuthError(f"token {principal.name!r} may not speak for node {node_id} "
+                                "of another workspace's cluster", 403)  # fmt: skip
 
     def _check_current(self, node_id: str, incarnation: int) -> None:
         """A message from an agent that is not the node's registered one is refused: a
@@ -349,7 +360,7 @@ class NodeService:
         older one may belong to an agent that died, whose answer nobody reads)."""
         principal = _agent(request)
         node_id = request.query.get("node", "")
-        principal.require_node(node_id)
+        self._authorize(principal, node_id)
         try:
             wait = min(float(request.query.get("wait", "0")), MAX_WAIT)
             self._check_current(node_id, int(request.query.get("incarnation", "")))

@@ -22,7 +22,7 @@ from batchd.events.envelope import NewEvent
 from batchd.projections.model import ReadModels
 from batchd.scheduler import commands
 from batchd.scheduler.agent import PARENT_ENV
-from batchd.scheduler.auth import digest, revoke_token
+from batchd.scheduler.auth import revoke_token
 from batchd.scheduler.control import Control, token_file
 
 logger = structlog.get_logger(__name__)
@@ -31,6 +31,9 @@ WORKSPACE, EXPERIMENT, CLUSTER = "default", "default", "local"
 VM_SIZE = "Standard_NC24s_v3"  # 4 GPUs a node, simulated
 STOP_GRACE = 10.0
 ACTOR = "batchd:serve"
+
+
+LEGACY_TOKEN = "local-agents"  # the one token earlier versions gave every local agent
 
 
 class LocalProvider:
@@ -69,14 +72,20 @@ class LocalProvider:
 
     async def _retire_shared_token(self) -> None:
         """Earlier versions gave every local agent one token that could speak for any node
-        (`<state-dir>/agent.token`); each agent has its own bound one now: revoke it."""
-        legacy = self.state_dir / "agent.token"
-        with contextlib.suppress(FileNotFoundError):
-            token_id = self.control.models.token_hashes.get(digest(legacy.read_text().strip()))
-            if token_id is not None:
-                await self.control.run(lambda m: revoke_token(m, token_id, ACTOR),
-                                       structural=True)  # fmt: skip
-            legacy.unlink()
+        (`local-agents`, kept in `<state-dir>/agent.token`); each agent has its own bound
+        one now: revoke it, and remove its file."""
+
+        def decide(m: ReadModels):
+            return [decision for t in list(m.tokens.values())
+                    if t.name == LEGACY_TOKEN and t.role == "agent" and t.node is None
+                    and t.created_by == ACTOR
+                    for decision in revoke_token(m, t.token_id, ACTOR)]  # fmt: skip
+
+        await self.control.run(decide, structural=True)
+        try:
+            (self.state_dir / "agent.token").unlink(missing_ok=True)
+        except OSError as exc:
+            logger.warning("local.legacy_token_file", error=str(exc))
 
     def _target(self) -> int:
         m = self.control.models

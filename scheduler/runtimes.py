@@ -83,6 +83,7 @@ class ProcessTask:
         self.killed = False
         self.began = False  # the command (not the preparation) is running
         self.pid_file = pid_file  # holds the process group while it runs (see reap_leftovers)
+        self.execs: set[asyncio.subprocess.Process] = set()  # commands run beside it (exec)
 
     def _env(self) -> dict[str, str]:
         env = {k: os.environ[k] for k in BASE_ENV if k in os.environ}
@@ -146,6 +147,7 @@ class ProcessTask:
         returncode = await _waited(self.process)
         with contextlib.suppress(ProcessLookupError):  # what it left running in its group
             os.killpg(self.process.pid, signal.SIGKILL)
+        self._kill_execs()
         if self.pid_file is not None:
             with contextlib.suppress(OSError):
                 self.pid_file.write_text("")  # free: the agent gives the slot to another task
@@ -159,6 +161,7 @@ class ProcessTask:
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE, start_new_session=True,
         )  # fmt: skip
+        self.execs.add(process)
 
         async def pump(stream: asyncio.StreamReader, name: str) -> None:
             while chunk := await stream.read(1 << 14):
@@ -168,6 +171,7 @@ class ProcessTask:
             await asyncio.gather(pump(process.stdout, "stdout"), pump(process.stderr, "stderr"))
             return _exit_code(await _waited(process))
         finally:
+            self.execs.discard(process)
             WAITED.discard(process.pid)  # also when abandoned: it is nobody's to wait for then
 
     async def kill(self) -> None:
@@ -182,6 +186,13 @@ class ProcessTask:
             await asyncio.wait_for(asyncio.shield(process.wait()), KILL_GRACE)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)  # also children that outlived the leader
+        self._kill_execs()
+
+    def _kill_execs(self) -> None:
+        """Commands run beside the task end with it (each is a process group of its own)."""
+        for process in list(self.execs):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
 
 
 TASK_VARIABLE = "BATCHD_TASK"  # in every task's environment: <jobId>.<attempt>.<task>
@@ -320,8 +331,9 @@ def _members(group: int, wanted: set[bytes]) -> list[int]:
 def _kill_left(slot: Path, mark: str) -> bool:
     """Kill what a slot's mark names, if it can only be that task's; whether anything was."""
     parts = mark.split()
-    if len(parts) == 1 and parts[0].isdigit():
-        return _kill_members(int(parts[0]), _older_slot_label(slot))
+    older = _older_slot_label(slot) if len(parts) == 1 and parts[0].isdigit() else set()
+    if older:
+        return _kill_members(int(parts[0]), older)
     if len(parts) != 4 or not parts[0].isdigit():
         if parts:
             logger.warning("agent.leftover_unverified", slot=mark[:200])
@@ -345,7 +357,11 @@ def _older_slot_label(slot: Path) -> set[bytes]:
     job_id, _, attempt = job_id.rpartition("-")
     if not job_id or not attempt.isdigit() or not rest.isdigit():
         return set()
-    return {f"AZ_BATCHAI_JOB_ID={job_id}".encode(), f"AZ_BATCHAI_JOB_ATTEMPT={attempt}".encode()}
+    return {
+        f"AZ_BATCHAI_JOB_ID={job_id}".encode(),
+        f"AZ_BATCHAI_JOB_ATTEMPT={attempt}".encode(),
+        f"AZ_BATCHAI_TASK_INDEX={rest}".encode(),
+    }
 
 
 def _kill_members(group: int, wanted: set[bytes]) -> bool:

@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 
 from batchd.scheduler import protocol
+from batchd.scheduler.control import token_file
 from tests.integration.conftest import start_daemon
 from tests.integration.test_api import Client
 from tests.integration.test_cli import _free_port, batchd
@@ -301,10 +302,19 @@ async def test_job_exec_runs_beside_the_job_in_its_environment_and_streams_outpu
     done = await asyncio.to_thread(batchd, "job", "exec", "busy", "--node", "3", "--", "true",
                                    env=env)  # fmt: skip
     assert done.returncode == 1 and "0 to 0" in done.stderr  # one task only
+    pid_file = daemon.state_dir / "beside.pid"
+    beside = asyncio.create_task(
+        asyncio.to_thread(
+            batchd, "job", "exec", "busy", "--", f"echo $$ > {pid_file}; exec sleep 600", env=env
+        )
+    )
+    await _until(lambda: pid_file.exists() and pid_file.read_text().strip(), 30)
     await client.call("POST", f"{EXP}/jobs/busy/terminate")
     await _ended(daemon, client, "busy")
     done = await asyncio.to_thread(batchd, "job", "exec", "busy", "--", "true", env=env)
     assert done.returncode == 1 and "only a running job" in done.stderr
+    await _until(lambda: not alive(int(pid_file.read_text())), 10)  # it ended with the task
+    assert (await asyncio.wait_for(beside, 30)).returncode == 137  # killed
 
 
 def test_the_readme_walk_through_from_serve_to_the_jobs_output(tmp_path):
@@ -470,6 +480,11 @@ async def test_the_agent_channel_refuses_strangers_and_bad_registrations(local):
                                                        "workspaces": ["elsewhere"]})  # fmt: skip
     join = protocol.message("Register", "new-node", 3, cluster="default/local", gpus=1)
     assert await post(scoped[1]["token"], join) == 403
+    # nor take over a node of another workspace's cluster by moving it to its own
+    hijack = protocol.message("Register", "local-0", 99, cluster="elsewhere/c", gpus=1)
+    assert await post(scoped[1]["token"], hijack) == 403
+    assert await poll(scoped[1]["token"], "local-0") == 403
+    assert models.nodes["local-0"].incarnation != 99
     # a fleet credential (bound to no node) still cannot speak for a task it was not given
     stranger_exit = protocol.message("TaskExited", "evil-node", 1, jobId=job_id, attempt=1,
                                      task=0, exitCode=0)  # fmt: skip
@@ -518,12 +533,8 @@ async def test_the_shared_agent_token_of_earlier_versions_is_revoked(tmp_path, m
     state = tmp_path / "state"
     daemon = await start_daemon(state)  # as an earlier version left it: one unbound token
     try:
-        async with aiohttp.ClientSession() as session:
-            client = Client(session, daemon.url, daemon.admin_token)
-            _status, made = await client.call(
-                "POST", "/v1/tokens", {"name": "local-agents", "role": "agent"}
-            )
-            (state / "agent.token").write_text(made["token"])
+        await token_file(daemon.control, state / "agent.token", "agent", "local-agents",
+                         "batchd:serve")  # fmt: skip
     finally:
         await daemon.stop()
     daemon = await start_daemon(state, local_nodes=1)

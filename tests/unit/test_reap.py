@@ -92,6 +92,7 @@ def test_an_earlier_versions_slot_kills_only_processes_of_its_task(tmp_path, mon
     # earlier versions wrote the bare group id into <jobId>-<attempt>-<task>.pid
     monkeypatch.setenv("AZ_BATCHAI_JOB_ID", "0b7c-job")
     monkeypatch.setenv("AZ_BATCHAI_JOB_ATTEMPT", "2")
+    monkeypatch.setenv("AZ_BATCHAI_TASK_INDEX", "0")
     with _group() as task, _group() as other:
         task_child, other_child = (int(p.stdout.readline()) for p in (task, other))
         (tmp_path / "0b7c-job-2-0.pid").write_text(str(task.pid))
