@@ -392,19 +392,34 @@ def reap_leftovers(directory: Path) -> int:
     return count
 
 
+def _task_dirs(spec: dict[str, Any]) -> list[str]:
+    """What a task's end removes: its work directory, and its job-temp directory when the job
+    runs on one node (the tasks of a multi-node job on one machine share theirs)."""
+    env = spec.get("env") or {}
+    found = [spec.get("workDir")]
+    if "WORLD_SIZE" not in env:
+        found.append(env.get("AZ_BATCHAI_JOB_TEMP"))
+    return [d for d in found if d]
+
+
 def remove_work_dir(spec: dict[str, Any]) -> bool:
-    """Remove a task's work directory (its own, by the daemon's layout) once it has ended, if
-    it is empty (most are); False if it still holds files (see remove_work_tree)."""
-    try:
-        if spec.get("workDir"):
-            os.rmdir(spec["workDir"])
-    except FileNotFoundError:
-        pass
-    except OSError:
-        return False
+    """Remove a task's own directories once it has ended, if they hold nothing but what the
+    agent wrote (most do); False if they still hold files (see remove_work_tree)."""
+    if "WORLD_SIZE" not in (spec.get("env") or {}):
+        for path in spec.get("files") or ():  # the MPI host file, in the job temp
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+    for directory in _task_dirs(spec):
+        try:
+            os.rmdir(directory)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            return False
     return True
 
 
 def remove_work_tree(spec: dict[str, Any]) -> None:
-    """Remove a task's work directory and what it holds (this may take a while)."""
-    shutil.rmtree(spec["workDir"], ignore_errors=True)
+    """Remove a task's own directories and what they hold (this may take a while)."""
+    for directory in _task_dirs(spec):
+        shutil.rmtree(directory, ignore_errors=True)

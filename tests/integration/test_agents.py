@@ -87,8 +87,8 @@ async def test_a_job_runs_on_its_gpu_and_its_output_and_exit_code_come_back(loca
     await _run(client, "hello", command)
     job = await _ended(daemon, client, "hello")
     assert job["properties"]["state"] == "succeeded"
-    work = daemon.state_dir / "nodes" / "work"
-    await _until(lambda: not list(work.iterdir()), 10)  # removed once it ended
+    work, temp = daemon.state_dir / "nodes" / "work", daemon.state_dir / "nodes" / "temp"
+    await _until(lambda: not list(work.iterdir()) and not list(temp.iterdir()), 10)  # removed
     assert job["properties"]["executionInfo"]["exitCode"] == 0
     assert job["properties"]["tasks"] == []  # its GPU was given back when it ended
     assert _out(daemon, "hello") in {f"hello from hello on GPU {g}\n" for g in range(4)}
