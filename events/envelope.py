@@ -104,30 +104,13 @@ class Head(NamedTuple):
 EMPTY_HEAD = Head(0, GENESIS_HASH, 0, 0)
 
 
-def _uuid_bytes(value: uuid.UUID | None) -> bytes | None:
-    return None if value is None else value.bytes
-
-
 def canonical_bytes(row: tuple) -> bytes:
     """The msgpack bytes hashed for one row (all fields but `hash`, data as stored bytes)."""
-    (position, event_id, stream, version, type_, schema, recorded_at, actor, corr, caus, data) = (
-        row[:11]
-    )
-    return _packb(
-        [
-            position,
-            event_id.bytes,
-            stream,
-            version,
-            type_,
-            schema,
-            recorded_at,
-            actor,
-            _uuid_bytes(corr),
-            _uuid_bytes(caus),
-            data,
-        ]
-    )
+    corr, caus = row[8], row[9]
+    return _packb((
+        row[0], row[1].bytes, row[2], row[3], row[4], row[5], row[6], row[7],
+        None if corr is None else corr.bytes, None if caus is None else caus.bytes, row[10],
+    ))  # fmt: skip
 
 
 def chain_hash(previous: bytes, row: tuple) -> bytes:

@@ -101,12 +101,12 @@ def prepare_batch(
     rows: list[tuple] = []
     outcomes: list[list[int] | errors.StoreError] = []
     versions = dict(versions)
-    seen = dict(existing)
+    seen = {event_id.int: found for event_id, found in existing.items()}  # int: hashes in C
     position, previous = head.position, head.hash
     recorded_at = max(now, head.recorded_at)  # never decreasing along positions
     for request in requests:
         stream = request.stream
-        found = [seen.get(e.event_id) for e in request.events]
+        found = [seen.get(e.event_id.int) for e in request.events]
         if any(found):
             outcomes.append(_retry_outcome(request, found))
             continue
@@ -123,7 +123,7 @@ def prepare_batch(
             previous = chain_hash(previous, row)
             rows.append((*row, previous))
             positions.append(position)
-            seen[e.event_id] = (position, stream)
+            seen[e.event_id.int] = (position, stream)
         versions[stream] = current
         outcomes.append(positions)
     return BatchPlan(rows, Head(position, previous, recorded_at, head.epoch), outcomes)
@@ -285,7 +285,7 @@ class EventStore:
             raise ValueError("append needs at least one event")
         for event in events:
             _check_envelope(event)
-        if len({e.event_id for e in events}) != len(events):
+        if len({e.event_id.int for e in events}) != len(events):
             raise ValueError("an append repeats an event_id among its own events")
         encoded = [self.codec.encode(e) for e in events]
         future = asyncio.get_running_loop().create_future()
