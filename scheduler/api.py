@@ -14,7 +14,6 @@ import functools
 import json
 import time
 from collections.abc import Awaitable, Callable
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -638,7 +637,8 @@ async def get_file(request: web.Request) -> web.StreamResponse:
         raise files.FileNotFound(f"{request.match_info['path']!r} is a directory")
     start = _range_start(request, path)
     if follow:
-        return await _follow(request, job, partial(asyncio.to_thread, _read_from, path), start)
+        read = functools.partial(asyncio.to_thread, _read_from, path)
+        return await _follow(request, job, read, start)
     if not path.is_file():
         raise files.FileNotFound(f"no file {request.match_info['path']!r} (yet)")
     return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})

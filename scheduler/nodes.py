@@ -232,12 +232,12 @@ class NodeService:
             if not _placed_on(self.models, key, node_id):
                 return  # only the node that runs a task reports on it
             self.unstarted.pop(key, None)
-        if kind == "TaskStarted":
-            job_id, attempt, _task = protocol.task_key(msg)
-            await self.control.run(lambda m: _started(m, job_id, attempt), key=self._key(job_id))
-        elif kind == "TaskExited":
-            job_id, _attempt, _task = protocol.task_key(msg)
-            await self.control.run(lambda m: self._exited(m, msg), key=self._key(job_id))
+            job_id, attempt, _task = key
+            if kind == "TaskStarted":
+                await self.control.run(lambda m: _started(m, job_id, attempt),
+                                       key=self._key(job_id))  # fmt: skip
+            else:
+                await self.control.run(lambda m: self._exited(m, msg), key=self._key(job_id))
 
     def _authorize(self, principal: auth.Principal, node_id: str) -> None:
         """AuthError 403 unless `principal` may speak for `node_id`: a token bound to another

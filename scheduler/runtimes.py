@@ -222,14 +222,18 @@ def _children() -> list[int]:
     return found
 
 
+def _environ(pid: int | str) -> list[bytes]:
+    """A process's environment as `NAME=value` entries (none: it is gone, or a zombie)."""
+    try:
+        return Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return []
+
+
 def _label(pid: int) -> str | None:
     """The task label in a process's environment (None: none, or it is gone)."""
     prefix = f"{TASK_VARIABLE}=".encode()
-    try:
-        variables = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    except OSError:
-        return None
-    return next((v[len(prefix) :].decode() for v in variables if v.startswith(prefix)), None)
+    return next((v[len(prefix) :].decode() for v in _environ(pid) if v.startswith(prefix)), None)
 
 
 def sweep_orphans(ended: Container[str]) -> int:
@@ -320,11 +324,8 @@ def _members(group: int, wanted: set[bytes]) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():
         fields = _stat(entry.name) if entry.name.isdigit() else None
-        if fields is None or fields[2] != str(group):
-            continue
-        with contextlib.suppress(OSError):
-            if wanted <= set((entry / "environ").read_bytes().split(b"\0")):
-                found.append(int(entry.name))
+        if fields is not None and fields[2] == str(group) and wanted <= set(_environ(entry.name)):
+            found.append(int(entry.name))
     return found
 
 
@@ -392,20 +393,25 @@ def reap_leftovers(directory: Path) -> int:
     return count
 
 
+def _one_node(spec: dict[str, Any]) -> bool:
+    """Does the task's job run on one node? (The tasks of a multi-node job on one machine
+    share its job-temp directory.)"""
+    return "WORLD_SIZE" not in (spec.get("env") or {})
+
+
 def _task_dirs(spec: dict[str, Any]) -> list[str]:
     """What a task's end removes: its work directory, and its job-temp directory when the job
-    runs on one node (the tasks of a multi-node job on one machine share theirs)."""
-    env = spec.get("env") or {}
+    runs on one node."""
     found = [spec.get("workDir")]
-    if "WORLD_SIZE" not in env:
-        found.append(env.get("AZ_BATCHAI_JOB_TEMP"))
+    if _one_node(spec):
+        found.append((spec.get("env") or {}).get("AZ_BATCHAI_JOB_TEMP"))
     return [d for d in found if d]
 
 
 def remove_work_dir(spec: dict[str, Any]) -> bool:
     """Remove a task's own directories once it has ended, if they hold nothing but what the
     agent wrote (most do); False if they still hold files (see remove_work_tree)."""
-    if "WORLD_SIZE" not in (spec.get("env") or {}):
+    if _one_node(spec):
         for path in spec.get("files") or ():  # the MPI host file, in the job temp
             with contextlib.suppress(OSError):
                 os.unlink(path)

@@ -111,15 +111,19 @@ _TYPES = ("bigint", "uuid", "text", "bigint", "text", "integer", "bigint", "text
           "bytea", "bytea")  # fmt: skip
 
 
-def _write(rows: str) -> str:
-    """The one statement of a batch: move the head if it is still where this writer left it,
-    insert `rows` (a SELECT over $6...$17) only then, and NOTIFY."""
-    return f"""
+# moves the head to ($3, $4, $5) only if it is still where this writer left it ($1, $2)
+_MOVE = """
 WITH h AS (
     UPDATE log_head SET position = $3, hash = $4, recorded_at = $5
     WHERE id = 1 AND epoch = $1 AND position = $2
     RETURNING position
-), ins AS (
+)"""
+
+
+def _write(rows: str) -> str:
+    """The one statement of a batch: move the head if it is still where this writer left it,
+    insert `rows` (a SELECT over $6...$17) only then, and NOTIFY."""
+    return f"""{_MOVE}, ins AS (
     INSERT INTO events ({_COLUMNS})
     {rows}
     WHERE EXISTS (SELECT 1 FROM h)
@@ -133,14 +137,7 @@ SELECT (SELECT count(*) FROM ins) AS inserted,
 _PARAMS = list(enumerate(_TYPES, start=6))
 _WRITE = _write(f"SELECT * FROM unnest({', '.join(f'${n}::{t}[]' for n, t in _PARAMS)})")
 _WRITE_ONE = _write(f"SELECT {', '.join(f'${n}::{t}' for n, t in _PARAMS)}")  # scalars: cheaper
-_MOVE_HEAD = f"""
-WITH h AS (
-    UPDATE log_head SET position = $3, hash = $4, recorded_at = $5
-    WHERE id = 1 AND epoch = $1 AND position = $2
-    RETURNING position
-)
-SELECT pg_notify('{CHANNEL}', position::text) FROM h
-"""
+_MOVE_HEAD = f"{_MOVE}\nSELECT pg_notify('{CHANNEL}', position::text) FROM h"
 _COPY_COLUMNS = tuple(_COLUMNS.split(", "))
 _READ = f"SELECT {_COLUMNS} FROM events WHERE position > $1 ORDER BY position LIMIT $2"
 _READ_STREAM = f"SELECT {_COLUMNS} FROM events WHERE stream = $1 AND version > $2 ORDER BY version"

@@ -101,10 +101,10 @@ async def _closed_loop(session: aiohttp.ClientSession, url: str, jobs: int, wind
             async for chunk in response.content.iter_any():  # the events a write carried
                 text = tail + chunk
                 cut = text.rfind(b"\n") + 1
-                lines, tail = text[:cut], text[cut:]
-                if b"\nevent: JobFailed\n" in b"\n" + lines:
+                lines, tail = b"\n" + text[:cut], text[cut:]  # each line after a newline
+                if b"\nevent: JobFailed\n" in lines:
                     raise BenchError("a job failed")
-                ended = (b"\n" + lines).count(b"\nevent: JobSucceeded\n")
+                ended = lines.count(b"\nevent: JobSucceeded\n")
                 for _ in range(ended):
                     free.release()
                 finished += ended
