@@ -9,9 +9,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from batchd.projections.model import Job, ReadModels
+from batchd.projections.model import Job, Node, ReadModels
 
-WHOLE_NODE = ("*",)  # the allocation key of a task on a node without GPUs: the whole node
+# the allocation key of a task that needs no GPU (gpusPerNode 0): it holds the whole node, on
+# a node with GPUs too (and its task is given none of them)
+WHOLE_NODE = ("*",)
+
+
+def free_gpus(node: Node) -> list[int]:
+    """The node's GPU indices that no live attempt holds, ascending."""
+    if not node.allocations:
+        return list(range(node.gpus))
+    if WHOLE_NODE[0] in node.allocations:
+        return []
+    return [g for g in range(node.gpus) if str(g) not in node.allocations]
 
 
 def allocate(m: ReadModels, job: Job, tasks: list[dict[str, Any]]) -> None:

@@ -7,6 +7,7 @@ never disagree with them.
 from __future__ import annotations
 
 from batchd.events.envelope import RecordedEvent
+from batchd.projections.allocation import free_gpus
 from batchd.projections.model import NODE_COUNT_OF, NODE_COUNTS, READY, Cluster, ReadModels
 
 MAX_ERRORS = 20  # newest cluster errors kept
@@ -101,7 +102,7 @@ def free_capacity(m: ReadModels, cluster: Cluster) -> dict[str, int]:
             continue
         ready += 1
         idle += not node.allocations
-        here = node.gpus - len(node.allocations) if node.gpus else 0
+        here = len(free_gpus(node))
         free += here
         most = max(most, here)
     return {"readyNodes": ready, "freeGpus": free, "maxFreeGpusOnNode": most, "idleNodes": idle}

@@ -93,6 +93,7 @@ class Node:
     last_event: str  # type of its last transition
     gpus: int = 0
     gpu_model: str = ""
+    gpu_memory_mb: int = 0  # each GPU's, as the agent found it (0: unknown, or simulated)
     cpus: int = 0
     memory_mb: int = 0
     runtimes: list[str] = field(default_factory=list)

@@ -50,6 +50,7 @@ def registered(m: ReadModels, e: RecordedEvent) -> None:
         node.state, node.since = PREPARING, e.recorded_at
     node.last_event = e.type
     node.gpus, node.gpu_model = d.get("gpus", 0), d.get("gpuModel", "")
+    node.gpu_memory_mb = d.get("gpuMemoryMb", 0)
     node.cpus, node.memory_mb = d.get("cpus", 0), d.get("memoryMb", 0)
     node.runtimes = list(d.get("runtimes", ("process",)))  # one that does not say runs processes
     node.agent_version, node.incarnation = d.get("agentVersion", ""), d.get("incarnation", 0)

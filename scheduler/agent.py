@@ -18,6 +18,7 @@ import shutil
 import signal
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +56,17 @@ class AgentError(ValueError):
     """The agent cannot go on as asked (a bad flag), or the daemon refused a message."""
 
 
-def discover_gpus(option: str) -> tuple[int, str]:
-    """(count, model): `N` simulates N GPUs; `auto` asks NVML, then nvidia-smi, else none."""
+@dataclass(frozen=True, slots=True)
+class Gpus:
+    """What `--gpus` found: how many, their model, and each one's memory (MiB; 0: unknown)."""
+
+    count: int
+    model: str = ""
+    memory_mb: int = 0
+
+
+def discover_gpus(option: str) -> Gpus:
+    """`N` simulates N GPUs; `auto` asks NVML, then nvidia-smi, else finds none."""
     if option != "auto":
         try:
             count = int(option)
@@ -64,36 +74,42 @@ def discover_gpus(option: str) -> tuple[int, str]:
             count = -1
         if not 0 <= count <= 64:
             raise AgentError(f"--gpus must be auto or a number from 0 to 64, not {option!r}")
-        return count, "simulated" if count else ""
+        return Gpus(count, "simulated" if count else "")
     try:
         import pynvml  # nvidia-ml-py
 
         pynvml.nvmlInit()
         count = pynvml.nvmlDeviceGetCount()
-        model = pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0)) if count else ""
-        return count, model.decode() if isinstance(model, bytes) else model
+        if not count:
+            return Gpus(0)
+        first = pynvml.nvmlDeviceGetHandleByIndex(0)
+        model = pynvml.nvmlDeviceGetName(first)
+        memory = pynvml.nvmlDeviceGetMemoryInfo(first).total // (1024 * 1024)
+        return Gpus(count, model.decode() if isinstance(model, bytes) else model, memory)
     except Exception:  # no library, no driver, no device: try the tool
         pass
     smi = shutil.which("nvidia-smi")
     if smi:
         import subprocess
 
-        done = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=10)
-        lines = [line for line in done.stdout.splitlines() if line.startswith("GPU ")]
-        if done.returncode == 0 and lines:
-            return len(lines), lines[0].split(": ", 1)[1].split(" (")[0]
-    return 0, ""
+        query = [smi, "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"]
+        done = subprocess.run(query, capture_output=True, text=True, timeout=10)
+        rows = [line.rsplit(",", 1) for line in done.stdout.splitlines() if "," in line]
+        if done.returncode == 0 and rows:
+            memory = rows[0][1].strip()
+            return Gpus(len(rows), rows[0][0].strip(), int(memory) if memory.isdigit() else 0)
+    return Gpus(0)
 
 
 class Agent:
-    def __init__(self, server: str, token: str, node_id: str, cluster: str, gpus: int,
-                 gpu_model: str, runtimes: list[str], work_dir: Path) -> None:  # fmt: skip
+    def __init__(self, server: str, token: str, node_id: str, cluster: str, gpus: Gpus,
+                 runtimes: list[str], work_dir: Path) -> None:  # fmt: skip
         self.server = server.rstrip("/")
         self.headers = {"Authorization": f"Bearer {token}",
                         "Content-Type": protocol.CONTENT_TYPE}  # fmt: skip
         self.node_id = node_id
         self.cluster = cluster
-        self.gpus, self.gpu_model = gpus, gpu_model
+        self.gpus = gpus
         self.runtimes = runtimes
         self.incarnation = time.time_ns()
         self.running_dir = work_dir / "running"  # pid-file slots of running tasks
@@ -218,9 +234,9 @@ class Agent:
 
     async def _register(self) -> None:
         register = self._message(
-            "Register", cluster=self.cluster, gpus=self.gpus, gpuModel=self.gpu_model,
-            cpus=os.cpu_count() or 1, memoryMb=_memory_mb(), runtimes=self.runtimes,
-            agentVersion=AGENT_VERSION, running=self._running(),
+            "Register", cluster=self.cluster, gpus=self.gpus.count, gpuModel=self.gpus.model,
+            gpuMemoryMb=self.gpus.memory_mb, cpus=os.cpu_count() or 1, memoryMb=_memory_mb(),
+            runtimes=self.runtimes, agentVersion=AGENT_VERSION, running=self._running(),
         )  # fmt: skip
         while True:
             try:
@@ -427,7 +443,7 @@ async def main(args: argparse.Namespace) -> int:
         token = Path(args.token_file).read_text().strip()
     except OSError as exc:
         raise AgentError(f"cannot read --token-file {args.token_file}: {exc.strerror}") from None
-    gpus, model = discover_gpus(args.gpus)
+    gpus = discover_gpus(args.gpus)
     node_id = args.node_id or socket.gethostname()
     if not protocol.NODE_ID.fullmatch(node_id):
         raise AgentError(f"--node-id {node_id!r}: a node id is {protocol.NODE_ID_RULE}")
@@ -435,10 +451,12 @@ async def main(args: argparse.Namespace) -> int:
     unknown = [r for r in runtimes if r not in ("process", "docker")]
     if unknown:
         raise AgentError(f"--runtimes: {', '.join(unknown)}: the runtimes are process, docker")
-    agent = Agent(args.server, token, node_id, args.cluster, gpus,
-                  model, runtimes, Path(args.work_dir))  # fmt: skip
+    agent = Agent(args.server, token, node_id, args.cluster, gpus, runtimes,
+                  Path(args.work_dir))  # fmt: skip
     if "docker" in runtimes:
-        attach = args.gpu_attach == "always" or (args.gpu_attach == "auto" and model != "simulated")
+        attach = args.gpu_attach == "always" or (
+            args.gpu_attach == "auto" and gpus.model != "simulated"
+        )
         await agent.connect_engine(args.docker_host, attach)
     watch_children_with_pidfd()
     if not become_subreaper():

@@ -425,14 +425,19 @@ async def job_create(args: argparse.Namespace) -> int:
 def _node_row(n: dict[str, Any]) -> list[Any]:
     p = n.get("properties", {})
     cluster = (_get(p, "cluster.id") or "").removeprefix("/workspaces/").replace("/clusters/", "/")
-    used = len(p.get("allocations") or [])
+    held = p.get("allocations") or []
+    whole = any(a.get("gpu") is None for a in held)  # a task that needs no GPU holds the node
+    used = p.get("gpus", 0) if whole and p.get("gpus") else len(held)
     age = p.get("heartbeatAgeSeconds")
     errors = p.get("errors") or []
     last_error = errors[-1].get("message") if errors else None
     heartbeat = None if age is None else f"{age:.0f}s"
     gpus = f"{used}/{p.get('gpus', 0)}"
     runtimes = ",".join(p.get("runtimes") or [])
-    return [n.get("name"), cluster, p.get("state"), gpus, p.get("gpuModel"), runtimes, heartbeat,
+    model = p.get("gpuModel") or ""
+    if p.get("gpuMemoryMb"):
+        model += f" ({p['gpuMemoryMb']} MiB)"
+    return [n.get("name"), cluster, p.get("state"), gpus, model, runtimes, heartbeat,
             last_error]  # fmt: skip
 
 

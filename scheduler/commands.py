@@ -207,9 +207,6 @@ def submit_job(
     if spec.gpus_per_node is not None and size is not None and spec.gpus_per_node > gpus:
         rule = f"{spec.gpus_per_node} is more than the {gpus} GPUs of {size.name}"
         raise DocumentError(f"{where}gpusPerNode", rule)
-    if spec.gpus_per_node == 0 and gpus:
-        rule = f"must be at least 1 on {size.name}, which has {gpus} GPUs"
-        raise DocumentError(f"{where}gpusPerNode", rule)
     _name_free(m, workspace, experiment, name)
     job_id = new_id()
     data = {

@@ -274,7 +274,15 @@ class NodeService:
             out += retries.node_lost(m, node_id)  # a restarted agent runs none of the old tasks
         if node is None or node.incarnation != msg["incarnation"]:
             data = {"nodeId": node_id, "cluster": cluster_id, "incarnation": msg["incarnation"]}
-            for field in ("gpus", "gpuModel", "cpus", "memoryMb", "runtimes", "agentVersion"):
+            for field in (
+                "gpus",
+                "gpuModel",
+                "gpuMemoryMb",
+                "cpus",
+                "memoryMb",
+                "runtimes",
+                "agentVersion",
+            ):
                 if field in msg:
                     data[field] = msg[field]
             out.append((stream, NewEvent("NodeRegistered", data, actor)))
@@ -506,7 +514,8 @@ class Superseded(Exception):
 
 
 _REGISTER_FIELDS = {"gpus": int, "cpus": int, "memoryMb": int, "gpuModel": str,
-                    "agentVersion": str, "runtimes": list, "cluster": str}  # fmt: skip
+                    "gpuMemoryMb": int, "agentVersion": str, "runtimes": list,
+                    "cluster": str}  # fmt: skip
 
 
 def _check_register(msg: dict[str, Any], principal: auth.Principal) -> None:

@@ -47,6 +47,7 @@ from typing import Any
 
 from batchd.events.envelope import NewEvent
 from batchd.projections import lifecycle, queue
+from batchd.projections.allocation import free_gpus
 from batchd.projections.model import READY, Cluster, Job, ReadModels
 from batchd.scheduler.clusterspec import max_nodes
 
@@ -59,8 +60,9 @@ CLUSTER_MISSING = {"code": "cluster_missing"}
 @dataclass(slots=True)
 class _Capacity:
     """Free capacity of one cluster during a cycle. Nodes with GPUs take tasks that need GPUs
-    (`by_free`: free GPU count -> node ids); nodes without GPUs take whole-node tasks
-    (`need` 0) while idle (`whole`). Node ids are kept sorted in each list."""
+    (`by_free`: free GPU count -> node ids); a task that needs none (`need` 0) takes a whole
+    idle node: one without GPUs (`whole`), else one whose GPUs are all free. Node ids are kept
+    sorted in each list."""
 
     free: dict[str, list[int]]  # node id -> free GPU indices, ascending
     gpus: dict[str, int]  # node id -> GPUs on the node (0: a node without GPUs)
@@ -88,19 +90,22 @@ class _Capacity:
             self._ever,
         )
 
+    def idle_gpu_nodes(self) -> list[str]:
+        """The nodes with GPUs whose GPUs are all free, sorted."""
+        return sorted(n for count, nodes in enumerate(self.by_free) if count
+                      for n in nodes if self.gpus[n] == count)  # fmt: skip
+
     def fitting(self, need: int) -> int:
         """How many nodes could hold one task that needs `need` GPUs (0: a whole node)."""
         if not need:
-            return len(self.whole)
+            return len(self.whole) + len(self.idle_gpu_nodes())
         return sum(len(b) for b in self.by_free[need:]) if need < len(self.by_free) else 0
 
     def ever_fits(self, need: int, nodes: int) -> bool:
         """Whether `nodes` of the ready nodes could hold a task each, were they all free."""
         count = self._ever.get(need)
         if count is None:
-            count = self._ever[need] = sum(
-                1 for gpus in self.gpus.values() if (gpus >= need if need else not gpus)
-            )
+            count = self._ever[need] = sum(1 for gpus in self.gpus.values() if gpus >= need)
         return count >= nodes
 
     def max_free(self) -> int:
@@ -115,9 +120,14 @@ class _Capacity:
     def take(self, need: int, nodes: int) -> list[tuple[str, list[int]]] | None:
         """Best fit: `nodes` distinct nodes with the fewest free GPUs that still hold `need`."""
         if not need:
-            if len(self.whole) < nodes:
+            if self.fitting(0) < nodes:
                 return None
             chosen, self.whole[:nodes] = self.whole[:nodes], []
+            for node_id in self.idle_gpu_nodes()[: nodes - len(chosen)]:
+                self.by_free[self.gpus[node_id]].remove(node_id)
+                self.free[node_id] = []
+                bisect.insort(self.by_free[0], node_id)
+                chosen.append(node_id)
             return [(node_id, []) for node_id in chosen]
         chosen: list[str] = []
         for count in range(need, len(self.by_free)):
@@ -136,13 +146,13 @@ class _Capacity:
         return tasks
 
     def give_back(self, node_id: str, gpus: list[int]) -> None:
-        """Return a task's GPUs (or its whole node) to the free capacity."""
+        """Return a task's GPUs (or its whole node: `gpus` empty) to the free capacity."""
         if not self.gpus[node_id]:
             bisect.insort(self.whole, node_id)
             return
         free = self.free[node_id]
         self.by_free[len(free)].remove(node_id)
-        free.extend(gpus)
+        free.extend(gpus or range(self.gpus[node_id]))
         free.sort()
         bisect.insort(self.by_free[len(free)], node_id)
 
@@ -156,14 +166,9 @@ def _capacity(m: ReadModels, cluster: Cluster) -> _Capacity:
         if node.state != READY:
             continue
         gpus[node_id] = node.gpus
-        if not node.gpus:
-            free[node_id] = []
-            if not node.allocations:
-                whole.append(node_id)
-        elif not node.allocations:
-            free[node_id] = list(range(node.gpus))
-        else:
-            free[node_id] = [g for g in range(node.gpus) if str(g) not in node.allocations]
+        free[node_id] = free_gpus(node)
+        if not node.gpus and not node.allocations:
+            whole.append(node_id)
     return _Capacity(free, gpus, whole)
 
 

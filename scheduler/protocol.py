@@ -7,7 +7,8 @@ than the newest it has seen. Every message is idempotent: a StartTask for an att
 started, or a report already recorded, changes nothing.
 
 Agent to daemon (POST /agent/v1/messages, a list of messages in one body):
-  Register {gpus, gpuModel, cpus, memoryMb, runtimes, agentVersion, running: [task keys]}
+  Register {gpus, gpuModel, gpuMemoryMb, cpus, memoryMb, runtimes, agentVersion,
+            running: [task keys]}
   Heartbeat {running: [task keys]}
   TaskStarted {jobId, attempt, task}
   TaskExited {jobId, attempt, task, exitCode, error?}

@@ -27,6 +27,7 @@ from batchd.events import urls
 from batchd.events.envelope import NewEvent, RecordedEvent
 from batchd.events.store import EventStore
 from batchd.projections import fold, queue
+from batchd.projections.allocation import free_gpus
 from batchd.projections.model import READY, ReadModels
 from batchd.scheduler.bench import append
 from batchd.scheduler.planner import Decision, plan
@@ -116,7 +117,7 @@ def _check(m: ReadModels, decisions: list[Decision]) -> None:
     for node_id in m.clusters[CLUSTER].nodes:
         node = m.nodes[node_id]
         if node.state == READY:
-            free[node_id] = {g for g in range(node.gpus) if str(g) not in node.allocations}
+            free[node_id] = set(free_gpus(node))
     width = collections.Counter(len(f) for f in free.values())  # free GPUs -> nodes
     placed = {e.data["jobId"]: e.data["tasks"] for _s, e in decisions if e.type == "JobScheduled"}
     blocked = False

@@ -216,6 +216,37 @@ async def test_node_list_and_show_tell_state_gpus_and_heartbeat_age(local):
     await client.call("POST", f"{EXP}/jobs/busy/terminate")
 
 
+async def test_an_agent_finds_real_gpus_through_nvidia_smi_when_nvml_is_not_there(local):
+    """No NVIDIA driver here, so NVML fails to load and `--gpus auto` asks `nvidia-smi` (a
+    stand-in printing what an H100 machine's does); the node shows the GPUs' model and memory."""
+    daemon, client = local
+    bin_dir = daemon.state_dir / "bin"
+    bin_dir.mkdir()
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text(
+        '#!/bin/sh\n[ "$1" = --query-gpu=name,memory.total ] || exit 9\n'
+        'printf "NVIDIA H100 80GB HBM3, 81559\\nNVIDIA H100 80GB HBM3, 81559\\n"\n'
+    )
+    smi.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    document = {"vmSize": "Standard_NC6", "scaleSettings": {"manual": {"targetNodeCount": 1}}}
+    agent = await _agent_on(daemon, client, "real", document, gpus="auto", env=env)
+    try:
+        done = await asyncio.to_thread(batchd, "node", "show", "real-0", "--json",
+                                       env={"BATCHD_SERVER": daemon.url,
+                                            "BATCHD_TOKEN": daemon.admin_token})  # fmt: skip
+        node = json.loads(done.stdout)["properties"]
+        assert (node["gpus"], node["gpuModel"], node["gpuMemoryMb"]) == (
+            2, "NVIDIA H100 80GB HBM3", 81559)  # fmt: skip
+        done = await asyncio.to_thread(batchd, "node", "list", "--cluster", "default/real",
+                                       env={"BATCHD_SERVER": daemon.url,
+                                            "BATCHD_TOKEN": daemon.admin_token})  # fmt: skip
+        assert done.stdout.split("\t")[3:5] == ["0/2", "NVIDIA H100 80GB HBM3 (81559 MiB)"]
+    finally:
+        agent.terminate()
+        await agent.wait()
+
+
 async def test_the_setup_task_runs_before_a_node_takes_work_and_its_failure_is_shown(local):
     daemon, client = local
     models = daemon.models.models
@@ -396,17 +427,18 @@ async def _node_token(client: Client, daemon, node_id: str, node: str | None = "
     return path
 
 
-async def _agent_on(daemon, client, cluster: str, document: dict) -> asyncio.subprocess.Process:
-    """A cluster of its own, and one agent on it (the local agents' credential)."""
+async def _agent_on(daemon, client, cluster: str, document: dict, gpus: str = "1",
+                    env: dict | None = None) -> asyncio.subprocess.Process:  # fmt: skip
+    """A cluster of its own, and one agent on it, with its own node-bound token."""
     status, _ = await client.call("PUT", f"/v1/workspaces/default/clusters/{cluster}", document)
     assert status == 201
     agent = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "batchd.scheduler.cli", "agent", "--server", daemon.url,
         "--token-file", str(await _node_token(client, daemon, f"{cluster}-0")),
         "--node-id", f"{cluster}-0",
-        "--cluster", f"default/{cluster}", "--gpus", "1",
+        "--cluster", f"default/{cluster}", "--gpus", gpus,
         "--work-dir", str(daemon.state_dir / f"nodes/{cluster}-0"),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, env=env,
     )  # fmt: skip
     nodes = daemon.models.models.nodes
     await _until(lambda: f"{cluster}-0" in nodes and nodes[f"{cluster}-0"].state == "ready", 30)

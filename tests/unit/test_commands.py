@@ -139,11 +139,10 @@ def test_malformed_cluster_resource_ids_are_refused_by_field(w):
         assert refused.value.path == "cluster" and "resource id" in refused.value.rule
 
 
-def test_zero_gpus_per_node_is_refused_on_a_gpu_size(w):
-    with pytest.raises(DocumentError) as refused:
-        commands.submit_job(w.m, "ws", "exp", "k", {**JOB, "gpusPerNode": 0}, "user:a",
-                            cluster="gpu")  # fmt: skip
-    assert refused.value.path == "gpusPerNode" and "at least 1" in refused.value.rule
+def test_zero_gpus_per_node_asks_for_no_gpu_on_a_gpu_size(w):
+    [(_stream, event)] = commands.submit_job(w.m, "ws", "exp", "k", {**JOB, "gpusPerNode": 0},
+                                             "user:a", cluster="gpu")  # fmt: skip
+    assert event.data["gpusPerNode"] == 0
 
 
 def _event(type_, **data):

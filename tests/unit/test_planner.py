@@ -207,6 +207,26 @@ def test_gpu_jobs_never_go_to_nodes_without_gpus_and_whole_node_jobs_only_there(
     assert reasons(decisions)[second_whole] == {"code": "insufficient_nodes", "need_nodes": 1}
 
 
+def test_a_job_needing_no_gpu_takes_a_whole_idle_gpu_node_and_none_of_its_gpus():
+    w = World().cluster(nodes=2, gpus=4)
+    w.run(w.job(gpus=1, wall=HOUR), [("c-n1", [2])], at=NOW)  # c-n1 is not idle
+    cpu = w.job(gpus=0, priority=1)
+    second_cpu, gpu = w.job(gpus=0), w.job(gpus=1, wall=HOUR // 2)
+    decisions = w.plan()
+    # the idle node goes whole to the first; the second finds no idle node and reserves c-n1
+    # (free in an hour); the GPU job fits beside the running one, and ends before that, but
+    # never goes beside the whole-node task
+    assert placed(decisions) == {cpu: [{"node": "c-n0", "gpus": []}],
+                                 gpu: [{"node": "c-n1", "gpus": [0]}]}  # fmt: skip
+    assert reasons(decisions)[second_cpu] == {"code": "insufficient_nodes", "need_nodes": 1}
+    assert w.models.nodes["c-n0"].allocations == {"*": [cpu, 1, 0]}
+    assert clusters.free_capacity(w.models, w.models.clusters["c"])["freeGpus"] == 2
+    four = w.job(gpus=4, priority=2)
+    assert reasons(w.plan())[four] == {"code": "insufficient_gpus", "need": 4}
+    w.apply("JobSucceeded", jobId=cpu, attempt=1, exitCode=0)
+    assert placed(w.plan())[four] == [{"node": "c-n0", "gpus": [0, 1, 2, 3]}]
+
+
 def test_a_cluster_being_deleted_gets_no_new_jobs():
     w = World().cluster(nodes=1, gpus=4)
     job = w.job(gpus=1)
