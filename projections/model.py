@@ -99,8 +99,8 @@ class Node:
     runtimes: list[str] = field(default_factory=list)
     agent_version: str = ""
     incarnation: int = 0
-    # GPU index (as a string key, for snapshots; "*" for the whole of a node without GPUs)
-    # -> [job id, attempt, task index]
+    # GPU index (as a string key, for snapshots; "*": the whole node, held by a task that
+    # needs no GPU) -> [job id, attempt, task index]
     allocations: dict[str, list[Any]] = field(default_factory=dict)
     errors: list[dict[str, Any]] = field(default_factory=list)
     # the setup task's last run: state (running, succeeded, failed), outputDir, exitCode, tail

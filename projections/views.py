@@ -50,7 +50,7 @@ def _job_name(m: ReadModels, job_id: str) -> str | None:
 
 
 def _gpu_order(item: tuple[str, list]) -> int | None:
-    """The GPU index of an allocation (None: the whole node, which has no GPUs)."""
+    """The GPU index of an allocation (None: the whole node, held by a task needing no GPU)."""
     return None if item[0] == "*" else int(item[0])
 
 

@@ -93,7 +93,11 @@ def discover_gpus(option: str) -> Gpus:
         import subprocess
 
         query = [smi, "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"]
-        done = subprocess.run(query, capture_output=True, text=True, timeout=10)
+        try:
+            done = subprocess.run(query, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError) as exc:  # it hung, or cannot run
+            logger.warning("agent.nvidia_smi_failed", error=str(exc))
+            return Gpus(0)
         rows = [line.rsplit(",", 1) for line in done.stdout.splitlines() if "," in line]
         if done.returncode == 0 and rows:
             memory = rows[0][1].strip()

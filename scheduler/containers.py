@@ -38,10 +38,18 @@ def shm_bytes(text: str | None) -> int | None:
 
 def create_config(spec: dict[str, Any], command: str, suffix: str, engine: str,
                   attach_gpus: bool) -> dict[str, Any]:  # fmt: skip
-    """The container create request of a task (`engine`: "docker" or "podman")."""
+    """The container create request of a task (`engine`: "docker" or "podman").
+
+    Attached GPUs are the only ones in the container, numbered from 0 there, so
+    CUDA_VISIBLE_DEVICES counts from 0; simulated ones keep the node's indices. A task
+    without GPUs on a node that attaches them gets NVIDIA_VISIBLE_DEVICES=void, so that an
+    engine whose default runtime is NVIDIA's mounts none (images often ask for all)."""
     out = spec["stdouterr"]
     gpus = [str(g) for g in spec.get("gpus") or ()]
-    env = {**(spec.get("env") or {}), "CUDA_VISIBLE_DEVICES": ",".join(gpus)}
+    visible = [str(i) for i in range(len(gpus))] if attach_gpus else gpus
+    env = {**(spec.get("env") or {}), "CUDA_VISIBLE_DEVICES": ",".join(visible)}
+    if attach_gpus and not gpus:
+        env["NVIDIA_VISIBLE_DEVICES"] = "void"
     host: dict[str, Any] = {"Binds": [f"{p}:{p}" for p in _binds(spec)]}
     size = shm_bytes(spec.get("shmSize"))
     if size:

@@ -531,6 +531,9 @@ def _check_register(msg: dict[str, Any], principal: auth.Principal) -> None:
             raise protocol.ProtocolError(f"Register {name} must be a {kind.__name__}")
     if not 0 <= msg.get("gpus", 0) <= MAX_GPUS:
         raise protocol.ProtocolError(f"Register gpus must be 0 to {MAX_GPUS}")
+    for name in ("gpuMemoryMb", "cpus", "memoryMb"):
+        if msg.get(name, 0) < 0:
+            raise protocol.ProtocolError(f"Register {name} must not be negative")
     unknown = [r for r in msg.get("runtimes") or () if r not in ("process", "docker")]
     if unknown:
         raise protocol.ProtocolError(f"unknown runtimes {unknown}")

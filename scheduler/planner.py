@@ -3,7 +3,7 @@ wait. A pure function of the read models and the clock; it returns the events to
 
 Per cluster, queued jobs are taken in queue order (priority desc, submission asc; see
 projections/queue.py). A job needs `nodeCount` distinct ready nodes with `gpusPerNode` free
-GPUs each (a job on a VM size without GPUs takes whole idle nodes), all at once or none (gang).
+GPUs each (a job with `gpusPerNode` 0 takes whole idle nodes), all at once or none (gang).
 Among the nodes that fit, the fullest are chosen first (best fit), which keeps whole nodes free
 for large jobs. The first job that cannot start gets a reservation: the time the GPUs it needs
 are expected to be free (running attempts end at the latest at their wall-clock limit). A later,
@@ -26,8 +26,8 @@ that capacity beside the queue: `projections.clusters.free_capacity`). The reaso
   has fewer than the job needs (capacity);
 - `fragmented{need}`: enough GPUs are free in all, but no node has `need` of them;
 - `gang_incomplete{need_nodes}`: fewer than `need_nodes` nodes could each hold a task;
-- `insufficient_nodes{need_nodes}`: on a VM size without GPUs, fewer than `need_nodes` nodes
-  are idle;
+- `insufficient_nodes{need_nodes}`: for a job that needs no GPU, fewer than `need_nodes`
+  nodes are idle;
 - `runtime_missing{runtime}`: no ready node offers the runtime it needs (`docker` for a job
   with containerSettings, `process` otherwise);
 - `behind_reservation{}`: an earlier job holds the reservation, and this one could not start
@@ -60,14 +60,15 @@ CLUSTER_MISSING = {"code": "cluster_missing"}
 @dataclass(slots=True)
 class _Capacity:
     """Free capacity of one cluster during a cycle. Nodes with GPUs take tasks that need GPUs
-    (`by_free`: free GPU count -> node ids); a task that needs none (`need` 0) takes a whole
-    idle node: one without GPUs (`whole`), else one whose GPUs are all free. Node ids are kept
-    sorted in each list."""
+    (`by_free`: free GPU count -> node ids, each list sorted); a task that needs none (`need`
+    0) takes a whole idle node: one without GPUs (`whole`, sorted), else one whose GPUs are
+    all free (`idle`), the one with the fewest GPUs first."""
 
     free: dict[str, list[int]]  # node id -> free GPU indices, ascending
     gpus: dict[str, int]  # node id -> GPUs on the node (0: a node without GPUs)
     whole: list[str]  # idle nodes without GPUs
     by_free: list[list[str]] = field(default_factory=list)
+    idle: set[str] = field(default_factory=set)  # nodes with GPUs, all of them free
     _ever: dict[int, int] = field(default_factory=dict)  # need -> nodes that could ever hold it
 
     def __post_init__(self) -> None:
@@ -77,6 +78,8 @@ class _Capacity:
         for node_id, free in self.free.items():
             if self.gpus[node_id]:
                 self.by_free[len(free)].append(node_id)
+                if len(free) == self.gpus[node_id]:
+                    self.idle.add(node_id)
         for bucket in self.by_free:
             bucket.sort()
         self.whole.sort()
@@ -87,18 +90,14 @@ class _Capacity:
             self.gpus,
             list(self.whole),
             [list(nodes) for nodes in self.by_free],
+            set(self.idle),
             self._ever,
         )
-
-    def idle_gpu_nodes(self) -> list[str]:
-        """The nodes with GPUs whose GPUs are all free, sorted."""
-        return sorted(n for count, nodes in enumerate(self.by_free) if count
-                      for n in nodes if self.gpus[n] == count)  # fmt: skip
 
     def fitting(self, need: int) -> int:
         """How many nodes could hold one task that needs `need` GPUs (0: a whole node)."""
         if not need:
-            return len(self.whole) + len(self.idle_gpu_nodes())
+            return len(self.whole) + len(self.idle)
         return sum(len(b) for b in self.by_free[need:]) if need < len(self.by_free) else 0
 
     def ever_fits(self, need: int, nodes: int) -> bool:
@@ -118,31 +117,33 @@ class _Capacity:
         return sum(count * len(nodes) for count, nodes in enumerate(self.by_free))
 
     def take(self, need: int, nodes: int) -> list[tuple[str, list[int]]] | None:
-        """Best fit: `nodes` distinct nodes with the fewest free GPUs that still hold `need`."""
-        if not need:
-            if self.fitting(0) < nodes:
-                return None
-            chosen, self.whole[:nodes] = self.whole[:nodes], []
-            for node_id in self.idle_gpu_nodes()[: nodes - len(chosen)]:
-                self.by_free[self.gpus[node_id]].remove(node_id)
-                self.free[node_id] = []
-                bisect.insort(self.by_free[0], node_id)
-                chosen.append(node_id)
-            return [(node_id, []) for node_id in chosen]
-        chosen: list[str] = []
-        for count in range(need, len(self.by_free)):
-            chosen.extend(self.by_free[count][: nodes - len(chosen)])
-            if len(chosen) == nodes:
-                break
-        else:
+        """Best fit: `nodes` distinct nodes with the fewest free GPUs that still hold `need`
+        (`need` 0: whole idle nodes, those without GPUs first)."""
+        if self.fitting(need) < nodes:
             return None
+        if not need:
+            chosen, self.whole[:nodes] = self.whole[:nodes], []
+            if len(chosen) < nodes:
+                by_size = sorted(self.idle, key=lambda n: (self.gpus[n], n))
+                chosen += by_size[: nodes - len(chosen)]
+        else:
+            chosen = []
+            for count in range(need, len(self.by_free)):
+                chosen.extend(self.by_free[count][: nodes - len(chosen)])
+                if len(chosen) == nodes:
+                    break
         tasks = []
         for node_id in chosen:
+            if not self.gpus[node_id]:
+                tasks.append((node_id, []))
+                continue
             free = self.free[node_id]
+            held = need or len(free)  # a whole node holds all its GPUs
             self.by_free[len(free)].remove(node_id)
-            gpus, self.free[node_id] = free[:need], free[need:]
-            bisect.insort(self.by_free[len(free) - need], node_id)
-            tasks.append((node_id, gpus))
+            gpus, self.free[node_id] = free[:held], free[held:]
+            bisect.insort(self.by_free[len(free) - held], node_id)
+            self.idle.discard(node_id)
+            tasks.append((node_id, gpus if need else []))
         return tasks
 
     def give_back(self, node_id: str, gpus: list[int]) -> None:
@@ -155,6 +156,8 @@ class _Capacity:
         free.extend(gpus or range(self.gpus[node_id]))
         free.sort()
         bisect.insort(self.by_free[len(free)], node_id)
+        if len(free) == self.gpus[node_id]:
+            self.idle.add(node_id)
 
 
 def _capacity(m: ReadModels, cluster: Cluster) -> _Capacity:

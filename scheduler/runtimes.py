@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import functools
 import os
 import shutil
 import signal
@@ -297,7 +298,9 @@ def process_mark(pid: int, label: str) -> str:
     return f"{pid} {_boot_id()} {_start_time(pid)} {label}"
 
 
+@functools.cache
 def _boot_id() -> str:
+    """This boot's id (a running system's never changes)."""
     try:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:

@@ -217,18 +217,20 @@ async def test_node_list_and_show_tell_state_gpus_and_heartbeat_age(local):
 
 
 async def test_an_agent_finds_real_gpus_through_nvidia_smi_when_nvml_is_not_there(local):
-    """No NVIDIA driver here, so NVML fails to load and `--gpus auto` asks `nvidia-smi` (a
-    stand-in printing what an H100 machine's does); the node shows the GPUs' model and memory."""
+    """With NVML unavailable (a stand-in `pynvml` that cannot load, as where no driver is),
+    `--gpus auto` asks `nvidia-smi` (a stand-in printing what an H100 machine's does); the node
+    shows the GPUs' model and memory."""
     daemon, client = local
     bin_dir = daemon.state_dir / "bin"
     bin_dir.mkdir()
+    (bin_dir / "pynvml.py").write_text("raise ImportError('no NVIDIA driver here')\n")
     smi = bin_dir / "nvidia-smi"
     smi.write_text(
         '#!/bin/sh\n[ "$1" = --query-gpu=name,memory.total ] || exit 9\n'
         'printf "NVIDIA H100 80GB HBM3, 81559\\nNVIDIA H100 80GB HBM3, 81559\\n"\n'
     )
     smi.chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONPATH": str(bin_dir)}
     document = {"vmSize": "Standard_NC6", "scaleSettings": {"manual": {"targetNodeCount": 1}}}
     agent = await _agent_on(daemon, client, "real", document, gpus="auto", env=env)
     try:
@@ -522,6 +524,9 @@ async def test_the_agent_channel_refuses_strangers_and_bad_registrations(local):
                                      task=0, exitCode=0)  # fmt: skip
     assert await post(fleet, stranger_exit) == 409  # a node nobody registered speaks for none
     bad = protocol.message("Register", "evil-node", 2, cluster="default/local", gpus="x")
+    assert await post(fleet, bad) == 400
+    bad = protocol.message("Register", "evil-node", 2, cluster="default/local", gpus=1,
+                           gpuMemoryMb=-1)  # fmt: skip
     assert await post(fleet, bad) == 400
     assert await post(fleet, protocol.message("Heartbeat", "bad id!", 1, running=[])) == 400
     assert models.jobs[job_id].state == "running" and "evil-node" not in models.nodes

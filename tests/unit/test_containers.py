@@ -19,6 +19,7 @@ def test_docker_gets_device_requests_and_podman_cdi_names():
         {"Driver": "nvidia", "DeviceIDs": ["2", "3"], "Capabilities": [["gpu"]]}
     ]
     assert "Devices" not in docker["HostConfig"]
+    assert "CUDA_VISIBLE_DEVICES=0,1" in docker["Env"]  # the container's own numbering
     podman = create_config(SPEC, "python train.py", "", "podman", attach_gpus=True)
     assert [d["PathOnHost"] for d in podman["HostConfig"]["Devices"]] == [
         "nvidia.com/gpu=2",
@@ -26,7 +27,10 @@ def test_docker_gets_device_requests_and_podman_cdi_names():
     ]
     simulated = create_config(SPEC, "python train.py", "", "podman", attach_gpus=False)
     assert "Devices" not in simulated["HostConfig"]
-    assert "CUDA_VISIBLE_DEVICES=2,3" in simulated["Env"]  # told which, attached or not
+    assert "CUDA_VISIBLE_DEVICES=2,3" in simulated["Env"]  # the node's, as if they were real
+    none = create_config({**SPEC, "gpus": []}, "python prep.py", "", "docker", attach_gpus=True)
+    assert "DeviceRequests" not in none["HostConfig"]
+    assert {"CUDA_VISIBLE_DEVICES=", "NVIDIA_VISIBLE_DEVICES=void"} <= set(none["Env"])
 
 
 def test_binds_the_job_paths_once_each_and_sizes_shared_memory():
