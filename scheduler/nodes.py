@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import time
 import uuid
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -190,10 +191,12 @@ class NodeService:
             messages = protocol.unpack(await request.read())
             if not isinstance(messages, list):
                 raise protocol.ProtocolError("the body must be a list of messages")
+            checked = []
             for msg in messages:
                 msg = protocol.check(msg, protocol.AGENT_MESSAGES)
                 self._authorize(principal, msg["node"])
-                await self._handle(msg, principal)
+                checked.append(msg)
+            await self._handle_all(checked, principal)
         except protocol.ProtocolError as exc:
             return web.json_response({"error": {"code": "BadRequest", "message": str(exc),
                                                 "details": []}}, status=400)  # fmt: skip
@@ -201,6 +204,28 @@ class NodeService:
             return web.json_response({"error": {"code": "Conflict", "message": str(exc),
                                                 "details": []}}, status=409)  # fmt: skip
         return web.Response(body=protocol.pack({"ok": True}), content_type=protocol.CONTENT_TYPE)
+
+    async def _handle_all(self, messages: list[dict[str, Any]],
+                          principal: auth.Principal) -> None:  # fmt: skip
+        """Handle a body's messages in order, except that task reports of different jobs
+        (TaskStarted, TaskExited) in a row are handled at once, so that their events share
+        one commit; those of one job keep their order."""
+        by_job: dict[str, list[dict[str, Any]]] = {}
+        for msg in [*messages, None]:
+            if msg is not None and msg["type"] in ("TaskStarted", "TaskExited"):
+                by_job.setdefault(str(msg.get("jobId")), []).append(msg)
+                continue
+            if by_job:
+                await _first_error(*(self._handle_each(group, principal)
+                                     for group in by_job.values()))  # fmt: skip
+                by_job = {}
+            if msg is not None:
+                await self._handle(msg, principal)
+
+    async def _handle_each(self, messages: list[dict[str, Any]],
+                           principal: auth.Principal) -> None:  # fmt: skip
+        for msg in messages:
+            await self._handle(msg, principal)
 
     async def _handle(self, msg: dict[str, Any], principal: auth.Principal) -> None:
         node_id = msg["node"]
@@ -507,6 +532,13 @@ def _fail(m: ReadModels, job_id: str, attempt: int, error: dict[str, str]) -> li
         return []
     data = {"jobId": job_id, "attempt": attempt, "error": error}
     return [(f"job-{job_id}", NewEvent("JobFailed", data))]
+
+
+async def _first_error(*work: Awaitable[None]) -> None:
+    """Run `work` at once; when any of it failed, raise the first failure (after all ended)."""
+    for result in await asyncio.gather(*work, return_exceptions=True):
+        if isinstance(result, BaseException):
+            raise result
 
 
 class Superseded(Exception):

@@ -535,6 +535,33 @@ async def test_the_agent_channel_refuses_strangers_and_bad_registrations(local):
     await client.call("POST", f"{EXP}/jobs/real/terminate")
 
 
+async def test_one_body_of_task_reports_for_several_jobs_ends_each_as_reported(local):
+    """An agent sends what queued up while its last message was on the way in one body; the
+    daemon handles the reports of different jobs together, and each takes effect."""
+    daemon, client = local
+    models = daemon.models.models
+    for name in ("one", "two"):
+        await _run(client, name, "sleep 600")
+    await _until(lambda: all(models.jobs[models.job_ids[f"default/default/{n}"][-1]].state
+                             == "running" for n in ("one", "two")), 30)  # fmt: skip
+    jobs = [models.jobs[models.job_ids[f"default/default/{n}"][-1]] for n in ("one", "two")]
+    node_id = jobs[0].tasks[0][0]
+    assert jobs[1].tasks[0][0] == node_id  # best fit: the second on the first one's node
+    token = (daemon.state_dir / "nodes" / node_id / "agent.token").read_text().strip()
+    body = [protocol.message("TaskExited", node_id, models.nodes[node_id].incarnation,
+                             jobId=job.job_id, attempt=1, task=0, exitCode=code)
+            for job, code in zip(jobs, (0, 5), strict=True)]  # fmt: skip
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": protocol.CONTENT_TYPE}
+    async with client.session.post(daemon.url + "/agent/v1/messages", headers=headers,
+                                   data=protocol.pack(body)) as answer:  # fmt: skip
+        assert answer.status == 200
+    one, two = [await _ended(daemon, client, name) for name in ("one", "two")]
+    assert (one["properties"]["state"], one["properties"]["executionInfo"]["exitCode"]) == (
+        "succeeded", 0)  # fmt: skip
+    assert (two["properties"]["state"], two["properties"]["executionInfo"]["exitCode"]) == (
+        "failed", 5)  # fmt: skip
+
+
 async def test_the_daemon_forgets_node_ids_it_has_no_node_for(local):
     daemon, _client = local
     service = daemon.nodes
