@@ -495,8 +495,8 @@ async def test_the_agent_channel_refuses_strangers_and_bad_registrations(local):
                                  exitCode=0)  # fmt: skip
     # a local agent's credential speaks for its own node only
     other = "local-1" if node_id == "local-0" else "local-0"
-    if node_id != "local-0":
-        assert await post(own, fake_exit) == 403
+    other_token = (daemon.state_dir / "nodes" / other / "agent.token").read_text().strip()
+    assert await post(other_token, fake_exit) == 403
     assert await poll(own, "local-1") == 403  # nor does it get another node's commands
     assert await post(own, protocol.message("Heartbeat", other, 1, running=[])) in (403, 409)
     # nor can a node report on a task placed on another node, under its own name
@@ -560,6 +560,22 @@ async def test_one_body_of_task_reports_for_several_jobs_ends_each_as_reported(l
         "succeeded", 0)  # fmt: skip
     assert (two["properties"]["state"], two["properties"]["executionInfo"]["exitCode"]) == (
         "failed", 5)  # fmt: skip
+
+
+async def test_reading_files_through_a_node_that_is_gone_answers_at_once(local):
+    daemon, _client = local
+    service = daemon.nodes
+    answer = await asyncio.wait_for(service.read_remote("ghost", "/etc/hostname"), 1.0)
+    assert answer["error"]["code"] == "node_unreachable" and "gone or lost" in (
+        answer["error"]["message"])  # fmt: skip
+    daemon.models.models.nodes["local-1"].state = "lost"  # as the log would have it
+    try:
+        answer = await asyncio.wait_for(service.read_remote("local-1", "/etc/hostname"), 1.0)
+    finally:
+        daemon.models.models.nodes["local-1"].state = "ready"
+    assert answer["error"]["code"] == "node_unreachable"
+    answer = await service.read_remote("local-0", "/etc/hostname")  # a live node answers
+    assert "error" not in answer
 
 
 async def test_the_daemon_forgets_node_ids_it_has_no_node_for(local):
