@@ -119,6 +119,7 @@ class Agent:
         self.running_dir = work_dir / "running"  # pid-file slots of running tasks
         self.free_slots: list[Path] = []  # pid files no task holds now
         self.ended: dict[str, float] = {}  # labels of tasks ended lately -> when (orphan sweep)
+        self.lease_lost: set[TaskKey] = set()  # tasks stopped because the lease expired
         self.slots = 0  # pid files made so far
         self.tasks: dict[TaskKey, ProcessTask] = {}
         self.epoch = 0
@@ -264,8 +265,10 @@ class Agent:
         """Out of touch for longer than the lease: stop every task (the daemon has moved on)."""
         if self.tasks and time.monotonic() - self.last_contact > LEASE_TIMEOUT:
             logger.warning("agent.lease_expired", tasks=len(self.tasks))
-            for task in list(self.tasks.values()):
-                self._background(task.kill(), "kill")
+            for key, task in list(self.tasks.items()):
+                if not task.killed:
+                    self.lease_lost.add(key)
+                    self._background(task.kill(), "kill")
 
     async def _send(self) -> None:
         """Send reports in order, as many at a time as are waiting; retry until sent."""
@@ -395,8 +398,11 @@ class Agent:
             self.free_slots.append(task.pid_file)
         report = {"jobId": job_id, "attempt": attempt, "task": index,
                   "exitCode": result.exit_code}  # fmt: skip
-        if result.error:
-            report["error"] = result.error
+        error = result.error or _exit_error(key, result.exit_code, task.spec,
+                                            key in self.lease_lost)  # fmt: skip
+        self.lease_lost.discard(key)
+        if error:
+            report["error"] = error
         self.outbox.put_nowait(self._message("TaskExited", **report))  # its GPUs are free now
         self.ended[task_label(task.spec)] = time.monotonic()
         self._sweep()
@@ -423,6 +429,27 @@ def read_output(command: dict[str, Any]) -> dict[str, Any]:
         return {"error": {"code": "not_found", "message": "no such file (yet)"}}
     except OSError as exc:
         return {"error": {"code": "unreadable", "message": exc.strerror or str(exc)}}
+
+
+def _exit_error(key: TaskKey, code: int | None, spec: dict[str, Any],
+                lease_lost: bool) -> dict[str, str] | None:  # fmt: skip
+    """What to tell about a task's exit beyond its code: that the agent stopped it when it
+    lost touch with the daemon (not the job's fault: the daemon retries it as a node
+    failure), or, for a command the shell could not run (126, 127), the shell's words."""
+    index = key[2]
+    if lease_lost:
+        return {"code": protocol.LEASE_EXPIRED, "message": (
+            f"task {index} was stopped: its node lost touch with the daemon for more than "
+            f"{LEASE_TIMEOUT:.0f} s")}  # fmt: skip
+    if code in (126, 127):
+        lines = _tail(Path(spec["stdouterr"]) / "stderr.txt", 500).strip().splitlines()
+        said = f": {lines[-1][:300]}" if lines else ""
+        reason = "not found" if code == 127 else "not executable"
+        return {
+            "code": "cannot_start",
+            "message": f"task {index} exited with {code} (command {reason}){said}",
+        }
+    return None
 
 
 def _tail(path: Path, size: int = 2000) -> str:

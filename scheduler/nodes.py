@@ -381,7 +381,9 @@ class NodeService:
             self._kill(job_id, attempt, job.tasks, skip=task)
             error = msg.get("error") or {
                 "code": "exit_code", "message": f"task {task} exited with {code}"}  # fmt: skip
-            out += retries.attempt_ended(m, job_id, attempt, "exit_code", exit_code=code,
+            # an agent that lost touch with the daemon stops its tasks: a node failure
+            cause = "node_lost" if error.get("code") == protocol.LEASE_EXPIRED else "exit_code"
+            out += retries.attempt_ended(m, job_id, attempt, cause, exit_code=code,
                                          error=error)  # fmt: skip
         elif len(exits) >= len(job.tasks) and all(c == 0 for c in exits.values()):
             out.append((stream, NewEvent("JobSucceeded", {

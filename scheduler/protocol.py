@@ -34,6 +34,10 @@ from typing import Any
 
 import msgpack
 
+# the error of a TaskExited for a task the agent stopped because it lost touch with the daemon
+# (its lease expired): the daemon retries the attempt as a node failure, not the job's own
+LEASE_EXPIRED = "lease_expired"
+
 NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,199}")
 NODE_ID_RULE = "1-200 letters, digits and _ . : - (starting with a letter or digit)"
 VERSION = 1
