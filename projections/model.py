@@ -98,6 +98,7 @@ class Node:
     memory_mb: int = 0
     runtimes: list[str] = field(default_factory=list)
     agent_version: str = ""
+    address: str = ""  # how the other nodes of a multi-node job reach it
     incarnation: int = 0
     # GPU index (as a string key, for snapshots; "*": the whole node, held by a task that
     # needs no GPU) -> [job id, attempt, task index]

@@ -54,6 +54,7 @@ def registered(m: ReadModels, e: RecordedEvent) -> None:
     node.cpus, node.memory_mb = d.get("cpus", 0), d.get("memoryMb", 0)
     node.runtimes = list(d.get("runtimes", ("process",)))  # one that does not say runs processes
     node.agent_version, node.incarnation = d.get("agentVersion", ""), d.get("incarnation", 0)
+    node.address = d.get("address", "")
 
 
 def setup_started(m: ReadModels, e: RecordedEvent) -> None:

@@ -35,6 +35,7 @@ def node(m: ReadModels, n: Node) -> dict[str, Any]:
         "since": _time(n.since), "lastTransition": n.last_event, "gpus": n.gpus,
         "gpuModel": n.gpu_model, "gpuMemoryMb": n.gpu_memory_mb, "cpus": n.cpus,
         "memoryMb": n.memory_mb, "runtimes": n.runtimes, "agentVersion": n.agent_version,
+        "address": n.address,
         "allocations": [
             {"gpu": _gpu_order(item), "job": item[1][0], "jobName": _job_name(m, item[1][0]),
              "attempt": item[1][1], "task": item[1][2]}

@@ -107,13 +107,15 @@ def discover_gpus(option: str) -> Gpus:
 
 class Agent:
     def __init__(self, server: str, token: str, node_id: str, cluster: str, gpus: Gpus,
-                 runtimes: list[str], work_dir: Path) -> None:  # fmt: skip
+                 runtimes: list[str], work_dir: Path,
+                 address: str | None = None) -> None:  # fmt: skip
         self.server = server.rstrip("/")
         self.headers = {"Authorization": f"Bearer {token}",
                         "Content-Type": protocol.CONTENT_TYPE}  # fmt: skip
         self.node_id = node_id
         self.cluster = cluster
         self.gpus = gpus
+        self.address = address  # None: the daemon takes the one it sees us connect from
         self.runtimes = runtimes
         self.incarnation = time.time_ns()
         self.running_dir = work_dir / "running"  # pid-file slots of running tasks
@@ -242,6 +244,7 @@ class Agent:
             "Register", cluster=self.cluster, gpus=self.gpus.count, gpuModel=self.gpus.model,
             gpuMemoryMb=self.gpus.memory_mb, cpus=os.cpu_count() or 1, memoryMb=_memory_mb(),
             runtimes=self.runtimes, agentVersion=AGENT_VERSION, running=self._running(),
+            **({"address": self.address} if self.address else {}),
         )  # fmt: skip
         while True:
             try:
@@ -482,8 +485,10 @@ async def main(args: argparse.Namespace) -> int:
     unknown = [r for r in runtimes if r not in ("process", "docker")]
     if unknown:
         raise AgentError(f"--runtimes: {', '.join(unknown)}: the runtimes are process, docker")
+    if args.address is not None and not protocol.ADDRESS.fullmatch(args.address):
+        raise AgentError(f"--address {args.address!r}: {protocol.ADDRESS_RULE}")
     agent = Agent(args.server, token, node_id, args.cluster, gpus, runtimes,
-                  Path(args.work_dir))  # fmt: skip
+                  Path(args.work_dir), args.address)  # fmt: skip
     if "docker" in runtimes:
         attach = args.gpu_attach == "always" or (
             args.gpu_attach == "auto" and gpus.model != "simulated"

@@ -105,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--gpus", default="auto", help="auto, or N to simulate N GPUs")
     agent.add_argument("--work-dir", default=".", help="where tasks run (default: here)")
     agent.add_argument(
+        "--address",
+        help="how the other nodes of a multi-node job reach this one (default: the address "
+        "the daemon sees this agent connect from)",
+    )
+    agent.add_argument(
         "--docker-host",
         default=os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock"),
         help="the container engine's API for the docker runtime (default $DOCKER_HOST)",

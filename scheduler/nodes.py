@@ -147,7 +147,8 @@ class NodeService:
         identity = toolkits.JobIdentity(job.workspace, job.experiment, job.name, job.job_id,
                                         job.attempt)  # fmt: skip
         jobs_root = self.state_dir / "nodes"
-        hosts = [toolkits.Host(node_id, "127.0.0.1", tuple(gpus)) for node_id, gpus in job.tasks]
+        hosts = [toolkits.Host(node_id, _address(self.models, node_id), tuple(gpus))
+                 for node_id, gpus in job.tasks]  # fmt: skip
         paths = toolkits.Paths(
             mount_root=str(self.mounts), job_mount_root=str(self.mounts / "jobs" / job.job_id),
             job_temp=str(jobs_root / "temp" / f"{job.job_id}.{job.attempt}"),
@@ -195,6 +196,8 @@ class NodeService:
             for msg in messages:
                 msg = protocol.check(msg, protocol.AGENT_MESSAGES)
                 self._authorize(principal, msg["node"])
+                if msg["type"] == "Register" and msg.get("address") is None:
+                    msg = {**msg, "address": request.remote or ""}  # where it connects from
                 checked.append(msg)
             await self._handle_all(checked, principal)
         except protocol.ProtocolError as exc:
@@ -299,15 +302,7 @@ class NodeService:
             out += retries.node_lost(m, node_id)  # a restarted agent runs none of the old tasks
         if node is None or node.incarnation != msg["incarnation"]:
             data = {"nodeId": node_id, "cluster": cluster_id, "incarnation": msg["incarnation"]}
-            for field in (
-                "gpus",
-                "gpuModel",
-                "gpuMemoryMb",
-                "cpus",
-                "memoryMb",
-                "runtimes",
-                "agentVersion",
-            ):
+            for field in _REGISTERED:
                 if field in msg:
                     data[field] = msg[field]
             out.append((stream, NewEvent("NodeRegistered", data, actor)))
@@ -536,6 +531,12 @@ def _fail(m: ReadModels, job_id: str, attempt: int, error: dict[str, str]) -> li
     return [(f"job-{job_id}", NewEvent("JobFailed", data))]
 
 
+def _address(m: ReadModels, node_id: str) -> str:
+    """How the other nodes of a job reach `node_id`: the address it registered with."""
+    node = m.nodes.get(node_id)
+    return node.address if node is not None and node.address else "127.0.0.1"
+
+
 async def _first_error(*work: Awaitable[None]) -> None:
     """Run `work` at once; when any of it failed, raise the first failure (after all ended)."""
     for result in await asyncio.gather(*work, return_exceptions=True):
@@ -549,7 +550,10 @@ class Superseded(Exception):
 
 _REGISTER_FIELDS = {"gpus": int, "cpus": int, "memoryMb": int, "gpuModel": str,
                     "gpuMemoryMb": int, "agentVersion": str, "runtimes": list,
-                    "cluster": str}  # fmt: skip
+                    "cluster": str, "address": str}  # fmt: skip
+# what a Register tells about the node that NodeRegistered records
+_REGISTERED = ("gpus", "gpuModel", "gpuMemoryMb", "cpus", "memoryMb", "runtimes",
+               "agentVersion", "address")  # fmt: skip
 
 
 def _check_register(msg: dict[str, Any], principal: auth.Principal) -> None:
@@ -568,6 +572,9 @@ def _check_register(msg: dict[str, Any], principal: auth.Principal) -> None:
     for name in ("gpuMemoryMb", "cpus", "memoryMb"):
         if msg.get(name, 0) < 0:
             raise protocol.ProtocolError(f"Register {name} must not be negative")
+    address = msg.get("address")
+    if address and not protocol.ADDRESS.fullmatch(address):
+        raise protocol.ProtocolError(f"Register address must be {protocol.ADDRESS_RULE}")
     unknown = [r for r in msg.get("runtimes") or () if r not in ("process", "docker")]
     if unknown:
         raise protocol.ProtocolError(f"unknown runtimes {unknown}")

@@ -359,7 +359,7 @@ def node_view() -> Schema:
         "since": nullable(string(format="date-time")), "lastTransition": string(),
         "gpus": integer(0), "gpuModel": string(), "gpuMemoryMb": integer(0), "cpus": integer(0),
         "memoryMb": integer(0), "runtimes": array(string()), "agentVersion": string(),
-        "allocations": array(any_object()), "errors": array(any_object()),
+        "address": string(), "allocations": array(any_object()), "errors": array(any_object()),
         "heartbeatAgeSeconds": nullable({"type": "number"}),
     })  # fmt: skip
 

@@ -8,7 +8,7 @@ started, or a report already recorded, changes nothing.
 
 Agent to daemon (POST /agent/v1/messages, a list of messages in one body):
   Register {gpus, gpuModel, gpuMemoryMb, cpus, memoryMb, runtimes, agentVersion,
-            running: [task keys]}
+            running: [task keys], address (optional: default, where it connects from)}
   Heartbeat {running: [task keys]}
   TaskStarted {jobId, attempt, task}
   TaskExited {jobId, attempt, task, exitCode, error?}
@@ -38,6 +38,9 @@ import msgpack
 # (its lease expired): the daemon retries the attempt as a node failure, not the job's own
 LEASE_EXPIRED = "lease_expired"
 
+# a node's address for the other nodes of a multi-node job: a host name, IPv4 or IPv6 address
+ADDRESS = re.compile(r"[A-Za-z0-9_.:%\[\]-]{1,253}")
+ADDRESS_RULE = "a host name or IP address (letters, digits and _ . : % [ ] -)"
 NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,199}")
 NODE_ID_RULE = "1-200 letters, digits and _ . : - (starting with a letter or digit)"
 VERSION = 1

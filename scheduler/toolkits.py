@@ -26,6 +26,12 @@ Per toolkit (`processCount` defaults to `nodeCount`):
 
 Multi-node jobs also get `MASTER_ADDR`, `MASTER_PORT`, `WORLD_SIZE` (the node count) and `RANK`
 (the task index), as DESIGN.md defines them.
+
+Ports: two live attempts never hold the same GPU, so a node's ports for a job are offset by the
+first GPU index its task holds there (a task without GPUs holds the whole node). Two jobs
+whose tasks share a node thus never ask for the same port: `MASTER_PORT` is 29500 + the
+master task's first GPU, TensorFlow's ports 2222 + 200 x that node's first GPU (+ 100 for
+workers) + the process's number on the node.
 """
 
 from __future__ import annotations
@@ -36,8 +42,8 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Any
 
-MASTER_PORT = 29500  # torch.distributed rendezvous on the master node
-PS_PORT = 2222  # TensorFlow parameter servers; workers use the next ports
+MASTER_PORT = 29500  # torch.distributed rendezvous on the master node, + its first GPU
+PS_PORT = 2222  # TensorFlow parameter servers (+ 200 per first GPU); workers 100 above
 MPIRUN = "mpirun --allow-run-as-root --hostfile $AZ_BATCHAI_MPI_HOST_FILE"
 
 
@@ -129,7 +135,7 @@ def translate(
         env = {**base, **extra[index], "AZ_BATCHAI_TASK_INDEX": str(index),
                "AZ_BATCHAI_NUM_GPUS": str(len(host.gpus))}  # fmt: skip
         if nodes > 1:
-            env.update(MASTER_ADDR=hosts[0].address, MASTER_PORT=str(MASTER_PORT),
+            env.update(MASTER_ADDR=hosts[0].address, MASTER_PORT=str(_master_port(hosts)),
                        WORLD_SIZE=str(nodes), RANK=str(index))  # fmt: skip
         files = {env["AZ_BATCHAI_MPI_HOST_FILE"]: hostfile}
         plans.append(TaskPlan(index, host.node_id, commands[index], env, files))
@@ -202,12 +208,25 @@ def _caffe(settings, hosts):
     return _mpi_or_direct(command, settings, hosts)
 
 
+def _offset(host: Host) -> int:
+    """The first GPU index the job's task holds on `host` (no two live attempts share it)."""
+    return host.gpus[0] if host.gpus else 0
+
+
+def _master_port(hosts: list[Host]) -> int:
+    return MASTER_PORT + _offset(hosts[0])
+
+
+def _tf_address(host: Host, number: int) -> str:
+    return f"{host.address}:{PS_PORT + 200 * _offset(host) + number}"
+
+
 def _every_node(settings, hosts):
     return [_python(settings)] * len(hosts), [{} for _ in hosts]
 
 
 def _pytorch(settings, hosts):
-    init = {"AZ_BATCHAI_PYTORCH_INIT_METHOD": f"tcp://{hosts[0].address}:{MASTER_PORT}"}
+    init = {"AZ_BATCHAI_PYTORCH_INIT_METHOD": f"tcp://{hosts[0].address}:{_master_port(hosts)}"}
     if settings.get("communicationBackend") == "MPI":
         commands, _ = _mpi_or_direct(_python(settings), settings, hosts)
         return commands, [dict(init) for _ in hosts]
@@ -223,9 +242,9 @@ def _tensorflow(settings, hosts):
     if nodes == 1 and workers <= 1:
         args = settings.get("masterCommandLineArgs") or settings.get("workerCommandLineArgs")
         return [" ".join(p for p in (interpreter, script, args) if p)], [{}]
-    ps = [(i % nodes, f"{hosts[i % nodes].address}:{PS_PORT + i // nodes}")
+    ps = [(i % nodes, _tf_address(hosts[i % nodes], i // nodes))
           for i in range(parameter_servers)]  # fmt: skip
-    worker = [(i % nodes, f"{hosts[i % nodes].address}:{PS_PORT + 100 + i // nodes}")
+    worker = [(i % nodes, _tf_address(hosts[i % nodes], 100 + i // nodes))
               for i in range(workers)]  # fmt: skip
     cluster = {"ps": [a for _n, a in ps], "worker": [a for _n, a in worker]}
     hosts_env = {"AZ_BATCHAI_PS_HOSTS": ",".join(cluster["ps"]),

@@ -249,6 +249,28 @@ async def test_an_agent_finds_real_gpus_through_nvidia_smi_when_nvml_is_not_ther
         await agent.wait()
 
 
+async def test_a_node_is_reached_at_the_address_it_gives_else_where_it_connects_from(local):
+    daemon, client = local
+    _status, local_node = await client.call("GET", "/v1/nodes/local-0")
+    assert local_node["properties"]["address"] == "127.0.0.1"  # where it connected from
+    document = {"vmSize": "Standard_NC6", "scaleSettings": {"manual": {"targetNodeCount": 1}}}
+    agent = await _agent_on(daemon, client, "far", document, "1", None,
+                            "--address", "gpu-7.cluster.internal")  # fmt: skip
+    try:
+        _status, node = await client.call("GET", "/v1/nodes/far-0")
+        assert node["properties"]["address"] == "gpu-7.cluster.internal"
+        await _run(client, "where", "cat $AZ_BATCHAI_MPI_HOST_FILE", cluster="far")
+        assert (await _ended(daemon, client, "where"))["properties"]["state"] == "succeeded"
+        assert _out(daemon, "where").startswith("gpu-7.cluster.internal slots=")
+    finally:
+        agent.terminate()
+        await agent.wait()
+    done = await asyncio.to_thread(
+        batchd, "agent", "--server", daemon.url, "--token-file", "/dev/null",
+        "--address", "not an address", env={})  # fmt: skip
+    assert done.returncode != 0 and "--address 'not an address'" in done.stderr
+
+
 async def test_the_setup_task_runs_before_a_node_takes_work_and_its_failure_is_shown(local):
     daemon, client = local
     models = daemon.models.models
@@ -437,8 +459,15 @@ async def _node_token(client: Client, daemon, node_id: str, node: str | None = "
     return path
 
 
-async def _agent_on(daemon, client, cluster: str, document: dict, gpus: str = "1",
-                    env: dict | None = None) -> asyncio.subprocess.Process:  # fmt: skip
+async def _agent_on(
+    daemon,
+    client,
+    cluster: str,
+    document: dict,
+    gpus: str = "1",
+    env: dict | None = None,
+    *extra: str,
+) -> asyncio.subprocess.Process:
     """A cluster of its own, and one agent on it, with its own node-bound token."""
     status, _ = await client.call("PUT", f"/v1/workspaces/default/clusters/{cluster}", document)
     assert status == 201
@@ -446,7 +475,7 @@ async def _agent_on(daemon, client, cluster: str, document: dict, gpus: str = "1
         sys.executable, "-m", "batchd.scheduler.cli", "agent", "--server", daemon.url,
         "--token-file", str(await _node_token(client, daemon, f"{cluster}-0")),
         "--node-id", f"{cluster}-0",
-        "--cluster", f"default/{cluster}", "--gpus", gpus,
+        "--cluster", f"default/{cluster}", "--gpus", gpus, *extra,
         "--work-dir", str(daemon.state_dir / f"nodes/{cluster}-0"),
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, env=env,
     )  # fmt: skip

@@ -102,3 +102,16 @@ def test_every_recipe_translates_with_a_command_on_the_master():
         assert [p.index for p in plans_] == list(range(len(hosts))), recipe.name
         assert plans_[0].command, recipe.name
         assert all(p.env["AZ_BATCHAI_JOB_ID"] == "0190-job" for p in plans_)
+
+
+def test_jobs_sharing_a_node_get_their_own_ports_from_the_gpus_they_hold():
+    """Two live attempts never hold the same GPU, so ports offset by a task's first GPU
+    never collide on a node (two distributed jobs whose masters share it)."""
+    first = plans("PyTorch__PyTorch-GPU-Distributed-Gloo__job.json")
+    beside = [Host("n0", "10.0.0.4", (2, 3)), Host("n1", "10.0.0.5", (6, 7))]
+    second = plans("PyTorch__PyTorch-GPU-Distributed-Gloo__job.json", beside)
+    assert first[0].env["MASTER_PORT"] == "29500" and second[0].env["MASTER_PORT"] == "29502"
+    assert second[1].env["AZ_BATCHAI_PYTORCH_INIT_METHOD"] == "tcp://10.0.0.4:29502"
+    tf = plans("TensorFlow__TensorFlow-GPU-Distributed__job.json", beside)
+    assert tf[0].env["AZ_BATCHAI_PS_HOSTS"] == "10.0.0.4:2622"  # 2222 + 200 x GPU 2
+    assert tf[0].env["AZ_BATCHAI_WORKER_HOSTS"] == "10.0.0.4:2722,10.0.0.5:3522"
