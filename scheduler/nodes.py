@@ -36,6 +36,7 @@ from batchd.events.envelope import NewEvent
 from batchd.events.store import EventStore
 from batchd.projections import lifecycle
 from batchd.projections.model import (
+    LEAVING,
     LOST,
     PREPARING,
     PREPARING_JOB,
@@ -484,7 +485,7 @@ class NodeService:
             if node.state == READY and silent > SUSPECT_AFTER:
                 await self.control.run(lambda m, n=node.node_id: _suspected(m, n),
                                        key=f"node/{node.node_id}")  # fmt: skip
-            elif node.state == SUSPECT and silent > NODE_TIMEOUT:
+            elif node.state in (SUSPECT, LEAVING) and silent > NODE_TIMEOUT:
                 await self.control.run(lambda m, n=node.node_id: _lost(m, n),
                                        key=f"node/{node.node_id}")  # fmt: skip
         self._forget_gone(now)
@@ -644,7 +645,7 @@ def _suspected(m: ReadModels, node_id: str) -> list[Decision]:
 
 def _lost(m: ReadModels, node_id: str) -> list[Decision]:
     node = m.nodes.get(node_id)
-    if node is None or node.state != SUSPECT:
+    if node is None or node.state not in (SUSPECT, LEAVING):  # silent, or silent draining
         return []
     out = [(f"node-{node_id}", NewEvent("NodeLost", {"nodeId": node_id}))]
     return out + retries.node_lost(m, node_id)

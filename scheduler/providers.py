@@ -19,7 +19,7 @@ from pathlib import Path
 import structlog
 
 from batchd.events.envelope import NewEvent
-from batchd.projections.model import ReadModels
+from batchd.projections.model import LEAVING, READY, ReadModels
 from batchd.scheduler import commands
 from batchd.scheduler.agent import PARENT_ENV
 from batchd.scheduler.auth import revoke_token
@@ -96,10 +96,12 @@ class LocalProvider:
         return int(manual.get("targetNodeCount", 0))
 
     async def reconcile(self) -> None:
-        """Start the agents the target asks for (again, if one exited); stop idle extras."""
+        """Start the agents the target asks for (again, if one exited); drain the extras (they
+        take no new work), and stop and remove each once it runs nothing."""
         if self.stopping:
             return
         target = self._target()
+        m = self.control.models
         for index in range(target):
             node_id = f"{CLUSTER}-{index}"
             process = self.processes.get(node_id)
@@ -107,16 +109,28 @@ class LocalProvider:
                 if process is not None:
                     logger.warning("local.agent_exited", node=node_id, code=process.returncode)
                 self.processes[node_id] = await self._spawn(node_id)
-        m = self.control.models
+            node = m.nodes.get(node_id)
+            if node is not None and node.state == LEAVING:  # drained, and wanted again
+                await self._node_event(node_id, "NodeRecovered", LEAVING)
         for node_id in [n for n in self.processes if int(n.rsplit("-", 1)[1]) >= target]:
             node = m.nodes.get(node_id)
             if node is not None and node.allocations:
+                await self._node_event(node_id, "NodeDrainRequested", READY)
                 continue  # stopped once it runs nothing
             await self._stop(self.processes.pop(node_id))
             if node is not None:
-                event = NewEvent("NodeRemoved", {"nodeId": node_id}, ACTOR)
-                await self.control.run(lambda _m, e=event, n=node_id: [(f"node-{n}", e)],
-                                       key=f"node/{node_id}")  # fmt: skip
+                await self._node_event(node_id, "NodeRemoved", node.state)
+
+    async def _node_event(self, node_id: str, type_: str, when: str) -> None:
+        """Append `type_` for the node if it is (still) in state `when`."""
+
+        def decide(m: ReadModels) -> list:
+            node = m.nodes.get(node_id)
+            if node is None or node.state != when:
+                return []
+            return [(f"node-{node_id}", NewEvent(type_, {"nodeId": node_id}, ACTOR))]
+
+        await self.control.run(decide, key=f"node/{node_id}")
 
     async def _spawn(self, node_id: str) -> asyncio.subprocess.Process:
         work = self.state_dir / "nodes" / node_id

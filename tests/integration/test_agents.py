@@ -271,6 +271,47 @@ async def test_a_node_is_reached_at_the_address_it_gives_else_where_it_connects_
     assert done.returncode != 0 and "--address 'not an address'" in done.stderr
 
 
+async def test_resizing_down_drains_a_busy_node_which_takes_no_new_work_then_leaves(local):
+    daemon, client = local
+    models = daemon.models.models
+    cluster = "/v1/workspaces/default/clusters/local"
+
+    async def resize(nodes: int) -> None:
+        body = {"scaleSettings": {"manual": {"targetNodeCount": nodes}}}
+        status, answer = await client.call("PATCH", cluster, body)
+        assert status == 200, answer
+
+    def state(node_id: str) -> str | None:
+        node = models.nodes.get(node_id)
+        return node.state if node is not None else None
+
+    def job(name: str):
+        return models.jobs[models.job_ids[f"default/default/{name}"][-1]]
+
+    await resize(3)
+    await _until(lambda: state("local-2") == "ready", 30)
+    for name, gpus in (("w0", 4), ("w1", 4), ("w2", 2)):  # best fit: local-2 keeps 2 free
+        await _run(client, name, "sleep 600", gpusPerNode=gpus)
+    await _until(lambda: all(job(n).state == "running" for n in ("w0", "w1", "w2")), 30)
+    assert job("w2").tasks[0][0] == "local-2"
+    await resize(2)
+    await _until(lambda: state("local-2") == "leaving", 30)  # its job runs on
+    await _run(client, "small", "sleep 600")  # would fit only on local-2's two free GPUs
+    await _until(lambda: job("small").pending_reason is not None, 10)
+    assert job("small").state == "queued" and job("w2").state == "running"
+    await resize(3)  # wanted again before it emptied: it takes work again
+    await _until(lambda: job("small").state == "running", 30)
+    assert job("small").tasks[0][0] == "local-2"
+    await resize(2)
+    await _until(lambda: state("local-2") == "leaving", 30)
+    for name in ("w2", "small"):
+        await client.call("POST", f"{EXP}/jobs/{name}/terminate")
+    await _until(lambda: "local-2" not in models.nodes, 30)  # emptied: stopped and removed
+    assert models.clusters[models.cluster_ids["default/local"]].nodes == ["local-0", "local-1"]
+    for name in ("w0", "w1"):
+        await client.call("POST", f"{EXP}/jobs/{name}/terminate")
+
+
 async def test_the_setup_task_runs_before_a_node_takes_work_and_its_failure_is_shown(local):
     daemon, client = local
     models = daemon.models.models
