@@ -33,7 +33,7 @@ from batchd.projections.runner import SNAPSHOT_INTERVAL, Runner
 from batchd.scheduler import api, config, planner, tls
 from batchd.scheduler.control import Control, token_file
 from batchd.scheduler.nodes import NodeService
-from batchd.scheduler.providers import LocalProvider
+from batchd.scheduler.providers import LocalProvider, Provider
 
 logger = structlog.get_logger(__name__)
 
@@ -81,7 +81,7 @@ class Daemon:
         self._web: web.AppRunner | None = None
         self.api: api.Api | None = None
         self.nodes: NodeService = None  # type: ignore[assignment]
-        self.local: LocalProvider | None = None
+        self.providers: list[Provider] = []  # those this configuration has
         self._periodic = AsyncIOScheduler()
         self._tasks: list[asyncio.Task] = []
         self._plan_seconds = 0.0  # how long the last planner cycle took
@@ -122,9 +122,10 @@ class Daemon:
         self._task(self.models.follow(), "read-models")
         self.admin_token = await self._admin_token()
         if cfg.local_nodes:
-            self.local = LocalProvider(self.control, self.url, cfg.state_dir, cfg.local_nodes,
-                                       cfg.local_gpus)  # fmt: skip
-            await self.local.bootstrap()
+            self.providers.append(LocalProvider(self.control, self.url, cfg.state_dir,
+                                                cfg.local_nodes, cfg.local_gpus))  # fmt: skip
+        for provider in self.providers:
+            await provider.bootstrap()
         self._task(self._plan_loop(), "planner")
         self._periodic.add_job(self.models.save_snapshot, "interval", seconds=SNAPSHOT_INTERVAL)
         self._periodic.add_job(self._publish_anchor, "interval", seconds=ANCHOR_INTERVAL)
@@ -184,8 +185,8 @@ class Daemon:
                 try:
                     await self.control.run(lambda m: self._timed_plan(m))
                     await self.nodes.dispatch()
-                    if self.local is not None:
-                        await self.local.reconcile()
+                    for provider in self.providers:
+                        await provider.reconcile()
                 except errors.StoreUnavailable as exc:  # the log is back soon: plan again then
                     logger.warning("planner.store_unavailable", error=str(exc))
                     planned_at = -1
@@ -225,8 +226,8 @@ class Daemon:
             self.api.closing.set()  # streams end
         if self.nodes is not None:
             self.nodes.close()  # long-polls answer at once
-        if self.local is not None:
-            await self.local.stop()  # this machine's agents: they stop their tasks
+        for provider in self.providers:
+            await provider.stop()  # the local one's agents stop their tasks
         if self._web is not None:
             await self._web.cleanup()  # stops accepting; lets in-flight requests finish
         following = [t for t in self._tasks if t.get_name() == "read-models"]

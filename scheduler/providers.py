@@ -1,4 +1,5 @@
-"""Providers create and remove a cluster's nodes. `local`: agent processes on this machine.
+"""Providers create and remove a cluster's nodes, behind one interface (`Provider`).
+`local`: agent processes on this machine.
 
 The embedded default (`batchd serve` with no configuration) has a cluster `local` in
 workspace `default` whose nodes are `batchd agent` processes with simulated GPUs on the
@@ -15,6 +16,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Protocol
 
 import structlog
 
@@ -34,6 +36,20 @@ ACTOR = "batchd:serve"
 
 
 LEGACY_TOKEN = "local-agents"  # the one token earlier versions gave every local agent
+
+
+class Provider(Protocol):
+    """What the daemon asks of a provider, which owns some clusters' nodes: `bootstrap` once
+    it leads (create what it needs in the log), `reconcile` after every planner cycle (bring
+    the nodes to what the clusters' scale settings ask: start, drain, remove), `stop` when
+    the daemon stops. Each runs under the daemon's leadership and appends through `Control`;
+    nodes join by registering over the agent channel like any other."""
+
+    async def bootstrap(self) -> None: ...
+
+    async def reconcile(self) -> None: ...
+
+    async def stop(self) -> None: ...
 
 
 class LocalProvider:

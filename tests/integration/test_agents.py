@@ -142,7 +142,7 @@ async def test_what_a_task_leaves_in_its_group_is_killed_and_reaped(local):
     await _run(client, "forks", "sleep 300 & sleep 300 & sleep 0.3")
     job = await _ended(daemon, client, "forks")
     assert job["properties"]["state"] == "succeeded"
-    agents = [p.pid for p in daemon.local.processes.values()]
+    agents = [p.pid for p in daemon.providers[0].processes.values()]
 
     def zombies() -> list[int]:
         found = []
@@ -184,7 +184,7 @@ async def test_a_killed_agent_loses_its_attempt_which_runs_again_elsewhere_or_af
 
     await _until(lambda: job().state == "running", 30)
     node_id = job().tasks[0][0]
-    daemon.local.processes[node_id].kill()  # SIGKILL: the agent cannot stop its task
+    daemon.providers[0].processes[node_id].kill()  # SIGKILL: the agent cannot stop its task
     await _until(lambda: job().attempt == 2 and job().state == "running", 60)
     assert job().retries == {"node_lost": 1}
     await _until(lambda: _exists_with(daemon, "long", 2, "attempt 2\n"), 10)
