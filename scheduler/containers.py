@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 from typing import Any
 
 import aiodocker
 
-from batchd.scheduler.runtimes import KILL_GRACE, TaskResult, prepare_directories
+from batchd.scheduler.runtimes import KILL_GRACE, TaskResult, output_dirs, prepare_directories
 
 LABEL = "batchd"
 # the task's output goes to the stdouterr files while it runs; "$2" is the command
@@ -76,10 +77,14 @@ def create_config(spec: dict[str, Any], command: str, suffix: str, engine: str,
 
 def _binds(spec: dict[str, Any]) -> list[str]:
     """Host directories the task sees at the same paths: the mount root, its job temp, its
-    work directory and its stdouterr directory (each once, the outermost kept)."""
+    work directory, its stdouterr directory, its output directories and those of its input
+    directories that exist (each once, the outermost kept)."""
     env = spec.get("env") or {}
     paths = [env.get("AZ_BATCHAI_MOUNT_ROOT"), env.get("AZ_BATCHAI_JOB_TEMP"),
-             spec["workDir"], spec["stdouterr"]]  # fmt: skip
+             spec["workDir"], spec["stdouterr"], *output_dirs(spec)]  # fmt: skip
+    paths += [path for name, path in env.items()
+              if name.startswith("AZ_BATCHAI_INPUT_") and path.startswith("/")
+              and os.path.isdir(path)]  # fmt: skip
     chosen: list[str] = []
     for path in sorted({p for p in paths if p}, key=len):
         if not any(path == c or path.startswith(c.rstrip("/") + "/") for c in chosen):

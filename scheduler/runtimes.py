@@ -38,12 +38,22 @@ class TaskResult:
     error: dict[str, str] | None = None
 
 
+def output_dirs(spec: dict[str, Any]) -> list[str]:
+    """The task's output directories ($AZ_BATCHAI_OUTPUT_<ID>)."""
+    return [path for name, path in (spec.get("env") or {}).items()
+            if name.startswith("AZ_BATCHAI_OUTPUT_") and path.startswith("/")]  # fmt: skip
+
+
 def prepare_directories(spec: dict[str, Any]) -> TaskResult | None:
-    """Make a task's stdouterr, work and job temp directories and write its files (the MPI
-    host file); a failed TaskResult saying what could not be written, or None."""
+    """Make a task's stdouterr, work, job temp and output directories and write its files
+    (the MPI host file); a failed TaskResult saying what could not be written, or None."""
     try:
-        for path in (spec["stdouterr"], spec["workDir"],
-                     (spec.get("env") or {}).get("AZ_BATCHAI_JOB_TEMP")):  # fmt: skip
+        for path in (
+            spec["stdouterr"],
+            spec["workDir"],
+            (spec.get("env") or {}).get("AZ_BATCHAI_JOB_TEMP"),
+            *output_dirs(spec),
+        ):
             if path:
                 Path(path).mkdir(parents=True, exist_ok=True)
         for path, content in (spec.get("files") or {}).items():

@@ -97,6 +97,15 @@ async def test_a_job_runs_on_its_gpu_and_its_output_and_exit_code_come_back(loca
     assert sorted(f["name"] for f in files["value"]) == ["stderr.txt", "stdout.txt"]
 
 
+async def test_a_jobs_output_directories_exist_when_it_starts(local):
+    daemon, client = local
+    outputs = [{"id": "MODEL", "pathPrefix": "$AZ_BATCHAI_MOUNT_ROOT/out"}]
+    await _run(client, "made", 'test -d "$AZ_BATCHAI_OUTPUT_MODEL" && echo there',
+               outputDirectories=outputs)  # fmt: skip
+    assert (await _ended(daemon, client, "made"))["properties"]["state"] == "succeeded"
+    assert _out(daemon, "made") == "there\n"
+
+
 async def test_a_failing_command_fails_the_job_with_its_exit_code(local):
     daemon, client = local
     await _run(client, "bad", "exit 3")

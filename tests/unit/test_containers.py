@@ -33,6 +33,20 @@ def test_docker_gets_device_requests_and_podman_cdi_names():
     assert {"CUDA_VISIBLE_DEVICES=", "NVIDIA_VISIBLE_DEVICES=void"} <= set(none["Env"])
 
 
+def test_binds_output_directories_and_the_input_directories_there_are(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    env = {**SPEC["env"], "AZ_BATCHAI_INPUT_DATA": str(data),
+           "AZ_BATCHAI_INPUT_GONE": str(tmp_path / "gone"),
+           "AZ_BATCHAI_OUTPUT_MODEL": "/srv/out/model",
+           "AZ_BATCHAI_OUTPUT_LOGS": "/mnt/batch/logs/x"}  # fmt: skip
+    config = create_config({**SPEC, "env": env}, "train", "", "docker", attach_gpus=False)
+    binds = config["HostConfig"]["Binds"]
+    assert f"{data}:{data}" in binds and "/srv/out/model:/srv/out/model" in binds
+    assert not any("gone" in b for b in binds)  # an input that is not there is not bound
+    assert not any(b.startswith("/mnt/batch/logs") for b in binds)  # under the mount root
+
+
 def test_binds_the_job_paths_once_each_and_sizes_shared_memory():
     config = create_config(SPEC, "python train.py", "-prep", "docker", attach_gpus=False)
     assert config["HostConfig"]["Binds"] == [
