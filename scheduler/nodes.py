@@ -411,8 +411,8 @@ class NodeService:
         if not self.outbox.get(node_id) and wait > 0 and not self.closing:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wakeup.wait(), wait)
+        # not a sign of life: a poll ends by itself while its agent is stuck, or gone
         commands = self.outbox.pop(node_id, []) if self.pollers.get(node_id) == poll else []
-        self.seen[node_id] = time.monotonic()
         return web.Response(body=protocol.pack(commands), content_type=protocol.CONTENT_TYPE)
 
     def _resend_unstarted(self, node_id: str, running: list[Any]) -> list[tuple[str, int]]:
