@@ -210,6 +210,15 @@ def build_parser() -> argparse.ArgumentParser:
     e2e.add_argument("--nodes", type=_positive, default=4, help="(default 4)")
     e2e.add_argument("--gpus-per-node", type=_positive, default=8, help="(default 8)")
     e2e.add_argument("--runtime", choices=("process", "docker"), default="process")
+    e2e.add_argument(
+        "--image",
+        default="busybox",
+        help="docker: the image to run, already in the engine (default %(default)s)",
+    )
+    e2e.add_argument(
+        "--docker-host", default=os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock"),
+        help="docker: the container engine's API (default $DOCKER_HOST)",
+    )  # fmt: skip
     e2e.add_argument("--json", action="store_true", help="print one JSON line")
     memory = bench_sub.add_parser("memory", help="memory of the read models of N jobs, M nodes")
     memory.add_argument("--jobs", type=_positive, default=100_000, help="(default 100000)")
@@ -418,5 +427,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILURE
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # python -m batchd.scheduler.cli: run the package's own copy, whose
+    # exception classes are those the rest of batchd raises (this one is `__main__`'s)
+    from batchd.scheduler.cli import main as package_main
+
+    sys.exit(package_main())

@@ -39,6 +39,8 @@ class Config:
     tls_self_signed: bool = False
     local_nodes: int = 0  # agents of the embedded cluster default/local (0: none)
     local_gpus: int = 4  # simulated GPUs on each
+    local_runtimes: str = "process"  # their runtimes: process, or docker,process
+    local_docker_host: str | None = None  # the engine of their docker runtime (else $DOCKER_HOST)
     raw: dict = field(default_factory=dict)
 
     @property
@@ -117,6 +119,8 @@ def load(
         tls_self_signed=self_signed,
         local_nodes=local_nodes,
         local_gpus=int(local.get("gpus_per_node", 4)),
+        local_runtimes=_runtimes(local.get("runtimes", "process")),
+        local_docker_host=local.get("docker_host"),
         raw=raw,
     )
 
@@ -129,11 +133,20 @@ _TYPES: dict[str, dict[str, type | tuple[type, ...]]] = {
     "store": {"url": str},
     "secrets": {"keys_file": str},
     "storage": {"mount_root": str},
-    "local": {"nodes": int, "gpus_per_node": int},
+    "local": {"nodes": int, "gpus_per_node": int, "runtimes": str, "docker_host": str},
 }  # fmt: skip
 
 
 _KIND_NAMES = {str: "a string", dict: "a table", int: "a whole number", bool: "true or false"}
+
+
+def _runtimes(value: str) -> str:
+    names = [r.strip() for r in value.split(",") if r.strip()]
+    unknown = [r for r in names if r not in ("process", "docker")]
+    if not names or unknown:
+        raise ConfigError(f"[local] runtimes: {value!r}: give process, docker or both "
+                          "(comma-separated)")  # fmt: skip
+    return ",".join(names)
 
 
 def _check_types(raw: dict, where: str) -> None:

@@ -122,8 +122,9 @@ class Daemon:
         self._task(self.models.follow(), "read-models")
         self.admin_token = await self._admin_token()
         if cfg.local_nodes:
-            self.providers.append(LocalProvider(self.control, self.url, cfg.state_dir,
-                                                cfg.local_nodes, cfg.local_gpus))  # fmt: skip
+            self.providers.append(LocalProvider(
+                self.control, self.url, cfg.state_dir, cfg.local_nodes, cfg.local_gpus,
+                cfg.local_runtimes, cfg.local_docker_host))  # fmt: skip
         for provider in self.providers:
             await provider.bootstrap()
         self._task(self._plan_loop(), "planner")

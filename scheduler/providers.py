@@ -54,11 +54,13 @@ class Provider(Protocol):
 
 class LocalProvider:
     def __init__(self, control: Control, url: str, state_dir: Path, nodes: int,
-                 gpus_per_node: int) -> None:  # fmt: skip
+                 gpus_per_node: int, runtimes: str = "process",
+                 docker_host: str | None = None) -> None:  # fmt: skip
         self.control = control
         self.url = url
         self.state_dir = state_dir
         self.nodes, self.gpus = nodes, gpus_per_node
+        self.runtimes, self.docker_host = runtimes, docker_host
         self.processes: dict[str, asyncio.subprocess.Process] = {}
         self.stopping = False
 
@@ -159,7 +161,8 @@ class LocalProvider:
                 sys.executable, "-m", "batchd.scheduler.cli", "agent", "--server", self.url,
                 "--token-file", str(token), "--node-id", node_id,
                 "--cluster", f"{WORKSPACE}/{CLUSTER}", "--gpus", str(self.gpus),
-                "--runtimes", "process", "--work-dir", str(work),
+                "--runtimes", self.runtimes, "--work-dir", str(work),
+                *(("--docker-host", self.docker_host) if self.docker_host else ()),
                 stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
                 env={**os.environ, PARENT_ENV: str(os.getpid())},
             )  # fmt: skip

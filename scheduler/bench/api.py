@@ -29,6 +29,7 @@ from typing import Any
 import aiohttp
 
 from batchd.events import urls
+from batchd.scheduler.cli import CliError
 
 CLUSTER = {"vmSize": "Standard_NC24s_v3", "scaleSettings": {"manual": {"targetNodeCount": 4}}}
 JOB = {
@@ -40,8 +41,9 @@ JOB = {
 }  # fmt: skip
 
 
-class BenchError(RuntimeError):
-    """The daemon lost or refused what it should not have."""
+class BenchError(CliError):
+    """The daemon lost or refused what it should not have, or a benchmark cannot run as
+    asked (the CLI prints it as an error)."""
 
 
 async def main(args: argparse.Namespace) -> int:

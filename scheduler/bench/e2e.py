@@ -1,7 +1,9 @@
 """`batchd bench e2e`: trivial jobs through a real daemon and real agents until all succeed.
 
 A `batchd serve` process runs with a local cluster of `--nodes` agents of `--gpus-per-node`
-simulated GPUs each (the process runtime). `--jobs` one-GPU jobs running `true` are
+simulated GPUs each, on the process runtime, or with `--runtime docker` on the docker runtime
+too, whose jobs run in containers of `--image` (it must be in the engine at `--docker-host`
+already; nothing is pulled). `--jobs` one-GPU jobs running `true` are
 submitted through the API in a closed loop that keeps at most nodes x GPUs of them queued or
 running, so latency measures scheduling and dispatch, not waiting for capacity; the daemon's
 event stream says when each ends. `jobs_per_s` is the jobs over the time from the first
@@ -21,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aiodocker
 import aiohttp
 
 from batchd.events import urls
@@ -30,9 +33,11 @@ EXPERIMENT = "/v1/workspaces/default/experiments/default"
 
 
 async def main(args: argparse.Namespace) -> int:
-    if args.runtime != "process":
-        raise BenchError("--runtime docker is not available yet: the agents run processes")
-    result = await run(args.jobs, args.nodes, args.gpus_per_node)
+    image = None
+    if args.runtime == "docker":
+        await _check_engine(args.docker_host, args.image)
+        image = args.image
+    result = await run(args.jobs, args.nodes, args.gpus_per_node, image, args.docker_host)
     if args.json:
         print(json.dumps(result))
     else:
@@ -46,16 +51,31 @@ async def main(args: argparse.Namespace) -> int:
     return 0
 
 
-async def run(jobs: int, nodes: int, gpus: int) -> dict[str, Any]:
+async def _check_engine(url: str, image: str) -> None:
+    """BenchError unless the engine at `url` answers and holds `image` (nothing is pulled)."""
+    try:
+        async with aiodocker.Docker(url=url) as docker:
+            await docker.images.inspect(image)
+    except (aiodocker.DockerError, aiohttp.ClientError, OSError, ValueError) as exc:
+        raise BenchError(f"--runtime docker needs the container engine at {url} (--docker-host)"
+                         f" holding the image {image} (--image): {exc}") from None  # fmt: skip
+
+
+async def run(jobs: int, nodes: int, gpus: int, image: str | None = None,
+              docker_host: str | None = None) -> dict[str, Any]:  # fmt: skip
+    """`image`: run the jobs in containers of it (the docker runtime, on `docker_host`)."""
     state = Path(tempfile.mkdtemp(prefix="batchd-bench-e2e-"))
     config = state / "batchd.toml"
-    config.write_text(f"[local]\nnodes = {nodes}\ngpus_per_node = {gpus}\n")
+    text = f"[local]\nnodes = {nodes}\ngpus_per_node = {gpus}\n"
+    if image is not None:
+        text += f'runtimes = "docker,process"\ndocker_host = {json.dumps(docker_host)}\n'
+    config.write_text(text)
     try:
         async with daemon_in(state, "--config", str(config)) as (url, token):
             headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
             async with aiohttp.ClientSession(headers=headers) as session:
                 await _nodes_ready(session, url, nodes)
-                seconds = await _closed_loop(session, url, jobs, nodes * gpus)
+                seconds = await _closed_loop(session, url, jobs, nodes * gpus, image)
         waits = await _submit_to_start(state)
     finally:
         shutil.rmtree(state, ignore_errors=True)
@@ -63,7 +83,8 @@ async def run(jobs: int, nodes: int, gpus: int) -> dict[str, Any]:
         raise BenchError(f"{len(waits)} of {jobs} jobs started")
     ordered = sorted(waits)
     return {
-        "bench": "e2e", "runtime": "process", "jobs": jobs, "nodes": nodes,
+        "bench": "e2e", "runtime": "process" if image is None else "docker", "jobs": jobs,
+        "nodes": nodes,
         "gpus_per_node": gpus, "seconds": round(seconds, 4),
         "jobs_per_s": round(jobs / seconds, 1),
         "submit_to_start_p50_ms": round(statistics.median(ordered) / 1000, 3),
@@ -83,15 +104,19 @@ async def _nodes_ready(session: aiohttp.ClientSession, url: str, nodes: int) -> 
     raise BenchError(f"{nodes} nodes did not become ready within 60 s")
 
 
-async def _closed_loop(session: aiohttp.ClientSession, url: str, jobs: int, window: int) -> float:
+async def _closed_loop(session: aiohttp.ClientSession, url: str, jobs: int, window: int,
+                       image: str | None) -> float:  # fmt: skip
     """Submit `jobs` jobs, at most `window` unfinished at a time; seconds until all succeeded."""
     free = asyncio.Semaphore(window)
     done = asyncio.Event()
     finished = 0
     head = (await (await session.get(f"{url}/readyz")).json())["position"]
-    body = json.dumps({"cluster": "local", "nodeCount": 1, "gpusPerNode": 1,
-                       "stdOutErrPathPrefix": "$AZ_BATCHAI_MOUNT_ROOT/bench",
-                       "customToolkitSettings": {"commandLine": "true"}})  # fmt: skip
+    job: dict[str, Any] = {"cluster": "local", "nodeCount": 1, "gpusPerNode": 1,
+                           "stdOutErrPathPrefix": "$AZ_BATCHAI_MOUNT_ROOT/bench",
+                           "customToolkitSettings": {"commandLine": "true"}}  # fmt: skip
+    if image is not None:
+        job["containerSettings"] = {"imageSourceRegistry": {"image": image}}
+    body = json.dumps(job)
 
     async def watch() -> None:
         nonlocal finished

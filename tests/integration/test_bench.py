@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
+from tests.integration.conftest import IMAGE
 from tests.integration.test_cli import batchd
 
 
@@ -57,5 +59,17 @@ def test_bench_api_submits_through_a_real_daemon_and_finds_every_job_in_the_log(
 def test_bench_e2e_runs_every_job_on_real_agents():
     result = _json("e2e", "--jobs", "40", "--nodes", "2", "--gpus-per-node", "4")
     assert (result["jobs"], result["nodes"], result["gpus_per_node"]) == (40, 2, 4)
-    assert result["jobs_per_s"] > 0
+    assert result["jobs_per_s"] > 0 and result["runtime"] == "process"
     assert result["submit_to_start_p99_ms"] >= result["submit_to_start_p50_ms"] > 0
+
+
+async def test_bench_e2e_runs_jobs_in_containers_on_the_docker_runtime(engine):
+    host = ("--docker-host", f"unix://{engine}")
+    result = await asyncio.to_thread(_json, "e2e", "--jobs", "6", "--nodes", "1",
+                                     "--gpus-per-node", "2", "--runtime", "docker",
+                                     "--image", IMAGE, *host)  # fmt: skip
+    assert (result["jobs"], result["runtime"]) == (6, "docker") and result["jobs_per_s"] > 0
+    done = await asyncio.to_thread(batchd, "bench", "e2e", "--jobs", "1", "--runtime", "docker",
+                                   "--image", "localhost/no-such-image:1", *host)  # fmt: skip
+    assert done.returncode == 1 and done.stderr.startswith("batchd: error: --runtime docker")
+    assert "no-such-image" in done.stderr and "Traceback" not in done.stderr

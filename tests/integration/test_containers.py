@@ -11,13 +11,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.conftest import service_missing
-from tests.integration.conftest import start_daemon
+from tests.integration.conftest import ENGINE, IMAGE, start_daemon
 from tests.integration.test_agents import _until
 from tests.integration.test_api import Client
 
-ENGINE = "/run/podman/podman.sock"
-IMAGE = "localhost/busybox:test"
 EXP = "/v1/workspaces/default/experiments/default"
 GPU_FIELDS = ("Devices", "DeviceRequests")
 
@@ -59,17 +56,7 @@ class RecordingProxy:
 
 
 @pytest.fixture
-async def proxy(tmp_path):
-    try:
-        async with (
-            aiohttp.ClientSession(connector=aiohttp.UnixConnector(ENGINE)) as s,
-            s.get("http://d/v1.41/images/json") as r,
-        ):
-            images = await r.json()
-    except (aiohttp.ClientError, OSError) as exc:
-        service_missing(f"a Docker Engine API at {ENGINE} ({exc})")
-    if not any(IMAGE in (i.get("RepoTags") or ()) for i in images):
-        service_missing(f"the image {IMAGE} (tests/services/ensure.sh makes it)")
+async def proxy(tmp_path, engine):
     recording = RecordingProxy(str(tmp_path / "engine.sock"))
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", recording.handle)
