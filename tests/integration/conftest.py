@@ -16,7 +16,8 @@ IMAGE = "localhost/busybox:test"  # made there from busybox: no registry can be 
 
 async def start_daemon(state_dir, **options) -> Daemon:
     options.setdefault("local_nodes", 0)  # no embedded cluster unless a test asks for one
-    cfg = config.load(None, state=str(state_dir), listen="127.0.0.1:0", **options)
+    options.setdefault("listen", "127.0.0.1:0")
+    cfg = config.load(None, state=str(state_dir), **options)
     daemon = Daemon(cfg)
     try:
         await daemon.start()

@@ -183,6 +183,27 @@ async def test_a_two_node_job_gets_consistent_ranks_hosts_and_master(local):
                      "rank=1 world=2 master=127.0.0.1:29500 task=1"]  # fmt: skip
 
 
+async def test_when_one_task_of_a_two_node_job_fails_the_other_is_killed_and_the_job_fails(local):
+    daemon, client = local
+    pids = daemon.state_dir / "pids"
+    pids.mkdir()
+    script = (f"'if [ $RANK = 1 ]; then sleep 1; exit 5; fi; "
+              f"echo $$ > {pids}/rank0; exec sleep 600'")  # fmt: skip
+    status, _ = await client.call("PUT", f"{EXP}/jobs/gang", {
+        "cluster": "local", "nodeCount": 2, "gpusPerNode": 4,
+        "stdOutErrPathPrefix": "$AZ_BATCHAI_MOUNT_ROOT/logs",
+        "pyTorchSettings": {  # runs on every node: `/bin/sh -c '...'`
+            "pythonInterpreterPath": "/bin/sh", "pythonScriptFilePath": "-c",
+            "commandLineArgs": script},
+    })  # fmt: skip
+    assert status == 201
+    job = await _ended(daemon, client, "gang")
+    assert job["properties"]["state"] == "failed"
+    assert job["properties"]["executionInfo"]["exitCode"] == 5  # the failing task's code
+    survivor = int((pids / "rank0").read_text())
+    await _until(lambda: not alive(survivor), 15)  # killed, not left running
+
+
 async def test_a_killed_agent_loses_its_attempt_which_runs_again_elsewhere_or_after(local):
     daemon, client = local
     await _run(client, "long", "echo attempt $AZ_BATCHAI_JOB_ATTEMPT; sleep 600")
@@ -696,6 +717,46 @@ async def test_a_task_stopped_by_its_agents_lost_lease_is_retried_as_a_node_fail
     await _until(lambda: job.attempt == 2 and job.state == "running", 30)
     assert job.retries == {"node_lost": 1}
     await client.call("POST", f"{EXP}/jobs/cut/terminate")
+
+
+async def test_an_agent_outlives_a_daemon_restart_and_its_task_runs_on(tmp_path, monkeypatch):
+    """The daemon restarts (an upgrade) within the agent's lease: the agent registers again
+    and says what it runs, the new daemon keeps the attempt where it is, and commands it."""
+    monkeypatch.delenv("BATCHD_SECRET_KEYS", raising=False)
+    state, listen = tmp_path / "state", f"127.0.0.1:{_free_port()}"
+    daemon = await start_daemon(state, listen=listen)
+    agent = None
+    pid_file = state / "survivor.pid"
+    try:
+        async with aiohttp.ClientSession() as session:
+            client = Client(session, daemon.url, daemon.admin_token)
+            for path in ("/v1/workspaces/default", EXP):
+                assert (await client.call("PUT", path, {}))[0] == 201
+            document = {"vmSize": "Standard_NC6",
+                        "scaleSettings": {"manual": {"targetNodeCount": 1}}}  # fmt: skip
+            agent = await _agent_on(daemon, client, "keep", document)
+            await _run(client, "survivor", f"echo $$ > {pid_file}; exec sleep 600",
+                       cluster="keep")  # fmt: skip
+            await _until(lambda: pid_file.exists() and pid_file.read_text().strip(), 30)
+        pid = int(pid_file.read_text())
+        await daemon.stop()
+        daemon = await start_daemon(state, listen=listen)
+        nodes = daemon.nodes
+        await _until(lambda: "keep-0" in nodes.seen, 15)  # it found the new daemon
+        await asyncio.sleep(2.5)  # a heartbeat listing the task has been and gone
+        models = daemon.models.models
+        job = models.jobs[models.job_ids["default/default/survivor"][-1]]
+        assert (job.state, job.attempt) == ("running", 1) and alive(pid)
+        async with aiohttp.ClientSession() as session:
+            client = Client(session, daemon.url, daemon.admin_token)
+            await client.call("POST", f"{EXP}/jobs/survivor/terminate")
+        await _until(lambda: not alive(pid), 15)  # the new daemon's KillTask reached it
+        await _until(lambda: job.state == "failed", 15)
+    finally:
+        if agent is not None:
+            agent.terminate()
+            await agent.wait()
+        await daemon.stop()
 
 
 async def test_the_daemon_forgets_node_ids_it_has_no_node_for(local):

@@ -41,3 +41,16 @@ def test_a_command_the_shell_cannot_run_is_told_in_the_shells_words(tmp_path):
                      "found): /bin/sh: 1: trian.py: not found"}  # fmt: skip
     assert "not executable" in _exit_error(("j", 1, 0), 126, spec, False)["message"]
     assert _exit_error(("j", 1, 0), 1, spec, lease_lost=False) is None  # the job's own code
+
+
+async def test_commands_from_a_replaced_daemon_are_dropped(tmp_path):
+    """Each command carries its leader's epoch; once the agent has heard from a newer leader,
+    an older one's commands (still in flight from before a failover) are ignored."""
+    agent = Agent("http://127.0.0.1:1", "t", "n1", "ws/c", Gpus(0), ["process"], tmp_path)
+    started = []
+    agent._task = lambda command, key: started.append(key)  # what a StartTask would run
+    agent._handle({"type": "KillTask", "epoch": 7, "jobId": "j0", "attempt": 1, "task": 0})
+    assert agent.epoch == 7
+    stale = {"type": "StartTask", "epoch": 6, "jobId": "j1", "attempt": 1, "task": 0}
+    agent._handle(stale)
+    assert started == [] and agent.tasks == {} and agent.epoch == 7
