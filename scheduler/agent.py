@@ -401,9 +401,12 @@ class Agent:
             self.free_slots.append(task.pid_file)
         report = {"jobId": job_id, "attempt": attempt, "task": index,
                   "exitCode": result.exit_code}  # fmt: skip
-        error = result.error or _exit_error(key, result.exit_code, task.spec,
-                                            key in self.lease_lost)  # fmt: skip
+        lease_lost = key in self.lease_lost and result.exit_code != 0
         self.lease_lost.discard(key)
+        if lease_lost:  # however it ended (killed before it started, a pull cut short)
+            error = _exit_error(key, result.exit_code, task.spec, lease_lost=True)
+        else:
+            error = result.error or _exit_error(key, result.exit_code, task.spec, False)
         if error:
             report["error"] = error
         self.outbox.put_nowait(self._message("TaskExited", **report))  # its GPUs are free now

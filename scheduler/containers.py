@@ -51,7 +51,7 @@ def create_config(spec: dict[str, Any], command: str, suffix: str, engine: str,
     env = {**(spec.get("env") or {}), "CUDA_VISIBLE_DEVICES": ",".join(visible)}
     if attach_gpus and not gpus:
         env["NVIDIA_VISIBLE_DEVICES"] = "void"
-    host: dict[str, Any] = {"Binds": [f"{p}:{p}" for p in _binds(spec)]}
+    host: dict[str, Any] = {"Binds": _binds(spec)}
     size = shm_bytes(spec.get("shmSize"))
     if size:
         host["ShmSize"] = size
@@ -77,17 +77,25 @@ def create_config(spec: dict[str, Any], command: str, suffix: str, engine: str,
 
 def _binds(spec: dict[str, Any]) -> list[str]:
     """Host directories the task sees at the same paths: the mount root, its job temp, its
-    work directory, its stdouterr directory, its output directories and those of its input
-    directories that exist (each once, the outermost kept)."""
+    work directory, its stdouterr directory and its output directories, read-write, and
+    those of its input directories that exist, read-only (each once, the outermost kept;
+    only the paths the daemon named, never ones from the job's environment)."""
     env = spec.get("env") or {}
     paths = [env.get("AZ_BATCHAI_MOUNT_ROOT"), env.get("AZ_BATCHAI_JOB_TEMP"),
              spec["workDir"], spec["stdouterr"], *output_dirs(spec)]  # fmt: skip
-    paths += [path for name, path in env.items()
-              if name.startswith("AZ_BATCHAI_INPUT_") and path.startswith("/")
-              and os.path.isdir(path)]  # fmt: skip
+    inputs = [str(p) for p in spec.get("inputs") or ()
+              if str(p).startswith("/") and os.path.isdir(p)]  # fmt: skip
+    writable = _outermost([p for p in paths if p], [])
+    readable = _outermost(inputs, writable)  # an input above a writable one: both, nested
+    binds = [(p, "") for p in writable] + [(p, ":ro") for p in readable]
+    return [f"{p}:{p}{mode}" for p, mode in sorted(binds, key=lambda b: len(b[0]))]
+
+
+def _outermost(paths: list[str], within: list[str]) -> list[str]:
+    """`paths` without those that are, or lie inside, another of them or one of `within`."""
     chosen: list[str] = []
-    for path in sorted({p for p in paths if p}, key=len):
-        if not any(path == c or path.startswith(c.rstrip("/") + "/") for c in chosen):
+    for path in sorted(set(paths), key=len):
+        if not any(path == c or path.startswith(c.rstrip("/") + "/") for c in chosen + within):
             chosen.append(path)
     return chosen
 
@@ -101,6 +109,7 @@ class ContainerTask:
         self.docker, self.engine, self.attach_gpus = docker, engine, attach_gpus
         self.container: Any = None
         self.killed = False
+        self.late_kill: asyncio.Future | None = None  # a kill that came while it was created
         self.began = False  # the command (not the preparation) is running
 
     async def run(self, started: asyncio.Event) -> TaskResult:
@@ -157,6 +166,8 @@ class ContainerTask:
         if started is not None:
             self.began = True
             started.set()
+        if self.killed:  # killed while it was being created: kill() found no container then
+            self.late_kill = asyncio.ensure_future(self.kill())
         try:
             status = await self.container.wait(timeout=None)
         except aiodocker.DockerError as exc:

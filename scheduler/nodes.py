@@ -179,6 +179,7 @@ class NodeService:
                 "type": "StartTask", "jobId": job.job_id, "attempt": job.attempt,
                 "task": plan.index, "gpus": list(hosts[plan.index].gpus), "command": plan.command,
                 "env": plan.env, "files": plan.files, "runtime": job.runtime,
+                "inputs": plan.inputs, "outputs": plan.outputs,
                 "image": (container.get("imageSourceRegistry") or {}).get("image"),
                 "shmSize": container.get("shmSize"),
                 "stdouterr": plan.env["AZ_BATCHAI_STDOUTERR_DIR"],

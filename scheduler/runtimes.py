@@ -39,9 +39,9 @@ class TaskResult:
 
 
 def output_dirs(spec: dict[str, Any]) -> list[str]:
-    """The task's output directories ($AZ_BATCHAI_OUTPUT_<ID>)."""
-    return [path for name, path in (spec.get("env") or {}).items()
-            if name.startswith("AZ_BATCHAI_OUTPUT_") and path.startswith("/")]  # fmt: skip
+    """The task's output directories, as the daemon listed them (never read from the
+    environment, which the job's own variables share)."""
+    return [str(p) for p in spec.get("outputs") or () if str(p).startswith("/")]
 
 
 def prepare_directories(spec: dict[str, Any]) -> TaskResult | None:
@@ -95,6 +95,7 @@ class ProcessTask:
         self.began = False  # the command (not the preparation) is running
         self.pid_file = pid_file  # holds the process group while it runs (see reap_leftovers)
         self.execs: set[asyncio.subprocess.Process] = set()  # commands run beside it (exec)
+        self.late_kill: asyncio.Future | None = None  # a kill that came while it started
 
     def _env(self) -> dict[str, str]:
         env = {k: os.environ[k] for k in BASE_ENV if k in os.environ}
@@ -150,6 +151,8 @@ class ProcessTask:
             if started is not None:
                 self.began = self.process is not None
                 started.set()
+        if self.killed:  # killed while it was being started: kill() found no process then
+            self.late_kill = asyncio.ensure_future(self.kill())
         if self.pid_file is not None:
             try:
                 self.pid_file.write_text(process_mark(self.process.pid, task_label(self.spec)))

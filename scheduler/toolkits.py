@@ -78,6 +78,8 @@ class TaskPlan:
     command: str | None
     env: dict[str, str]
     files: dict[str, str] = field(default_factory=dict)  # path -> content, written first
+    inputs: list[str] = field(default_factory=list)  # the job's input directories
+    outputs: list[str] = field(default_factory=list)  # its output directories, made first
 
 
 def output_path(prefix: str, suffix: str | None, job: JobIdentity) -> str:
@@ -114,11 +116,13 @@ def translate(
         "AZ_BATCHAI_STDOUTERR_DIR": stdouterr_dir(expand(properties["stdOutErrPathPrefix"]), job),
         "AZ_BATCHAI_MPI_HOST_FILE": f"{paths.job_temp}/mpi-hostfile",
     }
+    inputs, outputs = [], []
     for item in properties.get("inputDirectories", ()):
-        base[f"AZ_BATCHAI_INPUT_{item['id'].upper()}"] = expand(item["path"])
+        inputs.append(expand(item["path"]))
+        base[f"AZ_BATCHAI_INPUT_{item['id'].upper()}"] = inputs[-1]
     for item in properties.get("outputDirectories", ()):
-        path = output_path(expand(item["pathPrefix"]), item.get("pathSuffix"), job)
-        base[f"AZ_BATCHAI_OUTPUT_{item['id'].upper()}"] = path
+        outputs.append(output_path(expand(item["pathPrefix"]), item.get("pathSuffix"), job))
+        base[f"AZ_BATCHAI_OUTPUT_{item['id'].upper()}"] = outputs[-1]
     ours = dict(base)  # the job's own variables cannot move its paths
     for item in properties.get("environmentVariables", ()):
         base[item["name"]] = item["value"]
@@ -138,7 +142,7 @@ def translate(
             env.update(MASTER_ADDR=hosts[0].address, MASTER_PORT=str(_master_port(hosts)),
                        WORLD_SIZE=str(nodes), RANK=str(index))  # fmt: skip
         files = {env["AZ_BATCHAI_MPI_HOST_FILE"]: hostfile}
-        plans.append(TaskPlan(index, host.node_id, commands[index], env, files))
+        plans.append(TaskPlan(index, host.node_id, commands[index], env, files, inputs, outputs))
     return plans
 
 

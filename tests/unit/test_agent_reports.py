@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 import time
 
-from batchd.scheduler import protocol
+from batchd.scheduler import protocol, runtimes
 from batchd.scheduler.agent import LEASE_TIMEOUT, Agent, Gpus, _exit_error
+from batchd.scheduler.runtimes import TaskResult
 
 
 class StubbornTask:
@@ -54,3 +55,44 @@ async def test_commands_from_a_replaced_daemon_are_dropped(tmp_path):
     stale = {"type": "StartTask", "epoch": 6, "jobId": "j1", "attempt": 1, "task": 0}
     agent._handle(stale)
     assert started == [] and agent.tasks == {} and agent.epoch == 7
+
+
+class CutShort:
+    """A task the lease's kill reached before its command ran (during an image pull, say)."""
+
+    def __init__(self, spec: dict) -> None:
+        self.spec, self.killed, self.began = spec, True, False
+
+    async def run(self, started: asyncio.Event) -> TaskResult:
+        started.set()
+        return TaskResult(None, {"code": "killed", "message": "killed before it started"})
+
+
+async def test_a_task_the_lease_stopped_before_it_started_is_still_the_nodes_doing(tmp_path):
+    agent = Agent("http://127.0.0.1:1", "t", "n1", "ws/c", Gpus(0), ["process"], tmp_path)
+    key = ("j1", 1, 0)
+    spec = {"jobId": "j1", "attempt": 1, "task": 0, "stdouterr": str(tmp_path),
+            "workDir": str(tmp_path / "w"), "env": {}}  # fmt: skip
+    agent.lease_lost.add(key)
+    await agent._run_task(key, CutShort(spec))
+    [report] = [agent.outbox.get_nowait() for _ in range(agent.outbox.qsize())]
+    assert report["type"] == "TaskExited" and report["exitCode"] is None
+    assert report["error"]["code"] == protocol.LEASE_EXPIRED and not agent.lease_lost
+
+
+async def test_a_kill_that_comes_while_the_process_is_being_started_still_stops_it(
+    tmp_path, monkeypatch
+):
+    spec = {"jobId": "j1", "attempt": 1, "task": 0, "stdouterr": str(tmp_path),
+            "workDir": str(tmp_path / "w"), "env": {}, "command": "exec sleep 600"}  # fmt: skip
+    task = runtimes.ProcessTask(spec)
+    real_start = runtimes._start
+
+    async def start_and_be_killed_meanwhile(*command, **options):
+        process = await real_start(*command, **options)
+        await task.kill()  # the KillTask (or the lease) arrives before _start has returned
+        return process
+
+    monkeypatch.setattr(runtimes, "_start", start_and_be_killed_meanwhile)
+    result = await asyncio.wait_for(task.run(asyncio.Event()), 30)
+    assert result.exit_code == 128 + 15  # SIGTERM: stopped, not left to sleep

@@ -33,18 +33,20 @@ def test_docker_gets_device_requests_and_podman_cdi_names():
     assert {"CUDA_VISIBLE_DEVICES=", "NVIDIA_VISIBLE_DEVICES=void"} <= set(none["Env"])
 
 
-def test_binds_output_directories_and_the_input_directories_there_are(tmp_path):
+def test_binds_output_directories_and_the_input_directories_there_are_read_only(tmp_path):
     data = tmp_path / "data"
-    data.mkdir()
-    env = {**SPEC["env"], "AZ_BATCHAI_INPUT_DATA": str(data),
-           "AZ_BATCHAI_INPUT_GONE": str(tmp_path / "gone"),
-           "AZ_BATCHAI_OUTPUT_MODEL": "/srv/out/model",
-           "AZ_BATCHAI_OUTPUT_LOGS": "/mnt/batch/logs/x"}  # fmt: skip
-    config = create_config({**SPEC, "env": env}, "train", "", "docker", attach_gpus=False)
-    binds = config["HostConfig"]["Binds"]
-    assert f"{data}:{data}" in binds and "/srv/out/model:/srv/out/model" in binds
+    (data / "out").mkdir(parents=True)
+    spec = {**SPEC, "inputs": [str(data), str(tmp_path / "gone")],
+            "outputs": ["/srv/out/model", "/mnt/batch/logs/x", str(data / "out")],
+            "env": {**SPEC["env"], "AZ_BATCHAI_INPUT_ETC": "/etc",  # the job's own variables
+                    "AZ_BATCHAI_OUTPUT_KEYS": "/root/.ssh"}}  # fmt: skip
+    binds = create_config(spec, "train", "", "docker", attach_gpus=False)["HostConfig"]["Binds"]
+    assert f"{data}:{data}:ro" in binds and "/srv/out/model:/srv/out/model" in binds
+    assert f"{data}/out:{data}/out" in binds  # writable inside the read-only input
+    assert binds.index(f"{data}:{data}:ro") < binds.index(f"{data}/out:{data}/out")
     assert not any("gone" in b for b in binds)  # an input that is not there is not bound
     assert not any(b.startswith("/mnt/batch/logs") for b in binds)  # under the mount root
+    assert not any(b.startswith(("/etc", "/root")) for b in binds)  # only what the daemon named
 
 
 def test_binds_the_job_paths_once_each_and_sizes_shared_memory():
