@@ -447,15 +447,18 @@ def _exit_error(key: TaskKey, code: int | None, spec: dict[str, Any],
         return {"code": protocol.LEASE_EXPIRED, "message": (
             f"task {index} was stopped: its node lost touch with the daemon for more than "
             f"{LEASE_TIMEOUT:.0f} s")}  # fmt: skip
-    if code in (126, 127):
+    if code in (126, 127):  # the shell's codes, unless the job chose them: check its words
         lines = _tail(Path(spec["stdouterr"]) / "stderr.txt", 500).strip().splitlines()
-        said = f": {lines[-1][:300]}" if lines else ""
-        reason = "not found" if code == 127 else "not executable"
-        return {
-            "code": "cannot_start",
-            "message": f"task {index} exited with {code} (command {reason}){said}",
-        }
+        said = lines[-1][:300] if lines else ""
+        if any(words in said for words in SHELL_CANNOT_RUN):
+            reason = "not found" if code == 127 else "not executable"
+            message = f"task {index} exited with {code} (command {reason}): {said}"
+            return {"code": "cannot_start", "message": message}
     return None
+
+
+# how /bin/sh (dash, bash, busybox) says it cannot run a command
+SHELL_CANNOT_RUN = ("not found", "Permission denied", "cannot execute", "Is a directory")
 
 
 def _tail(path: Path, size: int = 2000) -> str:

@@ -200,6 +200,10 @@ class NodeService:
                 self._authorize(principal, msg["node"])
                 if msg["type"] == "Register" and msg.get("address") is None:
                     msg = {**msg, "address": request.remote or ""}  # where it connects from
+                if msg["type"] == "Register" and isinstance(msg.get("address"), str):
+                    msg = {**msg, "address": msg["address"].strip("[]")}  # [::1] is ::1
+                if msg["type"] == "Register" and isinstance(msg.get("address"), str):
+                    msg = {**msg, "address": msg["address"].strip("[]")}  # [::1] is ::1
                 checked.append(msg)
             await self._handle_all(checked, principal)
         except protocol.ProtocolError as exc:

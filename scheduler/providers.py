@@ -52,6 +52,12 @@ class Provider(Protocol):
     async def stop(self) -> None: ...
 
 
+def _index(node_id: str) -> int:
+    """A local node's number (`local-3` is 3; an id of another form sorts first)."""
+    number = node_id.rpartition("-")[2]
+    return int(number) if number.isdigit() else -1
+
+
 class LocalProvider:
     def __init__(self, control: Control, url: str, state_dir: Path, nodes: int,
                  gpus_per_node: int, runtimes: str = "process",
@@ -130,17 +136,26 @@ class LocalProvider:
             node = m.nodes.get(node_id)
             if node is not None and node.state == LEAVING:  # drained, and wanted again
                 await self._node_event(node_id, "NodeRecovered", LEAVING)
-        for node_id in [n for n in self.processes if int(n.rsplit("-", 1)[1]) >= target]:
+        cluster = m.clusters.get(m.cluster_ids.get(f"{WORKSPACE}/{CLUSTER}", ""))
+        logged = cluster.nodes if cluster is not None else []  # also those of a previous run
+        for node_id in sorted({*self.processes, *logged}):
+            if _index(node_id) < target:
+                continue
             node = m.nodes.get(node_id)
             if node is not None and node.allocations:
                 await self._node_event(node_id, "NodeDrainRequested", READY)
                 continue  # stopped once it runs nothing
-            await self._stop(self.processes.pop(node_id))
+            process = self.processes.pop(node_id, None)
+            if process is not None:
+                await self._stop(process)
             if node is not None:
                 await self._node_event(node_id, "NodeRemoved", node.state)
 
     async def _node_event(self, node_id: str, type_: str, when: str) -> None:
         """Append `type_` for the node if it is (still) in state `when`."""
+        node = self.control.models.nodes.get(node_id)
+        if node is None or node.state != when:
+            return  # most cycles: nothing to do, and no need to take the node's lock
 
         def decide(m: ReadModels) -> list:
             node = m.nodes.get(node_id)

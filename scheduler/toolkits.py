@@ -44,6 +44,7 @@ from typing import Any
 
 MASTER_PORT = 29500  # torch.distributed rendezvous on the master node, + its first GPU
 PS_PORT = 2222  # TensorFlow parameter servers (+ 200 per first GPU); workers 100 above
+TF_PER_NODE = 100  # TensorFlow processes of each kind a node has ports for
 MPIRUN = "mpirun --allow-run-as-root --hostfile $AZ_BATCHAI_MPI_HOST_FILE"
 
 
@@ -222,7 +223,12 @@ def _master_port(hosts: list[Host]) -> int:
 
 
 def _tf_address(host: Host, number: int) -> str:
-    return f"{host.address}:{PS_PORT + 200 * _offset(host) + number}"
+    return _endpoint(host.address, PS_PORT + 200 * _offset(host) + number)
+
+
+def _endpoint(address: str, port: int) -> str:
+    """HOST:PORT, with an IPv6 address in brackets."""
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
 def _every_node(settings, hosts):
@@ -230,7 +236,8 @@ def _every_node(settings, hosts):
 
 
 def _pytorch(settings, hosts):
-    init = {"AZ_BATCHAI_PYTORCH_INIT_METHOD": f"tcp://{hosts[0].address}:{_master_port(hosts)}"}
+    master = _endpoint(hosts[0].address, _master_port(hosts))
+    init = {"AZ_BATCHAI_PYTORCH_INIT_METHOD": f"tcp://{master}"}
     if settings.get("communicationBackend") == "MPI":
         commands, _ = _mpi_or_direct(_python(settings), settings, hosts)
         return commands, [dict(init) for _ in hosts]
@@ -246,6 +253,9 @@ def _tensorflow(settings, hosts):
     if nodes == 1 and workers <= 1:
         args = settings.get("masterCommandLineArgs") or settings.get("workerCommandLineArgs")
         return [" ".join(p for p in (interpreter, script, args) if p)], [{}]
+    if max(parameter_servers, workers) > TF_PER_NODE * nodes:
+        raise ValueError(f"at most {TF_PER_NODE} parameter servers and {TF_PER_NODE} workers "
+                         "a node: each node has that many ports for each")  # fmt: skip
     ps = [(i % nodes, _tf_address(hosts[i % nodes], i // nodes))
           for i in range(parameter_servers)]  # fmt: skip
     worker = [(i % nodes, _tf_address(hosts[i % nodes], 100 + i // nodes))

@@ -42,6 +42,8 @@ def test_a_command_the_shell_cannot_run_is_told_in_the_shells_words(tmp_path):
                      "found): /bin/sh: 1: trian.py: not found"}  # fmt: skip
     assert "not executable" in _exit_error(("j", 1, 0), 126, spec, False)["message"]
     assert _exit_error(("j", 1, 0), 1, spec, lease_lost=False) is None  # the job's own code
+    (tmp_path / "stderr.txt").write_text("giving up: the data set is empty\n")
+    assert _exit_error(("j", 1, 0), 127, spec, lease_lost=False) is None  # its own 127
 
 
 async def test_commands_from_a_replaced_daemon_are_dropped(tmp_path):

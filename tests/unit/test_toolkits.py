@@ -6,6 +6,8 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from batchd.scheduler.jobspec import parse_job
 from batchd.scheduler.toolkits import Host, JobIdentity, Paths, translate
 
@@ -115,3 +117,21 @@ def test_jobs_sharing_a_node_get_their_own_ports_from_the_gpus_they_hold():
     tf = plans("TensorFlow__TensorFlow-GPU-Distributed__job.json", beside)
     assert tf[0].env["AZ_BATCHAI_PS_HOSTS"] == "10.0.0.4:2622"  # 2222 + 200 x GPU 2
     assert tf[0].env["AZ_BATCHAI_WORKER_HOSTS"] == "10.0.0.4:2722,10.0.0.5:3522"
+
+
+def test_ipv6_addresses_are_bracketed_where_a_port_follows():
+    hosts = [Host("n0", "fd00::4", (0,)), Host("n1", "fd00::5", (0,))]
+    for plan in plans("PyTorch__PyTorch-GPU-Distributed-Gloo__job.json", hosts):
+        assert plan.env["AZ_BATCHAI_PYTORCH_INIT_METHOD"] == "tcp://[fd00::4]:29500"
+        assert plan.env["MASTER_ADDR"] == "fd00::4"  # an address alone stays as it is
+    tf = plans("TensorFlow__TensorFlow-GPU-Distributed__job.json", hosts)
+    assert tf[0].env["AZ_BATCHAI_PS_HOSTS"] == "[fd00::4]:2222"
+
+
+def test_more_tensorflow_processes_a_node_than_it_has_ports_for_are_refused():
+    properties = parse_job(
+        json.loads((RECIPES / "TensorFlow__TensorFlow-GPU-Distributed__job.json").read_text())
+    ).properties
+    settings = {**properties["tensorFlowSettings"], "workerCount": 201}
+    with pytest.raises(ValueError, match="at most 100 parameter servers and 100 workers"):
+        translate({**properties, "tensorFlowSettings": settings}, JOB, HOSTS, PATHS)
