@@ -24,7 +24,7 @@ from batchd.events import errors, jsonform
 from batchd.events.secrets import Keyring, mask_paths
 from batchd.events.store import EventStore
 from batchd.events.timeutil import parse_iso, to_iso
-from batchd.events.types import JOB_SECRET_PATHS
+from batchd.events.types import JOB_SECRET_PATHS, VOCABULARY
 from batchd.projections import history, lifecycle, views
 from batchd.projections.model import (
     EXECUTION_STATE,
@@ -870,6 +870,7 @@ async def event_stream(request: web.Request) -> web.StreamResponse:
         after = int(resume)
     else:
         after = _int_query(request, "after", 0)
+    wanted = _event_types(request)
     response = web.StreamResponse(headers={
         "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
     })  # fmt: skip
@@ -892,7 +893,9 @@ async def event_stream(request: web.Request) -> web.StreamResponse:
                 continue
             events = pending.result()
             pending = None
-            await response.write("".join(_sse(event) for event in events).encode())
+            text = "".join(_sse(e) for e in events if wanted is None or e.type in wanted)
+            if text:
+                await response.write(text.encode())
     except (ConnectionResetError, asyncio.CancelledError):
         pass
     finally:
@@ -904,6 +907,19 @@ async def event_stream(request: web.Request) -> web.StreamResponse:
         with contextlib.suppress(Exception):
             await pages.aclose()
     return response
+
+
+def _event_types(request: web.Request) -> frozenset[str] | None:
+    """`?type=A,B`: only events of those types (None: every event)."""
+    given = request.query.get("type")
+    if given is None:
+        return None
+    names = frozenset(n.strip() for n in given.split(",") if n.strip())
+    unknown = sorted(n for n in names if n not in VOCABULARY)
+    if not names or unknown:
+        raise DocumentError("type", f"unknown event types {unknown}" if unknown else
+                            "name one event type or more, comma-separated")  # fmt: skip
+    return names
 
 
 def _sse(event) -> str:

@@ -768,7 +768,8 @@ def admin_paths() -> dict[str, Schema]:
                                    (TOP,))},
         "/v1/events/stream": {"get": operation(
             "streamEvents", "events as Server-Sent Events", stream,
-            params=(query("after", position(), "start after this position"), last_event),
+            params=(query("after", position(), "start after this position"), last_event,
+                    query("type", text(), "only events of these types (comma-separated)")),
         )},
         "/v1/replay": {"get": read("replay", "the world as of a time or position", "Replay",
                                    replay_params)},

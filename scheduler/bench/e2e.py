@@ -120,7 +120,7 @@ async def _closed_loop(session: aiohttp.ClientSession, url: str, jobs: int, wind
 
     async def watch() -> None:
         nonlocal finished
-        stream = f"{url}/v1/events/stream?after={head}"
+        stream = f"{url}/v1/events/stream?after={head}&type=JobSucceeded,JobFailed"
         tail = b""  # the end of the previous chunk, where a line may have been cut
         async with session.get(stream, timeout=aiohttp.ClientTimeout(total=None)) as response:
             async for chunk in response.content.iter_any():  # the events a write carried

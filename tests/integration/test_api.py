@@ -135,11 +135,12 @@ async def test_many_concurrent_submissions_are_all_accepted_once(client, api):
     assert sorted(names) == sorted(f"j{n}" for n in range(20))
 
 
-async def _sse(client: Client, headers: dict, count: int) -> list[tuple[int, str, dict]]:
+async def _sse(client: Client, headers: dict, count: int,
+               query: str = "") -> list[tuple[int, str, dict]]:  # fmt: skip
     """The first `count` events of the stream: (id, event type, data)."""
     out: list[tuple[int, str, dict]] = []
     fields: dict[str, str] = {}
-    async with client.session.get(client.url + "/v1/events/stream",
+    async with client.session.get(client.url + "/v1/events/stream" + query,
                                   headers={**client.headers, **headers}) as response:  # fmt: skip
         assert response.status == 200
         assert response.headers["Content-Type"].startswith("text/event-stream")
@@ -168,6 +169,20 @@ async def test_the_event_stream_resumes_after_last_event_id_without_loss_or_repe
     assert [p for p, _t, _d in rest] == list(range(4, head + 1))
     _status, listed = await client.call("GET", f"/v1/events?after=3&top={len(rest)}")
     assert [(e["position"], e["type"]) for e in listed["value"]] == [(p, t) for p, t, _ in rest]
+
+
+async def test_the_event_stream_sends_only_the_types_asked_for(client, api):
+    await seed(client)
+    for n in range(3):
+        await client.call("PUT", f"{EXP}/jobs/j{n}", JOB)
+    submitted = await asyncio.wait_for(_sse(client, {}, 3, "?type=JobSubmitted"), 10)
+    assert [t for _p, t, _d in submitted] == ["JobSubmitted"] * 3
+    assert [d["data"]["name"] for _p, _t, d in submitted] == ["j0", "j1", "j2"]
+    for wrong in ("?type=JobExploded", "?type=,"):
+        async with client.session.get(client.url + "/v1/events/stream" + wrong,
+                                      headers=client.headers) as response:  # fmt: skip
+            assert response.status == 400
+            assert (await response.json())["error"]["details"][0]["name"] == "type"
 
 
 async def test_output_files_are_listed_and_read_by_range_as_they_grow(client, api):
