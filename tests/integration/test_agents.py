@@ -343,6 +343,50 @@ async def test_resizing_down_drains_a_busy_node_which_takes_no_new_work_then_lea
         await client.call("POST", f"{EXP}/jobs/{name}/terminate")
 
 
+async def test_a_draining_node_a_stopped_daemon_left_is_lost_then_removed(tmp_path, monkeypatch):
+    """The daemon stops while an extra node drains; its agent stops with it. The next daemon
+    runs no agent for that node: the node falls silent, is lost (its attempt requeued as a
+    node failure), and is then removed from the cluster."""
+    monkeypatch.delenv("BATCHD_SECRET_KEYS", raising=False)
+    state = tmp_path / "state"
+    cluster = "/v1/workspaces/default/clusters/local"
+    daemon = await start_daemon(state, local_nodes=2)
+    models = daemon.models.models
+
+    def job(name: str):
+        return models.jobs[models.job_ids[f"default/default/{name}"][-1]]
+
+    try:
+        async with aiohttp.ClientSession() as session:
+            client = Client(session, daemon.url, daemon.admin_token)
+            await _until(lambda: _ready_nodes(daemon) == 2, 30)
+            body = {"scaleSettings": {"manual": {"targetNodeCount": 3}}}
+            assert (await client.call("PATCH", cluster, body))[0] == 200
+            await _until(lambda: _ready_nodes(daemon) == 3, 30)
+            for name, gpus in (("w0", 4), ("w1", 4), ("w2", 2)):  # w2 goes to local-2
+                await _run(client, name, "sleep 600", gpusPerNode=gpus)
+            await _until(lambda: job("w2").state == "running", 30)
+            assert job("w2").tasks[0][0] == "local-2"
+            body = {"scaleSettings": {"manual": {"targetNodeCount": 2}}}
+            assert (await client.call("PATCH", cluster, body))[0] == 200
+            await _until(lambda: models.nodes["local-2"].state == "leaving", 30)
+    finally:
+        await daemon.stop()
+    daemon = await start_daemon(state, local_nodes=2)
+    models = daemon.models.models
+    try:
+        await _until(lambda: "local-2" not in models.nodes, 40)  # grace, silence, lost, gone
+        assert sorted(models.clusters[models.cluster_ids["default/local"]].nodes) == [
+            "local-0", "local-1"]  # fmt: skip
+        assert job("w2").retries == {"node_lost": 1}  # requeued as a node failure
+    finally:
+        async with aiohttp.ClientSession() as session:
+            client = Client(session, daemon.url, daemon.admin_token)
+            for name in ("w0", "w1", "w2"):
+                await client.call("POST", f"{EXP}/jobs/{name}/terminate")
+        await daemon.stop()
+
+
 async def test_the_setup_task_runs_before_a_node_takes_work_and_its_failure_is_shown(local):
     daemon, client = local
     models = daemon.models.models
