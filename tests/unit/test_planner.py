@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import uuid
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from batchd.events.envelope import RecordedEvent
@@ -386,3 +386,57 @@ def test_a_gang_beyond_lowered_scale_settings_says_the_cluster_is_too_small():
     auto = {"autoScale": {"minimumNodeCount": 0, "maximumNodeCount": 4}}
     w.apply("ClusterScaleSettingsChanged", clusterId="c", scaleSettings=auto)
     assert reasons(w.plan())[gang] == {"code": "gang_incomplete", "need_nodes": 3}
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(
+    sizes=st.lists(st.sampled_from([0, 2, 2, 4]), min_size=1, max_size=3),
+    steps=st.lists(
+        st.one_of(
+            st.tuples(
+                st.just("submit"),
+                st.integers(0, 4),
+                st.integers(1, 2),
+                st.sampled_from([-500, 0, 500]),
+            ),
+            st.tuples(st.just("end"), st.integers(0, 30)),
+            st.just(("plan",)),
+        ),
+        max_size=40,
+    ),
+)
+@example(sizes=[2], steps=[("submit", 0, 1, 0), ("plan",), ("submit", 1, 1, 0), ("plan",)])
+def test_whole_node_and_gpu_jobs_never_share_what_they_hold(sizes, steps):
+    """Jobs needing no GPU (a whole idle node) and GPU jobs, on nodes with and without GPUs,
+    submitted, placed and ended in any order: no GPU is held twice, a node held whole holds
+    nothing else, and the nodes' allocations are exactly what the live attempts hold."""
+    w = World()
+    w.apply("ClusterCreated", clusterId="c", workspace="ws", name="c", spec={"vmSize": "x"})
+    for i, gpus in enumerate(sizes):
+        w.apply("NodeRegistered", nodeId=f"c-n{i}", cluster="c", gpus=gpus)
+        w.apply("NodeSetupSucceeded", nodeId=f"c-n{i}")
+    jobs = w.models.jobs
+    for step in steps:
+        if step[0] == "submit":
+            w.job(gpus=step[1], nodes=step[2], priority=step[3])
+        elif step[0] == "end":
+            holding = sorted(j for j, job in jobs.items() if job.state == "scheduled")
+            if holding:
+                job = jobs[holding[step[1] % len(holding)]]
+                w.apply("JobStarted", jobId=job.job_id, attempt=job.attempt)
+                w.apply("JobSucceeded", jobId=job.job_id, attempt=job.attempt, exitCode=0)
+        else:
+            w.plan()
+        held: dict[str, list[list[int]]] = {}
+        for job in jobs.values():
+            if job.state in ("scheduled", "running"):
+                for node_id, gpus in job.tasks:
+                    held.setdefault(node_id, []).append(list(gpus))
+        for node_id, node in w.models.nodes.items():
+            tasks = held.get(node_id, [])
+            used = [g for gpus in tasks for g in gpus]
+            assert len(used) == len(set(used)) and all(0 <= g < node.gpus for g in used)
+            assert all(gpus or len(tasks) == 1 for gpus in tasks), (node_id, tasks)
+            assert all(gpus for gpus in tasks) or not used  # nothing beside a whole node
+            assert set(node.allocations) == ({str(g) for g in used} if used else
+                                             {"*"} if tasks else set())  # fmt: skip
