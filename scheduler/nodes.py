@@ -198,12 +198,8 @@ class NodeService:
             for msg in messages:
                 msg = protocol.check(msg, protocol.AGENT_MESSAGES)
                 self._authorize(principal, msg["node"])
-                if msg["type"] == "Register" and msg.get("address") is None:
-                    msg = {**msg, "address": request.remote or ""}  # where it connects from
-                if msg["type"] == "Register" and isinstance(msg.get("address"), str):
-                    msg = {**msg, "address": msg["address"].strip("[]")}  # [::1] is ::1
-                if msg["type"] == "Register" and isinstance(msg.get("address"), str):
-                    msg = {**msg, "address": msg["address"].strip("[]")}  # [::1] is ::1
+                if msg["type"] == "Register":
+                    msg = _with_address(msg, request.remote)
                 checked.append(msg)
             await self._handle_all(checked, principal)
         except protocol.ProtocolError as exc:
@@ -535,6 +531,15 @@ def _fail(m: ReadModels, job_id: str, attempt: int, error: dict[str, str]) -> li
         return []
     data = {"jobId": job_id, "attempt": attempt, "error": error}
     return [(f"job-{job_id}", NewEvent("JobFailed", data))]
+
+
+def _with_address(msg: dict[str, Any], remote: str | None) -> dict[str, Any]:
+    """A Register with the node's address: the one it gives (`[::1]` taken as `::1`), else
+    the one it connects from."""
+    address = msg.get("address")
+    if address is None:
+        return {**msg, "address": remote or ""}
+    return {**msg, "address": address.strip("[]")} if isinstance(address, str) else msg
 
 
 def _address(m: ReadModels, node_id: str) -> str:

@@ -118,10 +118,12 @@ if [ "$gpus" -ge 2 ]; then
     [ "$(batchd job show hold --json 2>/dev/null | field state 2>/dev/null)" = running ] && break
     sleep 0.2
   done
+  [ "$(batchd job show hold --json | field state)" = running ] || fail "hold did not start"
 fi
 echo "== 2. a job with gpusPerNode 1"
 run gpus-1 1
 if [ "$gpus" -ge 2 ]; then
+  [ "$(logged_gpus gpus-1)" != "$(logged_gpus hold)" ] || fail "gpus-1 got the held GPU"
   batchd job terminate hold
   batchd job wait hold --timeout 60 >/dev/null || true
 fi

@@ -1,10 +1,17 @@
 """`api`: a real daemon (HTTP API, planner, read models) in the test's event loop, on a
-SQLite log in a temporary state directory, listening on a free port of 127.0.0.1."""
+SQLite log in a temporary state directory, listening on a free port of 127.0.0.1. `engine`
+and `proxy`: the Docker Engine API of tests/services (podman), and a proxy in front of it that
+records what was asked of it."""
 
 from __future__ import annotations
 
+import json
+import shutil
+import tempfile
+
 import aiohttp
 import pytest
+from aiohttp import web
 
 from batchd.scheduler import config
 from batchd.scheduler.daemon import Daemon
@@ -51,3 +58,61 @@ async def engine():
     if not any(IMAGE in (i.get("RepoTags") or ()) for i in images):
         service_missing(f"the image {IMAGE} (tests/services/ensure.sh makes it)")
     return ENGINE
+
+
+GPU_FIELDS = ("Devices", "DeviceRequests")
+
+
+class RecordingProxy:
+    """Forwards every request to the engine and keeps what was asked. The engine here has no
+    GPUs, so the GPU attachment is recorded and then left out of what is forwarded."""
+
+    def __init__(self, socket_path: str) -> None:
+        self.socket_path = socket_path
+        self.requests: list[tuple[str, str, object]] = []
+        self.session = aiohttp.ClientSession(connector=aiohttp.UnixConnector(ENGINE))
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        document = json.loads(body) if body and request.content_type == "application/json" else None
+        self.requests.append((request.method, request.path, document))
+        if request.path.endswith("/containers/create") and isinstance(document, dict):
+            host = {k: v for k, v in document.get("HostConfig", {}).items() if k not in GPU_FIELDS}
+            body = json.dumps({**document, "HostConfig": host}).encode()
+        headers = {k: v for k, v in request.headers.items()
+                   if k.lower() not in ("host", "content-length", "transfer-encoding")}  # fmt: skip
+        forever = aiohttp.ClientTimeout(total=None)  # `wait` answers when the container exits
+        async with self.session.request(request.method, f"http://d{request.path_qs}",
+                                        data=body or None, headers=headers,
+                                        timeout=forever) as upstream:  # fmt: skip
+            response = web.StreamResponse(status=upstream.status, headers={
+                k: v for k, v in upstream.headers.items()
+                if k.lower() not in ("content-length", "transfer-encoding", "content-encoding")
+            })  # fmt: skip
+            await response.prepare(request)
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+
+    def creates(self) -> list[dict]:
+        return [d for m, p, d in self.requests if p.endswith("/containers/create")]
+
+
+@pytest.fixture
+async def proxy(engine):
+    """A recording proxy in front of the engine (its socket in a short path: a unix socket's
+    path has at most 107 bytes)."""
+    folder = tempfile.mkdtemp(prefix="batchd-engine-")
+    recording = RecordingProxy(f"{folder}/engine.sock")
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", recording.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.UnixSite(runner, recording.socket_path).start()
+    try:
+        yield recording
+    finally:
+        await runner.cleanup()
+        await recording.session.close()
+        shutil.rmtree(folder, ignore_errors=True)

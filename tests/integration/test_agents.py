@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 
 from batchd.scheduler import protocol
+from batchd.scheduler.agent import HEARTBEAT_INTERVAL
 from batchd.scheduler.control import token_file
 from tests.integration.conftest import start_daemon
 from tests.integration.test_api import Client
@@ -148,20 +149,15 @@ async def test_a_process_that_leaves_the_tasks_group_is_killed_when_the_task_end
 
 async def test_what_a_task_leaves_in_its_group_is_killed_and_reaped(local):
     daemon, client = local
-    await _run(client, "forks", "sleep 300 & sleep 300 & sleep 0.3")
+    pids = daemon.state_dir / "left.pids"
+    await _run(client, "forks", f"sleep 300 & echo $! >> {pids}; sleep 300 & echo $! >> {pids}; "
+               "sleep 0.3")  # fmt: skip
     job = await _ended(daemon, client, "forks")
     assert job["properties"]["state"] == "succeeded"
-    agents = [p.pid for p in daemon.providers[0].processes.values()]
-
-    def zombies() -> list[int]:
-        found = []
-        for agent in agents:
-            for thread in os.listdir(f"/proc/{agent}/task"):
-                with open(f"/proc/{agent}/task/{thread}/children") as handle:
-                    found += [int(p) for p in handle.read().split() if not alive(int(p))]
-        return found
-
-    await _until(lambda: not zombies(), 10)  # the agents inherit them and reap them
+    left = [int(p) for p in pids.read_text().split()]
+    assert len(left) == 2
+    # no /proc entry: killed, and reaped by the agent that inherited them (not zombies)
+    await _until(lambda: not any(os.path.exists(f"/proc/{p}") for p in left), 10)
 
 
 async def test_a_two_node_job_gets_consistent_ranks_hosts_and_master(local):
@@ -187,8 +183,8 @@ async def test_when_one_task_of_a_two_node_job_fails_the_other_is_killed_and_the
     daemon, client = local
     pids = daemon.state_dir / "pids"
     pids.mkdir()
-    script = (f"'if [ $RANK = 1 ]; then sleep 1; exit 5; fi; "
-              f"echo $$ > {pids}/rank0; exec sleep 600'")  # fmt: skip
+    script = (f"'if [ $RANK = 1 ]; then while [ ! -s {pids}/rank0 ]; do sleep 0.05; done; "
+              f"exit 5; fi; echo $$ > {pids}/rank0; exec sleep 600'")  # fmt: skip
     status, _ = await client.call("PUT", f"{EXP}/jobs/gang", {
         "cluster": "local", "nodeCount": 2, "gpusPerNode": 4,
         "stdOutErrPathPrefix": "$AZ_BATCHAI_MOUNT_ROOT/logs",
@@ -550,15 +546,18 @@ async def test_output_the_daemon_cannot_read_is_served_by_the_jobs_node(local, t
 async def test_output_on_the_node_can_be_followed_while_the_job_runs(local, tmp_path):
     _daemon, client = local
     node_local = tmp_path / "node-local-disk"  # not on the daemon's storage
-    await _run(client, "chatty", "for i in 1 2 3 4; do echo line $i; sleep 0.3; done",
-               stdOutErrPathPrefix=str(node_local))  # fmt: skip
+    go = tmp_path / "go"
+    await _run(client, "chatty", f"echo line 1; while [ ! -e {go} ]; do sleep 0.05; done; "
+               "echo line 2", stdOutErrPathPrefix=str(node_local))  # fmt: skip
     out = node_local / "default/default/chatty/1/stdouterr/stdout.txt"
     await _until(lambda: out.exists() and out.read_text().startswith("line 1"), 30)
     url = client.url + f"{EXP}/jobs/chatty/files/stdout.txt?follow=true"
     async with client.session.get(url, headers=client.headers) as r:
         assert r.status == 200
-        streamed = await asyncio.wait_for(r.text(), 30)  # ends when the job has ended
-    assert streamed == "line 1\nline 2\nline 3\nline 4\n"
+        first = await asyncio.wait_for(r.content.readline(), 10)  # while the job still runs
+        go.touch()
+        rest = await asyncio.wait_for(r.text(), 30)  # ends when the job has ended
+    assert (first, rest) == (b"line 1\n", "line 2\n")
     job = (await client.call("GET", f"{EXP}/jobs/chatty"))[1]
     assert job["properties"]["state"] == "succeeded"
 
@@ -621,16 +620,26 @@ async def test_a_preempted_jobs_task_is_killed_before_its_gpu_is_reused(local):
         await agent.wait()
 
 
+def _local_token(daemon, node_id: str) -> str:
+    """A local node's own agent credential."""
+    return (daemon.state_dir / "nodes" / node_id / "agent.token").read_text().strip()
+
+
+async def _post(daemon, client: Client, token: str, *messages) -> int:
+    """Agent messages in one body, as the agent sends them; the HTTP status."""
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": protocol.CONTENT_TYPE}
+    async with client.session.post(daemon.url + "/agent/v1/messages", headers=headers,
+                                   data=protocol.pack(list(messages))) as r:  # fmt: skip
+        return r.status
+
+
 async def test_the_agent_channel_refuses_strangers_and_bad_registrations(local):
     daemon, client = local
-    own = (daemon.state_dir / "nodes" / "local-0" / "agent.token").read_text().strip()
+    own = _local_token(daemon, "local-0")
     fleet = (await _node_token(client, daemon, "fleet", node=None)).read_text().strip()
 
     async def post(token: str, *messages) -> int:
-        headers = {"Authorization": f"Bearer {token}", "Content-Type": protocol.CONTENT_TYPE}
-        async with client.session.post(daemon.url + "/agent/v1/messages", headers=headers,
-                                       data=protocol.pack(list(messages))) as r:  # fmt: skip
-            return r.status
+        return await _post(daemon, client, token, *messages)
 
     async def poll(token: str, node: str) -> int:
         headers = {"Authorization": f"Bearer {token}"}
@@ -648,10 +657,11 @@ async def test_the_agent_channel_refuses_strangers_and_bad_registrations(local):
                                  exitCode=0)  # fmt: skip
     # a local agent's credential speaks for its own node only
     other = "local-1" if node_id == "local-0" else "local-0"
-    other_token = (daemon.state_dir / "nodes" / other / "agent.token").read_text().strip()
-    assert await post(other_token, fake_exit) == 403
+    assert await post(_local_token(daemon, other), fake_exit) == 403
     assert await poll(own, "local-1") == 403  # nor does it get another node's commands
-    assert await post(own, protocol.message("Heartbeat", other, 1, running=[])) in (403, 409)
+    beat = protocol.message("Heartbeat", "local-1", models.nodes["local-1"].incarnation,
+                            running=[])  # fmt: skip
+    assert await post(own, beat) == 403  # nor speak for it, even as its current agent
     # nor can a node report on a task placed on another node, under its own name
     await _run(client, "prep", "true", jobPreparation={"commandLine": "sleep 4"})
     await _until(lambda: models.jobs[models.job_ids["default/default/prep"][-1]].tasks, 30)
@@ -659,7 +669,7 @@ async def test_the_agent_channel_refuses_strangers_and_bad_registrations(local):
     elsewhere = "local-1" if prep.tasks[0][0] == "local-0" else "local-0"
     spoof = protocol.message("TaskStarted", elsewhere, models.nodes[elsewhere].incarnation,
                              jobId=prep.job_id, attempt=1, task=0)  # fmt: skip
-    elsewhere_token = (daemon.state_dir / "nodes" / elsewhere / "agent.token").read_text()
+    elsewhere_token = _local_token(daemon, elsewhere)
     assert await post(elsewhere_token.strip(), spoof) == 200  # accepted, and ignored
     assert models.jobs[prep.job_id].state in ("scheduled", "preparing")  # still preparing
     # a token limited to a workspace joins only that workspace's clusters
@@ -700,14 +710,10 @@ async def test_one_body_of_task_reports_for_several_jobs_ends_each_as_reported(l
     jobs = [models.jobs[models.job_ids[f"default/default/{n}"][-1]] for n in ("one", "two")]
     node_id = jobs[0].tasks[0][0]
     assert jobs[1].tasks[0][0] == node_id  # best fit: the second on the first one's node
-    token = (daemon.state_dir / "nodes" / node_id / "agent.token").read_text().strip()
     body = [protocol.message("TaskExited", node_id, models.nodes[node_id].incarnation,
                              jobId=job.job_id, attempt=1, task=0, exitCode=code)
             for job, code in zip(jobs, (0, 5), strict=True)]  # fmt: skip
-    headers = {"Authorization": f"Bearer {token}", "Content-Type": protocol.CONTENT_TYPE}
-    async with client.session.post(daemon.url + "/agent/v1/messages", headers=headers,
-                                   data=protocol.pack(body)) as answer:  # fmt: skip
-        assert answer.status == 200
+    assert await _post(daemon, client, _local_token(daemon, node_id), *body) == 200
     one, two = [await _ended(daemon, client, name) for name in ("one", "two")]
     assert (one["properties"]["state"], one["properties"]["executionInfo"]["exitCode"]) == (
         "succeeded", 0)  # fmt: skip
@@ -742,22 +748,11 @@ async def test_a_task_stopped_by_its_agents_lost_lease_is_retried_as_a_node_fail
                  == "running", 30)  # fmt: skip
     job = models.jobs[models.job_ids["default/default/cut"][-1]]
     node_id = job.tasks[0][0]
-    token = (daemon.state_dir / "nodes" / node_id / "agent.token").read_text().strip()
     error = {"code": protocol.LEASE_EXPIRED, "message": "task 0 was stopped"}
-    report = protocol.message(
-        "TaskExited",
-        node_id,
-        models.nodes[node_id].incarnation,
-        jobId=job.job_id,
-        attempt=1,
-        task=0,
-        exitCode=143,
-        error=error,
-    )
-    headers = {"Authorization": f"Bearer {token}", "Content-Type": protocol.CONTENT_TYPE}
-    async with client.session.post(daemon.url + "/agent/v1/messages", headers=headers,
-                                   data=protocol.pack([report])) as answer:  # fmt: skip
-        assert answer.status == 200
+    report = protocol.message("TaskExited", node_id, models.nodes[node_id].incarnation,
+                              jobId=job.job_id, attempt=1, task=0, exitCode=143,
+                              error=error)  # fmt: skip
+    assert await _post(daemon, client, _local_token(daemon, node_id), report) == 200
     await _until(lambda: job.attempt == 2 and job.state == "running", 30)
     assert job.retries == {"node_lost": 1}
     await client.call("POST", f"{EXP}/jobs/cut/terminate")
@@ -787,7 +782,8 @@ async def test_an_agent_outlives_a_daemon_restart_and_its_task_runs_on(tmp_path,
         daemon = await start_daemon(state, listen=listen)
         nodes = daemon.nodes
         await _until(lambda: "keep-0" in nodes.seen, 15)  # it found the new daemon
-        await asyncio.sleep(2.5)  # a heartbeat listing the task has been and gone
+        # heartbeats listing the task have been and gone
+        await asyncio.sleep(2 * HEARTBEAT_INTERVAL + 0.5)
         models = daemon.models.models
         job = models.jobs[models.job_ids["default/default/survivor"][-1]]
         assert (job.state, job.attempt) == ("running", 1) and alive(pid)

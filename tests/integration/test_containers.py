@@ -9,65 +9,12 @@ import sys
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from tests.integration.conftest import ENGINE, IMAGE, start_daemon
 from tests.integration.test_agents import _until
 from tests.integration.test_api import Client
 
 EXP = "/v1/workspaces/default/experiments/default"
-GPU_FIELDS = ("Devices", "DeviceRequests")
-
-
-class RecordingProxy:
-    """Forwards every request to the engine and keeps what was asked. The engine here has no
-    GPUs, so the GPU attachment is recorded and then left out of what is forwarded."""
-
-    def __init__(self, socket_path: str) -> None:
-        self.socket_path = socket_path
-        self.requests: list[tuple[str, str, object]] = []
-        self.session = aiohttp.ClientSession(connector=aiohttp.UnixConnector(ENGINE))
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        body = await request.read()
-        document = json.loads(body) if body and request.content_type == "application/json" else None
-        self.requests.append((request.method, request.path, document))
-        if request.path.endswith("/containers/create") and isinstance(document, dict):
-            host = {k: v for k, v in document.get("HostConfig", {}).items() if k not in GPU_FIELDS}
-            body = json.dumps({**document, "HostConfig": host}).encode()
-        headers = {k: v for k, v in request.headers.items()
-                   if k.lower() not in ("host", "content-length", "transfer-encoding")}  # fmt: skip
-        forever = aiohttp.ClientTimeout(total=None)  # `wait` answers when the container exits
-        async with self.session.request(request.method, f"http://d{request.path_qs}",
-                                        data=body or None, headers=headers,
-                                        timeout=forever) as upstream:  # fmt: skip
-            response = web.StreamResponse(status=upstream.status, headers={
-                k: v for k, v in upstream.headers.items()
-                if k.lower() not in ("content-length", "transfer-encoding", "content-encoding")
-            })  # fmt: skip
-            await response.prepare(request)
-            async for chunk in upstream.content.iter_any():
-                await response.write(chunk)
-            await response.write_eof()
-            return response
-
-    def creates(self) -> list[dict]:
-        return [d for m, p, d in self.requests if p.endswith("/containers/create")]
-
-
-@pytest.fixture
-async def proxy(tmp_path, engine):
-    recording = RecordingProxy(str(tmp_path / "engine.sock"))
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", recording.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.UnixSite(runner, recording.socket_path).start()
-    try:
-        yield recording
-    finally:
-        await runner.cleanup()
-        await recording.session.close()
 
 
 @pytest.fixture

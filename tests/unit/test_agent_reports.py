@@ -57,6 +57,8 @@ async def test_commands_from_a_replaced_daemon_are_dropped(tmp_path):
     stale = {"type": "StartTask", "epoch": 6, "jobId": "j1", "attempt": 1, "task": 0}
     agent._handle(stale)
     assert started == [] and agent.tasks == {} and agent.epoch == 7
+    agent._handle({**stale, "epoch": 7})  # the current leader's is taken
+    assert started == [("j1", 1, 0)]
 
 
 class CutShort:
