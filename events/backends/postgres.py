@@ -397,11 +397,11 @@ class PostgresBackend:
             if recheck:
                 self._versions = {}
             versions, assumed = await self._stream_versions(conn, requests, assume=not recheck)
-            plan = prepare(head, versions, {})
+            plan = prepare(head, versions, None)
             if plan.conflicted and assumed:
                 self._versions = {}  # a conflict is reported only as the table has it
                 versions, _ = await self._stream_versions(conn, requests, assume=False)
-                plan = prepare(head, versions, {})
+                plan = prepare(head, versions, None)
             if recheck or plan.conflicted:
                 ids = [e.event_id for r in requests for e in r.events]
                 existing = {i: (p, s) for i, p, s in await conn.fetch(_EXISTING, ids)}

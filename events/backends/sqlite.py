@@ -85,6 +85,7 @@ _SAFE_UNKNOWN = uuid.SafeUUID.unknown
 _new_object = object.__new__
 _set_slot = object.__setattr__
 _from_bytes = int.from_bytes
+_to_bytes = int.to_bytes  # uuid.bytes without the property (big-endian is the default)
 
 
 def _uuid(raw: bytes) -> uuid.UUID:
@@ -103,10 +104,6 @@ def _uuid(raw: bytes) -> uuid.UUID:
 # Reads name uuid columns "<column> [batchd_uuid]" so that sqlite3 converts them while it
 # builds each row (connections open with PARSE_COLNAMES; NULLs are left as None).
 sqlite3.register_converter("batchd_uuid", _uuid)
-
-
-def _uuid_bytes(value) -> bytes | None:
-    return None if value is None else value.bytes
 
 
 class SqliteBackend:
@@ -303,7 +300,7 @@ class SqliteBackend:
             if head.epoch != epoch:
                 raise errors.FencedError(epoch, head.epoch)
             versions = self._versions(conn, requests)
-            plan = prepare(head, versions, {})
+            plan = prepare(head, versions, None)
             if check_ids or plan.conflicted:
                 plan = prepare(head, versions, self._existing(conn, requests))
             if plan.rows:
@@ -388,8 +385,10 @@ class SqliteBackend:
 
 
 def _to_sql_row(row: tuple) -> tuple:
+    position, event_id, stream, version, type_, schema, at, actor, corr, caus, data, hash_ = row
     return (
-        row[0], row[1].bytes, *row[2:8], _uuid_bytes(row[8]), _uuid_bytes(row[9]), row[10], row[11]
+        position, _to_bytes(event_id.int, 16), stream, version, type_, schema, at, actor,
+        None if corr is None else corr.bytes, None if caus is None else caus.bytes, data, hash_,
     )  # fmt: skip
 
 

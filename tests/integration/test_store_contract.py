@@ -72,6 +72,14 @@ async def test_a_retried_append_is_recognised_not_written_twice(store):
     with pytest.raises(errors.DuplicateEventError):
         await store.append("job-b", [events[1]], NO_STREAM)  # an old id on another stream
     assert (await store.head()).position == 4
+    shared = ev()  # a new id in two appends of one batch: the first stores it, once
+    results = await asyncio.gather(
+        store.append("job-w", [shared]), store.append("job-w", [shared]),
+        store.append("job-x", [shared]), return_exceptions=True,
+    )  # fmt: skip
+    assert results[:2] == [[5], [5]]
+    assert isinstance(results[2], errors.DuplicateEventError)
+    assert (await store.head()).position == 5
 
 
 async def test_positions_are_gapless_and_in_commit_order_with_16_appenders(store):
