@@ -32,9 +32,12 @@ from batchd.scheduler.protocol import TaskKey
 from batchd.scheduler.runtimes import (
     ProcessTask,
     become_subreaper,
+    hold_job_temp,
     reap_leftovers,
+    release_job_temp,
     remove_work_dir,
     remove_work_tree,
+    shares_job_temp,
     sweep_orphans,
     task_label,
     watch_children_with_pidfd,
@@ -389,6 +392,9 @@ class Agent:
 
     async def _run_task(self, key: TaskKey, task: ProcessTask) -> None:
         job_id, attempt, index = key
+        hold = None
+        if shares_job_temp(task.spec):
+            hold = await asyncio.to_thread(hold_job_temp, task.spec)
         started = asyncio.Event()
         running = asyncio.create_task(task.run(started))
         await started.wait()
@@ -412,6 +418,8 @@ class Agent:
         self.outbox.put_nowait(self._message("TaskExited", **report))  # its GPUs are free now
         self.ended[task_label(task.spec)] = time.monotonic()
         self._sweep()
+        if hold is not None:  # the last of the job's tasks here removes the shared job temp
+            await asyncio.to_thread(release_job_temp, task.spec, hold)
         if not remove_work_dir(task.spec):  # not empty: remove it without holding the loop
             await asyncio.to_thread(remove_work_tree, task.spec)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import fcntl
 import functools
 import os
 import shutil
@@ -411,8 +412,60 @@ def reap_leftovers(directory: Path) -> int:
 
 def _one_node(spec: dict[str, Any]) -> bool:
     """Does the task's job run on one node? (The tasks of a multi-node job on one machine
-    share its job-temp directory.)"""
+    share its job-temp directory: see hold_job_temp.)"""
     return "WORLD_SIZE" not in (spec.get("env") or {})
+
+
+def shares_job_temp(spec: dict[str, Any]) -> bool:
+    """Is the task's job-temp directory shared with the job's other tasks on this machine?"""
+    return not _one_node(spec) and bool((spec.get("env") or {}).get("AZ_BATCHAI_JOB_TEMP"))
+
+
+def hold_job_temp(spec: dict[str, Any]) -> int | None:
+    """Take a hold on a multi-node task's job-temp directory for as long as the task runs.
+
+    Every node of a job sees its job temp at the same path (an MPI launcher passes paths in
+    it from node to node), so the job's tasks that run on one machine share the directory.
+    Each holds a shared lock on `<directory>.lock`; the last one to let go removes the
+    directory (release_job_temp). Returns the lock's descriptor, or None when the lock file
+    cannot be made (the task's own directory checks then say why). Blocks while another
+    holder removes the directory; call it off the event loop.
+    """
+    lock = (spec.get("env") or {})["AZ_BATCHAI_JOB_TEMP"] + ".lock"
+    try:
+        Path(lock).parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            if _still_named(fd, lock):
+                return fd
+            os.close(fd)  # its last holder removed it meanwhile: take the new one
+    except OSError:
+        return None
+
+
+def release_job_temp(spec: dict[str, Any], fd: int) -> None:
+    """Let go of a hold_job_temp hold; the task's last holder on this machine removes the
+    job-temp directory and its lock file."""
+    temp = (spec.get("env") or {})["AZ_BATCHAI_JOB_TEMP"]
+    lock = temp + ".lock"
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # no other task of the job holds it
+        if _still_named(fd, lock):  # not removed by another holder while this one let go
+            shutil.rmtree(temp, ignore_errors=True)
+            os.unlink(lock)
+    except OSError:
+        pass  # BlockingIOError: another task of the job still runs here and removes it later
+    finally:
+        os.close(fd)
+
+
+def _still_named(fd: int, path: str) -> bool:
+    """Is the open file `fd` still the one at `path`?"""
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
 
 
 def _task_dirs(spec: dict[str, Any]) -> list[str]:

@@ -177,6 +177,8 @@ async def test_a_two_node_job_gets_consistent_ranks_hosts_and_master(local):
     lines = sorted(_out(daemon, "ddp").splitlines())
     assert lines == ["rank=0 world=2 master=127.0.0.1:29500 task=0",
                      "rank=1 world=2 master=127.0.0.1:29500 task=1"]  # fmt: skip
+    temp = daemon.state_dir / "nodes" / "temp"  # both nodes' tasks shared one job temp here
+    await _until(lambda: not list(temp.iterdir()), 10)  # the last to end removed it
 
 
 async def test_when_one_task_of_a_two_node_job_fails_the_other_is_killed_and_the_job_fails(local):
