@@ -410,9 +410,9 @@ class Agent:
         lease_lost = key in self.lease_lost and result.exit_code != 0
         self.lease_lost.discard(key)
         if lease_lost:  # however it ended (killed before it started, a pull cut short)
-            error = _exit_error(key, result.exit_code, task.spec, lease_lost=True)
+            error = _lease_error(index)
         else:
-            error = result.error or _exit_error(key, result.exit_code, task.spec, False)
+            error = result.error or _cannot_start_error(index, result.exit_code, task.spec)
         if error:
             report["error"] = error
         self.outbox.put_nowait(self._message("TaskExited", **report))  # its GPUs are free now
@@ -445,24 +445,26 @@ def read_output(command: dict[str, Any]) -> dict[str, Any]:
         return {"error": {"code": "unreadable", "message": exc.strerror or str(exc)}}
 
 
-def _exit_error(key: TaskKey, code: int | None, spec: dict[str, Any],
-                lease_lost: bool) -> dict[str, str] | None:  # fmt: skip
-    """What to tell about a task's exit beyond its code: that the agent stopped it when it
-    lost touch with the daemon (not the job's fault: the daemon retries it as a node
-    failure), or, for a command the shell could not run (126, 127), the shell's words."""
-    index = key[2]
-    if lease_lost:
-        return {"code": protocol.LEASE_EXPIRED, "message": (
-            f"task {index} was stopped: its node lost touch with the daemon for more than "
-            f"{LEASE_TIMEOUT:.0f} s")}  # fmt: skip
-    if code in (126, 127):  # the shell's codes, unless the job chose them: check its words
-        lines = _tail(Path(spec["stdouterr"]) / "stderr.txt", 500).strip().splitlines()
-        said = lines[-1][:300] if lines else ""
-        if any(words in said for words in SHELL_CANNOT_RUN):
-            reason = "not found" if code == 127 else "not executable"
-            message = f"task {index} exited with {code} (command {reason}): {said}"
-            return {"code": "cannot_start", "message": message}
-    return None
+def _lease_error(index: int) -> dict[str, str]:
+    """A task the agent stopped when it lost touch with the daemon: not the job's fault, so
+    the daemon retries it as a node failure."""
+    return {"code": protocol.LEASE_EXPIRED, "message": (
+        f"task {index} was stopped: its node lost touch with the daemon for more than "
+        f"{LEASE_TIMEOUT:.0f} s")}  # fmt: skip
+
+
+def _cannot_start_error(index: int, code: int | None, spec: dict[str, Any]) -> dict | None:
+    """For a command the shell could not run (126, 127), the shell's words; None for any
+    other exit (the job may choose those codes itself, so its words are checked)."""
+    if code not in (126, 127):
+        return None
+    lines = _tail(Path(spec["stdouterr"]) / "stderr.txt", 500).strip().splitlines()
+    said = lines[-1][:300] if lines else ""
+    if not any(words in said for words in SHELL_CANNOT_RUN):
+        return None
+    reason = "not found" if code == 127 else "not executable"
+    return {"code": "cannot_start",
+            "message": f"task {index} exited with {code} (command {reason}): {said}"}  # fmt: skip
 
 
 # how /bin/sh (dash, bash, busybox) says it cannot run a command

@@ -5,6 +5,7 @@ records what was asked of it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import tempfile
@@ -13,12 +14,38 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from batchd.projections.model import Job, ReadModels, job_key
 from batchd.scheduler import config
 from batchd.scheduler.daemon import Daemon
 from tests.conftest import service_missing
 
 ENGINE = "/run/podman/podman.sock"  # a Docker Engine API (tests/services/ensure.sh)
 IMAGE = "localhost/busybox:test"  # made there from busybox: no registry can be reached
+
+
+class Client:
+    def __init__(self, session: aiohttp.ClientSession, url: str, token: str | None) -> None:
+        self.session, self.url = session, url
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+
+    async def call(self, method: str, path: str, body=None, headers=None, raw=None):
+        data = raw if raw is not None else (None if body is None else json.dumps(body))
+        async with self.session.request(
+            method, self.url + path, data=data, headers={**self.headers, **(headers or {})}
+        ) as response:
+            text = await response.text()
+            try:
+                document = json.loads(text) if text else None
+            except json.JSONDecodeError:
+                document = text
+            return response.status, document
+
+
+@contextlib.asynccontextmanager
+async def admin_client(daemon: Daemon):
+    """A Client of `daemon`'s API with its admin token, on a session of its own."""
+    async with aiohttp.ClientSession() as session:
+        yield Client(session, daemon.url, daemon.admin_token)
 
 
 async def start_daemon(state_dir, **options) -> Daemon:
@@ -32,6 +59,21 @@ async def start_daemon(state_dir, **options) -> Daemon:
         await daemon.stop()
         raise
     return daemon
+
+
+def newest_job(
+    models: ReadModels, name: str, workspace: str = "default", experiment: str = "default"
+) -> Job | None:
+    """The read models' newest job called `name` (None before one is submitted)."""
+    ids = models.job_ids.get(job_key(workspace, experiment, name))
+    return models.jobs[ids[-1]] if ids else None
+
+
+async def make_token(client, name: str, role: str, **fields) -> str:
+    """A new API token made through `client` (an admin's), with the body's other `fields`."""
+    status, made = await client.call("POST", "/v1/tokens", {"name": name, "role": role, **fields})
+    assert status == 201, made
+    return made["token"]
 
 
 @pytest.fixture

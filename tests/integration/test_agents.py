@@ -12,14 +12,19 @@ import sys
 import time
 from pathlib import Path
 
-import aiohttp
 import pytest
 
+from batchd.scheduler import nodes as node_service
 from batchd.scheduler import protocol
 from batchd.scheduler.agent import HEARTBEAT_INTERVAL
 from batchd.scheduler.control import token_file
-from tests.integration.conftest import start_daemon
-from tests.integration.test_api import Client
+from tests.integration.conftest import (
+    Client,
+    admin_client,
+    make_token,
+    newest_job,
+    start_daemon,
+)
 from tests.integration.test_cli import _free_port, batchd
 from tests.processes import alive
 
@@ -31,8 +36,7 @@ async def local(tmp_path, monkeypatch):
     monkeypatch.delenv("BATCHD_SECRET_KEYS", raising=False)
     daemon = await start_daemon(tmp_path / "state", local_nodes=2)
     try:
-        async with aiohttp.ClientSession() as session:
-            client = Client(session, daemon.url, daemon.admin_token)
+        async with admin_client(daemon) as client:
             await _until(lambda: _ready_nodes(daemon) == 2, 30)
             yield daemon, client
     finally:
@@ -61,8 +65,7 @@ async def _run(client: Client, name: str, command: str, **extra) -> dict:
 
 async def _ended(daemon, client: Client, name: str, seconds: float = 30) -> dict:
     def done() -> bool:
-        ids = daemon.models.models.job_ids.get(f"default/default/{name}", [])
-        job = daemon.models.models.jobs.get(ids[-1]) if ids else None
+        job = newest_job(daemon.models.models, name)
         return job is not None and job.state in ("succeeded", "failed")
 
     await _until(done, seconds)
@@ -208,7 +211,7 @@ async def test_a_killed_agent_loses_its_attempt_which_runs_again_elsewhere_or_af
     models = daemon.models.models
 
     def job():
-        return models.jobs[models.job_ids["default/default/long"][-1]]
+        return newest_job(models, "long")
 
     await _until(lambda: job().state == "running", 30)
     node_id = job().tasks[0][0]
@@ -314,7 +317,7 @@ async def test_resizing_down_drains_a_busy_node_which_takes_no_new_work_then_lea
         return node.state if node is not None else None
 
     def job(name: str):
-        return models.jobs[models.job_ids[f"default/default/{name}"][-1]]
+        return newest_job(models, name)
 
     await resize(3)
     await _until(lambda: state("local-2") == "ready", 30)
@@ -352,11 +355,10 @@ async def test_a_draining_node_a_stopped_daemon_left_is_lost_then_removed(tmp_pa
     models = daemon.models.models
 
     def job(name: str):
-        return models.jobs[models.job_ids[f"default/default/{name}"][-1]]
+        return newest_job(models, name)
 
     try:
-        async with aiohttp.ClientSession() as session:
-            client = Client(session, daemon.url, daemon.admin_token)
+        async with admin_client(daemon) as client:
             await _until(lambda: _ready_nodes(daemon) == 2, 30)
             body = {"scaleSettings": {"manual": {"targetNodeCount": 3}}}
             assert (await client.call("PATCH", cluster, body))[0] == 200
@@ -378,8 +380,7 @@ async def test_a_draining_node_a_stopped_daemon_left_is_lost_then_removed(tmp_pa
             "local-0", "local-1"]  # fmt: skip
         assert job("w2").retries == {"node_lost": 1}  # requeued as a node failure
     finally:
-        async with aiohttp.ClientSession() as session:
-            client = Client(session, daemon.url, daemon.admin_token)
+        async with admin_client(daemon) as client:
             for name in ("w0", "w1", "w2"):
                 await client.call("POST", f"{EXP}/jobs/{name}/terminate")
         await daemon.stop()
@@ -427,10 +428,8 @@ async def test_the_setup_task_runs_before_a_node_takes_work_and_its_failure_is_s
         job = {"cluster": "bad", "nodeCount": 1, "stdOutErrPathPrefix": "$AZ_BATCHAI_MOUNT_ROOT",
                "customToolkitSettings": {"commandLine": "true"}}  # fmt: skip
         await client.call("PUT", f"{EXP}/jobs/stuck", job)
-        await _until(lambda: (client_job := models.jobs.get(
-            models.job_ids["default/default/stuck"][-1])) is not None
-            and client_job.pending_reason is not None, 10)  # fmt: skip
-        stuck = models.jobs[models.job_ids["default/default/stuck"][-1]]
+        await _until(lambda: newest_job(models, "stuck").pending_reason is not None, 10)
+        stuck = newest_job(models, "stuck")
         assert stuck.state == "queued"  # the only node is unusable: no GPU to be had
         assert stuck.pending_reason == {"code": "insufficient_gpus", "need": 1}
     finally:
@@ -462,8 +461,7 @@ async def test_job_exec_runs_beside_the_job_in_its_environment_and_streams_outpu
     daemon, client = local
     await _run(client, "busy", "sleep 600")
     models = daemon.models.models
-    await _until(lambda: models.jobs[models.job_ids["default/default/busy"][-1]].state
-                 == "running", 30)  # fmt: skip
+    await _until(lambda: newest_job(models, "busy").state == "running", 30)
     env = {"BATCHD_SERVER": daemon.url, "BATCHD_TOKEN": daemon.admin_token}
     done = await asyncio.to_thread(
         batchd, "job", "exec", "busy", "--",
@@ -564,15 +562,10 @@ async def test_output_on_the_node_can_be_followed_while_the_job_runs(local, tmp_
     assert job["properties"]["state"] == "succeeded"
 
 
-async def _node_token(client: Client, daemon, node_id: str, node: str | None = "") -> Path:
-    """A file holding a new agent token bound to `node_id` (`node=None`: to no node)."""
-    body = {"name": f"agent-{node_id}", "role": "agent"}
-    if node is not None:
-        body["node"] = node or node_id
-    status, made = await client.call("POST", "/v1/tokens", body)
-    assert status == 201, made
+async def _node_token(client: Client, daemon, node_id: str) -> Path:
+    """A file holding a new agent token bound to `node_id`."""
     path = daemon.state_dir / f"{node_id}.token"
-    path.write_text(made["token"])
+    path.write_text(await make_token(client, f"agent-{node_id}", "agent", node=node_id))
     return path
 
 
@@ -638,7 +631,7 @@ async def _post(daemon, client: Client, token: str, *messages) -> int:
 async def test_the_agent_channel_refuses_strangers_and_bad_registrations(local):
     daemon, client = local
     own = _local_token(daemon, "local-0")
-    fleet = (await _node_token(client, daemon, "fleet", node=None)).read_text().strip()
+    fleet = await make_token(client, "fleet-agent", "agent")  # bound to no node
 
     async def post(token: str, *messages) -> int:
         return await _post(daemon, client, token, *messages)
@@ -651,9 +644,8 @@ async def test_the_agent_channel_refuses_strangers_and_bad_registrations(local):
 
     await _run(client, "real", "sleep 600")
     models = daemon.models.models
-    await _until(lambda: models.jobs[models.job_ids["default/default/real"][-1]].state
-                 == "running", 30)  # fmt: skip
-    job_id = models.job_ids["default/default/real"][-1]
+    await _until(lambda: newest_job(models, "real").state == "running", 30)
+    job_id = newest_job(models, "real").job_id
     node_id = models.jobs[job_id].tasks[0][0]
     fake_exit = protocol.message("TaskExited", node_id, 1, jobId=job_id, attempt=1, task=0,
                                  exitCode=0)  # fmt: skip
@@ -666,8 +658,8 @@ async def test_the_agent_channel_refuses_strangers_and_bad_registrations(local):
     assert await post(own, beat) == 403  # nor speak for it, even as its current agent
     # nor can a node report on a task placed on another node, under its own name
     await _run(client, "prep", "true", jobPreparation={"commandLine": "sleep 4"})
-    await _until(lambda: models.jobs[models.job_ids["default/default/prep"][-1]].tasks, 30)
-    prep = models.jobs[models.job_ids["default/default/prep"][-1]]
+    await _until(lambda: newest_job(models, "prep").tasks, 30)
+    prep = newest_job(models, "prep")
     elsewhere = "local-1" if prep.tasks[0][0] == "local-0" else "local-0"
     spoof = protocol.message("TaskStarted", elsewhere, models.nodes[elsewhere].incarnation,
                              jobId=prep.job_id, attempt=1, task=0)  # fmt: skip
@@ -675,14 +667,13 @@ async def test_the_agent_channel_refuses_strangers_and_bad_registrations(local):
     assert await post(elsewhere_token.strip(), spoof) == 200  # accepted, and ignored
     assert models.jobs[prep.job_id].state in ("scheduled", "preparing")  # still preparing
     # a token limited to a workspace joins only that workspace's clusters
-    scoped = await client.call("POST", "/v1/tokens", {"name": "scoped-agent", "role": "agent",
-                                                       "workspaces": ["elsewhere"]})  # fmt: skip
+    scoped = await make_token(client, "scoped-agent", "agent", workspaces=["elsewhere"])
     join = protocol.message("Register", "new-node", 3, cluster="default/local", gpus=1)
-    assert await post(scoped[1]["token"], join) == 403
+    assert await post(scoped, join) == 403
     # nor take over a node of another workspace's cluster by moving it to its own
     hijack = protocol.message("Register", "local-0", 99, cluster="elsewhere/c", gpus=1)
-    assert await post(scoped[1]["token"], hijack) == 403
-    assert await poll(scoped[1]["token"], "local-0") == 403
+    assert await post(scoped, hijack) == 403
+    assert await poll(scoped, "local-0") == 403
     assert models.nodes["local-0"].incarnation != 99
     # a fleet credential (bound to no node) still cannot speak for a task it was not given
     stranger_exit = protocol.message("TaskExited", "evil-node", 1, jobId=job_id, attempt=1,
@@ -707,9 +698,9 @@ async def test_one_body_of_task_reports_for_several_jobs_ends_each_as_reported(l
     models = daemon.models.models
     for name in ("one", "two"):
         await _run(client, name, "sleep 600")
-    await _until(lambda: all(models.jobs[models.job_ids[f"default/default/{n}"][-1]].state
+    await _until(lambda: all(newest_job(models, n).state
                              == "running" for n in ("one", "two")), 30)  # fmt: skip
-    jobs = [models.jobs[models.job_ids[f"default/default/{n}"][-1]] for n in ("one", "two")]
+    jobs = [newest_job(models, n) for n in ("one", "two")]
     node_id = jobs[0].tasks[0][0]
     assert jobs[1].tasks[0][0] == node_id  # best fit: the second on the first one's node
     body = [protocol.message("TaskExited", node_id, models.nodes[node_id].incarnation,
@@ -729,11 +720,10 @@ async def test_reading_files_through_a_node_that_is_gone_answers_at_once(local):
     answer = await asyncio.wait_for(service.read_remote("ghost", "/etc/hostname"), 1.0)
     assert answer["error"]["code"] == "node_unreachable" and "gone or lost" in (
         answer["error"]["message"])  # fmt: skip
-    daemon.models.models.nodes["local-1"].state = "lost"  # as the log would have it
-    try:
-        answer = await asyncio.wait_for(service.read_remote("local-1", "/etc/hostname"), 1.0)
-    finally:
-        daemon.models.models.nodes["local-1"].state = "ready"
+    for decide in (node_service._suspected, node_service._lost):  # the sweep, on silence
+        await daemon.control.run(lambda m, decide=decide: decide(m, "local-1"))
+    assert daemon.models.models.nodes["local-1"].state == "lost"
+    answer = await asyncio.wait_for(service.read_remote("local-1", "/etc/hostname"), 1.0)
     assert answer["error"]["code"] == "node_unreachable"
     answer = await service.read_remote("local-0", "/etc/hostname")  # a live node answers
     assert "error" not in answer
@@ -746,9 +736,9 @@ async def test_a_task_stopped_by_its_agents_lost_lease_is_retried_as_a_node_fail
     daemon, client = local
     models = daemon.models.models
     await _run(client, "cut", "sleep 600")
-    await _until(lambda: models.jobs[models.job_ids["default/default/cut"][-1]].state
+    await _until(lambda: newest_job(models, "cut").state
                  == "running", 30)  # fmt: skip
-    job = models.jobs[models.job_ids["default/default/cut"][-1]]
+    job = newest_job(models, "cut")
     node_id = job.tasks[0][0]
     error = {"code": protocol.LEASE_EXPIRED, "message": "task 0 was stopped"}
     report = protocol.message("TaskExited", node_id, models.nodes[node_id].incarnation,
@@ -769,8 +759,7 @@ async def test_an_agent_outlives_a_daemon_restart_and_its_task_runs_on(tmp_path,
     agent = None
     pid_file = state / "survivor.pid"
     try:
-        async with aiohttp.ClientSession() as session:
-            client = Client(session, daemon.url, daemon.admin_token)
+        async with admin_client(daemon) as client:
             for path in ("/v1/workspaces/default", EXP):
                 assert (await client.call("PUT", path, {}))[0] == 201
             document = {"vmSize": "Standard_NC6",
@@ -787,10 +776,9 @@ async def test_an_agent_outlives_a_daemon_restart_and_its_task_runs_on(tmp_path,
         # heartbeats listing the task have been and gone
         await asyncio.sleep(2 * HEARTBEAT_INTERVAL + 0.5)
         models = daemon.models.models
-        job = models.jobs[models.job_ids["default/default/survivor"][-1]]
+        job = newest_job(models, "survivor")
         assert (job.state, job.attempt) == ("running", 1) and alive(pid)
-        async with aiohttp.ClientSession() as session:
-            client = Client(session, daemon.url, daemon.admin_token)
+        async with admin_client(daemon) as client:
             await client.call("POST", f"{EXP}/jobs/survivor/terminate")
         await _until(lambda: not alive(pid), 15)  # the new daemon's KillTask reached it
         await _until(lambda: job.state == "failed", 15)
@@ -840,11 +828,13 @@ async def test_the_shared_agent_token_of_earlier_versions_is_revoked(tmp_path, m
                          "batchd:serve")  # fmt: skip
     finally:
         await daemon.stop()
+    shared = (state / "agent.token").read_text().strip()
     daemon = await start_daemon(state, local_nodes=1)
     try:
         assert not (state / "agent.token").exists()
-        tokens = daemon.models.models.tokens
-        await _until(lambda: "local-agent-local-0" in {t.name for t in tokens.values()}, 30)
-        assert "local-agents" not in {t.name for t in tokens.values()}
+        await _until(lambda: _ready_nodes(daemon) == 1, 30)  # on a token of its own
+        async with admin_client(daemon) as client:
+            join = protocol.message("Register", "local-9", 1, cluster="default/local", gpus=1)
+            assert await _post(daemon, client, shared, join) == 401  # the old one is refused
     finally:
         await daemon.stop()

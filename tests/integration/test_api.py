@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 
 from batchd.events.envelope import NewEvent
-from tests.integration.conftest import start_daemon
+from tests.integration.conftest import Client, start_daemon
 
 CLUSTER = {"properties": {"vmSize": "Standard_NC24s_v3",
                           "scaleSettings": {"manual": {"targetNodeCount": 2}}}}  # fmt: skip
@@ -22,24 +22,6 @@ JOB = {
     "environmentVariables": [{"name": "EPOCHS", "value": "3"}],
 }  # fmt: skip
 EXP = "/v1/workspaces/ws/experiments/exp"
-
-
-class Client:
-    def __init__(self, session: aiohttp.ClientSession, url: str, token: str | None) -> None:
-        self.session, self.url = session, url
-        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
-
-    async def call(self, method: str, path: str, body=None, headers=None, raw=None):
-        data = raw if raw is not None else (None if body is None else json.dumps(body))
-        async with self.session.request(
-            method, self.url + path, data=data, headers={**self.headers, **(headers or {})}
-        ) as response:
-            text = await response.text()
-            try:
-                document = json.loads(text) if text else None
-            except json.JSONDecodeError:
-                document = text
-            return response.status, document
 
 
 @pytest.fixture

@@ -15,7 +15,8 @@ import structlog
 
 from batchd.events.envelope import NewEvent
 from batchd.scheduler import auth
-from tests.integration.test_api import CLUSTER, EXP, JOB, Client, _sse, seed
+from tests.integration.conftest import Client, make_token
+from tests.integration.test_api import CLUSTER, EXP, JOB, _sse, seed
 
 SECRET = "hunter2-do-not-show"
 
@@ -38,13 +39,6 @@ async def placed_with_output(admin: Client, api, name: str) -> Path:
     return out
 
 
-async def token(admin: Client, name: str, role: str, workspaces=()) -> str:
-    body = {"name": name, "role": role, "workspaces": list(workspaces)}
-    status, made = await admin.call("POST", "/v1/tokens", body)
-    assert status == 201, made
-    return made["token"]
-
-
 async def test_no_or_unknown_token_is_401(api, session):
     anonymous = Client(session, api.url, None)
     status, error = await anonymous.call("GET", "/v1/workspaces")
@@ -57,8 +51,8 @@ async def test_no_or_unknown_token_is_401(api, session):
 async def test_roles_viewer_reads_operator_runs_jobs_admin_owns_clusters(api, session):
     admin = Client(session, api.url, api.admin_token)
     await seed(admin)
-    viewer = Client(session, api.url, await token(admin, "vera", "viewer"))
-    operator = Client(session, api.url, await token(admin, "otto", "operator"))
+    viewer = Client(session, api.url, await make_token(admin, "vera", "viewer"))
+    operator = Client(session, api.url, await make_token(admin, "otto", "operator"))
     assert (await viewer.call("GET", f"{EXP}/jobs"))[0] == 200
     status, error = await viewer.call("PUT", f"{EXP}/jobs/mine", JOB)
     assert status == 403 and "needs operator" in error["error"]["message"]
@@ -83,7 +77,9 @@ async def test_a_workspace_scoped_token_sees_only_its_workspaces(api, session):
     await admin.call("PUT", "/v1/workspaces/other/clusters/gpu", CLUSTER)
     await admin.call("PUT", "/v1/workspaces/other/experiments/exp/jobs/theirs", JOB)
     await admin.call("PUT", f"{EXP}/jobs/ours", JOB)
-    scoped = Client(session, api.url, await token(admin, "team", "operator", ["ws"]))
+    scoped = Client(
+        session, api.url, await make_token(admin, "team", "operator", workspaces=["ws"])
+    )
     status, listed = await scoped.call("GET", "/v1/workspaces")
     assert [w["name"] for w in listed["value"]] == ["ws"]
     status, listed = await scoped.call("GET", "/v1/jobs")
@@ -209,7 +205,7 @@ async def test_secrets_and_tokens_never_show_in_answers_events_or_logs(api, sess
         secret_job = {**JOB, "secrets": [{"name": "WANDB_KEY", "value": SECRET}]}
         status, job = await admin.call("PUT", f"{EXP}/jobs/train", secret_job)
         assert status == 201
-        viewer_token = await token(admin, "vera", "viewer")
+        viewer_token = await make_token(admin, "vera", "viewer")
         answers = [json.dumps(job)]
         for path in (f"{EXP}/jobs/train", f"{EXP}/jobs", "/v1/jobs", f"{EXP}/jobs/train/history",
                      "/v1/events?top=1000", "/v1/replay?position=100", "/v1/tokens"):  # fmt: skip
@@ -259,11 +255,15 @@ async def test_scoped_tokens_cannot_mint_tokens_or_use_other_workspaces_clusters
     await seed(admin)
     await admin.call("PUT", "/v1/workspaces/other", {})
     await admin.call("PUT", "/v1/workspaces/other/clusters/theirs", CLUSTER)
-    scoped_admin = Client(session, api.url, await token(admin, "ws-admin", "admin", ["ws"]))
+    scoped_admin = Client(
+        session, api.url, await make_token(admin, "ws-admin", "admin", workspaces=["ws"])
+    )
     status, error = await scoped_admin.call("POST", "/v1/tokens", {"name": "up", "role": "admin"})
     assert status == 403 and "manage tokens" in error["error"]["message"]
     assert (await scoped_admin.call("GET", "/v1/tokens"))[0] == 403
-    scoped = Client(session, api.url, await token(admin, "ws-op", "operator", ["ws"]))
+    scoped = Client(
+        session, api.url, await make_token(admin, "ws-op", "operator", workspaces=["ws"])
+    )
     elsewhere = {**JOB, "cluster": "/workspaces/other/clusters/theirs"}
     status, error = await scoped.call("PUT", f"{EXP}/jobs/borrow", elsewhere)
     assert status == 403 and "limited to workspaces ws" in error["error"]["message"]

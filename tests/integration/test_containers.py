@@ -10,9 +10,15 @@ import sys
 import aiohttp
 import pytest
 
-from tests.integration.conftest import ENGINE, IMAGE, start_daemon
+from tests.integration.conftest import (
+    ENGINE,
+    IMAGE,
+    admin_client,
+    make_token,
+    newest_job,
+    start_daemon,
+)
 from tests.integration.test_agents import _until
-from tests.integration.test_api import Client
 
 EXP = "/v1/workspaces/default/experiments/default"
 
@@ -24,18 +30,14 @@ async def box(tmp_path, proxy, monkeypatch):
     daemon = await start_daemon(tmp_path / "state")
     agent = None
     try:
-        async with aiohttp.ClientSession() as session:
-            client = Client(session, daemon.url, daemon.admin_token)
+        async with admin_client(daemon) as client:
             await client.call("PUT", "/v1/workspaces/default", {})
             await client.call("PUT", EXP, {})
             cluster = {"vmSize": "Standard_NC24s_v3",
                        "scaleSettings": {"manual": {"targetNodeCount": 1}}}  # fmt: skip
             await client.call("PUT", "/v1/workspaces/default/clusters/box", cluster)
-            _status, made = await client.call("POST", "/v1/tokens",
-                                              {"name": "box-agent", "role": "agent",
-                                               "node": "box-0"})  # fmt: skip
             token_file = tmp_path / "agent.token"
-            token_file.write_text(made["token"])
+            token_file.write_text(await make_token(client, "box-agent", "agent", node="box-0"))
             agent = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "batchd.scheduler.cli", "agent", "--server", daemon.url,
                 "--token-file", str(token_file), "--node-id", "box-0", "--cluster", "default/box",
@@ -57,8 +59,8 @@ async def _ended(daemon, name: str) -> None:
     models = daemon.models.models
 
     def done() -> bool:
-        ids = models.job_ids.get(f"default/default/{name}", [])
-        return bool(ids) and models.jobs[ids[-1]].state in ("succeeded", "failed")
+        job = newest_job(models, name)
+        return job is not None and job.state in ("succeeded", "failed")
 
     await _until(done, 60)
 
@@ -93,7 +95,7 @@ async def test_a_container_job_runs_with_its_environment_mounts_labels_and_gpus(
     assert (out / "stdout.txt").read_text() == "job=boxed gpus=0,1\nmounted\n"
     assert (out / "stderr.txt").read_text() == "oops\n"
     (create,) = proxy.creates()
-    job_id = daemon.models.models.job_ids["default/default/boxed"][-1]
+    job_id = newest_job(daemon.models.models, "boxed").job_id
     mounts = str(daemon.cfg.mounts)
     assert create["Image"] == IMAGE
     assert create["Cmd"][:3] == ["/bin/sh", "-c", 'exec >>"$0" 2>>"$1" && eval "$2"']
@@ -122,9 +124,9 @@ async def test_terminate_stops_the_container_and_a_missing_image_fails_clearly(b
            "customToolkitSettings": {"commandLine": "echo started; sleep 600"}}  # fmt: skip
     await client.call("PUT", f"{EXP}/jobs/sleepy", job)
     models = daemon.models.models
-    await _until(lambda: models.jobs[models.job_ids["default/default/sleepy"][-1]].state
+    await _until(lambda: newest_job(models, "sleepy").state
                  == "running", 60)  # fmt: skip
-    job_id = models.job_ids["default/default/sleepy"][-1]
+    job_id = newest_job(models, "sleepy").job_id
     assert len(await _containers(job_id)) == 1
     await client.call("POST", f"{EXP}/jobs/sleepy/terminate")
     await _ended(daemon, "sleepy")

@@ -7,7 +7,13 @@ import asyncio
 import time
 
 from batchd.scheduler import protocol, runtimes
-from batchd.scheduler.agent import LEASE_TIMEOUT, Agent, Gpus, _exit_error
+from batchd.scheduler.agent import (
+    LEASE_TIMEOUT,
+    Agent,
+    Gpus,
+    _cannot_start_error,
+    _lease_error,
+)
 from batchd.scheduler.runtimes import TaskResult
 
 
@@ -30,20 +36,20 @@ async def test_a_lost_lease_stops_the_tasks_and_marks_their_exit_as_the_nodes_do
     agent._check_lease()
     await asyncio.gather(*agent.background)
     assert running.killed and agent.lease_lost == {("j1", 1, 0)}
-    error = _exit_error(("j1", 1, 0), 143, {"stdouterr": str(tmp_path)}, lease_lost=True)
+    error = _lease_error(0)
     assert error["code"] == protocol.LEASE_EXPIRED and "lost touch" in error["message"]
 
 
 def test_a_command_the_shell_cannot_run_is_told_in_the_shells_words(tmp_path):
     (tmp_path / "stderr.txt").write_text("starting\n/bin/sh: 1: trian.py: not found\n")
     spec = {"stdouterr": str(tmp_path)}
-    error = _exit_error(("j", 1, 0), 127, spec, lease_lost=False)
+    error = _cannot_start_error(0, 127, spec)
     assert error == {"code": "cannot_start", "message": "task 0 exited with 127 (command not "
                      "found): /bin/sh: 1: trian.py: not found"}  # fmt: skip
-    assert "not executable" in _exit_error(("j", 1, 0), 126, spec, False)["message"]
-    assert _exit_error(("j", 1, 0), 1, spec, lease_lost=False) is None  # the job's own code
+    assert "not executable" in _cannot_start_error(0, 126, spec)["message"]
+    assert _cannot_start_error(0, 1, spec) is None  # the job's own code
     (tmp_path / "stderr.txt").write_text("giving up: the data set is empty\n")
-    assert _exit_error(("j", 1, 0), 127, spec, lease_lost=False) is None  # its own 127
+    assert _cannot_start_error(0, 127, spec) is None  # its own 127
 
 
 async def test_commands_from_a_replaced_daemon_are_dropped(tmp_path):
