@@ -100,6 +100,7 @@ class Node:
     agent_version: str = ""
     address: str = ""  # how the other nodes of a multi-node job reach it
     incarnation: int = 0
+    draining: bool = False  # asked to drain: it takes no new work, even after it recovers
     # GPU index (as a string key, for snapshots; "*": the whole node, held by a task that
     # needs no GPU) -> [job id, attempt, task index]
     allocations: dict[str, list[Any]] = field(default_factory=dict)

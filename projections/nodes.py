@@ -69,8 +69,15 @@ def _setup_ended(node: Node, e: RecordedEvent, state: str) -> None:
                       "tail": e.data.get("tail", "")}  # fmt: skip
 
 
+def _usable(m: ReadModels, e: RecordedEvent) -> str:
+    """The state of the event's node once it can run work: ready, or leaving if it was asked
+    to drain (a draining node that was lost and comes back still takes no new work)."""
+    node = m.nodes.get(e.data["nodeId"])
+    return LEAVING if node is not None and node.draining else READY
+
+
 def setup_succeeded(m: ReadModels, e: RecordedEvent) -> None:
-    node = _node(m, e, READY)
+    node = _node(m, e, _usable(m, e))
     if node is not None:
         _setup_ended(node, e, "succeeded")
 
@@ -94,11 +101,21 @@ def lost(m: ReadModels, e: RecordedEvent) -> None:
 
 
 def recovered(m: ReadModels, e: RecordedEvent) -> None:
-    _node(m, e, READY)
+    """Back from silence (to what it was), or, for a draining node, wanted again (ready)."""
+    node = m.nodes.get(e.data["nodeId"])
+    if node is not None and node.state == LEAVING:
+        node.draining = False
+    _node(m, e, _usable(m, e))
 
 
 def leaving(m: ReadModels, e: RecordedEvent) -> None:
     _node(m, e, LEAVING)
+
+
+def drain_requested(m: ReadModels, e: RecordedEvent) -> None:
+    node = _node(m, e, LEAVING)
+    if node is not None:
+        node.draining = True
 
 
 def removed(m: ReadModels, e: RecordedEvent) -> None:
@@ -120,6 +137,6 @@ HANDLERS = {
     "NodeLost": lost,
     "NodeRecovered": recovered,
     "NodePreempted": leaving,
-    "NodeDrainRequested": leaving,
+    "NodeDrainRequested": drain_requested,
     "NodeRemoved": removed,
 }

@@ -43,6 +43,24 @@ def cluster_with_a_job() -> Log:
     return log
 
 
+def test_a_draining_node_that_comes_back_keeps_draining_until_it_is_wanted_again():
+    log = cluster_with_a_job()
+    log("NodeDrainRequested", nodeId="n2")
+    log("NodeLost", nodeId="n2")
+    log("NodeRecovered", nodeId="n2")  # its agent answers again: still no new work
+    assert log.models().nodes["n2"].state == "leaving"
+    log("NodeRegistered", nodeId="n2", cluster="c1", gpus=4, incarnation=2)  # a restart
+    log("NodeSetupSucceeded", nodeId="n2")
+    assert log.models().nodes["n2"].state == "leaving"
+    log("NodeRecovered", nodeId="n2")  # the cluster wants it again
+    log("NodeLost", nodeId="n2")
+    log("NodeRecovered", nodeId="n2")
+    assert log.models().nodes["n2"].state == "ready"
+    assert log.models().nodes["n1"].state == "lost"  # n1 was lost while ready
+    log("NodeRecovered", nodeId="n1")
+    assert log.models().nodes["n1"].state == "ready"
+
+
 def test_a_late_failure_of_a_requeued_attempt_leaves_the_job_queued():
     log = cluster_with_a_job()("JobFailed", jobId="j", attempt=1, exitCode=137)
     m = log.models()
