@@ -44,7 +44,36 @@ def new_event_id() -> uuid.UUID:
 
 def uuid7(unix_ms: int, random80: int) -> uuid.UUID:
     """The version-7 uuid of a time in Unix milliseconds and 80 random bits."""
-    return uuid.UUID(int=(unix_ms << 80 | random80) & _V7_CLEAR | _V7_SET)
+    return uuid_of_int((unix_ms << 80 | random80) & _V7_CLEAR | _V7_SET)
+
+
+_UUID = uuid.UUID
+_SAFE_UNKNOWN = uuid.SafeUUID.unknown
+_new_object = object.__new__
+_set_slot = object.__setattr__
+_from_bytes = int.from_bytes
+
+
+def uuid_of_int(value: int) -> uuid.UUID:
+    """The uuid.UUID of a 128-bit integer, without the checks of UUID(int=...).
+
+    For values that are 128-bit by construction (a new id, 16 stored bytes): the same object
+    as UUID(int=value) in about a third of the time (every appended and every read event
+    makes one).
+    """
+    made = _new_object(_UUID)
+    _set_slot(made, "int", value)
+    _set_slot(made, "is_safe", _SAFE_UNKNOWN)
+    return made
+
+
+def uuid_of_bytes(raw: bytes) -> uuid.UUID:
+    """uuid_of_int of 16 big-endian bytes (a stored id), in one call: replay reads one per
+    event."""
+    made = _new_object(_UUID)
+    _set_slot(made, "int", _from_bytes(raw))
+    _set_slot(made, "is_safe", _SAFE_UNKNOWN)
+    return made
 
 
 _V7_CLEAR = ~((0xF << 76) | (0x3 << 62)) & ((1 << 128) - 1)  # version and variant bits

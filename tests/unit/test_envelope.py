@@ -6,7 +6,14 @@ import hashlib
 import struct
 import uuid
 
-from batchd.events.envelope import GENESIS_HASH, canonical_bytes, chain_hash
+from batchd.events.envelope import (
+    GENESIS_HASH,
+    canonical_bytes,
+    chain_hash,
+    new_event_id,
+    uuid7,
+    uuid_of_bytes,
+)
 
 
 def _mp(value) -> bytes:
@@ -58,3 +65,14 @@ def test_every_field_is_covered_by_the_hash():
         altered = (*row[:index], changed, *row[index + 1 :])
         assert chain_hash(GENESIS_HASH, altered) != base, f"field {index} is not hashed"
     assert chain_hash(b"\x01" * 32, row) != base
+
+
+def test_new_event_ids_are_ordinary_time_ordered_version_7_uuids():
+    first, second = new_event_id(), new_event_id()
+    for made in (first, second):
+        assert made.version == 7 and made.variant == uuid.RFC_4122
+        same = uuid.UUID(str(made))  # equal, hashed and shown like one the uuid module made
+        assert made == same and hash(made) == hash(same) and made.bytes == same.bytes
+        assert uuid_of_bytes(made.bytes) == made and {made: 1}[same] == 1
+    assert first.int >> 80 <= second.int >> 80  # milliseconds first: they sort by time
+    assert uuid7(1, 5) < uuid7(2, 0)
