@@ -36,6 +36,14 @@ that capacity beside the queue: `projections.clusters.free_capacity`). The reaso
   beside `Resources`, this keeps the reasons of a long queue steady: only the job at its head
   is told about capacity, and only its reason changes as capacity comes and goes;
 - `preempting{victims}`: running jobs are being preempted to make room for it.
+
+A cycle stops once it has decided `CYCLE_DECISIONS` events (never within a job's, so it may
+pass the bound by the few events of its last job). A long queue meeting much free capacity
+(a new cluster, a burst of submissions) is then planned in several short cycles instead of
+one long one: the daemon's event loop, which also answers the API and the agents, is never
+held for long, and each cycle's events commit soon. The next cycle (the daemon plans again
+after its usual short gap) carries on where this one stopped: the jobs it placed have left
+the queue, and those it told their reason have it.
 """
 
 from __future__ import annotations
@@ -53,6 +61,7 @@ from batchd.scheduler.clusterspec import max_nodes
 
 Decision = tuple[str, NewEvent]  # (stream, event)
 NEVER = float("inf")
+CYCLE_DECISIONS = 1000  # the most events one cycle decides (see the module's docstring)
 BEHIND_RESERVATION = {"code": "behind_reservation"}
 CLUSTER_MISSING = {"code": "cluster_missing"}
 
@@ -175,8 +184,9 @@ def _capacity(m: ReadModels, cluster: Cluster) -> _Capacity:
     return _Capacity(free, gpus, whole)
 
 
-def plan(m: ReadModels, now: int) -> list[Decision]:
-    """The events of one scheduling cycle at time `now` (microseconds)."""
+def plan(m: ReadModels, now: int, limit: int = CYCLE_DECISIONS) -> list[Decision]:
+    """The events of one scheduling cycle at time `now` (microseconds), stopping once there
+    are `limit` of them (see `cut_short`)."""
     decisions: list[Decision] = []
     for cluster_id in list(m.queues):
         waiting = queue.ordered(m, cluster_id)
@@ -185,27 +195,41 @@ def plan(m: ReadModels, now: int) -> list[Decision]:
         cluster = m.clusters.get(cluster_id)
         if cluster is None or cluster.deleting:
             for job in waiting:
+                if len(decisions) >= limit:
+                    return decisions
                 _reason(decisions, job, CLUSTER_MISSING)
             continue
-        _plan_cluster(m, cluster, waiting, now, decisions)
+        _plan_cluster(m, cluster, waiting, now, decisions, limit)
+        if len(decisions) >= limit:
+            break
     return decisions
 
 
+def cut_short(decisions: list[Decision], limit: int = CYCLE_DECISIONS) -> bool:
+    """Did the cycle stop at its bound, leaving jobs it did not look at? (Plan again now.)"""
+    return len(decisions) >= limit
+
+
 def _plan_cluster(
-    m: ReadModels, cluster: Cluster, waiting: list[Job], now: int, out: list[Decision]
-) -> None:
+    m: ReadModels, cluster: Cluster, waiting: list[Job], now: int, out: list[Decision],
+    limit: int,
+) -> None:  # fmt: skip
     capacity = _capacity(m, cluster)
     reserved: float | None = None  # when the first blocked job can start, once there is one
     ends: list[tuple[float, str, list[int]]] = []  # this cycle's placements: (end, node, GPUs)
     why: dict[tuple[int, int], dict[str, Any]] = {}  # reasons by shape, while nothing is placed
     runtimes = {r for n in capacity.gpus for r in m.nodes[n].runtimes}
     for job in waiting:
+        if len(out) >= limit:
+            return
         need, nodes = job.gpus_per_node, job.node_count
         if job.runtime not in runtimes and capacity.gpus:  # no ready node can run it
             _reason(out, job, {"code": "runtime_missing", "runtime": job.runtime})
             continue
         if reserved is not None and not _ends_before(job, now, reserved):
-            _wait_behind(out, job, cluster, capacity, why)
+            told = job.pending_reason == BEHIND_RESERVATION  # most of a long queue: no call
+            if not told or not capacity.ever_fits(need, nodes):
+                _wait_behind(out, job, cluster, capacity, why)
             continue
         tasks = capacity.take(need, nodes)
         if tasks is not None:

@@ -30,7 +30,7 @@ from batchd.projections import fold, queue
 from batchd.projections.allocation import free_gpus
 from batchd.projections.model import READY, ReadModels
 from batchd.scheduler.bench import append
-from batchd.scheduler.planner import Decision, plan
+from batchd.scheduler.planner import Decision, cut_short, plan
 
 STEP_US = 600 * 1_000_000  # simulated time between cycles: ten minutes
 START_US = 1_800_000_000 * 1_000_000
@@ -112,7 +112,8 @@ def _jobs(count: int, gpus: int, nodes: int, rng: random.Random) -> list[tuple[D
 
 def _check(m: ReadModels, decisions: list[Decision]) -> None:
     """No GPU given twice or while held; no job that fit passed over, except behind the
-    reservation of an earlier job that did not fit."""
+    reservation of an earlier job that did not fit (or after the job a cycle cut short
+    stopped at, which the next cycle looks at)."""
     free = {}
     for node_id in m.clusters[CLUSTER].nodes:
         node = m.nodes[node_id]
@@ -121,7 +122,12 @@ def _check(m: ReadModels, decisions: list[Decision]) -> None:
     width = collections.Counter(len(f) for f in free.values())  # free GPUs -> nodes
     placed = {e.data["jobId"]: e.data["tasks"] for _s, e in decisions if e.type == "JobScheduled"}
     blocked = False
+    last = decisions[-1][1].data["jobId"] if cut_short(decisions) else None
     for job in queue.ordered(m, CLUSTER):
+        if job.job_id == last:
+            last = "looked at"
+        elif last == "looked at":
+            break
         tasks = placed.get(job.job_id)
         if tasks is None:
             fitting = sum(n for count, n in width.items() if count >= job.gpus_per_node)
@@ -169,6 +175,8 @@ async def run(url: str, jobs: int, nodes: int, gpus: int, seed: int = 1) -> dict
                     placed += 1
                     end = sim.now + run_for[event.data["jobId"]]
                     ends.setdefault(end - end % STEP_US + STEP_US, []).append(event.data["jobId"])
+            if cut_short(decisions):  # the same moment's cycle carries on where it stopped
+                continue
             sim.now += STEP_US
             finished = ends.pop(sim.now, [])
             await sim.emit([

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from batchd.events.envelope import RecordedEvent
 from batchd.projections import clusters, fold
 from batchd.projections.model import ReadModels
-from batchd.scheduler.planner import overdue, plan
+from batchd.scheduler.planner import cut_short, overdue, plan
 
 HOUR = 3600
 NOW = 10_000 * 1_000_000
@@ -345,6 +345,62 @@ def test_placements_never_overcommit_pass_over_a_job_that_fit_or_delay_the_reser
         assert _earliest_start(w, nodes, reserved, before) == _earliest_start(
             w, nodes, reserved, got
         ), f"backfill delayed {reserved}"
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(
+    nodes=st.integers(1, 4),
+    running=st.lists(st.tuples(st.integers(0, 3), st.integers(1, 4)), max_size=6),
+    queued=st.lists(
+        st.tuples(
+            st.sampled_from([0, 1, 2, 4]),
+            st.integers(1, 2),
+            st.sampled_from([-500, 500]),
+            st.integers(1, 48),
+            st.booleans(),
+        ),
+        max_size=14,
+    ),
+    limit=st.integers(1, 4),
+)
+def test_cycles_cut_short_end_where_unbounded_cycles_do(nodes, running, queued, limit):
+    """Cycles that stop at a small bound, planned again at the same moment until one decides
+    nothing, place the same jobs on the same GPUs, preempt the same, and leave the same
+    reasons as unbounded cycles do; each stops between jobs, never within one."""
+    worlds = [World().cluster(nodes=nodes, gpus=4, preemption=True) for _ in range(2)]
+    for w in worlds:
+        free = {f"c-n{i}": list(range(4)) for i in range(nodes)}
+        for node_index, gpus in running:
+            node = f"c-n{node_index % nodes}"
+            if len(free[node]) >= gpus:
+                take, free[node] = free[node][:gpus], free[node][gpus:]
+                w.run(w.job(gpus=gpus, wall=HOUR, preemptible=True), [(node, take)], at=NOW)
+        for gpus, count, priority, hours, preemptible in queued:
+            w.job(gpus=gpus, nodes=count, priority=priority, wall=hours * HOUR,
+                  preemptible=preemptible)  # fmt: skip
+
+    def settle(w: World, bound: int) -> None:
+        for _cycle in range(100):
+            decisions = plan(w.models, NOW, limit=bound)
+            if not decisions:
+                return
+            for _stream, event in decisions:
+                w.apply(event.type, **event.data)
+            if cut_short(decisions, bound):
+                jobs = [e.data["jobId"] for _s, e in decisions if e.type != "JobPreempted"]
+                assert len(set(jobs)) == len(jobs)  # one decision a job, but its preemptions
+                assert len(jobs) - bound <= 1
+        raise AssertionError("the cycles never settle")
+
+    whole, cut = worlds
+    settle(whole, 10_000)
+    settle(cut, limit)
+
+    def outcome(w: World) -> dict:
+        return {j.job_id: (j.state, j.attempt, j.tasks, j.pending_reason, j.retries)
+                for j in w.models.jobs.values()}  # fmt: skip
+
+    assert outcome(cut) == outcome(whole)
 
 
 def _earliest_start(w: World, nodes: int, job_id: str, placed_now: dict) -> float:
