@@ -158,7 +158,9 @@ class Backend(Protocol):
         self, requests: Sequence[AppendRequest], epoch: int, prepare: Prepare
     ) -> BatchPlan:
         """In one transaction: check `epoch` against the log's, call `prepare(head, versions,
-        existing)`, store its rows and head. Raise FencedError if the epoch is stale."""
+        existing)`, store its rows and head. Raise FencedError if the epoch is stale.
+        `existing` may be None (ids not looked up) only where a unique index on event_id
+        refuses a repeat: on that refusal, decide again with the stored ids looked up."""
 
     async def read_rows(self, after: int, limit: int) -> Sequence[Sequence[Any]]:
         """Stored rows after `after` in position order: indexable in envelope order, uuids as

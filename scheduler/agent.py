@@ -391,10 +391,17 @@ class Agent:
         self.outbox.put_nowait(self._message("SetupExited", **report))
 
     async def _run_task(self, key: TaskKey, task: ProcessTask) -> None:
-        job_id, attempt, index = key
         hold = None
         if shares_job_temp(task.spec):
             hold = await asyncio.to_thread(hold_job_temp, task.spec)
+        try:
+            await self._run_and_report(key, task)
+        finally:  # the last of the job's tasks here removes the shared job temp, come what may
+            if hold is not None:
+                await asyncio.shield(asyncio.to_thread(release_job_temp, task.spec, hold))
+
+    async def _run_and_report(self, key: TaskKey, task: ProcessTask) -> None:
+        job_id, attempt, index = key
         started = asyncio.Event()
         running = asyncio.create_task(task.run(started))
         await started.wait()
@@ -418,8 +425,6 @@ class Agent:
         self.outbox.put_nowait(self._message("TaskExited", **report))  # its GPUs are free now
         self.ended[task_label(task.spec)] = time.monotonic()
         self._sweep()
-        if hold is not None:  # the last of the job's tasks here removes the shared job temp
-            await asyncio.to_thread(release_job_temp, task.spec, hold)
         if not remove_work_dir(task.spec):  # not empty: remove it without holding the loop
             await asyncio.to_thread(remove_work_tree, task.spec)
 

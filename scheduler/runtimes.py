@@ -432,6 +432,7 @@ def hold_job_temp(spec: dict[str, Any]) -> int | None:
     holder removes the directory; call it off the event loop.
     """
     lock = (spec.get("env") or {})["AZ_BATCHAI_JOB_TEMP"] + ".lock"
+    fd = None
     try:
         Path(lock).parent.mkdir(parents=True, exist_ok=True)
         while True:
@@ -440,7 +441,11 @@ def hold_job_temp(spec: dict[str, Any]) -> int | None:
             if _still_named(fd, lock):
                 return fd
             os.close(fd)  # its last holder removed it meanwhile: take the new one
-    except OSError:
+            fd = None
+    except OSError as exc:
+        if fd is not None:
+            os.close(fd)
+        logger.warning("agent.job_temp_unshared", path=lock, error=str(exc))
         return None
 
 
@@ -450,6 +455,7 @@ def release_job_temp(spec: dict[str, Any], fd: int) -> None:
     temp = (spec.get("env") or {})["AZ_BATCHAI_JOB_TEMP"]
     lock = temp + ".lock"
     try:
+        fcntl.flock(fd, fcntl.LOCK_UN)  # let go first: of tasks ending together, one gets it
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # no other task of the job holds it
         if _still_named(fd, lock):  # not removed by another holder while this one let go
             shutil.rmtree(temp, ignore_errors=True)

@@ -171,16 +171,22 @@ async def test_a_two_node_job_gets_consistent_ranks_hosts_and_master(local):
         "pyTorchSettings": {  # runs on every node: `/bin/sh -c '...'`
             "pythonInterpreterPath": "/bin/sh", "pythonScriptFilePath": "-c",
             "commandLineArgs": "'echo rank=$RANK world=$WORLD_SIZE "
-                               "master=$MASTER_ADDR:$MASTER_PORT task=$AZ_BATCHAI_TASK_INDEX'",
+                               "master=$MASTER_ADDR:$MASTER_PORT task=$AZ_BATCHAI_TASK_INDEX; "
+                               # both tasks run on this machine: they share one job temp,
+                               "cd $AZ_BATCHAI_JOB_TEMP; touch r$RANK; "
+                               "until [ -e r$((1 - RANK)) ]; do sleep 0.05; done; "
+                               # which outlives the first of them to end
+                               "[ $RANK = 0 ] || { sleep 1; cat $AZ_BATCHAI_MPI_HOST_FILE; }'",
         },
     })  # fmt: skip
     assert status == 201
     job = await _ended(daemon, client, "ddp")
     assert job["properties"]["state"] == "succeeded"
     lines = sorted(_out(daemon, "ddp").splitlines())
-    assert lines == ["rank=0 world=2 master=127.0.0.1:29500 task=0",
+    assert lines == ["127.0.0.1 slots=1", "127.0.0.1 slots=1",
+                     "rank=0 world=2 master=127.0.0.1:29500 task=0",
                      "rank=1 world=2 master=127.0.0.1:29500 task=1"]  # fmt: skip
-    temp = daemon.state_dir / "nodes" / "temp"  # both nodes' tasks shared one job temp here
+    temp = daemon.state_dir / "nodes" / "temp"
     await _until(lambda: not list(temp.iterdir()), 10)  # the last to end removed it
 
 
@@ -720,10 +726,17 @@ async def test_reading_files_through_a_node_that_is_gone_answers_at_once(local):
     answer = await asyncio.wait_for(service.read_remote("ghost", "/etc/hostname"), 1.0)
     assert answer["error"]["code"] == "node_unreachable" and "gone or lost" in (
         answer["error"]["message"])  # fmt: skip
-    for decide in (node_service._suspected, node_service._lost):  # the sweep, on silence
-        await daemon.control.run(lambda m, decide=decide: decide(m, "local-1"))
-    assert daemon.models.models.nodes["local-1"].state == "lost"
-    answer = await asyncio.wait_for(service.read_remote("local-1", "/etc/hostname"), 1.0)
+    agent = daemon.providers[0].processes["local-1"]
+    agent.send_signal(signal.SIGSTOP)  # silent: no heartbeat brings it back meanwhile
+    try:
+        await asyncio.sleep(0.3)  # what it sent before is handled
+        for decide in (node_service._suspected, node_service._lost):  # the sweep, on silence
+            await daemon.control.run(lambda m, decide=decide: decide(m, "local-1"),
+                                     key="node/local-1")  # fmt: skip
+        assert daemon.models.models.nodes["local-1"].state == "lost"
+        answer = await asyncio.wait_for(service.read_remote("local-1", "/etc/hostname"), 1.0)
+    finally:
+        agent.send_signal(signal.SIGCONT)
     assert answer["error"]["code"] == "node_unreachable"
     answer = await service.read_remote("local-0", "/etc/hostname")  # a live node answers
     assert "error" not in answer

@@ -12,32 +12,45 @@ from batchd.scheduler.agent import (
     Agent,
     Gpus,
     _cannot_start_error,
-    _lease_error,
 )
 from batchd.scheduler.runtimes import TaskResult
 
 
 class StubbornTask:
-    """A running task as the agent holds it: it only records being killed."""
+    """A task as the agent holds it: it runs until it is killed, then exits 143 (SIGTERM)."""
 
-    def __init__(self) -> None:
+    def __init__(self, index: int, tmp_path) -> None:
         self.killed = False
+        self.began = True
+        self.spec = {"jobId": f"j{index}", "attempt": 1, "task": 0, "stdouterr": str(tmp_path),
+                     "workDir": str(tmp_path / f"work-{index}")}  # fmt: skip
+        self._stopped = asyncio.Event()
+
+    async def run(self, started: asyncio.Event) -> TaskResult:
+        started.set()
+        await self._stopped.wait()
+        return TaskResult(143)
 
     async def kill(self) -> None:
         self.killed = True
+        self._stopped.set()
 
 
-async def test_a_lost_lease_stops_the_tasks_and_marks_their_exit_as_the_nodes_doing(tmp_path):
+async def test_a_lost_lease_stops_the_tasks_and_reports_their_exit_as_the_nodes_doing(tmp_path):
     agent = Agent("http://127.0.0.1:1", "t", "n1", "ws/c", Gpus(0), ["process"], tmp_path)
-    running, done = StubbornTask(), StubbornTask()
+    running, done = StubbornTask(1, tmp_path), StubbornTask(2, tmp_path)
     done.killed = True  # already being killed (a KillTask): not the lease's doing
     agent.tasks = {("j1", 1, 0): running, ("j2", 1, 0): done}
+    ending = asyncio.create_task(agent._run_task(("j1", 1, 0), running))
+    assert (await agent.outbox.get())["type"] == "TaskStarted"
     agent.last_contact = time.monotonic() - LEASE_TIMEOUT - 1
     agent._check_lease()
-    await asyncio.gather(*agent.background)
-    assert running.killed and agent.lease_lost == {("j1", 1, 0)}
-    error = _lease_error(0)
-    assert error["code"] == protocol.LEASE_EXPIRED and "lost touch" in error["message"]
+    await asyncio.gather(*agent.background, ending)
+    assert running.killed and ("j2", 1, 0) not in agent.lease_lost
+    exited = agent.outbox.get_nowait()
+    assert (exited["type"], exited["jobId"], exited["exitCode"]) == ("TaskExited", "j1", 143)
+    assert exited["error"]["code"] == protocol.LEASE_EXPIRED
+    assert "lost touch" in exited["error"]["message"]
 
 
 def test_a_command_the_shell_cannot_run_is_told_in_the_shells_words(tmp_path):
