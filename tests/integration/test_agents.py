@@ -835,19 +835,20 @@ async def test_an_exit_code_failure_is_retried_up_to_max_retries(local):
 async def test_the_shared_agent_token_of_earlier_versions_is_revoked(tmp_path, monkeypatch):
     monkeypatch.delenv("BATCHD_SECRET_KEYS", raising=False)
     state = tmp_path / "state"
+    join = protocol.message("Register", "local-9", 1, cluster="default/local", gpus=1)
     daemon = await start_daemon(state)  # as an earlier version left it: one unbound token
     try:
-        await token_file(daemon.control, state / "agent.token", "agent", "local-agents",
-                         "batchd:serve")  # fmt: skip
+        shared = await token_file(daemon.control, state / "agent.token", "agent",
+                                  "local-agents", "batchd:serve")  # fmt: skip
+        async with admin_client(daemon) as client:  # it is taken (there is no cluster yet)
+            assert await _post(daemon, client, shared, join) == 400
     finally:
         await daemon.stop()
-    shared = (state / "agent.token").read_text().strip()
     daemon = await start_daemon(state, local_nodes=1)
     try:
         assert not (state / "agent.token").exists()
         await _until(lambda: _ready_nodes(daemon) == 1, 30)  # on a token of its own
         async with admin_client(daemon) as client:
-            join = protocol.message("Register", "local-9", 1, cluster="default/local", gpus=1)
-            assert await _post(daemon, client, shared, join) == 401  # the old one is refused
+            assert await _post(daemon, client, shared, join) == 401  # now it is refused
     finally:
         await daemon.stop()
