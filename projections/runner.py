@@ -85,7 +85,7 @@ class Runner:
 
     async def _catch_up(self, upto: int | None) -> None:
         apply_page = fold.apply_page
-        async for page in self.store.read_pages(self.models.position, PAGE):
+        async for page in self.store.read_pages(self.models.position, PAGE, full=False):
             if upto is not None and page[-1].position > upto:
                 apply_page(self.models, [e for e in page if e.position <= upto])
                 return

@@ -83,8 +83,8 @@ class MemoryBackend:
                     listener()
         return plan
 
-    async def read_rows(self, after: int, limit: int) -> list[tuple]:
-        return self.log.rows[after : after + limit]  # positions are gapless from 1
+    async def read_rows(self, after: int, limit: int, full: bool = True) -> list[tuple]:
+        return self.log.rows[after : after + limit]  # gapless from 1; whole rows cost nothing
 
     async def recorded_at(self, position: int) -> int:
         return self.log.rows[position - 1][6]

@@ -140,6 +140,11 @@ _WRITE_ONE = _write(f"SELECT {', '.join(f'${n}::{t}' for n, t in _PARAMS)}")  # 
 _MOVE_HEAD = f"{_MOVE}\nSELECT pg_notify('{CHANNEL}', position::text) FROM h"
 _COPY_COLUMNS = tuple(_COLUMNS.split(", "))
 _READ = f"SELECT {_COLUMNS} FROM events WHERE position > $1 ORDER BY position LIMIT $2"
+_FOLD_COLUMNS = (  # read_rows(full=False): the ids and the hash left out, as NULLs
+    "position, NULL::uuid, stream, version, type, schema, recorded_at, actor, NULL::uuid, "
+    "NULL::uuid, data, NULL::bytea"
+)
+_READ_FOLD = f"SELECT {_FOLD_COLUMNS} FROM events WHERE position > $1 ORDER BY position LIMIT $2"
 _READ_STREAM = f"SELECT {_COLUMNS} FROM events WHERE stream = $1 AND version > $2 ORDER BY version"
 _RECORDED_AT = "SELECT recorded_at FROM events WHERE position = $1"
 
@@ -472,8 +477,8 @@ class PostgresBackend:
             versions[row[2]] = row[3]
 
     # -- reading ---------------------------------------------------------------------------
-    async def read_rows(self, after: int, limit: int) -> list[asyncpg.Record]:
-        return await self._fetch(_READ, after, limit)  # Records index like the row tuples
+    async def read_rows(self, after: int, limit: int, full: bool = True) -> list[asyncpg.Record]:
+        return await self._fetch(_READ if full else _READ_FOLD, after, limit)  # index like rows
 
     async def read_stream_rows(self, stream: str, after_version: int) -> list[asyncpg.Record]:
         return await self._fetch(_READ_STREAM, stream, after_version)

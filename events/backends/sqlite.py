@@ -72,6 +72,10 @@ _SELECT_COLUMNS = (
 )
 _INSERT = f"INSERT INTO events ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
 _READ = f"SELECT {_SELECT_COLUMNS} FROM events WHERE position > ? ORDER BY position LIMIT ?"
+_FOLD_COLUMNS = (  # read_rows(full=False): the ids and the hash left out, as NULLs
+    "position, NULL, stream, version, type, schema, recorded_at, actor, NULL, NULL, data, NULL"
+)
+_READ_FOLD = f"SELECT {_FOLD_COLUMNS} FROM events WHERE position > ? ORDER BY position LIMIT ?"
 _RECORDED_AT = "SELECT recorded_at FROM events WHERE position = ?"
 _READ_STREAM = (
     f"SELECT {_SELECT_COLUMNS} FROM events WHERE stream = ? AND version > ? ORDER BY version"
@@ -317,8 +321,8 @@ class SqliteBackend:
         return existing
 
     # -- reading ---------------------------------------------------------------------------
-    async def read_rows(self, after: int, limit: int) -> list[tuple]:
-        return await self._read(_READ, (after, limit))
+    async def read_rows(self, after: int, limit: int, full: bool = True) -> list[tuple]:
+        return await self._read(_READ if full else _READ_FOLD, (after, limit))
 
     async def recorded_at(self, position: int) -> int:
         def run() -> int:

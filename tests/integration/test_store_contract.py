@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import uuid
 
 import pytest
 
@@ -80,6 +81,27 @@ async def test_a_retried_append_is_recognised_not_written_twice(store):
     assert results[:2] == [[5], [5]]
     assert isinstance(results[2], errors.DuplicateEventError)
     assert (await store.head()).position == 5
+
+
+async def test_pages_read_for_folding_hold_every_event_less_its_ids_and_hash(store):
+    cause = uuid.uuid4()
+    for n in range(7):
+        event = NewEvent(
+            "JobStarted",
+            {"jobId": f"j{n}", "attempt": n},
+            actor=f"user:{n}",
+            correlation_id=cause,
+            causation_id=cause if n % 2 else None,
+        )
+        await store.append(f"job-j{n % 3}", [event])
+    full = [e for page in [p async for p in store.read_pages(0, 3)] for e in page]
+    lean = [e for page in [p async for p in store.read_pages(0, 3, full=False)] for e in page]
+    assert len(full) == len(lean) == 7
+    for whole, folded in zip(full, lean, strict=True):
+        assert whole.event_id is not None and whole.hash
+        left_out = ("event_id", "correlation_id", "causation_id", "hash")
+        assert all(getattr(folded, f) in (None, getattr(whole, f)) for f in left_out)
+        assert folded._replace(**{f: getattr(whole, f) for f in left_out}) == whole
 
 
 async def test_positions_are_gapless_and_in_commit_order_with_16_appenders(store):
