@@ -167,6 +167,22 @@ async def after_middleware(request: web.Request, handler: Callable[..., Awaitabl
     return await handler(request)
 
 
+@web.middleware
+async def names_middleware(request: web.Request, handler: Callable[..., Awaitable]) -> Any:
+    """The names in a resource path follow the naming rule, or the request is refused (400)
+    naming which: a name nothing could ever have been created under is bad input, not a
+    missing resource."""
+    info = request.match_info
+    if "ws" in info:
+        commands.check_name("workspace", info["ws"])
+    if "exp" in info:
+        commands.check_name("experiment", info["exp"])
+    if "name" in info:
+        route = info.route.resource.canonical if info.route.resource is not None else ""
+        commands.check_name("cluster" if "/clusters/" in route else "job", info["name"])
+    return await handler(request)
+
+
 # -- request helpers ---------------------------------------------------------------------------
 def _principal(request: web.Request) -> Principal:
     return request[PRINCIPAL_KEY]
@@ -626,6 +642,8 @@ async def get_file(request: web.Request) -> web.StreamResponse:
     job, base, node = await _output_dir(request)
     api = request.app[API_KEY]
     follow = request.query.get("follow", "false").lower() in ("true", "1")
+    if follow and _followed_ended(request, job):
+        follow = False  # its attempt writes no more: the file as it is, or 404 if there is none
     if node is not None:
         path = files.joined(base, request.match_info["path"], "path")
         if follow:
@@ -727,13 +745,10 @@ async def _follow(request: web.Request, job: Job, read: Callable[[int], Awaitabl
     response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
     await response.prepare(request)
     api = request.app[API_KEY]
-    followed = _int_query(request, "attempt", max(job.attempt, 1), 1, max(job.attempt, 1))
     offset = start
     try:
         while True:
-            current = api.models.jobs.get(job.job_id)
-            ended = current is None or current.state in lifecycle.ENDED
-            ended = ended or current.attempt > followed  # a later attempt runs now
+            ended = _followed_ended(request, job)
             try:
                 chunk = await read(offset)
             except _FollowEnds:
@@ -751,6 +766,14 @@ async def _follow(request: web.Request, job: Job, read: Callable[[int], Awaitabl
     except (ConnectionResetError, OSError):
         pass  # the client went away
     return response
+
+
+def _followed_ended(request: web.Request, job: Job) -> bool:
+    """Has the attempt a follow reads (`?attempt=`, else the job's current one) ended? (The
+    job has ended or was deleted, or a later attempt runs now.)"""
+    followed = _int_query(request, "attempt", max(job.attempt, 1), 1, max(job.attempt, 1))
+    current = request.app[API_KEY].models.jobs.get(job.job_id)
+    return current is None or current.state in lifecycle.ENDED or current.attempt > followed
 
 
 def _read_from(path: Path, offset: int, size: int = 1 << 16) -> bytes:
@@ -957,11 +980,10 @@ async def openapi_document(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
-    name = "[-A-Za-z0-9_]{1,64}"  # as commands.check_name: what stream names may hold
-    ws = f"/v1/workspaces/{{ws:{name}}}"
-    exp = f"{ws}/experiments/{{exp:{name}}}"
-    job = f"{exp}/jobs/{{name:{name}}}"
-    cluster = f"{ws}/clusters/{{name:{name}}}"
+    ws = "/v1/workspaces/{ws}"  # names_middleware checks each name against the rule
+    exp = f"{ws}/experiments/{{exp}}"
+    job = f"{exp}/jobs/{{name}}"
+    cluster = f"{ws}/clusters/{{name}}"
     r = app.router
     r.add_get("/v1/openapi.json", openapi_document)
     r.add_get("/v1/workspaces", list_workspaces)
@@ -988,7 +1010,7 @@ def add_routes(app: web.Application) -> None:
     r.add_get(job + "/files/{path:.+}", get_file)
     r.add_get("/v1/jobs", list_all_jobs)
     r.add_get("/v1/nodes", list_nodes)
-    r.add_get("/v1/nodes/{id:[-.A-Za-z0-9_]{1,253}}", get_node)
+    r.add_get("/v1/nodes/{id}", get_node)
     r.add_post("/v1/tokens", create_token)
     r.add_get("/v1/tokens", list_tokens)
     r.add_delete("/v1/tokens/{id}", revoke_token)
@@ -1000,7 +1022,7 @@ def add_routes(app: web.Application) -> None:
 def build(api: Api, extra: Callable[[web.Application], None] | None = None) -> web.Application:
     app = web.Application(
         client_max_size=MAX_BODY,
-        middlewares=[errors_middleware, auth_middleware, after_middleware],
+        middlewares=[errors_middleware, auth_middleware, names_middleware, after_middleware],
     )
     app[API_KEY] = api
     add_routes(app)

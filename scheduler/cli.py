@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import gc
 import logging
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -43,7 +44,12 @@ def _non_negative(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text} must not be negative")
+    if value > MAX_WHOLE:
+        raise argparse.ArgumentTypeError(f"{text} is too large (at most {MAX_WHOLE})")
     return value
+
+
+MAX_WHOLE = 2**63 - 1  # log positions are 64-bit; no count here comes near it
 
 
 def _seconds(text: str) -> float:
@@ -51,7 +57,9 @@ def _seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not value >= 0:  # also refuses nan
+    if math.isnan(value) or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number of seconds")
+    if value < 0:
         raise argparse.ArgumentTypeError(f"{text} must not be negative")
     return value
 
@@ -248,8 +256,7 @@ def _subcommands(commands, name: str, help: str, parents: list) -> tuple:
 
 
 def _resource_commands(commands, api: list) -> None:
-    _, workspace = _subcommands(commands, "workspace", "workspaces", api)
-    workspace["create"].add_argument("--location", help="a label kept with the workspace")
+    _subcommands(commands, "workspace", "workspaces", api)
 
     _, experiment = _subcommands(commands, "experiment", "experiments (groups of jobs)", api)
     for parser in experiment.values():

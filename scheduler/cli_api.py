@@ -142,6 +142,8 @@ def load_document(path: str) -> dict[str, Any]:
         raise InputError(f"{path} is not valid JSON: {exc.msg} at {where}") from None
     if not isinstance(document, dict):
         raise InputError(f"{path} must hold a JSON object")
+    if "properties" in document and not isinstance(document["properties"], dict):
+        raise InputError(f"{path}: properties must be a JSON object")
     return document
 
 
@@ -213,7 +215,7 @@ def job_document(args: argparse.Namespace) -> dict[str, Any]:
         props["cluster"] = args.cluster
     elif "cluster" not in props:
         raise InputError("job create needs --cluster NAME")
-    if args.image:
+    if args.image is not None:  # "" too: the server says what is wrong with it
         _child(_child(props, "containerSettings"), "imageSourceRegistry")["image"] = args.image
     if args.nodes is not None:
         props["nodeCount"] = args.nodes
@@ -255,16 +257,24 @@ def cluster_document(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # -- paths ------------------------------------------------------------------------------------
+def _named(what: str, name: str) -> str:
+    """`name` as one path segment; InputError if it is empty (no path could name it)."""
+    if not name:
+        raise InputError(f"{what} must not be empty")
+    return segment(name)
+
+
 def _workspace(args: argparse.Namespace, name: str | None = None) -> str:
-    return f"/v1/workspaces/{segment(name or args.workspace)}"
+    return f"/v1/workspaces/{_named('workspace name', args.workspace if name is None else name)}"
 
 
 def _experiment(args: argparse.Namespace, name: str | None = None) -> str:
-    return f"{_workspace(args)}/experiments/{segment(name or args.experiment)}"
+    experiment = args.experiment if name is None else name
+    return f"{_workspace(args)}/experiments/{_named('experiment name', experiment)}"
 
 
 def _job(args: argparse.Namespace) -> str:
-    return f"{_experiment(args)}/jobs/{segment(args.name)}"
+    return f"{_experiment(args)}/jobs/{_named('job name', args.name)}"
 
 
 def _job_key(args: argparse.Namespace) -> str:
@@ -273,9 +283,8 @@ def _job_key(args: argparse.Namespace) -> str:
 
 # -- workspaces and experiments ---------------------------------------------------------------
 async def workspace_create(args: argparse.Namespace) -> int:
-    body = {"location": args.location} if args.location else {}
     async with _client(args) as api:
-        status, answer = await api.call("PUT", _workspace(args, args.name), body=body)
+        status, answer = await api.call("PUT", _workspace(args, args.name), body={})
     return _print_write(
         args,
         status,
@@ -288,9 +297,9 @@ async def workspace_create(args: argparse.Namespace) -> int:
 async def workspace_list(args: argparse.Namespace) -> int:
     async with _client(args) as api:
         return await _print_list(
-            args, api, "/v1/workspaces", ["NAME", "LOCATION", "CREATED", "CREATED BY", "STATE"],
-            lambda w: [w.get("name"), _get(w, "properties.location"),
-                       _when(_get(w, "properties.creationTime")), _get(w, "properties.createdBy"),
+            args, api, "/v1/workspaces", ["NAME", "CREATED", "CREATED BY", "STATE"],
+            lambda w: [w.get("name"), _when(_get(w, "properties.creationTime")),
+                       _get(w, "properties.createdBy"),
                        _get(w, "properties.provisioningState")],
         )  # fmt: skip
 
@@ -338,7 +347,7 @@ async def experiment_delete(args: argparse.Namespace) -> int:
 
 # -- clusters ---------------------------------------------------------------------------------
 def _cluster_path(args: argparse.Namespace) -> str:
-    return f"{_workspace(args)}/clusters/{segment(args.name)}"
+    return f"{_workspace(args)}/clusters/{_named('cluster name', args.name)}"
 
 
 def _target(c: dict[str, Any]) -> str:
@@ -450,7 +459,7 @@ async def node_list(args: argparse.Namespace) -> int:
 
 async def node_show(args: argparse.Namespace) -> int:
     async with _client(args) as api:
-        _print_resource(args, await api.get(f"/v1/nodes/{quote(args.id, safe='')}"))
+        _print_resource(args, await api.get(f"/v1/nodes/{_named('node id', args.id)}"))
     return 0
 
 
@@ -573,8 +582,10 @@ async def job_exec(args: argparse.Namespace) -> int:
     before, parts = _split_at_dashes(args.cmd)
     node = args.node
     while before:  # options given after the job's name, before --
-        if before[0] != "--node" or len(before) < 2 or not before[1].isdigit():
+        if before[0] != "--node" or len(before) < 2:
             raise InputError(f"unexpected {before[0]!r}: batchd job exec NAME [--node K] -- CMD")
+        if not before[1].isdigit():
+            raise InputError(f"--node: {before[1]!r} is not a task index (0, 1, ...)")
         node, before = int(before[1]), before[2:]
     command = parts[0] if len(parts) == 1 else " ".join(shlex.quote(part) for part in parts)
     if not command:
@@ -640,7 +651,7 @@ async def token_list(args: argparse.Namespace) -> int:
 
 async def token_revoke(args: argparse.Namespace) -> int:
     async with _client(args) as api:
-        status, answer = await api.call("DELETE", f"/v1/tokens/{segment(args.id)}")
+        status, answer = await api.call("DELETE", f"/v1/tokens/{_named('token id', args.id)}")
     return _print_write(args, status, answer, f"revoked token {args.id}")
 
 

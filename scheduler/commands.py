@@ -14,7 +14,15 @@ from typing import Any
 
 from batchd.events.envelope import NewEvent
 from batchd.projections import lifecycle
-from batchd.projections.model import LIVE_STATES, QUEUED, Cluster, Job, ReadModels, job_key
+from batchd.projections.model import (
+    LIVE_STATES,
+    LOST,
+    QUEUED,
+    Cluster,
+    Job,
+    ReadModels,
+    job_key,
+)
 from batchd.scheduler.clusterspec import (
     ClusterSpec,
     max_nodes,
@@ -177,6 +185,33 @@ def delete_cluster(m: ReadModels, workspace: str, name: str, actor: str) -> list
     if not cluster.nodes:
         out.append(_event(f"cluster-{workspace}/{name}", "ClusterDeleted", data, actor))
     return out
+
+
+def finish_deletions(m: ReadModels, actor: str) -> list[Decision]:
+    """For each cluster being deleted: remove its lost nodes (no agent speaks for them any
+    more), and delete the cluster once it has no node left (its provider drains and removes
+    the others)."""
+    out = []
+    for cluster in list(m.clusters.values()):
+        if not cluster.deleting:
+            continue
+        left = []
+        for node_id in cluster.nodes:
+            if m.nodes[node_id].state == LOST:
+                out.append(_event(f"node-{node_id}", "NodeRemoved", {"nodeId": node_id}, actor))
+            else:
+                left.append(node_id)
+        if not left:
+            data = {"clusterId": cluster.cluster_id}
+            stream = f"cluster-{cluster.workspace}/{cluster.name}"
+            out.append(_event(stream, "ClusterDeleted", data, actor))
+    return out
+
+
+def deletions_due(m: ReadModels) -> bool:
+    """Would finish_deletions decide anything? (Cheap: most cycles, no.)"""
+    return any(c.deleting and (not c.nodes or any(m.nodes[n].state == LOST for n in c.nodes))
+               for c in m.clusters.values())  # fmt: skip
 
 
 # -- jobs --------------------------------------------------------------------------------------

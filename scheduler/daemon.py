@@ -30,7 +30,7 @@ from batchd.events import errors, urls
 from batchd.events.codec import Codec
 from batchd.events.store import EventStore
 from batchd.projections.runner import SNAPSHOT_INTERVAL, Runner
-from batchd.scheduler import api, config, planner, tls
+from batchd.scheduler import api, commands, config, planner, tls
 from batchd.scheduler.control import Control, token_file
 from batchd.scheduler.nodes import NodeService
 from batchd.scheduler.providers import LocalProvider, Provider
@@ -54,12 +54,16 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    """Ready while this daemon is the log's writer: another writer that took leadership
+    since (its epoch is newer) leaves it unable to append anything (503, `fenced`)."""
     daemon: Daemon = request.app[DAEMON_KEY]  # type: ignore[assignment]
     head = await daemon.store.head()
+    fenced = head.epoch != daemon.store.epoch
     return web.json_response({
-        "status": "ready", "position": head.position, "epoch": daemon.store.epoch,
+        "status": "fenced" if fenced else "ready", "position": head.position,
+        "epoch": daemon.store.epoch, "logEpoch": head.epoch,
         "readModelsPosition": daemon.models.position,
-    })  # fmt: skip
+    }, status=503 if fenced else 200)  # fmt: skip
 
 
 def _now_us() -> int:
@@ -188,6 +192,9 @@ class Daemon:
                     await self.nodes.dispatch()
                     for provider in self.providers:
                         await provider.reconcile()
+                    if commands.deletions_due(self.models.models):
+                        await self.control.run(lambda m: commands.finish_deletions(m, ACTOR),
+                                               structural=True)  # fmt: skip
                 except errors.StoreUnavailable as exc:  # the log is back soon: plan again then
                     logger.warning("planner.store_unavailable", error=str(exc))
                     planned_at = -1

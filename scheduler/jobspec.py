@@ -216,6 +216,7 @@ def parse_job(document: Any) -> JobSpec:
         raise DocumentError(f"{prefix}.{first}".lstrip("."), rule)
     if "schedulingPriority" in props and "priority" in props:
         raise DocumentError(where, "give schedulingPriority or priority, not both")
+    _check_unique_variables(props, prefix)
     priority = props.get("priority", PRIORITY_OF[props.get("schedulingPriority", "normal")])
     return JobSpec(
         cluster=props.get("cluster"),
@@ -229,6 +230,18 @@ def parse_job(document: Any) -> JobSpec:
         toolkit=toolkits[0],
         properties=props,
     )
+
+
+def _check_unique_variables(props: dict[str, Any], prefix: str) -> None:
+    """Each environment variable is set once: by one environmentVariables or secrets entry
+    (a second would silently replace the first)."""
+    first: dict[str, str] = {}
+    for field in ("environmentVariables", "secrets"):
+        for index, item in enumerate(props.get(field, ())):
+            path = f"{prefix}.{field}[{index}].name".lstrip(".")
+            earlier = first.setdefault(item["name"], path)
+            if earlier != path:
+                raise DocumentError(path, f"{item['name']} is set already, by {earlier}")
 
 
 def _wall_clock(props: dict[str, Any], prefix: str) -> int:

@@ -505,7 +505,8 @@ def components() -> Schema:
             "History": history_schema(),
             "Replay": replay_schema(),
             "Health": obj({"status": string()}, ("status",)),
-            "Ready": obj({"status": string(), "position": integer(0), "epoch": integer(),
+            "Ready": obj({"status": string(enum=["ready", "fenced"]), "position": integer(0),
+                          "epoch": integer(), "logEpoch": integer(),
                           "readModelsPosition": integer(0)}, ("status",)),
         },
     }  # fmt: skip

@@ -116,7 +116,10 @@ class LocalProvider:
         cluster_id = m.cluster_ids.get(f"{WORKSPACE}/{CLUSTER}")
         if cluster_id is None:
             return 0
-        manual = m.clusters[cluster_id].scale_settings.get("manual") or {}
+        cluster = m.clusters[cluster_id]
+        if cluster.deleting:  # its nodes drain, and go once they run nothing
+            return 0
+        manual = cluster.scale_settings.get("manual") or {}
         return int(manual.get("targetNodeCount", 0))
 
     async def reconcile(self) -> None:

@@ -38,6 +38,7 @@ from batchd.events import codec, secrets, urls
 from batchd.events.envelope import NewEvent
 from batchd.events.store import EventStore
 from batchd.scheduler.bench import workload
+from batchd.scheduler.bench.api import BenchError
 
 Plan = list[list[tuple[str, list[NewEvent]]]]  # per writer: its (stream, events) appends
 
@@ -83,8 +84,12 @@ async def run(url: str, events: int, batch: int, writers: int) -> dict:
     plan = build_plan(events, batch, writers)
     store = await urls.open_store(url, codec=bench_codec())
     try:
-        await store.take_leadership()
         start = (await store.head()).position
+        if start:  # the made-up events would stay, and taking leadership fences its daemon
+            raise BenchError(f"{urls.parse(url)} holds {start} events: bench append writes "
+                             "made-up ones and takes the log's leadership; give it an empty "
+                             "scratch log (or no --store: a temporary one)")  # fmt: skip
+        await store.take_leadership()
         seconds = await _time_appends(store, plan)
         rows = [row async for row in store.iter_rows(after=start)]
     finally:

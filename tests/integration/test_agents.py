@@ -852,3 +852,23 @@ async def test_the_shared_agent_token_of_earlier_versions_is_revoked(tmp_path, m
             assert await _post(daemon, client, shared, join) == 401  # now it is refused
     finally:
         await daemon.stop()
+
+
+async def test_deleting_the_local_cluster_drains_its_nodes_then_deletes_it(local):
+    daemon, client = local
+    models = daemon.models.models
+    agents = dict(daemon.providers[0].processes)
+    await _run(client, "busy", "sleep 600")
+    await _until(lambda: newest_job(models, "busy").state == "running", 30)
+    busy_node = newest_job(models, "busy").tasks[0][0]
+    cluster = "/v1/workspaces/default/clusters/local"
+    assert (await client.call("DELETE", cluster))[0] == 202  # accepted: it has nodes
+    idle = "local-1" if busy_node == "local-0" else "local-0"
+    await _until(lambda: idle not in models.nodes and agents[idle].returncode is not None, 30)
+    assert models.nodes[busy_node].state == "leaving"  # it drains: its job runs on
+    status, body = await client.call("GET", cluster)
+    assert status == 200 and body["properties"]["provisioningState"] == "deleting"
+    await client.call("POST", f"{EXP}/jobs/busy/terminate")
+    await _until(lambda: "default/local" not in models.cluster_ids, 30)  # emptied, then gone
+    assert models.nodes == {} and agents[busy_node].returncode is not None
+    assert (await client.call("GET", cluster))[0] == 404

@@ -10,6 +10,7 @@ import ssl
 import aiohttp
 import pytest
 
+from batchd.events import urls
 from batchd.events.envelope import NewEvent
 from tests.integration.conftest import Client, start_daemon
 
@@ -257,3 +258,19 @@ async def test_a_task_the_daemon_cannot_run_without_ending_stops_it(api):
     await api.store.append("job-broken", [NewEvent("JobSubmitted", {"jobId": "broken"})])
     await asyncio.wait_for(api.stopping.wait(), 10)
     assert api.failed == ["read-models"]  # and `batchd serve` exits 1 (daemon.main)
+
+
+async def test_a_daemon_another_writer_took_the_log_from_says_it_is_not_ready(client, api):
+    async with aiohttp.ClientSession() as session, session.get(api.url + "/readyz") as r:
+        assert r.status == 200 and (await r.json())["status"] == "ready"
+    other = await urls.open_store(api.cfg.store_url)
+    try:
+        await other.take_leadership()  # e.g. a second daemon on the same log
+    finally:
+        await other.close()
+    async with aiohttp.ClientSession() as session, session.get(api.url + "/readyz") as r:
+        body = await r.json()
+        assert r.status == 503 and body["status"] == "fenced"
+        assert body["logEpoch"] > body["epoch"]
+    status, error = await client.call("PUT", "/v1/workspaces/late", {})
+    assert status == 503 and "unavailable" in error["error"]["message"]  # nothing lands

@@ -187,6 +187,17 @@ async def test_bad_documents_get_400_naming_the_field_and_nothing_is_stored(api,
         assert status == 400, (body, error)
         detail = error["error"]["details"][0]
         assert detail["name"] == path and problem in detail["value"], (path, error)
+    for path, field in (
+        (f"{EXP}/jobs/%C3%BCn", "job name"),
+        (f"{EXP}/jobs/a%20b", "job name"),
+        ("/v1/workspaces/ws/clusters/" + "c" * 65, "cluster name"),
+        ("/v1/workspaces/w.x/experiments/e", "workspace name"),
+        ("/v1/workspaces/ws/experiments/.e/jobs/j", "experiment name"),
+    ):
+        status, error = await admin.call("PUT", path, JOB)  # no such name can ever exist
+        assert status == 400 and error["error"]["details"][0]["name"] == field, (path, error)
+    status, error = await admin.call("GET", "/v1/nodes/..%2Fx")
+    assert status == 404 and "no node" in error["error"]["message"]
     several = {**JOB, "nodeCount": "two", "colour": "red", "gpusPerNode": -1}
     status, error = await admin.call("PUT", f"{EXP}/jobs/bad", several)
     assert status == 400

@@ -23,6 +23,16 @@ def test_bench_append_compares_with_the_bare_driver(pg_database):
         assert result["ratio"] == round(result["events_per_s"] / result["raw_events_per_s"], 4)
 
 
+def test_bench_append_refuses_a_log_that_holds_events(tmp_path):
+    url = f"sqlite:///{tmp_path / 'live.db'}"
+    assert _json("append", "--events", "100", "--batch", "10", "--store", url)["events"] == 100
+    again = batchd("bench", "append", "--events", "100", "--store", url, timeout=60)
+    assert again.returncode == 1 and "holds 100 events" in again.stderr
+    assert "Traceback" not in again.stderr
+    audit = batchd("audit", "verify", "--store", url)
+    assert audit.returncode == 0 and audit.stdout.startswith("ok: 100 events,")  # none added
+
+
 def test_bench_replay_reports_rebuild_and_restore(tmp_path):
     url = f"sqlite:///{tmp_path / 'bench.db'}"
     none = _json("replay", "--events", "3000", "--store", url)

@@ -283,6 +283,8 @@ async def test_job_output_files_are_listed_and_streamed(batchd, api):
     missing = await batchd("job", "file", "stream", "t", "-w", "ws", "-e", "exp",
                            "--output-directory-id", "nope")  # fmt: skip
     assert_error(missing, "nope")
+    gone = await batchd("job", "file", "stream", "t", "-w", "ws", "-e", "exp", "--file", "x.txt")
+    assert_error(gone, "no file 'x.txt'")  # the job has ended: it will never be written
 
 
 async def _drive_end(api, job_id: str, kind: str, data: dict) -> None:
@@ -379,7 +381,35 @@ async def test_bad_input_is_printed_plainly_with_the_field_path(batchd, api, tmp
     assert_error(done, "no job 'nope'")
     done = await batchd("job", "create", "j", "--cluster", "c", "--command", "x", "--env", "X")
     assert done.code == 2 and "NAME=VALUE" in done.err
+    path.write_text(json.dumps({"properties": {
+        "nodeCount": 1, "stdOutErrPathPrefix": "/x", "customToolkitSettings": {"commandLine": "x"},
+        "environmentVariables": [{"name": "A", "value": "1"}],
+        "secrets": [{"name": "A", "value": "hidden"}],
+    }}))  # fmt: skip
+    done = await batchd("job", "create", "j", "-w", "ws", "-e", "exp", "--cluster", "c",
+                        "-f", str(path))  # fmt: skip
+    assert assert_error(done) == ["batchd: error: properties.secrets[0].name: A is set already, "
+                                  "by properties.environmentVariables[0].name"]  # fmt: skip
+    done = await batchd("job", "create", "j", "-w", "ws", "-e", "exp", "--cluster", "c",
+                        "--command", "x", "--image", "")  # fmt: skip
+    assert_error(done, "image")
+    path.write_text(json.dumps({"properties": [], "cluster": "c"}))
+    done = await batchd("job", "create", "j", "-w", "ws", "-e", "exp", "-f", str(path))
+    assert assert_error(done) == [f"batchd: error: {path}: properties must be a JSON object"]
     assert api.models.models.job_ids.get("ws/exp/j") is None
+    for argv in (("workspace", "create", ""), ("experiment", "show", "", "-w", "ws"),
+                 ("job", "show", "", "-w", "ws", "-e", "exp"), ("cluster", "show", "", "-w", "ws"),
+                 ("node", "show", "")):  # fmt: skip
+        assert_error(await batchd(*argv), "name must not be empty" if argv[0] != "node" else
+                     "node id must not be empty")  # fmt: skip
+    done = await batchd("job", "show", "bad/name", "-w", "ws", "-e", "exp")
+    assert_error(done, "job name", "letters, digits")
+    done = await batchd("workspace", "create", "ünï")
+    assert_error(done, "workspace name")
+    done = await batchd("events", "tail", "--after", str(2**63))
+    assert done.code == 2 and "too large" in done.err
+    done = await batchd("job", "wait", "j", "-w", "ws", "-e", "exp", "--timeout", "nan")
+    assert done.code == 2 and "not a finite number" in done.err
 
 
 async def test_every_detail_of_an_error_gets_its_own_line(capsys, monkeypatch, tmp_path):
