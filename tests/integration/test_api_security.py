@@ -286,7 +286,7 @@ async def test_odd_requests_get_4xx_in_the_error_shape(api, session):
     admin = Client(session, api.url, api.admin_token)
     await seed(admin)
     cases = [
-        ("PUT", "/v1/workspaces/w%C3%A9", None, None, 404),  # names are ASCII
+        ("PUT", "/v1/workspaces/w%C3%A9", None, None, 400),  # names are ASCII
         ("PUT", f"{EXP}/jobs/deep", "[" * 100_000 + "]" * 100_000, None, 400),
         ("GET", "/v1/events?after=9223372036854775808", None, None, 400),
         ("GET", "/v1/events/stream", None, {"Last-Event-ID": "99999999999999999999"}, 400),
