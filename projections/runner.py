@@ -12,6 +12,7 @@ until the read models have reached a position (an API write's `?after=`).
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from dataclasses import dataclass
 
@@ -65,7 +66,21 @@ class Runner:
 
     async def restore(self, upto: int | None = None) -> Restored:
         """Load the newest usable snapshot (at or before `upto`) and catch up to `upto`
-        (default: the head)."""
+        (default: the head).
+
+        The cyclic garbage collector is paused meanwhile: loading makes millions of objects
+        that all live on (the read models) or die by reference count (pages read), and each
+        collection would walk every one of them again: a third to a half of the time.
+        """
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            return await self._restore(upto)
+        finally:
+            if collecting:
+                gc.enable()
+
+    async def _restore(self, upto: int | None) -> Restored:
         discarded = None
         if self.use_snapshots:
             stored = await self.store.load_snapshot(snapshot.NAME, upto)
