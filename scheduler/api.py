@@ -653,7 +653,7 @@ async def get_file(request: web.Request) -> web.StreamResponse:
     path = files.inside(base, request.match_info["path"], "path", api.mount_root)
     if path.is_dir():
         raise files.FileNotFound(f"{request.match_info['path']!r} is a directory")
-    start = _range_start(request, path)
+    start = _range_start(request, path, follow)
     if follow:
         read = functools.partial(asyncio.to_thread, _read_from, path)
         return await _follow(request, job, read, start)
@@ -711,7 +711,7 @@ def _remote_reader(api: Api, node: str, path: Path) -> Callable[[int], Awaitable
     return read
 
 
-def _range_start(request: web.Request, path: Path) -> int:
+def _range_start(request: web.Request, path: Path, follow: bool) -> int:
     """Where a Range header starts reading (0 without one); 416 in the error shape for one
     that cannot be served."""
     try:
@@ -722,9 +722,7 @@ def _range_start(request: web.Request, path: Path) -> int:
     if start < 0 or (wanted.stop is not None and wanted.stop <= start):
         raise _unsatisfiable("only ranges from a start offset are served")
     size = path.stat().st_size if path.is_file() else 0
-    if start and start >= size and request.query.get("follow", "false").lower() not in (
-        "true", "1"
-    ):  # fmt: skip
+    if start and start >= size and not follow:  # a followed file may grow to it
         raise _unsatisfiable(f"the file has {size} bytes")
     return start
 

@@ -22,7 +22,14 @@ from urllib.parse import quote
 
 from batchd.projections.history import pending_reason
 from batchd.scheduler import cli_replay
-from batchd.scheduler.client import Client, ClientError, segment, server_events, settings
+from batchd.scheduler.client import (
+    ApiError,
+    Client,
+    ClientError,
+    segment,
+    server_events,
+    settings,
+)
 
 ENDED = ("succeeded", "failed")
 EXIT_WAIT_TIMEOUT = 124  # `job wait --timeout` ran out (as timeout(1))
@@ -584,7 +591,7 @@ async def job_exec(args: argparse.Namespace) -> int:
     while before:  # options given after the job's name, before --
         if before[0] != "--node" or len(before) < 2:
             raise InputError(f"unexpected {before[0]!r}: batchd job exec NAME [--node K] -- CMD")
-        if not before[1].isdigit():
+        if not (before[1].isascii() and before[1].isdigit()):
             raise InputError(f"--node: {before[1]!r} is not a task index (0, 1, ...)")
         node, before = int(before[1]), before[2:]
     command = parts[0] if len(parts) == 1 else " ".join(shlex.quote(part) for part in parts)
@@ -668,7 +675,13 @@ async def events_tail(args: argparse.Namespace) -> int:
     async with _client(args) as api:
         after = args.after
         if after is None:
-            head = (await api.get("/readyz")).get("position", 0)
+            try:
+                head = (await api.get("/readyz")).get("position", 0)
+            except ApiError as exc:
+                if exc.status != 503:
+                    raise
+                raise ClientError("the daemon is not ready (starting, or another writer took "
+                                  "its log); give --after POSITION") from None  # fmt: skip
             after = max(0, head - args.lines)
         if args.follow:
             await _follow(api, after, show)

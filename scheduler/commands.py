@@ -16,7 +16,6 @@ from batchd.events.envelope import NewEvent
 from batchd.projections import lifecycle
 from batchd.projections.model import (
     LIVE_STATES,
-    LOST,
     QUEUED,
     Cluster,
     Job,
@@ -188,16 +187,16 @@ def delete_cluster(m: ReadModels, workspace: str, name: str, actor: str) -> list
 
 
 def finish_deletions(m: ReadModels, actor: str) -> list[Decision]:
-    """For each cluster being deleted: remove its lost nodes (no agent speaks for them any
-    more), and delete the cluster once it has no node left (its provider drains and removes
-    the others)."""
+    """For each cluster being deleted: remove every node that runs nothing (an agent whose
+    node is removed stops), and delete the cluster once it has no node left. A node still
+    running a job goes when the job ends (a provider drains its own nodes meanwhile)."""
     out = []
     for cluster in list(m.clusters.values()):
         if not cluster.deleting:
             continue
         left = []
         for node_id in cluster.nodes:
-            if m.nodes[node_id].state == LOST:
+            if not m.nodes[node_id].allocations:
                 out.append(_event(f"node-{node_id}", "NodeRemoved", {"nodeId": node_id}, actor))
             else:
                 left.append(node_id)
@@ -210,7 +209,7 @@ def finish_deletions(m: ReadModels, actor: str) -> list[Decision]:
 
 def deletions_due(m: ReadModels) -> bool:
     """Would finish_deletions decide anything? (Cheap: most cycles, no.)"""
-    return any(c.deleting and (not c.nodes or any(m.nodes[n].state == LOST for n in c.nodes))
+    return any(c.deleting and (not c.nodes or any(not m.nodes[n].allocations for n in c.nodes))
                for c in m.clusters.values())  # fmt: skip
 
 

@@ -55,16 +55,19 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready while this daemon is the log's writer: another writer that took leadership
-    since (its epoch is newer) leaves it unable to append anything (503, `fenced`)."""
+    """Ready once started and while this daemon is the log's writer (503 `starting` before;
+    503 `fenced` once another writer took the leadership: it can append nothing more)."""
     daemon: Daemon = request.app[DAEMON_KEY]  # type: ignore[assignment]
     head = await daemon.store.head()
-    fenced = head.epoch != daemon.store.epoch
+    if not daemon.ready:
+        status = "starting"
+    else:
+        status = "fenced" if head.epoch != daemon.store.epoch else "ready"
     return web.json_response({
-        "status": "fenced" if fenced else "ready", "position": head.position,
+        "status": status, "position": head.position,
         "epoch": daemon.store.epoch, "logEpoch": head.epoch,
         "readModelsPosition": daemon.models.position,
-    }, status=503 if fenced else 200)  # fmt: skip
+    }, status=200 if status == "ready" else 503)  # fmt: skip
 
 
 def _now_us() -> int:
@@ -80,6 +83,7 @@ class Daemon:
         self.failed: list[str] = []  # names of tasks that ended on their own
         self.url = ""
         self.admin_token = ""
+        self.ready = False  # started: leading the log, read models restored (/readyz)
         self.store: EventStore = None  # type: ignore[assignment]
         self.models: Runner = None  # type: ignore[assignment]
         self.control: Control = None  # type: ignore[assignment]
@@ -143,6 +147,7 @@ class Daemon:
         self._periodic.add_job(self.nodes.sweep, "interval", seconds=SWEEP_INTERVAL)
         self._periodic.start()
         await self._publish_anchor()
+        self.ready = True
         logger.info("daemon.started", url=self.url, store=str(urls.parse(cfg.store_url)),
                     state_dir=str(cfg.state_dir))  # fmt: skip
 

@@ -298,6 +298,8 @@ class NodeService:
         if cluster_id is None:
             raise protocol.ProtocolError(f"no cluster {msg.get('cluster')!r} (WORKSPACE/NAME)")
         node = m.nodes.get(node_id)
+        if m.clusters[cluster_id].deleting and (node is None or node.cluster != cluster_id):
+            raise protocol.ProtocolError(f"cluster {msg.get('cluster')} is being deleted")
         out: list[Decision] = []
         stream = f"node-{node_id}"
         if node is not None and node.incarnation not in (0, msg["incarnation"]):

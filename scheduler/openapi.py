@@ -505,8 +505,9 @@ def components() -> Schema:
             "History": history_schema(),
             "Replay": replay_schema(),
             "Health": obj({"status": string()}, ("status",)),
-            "Ready": obj({"status": string(enum=["ready", "fenced"]), "position": integer(0),
-                          "epoch": integer(), "logEpoch": integer(),
+            "Ready": obj({"status": string(enum=["ready", "starting", "fenced"]),
+                          "position": integer(0), "epoch": nullable(integer()),
+                          "logEpoch": integer(),
                           "readModelsPosition": integer(0)}, ("status",)),
         },
     }  # fmt: skip

@@ -865,9 +865,12 @@ async def test_deleting_the_local_cluster_drains_its_nodes_then_deletes_it(local
     assert (await client.call("DELETE", cluster))[0] == 202  # accepted: it has nodes
     idle = "local-1" if busy_node == "local-0" else "local-0"
     await _until(lambda: idle not in models.nodes and agents[idle].returncode is not None, 30)
-    assert models.nodes[busy_node].state == "leaving"  # it drains: its job runs on
+    await _until(lambda: models.nodes[busy_node].state == "leaving", 30)  # its job runs on
     status, body = await client.call("GET", cluster)
     assert status == 200 and body["properties"]["provisioningState"] == "deleting"
+    fleet = await make_token(client, "fleet-agent", "agent")  # no new node joins it now
+    join = protocol.message("Register", "local-9", 1, cluster="default/local", gpus=1)
+    assert await _post(daemon, client, fleet, join) == 400
     await client.call("POST", f"{EXP}/jobs/busy/terminate")
     await _until(lambda: "default/local" not in models.cluster_ids, 30)  # emptied, then gone
     assert models.nodes == {} and agents[busy_node].returncode is not None

@@ -197,7 +197,8 @@ def _free_port() -> int:
 
 def _start_daemon(state: Path, port: int) -> tuple[subprocess.Popen, dict | None]:
     """`batchd serve` on `state` without the embedded local cluster (a configuration that
-    asks for no local nodes); returns the process and its first /healthz answer."""
+    asks for no local nodes), once /readyz says it has started; the process and its /healthz
+    answer."""
     config = state.parent / "no-local-nodes.toml"
     config.write_text("[local]\nnodes = 0\n")
     daemon = subprocess.Popen(
@@ -205,13 +206,16 @@ def _start_daemon(state: Path, port: int) -> tuple[subprocess.Popen, dict | None
          "--listen", f"127.0.0.1:{port}", "--config", str(config)],
         stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
+    health = None
     for _ in range(150):
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as r:
-                return daemon, json.load(r)
-        except OSError:
+                health = json.load(r)
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1):
+                return daemon, health  # started: the log is led, the read models restored
+        except OSError:  # not listening yet, or 503 starting
             time.sleep(0.1)
-    return daemon, None
+    return daemon, health
 
 
 def test_serve_restores_the_read_models_and_snapshots_them_on_sigterm(tmp_path):

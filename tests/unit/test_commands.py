@@ -203,3 +203,53 @@ def test_a_deleted_experiments_jobs_go_with_it_and_a_new_one_starts_empty(w):
                              new_id=w.new_id))  # fmt: skip
     assert commands.find_job(w.m, "ws", "exp", "running").state == "queued"
     assert len(w.m.job_ids["ws/exp/running"]) == 2  # both incarnations keep their history
+
+
+def _node(w: World, node_id: str, *states: str) -> None:
+    w.do(
+        [
+            (
+                f"node-{node_id}",
+                NewEvent("NodeRegistered", {"nodeId": node_id, "cluster": "id-1", "gpus": 4}),
+            )
+        ]
+    )
+    for state in states:
+        w.do([(f"node-{node_id}", NewEvent(state, {"nodeId": node_id}))])
+
+
+def test_a_cluster_being_deleted_loses_its_idle_nodes_then_goes_when_the_last_job_ends(w):
+    _node(w, "lost", "NodeSetupSucceeded", "NodeSuspected", "NodeLost")
+    _node(w, "broken")
+    w.do([("node-broken", NewEvent("NodeSetupFailed", {"nodeId": "broken", "exitCode": 1}))])
+    _node(w, "idle", "NodeSetupSucceeded")
+    _node(w, "busy", "NodeSetupSucceeded")
+    [(_s, submitted)] = w.do(commands.submit_job(w.m, "ws", "exp", "train", JOB, "user:ann",
+                                                 cluster="gpu", new_id=w.new_id))  # fmt: skip
+    job_id = submitted.data["jobId"]
+    w.do(
+        [
+            (
+                f"job-{job_id}",
+                NewEvent(
+                    "JobScheduled",
+                    {
+                        "jobId": job_id,
+                        "attempt": 1,
+                        "tasks": [{"node": "busy", "gpus": [0, 1, 2, 3]}],
+                    },
+                ),
+            )
+        ]
+    )
+    assert not commands.deletions_due(w.m) and commands.finish_deletions(w.m, "x") == []
+    w.do(commands.delete_cluster(w.m, "ws", "gpu", "user:ops"))
+    assert commands.deletions_due(w.m)
+    removed = w.do(commands.finish_deletions(w.m, "batchd:serve"))
+    assert sorted(e.data["nodeId"] for _s, e in removed) == ["broken", "idle", "lost"]
+    assert w.m.clusters["id-1"].nodes == ["busy"] and not commands.deletions_due(w.m)
+    w.do([(f"job-{job_id}", NewEvent("JobSucceeded", {"jobId": job_id, "attempt": 1,
+                                                       "exitCode": 0}))])  # fmt: skip
+    last = w.do(commands.finish_deletions(w.m, "batchd:serve"))
+    assert [e.type for _s, e in last] == ["NodeRemoved", "ClusterDeleted"]
+    assert "id-1" not in w.m.clusters and not commands.deletions_due(w.m)
