@@ -16,6 +16,11 @@ def _time(us: int | None) -> str | None:
     return None if us is None else to_iso(us)
 
 
+def errors(recorded: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Recorded errors as shown: each one's time (`at`) in ISO-8601."""
+    return [{**e, "at": _time(e["at"])} if isinstance(e.get("at"), int) else e for e in recorded]
+
+
 def cluster(m: ReadModels, c: Cluster) -> dict[str, Any]:
     return {
         "id": c.cluster_id, "workspace": c.workspace, "name": c.name, "vmSize": c.vm_size,
@@ -23,7 +28,7 @@ def cluster(m: ReadModels, c: Cluster) -> dict[str, Any]:
         "allocationState": c.allocation_state, "deleting": c.deleting,
         "currentNodeCount": len(c.nodes), "nodeStateCounts": clusters.node_counts(m, c),
         "freeCapacity": clusters.free_capacity(m, c),
-        "queuedJobs": len(m.queues.get(c.cluster_id, ())), "errors": c.errors,
+        "queuedJobs": len(m.queues.get(c.cluster_id, ())), "errors": errors(c.errors),
         "creationTime": _time(c.created_at), "createdBy": c.created_by,
     }  # fmt: skip
 
@@ -41,7 +46,7 @@ def node(m: ReadModels, n: Node) -> dict[str, Any]:
              "attempt": item[1][1], "task": item[1][2]}
             for item in sorted(n.allocations.items(), key=_gpu_order)
         ],
-        "errors": n.errors, "setup": n.setup,
+        "errors": errors(n.errors), "setup": n.setup,
     }  # fmt: skip
 
 
@@ -67,7 +72,7 @@ def job(m: ReadModels, j: Job) -> dict[str, Any]:
         "tasks": [{"node": node_id, "gpus": gpus} for node_id, gpus in j.tasks],
         "creationTime": _time(j.submitted_at), "scheduledTime": _time(j.scheduled_at),
         "startTime": _time(j.started_at), "endTime": _time(j.ended_at),
-        "exitCode": j.exit_code, "errors": j.errors,
+        "exitCode": j.exit_code, "errors": errors(j.errors),
     }  # fmt: skip
 
 

@@ -97,6 +97,18 @@ class NodeService:
         return self.runner.models
 
     # -- commands out ------------------------------------------------------------------------
+    async def _still_to_start(self, job_id: str, attempt: int) -> bool:
+        """Is `attempt` still the job's scheduled one, holding its nodes? (While its spec was
+        read, it may have been terminated, requeued or failed.) A termination that came
+        meanwhile ends here: no task of the attempt was ever sent."""
+        job = self.models.jobs.get(job_id)
+        if job is None or job.attempt != attempt:
+            return False
+        if job.state == TERMINATING:
+            await self.control.run(lambda m: _terminated(m, job_id, attempt),
+                                   key=self._key(job_id))  # fmt: skip
+        return job.state == SCHEDULED and bool(job.tasks)
+
     def _send(self, node_id: str, command: dict[str, Any]) -> None:
         command = {**command, "v": protocol.VERSION, "node": node_id,
                    "epoch": self.store.epoch}  # fmt: skip
@@ -125,7 +137,14 @@ class NodeService:
             key = (job.job_id, job.attempt)
             if job.state == SCHEDULED and key not in self.dispatched:
                 self.dispatched[key] = [list(t) for t in job.tasks]
-                await self._start(job)
+                try:
+                    await self._start(job)
+                except Exception as exc:  # a fault here fails this attempt, not the daemon
+                    logger.exception("nodes.start_failed", job=job.job_id, attempt=job.attempt)
+                    error = {"code": "start_failed", "message": f"{type(exc).__name__}: {exc}"}
+                    await self.control.run(
+                        lambda m, k=key, e=error: _fail(m, k[0], k[1], e), key=self._key(key[0])
+                    )  # fmt: skip
             elif job.state == TERMINATING and key not in self.killed and job.tasks:
                 self.killed.add(key)
                 self._kill(job.job_id, job.attempt, job.tasks)
@@ -138,12 +157,15 @@ class NodeService:
                     self._kill(job_id, attempt, tasks)  # some task may still run
 
     async def _start(self, job: Job) -> None:
+        job_id, attempt = job.job_id, job.attempt
         try:
             spec = await _job_spec(self.store, job)
         except errors.SecretKeyError as exc:  # sealed with a key this daemon does not hold
             error = {"code": "secret_key", "message": str(exc)}
-            await self.control.run(lambda m: _fail(m, job.job_id, job.attempt, error),
-                                   key=self._key(job.job_id))  # fmt: skip
+            await self.control.run(lambda m: _fail(m, job_id, attempt, error),
+                                   key=self._key(job_id))  # fmt: skip
+            return
+        if not await self._still_to_start(job_id, attempt):
             return
         identity = toolkits.JobIdentity(job.workspace, job.experiment, job.name, job.job_id,
                                         job.attempt)  # fmt: skip
@@ -161,8 +183,8 @@ class NodeService:
             plans = toolkits.translate(spec, identity, hosts, paths, secrets)
         except (KeyError, TypeError, ValueError) as exc:
             error = {"code": "translation_failed", "message": str(exc)}
-            await self.control.run(lambda m: _fail(m, job.job_id, job.attempt, error),
-                                   key=self._key(job.job_id))  # fmt: skip
+            await self.control.run(lambda m: _fail(m, job_id, attempt, error),
+                                   key=self._key(job_id))  # fmt: skip
             return
         preparation = (spec.get("jobPreparation") or {}).get("commandLine")
         container = spec.get("containerSettings") or {}
@@ -171,8 +193,8 @@ class NodeService:
         if lacking:
             error = {"code": "runtime_missing",
                      "message": f"node {lacking[0]} has no {job.runtime} runtime"}  # fmt: skip
-            await self.control.run(lambda m: _fail(m, job.job_id, job.attempt, error),
-                                   key=self._key(job.job_id))  # fmt: skip
+            await self.control.run(lambda m: _fail(m, job_id, attempt, error),
+                                   key=self._key(job_id))  # fmt: skip
             return
         for plan in plans:
             self._send_start(plan.node_id, {

@@ -65,7 +65,7 @@ def cluster(m: ReadModels, c: Cluster, spec: dict[str, Any] | None = None) -> di
         "vmSize": c.vm_size, "vmPriority": c.vm_priority, "scaleSettings": c.scale_settings,
         "allocationState": c.allocation_state, "currentNodeCount": len(c.nodes),
         "nodeStateCounts": clusters.node_counts(m, c),
-        "freeCapacity": clusters.free_capacity(m, c), "errors": c.errors,
+        "freeCapacity": clusters.free_capacity(m, c), "errors": views.errors(c.errors),
         "creationTime": _time(c.created_at), "createdBy": c.created_by,
         "provisioningState": "deleting" if c.deleting else "succeeded",
     }  # fmt: skip
@@ -82,7 +82,7 @@ def job(m: ReadModels, j: Job, spec: dict[str, Any] | None = None) -> dict[str, 
         "priority": j.priority, "state": j.state, "executionState": EXECUTION_STATE[j.state],
         "executionInfo": {
             "startTime": _time(j.started_at), "endTime": _time(j.ended_at),
-            "exitCode": j.exit_code, "errors": j.errors,
+            "exitCode": j.exit_code, "errors": views.errors(j.errors),
         },
         "pendingReason": j.pending_reason,
         "pendingReasonSince": _time(j.pending_reason_at) if j.pending_reason else None,

@@ -65,6 +65,7 @@ def node_lost(m: ReadModels, node_id: str, cause: str = "node_lost") -> list[Dec
     holders = sorted({(job_id, attempt) for job_id, attempt, _task in node.allocations.values()})
     out: list[Decision] = []
     for job_id, attempt in holders:
-        error = {"code": cause, "message": f"node {node_id} {cause.replace('_', ' ')}"}
+        what = {"node_lost": "was lost", "evicted": "was evicted"}.get(cause, cause)
+        error = {"code": cause, "message": f"node {node_id} {what}"}
         out.extend(attempt_ended(m, job_id, attempt, cause, error=error))
     return out

@@ -100,6 +100,8 @@ def translate(
     secrets: dict[str, str] | None = None,
 ) -> list[TaskPlan]:  # fmt: skip
     """What each node of `hosts` (task index order) runs for this job attempt."""
+    if not hosts:
+        raise ValueError("the attempt holds no node")
     known = {
         "AZ_BATCHAI_MOUNT_ROOT": paths.mount_root,
         "AZ_BATCHAI_JOB_MOUNT_ROOT": paths.job_mount_root,

@@ -10,12 +10,13 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 
 from batchd.scheduler import nodes as node_service
-from batchd.scheduler import protocol
+from batchd.scheduler import protocol, retries
 from batchd.scheduler.agent import HEARTBEAT_INTERVAL
 from batchd.scheduler.control import token_file
 from tests.integration.conftest import (
@@ -224,6 +225,10 @@ async def test_a_killed_agent_loses_its_attempt_which_runs_again_elsewhere_or_af
     daemon.providers[0].processes[node_id].kill()  # SIGKILL: the agent cannot stop its task
     await _until(lambda: job().attempt == 2 and job().state == "running", 60)
     assert job().retries == {"node_lost": 1}
+    shown = (await client.call("GET", f"{EXP}/jobs/long"))[1]["properties"]["executionInfo"]
+    [lost] = shown["errors"]
+    assert (lost["code"], lost["message"]) == ("node_lost", f"node {node_id} was lost")
+    assert datetime.fromisoformat(lost["at"]).tzinfo is not None  # a time, not microseconds
     await _until(lambda: _exists_with(daemon, "long", 2, "attempt 2\n"), 10)
     await client.call("POST", f"{EXP}/jobs/long/terminate")
     ended = await _ended(daemon, client, "long")
@@ -875,3 +880,31 @@ async def test_deleting_the_local_cluster_drains_its_nodes_then_deletes_it(local
     await _until(lambda: "default/local" not in models.cluster_ids, 30)  # emptied, then gone
     assert models.nodes == {} and agents[busy_node].returncode is not None
     assert (await client.call("GET", cluster))[0] == 404
+
+
+async def test_an_attempt_requeued_while_its_start_is_prepared_is_not_started(local, monkeypatch):
+    """The daemon reads a job's spec before it sends StartTask. If the attempt is requeued
+    meanwhile (its node was lost), none of it is started: the next attempt runs, once, and
+    the daemon goes on (it used to fail with ZeroDivisionError and stop)."""
+    daemon, client = local
+    models = daemon.models.models
+    reading, gate = asyncio.Event(), asyncio.Event()
+    read_spec = node_service._job_spec
+
+    async def held(store, job):
+        reading.set()
+        await gate.wait()
+        return await read_spec(store, job)
+
+    monkeypatch.setattr(node_service, "_job_spec", held)
+    await _run(client, "racy", "echo attempt $AZ_BATCHAI_JOB_ATTEMPT")
+    await asyncio.wait_for(reading.wait(), 30)
+    node_id = newest_job(models, "racy").tasks[0][0]
+    await daemon.control.run(lambda m: retries.node_lost(m, node_id))  # as when it is lost
+    assert newest_job(models, "racy").tasks == []
+    monkeypatch.setattr(node_service, "_job_spec", read_spec)
+    gate.set()
+    job = await _ended(daemon, client, "racy")
+    assert job["properties"]["state"] == "succeeded" and not daemon.stopping.is_set()
+    assert job["properties"]["attempt"] == 2 and _out(daemon, "racy", attempt=2) == "attempt 2\n"
+    assert not (daemon.state_dir / "mounts/logs/default/default/racy/1").exists()  # never ran
