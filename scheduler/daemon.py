@@ -176,9 +176,10 @@ class Daemon:
         if task.cancelled():
             return
         error = task.exception()
+        self.ready = False
         self.failed.append(task.get_name())
         logger.error("daemon.task_failed", task=task.get_name(),
-                     error=repr(error) if error else "returned")  # fmt: skip
+                     error=repr(error) if error else "returned", exc_info=error)  # fmt: skip
         self.stopping.set()
 
     async def _admin_token(self) -> str:
@@ -235,6 +236,7 @@ class Daemon:
                 logger.warning("daemon.task_did_not_stop", task=task.get_name())
 
     async def stop(self) -> None:
+        self.ready = False
         started = bool(self.url)  # a daemon that failed to start says so once, not "stopping"
         if started:
             logger.info("daemon.stopping")

@@ -137,17 +137,12 @@ class NodeService:
             key = (job.job_id, job.attempt)
             if job.state == SCHEDULED and key not in self.dispatched:
                 self.dispatched[key] = [list(t) for t in job.tasks]
-                try:
-                    await self._start(job)
-                except Exception as exc:  # a fault here fails this attempt, not the daemon
-                    logger.exception("nodes.start_failed", job=job.job_id, attempt=job.attempt)
-                    error = {"code": "start_failed", "message": f"{type(exc).__name__}: {exc}"}
-                    await self.control.run(
-                        lambda m, k=key, e=error: _fail(m, k[0], k[1], e), key=self._key(key[0])
-                    )  # fmt: skip
+                await self._start_or_fail(job, key)
             elif job.state == TERMINATING and key not in self.killed and job.tasks:
                 self.killed.add(key)
                 self._kill(job.job_id, job.attempt, job.tasks)
+                if key not in self.dispatched:  # terminated before this daemon started it
+                    self._await_reports(key, job.tasks)
         for (job_id, attempt), tasks in list(self.dispatched.items()):
             job = m.jobs.get(job_id)
             if job is None or job.attempt != attempt or job.state not in lifecycle.HOLDING:
@@ -156,14 +151,42 @@ class NodeService:
                 if job is None or job.attempt != attempt or len(job.task_exits) < len(tasks):
                     self._kill(job_id, attempt, tasks)  # some task may still run
 
+    async def _start_or_fail(self, job: Job, key: tuple[str, int]) -> None:
+        """Start an attempt; a fault in doing so fails that attempt, not the daemon. With the
+        log unreachable nothing was sent: the attempt is started at a later cycle."""
+        try:
+            try:
+                await self._start(job)
+            except errors.StoreUnavailable:
+                raise
+            except Exception as exc:
+                logger.exception("nodes.start_failed", job=key[0], attempt=key[1])
+                error = {"code": "start_failed", "message": f"{type(exc).__name__}: {exc}"}
+                await self.control.run(lambda m: _fail(m, key[0], key[1], error),
+                                       key=self._key(key[0]))  # fmt: skip
+        except BaseException:
+            if not any(k[:2] == key for k in self.unstarted):  # no StartTask went out
+                self.dispatched.pop(key, None)
+            raise
+
+    def _await_reports(self, key: tuple[str, int], tasks: list[list[Any]]) -> None:
+        """Watch the tasks of a terminating attempt that this daemon never started (another
+        daemon may have): a node that does not report its task has none, and the attempt's
+        termination ends then (see _resend_unstarted)."""
+        now = time.monotonic()
+        for index, (node_id, _gpus) in enumerate(tasks):
+            kill = {"type": "KillTask", "jobId": key[0], "attempt": key[1], "task": index}
+            self.unstarted[(key[0], key[1], index)] = (node_id, kill, now)
+
     async def _start(self, job: Job) -> None:
         job_id, attempt = job.job_id, job.attempt
         try:
             spec = await _job_spec(self.store, job)
         except errors.SecretKeyError as exc:  # sealed with a key this daemon does not hold
             error = {"code": "secret_key", "message": str(exc)}
-            await self.control.run(lambda m: _fail(m, job_id, attempt, error),
-                                   key=self._key(job_id))  # fmt: skip
+            if await self._still_to_start(job_id, attempt):
+                await self.control.run(lambda m: _fail(m, job_id, attempt, error),
+                                       key=self._key(job_id))  # fmt: skip
             return
         if not await self._still_to_start(job_id, attempt):
             return

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from batchd.events import errors
 from batchd.scheduler import nodes as node_service
-from batchd.scheduler import protocol, retries
+from batchd.scheduler import planner, protocol, retries
 from batchd.scheduler.agent import HEARTBEAT_INTERVAL
 from batchd.scheduler.control import token_file
 from tests.integration.conftest import (
@@ -908,3 +909,53 @@ async def test_an_attempt_requeued_while_its_start_is_prepared_is_not_started(lo
     assert job["properties"]["state"] == "succeeded" and not daemon.stopping.is_set()
     assert job["properties"]["attempt"] == 2 and _out(daemon, "racy", attempt=2) == "attempt 2\n"
     assert not (daemon.state_dir / "mounts/logs/default/default/racy/1").exists()  # never ran
+
+
+async def test_an_attempt_terminated_before_it_was_dispatched_ends_once_its_node_reports(
+    local, monkeypatch
+):
+    """An attempt placed and then terminated before the daemon sent its StartTask (another
+    job's start held the dispatch up, or another daemon placed it) holds its GPUs only until
+    its node's heartbeats show that it never ran."""
+    daemon, client = local
+    models = daemon.models.models
+    reading, gate = asyncio.Event(), asyncio.Event()
+    read_spec = node_service._job_spec
+
+    async def held(store, job):
+        if job.name == "first":
+            reading.set()
+            await gate.wait()
+        return await read_spec(store, job)
+
+    monkeypatch.setattr(node_service, "_job_spec", held)
+    await _run(client, "first", "true")
+    await asyncio.wait_for(reading.wait(), 30)  # the dispatch waits on its spec
+    await _run(client, "second", "sleep 600")
+    await daemon.control.run(lambda m: planner.plan(m, time.time_ns() // 1000))  # a cycle
+    assert newest_job(models, "second").state == "scheduled"
+    assert (await client.call("POST", f"{EXP}/jobs/second/terminate"))[0] in (200, 202)
+    gate.set()
+    second = await _ended(daemon, client, "second", seconds=30)
+    assert second["properties"]["state"] == "failed" and second["properties"]["tasks"] == []
+    assert not (daemon.state_dir / "mounts/logs/default/default/second").exists()  # never ran
+
+
+async def test_a_job_whose_start_meets_an_unreachable_log_starts_at_a_later_cycle(
+    local, monkeypatch
+):
+    daemon, client = local
+    read_spec = node_service._job_spec
+    failures = []
+
+    async def flaky(store, job):
+        if not failures:
+            failures.append(job.job_id)
+            raise errors.StoreUnavailable("log unreachable (for a moment)")
+        return await read_spec(store, job)
+
+    monkeypatch.setattr(node_service, "_job_spec", flaky)
+    await _run(client, "patient", "echo started")
+    job = await _ended(daemon, client, "patient")
+    assert failures and job["properties"]["state"] == "succeeded"  # not failed for good
+    assert job["properties"]["attempt"] == 1 and _out(daemon, "patient") == "started\n"
