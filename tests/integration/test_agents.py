@@ -959,3 +959,28 @@ async def test_a_job_whose_start_meets_an_unreachable_log_starts_at_a_later_cycl
     job = await _ended(daemon, client, "patient")
     assert failures and job["properties"]["state"] == "succeeded"  # not failed for good
     assert job["properties"]["attempt"] == 1 and _out(daemon, "patient") == "started\n"
+
+
+async def test_an_agent_that_stops_during_its_setup_task_stops_that_too(local):
+    daemon, client = local
+    pid_file = daemon.state_dir / "setup.pid"
+    setup = {"commandLine": f"echo $$ > {pid_file}; exec sleep 600",
+             "stdOutErrPathPrefix": "$AZ_BATCHAI_MOUNT_ROOT"}  # fmt: skip
+    cluster = {"vmSize": "Standard_NC6", "nodeSetup": {"setupTask": setup},
+               "scaleSettings": {"manual": {"targetNodeCount": 1}}}  # fmt: skip
+    assert (await client.call("PUT", "/v1/workspaces/default/clusters/slow", cluster))[0] == 201
+    agent = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "batchd.scheduler.cli", "agent", "--server", daemon.url,
+        "--token-file", str(await _node_token(client, daemon, "slow-0")), "--node-id", "slow-0",
+        "--cluster", "default/slow", "--gpus", "1",
+        "--work-dir", str(daemon.state_dir / "nodes/slow-0"),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        await _until(lambda: pid_file.exists() and pid_file.read_text().strip(), 30)
+        setup_pid = int(pid_file.read_text())
+        assert daemon.models.models.nodes["slow-0"].state == "preparing"
+    finally:
+        agent.terminate()
+        await agent.wait()
+    await _until(lambda: not alive(setup_pid), 15)  # not left running without its agent
