@@ -503,7 +503,7 @@ async def main(args: argparse.Namespace) -> int:
     if not protocol.NODE_ID.fullmatch(node_id):
         raise AgentError(f"--node-id {node_id!r}: a node id is {protocol.NODE_ID_RULE}")
     runtimes = [r.strip() for r in args.runtimes.split(",") if r.strip()]
-    unknown = [r for r in runtimes if r not in ("process", "docker")]
+    unknown = [r for r in runtimes if r not in protocol.RUNTIMES]
     if unknown:
         raise AgentError(f"--runtimes: {', '.join(unknown)}: the runtimes are process, docker")
     if args.address is not None and not protocol.ADDRESS.fullmatch(args.address):

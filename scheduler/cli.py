@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 from batchd.events import errors
 from batchd.scheduler import client, config, logs
+from batchd.scheduler.protocol import RUNTIMES
 
 EXIT_FAILURE = 1  # the command ran and found a problem (audit verify) or could not finish
 EXIT_USAGE = 2  # bad flags or values
@@ -217,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     e2e.add_argument("--jobs", type=_positive, default=500, help="(default 500)")
     e2e.add_argument("--nodes", type=_positive, default=4, help="(default 4)")
     e2e.add_argument("--gpus-per-node", type=_positive, default=8, help="(default 8)")
-    e2e.add_argument("--runtime", choices=("process", "docker"), default="process")
+    e2e.add_argument("--runtime", choices=RUNTIMES, default="process")
     e2e.add_argument(
         "--image",
         default="busybox",

@@ -14,14 +14,7 @@ from typing import Any
 
 from batchd.events.envelope import NewEvent
 from batchd.projections import lifecycle
-from batchd.projections.model import (
-    LIVE_STATES,
-    QUEUED,
-    Cluster,
-    Job,
-    ReadModels,
-    job_key,
-)
+from batchd.projections.model import LIVE_STATES, QUEUED, Cluster, Job, ReadModels, job_key
 from batchd.scheduler.clusterspec import (
     ClusterSpec,
     max_nodes,
@@ -189,7 +182,8 @@ def delete_cluster(m: ReadModels, workspace: str, name: str, actor: str) -> list
 def finish_deletions(m: ReadModels, actor: str) -> list[Decision]:
     """For each cluster being deleted: remove every node that runs nothing (an agent whose
     node is removed stops), and delete the cluster once it has no node left. A node still
-    running a job goes when the job ends (a provider drains its own nodes meanwhile)."""
+    running a job goes when the job ends (a provider drains its own nodes meanwhile).
+    Cheap when no cluster is being deleted: the planner loop asks at every cycle."""
     out = []
     for cluster in list(m.clusters.values()):
         if not cluster.deleting:
@@ -205,12 +199,6 @@ def finish_deletions(m: ReadModels, actor: str) -> list[Decision]:
             stream = f"cluster-{cluster.workspace}/{cluster.name}"
             out.append(_event(stream, "ClusterDeleted", data, actor))
     return out
-
-
-def deletions_due(m: ReadModels) -> bool:
-    """Would finish_deletions decide anything? (Cheap: most cycles, no.)"""
-    return any(c.deleting and (not c.nodes or any(not m.nodes[n].allocations for n in c.nodes))
-               for c in m.clusters.values())  # fmt: skip
 
 
 # -- jobs --------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from batchd.events.secrets import Keyring
+from batchd.scheduler.protocol import RUNTIMES
 
 DEFAULT_LISTEN = "127.0.0.1:8080"
 DEFAULT_LOCAL_NODES = 2
@@ -142,7 +143,7 @@ _KIND_NAMES = {str: "a string", dict: "a table", int: "a whole number", bool: "t
 
 def _runtimes(value: str) -> str:
     names = [r.strip() for r in value.split(",") if r.strip()]
-    unknown = [r for r in names if r not in ("process", "docker")]
+    unknown = [r for r in names if r not in RUNTIMES]
     if not names or unknown:
         raise ConfigError(f"[local] runtimes: {value!r}: give process, docker or both "
                           "(comma-separated)")  # fmt: skip

@@ -203,7 +203,7 @@ class Daemon:
                     await self.nodes.dispatch()
                     for provider in self.providers:
                         await provider.reconcile()
-                    if commands.deletions_due(self.models.models):
+                    if commands.finish_deletions(self.models.models, ACTOR):  # any due?
                         await self.control.run(lambda m: commands.finish_deletions(m, ACTOR),
                                                structural=True)  # fmt: skip
                 except errors.StoreUnavailable as exc:  # the log is back soon: plan again then

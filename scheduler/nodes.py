@@ -609,9 +609,8 @@ class Superseded(Exception):
 _REGISTER_FIELDS = {"gpus": int, "cpus": int, "memoryMb": int, "gpuModel": str,
                     "gpuMemoryMb": int, "agentVersion": str, "runtimes": list,
                     "cluster": str, "address": str}  # fmt: skip
-# what a Register tells about the node that NodeRegistered records
-_REGISTERED = ("gpus", "gpuModel", "gpuMemoryMb", "cpus", "memoryMb", "runtimes",
-               "agentVersion", "address")  # fmt: skip
+# what a Register tells about the node that NodeRegistered records (the cluster is its own)
+_REGISTERED = tuple(name for name in _REGISTER_FIELDS if name != "cluster")
 
 
 def _check_register(msg: dict[str, Any], principal: auth.Principal) -> None:
@@ -633,7 +632,7 @@ def _check_register(msg: dict[str, Any], principal: auth.Principal) -> None:
     address = msg.get("address")
     if address and not protocol.ADDRESS.fullmatch(address):
         raise protocol.ProtocolError(f"Register address must be {protocol.ADDRESS_RULE}")
-    unknown = [r for r in msg.get("runtimes") or () if r not in ("process", "docker")]
+    unknown = [r for r in msg.get("runtimes") or () if r not in protocol.RUNTIMES]
     if unknown:
         raise protocol.ProtocolError(f"unknown runtimes {unknown}")
 

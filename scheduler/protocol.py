@@ -38,6 +38,8 @@ import msgpack
 # (its lease expired): the daemon retries the attempt as a node failure, not the job's own
 LEASE_EXPIRED = "lease_expired"
 
+RUNTIMES = ("process", "docker")  # what a node may offer to run tasks with
+
 # a node's address for the other nodes of a multi-node job: a host name, IPv4 or IPv6 address
 ADDRESS = re.compile(r"[A-Za-z0-9_.:%\[\]-]{1,253}")
 ADDRESS_RULE = "a host name or IP address (letters, digits and _ . : % [ ] -)"

@@ -45,6 +45,11 @@ def output_dirs(spec: dict[str, Any]) -> list[str]:
     return [str(p) for p in spec.get("outputs") or () if str(p).startswith("/")]
 
 
+def job_temp(spec: dict[str, Any]) -> str | None:
+    """The task's job-temp directory ($AZ_BATCHAI_JOB_TEMP, as the daemon named it)."""
+    return (spec.get("env") or {}).get("AZ_BATCHAI_JOB_TEMP")
+
+
 def prepare_directories(spec: dict[str, Any]) -> TaskResult | None:
     """Make a task's stdouterr, work, job temp and output directories and write its files
     (the MPI host file); a failed TaskResult saying what could not be written, or None."""
@@ -52,7 +57,7 @@ def prepare_directories(spec: dict[str, Any]) -> TaskResult | None:
         for path in (
             spec["stdouterr"],
             spec["workDir"],
-            (spec.get("env") or {}).get("AZ_BATCHAI_JOB_TEMP"),
+            job_temp(spec),
             *output_dirs(spec),
         ):
             if path:
@@ -418,7 +423,7 @@ def _one_node(spec: dict[str, Any]) -> bool:
 
 def shares_job_temp(spec: dict[str, Any]) -> bool:
     """Is the task's job-temp directory shared with the job's other tasks on this machine?"""
-    return not _one_node(spec) and bool((spec.get("env") or {}).get("AZ_BATCHAI_JOB_TEMP"))
+    return not _one_node(spec) and bool(job_temp(spec))
 
 
 def hold_job_temp(spec: dict[str, Any]) -> int | None:
@@ -431,7 +436,7 @@ def hold_job_temp(spec: dict[str, Any]) -> int | None:
     cannot be made (the task's own directory checks then say why). Blocks while another
     holder removes the directory; call it off the event loop.
     """
-    lock = (spec.get("env") or {})["AZ_BATCHAI_JOB_TEMP"] + ".lock"
+    lock = f"{job_temp(spec)}.lock"
     fd = None
     try:
         Path(lock).parent.mkdir(parents=True, exist_ok=True)
@@ -452,7 +457,7 @@ def hold_job_temp(spec: dict[str, Any]) -> int | None:
 def release_job_temp(spec: dict[str, Any], fd: int) -> None:
     """Let go of a hold_job_temp hold; the task's last holder on this machine removes the
     job-temp directory and its lock file."""
-    temp = (spec.get("env") or {})["AZ_BATCHAI_JOB_TEMP"]
+    temp = job_temp(spec)
     lock = temp + ".lock"
     try:
         fcntl.flock(fd, fcntl.LOCK_UN)  # let go first: of tasks ending together, one gets it
@@ -479,7 +484,7 @@ def _task_dirs(spec: dict[str, Any]) -> list[str]:
     runs on one node."""
     found = [spec.get("workDir")]
     if _one_node(spec):
-        found.append((spec.get("env") or {}).get("AZ_BATCHAI_JOB_TEMP"))
+        found.append(job_temp(spec))
     return [d for d in found if d]
 
 

@@ -242,14 +242,14 @@ def test_a_cluster_being_deleted_loses_its_idle_nodes_then_goes_when_the_last_jo
             )
         ]
     )
-    assert not commands.deletions_due(w.m) and commands.finish_deletions(w.m, "x") == []
+    assert commands.finish_deletions(w.m, "x") == []
     w.do(commands.delete_cluster(w.m, "ws", "gpu", "user:ops"))
-    assert commands.deletions_due(w.m)
+    assert commands.finish_deletions(w.m, "x")
     removed = w.do(commands.finish_deletions(w.m, "batchd:serve"))
     assert sorted(e.data["nodeId"] for _s, e in removed) == ["broken", "idle", "lost"]
-    assert w.m.clusters["id-1"].nodes == ["busy"] and not commands.deletions_due(w.m)
+    assert w.m.clusters["id-1"].nodes == ["busy"] and commands.finish_deletions(w.m, "x") == []
     w.do([(f"job-{job_id}", NewEvent("JobSucceeded", {"jobId": job_id, "attempt": 1,
                                                        "exitCode": 0}))])  # fmt: skip
     last = w.do(commands.finish_deletions(w.m, "batchd:serve"))
     assert [e.type for _s, e in last] == ["NodeRemoved", "ClusterDeleted"]
-    assert "id-1" not in w.m.clusters and not commands.deletions_due(w.m)
+    assert "id-1" not in w.m.clusters and commands.finish_deletions(w.m, "x") == []
