@@ -32,12 +32,15 @@ from batchd.scheduler.protocol import TaskKey
 from batchd.scheduler.runtimes import (
     ProcessTask,
     become_subreaper,
+    forget_dirs,
     hold_job_temp,
     reap_leftovers,
+    record_dirs,
     release_job_temp,
     remove_work_dir,
     remove_work_tree,
     shares_job_temp,
+    sweep_dirs,
     sweep_orphans,
     task_label,
     watch_children_with_pidfd,
@@ -121,8 +124,10 @@ class Agent:
         self.address = address  # None: the daemon takes the one it sees us connect from
         self.runtimes = runtimes
         self.incarnation = time.time_ns()
-        self.running_dir = work_dir / "running"  # pid-file slots of running tasks
-        self.free_slots: list[Path] = []  # pid files no task holds now
+        # a slot per running task: `<slot>.pid` holds a process task's group, and
+        # `<slot>.dirs` the task's directories until its end has removed them
+        self.running_dir = work_dir / "running"
+        self.free_slots: list[Path] = []  # slots (their .pid files) no task holds now
         self.ended: dict[str, float] = {}  # labels of tasks ended lately -> when (orphan sweep)
         self.lease_lost: set[TaskKey] = set()  # tasks stopped because the lease expired
         self.slots = 0  # pid files made so far
@@ -162,13 +167,13 @@ class Agent:
         self.attach_gpus = attach_gpus
         logger.info("agent.engine", engine=self.engine, url=url, removed=len(left))
 
-    def _task(self, command: dict[str, Any], key: TaskKey):
+    def _task(self, command: dict[str, Any], slot: Path):
         if command.get("runtime") == "docker":
             if self.docker is None:
                 return None
             return ContainerTask({**command, "node": self.node_id}, self.docker, self.engine,
                                  self.attach_gpus)  # fmt: skip
-        return ProcessTask(command, self._slot())
+        return ProcessTask(command, slot)
 
     def _slot(self) -> Path:
         if self.free_slots:
@@ -199,9 +204,12 @@ class Agent:
     async def run(self, stop: asyncio.Event) -> None:
         self.stop = stop
         left = reap_leftovers(self.running_dir)
-        self.free_slots = sorted(self.running_dir.glob("*.pid"))
+        self.free_slots = sorted({p.with_suffix(".pid") for p in self.running_dir.glob("*.*")})
         if left:
             logger.warning("agent.reaped_leftover_tasks", count=left)
+        swept = await asyncio.to_thread(sweep_dirs, self.running_dir)
+        if swept:
+            logger.info("agent.removed_leftover_dirs", tasks=swept)
         self.running_dir.mkdir(parents=True, exist_ok=True)
         async with aiohttp.ClientSession(headers=self.headers) as session:
             self.session = session
@@ -333,7 +341,8 @@ class Agent:
             return
         key = protocol.task_key(command)
         if command["type"] == "StartTask" and key not in self.tasks:
-            task = self._task(command, key)
+            slot = self._slot()
+            task = self._task(command, slot)
             if task is None:  # the daemon checks runtimes: only a stale command gets here
                 error = {
                     "code": "runtime_missing",
@@ -342,10 +351,11 @@ class Agent:
                 report = {"jobId": key[0], "attempt": key[1], "task": key[2], "exitCode": None,
                           "error": error}  # fmt: skip
                 self.outbox.put_nowait(self._message("TaskExited", **report))
+                self.free_slots.append(slot)
                 return
             self.tasks[key] = task
             self.ended.pop(task_label(command), None)  # the same task again: its own now
-            self._background(self._run_task(key, task), f"task {key}")
+            self._background(self._run_task(key, task, slot), f"task {key}")
         elif command["type"] == "KillTask" and key in self.tasks:
             self._background(self.tasks[key].kill(), f"kill {key}")
 
@@ -390,7 +400,9 @@ class Agent:
         logger.info("agent.setup_ended", exit_code=result.exit_code)
         self.outbox.put_nowait(self._message("SetupExited", **report))
 
-    async def _run_task(self, key: TaskKey, task: ProcessTask) -> None:
+    async def _run_task(self, key: TaskKey, task: ProcessTask, slot: Path) -> None:
+        record = slot.with_suffix(".dirs")
+        record_dirs(record, task.spec)  # an agent stopped before the end leaves them to the next
         hold = None
         if shares_job_temp(task.spec):
             hold = await asyncio.to_thread(hold_job_temp, task.spec)
@@ -399,6 +411,8 @@ class Agent:
         finally:  # the last of the job's tasks here removes the shared job temp, come what may
             if hold is not None:
                 await asyncio.shield(asyncio.to_thread(release_job_temp, task.spec, hold))
+        forget_dirs(record)
+        self.free_slots.append(slot)
 
     async def _run_and_report(self, key: TaskKey, task: ProcessTask) -> None:
         job_id, attempt, index = key
@@ -410,8 +424,6 @@ class Agent:
                 "TaskStarted", jobId=job_id, attempt=attempt, task=index))  # fmt: skip
         result = await running
         self.tasks.pop(key, None)
-        if isinstance(task, ProcessTask) and task.pid_file is not None:
-            self.free_slots.append(task.pid_file)
         report = {"jobId": job_id, "attempt": attempt, "task": index,
                   "exitCode": result.exit_code}  # fmt: skip
         lease_lost = key in self.lease_lost and result.exit_code != 0

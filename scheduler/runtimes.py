@@ -16,6 +16,7 @@ import contextlib
 import ctypes
 import fcntl
 import functools
+import json
 import os
 import shutil
 import signal
@@ -457,7 +458,10 @@ def hold_job_temp(spec: dict[str, Any]) -> int | None:
 def release_job_temp(spec: dict[str, Any], fd: int) -> None:
     """Let go of a hold_job_temp hold; the task's last holder on this machine removes the
     job-temp directory and its lock file."""
-    temp = job_temp(spec)
+    _let_go(job_temp(spec), fd)
+
+
+def _let_go(temp: str, fd: int) -> None:
     lock = temp + ".lock"
     try:
         fcntl.flock(fd, fcntl.LOCK_UN)  # let go first: of tasks ending together, one gets it
@@ -509,3 +513,50 @@ def remove_work_tree(spec: dict[str, Any]) -> None:
     """Remove a task's own directories and what they hold (this may take a while)."""
     for directory in _task_dirs(spec):
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def record_dirs(record: Path, spec: dict[str, Any]) -> None:
+    """Write down, before a task makes them, the directories its end removes, in `record`
+    (a file of the agent's own): if the agent dies or stops before the task's end is seen
+    to, the next agent of the node removes them (sweep_dirs). Emptied by forget_dirs."""
+    shared = job_temp(spec) if shares_job_temp(spec) else None
+    try:
+        record.write_text(json.dumps({"own": _task_dirs(spec), "shared": shared}))
+    except OSError as exc:  # the task runs on: only the cleanup after a crash is lost
+        logger.warning("agent.dirs_unrecorded", path=str(record), error=exc.strerror)
+
+
+def forget_dirs(record: Path) -> None:
+    """The task's directories are gone (or are another holder's to remove)."""
+    with contextlib.suppress(OSError):
+        record.write_text("")
+
+
+def sweep_dirs(directory: Path) -> int:
+    """Remove the directories that tasks of a previous agent of this node left (see
+    record_dirs); how many tasks had left some. A multi-node job-temp directory is removed
+    only if no task of the job on this machine holds it still (its last holder removes it
+    then). Call it once that agent's processes are gone."""
+    count = 0
+    for record in directory.glob("*.dirs") if directory.is_dir() else ():
+        try:
+            left = json.loads(record.read_text() or "null")
+        except (OSError, ValueError):
+            left = None
+        if isinstance(left, dict):
+            for path in left.get("own") or ():
+                shutil.rmtree(str(path), ignore_errors=True)
+            if isinstance(left.get("shared"), str):
+                _remove_unheld(left["shared"])
+            count += 1
+        forget_dirs(record)
+    return count
+
+
+def _remove_unheld(temp: str) -> None:
+    """Remove a multi-node job-temp directory that no task holds (see hold_job_temp)."""
+    try:
+        fd = os.open(f"{temp}.lock", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:  # no lock file: its last holder removed the directory already
+        return
+    _let_go(temp, fd)

@@ -231,10 +231,13 @@ async def test_a_killed_agent_loses_its_attempt_which_runs_again_elsewhere_or_af
     assert (lost["code"], lost["message"]) == ("node_lost", f"node {node_id} was lost")
     assert datetime.fromisoformat(lost["at"]).tzinfo is not None  # a time, not microseconds
     await _until(lambda: _exists_with(daemon, "long", 2, "attempt 2\n"), 10)
+    nodes = daemon.state_dir / "nodes"
+    first = [nodes / "work" / f"{job().job_id}.1.0", nodes / "temp" / f"{job().job_id}.1"]
+    # the node's next agent removed the directories of the attempt its predecessor lost
+    await _until(lambda: not any(path.exists() for path in first), 30)
     await client.call("POST", f"{EXP}/jobs/long/terminate")
     ended = await _ended(daemon, client, "long")
     assert ended["properties"]["state"] == "failed"
-    nodes = daemon.state_dir / "nodes"
     await _until(lambda: not any(s.read_text().strip() for s in nodes.glob("*/running/*.pid")), 10)
 
 
