@@ -41,7 +41,7 @@ async def test_a_lost_lease_stops_the_tasks_and_reports_their_exit_as_the_nodes_
     running, done = StubbornTask(1, tmp_path), StubbornTask(2, tmp_path)
     done.killed = True  # already being killed (a KillTask): not the lease's doing
     agent.tasks = {("j1", 1, 0): running, ("j2", 1, 0): done}
-    ending = asyncio.create_task(agent._run_task(("j1", 1, 0), running))
+    ending = asyncio.create_task(agent._run_task(("j1", 1, 0), running, agent._slot()))
     assert (await agent.outbox.get())["type"] == "TaskStarted"
     agent.last_contact = time.monotonic() - LEASE_TIMEOUT - 1
     agent._check_lease()
@@ -70,7 +70,7 @@ async def test_commands_from_a_replaced_daemon_are_dropped(tmp_path):
     an older one's commands (still in flight from before a failover) are ignored."""
     agent = Agent("http://127.0.0.1:1", "t", "n1", "ws/c", Gpus(0), ["process"], tmp_path)
     started = []
-    agent._task = lambda command, key: started.append(key)  # what a StartTask would run
+    agent._task = lambda command, slot: started.append(protocol.task_key(command))  # would run
     agent._handle({"type": "KillTask", "epoch": 7, "jobId": "j0", "attempt": 1, "task": 0})
     assert agent.epoch == 7
     stale = {"type": "StartTask", "epoch": 6, "jobId": "j1", "attempt": 1, "task": 0}
@@ -97,7 +97,7 @@ async def test_a_task_the_lease_stopped_before_it_started_is_still_the_nodes_doi
     spec = {"jobId": "j1", "attempt": 1, "task": 0, "stdouterr": str(tmp_path),
             "workDir": str(tmp_path / "w"), "env": {}}  # fmt: skip
     agent.lease_lost.add(key)
-    await agent._run_task(key, CutShort(spec))
+    await agent._run_task(key, CutShort(spec), agent._slot())
     [report] = [agent.outbox.get_nowait() for _ in range(agent.outbox.qsize())]
     assert report["type"] == "TaskExited" and report["exitCode"] is None
     assert report["error"]["code"] == protocol.LEASE_EXPIRED and not agent.lease_lost
