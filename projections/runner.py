@@ -20,6 +20,7 @@ import structlog
 
 from batchd.events import errors
 from batchd.events.store import EventStore, Snapshot
+from batchd.events.timeutil import to_iso
 from batchd.projections import fold, snapshot
 from batchd.projections.model import ReadModels
 
@@ -172,3 +173,17 @@ def _incompatible(stored: Snapshot | None) -> str | None:
     if stored.code_hash != snapshot.CODE_HASH:
         return f"made by other projection code ({stored.code_hash})"
     return None
+
+
+async def moment_note(store: EventStore, at: int | None, position: int) -> str | None:
+    """What a replay "as of `at`" (microseconds) that found no event should say (None when
+    it found some, or was asked for a position)."""
+    if at is None or position > 0:
+        return None
+    first = await store.read_all(0, 1)
+    if not first:
+        return "the log is empty: nothing had happened yet"
+    return (
+        f"{to_iso(at)} is before the first event ({to_iso(first[0].recorded_at)}): "
+        "nothing had happened yet"
+    )

@@ -93,8 +93,9 @@ def queues(m: ReadModels) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
-def world(m: ReadModels) -> dict[str, Any]:
-    """Everything: clusters, nodes, each cluster's queue in order, and every job."""
+def world(m: ReadModels, note: str | None = None) -> dict[str, Any]:
+    """Everything: clusters, nodes, each cluster's queue in order, and every job; `note`
+    says what a reader should know about the moment (a time before the first event)."""
     return {
         "position": m.position,
         "recordedAt": _time(m.recorded_at) if m.position else None,
@@ -104,4 +105,5 @@ def world(m: ReadModels) -> dict[str, Any]:
         "nodes": [node(m, n) for n in m.nodes.values()],
         "queues": queues(m),
         "jobs": [job(m, j) for j in m.jobs.values()],
+        "note": note,
     }

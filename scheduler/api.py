@@ -33,7 +33,7 @@ from batchd.projections.model import (
     ReadModels,
     job_key,
 )
-from batchd.projections.runner import Runner
+from batchd.projections.runner import Runner, moment_note
 from batchd.scheduler import auth, commands, files, openapi, resources
 from batchd.scheduler.auth import AuthError, Principal
 from batchd.scheduler.clusterspec import parse_cluster
@@ -954,6 +954,7 @@ async def replay(request: web.Request) -> web.Response:
     head = (await api.store.head()).position
     if ("at" in request.query) == ("position" in request.query):
         raise DocumentError("at", "give either at (ISO-8601) or position, not both or neither")
+    at = None
     if "at" in request.query:
         try:
             at = parse_iso(request.query["at"])
@@ -964,7 +965,7 @@ async def replay(request: web.Request) -> web.Response:
         position = _int_query(request, "position", 0, 0, head)
     past = Runner(api.store, use_snapshots=True)
     await past.restore(upto=position)
-    return web.json_response(views.world(past.models))
+    return web.json_response(views.world(past.models, await moment_note(api.store, at, position)))
 
 
 # -- service -----------------------------------------------------------------------------------

@@ -717,8 +717,5 @@ async def _follow(api: Client, after: int, show: Callable[[dict[str, Any]], str]
 async def replay(args: argparse.Namespace) -> int:
     async with _client(args) as api:
         world = await api.get("/v1/replay", at=args.at, position=args.position)
-    if args.json:
-        print(json.dumps(world))
-    else:
-        print(cli_replay.world_text(world))
+    cli_replay.print_world(world, args.json)
     return 0

@@ -14,11 +14,10 @@ import sys
 from typing import Any
 
 from batchd.events import jsonform
-from batchd.events.store import EventStore
-from batchd.events.timeutil import parse_iso, to_iso
+from batchd.events.timeutil import parse_iso
 from batchd.projections import history, views
 from batchd.projections.model import LIVE_STATES, job_key
-from batchd.projections.runner import Runner
+from batchd.projections.runner import Runner, moment_note
 from batchd.scheduler.cli_log import open_readonly
 
 
@@ -40,29 +39,18 @@ async def replay(args: argparse.Namespace) -> int:
                 raise NotFound(f"--position {position} is beyond the log's head ({head})")
         runner = Runner(store)
         await runner.restore(upto=position)
-        note = await _note(store, at, position, head)
+        document = views.world(runner.models, await moment_note(store, at, position))
     finally:
         await store.close()
-    document = views.world(runner.models)
-    if note:
-        print(f"note: {note}", file=sys.stderr)
-    if args.json:
-        print(json.dumps(document))
-    else:
-        print(world_text(document))
+    print_world(document, args.json)
     return 0
 
 
-async def _note(store: EventStore, at: int | None, position: int, head: int) -> str | None:
-    if at is None or position > 0:
-        return None
-    if head == 0:
-        return "the log is empty: nothing had happened yet"
-    first = (await store.read_all(0, 1))[0]
-    return (
-        f"{to_iso(at)} is before the first event ({to_iso(first.recorded_at)}): "
-        "nothing had happened yet"
-    )
+def print_world(document: dict[str, Any], as_json: bool) -> None:
+    """A replay's world, with its note (if any) on standard error."""
+    if document.get("note"):
+        print(f"note: {document['note']}", file=sys.stderr)
+    print(json.dumps(document) if as_json else world_text(document))
 
 
 def world_text(w: dict[str, Any]) -> str:
@@ -135,10 +123,8 @@ async def job_history(args: argparse.Namespace) -> int:
             incarnations.append({"id": job_id, "timeline": history.timeline(events)})
     finally:
         await store.close()
-    if args.json:
-        document = {"name": args.name, "workspace": args.workspace,
-                    "experiment": args.experiment, "incarnations": incarnations}  # fmt: skip
-        print(json.dumps(document))
+    if args.json:  # as the API answers
+        print(json.dumps({"value": incarnations, "nextLink": None}))
         return 0
     print(history_text(key, incarnations))
     return 0
@@ -168,7 +154,7 @@ async def export(args: argparse.Namespace) -> int:
     store = await open_readonly(args)
     try:
         write = sys.stdout.write
-        if args.stream:
+        if args.stream is not None:
             events = await store.read_stream(args.stream)
             if not events:
                 raise NotFound(f"no stream {args.stream!r} in the log")

@@ -455,7 +455,7 @@ def replay_schema() -> Schema:
         "position": integer(0), "recordedAt": nullable(string()),
         "workspaces": array(string()), "experiments": array(string()),
         "clusters": array(any_object()), "nodes": array(any_object()),
-        "queues": any_object(), "jobs": array(any_object()),
+        "queues": any_object(), "jobs": array(any_object()), "note": nullable(string()),
     }, ("position", "clusters", "jobs"))  # fmt: skip
 
 

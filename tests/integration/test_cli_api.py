@@ -517,7 +517,16 @@ async def test_events_tail_and_replay_through_the_api(batchd, api):
     world = (await batchd("replay", "--position", str(head), "--json")).json
     assert world["position"] == head and [c["name"] for c in world["clusters"]] == ["c"]
     text = await batchd("replay", "--position", str(head))
-    assert text.code == 0 and "clusters (1)" in text.out
+    assert text.code == 0 and "clusters (1)" in text.out and world["note"] is None
+    early = await batchd("replay", "--at", "2001-01-01T00:00:00Z", "--json")
+    assert early.code == 0 and early.json["position"] == 0 and early.json["clusters"] == []
+    assert "2001-01-01T00:00:00.000000Z is before the first event" in early.err
+    created = await batchd("job", "create", "j", "-w", "ws", "-e", "exp", "--cluster", "c",
+                           "--command", "true")  # fmt: skip
+    assert created.code == 0, created.err
+    history = (await batchd("job", "history", "j", "-w", "ws", "-e", "exp", "--json")).json
+    # {"value": [incarnation, ...]}, the same document as offline (test_cli_history)
+    assert [i["timeline"][0]["event"] for i in history["value"]] == ["JobSubmitted"]
     assert_error(await batchd("replay", "--position", str(head + 100)), "position")
 
 

@@ -84,7 +84,7 @@ def test_replay_before_the_first_event_is_empty_with_a_note(log):
     assert done.returncode == 0
     world = json.loads(done.stdout)
     assert world["position"] == 0 and world["clusters"] == [] and world["jobs"] == []
-    assert "before the first event" in done.stderr
+    assert "before the first event" in done.stderr and "before the first event" in world["note"]
 
 
 @pytest.mark.parametrize(
@@ -103,8 +103,8 @@ def test_job_history_lists_each_incarnation_of_a_reused_name(log):
     done = batchd("job", "history", "train", "-w", "ws", "-e", "exp", "--store", log["url"],
                   "--json")  # fmt: skip
     assert done.returncode == 0, done.stderr
-    history = json.loads(done.stdout)
-    first, second = history["incarnations"]
+    history = json.loads(done.stdout)  # the API's document, as through the daemon
+    first, second = history["value"]
     assert [e["event"] for e in first["timeline"]] == [
         "JobSubmitted", "JobTerminateRequested", "JobTerminated", "JobDeleted",
     ]  # fmt: skip
@@ -123,7 +123,7 @@ def test_job_history_of_a_scheduled_job_names_its_nodes_and_attempts(log):
     d = submitted.data
     done = batchd("job", "history", d["name"], "-w", d["workspace"], "-e", d["experiment"],
                   "--store", log["url"], "--json")  # fmt: skip
-    timeline = json.loads(done.stdout)["incarnations"][0]["timeline"]
+    timeline = json.loads(done.stdout)["value"][0]["timeline"]
     entry = next(e for e in timeline if e["event"] == "JobScheduled")
     assert entry["attempt"] == 1
     assert entry["nodes"] == [t["node"] for t in scheduled.data["tasks"]]
@@ -160,3 +160,5 @@ def test_export_between_two_times_is_inclusive(log):
     assert_one_line_error(
         batchd("events", "export", "--store", log["url"], "--stream", "job-nope"), "job-nope"
     )
+    empty = batchd("events", "export", "--store", log["url"], "--stream", "")  # "$UNSET"
+    assert_one_line_error(empty, "no stream ''")
