@@ -1,42 +1,86 @@
 """A job's audit timeline, from the events of its stream: each transition with its time,
-actor, node, attempt and reason. Pure: the caller reads the stream (deleted jobs keep theirs).
+actor, node, attempt and reason. `timeline` is pure (the caller reads the stream: deleted jobs
+keep theirs); `job_timelines` reads the streams of each incarnation of a job name.
+
+A job removed with its experiment (ExperimentDeleted) has no JobDeleted of its own: the
+experiment's deletion is shown in its timeline instead, where it happened.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from batchd.events.envelope import RecordedEvent
+from batchd.events.store import EventStore
 from batchd.events.timeutil import to_iso
 from batchd.projections import fold
-from batchd.projections.model import ReadModels
+from batchd.projections.model import LIVE_STATES, ReadModels
 
 # Events that record something without moving the job to another state.
 _NOT_TRANSITIONS = frozenset({"JobSubmitted", "JobPendingReasonChanged", "JobTaskExited"})
 
 
-def timeline(events: Iterable[RecordedEvent]) -> list[dict[str, Any]]:
+async def job_timelines(
+    store: EventStore, job_ids: Sequence[str], workspace: str, experiment: str
+) -> list[dict[str, Any]]:
+    """`{"id", "timeline"}` for each incarnation of a job name, oldest first."""
+    deletions = [e for e in await store.read_stream(f"experiment-{workspace}/{experiment}")
+                 if e.type == "ExperimentDeleted"]  # fmt: skip
+    out = []
+    for job_id in job_ids:
+        events = await store.read_stream(f"job-{job_id}")
+        first = events[0].position if events else 0
+        removal = next((d for d in deletions if d.position > first), None)
+        out.append({"id": job_id, "timeline": timeline(events, removal)})
+    return out
+
+
+def timeline(
+    events: Iterable[RecordedEvent], removal: RecordedEvent | None = None
+) -> list[dict[str, Any]]:
     """One entry per event of a job's stream. `state` is the job's state after the event, as
     the read models have it (the same handlers fold the stream); an event the read models
-    ignore (about an older attempt, or too late) says so in `ignored`."""
+    ignore (about an older attempt, or too late) says so in `ignored`. `removal`: the
+    ExperimentDeleted that removed the job, shown where it happened."""
     models = ReadModels()
     entries = []
-    nodes: list[str] = []  # the current attempt's nodes
+    nodes: dict[Any, list[str]] = {}  # each attempt's nodes, by task index
+    state = None
     for e in events:
+        if removal is not None and removal.position < e.position:
+            entries.append(_removed(removal, state))
+            removal = None
         d = e.data if isinstance(e.data, dict) else {}
         before = _state(models, d)
         fold.apply(models, e)
         after = _state(models, d) or ("deleted" if e.type == "JobDeleted" else None)
+        state = after
         if e.type == "JobScheduled" and after == "scheduled":
-            nodes = [t["node"] for t in d.get("tasks", ())]
+            nodes[d.get("attempt")] = [t["node"] for t in d.get("tasks", ())]
+        if e.type in _NOT_TRANSITIONS:  # a report about an attempt that has moved on
+            ignored = "attempt" in d and d["attempt"] != _attempt(models, d)
+        else:
+            ignored = before == after
         entries.append({
             "position": e.position, "time": to_iso(e.recorded_at), "event": e.type,
             "state": after, "actor": e.actor, "attempt": d.get("attempt"),
-            "nodes": _nodes(e, d, nodes), "reason": _reason(e.type, d),
-            "ignored": e.type not in _NOT_TRANSITIONS and before == after,
+            "nodes": _nodes(e, d, nodes), "reason": _reason(e.type, d), "ignored": ignored,
         })  # fmt: skip
+    if removal is not None:
+        entries.append(_removed(removal, state))
     return entries
+
+
+def _removed(e: RecordedEvent, state: str | None) -> dict[str, Any]:
+    """The entry of the experiment deletion that removed the job (a live job ends first)."""
+    experiment = (e.data or {}).get("experiment")
+    return {
+        "position": e.position, "time": to_iso(e.recorded_at), "event": e.type,
+        "state": state if state in LIVE_STATES else "deleted", "actor": e.actor,
+        "attempt": None, "nodes": [], "reason": f"experiment {experiment} deleted",
+        "ignored": False,
+    }  # fmt: skip
 
 
 def _state(models: ReadModels, d: dict[str, Any]) -> str | None:
@@ -44,14 +88,22 @@ def _state(models: ReadModels, d: dict[str, Any]) -> str | None:
     return None if job is None else job.state
 
 
-def _nodes(e: RecordedEvent, d: dict[str, Any], scheduled: list[str]) -> list[str]:
-    if e.type == "JobScheduled":
-        return scheduled
+def _attempt(models: ReadModels, d: dict[str, Any]) -> int | None:
+    job = models.jobs.get(d.get("jobId"))
+    return None if job is None else job.attempt
+
+
+def _nodes(e: RecordedEvent, d: dict[str, Any], nodes: dict[Any, list[str]]) -> list[str]:
+    """The nodes an event is about: its attempt's, or the one task's that reported."""
     if e.actor.startswith("agent:"):
         return [e.actor.removeprefix("agent:")]
-    if "attempt" in d and e.type != "JobSubmitted":
-        return scheduled
-    return []
+    if "attempt" not in d or e.type == "JobSubmitted":
+        return []
+    placed = nodes.get(d["attempt"], [])
+    task = d.get("task")
+    if e.type == "JobTaskExited" and isinstance(task, int) and 0 <= task < len(placed):
+        return [placed[task]]
+    return placed
 
 
 def _reason(type_: str, d: dict[str, Any]) -> str | None:

@@ -570,10 +570,7 @@ async def job_history(request: web.Request) -> web.Response:
     job_ids = api.models.job_ids.get(job_key(ws, exp, name))
     if not job_ids:
         raise CommandError(f"no job named {name!r} in {ws}/{exp}, now or before", 404)
-    incarnations = []
-    for job_id in job_ids:
-        events = await api.store.read_stream(f"job-{job_id}")
-        incarnations.append({"id": job_id, "timeline": history.timeline(events)})
+    incarnations = await history.job_timelines(api.store, job_ids, ws, exp)
     return web.json_response({"value": incarnations, "nextLink": None})
 
 

@@ -117,10 +117,8 @@ async def job_history(args: argparse.Namespace) -> int:
                 f"no job named {args.name!r} in workspace {args.workspace!r}, "
                 f"experiment {args.experiment!r}"
             )
-        incarnations = []
-        for job_id in job_ids:
-            events = await store.read_stream(f"job-{job_id}")
-            incarnations.append({"id": job_id, "timeline": history.timeline(events)})
+        incarnations = await history.job_timelines(store, job_ids, args.workspace,
+                                                   args.experiment)  # fmt: skip
     finally:
         await store.close()
     if args.json:  # as the API answers

@@ -530,6 +530,19 @@ async def test_events_tail_and_replay_through_the_api(batchd, api):
     assert_error(await batchd("replay", "--position", str(head + 100)), "position")
 
 
+async def test_the_history_of_a_job_removed_with_its_experiment_ends_with_that(batchd, api):
+    await _setup(batchd)
+    created = await batchd("job", "create", "gone", "-w", "ws", "-e", "exp", "--cluster", "c",
+                           "--command", "true")  # fmt: skip
+    assert created.code == 0, created.err
+    assert (await batchd("experiment", "delete", "exp", "-w", "ws")).code == 0
+    history = (await batchd("job", "history", "gone", "-w", "ws", "-e", "exp", "--json")).json
+    [incarnation] = history["value"]
+    last = incarnation["timeline"][-1]
+    assert (last["event"], last["state"], last["reason"]) == (
+        "ExperimentDeleted", "deleted", "experiment exp deleted")
+
+
 async def test_events_tail_follow_prints_new_events_as_they_land(batchd, api):
     env = {**os.environ, "BATCHD_SERVER": api.url, "BATCHD_TOKEN": api.admin_token}
     follower = await asyncio.create_subprocess_exec(

@@ -87,6 +87,39 @@ def test_reports_of_an_old_attempt_do_not_touch_the_new_one():
     ]  # fmt: skip
 
 
+def test_a_late_report_of_an_old_attempt_names_that_attempts_node_and_is_marked():
+    log = cluster_with_a_job()
+    log("JobScheduled", jobId="j", attempt=2, tasks=[{"node": "n2", "gpus": [2, 3]}])
+    log("JobTaskExited", jobId="j", attempt=1, task=0, exitCode=1)
+    log("JobFailed", jobId="j", attempt=1, exitCode=1)
+    log("JobTaskExited", jobId="j", attempt=2, task=0, exitCode=0)
+    timeline = history.timeline([e for e in log.events if e.type.startswith("Job")])
+    assert [(e["event"], e["attempt"], e["nodes"], e["ignored"]) for e in timeline[-4:]] == [
+        ("JobScheduled", 2, ["n2"], False),
+        ("JobTaskExited", 1, ["n1"], True),  # attempt 1 ran on n1, and has moved on
+        ("JobFailed", 1, ["n1"], True),
+        ("JobTaskExited", 2, ["n2"], False),
+    ]  # fmt: skip
+
+
+def test_a_job_removed_with_its_experiment_says_so_where_it_happened():
+    log = Log()
+    log("JobSubmitted", jobId="j", workspace="ws", experiment="e", name="train", cluster="c1",
+        owner="ann", priority=0, nodeCount=1, gpusPerNode=2)  # fmt: skip
+    log("JobTerminated", jobId="j", reason="experiment e deleted", actor="user:bob")
+    log("ExperimentDeleted", workspace="ws", experiment="e", actor="user:bob")
+    job_stream, [removal] = log.events[:2], log.events[2:]
+    timeline = history.timeline(job_stream, removal)
+    assert [(e["event"], e["state"], e["actor"], e["reason"]) for e in timeline] == [
+        ("JobSubmitted", "queued", "scheduler", None),
+        ("JobTerminated", "failed", "user:bob", "experiment e deleted"),
+        ("ExperimentDeleted", "deleted", "user:bob", "experiment e deleted"),
+    ]  # fmt: skip
+    live = history.timeline(job_stream[:1], removal)  # a running job ends after, out of sight
+    assert [(e["event"], e["state"]) for e in live] == [
+        ("JobSubmitted", "queued"), ("ExperimentDeleted", "queued")]
+
+
 def test_a_requeue_does_not_undo_a_terminate_request():
     log = Log()
     log("ClusterCreated", clusterId="c1", workspace="ws", name="gpu", spec={})
