@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -285,23 +285,26 @@ class NodeService:
         self.seen[node_id] = time.monotonic()
         if kind == "Register":
             _check_register(msg, principal)
-            await self.control.run(lambda m: self._register(m, msg, principal.actor),
+            await self.control.run(lambda m: self._register(m, msg, agent_actor(node_id)),
                                    key=f"node/{node_id}")  # fmt: skip
         elif kind in ("ExecOutput", "FileData"):
             asked = self.execs.get(str(msg.get("execId") or msg.get("requestId")))
             if asked is not None and asked[0] == node_id:  # only the node asked answers
                 asked[1].put_nowait(msg)
         elif kind == "SetupExited":
-            await self.control.run(lambda m: _setup_exited(m, msg), key=f"node/{node_id}")
+            await self.control.run(_by_agent(node_id, lambda m: _setup_exited(m, msg)),
+                                   key=f"node/{node_id}")  # fmt: skip
         elif kind == "Heartbeat":
             running = _running_keys(msg)
             for job_id, attempt in self._resend_unstarted(node_id, running):
-                await self.control.run(lambda m, j=job_id, a=attempt: _terminated(m, j, a),
+                await self.control.run(_by_agent(node_id, lambda m, j=job_id, a=attempt:
+                                                 _terminated(m, j, a)),
                                        key=self._key(job_id))  # fmt: skip
             self._kill_unwanted(self.models, node_id, running)
             node = self.models.nodes.get(node_id)
             if node is not None and node.state in (SUSPECT, LOST):
-                await self.control.run(lambda m: _recovered(m, node_id), key=f"node/{node_id}")
+                await self.control.run(_by_agent(node_id, lambda m: _recovered(m, node_id)),
+                                       key=f"node/{node_id}")  # fmt: skip
         elif kind in ("TaskStarted", "TaskExited"):
             key = protocol.task_key(msg)
             if not _placed_on(self.models, key, node_id):
@@ -309,10 +312,11 @@ class NodeService:
             self.unstarted.pop(key, None)
             job_id, attempt, _task = key
             if kind == "TaskStarted":
-                await self.control.run(lambda m: _started(m, job_id, attempt),
+                await self.control.run(_by_agent(node_id, lambda m: _started(m, job_id, attempt)),
                                        key=self._key(job_id))  # fmt: skip
             else:
-                await self.control.run(lambda m: self._exited(m, msg), key=self._key(job_id))
+                await self.control.run(_by_agent(node_id, lambda m: self._exited(m, msg)),
+                                       key=self._key(job_id))  # fmt: skip
 
     def _authorize(self, principal: auth.Principal, node_id: str) -> None:
         """AuthError 403 unless `principal` may speak for `node_id`: a token bound to another
@@ -570,6 +574,24 @@ def _agent(request: web.Request) -> auth.Principal:
 async def _job_spec(store: EventStore, job: Job) -> dict[str, Any]:
     keyring = store.codec.keyring
     return opened(await job_spec(store, job), keyring)
+
+
+def agent_actor(node_id: str) -> str:
+    """Who an agent's reports make the actor of what they lead to: its node."""
+    return f"agent:{node_id}"
+
+
+def _by_agent(node_id: str, decide: Callable[[ReadModels], list[Decision]]):
+    """`decide`, with the events it decides written as the node's agent's doing."""
+    actor = agent_actor(node_id)
+
+    def decided(m: ReadModels) -> list[Decision]:
+        decisions = decide(m)
+        for _stream, event in decisions:
+            event.actor = actor
+        return decisions
+
+    return decided
 
 
 def _fail(m: ReadModels, job_id: str, attempt: int, error: dict[str, str]) -> list[Decision]:

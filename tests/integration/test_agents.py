@@ -213,6 +213,28 @@ async def test_when_one_task_of_a_two_node_job_fails_the_other_is_killed_and_the
     await _until(lambda: not alive(survivor), 15)  # killed, not left running
 
 
+async def test_what_an_agent_reports_is_written_as_its_nodes_doing(local):
+    daemon, client = local
+    await _run(client, "who", "true")
+    assert (await _ended(daemon, client, "who"))["properties"]["state"] == "succeeded"
+    job = newest_job(daemon.models.models, "who")
+    events = await daemon.store.read_stream(f"job-{job.job_id}")
+    [node_id] = [t["node"] for e in events if e.type == "JobScheduled" for t in e.data["tasks"]]
+    actors = {e.type: e.actor for e in events}
+    assert actors["JobSubmitted"] == "user:admin" and actors["JobScheduled"] == "scheduler"
+    assert (
+        actors["JobStarted"]
+        == actors["JobTaskExited"]
+        == actors["JobSucceeded"]
+        == (f"agent:{node_id}")
+    )
+    node_events = await daemon.store.read_stream(f"node-{node_id}")
+    assert {e.actor for e in node_events if e.type in ("NodeRegistered", "NodeSetupSucceeded")} \
+        == {f"agent:{node_id}"}  # fmt: skip
+    history = (await client.call("GET", f"{EXP}/jobs/who/history"))[1]["value"][0]["timeline"]
+    assert [e["nodes"] for e in history if e["event"] == "JobStarted"] == [[node_id]]
+
+
 async def test_a_killed_agent_loses_its_attempt_which_runs_again_elsewhere_or_after(local):
     daemon, client = local
     await _run(client, "long", "echo attempt $AZ_BATCHAI_JOB_ATTEMPT; sleep 600")

@@ -540,7 +540,10 @@ async def test_the_history_of_a_job_removed_with_its_experiment_ends_with_that(b
     [incarnation] = history["value"]
     last = incarnation["timeline"][-1]
     assert (last["event"], last["state"], last["reason"]) == (
-        "ExperimentDeleted", "deleted", "experiment exp deleted")
+        "ExperimentDeleted",
+        "deleted",
+        "experiment exp deleted",
+    )
 
 
 async def test_events_tail_follow_prints_new_events_as_they_land(batchd, api):

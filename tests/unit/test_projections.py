@@ -117,7 +117,9 @@ def test_a_job_removed_with_its_experiment_says_so_where_it_happened():
     ]  # fmt: skip
     live = history.timeline(job_stream[:1], removal)  # a running job ends after, out of sight
     assert [(e["event"], e["state"]) for e in live] == [
-        ("JobSubmitted", "queued"), ("ExperimentDeleted", "queued")]
+        ("JobSubmitted", "queued"),
+        ("ExperimentDeleted", "queued"),
+    ]
 
 
 def test_a_requeue_does_not_undo_a_terminate_request():
