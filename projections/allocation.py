@@ -1,15 +1,23 @@
 """Node allocation: which GPUs of which node hold which job attempt and task.
 
 `allocate` records a JobScheduled placement on the nodes; `release` gives an attempt's GPUs back
-when it ends or is requeued. A GPU holds at most one live attempt: an entry is released only by
-the attempt that holds it, so a late event about an older attempt cannot free a newer one's GPU.
+when it ends. A GPU holds at most one attempt: an entry is released only by the attempt that
+holds it, so a late event about an older attempt cannot free a newer one's GPU.
+
+An attempt that is requeued or preempted goes back to the queue at once, but its tasks may
+still run until their agents have killed them (a SIGTERM grace, a checkpoint being written):
+`retire` leaves their GPUs held, listed in the job's `stopping`, until each task is seen to
+stop (`stopped`: its exit, reported late) or its node's agent is gone (`forget_stopped`: the
+node was lost, removed, or its agent restarted). Only then are those GPUs placed again, and
+only then is the job's next attempt placed: two attempts never share a GPU, and a job's
+attempts never run at once.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from batchd.projections.model import Job, Node, ReadModels
+from batchd.projections.model import LOST, Job, Node, ReadModels
 
 # the allocation key of a task that needs no GPU (gpusPerNode 0): it holds the whole node, on
 # a node with GPUs too (and its task is given none of them)
@@ -41,10 +49,62 @@ def allocate(m: ReadModels, job: Job, tasks: list[dict[str, Any]]) -> None:
 def release(m: ReadModels, job: Job) -> None:
     for node_id, gpus in job.tasks:
         node = m.nodes.get(node_id)
+        if node is not None:
+            _free(node, job, gpus)
+    job.tasks = []
+
+
+def retire(m: ReadModels, job: Job) -> None:
+    """The job's current attempt was requeued or preempted: the GPUs of its tasks on lost
+    nodes are free; the others stay held until the task is seen to stop."""
+    for index, (node_id, gpus) in enumerate(job.tasks):
+        node = m.nodes.get(node_id)
         if node is None:
             continue
-        for gpu in gpus or WHOLE_NODE:
-            holder = node.allocations.get(str(gpu))
-            if holder is not None and holder[0] == job.job_id and holder[1] == job.attempt:
-                del node.allocations[str(gpu)]
+        if node.state == LOST:
+            _free(node, job, gpus)
+        else:
+            job.stopping.append([job.attempt, index, node_id])
     job.tasks = []
+
+
+def stopped(m: ReadModels, job_id: str, attempt: int, task: int, node_id: str) -> bool:
+    """A task of an earlier attempt was seen to stop on `node_id`: its GPUs are free. False
+    if it held none there (it is no earlier attempt's, or was freed already)."""
+    node = m.nodes.get(node_id)
+    held = [job_id, attempt, task]
+    freed = False
+    if node is not None:
+        for gpu, holder in list(node.allocations.items()):
+            if holder == held and is_stale(m, holder):
+                del node.allocations[gpu]
+                freed = True
+    job = m.jobs.get(job_id)
+    if job is not None and [attempt, task, node_id] in job.stopping:
+        job.stopping.remove([attempt, task, node_id])
+        freed = True
+    return freed
+
+
+def forget_stopped(m: ReadModels, node: Node) -> None:
+    """The node's agent is gone (lost, removed, restarted): the tasks of earlier attempts it
+    held run no more, and their GPUs are free."""
+    for gpu, holder in list(node.allocations.items()):
+        if gpu in node.allocations and is_stale(m, holder):
+            stopped(m, holder[0], holder[1], holder[2], node.node_id)
+
+
+def is_stale(m: ReadModels, holder: list[Any]) -> bool:
+    """Is an allocation held by a task that is not one of its job's placed attempt (a task
+    of an earlier attempt, still stopping)? A job's `tasks` are those of its attempt while it
+    holds GPUs, and empty otherwise (a requeued job keeps its attempt's number until the next
+    placement)."""
+    job = m.jobs.get(holder[0])
+    return job is None or job.attempt != holder[1] or holder[2] >= len(job.tasks)
+
+
+def _free(node: Node, job: Job, gpus: list[int]) -> None:
+    for gpu in gpus or WHOLE_NODE:
+        holder = node.allocations.get(str(gpu))
+        if holder is not None and holder[0] == job.job_id and holder[1] == job.attempt:
+            del node.allocations[str(gpu)]

@@ -88,9 +88,12 @@ def started(m: ReadModels, e: RecordedEvent) -> None:
 
 
 def task_exited(m: ReadModels, e: RecordedEvent) -> None:
+    d = e.data
+    if "node" in d and allocation.stopped(m, d["jobId"], d.get("attempt"), d["task"], d["node"]):
+        return  # a task of an earlier attempt has stopped: its GPUs are free
     job = _current(m, e)
     if job is not None:
-        job.task_exits[str(e.data["task"])] = e.data["exitCode"]
+        job.task_exits[str(d["task"])] = d["exitCode"]
 
 
 def _end(m: ReadModels, job: Job, e: RecordedEvent) -> None:
@@ -133,7 +136,7 @@ def _requeue(m: ReadModels, e: RecordedEvent, cause: str) -> None:
     job = _current(m, e)
     if job is None:
         return
-    allocation.release(m, job)
+    allocation.retire(m, job)
     job.state = _after(e)
     job.retries[cause] = job.retries.get(cause, 0) + 1
     _error(job, e.data.get("error"), e.recorded_at)

@@ -142,6 +142,9 @@ class Job:
     pending_reason_at: int = 0  # when the current pending reason was recorded
     runtime: str = "process"  # what its nodes must offer: "docker" for containerSettings
     detached: bool = False  # its experiment was deleted while it ran: it ends out of sight
+    # [attempt, task, node id] of an earlier attempt's tasks that still hold their GPUs until
+    # they are seen to stop (projections/allocation.py)
+    stopping: list[list[Any]] = field(default_factory=list)
 
 
 @dataclass(slots=True)

@@ -7,6 +7,7 @@ themselves, with NodeRegistered. Its GPU allocations are kept by projections/all
 from __future__ import annotations
 
 from batchd.events.envelope import RecordedEvent
+from batchd.projections import allocation
 from batchd.projections.model import (
     LEAVING,
     LOST,
@@ -46,6 +47,8 @@ def registered(m: ReadModels, e: RecordedEvent) -> None:
         node = m.nodes.get(d["nodeId"])
         if node is None:
             return
+    if node.incarnation not in (0, d.get("incarnation", 0)):  # a new agent: the old one's
+        allocation.forget_stopped(m, node)  # tasks were killed (earlier attempts' too)
     if node.state == PROVISIONING:  # re-registering (a reconnect) leaves the state alone
         node.state, node.since = PREPARING, e.recorded_at
     node.last_event = e.type
@@ -97,7 +100,9 @@ def suspected(m: ReadModels, e: RecordedEvent) -> None:
 
 
 def lost(m: ReadModels, e: RecordedEvent) -> None:
-    _node(m, e, LOST)
+    node = _node(m, e, LOST)
+    if node is not None:
+        allocation.forget_stopped(m, node)
 
 
 def recovered(m: ReadModels, e: RecordedEvent) -> None:
@@ -119,9 +124,11 @@ def drain_requested(m: ReadModels, e: RecordedEvent) -> None:
 
 
 def removed(m: ReadModels, e: RecordedEvent) -> None:
-    node = m.nodes.pop(e.data["nodeId"], None)
+    node = m.nodes.get(e.data["nodeId"])
     if node is None:
         return
+    allocation.forget_stopped(m, node)
+    del m.nodes[node.node_id]
     cluster = m.clusters.get(node.cluster)
     if cluster is not None:
         cluster.nodes.remove(node.node_id)

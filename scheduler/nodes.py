@@ -34,7 +34,7 @@ from aiohttp import web
 from batchd.events import errors
 from batchd.events.envelope import NewEvent
 from batchd.events.store import EventStore
-from batchd.projections import lifecycle
+from batchd.projections import allocation, lifecycle
 from batchd.projections.model import (
     LEAVING,
     LOST,
@@ -66,6 +66,9 @@ NODE_TIMEOUT = 10.0
 MAX_WAIT = 30
 SETUP_TAIL = 4000  # characters of the setup task's output kept in the log
 RESEND_AFTER = 5.0  # seconds before a StartTask the node does not report is sent again
+# seconds an earlier attempt's task, still holding its GPUs, may go unlisted by its node's
+# heartbeats before it is taken to have stopped (its exit report, or its start, was lost)
+STOPPED_AFTER = 3 * RESEND_AFTER
 MAX_GPUS = 64  # a node reporting more is refused
 FORGET = 60.0  # seconds after which the daemon forgets a silent node id it has no node for
 READ_CHUNK = 1 << 20  # bytes of a file a node sends in one answer
@@ -89,6 +92,9 @@ class NodeService:
         self._polls = 0
         # (job id, attempt, task) -> (node, StartTask, when sent): until the node reports it
         self.unstarted: dict[tuple[str, int, int], tuple[str, dict[str, Any], float]] = {}
+        # node id -> tasks of earlier attempts holding its GPUs that its heartbeats do not
+        # list -> when a heartbeat first did not
+        self.unlisted: dict[str, dict[TaskKey, float]] = {}
         # exec or file request id -> (the node asked, where its answers go)
         self.execs: dict[str, tuple[str, asyncio.Queue[dict[str, Any]]]] = {}
 
@@ -295,28 +301,41 @@ class NodeService:
             await self.control.run(_by_agent(node_id, lambda m: _setup_exited(m, msg)),
                                    key=f"node/{node_id}")  # fmt: skip
         elif kind == "Heartbeat":
-            running = _running_keys(msg)
-            for job_id, attempt in self._resend_unstarted(node_id, running):
-                await self.control.run(_by_agent(node_id, lambda m, j=job_id, a=attempt:
-                                                 _terminated(m, j, a)),
-                                       key=self._key(job_id))  # fmt: skip
-            self._kill_unwanted(self.models, node_id, running)
-            node = self.models.nodes.get(node_id)
-            if node is not None and node.state in (SUSPECT, LOST):
-                await self.control.run(_by_agent(node_id, lambda m: _recovered(m, node_id)),
-                                       key=f"node/{node_id}")  # fmt: skip
+            await self._heartbeat(node_id, _running_keys(msg))
         elif kind in ("TaskStarted", "TaskExited"):
-            key = protocol.task_key(msg)
-            if not _placed_on(self.models, key, node_id):
-                return  # only the node that runs a task reports on it
-            self.unstarted.pop(key, None)
-            job_id, attempt, _task = key
-            if kind == "TaskStarted":
-                await self.control.run(_by_agent(node_id, lambda m: _started(m, job_id, attempt)),
-                                       key=self._key(job_id))  # fmt: skip
-            else:
-                await self.control.run(_by_agent(node_id, lambda m: self._exited(m, msg)),
-                                       key=self._key(job_id))  # fmt: skip
+            await self._task_report(node_id, kind, msg)
+
+    async def _heartbeat(self, node_id: str, running: list[TaskKey]) -> None:
+        for job_id, attempt in self._resend_unstarted(node_id, running):
+            await self.control.run(_by_agent(node_id, lambda m, j=job_id, a=attempt:
+                                             _terminated(m, j, a)),
+                                   key=self._key(job_id))  # fmt: skip
+        self._kill_unwanted(self.models, node_id, running)
+        for key in self._unlisted_long(node_id, running):
+            await self.control.run(_by_agent(node_id, lambda m, k=key:
+                                             _stopped(m, k, node_id, None)),
+                                   key=self._key(key[0]))  # fmt: skip
+        node = self.models.nodes.get(node_id)
+        if node is not None and node.state in (SUSPECT, LOST):
+            await self.control.run(_by_agent(node_id, lambda m: _recovered(m, node_id)),
+                                   key=f"node/{node_id}")  # fmt: skip
+
+    async def _task_report(self, node_id: str, kind: str, msg: dict[str, Any]) -> None:
+        key = protocol.task_key(msg)
+        job_id, attempt, _task = key
+        if kind == "TaskExited" and _stopping_on(self.models, key, node_id):
+            await self.control.run(_by_agent(node_id, lambda m: _stopped(
+                m, key, node_id, msg.get("exitCode"))), key=self._key(job_id))  # fmt: skip
+            return
+        if not _placed_on(self.models, key, node_id):
+            return  # only the node that runs a task reports on it
+        self.unstarted.pop(key, None)
+        if kind == "TaskStarted":
+            await self.control.run(_by_agent(node_id, lambda m: _started(m, job_id, attempt)),
+                                   key=self._key(job_id))  # fmt: skip
+        else:
+            await self.control.run(_by_agent(node_id, lambda m: self._exited(m, msg)),
+                                   key=self._key(job_id))  # fmt: skip
 
     def _authorize(self, principal: auth.Principal, node_id: str) -> None:
         """AuthError 403 unless `principal` may speak for `node_id`: a token bound to another
@@ -417,7 +436,7 @@ class NodeService:
         stream = f"job-{job_id}"
         out: list[Decision] = [(stream, NewEvent(
             "JobTaskExited", {"jobId": job_id, "attempt": attempt, "task": task,
-                              "exitCode": code}))]  # fmt: skip
+                              "exitCode": code, "node": msg["node"]}))]  # fmt: skip
         exits = {**job.task_exits, str(task): code}
         if job.state == TERMINATING:
             if len(exits) >= len(job.tasks):
@@ -466,6 +485,23 @@ class NodeService:
         # not a sign of life: a poll ends by itself while its agent is stuck, or gone
         commands = self.outbox.pop(node_id, []) if self.pollers.get(node_id) == poll else []
         return web.Response(body=protocol.pack(commands), content_type=protocol.CONTENT_TYPE)
+
+    def _unlisted_long(self, node_id: str, running: list[TaskKey]) -> list[TaskKey]:
+        """The tasks of earlier attempts that still hold GPUs of the node but that its
+        heartbeats have not listed for STOPPED_AFTER seconds: they do not run there (their
+        exit report, or their StartTask, was lost), so their GPUs can be freed."""
+        node = self.models.nodes.get(node_id)
+        stopping = set() if node is None else {
+            tuple(h) for h in node.allocations.values() if allocation.is_stale(self.models, h)
+        }  # fmt: skip
+        unlisted = self.unlisted.pop(node_id, {})
+        now = time.monotonic()
+        for key in stopping.difference(running):
+            unlisted[key] = unlisted.get(key, now)  # since the first heartbeat without it
+        unlisted = {k: t for k, t in unlisted.items() if k in stopping and k not in running}
+        if unlisted:
+            self.unlisted[node_id] = unlisted
+        return sorted(k for k, first in unlisted.items() if now - first >= STOPPED_AFTER)
 
     def _resend_unstarted(self, node_id: str, running: list[Any]) -> list[tuple[str, int]]:
         """StartTask again for tasks sent to this node a while ago that it does not run and
@@ -690,6 +726,27 @@ def _setup_exited(m: ReadModels, msg: dict[str, Any]) -> list[Decision]:
     reason = (msg.get("error") or {}).get("message") or f"the setup task exited with {code}"
     data["error"] = {"code": "setup_failed", "message": reason}
     return [(f"node-{node_id}", NewEvent("NodeSetupFailed", data))]
+
+
+def _stopping_on(m: ReadModels, key: protocol.TaskKey, node_id: str) -> bool:
+    """Is task `key` one of an earlier attempt, still holding GPUs of `node_id`?"""
+    node = m.nodes.get(node_id)
+    if node is None:
+        return False
+    held = list(key)
+    return any(h == held and allocation.is_stale(m, h) for h in node.allocations.values())
+
+
+def _stopped(
+    m: ReadModels, key: protocol.TaskKey, node_id: str, code: int | None
+) -> list[Decision]:
+    """A task of an earlier attempt has stopped (or, `code` None, was not seen to run for
+    STOPPED_AFTER): JobTaskExited with its node frees its GPUs."""
+    if not _stopping_on(m, key, node_id):
+        return []
+    job_id, attempt, task = key
+    data = {"jobId": job_id, "attempt": attempt, "task": task, "exitCode": code, "node": node_id}
+    return [(f"job-{job_id}", NewEvent("JobTaskExited", data))]
 
 
 def _placed_on(m: ReadModels, key: protocol.TaskKey, node_id: str) -> bool:

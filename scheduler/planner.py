@@ -35,7 +35,14 @@ that capacity beside the queue: `projections.clusters.free_capacity`). The reaso
   the cluster's ready nodes is told its own reason instead. Like Slurm's `Priority`
   beside `Resources`, this keeps the reasons of a long queue steady: only the job at its head
   is told about capacity, and only its reason changes as capacity comes and goes;
-- `preempting{victims}`: running jobs are being preempted to make room for it.
+- `preempting{victims}`: running jobs are being preempted to make room for it;
+- `attempt_stopping{}`: the tasks of its own previous attempt (requeued or preempted) are
+  still stopping; two attempts of a job never run at once;
+- `gpus_stopping{}`: it fits once the tasks of requeued or preempted attempts that still hold
+  GPUs here have stopped (a preempting job keeps its `preempting` reason meanwhile).
+
+The last two wait seconds (a task's SIGTERM grace): such a job holds a reservation for now,
+so nothing passes it meanwhile, and no further job is preempted for it.
 
 A cycle stops once it has decided `CYCLE_DECISIONS` events (never within a job's, so it may
 pass the bound by the few events of its last job). A long queue meeting much free capacity
@@ -55,7 +62,7 @@ from typing import Any
 
 from batchd.events.envelope import NewEvent
 from batchd.projections import lifecycle, queue
-from batchd.projections.allocation import free_gpus
+from batchd.projections.allocation import free_gpus, is_stale
 from batchd.projections.model import READY, Cluster, Job, ReadModels
 from batchd.scheduler.clusterspec import max_nodes
 
@@ -63,6 +70,8 @@ Decision = tuple[str, NewEvent]  # (stream, event)
 NEVER = float("inf")
 CYCLE_DECISIONS = 1000  # the most events one cycle decides (see the module's docstring)
 BEHIND_RESERVATION = {"code": "behind_reservation"}
+ATTEMPT_STOPPING = {"code": "attempt_stopping"}
+GPUS_STOPPING = {"code": "gpus_stopping"}
 CLUSTER_MISSING = {"code": "cluster_missing"}
 
 
@@ -216,7 +225,9 @@ def _plan_cluster(
 ) -> None:  # fmt: skip
     capacity = _capacity(m, cluster)
     reserved: float | None = None  # when the first blocked job can start, once there is one
-    ends: list[tuple[float, str, list[int]]] = []  # this cycle's placements: (end, node, GPUs)
+    stopping = _stopping(m, capacity)
+    # when GPUs come back: this cycle's placements and the stopping tasks' (end, node, GPUs)
+    ends: list[tuple[float, str, list[int]]] = [(now, n, gpus) for n, gpus in stopping]
     why: dict[tuple[int, int], dict[str, Any]] = {}  # reasons by shape, while nothing is placed
     runtimes = {r for n in capacity.gpus for r in m.nodes[n].runtimes}
     for job in waiting:
@@ -225,6 +236,10 @@ def _plan_cluster(
         need, nodes = job.gpus_per_node, job.node_count
         if job.runtime not in runtimes and capacity.gpus:  # no ready node can run it
             _reason(out, job, {"code": "runtime_missing", "runtime": job.runtime})
+            continue
+        if job.stopping:  # its last attempt's tasks are still stopping: never two at once
+            _reason(out, job, ATTEMPT_STOPPING)
+            reserved = now if reserved is None else reserved
             continue
         if reserved is not None and not _ends_before(job, now, reserved):
             told = job.pending_reason == BEHIND_RESERVATION  # most of a long queue: no call
@@ -245,20 +260,40 @@ def _plan_cluster(
         if reserved is not None:  # it could have backfilled, but does not fit now
             _wait_behind(out, job, cluster, capacity, why)
             continue
-        victims = _victims(m, cluster, job, capacity) if cluster.preemption else None
-        if victims:
-            for victim in victims:
-                out.append((f"job-{victim.job_id}", NewEvent(
-                    "JobPreempted",
-                    {"jobId": victim.job_id, "attempt": victim.attempt, "by": job.job_id},
-                )))  # fmt: skip
-            _reason(out, job, {"code": "preempting", "victims": [v.job_id for v in victims]})
+        if _room_coming(out, job, capacity, stopping) or (
+            cluster.preemption and _preempt(out, m, cluster, job, capacity)
+        ):
             reserved = now  # room is being made for it: nothing passes it now
             continue
         if capacity.ever_fits(need, nodes):  # a job that can never fit here reserves nothing
             start = _start_estimate(m, cluster, job, capacity.copy(), ends)
             reserved = None if start == NEVER else start
         _reason(out, job, _cached_why(why, cluster, capacity, need, nodes))
+
+
+def _room_coming(out: list[Decision], job: Job, capacity: _Capacity,
+                 stopping: list[tuple[str, list[int]]]) -> bool:  # fmt: skip
+    """Does `job` fit once the stopping tasks' GPUs are back (in seconds)? It is told so
+    (a preempting job keeps its reason: those are its victims')."""
+    if not stopping or not _frees_enough(capacity, stopping, job):
+        return False
+    if (job.pending_reason or {}).get("code") != "preempting":
+        _reason(out, job, GPUS_STOPPING)
+    return True
+
+
+def _preempt(out: list[Decision], m: ReadModels, cluster: Cluster, job: Job,
+             capacity: _Capacity) -> bool:  # fmt: skip
+    """Preempt the running jobs that make room for `job`, if there are such."""
+    victims = _victims(m, cluster, job, capacity)
+    if not victims:
+        return False
+    for victim in victims:
+        out.append((f"job-{victim.job_id}", NewEvent(
+            "JobPreempted", {"jobId": victim.job_id, "attempt": victim.attempt, "by": job.job_id},
+        )))  # fmt: skip
+    _reason(out, job, {"code": "preempting", "victims": [v.job_id for v in victims]})
+    return True
 
 
 def _wait_behind(out: list[Decision], job: Job, cluster: Cluster, capacity: _Capacity,
@@ -323,10 +358,20 @@ def _running(m: ReadModels, cluster: Cluster) -> Iterable[Job]:
     """The jobs whose current attempts hold GPUs (or whole nodes) of the cluster."""
     seen = set()
     for node_id in cluster.nodes:
-        for job_id, _attempt, _task in m.nodes[node_id].allocations.values():
-            if job_id not in seen:
-                seen.add(job_id)
-                yield m.jobs[job_id]
+        for holder in m.nodes[node_id].allocations.values():
+            if holder[0] not in seen and not is_stale(m, holder):
+                seen.add(holder[0])
+                yield m.jobs[holder[0]]
+
+
+def _stopping(m: ReadModels, capacity: _Capacity) -> list[tuple[str, list[int]]]:
+    """(node, GPUs) held on the ready nodes by tasks of earlier attempts still stopping."""
+    out = []
+    for node_id in capacity.free:
+        held = [g for g, h in m.nodes[node_id].allocations.items() if is_stale(m, h)]
+        if held:
+            out.append((node_id, [int(g) for g in held if g != "*"]))
+    return out
 
 
 def _end(start: int, limit: int | None) -> float:
@@ -385,10 +430,11 @@ def _victims(m: ReadModels, cluster: Cluster, job: Job, free: _Capacity) -> list
     return chosen
 
 
-def _frees_enough(free: _Capacity, victims: list[Job], job: Job) -> bool:
+def _frees_enough(free: _Capacity, held: list[Job] | list[tuple[str, list[int]]], job: Job) -> bool:
+    """Does `job` fit once what `held` holds (jobs' tasks, or (node, GPUs)) is free?"""
     capacity = free.copy()
-    for victim in victims:
-        for node_id, gpus in victim.tasks:
+    for holder in held:
+        for node_id, gpus in holder.tasks if isinstance(holder, Job) else [holder]:
             if node_id in capacity.free:
                 capacity.give_back(node_id, gpus)
     return capacity.fitting(job.gpus_per_node) >= job.node_count

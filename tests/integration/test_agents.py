@@ -638,14 +638,19 @@ async def test_a_preempted_jobs_task_is_killed_before_its_gpu_is_reused(local):
     agent = await _agent_on(daemon, client, "pre", document)
     try:
         pid_file = daemon.state_dir / "victim.pid"
-        await _run(client, "victim", f"echo $$ > {pid_file}; exec sleep 600", cluster="pre",
+        stopped, started = daemon.state_dir / "stopped", daemon.state_dir / "started"
+        # the victim takes a second to stop (a checkpoint written on SIGTERM)
+        await _run(client, "victim", f"echo $$ > {pid_file}; trap 'sleep 1; date +%s%N > "
+                   f"{stopped}; exit 143' TERM; while :; do sleep 0.05; done", cluster="pre",
                    schedulingPriority="low", preemptible=True)  # fmt: skip
         await _until(lambda: pid_file.exists() and pid_file.read_text().strip(), 30)
         victim = int(pid_file.read_text())
-        await _run(client, "urgent", "echo urgent", cluster="pre", schedulingPriority="high")
+        await _run(client, "urgent", f"date +%s%N > {started}", cluster="pre",
+                   schedulingPriority="high")  # fmt: skip
         job = await _ended(daemon, client, "urgent")
         assert job["properties"]["state"] == "succeeded"
-        await _until(lambda: not alive(victim), 10)  # killed, not left beside the urgent job
+        assert int(started.read_text()) > int(stopped.read_text())  # not beside the victim
+        await _until(lambda: not alive(victim), 10)
         await client.call("POST", f"{EXP}/jobs/victim/terminate")
     finally:
         agent.terminate()

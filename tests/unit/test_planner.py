@@ -152,8 +152,51 @@ def test_preemption_takes_only_preemptible_lower_priority_jobs_where_allowed():
     preempted = [e.data["jobId"] for _s, e in decisions if e.type == "JobPreempted"]
     assert preempted == [victim]
     assert reasons(decisions)[urgent] == {"code": "preempting", "victims": [victim]}
-    assert placed(w.plan()) == {urgent: [{"node": "c-n0", "gpus": [2, 3]}]}
     assert w.models.jobs[victim].state == "queued" and w.models.jobs[keep].state == "running"
+    # the victim's task still runs (its SIGTERM grace): nothing else is preempted, nothing is
+    # placed on its GPUs, and the victim waits for its own task too
+    decisions = w.plan()
+    assert placed(decisions) == {} and reasons(decisions) == {victim: {"code": "attempt_stopping"}}
+    w.apply("JobTaskExited", jobId=victim, attempt=1, task=0, exitCode=143, node="c-n0")
+    decisions = w.plan()
+    assert placed(decisions) == {urgent: [{"node": "c-n0", "gpus": [2, 3]}]}
+
+
+def test_a_requeued_gangs_next_attempt_waits_until_its_surviving_task_has_stopped():
+    w = World().cluster(nodes=3, gpus=4)
+    gang = w.job(gpus=4, nodes=2)
+    w.run(gang, [("c-n0", [0, 1, 2, 3]), ("c-n1", [0, 1, 2, 3])])
+    w.apply("NodeLost", nodeId="c-n1")
+    w.apply("JobRequeued", jobId=gang, attempt=1, cause="node_lost")
+    assert w.models.nodes["c-n0"].allocations  # its task on c-n0 is being killed
+    assert not w.models.nodes["c-n1"].allocations  # the lost node's agent is gone
+    small = w.job(gpus=1)
+    decisions = w.plan()  # c-n2 is free, but the gang's own earlier attempt still runs
+    assert placed(decisions) == {} and reasons(decisions) == {
+        gang: {"code": "attempt_stopping"},
+        small: {"code": "behind_reservation"},
+    }
+    w.apply("JobTaskExited", jobId=gang, attempt=1, task=0, exitCode=137, node="c-n0")
+    assert not w.models.nodes["c-n0"].allocations and not w.models.jobs[gang].stopping
+    assert [t["node"] for t in placed(w.plan())[gang]] == ["c-n0", "c-n2"]
+
+
+def test_a_stopping_task_is_freed_when_its_node_is_lost_or_its_agent_restarts():
+    for end in ("NodeLost", "NodeRegistered"):
+        w = World().cluster(nodes=1, gpus=4, preemption=True)
+        w.apply("NodeRegistered", nodeId="c-n0", cluster="c", gpus=4, incarnation=1)
+        victim = w.job(gpus=4, priority=-500, preemptible=True)
+        w.run(victim, [("c-n0", [0, 1, 2, 3])])
+        urgent = w.job(gpus=4, priority=500)
+        w.plan()
+        assert w.models.jobs[victim].stopping == [[1, 0, "c-n0"]]
+        if end == "NodeLost":
+            w.apply("NodeLost", nodeId="c-n0")
+            w.apply("NodeRecovered", nodeId="c-n0")
+        else:  # a new agent: the old one's tasks were killed
+            w.apply("NodeRegistered", nodeId="c-n0", cluster="c", gpus=4, incarnation=2)
+        assert w.models.jobs[victim].stopping == [] and not w.models.nodes["c-n0"].allocations
+        assert set(placed(w.plan())) == {urgent}
 
 
 def test_no_preemption_where_the_cluster_does_not_allow_it_or_for_equal_priority():

@@ -17,7 +17,9 @@ and after every step that
 
 - each cluster's queue is exactly its queued jobs, in (priority desc, submission asc) order;
 - no GPU is held by two live attempts, and the nodes' allocations are exactly the GPUs the
-  live attempts hold; node counts by state add up to the cluster's nodes.
+  live attempts hold, and those of requeued or preempted attempts' tasks not yet seen to stop
+  (their late exit, or their node lost or removed, frees them); node counts by state add up to
+  the cluster's nodes.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from batchd.projections.model import ATTEMPT_STATES, QUEUED, ReadModels
 
 GPUS = 4
 SCALE = {"manual": {"targetNodeCount": 2}}
-OUTCOMES = st.sampled_from(["advance", "advance", "succeed", "fail", "requeue", "preempt"])
+OUTCOMES = st.sampled_from(["advance", "requeue", "advance", "preempt", "succeed", "fail"])
 PRIORITIES = st.sampled_from([-500, 0, 0, 500, 1000])
 LATE_REPORTS = st.sampled_from(["JobStarted", "JobSucceeded", "JobFailed", "JobRequeued"])
 RUNNING_STATES = ("scheduled", "preparing", "running")
@@ -51,6 +53,9 @@ class World(RuleBasedStateMachine):
         self.clusters: list[str] = []
         self.nodes: dict[str, dict] = {}  # id -> {"cluster", "state", "free": set}
         self.jobs: dict[str, dict] = {}  # id -> {"cluster", "state", "attempt", "tasks", ...}
+        # tasks of requeued or preempted attempts still holding GPUs: (job, attempt, task) ->
+        # (node, GPUs)
+        self.stopping: dict[tuple[str, int, int], tuple[str, list[int]]] = {}
         self.names = 0
 
     def new_id(self) -> uuid.UUID:
@@ -155,6 +160,7 @@ class World(RuleBasedStateMachine):
         node_id = data.draw(st.sampled_from(self._nodes_in("ready", "suspect")))
         if how == "lost":
             self.node_event(node_id, "NodeLost", "lost", reason="heartbeat_timeout")
+            self._forget_stopping(node_id)  # its agent is gone, and its tasks with it
         else:
             type_ = "NodeDrainRequested" if how == "drained" else "NodePreempted"
             self.node_event(node_id, type_, "leaving")
@@ -166,13 +172,29 @@ class World(RuleBasedStateMachine):
             if job["state"] == "terminating":  # it was ending anyway: it ends
                 self.job_event(job_id, "JobTerminated", reason="node lost while terminating")
                 job["state"] = "failed"
+                self._release(job_id)
             else:
                 self.job_event(job_id, "JobRequeued", attempt=job["attempt"], cause=cause)
                 job["state"] = QUEUED
-            self._release(job_id)
+                self._retire(job_id)
         if remove:
             self.emit(f"node-{node_id}", "NodeRemoved", {"nodeId": node_id})
+            self._forget_stopping(node_id)
             del self.nodes[node_id]
+
+    def _forget_stopping(self, node_id: str) -> None:
+        for key in [k for k, (n, _gpus) in self.stopping.items() if n == node_id]:
+            self.nodes[node_id]["free"] |= set(self.stopping.pop(key)[1])
+
+    @precondition(lambda self: self.stopping)
+    @rule(data=st.data())
+    def a_stopping_task_exits(self, data) -> None:
+        key = data.draw(st.sampled_from(sorted(self.stopping)))
+        node_id, gpus = self.stopping.pop(key)
+        self.job_event(key[0], "JobTaskExited", attempt=key[1], task=key[2], exitCode=143,
+                       node=node_id)  # fmt: skip
+        if node_id in self.nodes:
+            self.nodes[node_id]["free"] |= set(gpus)
 
     # -- jobs ------------------------------------------------------------------------------
     @precondition(lambda self: self.clusters)
@@ -200,6 +222,8 @@ class World(RuleBasedStateMachine):
     @rule(data=st.data())
     def schedule(self, data) -> None:
         job_id = data.draw(st.sampled_from(self._jobs_in(QUEUED)))
+        if any(k[0] == job_id for k in self.stopping):  # never two attempts at once
+            return
         job = self.jobs[job_id]
         fits = [n for n in self._nodes_in("ready")
                 if self.nodes[n]["cluster"] == job["cluster"]
@@ -215,6 +239,18 @@ class World(RuleBasedStateMachine):
         job["attempt"] += 1
         job["state"], job["tasks"] = "scheduled", tasks
         self.job_event(job_id, "JobScheduled", attempt=job["attempt"], tasks=tasks)
+
+    def _retire(self, job_id: str) -> None:
+        """A requeued or preempted attempt: its tasks hold their GPUs until they are seen to
+        stop, but on a lost node, whose agent is gone."""
+        job = self.jobs[job_id]
+        for index, task in enumerate(job["tasks"]):
+            node = self.nodes.get(task["node"])
+            if node is not None and node["state"] != "lost":
+                self.stopping[job_id, job["attempt"], index] = (task["node"], task["gpus"])
+            elif node is not None:
+                node["free"] |= set(task["gpus"])
+        job["tasks"] = []
 
     def _release(self, job_id: str) -> None:
         for task in self.jobs[job_id]["tasks"]:
@@ -250,7 +286,7 @@ class World(RuleBasedStateMachine):
             extra = {"cause": "exit_code"} if outcome == "requeue" else {}
             self.job_event(job_id, type_, attempt=attempt, **extra)
             job["state"] = QUEUED
-            self._release(job_id)
+            self._retire(job_id)
 
     def _stale(self) -> list[tuple[str, int]]:
         """(job, an attempt of it that was requeued): the current one of a job queued again,
@@ -317,12 +353,19 @@ class World(RuleBasedStateMachine):
                 for gpu in gpus:
                     assert (node_id, gpu) not in held, f"GPU {gpu} of {node_id} held twice"
                     held[(node_id, gpu)] = (job.job_id, job.attempt)
+        for (job_id, attempt, _task), (node_id, gpus) in self.stopping.items():
+            for gpu in gpus:  # an old attempt's task, still stopping
+                assert (node_id, gpu) not in held, f"GPU {gpu} of {node_id} held twice"
+                held[(node_id, gpu)] = (job_id, attempt)
         allocated = {
             (node_id, int(gpu)): (holder[0], holder[1])
             for node_id, node in m.nodes.items()
             for gpu, holder in node.allocations.items()
         }
         assert allocated == {k: v for k, v in held.items() if k[0] in m.nodes}
+        stopping = {(j, a, t): n for (j, a, t), (n, _g) in self.stopping.items() if j in m.jobs}
+        assert stopping == {(j.job_id, a, t): n for j in m.jobs.values()
+                            for a, t, n in j.stopping}  # fmt: skip
 
     @invariant()
     def node_counts_add_up(self) -> None:
@@ -338,6 +381,6 @@ class World(RuleBasedStateMachine):
 
 TestWorld = World.TestCase
 TestWorld.settings = settings(
-    max_examples=60, stateful_step_count=40, deadline=None, derandomize=True,
+    max_examples=150, stateful_step_count=40, deadline=None, derandomize=True,
     suppress_health_check=[HealthCheck.too_slow],
 )  # fmt: skip

@@ -18,6 +18,9 @@ def lifecycle_of(w: World, job_id: str, node: str, causes: list[str]) -> list[st
         for _s, e in decisions:
             w.apply(e.type, **e.data)
             seen.append(e.type)
+        for attempt, task, node_id in list(job.stopping):  # its killed task reports its exit
+            w.apply("JobTaskExited", jobId=job_id, attempt=attempt, task=task, exitCode=137,
+                    node=node_id)  # fmt: skip
     return seen
 
 
