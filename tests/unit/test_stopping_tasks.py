@@ -1,0 +1,45 @@
+"""The daemon's side of stopping tasks: a task of a requeued attempt that its node's heartbeats
+stop listing is taken to have stopped once STOPPED_AFTER has passed (its exit report, or its
+start, was lost), and its GPUs are freed; one its node still lists keeps them."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from batchd.scheduler import nodes
+from batchd.scheduler.nodes import STOPPED_AFTER, NodeService, _stopped
+from tests.unit.test_planner import World, placed
+
+
+def _service(w: World) -> NodeService:
+    service = NodeService.__new__(NodeService)  # only what _unlisted_long reads
+    service.runner = SimpleNamespace(models=w.models)
+    service.unlisted = {}
+    return service
+
+
+def test_a_stopping_task_no_heartbeat_lists_is_taken_to_have_stopped(monkeypatch):
+    clock = SimpleNamespace(now=100.0)
+    monkeypatch.setattr(nodes, "time", SimpleNamespace(monotonic=lambda: clock.now))
+    w = World().cluster(nodes=1, gpus=4)
+    job = w.job(gpus=2)
+    w.run(job, [("c-n0", [0, 1])])
+    w.apply("JobRequeued", jobId=job, attempt=1, cause="exit_code")
+    service, key = _service(w), (job, 1, 0)
+
+    assert service._unlisted_long("c-n0", [key]) == []  # it still runs there
+    assert service._unlisted_long("c-n0", []) == []  # the first heartbeat without it
+    clock.now += STOPPED_AFTER - 1
+    assert service._unlisted_long("c-n0", []) == []
+    assert service._unlisted_long("c-n0", [key]) == []  # listed again: it counts anew
+    clock.now += STOPPED_AFTER - 1
+    assert service._unlisted_long("c-n0", []) == []
+    clock.now += STOPPED_AFTER
+    assert service._unlisted_long("c-n0", []) == [key]
+
+    for _stream, event in _stopped(w.models, key, "c-n0", None):
+        w.apply(event.type, **event.data)
+    assert not w.models.nodes["c-n0"].allocations and not w.models.jobs[job].stopping
+    assert _stopped(w.models, key, "c-n0", None) == []  # once
+    assert service._unlisted_long("c-n0", []) == [] and service.unlisted == {}
+    assert set(placed(w.plan())) == {job}
