@@ -14,7 +14,16 @@ from typing import Any
 
 from batchd.events.envelope import NewEvent
 from batchd.projections import lifecycle
-from batchd.projections.model import LIVE_STATES, QUEUED, Cluster, Job, ReadModels, job_key
+from batchd.projections.model import (
+    LEAVING,
+    LIVE_STATES,
+    PROVISIONING,
+    QUEUED,
+    Cluster,
+    Job,
+    ReadModels,
+    job_key,
+)
 from batchd.scheduler.clusterspec import (
     ClusterSpec,
     max_nodes,
@@ -176,6 +185,29 @@ def delete_cluster(m: ReadModels, workspace: str, name: str, actor: str) -> list
     ]  # fmt: skip
     if not cluster.nodes:
         out.append(_event(f"cluster-{workspace}/{name}", "ClusterDeleted", data, actor))
+    return out
+
+
+def resize_changes(m: ReadModels, actor: str) -> list[Decision]:
+    """Batch AI's allocationState: ClusterResizeStarted once a cluster's nodes are not what
+    its manual scale settings ask (too few have joined, too many, or some are still leaving),
+    ClusterResizeCompleted once they are. Cheap: the planner loop asks at every cycle.
+    (A cluster that scales itself, `autoScale`, stays steady.)"""
+    out = []
+    for cluster in m.clusters.values():
+        manual = cluster.scale_settings.get("manual")
+        if cluster.deleting or manual is None:
+            continue
+        states = [m.nodes[node_id].state for node_id in cluster.nodes]
+        joined = sum(state not in (LEAVING, PROVISIONING) for state in states)
+        settled = joined == manual.get("targetNodeCount", 0) and not (
+            LEAVING in states or PROVISIONING in states
+        )
+        if settled == (cluster.allocation_state == "steady"):
+            continue
+        type_ = "ClusterResizeCompleted" if settled else "ClusterResizeStarted"
+        stream = f"cluster-{cluster.workspace}/{cluster.name}"
+        out.append(_event(stream, type_, {"clusterId": cluster.cluster_id}, actor))
     return out
 
 

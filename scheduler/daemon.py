@@ -206,6 +206,8 @@ class Daemon:
                     if commands.finish_deletions(self.models.models, ACTOR):  # any due?
                         await self.control.run(lambda m: commands.finish_deletions(m, ACTOR),
                                                structural=True)  # fmt: skip
+                    if commands.resize_changes(self.models.models, ACTOR):
+                        await self.control.run(lambda m: commands.resize_changes(m, ACTOR))
                 except errors.StoreUnavailable as exc:  # the log is back soon: plan again then
                     logger.warning("planner.store_unavailable", error=str(exc))
                     planned_at = -1

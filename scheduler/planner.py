@@ -63,7 +63,7 @@ from typing import Any
 from batchd.events.envelope import NewEvent
 from batchd.projections import lifecycle, queue
 from batchd.projections.allocation import free_gpus, is_stale
-from batchd.projections.model import READY, Cluster, Job, ReadModels
+from batchd.projections.model import LEAVING, READY, Cluster, Job, ReadModels
 from batchd.scheduler.clusterspec import max_nodes
 
 Decision = tuple[str, NewEvent]  # (stream, event)
@@ -88,6 +88,7 @@ class _Capacity:
     by_free: list[list[str]] = field(default_factory=list)
     idle: set[str] = field(default_factory=set)  # nodes with GPUs, all of them free
     _ever: dict[int, int] = field(default_factory=dict)  # need -> nodes that could ever hold it
+    staying: int = 0  # the cluster's nodes that are not leaving (draining, evicted)
 
     def __post_init__(self) -> None:
         if self.by_free:
@@ -110,6 +111,7 @@ class _Capacity:
             [list(nodes) for nodes in self.by_free],
             set(self.idle),
             self._ever,
+            self.staying,
         )
 
     def fitting(self, need: int) -> int:
@@ -182,15 +184,17 @@ def _capacity(m: ReadModels, cluster: Cluster) -> _Capacity:
     free: dict[str, list[int]] = {}
     gpus: dict[str, int] = {}
     whole: list[str] = []
+    staying = 0
     for node_id in cluster.nodes:
         node = m.nodes[node_id]
+        staying += node.state != LEAVING
         if node.state != READY:
             continue
         gpus[node_id] = node.gpus
         free[node_id] = free_gpus(node)
         if not node.gpus and not node.allocations:
             whole.append(node_id)
-    return _Capacity(free, gpus, whole)
+    return _Capacity(free, gpus, whole, staying=staying)
 
 
 def plan(m: ReadModels, now: int, limit: int = CYCLE_DECISIONS) -> list[Decision]:
@@ -306,11 +310,11 @@ def _wait_behind(out: list[Decision], job: Job, cluster: Cluster, capacity: _Cap
         _reason(out, job, _cached_why(why, cluster, capacity, need, nodes))
 
 
-def _too_small(cluster: Cluster, nodes: int) -> bool:
+def _too_small(cluster: Cluster, nodes: int, staying: int) -> bool:
     """The job needs more nodes than the cluster's scale settings allow (they were lowered
-    after it was submitted) and than the cluster has."""
+    after it was submitted) and than the cluster keeps (`staying`: its nodes not leaving)."""
     limit = max_nodes(cluster.scale_settings) if cluster.scale_settings else nodes
-    return nodes > max(limit, len(cluster.nodes))
+    return nodes > max(limit, staying)
 
 
 def _cached_why(why: dict[tuple[int, int], dict[str, Any]], cluster: Cluster,
@@ -323,7 +327,7 @@ def _cached_why(why: dict[tuple[int, int], dict[str, Any]], cluster: Cluster,
 
 
 def _why(cluster: Cluster, capacity: _Capacity, need: int, nodes: int) -> dict[str, Any]:
-    if _too_small(cluster, nodes):
+    if _too_small(cluster, nodes, capacity.staying):
         return {"code": "cluster_too_small", "need_nodes": nodes}
     ready = len(capacity.gpus)
     if cluster.allocation_state == "resizing" and ready < nodes:

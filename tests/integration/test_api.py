@@ -46,13 +46,15 @@ async def test_the_whole_lifecycle_of_workspace_experiment_cluster_and_job(clien
     assert job["properties"]["cluster"] == {"id": "/workspaces/ws/clusters/gpu"}
     assert job["properties"]["gpusPerNode"] == 4  # all of Standard_NC24s_v3's GPUs
     assert job["properties"]["owner"] == "admin"
-    # the planner explains why it waits: the cluster has no nodes yet
+    # the planner explains why it waits: the cluster's nodes have not joined yet
     for _ in range(50):
         status, job = await client.call("GET", f"{EXP}/jobs/train")
-        if job["properties"]["pendingReason"]:
+        if job["properties"]["pendingReason"] == {"code": "cluster_scaling"}:
             break
         await asyncio.sleep(0.1)
-    assert job["properties"]["pendingReason"] == {"code": "insufficient_gpus", "need": 4}
+    assert job["properties"]["pendingReason"] == {"code": "cluster_scaling"}
+    status, cluster = await client.call("GET", "/v1/workspaces/ws/clusters/gpu")
+    assert cluster["properties"]["allocationState"] == "resizing"
     status, listed = await client.call("GET", "/v1/jobs?state=queued&cluster=gpu")
     assert [j["name"] for j in listed["value"]] == ["train"] and listed["nextLink"] is None
     resize = {"scaleSettings": {"manual": {"targetNodeCount": 4}}}

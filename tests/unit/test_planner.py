@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from batchd.events.envelope import RecordedEvent
 from batchd.projections import clusters, fold
 from batchd.projections.model import ReadModels
+from batchd.scheduler import commands
 from batchd.scheduler.planner import cut_short, overdue, plan
 
 HOUR = 3600
@@ -539,3 +540,49 @@ def test_whole_node_and_gpu_jobs_never_share_what_they_hold(sizes, steps):
             assert all(gpus for gpus in tasks) or not used  # nothing beside a whole node
             assert set(node.allocations) == ({str(g) for g in used} if used else
                                              {"*"} if tasks else set())  # fmt: skip
+
+
+def test_a_cluster_resizes_until_its_nodes_are_what_its_target_asks():
+    w = World().cluster(nodes=2, gpus=4)
+
+    def changes() -> list[str]:
+        decided = commands.resize_changes(w.models, "scheduler")
+        for _stream, event in decided:
+            w.apply(event.type, **event.data)
+        return [event.type for _s, event in decided]
+
+    def scale(target: int) -> None:
+        w.apply("ClusterScaleSettingsChanged", clusterId="c",
+                scaleSettings={"manual": {"targetNodeCount": target}})  # fmt: skip
+
+    scale(2)
+    assert changes() == [] and w.models.clusters["c"].allocation_state == "steady"
+    scale(3)  # a node more is asked for
+    assert changes() == ["ClusterResizeStarted"]
+    gang = w.job(gpus=4, nodes=3)
+    assert reasons(w.plan())[gang] == {"code": "cluster_scaling"}
+    w.apply("NodeRegistered", nodeId="c-n2", cluster="c", gpus=4)
+    assert changes() == ["ClusterResizeCompleted"]  # joined (its setup task runs): allocated
+    w.apply("NodeSetupSucceeded", nodeId="c-n2")
+    assert changes() == [] and w.models.clusters["c"].allocation_state == "steady"
+    assert set(placed(w.plan())) == {gang}
+    scale(1)  # two nodes drain: resizing until they have left
+    w.apply("NodeDrainRequested", nodeId="c-n1")
+    w.apply("NodeDrainRequested", nodeId="c-n2")
+    assert changes() == ["ClusterResizeStarted"]
+    w.apply("NodeRemoved", nodeId="c-n1")
+    assert changes() == []
+    w.apply("NodeRemoved", nodeId="c-n2")
+    assert changes() == ["ClusterResizeCompleted"]
+
+
+def test_a_job_needing_more_nodes_than_the_cluster_keeps_is_told_so_while_they_drain():
+    w = World().cluster(nodes=2, gpus=4)
+    busy = w.job(gpus=4)
+    w.run(busy, [("c-n0", [0, 1, 2, 3])])
+    w.apply("ClusterScaleSettingsChanged", clusterId="c",
+            scaleSettings={"manual": {"targetNodeCount": 0}})  # fmt: skip
+    for node in ("c-n0", "c-n1"):
+        w.apply("NodeDrainRequested", nodeId=node)
+    waiting = w.job(gpus=1)
+    assert reasons(w.plan())[waiting] == {"code": "cluster_too_small", "need_nodes": 1}
