@@ -13,6 +13,7 @@ import contextlib
 import functools
 import json
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ from batchd.scheduler import auth, commands, files, openapi, resources
 from batchd.scheduler.auth import AuthError, Principal
 from batchd.scheduler.clusterspec import parse_cluster
 from batchd.scheduler.commands import CommandError
-from batchd.scheduler.control import Control
+from batchd.scheduler.control import REQUEST, Control
 from batchd.scheduler.jobspec import parse_job
 from batchd.scheduler.schema import DocumentError, unwrap
 
@@ -77,6 +78,7 @@ class Api:
 
 API_KEY = web.AppKey("api", Api)
 PRINCIPAL_KEY = web.RequestKey("principal", Principal)
+REQUEST_KEY = web.RequestKey("request_id", uuid.UUID)
 
 
 # -- errors ------------------------------------------------------------------------------------
@@ -104,6 +106,30 @@ def _status_of(exc: Exception) -> int | None:
     simple = {lifecycle.InvalidTransition: 409, files.FileNotFound: 404,
               RangeNotSatisfiable: 416, TimeoutError: 503}  # fmt: skip
     return next((status for kind, status in simple.items() if isinstance(exc, kind)), None)
+
+
+REQUEST_HEADER = "X-Request-Id"
+
+
+@web.middleware
+async def request_middleware(request: web.Request, handler: Callable[..., Awaitable]) -> Any:
+    """Each request has an id, the client's `X-Request-Id` when it is a UUID, else a new one:
+    answered in the same header, and the correlation id of every event the request leads to."""
+    try:
+        request_id = uuid.UUID(request.headers.get(REQUEST_HEADER, ""))
+    except ValueError:
+        request_id = uuid.uuid4()
+    request[REQUEST_KEY] = request_id
+    token = REQUEST.set(request_id)
+    try:
+        return await handler(request)
+    finally:
+        REQUEST.reset(token)
+
+
+async def _answer_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    if REQUEST_KEY in request:
+        response.headers[REQUEST_HEADER] = str(request[REQUEST_KEY])
 
 
 @web.middleware
@@ -1018,8 +1044,10 @@ def add_routes(app: web.Application) -> None:
 def build(api: Api, extra: Callable[[web.Application], None] | None = None) -> web.Application:
     app = web.Application(
         client_max_size=MAX_BODY,
-        middlewares=[errors_middleware, auth_middleware, names_middleware, after_middleware],
-    )
+        middlewares=[request_middleware, errors_middleware, auth_middleware, names_middleware,
+                     after_middleware],
+    )  # fmt: skip
+    app.on_response_prepare.append(_answer_request_id)
     app[API_KEY] = api
     add_routes(app)
     if extra is not None:

@@ -6,13 +6,18 @@ the read models have folded them, so the next command sees them and the caller c
 own write. Commands that change the structure (workspaces, experiments, clusters, tokens)
 run alone; job commands and the planner's cycles share the structure and run side by side,
 one at a time per job name, so their appends share group commits.
+
+Events appended while serving a request (the API's, or an agent's message) carry the
+request's id as their correlation id (`REQUEST`, set by the API for each request).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import os
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -23,6 +28,10 @@ from batchd.projections.runner import Runner
 from batchd.scheduler.planner import Decision
 
 Decide = Callable[[ReadModels], list[Decision] | Awaitable[list[Decision]]]
+# the request being served, if any: the correlation id of the events it leads to
+REQUEST: contextvars.ContextVar[uuid.UUID | None] = contextvars.ContextVar(
+    "batchd_request", default=None
+)
 FOLD_TIMEOUT = 30.0  # seconds an appended command waits for the read models
 
 
@@ -94,7 +103,10 @@ class Control:
     async def append(self, decisions: list[Decision]) -> int:
         """Append the decisions, consecutive events of one stream together; the last position."""
         appends: list[tuple[str, list[NewEvent], None]] = []
+        request = REQUEST.get()
         for stream, event in decisions:
+            if event.correlation_id is None:
+                event.correlation_id = request
             if appends and appends[-1][0] == stream:
                 appends[-1][1].append(event)
             else:

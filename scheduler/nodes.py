@@ -782,5 +782,8 @@ def _lost(m: ReadModels, node_id: str) -> list[Decision]:
     node = m.nodes.get(node_id)
     if node is None or node.state not in (SUSPECT, LEAVING):  # silent, or silent draining
         return []
-    out = [(f"node-{node_id}", NewEvent("NodeLost", {"nodeId": node_id}))]
-    return out + retries.node_lost(m, node_id)
+    lost = NewEvent("NodeLost", {"nodeId": node_id})
+    fates = retries.node_lost(m, node_id)
+    for _stream, event in fates:  # each attempt's fate follows from the loss
+        event.causation_id = lost.event_id
+    return [(f"node-{node_id}", lost), *fates]

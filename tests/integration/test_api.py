@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
+import uuid
 
 import aiohttp
 import pytest
@@ -276,3 +277,25 @@ async def test_a_daemon_another_writer_took_the_log_from_says_it_is_not_ready(cl
         assert body["logEpoch"] > body["epoch"]
     status, error = await client.call("PUT", "/v1/workspaces/late", {})
     assert status == 503 and "unavailable" in error["error"]["message"]  # nothing lands
+
+
+async def test_the_events_a_request_appends_carry_its_id(client, api):
+    await seed(client)
+    mine = uuid.uuid4()
+    async with client.session.put(
+        client.url + f"{EXP}/jobs/traced",
+        json=JOB,
+        headers={**client.headers, "X-Request-Id": str(mine)},
+    ) as r:
+        assert r.status == 201 and r.headers["X-Request-Id"] == str(mine)
+    async with client.session.get(client.url + f"{EXP}/jobs/traced", headers={
+            **client.headers, "X-Request-Id": "not a uuid"}) as r:  # fmt: skip
+        assert uuid.UUID(r.headers["X-Request-Id"]) != mine  # one of its own
+    for _ in range(100):  # the planner tells why it waits: its own decision, of no request
+        events = await api.store.read_all(0, 1000)
+        if any(e.type == "JobPendingReasonChanged" for e in events):
+            break
+        await asyncio.sleep(0.05)
+    [submitted] = [e for e in events if e.type == "JobSubmitted"]
+    assert submitted.correlation_id == mine
+    assert {e.correlation_id for e in events if e.type == "JobPendingReasonChanged"} == {None}

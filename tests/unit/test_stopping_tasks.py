@@ -43,3 +43,14 @@ def test_a_stopping_task_no_heartbeat_lists_is_taken_to_have_stopped(monkeypatch
     assert _stopped(w.models, key, "c-n0", None) == []  # once
     assert service._unlisted_long("c-n0", []) == [] and service.unlisted == {}
     assert set(placed(w.plan())) == {job}
+
+
+def test_the_fates_of_a_lost_nodes_attempts_name_the_loss_as_their_cause():
+    w = World().cluster(nodes=1, gpus=4)
+    job = w.job(gpus=2)
+    w.run(job, [("c-n0", [0, 1])])
+    w.apply("NodeSuspected", nodeId="c-n0")
+    decided = nodes._lost(w.models, "c-n0")
+    [(_, lost), (_, requeued)] = decided
+    assert (lost.type, requeued.type) == ("NodeLost", "JobRequeued")
+    assert requeued.causation_id == lost.event_id and lost.causation_id is None
