@@ -52,6 +52,9 @@ def submitted(m: ReadModels, e: RecordedEvent) -> None:
         d.get("preemptible", False), d.get("maxWallClockTime"),
     )  # fmt: skip
     job.runtime = d.get("runtime", "process")
+    owner = m.clusters.get(job.cluster)
+    if owner is not None:
+        job.cluster_path = f"{owner.workspace}/{owner.name}"
     m.jobs[job.job_id] = job
     m.job_ids.setdefault(job_key(job.workspace, job.experiment, job.name), []).append(job.job_id)
     queue.enqueue(m, job)

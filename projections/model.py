@@ -145,6 +145,7 @@ class Job:
     # [attempt, task, node id] of an earlier attempt's tasks that still hold their GPUs until
     # they are seen to stop (projections/allocation.py)
     stopping: list[list[Any]] = field(default_factory=list)
+    cluster_path: str = ""  # its cluster's `workspace/name` when submitted (kept if deleted)
 
 
 @dataclass(slots=True)

@@ -60,11 +60,21 @@ def _gpu_order(item: tuple[str, list]) -> int | None:
     return None if item[0] == "*" else int(item[0])
 
 
-def job(m: ReadModels, j: Job) -> dict[str, Any]:
+def job_cluster(m: ReadModels, j: Job) -> tuple[str, str] | None:
+    """The (workspace, name) of the job's cluster, also once it was deleted (None: a job
+    logged before that was kept, whose deleted cluster is known by its id only)."""
     owner = m.clusters.get(j.cluster)
+    if owner is not None:
+        return owner.workspace, owner.name
+    workspace, _, name = j.cluster_path.partition("/")
+    return (workspace, name) if name else None
+
+
+def job(m: ReadModels, j: Job) -> dict[str, Any]:
+    where = job_cluster(m, j)
     return {
         "id": j.job_id, "workspace": j.workspace, "experiment": j.experiment, "name": j.name,
-        "cluster": owner.name if owner else j.cluster, "owner": j.owner, "priority": j.priority,
+        "cluster": where[1] if where else j.cluster, "owner": j.owner, "priority": j.priority,
         "nodeCount": j.node_count, "gpusPerNode": j.gpus_per_node, "state": j.state,
         "executionState": EXECUTION_STATE[j.state], "attempt": j.attempt,
         "retries": j.retries, "pendingReason": j.pending_reason,

@@ -445,8 +445,8 @@ def _job_filters(request: web.Request, m: ReadModels, jobs: list[Job]) -> list[J
         if state is not None and j.state != state:
             continue
         if cluster is not None:
-            owner = m.clusters.get(j.cluster)
-            if owner is None or cluster not in (owner.name, owner.cluster_id):
+            where = views.job_cluster(m, j)
+            if cluster not in (j.cluster, where[1] if where else None):
                 continue
         out.append(j)
     return out

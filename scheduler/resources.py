@@ -74,8 +74,8 @@ def cluster(m: ReadModels, c: Cluster, spec: dict[str, Any] | None = None) -> di
 
 
 def job(m: ReadModels, j: Job, spec: dict[str, Any] | None = None) -> dict[str, Any]:
-    owner = m.clusters.get(j.cluster)
-    target = cluster_id(owner.workspace, owner.name) if owner else j.cluster
+    where = views.job_cluster(m, j)
+    target = cluster_id(*where) if where else j.cluster
     properties = {
         **(redact(spec) if spec else {}),
         "cluster": {"id": target}, "nodeCount": j.node_count, "gpusPerNode": j.gpus_per_node,

@@ -596,3 +596,16 @@ async def test_https_with_the_daemons_self_signed_certificate(capsys, monkeypatc
         assert done.code == 0 and done.lines[0].startswith("ws\t")
     finally:
         await daemon.stop()
+
+
+async def test_jobs_left_queued_by_a_deleted_cluster_still_name_it(batchd, api):
+    await _setup(batchd)
+    created = await batchd("job", "create", "stranded", "-w", "ws", "-e", "exp", "--cluster",
+                           "c", "--command", "true")  # fmt: skip
+    assert created.code == 0, created.err
+    assert (await batchd("cluster", "delete", "c", "-w", "ws")).code == 0
+    listed = (await batchd("job", "list", "-w", "ws", "-e", "exp", "--cluster", "c",
+                           "--json")).json  # fmt: skip
+    assert [j["name"] for j in listed["value"]] == ["stranded"]
+    shown = (await batchd("job", "show", "stranded", "-w", "ws", "-e", "exp", "--json")).json
+    assert shown["properties"]["cluster"] == {"id": "/workspaces/ws/clusters/c"}
