@@ -1,16 +1,18 @@
 """Node allocation: which GPUs of which node hold which job attempt and task.
 
-`allocate` records a JobScheduled placement on the nodes; `release` gives an attempt's GPUs back
-when it ends. A GPU holds at most one attempt: an entry is released only by the attempt that
-holds it, so a late event about an older attempt cannot free a newer one's GPU.
+`allocate` records a JobScheduled placement on the nodes; `retire` gives an attempt's GPUs back
+when it ends, or is requeued or preempted. A GPU holds at most one attempt: an entry is
+released only by the attempt that holds it, so a late event about an older attempt cannot
+free a newer one's GPU.
 
-An attempt that is requeued or preempted goes back to the queue at once, but its tasks may
-still run until their agents have killed them (a SIGTERM grace, a checkpoint being written):
-`retire` leaves their GPUs held, listed in the job's `stopping`, until each task is seen to
-stop (`stopped`: its exit, reported late) or its node's agent is gone (`forget_stopped`: the
-node was lost, removed, or its agent restarted). Only then are those GPUs placed again, and
-only then is the job's next attempt placed: two attempts never share a GPU, and a job's
-attempts never run at once.
+An attempt may end (a gang whose other task failed, a termination ended by a node loss) or go
+back to the queue while some of its tasks still run until their agents have killed them (a
+SIGTERM grace, a checkpoint being written): `retire` frees the GPUs of the tasks that have
+exited or whose node is lost, and leaves the others' held, listed in the job's `stopping`,
+until each task is seen to stop (`stopped`: its exit, reported late) or its node's agent is
+gone (`forget_stopped`: the node was lost, removed, or its agent restarted). Only then are
+those GPUs placed again, and only then is the job's next attempt placed: two attempts never
+share a GPU, and a job's attempts never run at once.
 """
 
 from __future__ import annotations
@@ -43,29 +45,42 @@ def allocate(m: ReadModels, job: Job, tasks: list[dict[str, Any]]) -> None:
             continue
         holder = [job.job_id, job.attempt, index]
         for gpu in gpus or WHOLE_NODE:
+            before = node.allocations.get(str(gpu))
+            if before is not None:  # placed over a stopping task (a log of an older version)
+                _forget(m, before, node_id)  # says it stopped: the log moved on from it
             node.allocations[str(gpu)] = holder
 
 
-def release(m: ReadModels, job: Job) -> None:
-    for node_id, gpus in job.tasks:
-        node = m.nodes.get(node_id)
-        if node is not None:
-            _free(node, job, gpus)
-    job.tasks = []
-
-
-def retire(m: ReadModels, job: Job) -> None:
-    """The job's current attempt was requeued or preempted: the GPUs of its tasks on lost
-    nodes are free; the others stay held until the task is seen to stop."""
+def retire(m: ReadModels, job: Job, exited: bool = False) -> None:
+    """The job's current attempt ended, or was requeued or preempted: the GPUs of its tasks
+    that have exited (all of them, with `exited`: it succeeded), or whose node is lost, are
+    free; the others' stay held until the task is seen to stop (it is being killed)."""
     for index, (node_id, gpus) in enumerate(job.tasks):
         node = m.nodes.get(node_id)
         if node is None:
             continue
-        if node.state == LOST:
+        held = [job.job_id, job.attempt, index]
+        if (exited or node.state == LOST or str(index) in job.task_exits
+                or held not in node.allocations.values()):  # fmt: skip
             _free(node, job, gpus)
         else:
             job.stopping.append([job.attempt, index, node_id])
     job.tasks = []
+
+
+def stopping_node(m: ReadModels, job_id: str, attempt: int, task: int) -> str | None:
+    """The node of a task of an earlier attempt still stopping (for a report that does not
+    name it: a log of an older version)."""
+    job = m.jobs.get(job_id)
+    found = [s[2] for s in job.stopping if s[:2] == [attempt, task]] if job is not None else []
+    return found[0] if found else None
+
+
+def _forget(m: ReadModels, holder: list[Any], node_id: str) -> None:
+    job = m.jobs.get(holder[0])
+    entry = [holder[1], holder[2], node_id]
+    if job is not None and entry in job.stopping:
+        job.stopping.remove(entry)
 
 
 def stopped(m: ReadModels, job_id: str, attempt: int, task: int, node_id: str) -> bool:

@@ -92,7 +92,9 @@ def started(m: ReadModels, e: RecordedEvent) -> None:
 
 def task_exited(m: ReadModels, e: RecordedEvent) -> None:
     d = e.data
-    if "node" in d and allocation.stopped(m, d["jobId"], d.get("attempt"), d["task"], d["node"]):
+    node_id = d.get("node") or allocation.stopping_node(m, d["jobId"], d.get("attempt"),
+                                                        d["task"])  # fmt: skip
+    if node_id and allocation.stopped(m, d["jobId"], d.get("attempt"), d["task"], node_id):
         return  # a task of an earlier attempt has stopped: its GPUs are free
     job = _current(m, e)
     if job is not None:
@@ -104,7 +106,8 @@ def _end(m: ReadModels, job: Job, e: RecordedEvent) -> None:
     job.exit_code = e.data.get("exitCode", job.exit_code)
     job.pending_reason = None
     queue.dequeue(m, job)
-    allocation.release(m, job)
+    # a task still being killed keeps its GPUs until it stops (a success: every one exited)
+    allocation.retire(m, job, exited=e.type == "JobSucceeded")
     if job.detached:  # its experiment is gone: nothing shows it once it holds nothing
         del m.jobs[job.job_id]
 

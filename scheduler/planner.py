@@ -265,7 +265,7 @@ def _plan_cluster(
             _wait_behind(out, job, cluster, capacity, why)
             continue
         if _room_coming(out, job, capacity, stopping) or (
-            cluster.preemption and _preempt(out, m, cluster, job, capacity)
+            cluster.preemption and _preempt(out, m, cluster, job, _back(capacity, stopping))
         ):
             reserved = now  # room is being made for it: nothing passes it now
             continue
@@ -286,9 +286,20 @@ def _room_coming(out: list[Decision], job: Job, capacity: _Capacity,
     return True
 
 
+def _back(capacity: _Capacity, stopping: list[tuple[str, list[int]]]) -> _Capacity:
+    """`capacity` with the stopping tasks' GPUs back (they are, in seconds)."""
+    if not stopping:
+        return capacity
+    soon = capacity.copy()
+    for node_id, gpus in stopping:
+        soon.give_back(node_id, gpus)
+    return soon
+
+
 def _preempt(out: list[Decision], m: ReadModels, cluster: Cluster, job: Job,
              capacity: _Capacity) -> bool:  # fmt: skip
-    """Preempt the running jobs that make room for `job`, if there are such."""
+    """Preempt the running jobs that make room for `job` (with what `capacity` has free,
+    counting the stopping tasks' GPUs as back), if there are such."""
     victims = _victims(m, cluster, job, capacity)
     if not victims:
         return False

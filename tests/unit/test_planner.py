@@ -586,3 +586,54 @@ def test_a_job_needing_more_nodes_than_the_cluster_keeps_is_told_so_while_they_d
         w.apply("NodeDrainRequested", nodeId=node)
     waiting = w.job(gpus=1)
     assert reasons(w.plan())[waiting] == {"code": "cluster_too_small", "need_nodes": 1}
+
+
+def test_a_task_that_has_exited_gives_its_gpus_back_when_its_attempt_is_retried():
+    w = World().cluster(nodes=1, gpus=4)
+    job, other = w.job(gpus=2), w.job(gpus=2)
+    w.run(job, [("c-n0", [0, 1])])
+    w.apply("JobTaskExited", jobId=job, attempt=1, task=0, exitCode=1, node="c-n0")
+    w.apply("JobRequeued", jobId=job, attempt=1, cause="exit_code")  # its own failure
+    assert not w.models.jobs[job].stopping and not w.models.nodes["c-n0"].allocations
+    assert set(placed(w.plan())) == {job, other}
+
+
+def test_a_failed_gangs_task_still_being_killed_keeps_its_gpus_until_it_stops():
+    w = World().cluster(nodes=2, gpus=4)
+    gang = w.job(gpus=4, nodes=2)
+    w.run(gang, [("c-n0", [0, 1, 2, 3]), ("c-n1", [0, 1, 2, 3])])
+    w.apply("JobTaskExited", jobId=gang, attempt=1, task=0, exitCode=5, node="c-n0")
+    w.apply("JobFailed", jobId=gang, attempt=1, exitCode=5)  # task 1 is being killed
+    big = w.job(gpus=4, nodes=2)
+    assert placed(w.plan()) == {} and w.models.jobs[gang].stopping == [[1, 1, "c-n1"]]
+    w.apply("JobTaskExited", jobId=gang, attempt=1, task=1, exitCode=143, node="c-n1")
+    assert set(placed(w.plan())) == {big}
+
+
+def test_preemption_counts_the_gpus_of_stopping_tasks_as_back():
+    w = World().cluster(nodes=2, gpus=8, preemption=True)
+    gone = w.job(gpus=4)
+    w.run(gone, [("c-n0", [0, 1, 2, 3])])
+    spare = {"B": ("c-n0", [4, 5, 6, 7]), "C": ("c-n1", [0, 1, 2, 3]), "D": ("c-n1", [4, 5, 6, 7])}
+    for name, task in spare.items():
+        w.run(w.job(gpus=4, preemptible=True, name=name), [task])
+    w.apply("JobRequeued", jobId=gone, attempt=1, cause="node_lost")  # its task is stopping
+    w.apply("JobTerminateRequested", jobId=gone)
+    w.apply("JobTerminated", jobId=gone)
+    urgent = w.job(gpus=8, priority=500)
+    decisions = w.plan()  # B, with the stopping task's GPUs, makes room on c-n0: not C and D
+    assert reasons(decisions)[urgent] == {"code": "preempting", "victims": ["B"]}
+
+
+def test_a_placement_over_a_stopping_task_in_an_older_versions_log_forgets_that_task():
+    w = World().cluster(nodes=1, gpus=4)
+    job = w.job(gpus=2)
+    w.run(job, [("c-n0", [0, 1])])
+    w.apply("JobRequeued", jobId=job, attempt=1, cause="node_lost")
+    # an older version placed the next attempt at once, on the same GPUs
+    w.apply("JobScheduled", jobId=job, attempt=2, tasks=[{"node": "c-n0", "gpus": [0, 1]}])
+    assert w.models.jobs[job].stopping == []
+    w.apply("JobPreempted", jobId=job, attempt=2)
+    w.apply("JobTaskExited", jobId=job, attempt=2, task=0, exitCode=143)  # without its node
+    assert w.models.jobs[job].stopping == [] and not w.models.nodes["c-n0"].allocations
+    assert set(placed(w.plan())) == {job}

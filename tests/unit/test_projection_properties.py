@@ -172,7 +172,7 @@ class World(RuleBasedStateMachine):
             if job["state"] == "terminating":  # it was ending anyway: it ends
                 self.job_event(job_id, "JobTerminated", reason="node lost while terminating")
                 job["state"] = "failed"
-                self._release(job_id)
+                self._retire(job_id)
             else:
                 self.job_event(job_id, "JobRequeued", attempt=job["attempt"], cause=cause)
                 job["state"] = QUEUED
@@ -241,8 +241,8 @@ class World(RuleBasedStateMachine):
         self.job_event(job_id, "JobScheduled", attempt=job["attempt"], tasks=tasks)
 
     def _retire(self, job_id: str) -> None:
-        """A requeued or preempted attempt: its tasks hold their GPUs until they are seen to
-        stop, but on a lost node, whose agent is gone."""
+        """An attempt that failed, was terminated, requeued or preempted: its tasks hold their
+        GPUs until they are seen to stop, but on a lost node, whose agent is gone."""
         job = self.jobs[job_id]
         for index, task in enumerate(job["tasks"]):
             node = self.nodes.get(task["node"])
@@ -280,7 +280,7 @@ class World(RuleBasedStateMachine):
             self.job_event(job_id, "JobFailed", attempt=attempt, exitCode=2,
                            error={"code": "task_failed", "message": "exit 2"})  # fmt: skip
             job["state"] = "failed"
-            self._release(job_id)
+            self._retire(job_id)
         else:
             type_ = "JobRequeued" if outcome == "requeue" else "JobPreempted"
             extra = {"cause": "exit_code"} if outcome == "requeue" else {}
@@ -313,7 +313,7 @@ class World(RuleBasedStateMachine):
         if finish:
             self.job_event(job_id, "JobTerminated", reason="terminated by user:bob")
             self.jobs[job_id]["state"] = "failed"
-            self._release(job_id)
+            self._retire(job_id)
 
     @precondition(lambda self: self._jobs_in("succeeded", "failed"))
     @rule(data=st.data())

@@ -134,6 +134,7 @@ def test_a_requeue_does_not_undo_a_terminate_request():
     m = log.models()
     assert m.jobs["j"].state == "terminating" and m.jobs["j"].terminate_requested_by == "user:bob"
     assert not m.queues["c1"]
+    log("JobTaskExited", jobId="j", attempt=1, task=0, exitCode=143, node="n1")  # killed
     log("JobTerminated", jobId="j")
     m = log.models()
     assert m.jobs["j"].state == "failed" and m.nodes["n1"].allocations == {}
