@@ -5,6 +5,7 @@ records what was asked of it."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import shutil
@@ -15,7 +16,7 @@ import pytest
 from aiohttp import web
 
 from batchd.projections.model import Job, ReadModels, job_key
-from batchd.scheduler import config
+from batchd.scheduler import commands, config
 from batchd.scheduler.daemon import Daemon
 from tests.conftest import service_missing
 
@@ -67,6 +68,16 @@ def newest_job(
     """The read models' newest job called `name` (None before one is submitted)."""
     ids = models.job_ids.get(job_key(workspace, experiment, name))
     return models.jobs[ids[-1]] if ids else None
+
+
+async def settled(daemon: Daemon, seconds: float = 5.0) -> None:
+    """Wait until the daemon's own bookkeeping of what a test set up has landed (a new
+    cluster's resizing state), so that the log's head stays where the test reads it."""
+    for _ in range(int(seconds / 0.05)):
+        if not commands.resize_changes(daemon.models.models, ""):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the daemon did not settle")
 
 
 async def make_token(client, name: str, role: str, **fields) -> str:

@@ -15,7 +15,7 @@ import structlog
 
 from batchd.events.envelope import NewEvent
 from batchd.scheduler import auth
-from tests.integration.conftest import Client, make_token
+from tests.integration.conftest import Client, make_token, settled
 from tests.integration.test_api import CLUSTER, EXP, JOB, _sse, seed
 
 SECRET = "hunter2-do-not-show"
@@ -164,6 +164,7 @@ async def test_bodies_over_one_mebibyte_are_refused(api, session):
 async def test_bad_documents_get_400_naming_the_field_and_nothing_is_stored(api, session):
     admin = Client(session, api.url, api.admin_token)
     await seed(admin)
+    await settled(api)
     head = (await api.store.head()).position
     cases = [
         (b"{not json", "body", "not valid JSON"),

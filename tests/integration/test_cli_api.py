@@ -16,7 +16,7 @@ from aiohttp import web
 
 from batchd.events.envelope import NewEvent
 from batchd.scheduler.cli import main
-from tests.integration.conftest import start_daemon
+from tests.integration.conftest import settled, start_daemon
 
 RECIPES = Path(__file__).parent.parent / "data" / "batchai-recipes"
 STORAGE_KEY = "c3RvcmFnZS1rZXktZm9yLXRlc3Rz"
@@ -506,11 +506,7 @@ async def test_recipes_without_storage_settings_are_sent_as_written(batchd, api,
 # -- the log through the API ------------------------------------------------------------------
 async def test_events_tail_and_replay_through_the_api(batchd, api):
     await _setup(batchd)
-    clusters = api.models.models.clusters
-    for _ in range(100):  # the log is quiet once the cluster (no agent joins it) is resizing
-        if any(c.allocation_state == "resizing" for c in clusters.values()):
-            break
-        await asyncio.sleep(0.05)
+    await settled(api)
     head = (await api.store.head()).position
     done = await batchd("events", "tail", "-n", "2")
     assert done.code == 0

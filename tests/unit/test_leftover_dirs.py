@@ -28,12 +28,17 @@ def _make(spec: dict) -> None:
         (Path(path) / "checkpoint.bin").write_bytes(b"\0" * 1024)
 
 
-def test_a_one_node_tasks_work_and_temp_directories_are_removed(tmp_path):
+def _recorded(tmp_path: Path, spec: dict) -> Path:
+    """The agent's slots directory, with a task's directories recorded in slot 1 and made."""
     running = tmp_path / "running"
     running.mkdir()
-    spec = _spec(tmp_path, 0)
     record_dirs(running / "slot-1.dirs", spec)
     _make(spec)
+    return running
+
+
+def test_a_one_node_tasks_work_and_temp_directories_are_removed(tmp_path):
+    running = _recorded(tmp_path, _spec(tmp_path, 0))
     (running / "slot-2.dirs").write_text("")  # a free slot
     kept = tmp_path / "work" / "job.2.0"  # another task's, not recorded here
     kept.mkdir(parents=True)
@@ -46,11 +51,7 @@ def test_a_one_node_tasks_work_and_temp_directories_are_removed(tmp_path):
 
 
 def test_a_task_seen_to_its_end_leaves_nothing_to_sweep(tmp_path):
-    running = tmp_path / "running"
-    running.mkdir()
-    spec = _spec(tmp_path, 0)
-    record_dirs(running / "slot-1.dirs", spec)
-    _make(spec)
+    running = _recorded(tmp_path, _spec(tmp_path, 0))
     forget_dirs(running / "slot-1.dirs")  # its end removed them (or handed them on)
     assert sweep_dirs(running) == 0
     assert (tmp_path / "work" / "job.1.0").is_dir()
