@@ -583,7 +583,7 @@ class NodeService:
         once they have been silent for a while."""
         known = self.models.nodes
         for node_id in [n for n, t in self.seen.items() if n not in known and now - t > FORGET]:
-            for per_node in (self.seen, self.pollers, self.outbox):
+            for per_node in (self.seen, self.pollers, self.outbox, self.unlisted):
                 per_node.pop(node_id, None)
             wakeup = self.wakeups.pop(node_id, None)
             if wakeup is not None:

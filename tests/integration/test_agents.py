@@ -844,9 +844,10 @@ async def test_the_daemon_forgets_node_ids_it_has_no_node_for(local):
     service.seen["ghost"] = time.monotonic() - 120  # a removed node, or a stranger, long silent
     service.outbox["ghost"] = [{"type": "KillTask"}]
     service.pollers["ghost"] = 1
+    service.unlisted["ghost"] = {("j", 1, 0): time.monotonic()}
     await service.sweep()
     assert "ghost" not in service.seen and "ghost" not in service.outbox
-    assert "ghost" not in service.pollers
+    assert "ghost" not in service.pollers and "ghost" not in service.unlisted
     assert {"local-0", "local-1"} <= set(service.seen)  # the real ones are kept
 
 
