@@ -47,7 +47,7 @@ def allocate(m: ReadModels, job: Job, tasks: list[dict[str, Any]]) -> None:
         for gpu in gpus or WHOLE_NODE:
             before = node.allocations.get(str(gpu))
             if before is not None:  # placed over a stopping task (a log of an older version)
-                _forget(m, before, node_id)  # says it stopped: the log moved on from it
+                _unlist(m, before, node_id)  # says it stopped: the log moved on from it
             node.allocations[str(gpu)] = holder
 
 
@@ -76,37 +76,40 @@ def stopping_node(m: ReadModels, job_id: str, attempt: int, task: int) -> str | 
     return found[0] if found else None
 
 
-def _forget(m: ReadModels, holder: list[Any], node_id: str) -> None:
+def _unlist(m: ReadModels, holder: list[Any], node_id: str) -> bool:
+    """Take task `holder` (job, attempt, task) on `node_id` off its job's `stopping`; was it
+    there?"""
     job = m.jobs.get(holder[0])
     entry = [holder[1], holder[2], node_id]
-    if job is not None and entry in job.stopping:
-        job.stopping.remove(entry)
+    if job is None or entry not in job.stopping:
+        return False
+    job.stopping.remove(entry)
+    return True
 
 
 def stopped(m: ReadModels, job_id: str, attempt: int, task: int, node_id: str) -> bool:
     """A task of an earlier attempt was seen to stop on `node_id`: its GPUs are free. False
     if it held none there (it is no earlier attempt's, or was freed already)."""
-    node = m.nodes.get(node_id)
     held = [job_id, attempt, task]
-    freed = False
-    if node is not None:
-        for gpu, holder in list(node.allocations.items()):
-            if holder == held and is_stale(m, holder):
-                del node.allocations[gpu]
-                freed = True
-    job = m.jobs.get(job_id)
-    if job is not None and [attempt, task, node_id] in job.stopping:
-        job.stopping.remove([attempt, task, node_id])
-        freed = True
-    return freed
+    node = m.nodes.get(node_id)
+    gpus = [g for g, h in stale_allocations(m, node) if h == held] if node is not None else []
+    for gpu in gpus:
+        del node.allocations[gpu]
+    return _unlist(m, held, node_id) or bool(gpus)
 
 
 def forget_stopped(m: ReadModels, node: Node) -> None:
     """The node's agent is gone (lost, removed, restarted): the tasks of earlier attempts it
     held run no more, and their GPUs are free."""
-    for gpu, holder in list(node.allocations.items()):
-        if gpu in node.allocations and is_stale(m, holder):
-            stopped(m, holder[0], holder[1], holder[2], node.node_id)
+    for gpu, holder in stale_allocations(m, node):
+        del node.allocations[gpu]
+        _unlist(m, holder, node.node_id)
+
+
+def stale_allocations(m: ReadModels, node: Node) -> list[tuple[str, list[Any]]]:
+    """(GPU key, holder) of the node's allocations held by tasks of earlier attempts, still
+    stopping (see is_stale)."""
+    return [(gpu, holder) for gpu, holder in node.allocations.items() if is_stale(m, holder)]
 
 
 def is_stale(m: ReadModels, holder: list[Any]) -> bool:

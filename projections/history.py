@@ -15,7 +15,7 @@ from batchd.events.envelope import RecordedEvent
 from batchd.events.store import EventStore
 from batchd.events.timeutil import to_iso
 from batchd.projections import fold
-from batchd.projections.model import LIVE_STATES, ReadModels
+from batchd.projections.model import LIVE_STATES, Job, ReadModels
 
 # Events that record something without moving the job to another state.
 _NOT_TRANSITIONS = frozenset({"JobSubmitted", "JobPendingReasonChanged", "JobTaskExited"})
@@ -52,14 +52,15 @@ def timeline(
             entries.append(_removed(removal, state))
             removal = None
         d = e.data if isinstance(e.data, dict) else {}
-        before = _state(models, d)
+        before = _state(_job(models, d))
         fold.apply(models, e)
-        after = _state(models, d) or ("deleted" if e.type == "JobDeleted" else None)
+        job = _job(models, d)
+        after = _state(job) or ("deleted" if e.type == "JobDeleted" else None)
         state = after
         if e.type == "JobScheduled" and after == "scheduled":
             nodes[d.get("attempt")] = [t["node"] for t in d.get("tasks", ())]
         if e.type in _NOT_TRANSITIONS:  # a report about an attempt that has moved on
-            ignored = "attempt" in d and d["attempt"] != _attempt(models, d)
+            ignored = "attempt" in d and (job is None or d["attempt"] != job.attempt)
         else:
             ignored = before == after
         entries.append({
@@ -83,14 +84,12 @@ def _removed(e: RecordedEvent, state: str | None) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _state(models: ReadModels, d: dict[str, Any]) -> str | None:
-    job = models.jobs.get(d.get("jobId"))
+def _job(models: ReadModels, d: dict[str, Any]) -> Job | None:
+    return models.jobs.get(d.get("jobId"))
+
+
+def _state(job: Job | None) -> str | None:
     return None if job is None else job.state
-
-
-def _attempt(models: ReadModels, d: dict[str, Any]) -> int | None:
-    job = models.jobs.get(d.get("jobId"))
-    return None if job is None else job.attempt
 
 
 def _nodes(e: RecordedEvent, d: dict[str, Any], nodes: dict[Any, list[str]]) -> list[str]:

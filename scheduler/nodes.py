@@ -490,10 +490,7 @@ class NodeService:
         """The tasks of earlier attempts that still hold GPUs of the node but that its
         heartbeats have not listed for STOPPED_AFTER seconds: they do not run there (their
         exit report, or their StartTask, was lost), so their GPUs can be freed."""
-        node = self.models.nodes.get(node_id)
-        stopping = set() if node is None else {
-            tuple(h) for h in node.allocations.values() if allocation.is_stale(self.models, h)
-        }  # fmt: skip
+        stopping = _stopping_tasks(self.models, node_id)
         unlisted = self.unlisted.pop(node_id, {})
         now = time.monotonic()
         for key in stopping.difference(running):
@@ -728,13 +725,15 @@ def _setup_exited(m: ReadModels, msg: dict[str, Any]) -> list[Decision]:
     return [(f"node-{node_id}", NewEvent("NodeSetupFailed", data))]
 
 
+def _stopping_tasks(m: ReadModels, node_id: str) -> set[TaskKey]:
+    """The tasks of earlier attempts still holding GPUs of `node_id`."""
+    node = m.nodes.get(node_id)
+    return set() if node is None else {tuple(h) for _g, h in allocation.stale_allocations(m, node)}
+
+
 def _stopping_on(m: ReadModels, key: protocol.TaskKey, node_id: str) -> bool:
     """Is task `key` one of an earlier attempt, still holding GPUs of `node_id`?"""
-    node = m.nodes.get(node_id)
-    if node is None:
-        return False
-    held = list(key)
-    return any(h == held and allocation.is_stale(m, h) for h in node.allocations.values())
+    return tuple(key) in _stopping_tasks(m, node_id)
 
 
 def _stopped(

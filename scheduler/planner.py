@@ -62,7 +62,7 @@ from typing import Any
 
 from batchd.events.envelope import NewEvent
 from batchd.projections import lifecycle, queue
-from batchd.projections.allocation import free_gpus, is_stale
+from batchd.projections.allocation import free_gpus, is_stale, stale_allocations
 from batchd.projections.model import LEAVING, READY, Cluster, Job, ReadModels
 from batchd.scheduler.clusterspec import max_nodes
 
@@ -264,8 +264,9 @@ def _plan_cluster(
         if reserved is not None:  # it could have backfilled, but does not fit now
             _wait_behind(out, job, cluster, capacity, why)
             continue
-        if _room_coming(out, job, capacity, stopping) or (
-            cluster.preemption and _preempt(out, m, cluster, job, _back(capacity, stopping))
+        soon = _back(capacity, stopping)
+        if _room_coming(out, job, soon, stopping) or (
+            cluster.preemption and _preempt(out, m, cluster, job, soon)
         ):
             reserved = now  # room is being made for it: nothing passes it now
             continue
@@ -275,11 +276,11 @@ def _plan_cluster(
         _reason(out, job, _cached_why(why, cluster, capacity, need, nodes))
 
 
-def _room_coming(out: list[Decision], job: Job, capacity: _Capacity,
+def _room_coming(out: list[Decision], job: Job, soon: _Capacity,
                  stopping: list[tuple[str, list[int]]]) -> bool:  # fmt: skip
-    """Does `job` fit once the stopping tasks' GPUs are back (in seconds)? It is told so
-    (a preempting job keeps its reason: those are its victims')."""
-    if not stopping or not _frees_enough(capacity, stopping, job):
+    """Does `job` fit once the stopping tasks' GPUs are back (`soon`, in seconds)? It is
+    told so (a preempting job keeps its reason: those are its victims')."""
+    if not stopping or soon.fitting(job.gpus_per_node) < job.node_count:
         return False
     if (job.pending_reason or {}).get("code") != "preempting":
         _reason(out, job, GPUS_STOPPING)
@@ -383,7 +384,7 @@ def _stopping(m: ReadModels, capacity: _Capacity) -> list[tuple[str, list[int]]]
     """(node, GPUs) held on the ready nodes by tasks of earlier attempts still stopping."""
     out = []
     for node_id in capacity.free:
-        held = [g for g, h in m.nodes[node_id].allocations.items() if is_stale(m, h)]
+        held = [gpu for gpu, _holder in stale_allocations(m, m.nodes[node_id])]
         if held:
             out.append((node_id, [int(g) for g in held if g != "*"]))
     return out
@@ -445,11 +446,10 @@ def _victims(m: ReadModels, cluster: Cluster, job: Job, free: _Capacity) -> list
     return chosen
 
 
-def _frees_enough(free: _Capacity, held: list[Job] | list[tuple[str, list[int]]], job: Job) -> bool:
-    """Does `job` fit once what `held` holds (jobs' tasks, or (node, GPUs)) is free?"""
+def _frees_enough(free: _Capacity, victims: list[Job], job: Job) -> bool:
     capacity = free.copy()
-    for holder in held:
-        for node_id, gpus in holder.tasks if isinstance(holder, Job) else [holder]:
+    for victim in victims:
+        for node_id, gpus in victim.tasks:
             if node_id in capacity.free:
                 capacity.give_back(node_id, gpus)
     return capacity.fitting(job.gpus_per_node) >= job.node_count
