@@ -168,7 +168,8 @@ class NodeService:
             except Exception as exc:
                 logger.exception("nodes.start_failed", job=key[0], attempt=key[1])
                 error = {"code": "start_failed", "message": f"{type(exc).__name__}: {exc}"}
-                await self.control.run(lambda m: _fail(m, key[0], key[1], error),
+                sent = any(k[:2] == key for k in self.unstarted)
+                await self.control.run(lambda m: _fail(m, key[0], key[1], error, not sent),
                                        key=self._key(key[0]))  # fmt: skip
         except BaseException:
             if not any(k[:2] == key for k in self.unstarted):  # no StartTask went out
@@ -191,7 +192,7 @@ class NodeService:
         except errors.SecretKeyError as exc:  # sealed with a key this daemon does not hold
             error = {"code": "secret_key", "message": str(exc)}
             if await self._still_to_start(job_id, attempt):
-                await self.control.run(lambda m: _fail(m, job_id, attempt, error),
+                await self.control.run(lambda m: _fail(m, job_id, attempt, error, True),
                                        key=self._key(job_id))  # fmt: skip
             return
         if not await self._still_to_start(job_id, attempt):
@@ -212,7 +213,7 @@ class NodeService:
             plans = toolkits.translate(spec, identity, hosts, paths, secrets)
         except (KeyError, TypeError, ValueError) as exc:
             error = {"code": "translation_failed", "message": str(exc)}
-            await self.control.run(lambda m: _fail(m, job_id, attempt, error),
+            await self.control.run(lambda m: _fail(m, job_id, attempt, error, True),
                                    key=self._key(job_id))  # fmt: skip
             return
         preparation = (spec.get("jobPreparation") or {}).get("commandLine")
@@ -222,7 +223,7 @@ class NodeService:
         if lacking:
             error = {"code": "runtime_missing",
                      "message": f"node {lacking[0]} has no {job.runtime} runtime"}  # fmt: skip
-            await self.control.run(lambda m: _fail(m, job_id, attempt, error),
+            await self.control.run(lambda m: _fail(m, job_id, attempt, error, True),
                                    key=self._key(job_id))  # fmt: skip
             return
         for plan in plans:
@@ -627,11 +628,16 @@ def _by_agent(node_id: str, decide: Callable[[ReadModels], list[Decision]]):
     return decided
 
 
-def _fail(m: ReadModels, job_id: str, attempt: int, error: dict[str, str]) -> list[Decision]:
+def _fail(m: ReadModels, job_id: str, attempt: int, error: dict[str, str],
+          undispatched: bool = False) -> list[Decision]:  # fmt: skip
+    """JobFailed for an attempt that could not be started; `undispatched`: no StartTask of it
+    went out, so its GPUs are free at once (no task can be running there)."""
     job = m.jobs.get(job_id)
     if job is None or job.attempt != attempt or job.state not in lifecycle.HOLDING:
         return []
     data = {"jobId": job_id, "attempt": attempt, "error": error}
+    if undispatched:
+        data["undispatched"] = True
     return [(f"job-{job_id}", NewEvent("JobFailed", data))]
 
 

@@ -4,9 +4,12 @@ A state machine plays a small cluster world and logs what happens as events: wor
 clusters that resize, change scale settings and are deleted; nodes that register, fail setup,
 are suspected and recover, drain, get lost and removed; jobs of several shapes and priorities
 that queue, are placed on free GPUs, prepare, run, succeed, fail, are requeued or preempted,
-terminated and deleted; and late reports about attempts that were already requeued (which the
-read models must ignore). The machine keeps its own account of every job and node as the
-oracle. After every event it checks that
+terminated and deleted (some fail before any task was sent to a node); and late reports about
+attempts that were already requeued (which the read models must ignore). Every history starts
+with a cluster of two ready nodes. Hypothesis favours rules with fewer arguments, so the
+rules of a job's life draw their parameters from `data`, and the clusters' changes share one
+rule: without that, most steps went to resizing clusters and few jobs ever ran. The machine
+keeps its own account of every job and node as the oracle. After every event it checks that
 
 - the live read models (applied event by event) equal the read models rebuilt from scratch,
   and equal a snapshot taken just before the event plus catch-up over it (so snapshot plus
@@ -28,7 +31,7 @@ import uuid
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from batchd.events.envelope import RecordedEvent
 from batchd.projections import clusters, fold, queue, snapshot
@@ -36,9 +39,10 @@ from batchd.projections.model import ATTEMPT_STATES, QUEUED, ReadModels
 
 GPUS = 4
 SCALE = {"manual": {"targetNodeCount": 2}}
-OUTCOMES = st.sampled_from(["advance", "requeue", "advance", "preempt", "succeed", "fail"])
+OUTCOMES = st.sampled_from(["advance", "requeue", "fail_unsent", "preempt", "succeed", "fail"])
 PRIORITIES = st.sampled_from([-500, 0, 0, 500, 1000])
 LATE_REPORTS = st.sampled_from(["JobStarted", "JobSucceeded", "JobFailed", "JobRequeued"])
+NODE_COUNTS = st.sampled_from([1, 1, 2])
 RUNNING_STATES = ("scheduled", "preparing", "running")
 
 
@@ -88,8 +92,26 @@ class World(RuleBasedStateMachine):
         self.nodes[node_id]["state"] = state
 
     # -- clusters --------------------------------------------------------------------------
-    @precondition(lambda self: len(self.clusters) < 2)
-    @rule()
+    @initialize()
+    def a_cluster_with_two_ready_nodes(self) -> None:
+        """Every history starts with some capacity, so that its steps go to the jobs' lives
+        (without it, few histories got as far as a job running)."""
+        self.create_cluster()
+        for _ in range(2):
+            self._add_node(self.clusters[0], setup_fails=False)
+
+    @rule(data=st.data(), change=st.sampled_from(["resize", "create", "delete"]))
+    def change_clusters(self, data, change: str) -> None:
+        """The clusters' own changes share one rule, so that they take no more of a history's
+        steps than a job's (hypothesis picks among the rules that may run)."""
+        empty = [c for c in self.clusters if self._empty(c)]
+        if not self.clusters or (change == "create" and len(self.clusters) < 2):
+            self.create_cluster()
+        elif change == "delete" and empty:
+            self.delete_cluster(data.draw(st.sampled_from(empty)))
+        else:
+            self.resize(data.draw(st.sampled_from(self.clusters)), data.draw(st.integers(0, 4)))
+
     def create_cluster(self) -> None:
         if not self.clusters:
             self.emit("workspace-ws", "WorkspaceCreated", {"workspace": "ws"}, "user:ops")
@@ -101,10 +123,7 @@ class World(RuleBasedStateMachine):
             "spec": {"vmSize": "Standard_NC24s_v3", "scaleSettings": SCALE},
         }, "user:ops")  # fmt: skip
 
-    @precondition(lambda self: self.clusters)
-    @rule(data=st.data(), size=st.integers(0, 4))
-    def resize(self, data, size: int) -> None:
-        cluster = data.draw(st.sampled_from(self.clusters))
+    def resize(self, cluster: str, size: int) -> None:
         stream = f"cluster-{cluster}"
         scale = {"manual": {"targetNodeCount": size}}
         self.emit(
@@ -113,10 +132,7 @@ class World(RuleBasedStateMachine):
         self.emit(stream, "ClusterResizeStarted", {"clusterId": cluster})
         self.emit(stream, "ClusterResizeCompleted", {"clusterId": cluster})
 
-    @precondition(lambda self: any(self._empty(c) for c in self.clusters))
-    @rule(data=st.data())
-    def delete_cluster(self, data) -> None:
-        cluster = data.draw(st.sampled_from([c for c in self.clusters if self._empty(c)]))
+    def delete_cluster(self, cluster: str) -> None:
         self.emit(f"cluster-{cluster}", "ClusterDeleteRequested", {"clusterId": cluster})
         self.emit(f"cluster-{cluster}", "ClusterDeleted", {"clusterId": cluster})
         self.clusters.remove(cluster)
@@ -128,7 +144,9 @@ class World(RuleBasedStateMachine):
     @precondition(lambda self: self.clusters and len(self.nodes) < 5)
     @rule(data=st.data(), setup_fails=st.booleans())
     def add_node(self, data, setup_fails: bool) -> None:
-        cluster = data.draw(st.sampled_from(self.clusters))
+        self._add_node(data.draw(st.sampled_from(self.clusters)), setup_fails)
+
+    def _add_node(self, cluster: str, setup_fails: bool) -> None:
         node_id = f"n{self.new_id().int}"
         self.nodes[node_id] = {"cluster": cluster, "state": "", "free": set(range(GPUS))}
         self.node_event(node_id, "NodeProvisioning", "provisioning", cluster=cluster)
@@ -198,10 +216,11 @@ class World(RuleBasedStateMachine):
 
     # -- jobs ------------------------------------------------------------------------------
     @precondition(lambda self: self.clusters)
-    @rule(data=st.data(), priority=PRIORITIES, gpus=st.sampled_from([1, 2, 4]),
-          node_count=st.sampled_from([1, 1, 2]))  # fmt: skip
-    def submit(self, data, priority: int, gpus: int, node_count: int) -> None:
+    @rule(data=st.data())
+    def submit(self, data) -> None:
         cluster = data.draw(st.sampled_from(self.clusters))
+        priority = data.draw(PRIORITIES)
+        gpus, node_count = data.draw(st.sampled_from([1, 2, 4])), data.draw(NODE_COUNTS)
         job_id = str(self.new_id())
         self.names += 1
         self.jobs[job_id] = {"cluster": cluster, "state": QUEUED, "attempt": 0, "tasks": [],
@@ -218,18 +237,24 @@ class World(RuleBasedStateMachine):
     def _jobs_in(self, *states: str) -> list[str]:
         return sorted(j for j, s in self.jobs.items() if s["state"] in states)
 
-    @precondition(lambda self: self._jobs_in(QUEUED))
-    @rule(data=st.data())
-    def schedule(self, data) -> None:
-        job_id = data.draw(st.sampled_from(self._jobs_in(QUEUED)))
-        if any(k[0] == job_id for k in self.stopping):  # never two attempts at once
-            return
+    def _fits(self, job_id: str) -> list[str]:
+        """The ready nodes where the queued job's task fits (none while an earlier attempt of
+        it is still stopping: two attempts never run at once)."""
+        if any(k[0] == job_id for k in self.stopping):
+            return []
         job = self.jobs[job_id]
-        fits = [n for n in self._nodes_in("ready")
+        return [n for n in self._nodes_in("ready")
                 if self.nodes[n]["cluster"] == job["cluster"]
                 and len(self.nodes[n]["free"]) >= job["gpus"]]  # fmt: skip
-        if len(fits) < job["nodes"]:
-            return
+
+    def _placeable(self) -> list[str]:
+        return [j for j in self._jobs_in(QUEUED) if len(self._fits(j)) >= self.jobs[j]["nodes"]]
+
+    @precondition(lambda self: self._placeable())
+    @rule(data=st.data())
+    def schedule(self, data) -> None:
+        job_id = data.draw(st.sampled_from(self._placeable()))
+        job, fits = self.jobs[job_id], self._fits(job_id)
         chosen = data.draw(st.permutations(fits))[: job["nodes"]]
         tasks = []
         for node_id in chosen:
@@ -259,9 +284,10 @@ class World(RuleBasedStateMachine):
         self.jobs[job_id]["tasks"] = []
 
     @precondition(lambda self: self._jobs_in(*RUNNING_STATES))
-    @rule(data=st.data(), outcome=OUTCOMES)
-    def progress(self, data, outcome: str) -> None:
+    @rule(data=st.data())
+    def progress(self, data) -> None:
         job_id = data.draw(st.sampled_from(self._jobs_in(*RUNNING_STATES)))
+        outcome = data.draw(OUTCOMES)
         job = self.jobs[job_id]
         attempt = job["attempt"]
         if outcome == "advance" and job["state"] != "running":
@@ -276,7 +302,13 @@ class World(RuleBasedStateMachine):
             self.job_event(job_id, "JobSucceeded", attempt=attempt, exitCode=0)
             job["state"] = "succeeded"
             self._release(job_id)
-        elif outcome == "fail":
+        elif outcome == "fail_unsent" and job["state"] == "scheduled":
+            # failed before any task was sent to a node (the daemon could not start it)
+            self.job_event(job_id, "JobFailed", attempt=attempt, undispatched=True,
+                           error={"code": "runtime_missing", "message": "no docker"})  # fmt: skip
+            job["state"] = "failed"
+            self._release(job_id)
+        elif outcome in ("fail", "fail_unsent"):
             self.job_event(job_id, "JobFailed", attempt=attempt, exitCode=2,
                            error={"code": "task_failed", "message": "exit 2"})  # fmt: skip
             job["state"] = "failed"
@@ -298,16 +330,18 @@ class World(RuleBasedStateMachine):
         )
 
     @precondition(lambda self: self._stale())
-    @rule(data=st.data(), type_=LATE_REPORTS)
-    def late_report_of_an_old_attempt(self, data, type_: str) -> None:
+    @rule(data=st.data())
+    def late_report_of_an_old_attempt(self, data) -> None:
         job_id, attempt = data.draw(st.sampled_from(self._stale()))
+        type_ = data.draw(LATE_REPORTS)
         extra = {"cause": "node_lost"} if type_ == "JobRequeued" else {"exitCode": 1}
         self.job_event(job_id, type_, attempt=attempt, **extra)  # the oracle: nothing changes
 
     @precondition(lambda self: self._jobs_in(QUEUED, *RUNNING_STATES))
-    @rule(data=st.data(), finish=st.booleans())
-    def terminate(self, data, finish: bool) -> None:
+    @rule(data=st.data())
+    def terminate(self, data) -> None:
         job_id = data.draw(st.sampled_from(self._jobs_in(QUEUED, *RUNNING_STATES)))
+        finish = data.draw(st.booleans())
         self.emit(f"job-{job_id}", "JobTerminateRequested", {"jobId": job_id}, "user:bob")
         self.jobs[job_id]["state"] = "terminating"
         if finish:

@@ -54,3 +54,32 @@ def test_the_fates_of_a_lost_nodes_attempts_name_the_loss_as_their_cause():
     [(_, lost), (_, requeued)] = decided
     assert (lost.type, requeued.type) == ("NodeLost", "JobRequeued")
     assert requeued.causation_id == lost.event_id and lost.causation_id is None
+
+
+def test_an_attempt_failed_before_any_task_was_sent_frees_its_gpus_at_once():
+    w = World().cluster(nodes=2, gpus=4)
+    gang, waiting = w.job(gpus=4, nodes=2), w.job(gpus=4, nodes=2)
+    tasks = [{"node": "c-n0", "gpus": [0, 1, 2, 3]}, {"node": "c-n1", "gpus": [0, 1, 2, 3]}]
+    w.apply("JobScheduled", jobId=gang, attempt=1, tasks=tasks)
+    error = {"code": "runtime_missing", "message": "node c-n1 has no docker runtime"}
+    [(_stream, failed)] = nodes._fail(w.models, gang, 1, error, undispatched=True)
+    assert failed.data["undispatched"] is True
+    w.apply(failed.type, **failed.data)
+
+    assert w.models.jobs[gang].state == "failed" and not w.models.jobs[gang].stopping
+    assert not any(n.allocations for n in w.models.nodes.values())
+    assert set(placed(w.plan())) == {waiting}  # not 15 s later
+
+
+def test_a_failed_attempt_whose_tasks_were_sent_keeps_their_gpus_until_they_stop():
+    w = World().cluster(nodes=1, gpus=4)
+    job, waiting = w.job(gpus=4), w.job(gpus=4)
+    w.run(job, [("c-n0", [0, 1, 2, 3])])
+    error = {"code": "start_failed", "message": "RuntimeError: mid-dispatch"}
+    [(_stream, failed)] = nodes._fail(w.models, job, 1, error)
+    assert "undispatched" not in failed.data
+    w.apply(failed.type, **failed.data)
+
+    assert w.models.jobs[job].stopping == [[1, 0, "c-n0"]]
+    assert placed(w.plan()) == {}
+    assert w.models.jobs[waiting].pending_reason["code"] == "gpus_stopping"
