@@ -8,7 +8,9 @@ Among the nodes that fit, the fullest are chosen first (best fit), which keeps w
 for large jobs. The first job that cannot start gets a reservation: the time the GPUs it needs
 are expected to be free (running attempts end at the latest at their wall-clock limit). A later,
 smaller job may start before it (backfill) only if its own wall-clock limit ends by then, so
-backfill never delays the reserved job. On a cluster with `preemption`, a blocked job may
+backfill never delays the reserved job; a later job may also start on nodes the reserved one
+cannot use (they lack its runtime). A job uses only nodes that offer its runtime (`docker`
+for containers, `process` otherwise). On a cluster with `preemption`, a blocked job may
 preempt running `preemptible` jobs of lower priority when that frees what it needs.
 
 Every queued job that does not start gets a pending reason from a closed set, recorded only
@@ -73,6 +75,7 @@ BEHIND_RESERVATION = {"code": "behind_reservation"}
 ATTEMPT_STOPPING = {"code": "attempt_stopping"}
 GPUS_STOPPING = {"code": "gpus_stopping"}
 CLUSTER_MISSING = {"code": "cluster_missing"}
+NO_NODES: frozenset[str] = frozenset()
 
 
 @dataclass(slots=True)
@@ -89,6 +92,8 @@ class _Capacity:
     idle: set[str] = field(default_factory=set)  # nodes with GPUs, all of them free
     _ever: dict[int, int] = field(default_factory=dict)  # need -> nodes that could ever hold it
     staying: int = 0  # the cluster's nodes that are not leaving (draining, evicted)
+    # runtime -> the ready nodes without it (none, on a cluster whose nodes all offer the same)
+    lacking: dict[str, frozenset[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.by_free:
@@ -112,36 +117,67 @@ class _Capacity:
             set(self.idle),
             self._ever,
             self.staying,
+            self.lacking,
         )
 
-    def fitting(self, need: int) -> int:
-        """How many nodes could hold one task that needs `need` GPUs (0: a whole node)."""
+    @property
+    def ready(self) -> frozenset[str]:
+        return frozenset(self.gpus)
+
+    def skip(self, runtime: str) -> frozenset[str]:
+        """The ready nodes a job on `runtime` cannot use."""
+        return self.lacking.get(runtime, NO_NODES)
+
+    def fitting(self, need: int, skip: frozenset[str] = NO_NODES) -> int:
+        """How many nodes could hold one task that needs `need` GPUs (0: a whole node), of
+        those not in `skip`."""
+        if skip:
+            return len(self._fitting_nodes(need, skip))
         if not need:
             return len(self.whole) + len(self.idle)
         return sum(len(b) for b in self.by_free[need:]) if need < len(self.by_free) else 0
 
-    def ever_fits(self, need: int, nodes: int) -> bool:
-        """Whether `nodes` of the ready nodes could hold a task each, were they all free."""
+    def _fitting_nodes(self, need: int, skip: frozenset[str]) -> list[str]:
+        if not need:
+            by_size = sorted(self.idle, key=lambda n: (self.gpus[n], n))
+            return [n for n in [*self.whole, *by_size] if n not in skip]
+        return [n for bucket in self.by_free[need:] for n in bucket if n not in skip]
+
+    def ever_fits(self, need: int, nodes: int, skip: frozenset[str] = NO_NODES) -> bool:
+        """Whether `nodes` of the ready nodes (not in `skip`) could hold a task each, were
+        they all free."""
+        if skip:
+            count = sum(1 for n, gpus in self.gpus.items() if gpus >= need and n not in skip)
+            return count >= nodes
         count = self._ever.get(need)
         if count is None:
             count = self._ever[need] = sum(1 for gpus in self.gpus.values() if gpus >= need)
         return count >= nodes
 
-    def max_free(self) -> int:
+    def max_free(self, skip: frozenset[str] = NO_NODES) -> int:
         for count in range(len(self.by_free) - 1, 0, -1):
-            if self.by_free[count]:
+            if any(n not in skip for n in self.by_free[count]):
                 return count
         return 0
 
-    def total_free(self) -> int:
-        return sum(count * len(nodes) for count, nodes in enumerate(self.by_free))
+    def total_free(self, skip: frozenset[str] = NO_NODES) -> int:
+        return sum(count * sum(n not in skip for n in nodes)
+                   for count, nodes in enumerate(self.by_free))  # fmt: skip
 
-    def take(self, need: int, nodes: int) -> list[tuple[str, list[int]]] | None:
-        """Best fit: `nodes` distinct nodes with the fewest free GPUs that still hold `need`
-        (`need` 0: whole idle nodes, those without GPUs first)."""
-        if self.fitting(need) < nodes:
+    def take(
+        self, need: int, nodes: int, skip: frozenset[str] = NO_NODES
+    ) -> list[tuple[str, list[int]]] | None:
+        """Best fit: `nodes` distinct nodes (not in `skip`) with the fewest free GPUs that
+        still hold `need` (`need` 0: whole idle nodes, those without GPUs first)."""
+        if skip:
+            chosen = self._fitting_nodes(need, skip)[:nodes]
+            if len(chosen) < nodes:
+                return None
+            if not need:
+                self.whole[:] = [n for n in self.whole if n not in chosen]
+        elif self.fitting(need) < nodes:
             return None
-        if not need:
+        elif not need:
             chosen, self.whole[:nodes] = self.whole[:nodes], []
             if len(chosen) < nodes:
                 by_size = sorted(self.idle, key=lambda n: (self.gpus[n], n))
@@ -194,7 +230,13 @@ def _capacity(m: ReadModels, cluster: Cluster) -> _Capacity:
         free[node_id] = free_gpus(node)
         if not node.gpus and not node.allocations:
             whole.append(node_id)
-    return _Capacity(free, gpus, whole, staying=staying)
+    offered = {node_id: m.nodes[node_id].runtimes for node_id in gpus}
+    lacking = {}
+    for runtime in {r for runtimes in offered.values() for r in runtimes}:
+        without = frozenset(n for n, runtimes in offered.items() if runtime not in runtimes)
+        if without:
+            lacking[runtime] = without
+    return _Capacity(free, gpus, whole, staying=staying, lacking=lacking)
 
 
 def plan(m: ReadModels, now: int, limit: int = CYCLE_DECISIONS) -> list[Decision]:
@@ -229,28 +271,33 @@ def _plan_cluster(
 ) -> None:  # fmt: skip
     capacity = _capacity(m, cluster)
     reserved: float | None = None  # when the first blocked job can start, once there is one
+    apart = NO_NODES  # the ready nodes that job cannot use (its runtime): free for others
     stopping = _stopping(m, capacity)
     # when GPUs come back: this cycle's placements and the stopping tasks' (end, node, GPUs)
     ends: list[tuple[float, str, list[int]]] = [(now, n, gpus) for n, gpus in stopping]
-    why: dict[tuple[int, int], dict[str, Any]] = {}  # reasons by shape, while nothing is placed
+    why: dict[tuple[int, int, str], dict[str, Any]] = {}  # reasons by shape, while none is placed
     runtimes = {r for n in capacity.gpus for r in m.nodes[n].runtimes}
     for job in waiting:
         if len(out) >= limit:
             return
-        need, nodes = job.gpus_per_node, job.node_count
+        need, nodes, skip = job.gpus_per_node, job.node_count, capacity.skip(job.runtime)
         if job.runtime not in runtimes and capacity.gpus:  # no ready node can run it
             _reason(out, job, {"code": "runtime_missing", "runtime": job.runtime})
             continue
         if job.stopping:  # its last attempt's tasks are still stopping: never two at once
             _reason(out, job, ATTEMPT_STOPPING)
-            reserved = now if reserved is None else reserved
+            if reserved is None:
+                reserved, apart = now, skip
             continue
         if reserved is not None and not _ends_before(job, now, reserved):
-            told = job.pending_reason == BEHIND_RESERVATION  # most of a long queue: no call
-            if not told or not capacity.ever_fits(need, nodes):
-                _wait_behind(out, job, cluster, capacity, why)
-            continue
-        tasks = capacity.take(need, nodes)
+            tasks = _apart(capacity, job, skip, apart)
+            if tasks is None:
+                told = job.pending_reason == BEHIND_RESERVATION  # most of a long queue: no call
+                if not told or not capacity.ever_fits(need, nodes, skip):
+                    _wait_behind(out, job, cluster, capacity, why)
+                continue
+        else:
+            tasks = capacity.take(need, nodes, skip)
         if tasks is not None:
             attempt = job.attempt + 1
             placed = [{"node": node_id, "gpus": gpus} for node_id, gpus in tasks]
@@ -268,19 +315,28 @@ def _plan_cluster(
         if _room_coming(out, job, soon, stopping) or (
             cluster.preemption and _preempt(out, m, cluster, job, soon)
         ):
-            reserved = now  # room is being made for it: nothing passes it now
+            reserved, apart = now, skip  # room is being made for it: nothing passes it now
             continue
-        if capacity.ever_fits(need, nodes):  # a job that can never fit here reserves nothing
+        if capacity.ever_fits(need, nodes, skip):  # one that never fits here reserves nothing
             start = _start_estimate(m, cluster, job, capacity.copy(), ends)
-            reserved = None if start == NEVER else start
-        _reason(out, job, _cached_why(why, cluster, capacity, need, nodes))
+            reserved, apart = (None, NO_NODES) if start == NEVER else (start, skip)
+        _reason(out, job, _cached_why(why, cluster, capacity, job))
+
+
+def _apart(capacity: _Capacity, job: Job, skip: frozenset[str],
+           apart: frozenset[str]) -> list[tuple[str, list[int]]] | None:  # fmt: skip
+    """A placement for a job that would not end before the reservation, on nodes the
+    reserving job cannot use (`apart`: nodes without its runtime) only, if it fits there."""
+    if not apart:
+        return None
+    return capacity.take(job.gpus_per_node, job.node_count, skip | (capacity.ready - apart))
 
 
 def _room_coming(out: list[Decision], job: Job, soon: _Capacity,
                  stopping: list[tuple[str, list[int]]]) -> bool:  # fmt: skip
     """Does `job` fit once the stopping tasks' GPUs are back (`soon`, in seconds)? It is
     told so (a preempting job keeps its reason: those are its victims')."""
-    if not stopping or soon.fitting(job.gpus_per_node) < job.node_count:
+    if not stopping or soon.fitting(job.gpus_per_node, soon.skip(job.runtime)) < job.node_count:
         return False
     if (job.pending_reason or {}).get("code") != "preempting":
         _reason(out, job, GPUS_STOPPING)
@@ -313,13 +369,12 @@ def _preempt(out: list[Decision], m: ReadModels, cluster: Cluster, job: Job,
 
 
 def _wait_behind(out: list[Decision], job: Job, cluster: Cluster, capacity: _Capacity,
-                 why: dict[tuple[int, int], dict[str, Any]]) -> None:  # fmt: skip
+                 why: dict[tuple[int, int, str], dict[str, Any]]) -> None:  # fmt: skip
     """A job held behind the reservation: told so, unless it could never fit anyway."""
-    need, nodes = job.gpus_per_node, job.node_count
-    if capacity.ever_fits(need, nodes):
+    if capacity.ever_fits(job.gpus_per_node, job.node_count, capacity.skip(job.runtime)):
         _reason(out, job, BEHIND_RESERVATION)
     else:
-        _reason(out, job, _cached_why(why, cluster, capacity, need, nodes))
+        _reason(out, job, _cached_why(why, cluster, capacity, job))
 
 
 def _too_small(cluster: Cluster, nodes: int, staying: int) -> bool:
@@ -329,31 +384,34 @@ def _too_small(cluster: Cluster, nodes: int, staying: int) -> bool:
     return nodes > max(limit, staying)
 
 
-def _cached_why(why: dict[tuple[int, int], dict[str, Any]], cluster: Cluster,
-                capacity: _Capacity, need: int, nodes: int) -> dict[str, Any]:  # fmt: skip
+def _cached_why(why: dict[tuple[int, int, str], dict[str, Any]], cluster: Cluster,
+                capacity: _Capacity, job: Job) -> dict[str, Any]:  # fmt: skip
     """`_why` for a job shape, computed once while the free capacity stays as it is."""
-    reason = why.get((need, nodes))
+    shape = (job.gpus_per_node, job.node_count, job.runtime)
+    reason = why.get(shape)
     if reason is None:
-        reason = why[need, nodes] = _why(cluster, capacity, need, nodes)
+        reason = why[shape] = _why(cluster, capacity, *shape)
     return reason
 
 
-def _why(cluster: Cluster, capacity: _Capacity, need: int, nodes: int) -> dict[str, Any]:
+def _why(cluster: Cluster, capacity: _Capacity, need: int, nodes: int,
+         runtime: str) -> dict[str, Any]:  # fmt: skip
     if _too_small(cluster, nodes, capacity.staying):
         return {"code": "cluster_too_small", "need_nodes": nodes}
-    ready = len(capacity.gpus)
+    skip = capacity.skip(runtime)
+    ready = len(capacity.gpus) - len(skip)
     if cluster.allocation_state == "resizing" and ready < nodes:
         return {"code": "cluster_scaling"}
     if not need:
         return {"code": "insufficient_nodes", "need_nodes": nodes}
-    fitting = capacity.fitting(need)
+    fitting = capacity.fitting(need, skip)
     if (
         nodes > 1
         and fitting < nodes
-        and (fitting or ready >= nodes or not capacity.ever_fits(need, nodes))
+        and (fitting or ready >= nodes or not capacity.ever_fits(need, nodes, skip))
     ):
         return {"code": "gang_incomplete", "need_nodes": nodes}
-    if capacity.total_free() >= need * nodes and capacity.max_free() < need:
+    if capacity.total_free(skip) >= need * nodes and capacity.max_free(skip) < need:
         return {"code": "fragmented", "need": need}
     return {"code": "insufficient_gpus", "need": need}
 
@@ -413,12 +471,12 @@ def _start_estimate(
             (end, node_id, gpus) for node_id, gpus in running.tasks if node_id in capacity.free
         )
     ends.sort()
-    need = job.gpus_per_node
-    if capacity.fitting(need) >= job.node_count:
+    need, skip = job.gpus_per_node, capacity.skip(job.runtime)
+    if capacity.fitting(need, skip) >= job.node_count:
         return 0
     for end, node_id, gpus in ends:
         capacity.give_back(node_id, gpus)
-        if capacity.fitting(need) >= job.node_count:
+        if capacity.fitting(need, skip) >= job.node_count:
             return end
     return NEVER
 
@@ -452,7 +510,7 @@ def _frees_enough(free: _Capacity, victims: list[Job], job: Job) -> bool:
         for node_id, gpus in victim.tasks:
             if node_id in capacity.free:
                 capacity.give_back(node_id, gpus)
-    return capacity.fitting(job.gpus_per_node) >= job.node_count
+    return capacity.fitting(job.gpus_per_node, capacity.skip(job.runtime)) >= job.node_count
 
 
 def overdue(m: ReadModels, now: int) -> list[Decision]:

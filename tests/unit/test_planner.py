@@ -637,3 +637,36 @@ def test_a_placement_over_a_stopping_task_in_an_older_versions_log_forgets_that_
     w.apply("JobTaskExited", jobId=job, attempt=2, task=0, exitCode=143)  # without its node
     assert w.models.jobs[job].stopping == [] and not w.models.nodes["c-n0"].allocations
     assert set(placed(w.plan())) == {job}
+
+
+def test_a_container_job_goes_only_to_nodes_that_offer_docker_and_waits_for_them():
+    w = World()
+    w.apply("ClusterCreated", clusterId="c", workspace="ws", name="c", spec={"vmSize": "x"})
+    for node, runtimes in (("c-dk", ["docker", "process"]), ("c-pr", ["process"])):
+        w.apply("NodeRegistered", nodeId=node, cluster="c", gpus=2, runtimes=runtimes)
+        w.apply("NodeSetupSucceeded", nodeId=node)
+    busy = w.job(gpus=2)
+    w.run(busy, [("c-dk", [0, 1])])
+    container, plain = w.job(gpus=1), w.job(gpus=1)
+    w.models.jobs[container].runtime = "docker"
+
+    assert placed(w.plan()) == {plain: [{"node": "c-pr", "gpus": [0]}]}
+    assert w.models.jobs[container].pending_reason == {"code": "insufficient_gpus", "need": 1}
+    w.apply("JobSucceeded", jobId=busy, attempt=1, exitCode=0)
+    assert placed(w.plan()) == {container: [{"node": "c-dk", "gpus": [0]}]}
+
+
+def test_a_container_gang_needs_as_many_docker_nodes_as_tasks():
+    w = World()
+    w.apply("ClusterCreated", clusterId="c", workspace="ws", name="c", spec={"vmSize": "x"})
+    for node, runtimes in (("c-a", ["docker"]), ("c-b", ["process"]), ("c-c", ["docker"])):
+        w.apply("NodeRegistered", nodeId=node, cluster="c", gpus=4, runtimes=runtimes)
+        w.apply("NodeSetupSucceeded", nodeId=node)
+    gang, bigger = w.job(gpus=4, nodes=2), w.job(gpus=4, nodes=3)
+    for job in (gang, bigger):
+        w.models.jobs[job].runtime = "docker"
+
+    decided = w.plan()
+    assert placed(decided) == {gang: [{"node": "c-a", "gpus": [0, 1, 2, 3]},
+                                      {"node": "c-c", "gpus": [0, 1, 2, 3]}]}  # fmt: skip
+    assert w.models.jobs[bigger].pending_reason == {"code": "gang_incomplete", "need_nodes": 3}
