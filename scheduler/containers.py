@@ -5,8 +5,10 @@ engine understands them: DeviceRequests with the device ids for Docker, CDI devi
 (`nvidia.com/gpu=N`) for podman, whose compatible API ignores DeviceRequests. The job's
 paths (mount root, job temp, the stdouterr directory) are bound at the same paths inside,
 so the job's environment means the same thing in and out. stdout and stderr are written to
-the stdouterr files as the task runs. Labels name the job, attempt and task; the container
-is removed once it has exited. `jobPreparation` runs first, in a container of its own.
+the stdouterr files as the task runs. A small shell (WRAPPER) is the container's first
+process and passes SIGTERM on to all of its processes. Labels name the job, attempt and
+task; the container is removed once it has exited. `jobPreparation` runs first, in a
+container of its own.
 """
 
 from __future__ import annotations
@@ -22,8 +24,28 @@ import aiodocker
 from batchd.scheduler.runtimes import KILL_GRACE, TaskResult, output_dirs, prepare_directories
 
 LABEL = "batchd"
-# the task's output goes to the stdouterr files while it runs; "$2" is the command
-WRAPPER = 'exec >>"$0" 2>>"$1" && eval "$2"'
+# The container's first process (the engine signals it alone). The task's output goes to the
+# stdouterr files ("$0", "$1"); the command ("$2") runs as its child. On SIGTERM it passes
+# the signal on to every process of the container and waits for them all to end (the engine
+# SIGKILLs what is left after the grace): a program the command started has its grace too,
+# to write a checkpoint. It exits with the command's code (143 once stopped).
+WRAPPER = """exec >>"$0" 2>>"$1" || exit 126
+trap 'stopping=1; kill -s TERM -1 2>/dev/null' TERM
+eval "$2" &
+wait $!
+code=$?
+left() {
+  for p in /proc/[0-9]*; do
+    [ "$p" = "/proc/$$" ] && continue
+    read -r s 2>/dev/null <"$p/stat" || continue
+    case "${s##*) }" in Z*) continue ;; esac
+    return 0
+  done
+  return 1
+}
+while [ -n "$stopping" ] && left; do sleep 0.1; done
+exit "$code"
+"""
 _SHM = re.compile(r"(\d+)([bkmg]?)", re.IGNORECASE)
 
 

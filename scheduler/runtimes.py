@@ -166,6 +166,8 @@ class ProcessTask:
             except OSError:  # the task runs on: only its cleanup after an agent crash is lost
                 self.pid_file = None
         returncode = await _waited(self.process)
+        if self.killed:  # being stopped: the rest of its group has its SIGTERM grace (kill)
+            await _group_ended(self.process.pid, KILL_GRACE)
         with contextlib.suppress(ProcessLookupError):  # what it left running in its group
             os.killpg(self.process.pid, signal.SIGKILL)
         self._kill_execs()
@@ -196,17 +198,18 @@ class ProcessTask:
             WAITED.discard(process.pid)  # also when abandoned: it is nobody's to wait for then
 
     async def kill(self) -> None:
-        """SIGTERM the task's process group; SIGKILL it if it is still there after a grace."""
+        """SIGTERM the task's process group; SIGKILL what is left of it after a grace. The
+        grace is the whole group's: a program that the task's shell started (and that saves
+        a checkpoint on SIGTERM) has it too, though the shell itself ends at once."""
         self.killed = True
         process = self.process
         if process is None or process.returncode is not None:
             return
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGTERM)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(process.wait()), KILL_GRACE)
+        await _group_ended(process.pid, KILL_GRACE)
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)  # also children that outlived the leader
+            os.killpg(process.pid, signal.SIGKILL)  # also children that ignored SIGTERM
         self._kill_execs()
 
     def _kill_execs(self) -> None:
@@ -283,6 +286,27 @@ def sweep_orphans(ended: Container[str]) -> int:
                 os.kill(pid, signal.SIGKILL)
                 killed += 1
     return killed
+
+
+async def _group_ended(group: int, seconds: float) -> bool:
+    """Wait until no process of process group `group` is left, for at most `seconds`; did it
+    end? (Those of its processes that became this agent's by inheritance are reaped here
+    once dead, as sweep_orphans would: a dead one is in its group until reaped.)"""
+    deadline = asyncio.get_running_loop().time() + seconds
+    while True:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # a member changed its user: it is still there
+            pass
+        if asyncio.get_running_loop().time() >= deadline:
+            return False
+        await asyncio.sleep(GROUP_POLL)
+        sweep_orphans(())
+
+
+GROUP_POLL = 0.05  # seconds between looks at a stopping task's process group
 
 
 async def _start(*command: str, **options: Any) -> asyncio.subprocess.Process:

@@ -140,6 +140,27 @@ async def test_terminate_kills_the_whole_process_tree_even_a_child_ignoring_sigt
     await _until(lambda: not alive(child), 10)  # the child that ignored SIGTERM is gone too
 
 
+async def test_terminate_gives_the_program_the_tasks_shell_started_its_sigterm_grace(local):
+    daemon, client = local
+    ready, saved = daemon.state_dir / "ready", daemon.state_dir / "saved"
+    program = (f"import signal, sys, time, pathlib\n"
+               f"def stop(*_):\n    time.sleep(1)\n"
+               f"    pathlib.Path({str(saved)!r}).write_text('checkpoint')\n    sys.exit(0)\n"
+               f"signal.signal(signal.SIGTERM, stop)\n"
+               f"pathlib.Path({str(ready)!r}).write_text('ready')\ntime.sleep(600)\n")  # fmt: skip
+    script = daemon.state_dir / "train.py"
+    script.write_text(program)
+    # the shell stays (a second command follows) and dies of SIGTERM at once; its child
+    # saves a checkpoint in the second after its SIGTERM
+    await _run(client, "trainer", f"{sys.executable} {script}; echo after")
+    await _until(ready.exists, 30)
+    status, _ = await client.call("POST", f"{EXP}/jobs/trainer/terminate")
+    assert status == 202
+    job = await _ended(daemon, client, "trainer", seconds=30)
+    assert job["properties"]["state"] == "failed"
+    assert saved.read_text() == "checkpoint"  # before the task's end was reported
+
+
 async def test_a_process_that_leaves_the_tasks_group_is_killed_when_the_task_ends(local):
     daemon, client = local
     pid_file = daemon.state_dir / "escaped.pid"

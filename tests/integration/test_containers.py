@@ -10,6 +10,7 @@ import sys
 import aiohttp
 import pytest
 
+from batchd.scheduler.containers import WRAPPER
 from tests.integration.conftest import (
     ENGINE,
     IMAGE,
@@ -98,7 +99,7 @@ async def test_a_container_job_runs_with_its_environment_mounts_labels_and_gpus(
     job_id = newest_job(daemon.models.models, "boxed").job_id
     mounts = str(daemon.cfg.mounts)
     assert create["Image"] == IMAGE
-    assert create["Cmd"][:3] == ["/bin/sh", "-c", 'exec >>"$0" 2>>"$1" && eval "$2"']
+    assert create["Cmd"][:3] == ["/bin/sh", "-c", WRAPPER]
     assert create["Cmd"][3:5] == [f"{out}/stdout.txt", f"{out}/stderr.txt"]
     assert create["Labels"] == {"batchd": "task", "batchd.node": "box-0", "batchd.job": job_id,
                                 "batchd.attempt": "1", "batchd.task": "0"}  # fmt: skip
@@ -138,6 +139,26 @@ async def test_terminate_stops_the_container_and_a_missing_image_fails_clearly(b
     _status, answer = await client.call("GET", f"{EXP}/jobs/noimage")
     error = answer["properties"]["executionInfo"]["errors"][-1]
     assert error["code"] == "image_unavailable" and "no-such-image" in error["message"]
+
+
+async def test_terminate_gives_a_program_in_the_container_its_sigterm_grace(box, tmp_path):
+    daemon, client, _proxy = box
+    saved = daemon.cfg.mounts / "saved"
+    program = (f"sh -c 'trap \"sleep 1; echo checkpoint > {saved}; exit 0\" TERM; "
+               f"while :; do sleep 0.1; done' & echo started; wait")  # fmt: skip
+    job = {"cluster": "box", "nodeCount": 1, "gpusPerNode": 1,
+           "stdOutErrPathPrefix": "$AZ_BATCHAI_MOUNT_ROOT/logs",
+           "containerSettings": {"imageSourceRegistry": {"image": IMAGE}},
+           "customToolkitSettings": {"commandLine": program}}  # fmt: skip
+    status, _ = await client.call("PUT", f"{EXP}/jobs/trainer", job)
+    assert status == 201
+    models = daemon.models.models
+    await _until(lambda: newest_job(models, "trainer").state == "running", 60)
+    await asyncio.sleep(0.5)  # its trap is set
+    await client.call("POST", f"{EXP}/jobs/trainer/terminate")
+    await _ended(daemon, "trainer")
+    assert saved.read_text() == "checkpoint\n"  # the shell's child had its grace
+    assert await _containers(newest_job(models, "trainer").job_id) == []
 
 
 async def test_exec_runs_in_the_tasks_container(proxy):
