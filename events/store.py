@@ -202,6 +202,9 @@ class EventStore:
         self._changed = asyncio.Event()
         self._writer: asyncio.Task | None = None
         self._closing = False
+        # set once an append found that another writer has taken the log's leadership
+        self.fenced = asyncio.Event()
+        self.fenced_by: int | None = None  # that writer's epoch
         # The rows this process committed last, contiguous in position from _recent_first and
         # ending at the head this writer last wrote (emptied when a commit fails or leadership
         # is taken): readers that follow the head (projections, event streams) get them
@@ -248,6 +251,8 @@ class EventStore:
         self._forget_recent()  # others may have written since this writer's last commit
         head = await self.backend.take_epoch()
         self.epoch = head.epoch
+        self.fenced.clear()
+        self.fenced_by = None
         logger.info("log.leadership_taken", epoch=head.epoch, position=head.position)
         return head.epoch
 
@@ -320,6 +325,9 @@ class EventStore:
                 await self._commit(batch)
             except Exception as exc:  # the batch failed as a whole: every caller hears why
                 self._forget_recent()  # it may have landed after all: read from the log
+                if isinstance(exc, errors.FencedError):
+                    self.fenced_by = exc.current
+                    self.fenced.set()
                 _fail(batch, exc)
             finally:
                 self._committing = False
@@ -519,4 +527,14 @@ def _check_actor(event_type: str, actor: object) -> None:
 def _fail(batch: list[AppendRequest], exc: Exception) -> None:
     for request in batch:
         if not request.future.done():
-            request.future.set_exception(exc)
+            request.future.set_exception(_own(exc))
+
+
+def _own(exc: Exception) -> Exception:
+    """A copy of `exc`, without its traceback, for one caller. Callers that raised one shared
+    exception would share its traceback, which holds the frames of the writer loop and of
+    each of them; code that clears a traceback's frames (APScheduler does, once a job has
+    failed) would then finish those coroutines in mid-flight, the writer loop's among them."""
+    clone = type(exc).__new__(type(exc), *exc.args)
+    clone.__dict__.update(exc.__dict__)
+    return clone

@@ -263,7 +263,7 @@ class Agent:
                 logger.info("agent.registered", node=self.node_id, server=self.server)
                 return
             except (aiohttp.ClientError, AgentError, OSError, TimeoutError) as exc:
-                logger.warning("agent.register_failed", error=str(exc))
+                logger.warning("agent.register_failed", error=_why(exc))
                 await asyncio.sleep(RETRY_DELAY)
 
     async def _heartbeats(self) -> None:
@@ -272,7 +272,7 @@ class Agent:
             try:
                 await self._post([self._message("Heartbeat", running=self._running())])
             except (aiohttp.ClientError, AgentError, OSError, TimeoutError) as exc:
-                logger.warning("agent.heartbeat_failed", error=str(exc))
+                logger.warning("agent.heartbeat_failed", error=_why(exc))
                 await self._register()  # (the lease is watched on its own: _watch_lease)
 
     def _check_lease(self) -> None:
@@ -298,7 +298,7 @@ class Agent:
                     logger.error("agent.report_refused", error=str(exc))
                     break
                 except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                    logger.warning("agent.report_failed", error=str(exc))
+                    logger.warning("agent.report_failed", error=_why(exc))
                     await asyncio.sleep(RETRY_DELAY)
 
     async def _commands(self) -> None:
@@ -315,7 +315,7 @@ class Agent:
                     commands = protocol.unpack(await response.read())
                 self.last_contact = time.monotonic()
             except (aiohttp.ClientError, AgentError, OSError, TimeoutError) as exc:
-                logger.warning("agent.poll_failed", error=str(exc))
+                logger.warning("agent.poll_failed", error=_why(exc))
                 await asyncio.sleep(RETRY_DELAY)
                 continue
             for command in commands:
@@ -460,6 +460,11 @@ def read_output(command: dict[str, Any]) -> dict[str, Any]:
         return {"error": {"code": "not_found", "message": "no such file (yet)"}}
     except OSError as exc:
         return {"error": {"code": "unreadable", "message": exc.strerror or str(exc)}}
+
+
+def _why(exc: BaseException) -> str:
+    """An error for the log: its message, or its kind where it has none (a timeout)."""
+    return str(exc) or type(exc).__name__
 
 
 def _lease_error(index: int) -> dict[str, str]:

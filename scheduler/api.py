@@ -144,7 +144,10 @@ async def errors_middleware(request: web.Request, handler: Callable[..., Awaitab
             raise
         message = exc.reason if exc.status != 413 else f"the body is over {MAX_BODY} bytes"
         return error_response(exc.status, _code(exc.status), message)
-    except (errors.StoreUnavailable, errors.FencedError) as exc:
+    except errors.FencedError:
+        message = "another daemon has taken over the event log; this one is stopping"
+        return error_response(503, "ServiceUnavailable", message)
+    except errors.StoreUnavailable as exc:
         logger.warning("api.store_unavailable", error=str(exc))
         return error_response(503, "ServiceUnavailable", "the event log is unavailable; retry")
     except (asyncio.CancelledError, ConnectionResetError):

@@ -169,15 +169,21 @@ def load_keyring(config: Config, *, create: bool) -> Keyring | None:
     if os.environ.get(KEYS_ENV):
         return _parse_keys(os.environ[KEYS_ENV].replace(",", "\n"), KEYS_ENV)
     path = config.keys_file or config.state_dir / "secret.keys"
-    if not path.exists():
-        if not create:
-            return None
-        path.parent.mkdir(parents=True, exist_ok=True)
-        key = base64.b64encode(os.urandom(32)).decode("ascii")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(f"k1:{key}\n")
-    return _parse_keys(path.read_text(), str(path))
+    try:
+        if not path.exists():
+            if not create:
+                return None
+            path.parent.mkdir(parents=True, exist_ok=True)
+            key = base64.b64encode(os.urandom(32)).decode("ascii")
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(f"k1:{key}\n")
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"secret keys file {path}: {exc.strerror} (create it beforehand: "
+                          "lines of ID:BASE64, mode 0600, readable by the daemon's user; or "
+                          f"set ${KEYS_ENV})") from None  # fmt: skip
+    return _parse_keys(text, str(path))
 
 
 def _parse_keys(text: str, where: str) -> Keyring:

@@ -5,7 +5,9 @@ restores the read models (newest snapshot, then catch-up) and follows the log wi
 runs the planner whenever the log moves, runs periodic work on APScheduler (wall-clock
 limits, read-model snapshots, the head anchor: a log line `log.anchor` an operator can keep
 elsewhere for `batchd audit verify --expect`), and serves the HTTP API (scheduler/api.py),
-`GET /healthz` and `GET /readyz`. If a task it cannot run without ends, it stops with exit 1.
+`GET /healthz` and `GET /readyz`. If a task it cannot run without ends, it stops with exit 1;
+once another daemon has taken the log over (an append was fenced), it stops with exit 3.
+Periodic work that fails is logged (`daemon.periodic_failed`) and runs again at its next time.
 On SIGTERM or SIGINT it stops gracefully: stop accepting, let in-flight requests and appends
 finish, save a read-model snapshot, close the log, exit 0.
 
@@ -21,7 +23,9 @@ import contextlib
 import gc
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -46,6 +50,7 @@ FOLD_AT_STOP = 5.0  # seconds it waits for the read models to take in the log be
 PLAN_IDLE = 10.0  # seconds between planner cycles while the log stands still
 PLAN_GAP = 0.02  # least seconds between two planner cycles: a busy log is planned in batches
 ADMIN_TOKEN_FILE = "admin.token"
+FENCED_EXIT = 3  # exit status of a daemon another one took the log over from (see deploy/)
 ACTOR = "batchd:serve"  # the actor of what the daemon itself logs
 DAEMON_KEY = web.AppKey("daemon", object)
 
@@ -81,6 +86,7 @@ class Daemon:
         self.cfg = cfg
         self.stopping = asyncio.Event()
         self.failed: list[str] = []  # names of tasks that ended on their own
+        self.fenced_out = False  # another daemon took the log over: this one stops
         self.url = ""
         self.admin_token = ""
         self.ready = False  # started: leading the log, read models restored (/readyz)
@@ -141,10 +147,13 @@ class Daemon:
         for provider in self.providers:
             await provider.bootstrap()
         self._task(self._plan_loop(), "planner")
-        self._periodic.add_job(self.models.save_snapshot, "interval", seconds=SNAPSHOT_INTERVAL)
-        self._periodic.add_job(self._publish_anchor, "interval", seconds=ANCHOR_INTERVAL)
-        self._periodic.add_job(self._enforce_wall_clock, "interval", seconds=OVERDUE_INTERVAL)
-        self._periodic.add_job(self.nodes.sweep, "interval", seconds=SWEEP_INTERVAL)
+        self._task(self._watch_fence(), "fence")
+        for job, seconds in ((self.models.save_snapshot, SNAPSHOT_INTERVAL),
+                             (self._publish_anchor, ANCHOR_INTERVAL),
+                             (self._enforce_wall_clock, OVERDUE_INTERVAL),
+                             (self.nodes.sweep, SWEEP_INTERVAL)):  # fmt: skip
+            self._periodic.add_job(_logged(job), "interval", seconds=seconds,
+                                   name=job.__qualname__)  # fmt: skip
         self._periodic.start()
         await self._publish_anchor()
         self.ready = True
@@ -172,14 +181,37 @@ class Daemon:
         self._tasks.append(task)
 
     def _stopped_early(self, task: asyncio.Task) -> None:
-        """A task the daemon cannot run without ended: log why and stop the daemon (exit 1)."""
+        """A task the daemon cannot run without ended: log why and stop the daemon (exit 1;
+        FENCED_EXIT if another daemon has taken the log over)."""
         if task.cancelled():
             return
         error = task.exception()
+        if self.store.fenced.is_set() or isinstance(error, errors.FencedError):
+            self._fenced(error)
+            return
         self.ready = False
         self.failed.append(task.get_name())
         logger.error("daemon.task_failed", task=task.get_name(),
                      error=repr(error) if error else "returned", exc_info=error)  # fmt: skip
+        self.stopping.set()
+
+    async def _watch_fence(self) -> None:
+        """Stop at once when an append finds that another daemon has taken the log over: this
+        one can append nothing more (its API answers 503 meanwhile)."""
+        await self.store.fenced.wait()
+        self._fenced(None)
+
+    def _fenced(self, error: BaseException | None) -> None:
+        if self.fenced_out:
+            return
+        self.fenced_out = True
+        self.ready = False
+        current = self.store.fenced_by
+        if current is None and isinstance(error, errors.FencedError):
+            current = error.current
+        logger.error("daemon.fenced", epoch=self.store.epoch, log_epoch=current,
+                     message="another daemon has taken over the log; this one stops "
+                     f"(exit {FENCED_EXIT}) and is not to be restarted over it")  # fmt: skip
         self.stopping.set()
 
     async def _admin_token(self) -> str:
@@ -260,7 +292,7 @@ class Daemon:
                 head = (await self.store.head()).position
                 await self.models.wait_for(head, FOLD_AT_STOP)
         await self._cancel(following)
-        if self.models is not None and self.models.position:
+        if self.models is not None and self.models.position and not self.fenced_out:
             try:
                 await self.models.save_snapshot()
             except errors.StoreError as exc:
@@ -287,4 +319,21 @@ async def main(args: argparse.Namespace) -> int:
         await daemon.stopping.wait()
     finally:
         await daemon.stop()
+    if daemon.fenced_out:
+        return FENCED_EXIT
     return 1 if daemon.failed else 0
+
+
+def _logged(job: Callable[[], Awaitable[Any]]) -> Callable[[], Awaitable[None]]:
+    """A periodic job whose failure is logged (structured) and does not stop the next run;
+    a fenced append is the fence watcher's to act on (see Daemon._watch_fence)."""
+
+    async def run() -> None:
+        try:
+            await job()
+        except errors.FencedError:
+            pass
+        except Exception:
+            logger.exception("daemon.periodic_failed", job=job.__qualname__)
+
+    return run

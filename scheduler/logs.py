@@ -24,6 +24,37 @@ def configure(*, json: bool, level: int = logging.INFO) -> None:
         logger_factory=_stderr_logger,
         cache_logger_on_first_use=False,
     )
+    _route_standard_logging(renderer)
+
+
+def _route_standard_logging(renderer: structlog.types.Processor) -> None:
+    """What libraries log through `logging` (APScheduler, asyncio, aiohttp) comes out the
+    same way: warnings and worse, one line each, with the library's logger name."""
+    handler = _StderrHandler()
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        foreign_pre_chain=[
+            structlog.stdlib.add_log_level,
+            structlog.stdlib.add_logger_name,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+        ],
+    ))  # fmt: skip
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(logging.WARNING)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """A handler to the standard error of the moment (see _stderr_logger)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
 
 
 def _stderr_logger(*_args: object) -> structlog.PrintLogger:

@@ -276,7 +276,9 @@ async def test_a_daemon_another_writer_took_the_log_from_says_it_is_not_ready(cl
         assert r.status == 503 and body["status"] == "fenced"
         assert body["logEpoch"] > body["epoch"]
     status, error = await client.call("PUT", "/v1/workspaces/late", {})
-    assert status == 503 and "unavailable" in error["error"]["message"]  # nothing lands
+    assert status == 503 and "taken over" in error["error"]["message"]  # nothing lands
+    await asyncio.wait_for(api.stopping.wait(), 10)  # the fenced daemon stops
+    assert api.fenced_out  # and `batchd serve` exits FENCED_EXIT (daemon.main)
 
 
 async def test_the_events_a_request_appends_carry_its_id(client, api):

@@ -12,6 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -249,6 +250,40 @@ def test_serve_restores_the_read_models_and_snapshots_them_on_sigterm(tmp_path):
     saved, head = asyncio.run(newest_snapshot_and_head())
     assert saved.position == head >= ready["position"]  # the whole log, as it stopped
     # (the planner may have appended after /readyz: the bench's jobs cannot be run here)
+
+
+def test_a_daemon_another_one_took_the_log_from_stops_with_exit_3(tmp_path):
+    port = _free_port()
+    state = tmp_path / "state"
+    daemon, _body = _start_daemon(state, port)
+    try:
+
+        async def take_over() -> None:
+            other = await urls.open_store(f"sqlite:///{state / 'events.db'}")
+            try:
+                await other.take_leadership()  # a second daemon on the same log
+            finally:
+                await other.close()
+
+        asyncio.run(take_over())
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/workspaces/late", data=b"{}", method="PUT",
+            headers={"Authorization": f"Bearer {(state / 'admin.token').read_text().strip()}",
+                     "Content-Type": "application/json"},
+        )  # fmt: skip
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)
+        assert refused.value.code == 503
+        refused.value.close()
+        assert daemon.wait(30) == 3  # deploy/batchd.service restarts it not (it would fight)
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+        logs = [json.loads(line) for line in daemon.stderr.read().splitlines()]
+        daemon.stderr.close()
+    fenced = next(e for e in logs if e["event"] == "daemon.fenced")
+    assert (fenced["epoch"], fenced["log_epoch"]) == (1, 2) and fenced["level"] == "error"
 
 
 def test_serve_answers_healthz_and_stops_cleanly_on_sigterm(tmp_path):

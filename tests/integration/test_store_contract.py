@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import traceback
 import uuid
 
 import pytest
@@ -187,6 +188,30 @@ async def test_a_second_writer_fences_the_first(store_url):
     finally:
         stop.set()
         await first.close()
+        await second.close()
+
+
+async def test_a_fenced_batchs_callers_each_get_their_own_error(store_url):
+    # One failed batch fails all its callers. Were they given one shared exception, its
+    # traceback would hold the writer's frames and theirs: code that clears the frames of a
+    # traceback it caught (APScheduler does, after a job failed) would then end the writer.
+    first = await urls.open_store(store_url)
+    second = await urls.open_store(store_url)
+    try:
+        await first.take_leadership()
+        await second.take_leadership()
+        failures = await asyncio.gather(
+            *(first.append(f"job-f{n}", [ev()], NO_STREAM) for n in range(3)),
+            return_exceptions=True,
+        )  # fmt: skip
+        assert all(isinstance(f, errors.FencedError) for f in failures)
+        assert len({id(f) for f in failures}) == 3 and first.fenced.is_set()
+        for failure in failures:
+            traceback.clear_frames(failure.__traceback__)
+        with pytest.raises(errors.FencedError):  # answered, not left hanging
+            await asyncio.wait_for(first.append("job-g", [ev()], NO_STREAM), 5)
+    finally:
+        await asyncio.wait_for(first.close(), 10)
         await second.close()
 
 
