@@ -106,11 +106,20 @@ def lost(m: ReadModels, e: RecordedEvent) -> None:
 
 
 def recovered(m: ReadModels, e: RecordedEvent) -> None:
-    """Back from silence (to what it was), or, for a draining node, wanted again (ready)."""
+    """Back from silence (to what it was: still running its setup task, unusable after it
+    failed, else ready), or, for a draining node, wanted again (ready)."""
     node = m.nodes.get(e.data["nodeId"])
-    if node is not None and node.state == LEAVING:
+    if node is None:
+        return
+    if node.state == LEAVING:
         node.draining = False
-    _node(m, e, _usable(m, e))
+    setup = (node.setup or {}).get("state")
+    if setup == "running":
+        _node(m, e, PREPARING)
+    elif setup == "failed":
+        _node(m, e, UNUSABLE)
+    else:
+        _node(m, e, _usable(m, e))
 
 
 def leaving(m: ReadModels, e: RecordedEvent) -> None:

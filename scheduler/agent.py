@@ -137,6 +137,7 @@ class Agent:
         self.outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.background: set[asyncio.Task] = set()  # tasks running and kills under way
         self.setup: asyncio.Task | None = None  # the node's setup task, while it runs
+        self.setup_task: ProcessTask | None = None  # its process group (stopped with the agent)
         self.docker: aiodocker.Docker | None = None  # the docker runtime's engine
         self.engine = "docker"
         self.attach_gpus = False
@@ -229,7 +230,8 @@ class Agent:
                 for worker in workers:
                     worker.cancel()
                 await asyncio.gather(*workers, return_exceptions=True)
-                await asyncio.gather(*(t.kill() for t in self.tasks.values()))
+                running = [*self.tasks.values(), *([self.setup_task] if self.setup_task else [])]
+                await asyncio.gather(*(t.kill() for t in running))
                 if self.docker is not None:
                     await self.docker.close()
 
@@ -390,9 +392,19 @@ class Agent:
         send(exitCode=code)
 
     async def _run_setup(self, command: dict[str, Any]) -> None:
-        """The cluster's setup task; the daemon hears how it ended and the output's tail."""
-        result = await ProcessTask(command).run(asyncio.Event())
+        """The cluster's setup task, in a slot like a job's task (an agent that dies leaves it
+        to the next one to kill); the daemon hears how it ended and the output's tail."""
         out = Path(command["stdouterr"])
+        for name in ("stdout.txt", "stderr.txt"):  # this run's output only (the tail shown)
+            with contextlib.suppress(OSError):
+                (out / name).unlink()
+        slot = self._slot()
+        self.setup_task = ProcessTask(command, pid_file=slot)
+        try:
+            result = await self.setup_task.run(asyncio.Event())
+        finally:
+            self.setup_task = None
+            self.free_slots.append(slot)
         tail = "".join(_tail(out / name) for name in ("stdout.txt", "stderr.txt"))
         report = {"exitCode": result.exit_code, "tail": tail}
         if result.error:

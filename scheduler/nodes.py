@@ -45,6 +45,7 @@ from batchd.projections.model import (
     SCHEDULED,
     SUSPECT,
     TERMINATING,
+    UNUSABLE,
     Cluster,
     Job,
     ReadModels,
@@ -292,6 +293,9 @@ class NodeService:
         self.seen[node_id] = time.monotonic()
         if kind == "Register":
             _check_register(msg, principal)
+            # a poll still open from before (a dead agent's, its answer read by nobody) takes
+            # none of the commands queued from now on: they are the registering agent's
+            self.pollers[node_id] = 0
             await self.control.run(lambda m: self._register(m, msg, agent_actor(node_id)),
                                    key=f"node/{node_id}")  # fmt: skip
         elif kind in ("ExecOutput", "FileData"):
@@ -567,12 +571,9 @@ class NodeService:
         now = time.monotonic()
         for node in list(self.models.nodes.values()):
             last = max(self.seen.get(node.node_id, 0.0), self.started_at)
-            silent = now - last
-            if node.state == READY and silent > SUSPECT_AFTER:
-                await self.control.run(lambda m, n=node.node_id: _suspected(m, n),
-                                       key=f"node/{node.node_id}")  # fmt: skip
-            elif node.state in (SUSPECT, LEAVING) and silent > NODE_TIMEOUT:
-                await self.control.run(lambda m, n=node.node_id: _lost(m, n),
+            fate = silent_fate(node.state, now - last)
+            if fate is not None:
+                await self.control.run(lambda m, n=node.node_id, f=fate: f(m, n),
                                        key=f"node/{node.node_id}")  # fmt: skip
         self._forget_gone(now)
 
@@ -769,6 +770,18 @@ def _started(m: ReadModels, job_id: str, attempt: int) -> list[Decision]:
     return [(f"job-{job_id}", NewEvent("JobStarted", {"jobId": job_id, "attempt": attempt}))]
 
 
+def silent_fate(state: str, silent: float) -> Callable[[ReadModels, str], list[Decision]] | None:
+    """What becomes of a node in `state` whose agent has not been heard from for `silent`
+    seconds: a ready node is suspected first; one suspected, draining, running its setup
+    task or unusable is lost (a provisioning node has no agent yet: its provider sees to
+    it)."""
+    if state == READY:
+        return _suspected if silent > SUSPECT_AFTER else None
+    if state in (SUSPECT, LEAVING, PREPARING, UNUSABLE):
+        return _lost if silent > NODE_TIMEOUT else None
+    return None
+
+
 def _recovered(m: ReadModels, node_id: str) -> list[Decision]:
     node = m.nodes.get(node_id)
     if node is None or node.state not in (SUSPECT, LOST):
@@ -785,7 +798,7 @@ def _suspected(m: ReadModels, node_id: str) -> list[Decision]:
 
 def _lost(m: ReadModels, node_id: str) -> list[Decision]:
     node = m.nodes.get(node_id)
-    if node is None or node.state not in (SUSPECT, LEAVING):  # silent, or silent draining
+    if node is None or node.state not in (SUSPECT, LEAVING, PREPARING, UNUSABLE):
         return []
     lost = NewEvent("NodeLost", {"nodeId": node_id})
     fates = retries.node_lost(m, node_id)

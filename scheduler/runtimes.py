@@ -332,6 +332,9 @@ _starting = 0  # processes being started now
 
 
 def task_label(spec: dict[str, Any]) -> str:
+    """`<jobId>.<attempt>.<task>`; a node's setup task: `setup.<node>`."""
+    if spec.get("type") == "RunSetup":
+        return f"setup.{(spec.get('env') or {}).get('AZ_BATCHAI_NODE_ID')}"
     return f"{spec.get('jobId')}.{spec.get('attempt')}.{spec.get('task')}"
 
 
@@ -365,13 +368,16 @@ def _start_time(pid: int) -> str:
     return fields[19] if fields else "-"
 
 
-def _members(group: int, wanted: set[bytes]) -> list[int]:
-    """The processes of group `group` whose environment holds every entry of `wanted` (the
-    task's label): a group id another process reused holds none of them."""
+def _members(group: int | None, wanted: set[bytes]) -> list[int]:
+    """The processes of group `group` (None: of any group) whose environment holds every
+    entry of `wanted` (the task's label): a group id another process reused holds none of
+    them."""
     found = []
     for entry in Path("/proc").iterdir():
         fields = _stat(entry.name) if entry.name.isdigit() else None
-        if fields is not None and fields[2] == str(group) and wanted <= set(_environ(entry.name)):
+        if fields is None or (group is not None and fields[2] != str(group)):
+            continue
+        if fields[0] != "Z" and wanted <= set(_environ(entry.name)):
             found.append(int(entry.name))
     return found
 
@@ -389,13 +395,14 @@ def _kill_left(slot: Path, mark: str) -> bool:
     group, boot, started, label = int(parts[0]), parts[1], parts[2], parts[3]
     if boot != _boot_id():
         return False  # from before a reboot: none of it runs
-    now = _start_time(group)
-    if now == started:  # its leader still runs: the whole group is the task's
+    killed = False
+    if _start_time(group) == started:  # its leader still runs: the whole group is the task's
         with contextlib.suppress(ProcessLookupError):
             os.killpg(group, signal.SIGKILL)
-            return True
-        return False
-    return now == "-" and _kill_members(group, {f"{TASK_VARIABLE}={label}".encode()})
+            killed = True
+    # and, in any group, what carries the task's label (what left the group: setsid, a
+    # double fork; its parent, the previous agent, is gone, so nobody else inherited it)
+    return _kill_members(None, {f"{TASK_VARIABLE}={label}".encode()}) or killed
 
 
 def _older_slot_label(slot: Path) -> set[bytes]:
@@ -412,7 +419,7 @@ def _older_slot_label(slot: Path) -> set[bytes]:
     }
 
 
-def _kill_members(group: int, wanted: set[bytes]) -> bool:
+def _kill_members(group: int | None, wanted: set[bytes]) -> bool:
     killed = False
     for pid in _members(group, wanted) if wanted else ():
         with contextlib.suppress(ProcessLookupError):
@@ -427,9 +434,9 @@ def reap_leftovers(directory: Path) -> int:
 
     Each `*.pid` file is a slot that holds the mark of a running task's process group, or
     nothing; slots are emptied here and reused (a new file costs far more than a rewritten
-    one). A group whose leader still runs is killed whole; of one whose leader is gone, only
-    the processes that carry the task's label. A mark from an earlier boot, or whose id
-    another process has taken since, kills nothing.
+    one). A group whose leader still runs is killed whole, and so is every process, in any
+    group, that carries the task's label. A mark from an earlier boot kills nothing, nor does
+    a group id another process has taken since.
     """
     count = 0
     for pid_file in directory.glob("*.pid") if directory.is_dir() else ():

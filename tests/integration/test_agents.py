@@ -1036,3 +1036,46 @@ async def test_an_agent_that_stops_during_its_setup_task_stops_that_too(local):
         agent.terminate()
         await agent.wait()
     await _until(lambda: not alive(setup_pid), 15)  # not left running without its agent
+
+
+async def test_a_dead_agents_setup_task_is_lost_with_it_and_killed_by_the_next_agent(local):
+    daemon, client = local
+    pids = {name: daemon.state_dir / f"{name}.pid" for name in ("shell", "child", "detached")}
+    setup = {"commandLine": f"echo $$ > {pids['shell']}; "
+                            f"sh -c 'echo $$ > {pids['child']}; exec sleep 600' & "
+                            f"setsid sh -c 'echo $$ > {pids['detached']}; exec sleep 601' & wait",
+             "stdOutErrPathPrefix": "$AZ_BATCHAI_MOUNT_ROOT"}  # fmt: skip
+    cluster = {"vmSize": "Standard_NC6", "nodeSetup": {"setupTask": setup},
+               "scaleSettings": {"manual": {"targetNodeCount": 1}}}  # fmt: skip
+    assert (await client.call("PUT", "/v1/workspaces/default/clusters/slow", cluster))[0] == 201
+    token = await _node_token(client, daemon, "slow-0")
+
+    async def agent() -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "batchd.scheduler.cli", "agent", "--server", daemon.url,
+            "--token-file", str(token), "--node-id", "slow-0", "--cluster", "default/slow",
+            "--gpus", "1", "--work-dir", str(daemon.state_dir / "nodes/slow-0"),
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+
+    def written() -> bool:
+        return all(p.exists() and p.read_text().strip() for p in pids.values())
+
+    first = await agent()
+    await _until(written, 30)
+    left = [int(p.read_text()) for p in pids.values()]
+    for p in pids.values():
+        p.unlink()
+    nodes = daemon.models.models.nodes
+    assert nodes["slow-0"].state == "preparing"
+    first.kill()  # SIGKILL: its setup task runs on, without it
+    await first.wait()
+    await _until(lambda: nodes["slow-0"].state == "lost", 30)  # not "preparing" for ever
+    second = await agent()
+    try:
+        await _until(lambda: not any(alive(pid) for pid in left), 30)  # the old setup is gone
+        await _until(written, 30)  # and it runs anew, once
+        assert nodes["slow-0"].state == "preparing"
+    finally:
+        second.terminate()
+        await second.wait()

@@ -231,7 +231,8 @@ def test_serve_restores_the_read_models_and_snapshots_them_on_sigterm(tmp_path):
         assert health == {"status": "ok"}
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
             ready = json.load(r)
-        assert ready["readModelsPosition"] == ready["position"] >= 2000
+        # restored (the planner may be appending its first decisions at this very moment)
+        assert ready["position"] >= ready["readModelsPosition"] >= 2000
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(15) == 0
     finally:

@@ -43,6 +43,35 @@ def cluster_with_a_job() -> Log:
     return log
 
 
+def test_a_node_lost_during_or_after_its_setup_task_comes_back_to_where_it_was():
+    log = Log()
+    log("ClusterCreated", clusterId="c1", workspace="ws", name="gpu", spec={})
+    for node in ("n1", "n2"):
+        log("NodeRegistered", nodeId=node, cluster="c1", gpus=4)
+        log("NodeSetupStarted", nodeId=node, outputDir=f"/out/{node}")
+    log("NodeSetupFailed", nodeId="n2", exitCode=5, error={"code": "setup_failed"})
+    for node in ("n1", "n2"):
+        log("NodeLost", nodeId=node)  # silent: its agent died, or froze
+    assert {n.state for n in log.models().nodes.values()} == {"lost"}
+    for node in ("n1", "n2"):
+        log("NodeRecovered", nodeId=node)  # the same agent answers again
+    nodes = log.models().nodes
+    assert (nodes["n1"].state, nodes["n2"].state) == ("preparing", "unusable")  # not ready
+    log("NodeSetupSucceeded", nodeId="n1", exitCode=0)
+    assert log.models().nodes["n1"].state == "ready"
+
+
+def test_a_silent_node_is_suspected_when_ready_and_lost_in_any_state_with_an_agent():
+    from batchd.scheduler.nodes import NODE_TIMEOUT, SUSPECT_AFTER, _lost, _suspected, silent_fate
+
+    assert silent_fate("ready", SUSPECT_AFTER + 1) is _suspected
+    for state in ("suspect", "leaving", "preparing", "unusable"):
+        assert silent_fate(state, NODE_TIMEOUT + 1) is _lost
+        assert silent_fate(state, NODE_TIMEOUT - 1) is None
+    for state in ("provisioning", "lost"):
+        assert silent_fate(state, 10 * NODE_TIMEOUT) is None
+
+
 def test_a_draining_node_that_comes_back_keeps_draining_until_it_is_wanted_again():
     log = cluster_with_a_job()
     log("NodeDrainRequested", nodeId="n2")
