@@ -67,7 +67,9 @@ def test_of_a_group_whose_leader_is_gone_only_the_tasks_processes_are_killed(tmp
 
 
 def test_a_mark_from_another_boot_or_a_reused_id_kills_nothing(tmp_path):
-    with _group() as bystander:
+    # the bystander runs another task (another agent's, on this machine) in a group whose id
+    # the marks name: only the label tells a task's processes
+    with _group(label="job-9.1.0") as bystander:
         child = int(bystander.stdout.readline())
         _check_nothing_is_killed(tmp_path, bystander, child)
 
@@ -86,6 +88,22 @@ def _check_nothing_is_killed(tmp_path, bystander: subprocess.Popen, child: int) 
     finally:
         os.killpg(bystander.pid, 9)
         bystander.wait()
+
+
+def test_what_left_the_tasks_group_is_killed_too_by_its_label(tmp_path):
+    with _group() as left, _group(label="job-9.1.0") as other:
+        left_child, other_child = (int(p.stdout.readline()) for p in (left, other))
+        detached = subprocess.Popen(
+            ["sleep", "60"], start_new_session=True, env={**os.environ, TASK_VARIABLE: LABEL}
+        )  # setsid
+        try:
+            (tmp_path / "slot-1.pid").write_text(process_mark(left.pid, LABEL))
+            assert reap_leftovers(tmp_path) == 1
+            assert _until_gone(left_child) and detached.wait(5) == -9
+            assert alive(other_child)
+        finally:
+            detached.kill()
+            os.killpg(other.pid, 9)
 
 
 def test_an_earlier_versions_slot_kills_only_processes_of_its_task(tmp_path, monkeypatch):
