@@ -138,6 +138,7 @@ class Agent:
         self.background: set[asyncio.Task] = set()  # tasks running and kills under way
         self.setup: asyncio.Task | None = None  # the node's setup task, while it runs
         self.setup_task: ProcessTask | None = None  # its process group (stopped with the agent)
+        self.execs: dict[Any, asyncio.Task] = {}  # commands run beside tasks, by exec id
         self.docker: aiodocker.Docker | None = None  # the docker runtime's engine
         self.engine = "docker"
         self.attach_gpus = False
@@ -335,7 +336,14 @@ class Agent:
             self._background(self._read_file(command), "read file")
             return
         if command["type"] == "Exec":
-            self._background(self._exec(command), f"exec {command.get('execId')}")
+            exec_id = command.get("execId")
+            self.execs[exec_id] = asyncio.create_task(self._exec(command), name=f"exec {exec_id}")
+            self.execs[exec_id].add_done_callback(lambda _t: self.execs.pop(exec_id, None))
+            return
+        if command["type"] == "CancelExec":
+            running = self.execs.get(command.get("execId"))
+            if running is not None:
+                running.cancel()  # the command is killed (ProcessTask.exec)
             return
         if command["type"] == "RunSetup":
             if self.setup is None or self.setup.done():

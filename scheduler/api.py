@@ -52,6 +52,7 @@ MAX_PAGE = 1000
 SSE_KEEPALIVE = 15.0  # seconds between comments on a quiet event stream
 FOLLOW_POLL = 0.25  # seconds between looks at a followed file
 EXEC_TIMEOUT = 600.0  # seconds an exec may go without output before it is given up
+EXEC_CHECK = 1.0  # seconds between looks at an exec's node, job and caller while it is quiet
 POSITION_HEADER = "Batchd-Position"
 MAX_POSITION = 2**63 - 1  # positions are 64-bit
 STATES = tuple(EXECUTION_STATE)  # batchd's job states, in lifecycle order
@@ -569,26 +570,44 @@ async def exec_in_job(request: web.Request) -> web.StreamResponse:
         raise DocumentError("node", f"the job runs {len(job.tasks)} task(s): 0 to "
                                     f"{len(job.tasks) - 1}")  # fmt: skip
     exec_id, output = api.nodes.exec(job, task, command)
+    node_id, attempt = job.tasks[task][0], job.attempt
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     await response.prepare(request)
+    quiet = 0.0  # seconds without a word from the node
     try:
         while True:
-            msg = await asyncio.wait_for(output.get(), EXEC_TIMEOUT)
+            try:
+                msg = await asyncio.wait_for(output.get(), EXEC_CHECK)
+            except TimeoutError:
+                quiet += EXEC_CHECK
+                if request.transport is None or request.transport.is_closing():
+                    api.nodes.cancel_exec(exec_id, job, task)  # its caller went away
+                    break
+                gone = ("the daemon is stopping" if api.closing.is_set()
+                        else api.nodes.exec_gone(job.job_id, attempt, node_id))  # fmt: skip
+                if gone is None and quiet < EXEC_TIMEOUT:
+                    continue
+                msg = _exec_unanswered(gone)
+            quiet = 0.0
             line = {k: msg[k] for k in ("stdout", "stderr", "exitCode", "error") if k in msg}
             await response.write((json.dumps(line) + "\n").encode())
             if "exitCode" in msg:
                 break
         await response.write_eof()
-    except TimeoutError:
-        with contextlib.suppress(ConnectionResetError, OSError):
-            message = f"no word from the node in {EXEC_TIMEOUT:.0f} s"
-            await response.write((json.dumps({"exitCode": None, "error": {
-                "code": "exec_timeout", "message": message}}) + "\n").encode())  # fmt: skip
     except (ConnectionResetError, OSError):
-        pass
+        api.nodes.cancel_exec(exec_id, job, task)
     finally:
         api.nodes.exec_done(exec_id)
     return response
+
+
+def _exec_unanswered(gone: str | None) -> dict[str, Any]:
+    """The last line of an exec that no answer will end: its node is lost, its job's attempt
+    ended or the daemon stops (`gone`), or the node has been silent for EXEC_TIMEOUT."""
+    if gone:
+        return {"exitCode": None, "error": {"code": "node_unreachable", "message": gone}}
+    message = f"no word from the node in {EXEC_TIMEOUT:.0f} s"
+    return {"exitCode": None, "error": {"code": "exec_timeout", "message": message}}
 
 
 async def job_history(request: web.Request) -> web.Response:

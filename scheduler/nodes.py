@@ -560,6 +560,25 @@ class NodeService:
     def exec_done(self, exec_id: str) -> None:
         self.execs.pop(exec_id, None)
 
+    def cancel_exec(self, exec_id: str, job: Job, task: int) -> None:
+        """The caller of an exec went away: its node stops the command."""
+        asked = self.execs.pop(exec_id, None)
+        if asked is not None:
+            self._send(asked[0], {"type": "CancelExec", "execId": exec_id,
+                                  "jobId": job.job_id, "attempt": job.attempt,
+                                  "task": task})  # fmt: skip
+
+    def exec_gone(self, job_id: str, attempt: int, node_id: str) -> str | None:
+        """Why an exec beside task of `attempt` on `node_id` can answer no more (None: it
+        may): its node is lost or gone, or the attempt has ended."""
+        node = self.models.nodes.get(node_id)
+        if node is None or node.state == LOST:
+            return f"node {node_id} was lost"
+        job = self.models.jobs.get(job_id)
+        if job is None or job.attempt != attempt or job.state not in lifecycle.HOLDING:
+            return "the job's attempt has ended"
+        return None
+
     def close(self) -> None:
         """The daemon stops: every waiting long-poll answers now, and new ones at once."""
         self.closing = True

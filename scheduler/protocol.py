@@ -23,6 +23,7 @@ Daemon to agent (GET /agent/v1/commands?node=&incarnation=&wait=S, long-poll):
              the node takes work
   Exec {execId, jobId, attempt, task, command}: run a command beside a running task, in its
         environment (its container, for the docker runtime)
+  CancelExec {execId, jobId, attempt, task}: its caller went away: stop that command
   ReadFile {requestId, path, list, offset, size}: a job's output file (or directory) that the
         daemon cannot read itself
 """
@@ -49,7 +50,7 @@ VERSION = 1
 CONTENT_TYPE = "application/msgpack"
 AGENT_MESSAGES = ("Register", "Heartbeat", "TaskStarted", "TaskExited", "SetupExited",
                   "ExecOutput", "FileData")  # fmt: skip
-COMMANDS = ("StartTask", "KillTask", "RunSetup", "Exec", "ReadFile")
+COMMANDS = ("StartTask", "KillTask", "RunSetup", "Exec", "CancelExec", "ReadFile")
 
 TaskKey = tuple[str, int, int]  # (job id, attempt, task index)
 

@@ -193,6 +193,10 @@ class ProcessTask:
         try:
             await asyncio.gather(pump(process.stdout, "stdout"), pump(process.stderr, "stderr"))
             return _exit_code(await _waited(process))
+        except asyncio.CancelledError:  # its caller went away: the command ends with it
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            raise
         finally:
             self.execs.discard(process)
             WAITED.discard(process.pid)  # also when abandoned: it is nobody's to wait for then

@@ -13,6 +13,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from batchd.events import errors
@@ -1079,3 +1080,39 @@ async def test_a_dead_agents_setup_task_is_lost_with_it_and_killed_by_the_next_a
     finally:
         second.terminate()
         await second.wait()
+
+
+async def test_an_exec_ends_with_its_caller_and_answers_when_its_node_is_lost(local):
+    daemon, client = local
+    agent = await _agent_on(daemon, client, "ex", {"vmSize": "Standard_NC6",
+                            "scaleSettings": {"manual": {"targetNodeCount": 1}}})  # fmt: skip
+    try:
+        await _run(client, "busy", "sleep 600", cluster="ex")
+        models = daemon.models.models
+        await _until(lambda: newest_job(models, "busy").state == "running", 30)
+        pid_file = daemon.state_dir / "beside.pid"
+        url = f"{daemon.url}{EXP}/jobs/busy/exec"
+        body = {"command": f"echo $$ > {pid_file}; echo started; exec sleep 300"}
+        async with (
+            aiohttp.ClientSession(headers=client.headers) as session,
+            session.post(url, json=body) as answer,
+        ):
+            assert json.loads(await answer.content.readline()) == {"stdout": "started\n"}
+            beside = int(pid_file.read_text())
+        await _until(lambda: not alive(beside), 15)  # its caller went: it ended
+
+        agent.send_signal(signal.SIGSTOP)  # the node goes silent, then lost
+        started = time.monotonic()
+        async with (
+            aiohttp.ClientSession(headers=client.headers) as session,
+            session.post(url, json={"command": "echo never"}) as answer,
+        ):
+            lines = [json.loads(line) async for line in answer.content]
+        assert lines[-1]["exitCode"] is None
+        assert lines[-1]["error"]["code"] == "node_unreachable"
+        assert "ex-0 was lost" in lines[-1]["error"]["message"]
+        assert time.monotonic() - started < 60  # not the 600 s of a silent command
+    finally:
+        agent.send_signal(signal.SIGCONT)
+        agent.terminate()
+        await agent.wait()
