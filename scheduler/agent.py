@@ -407,7 +407,8 @@ class Agent:
             with contextlib.suppress(OSError):
                 (out / name).unlink()
         slot = self._slot()
-        self.setup_task = ProcessTask(command, pid_file=slot)
+        command = {**command, "node": self.node_id, "incarnation": self.incarnation}
+        self.setup_task = ProcessTask(command, pid_file=slot)  # labelled by both
         try:
             result = await self.setup_task.run(asyncio.Event())
         finally:

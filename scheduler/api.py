@@ -587,6 +587,7 @@ async def exec_in_job(request: web.Request) -> web.StreamResponse:
                         else api.nodes.exec_gone(job.job_id, attempt, node_id))  # fmt: skip
                 if gone is None and quiet < EXEC_TIMEOUT:
                     continue
+                api.nodes.cancel_exec(exec_id, job, task)  # if it runs on, it ends
                 msg = _exec_unanswered(gone)
             quiet = 0.0
             line = {k: msg[k] for k in ("stdout", "stderr", "exitCode", "error") if k in msg}

@@ -36,7 +36,7 @@ wait $!
 code=$?
 left() {
   for p in /proc/[0-9]*; do
-    [ "$p" = "/proc/$$" ] && continue
+    case "$p" in "/proc/$$" | /proc/1) continue ;; esac
     read -r s 2>/dev/null <"$p/stat" || continue
     case "${s##*) }" in Z*) continue ;; esac
     return 0

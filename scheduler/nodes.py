@@ -34,6 +34,7 @@ from aiohttp import web
 from batchd.events import errors
 from batchd.events.envelope import NewEvent
 from batchd.events.store import EventStore
+from batchd.events.timeutil import now_us
 from batchd.projections import allocation, lifecycle
 from batchd.projections.model import (
     LEAVING,
@@ -88,6 +89,7 @@ class NodeService:
         self.dispatched: dict[tuple[str, int], list[list[Any]]] = {}
         self.killed: set[tuple[str, int]] = set()  # attempts sent KillTask
         self.started_at = time.monotonic()
+        self.since_us = now_us()  # what this daemon scheduled is recorded at or after this
         self.closing = False
         self.pollers: dict[str, int] = {}  # node id -> its newest poll
         self._polls = 0
@@ -169,13 +171,21 @@ class NodeService:
             except Exception as exc:
                 logger.exception("nodes.start_failed", job=key[0], attempt=key[1])
                 error = {"code": "start_failed", "message": f"{type(exc).__name__}: {exc}"}
-                sent = any(k[:2] == key for k in self.unstarted)
-                await self.control.run(lambda m: _fail(m, key[0], key[1], error, not sent),
+                unsent = self._never_sent(job)
+                await self.control.run(lambda m: _fail(m, key[0], key[1], error, unsent),
                                        key=self._key(key[0]))  # fmt: skip
         except BaseException:
             if not any(k[:2] == key for k in self.unstarted):  # no StartTask went out
                 self.dispatched.pop(key, None)
             raise
+
+    def _never_sent(self, job: Job) -> bool:
+        """Was no StartTask of the job's attempt ever sent? None of this daemon's, and the
+        attempt was scheduled by this daemon (an earlier one may have sent some)."""
+        key = (job.job_id, job.attempt)
+        if any(k[:2] == key for k in self.unstarted):
+            return False
+        return (job.scheduled_at or 0) >= self.since_us
 
     def _await_reports(self, key: tuple[str, int], tasks: list[list[Any]]) -> None:
         """Watch the tasks of a terminating attempt that this daemon never started (another
@@ -188,12 +198,13 @@ class NodeService:
 
     async def _start(self, job: Job) -> None:
         job_id, attempt = job.job_id, job.attempt
+        unsent = self._never_sent(job)  # a failure below sends nothing: free its GPUs then
         try:
             spec = await _job_spec(self.store, job)
         except errors.SecretKeyError as exc:  # sealed with a key this daemon does not hold
             error = {"code": "secret_key", "message": str(exc)}
             if await self._still_to_start(job_id, attempt):
-                await self.control.run(lambda m: _fail(m, job_id, attempt, error, True),
+                await self.control.run(lambda m: _fail(m, job_id, attempt, error, unsent),
                                        key=self._key(job_id))  # fmt: skip
             return
         if not await self._still_to_start(job_id, attempt):
@@ -214,7 +225,7 @@ class NodeService:
             plans = toolkits.translate(spec, identity, hosts, paths, secrets)
         except (KeyError, TypeError, ValueError) as exc:
             error = {"code": "translation_failed", "message": str(exc)}
-            await self.control.run(lambda m: _fail(m, job_id, attempt, error, True),
+            await self.control.run(lambda m: _fail(m, job_id, attempt, error, unsent),
                                    key=self._key(job_id))  # fmt: skip
             return
         preparation = (spec.get("jobPreparation") or {}).get("commandLine")
@@ -224,7 +235,7 @@ class NodeService:
         if lacking:
             error = {"code": "runtime_missing",
                      "message": f"node {lacking[0]} has no {job.runtime} runtime"}  # fmt: skip
-            await self.control.run(lambda m: _fail(m, job_id, attempt, error, True),
+            await self.control.run(lambda m: _fail(m, job_id, attempt, error, unsent),
                                    key=self._key(job_id))  # fmt: skip
             return
         for plan in plans:
@@ -740,7 +751,10 @@ def _setup_exited(m: ReadModels, msg: dict[str, Any]) -> list[Decision]:
     """The node's setup task ended: it takes work, or is unusable with the reason."""
     node_id = msg["node"]
     node = m.nodes.get(node_id)
-    if node is None or node.state != PREPARING or node.incarnation != msg["incarnation"]:
+    if node is None or node.incarnation != msg["incarnation"]:
+        return []
+    running = (node.setup or {}).get("state") == "running"  # also of a node lost meanwhile
+    if node.state != PREPARING and not (running and node.state in (SUSPECT, LOST)):
         return []
     code = msg.get("exitCode")
     data = {"nodeId": node_id, "exitCode": code, "tail": str(msg.get("tail", ""))[-SETUP_TAIL:]}

@@ -292,6 +292,7 @@ def _plan_cluster(
         if reserved is not None and not _ends_before(job, now, reserved):
             tasks = _apart(capacity, job, skip, apart)
             if tasks is None:
+                apart &= skip  # what passes it later keeps off the nodes it could use too
                 told = job.pending_reason == BEHIND_RESERVATION  # most of a long queue: no call
                 if not told or not capacity.ever_fits(need, nodes, skip):
                     _wait_behind(out, job, cluster, capacity, why)

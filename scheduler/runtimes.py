@@ -336,9 +336,10 @@ _starting = 0  # processes being started now
 
 
 def task_label(spec: dict[str, Any]) -> str:
-    """`<jobId>.<attempt>.<task>`; a node's setup task: `setup.<node>`."""
+    """`<jobId>.<attempt>.<task>`; a node's setup task: `setup.<node>.<agent incarnation>`
+    (the agent names it: node ids repeat across installs on one machine)."""
     if spec.get("type") == "RunSetup":
-        return f"setup.{(spec.get('env') or {}).get('AZ_BATCHAI_NODE_ID')}"
+        return f"setup.{spec.get('node')}.{spec.get('incarnation')}"
     return f"{spec.get('jobId')}.{spec.get('attempt')}.{spec.get('task')}"
 
 

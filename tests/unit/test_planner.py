@@ -670,3 +670,20 @@ def test_a_container_gang_needs_as_many_docker_nodes_as_tasks():
     assert placed(decided) == {gang: [{"node": "c-a", "gpus": [0, 1, 2, 3]},
                                       {"node": "c-c", "gpus": [0, 1, 2, 3]}]}  # fmt: skip
     assert w.models.jobs[bigger].pending_reason == {"code": "gang_incomplete", "need_nodes": 3}
+
+
+def test_nothing_passes_a_blocked_job_on_nodes_it_could_use_while_a_container_job_reserves():
+    w = World()
+    w.apply("ClusterCreated", clusterId="c", workspace="ws", name="c", spec={"vmSize": "x"})
+    for node, runtimes in (("c-dk", ["docker", "process"]), ("c-pr", ["process"])):
+        w.apply("NodeRegistered", nodeId=node, cluster="c", gpus=8, runtimes=runtimes)
+        w.apply("NodeSetupSucceeded", nodeId=node)
+    w.run(w.job(gpus=8), [("c-dk", list(range(8)))])
+    w.run(w.job(gpus=4), [("c-pr", [0, 1, 2, 3])])
+    container = w.job(gpus=8, priority=10)
+    w.models.jobs[container].runtime = "docker"
+    blocked, small = w.job(gpus=8, priority=5), w.job(gpus=4, priority=0)
+
+    assert placed(w.plan()) == {}  # the small job would delay the blocked one on c-pr
+    for job in (blocked, small):
+        assert w.models.jobs[job].pending_reason == {"code": "behind_reservation"}

@@ -83,3 +83,29 @@ def test_a_failed_attempt_whose_tasks_were_sent_keeps_their_gpus_until_they_stop
     assert w.models.jobs[job].stopping == [[1, 0, "c-n0"]]
     assert placed(w.plan()) == {}
     assert w.models.jobs[waiting].pending_reason["code"] == "gpus_stopping"
+
+
+def test_a_setup_report_that_comes_while_its_node_is_lost_is_not_dropped():
+    w = World()
+    w.apply("ClusterCreated", clusterId="c", workspace="ws", name="c", spec={"vmSize": "x"})
+    w.apply("NodeRegistered", nodeId="n", cluster="c", gpus=1, incarnation=7)
+    w.apply("NodeSetupStarted", nodeId="n", outputDir="/out")
+    w.apply("NodeLost", nodeId="n")  # silent during its setup; its agent comes back
+    msg = {"node": "n", "incarnation": 7, "exitCode": 0, "tail": "done"}
+    [(_stream, ended)] = nodes._setup_exited(w.models, msg)
+    w.apply(ended.type, **ended.data)
+    assert w.models.nodes["n"].state == "ready"
+    assert nodes._setup_exited(w.models, {**msg, "incarnation": 6}) == []  # an older agent's
+
+
+def test_only_an_attempt_this_daemon_scheduled_and_sent_nothing_of_counts_as_undispatched():
+    w = World().cluster(nodes=1, gpus=4)
+    job = w.job(gpus=1)
+    w.run(job, [("c-n0", [0])], at=1_000)
+    service = NodeService.__new__(NodeService)  # only what _never_sent reads
+    service.unstarted, service.since_us = {}, 500
+    assert service._never_sent(w.models.jobs[job])
+    service.since_us = 2_000  # scheduled by an earlier daemon: it may have sent StartTask
+    assert not service._never_sent(w.models.jobs[job])
+    service.since_us, service.unstarted = 500, {(job, 1, 0): ("c-n0", {}, 0.0)}
+    assert not service._never_sent(w.models.jobs[job])
