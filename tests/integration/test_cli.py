@@ -253,6 +253,16 @@ def test_serve_restores_the_read_models_and_snapshots_them_on_sigterm(tmp_path):
     # (the planner may have appended after /readyz: the bench's jobs cannot be run here)
 
 
+def _ended_logs(daemon: subprocess.Popen) -> list[dict]:
+    """Kill `batchd serve` if it still runs; the JSON lines it logged."""
+    if daemon.poll() is None:
+        daemon.kill()
+        daemon.wait()
+    logs = [json.loads(line) for line in daemon.stderr.read().splitlines()]
+    daemon.stderr.close()
+    return logs
+
+
 def test_a_daemon_another_one_took_the_log_from_stops_with_exit_3(tmp_path):
     port = _free_port()
     state = tmp_path / "state"
@@ -278,11 +288,7 @@ def test_a_daemon_another_one_took_the_log_from_stops_with_exit_3(tmp_path):
         refused.value.close()
         assert daemon.wait(30) == 3  # deploy/batchd.service restarts it not (it would fight)
     finally:
-        if daemon.poll() is None:
-            daemon.kill()
-            daemon.wait()
-        logs = [json.loads(line) for line in daemon.stderr.read().splitlines()]
-        daemon.stderr.close()
+        logs = _ended_logs(daemon)
     fenced = next(e for e in logs if e["event"] == "daemon.fenced")
     assert (fenced["epoch"], fenced["log_epoch"]) == (1, 2) and fenced["level"] == "error"
 
@@ -300,11 +306,7 @@ def test_serve_answers_healthz_and_stops_cleanly_on_sigterm(tmp_path):
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(15) == 0
     finally:
-        if daemon.poll() is None:
-            daemon.kill()
-            daemon.wait()
-        logs = [json.loads(line) for line in daemon.stderr.read().splitlines()]
-        daemon.stderr.close()
+        logs = _ended_logs(daemon)
     assert [e["event"] for e in logs if e["event"].startswith("daemon.")] == [
         "daemon.started", "daemon.stopping", "daemon.stopped",
     ]  # fmt: skip

@@ -42,6 +42,14 @@ class World:
             self.apply("ClusterResizeStarted", clusterId=name)
         return self
 
+    def mixed(self, gpus: int, runtimes: dict[str, list[str]]) -> World:
+        """A cluster `c` whose ready nodes (id -> the runtimes it offers) differ in runtimes."""
+        self.apply("ClusterCreated", clusterId="c", workspace="ws", name="c", spec={"vmSize": "x"})
+        for node, offered in runtimes.items():
+            self.apply("NodeRegistered", nodeId=node, cluster="c", gpus=gpus, runtimes=offered)
+            self.apply("NodeSetupSucceeded", nodeId=node)
+        return self
+
     def job(self, gpus=1, nodes=1, priority=0, cluster="c", wall=24 * HOUR, preemptible=False,
             name=None) -> str:  # fmt: skip
         self.jobs += 1
@@ -640,11 +648,7 @@ def test_a_placement_over_a_stopping_task_in_an_older_versions_log_forgets_that_
 
 
 def test_a_container_job_goes_only_to_nodes_that_offer_docker_and_waits_for_them():
-    w = World()
-    w.apply("ClusterCreated", clusterId="c", workspace="ws", name="c", spec={"vmSize": "x"})
-    for node, runtimes in (("c-dk", ["docker", "process"]), ("c-pr", ["process"])):
-        w.apply("NodeRegistered", nodeId=node, cluster="c", gpus=2, runtimes=runtimes)
-        w.apply("NodeSetupSucceeded", nodeId=node)
+    w = World().mixed(2, {"c-dk": ["docker", "process"], "c-pr": ["process"]})
     busy = w.job(gpus=2)
     w.run(busy, [("c-dk", [0, 1])])
     container, plain = w.job(gpus=1), w.job(gpus=1)
@@ -657,11 +661,7 @@ def test_a_container_job_goes_only_to_nodes_that_offer_docker_and_waits_for_them
 
 
 def test_a_container_gang_needs_as_many_docker_nodes_as_tasks():
-    w = World()
-    w.apply("ClusterCreated", clusterId="c", workspace="ws", name="c", spec={"vmSize": "x"})
-    for node, runtimes in (("c-a", ["docker"]), ("c-b", ["process"]), ("c-c", ["docker"])):
-        w.apply("NodeRegistered", nodeId=node, cluster="c", gpus=4, runtimes=runtimes)
-        w.apply("NodeSetupSucceeded", nodeId=node)
+    w = World().mixed(4, {"c-a": ["docker"], "c-b": ["process"], "c-c": ["docker"]})
     gang, bigger = w.job(gpus=4, nodes=2), w.job(gpus=4, nodes=3)
     for job in (gang, bigger):
         w.models.jobs[job].runtime = "docker"
@@ -673,11 +673,7 @@ def test_a_container_gang_needs_as_many_docker_nodes_as_tasks():
 
 
 def test_nothing_passes_a_blocked_job_on_nodes_it_could_use_while_a_container_job_reserves():
-    w = World()
-    w.apply("ClusterCreated", clusterId="c", workspace="ws", name="c", spec={"vmSize": "x"})
-    for node, runtimes in (("c-dk", ["docker", "process"]), ("c-pr", ["process"])):
-        w.apply("NodeRegistered", nodeId=node, cluster="c", gpus=8, runtimes=runtimes)
-        w.apply("NodeSetupSucceeded", nodeId=node)
+    w = World().mixed(8, {"c-dk": ["docker", "process"], "c-pr": ["process"]})
     w.run(w.job(gpus=8), [("c-dk", list(range(8)))])
     w.run(w.job(gpus=4), [("c-pr", [0, 1, 2, 3])])
     container = w.job(gpus=8, priority=10)
