@@ -90,6 +90,11 @@ def setup_failed(m: ReadModels, e: RecordedEvent) -> None:
     if node is None:
         return
     _setup_ended(node, e, "failed")
+    _error(node, e)
+
+
+def _error(node: Node, e: RecordedEvent) -> None:
+    """The event's `error`, if it has one, among the node's newest errors."""
     if "error" in e.data:
         node.errors.append({**e.data["error"], "at": e.recorded_at})
         del node.errors[:-MAX_ERRORS]
@@ -103,6 +108,7 @@ def lost(m: ReadModels, e: RecordedEvent) -> None:
     node = _node(m, e, LOST)
     if node is not None:
         allocation.forget_stopped(m, node)
+        _error(node, e)  # why (logs of earlier versions do not say)
 
 
 def recovered(m: ReadModels, e: RecordedEvent) -> None:

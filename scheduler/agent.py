@@ -59,7 +59,12 @@ PARENT_ENV = "BATCHD_AGENT_PARENT"  # set by the local provider: the daemon's pi
 
 
 class AgentError(ValueError):
-    """The agent cannot go on as asked (a bad flag), or the daemon refused a message."""
+    """The agent cannot go on as asked (a bad flag), or the daemon refused a message (with
+    its HTTP status)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +144,7 @@ class Agent:
         self.setup: asyncio.Task | None = None  # the node's setup task, while it runs
         self.setup_task: ProcessTask | None = None  # its process group (stopped with the agent)
         self.execs: dict[Any, asyncio.Task] = {}  # commands run beside tasks, by exec id
+        self.refused = False  # the daemon refused its token (401, 403): it stopped
         self.docker: aiodocker.Docker | None = None  # the docker runtime's engine
         self.engine = "docker"
         self.attach_gpus = False
@@ -243,7 +249,8 @@ class Agent:
                                      ) as response:  # fmt: skip
             self._answered(response.status)
             if response.status != 200:
-                raise AgentError(f"daemon answered {response.status}: {await response.text()}")
+                text = await response.text()
+                raise AgentError(f"daemon answered {response.status}: {text}", response.status)
         self.last_contact = time.monotonic()
 
     def _answered(self, status: int) -> None:
@@ -266,6 +273,14 @@ class Agent:
                 logger.info("agent.registered", node=self.node_id, server=self.server)
                 return
             except (aiohttp.ClientError, AgentError, OSError, TimeoutError) as exc:
+                if isinstance(exc, AgentError) and exc.status in (401, 403):
+                    logger.error("agent.refused", node=self.node_id, error=_why(exc),
+                                 hint="the daemon refuses this token (revoked, or bound to "
+                                 "another node): give a valid one with --token-file")  # fmt: skip
+                    self.refused = True
+                    if self.stop is not None:
+                        self.stop.set()
+                    return
                 logger.warning("agent.register_failed", error=_why(exc))
                 await asyncio.sleep(RETRY_DELAY)
 
@@ -561,4 +576,4 @@ async def main(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await agent.run(stop)
-    return 0
+    return 1 if agent.refused else 0

@@ -833,7 +833,8 @@ def _lost(m: ReadModels, node_id: str) -> list[Decision]:
     node = m.nodes.get(node_id)
     if node is None or node.state not in (SUSPECT, LEAVING, PREPARING, UNUSABLE):
         return []
-    lost = NewEvent("NodeLost", {"nodeId": node_id})
+    error = {"code": "node_lost", "message": f"no word from its agent for {NODE_TIMEOUT:.0f} s"}
+    lost = NewEvent("NodeLost", {"nodeId": node_id, "error": error})
     fates = retries.node_lost(m, node_id)
     for _stream, event in fates:  # each attempt's fate follows from the loss
         event.causation_id = lost.event_id

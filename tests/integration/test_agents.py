@@ -1116,3 +1116,19 @@ async def test_an_exec_ends_with_its_caller_and_answers_when_its_node_is_lost(lo
         agent.send_signal(signal.SIGCONT)
         agent.terminate()
         await agent.wait()
+
+
+async def test_an_agent_whose_token_is_refused_stops_and_says_why(local, tmp_path):
+    daemon, _client = local
+    token = tmp_path / "revoked.token"
+    token.write_text("bd_not-a-token-the-daemon-knows")
+    agent = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "batchd.scheduler.cli", "agent", "--server", daemon.url,
+        "--token-file", str(token), "--node-id", "stray-0", "--cluster", "default/local",
+        "--gpus", "1", "--work-dir", str(tmp_path / "work"),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _out, err = await asyncio.wait_for(agent.communicate(), 30)  # not retrying for ever
+    assert agent.returncode == 1
+    refused = [json.loads(line) for line in err.decode().splitlines() if "agent.refused" in line]
+    assert refused and "401" in refused[0]["error"] and "--token-file" in refused[0]["hint"]

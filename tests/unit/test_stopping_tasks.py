@@ -45,6 +45,15 @@ def test_a_stopping_task_no_heartbeat_lists_is_taken_to_have_stopped(monkeypatch
     assert set(placed(w.plan())) == {job}
 
 
+def test_a_lost_node_says_why_it_was_lost():
+    w = World().cluster(nodes=1, gpus=4)
+    w.apply("NodeSuspected", nodeId="c-n0")
+    [(_, lost)] = nodes._lost(w.models, "c-n0")
+    w.apply(lost.type, **lost.data)
+    why = w.models.nodes["c-n0"].errors[-1]  # what `node show` gives as its last error
+    assert why["code"] == "node_lost" and "no word from its agent" in why["message"]
+
+
 def test_the_fates_of_a_lost_nodes_attempts_name_the_loss_as_their_cause():
     w = World().cluster(nodes=1, gpus=4)
     job = w.job(gpus=2)
