@@ -276,11 +276,13 @@ def _plan_cluster(
     # when GPUs come back: this cycle's placements and the stopping tasks' (end, node, GPUs)
     ends: list[tuple[float, str, list[int]]] = [(now, n, gpus) for n, gpus in stopping]
     why: dict[tuple[int, int, str], dict[str, Any]] = {}  # reasons by shape, while none is placed
+    lacking = capacity.lacking
     runtimes = {r for n in capacity.gpus for r in m.nodes[n].runtimes}
     for job in waiting:
         if len(out) >= limit:
             return
-        need, nodes, skip = job.gpus_per_node, job.node_count, capacity.skip(job.runtime)
+        need, nodes = job.gpus_per_node, job.node_count
+        skip = lacking.get(job.runtime, NO_NODES) if lacking else NO_NODES
         if job.runtime not in runtimes and capacity.gpus:  # no ready node can run it
             _reason(out, job, {"code": "runtime_missing", "runtime": job.runtime})
             continue
@@ -290,12 +292,11 @@ def _plan_cluster(
                 reserved, apart = now, skip
             continue
         if reserved is not None and not _ends_before(job, now, reserved):
-            tasks = _apart(capacity, job, skip, apart)
+            tasks, apart = _apart(capacity, job, skip, apart) if apart else (None, apart)
             if tasks is None:
-                apart &= skip  # what passes it later keeps off the nodes it could use too
                 told = job.pending_reason == BEHIND_RESERVATION  # most of a long queue: no call
                 if not told or not capacity.ever_fits(need, nodes, skip):
-                    _wait_behind(out, job, cluster, capacity, why)
+                    _wait_behind(out, job, cluster, capacity, why, skip)
                 continue
         else:
             tasks = capacity.take(need, nodes, skip)
@@ -310,7 +311,7 @@ def _plan_cluster(
             why.clear()
             continue
         if reserved is not None:  # it could have backfilled, but does not fit now
-            _wait_behind(out, job, cluster, capacity, why)
+            _wait_behind(out, job, cluster, capacity, why, skip)
             continue
         soon = _back(capacity, stopping)
         if _room_coming(out, job, soon, stopping) or (
@@ -324,13 +325,14 @@ def _plan_cluster(
         _reason(out, job, _cached_why(why, cluster, capacity, job))
 
 
-def _apart(capacity: _Capacity, job: Job, skip: frozenset[str],
-           apart: frozenset[str]) -> list[tuple[str, list[int]]] | None:  # fmt: skip
+def _apart(
+    capacity: _Capacity, job: Job, skip: frozenset[str], apart: frozenset[str]
+) -> tuple[list[tuple[str, list[int]]] | None, frozenset[str]]:
     """A placement for a job that would not end before the reservation, on nodes the
-    reserving job cannot use (`apart`: nodes without its runtime) only, if it fits there."""
-    if not apart:
-        return None
-    return capacity.take(job.gpus_per_node, job.node_count, skip | (capacity.ready - apart))
+    reserving job cannot use (`apart`: nodes without its runtime) only, if it fits there;
+    and what stays apart for the jobs after it (if it waits, not the nodes it could use)."""
+    tasks = capacity.take(job.gpus_per_node, job.node_count, skip | (capacity.ready - apart))
+    return tasks, apart if tasks is not None else apart & skip
 
 
 def _room_coming(out: list[Decision], job: Job, soon: _Capacity,
@@ -370,9 +372,11 @@ def _preempt(out: list[Decision], m: ReadModels, cluster: Cluster, job: Job,
 
 
 def _wait_behind(out: list[Decision], job: Job, cluster: Cluster, capacity: _Capacity,
-                 why: dict[tuple[int, int, str], dict[str, Any]]) -> None:  # fmt: skip
-    """A job held behind the reservation: told so, unless it could never fit anyway."""
-    if capacity.ever_fits(job.gpus_per_node, job.node_count, capacity.skip(job.runtime)):
+                 why: dict[tuple[int, int, str], dict[str, Any]],
+                 skip: frozenset[str]) -> None:  # fmt: skip
+    """A job held behind the reservation: told so, unless it could never fit anyway (on the
+    nodes not in `skip`: those without its runtime)."""
+    if capacity.ever_fits(job.gpus_per_node, job.node_count, skip):
         _reason(out, job, BEHIND_RESERVATION)
     else:
         _reason(out, job, _cached_why(why, cluster, capacity, job))
