@@ -153,6 +153,20 @@ class LocalProvider:
                 await self._stop(process)
             if node is not None:
                 await self._node_event(node_id, "NodeRemoved", node.state)
+                await self._revoke_credential(node_id)
+
+    async def _revoke_credential(self, node_id: str) -> None:
+        """A removed node's agent token goes with it: revoked, and its file deleted (a node
+        wanted again later gets a new one)."""
+        name = f"local-agent-{node_id}"
+
+        def decide(m: ReadModels) -> list:
+            return [(f"token-{t.token_id}", NewEvent("TokenRevoked", {"tokenId": t.token_id},
+                                                     ACTOR))
+                    for t in m.tokens.values() if t.name == name and t.node == node_id]  # fmt: skip
+
+        await self.control.run(decide, key=f"node/{node_id}")
+        (self.state_dir / "nodes" / node_id / "agent.token").unlink(missing_ok=True)
 
     async def _node_event(self, node_id: str, type_: str, when: str) -> None:
         """Append `type_` for the node if it is (still) in state `when`."""

@@ -399,6 +399,9 @@ async def test_resizing_down_drains_a_busy_node_which_takes_no_new_work_then_lea
     await _until(lambda: "local-2" not in models.nodes, 30)  # emptied: stopped and removed
     local = models.clusters[models.cluster_ids["default/local"]]
     assert sorted(local.nodes) == ["local-0", "local-1"]
+    token = daemon.state_dir / "nodes" / "local-2" / "agent.token"
+    await _until(lambda: not token.exists(), 10)  # its credential went with it
+    assert not any(t.node == "local-2" for t in models.tokens.values())
     for name in ("w0", "w1"):
         await client.call("POST", f"{EXP}/jobs/{name}/terminate")
 
