@@ -108,9 +108,11 @@ class Daemon:
     async def start(self) -> None:
         cfg = self.cfg
         cfg.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        keyring = config.load_keyring(cfg, create=True)
+        keyring = config.load_keyring(cfg, create=False)
         ssl_context = self._tls()
         self.store = await urls.open_store(cfg.store_url, codec=Codec(keyring))
+        if keyring is None:  # made only now: a start refused for its log leaves no key behind
+            keyring = self.store.codec.keyring = config.load_keyring(cfg, create=True)
         self.models = Runner(self.store)
         self.control = Control(self.store, self.models)
         self.api = service = api.Api(self.store, self.models, self.control, keyring, cfg.mounts)

@@ -124,6 +124,14 @@ def test_bad_store_urls_give_one_line_errors(url, words):
         assert "s3cret" not in done.stderr
 
 
+def test_a_daemon_refused_for_its_log_leaves_no_secret_key_behind(tmp_path):
+    state = tmp_path / "state"
+    done = batchd("serve", "--store", "postgresql://postgres@127.0.0.1:1/db",
+                  "--state-dir", str(state), "--listen", "127.0.0.1:0")  # fmt: skip
+    assert_one_line_error(done, "unreachable")
+    assert not (state / "secret.keys").exists()  # a later start would make a different key
+
+
 def test_a_corrupted_sqlite_file_is_reported_and_left_alone(tmp_path):
     path = tmp_path / "events.db"
     path.write_bytes(b"this is not a database at all" * 200)
