@@ -334,7 +334,7 @@ def _job_commands(commands, api: list) -> None:
     run.add_argument("name", help="the job's name")
     run.add_argument("--node", type=_non_negative, default=0,
                      help="the job's task (node) index (default 0)")  # fmt: skip
-    run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD",
+    run.add_argument("cmd", nargs="*", metavar="-- CMD",
                      help="the command and its arguments, after --")  # fmt: skip
     job["exec"] = run
 
@@ -406,7 +406,14 @@ GC_THRESHOLDS = (50_000, 20, 20)
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = None
+    if argv[:2] == ["job", "exec"] and "--" in argv:  # the command is all that follows --
+        at = argv.index("--")
+        argv, command = argv[:at], argv[at + 1 :]
     args = parser.parse_args(argv)
+    if command is not None:
+        args.cmd = command
     if args.command == "serve":
         if bool(args.tls_cert) != bool(args.tls_key):
             parser.error("--tls-cert and --tls-key go together")

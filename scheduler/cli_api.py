@@ -576,24 +576,9 @@ async def job_file_stream(args: argparse.Namespace) -> int:
     return 0
 
 
-def _split_at_dashes(words: list[str]) -> tuple[list[str], list[str]]:
-    """What comes before `--`, and what after (all of it after, if there is no `--`)."""
-    if "--" not in words:
-        return [], words
-    at = words.index("--")
-    return words[:at], words[at + 1 :]
-
-
 async def job_exec(args: argparse.Namespace) -> int:
     """A command beside the job's task on node K, its output as it comes; its exit code."""
-    before, parts = _split_at_dashes(args.cmd)
-    node = args.node
-    while before:  # options given after the job's name, before --
-        if before[0] != "--node" or len(before) < 2:
-            raise InputError(f"unexpected {before[0]!r}: batchd job exec NAME [--node K] -- CMD")
-        if not (before[1].isascii() and before[1].isdigit()):
-            raise InputError(f"--node: {before[1]!r} is not a task index (0, 1, ...)")
-        node, before = int(before[1]), before[2:]
+    parts, node = args.cmd, args.node  # (cli.main takes all after -- as the command)
     command = parts[0] if len(parts) == 1 else " ".join(shlex.quote(part) for part in parts)
     if not command:
         raise InputError("give the command after --: batchd job exec NAME -- CMD ...")

@@ -526,7 +526,7 @@ async def test_job_exec_runs_beside_the_job_in_its_environment_and_streams_outpu
     await _until(lambda: newest_job(models, "busy").state == "running", 30)
     env = {"BATCHD_SERVER": daemon.url, "BATCHD_TOKEN": daemon.admin_token}
     done = await asyncio.to_thread(
-        batchd, "job", "exec", "busy", "--",
+        batchd, "job", "exec", "busy", "-w", "default", "--node", "0", "--",
         'echo "in $AZ_BATCHAI_JOB_NAME on GPU $CUDA_VISIBLE_DEVICES"; echo warn >&2; exit 5',
         env=env,
     )  # fmt: skip
