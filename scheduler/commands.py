@@ -198,9 +198,8 @@ def resize_changes(m: ReadModels, actor: str) -> list[Decision]:
         manual = cluster.scale_settings.get("manual")
         if cluster.deleting or manual is None:
             continue
-        states = [m.nodes[node_id].state for node_id in cluster.nodes]
-        joined = sum(state not in (LEAVING, PROVISIONING) for state in states)
-        settled = joined == manual.get("targetNodeCount", 0) and not (
+        states = {m.nodes[node_id].state for node_id in cluster.nodes}
+        settled = len(cluster.nodes) == manual.get("targetNodeCount", 0) and not (
             LEAVING in states or PROVISIONING in states
         )
         if settled == (cluster.allocation_state == "steady"):

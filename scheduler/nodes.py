@@ -72,6 +72,8 @@ RESEND_AFTER = 5.0  # seconds before a StartTask the node does not report is sen
 # heartbeats before it is taken to have stopped (its exit report, or its start, was lost)
 STOPPED_AFTER = 3 * RESEND_AFTER
 MAX_GPUS = 64  # a node reporting more is refused
+# states of a node with an agent, in which silence for NODE_TIMEOUT makes it lost
+LOSABLE = (SUSPECT, LEAVING, PREPARING, UNUSABLE)
 FORGET = 60.0  # seconds after which the daemon forgets a silent node id it has no node for
 READ_CHUNK = 1 << 20  # bytes of a file a node sends in one answer
 READ_TIMEOUT = 10.0  # seconds a node has to answer for a file
@@ -175,17 +177,19 @@ class NodeService:
                 await self.control.run(lambda m: _fail(m, key[0], key[1], error, unsent),
                                        key=self._key(key[0]))  # fmt: skip
         except BaseException:
-            if not any(k[:2] == key for k in self.unstarted):  # no StartTask went out
+            if not self._sent_any(key):
                 self.dispatched.pop(key, None)
             raise
+
+    def _sent_any(self, key: tuple[str, int]) -> bool:
+        """Did this daemon send a StartTask of attempt `key` (job, attempt) not yet reported?"""
+        return any(k[:2] == key for k in self.unstarted)
 
     def _never_sent(self, job: Job) -> bool:
         """Was no StartTask of the job's attempt ever sent? None of this daemon's, and the
         attempt was scheduled by this daemon (an earlier one may have sent some)."""
-        key = (job.job_id, job.attempt)
-        if any(k[:2] == key for k in self.unstarted):
-            return False
-        return (job.scheduled_at or 0) >= self.since_us
+        sent = self._sent_any((job.job_id, job.attempt))
+        return not sent and (job.scheduled_at or 0) >= self.since_us
 
     def _await_reports(self, key: tuple[str, int], tasks: list[list[Any]]) -> None:
         """Watch the tasks of a terminating attempt that this daemon never started (another
@@ -810,7 +814,7 @@ def silent_fate(state: str, silent: float) -> Callable[[ReadModels, str], list[D
     it)."""
     if state == READY:
         return _suspected if silent > SUSPECT_AFTER else None
-    if state in (SUSPECT, LEAVING, PREPARING, UNUSABLE):
+    if state in LOSABLE:
         return _lost if silent > NODE_TIMEOUT else None
     return None
 
@@ -831,7 +835,7 @@ def _suspected(m: ReadModels, node_id: str) -> list[Decision]:
 
 def _lost(m: ReadModels, node_id: str) -> list[Decision]:
     node = m.nodes.get(node_id)
-    if node is None or node.state not in (SUSPECT, LEAVING, PREPARING, UNUSABLE):
+    if node is None or node.state not in LOSABLE:
         return []
     error = {"code": "node_lost", "message": f"no word from its agent for {NODE_TIMEOUT:.0f} s"}
     lost = NewEvent("NodeLost", {"nodeId": node_id, "error": error})

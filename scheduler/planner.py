@@ -94,6 +94,7 @@ class _Capacity:
     staying: int = 0  # the cluster's nodes that are not leaving (draining, evicted)
     # runtime -> the ready nodes without it (none, on a cluster whose nodes all offer the same)
     lacking: dict[str, frozenset[str]] = field(default_factory=dict)
+    runtimes: frozenset[str] = frozenset()  # those some ready node offers
 
     def __post_init__(self) -> None:
         if self.by_free:
@@ -118,6 +119,7 @@ class _Capacity:
             self._ever,
             self.staying,
             self.lacking,
+            self.runtimes,
         )
 
     @property
@@ -231,12 +233,13 @@ def _capacity(m: ReadModels, cluster: Cluster) -> _Capacity:
         if not node.gpus and not node.allocations:
             whole.append(node_id)
     offered = {node_id: m.nodes[node_id].runtimes for node_id in gpus}
+    runtimes = frozenset(r for each in offered.values() for r in each)
     lacking = {}
-    for runtime in {r for runtimes in offered.values() for r in runtimes}:
-        without = frozenset(n for n, runtimes in offered.items() if runtime not in runtimes)
+    for runtime in runtimes:
+        without = frozenset(n for n, each in offered.items() if runtime not in each)
         if without:
             lacking[runtime] = without
-    return _Capacity(free, gpus, whole, staying=staying, lacking=lacking)
+    return _Capacity(free, gpus, whole, staying=staying, lacking=lacking, runtimes=runtimes)
 
 
 def plan(m: ReadModels, now: int, limit: int = CYCLE_DECISIONS) -> list[Decision]:
@@ -276,8 +279,7 @@ def _plan_cluster(
     # when GPUs come back: this cycle's placements and the stopping tasks' (end, node, GPUs)
     ends: list[tuple[float, str, list[int]]] = [(now, n, gpus) for n, gpus in stopping]
     why: dict[tuple[int, int, str], dict[str, Any]] = {}  # reasons by shape, while none is placed
-    lacking = capacity.lacking
-    runtimes = {r for n in capacity.gpus for r in m.nodes[n].runtimes}
+    lacking, runtimes = capacity.lacking, capacity.runtimes
     for job in waiting:
         if len(out) >= limit:
             return

@@ -158,7 +158,7 @@ class LocalProvider:
     async def _revoke_credential(self, node_id: str) -> None:
         """A removed node's agent token goes with it: revoked, and its file deleted (a node
         wanted again later gets a new one)."""
-        name = f"local-agent-{node_id}"
+        name = _token_name(node_id)
 
         def decide(m: ReadModels) -> list:
             return [(f"token-{t.token_id}", NewEvent("TokenRevoked", {"tokenId": t.token_id},
@@ -186,7 +186,7 @@ class LocalProvider:
         work = self.state_dir / "nodes" / node_id
         work.mkdir(parents=True, exist_ok=True)
         token = work / "agent.token"  # the node's own credential: it speaks for this node only
-        await token_file(self.control, token, "agent", f"local-agent-{node_id}", ACTOR, node_id)
+        await token_file(self.control, token, "agent", _token_name(node_id), ACTOR, node_id)
         log = open(work / "agent.log", "ab")  # noqa: SIM115 (the child keeps it open)
         try:
             process = await asyncio.create_subprocess_exec(
@@ -219,3 +219,8 @@ class LocalProvider:
         self.stopping = True  # no agent is started again from now on
         await asyncio.gather(*(self._stop(p) for p in self.processes.values()))
         self.processes.clear()
+
+
+def _token_name(node_id: str) -> str:
+    """The name of a local node's own agent token."""
+    return f"local-agent-{node_id}"
