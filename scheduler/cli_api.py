@@ -624,8 +624,8 @@ def _token_row(t: dict[str, Any]) -> list[Any]:
     fields = {**t, **(t.get("properties") or {})}  # flat, or in a resource's properties
     return [
         str(fields.get("id", "")).rpartition("/")[2], fields.get("name"), fields.get("role"),
-        ",".join(fields.get("workspaces") or ()) or "(all)", _when(fields.get("creationTime")),
-        fields.get("createdBy"),
+        ",".join(fields.get("workspaces") or ()) or "(all)", fields.get("node") or "-",
+        _when(fields.get("creationTime")), fields.get("createdBy"),
     ]  # fmt: skip
 
 
@@ -636,7 +636,7 @@ def _file_row(f: dict[str, Any]) -> list[Any]:
 
 
 async def token_list(args: argparse.Namespace) -> int:
-    header = ["ID", "NAME", "ROLE", "WORKSPACES", "CREATED", "CREATED BY"]
+    header = ["ID", "NAME", "ROLE", "WORKSPACES", "NODE", "CREATED", "CREATED BY"]
     async with _client(args) as api:
         return await _print_list(args, api, "/v1/tokens", header, _token_row)
 

@@ -305,6 +305,10 @@ async def test_a_viewer_token_reads_but_cannot_write(batchd, api):
     assert rows["ann"][2] == "viewer" and token not in listed.out
     assert rows["admin"][2] == "admin"
     assert api.admin_token not in listed.out + listed.err
+    bound = await batchd("token", "create", "--role", "agent", "--name", "n1", "--node", "n-1")
+    assert bound.code == 0, bound.err
+    rows = {line.split("\t")[1]: line.split("\t") for line in (await batchd("token", "list")).lines}
+    assert rows["n1"][4] == "n-1" and rows["ann"][4] == "-"  # the node an agent token binds
 
     seen = await batchd("cluster", "list", "-w", "ws", "--token", token)
     assert seen.code == 0 and seen.lines[0].startswith("c\t")
