@@ -30,6 +30,9 @@ that capacity beside the queue: `projections.clusters.free_capacity`). The reaso
 - `gang_incomplete{need_nodes}`: fewer than `need_nodes` nodes could each hold a task;
 - `insufficient_nodes{need_nodes}`: for a job that needs no GPU, fewer than `need_nodes`
   nodes are idle;
+- `nodes_not_ready{}`: the cluster's ready nodes could never hold it, but some of its nodes
+  are not ready (still preparing, `unusable` after a failed setup task, suspect or lost);
+  `batchd node list` shows which and why;
 - `runtime_missing{runtime}`: no ready node offers the runtime it needs (`docker` for a job
   with containerSettings, `process` otherwise);
 - `behind_reservation{}`: an earlier job holds the reservation, and this one could not start
@@ -75,6 +78,7 @@ BEHIND_RESERVATION = {"code": "behind_reservation"}
 ATTEMPT_STOPPING = {"code": "attempt_stopping"}
 GPUS_STOPPING = {"code": "gpus_stopping"}
 CLUSTER_MISSING = {"code": "cluster_missing"}
+NODES_NOT_READY = {"code": "nodes_not_ready"}
 NO_NODES: frozenset[str] = frozenset()
 
 
@@ -409,6 +413,8 @@ def _why(cluster: Cluster, capacity: _Capacity, need: int, nodes: int,
     ready = len(capacity.gpus) - len(skip)
     if cluster.allocation_state == "resizing" and ready < nodes:
         return {"code": "cluster_scaling"}
+    if len(capacity.gpus) < capacity.staying and not capacity.ever_fits(need, nodes, skip):
+        return NODES_NOT_READY
     if not need:
         return {"code": "insufficient_nodes", "need_nodes": nodes}
     fitting = capacity.fitting(need, skip)

@@ -307,6 +307,19 @@ def test_pending_reasons_for_scaling_and_missing_clusters_recorded_only_when_the
     assert reasons(w.plan())[job] == {"code": "cluster_missing"}
 
 
+def test_a_job_that_only_nodes_not_ready_could_hold_says_so():
+    w = World().cluster(nodes=2, gpus=4)
+    w.apply("NodeSetupFailed", nodeId="c-n0", exitCode=1)  # unusable
+    gang, small = w.job(gpus=1, nodes=2), w.job(gpus=1)
+    decisions = w.plan()
+    assert reasons(decisions) == {gang: {"code": "nodes_not_ready"}}  # one ready node of two
+    assert placed(decisions) == {small: [{"node": "c-n1", "gpus": [0]}]}
+    big = w.job(gpus=4)  # the ready node could hold it, once free: it waits for GPUs
+    assert reasons(w.plan())[big] == {"code": "insufficient_gpus", "need": 4}
+    w.apply("NodeSetupFailed", nodeId="c-n1", exitCode=1)
+    assert reasons(w.plan()) == {big: {"code": "nodes_not_ready"}}  # no node is ready
+
+
 def test_a_reason_is_not_recorded_again_when_only_the_free_capacity_changes():
     w = World().cluster(nodes=2, gpus=4)
     w.run(w.job(gpus=4), [("c-n0", [0, 1, 2, 3])])
