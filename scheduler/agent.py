@@ -145,6 +145,8 @@ class Agent:
         self.setup_task: ProcessTask | None = None  # its process group (stopped with the agent)
         self.execs: dict[Any, asyncio.Task] = {}  # commands run beside tasks, by exec id
         self.refused = False  # the daemon refused its token (401, 403): it stopped
+        self.registered = False  # the daemon took its Register
+        self.superseded = False  # another agent registered as this node since (409)
         self.docker: aiodocker.Docker | None = None  # the docker runtime's engine
         self.engine = "docker"
         self.attach_gpus = False
@@ -239,8 +241,19 @@ class Agent:
                 await asyncio.gather(*workers, return_exceptions=True)
                 running = [*self.tasks.values(), *([self.setup_task] if self.setup_task else [])]
                 await asyncio.gather(*(t.kill() for t in running))
+                await self._leave()
                 if self.docker is not None:
                     await self.docker.close()
+
+    async def _leave(self) -> None:
+        """Tell the daemon this agent stops, its tasks killed: the node is lost now, and its
+        attempts retried at once, not after the daemon has waited out its silence."""
+        if not self.registered or self.refused or self.superseded:
+            return
+        try:
+            await self._post([self._message("Leaving")])
+        except (aiohttp.ClientError, AgentError, OSError, TimeoutError) as exc:
+            logger.warning("agent.leaving_not_told", error=_why(exc))
 
     async def _post(self, messages: list[dict[str, Any]]) -> None:
         async with self.session.post(f"{self.server}/agent/v1/messages",
@@ -258,6 +271,7 @@ class Agent:
         the other's to run now)."""
         if status == 409 and self.stop is not None and not self.stop.is_set():
             logger.warning("agent.superseded", node=self.node_id)
+            self.superseded = True
             self.stop.set()
 
     async def _register(self) -> None:
@@ -270,6 +284,7 @@ class Agent:
         while True:
             try:
                 await self._post([register])
+                self.registered = True
                 logger.info("agent.registered", node=self.node_id, server=self.server)
                 return
             except (aiohttp.ClientError, AgentError, OSError, TimeoutError) as exc:

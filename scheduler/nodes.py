@@ -7,6 +7,7 @@ nodes.
   agent says still runs is reconciled: a task of an attempt the log no longer places there is
   killed. A new incarnation (the agent restarted) lost every attempt the node held: they are
   requeued or failed as for a lost node.
+- Leaving (the agent stops): `NodeLost` at once, its attempts requeued or failed.
 - TaskStarted: `JobStarted`. TaskExited: `JobTaskExited`, then the attempt's end once it is
   known: every task exited 0 (`JobSucceeded`), one failed (the others are killed, the retry
   ledger decides: `JobRequeued` or `JobFailed`), or it was being terminated (`JobTerminated`).
@@ -324,6 +325,9 @@ class NodeService:
             await self._heartbeat(node_id, _running_keys(msg))
         elif kind in ("TaskStarted", "TaskExited"):
             await self._task_report(node_id, kind, msg)
+        elif kind == "Leaving" and not self.closing:  # (a stopping daemon stops its own)
+            await self.control.run(_by_agent(node_id, lambda m: _left(m, node_id)),
+                                   key=f"node/{node_id}")  # fmt: skip
 
     async def _heartbeat(self, node_id: str, running: list[TaskKey]) -> None:
         for job_id, attempt in self._resend_unstarted(node_id, running):
@@ -837,7 +841,22 @@ def _lost(m: ReadModels, node_id: str) -> list[Decision]:
     node = m.nodes.get(node_id)
     if node is None or node.state not in LOSABLE:
         return []
-    error = {"code": "node_lost", "message": f"no word from its agent for {NODE_TIMEOUT:.0f} s"}
+    silent = f"no word from its agent for {NODE_TIMEOUT:.0f} s"
+    return _lose(m, node_id, {"code": "node_lost", "message": silent})
+
+
+def _left(m: ReadModels, node_id: str) -> list[Decision]:
+    """Its agent said it stops: the node is lost now (a drained node that runs nothing is
+    going anyway: its provider removes it)."""
+    node = m.nodes.get(node_id)
+    if node is None or node.state not in (READY, *LOSABLE):
+        return []
+    if node.state == LEAVING and not node.allocations:
+        return []
+    return _lose(m, node_id, {"code": "agent_stopped", "message": "its agent stopped"})
+
+
+def _lose(m: ReadModels, node_id: str, error: dict[str, str]) -> list[Decision]:
     lost = NewEvent("NodeLost", {"nodeId": node_id, "error": error})
     fates = retries.node_lost(m, node_id)
     for _stream, event in fates:  # each attempt's fate follows from the loss

@@ -15,6 +15,8 @@ Agent to daemon (POST /agent/v1/messages, a list of messages in one body):
   SetupExited {incarnation's setup: exitCode, error?, tail (the output's last lines)}
   ExecOutput {execId, stdout? | stderr? (text), exitCode? and error? (at the end)}
   FileData {requestId, data (bytes) and size | entries | error}
+  Leaving {}: the agent stops (SIGTERM, SIGINT), its tasks killed: the node is lost now and
+           its attempts retried, without waiting out its silence
 Daemon to agent (GET /agent/v1/commands?node=&incarnation=&wait=S, long-poll):
   StartTask {jobId, attempt, task, gpus, command, env, files, workDir, stdouterr, runtime,
              image?, preparation?}
@@ -49,7 +51,7 @@ NODE_ID_RULE = "1-200 letters, digits and _ . : - (starting with a letter or dig
 VERSION = 1
 CONTENT_TYPE = "application/msgpack"
 AGENT_MESSAGES = ("Register", "Heartbeat", "TaskStarted", "TaskExited", "SetupExited",
-                  "ExecOutput", "FileData")  # fmt: skip
+                  "ExecOutput", "FileData", "Leaving")  # fmt: skip
 COMMANDS = ("StartTask", "KillTask", "RunSetup", "Exec", "CancelExec", "ReadFile")
 
 TaskKey = tuple[str, int, int]  # (job id, attempt, task index)

@@ -285,6 +285,26 @@ async def test_a_killed_agent_loses_its_attempt_which_runs_again_elsewhere_or_af
     await _until(lambda: not any(s.read_text().strip() for s in nodes.glob("*/running/*.pid")), 10)
 
 
+async def test_a_stopped_agent_says_so_and_its_attempt_runs_again_without_waiting(local):
+    daemon, client = local
+    await _run(client, "told", "echo attempt $AZ_BATCHAI_JOB_ATTEMPT; sleep 600")
+    models = daemon.models.models
+
+    def job():
+        return newest_job(models, "told")
+
+    await _until(lambda: job().state == "running", 30)
+    node_id = job().tasks[0][0]
+    daemon.providers[0].processes[node_id].terminate()  # SIGTERM: stops its task, and says so
+    await _until(lambda: job().attempt == 2, 60)
+    assert job().retries == {"node_lost": 1}
+    errors = (await client.call("GET", f"/v1/nodes/{node_id}"))[1]["properties"]["errors"]
+    # lost when its agent said it stops, not after the daemon waited out its silence
+    assert [e["code"] for e in errors] == ["agent_stopped"]
+    await client.call("POST", f"{EXP}/jobs/told/terminate")
+    await _ended(daemon, client, "told")
+
+
 async def test_node_list_and_show_tell_state_gpus_and_heartbeat_age(local):
     daemon, client = local
     await _run(client, "busy", "sleep 600")
