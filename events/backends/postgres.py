@@ -288,7 +288,9 @@ class PostgresBackend:
             await self._pool.close()
 
     async def _listen(self) -> None:
-        """Keep a LISTEN connection; poke subscribers on every notification and reconnect."""
+        """Keep a LISTEN connection; poke subscribers on every notification and reconnect.
+        Its loss is logged once (`log.listener_lost`), and its return (`log.listener_back`)."""
+        down = False  # lost, and not back yet
         while True:
             conn = None
             try:
@@ -297,12 +299,20 @@ class PostgresBackend:
                 conn.add_termination_listener(lambda _c, lost=lost: lost.set())
                 await conn.add_listener(CHANNEL, lambda *_a: self._wakeup())
                 self._wakeup()  # listening again: subscribers reread from their position
+                if down:
+                    logger.info("log.listener_back", store=self.where)
+                    down = False
                 await lost.wait()
+                error = "the server closed the connection"
             except (asyncpg.PostgresError, *_UNAVAILABLE) as exc:
-                logger.debug("log.listener_reconnect", error=str(exc))
+                error = str(exc) or type(exc).__name__
             finally:
                 if conn is not None:
                     conn.terminate()
+            if not down:
+                logger.warning("log.listener_lost", store=self.where, error=error,
+                               note="subscribers poll for new events until it is back")  # fmt: skip
+                down = True
             await asyncio.sleep(LISTEN_BACKOFF)
 
     # -- plumbing --------------------------------------------------------------------------

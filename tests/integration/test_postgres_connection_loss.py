@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import asyncpg
+import structlog
 
 from batchd.events import audit, errors, urls
 from batchd.events.envelope import NewEvent
@@ -100,3 +101,23 @@ async def test_a_writer_whose_connections_are_killed_appends_again(pg_database):
         assert (await audit.verify(writer)).ok
     finally:
         await writer.close()
+
+
+async def test_a_lost_listener_connection_is_logged_once_and_its_return_too(pg_database):
+    store = await urls.open_store(f"{pg_database}?application_name=batchd-listen")
+    try:
+        with structlog.testing.capture_logs() as logs:
+            assert await _kill("batchd-listen") >= 1  # the pool's and the listener's
+
+            def said(event: str) -> list[dict]:
+                return [line for line in logs if line["event"] == event]
+
+            for _ in range(100):
+                if said("log.listener_back"):
+                    break
+                await asyncio.sleep(0.05)
+        [lost] = said("log.listener_lost")
+        assert lost["log_level"] == "warning" and "postgresql://" in lost["store"]
+        assert len(said("log.listener_back")) == 1
+    finally:
+        await store.close()
