@@ -546,14 +546,8 @@ async def delete_job(request: web.Request) -> web.Response:
 EXEC_FIELDS = {"command", "node"}
 
 
-async def exec_in_job(request: web.Request) -> web.StreamResponse:
-    """Run a command beside a running job's task, in its environment, through its node's
-    agent; the answer streams NDJSON lines: `{"stdout": ...}`, `{"stderr": ...}`, and last
-    `{"exitCode": N}` (with `error` if it could not run)."""
-    ws = _ws(request, "operator")
-    api = request.app[API_KEY]
-    job = commands.find_job(api.models, ws, request.match_info["exp"], request.match_info["name"])
-    body = await _body(request)
+def _exec_asked(api: Api, job: Job, body: Any) -> tuple[str, int]:
+    """The command and task index an exec asks for, checked against the job."""
     if not isinstance(body, dict):
         raise DocumentError("body", "must be a JSON object")
     unknown = [k for k in body if k not in EXEC_FIELDS]
@@ -569,6 +563,23 @@ async def exec_in_job(request: web.Request) -> web.StreamResponse:
     if task >= len(job.tasks):
         raise DocumentError("node", f"the job runs {len(job.tasks)} task(s): 0 to "
                                     f"{len(job.tasks) - 1}")  # fmt: skip
+    if str(task) in job.task_exits:
+        raise CommandError(
+            f"task {task} of job {job.name!r} has ended (exit code {job.task_exits[str(task)]})"
+            + ("; a node that only hosts MPI ranks runs no command of its own, so it ends at "
+               "once: exec on task 0" if task and not job.task_exits[str(task)] else "")
+        )  # fmt: skip
+    return command, task
+
+
+async def exec_in_job(request: web.Request) -> web.StreamResponse:
+    """Run a command beside a running job's task, in its environment, through its node's
+    agent; the answer streams NDJSON lines: `{"stdout": ...}`, `{"stderr": ...}`, and last
+    `{"exitCode": N}` (with `error` if it could not run)."""
+    ws = _ws(request, "operator")
+    api = request.app[API_KEY]
+    job = commands.find_job(api.models, ws, request.match_info["exp"], request.match_info["name"])
+    command, task = _exec_asked(api, job, await _body(request))
     exec_id, output = api.nodes.exec(job, task, command)
     node_id, attempt = job.tasks[task][0], job.attempt
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})

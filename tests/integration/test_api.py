@@ -301,3 +301,23 @@ async def test_the_events_a_request_appends_carry_its_id(client, api):
     [submitted] = [e for e in events if e.type == "JobSubmitted"]
     assert submitted.correlation_id == mine
     assert {e.correlation_id for e in events if e.type == "JobPendingReasonChanged"} == {None}
+
+
+async def test_exec_on_a_task_that_has_ended_says_so(client, api):
+    await seed(client)
+    await client.call("PUT", f"{EXP}/jobs/mpi", {**JOB, "nodeCount": 2})
+    job_id = api.models.models.job_ids["ws/exp/mpi"][-1]
+    positions = await api.store.append(f"job-{job_id}", [
+        NewEvent("JobScheduled", {"jobId": job_id, "attempt": 1, "tasks": [
+            {"node": "n1", "gpus": [0]}, {"node": "n2", "gpus": [0]}]}),
+        NewEvent("JobStarted", {"jobId": job_id, "attempt": 1}),
+        # a node that only hosts MPI ranks has no command of its own: it ends at once
+        NewEvent("JobTaskExited", {"jobId": job_id, "attempt": 1, "task": 1, "exitCode": 0,
+                                   "node": "n2"}),
+    ])  # fmt: skip
+    await api.models.wait_for(positions[-1])
+    status, answer = await client.call("POST", f"{EXP}/jobs/mpi/exec",
+                                       {"command": "nvidia-smi", "node": 1})  # fmt: skip
+    assert status == 409
+    message = answer["error"]["message"]
+    assert "task 1 of job 'mpi' has ended (exit code 0)" in message and "task 0" in message
