@@ -10,6 +10,8 @@ import signal
 import subprocess
 import sys
 import time
+from asyncio.subprocess import Process
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -257,17 +259,26 @@ async def test_what_an_agent_reports_is_written_as_its_nodes_doing(local):
     assert [e["nodes"] for e in history if e["event"] == "JobStarted"] == [[node_id]]
 
 
-async def test_a_killed_agent_loses_its_attempt_which_runs_again_elsewhere_or_after(local):
+async def _stop_agent_of(local, name: str, stop: Callable[[Process], None]):
+    """Job `name` runs; then `stop` is done to the agent of its node. Returns (a function
+    that gives the job as it is now, the node's id)."""
     daemon, client = local
-    await _run(client, "long", "echo attempt $AZ_BATCHAI_JOB_ATTEMPT; sleep 600")
+    await _run(client, name, "echo attempt $AZ_BATCHAI_JOB_ATTEMPT; sleep 600")
     models = daemon.models.models
 
     def job():
-        return newest_job(models, "long")
+        return newest_job(models, name)
 
     await _until(lambda: job().state == "running", 30)
     node_id = job().tasks[0][0]
-    daemon.providers[0].processes[node_id].kill()  # SIGKILL: the agent cannot stop its task
+    stop(daemon.providers[0].processes[node_id])
+    return job, node_id
+
+
+async def test_a_killed_agent_loses_its_attempt_which_runs_again_elsewhere_or_after(local):
+    daemon, client = local
+    # SIGKILL: the agent cannot stop its task
+    job, node_id = await _stop_agent_of(local, "long", Process.kill)
     await _until(lambda: job().attempt == 2 and job().state == "running", 60)
     assert job().retries == {"node_lost": 1}
     shown = (await client.call("GET", f"{EXP}/jobs/long"))[1]["properties"]["executionInfo"]
@@ -287,15 +298,8 @@ async def test_a_killed_agent_loses_its_attempt_which_runs_again_elsewhere_or_af
 
 async def test_a_stopped_agent_says_so_and_its_attempt_runs_again_without_waiting(local):
     daemon, client = local
-    await _run(client, "told", "echo attempt $AZ_BATCHAI_JOB_ATTEMPT; sleep 600")
-    models = daemon.models.models
-
-    def job():
-        return newest_job(models, "told")
-
-    await _until(lambda: job().state == "running", 30)
-    node_id = job().tasks[0][0]
-    daemon.providers[0].processes[node_id].terminate()  # SIGTERM: stops its task, and says so
+    # SIGTERM: the agent stops its task, and says so
+    job, node_id = await _stop_agent_of(local, "told", Process.terminate)
     await _until(lambda: job().attempt == 2, 60)
     assert job().retries == {"node_lost": 1}
     errors = (await client.call("GET", f"/v1/nodes/{node_id}"))[1]["properties"]["errors"]
