@@ -86,8 +86,11 @@ def create_config(spec: dict[str, Any], command: str, suffix: str, engine: str,
                                        "Capabilities": [["gpu"]]}]  # fmt: skip
     return {
         "Image": spec["image"],
-        "Cmd": ["/bin/sh", "-c", WRAPPER, f"{out}/stdout{suffix}.txt",
-                f"{out}/stderr{suffix}.txt", command],
+        # the wrapper is the entrypoint: an image's own ENTRYPOINT (and CMD) must not run
+        # instead of the job's command, nor take it as arguments
+        "Entrypoint": ["/bin/sh", "-c", WRAPPER, f"{out}/stdout{suffix}.txt",
+                       f"{out}/stderr{suffix}.txt", command],
+        "Cmd": [],
         "Env": [f"{k}={v}" for k, v in sorted(env.items())],
         "WorkingDir": spec["workDir"],
         "Labels": {LABEL: "task", f"{LABEL}.node": spec.get("node", ""),

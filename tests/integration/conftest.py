@@ -22,6 +22,7 @@ from tests.conftest import service_missing
 
 ENGINE = "/run/podman/podman.sock"  # a Docker Engine API (tests/services/ensure.sh)
 IMAGE = "localhost/busybox:test"  # made there from busybox: no registry can be reached
+ENTRYPOINT_IMAGE = "localhost/busybox-entrypoint:test"  # the same, with an ENTRYPOINT and CMD
 
 
 class Client:

@@ -13,6 +13,7 @@ import pytest
 from batchd.scheduler.containers import WRAPPER
 from tests.integration.conftest import (
     ENGINE,
+    ENTRYPOINT_IMAGE,
     IMAGE,
     admin_client,
     make_token,
@@ -99,8 +100,9 @@ async def test_a_container_job_runs_with_its_environment_mounts_labels_and_gpus(
     job_id = newest_job(daemon.models.models, "boxed").job_id
     mounts = str(daemon.cfg.mounts)
     assert create["Image"] == IMAGE
-    assert create["Cmd"][:3] == ["/bin/sh", "-c", WRAPPER]
-    assert create["Cmd"][3:5] == [f"{out}/stdout.txt", f"{out}/stderr.txt"]
+    assert create["Entrypoint"][:3] == ["/bin/sh", "-c", WRAPPER]
+    assert create["Entrypoint"][3:5] == [f"{out}/stdout.txt", f"{out}/stderr.txt"]
+    assert create["Cmd"] == []  # nothing of the image's CMD either
     assert create["Labels"] == {"batchd": "task", "batchd.node": "box-0", "batchd.job": job_id,
                                 "batchd.attempt": "1", "batchd.task": "0"}  # fmt: skip
     env = dict(item.split("=", 1) for item in create["Env"])
@@ -115,6 +117,19 @@ async def test_a_container_job_runs_with_its_environment_mounts_labels_and_gpus(
     ]  # fmt: skip
     assert "DeviceRequests" not in host
     assert await _containers(job_id) == []  # removed after it exited
+
+
+async def test_an_images_own_entrypoint_does_not_replace_the_jobs_command(box):
+    daemon, client, _proxy = box
+    job = {"cluster": "box", "nodeCount": 1, "gpusPerNode": 1,
+           "stdOutErrPathPrefix": "$AZ_BATCHAI_MOUNT_ROOT/logs",
+           "containerSettings": {"imageSourceRegistry": {"image": ENTRYPOINT_IMAGE}},
+           "customToolkitSettings": {"commandLine": "echo from the job; exit 4"}}  # fmt: skip
+    assert (await client.call("PUT", f"{EXP}/jobs/ep", job))[0] == 201
+    await _ended(daemon, "ep")
+    out = daemon.state_dir / "mounts/logs/default/default/ep/1/stdouterr"
+    assert (out / "stdout.txt").read_text() == "from the job\n"  # neither "entrypoint:" nor CMD
+    assert newest_job(daemon.models.models, "ep").exit_code == 4
 
 
 async def test_terminate_stops_the_container_and_a_missing_image_fails_clearly(box):

@@ -2,7 +2,8 @@
 # Installs (apt) and starts the services the tests talk to, where they are missing:
 #   PostgreSQL on 127.0.0.1:5432, reachable as user postgres without a password;
 #   a Docker Engine API (podman, containers on runc) on unix:///run/podman/podman.sock, with
-#   the image localhost/busybox:test built from busybox (no registry can be reached).
+#   the image localhost/busybox:test built from busybox (no registry can be reached), and
+#   localhost/busybox-entrypoint:test, the same with an ENTRYPOINT and CMD of its own.
 # Safe to run again: what is already there and running is left as it is.
 set -euo pipefail
 
@@ -51,6 +52,7 @@ ensure_postgres() {
 
 PODMAN_SOCKET=/run/podman/podman.sock
 TEST_IMAGE=localhost/busybox:test
+ENTRYPOINT_IMAGE=localhost/busybox-entrypoint:test
 
 podman_ready() { curl -sf --unix-socket "$PODMAN_SOCKET" http://d/v1.41/version >/dev/null 2>&1; }
 
@@ -73,7 +75,7 @@ ensure_podman() {
     for _ in $(seq 1 60); do podman_ready && break; sleep 0.5; done
     podman_ready || { say "podman's API did not start"; exit 1; }
   fi
-  if ! as_root podman image exists "$TEST_IMAGE"; then
+  if ! as_root podman image exists "$TEST_IMAGE" || ! as_root podman image exists "$ENTRYPOINT_IMAGE"; then
     local root
     root=$(mktemp -d)
     mkdir -p "$root/bin"
@@ -81,6 +83,9 @@ ensure_podman() {
     for c in sh echo sleep cat env ls kill true false; do ln -s busybox "$root/bin/$c"; done
     tar -C "$root" -cf "$root.tar" .
     as_root podman import -q "$root.tar" "$TEST_IMAGE" >/dev/null
+    # the same, with an ENTRYPOINT and a CMD of its own, as many images have
+    as_root podman import -q --change 'ENTRYPOINT ["/bin/echo", "entrypoint:"]' \
+      --change 'CMD ["image-cmd"]' "$root.tar" "$ENTRYPOINT_IMAGE" >/dev/null
     rm -rf "$root" "$root.tar"
   fi
   say "podman ready on $PODMAN_SOCKET with $TEST_IMAGE"

@@ -57,7 +57,7 @@ def test_binds_the_job_paths_once_each_and_sizes_shared_memory():
         "/var/tmp/j1:/var/tmp/j1",
     ]
     assert config["HostConfig"]["ShmSize"] == 2 * 1024**3
-    assert config["Cmd"][3:] == ["/mnt/batch/logs/ws/e/j/2/stdouterr/stdout-prep.txt",
+    assert config["Entrypoint"][3:] == ["/mnt/batch/logs/ws/e/j/2/stdouterr/stdout-prep.txt",
                                  "/mnt/batch/logs/ws/e/j/2/stdouterr/stderr-prep.txt",
                                  "python train.py"]  # fmt: skip
     assert config["Labels"]["batchd.attempt"] == "2" and config["Labels"]["batchd.node"] == "n7"
