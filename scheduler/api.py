@@ -626,7 +626,6 @@ async def job_history(request: web.Request) -> web.Response:
     ws = _ws(request)
     exp, name = request.match_info["exp"], request.match_info["name"]
     api = request.app[API_KEY]
-    commands.find_workspace(api.models, ws)
     job_ids = api.models.job_ids.get(job_key(ws, exp, name))
     if not job_ids:
         raise CommandError(f"no job named {name!r} in {ws}/{exp}, now or before", 404)

@@ -321,3 +321,18 @@ async def test_exec_on_a_task_that_has_ended_says_so(client, api):
     assert status == 409
     message = answer["error"]["message"]
     assert "task 1 of job 'mpi' has ended (exit code 0)" in message and "task 0" in message
+
+
+async def test_a_jobs_history_stays_readable_after_its_workspace_is_deleted(client, api):
+    await seed(client)
+    assert (await client.call("PUT", "/v1/workspaces/gone", {}))[0] == 201
+    assert (await client.call("PUT", "/v1/workspaces/gone/experiments/e", {}))[0] == 201
+    job = {**JOB, "cluster": "/workspaces/ws/clusters/gpu"}
+    assert (await client.call("PUT", "/v1/workspaces/gone/experiments/e/jobs/old", job))[0] == 201
+    for path in ("/v1/workspaces/gone/experiments/e", "/v1/workspaces/gone"):
+        status, answer = await client.call("DELETE", path)
+        assert status in (200, 202, 204), answer
+    status, answer = await client.call("GET", "/v1/workspaces/gone/experiments/e/jobs/old/history")
+    assert status == 200, answer
+    [incarnation] = answer["value"]
+    assert incarnation["timeline"][0]["event"] == "JobSubmitted"
