@@ -116,7 +116,7 @@ async def test_a_lost_listener_connection_is_logged_once_and_its_return_too(pg_d
                 await asyncio.sleep(0.05)
                 if said("log.listener_lost"):
                     break
-            for _ in range(100):
+            for _ in range(400):  # (reconnecting takes moments on a loaded machine)
                 if said("log.listener_back"):
                     break
                 await asyncio.sleep(0.05)
