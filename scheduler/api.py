@@ -564,11 +564,10 @@ def _exec_asked(api: Api, job: Job, body: Any) -> tuple[str, int]:
         raise DocumentError("node", f"the job runs {len(job.tasks)} task(s): 0 to "
                                     f"{len(job.tasks) - 1}")  # fmt: skip
     if str(task) in job.task_exits:
-        raise CommandError(
-            f"task {task} of job {job.name!r} has ended (exit code {job.task_exits[str(task)]})"
-            + ("; a node that only hosts MPI ranks runs no command of its own, so it ends at "
-               "once: exec on task 0" if task and not job.task_exits[str(task)] else "")
-        )  # fmt: skip
+        code = job.task_exits[str(task)]
+        hint = ("; a node that only hosts MPI ranks runs no command of its own, so it ends at "
+                "once: exec on task 0") if task and code == 0 else ""  # fmt: skip
+        raise CommandError(f"task {task} of job {job.name!r} has ended (exit code {code}){hint}")
     return command, task
 
 

@@ -81,6 +81,14 @@ COMMAND = (
 )
 
 
+def _box_job(command: str, image: str = IMAGE) -> dict:
+    """A one-GPU container job on the cluster `box`."""
+    return {"cluster": "box", "nodeCount": 1, "gpusPerNode": 1,
+            "stdOutErrPathPrefix": "$AZ_BATCHAI_MOUNT_ROOT/logs",
+            "containerSettings": {"imageSourceRegistry": {"image": image}},
+            "customToolkitSettings": {"commandLine": command}}  # fmt: skip
+
+
 async def test_a_container_job_runs_with_its_environment_mounts_labels_and_gpus(box):
     daemon, client, proxy = box
     job = {"cluster": "box", "nodeCount": 1, "gpusPerNode": 2,
@@ -121,10 +129,7 @@ async def test_a_container_job_runs_with_its_environment_mounts_labels_and_gpus(
 
 async def test_an_images_own_entrypoint_does_not_replace_the_jobs_command(box):
     daemon, client, _proxy = box
-    job = {"cluster": "box", "nodeCount": 1, "gpusPerNode": 1,
-           "stdOutErrPathPrefix": "$AZ_BATCHAI_MOUNT_ROOT/logs",
-           "containerSettings": {"imageSourceRegistry": {"image": ENTRYPOINT_IMAGE}},
-           "customToolkitSettings": {"commandLine": "echo from the job; exit 4"}}  # fmt: skip
+    job = _box_job("echo from the job; exit 4", ENTRYPOINT_IMAGE)
     assert (await client.call("PUT", f"{EXP}/jobs/ep", job))[0] == 201
     await _ended(daemon, "ep")
     out = daemon.state_dir / "mounts/logs/default/default/ep/1/stdouterr"
@@ -134,10 +139,7 @@ async def test_an_images_own_entrypoint_does_not_replace_the_jobs_command(box):
 
 async def test_terminate_stops_the_container_and_a_missing_image_fails_clearly(box):
     daemon, client, _proxy = box
-    job = {"cluster": "box", "nodeCount": 1, "gpusPerNode": 1,
-           "stdOutErrPathPrefix": "$AZ_BATCHAI_MOUNT_ROOT/logs",
-           "containerSettings": {"imageSourceRegistry": {"image": IMAGE}},
-           "customToolkitSettings": {"commandLine": "echo started; sleep 600"}}  # fmt: skip
+    job = _box_job("echo started; sleep 600")
     await client.call("PUT", f"{EXP}/jobs/sleepy", job)
     models = daemon.models.models
     await _until(lambda: newest_job(models, "sleepy").state
@@ -161,10 +163,7 @@ async def test_terminate_gives_a_program_in_the_container_its_sigterm_grace(box,
     saved = daemon.cfg.mounts / "saved"
     program = (f"sh -c 'trap \"sleep 1; echo checkpoint > {saved}; exit 0\" TERM; "
                f"while :; do sleep 0.1; done' & echo started; wait")  # fmt: skip
-    job = {"cluster": "box", "nodeCount": 1, "gpusPerNode": 1,
-           "stdOutErrPathPrefix": "$AZ_BATCHAI_MOUNT_ROOT/logs",
-           "containerSettings": {"imageSourceRegistry": {"image": IMAGE}},
-           "customToolkitSettings": {"commandLine": program}}  # fmt: skip
+    job = _box_job(program)
     status, _ = await client.call("PUT", f"{EXP}/jobs/trainer", job)
     assert status == 201
     models = daemon.models.models
