@@ -26,8 +26,8 @@ import aiodocker
 import aiohttp
 import structlog
 
-from batchd.scheduler import files, protocol
-from batchd.scheduler.containers import LABEL, ContainerTask, engine_of
+from batchd.scheduler import files, protocol, watchdog
+from batchd.scheduler.containers import ContainerTask, engine_of, remove_node_containers
 from batchd.scheduler.protocol import TaskKey
 from batchd.scheduler.runtimes import (
     ProcessTask,
@@ -166,16 +166,12 @@ class Agent:
         self.docker = aiodocker.Docker(url=url)
         try:
             self.engine = await engine_of(self.docker)
-            left = await self.docker.containers.list(
-                all=True, filters={"label": [f"{LABEL}.node={self.node_id}"]})  # fmt: skip
+            removed = await remove_node_containers(self.docker, self.node_id)
         except (aiodocker.DockerError, aiohttp.ClientError, OSError) as exc:
             await self.docker.close()
             raise AgentError(f"cannot use the container engine at {url}: {exc}") from None
-        for container in left:
-            with contextlib.suppress(aiodocker.DockerError):
-                await container.delete(force=True)
         self.attach_gpus = attach_gpus
-        logger.info("agent.engine", engine=self.engine, url=url, removed=len(left))
+        logger.info("agent.engine", engine=self.engine, url=url, removed=removed)
 
     def _task(self, command: dict[str, Any], slot: Path):
         if command.get("runtime") == "docker":
@@ -576,19 +572,28 @@ async def main(args: argparse.Namespace) -> int:
         raise AgentError(f"--runtimes: {', '.join(unknown)}: the runtimes are process, docker")
     if args.address is not None and not protocol.ADDRESS.fullmatch(args.address):
         raise AgentError(f"--address {args.address!r}: {protocol.ADDRESS_RULE}")
-    agent = Agent(args.server, token, node_id, args.cluster, gpus, runtimes,
-                  Path(args.work_dir), args.address)  # fmt: skip
-    if "docker" in runtimes:
+    work_dir = Path(args.work_dir)
+    try:  # one agent per work directory; a previous one's watchdog may still be ending its tasks
+        lock = await asyncio.to_thread(watchdog.hold_work_dir, work_dir)
+    except watchdog.WorkDirBusy:
+        raise AgentError(f"--work-dir {work_dir}: another agent runs there (it holds "
+                         f"{work_dir / watchdog.LOCK_FILE})") from None  # fmt: skip
+    agent = Agent(args.server, token, node_id, args.cluster, gpus, runtimes, work_dir,
+                  args.address)  # fmt: skip
+    docker_host = args.docker_host if "docker" in runtimes else None
+    if docker_host:
         attach = args.gpu_attach == "always" or (
             args.gpu_attach == "auto" and gpus.model != "simulated"
         )
-        await agent.connect_engine(args.docker_host, attach)
+        await agent.connect_engine(docker_host, attach)
     watch_children_with_pidfd()
     if not become_subreaper():
         logger.warning("agent.no_subreaper", note="processes that leave a task's group survive it")
+    _, guard = await watchdog.start(lock, agent.running_dir, node_id, docker_host)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await agent.run(stop)
+    await agent.run(stop)  # its tasks are stopped when it returns
+    watchdog.stopped(guard)
     return 1 if agent.refused else 0

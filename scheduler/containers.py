@@ -240,3 +240,12 @@ async def engine_of(docker: aiodocker.Docker) -> str:
     version = await docker.version()
     names = " ".join(c.get("Name", "") for c in version.get("Components") or ())
     return "podman" if "podman" in names.lower() else "docker"
+
+
+async def remove_node_containers(docker: aiodocker.Docker, node_id: str) -> int:
+    """Remove (killing) every container of a node's tasks; how many there were."""
+    left = await docker.containers.list(all=True, filters={"label": [f"{LABEL}.node={node_id}"]})
+    for container in left:
+        with contextlib.suppress(aiodocker.DockerError):
+            await container.delete(force=True)
+    return len(left)

@@ -147,7 +147,7 @@ class ProcessTask:
         try:
             with open(out / f"stdout{suffix}.txt", "ab") as stdout, \
                     open(out / f"stderr{suffix}.txt", "ab") as stderr:  # fmt: skip
-                self.process = await _start(
+                self.process = await start_child(
                     "/bin/sh", "-c", command, cwd=work, env=env, stdin=asyncio.subprocess.DEVNULL,
                     stdout=stdout, stderr=stderr, start_new_session=True,
                 )  # fmt: skip
@@ -179,7 +179,7 @@ class ProcessTask:
     async def exec(self, command: str, send) -> int:
         """Run `command` in the task's environment and directory; `send(stdout=...)` and
         `send(stderr=...)` get its output as it comes; its exit code."""
-        process = await _start(
+        process = await start_child(
             "/bin/sh", "-c", command, cwd=self.spec["workDir"], env=self._env(),
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE, start_new_session=True,
@@ -313,8 +313,8 @@ async def _group_ended(group: int, seconds: float) -> bool:
 GROUP_POLL = 0.05  # seconds between looks at a stopping task's process group
 
 
-async def _start(*command: str, **options: Any) -> asyncio.subprocess.Process:
-    """A child process asyncio waits for (see sweep_orphans); `_waited` forgets it."""
+async def start_child(*command: str, **options: Any) -> asyncio.subprocess.Process:
+    """Start a child process asyncio waits for (see sweep_orphans); `_waited` forgets it."""
     global _starting
     _starting += 1
     try:

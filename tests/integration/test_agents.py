@@ -680,6 +680,26 @@ async def _agent_on(
     return agent
 
 
+async def test_the_tasks_of_an_agent_killed_outright_end_with_it(local):
+    """An agent killed outright (SIGKILL, the OOM killer) cannot stop its tasks: its watchdog
+    does, at once, so an attempt never runs on beside its retry. No agent of the node is
+    started again here to reap them."""
+    daemon, client = local
+    agent = await _agent_on(daemon, client, "dies", {"vmSize": "Standard_NC6",
+                            "scaleSettings": {"manual": {"targetNodeCount": 1}}})  # fmt: skip
+    shell, away = daemon.state_dir / "shell.pid", daemon.state_dir / "away.pid"
+    command = (f"echo $$ > {shell}; setsid sh -c 'echo $$ > {away}; exec sleep 600' & "
+               "exec sleep 600")  # fmt: skip
+    await _run(client, "orphaned", command, cluster="dies")
+    await _until(lambda: all(p.exists() and p.read_text().strip() for p in (shell, away)), 30)
+    pids = [int(p.read_text()) for p in (shell, away)]
+    agent.kill()
+    await agent.wait()
+    # the task's group, and what left it (setsid), end with their agent
+    await _until(lambda: not any(alive(pid) for pid in pids), 10)
+    await client.call("POST", f"{EXP}/jobs/orphaned/terminate")
+
+
 async def test_a_preempted_jobs_task_is_killed_before_its_gpu_is_reused(local):
     daemon, client = local
     document = {"vmSize": "Standard_NC6", "preemption": True,

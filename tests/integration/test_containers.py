@@ -27,7 +27,8 @@ EXP = "/v1/workspaces/default/experiments/default"
 
 @pytest.fixture
 async def box(tmp_path, proxy, monkeypatch):
-    """A daemon, a cluster `box` and one agent on it with the docker runtime via the proxy."""
+    """A daemon, a cluster `box` and one agent on it with the docker runtime via the proxy
+    (daemon, client, proxy, the agent's process)."""
     monkeypatch.delenv("BATCHD_SECRET_KEYS", raising=False)
     daemon = await start_daemon(tmp_path / "state")
     agent = None
@@ -49,9 +50,9 @@ async def box(tmp_path, proxy, monkeypatch):
             )  # fmt: skip
             nodes = daemon.models.models.nodes
             await _until(lambda: "box-0" in nodes and nodes["box-0"].state == "ready", 30)
-            yield daemon, client, proxy
+            yield daemon, client, proxy, agent
     finally:
-        if agent is not None:
+        if agent is not None and agent.returncode is None:
             agent.terminate()
             await agent.wait()
         await daemon.stop()
@@ -90,7 +91,7 @@ def _box_job(command: str, image: str = IMAGE) -> dict:
 
 
 async def test_a_container_job_runs_with_its_environment_mounts_labels_and_gpus(box):
-    daemon, client, proxy = box
+    daemon, client, proxy, _agent = box
     job = {"cluster": "box", "nodeCount": 1, "gpusPerNode": 2,
            "stdOutErrPathPrefix": "$AZ_BATCHAI_MOUNT_ROOT/logs",
            "containerSettings": {"imageSourceRegistry": {"image": IMAGE}, "shmSize": "64m"},
@@ -128,7 +129,7 @@ async def test_a_container_job_runs_with_its_environment_mounts_labels_and_gpus(
 
 
 async def test_an_images_own_entrypoint_does_not_replace_the_jobs_command(box):
-    daemon, client, _proxy = box
+    daemon, client, _proxy, _agent = box
     job = _box_job("echo from the job; exit 4", ENTRYPOINT_IMAGE)
     assert (await client.call("PUT", f"{EXP}/jobs/ep", job))[0] == 201
     await _ended(daemon, "ep")
@@ -138,7 +139,7 @@ async def test_an_images_own_entrypoint_does_not_replace_the_jobs_command(box):
 
 
 async def test_terminate_stops_the_container_and_a_missing_image_fails_clearly(box):
-    daemon, client, _proxy = box
+    daemon, client, _proxy, _agent = box
     job = _box_job("echo started; sleep 600")
     await client.call("PUT", f"{EXP}/jobs/sleepy", job)
     models = daemon.models.models
@@ -158,8 +159,23 @@ async def test_terminate_stops_the_container_and_a_missing_image_fails_clearly(b
     assert error["code"] == "image_unavailable" and "no-such-image" in error["message"]
 
 
+async def test_the_container_of_an_agent_killed_outright_is_removed_by_its_watchdog(box):
+    daemon, client, _proxy, agent = box
+    await client.call("PUT", f"{EXP}/jobs/stranded", _box_job("sleep 600"))
+    models = daemon.models.models
+    await _until(lambda: newest_job(models, "stranded").state == "running", 60)
+    job_id = newest_job(models, "stranded").job_id
+    assert len(await _containers(job_id)) == 1
+    agent.kill()  # SIGKILL: it cannot stop the container itself
+    await agent.wait()
+    deadline = asyncio.get_running_loop().time() + 20
+    while await _containers(job_id):
+        assert asyncio.get_running_loop().time() < deadline, "the container was left running"
+        await asyncio.sleep(0.2)
+
+
 async def test_terminate_gives_a_program_in_the_container_its_sigterm_grace(box, tmp_path):
-    daemon, client, _proxy = box
+    daemon, client, _proxy, _agent = box
     saved = daemon.cfg.mounts / "saved"
     program = (f"sh -c 'trap \"sleep 1; echo checkpoint > {saved}; exit 0\" TERM; "
                f"while :; do sleep 0.1; done' & echo started; wait")  # fmt: skip
