@@ -109,13 +109,13 @@ async def test_a_kill_that_comes_while_the_process_is_being_started_still_stops_
     spec = {"jobId": "j1", "attempt": 1, "task": 0, "stdouterr": str(tmp_path),
             "workDir": str(tmp_path / "w"), "env": {}, "command": "exec sleep 600"}  # fmt: skip
     task = runtimes.ProcessTask(spec)
-    real_start = runtimes._start
+    real_start = runtimes.start_child
 
     async def start_and_be_killed_meanwhile(*command, **options):
         process = await real_start(*command, **options)
-        await task.kill()  # the KillTask (or the lease) arrives before _start has returned
+        await task.kill()  # the KillTask (or the lease) arrives before start_child has returned
         return process
 
-    monkeypatch.setattr(runtimes, "_start", start_and_be_killed_meanwhile)
+    monkeypatch.setattr(runtimes, "start_child", start_and_be_killed_meanwhile)
     result = await asyncio.wait_for(task.run(asyncio.Event()), 30)
     assert result.exit_code == 128 + 15  # SIGTERM: stopped, not left to sleep
