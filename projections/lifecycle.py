@@ -7,7 +7,7 @@ command when it refuses); the read models use the same table to ignore what cann
 
     queued -> scheduled -> preparing -> running -> succeeded | failed
     any live state -> terminating -> failed (terminated)
-    scheduled | preparing | running -> queued (node lost, evicted, preempted, retry)
+    scheduled | preparing | running -> queued (node lost, evicted, preempted, interrupted, retry)
     succeeded | failed -> deleted
 """
 

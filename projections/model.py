@@ -49,7 +49,7 @@ EXECUTION_STATE = {
 }
 
 # Retry causes: each has its own ledger entry and ceiling (DESIGN.md "Job lifecycle").
-RETRY_CAUSES = ("exit_code", "node_lost", "evicted", "preempted")
+RETRY_CAUSES = ("exit_code", "node_lost", "evicted", "preempted", "interrupted")
 
 
 @dataclass(slots=True)

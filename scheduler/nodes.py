@@ -842,7 +842,7 @@ def _lost(m: ReadModels, node_id: str) -> list[Decision]:
     if node is None or node.state not in LOSABLE:
         return []
     silent = f"no word from its agent for {NODE_TIMEOUT:.0f} s"
-    return _lose(m, node_id, {"code": "node_lost", "message": silent})
+    return lose_node(m, node_id, {"code": "node_lost", "message": silent})
 
 
 def _left(m: ReadModels, node_id: str) -> list[Decision]:
@@ -853,12 +853,16 @@ def _left(m: ReadModels, node_id: str) -> list[Decision]:
         return []
     if node.state == LEAVING and not node.allocations:
         return []
-    return _lose(m, node_id, {"code": "agent_stopped", "message": "its agent stopped"})
+    return lose_node(m, node_id, {"code": "agent_stopped", "message": "its agent stopped"})
 
 
-def _lose(m: ReadModels, node_id: str, error: dict[str, str]) -> list[Decision]:
+def lose_node(
+    m: ReadModels, node_id: str, error: dict[str, str], cause: str = "node_lost"
+) -> list[Decision]:
+    """NodeLost with `error`, and the fate of each attempt the node ran (by `cause`: a lost
+    node spends the job's node-failure retries, an interrupted one none)."""
     lost = NewEvent("NodeLost", {"nodeId": node_id, "error": error})
-    fates = retries.node_lost(m, node_id)
+    fates = retries.node_lost(m, node_id, cause, error if cause == "interrupted" else None)
     for _stream, event in fates:  # each attempt's fate follows from the loss
         event.causation_id = lost.event_id
     return [(f"node-{node_id}", lost), *fates]

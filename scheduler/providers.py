@@ -6,6 +6,11 @@ workspace `default` whose nodes are `batchd agent` processes with simulated GPUs
 process runtime. The provider keeps as many running as the cluster's manual scale settings
 ask (`targetNodeCount`); an agent that exits is started again; a node above the target is
 stopped once it runs nothing, and removed from the cluster.
+
+Local agents stop with their daemon. When it stops, its local nodes are lost (`daemon_stopped`)
+and the attempts they ran are queued again as `interrupted`, which spends none of the job's
+retries; a daemon that did not stop cleanly finds its nodes so when it starts again
+(`daemon_restarted`). Either way they take no work until their new agents have registered.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from batchd.scheduler import commands
 from batchd.scheduler.agent import PARENT_ENV
 from batchd.scheduler.auth import revoke_token
 from batchd.scheduler.control import Control, token_file
+from batchd.scheduler.nodes import LOSABLE, lose_node
 
 logger = structlog.get_logger(__name__)
 
@@ -35,6 +41,11 @@ STOP_GRACE = 10.0
 ACTOR = "batchd:serve"
 
 
+STOPPED = {"code": "daemon_stopped", "message": "the daemon stopped, and its local agents with it"}
+RESTARTED = {
+    "code": "daemon_restarted",
+    "message": "the daemon did not stop cleanly; its local agents ended with it",
+}
 LEGACY_TOKEN = "local-agents"  # the one token earlier versions gave every local agent
 
 
@@ -92,7 +103,20 @@ class LocalProvider:
             return out
 
         await self.control.run(decide_rest, structural=True)
+        await self._interrupt(RESTARTED)  # none of its agents runs now
         await self._retire_shared_token()
+
+    async def _interrupt(self, error: dict[str, str]) -> None:
+        """The local nodes' agents stop, or have stopped: each node still up is lost with
+        `error`, and its attempts are queued again without spending a retry."""
+
+        def decide(m: ReadModels) -> list:
+            cluster = m.clusters.get(m.cluster_ids.get(f"{WORKSPACE}/{CLUSTER}", ""))
+            return [decision for node_id in (cluster.nodes if cluster else ())
+                    if m.nodes[node_id].state in (READY, *LOSABLE)
+                    for decision in lose_node(m, node_id, error, "interrupted")]  # fmt: skip
+
+        await self.control.run(decide, structural=True)
 
     async def _retire_shared_token(self) -> None:
         """Earlier versions gave every local agent one token that could speak for any node
@@ -217,6 +241,10 @@ class LocalProvider:
 
     async def stop(self) -> None:
         self.stopping = True  # no agent is started again from now on
+        try:
+            await self._interrupt(STOPPED)
+        except Exception as exc:  # (fenced out, the log gone): the agents stop all the same
+            logger.warning("local.interruption_not_logged", error=str(exc))
         await asyncio.gather(*(self._stop(p) for p in self.processes.values()))
         self.processes.clear()
 

@@ -3,7 +3,8 @@
 Each cause has its own ceiling (DESIGN.md, "Job lifecycle"): `exit_code` failures spend the
 job's `maxRetries` (default 0, as in Azure Batch); a lost node (`node_lost`) and a low-priority
 eviction (`evicted`) spend `maxNodeFailureRetries` (default 3) together; preemption by a
-higher-priority job (`preempted`) is the scheduler's choice, not a failure, and is not capped.
+higher-priority job (`preempted`) is the scheduler's choice, not a failure, and is not capped;
+nor is `interrupted`: the daemon stopped (or restarted) and its local nodes' agents with it.
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ def attempt_ended(
         return []
     if cause == "preempted":
         return [(stream, NewEvent("JobPreempted", {"jobId": job_id, "attempt": attempt}))]
-    if cause == "exit_code":
+    if cause == "interrupted":
+        spent, ceiling = 0, 1
+    elif cause == "exit_code":
         spent, ceiling = job.retries.get("exit_code", 0), job.max_retries
     elif cause in NODE_CAUSES:
         spent = sum(job.retries.get(c, 0) for c in NODE_CAUSES)
@@ -57,8 +60,11 @@ def attempt_ended(
     return [(stream, NewEvent("JobFailed", data))]
 
 
-def node_lost(m: ReadModels, node_id: str, cause: str = "node_lost") -> list[Decision]:
-    """For a node that was lost (or evicted): the fate of every attempt that ran on it."""
+def node_lost(
+    m: ReadModels, node_id: str, cause: str = "node_lost", error: dict[str, str] | None = None
+) -> list[Decision]:
+    """For a node that was lost (or evicted, or interrupted): the fate of every attempt that
+    ran on it; `error` (default: the node was lost, or evicted) is recorded with each."""
     node = m.nodes.get(node_id)
     if node is None:
         return []
@@ -66,6 +72,6 @@ def node_lost(m: ReadModels, node_id: str, cause: str = "node_lost") -> list[Dec
     out: list[Decision] = []
     for job_id, attempt in holders:
         what = {"node_lost": "was lost", "evicted": "was evicted"}.get(cause, cause)
-        error = {"code": cause, "message": f"node {node_id} {what}"}
-        out.extend(attempt_ended(m, job_id, attempt, cause, error=error))
+        told = error or {"code": cause, "message": f"node {node_id} {what}"}
+        out.extend(attempt_ended(m, job_id, attempt, cause, error=told))
     return out

@@ -431,9 +431,9 @@ async def test_resizing_down_drains_a_busy_node_which_takes_no_new_work_then_lea
 
 
 async def test_a_draining_node_a_stopped_daemon_left_is_lost_then_removed(tmp_path, monkeypatch):
-    """The daemon stops while an extra node drains; its agent stops with it. The next daemon
-    runs no agent for that node: the node falls silent, is lost (its attempt requeued as a
-    node failure), and is then removed from the cluster."""
+    """The daemon stops while an extra node drains; its agent stops with it, and the node is
+    lost then (its attempt requeued as interrupted, not as a node failure). The next daemon
+    runs no agent for that node: it is removed from the cluster."""
     monkeypatch.delenv("BATCHD_SECRET_KEYS", raising=False)
     state = tmp_path / "state"
     cluster = "/v1/workspaces/default/clusters/local"
@@ -458,13 +458,14 @@ async def test_a_draining_node_a_stopped_daemon_left_is_lost_then_removed(tmp_pa
             await _until(lambda: models.nodes["local-2"].state == "leaving", 30)
     finally:
         await daemon.stop()
+    assert models.nodes["local-2"].state == "lost"
     daemon = await start_daemon(state, local_nodes=2)
     models = daemon.models.models
     try:
-        await _until(lambda: "local-2" not in models.nodes, 40)  # grace, silence, lost, gone
+        await _until(lambda: "local-2" not in models.nodes, 40)
         assert sorted(models.clusters[models.cluster_ids["default/local"]].nodes) == [
             "local-0", "local-1"]  # fmt: skip
-        assert job("w2").retries == {"node_lost": 1}  # requeued as a node failure
+        assert job("w2").retries == {"interrupted": 1}  # not a node failure
     finally:
         async with admin_client(daemon) as client:
             for name in ("w0", "w1", "w2"):
@@ -904,6 +905,76 @@ async def test_an_agent_outlives_a_daemon_restart_and_its_task_runs_on(tmp_path,
         if agent is not None:
             agent.terminate()
             await agent.wait()
+        await daemon.stop()
+
+
+async def test_a_daemon_restart_runs_its_local_jobs_again_without_spending_retries(
+    tmp_path, monkeypatch
+):
+    """Local agents stop with their daemon. A restart (an upgrade) is the operator's doing:
+    the attempts it stops are queued again without spending the job's node-failure retries,
+    and the stopped nodes take no work until their new agents have registered."""
+    monkeypatch.delenv("BATCHD_SECRET_KEYS", raising=False)
+    state = tmp_path / "state"
+    daemon = await start_daemon(state, local_nodes=2)
+    try:
+        async with admin_client(daemon) as client:
+            await _until(lambda: _ready_nodes(daemon) == 2, 30)
+            await _run(client, "upgraded", "echo attempt $AZ_BATCHAI_JOB_ATTEMPT; sleep 600",
+                       maxNodeFailureRetries=0)  # fmt: skip
+            job = lambda: newest_job(daemon.models.models, "upgraded")  # noqa: E731
+            await _until(lambda: job().state == "running", 30)
+        for _ in range(2):
+            await daemon.stop()
+            stopped = newest_job(daemon.models.models, "upgraded")
+            assert stopped.state == "queued"  # not "running" on a node that runs nothing
+            assert all(n.state == "lost" for n in daemon.models.models.nodes.values())
+            daemon = await start_daemon(state, local_nodes=2)
+            await _until(lambda: job().state == "running", 30)
+        assert job().attempt == 3 and job().retries == {"interrupted": 2}
+        await _until(lambda: _exists_with(daemon, "upgraded", 3, "attempt 3\n"), 10)
+        [*_, error] = job().errors
+        assert error["code"] == "daemon_stopped"
+        async with admin_client(daemon) as client:
+            await client.call("POST", f"{EXP}/jobs/upgraded/terminate")
+            await _ended(daemon, client, "upgraded")
+    finally:
+        await daemon.stop()
+
+
+async def test_a_daemon_killed_outright_requeues_its_local_jobs_when_it_starts_again(tmp_path):
+    """A daemon that did not stop cleanly: its local agents end with it (they find it gone),
+    their tasks with them, and the next daemon requeues the attempts it finds placed on its
+    local nodes, without spending a retry, before their new agents take work."""
+    state, port = tmp_path / "state", _free_port()
+    env = {"BATCHD_STATE_DIR": str(state), "BATCHD_SERVER": f"http://127.0.0.1:{port}"}
+    serve = [sys.executable, "-m", "batchd.scheduler.cli", "serve", "--listen", f"127.0.0.1:{port}"]
+    crashed = subprocess.Popen(serve, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)  # fmt: skip
+    pid_file = tmp_path / "task.pid"
+    try:
+        deadline = time.monotonic() + 30
+        while batchd("node", "list", env=env).stdout.count("\tready\t") < 2:
+            assert time.monotonic() < deadline, "the local nodes did not become ready"
+            await asyncio.sleep(0.2)
+        done = batchd("job", "create", "kept", "--cluster", "local", "--command",
+                      f"echo $$ > {pid_file}; exec sleep 600", env=env)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        await _until(lambda: pid_file.exists() and pid_file.read_text().strip(), 30)
+    finally:
+        crashed.kill()
+        crashed.wait()
+    await _until(lambda: not alive(int(pid_file.read_text())), 15)  # its agents ended it
+    daemon = await start_daemon(state, local_nodes=2)
+    try:
+        job = newest_job(daemon.models.models, "kept")
+        await _until(lambda: job.attempt == 2 and job.state == "running", 30)
+        assert job.retries == {"interrupted": 1}
+        assert job.errors[-1]["code"] == "daemon_restarted"
+        async with admin_client(daemon) as client:
+            await client.call("POST", f"{EXP}/jobs/kept/terminate")
+            await _ended(daemon, client, "kept")
+    finally:
         await daemon.stop()
 
 

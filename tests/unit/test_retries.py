@@ -44,6 +44,15 @@ def test_node_losses_have_their_own_ceiling_and_preemption_none():
     assert w.models.jobs[job].retries == {"preempted": 2, "node_lost": 2, "evicted": 1}
 
 
+def test_an_interruption_by_the_daemon_stopping_spends_no_retry():
+    w = World().cluster(nodes=1)
+    job = w.job(gpus=1)
+    w.models.jobs[job].max_node_failure_retries = 0
+    causes = ["interrupted", "interrupted", "node_lost"]
+    assert lifecycle_of(w, job, "c-n0", causes) == ["JobRequeued", "JobRequeued", "JobFailed"]
+    assert w.models.jobs[job].retries == {"interrupted": 2}
+
+
 def test_a_lost_node_requeues_every_attempt_it_ran_once():
     w = World().cluster(nodes=2)
     gang, single, elsewhere = w.job(gpus=2, nodes=2), w.job(gpus=1), w.job(gpus=1)

@@ -1,5 +1,7 @@
 """One agent per work directory: the lock an agent (and then its watchdog) holds."""
 
+from __future__ import annotations
+
 import os
 
 import pytest
