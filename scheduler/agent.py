@@ -45,6 +45,7 @@ from batchd.scheduler.runtimes import (
     task_label,
     watch_children_with_pidfd,
 )
+from batchd.scheduler.vmsizes import memory_mb
 
 logger = structlog.get_logger(__name__)
 
@@ -273,7 +274,7 @@ class Agent:
     async def _register(self) -> None:
         register = self._message(
             "Register", cluster=self.cluster, gpus=self.gpus.count, gpuModel=self.gpus.model,
-            gpuMemoryMb=self.gpus.memory_mb, cpus=os.cpu_count() or 1, memoryMb=_memory_mb(),
+            gpuMemoryMb=self.gpus.memory_mb, cpus=os.cpu_count() or 1, memoryMb=memory_mb(),
             runtimes=self.runtimes, agentVersion=AGENT_VERSION, running=self._running(),
             **({"address": self.address} if self.address else {}),
         )  # fmt: skip
@@ -548,13 +549,6 @@ def _tail(path: Path, size: int = 2000) -> str:
             return handle.read().decode("utf-8", "replace")
     except OSError:
         return ""
-
-
-def _memory_mb() -> int:
-    with contextlib.suppress(OSError, ValueError):
-        pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        return pages // (1024 * 1024)
-    return 0
 
 
 async def main(args: argparse.Namespace) -> int:

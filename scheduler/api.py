@@ -42,6 +42,7 @@ from batchd.scheduler.commands import CommandError
 from batchd.scheduler.control import REQUEST, Control
 from batchd.scheduler.jobspec import parse_job
 from batchd.scheduler.schema import DocumentError, unwrap
+from batchd.scheduler.vmsizes import CATALOG, Catalog
 
 logger = structlog.get_logger(__name__)
 
@@ -62,8 +63,10 @@ class Api:
     """What the handlers share: the log, the read models, the write path, the settings."""
 
     def __init__(self, store: EventStore, runner: Runner, control: Control,
-                 keyring: Keyring | None, mount_root: Path) -> None:  # fmt: skip
+                 keyring: Keyring | None, mount_root: Path,
+                 catalog: Catalog = CATALOG) -> None:  # fmt: skip
         self.store = store
+        self.catalog = catalog  # the VM sizes clusters may have
         self.runner = runner
         self.control = control
         self.keyring = keyring
@@ -389,11 +392,11 @@ async def put_cluster(request: web.Request) -> web.Response:
     async def decide(m: ReadModels):
         existing = m.cluster_ids.get(f"{ws}/{name}")
         if existing is None:
-            return commands.create_cluster(m, ws, name, document, _actor(request))
+            return commands.create_cluster(m, ws, name, document, _actor(request), api.catalog)
         cluster = m.clusters[existing]
         stored = resources.opened(await resources.cluster_spec(api.store, cluster), api.keyring)
         stored["scaleSettings"] = cluster.scale_settings  # as PATCH left it
-        if commands.cluster_properties(parse_cluster(document)) == stored:
+        if commands.cluster_properties(parse_cluster(document, api.catalog)) == stored:
             return []
         raise CommandError(f"cluster {name!r} exists with another document: only its "
                            "scaleSettings may change (PATCH)")  # fmt: skip
@@ -493,7 +496,8 @@ async def put_job(request: web.Request) -> web.Response:
     async def decide(m: ReadModels):
         existing = commands.current_job(m, ws, exp, name)
         if existing is None:
-            return commands.submit_job(m, ws, exp, name, document, _actor(request))
+            return commands.submit_job(m, ws, exp, name, document, _actor(request),
+                                       catalog=api.catalog)  # fmt: skip
         stored = resources.opened(await resources.job_spec(api.store, existing), api.keyring)
         wanted = parse_job(document)
         target = commands.resolve_cluster(m, wanted.cluster, ws, "")

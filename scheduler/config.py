@@ -17,9 +17,11 @@ from pathlib import Path
 
 from batchd.events.secrets import Keyring
 from batchd.scheduler.protocol import RUNTIMES
+from batchd.scheduler.vmsizes import CATALOG, Catalog, local_size
 
 DEFAULT_LISTEN = "127.0.0.1:8080"
 DEFAULT_LOCAL_NODES = 2
+MAX_LOCAL_GPUS = 64  # simulated GPUs a local node may have
 KEYS_ENV = "BATCHD_SECRET_KEYS"
 
 
@@ -42,6 +44,7 @@ class Config:
     local_gpus: int = 4  # simulated GPUs on each
     local_runtimes: str = "process"  # their runtimes: process, or docker,process
     local_docker_host: str | None = None  # the engine of their docker runtime (else $DOCKER_HOST)
+    catalog: Catalog = CATALOG  # VM sizes: built in, [vm_sizes], and the local shape
     raw: dict = field(default_factory=dict)
 
     @property
@@ -108,6 +111,13 @@ def load(
     local = raw.get("local", {})
     if local_nodes is None:  # the embedded default has 2 simulated nodes; a file says how many
         local_nodes = int(local.get("nodes", 0 if config_file else DEFAULT_LOCAL_NODES))
+    local_gpus = int(local.get("gpus_per_node", 4))
+    if not 0 <= local_gpus <= MAX_LOCAL_GPUS:
+        raise ConfigError(f"[local] gpus_per_node: {local_gpus}: give 0 to {MAX_LOCAL_GPUS}")
+    try:
+        catalog = CATALOG.with_overrides(raw.get("vm_sizes", {}))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     return Config(
         state_dir=directory,
         store_url=store or raw.get("store", {}).get("url") or default_store_url(directory),
@@ -119,9 +129,10 @@ def load(
         tls_key=Path(key) if key else None,
         tls_self_signed=self_signed,
         local_nodes=local_nodes,
-        local_gpus=int(local.get("gpus_per_node", 4)),
+        local_gpus=local_gpus,
         local_runtimes=_runtimes(local.get("runtimes", "process")),
         local_docker_host=local.get("docker_host"),
+        catalog=catalog.with_size(local_size(local_gpus)),
         raw=raw,
     )
 

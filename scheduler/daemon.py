@@ -115,7 +115,8 @@ class Daemon:
             keyring = self.store.codec.keyring = config.load_keyring(cfg, create=True)
         self.models = Runner(self.store)
         self.control = Control(self.store, self.models)
-        self.api = service = api.Api(self.store, self.models, self.control, keyring, cfg.mounts)
+        self.api = service = api.Api(self.store, self.models, self.control, keyring, cfg.mounts,
+                                         cfg.catalog)  # fmt: skip
         self.nodes = NodeService(self.store, self.models, self.control, cfg.mounts,
                                  cfg.state_dir)  # fmt: skip
         service.heard_from = self.nodes.seen
@@ -145,7 +146,7 @@ class Daemon:
         if cfg.local_nodes:
             self.providers.append(LocalProvider(
                 self.control, self.url, cfg.state_dir, cfg.local_nodes, cfg.local_gpus,
-                cfg.local_runtimes, cfg.local_docker_host))  # fmt: skip
+                cfg.local_runtimes, cfg.local_docker_host, cfg.catalog))  # fmt: skip
         for provider in self.providers:
             await provider.bootstrap()
         self._task(self._plan_loop(), "planner")

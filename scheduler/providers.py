@@ -32,11 +32,11 @@ from batchd.scheduler.agent import PARENT_ENV
 from batchd.scheduler.auth import revoke_token
 from batchd.scheduler.control import Control, token_file
 from batchd.scheduler.nodes import LOSABLE, lose_node
+from batchd.scheduler.vmsizes import LOCAL, Catalog
 
 logger = structlog.get_logger(__name__)
 
 WORKSPACE, EXPERIMENT, CLUSTER = "default", "default", "local"
-VM_SIZE = "Standard_NC24s_v3"  # 4 GPUs a node, simulated
 STOP_GRACE = 10.0
 ACTOR = "batchd:serve"
 
@@ -71,13 +71,14 @@ def _index(node_id: str) -> int:
 
 class LocalProvider:
     def __init__(self, control: Control, url: str, state_dir: Path, nodes: int,
-                 gpus_per_node: int, runtimes: str = "process",
-                 docker_host: str | None = None) -> None:  # fmt: skip
+                 gpus_per_node: int, runtimes: str, docker_host: str | None,
+                 catalog: Catalog) -> None:  # fmt: skip
         self.control = control
         self.url = url
         self.state_dir = state_dir
         self.nodes, self.gpus = nodes, gpus_per_node
         self.runtimes, self.docker_host = runtimes, docker_host
+        self.catalog = catalog  # with the nodes' own shape, LOCAL
         self.processes: dict[str, asyncio.subprocess.Process] = {}
         self.stopping = False
 
@@ -98,13 +99,27 @@ class LocalProvider:
                 out += commands.create_experiment(m, WORKSPACE, EXPERIMENT, ACTOR)
             if f"{WORKSPACE}/{CLUSTER}" not in m.cluster_ids:
                 scale = {"manual": {"targetNodeCount": self.nodes}}
-                document = {"vmSize": VM_SIZE, "scaleSettings": scale}
-                out += commands.create_cluster(m, WORKSPACE, CLUSTER, document, ACTOR)
+                document = {"vmSize": LOCAL, "scaleSettings": scale}
+                out += commands.create_cluster(m, WORKSPACE, CLUSTER, document, ACTOR,
+                                               self.catalog)  # fmt: skip
             return out
 
         await self.control.run(decide_rest, structural=True)
+        self._check_shape()
         await self._interrupt(RESTARTED)  # none of its agents runs now
         await self._retire_shared_token()
+
+    def _check_shape(self) -> None:
+        """Jobs are checked against the cluster's VM size: say so if a cluster made earlier
+        (or with another `gpus_per_node`) has a shape other than its nodes'."""
+        m = self.control.models
+        cluster = m.clusters[m.cluster_ids[f"{WORKSPACE}/{CLUSTER}"]]
+        size = self.catalog.get(cluster.vm_size)
+        if size is None or size.gpus != self.gpus:
+            logger.warning("local.cluster_shape", vm_size=cluster.vm_size,
+                           gpus=size.gpus if size else None, gpus_per_node=self.gpus,
+                           note="delete the cluster local to have it made again with "
+                           "[local] gpus_per_node GPUs a node")  # fmt: skip
 
     async def _interrupt(self, error: dict[str, str]) -> None:
         """The local nodes' agents stop, or have stopped: each node still up is lost with

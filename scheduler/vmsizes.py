@@ -2,11 +2,14 @@
 
 The common Azure sizes are built in (GPU families NC, ND and NV up to the H100 sizes, and a
 few CPU sizes); configuration may add sizes or override these (`[vm_sizes.<name>]`), and a
-local cluster declares its own shape. Names are matched without regard to case, as Azure does.
+local cluster declares its own shape (`Local`: `[local] gpus_per_node` simulated GPUs, and this
+machine's vCPUs and memory). Names are matched without regard to case, as Azure does.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -61,21 +64,17 @@ class Catalog:
     def __init__(self, sizes: tuple[VmSize, ...] = BUILT_IN) -> None:
         self._sizes = {s.name.lower(): s for s in sizes}
 
-    def with_overrides(self, overrides: Mapping[str, Mapping[str, Any]]) -> Catalog:
+    def with_overrides(self, overrides: Mapping[str, Any]) -> Catalog:
         """A catalog with sizes from configuration added or replaced, e.g.
-        `{"Standard_Local4": {"gpus": 4, "gpu_model": "sim", "vcpus": 16, "memory_mb": 65536}}`."""
+        `{"Standard_Lab4": {"gpus": 4, "gpu_model": "A40", "vcpus": 16, "memory_mb": 65536}}`;
+        ValueError naming the size and field of a bad one."""
         sizes = dict(self._sizes)
         for name, shape in overrides.items():
-            try:
-                sizes[name.lower()] = VmSize(
-                    name, int(shape["gpus"]), str(shape.get("gpu_model", "")),
-                    int(shape["vcpus"]), int(shape["memory_mb"]),
-                )  # fmt: skip
-            except (KeyError, TypeError, ValueError) as exc:
-                raise ValueError(
-                    f"vm_sizes.{name}: needs gpus, vcpus and memory_mb ({exc})"
-                ) from None
+            sizes[name.lower()] = _size(name, shape)
         return Catalog(tuple(sizes.values()))
+
+    def with_size(self, size: VmSize) -> Catalog:
+        return Catalog((*self._sizes.values(), size))
 
     def get(self, name: str) -> VmSize | None:
         return self._sizes.get(name.lower())
@@ -85,3 +84,35 @@ class Catalog:
 
 
 CATALOG = Catalog()
+LOCAL = "Local"  # the VM size of the local provider's nodes
+
+
+def _size(name: str, shape: Any) -> VmSize:
+    where = f"[vm_sizes.{name}]"
+    if not isinstance(shape, Mapping):
+        raise ValueError(f"{where}: must be a table of gpus, vcpus, memory_mb (and gpu_model)")
+    unknown = sorted(set(shape) - {"gpus", "gpu_model", "vcpus", "memory_mb"})
+    if unknown:
+        raise ValueError(f"{where} {unknown[0]}: unknown (give gpus, gpu_model, vcpus, memory_mb)")
+    numbers = {}
+    for key, least in (("gpus", 0), ("vcpus", 1), ("memory_mb", 1)):
+        value = shape.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{where} {key}: must be a whole number of at least {least}")
+        numbers[key] = value
+    model = shape.get("gpu_model", "")
+    if not isinstance(model, str):
+        raise ValueError(f"{where} gpu_model: must be a string")
+    return VmSize(name, numbers["gpus"], model, numbers["vcpus"], numbers["memory_mb"])
+
+
+def local_size(gpus: int) -> VmSize:
+    """The shape of a local node: `gpus` simulated GPUs, and this machine's CPUs and memory."""
+    return VmSize(LOCAL, gpus, "simulated" if gpus else "", os.cpu_count() or 1, memory_mb())
+
+
+def memory_mb() -> int:
+    """This machine's memory, in MiB (0: unknown)."""
+    with contextlib.suppress(OSError, ValueError):
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // (1024 * 1024)
+    return 0

@@ -50,10 +50,10 @@ async def admin_client(daemon: Daemon):
         yield Client(session, daemon.url, daemon.admin_token)
 
 
-async def start_daemon(state_dir, **options) -> Daemon:
+async def start_daemon(state_dir, config_file=None, **options) -> Daemon:
     options.setdefault("local_nodes", 0)  # no embedded cluster unless a test asks for one
     options.setdefault("listen", "127.0.0.1:0")
-    cfg = config.load(None, state=str(state_dir), **options)
+    cfg = config.load(config_file and str(config_file), state=str(state_dir), **options)
     daemon = Daemon(cfg)
     try:
         await daemon.start()

@@ -978,6 +978,41 @@ async def test_a_daemon_killed_outright_requeues_its_local_jobs_when_it_starts_a
         await daemon.stop()
 
 
+async def test_local_nodes_have_the_configured_gpus_and_vm_sizes_come_from_configuration(
+    tmp_path, monkeypatch
+):
+    monkeypatch.delenv("BATCHD_SECRET_KEYS", raising=False)
+    config_file = tmp_path / "batchd.toml"
+    config_file.write_text("[local]\nnodes = 1\ngpus_per_node = 2\n\n"
+                           "[vm_sizes.Standard_Lab8]\ngpus = 8\ngpu_model = \"L40S\"\n"
+                           "vcpus = 64\nmemory_mb = 524288\n")  # fmt: skip
+    daemon = await start_daemon(tmp_path / "state", config_file, local_nodes=None)
+    try:
+        async with admin_client(daemon) as client:
+            await _until(lambda: _ready_nodes(daemon) == 1, 30)
+            _, local = await client.call("GET", "/v1/workspaces/default/clusters/local")
+            assert local["properties"]["vmSize"] == "Local"
+            command = {"commandLine": "echo $CUDA_VISIBLE_DEVICES"}
+            spec = {"cluster": "local", "nodeCount": 1, "customToolkitSettings": command,
+                    "stdOutErrPathPrefix": "$AZ_BATCHAI_MOUNT_ROOT/logs"}  # fmt: skip
+            status, created = await client.call("PUT", f"{EXP}/jobs/whole", spec)
+            assert created["properties"]["gpusPerNode"] == 2  # every GPU of a local node
+            job = await _ended(daemon, client, "whole")
+            assert job["properties"]["state"] == "succeeded"
+            assert _out(daemon, "whole") == "0,1\n"
+            status, answer = await client.call("PUT", f"{EXP}/jobs/toobig",
+                                               {**spec, "gpusPerNode": 3})  # fmt: skip
+            assert status == 400 and "more than the 2 GPUs of Local" in json.dumps(answer)
+            lab = {"vmSize": "standard_lab8", "scaleSettings": {"manual": {"targetNodeCount": 1}}}
+            status, made = await client.call("PUT", "/v1/workspaces/default/clusters/lab", lab)
+            assert status == 201 and made["properties"]["vmSize"] == "Standard_Lab8"
+            status, created = await client.call("PUT", f"{EXP}/jobs/onlab",
+                                                {**spec, "cluster": "lab"})  # fmt: skip
+            assert status == 201 and created["properties"]["gpusPerNode"] == 8
+    finally:
+        await daemon.stop()
+
+
 async def test_the_daemon_forgets_node_ids_it_has_no_node_for(local):
     daemon, _client = local
     service = daemon.nodes

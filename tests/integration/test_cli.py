@@ -332,6 +332,12 @@ def test_a_configuration_with_a_wrong_type_or_unknown_key_is_one_clear_error(tmp
     for text, words in (('server = "x"', ("server", "a table")),
                         ("[server]\nlisten = 8080", ("server.listen", "a string")),
                         ("[local]\nnodes = true", ("local.nodes", "a whole number")),
+                        ("[local]\ngpus_per_node = -1", ("gpus_per_node", "give 0 to 64")),
+                        ("[vm_sizes.Lab]\ngpus = 2\nvcpus = 0\nmemory_mb = 1",
+                         ("[vm_sizes.Lab] vcpus", "at least 1")),
+                        ("[vm_sizes.Lab]\ngpus = 2\nvcpus = 8", ("[vm_sizes.Lab] memory_mb",)),
+                        ("[vm_sizes.Lab]\ngpus = 2\nvcpus = 8\nmemory_mb = 1\nram = 3",
+                         ("[vm_sizes.Lab] ram", "unknown")),
                         ("colour = 1", ("unknown key colour",))):  # fmt: skip
         config.write_text(text + "\n")
         done = batchd("serve", "--config", str(config), "--state-dir", str(tmp_path / "s"))
