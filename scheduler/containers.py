@@ -171,7 +171,7 @@ class ContainerTask:
         except aiodocker.DockerError:
             pass
         try:
-            await self.docker.images.pull(image)
+            await self.docker.images.pull(image, auth=self.spec.get("registryAuth"))
             return None
         except aiodocker.DockerError as exc:
             return {"code": "image_unavailable", "message": f"cannot pull image {image}: "

@@ -57,6 +57,7 @@ from batchd.projections.runner import Runner
 from batchd.scheduler import auth, protocol, retries, toolkits
 from batchd.scheduler.auth import AuthError
 from batchd.scheduler.control import Control
+from batchd.scheduler.images import image_reference, registry_auth
 from batchd.scheduler.planner import Decision
 from batchd.scheduler.protocol import TaskKey
 from batchd.scheduler.resources import cluster_spec, job_spec, opened
@@ -249,7 +250,7 @@ class NodeService:
                 "task": plan.index, "gpus": list(hosts[plan.index].gpus), "command": plan.command,
                 "env": plan.env, "files": plan.files, "runtime": job.runtime,
                 "inputs": plan.inputs, "outputs": plan.outputs,
-                "image": (container.get("imageSourceRegistry") or {}).get("image"),
+                **_image(container),
                 "shmSize": container.get("shmSize"),
                 "stdouterr": plan.env["AZ_BATCHAI_STDOUTERR_DIR"],
                 "workDir": str(jobs_root / "work" / f"{job.job_id}.{job.attempt}.{plan.index}"),
@@ -642,6 +643,15 @@ def _agent(request: web.Request) -> auth.Principal:
     if principal.role != "agent":
         raise AuthError("the agent channel takes agent credentials only", 403)
     return principal
+
+
+def _image(container: dict[str, Any]) -> dict[str, Any]:
+    """A StartTask's image fields: the image (with its registry) and the login for its pull
+    (only in the command to the agent: never logged)."""
+    registry = container.get("imageSourceRegistry")
+    if not registry:
+        return {"image": None}
+    return {"image": image_reference(registry), "registryAuth": registry_auth(registry)}
 
 
 async def _job_spec(store: EventStore, job: Job) -> dict[str, Any]:

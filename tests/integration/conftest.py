@@ -124,12 +124,15 @@ class RecordingProxy:
     def __init__(self, socket_path: str) -> None:
         self.socket_path = socket_path
         self.requests: list[tuple[str, str, object]] = []
+        self.pulls: list[tuple[dict[str, str], str | None]] = []  # query, X-Registry-Auth
         self.session = aiohttp.ClientSession(connector=aiohttp.UnixConnector(ENGINE))
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         document = json.loads(body) if body and request.content_type == "application/json" else None
         self.requests.append((request.method, request.path, document))
+        if request.path.endswith("/images/create"):
+            self.pulls.append((dict(request.query), request.headers.get("X-Registry-Auth")))
         if request.path.endswith("/containers/create") and isinstance(document, dict):
             host = {k: v for k, v in document.get("HostConfig", {}).items() if k not in GPU_FIELDS}
             body = json.dumps({**document, "HostConfig": host}).encode()

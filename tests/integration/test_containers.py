@@ -4,6 +4,7 @@ front of the engine's socket, so the exact create request batchd sends is assert
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import sys
 
@@ -172,6 +173,32 @@ async def test_the_container_of_an_agent_killed_outright_is_removed_by_its_watch
     while await _containers(job_id):
         assert asyncio.get_running_loop().time() < deadline, "the container was left running"
         await asyncio.sleep(0.2)
+
+
+async def test_a_private_registry_image_is_pulled_from_its_server_with_its_login(box):
+    """The pull names the image on `serverUrl`'s registry and logs in with the job's
+    credentials (the engine here cannot reach the registry: the job fails, saying so, and
+    its password shows nowhere)."""
+    daemon, client, proxy, _agent = box
+    job = _box_job("true", image="team/trainer:7")
+    job["containerSettings"]["imageSourceRegistry"].update(
+        serverUrl="https://registry.invalid:5000/",
+        credentials={"username": "builder", "password": "hunter2-registry"},
+    )
+    assert (await client.call("PUT", f"{EXP}/jobs/private", job))[0] == 201
+    await _ended(daemon, "private")
+    [(query, header)] = proxy.pulls
+    assert query["fromImage"] == "registry.invalid:5000/team/trainer:7"
+    login = json.loads(base64.urlsafe_b64decode(header))
+    assert {k: login[k] for k in ("username", "password", "serveraddress")} == {
+        "username": "builder", "password": "hunter2-registry",
+        "serveraddress": "registry.invalid:5000",
+    }  # fmt: skip
+    _status, answer = await client.call("GET", f"{EXP}/jobs/private")
+    error = answer["properties"]["executionInfo"]["errors"][-1]
+    assert error["code"] == "image_unavailable"
+    assert "registry.invalid:5000/team/trainer:7" in error["message"]
+    assert "hunter2" not in json.dumps(answer)
 
 
 async def test_terminate_gives_a_program_in_the_container_its_sigterm_grace(box, tmp_path):

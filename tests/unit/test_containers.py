@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
 from batchd.scheduler.containers import create_config, shm_bytes
+from batchd.scheduler.images import image_reference, registry_auth
 
 SPEC = {
     "image": "pytorch/pytorch:2.3.0", "jobId": "j1", "attempt": 2, "task": 1, "node": "n7",
@@ -68,3 +71,27 @@ def test_binds_the_job_paths_once_each_and_sizes_shared_memory():
         None,
         None,
     ]
+
+
+@pytest.mark.parametrize(
+    ("registry", "reference"),
+    [
+        ({"image": "busybox"}, "busybox"),
+        ({"image": "team/x:1", "serverUrl": "https://r.azurecr.io/"}, "r.azurecr.io/team/x:1"),
+        ({"image": "r.azurecr.io/team/x", "serverUrl": "https://other.io"}, "r.azurecr.io/team/x"),
+        ({"image": "localhost/busybox:test", "serverUrl": "r.io"}, "localhost/busybox:test"),
+        ({"image": "x", "serverUrl": "registry:5000"}, "registry:5000/x"),
+        ({"image": "user/repo", "credentials": {"username": "u"}}, "docker.io/user/repo"),
+    ],
+)
+def test_an_image_is_named_on_its_registry(registry, reference):
+    assert image_reference(registry) == reference
+
+
+def test_the_login_goes_to_the_images_registry_and_a_key_vault_password_is_not_resolved():
+    login = {"image": "team/x", "serverUrl": "https://r.io",
+             "credentials": {"username": "u", "password": "p"}}  # fmt: skip
+    assert registry_auth(login) == {"username": "u", "password": "p", "serveraddress": "r.io"}
+    vault = {"image": "x", "credentials": {"username": "u", "passwordSecretReference": {}}}
+    assert registry_auth(vault) == {"username": "u", "password": "", "serveraddress": "docker.io"}
+    assert registry_auth({"image": "x"}) is None
