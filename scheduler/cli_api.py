@@ -409,9 +409,21 @@ async def cluster_resize(args: argparse.Namespace) -> int:
 
 
 async def cluster_delete(args: argparse.Namespace) -> int:
+    name = f"{args.workspace}/{args.name}"
     async with _client(args) as api:
         status, answer = await api.call("DELETE", _cluster_path(args))
-    return _print_write(args, status, answer, f"deleted cluster {args.workspace}/{args.name}")
+        try:
+            _, left = await api.call("GET", _cluster_path(args))
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+            left = None
+    done = f"deleted cluster {name}"
+    if left is not None:  # its nodes go first, each once it runs nothing
+        count = _get(left, "properties.currentNodeCount", 0)
+        done = (f"deleting cluster {name}: it goes once its {count} node(s) are removed, "
+                "each once it runs nothing; its queued jobs fail")  # fmt: skip
+    return _print_write(args, status, answer, done)
 
 
 # -- jobs -------------------------------------------------------------------------------------

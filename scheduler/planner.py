@@ -19,7 +19,10 @@ decision (whom it preempts), never the cluster's free capacity of the moment, wh
 every cycle and would log a new reason for every queued job each time (the read models show
 that capacity beside the queue: `projections.clusters.free_capacity`). The reasons:
 
-- `cluster_missing{}`: its cluster was deleted, or is being deleted;
+(A queued job whose cluster is deleted, or being deleted, is not given a reason: it fails,
+`cluster_deleted`, since no node will ever take it. Logs of earlier versions hold the reason
+`cluster_missing{}` for such jobs.)
+
 - `cluster_scaling{}`: the cluster is resizing and has too few ready nodes yet;
 - `cluster_too_small{need_nodes}`: the cluster's scale settings were lowered after the job was
   submitted, and now allow fewer than `need_nodes` nodes (nor does it have them); it waits
@@ -77,7 +80,6 @@ CYCLE_DECISIONS = 1000  # the most events one cycle decides (see the module's do
 BEHIND_RESERVATION = {"code": "behind_reservation"}
 ATTEMPT_STOPPING = {"code": "attempt_stopping"}
 GPUS_STOPPING = {"code": "gpus_stopping"}
-CLUSTER_MISSING = {"code": "cluster_missing"}
 NODES_NOT_READY = {"code": "nodes_not_ready"}
 NO_NODES: frozenset[str] = frozenset()
 
@@ -255,11 +257,11 @@ def plan(m: ReadModels, now: int, limit: int = CYCLE_DECISIONS) -> list[Decision
         if not waiting:
             continue
         cluster = m.clusters.get(cluster_id)
-        if cluster is None or cluster.deleting:
+        if cluster is None or cluster.deleting:  # no node will ever take them
             for job in waiting:
                 if len(decisions) >= limit:
                     return decisions
-                _reason(decisions, job, CLUSTER_MISSING)
+                decisions.append(_cluster_gone(job, cluster))
             continue
         _plan_cluster(m, cluster, waiting, now, decisions, limit)
         if len(decisions) >= limit:
@@ -427,6 +429,13 @@ def _why(cluster: Cluster, capacity: _Capacity, need: int, nodes: int,
     if capacity.total_free(skip) >= need * nodes and capacity.max_free(skip) < need:
         return {"code": "fragmented", "need": need}
     return {"code": "insufficient_gpus", "need": need}
+
+
+def _cluster_gone(job: Job, cluster: Cluster | None) -> Decision:
+    """JobFailed for a queued job whose cluster is deleted, or being deleted."""
+    what = f"cluster {cluster.name!r} is being deleted" if cluster else "its cluster was deleted"
+    error = {"code": "cluster_deleted", "message": f"{what}: the job can never run"}
+    return (f"job-{job.job_id}", NewEvent("JobFailed", {"jobId": job.job_id, "error": error}))
 
 
 def _reason(out: list[Decision], job: Job, reason: dict[str, Any]) -> None:

@@ -1013,6 +1013,29 @@ async def test_local_nodes_have_the_configured_gpus_and_vm_sizes_come_from_confi
         await daemon.stop()
 
 
+async def test_deleting_a_busy_cluster_fails_its_queued_jobs_and_drains_its_running_ones(local):
+    daemon, client = local
+    agent = await _agent_on(daemon, client, "gone", {"vmSize": "Standard_NC6",
+                            "scaleSettings": {"manual": {"targetNodeCount": 1}}})  # fmt: skip
+    try:
+        await _run(client, "busy", "sleep 600", cluster="gone")
+        await _run(client, "waiting", "true", cluster="gone")
+        models = daemon.models.models
+        await _until(lambda: newest_job(models, "busy").state == "running", 30)
+        env = {"BATCHD_SERVER": daemon.url, "BATCHD_TOKEN": daemon.admin_token}
+        done = await asyncio.to_thread(batchd, "cluster", "delete", "gone", env=env)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith("deleting cluster default/gone: it goes once its 1 node")
+        job = await _ended(daemon, client, "waiting")
+        assert job["properties"]["executionInfo"]["errors"][-1]["code"] == "cluster_deleted"
+        assert newest_job(models, "busy").state == "running"  # its node drains
+        await client.call("POST", f"{EXP}/jobs/busy/terminate")
+        await _until(lambda: "gone-0" not in models.nodes, 30)
+    finally:
+        agent.terminate()
+        await agent.wait()
+
+
 async def test_the_daemon_forgets_node_ids_it_has_no_node_for(local):
     daemon, _client = local
     service = daemon.nodes

@@ -279,13 +279,18 @@ def test_a_job_needing_no_gpu_takes_a_whole_idle_gpu_node_and_none_of_its_gpus()
     assert placed(w.plan())[four] == [{"node": "c-n0", "gpus": [0, 1, 2, 3]}]
 
 
-def test_a_cluster_being_deleted_gets_no_new_jobs():
+def test_the_queued_jobs_of_a_cluster_being_deleted_fail_saying_so():
     w = World().cluster(nodes=1, gpus=4)
-    job = w.job(gpus=1)
+    running, job = w.job(gpus=1), w.job(gpus=1)
+    w.run(running, [("c-n0", [0])])
     w.apply("ClusterDeleteRequested", clusterId="c")
     decisions = w.plan()
     assert placed(decisions) == {}
-    assert reasons(decisions)[job] == {"code": "cluster_missing"}
+    [(_stream, failed)] = decisions  # the running job runs on while its node drains
+    assert (failed.type, failed.data["jobId"]) == ("JobFailed", job)
+    assert failed.data["error"]["code"] == "cluster_deleted"
+    w.apply(failed.type, **failed.data)
+    assert w.models.jobs[job].state == "failed" and w.plan() == []
 
 
 def test_a_job_that_can_never_fit_is_told_so_even_behind_a_reservation():
@@ -304,7 +309,8 @@ def test_pending_reasons_for_scaling_and_missing_clusters_recorded_only_when_the
     assert reasons(w.plan())[job] == {"code": "cluster_scaling"}
     assert w.plan() == []  # the same reason again: nothing to record
     w.apply("ClusterDeleted", clusterId="c")
-    assert reasons(w.plan())[job] == {"code": "cluster_missing"}
+    [(_stream, failed)] = w.plan()
+    assert failed.type == "JobFailed" and failed.data["error"]["code"] == "cluster_deleted"
 
 
 def test_a_job_that_only_nodes_not_ready_could_hold_says_so():
