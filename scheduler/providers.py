@@ -3,9 +3,11 @@
 
 The embedded default (`batchd serve` with no configuration) has a cluster `local` in
 workspace `default` whose nodes are `batchd agent` processes with simulated GPUs on the
-process runtime. The provider keeps as many running as the cluster's manual scale settings
-ask (`targetNodeCount`); an agent that exits is started again; a node above the target is
-stopped once it runs nothing, and removed from the cluster.
+process runtime. The provider keeps as many running as the cluster's scale settings ask:
+manual's `targetNodeCount`, or with `autoScale` as many as run work and its queued jobs need,
+within `minimumNodeCount` and `maximumNodeCount` (autoscale_target). An agent that exits is
+started again; a node above the target is stopped once it runs nothing, and removed from the
+cluster.
 
 Local agents stop with their daemon. When it stops, its local nodes are lost (`daemon_stopped`)
 and the attempts they ran are queued again as `interrupted`, which spends none of the job's
@@ -26,7 +28,8 @@ from typing import Protocol
 import structlog
 
 from batchd.events.envelope import NewEvent
-from batchd.projections.model import LEAVING, READY, ReadModels
+from batchd.projections import queue
+from batchd.projections.model import LEAVING, READY, Cluster, ReadModels
 from batchd.scheduler import commands
 from batchd.scheduler.agent import PARENT_ENV
 from batchd.scheduler.auth import revoke_token
@@ -158,6 +161,8 @@ class LocalProvider:
         cluster = m.clusters[cluster_id]
         if cluster.deleting:  # its nodes drain, and go once they run nothing
             return 0
+        if "autoScale" in cluster.scale_settings:
+            return autoscale_target(m, cluster, self.gpus)
         manual = cluster.scale_settings.get("manual") or {}
         return int(manual.get("targetNodeCount", 0))
 
@@ -262,6 +267,23 @@ class LocalProvider:
             logger.warning("local.interruption_not_logged", error=str(exc))
         await asyncio.gather(*(self._stop(p) for p in self.processes.values()))
         self.processes.clear()
+
+
+def autoscale_target(m: ReadModels, cluster: Cluster, gpus_per_node: int) -> int:
+    """How many nodes an `autoScale` cluster wants now: those that run work, and enough for
+    its queued jobs (their GPUs packed onto whole nodes; a job without GPUs, or a gang, takes
+    whole nodes), within `minimumNodeCount` and `maximumNodeCount`."""
+    auto = cluster.scale_settings["autoScale"]
+    busy = sum(1 for node_id in cluster.nodes if m.nodes[node_id].allocations)
+    gpus = whole = widest = 0
+    for job in queue.ordered(m, cluster.cluster_id):
+        widest = max(widest, job.node_count)
+        if job.gpus_per_node and gpus_per_node:
+            gpus += job.gpus_per_node * job.node_count
+        else:
+            whole += job.node_count
+    wanted = max(whole + (-(-gpus // gpus_per_node) if gpus_per_node else 0), widest)
+    return max(auto["minimumNodeCount"], min(auto["maximumNodeCount"], busy + wanted))
 
 
 def _token_name(node_id: str) -> str:

@@ -1036,6 +1036,23 @@ async def test_deleting_a_busy_cluster_fails_its_queued_jobs_and_drains_its_runn
         await agent.wait()
 
 
+async def test_a_local_cluster_with_autoscale_follows_its_queue(local):
+    daemon, client = local
+    models = daemon.models.models
+    cluster = "/v1/workspaces/default/clusters/local"
+    auto = {"autoScale": {"minimumNodeCount": 0, "maximumNodeCount": 3, "initialNodeCount": 0}}
+    assert (await client.call("PATCH", cluster, {"scaleSettings": auto}))[0] == 200
+    await _until(lambda: not models.nodes, 30)  # idle: down to its minimum
+    for name in ("a1", "a2", "a3"):
+        await _run(client, name, "sleep 600", gpusPerNode=4)
+    await _until(lambda: all(newest_job(models, n).state == "running" for n in ("a1", "a2", "a3")),
+                 60)  # fmt: skip
+    assert len(models.nodes) == 3
+    for name in ("a1", "a2", "a3"):
+        await client.call("POST", f"{EXP}/jobs/{name}/terminate")
+    await _until(lambda: not models.nodes, 30)  # idle again
+
+
 async def test_the_daemon_forgets_node_ids_it_has_no_node_for(local):
     daemon, _client = local
     service = daemon.nodes

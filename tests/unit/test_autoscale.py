@@ -1,0 +1,36 @@
+"""A local cluster with autoScale: how many nodes it wants."""
+
+from __future__ import annotations
+
+from batchd.scheduler.providers import autoscale_target
+from tests.unit.test_planner import World
+
+
+def _auto(w: World, low: int, high: int):
+    cluster = w.models.clusters["c"]
+    cluster.scale_settings = {"autoScale": {"minimumNodeCount": low, "maximumNodeCount": high,
+                                            "initialNodeCount": low}}  # fmt: skip
+    return cluster
+
+
+def test_an_idle_cluster_shrinks_to_its_minimum():
+    w = World().cluster(nodes=3)
+    assert autoscale_target(w.models, _auto(w, 0, 5), 4) == 0
+    assert autoscale_target(w.models, _auto(w, 2, 5), 4) == 2
+
+
+def test_queued_gpus_are_packed_onto_whole_nodes_beside_the_busy_ones():
+    w = World().cluster(nodes=1)
+    w.run(w.job(gpus=1), [("c-n0", [0])])
+    for _ in range(5):  # 5 GPUs: 2 nodes of 4
+        w.job(gpus=1)
+    assert autoscale_target(w.models, _auto(w, 0, 10), 4) == 1 + 2
+
+
+def test_a_gang_or_a_job_without_gpus_takes_whole_nodes_within_the_maximum():
+    w = World().cluster(nodes=0)
+    w.job(gpus=2, nodes=3)  # 6 GPUs, but on 3 nodes
+    assert autoscale_target(w.models, _auto(w, 0, 10), 4) == 3
+    w.job(gpus=0)
+    assert autoscale_target(w.models, _auto(w, 0, 10), 4) == 3  # 1 whole + 2 of GPUs, or 3
+    assert autoscale_target(w.models, _auto(w, 0, 2), 4) == 2
