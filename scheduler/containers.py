@@ -17,11 +17,19 @@ import asyncio
 import contextlib
 import os
 import re
+import tarfile
+from pathlib import Path
 from typing import Any
 
 import aiodocker
 
-from batchd.scheduler.runtimes import KILL_GRACE, TaskResult, output_dirs, prepare_directories
+from batchd.scheduler.runtimes import (
+    KILL_GRACE,
+    TaskResult,
+    job_temp,
+    output_dirs,
+    prepare_directories,
+)
 
 LABEL = "batchd"
 # The container's first process (the engine signals it alone). The task's output goes to the
@@ -100,6 +108,45 @@ def create_config(spec: dict[str, Any], command: str, suffix: str, engine: str,
     }  # fmt: skip
 
 
+ROOT_USERS = ("", "0", "root")
+
+
+def user_ids(user: str, passwd: str | None, groups: str | None) -> tuple[int, int] | None:
+    """The uid and gid an image's USER (`name`, `uid`, `name:group`, `uid:gid`) stands for,
+    names looked up in the image's /etc/passwd and /etc/group; gid -1 (left as it is) when
+    neither the USER nor /etc/passwd gives one. None: a name neither file knows."""
+    name, _, group = user.partition(":")
+    uid = int(name) if name.isdigit() else None
+    gid = -1
+    for line in (passwd or "").splitlines():
+        fields = line.split(":")
+        if len(fields) >= 4 and (fields[0] == name or fields[2] == name) and fields[3].isdigit():
+            uid, gid = int(fields[2]) if uid is None else uid, int(fields[3])
+            break
+    if group:
+        gid = int(group) if group.isdigit() else -1
+        for line in (groups or "").splitlines():
+            fields = line.split(":")
+            if len(fields) >= 3 and fields[0] == group and fields[2].isdigit():
+                gid = int(fields[2])
+    return None if uid is None else (uid, gid)
+
+
+def give_to(spec: dict[str, Any], suffix: str, uid: int, gid: int) -> None:
+    """Make the task's stdouterr files (of `suffix`: "" or "-prep") and give them, its work
+    directory, its job temp and its output directories to uid:gid. (An agent that is not
+    root cannot: the task then fails, saying it cannot write its output.)"""
+    out = Path(spec["stdouterr"])
+    for path in (out / f"stdout{suffix}.txt", out / f"stderr{suffix}.txt", spec["workDir"],
+                 job_temp(spec), *output_dirs(spec)):  # fmt: skip
+        if not path:
+            continue
+        with contextlib.suppress(OSError):
+            if isinstance(path, Path):
+                path.touch()
+            os.chown(path, uid, gid)
+
+
 def _binds(spec: dict[str, Any]) -> list[str]:
     """Host directories the task sees at the same paths: the mount root, its job temp, its
     work directory, its stdouterr directory and its output directories, read-write, and
@@ -136,6 +183,8 @@ class ContainerTask:
         self.killed = False
         self.late_kill: asyncio.Future | None = None  # a kill that came while it was created
         self.began = False  # the command (not the preparation) is running
+        self.user = ""  # the user the image runs as (its USER; "": root)
+        self.owner: tuple[int, int] | None = None  # that user's ids, once looked up
 
     async def run(self, started: asyncio.Event) -> TaskResult:
         try:
@@ -163,19 +212,59 @@ class ContainerTask:
         return await self._container(self.spec["command"], "", started)
 
     async def _image(self) -> dict[str, str] | None:
-        """None once the image is here (pulled if it was not), else the error."""
+        """None once the image is here (pulled if it was not), else the error. Notes the
+        user the image runs as."""
         image = self.spec["image"]
         try:
-            await self.docker.images.inspect(image)
-            return None
+            found = await self.docker.images.inspect(image)
         except aiodocker.DockerError:
-            pass
+            try:
+                await self.docker.images.pull(image, auth=self.spec.get("registryAuth"))
+                found = await self.docker.images.inspect(image)
+            except aiodocker.DockerError as exc:
+                return {"code": "image_unavailable", "message": f"cannot pull image {image}: "
+                                                               f"{exc.message}"}  # fmt: skip
+        self.user = str((found.get("Config") or {}).get("User") or "")
+        return None
+
+    async def _give_to_user(self, suffix: str) -> None:
+        """An image that runs as a user of its own (USER) gets the task's output files, work
+        directory, job temp and output directories as that user's: the agent made them as
+        its own. Its /etc/passwd and /etc/group (read from the created container) tell the
+        ids of a user or group it names."""
+        if self.user.partition(":")[0] in ROOT_USERS:
+            return
+        if self.owner is None:
+            name, _, group = self.user.partition(":")
+            passwd = None if name.isdigit() else await self._read("/etc/passwd")
+            groups = await self._read("/etc/group") if group and not group.isdigit() else None
+            self.owner = user_ids(self.user, passwd, groups) or (-1, -1)
+        if self.owner != (-1, -1):
+            await asyncio.to_thread(give_to, self.spec, suffix, *self.owner)
+
+    async def _read(self, path: str) -> str | None:
+        """A small file of the created container (None: it has none)."""
         try:
-            await self.docker.images.pull(image, auth=self.spec.get("registryAuth"))
+            archive = await self.container.get_archive(path)
+            member = archive.next()
+            handle = archive.extractfile(member) if member is not None else None
+            return handle.read(1 << 20).decode("utf-8", "replace") if handle else None
+        except (aiodocker.DockerError, tarfile.TarError, OSError):
             return None
-        except aiodocker.DockerError as exc:
-            return {"code": "image_unavailable", "message": f"cannot pull image {image}: "
-                                                           f"{exc.message}"}  # fmt: skip
+
+    async def _unwritable(self) -> dict[str, str] | None:
+        """For a container that exited 126 before its output was redirected (the wrapper
+        could not open the stdouterr files): what the wrapper's shell said, as the error."""
+        try:
+            said = "".join(await self.container.log(stdout=True, stderr=True)).split("\n")
+        except aiodocker.DockerError:
+            return None
+        lines = [line for line in said if line.strip()]
+        if not lines:
+            return None
+        message = (f"the container's user ({self.user or 'root'}) cannot write the task's "
+                   f"output: {lines[-1][:300]}")  # fmt: skip
+        return {"code": "output_unwritable", "message": message}
 
     async def _container(self, command: str, suffix: str,
                          started: asyncio.Event | None) -> TaskResult:  # fmt: skip
@@ -184,6 +273,7 @@ class ContainerTask:
         config = create_config(self.spec, command, suffix, self.engine, self.attach_gpus)
         try:
             self.container = await self.docker.containers.create(config=config)
+            await self._give_to_user(suffix)
             await self.container.start()
         except aiodocker.DockerError as exc:
             await self._remove()
@@ -194,12 +284,13 @@ class ContainerTask:
         if self.killed:  # killed while it was being created: kill() found no container then
             self.late_kill = asyncio.ensure_future(self.kill())
         try:
-            status = await self.container.wait(timeout=None)
+            code = int((await self.container.wait(timeout=None)).get("StatusCode", 1))
+            problem = await self._unwritable() if code == 126 else None
         except aiodocker.DockerError as exc:
             return TaskResult(None, {"code": "container_lost", "message": exc.message})
         finally:
             await self._remove()
-        return TaskResult(int(status.get("StatusCode", 1)))
+        return TaskResult(code, problem)
 
     async def _remove(self) -> None:
         if self.container is not None:

@@ -23,6 +23,7 @@ from tests.conftest import service_missing
 ENGINE = "/run/podman/podman.sock"  # a Docker Engine API (tests/services/ensure.sh)
 IMAGE = "localhost/busybox:test"  # made there from busybox: no registry can be reached
 ENTRYPOINT_IMAGE = "localhost/busybox-entrypoint:test"  # the same, with an ENTRYPOINT and CMD
+USER_IMAGE = "localhost/busybox-user:test"  # the same, run as USER trainer (uid 1000)
 
 
 class Client:
@@ -109,8 +110,9 @@ async def engine():
             images = await r.json()
     except (aiohttp.ClientError, OSError) as exc:
         service_missing(f"a Docker Engine API at {ENGINE} ({exc})")
-    if not any(IMAGE in (i.get("RepoTags") or ()) for i in images):
-        service_missing(f"the image {IMAGE} (tests/services/ensure.sh makes it)")
+    for image in (IMAGE, ENTRYPOINT_IMAGE, USER_IMAGE):
+        if not any(image in (i.get("RepoTags") or ()) for i in images):
+            service_missing(f"the image {image} (tests/services/ensure.sh makes it)")
     return ENGINE
 
 

@@ -16,6 +16,7 @@ from tests.integration.conftest import (
     ENGINE,
     ENTRYPOINT_IMAGE,
     IMAGE,
+    USER_IMAGE,
     admin_client,
     make_token,
     newest_job,
@@ -127,6 +128,24 @@ async def test_a_container_job_runs_with_its_environment_mounts_labels_and_gpus(
     ]  # fmt: skip
     assert "DeviceRequests" not in host
     assert await _containers(job_id) == []  # removed after it exited
+
+
+async def test_an_image_that_runs_as_a_user_of_its_own_writes_its_output_and_scratch(box):
+    """USER trainer (a name the image's /etc/passwd gives uid 1000): the task's output files,
+    work directory, job temp and output directories are given to that user."""
+    daemon, client, _proxy, _agent = box
+    command = ('id -u; touch here "$AZ_BATCHAI_JOB_TEMP/scratch" "$AZ_BATCHAI_OUTPUT_MODEL/m" '
+               "&& echo wrote")  # fmt: skip
+    model = {"id": "MODEL", "pathPrefix": "$AZ_BATCHAI_MOUNT_ROOT/out"}
+    job = {**_box_job(command, USER_IMAGE), "jobPreparation": {"commandLine": "id -un"},
+           "outputDirectories": [model]}  # fmt: skip
+    assert (await client.call("PUT", f"{EXP}/jobs/asuser", job))[0] == 201
+    await _ended(daemon, "asuser")
+    _status, answer = await client.call("GET", f"{EXP}/jobs/asuser")
+    assert answer["properties"]["state"] == "succeeded", answer["properties"]["executionInfo"]
+    out = daemon.state_dir / "mounts/logs/default/default/asuser/1/stdouterr"
+    assert (out / "stdout.txt").read_text() == "1000\nwrote\n"
+    assert (out / "stdout-prep.txt").read_text() == "trainer\n"
 
 
 async def test_an_images_own_entrypoint_does_not_replace_the_jobs_command(box):

@@ -3,7 +3,8 @@
 #   PostgreSQL on 127.0.0.1:5432, reachable as user postgres without a password;
 #   a Docker Engine API (podman, containers on runc) on unix:///run/podman/podman.sock, with
 #   the image localhost/busybox:test built from busybox (no registry can be reached), and
-#   localhost/busybox-entrypoint:test, the same with an ENTRYPOINT and CMD of its own.
+#   localhost/busybox-entrypoint:test, the same with an ENTRYPOINT and CMD of its own;
+#   localhost/busybox-user:test, the same run as a user of its own (USER trainer, uid 1000).
 # Safe to run again: what is already there and running is left as it is.
 set -euo pipefail
 
@@ -53,6 +54,7 @@ ensure_postgres() {
 PODMAN_SOCKET=/run/podman/podman.sock
 TEST_IMAGE=localhost/busybox:test
 ENTRYPOINT_IMAGE=localhost/busybox-entrypoint:test
+USER_IMAGE=localhost/busybox-user:test
 
 podman_ready() { curl -sf --unix-socket "$PODMAN_SOCKET" http://d/v1.41/version >/dev/null 2>&1; }
 
@@ -75,17 +77,22 @@ ensure_podman() {
     for _ in $(seq 1 60); do podman_ready && break; sleep 0.5; done
     podman_ready || { say "podman's API did not start"; exit 1; }
   fi
-  if ! as_root podman image exists "$TEST_IMAGE" || ! as_root podman image exists "$ENTRYPOINT_IMAGE"; then
+  if ! as_root podman image exists "$TEST_IMAGE" || ! as_root podman image exists "$ENTRYPOINT_IMAGE" ||
+    ! as_root podman image exists "$USER_IMAGE"; then
     local root
     root=$(mktemp -d)
-    mkdir -p "$root/bin"
+    mkdir -p "$root/bin" "$root/etc"
     cp /bin/busybox "$root/bin/"
-    for c in sh echo sleep cat env ls kill true false; do ln -s busybox "$root/bin/$c"; done
+    for c in sh echo sleep cat env ls kill true false id touch; do ln -s busybox "$root/bin/$c"; done
+    printf 'root:x:0:0:root:/root:/bin/sh\ntrainer:x:1000:1000::/tmp:/bin/sh\n' >"$root/etc/passwd"
+    printf 'root:x:0:\ntrainer:x:1000:\n' >"$root/etc/group"
     tar -C "$root" -cf "$root.tar" .
     as_root podman import -q "$root.tar" "$TEST_IMAGE" >/dev/null
     # the same, with an ENTRYPOINT and a CMD of its own, as many images have
     as_root podman import -q --change 'ENTRYPOINT ["/bin/echo", "entrypoint:"]' \
       --change 'CMD ["image-cmd"]' "$root.tar" "$ENTRYPOINT_IMAGE" >/dev/null
+    # the same, run as a user of its own (not root), as many images are
+    as_root podman import -q --change 'USER trainer' "$root.tar" "$USER_IMAGE" >/dev/null
     rm -rf "$root" "$root.tar"
   fi
   say "podman ready on $PODMAN_SOCKET with $TEST_IMAGE"

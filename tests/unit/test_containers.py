@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from batchd.scheduler.containers import create_config, shm_bytes
+from batchd.scheduler.containers import create_config, shm_bytes, user_ids
 from batchd.scheduler.images import image_reference, registry_auth
 
 SPEC = {
@@ -95,3 +95,22 @@ def test_the_login_goes_to_the_images_registry_and_a_key_vault_password_is_not_r
     vault = {"image": "x", "credentials": {"username": "u", "passwordSecretReference": {}}}
     assert registry_auth(vault) == {"username": "u", "password": "", "serveraddress": "docker.io"}
     assert registry_auth({"image": "x"}) is None
+
+
+PASSWD = "root:x:0:0:root:/root:/bin/sh\ntrainer:x:1000:1001::/tmp:/bin/sh\n"
+GROUPS = "root:x:0:\ndata:x:2000:trainer\n"
+
+
+@pytest.mark.parametrize(
+    ("user", "ids"),
+    [
+        ("trainer", (1000, 1001)),  # its primary group, from /etc/passwd
+        ("1000", (1000, 1001)),
+        ("4242", (4242, -1)),  # a uid the image does not list: the group is left alone
+        ("4242:7", (4242, 7)),
+        ("trainer:data", (1000, 2000)),
+        ("ghost", None),
+    ],
+)
+def test_an_images_user_is_looked_up_in_its_own_files(user, ids):
+    assert user_ids(user, PASSWD, GROUPS) == ids
