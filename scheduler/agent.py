@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import os
 import shutil
 import signal
@@ -462,9 +463,17 @@ class Agent:
         forget_dirs(record)
         self.free_slots.append(slot)
 
+    def _preparing(self, key: TaskKey, task: ProcessTask) -> None:
+        """The task's preparation began (its image pull, its jobPreparation): say so, once."""
+        task.on_preparing = lambda: None
+        job_id, attempt, index = key
+        self.outbox.put_nowait(self._message(
+            "TaskPreparing", jobId=job_id, attempt=attempt, task=index))  # fmt: skip
+
     async def _run_and_report(self, key: TaskKey, task: ProcessTask) -> None:
         job_id, attempt, index = key
         started = asyncio.Event()
+        task.on_preparing = functools.partial(self._preparing, key, task)
         running = asyncio.create_task(task.run(started))
         await started.wait()
         if task.began:

@@ -18,6 +18,7 @@ import contextlib
 import os
 import re
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -185,6 +186,9 @@ class ContainerTask:
         self.began = False  # the command (not the preparation) is running
         self.user = ""  # the user the image runs as (its USER; "": root)
         self.owner: tuple[int, int] | None = None  # that user's ids, once looked up
+        self.on_preparing: Callable[[], None] = lambda: (
+            None
+        )  # called as a pull or jobPreparation begins
 
     async def run(self, started: asyncio.Event) -> TaskResult:
         try:
@@ -201,6 +205,7 @@ class ContainerTask:
             return TaskResult(None, problem)
         preparation = self.spec.get("preparation")
         if preparation:
+            self.on_preparing()
             result = await self._container(preparation, "-prep", None)
             if result.exit_code != 0 or self.killed:
                 if result.error is None and not self.killed:
@@ -218,6 +223,7 @@ class ContainerTask:
         try:
             found = await self.docker.images.inspect(image)
         except aiodocker.DockerError:
+            self.on_preparing()
             try:
                 await self.docker.images.pull(image, auth=self.spec.get("registryAuth"))
                 found = await self.docker.images.inspect(image)

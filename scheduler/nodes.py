@@ -8,9 +8,11 @@ nodes.
   killed. A new incarnation (the agent restarted) lost every attempt the node held: they are
   requeued or failed as for a lost node.
 - Leaving (the agent stops): `NodeLost` at once, its attempts requeued or failed.
-- TaskStarted: `JobStarted`. TaskExited: `JobTaskExited`, then the attempt's end once it is
-  known: every task exited 0 (`JobSucceeded`), one failed (the others are killed, the retry
-  ledger decides: `JobRequeued` or `JobFailed`), or it was being terminated (`JobTerminated`).
+- TaskPreparing: `JobPreparing` (the first of the attempt's tasks to pull its image or run
+  its jobPreparation). TaskStarted: `JobStarted`. TaskExited: `JobTaskExited`, then the
+  attempt's end once it is known: every task exited 0 (`JobSucceeded`), one failed (the
+  others are killed, the retry ledger decides: `JobRequeued` or `JobFailed`), or it was
+  being terminated (`JobTerminated`).
 - `dispatch()` (after every planner cycle) sends StartTask for each newly scheduled attempt,
   with the per-node commands and environment of scheduler/toolkits.py, and KillTask for each
   attempt being terminated or preempted.
@@ -282,12 +284,12 @@ class NodeService:
 
     async def _handle_all(self, messages: list[dict[str, Any]],
                           principal: auth.Principal) -> None:  # fmt: skip
-        """Handle a body's messages in order, except that task reports of different jobs
-        (TaskStarted, TaskExited) in a row are handled at once, so that their events share
-        one commit; those of one job keep their order."""
+        """Handle a body's messages in order, except that task reports of different jobs in a
+        row (protocol.TASK_REPORTS) are handled at once, so that their events share one
+        commit; those of one job keep their order."""
         by_job: dict[str, list[dict[str, Any]]] = {}
         for msg in [*messages, None]:
-            if msg is not None and msg["type"] in ("TaskStarted", "TaskExited"):
+            if msg is not None and msg["type"] in protocol.TASK_REPORTS:
                 by_job.setdefault(str(msg.get("jobId")), []).append(msg)
                 continue
             if by_job:
@@ -324,7 +326,7 @@ class NodeService:
                                    key=f"node/{node_id}")  # fmt: skip
         elif kind == "Heartbeat":
             await self._heartbeat(node_id, _running_keys(msg))
-        elif kind in ("TaskStarted", "TaskExited"):
+        elif kind in protocol.TASK_REPORTS:
             await self._task_report(node_id, kind, msg)
         elif kind == "Leaving" and not self.closing:  # (a stopping daemon stops its own)
             await self.control.run(_by_agent(node_id, lambda m: _left(m, node_id)),
@@ -355,8 +357,9 @@ class NodeService:
         if not _placed_on(self.models, key, node_id):
             return  # only the node that runs a task reports on it
         self.unstarted.pop(key, None)
-        if kind == "TaskStarted":
-            await self.control.run(_by_agent(node_id, lambda m: _started(m, job_id, attempt)),
+        if kind in ("TaskPreparing", "TaskStarted"):
+            decide = _preparing if kind == "TaskPreparing" else _started
+            await self.control.run(_by_agent(node_id, lambda m: decide(m, job_id, attempt)),
                                    key=self._key(job_id))  # fmt: skip
         else:
             await self.control.run(_by_agent(node_id, lambda m: self._exited(m, msg)),
@@ -812,6 +815,14 @@ def _placed_on(m: ReadModels, key: protocol.TaskKey, node_id: str) -> bool:
     job = m.jobs.get(job_id)
     return (job is not None and job.attempt == attempt and task < len(job.tasks)
             and job.tasks[task][0] == node_id)  # fmt: skip
+
+
+def _preparing(m: ReadModels, job_id: str, attempt: int) -> list[Decision]:
+    """JobPreparing when the first of the attempt's tasks begins its preparation."""
+    job = m.jobs.get(job_id)
+    if job is None or job.attempt != attempt or job.state != SCHEDULED:
+        return []
+    return [(f"job-{job_id}", NewEvent("JobPreparing", {"jobId": job_id, "attempt": attempt}))]
 
 
 def _started(m: ReadModels, job_id: str, attempt: int) -> list[Decision]:

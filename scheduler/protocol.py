@@ -10,6 +10,8 @@ Agent to daemon (POST /agent/v1/messages, a list of messages in one body):
   Register {gpus, gpuModel, gpuMemoryMb, cpus, memoryMb, runtimes, agentVersion,
             running: [task keys], address (optional: default, where it connects from)}
   Heartbeat {running: [task keys]}
+  TaskPreparing {jobId, attempt, task}: the task's preparation began (an image pull, the
+           job's jobPreparation); sent at most once, before TaskStarted
   TaskStarted {jobId, attempt, task}
   TaskExited {jobId, attempt, task, exitCode, error?}
   SetupExited {incarnation's setup: exitCode, error?, tail (the output's last lines)}
@@ -50,8 +52,9 @@ NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,199}")
 NODE_ID_RULE = "1-200 letters, digits and _ . : - (starting with a letter or digit)"
 VERSION = 1
 CONTENT_TYPE = "application/msgpack"
-AGENT_MESSAGES = ("Register", "Heartbeat", "TaskStarted", "TaskExited", "SetupExited",
-                  "ExecOutput", "FileData", "Leaving")  # fmt: skip
+AGENT_MESSAGES = ("Register", "Heartbeat", "TaskPreparing", "TaskStarted", "TaskExited",
+                  "SetupExited", "ExecOutput", "FileData", "Leaving")  # fmt: skip
+TASK_REPORTS = ("TaskPreparing", "TaskStarted", "TaskExited")
 COMMANDS = ("StartTask", "KillTask", "RunSetup", "Exec", "CancelExec", "ReadFile")
 
 TaskKey = tuple[str, int, int]  # (job id, attempt, task index)

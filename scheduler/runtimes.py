@@ -21,7 +21,7 @@ import os
 import shutil
 import signal
 import sys
-from collections.abc import Container
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,6 +87,10 @@ def watch_children_with_pidfd() -> None:
     asyncio.set_child_watcher(watcher)
 
 
+def _nothing() -> None:
+    pass
+
+
 def _exit_code(returncode: int) -> int:
     """A shell's convention: killed by signal N is 128 + N."""
     return 128 - returncode if returncode < 0 else returncode
@@ -103,6 +107,7 @@ class ProcessTask:
         self.pid_file = pid_file  # holds the process group while it runs (see reap_leftovers)
         self.execs: set[asyncio.subprocess.Process] = set()  # commands run beside it (exec)
         self.late_kill: asyncio.Future | None = None  # a kill that came while it started
+        self.on_preparing: Callable[[], None] = _nothing  # called as its preparation begins
 
     def _env(self) -> dict[str, str]:
         env = {k: os.environ[k] for k in BASE_ENV if k in os.environ}
@@ -128,6 +133,7 @@ class ProcessTask:
         env = self._env()
         preparation = self.spec.get("preparation")
         if preparation:
+            self.on_preparing()
             result = await self._run(preparation, env, work, out, "-prep")
             if result.exit_code != 0 or self.killed:
                 if result.error is None and not self.killed:

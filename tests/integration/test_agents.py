@@ -1053,6 +1053,24 @@ async def test_a_local_cluster_with_autoscale_follows_its_queue(local):
     await _until(lambda: not models.nodes, 30)  # idle again
 
 
+async def test_a_job_is_preparing_while_its_job_preparation_runs(local, tmp_path):
+    daemon, client = local
+    go = tmp_path / "go"
+    wait = f"while [ ! -e {go} ]; do sleep 0.05; done"
+    await _run(client, "prepared", "echo ran", jobPreparation={"commandLine": wait})
+    models = daemon.models.models
+    await _until(lambda: newest_job(models, "prepared").state == "preparing", 30)
+    _status, shown = await client.call("GET", f"{EXP}/jobs/prepared")
+    assert shown["properties"]["state"] == "preparing"
+    go.touch()
+    job = await _ended(daemon, client, "prepared")
+    assert job["properties"]["state"] == "succeeded"
+    _status, history = await client.call("GET", f"{EXP}/jobs/prepared/history")
+    [incarnation] = history["value"]
+    rows = [(row["event"], row["state"]) for row in incarnation["timeline"]]
+    assert rows[2:4] == [("JobPreparing", "preparing"), ("JobStarted", "running")]
+
+
 async def test_the_daemon_forgets_node_ids_it_has_no_node_for(local):
     daemon, _client = local
     service = daemon.nodes
