@@ -321,16 +321,27 @@ class Agent:
             batch = [await self.outbox.get()]
             while not self.outbox.empty():
                 batch.append(self.outbox.get_nowait())
-            while True:
-                try:
-                    await self._post(batch)
-                    break
-                except AgentError as exc:  # refused: sending it again would not help
-                    logger.error("agent.report_refused", error=str(exc))
-                    break
-                except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                    logger.warning("agent.report_failed", error=_why(exc))
-                    await asyncio.sleep(RETRY_DELAY)
+            await self._send_batch(batch)
+
+    async def _send_batch(self, batch: list[dict[str, Any]]) -> None:
+        """Send `batch` until it is taken. One the daemon refuses (it checks a whole list
+        before it acts on any) is sent again a message at a time, so that only the refused
+        message is lost (a message type the daemon does not know, from a newer agent)."""
+        while True:
+            try:
+                await self._post(batch)
+                return
+            except AgentError as exc:  # refused: sending it again would not help
+                if len(batch) > 1 and exc.status == 400:
+                    for message in batch:
+                        await self._send_batch([message])
+                    return
+                logger.error("agent.report_refused", error=str(exc),
+                             message=batch[0].get("type"))  # fmt: skip
+                return
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                logger.warning("agent.report_failed", error=_why(exc))
+                await asyncio.sleep(RETRY_DELAY)
 
     async def _commands(self) -> None:
         query = {"node": self.node_id, "incarnation": str(self.incarnation),

@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import time
 
+import aiohttp
+from aiohttp import web
+
 from batchd.scheduler import protocol, runtimes
 from batchd.scheduler.agent import (
     LEASE_TIMEOUT,
@@ -119,3 +122,34 @@ async def test_a_kill_that_comes_while_the_process_is_being_started_still_stops_
     monkeypatch.setattr(runtimes, "start_child", start_and_be_killed_meanwhile)
     result = await asyncio.wait_for(task.run(asyncio.Event()), 30)
     assert result.exit_code == 128 + 15  # SIGTERM: stopped, not left to sleep
+
+
+async def test_a_refused_report_costs_only_itself_not_the_others_sent_with_it(tmp_path):
+    """A daemon refuses a whole list for one message it does not take (a newer agent's
+    message type): the agent sends the list again a message at a time."""
+    taken = []
+
+    async def messages(request: web.Request) -> web.Response:
+        batch = protocol.unpack(await request.read())
+        if any(m["type"] == "FromTheFuture" for m in batch):
+            return web.json_response({"error": {"message": "unknown type"}}, status=400)
+        taken.extend(m["type"] for m in batch)
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_post("/agent/v1/messages", messages)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    agent = Agent(f"http://127.0.0.1:{port}", "t", "n1", "ws/c", Gpus(0), ["process"], tmp_path)
+    try:
+        async with aiohttp.ClientSession() as agent.session:
+            await agent._send_batch([agent._message("TaskStarted", jobId="j", attempt=1, task=0),
+                                     agent._message("FromTheFuture"),
+                                     agent._message("TaskExited", jobId="j", attempt=1, task=0,
+                                                    exitCode=0)])  # fmt: skip
+    finally:
+        await runner.cleanup()
+    assert taken == ["TaskStarted", "TaskExited"]
