@@ -19,6 +19,7 @@ from batchd.projections.model import (
     LIVE_STATES,
     PROVISIONING,
     QUEUED,
+    TERMINATING,
     Cluster,
     Job,
     ReadModels,
@@ -347,6 +348,11 @@ def delete_job(
     m: ReadModels, workspace: str, experiment: str, name: str, actor: str
 ) -> list[Decision]:
     job = find_job(m, workspace, experiment, name)
+    if job.state == TERMINATING:
+        raise CommandError(
+            "cannot delete a job that is terminating: delete it once its tasks have stopped "
+            "(batchd job wait)"
+        )
     if job.state in LIVE_STATES:
         raise CommandError(
             f"cannot delete a job that is {job.state}: terminate it first, then delete it"

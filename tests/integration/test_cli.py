@@ -71,6 +71,9 @@ async def test_events_tail_prints_the_last_events_and_json(durable_url):
         "correlationId", "causationId", "data", "hash",
     }  # fmt: skip
     assert events[0]["data"] == {"n": 13} and events[0]["recordedAt"].endswith("Z")
+    done = batchd("events", "tail", "--store", durable_url, "--after", "40")
+    assert done.returncode == 0 and done.stdout == ""
+    assert "no events after position 40 (the log's head is at 15)" in done.stderr
 
 
 async def test_events_tail_json_redacts_secrets(tmp_path):

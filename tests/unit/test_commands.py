@@ -111,6 +111,9 @@ def test_names_conflicts_and_lifecycle(w):
     w.do(commands.delete_job(w.m, "ws", "exp", "j", "user:ann"))
     w.do(commands.submit_job(w.m, "ws", "exp", "j", JOB, "user:ann", cluster="gpu"))  # reused
     assert len(w.m.job_ids["ws/exp/j"]) == 2
+    w.m.jobs[w.m.job_ids["ws/exp/j"][-1]].state = "terminating"  # its tasks are stopping
+    with pytest.raises(CommandError, match="delete it once its tasks have stopped"):
+        commands.delete_job(w.m, "ws", "exp", "j", "user:ann")
     with pytest.raises(CommandError) as missing:
         commands.terminate_job(w.m, "ws", "exp", "other", "user:bob")
     assert missing.value.status == 404
