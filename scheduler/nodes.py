@@ -220,7 +220,8 @@ class NodeService:
         identity = toolkits.JobIdentity(job.workspace, job.experiment, job.name, job.job_id,
                                         job.attempt)  # fmt: skip
         jobs_root = self.state_dir / "nodes"
-        hosts = [toolkits.Host(node_id, _address(self.models, node_id), tuple(gpus))
+        hosts = [toolkits.Host(node_id, _address(self.models, node_id), tuple(gpus),
+                               _port_base(self.models, node_id))
                  for node_id, gpus in job.tasks]  # fmt: skip
         paths = toolkits.Paths(
             mount_root=str(self.mounts), job_mount_root=str(self.mounts / "jobs" / job.job_id),
@@ -706,6 +707,20 @@ def _address(m: ReadModels, node_id: str) -> str:
     """How the other nodes of a job reach `node_id`: the address it registered with."""
     node = m.nodes.get(node_id)
     return node.address if node is not None and node.address else "127.0.0.1"
+
+
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def _port_base(m: ReadModels, node_id: str) -> int:
+    """For a node at a loopback address (a local node: its machine holds others): the GPUs of
+    the nodes there whose ids sort before it, so that the ports of jobs on different nodes of
+    one machine differ (toolkits, "Ports"). 0 for a node of its own machine."""
+    address = _address(m, node_id)
+    if address not in LOOPBACK:
+        return 0
+    return sum(n.gpus for other, n in m.nodes.items()
+               if other < node_id and _address(m, other) == address)  # fmt: skip
 
 
 async def _first_error(*work: Awaitable[None]) -> None:

@@ -31,7 +31,9 @@ Ports: two live attempts never hold the same GPU, so a node's ports for a job ar
 first GPU index its task holds there (a task without GPUs holds the whole node). Two jobs
 whose tasks share a node thus never ask for the same port: `MASTER_PORT` is 29500 + the
 master task's first GPU, TensorFlow's ports 2222 + 200 x that node's first GPU (+ 100 for
-workers) + the process's number on the node.
+workers) + the process's number on the node. Nodes that share a machine (local nodes, all at
+a loopback address) count their GPUs one after another for this: the second node's GPU 0 is
+the machine's GPU 4 when the first has four.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ class Host:
     node_id: str
     address: str  # how the other nodes reach it
     gpus: tuple[int, ...] = ()  # GPU indices assigned to the job's task there
+    port_base: int = 0  # GPUs of the other nodes on its machine that come first (see Ports)
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,8 +219,9 @@ def _caffe(settings, hosts):
 
 
 def _offset(host: Host) -> int:
-    """The first GPU index the job's task holds on `host` (no two live attempts share it)."""
-    return host.gpus[0] if host.gpus else 0
+    """The first GPU index the job's task holds on `host` (no two live attempts share it),
+    after the GPUs of the other nodes on its machine that come first."""
+    return host.port_base + (host.gpus[0] if host.gpus else 0)
 
 
 def _master_port(hosts: list[Host]) -> int:

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from batchd.scheduler.jobspec import parse_job
+from batchd.scheduler.nodes import _port_base
 from batchd.scheduler.toolkits import Host, JobIdentity, Paths, translate
+from tests.unit.test_planner import World
 
 RECIPES = Path(__file__).parents[1] / "data" / "batchai-recipes"
 JOB = JobIdentity("vision", "mnist", "train", "0190-job", attempt=2)
@@ -135,3 +137,18 @@ def test_more_tensorflow_processes_a_node_than_it_has_ports_for_are_refused():
     settings = {**properties["tensorFlowSettings"], "workerCount": 201}
     with pytest.raises(ValueError, match="at most 100 parameter servers and 100 workers"):
         translate({**properties, "tensorFlowSettings": settings}, JOB, HOSTS, PATHS)
+
+
+def test_nodes_that_share_a_machine_count_their_gpus_one_after_another_for_ports():
+    """Local nodes share one machine (and its loopback address): the second node's GPU 0
+    is the machine's GPU 4, so jobs whose masters are on different local nodes differ."""
+    on_second = [Host("local-1", "127.0.0.1", (0,), port_base=4),
+                 Host("local-0", "127.0.0.1", (1,))]  # fmt: skip
+    ddp = plans("PyTorch__PyTorch-GPU-Distributed-Gloo__job.json", on_second)
+    assert ddp[0].env["MASTER_PORT"] == "29504"
+
+
+def test_a_nodes_port_base_counts_the_gpus_of_the_nodes_before_it_on_its_machine():
+    w = World().cluster(nodes=3, gpus=4)
+    w.apply("NodeRegistered", nodeId="far", cluster="c", gpus=8, address="10.0.0.9")
+    assert [_port_base(w.models, n) for n in ("c-n0", "c-n1", "c-n2", "far")] == [0, 4, 8, 0]
