@@ -34,6 +34,7 @@ from tests.integration.test_cli import _free_port, batchd
 from tests.processes import alive
 
 EXP = "/v1/workspaces/default/experiments/default"
+ONE_NODE = {"vmSize": "Standard_NC6", "scaleSettings": {"manual": {"targetNodeCount": 1}}}
 
 
 @pytest.fixture
@@ -345,8 +346,7 @@ async def test_an_agent_finds_real_gpus_through_nvidia_smi_when_nvml_is_not_ther
     )
     smi.chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONPATH": str(bin_dir)}
-    document = {"vmSize": "Standard_NC6", "scaleSettings": {"manual": {"targetNodeCount": 1}}}
-    agent = await _agent_on(daemon, client, "real", document, gpus="auto", env=env)
+    agent = await _agent_on(daemon, client, "real", ONE_NODE, gpus="auto", env=env)
     try:
         done = await asyncio.to_thread(batchd, "node", "show", "real-0", "--json",
                                        env={"BATCHD_SERVER": daemon.url,
@@ -367,8 +367,7 @@ async def test_a_node_is_reached_at_the_address_it_gives_else_where_it_connects_
     daemon, client = local
     _status, local_node = await client.call("GET", "/v1/nodes/local-0")
     assert local_node["properties"]["address"] == "127.0.0.1"  # where it connected from
-    document = {"vmSize": "Standard_NC6", "scaleSettings": {"manual": {"targetNodeCount": 1}}}
-    agent = await _agent_on(daemon, client, "far", document, "1", None,
+    agent = await _agent_on(daemon, client, "far", ONE_NODE, "1", None,
                             "--address", "gpu-7.cluster.internal")  # fmt: skip
     try:
         _status, node = await client.call("GET", "/v1/nodes/far-0")
@@ -686,8 +685,7 @@ async def test_the_tasks_of_an_agent_killed_outright_end_with_it(local):
     does, at once, so an attempt never runs on beside its retry. No agent of the node is
     started again here to reap them."""
     daemon, client = local
-    agent = await _agent_on(daemon, client, "dies", {"vmSize": "Standard_NC6",
-                            "scaleSettings": {"manual": {"targetNodeCount": 1}}})  # fmt: skip
+    agent = await _agent_on(daemon, client, "dies", ONE_NODE)
     shell, away = daemon.state_dir / "shell.pid", daemon.state_dir / "away.pid"
     command = (f"echo $$ > {shell}; setsid sh -c 'echo $$ > {away}; exec sleep 600' & "
                "exec sleep 600")  # fmt: skip
@@ -699,6 +697,14 @@ async def test_the_tasks_of_an_agent_killed_outright_end_with_it(local):
     # the task's group, and what left it (setsid), end with their agent
     await _until(lambda: not any(alive(pid) for pid in pids), 10)
     await client.call("POST", f"{EXP}/jobs/orphaned/terminate")
+
+
+async def _busy_node(daemon, client, cluster: str) -> asyncio.subprocess.Process:
+    """A one-node cluster of its own, with its agent (returned), running a job `busy`."""
+    agent = await _agent_on(daemon, client, cluster, ONE_NODE)
+    await _run(client, "busy", "sleep 600", cluster=cluster)
+    await _until(lambda: newest_job(daemon.models.models, "busy").state == "running", 30)
+    return agent
 
 
 async def test_a_preempted_jobs_task_is_killed_before_its_gpu_is_reused(local):
@@ -881,9 +887,7 @@ async def test_an_agent_outlives_a_daemon_restart_and_its_task_runs_on(tmp_path,
         async with admin_client(daemon) as client:
             for path in ("/v1/workspaces/default", EXP):
                 assert (await client.call("PUT", path, {}))[0] == 201
-            document = {"vmSize": "Standard_NC6",
-                        "scaleSettings": {"manual": {"targetNodeCount": 1}}}  # fmt: skip
-            agent = await _agent_on(daemon, client, "keep", document)
+            agent = await _agent_on(daemon, client, "keep", ONE_NODE)
             await _run(client, "survivor", f"echo $$ > {pid_file}; exec sleep 600",
                        cluster="keep")  # fmt: skip
             await _until(lambda: pid_file.exists() and pid_file.read_text().strip(), 30)
@@ -1015,13 +1019,10 @@ async def test_local_nodes_have_the_configured_gpus_and_vm_sizes_come_from_confi
 
 async def test_deleting_a_busy_cluster_fails_its_queued_jobs_and_drains_its_running_ones(local):
     daemon, client = local
-    agent = await _agent_on(daemon, client, "gone", {"vmSize": "Standard_NC6",
-                            "scaleSettings": {"manual": {"targetNodeCount": 1}}})  # fmt: skip
+    agent = await _busy_node(daemon, client, "gone")
     try:
-        await _run(client, "busy", "sleep 600", cluster="gone")
         await _run(client, "waiting", "true", cluster="gone")
         models = daemon.models.models
-        await _until(lambda: newest_job(models, "busy").state == "running", 30)
         env = {"BATCHD_SERVER": daemon.url, "BATCHD_TOKEN": daemon.admin_token}
         done = await asyncio.to_thread(batchd, "cluster", "delete", "gone", env=env)
         assert done.returncode == 0, done.stderr
@@ -1295,12 +1296,8 @@ async def test_a_dead_agents_setup_task_is_lost_with_it_and_killed_by_the_next_a
 
 async def test_an_exec_ends_with_its_caller_and_answers_when_its_node_is_lost(local):
     daemon, client = local
-    agent = await _agent_on(daemon, client, "ex", {"vmSize": "Standard_NC6",
-                            "scaleSettings": {"manual": {"targetNodeCount": 1}}})  # fmt: skip
+    agent = await _busy_node(daemon, client, "ex")
     try:
-        await _run(client, "busy", "sleep 600", cluster="ex")
-        models = daemon.models.models
-        await _until(lambda: newest_job(models, "busy").state == "running", 30)
         pid_file = daemon.state_dir / "beside.pid"
         url = f"{daemon.url}{EXP}/jobs/busy/exec"
         body = {"command": f"echo $$ > {pid_file}; echo started; exec sleep 300"}

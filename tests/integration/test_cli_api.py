@@ -16,6 +16,7 @@ from aiohttp import web
 
 from batchd.events.envelope import NewEvent
 from batchd.scheduler.cli import main
+from tests.http import serving
 from tests.integration.conftest import settled, start_daemon
 
 RECIPES = Path(__file__).parent.parent / "data" / "batchai-recipes"
@@ -428,19 +429,12 @@ async def test_every_detail_of_an_error_gets_its_own_line(capsys, monkeypatch, t
 
     app = web.Application()
     app.router.add_put("/v1/workspaces/ws/clusters/c", refuse)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
     monkeypatch.setenv("BATCHD_STATE_DIR", str(tmp_path))
-    try:
-        server = ["--server", f"http://127.0.0.1:{port}", "--token", "t"]
+    async with serving(app) as url:
+        server = ["--server", url, "--token", "t"]
         done = await _runner(capsys)(
             "cluster", "create", "c", "-w", "ws", "--vm-size", "X", *server
         )
-    finally:
-        await runner.cleanup()
     assert assert_error(done) == [
         "batchd: error: the document has 2 problems",
         "  properties.nodeCount: must be at least 1",

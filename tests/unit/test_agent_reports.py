@@ -17,6 +17,7 @@ from batchd.scheduler.agent import (
     _cannot_start_error,
 )
 from batchd.scheduler.runtimes import TaskResult
+from tests.http import serving
 
 
 class StubbornTask:
@@ -138,18 +139,11 @@ async def test_a_refused_report_costs_only_itself_not_the_others_sent_with_it(tm
 
     app = web.Application()
     app.router.add_post("/agent/v1/messages", messages)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
-    agent = Agent(f"http://127.0.0.1:{port}", "t", "n1", "ws/c", Gpus(0), ["process"], tmp_path)
-    try:
-        async with aiohttp.ClientSession() as agent.session:
-            await agent._send_batch([agent._message("TaskStarted", jobId="j", attempt=1, task=0),
-                                     agent._message("FromTheFuture"),
-                                     agent._message("TaskExited", jobId="j", attempt=1, task=0,
-                                                    exitCode=0)])  # fmt: skip
-    finally:
-        await runner.cleanup()
+    async with serving(app) as url, aiohttp.ClientSession() as session:
+        agent = Agent(url, "t", "n1", "ws/c", Gpus(0), ["process"], tmp_path)
+        agent.session = session
+        await agent._send_batch([agent._message("TaskStarted", jobId="j", attempt=1, task=0),
+                                 agent._message("FromTheFuture"),
+                                 agent._message("TaskExited", jobId="j", attempt=1, task=0,
+                                                exitCode=0)])  # fmt: skip
     assert taken == ["TaskStarted", "TaskExited"]
