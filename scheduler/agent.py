@@ -44,6 +44,7 @@ from batchd.scheduler.runtimes import (
     sweep_dirs,
     sweep_orphans,
     task_label,
+    wait_child,
     watch_children_with_pidfd,
 )
 from batchd.scheduler.vmsizes import memory_mb
@@ -58,6 +59,7 @@ AGENT_VERSION = "1"
 POST_TIMEOUT = 5.0  # seconds a message to the daemon may take
 ORPHAN_WATCH = 600.0  # seconds after a task ends that what it left behind is still ended
 PARENT_ENV = "BATCHD_AGENT_PARENT"  # set by the local provider: the daemon's pid
+UNKNOWN_TYPE = "unknown message type"  # how a daemon refuses a message type it does not know
 
 
 class AgentError(ValueError):
@@ -324,15 +326,15 @@ class Agent:
             await self._send_batch(batch)
 
     async def _send_batch(self, batch: list[dict[str, Any]]) -> None:
-        """Send `batch` until it is taken. One the daemon refuses (it checks a whole list
-        before it acts on any) is sent again a message at a time, so that only the refused
-        message is lost (a message type the daemon does not know, from a newer agent)."""
+        """Send `batch` until it is taken. One the daemon refuses for a message type it does
+        not know (an older daemon: it checks every message's type before it acts on any) is
+        sent again a message at a time, so that only that message is lost."""
         while True:
             try:
                 await self._post(batch)
                 return
             except AgentError as exc:  # refused: sending it again would not help
-                if len(batch) > 1 and exc.status == 400:
+                if len(batch) > 1 and exc.status == 400 and UNKNOWN_TYPE in str(exc):
                     for message in batch:
                         await self._send_batch([message])
                     return
@@ -571,6 +573,14 @@ def _tail(path: Path, size: int = 2000) -> str:
         return ""
 
 
+async def _watch_watchdog(process: asyncio.subprocess.Process) -> None:
+    """Say so if the watchdog ends while the agent runs (its tasks would then outlive an
+    agent killed outright)."""
+    code = await wait_child(process)
+    logger.error("agent.watchdog_ended", code=code,
+                 note="tasks are not stopped if this agent is killed outright")  # fmt: skip
+
+
 async def main(args: argparse.Namespace) -> int:
     try:
         token = Path(args.token_file).read_text().strip()
@@ -603,11 +613,13 @@ async def main(args: argparse.Namespace) -> int:
     watch_children_with_pidfd()
     if not become_subreaper():
         logger.warning("agent.no_subreaper", note="processes that leave a task's group survive it")
-    _, guard = await watchdog.start(lock, agent.running_dir, node_id, docker_host)
+    guarding, guard = await watchdog.start(lock, agent.running_dir, node_id, docker_host)
+    watching = asyncio.create_task(_watch_watchdog(guarding))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await agent.run(stop)  # its tasks are stopped when it returns
+    watching.cancel()
     watchdog.stopped(guard)
     return 1 if agent.refused else 0

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from batchd.events.secrets import Keyring
 from batchd.scheduler.protocol import RUNTIMES
-from batchd.scheduler.vmsizes import CATALOG, Catalog, local_size
+from batchd.scheduler.vmsizes import CATALOG, LOCAL, Catalog, local_size
 
 DEFAULT_LISTEN = "127.0.0.1:8080"
 DEFAULT_LOCAL_NODES = 2
@@ -114,8 +114,12 @@ def load(
     local_gpus = int(local.get("gpus_per_node", 4))
     if not 0 <= local_gpus <= MAX_LOCAL_GPUS:
         raise ConfigError(f"[local] gpus_per_node: {local_gpus}: give 0 to {MAX_LOCAL_GPUS}")
+    sizes = raw.get("vm_sizes", {})
+    if any(name.lower() == LOCAL.lower() for name in sizes):
+        raise ConfigError(f"[vm_sizes.{LOCAL}]: {LOCAL} is the local nodes' shape: set "
+                          "[local] gpus_per_node instead")  # fmt: skip
     try:
-        catalog = CATALOG.with_overrides(raw.get("vm_sizes", {}))
+        catalog = CATALOG.with_overrides(sizes)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     return Config(

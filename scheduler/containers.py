@@ -17,9 +17,9 @@ import asyncio
 import contextlib
 import os
 import re
+import stat
 import tarfile
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import aiodocker
@@ -38,7 +38,7 @@ LABEL = "batchd"
 # the signal on to every process of the container and waits for them all to end (the engine
 # SIGKILLs what is left after the grace): a program the command started has its grace too,
 # to write a checkpoint. It exits with the command's code (143 once stopped).
-WRAPPER = """exec >>"$0" 2>>"$1" || exit 126
+WRAPPER = """command exec >>"$0" 2>>"$1" || exit 126
 trap 'stopping=1; kill -s TERM -1 2>/dev/null' TERM
 eval "$2" &
 wait $!
@@ -135,17 +135,39 @@ def user_ids(user: str, passwd: str | None, groups: str | None) -> tuple[int, in
 
 def give_to(spec: dict[str, Any], suffix: str, uid: int, gid: int) -> None:
     """Make the task's stdouterr files (of `suffix`: "" or "-prep") and give them, its work
-    directory, its job temp and its output directories to uid:gid. (An agent that is not
-    root cannot: the task then fails, saying it cannot write its output.)"""
-    out = Path(spec["stdouterr"])
-    for path in (out / f"stdout{suffix}.txt", out / f"stderr{suffix}.txt", spec["workDir"],
-                 job_temp(spec), *output_dirs(spec)):  # fmt: skip
-        if not path:
-            continue
+    directory, its job temp and its output directories to uid:gid. Links are never followed
+    (a job could have planted one to another file of the host): a link, or a file where a
+    directory belongs, is left alone. (An agent that is not root cannot give files away: the
+    task then fails, saying it cannot write its output.)"""
+    try:
+        out = os.open(spec["stdouterr"], os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        out = None
+    if out is not None:
+        try:
+            for name in (f"stdout{suffix}.txt", f"stderr{suffix}.txt"):
+                _give_file(name, out, uid, gid)
+        finally:
+            os.close(out)
+    for path in (spec["workDir"], job_temp(spec), *output_dirs(spec)):
         with contextlib.suppress(OSError):
-            if isinstance(path, Path):
-                path.touch()
-            os.chown(path, uid, gid)
+            if path and stat.S_ISDIR(os.lstat(path).st_mode):
+                os.chown(path, uid, gid, follow_symlinks=False)
+
+
+def _give_file(name: str, directory: int, uid: int, gid: int) -> None:
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(name, flags, 0o644, dir_fd=directory)
+    except OSError:  # a link, or what cannot be made: the wrapper says so if it matters
+        return
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            os.fchown(fd, uid, gid)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _binds(spec: dict[str, Any]) -> list[str]:
@@ -241,8 +263,8 @@ class ContainerTask:
         if self.user.partition(":")[0] in ROOT_USERS:
             return
         if self.owner is None:
-            name, _, group = self.user.partition(":")
-            passwd = None if name.isdigit() else await self._read("/etc/passwd")
+            group = self.user.partition(":")[2]
+            passwd = await self._read("/etc/passwd")  # (a uid's group is there too)
             groups = await self._read("/etc/group") if group and not group.isdigit() else None
             self.owner = user_ids(self.user, passwd, groups) or (-1, -1)
         if self.owner != (-1, -1):

@@ -344,7 +344,8 @@ class NodeService:
                                              _stopped(m, k, node_id, None)),
                                    key=self._key(key[0]))  # fmt: skip
         node = self.models.nodes.get(node_id)
-        if node is not None and node.state in (SUSPECT, LOST):
+        # (not while the daemon stops: it has just lost its local nodes, agents still up)
+        if node is not None and node.state in (SUSPECT, LOST) and not self.closing:
             await self.control.run(_by_agent(node_id, lambda m: _recovered(m, node_id)),
                                    key=f"node/{node_id}")  # fmt: skip
 
@@ -541,7 +542,8 @@ class NodeService:
                 job = self.models.jobs.get(key[0])
                 if job is not None and job.attempt == key[1] and job.state == TERMINATING:
                     never_started.append((key[0], key[1]))
-                if job is None or job.attempt != key[1] or job.state != SCHEDULED:
+                # (the job is preparing or running once another of its tasks has begun)
+                if job is None or job.attempt != key[1] or job.state not in lifecycle.PLACED:
                     del self.unstarted[key]
                     continue
                 self.unstarted[key] = (target, command, now)
@@ -713,14 +715,15 @@ LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
 def _port_base(m: ReadModels, node_id: str) -> int:
-    """For a node at a loopback address (a local node: its machine holds others): the GPUs of
-    the nodes there whose ids sort before it, so that the ports of jobs on different nodes of
-    one machine differ (toolkits, "Ports"). 0 for a node of its own machine."""
-    address = _address(m, node_id)
-    if address not in LOOPBACK:
+    """For a node at a loopback address (a local node: its machine holds others): its number
+    (`local-3` is 3) times its GPUs, so that the ports of jobs on different nodes of one
+    machine differ (toolkits, "Ports"), whichever of them exist. 0 for a node of its own
+    machine, or one without a number."""
+    node = m.nodes.get(node_id)
+    number = node_id.rpartition("-")[2]
+    if node is None or _address(m, node_id) not in LOOPBACK or not number.isdigit():
         return 0
-    return sum(n.gpus for other, n in m.nodes.items()
-               if other < node_id and _address(m, other) == address)  # fmt: skip
+    return int(number) * node.gpus
 
 
 async def _first_error(*work: Awaitable[None]) -> None:
@@ -893,12 +896,14 @@ def _left(m: ReadModels, node_id: str) -> list[Decision]:
 
 
 def lose_node(
-    m: ReadModels, node_id: str, error: dict[str, str], cause: str = "node_lost"
-) -> list[Decision]:
+    m: ReadModels, node_id: str, error: dict[str, str], cause: str = "node_lost",
+    job_error: dict[str, str] | None = None,
+) -> list[Decision]:  # fmt: skip
     """NodeLost with `error`, and the fate of each attempt the node ran (by `cause`: a lost
-    node spends the job's node-failure retries, an interrupted one none)."""
+    node spends the job's node-failure retries, an interrupted one none), recorded with
+    `job_error` (default: the node was lost)."""
     lost = NewEvent("NodeLost", {"nodeId": node_id, "error": error})
-    fates = retries.node_lost(m, node_id, cause, error if cause == "interrupted" else None)
+    fates = retries.node_lost(m, node_id, cause, job_error)
     for _stream, event in fates:  # each attempt's fate follows from the loss
         event.causation_id = lost.event_id
     return [(f"node-{node_id}", lost), *fates]

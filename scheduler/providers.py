@@ -12,7 +12,8 @@ cluster.
 Local agents stop with their daemon. When it stops, its local nodes are lost (`daemon_stopped`)
 and the attempts they ran are queued again as `interrupted`, which spends none of the job's
 retries; a daemon that did not stop cleanly finds its nodes so when it starts again
-(`daemon_restarted`). Either way they take no work until their new agents have registered.
+(`daemon_restarted`), and requeues their attempts as node failures (`node_lost`). Either way
+they take no work until their new agents have registered.
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ class LocalProvider:
 
         await self.control.run(decide_rest, structural=True)
         self._check_shape()
-        await self._interrupt(RESTARTED)  # none of its agents runs now
+        await self._interrupt(RESTARTED, "node_lost")  # none of its agents runs now
         await self._retire_shared_token()
 
     def _check_shape(self) -> None:
@@ -124,15 +125,17 @@ class LocalProvider:
                            note="delete the cluster local to have it made again with "
                            "[local] gpus_per_node GPUs a node")  # fmt: skip
 
-    async def _interrupt(self, error: dict[str, str]) -> None:
+    async def _interrupt(self, error: dict[str, str], cause: str = "interrupted") -> None:
         """The local nodes' agents stop, or have stopped: each node still up is lost with
-        `error`, and its attempts are queued again without spending a retry."""
+        `error`, and its attempts are queued again as `cause` (`interrupted` spends none of
+        the job's retries; after a daemon that did not stop cleanly, `node_lost` does, so a
+        job that brings its daemon down is not run again for ever)."""
 
         def decide(m: ReadModels) -> list:
             cluster = m.clusters.get(m.cluster_ids.get(f"{WORKSPACE}/{CLUSTER}", ""))
             return [decision for node_id in (cluster.nodes if cluster else ())
                     if m.nodes[node_id].state in (READY, *LOSABLE)
-                    for decision in lose_node(m, node_id, error, "interrupted")]  # fmt: skip
+                    for decision in lose_node(m, node_id, error, cause, error)]  # fmt: skip
 
         await self.control.run(decide, structural=True)
 

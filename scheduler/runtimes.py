@@ -171,7 +171,7 @@ class ProcessTask:
                 self.pid_file.write_text(process_mark(self.process.pid, task_label(self.spec)))
             except OSError:  # the task runs on: only its cleanup after an agent crash is lost
                 self.pid_file = None
-        returncode = await _waited(self.process)
+        returncode = await wait_child(self.process)
         if self.killed:  # being stopped: the rest of its group has its SIGTERM grace (kill)
             await _group_ended(self.process.pid, KILL_GRACE)
         with contextlib.suppress(ProcessLookupError):  # what it left running in its group
@@ -198,7 +198,7 @@ class ProcessTask:
 
         try:
             await asyncio.gather(pump(process.stdout, "stdout"), pump(process.stderr, "stderr"))
-            return _exit_code(await _waited(process))
+            return _exit_code(await wait_child(process))
         except asyncio.CancelledError:  # its caller went away: the command ends with it
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
@@ -320,7 +320,7 @@ GROUP_POLL = 0.05  # seconds between looks at a stopping task's process group
 
 
 async def start_child(*command: str, **options: Any) -> asyncio.subprocess.Process:
-    """Start a child process asyncio waits for (see sweep_orphans); `_waited` forgets it."""
+    """Start a child process asyncio waits for (see sweep_orphans); `wait_child` forgets it."""
     global _starting
     _starting += 1
     try:
@@ -331,7 +331,7 @@ async def start_child(*command: str, **options: Any) -> asyncio.subprocess.Proce
     return process
 
 
-async def _waited(process: asyncio.subprocess.Process) -> int:
+async def wait_child(process: asyncio.subprocess.Process) -> int:
     """Wait for a child started by `_start`; its return code."""
     code = await process.wait()
     WAITED.discard(process.pid)

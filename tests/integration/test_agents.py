@@ -17,6 +17,8 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import structlog
+import structlog.testing
 
 from batchd.events import errors
 from batchd.scheduler import nodes as node_service
@@ -949,7 +951,7 @@ async def test_a_daemon_restart_runs_its_local_jobs_again_without_spending_retri
 async def test_a_daemon_killed_outright_requeues_its_local_jobs_when_it_starts_again(tmp_path):
     """A daemon that did not stop cleanly: its local agents end with it (they find it gone),
     their tasks with them, and the next daemon requeues the attempts it finds placed on its
-    local nodes, without spending a retry, before their new agents take work."""
+    local nodes, as node failures, before their new agents take work."""
     state, port = tmp_path / "state", _free_port()
     env = {"BATCHD_STATE_DIR": str(state), "BATCHD_SERVER": f"http://127.0.0.1:{port}"}
     serve = [sys.executable, "-m", "batchd.scheduler.cli", "serve", "--listen", f"127.0.0.1:{port}"]
@@ -973,7 +975,7 @@ async def test_a_daemon_killed_outright_requeues_its_local_jobs_when_it_starts_a
     try:
         job = newest_job(daemon.models.models, "kept")
         await _until(lambda: job.attempt == 2 and job.state == "running", 30)
-        assert job.retries == {"interrupted": 1}
+        assert job.retries == {"node_lost": 1}  # a crash is a failure: it is counted
         assert job.errors[-1]["code"] == "daemon_restarted"
         async with admin_client(daemon) as client:
             await client.call("POST", f"{EXP}/jobs/kept/terminate")
@@ -1070,6 +1072,65 @@ async def test_a_job_is_preparing_while_its_job_preparation_runs(local, tmp_path
     [incarnation] = history["value"]
     rows = [(row["event"], row["state"]) for row in incarnation["timeline"]]
     assert rows[2:4] == [("JobPreparing", "preparing"), ("JobStarted", "running")]
+
+
+async def test_a_lost_start_is_sent_again_while_the_jobs_other_task_already_runs(local):
+    """Two nodes of a two-node job: node 0 starts its task (the job runs), node 1's
+    StartTask is lost on the way. Its heartbeats, which do not list the task, bring the
+    StartTask again."""
+    daemon, client = local
+    two = {**ONE_NODE, "scaleSettings": {"manual": {"targetNodeCount": 2}}}
+    assert (await client.call("PUT", "/v1/workspaces/default/clusters/pair", two))[0] == 201
+    tokens = {}
+    for n in (0, 1):
+        tokens[n] = (await _node_token(client, daemon, f"pair-{n}")).read_text().strip()
+        join = protocol.message("Register", f"pair-{n}", 1, cluster="default/pair", gpus=1)
+        assert await _post(daemon, client, tokens[n], join) == 200
+    await _run(client, "gang", "true", cluster="pair", nodeCount=2)
+    models, service = daemon.models.models, daemon.nodes
+    await _until(lambda: newest_job(models, "gang").state == "scheduled", 30)
+    job = newest_job(models, "gang")
+    node = {t: node_id for t, (node_id, _gpus) in enumerate(job.tasks)}
+    await _until(lambda: all(service.outbox.get(node[t]) for t in (0, 1)), 30)
+    service.outbox[node[1]].clear()  # taken by a poll whose answer never arrived
+    started = protocol.message("TaskStarted", node[0], 1, jobId=job.job_id, attempt=1, task=0)
+    assert await _post(daemon, client, tokens[int(node[0][-1])], started) == 200
+    await _until(lambda: job.state == "running", 10)
+    beat = protocol.message("Heartbeat", node[1], 1, running=[])
+    deadline = time.monotonic() + 20
+    while not service.outbox.get(node[1]):  # beats until the resend is due
+        assert time.monotonic() < deadline, "the lost StartTask was not sent again"
+        assert await _post(daemon, client, tokens[int(node[1][-1])], beat) == 200
+        await asyncio.sleep(0.5)
+    [again] = service.outbox[node[1]]
+    assert (again["type"], again["jobId"], again["task"]) == ("StartTask", job.job_id, 1)
+    await client.call("POST", f"{EXP}/jobs/gang/terminate")
+
+
+async def test_a_local_cluster_of_another_shape_than_its_nodes_is_reported(tmp_path, monkeypatch):
+    """A local cluster made by an earlier version (Standard_NC24s_v3, 4 GPUs a node) while
+    the configuration now gives its nodes 2: the daemon says so at start."""
+    monkeypatch.delenv("BATCHD_SECRET_KEYS", raising=False)
+    state = tmp_path / "state"
+    daemon = await start_daemon(state)
+    try:
+        async with admin_client(daemon) as client:
+            for path in ("/v1/workspaces/default", EXP):
+                assert (await client.call("PUT", path, {}))[0] == 201
+            old = {
+                "vmSize": "Standard_NC24s_v3",
+                "scaleSettings": {"manual": {"targetNodeCount": 0}},
+            }
+            await client.call("PUT", "/v1/workspaces/default/clusters/local", old)
+    finally:
+        await daemon.stop()
+    config_file = tmp_path / "batchd.toml"
+    config_file.write_text("[local]\nnodes = 0\ngpus_per_node = 2\n")
+    with structlog.testing.capture_logs() as logged:
+        daemon = await start_daemon(state, config_file, local_nodes=1)
+        await daemon.stop()
+    [shape] = [e for e in logged if e["event"] == "local.cluster_shape"]
+    assert (shape["vm_size"], shape["gpus"], shape["gpus_per_node"]) == ("Standard_NC24s_v3", 4, 2)
 
 
 async def test_the_daemon_forgets_node_ids_it_has_no_node_for(local):

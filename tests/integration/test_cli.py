@@ -341,6 +341,8 @@ def test_a_configuration_with_a_wrong_type_or_unknown_key_is_one_clear_error(tmp
                         ("[vm_sizes.Lab]\ngpus = 2\nvcpus = 8", ("[vm_sizes.Lab] memory_mb",)),
                         ("[vm_sizes.Lab]\ngpus = 2\nvcpus = 8\nmemory_mb = 1\nram = 3",
                          ("[vm_sizes.Lab] ram", "unknown")),
+                        ("[vm_sizes.local]\ngpus = 1\nvcpus = 1\nmemory_mb = 1",
+                         ("[vm_sizes.Local]", "gpus_per_node")),
                         ("colour = 1", ("unknown key colour",))):  # fmt: skip
         config.write_text(text + "\n")
         done = batchd("serve", "--config", str(config), "--state-dir", str(tmp_path / "s"))

@@ -148,6 +148,18 @@ async def test_an_image_that_runs_as_a_user_of_its_own_writes_its_output_and_scr
     assert (out / "stdout-prep.txt").read_text() == "trainer\n"
 
 
+async def test_output_the_container_cannot_open_fails_the_task_saying_why(box):
+    daemon, client, _proxy, _agent = box
+    out = daemon.state_dir / "mounts/logs/default/default/blocked/1/stdouterr"
+    (out / "stdout.txt").mkdir(parents=True)  # a directory where the output file goes
+    assert (await client.call("PUT", f"{EXP}/jobs/blocked", _box_job("echo hi")))[0] == 201
+    await _ended(daemon, "blocked")
+    _status, answer = await client.call("GET", f"{EXP}/jobs/blocked")
+    error = answer["properties"]["executionInfo"]["errors"][-1]
+    assert answer["properties"]["executionInfo"]["exitCode"] == 126
+    assert error["code"] == "output_unwritable" and "stdout.txt" in error["message"]
+
+
 async def test_an_images_own_entrypoint_does_not_replace_the_jobs_command(box):
     daemon, client, _proxy, _agent = box
     job = _box_job("echo from the job; exit 4", ENTRYPOINT_IMAGE)
@@ -218,6 +230,9 @@ async def test_a_private_registry_image_is_pulled_from_its_server_with_its_login
     assert error["code"] == "image_unavailable"
     assert "registry.invalid:5000/team/trainer:7" in error["message"]
     assert "hunter2" not in json.dumps(answer)
+    _status, history = await client.call("GET", f"{EXP}/jobs/private/history")
+    events = [row["event"] for row in history["value"][0]["timeline"]]
+    assert "JobPreparing" in events  # while its image was being pulled
 
 
 async def test_terminate_gives_a_program_in_the_container_its_sigterm_grace(box, tmp_path):

@@ -133,7 +133,7 @@ async def test_a_refused_report_costs_only_itself_not_the_others_sent_with_it(tm
     async def messages(request: web.Request) -> web.Response:
         batch = protocol.unpack(await request.read())
         if any(m["type"] == "FromTheFuture" for m in batch):
-            return web.json_response({"error": {"message": "unknown type"}}, status=400)
+            return web.json_response({"error": {"message": "unknown message type"}}, status=400)
         taken.extend(m["type"] for m in batch)
         return web.json_response({})
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
-from batchd.scheduler.containers import create_config, shm_bytes, user_ids
+from batchd.scheduler.containers import create_config, give_to, shm_bytes, user_ids
 from batchd.scheduler.images import image_reference, registry_auth
 
 SPEC = {
@@ -114,3 +116,22 @@ GROUPS = "root:x:0:\ndata:x:2000:trainer\n"
 )
 def test_an_images_user_is_looked_up_in_its_own_files(user, ids):
     assert user_ids(user, PASSWD, GROUPS) == ids
+
+
+def test_giving_a_tasks_files_to_the_images_user_follows_no_link(tmp_path):
+    """A job could plant links where its next task's output goes: the agent (root) gives
+    away only what it finds (or makes) there itself, never what a link leads to."""
+    out, work, elsewhere = tmp_path / "out", tmp_path / "work", tmp_path / "host-file"
+    out.mkdir()
+    work.mkdir()
+    elsewhere.write_text("the host's")
+    (out / "stderr.txt").symlink_to(elsewhere)
+    outputs, host_dir = tmp_path / "model", tmp_path / "host-dir"
+    host_dir.mkdir()
+    outputs.symlink_to(host_dir)  # an output directory that is a link
+    spec = {"stdouterr": str(out), "workDir": str(work), "outputs": [str(outputs)], "env": {}}
+    give_to(spec, "", 4321, 4321)
+    assert (out / "stdout.txt").stat().st_uid == 4321  # made, and given
+    assert work.stat().st_uid == 4321
+    assert elsewhere.stat().st_uid == os.getuid()  # behind a link: left alone
+    assert host_dir.stat().st_uid == os.getuid()

@@ -148,7 +148,9 @@ def test_nodes_that_share_a_machine_count_their_gpus_one_after_another_for_ports
     assert ddp[0].env["MASTER_PORT"] == "29504"
 
 
-def test_a_nodes_port_base_counts_the_gpus_of_the_nodes_before_it_on_its_machine():
-    w = World().cluster(nodes=3, gpus=4)
-    w.apply("NodeRegistered", nodeId="far", cluster="c", gpus=8, address="10.0.0.9")
-    assert [_port_base(w.models, n) for n in ("c-n0", "c-n1", "c-n2", "far")] == [0, 4, 8, 0]
+def test_a_local_nodes_port_base_follows_from_its_number_whichever_nodes_exist():
+    w = World().cluster(nodes=0)
+    for node_id in ("local-2", "local-1"):  # local-0 is gone (or not there yet)
+        w.apply("NodeRegistered", nodeId=node_id, cluster="c", gpus=4)  # at 127.0.0.1
+    w.apply("NodeRegistered", nodeId="far-3", cluster="c", gpus=8, address="10.0.0.9")
+    assert [_port_base(w.models, n) for n in ("local-1", "local-2", "far-3")] == [4, 8, 0]
