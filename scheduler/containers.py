@@ -28,6 +28,7 @@ from batchd.scheduler.runtimes import (
     KILL_GRACE,
     TaskResult,
     job_temp,
+    kill_tree,
     output_dirs,
     prepare_directories,
 )
@@ -332,11 +333,21 @@ class ContainerTask:
             raise OSError("the container is not running yet")
         run = await self.container.exec(cmd=["/bin/sh", "-c", command], stdout=True,
                                         stderr=True, environment=None)  # fmt: skip
-        async with run.start(detach=False) as stream:
-            while (message := await stream.read_out()) is not None:
-                name = "stdout" if message.stream == 1 else "stderr"
-                send(**{name: message.data.decode("utf-8", "replace")})
+        try:
+            async with run.start(detach=False) as stream:
+                while (message := await stream.read_out()) is not None:
+                    name = "stdout" if message.stream == 1 else "stderr"
+                    send(**{name: message.data.decode("utf-8", "replace")})
+        except asyncio.CancelledError:  # its caller went away: the command ends with it
+            await asyncio.shield(self._end_exec(run))
+            raise
         return int((await run.inspect()).get("ExitCode") or 0)
+
+    async def _end_exec(self, run: Any) -> None:
+        """Kill an exec'd command and what it started (the engine offers no way: its
+        process, as the engine names it on this machine, and those below it)."""
+        with contextlib.suppress(aiodocker.DockerError, ValueError, TypeError):
+            kill_tree(int((await run.inspect()).get("Pid") or 0))
 
     async def kill(self) -> None:
         """SIGTERM the container; SIGKILL it if it is still there after a grace."""

@@ -298,6 +298,25 @@ def sweep_orphans(ended: Container[str]) -> int:
     return killed
 
 
+def kill_tree(pid: int) -> int:
+    """SIGKILL process `pid` (if above 1) and every process below it; how many there were."""
+    if pid <= 1:
+        return 0
+    below: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        fields = _stat(entry) if entry.isdigit() else None
+        if fields is not None:
+            below.setdefault(int(fields[1]), []).append(int(entry))
+    doomed, killed = [pid], 0
+    while doomed:
+        current = doomed.pop()
+        doomed += below.get(current, [])
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(current, signal.SIGKILL)
+            killed += 1
+    return killed
+
+
 async def _group_ended(group: int, seconds: float) -> bool:
     """Wait until no process of process group `group` is left, for at most `seconds`; did it
     end? (Those of its processes that became this agent's by inheritance are reaped here

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
+import os
 import sys
 
 import aiohttp
@@ -267,6 +269,45 @@ async def test_exec_runs_in_the_tasks_container(proxy):
         code = await task.exec("echo inside; echo err >&2; exit 4", lambda **kw: heard.append(kw))
         joined = {k: "".join(h.get(k, "") for h in heard) for k in ("stdout", "stderr")}
         assert (code, joined) == (4, {"stdout": "inside\n", "stderr": "err\n"})
+    finally:
+        await container.delete(force=True)
+        await docker.close()
+
+
+def _host_processes(cmdline: str) -> list[int]:
+    """Processes of this machine (a container's too) running exactly `cmdline`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                    if handle.read().replace(b"\0", b" ").strip() == cmdline.encode():
+                        found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+async def test_an_exec_in_a_container_ends_with_its_caller(proxy):
+    """The caller of `job exec` went away (its CancelExec cancels the exec): the command, and
+    what it started, end in the container at once, not when the task does."""
+    import aiodocker
+
+    from batchd.scheduler.containers import ContainerTask
+
+    docker = aiodocker.Docker(url=f"unix://{ENGINE}")
+    container = await docker.containers.create(config={"Image": IMAGE, "Cmd": ["sleep", "60"]})
+    try:
+        await container.start()
+        task = ContainerTask({}, docker, "podman", attach_gpus=False)
+        task.container = container
+        command = "sleep 307 & echo started; sleep 308"
+        running = asyncio.create_task(task.exec(command, lambda **kw: None))
+        await _until(lambda: _host_processes("sleep 307") and _host_processes("sleep 308"), 30)
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+        await _until(lambda: not _host_processes("sleep 307") + _host_processes("sleep 308"), 10)
     finally:
         await container.delete(force=True)
         await docker.close()
