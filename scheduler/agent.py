@@ -18,6 +18,7 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +45,6 @@ from batchd.scheduler.runtimes import (
     sweep_dirs,
     sweep_orphans,
     task_label,
-    wait_child,
     watch_children_with_pidfd,
 )
 from batchd.scheduler.vmsizes import memory_mb
@@ -155,6 +155,7 @@ class Agent:
         self.engine = "docker"
         self.attach_gpus = False
         self.stop: asyncio.Event | None = None
+        self.watchdog: subprocess.Popen | None = None  # ends its tasks if it is killed outright
         # a local agent's daemon (its parent): when it is gone, the agent stops
         self.parent = int(os.environ[PARENT_ENV]) if os.environ.get(PARENT_ENV) else None
 
@@ -198,6 +199,10 @@ class Agent:
             await asyncio.sleep(1.0)
             self._check_lease()
             self._sweep()
+            if self.watchdog is not None and self.watchdog.poll() is not None:
+                note = "its tasks outlive this agent if it is killed outright"
+                logger.error("agent.watchdog_ended", code=self.watchdog.returncode, note=note)
+                self.watchdog = None
             if self.parent is not None and os.getppid() != self.parent and self.stop is not None:
                 logger.warning("agent.daemon_gone", node=self.node_id)
                 self.stop.set()
@@ -573,14 +578,6 @@ def _tail(path: Path, size: int = 2000) -> str:
         return ""
 
 
-async def _watch_watchdog(process: asyncio.subprocess.Process) -> None:
-    """Say so if the watchdog ends while the agent runs (its tasks would then outlive an
-    agent killed outright)."""
-    code = await wait_child(process)
-    logger.error("agent.watchdog_ended", code=code,
-                 note="tasks are not stopped if this agent is killed outright")  # fmt: skip
-
-
 async def main(args: argparse.Namespace) -> int:
     try:
         token = Path(args.token_file).read_text().strip()
@@ -613,13 +610,11 @@ async def main(args: argparse.Namespace) -> int:
     watch_children_with_pidfd()
     if not become_subreaper():
         logger.warning("agent.no_subreaper", note="processes that leave a task's group survive it")
-    guarding, guard = await watchdog.start(lock, agent.running_dir, node_id, docker_host)
-    watching = asyncio.create_task(_watch_watchdog(guarding))
+    agent.watchdog, guard = watchdog.start(lock, agent.running_dir, node_id, docker_host)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await agent.run(stop)  # its tasks are stopped when it returns
-    watching.cancel()
     watchdog.stopped(guard)
     return 1 if agent.refused else 0

@@ -33,7 +33,7 @@ from batchd.scheduler.clusterspec import (
 )
 from batchd.scheduler.jobspec import parse_job
 from batchd.scheduler.planner import Decision
-from batchd.scheduler.schema import DocumentError, string
+from batchd.scheduler.schema import DocumentError, string, unwrap
 from batchd.scheduler.vmsizes import CATALOG, Catalog
 
 NAME_RULE = "1-64 ASCII letters, digits, '-' or '_'"
@@ -160,17 +160,16 @@ def update_scale_settings(
 ) -> list[Decision]:
     """PATCH: only `scaleSettings` may change (Batch AI's rule)."""
     cluster = find_cluster(m, workspace, name)
-    if not isinstance(document, dict):
-        raise DocumentError("", "must be a JSON object")
-    body = document.get("properties", document)
+    body, where = unwrap(document)  # (beside the envelope, only what it may hold)
+    prefix = f"{where}." if where else ""
     other = [k for k in body if k != "scaleSettings"] if isinstance(body, dict) else []
     if other:
         raise DocumentError(
-            other[0], "cannot be changed: a cluster update changes only scaleSettings"
+            prefix + other[0], "cannot be changed: a cluster update changes only scaleSettings"
         )
     if not isinstance(body, dict) or "scaleSettings" not in body:
-        raise DocumentError("scaleSettings", "is required")
-    settings = parse_scale_settings(body["scaleSettings"])
+        raise DocumentError(prefix + "scaleSettings", "is required")
+    settings = parse_scale_settings(body["scaleSettings"], prefix + "scaleSettings")
     if cluster.deleting:
         raise CommandError(f"cluster {name!r} is being deleted")
     data = {"clusterId": cluster.cluster_id, "scaleSettings": settings}
@@ -254,7 +253,7 @@ def submit_job(
         raise DocumentError(f"{where}cluster", f"cluster {target!r} is being deleted")
     limit = max_nodes(c.scale_settings)
     if spec.node_count > limit:
-        rule = f"{spec.node_count} is more than cluster {target!r} can hold ({limit} nodes at most)"
+        rule = f"{spec.node_count} is more than cluster {target!r} can hold (at most {limit})"
         raise DocumentError(f"{where}nodeCount", rule)
     size = catalog.get(c.vm_size)
     gpus = size.gpus if size is not None else 0

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from batchd.events.secrets import Keyring
+from batchd.scheduler.clusterspec import MAX_NODES
 from batchd.scheduler.protocol import RUNTIMES
 from batchd.scheduler.vmsizes import CATALOG, LOCAL, Catalog, local_size
 
@@ -111,6 +112,8 @@ def load(
     local = raw.get("local", {})
     if local_nodes is None:  # the embedded default has 2 simulated nodes; a file says how many
         local_nodes = int(local.get("nodes", 0 if config_file else DEFAULT_LOCAL_NODES))
+    if not 0 <= local_nodes <= MAX_NODES:
+        raise ConfigError(f"[local] nodes: {local_nodes}: give 0 to {MAX_NODES}")
     local_gpus = int(local.get("gpus_per_node", 4))
     if not 0 <= local_gpus <= MAX_LOCAL_GPUS:
         raise ConfigError(f"[local] gpus_per_node: {local_gpus}: give 0 to {MAX_LOCAL_GPUS}")

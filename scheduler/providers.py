@@ -84,6 +84,7 @@ class LocalProvider:
         self.runtimes, self.docker_host = runtimes, docker_host
         self.catalog = catalog  # with the nodes' own shape, LOCAL
         self.processes: dict[str, asyncio.subprocess.Process] = {}
+        self.watchers: set[asyncio.Task] = set()  # one per agent: see _watch
         self.stopping = False
 
     async def bootstrap(self) -> None:
@@ -108,9 +109,11 @@ class LocalProvider:
                                                self.catalog)  # fmt: skip
             return out
 
+        await self._interrupt(RESTARTED, "node_lost")  # none of its agents runs now
+        # a local cluster being deleted goes now (its nodes run nothing), and is made again
+        await self.control.run(lambda m: commands.finish_deletions(m, ACTOR), structural=True)
         await self.control.run(decide_rest, structural=True)
         self._check_shape()
-        await self._interrupt(RESTARTED, "node_lost")  # none of its agents runs now
         await self._retire_shared_token()
 
     def _check_shape(self) -> None:
@@ -179,9 +182,7 @@ class LocalProvider:
         for index in range(target):
             node_id = f"{CLUSTER}-{index}"
             process = self.processes.get(node_id)
-            if process is None or process.returncode is not None:
-                if process is not None:
-                    logger.warning("local.agent_exited", node=node_id, code=process.returncode)
+            if process is None or process.returncode is not None:  # (_watch told of its end)
                 self.processes[node_id] = await self._spawn(node_id)
             node = m.nodes.get(node_id)
             if node is not None and node.state == LEAVING:  # drained, and wanted again
@@ -248,7 +249,31 @@ class LocalProvider:
         finally:
             log.close()
         logger.info("local.agent_started", node=node_id, pid=process.pid)
+        watching = asyncio.create_task(self._watch(node_id, process))
+        self.watchers.add(watching)
+        watching.add_done_callback(self.watchers.discard)
         return process
+
+    async def _watch(self, node_id: str, process: asyncio.subprocess.Process) -> None:
+        """An agent that exits unasked (killed, crashed): its node is lost at once, and its
+        attempts requeued, rather than after the daemon has waited out its silence (its
+        watchdog has ended its tasks). The next reconcile starts a new agent."""
+        code = await process.wait()
+        if self.stopping or self.processes.get(node_id) is not process:
+            return  # stopped on purpose
+        logger.warning("local.agent_exited", node=node_id, code=code)
+        error = {"code": "agent_exited", "message": f"its agent exited with {code}"}
+
+        def decide(m: ReadModels) -> list:
+            node = m.nodes.get(node_id)
+            if node is None or node.state not in (READY, *LOSABLE):
+                return []
+            return lose_node(m, node_id, error)
+
+        try:
+            await self.control.run(decide, key=f"node/{node_id}")
+        except Exception as exc:  # (the log fenced or closed): its silence tells in time
+            logger.warning("local.agent_exit_not_logged", node=node_id, error=str(exc))
 
     async def _stop(self, process: asyncio.subprocess.Process) -> None:
         if process.returncode is not None:
@@ -275,11 +300,14 @@ class LocalProvider:
 def autoscale_target(m: ReadModels, cluster: Cluster, gpus_per_node: int) -> int:
     """How many nodes an `autoScale` cluster wants now: those that run work, and enough for
     its queued jobs (their GPUs packed onto whole nodes; a job without GPUs, or a gang, takes
-    whole nodes), within `minimumNodeCount` and `maximumNodeCount`."""
+    whole nodes; a job that asks more GPUs a node than the nodes have, none), within
+    `minimumNodeCount` and `maximumNodeCount`."""
     auto = cluster.scale_settings["autoScale"]
     busy = sum(1 for node_id in cluster.nodes if m.nodes[node_id].allocations)
     gpus = whole = widest = 0
     for job in queue.ordered(m, cluster.cluster_id):
+        if job.gpus_per_node > gpus_per_node:
+            continue  # no node of this cluster can ever hold it: none is started for it
         widest = max(widest, job.node_count)
         if job.gpus_per_node and gpus_per_node:
             gpus += job.gpus_per_node * job.node_count

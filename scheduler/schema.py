@@ -32,7 +32,7 @@ class DocumentError(ValueError):
 
 
 _KINDS = {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
-          int: "a whole number", float: "a number"}  # fmt: skip
+          int: "a whole number", float: "a fractional number"}  # fmt: skip
 
 
 def _kind(value: Any) -> str:

@@ -23,6 +23,7 @@ import contextlib
 import fcntl
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,7 +31,7 @@ from pathlib import Path
 import structlog
 
 from batchd.scheduler import logs
-from batchd.scheduler.runtimes import reap_leftovers, start_child
+from batchd.scheduler.runtimes import WAITED, reap_leftovers
 
 logger = structlog.get_logger(__name__)
 
@@ -61,23 +62,25 @@ def hold_work_dir(work_dir: Path) -> int:
             time.sleep(0.05)
 
 
-async def start(lock: int, running_dir: Path, node_id: str,
-                docker_host: str | None) -> tuple[asyncio.subprocess.Process, int]:  # fmt: skip
+def start(lock: int, running_dir: Path, node_id: str,
+          docker_host: str | None) -> tuple[subprocess.Popen, int]:  # fmt: skip
     """Start the agent's watchdog, handing it the work directory's lock; (the process, the
-    pipe's write end: write STOPPED to it once the tasks are stopped, and close it)."""
+    pipe's write end: write STOPPED to it once the tasks are stopped, and close it). It is
+    not one of the event loop's children: it outlives the loop by design."""
     read, write = os.pipe()
     try:
-        process = await start_child(
-            sys.executable, "-m", "batchd.scheduler.watchdog", "--running-dir", str(running_dir),
-            "--node-id", node_id, *(("--docker-host", docker_host) if docker_host else ()),
-            stdin=read, stdout=asyncio.subprocess.DEVNULL, pass_fds=(lock,),
-            start_new_session=True,
+        process = subprocess.Popen(
+            [sys.executable, "-m", "batchd.scheduler.watchdog", "--running-dir",
+             str(running_dir), "--node-id", node_id,
+             *(("--docker-host", docker_host) if docker_host else ())],
+            stdin=read, stdout=subprocess.DEVNULL, pass_fds=(lock,), start_new_session=True,
         )  # fmt: skip
     except BaseException:
         os.close(write)
         raise
     finally:
         os.close(read)
+    WAITED.add(process.pid)  # the agent's orphan sweep leaves it to Popen to reap
     return process, write
 
 

@@ -288,6 +288,9 @@ async def test_a_killed_agent_loses_its_attempt_which_runs_again_elsewhere_or_af
     [lost] = shown["errors"]
     assert (lost["code"], lost["message"]) == ("node_lost", f"node {node_id} was lost")
     assert datetime.fromisoformat(lost["at"]).tzinfo is not None  # a time, not microseconds
+    # lost as soon as its agent exited (the daemon started it), not after 10 s of silence
+    errors = (await client.call("GET", f"/v1/nodes/{node_id}"))[1]["properties"]["errors"]
+    assert [e["code"] for e in errors] == ["agent_exited"]
     await _until(lambda: _exists_with(daemon, "long", 2, "attempt 2\n"), 10)
     nodes = daemon.state_dir / "nodes"
     first = [nodes / "work" / f"{job().job_id}.1.0", nodes / "temp" / f"{job().job_id}.1"]
@@ -948,21 +951,66 @@ async def test_a_daemon_restart_runs_its_local_jobs_again_without_spending_retri
         await daemon.stop()
 
 
+async def _serve_ready(state: Path) -> tuple[subprocess.Popen, dict[str, str]]:
+    """`batchd serve` (the embedded default) as a process of its own, once its two local
+    nodes are ready; (the process, the environment the CLI needs to reach it)."""
+    port = _free_port()
+    env = {"BATCHD_STATE_DIR": str(state), "BATCHD_SERVER": f"http://127.0.0.1:{port}"}
+    serve = [sys.executable, "-m", "batchd.scheduler.cli", "serve", "--listen", f"127.0.0.1:{port}"]
+    process = subprocess.Popen(serve, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 30
+    while batchd("node", "list", env=env).stdout.count("\tready\t") < 2:
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError("the local nodes did not become ready")
+        await asyncio.sleep(0.2)
+    return process, env
+
+
+async def test_a_local_cluster_whose_deletion_a_crash_cut_short_is_made_again(tmp_path):
+    """`cluster delete local` while a job runs there (its nodes drain), then the daemon is
+    killed: the next start finishes the deletion and makes the cluster anew, as a start
+    does for a deleted local cluster."""
+    state = tmp_path / "state"
+    crashed, env = await _serve_ready(state)
+    try:
+        done = batchd("job", "create", "held", "--cluster", "local", "--command", "sleep 600",
+                      env=env)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+
+        def job_state() -> str:
+            shown = batchd("job", "show", "held", "--json", env=env).stdout
+            return json.loads(shown)["properties"]["state"]
+
+        deadline = time.monotonic() + 30
+        while job_state() != "running":  # placed on a node: the deletion has to wait for it
+            assert time.monotonic() < deadline, "the job did not start"
+            await asyncio.sleep(0.2)
+        done = batchd("cluster", "delete", "local", env=env)
+        assert done.stdout.startswith("deleting cluster default/local"), done.stdout
+    finally:
+        crashed.kill()
+        crashed.wait()
+    daemon = await start_daemon(state, local_nodes=2)
+    try:
+        models = daemon.models.models
+        cluster = models.clusters[models.cluster_ids["default/local"]]
+        assert not cluster.deleting
+        await _until(lambda: _ready_nodes(daemon) == 2, 30)
+        assert newest_job(models, "held").errors[-1]["code"] == "cluster_deleted"
+    finally:
+        await daemon.stop()
+
+
 async def test_a_daemon_killed_outright_requeues_its_local_jobs_when_it_starts_again(tmp_path):
     """A daemon that did not stop cleanly: its local agents end with it (they find it gone),
     their tasks with them, and the next daemon requeues the attempts it finds placed on its
     local nodes, as node failures, before their new agents take work."""
-    state, port = tmp_path / "state", _free_port()
-    env = {"BATCHD_STATE_DIR": str(state), "BATCHD_SERVER": f"http://127.0.0.1:{port}"}
-    serve = [sys.executable, "-m", "batchd.scheduler.cli", "serve", "--listen", f"127.0.0.1:{port}"]
-    crashed = subprocess.Popen(serve, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)  # fmt: skip
+    state = tmp_path / "state"
+    crashed, env = await _serve_ready(state)
     pid_file = tmp_path / "task.pid"
     try:
-        deadline = time.monotonic() + 30
-        while batchd("node", "list", env=env).stdout.count("\tready\t") < 2:
-            assert time.monotonic() < deadline, "the local nodes did not become ready"
-            await asyncio.sleep(0.2)
         done = batchd("job", "create", "kept", "--cluster", "local", "--command",
                       f"echo $$ > {pid_file}; exec sleep 600", env=env)  # fmt: skip
         assert done.returncode == 0, done.stderr

@@ -336,6 +336,7 @@ def test_a_configuration_with_a_wrong_type_or_unknown_key_is_one_clear_error(tmp
                         ("[server]\nlisten = 8080", ("server.listen", "a string")),
                         ("[local]\nnodes = true", ("local.nodes", "a whole number")),
                         ("[local]\ngpus_per_node = -1", ("gpus_per_node", "give 0 to 64")),
+                        ("[local]\nnodes = -1", ("[local] nodes", "give 0 to 10000")),
                         ("[vm_sizes.Lab]\ngpus = 2\nvcpus = 0\nmemory_mb = 1",
                          ("[vm_sizes.Lab] vcpus", "at least 1")),
                         ("[vm_sizes.Lab]\ngpus = 2\nvcpus = 8", ("[vm_sizes.Lab] memory_mb",)),

@@ -34,3 +34,9 @@ def test_a_gang_or_a_job_without_gpus_takes_whole_nodes_within_the_maximum():
     w.job(gpus=0)
     assert autoscale_target(w.models, _auto(w, 0, 10), 4) == 3  # 1 whole + 2 of GPUs, or 3
     assert autoscale_target(w.models, _auto(w, 0, 2), 4) == 2
+
+
+def test_a_job_no_node_can_ever_hold_starts_no_node():
+    w = World().cluster(nodes=0)
+    w.job(gpus=4)  # queued when the nodes had 4 GPUs; they have 2 now
+    assert autoscale_target(w.models, _auto(w, 0, 3), 2) == 0

@@ -79,7 +79,7 @@ def test_a_batch_ai_resource_id_names_the_cluster(w):
     ("change", "where", "rule"),
     [
         ({"cluster": "nope"}, "cluster", "no cluster 'nope'"),
-        ({"nodeCount": 5}, "nodeCount", "more than cluster 'gpu' can hold (4 nodes at most)"),
+        ({"nodeCount": 5}, "nodeCount", "more than cluster 'gpu' can hold (at most 4)"),
         ({"gpusPerNode": 8}, "gpusPerNode", "more than the 4 GPUs of Standard_NC24s_v3"),
         ({"pyTorchSettings": {"pythonScriptFilePath": "x.py"}}, "customToolkitSettings",
          "cannot be given with pyTorchSettings"),
@@ -161,6 +161,11 @@ def test_workspaces_experiments_and_clusters(w):
         commands.delete_workspace(w.m, "ws", "user:ops")
     with pytest.raises(DocumentError, match="only scaleSettings"):
         commands.update_scale_settings(w.m, "ws", "gpu", {"vmSize": "Standard_NC6"}, "user:ops")
+    manual = {"manual": {"targetNodeCount": 1}}
+    both = {"properties": {"scaleSettings": manual}, "scaleSettings": manual}
+    with pytest.raises(DocumentError, match="not a known property") as beside:
+        commands.update_scale_settings(w.m, "ws", "gpu", both, "user:ops")
+    assert beside.value.path == "scaleSettings"  # beside the envelope: not silently ignored
     w.do(
         commands.update_scale_settings(
             w.m, "ws", "gpu", {"scaleSettings": {"manual": {"targetNodeCount": 2}}}, "user:ops"
