@@ -28,7 +28,7 @@ that capacity beside the queue: `projections.clusters.free_capacity`). The reaso
   submitted, and now allow fewer than `need_nodes` nodes (nor does it have them); it waits
   until they allow enough;
 - `insufficient_gpus{need}`: no ready node has `need` free GPUs, and the cluster as a whole
-  has fewer than the job needs (capacity);
+  has fewer than the job needs, or no ready node has `need` GPUs at all (capacity);
 - `fragmented{need}`: enough GPUs are free in all, but no node has `need` of them;
 - `gang_incomplete{need_nodes}`: fewer than `need_nodes` nodes could each hold a task;
 - `insufficient_nodes{need_nodes}`: for a job that needs no GPU, fewer than `need_nodes`
@@ -426,7 +426,11 @@ def _why(cluster: Cluster, capacity: _Capacity, need: int, nodes: int,
         and (fitting or ready >= nodes or not capacity.ever_fits(need, nodes, skip))
     ):
         return {"code": "gang_incomplete", "need_nodes": nodes}
-    if capacity.total_free(skip) >= need * nodes and capacity.max_free(skip) < need:
+    if (
+        capacity.total_free(skip) >= need * nodes
+        and capacity.max_free(skip) < need
+        and capacity.ever_fits(need, nodes, skip)
+    ):  # (else no node has `need` at all)
         return {"code": "fragmented", "need": need}
     return {"code": "insufficient_gpus", "need": need}
 

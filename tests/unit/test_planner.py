@@ -702,3 +702,9 @@ def test_nothing_passes_a_blocked_job_on_nodes_it_could_use_while_a_container_jo
     assert placed(w.plan()) == {}  # the small job would delay the blocked one on c-pr
     for job in (blocked, small):
         assert w.models.jobs[job].pending_reason == {"code": "behind_reservation"}
+
+
+def test_a_job_larger_than_every_node_is_short_of_gpus_not_fragmented():
+    w = World().cluster(nodes=2, gpus=1)  # two GPUs free in all, one a node
+    job = w.job(gpus=2)
+    assert reasons(w.plan())[job] == {"code": "insufficient_gpus", "need": 2}
