@@ -208,6 +208,14 @@ def fill_storage(document: dict[str, Any], where: dict[str, Any]) -> dict[str, A
     return document
 
 
+def _cluster_name(reference: Any) -> str | None:
+    """The cluster name a job document's `cluster` gives (a name, a resource id, or
+    `{"id": ...}`); None when it gives none."""
+    if isinstance(reference, dict):
+        reference = reference.get("id")
+    return reference.rstrip("/").rpartition("/")[2] if isinstance(reference, str) else None
+
+
 def job_document(args: argparse.Namespace) -> dict[str, Any]:
     """The job document to PUT: the config file (or one made from --command), then the flags."""
     if args.config_file:
@@ -219,6 +227,10 @@ def job_document(args: argparse.Namespace) -> dict[str, Any]:
         }}  # fmt: skip
     props = _properties(document)
     if args.cluster:
+        named = _cluster_name(props.get("cluster"))
+        if named is not None and named != args.cluster.rpartition("/")[2]:
+            raise InputError(f"--cluster {args.cluster}: the file names cluster {named!r}; "
+                             "give one or the other")  # fmt: skip
         props["cluster"] = args.cluster
     elif "cluster" not in props:
         raise InputError("job create needs --cluster NAME")

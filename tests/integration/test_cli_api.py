@@ -369,6 +369,13 @@ async def test_bad_input_is_printed_plainly_with_the_field_path(batchd, api, tmp
     done = await batchd("job", "create", "j", "-w", "ws", "-e", "exp", "--cluster", "c",
                         "-f", str(path))  # fmt: skip
     assert assert_error(done) == ["batchd: error: properties.bogus: is not a known property"]
+    other = {"id": "/workspaces/ws/clusters/other"}
+    elsewhere = {"properties": {"cluster": other, "nodeCount": 1,
+                                "customToolkitSettings": {"commandLine": "x"}}}  # fmt: skip
+    path.write_text(json.dumps(elsewhere))
+    done = await batchd("job", "create", "j", "-w", "ws", "-e", "exp", "--cluster", "c",
+                        "-f", str(path))  # fmt: skip
+    assert_error(done, "--cluster c: the file names cluster 'other'")
 
     path.write_text("{not json")
     done = await batchd("job", "create", "j", "-w", "ws", "-e", "exp", "--cluster", "c",
