@@ -470,8 +470,10 @@ def _node_row(n: dict[str, Any]) -> list[Any]:
     used = p.get("gpus", 0) if whole and p.get("gpus") else len(held)
     age = p.get("heartbeatAgeSeconds")
     errors = p.get("errors") or []
-    # a ready node's errors are past ones (`node show` lists them all)
-    last_error = errors[-1].get("message") if errors and p.get("state") != "ready" else None
+    # only an error of its present state: a ready node's, or one from before the node last
+    # changed state, are past ones (`node show` lists them all)
+    last = errors[-1] if errors and p.get("state") != "ready" else {}
+    last_error = last.get("message") if str(last.get("at", "")) >= str(p.get("since", "")) else None
     heartbeat = None if age is None else f"{age:.0f}s"
     gpus = f"{used}/{p.get('gpus', 0)}"
     runtimes = ",".join(p.get("runtimes") or [])

@@ -4,17 +4,25 @@ from __future__ import annotations
 
 from batchd.scheduler.cli_api import _node_row
 
-ERRORS = [{"code": "node_lost", "message": "no word from its agent for 10 s"}]
-
-
-def _node(state: str) -> dict:
-    cluster = {"id": "/workspaces/ws/clusters/c"}
-    return {
-        "name": "n0",
-        "properties": {"state": state, "gpus": 4, "errors": ERRORS, "cluster": cluster},
+ERRORS = [
+    {
+        "code": "node_lost",
+        "message": "no word from its agent for 10 s",
+        "at": "2026-11-27T10:00:00.000000Z",
     }
+]
+
+
+def _node(state: str, since: str = "2026-11-27T10:00:00.000000Z") -> dict:
+    cluster = {"id": "/workspaces/ws/clusters/c"}
+    properties = {"state": state, "since": since, "gpus": 4, "errors": ERRORS}
+    return {"name": "n0", "properties": {**properties, "cluster": cluster}}
 
 
 def test_a_node_that_is_not_ready_shows_its_last_error_and_a_recovered_one_does_not():
     assert _node_row(_node("lost"))[-1] == "no word from its agent for 10 s"
     assert _node_row(_node("ready"))[-1] is None
+
+
+def test_an_error_from_before_the_nodes_present_state_is_not_shown_as_its_last():
+    assert _node_row(_node("leaving", since="2026-11-27T10:05:00.000000Z"))[-1] is None
