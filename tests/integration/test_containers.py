@@ -10,10 +10,11 @@ import json
 import os
 import sys
 
+import aiodocker
 import aiohttp
 import pytest
 
-from batchd.scheduler.containers import WRAPPER
+from batchd.scheduler.containers import WRAPPER, ContainerTask
 from tests.integration.conftest import (
     ENGINE,
     ENTRYPOINT_IMAGE,
@@ -254,24 +255,28 @@ async def test_terminate_gives_a_program_in_the_container_its_sigterm_grace(box,
     assert await _containers(newest_job(models, "trainer").job_id) == []
 
 
-async def test_exec_runs_in_the_tasks_container(proxy):
-    import aiodocker
-
-    from batchd.scheduler.containers import ContainerTask
-
+@pytest.fixture
+async def in_container(proxy):
+    """A ContainerTask of a running container (the test image, sleeping)."""
     docker = aiodocker.Docker(url=f"unix://{ENGINE}")
     container = await docker.containers.create(config={"Image": IMAGE, "Cmd": ["sleep", "60"]})
     try:
         await container.start()
         task = ContainerTask({}, docker, "podman", attach_gpus=False)
         task.container = container
-        heard: list[dict] = []
-        code = await task.exec("echo inside; echo err >&2; exit 4", lambda **kw: heard.append(kw))
-        joined = {k: "".join(h.get(k, "") for h in heard) for k in ("stdout", "stderr")}
-        assert (code, joined) == (4, {"stdout": "inside\n", "stderr": "err\n"})
+        yield task
     finally:
         await container.delete(force=True)
         await docker.close()
+
+
+async def test_exec_runs_in_the_tasks_container(in_container):
+    heard: list[dict] = []
+    code = await in_container.exec(
+        "echo inside; echo err >&2; exit 4", lambda **kw: heard.append(kw)
+    )
+    joined = {k: "".join(h.get(k, "") for h in heard) for k in ("stdout", "stderr")}
+    assert (code, joined) == (4, {"stdout": "inside\n", "stderr": "err\n"})
 
 
 def _host_processes(cmdline: str) -> list[int]:
@@ -288,26 +293,13 @@ def _host_processes(cmdline: str) -> list[int]:
     return found
 
 
-async def test_an_exec_in_a_container_ends_with_its_caller(proxy):
+async def test_an_exec_in_a_container_ends_with_its_caller(in_container):
     """The caller of `job exec` went away (its CancelExec cancels the exec): the command, and
     what it started, end in the container at once, not when the task does."""
-    import aiodocker
-
-    from batchd.scheduler.containers import ContainerTask
-
-    docker = aiodocker.Docker(url=f"unix://{ENGINE}")
-    container = await docker.containers.create(config={"Image": IMAGE, "Cmd": ["sleep", "60"]})
-    try:
-        await container.start()
-        task = ContainerTask({}, docker, "podman", attach_gpus=False)
-        task.container = container
-        command = "sleep 307 & echo started; sleep 308"
-        running = asyncio.create_task(task.exec(command, lambda **kw: None))
-        await _until(lambda: _host_processes("sleep 307") and _host_processes("sleep 308"), 30)
-        running.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await running
-        await _until(lambda: not _host_processes("sleep 307") + _host_processes("sleep 308"), 10)
-    finally:
-        await container.delete(force=True)
-        await docker.close()
+    command = "sleep 307 & echo started; sleep 308"
+    running = asyncio.create_task(in_container.exec(command, lambda **kw: None))
+    await _until(lambda: _host_processes("sleep 307") and _host_processes("sleep 308"), 30)
+    running.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await running
+    await _until(lambda: not _host_processes("sleep 307") + _host_processes("sleep 308"), 10)
