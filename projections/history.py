@@ -108,8 +108,10 @@ def _nodes(e: RecordedEvent, d: dict[str, Any], nodes: dict[Any, list[str]]) -> 
 def _reason(type_: str, d: dict[str, Any]) -> str | None:
     if type_ == "JobPendingReasonChanged":
         return pending_reason(d.get("reason"))
-    if type_ in ("JobRequeued", "JobPreempted"):
-        return d.get("cause", "preempted")
+    if type_ in ("JobRequeued", "JobPreempted"):  # the cause, and what happened
+        error = d.get("error") if isinstance(d.get("error"), dict) else {}
+        cause = d.get("cause", "preempted")
+        return f"{cause}: {error['message']}" if error.get("message") else cause
     if type_ == "JobFailed":
         error = d.get("error") or {}
         return error.get("message") or f"exit code {d.get('exitCode')}"

@@ -186,3 +186,11 @@ def test_an_event_whose_data_cannot_be_applied_names_its_position():
     log("NodeLost", reason="no node id")
     with pytest.raises(ProjectionError, match="event 2 \\(NodeLost"):
         log.models()
+
+
+def test_a_requeue_in_the_history_says_its_cause_and_what_happened():
+    log = cluster_with_a_job()
+    stopped = {"code": "daemon_stopped", "message": "the daemon stopped, and its agents"}
+    log("JobRequeued", jobId="j", attempt=1, cause="interrupted", error=stopped)
+    [requeue] = history.timeline([e for e in log.events if e.type.startswith("Job")])[-1:]
+    assert requeue["reason"] == "interrupted: the daemon stopped, and its agents"
