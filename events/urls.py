@@ -50,7 +50,20 @@ def parse(url: str) -> StoreUrl:
         raise errors.StoreUrlError(
             f"malformed PostgreSQL URL {redact_dsn(url)!r}: no host or database"
         )
+    _check_ports(url, rest)
     return StoreUrl("postgresql", f"postgresql://{rest}")
+
+
+def _check_ports(url: str, rest: str) -> None:
+    """Each host's port in a PostgreSQL URL (`USER@HOST:PORT[,HOST:PORT...]/DB`) is a number
+    from 1 to 65535, or absent."""
+    hosts = rest.partition("/")[0].partition("?")[0].rpartition("@")[2]
+    for host in hosts.split(","):
+        after = host.rpartition("]")[2]  # past an IPv6 address in brackets
+        port = after.rpartition(":")[2] if ":" in after else ""
+        if port and not (port.isdigit() and 0 < int(port) < 65536):
+            rule = f"port {port[:20]!r} must be a number from 1 to 65535"
+            raise errors.StoreUrlError(f"malformed PostgreSQL URL {redact_dsn(url)!r}: {rule}")
 
 
 def make_backend(url: StoreUrl):

@@ -148,8 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
         "tail", parents=api, help="print events (the last 10, or after --after N)"
     )
     _store_flag(tail, offline=True)
-    tail.add_argument("--after", type=_non_negative, help="print events after this position")
-    tail.add_argument(
+    where = tail.add_mutually_exclusive_group()  # from a position, or the last few
+    where.add_argument("--after", type=_non_negative, help="print events after this position")
+    where.add_argument(
         "-n", "--lines", type=_positive, default=10, help="how many of the last events"
     )
     tail.add_argument("--follow", "-f", action="store_true", help="keep printing new events")

@@ -33,9 +33,9 @@ async def tail(args: argparse.Namespace) -> int:
         if after is None:
             after = max(0, head - args.lines)
         elif after >= head:  # nothing to show (yet): say why, not silence
-            what = "waiting for" if args.follow else "none"
-            print(f"batchd: no events after position {after} (the log's head is at {head}); "
-                  f"{what} newer ones", file=sys.stderr)  # fmt: skip
+            then = "; waiting for newer ones" if args.follow else ""
+            print(f"batchd: no events after position {after} (the log's head is at "
+                  f"{head}){then}", file=sys.stderr)  # fmt: skip
         show = (lambda e: json.dumps(jsonform.to_json(e))) if args.json else _line
         if args.follow:
             async for event in store.subscribe(after):

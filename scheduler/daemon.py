@@ -298,6 +298,7 @@ class Daemon:
         if self.models is not None and self.models.position and not self.fenced_out:
             try:
                 await self.models.save_snapshot()
+                await self._publish_anchor()  # the last word: what stopping appended too
             except errors.StoreError as exc:
                 logger.warning("projections.snapshot_failed", error=str(exc))
         if self.store is not None:

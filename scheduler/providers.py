@@ -263,12 +263,14 @@ class LocalProvider:
             return  # stopped on purpose
         logger.warning("local.agent_exited", node=node_id, code=code)
         error = {"code": "agent_exited", "message": f"its agent exited with {code}"}
+        told = {"code": "agent_exited",  # (what its jobs' timelines say)
+                "message": f"node {node_id} was lost: its agent exited with {code}"}  # fmt: skip
 
         def decide(m: ReadModels) -> list:
             node = m.nodes.get(node_id)
             if node is None or node.state not in (READY, *LOSABLE):
                 return []
-            return lose_node(m, node_id, error)
+            return lose_node(m, node_id, error, job_error=told)
 
         try:
             await self.control.run(decide, key=f"node/{node_id}")

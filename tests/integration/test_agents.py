@@ -17,8 +17,6 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-import structlog
-import structlog.testing
 
 from batchd.events import errors
 from batchd.scheduler import nodes as node_service
@@ -33,6 +31,7 @@ from tests.integration.conftest import (
     start_daemon,
 )
 from tests.integration.test_cli import _free_port, batchd
+from tests.logs import info_logs
 from tests.processes import alive
 
 EXP = "/v1/workspaces/default/experiments/default"
@@ -286,7 +285,8 @@ async def test_a_killed_agent_loses_its_attempt_which_runs_again_elsewhere_or_af
     assert job().retries == {"node_lost": 1}
     shown = (await client.call("GET", f"{EXP}/jobs/long"))[1]["properties"]["executionInfo"]
     [lost] = shown["errors"]
-    assert (lost["code"], lost["message"]) == ("node_lost", f"node {node_id} was lost")
+    assert lost["code"] == "agent_exited"  # why it was lost (the ledger says node_lost)
+    assert lost["message"] == f"node {node_id} was lost: its agent exited with -9"
     assert datetime.fromisoformat(lost["at"]).tzinfo is not None  # a time, not microseconds
     # lost as soon as its agent exited (the daemon started it), not after 10 s of silence
     errors = (await client.call("GET", f"/v1/nodes/{node_id}"))[1]["properties"]["errors"]
@@ -934,7 +934,11 @@ async def test_a_daemon_restart_runs_its_local_jobs_again_without_spending_retri
             job = lambda: newest_job(daemon.models.models, "upgraded")  # noqa: E731
             await _until(lambda: job().state == "running", 30)
         for _ in range(2):
-            await daemon.stop()
+            with info_logs() as logged:
+                await daemon.stop()
+            # the last anchor covers what stopping appended (the nodes lost, the requeue)
+            anchors = [e["position"] for e in logged if e["event"] == "log.anchor"]
+            assert anchors[-1:] == [daemon.models.position]
             stopped = newest_job(daemon.models.models, "upgraded")
             assert stopped.state == "queued"  # not "running" on a node that runs nothing
             assert all(n.state == "lost" for n in daemon.models.models.nodes.values())
@@ -1174,7 +1178,7 @@ async def test_a_local_cluster_of_another_shape_than_its_nodes_is_reported(tmp_p
         await daemon.stop()
     config_file = tmp_path / "batchd.toml"
     config_file.write_text("[local]\nnodes = 0\ngpus_per_node = 2\n")
-    with structlog.testing.capture_logs() as logged:
+    with info_logs() as logged:
         daemon = await start_daemon(state, config_file, local_nodes=1)
         await daemon.stop()
     [shape] = [e for e in logged if e["event"] == "local.cluster_shape"]

@@ -74,6 +74,8 @@ async def test_events_tail_prints_the_last_events_and_json(durable_url):
     done = batchd("events", "tail", "--store", durable_url, "--after", "40")
     assert done.returncode == 0 and done.stdout == ""
     assert "no events after position 40 (the log's head is at 15)" in done.stderr
+    done = batchd("events", "tail", "--store", durable_url, "--after", "3", "-n", "2")
+    assert done.returncode == 2 and "not allowed with argument --after" in done.stderr
 
 
 async def test_events_tail_json_redacts_secrets(tmp_path):

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 
 import asyncpg
-import structlog
 
 from batchd.events import audit, errors, urls
 from batchd.events.envelope import NewEvent
 from tests.conftest import PG_DSN
+from tests.logs import info_logs
 
 TOTAL = 400
 
@@ -106,10 +105,8 @@ async def test_a_writer_whose_connections_are_killed_appends_again(pg_database):
 
 async def test_a_lost_listener_connection_is_logged_once_and_its_return_too(pg_database):
     store = await urls.open_store(f"{pg_database}?application_name=batchd-listen")
-    config = structlog.get_config()  # an earlier CLI call in this process may filter out info
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
     try:
-        with structlog.testing.capture_logs() as logs:
+        with info_logs() as logs:
 
             def said(event: str) -> list[dict]:
                 return [line for line in logs if line["event"] == event]
@@ -127,5 +124,4 @@ async def test_a_lost_listener_connection_is_logged_once_and_its_return_too(pg_d
         assert lost["log_level"] == "warning" and "postgresql://" in lost["store"]
         assert len(said("log.listener_back")) == 1
     finally:
-        structlog.configure(**config)
         await store.close()

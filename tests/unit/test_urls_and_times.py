@@ -26,11 +26,26 @@ def test_store_urls_follow_sqlalchemys_rules(url, expected):
 
 
 @pytest.mark.parametrize(
-    "url", ["sqlite://x.db", "sqlite:///", "redis://h", "events.db", "postgresql://"]
+    "url",
+    [
+        "sqlite://x.db",
+        "sqlite:///",
+        "redis://h",
+        "events.db",
+        "postgresql://",
+        "postgresql://u@h:99999/db",
+        "postgresql://u@h:-1/db",
+        "postgresql://u@h1:5432,h2:x/db",
+    ],
 )
 def test_malformed_store_urls_are_refused(url):
     with pytest.raises(errors.StoreUrlError):
         parse(url)
+
+
+def test_a_multi_host_or_ipv6_store_url_keeps_its_ports():
+    for url in ("postgresql://u@h1:5432,h2:5433/db", "postgresql://u@[::1]:5432/db"):
+        assert str(parse(url)) == url
 
 
 def test_passwords_never_show_in_a_store_url():
