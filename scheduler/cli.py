@@ -383,7 +383,7 @@ def _dispatch(args: argparse.Namespace):
     offline = {"events_tail": cli_log.tail, "replay": cli_replay.replay,
                "job_history": cli_replay.job_history}  # fmt: skip
     if getattr(args, "api", None):
-        if getattr(args, "store", None) and args.api in offline:
+        if getattr(args, "store", None) is not None and args.api in offline:  # ("" too)
             return offline[args.api](args)
         from batchd.scheduler import cli_api
 

@@ -14,7 +14,9 @@ from batchd.scheduler import config
 
 
 async def open_readonly(args: argparse.Namespace) -> EventStore:
-    url = args.store or config.default_store_url(config.state_dir(args.state_dir))
+    url = args.store  # ("" is a bad URL, not the default one)
+    if url is None:
+        url = config.default_store_url(config.state_dir(args.state_dir))
     if urls.parse(url).scheme == "memory":
         raise ValueError("a memory:// log lives only inside one process: give a file or database")
     return await urls.open_store(url, readonly=True)
