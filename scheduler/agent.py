@@ -36,6 +36,7 @@ from batchd.scheduler.runtimes import (
     become_subreaper,
     forget_dirs,
     hold_job_temp,
+    nothing,
     reap_leftovers,
     record_dirs,
     release_job_temp,
@@ -483,7 +484,7 @@ class Agent:
 
     def _preparing(self, key: TaskKey, task: ProcessTask) -> None:
         """The task's preparation began (its image pull, its jobPreparation): say so, once."""
-        task.on_preparing = lambda: None
+        task.on_preparing = nothing
         job_id, attempt, index = key
         self.outbox.put_nowait(self._message(
             "TaskPreparing", jobId=job_id, attempt=attempt, task=index))  # fmt: skip

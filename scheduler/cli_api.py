@@ -208,12 +208,17 @@ def fill_storage(document: dict[str, Any], where: dict[str, Any]) -> dict[str, A
     return document
 
 
-def _cluster_name(reference: Any) -> str | None:
-    """The cluster name a job document's `cluster` gives (a name, a resource id, or
-    `{"id": ...}`); None when it gives none."""
-    if isinstance(reference, dict):
-        reference = reference.get("id")
-    return reference.rstrip("/").rpartition("/")[2] if isinstance(reference, str) else None
+def _check_same_cluster(args: argparse.Namespace, props: dict[str, Any]) -> None:
+    """--cluster, where the file names a cluster too: the same one, or it is a mistake."""
+    if "cluster" not in props:
+        return
+    from batchd.scheduler.commands import cluster_reference  # (only here: a heavy import)
+    from batchd.scheduler.schema import resource_id
+
+    named = cluster_reference(resource_id(props["cluster"], "cluster"), args.workspace, "")
+    if named != cluster_reference(args.cluster, args.workspace, ""):
+        raise InputError(f"--cluster {args.cluster}: the file names cluster {named[1]!r} of "
+                         f"workspace {named[0]!r}; give one or the other")  # fmt: skip
 
 
 def job_document(args: argparse.Namespace) -> dict[str, Any]:
@@ -227,10 +232,7 @@ def job_document(args: argparse.Namespace) -> dict[str, Any]:
         }}  # fmt: skip
     props = _properties(document)
     if args.cluster:
-        named = _cluster_name(props.get("cluster"))
-        if named is not None and named != args.cluster.rpartition("/")[2]:
-            raise InputError(f"--cluster {args.cluster}: the file names cluster {named!r}; "
-                             "give one or the other")  # fmt: skip
+        _check_same_cluster(args, props)
         props["cluster"] = args.cluster
     elif "cluster" not in props:
         raise InputError("job create needs --cluster NAME")

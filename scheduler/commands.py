@@ -277,7 +277,7 @@ def submit_job(
 
 def resolve_cluster(m: ReadModels, reference: str | None, workspace: str, where: str) -> str:
     """The id of the live cluster a job names (a name, or a Batch AI resource id)."""
-    target_ws, target = _cluster_reference(reference, workspace, where)
+    target_ws, target = cluster_reference(reference, workspace, where)
     cluster_id = m.cluster_ids.get(f"{target_ws}/{target}")
     if cluster_id is None:
         raise DocumentError(f"{where}cluster", f"no cluster {target!r} in workspace {target_ws!r}")
@@ -286,10 +286,12 @@ def resolve_cluster(m: ReadModels, reference: str | None, workspace: str, where:
 
 def cluster_workspace(reference: str, workspace: str, where: str) -> str:
     """The workspace of the cluster a job names (a name: the job's own)."""
-    return _cluster_reference(reference, workspace, where)[0]
+    return cluster_reference(reference, workspace, where)[0]
 
 
-def _cluster_reference(reference: str | None, workspace: str, where: str) -> tuple[str, str]:
+def cluster_reference(reference: str | None, workspace: str, where: str) -> tuple[str, str]:
+    """(workspace, name) of the cluster a job names: a name (of `workspace`), or a Batch AI
+    resource id; DocumentError at `where` for neither."""
     if not reference:
         raise DocumentError(f"{where}cluster", "is required (or name the cluster on the command)")
     parts = reference.strip("/").split("/")

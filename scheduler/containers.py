@@ -29,6 +29,7 @@ from batchd.scheduler.runtimes import (
     TaskResult,
     job_temp,
     kill_tree,
+    nothing,
     output_dirs,
     prepare_directories,
 )
@@ -209,9 +210,8 @@ class ContainerTask:
         self.began = False  # the command (not the preparation) is running
         self.user = ""  # the user the image runs as (its USER; "": root)
         self.owner: tuple[int, int] | None = None  # that user's ids, once looked up
-        self.on_preparing: Callable[[], None] = lambda: (
-            None
-        )  # called as a pull or jobPreparation begins
+        # called as its preparation begins (an image pull, the jobPreparation)
+        self.on_preparing: Callable[[], None] = nothing
 
     async def run(self, started: asyncio.Event) -> TaskResult:
         try:

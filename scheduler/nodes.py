@@ -720,10 +720,16 @@ def _port_base(m: ReadModels, node_id: str) -> int:
     machine differ (toolkits, "Ports"), whichever of them exist. 0 for a node of its own
     machine, or one without a number."""
     node = m.nodes.get(node_id)
-    number = node_id.rpartition("-")[2]
-    if node is None or _address(m, node_id) not in LOOPBACK or not number.isdigit():
+    number = node_number(node_id)
+    if node is None or _address(m, node_id) not in LOOPBACK or number < 0:
         return 0
-    return int(number) * node.gpus
+    return number * node.gpus
+
+
+def node_number(node_id: str) -> int:
+    """A node's number (`local-3` is 3); -1 for an id of another form."""
+    number = node_id.rpartition("-")[2]
+    return int(number) if number.isdigit() else -1
 
 
 async def _first_error(*work: Awaitable[None]) -> None:
@@ -888,9 +894,7 @@ def _left(m: ReadModels, node_id: str) -> list[Decision]:
     """Its agent said it stops: the node is lost now (a drained node that runs nothing is
     going anyway: its provider removes it)."""
     node = m.nodes.get(node_id)
-    if node is None or node.state not in (READY, *LOSABLE):
-        return []
-    if node.state == LEAVING and not node.allocations:
+    if node is not None and node.state == LEAVING and not node.allocations:
         return []
     return lose_node(m, node_id, {"code": "agent_stopped", "message": "its agent stopped"})
 
@@ -901,7 +905,11 @@ def lose_node(
 ) -> list[Decision]:  # fmt: skip
     """NodeLost with `error`, and the fate of each attempt the node ran (by `cause`: a lost
     node spends the job's node-failure retries, an interrupted one none), recorded with
-    `job_error` (default: the node was lost)."""
+    `job_error` (default: the node was lost). Nothing for a node that is not up (ready,
+    or one of LOSABLE's states)."""
+    node = m.nodes.get(node_id)
+    if node is None or node.state not in (READY, *LOSABLE):
+        return []
     lost = NewEvent("NodeLost", {"nodeId": node_id, "error": error})
     fates = retries.node_lost(m, node_id, cause, job_error)
     for _stream, event in fates:  # each attempt's fate follows from the loss

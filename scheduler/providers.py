@@ -35,7 +35,7 @@ from batchd.scheduler import commands
 from batchd.scheduler.agent import PARENT_ENV
 from batchd.scheduler.auth import revoke_token
 from batchd.scheduler.control import Control, token_file
-from batchd.scheduler.nodes import LOSABLE, lose_node
+from batchd.scheduler.nodes import lose_node, node_number
 from batchd.scheduler.vmsizes import LOCAL, Catalog
 
 logger = structlog.get_logger(__name__)
@@ -65,12 +65,6 @@ class Provider(Protocol):
     async def reconcile(self) -> None: ...
 
     async def stop(self) -> None: ...
-
-
-def _index(node_id: str) -> int:
-    """A local node's number (`local-3` is 3; an id of another form sorts first)."""
-    number = node_id.rpartition("-")[2]
-    return int(number) if number.isdigit() else -1
 
 
 class LocalProvider:
@@ -137,7 +131,6 @@ class LocalProvider:
         def decide(m: ReadModels) -> list:
             cluster = m.clusters.get(m.cluster_ids.get(f"{WORKSPACE}/{CLUSTER}", ""))
             return [decision for node_id in (cluster.nodes if cluster else ())
-                    if m.nodes[node_id].state in (READY, *LOSABLE)
                     for decision in lose_node(m, node_id, error, cause, error)]  # fmt: skip
 
         await self.control.run(decide, structural=True)
@@ -190,7 +183,7 @@ class LocalProvider:
         cluster = m.clusters.get(m.cluster_ids.get(f"{WORKSPACE}/{CLUSTER}", ""))
         logged = cluster.nodes if cluster is not None else []  # also those of a previous run
         for node_id in sorted({*self.processes, *logged}):
-            if _index(node_id) < target:
+            if node_number(node_id) < target:  # (an id of another form is -1: kept)
                 continue
             node = m.nodes.get(node_id)
             if node is not None and node.allocations:
@@ -266,14 +259,9 @@ class LocalProvider:
         told = {"code": "agent_exited",  # (what its jobs' timelines say)
                 "message": f"node {node_id} was lost: its agent exited with {code}"}  # fmt: skip
 
-        def decide(m: ReadModels) -> list:
-            node = m.nodes.get(node_id)
-            if node is None or node.state not in (READY, *LOSABLE):
-                return []
-            return lose_node(m, node_id, error, job_error=told)
-
         try:
-            await self.control.run(decide, key=f"node/{node_id}")
+            await self.control.run(lambda m: lose_node(m, node_id, error, job_error=told),
+                                   key=f"node/{node_id}")  # fmt: skip
         except Exception as exc:  # (the log fenced or closed): its silence tells in time
             logger.warning("local.agent_exit_not_logged", node=node_id, error=str(exc))
 

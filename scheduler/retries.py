@@ -4,7 +4,7 @@ Each cause has its own ceiling (DESIGN.md, "Job lifecycle"): `exit_code` failure
 job's `maxRetries` (default 0, as in Azure Batch); a lost node (`node_lost`) and a low-priority
 eviction (`evicted`) spend `maxNodeFailureRetries` (default 3) together; preemption by a
 higher-priority job (`preempted`) is the scheduler's choice, not a failure, and is not capped;
-nor is `interrupted`: the daemon stopped (or restarted) and its local nodes' agents with it.
+nor is `interrupted`: the daemon was stopped, and its local nodes' agents with it.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ def attempt_ended(
     error: dict[str, Any] | None = None,
 ) -> list[Decision]:  # fmt: skip
     """The events for an attempt that ended because of `cause` (exit_code, node_lost, evicted,
-    preempted); nothing if the attempt is not the job's current one or no longer holds GPUs.
-    An attempt that was being terminated ends the termination."""
+    preempted, interrupted); nothing if the attempt is not the job's current one or no longer
+    holds GPUs. An attempt that was being terminated ends the termination."""
     job = m.jobs.get(job_id)
     if job is None or job.attempt != attempt:
         return []
@@ -37,21 +37,22 @@ def attempt_ended(
         return []
     if cause == "preempted":
         return [(stream, NewEvent("JobPreempted", {"jobId": job_id, "attempt": attempt}))]
-    if cause == "interrupted":
-        spent, ceiling = 0, 1
-    elif cause == "exit_code":
+    details = {"exitCode": exit_code} if exit_code is not None else {}
+    if error:
+        details["error"] = error
+    requeue = NewEvent("JobRequeued", {"jobId": job_id, "attempt": attempt, "cause": cause,
+                                       **details})  # fmt: skip
+    if cause == "interrupted":  # the operator's doing: never counted against the job
+        return [(stream, requeue)]
+    if cause == "exit_code":
         spent, ceiling = job.retries.get("exit_code", 0), job.max_retries
     elif cause in NODE_CAUSES:
         spent = sum(job.retries.get(c, 0) for c in NODE_CAUSES)
         ceiling = job.max_node_failure_retries
     else:
         raise ValueError(f"unknown retry cause {cause!r}")
-    details = {"exitCode": exit_code} if exit_code is not None else {}
-    if error:
-        details["error"] = error
     if spent < ceiling:
-        data = {"jobId": job_id, "attempt": attempt, "cause": cause, **details}
-        return [(stream, NewEvent("JobRequeued", data))]
+        return [(stream, requeue)]
     final = error or {
         "code": cause,
         "message": f"{cause} after {spent} retries ({ceiling} allowed)",

@@ -87,8 +87,8 @@ def watch_children_with_pidfd() -> None:
     asyncio.set_child_watcher(watcher)
 
 
-def _nothing() -> None:
-    pass
+def nothing() -> None:
+    """What a task's `on_preparing` does until the agent gives it a use (or after)."""
 
 
 def _exit_code(returncode: int) -> int:
@@ -107,7 +107,7 @@ class ProcessTask:
         self.pid_file = pid_file  # holds the process group while it runs (see reap_leftovers)
         self.execs: set[asyncio.subprocess.Process] = set()  # commands run beside it (exec)
         self.late_kill: asyncio.Future | None = None  # a kill that came while it started
-        self.on_preparing: Callable[[], None] = _nothing  # called as its preparation begins
+        self.on_preparing: Callable[[], None] = nothing  # called as its preparation begins
 
     def _env(self) -> dict[str, str]:
         env = {k: os.environ[k] for k in BASE_ENV if k in os.environ}
