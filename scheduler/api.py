@@ -42,7 +42,7 @@ from batchd.scheduler.commands import CommandError
 from batchd.scheduler.control import REQUEST, Control
 from batchd.scheduler.jobspec import parse_job
 from batchd.scheduler.schema import DocumentError, unwrap
-from batchd.scheduler.vmsizes import CATALOG, Catalog
+from batchd.scheduler.vmsizes import Catalog
 
 logger = structlog.get_logger(__name__)
 
@@ -64,7 +64,7 @@ class Api:
 
     def __init__(self, store: EventStore, runner: Runner, control: Control,
                  keyring: Keyring | None, mount_root: Path,
-                 catalog: Catalog = CATALOG) -> None:  # fmt: skip
+                 catalog: Catalog) -> None:  # fmt: skip
         self.store = store
         self.catalog = catalog  # the VM sizes clusters may have
         self.runner = runner
