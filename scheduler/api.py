@@ -647,12 +647,23 @@ async def _output_dir(request: web.Request) -> tuple[Job, Path, str | None]:
     attempt = _int_query(request, "attempt", max(job.attempt, 1), 1, max(job.attempt, 1))
     spec = await resources.job_spec(api.store, job)
     try:
-        return job, files.output_dir(spec, job, directory_id, attempt, api.mount_root), None
+        base, node = files.output_dir(spec, job, directory_id, attempt, api.mount_root), None
     except files.OffStorage as off:
-        node = await _node_of(api, job, attempt)
+        base, node = off.path, await _node_of(api, job, attempt)
         if node is None or api.nodes is None:
             raise files.FileNotFound(f"{off}, and no node ran attempt {attempt}") from None
-        return job, off.path, node
+    owner = await _owner(api, base, node) if directory_id.lower() == files.STDOUTERR else None
+    if owner not in (None, job.job_id):  # a deleted job of the same name wrote it
+        raise files.FileNotFound(f"attempt {attempt} has written no output yet")
+    return job, base, node
+
+
+async def _owner(api: Api, directory: Path, node: str | None) -> str | None:
+    """The job whose output a stdouterr directory holds (files.owner), read on `node`."""
+    if node is None:
+        return files.owner(directory)
+    answer = await api.nodes.read_remote(node, str(directory / files.OWNER))
+    return answer.get("data", b"").decode(errors="replace").strip() or None
 
 
 async def _node_of(api: Api, job: Job, attempt: int) -> str | None:

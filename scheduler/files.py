@@ -9,7 +9,10 @@ mount_root`, default `<state-dir>/mounts`), which stands for `$AZ_BATCHAI_MOUNT_
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,10 @@ from batchd.scheduler import toolkits
 from batchd.scheduler.schema import DocumentError
 
 STDOUTERR = "stdouterr"
+# in an attempt's stdouterr directory: the id of the job that writes it. A job name reused
+# after its job was deleted leads to the same directory; the marker tells the two apart.
+OWNER = ".batchd-job"
+_JOB_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")
 
 
 class FileNotFound(LookupError):
@@ -101,6 +108,55 @@ def inside(base: Path, relative: str, field: str, mount_root: Path) -> Path:
     return target
 
 
+def owner(directory: Path) -> str | None:
+    """The id of the job whose output `directory` (an attempt's stdouterr) holds; None when
+    nothing says (no marker: a directory not yet made, or made before markers were)."""
+    return _marker(directory) or None
+
+
+def _marker(directory: Path) -> str | None:
+    """The marker's text; "" if it stays empty (its writer died), None if there is none."""
+    for _ in range(20):  # an empty marker is being written: read it again
+        try:
+            with open(directory / OWNER, "rb") as handle:
+                text = handle.read(128).decode(errors="replace").strip()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        if text:
+            return text
+        time.sleep(0.01)
+    return ""
+
+
+def claim(directory: Path, job_id: str) -> None:
+    """Make `directory` (an attempt's stdouterr) the output of job `job_id`. One another job
+    wrote (a deleted job whose name was reused) is first set aside as `<directory>-<its job
+    id>`, kept as any output is. The tasks of a multi-node job may claim one shared directory
+    at once: each finds its own job's marker or writes it. OSError: it cannot be written."""
+    for _ in range(10):
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            marker = os.open(directory / OWNER,
+                             os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)  # fmt: skip
+        except FileNotFoundError:  # set aside by another task meanwhile
+            continue
+        except FileExistsError as exc:
+            if exc.filename != str(directory / OWNER):  # mkdir's check lost a race: again
+                continue
+            other = _marker(directory)
+            if other in ("", job_id):
+                return
+            if other is not None:  # None: set aside by another task meanwhile: look again
+                aside = other if _JOB_ID.fullmatch(other) else "unknown"
+                with contextlib.suppress(OSError):  # set aside by another task meanwhile
+                    os.rename(directory, directory.with_name(f"{directory.name}-{aside}"))
+            continue
+        with os.fdopen(marker, "w") as handle:
+            handle.write(job_id)
+        return
+    raise OSError(0, "another job's output is in the way", str(directory))
+
+
 def listing(directory: Path) -> list[dict[str, Any]]:
     """The entries of `directory`: name, whether a directory, size and modification time."""
     if not directory.is_dir():
@@ -108,6 +164,8 @@ def listing(directory: Path) -> list[dict[str, Any]]:
     out = []
     with os.scandir(directory) as entries:
         for entry in sorted(entries, key=lambda e: e.name):
+            if entry.name == OWNER:
+                continue
             stat = entry.stat()
             out.append({"name": entry.name, "isDirectory": entry.is_dir(),
                         "contentLength": 0 if entry.is_dir() else stat.st_size,

@@ -28,6 +28,8 @@ from typing import Any
 
 import structlog
 
+from batchd.scheduler import files
+
 logger = structlog.get_logger(__name__)
 
 KILL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL of a task's process group
@@ -52,11 +54,12 @@ def job_temp(spec: dict[str, Any]) -> str | None:
 
 
 def prepare_directories(spec: dict[str, Any]) -> TaskResult | None:
-    """Make a task's stdouterr, work, job temp and output directories and write its files
-    (the MPI host file); a failed TaskResult saying what could not be written, or None."""
+    """Make a task's stdouterr (claimed for its job: files.claim), work, job temp and output
+    directories and write its files (the MPI host file); a failed TaskResult saying what
+    could not be written, or None."""
     try:
+        files.claim(Path(spec["stdouterr"]), str(spec.get("jobId", "")))
         for path in (
-            spec["stdouterr"],
             spec["workDir"],
             job_temp(spec),
             *output_dirs(spec),

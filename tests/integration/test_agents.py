@@ -634,6 +634,36 @@ async def test_output_the_daemon_cannot_read_is_served_by_the_jobs_node(local, t
     assert status == 404
 
 
+@pytest.mark.parametrize("where", ["storage", "node"])
+async def test_a_reused_job_name_has_output_of_its_own(local, tmp_path, where):
+    daemon, client = local
+    prefix = {} if where == "storage" else {"stdOutErrPathPrefix": str(tmp_path / "node-disk")}
+    base = (daemon.state_dir / "mounts/logs" if where == "storage" else tmp_path / "node-disk")
+    out = base / "default/default/again/1"
+    await _run(client, "again", "echo first", **prefix)
+    await _ended(daemon, client, "again")
+    first = newest_job(daemon.models.models, "again").job_id
+    assert (out / "stdouterr/stdout.txt").read_text() == "first\n"
+    assert (await client.call("DELETE", f"{EXP}/jobs/again"))[0] in (200, 202)
+    await client.call("PUT", "/v1/workspaces/default/clusters/nobody", ONE_NODE)
+    await _run(client, "again", "echo never", cluster="nobody", **prefix)  # waits: no agent
+    status, answer = await client.call("GET", f"{EXP}/jobs/again/files")
+    assert status == 404, answer  # the deleted job's output is not this one's
+    status, _ = await client.call("GET", f"{EXP}/jobs/again/files/stdout.txt")
+    assert status == 404
+    await client.call("POST", f"{EXP}/jobs/again/terminate")
+    assert (await client.call("DELETE", f"{EXP}/jobs/again"))[0] in (200, 202)
+    await _run(client, "again", "echo second", **prefix)
+    assert (await _ended(daemon, client, "again"))["properties"]["state"] == "succeeded"
+    async with client.session.get(client.url + f"{EXP}/jobs/again/files/stdout.txt",
+                                  headers=client.headers) as r:  # fmt: skip
+        assert (r.status, await r.text()) == (200, "second\n")
+    _status, listed = await client.call("GET", f"{EXP}/jobs/again/files")
+    assert sorted(f["name"] for f in listed["value"]) == ["stderr.txt", "stdout.txt"]
+    kept = out / f"stdouterr-{first}/stdout.txt"  # set aside, not lost
+    assert kept.read_text() == "first\n"
+
+
 async def test_output_on_the_node_can_be_followed_while_the_job_runs(local, tmp_path):
     _daemon, client = local
     node_local = tmp_path / "node-local-disk"  # not on the daemon's storage

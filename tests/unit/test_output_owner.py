@@ -1,0 +1,55 @@
+"""An attempt's stdouterr directory belongs to one job: a name reused after its job was
+deleted leads to the same path, and the new job's tasks set the old output aside."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from batchd.scheduler import files
+
+
+def test_a_new_job_sets_a_deleted_jobs_output_aside_and_keeps_it(tmp_path: Path):
+    out = tmp_path / "again/1/stdouterr"
+    files.claim(out, "old")
+    (out / "stdout.txt").write_text("old output\n")
+    files.claim(out, "old")  # the same job again (a StartTask sent twice): nothing moves
+    assert (out / "stdout.txt").exists() and files.owner(out) == "old"
+    files.claim(out, "new")
+    assert files.owner(out) == "new" and not (out / "stdout.txt").exists()
+    assert (tmp_path / "again/1/stdouterr-old/stdout.txt").read_text() == "old output\n"
+    assert [e["name"] for e in files.listing(out)] == []  # the marker is not the job's output
+
+
+def test_the_tasks_of_one_job_claiming_a_shared_directory_at_once_all_keep_it(tmp_path: Path):
+    for round_ in range(20):
+        out = tmp_path / f"r{round_}/stdouterr"
+        files.claim(out, "old")
+        (out / "stdout.txt").write_text("old\n")
+        go = threading.Barrier(4)
+
+        def task(index: int) -> None:
+            go.wait()
+            files.claim(out, "new")
+            with open(out / "stdout.txt", "a") as handle:
+                handle.write(f"task {index}\n")
+
+        threads = [threading.Thread(target=task, args=(i,)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert files.owner(out) == "new"
+        assert sorted((out / "stdout.txt").read_text().splitlines()) == [
+            f"task {i}" for i in range(4)
+        ]
+        assert (out.with_name("stdouterr-old") / "stdout.txt").read_text() == "old\n"
+
+
+def test_a_directory_made_before_markers_were_is_the_jobs_that_claims_it(tmp_path: Path):
+    out = tmp_path / "stdouterr"
+    out.mkdir()
+    (out / "stdout.txt").write_text("earlier\n")
+    assert files.owner(out) is None
+    files.claim(out, "job")
+    assert files.owner(out) == "job" and (out / "stdout.txt").exists()
