@@ -24,6 +24,7 @@ STDOUTERR = "stdouterr"
 # in an attempt's stdouterr directory: the id of the job that writes it. A job name reused
 # after its job was deleted leads to the same directory; the marker tells the two apart.
 OWNER = ".batchd-job"
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
 _JOB_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")
 
 
@@ -136,8 +137,7 @@ def claim(directory: Path, job_id: str) -> None:
     for _ in range(10):
         try:
             directory.mkdir(parents=True, exist_ok=True)
-            marker = os.open(directory / OWNER,
-                             os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)  # fmt: skip
+            marker = os.open(directory / OWNER, _NEW_FILE, 0o644)
         except FileNotFoundError:  # set aside by another task meanwhile
             continue
         except FileExistsError as exc:

@@ -28,7 +28,7 @@ def test_the_tasks_of_one_job_claiming_a_shared_directory_at_once_all_keep_it(tm
         (out / "stdout.txt").write_text("old\n")
         go = threading.Barrier(4)
 
-        def task(index: int) -> None:
+        def task(index: int, out: Path = out, go: threading.Barrier = go) -> None:
             go.wait()
             files.claim(out, "new")
             with open(out / "stdout.txt", "a") as handle:
