@@ -638,7 +638,7 @@ async def test_output_the_daemon_cannot_read_is_served_by_the_jobs_node(local, t
 async def test_a_reused_job_name_has_output_of_its_own(local, tmp_path, where):
     daemon, client = local
     prefix = {} if where == "storage" else {"stdOutErrPathPrefix": str(tmp_path / "node-disk")}
-    base = (daemon.state_dir / "mounts/logs" if where == "storage" else tmp_path / "node-disk")
+    base = daemon.state_dir / "mounts/logs" if where == "storage" else tmp_path / "node-disk"
     out = base / "default/default/again/1"
     await _run(client, "again", "echo first", **prefix)
     await _ended(daemon, client, "again")
