@@ -18,6 +18,7 @@ from batchd.scheduler.schema import (
     choice,
     integer,
     items,
+    key_vault_reference,
     obj,
     resource_id,
     string,
@@ -28,8 +29,6 @@ from batchd.scheduler.vmsizes import CATALOG, Catalog, VmSize
 MAX_NODES = 10_000
 _text = string()
 _env_name = string(max_len=256, pattern=r"[A-Za-z_][A-Za-z0-9_]*", what="a variable name")
-_secret_ref = obj({"sourceVault": obj({"id": _text}), "secretUrl": _text},
-                  required=["sourceVault", "secretUrl"])  # fmt: skip
 
 SCALE_SETTINGS = obj({
     "manual": obj({
@@ -56,13 +55,13 @@ CLUSTER_PROPERTIES = obj({
             "environmentVariables": items(obj({"name": _env_name, "value": _text},
                                               required=["name", "value"])),
             "secrets": items(obj({"name": _env_name, "value": _text,
-                                  "valueSecretReference": _secret_ref},
+                                  "valueSecretReference": key_vault_reference},
                                  required=["name", "*"], one_of=["value", "valueSecretReference"])),
         }, required=["commandLine", "stdOutErrPathPrefix"]),
         "mountVolumes": MOUNT_VOLUMES,
         "performanceCountersSettings": obj({"appInsightsReference": obj({
             "component": resource_id, "instrumentationKey": _text,
-            "instrumentationKeySecretReference": _secret_ref,
+            "instrumentationKeySecretReference": key_vault_reference,
         }, required=["component"])}, required=["appInsightsReference"]),
     }),
     "userAccountSettings": obj({

@@ -6,7 +6,8 @@ whose name starts with no registry host is taken from there (`team/trainer:1` on
 (`username`, `password`) log the pull in to that registry, or to Docker Hub without a
 `serverUrl`. The password reaches only the agent that pulls, in its StartTask, and goes to the
 engine in the pull's `X-Registry-Auth` header; it is never logged. A `passwordSecretReference`
-(Azure Key Vault) is not resolved: such a pull goes without a password.
+(Azure Key Vault) is refused at submission; one a log of an earlier version holds is not
+resolved: such a pull goes without a password.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from batchd.scheduler.schema import (
     choice,
     integer,
     items,
+    key_vault_reference,
     obj,
     resource_id,
     string,
@@ -89,9 +90,8 @@ def _shm_size(value: Any, path: str) -> str:
     raise DocumentError(path, f"must be a size such as '2g' or '512m', not {value!r}")
 
 
-_secret_ref = obj({"sourceVault": obj({"id": _text}), "secretUrl": _text})
 _credentials = obj(
-    {"accountKey": _text, "accountKeySecretReference": _secret_ref},
+    {"accountKey": _text, "accountKeySecretReference": key_vault_reference},
     one_of=["accountKey", "accountKeySecretReference"],
 )
 _mount_path = string(max_len=512, pattern=r"[\w.-]+(?:/[\w.-]+)*", what="a relative path")
@@ -140,7 +140,7 @@ _TOOLKIT_FIELDS = {
 }  # fmt: skip
 
 _registry_credentials = obj(
-    {"username": _text, "password": _text, "passwordSecretReference": _secret_ref},
+    {"username": _text, "password": _text, "passwordSecretReference": key_vault_reference},
     required=["username"],
     one_of=["password", "passwordSecretReference"],
 )
@@ -167,7 +167,7 @@ JOB_PROPERTIES = obj({
     "environmentVariables": items(obj({"name": _env_name, "value": string(max_len=32_768)},
                                       required=["name", "value"])),
     "secrets": items(obj({"name": _env_name, "value": string(max_len=32_768),
-                          "valueSecretReference": _secret_ref},
+                          "valueSecretReference": key_vault_reference},
                          required=["name", "*"], one_of=["value", "valueSecretReference"])),
     "mountVolumes": MOUNT_VOLUMES,
     "constraints": obj({"maxWallClockTime": _timespan}),

@@ -109,7 +109,9 @@ def resource_reference() -> Schema:
 
 
 def secret_reference() -> Schema:
-    return obj({"sourceVault": obj({"id": text()}, closed=True), "secretUrl": text()}, closed=True)
+    """Batch AI's Key Vault reference, which batchd refuses (schema.key_vault_reference)."""
+    return {"not": {}, "description": "An Azure Key Vault reference: refused, since batchd "
+            "resolves no vault (give the value itself; batchd stores it encrypted)"}  # fmt: skip
 
 
 def _resource_reference() -> Schema:

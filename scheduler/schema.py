@@ -152,6 +152,18 @@ def obj(
     return check
 
 
+KEY_VAULT = (
+    "is an Azure Key Vault reference, which batchd does not resolve: give the value "
+    "itself (batchd stores it encrypted)"
+)
+
+
+def key_vault_reference(value: Any, path: str) -> Any:
+    """Batch AI's `*SecretReference` (a Key Vault secret): refused, since batchd has no vault
+    to read it from; accepted, the secret would silently be missing when the job runs."""
+    raise DocumentError(path, KEY_VAULT)
+
+
 ENVELOPE_IGNORED = ("$schema", "location", "tags", "id", "name", "type")
 
 

@@ -58,6 +58,12 @@ def test_wall_clock_limits_in_both_notations(text, seconds):
     assert spec.properties["constraints"]["maxWallClockTime"] == text  # stored as given
 
 
+VAULT = {
+    "sourceVault": {"id": "/subscriptions/s/vaults/v"},
+    "secretUrl": "https://v.vault.azure.net/secrets/k",
+}
+
+
 def _broken(path: str, value):
     document = copy.deepcopy({"properties": MINIMAL})
     *parents, last = path.split(".")
@@ -102,6 +108,12 @@ def _broken(path: str, value):
          "properties.customToolkitSettings.commandLine", "NUL"),
         ("properties.environmentVariables", [{"name": "A", "value": "x\x00"}],
          "properties.environmentVariables[0].value", "NUL"),
+        ("properties.secrets", [{"name": "TOKEN", "valueSecretReference": VAULT}],
+         "properties.secrets[0].valueSecretReference", "Key Vault reference, which batchd"),
+        ("properties.containerSettings", {"imageSourceRegistry": {
+            "image": "x", "credentials": {"username": "u", "passwordSecretReference": VAULT}}},
+         "properties.containerSettings.imageSourceRegistry.credentials.passwordSecretReference",
+         "give the value itself"),
     ],
 )  # fmt: skip
 def test_bad_documents_are_refused_by_field_path(path, value, where, rule):

@@ -80,6 +80,10 @@ def test_a_cluster_document_with_or_without_the_envelope():
         ({"vmSize": "Standard_NC6", "nodeSetup": {"setupTask": {"commandLine": "x"}}},
          "nodeSetup.setupTask.stdOutErrPathPrefix", "is required"),
         ({"vmSize": "Standard_NC6", "colour": "red"}, "colour", "not a known property"),
+        ({"vmSize": "Standard_NC6", "nodeSetup": {"setupTask": {
+            "commandLine": "x", "stdOutErrPathPrefix": "/logs",
+            "secrets": [{"name": "K", "valueSecretReference": {"secretUrl": "https://v/s"}}]}}},
+         "nodeSetup.setupTask.secrets[0].valueSecretReference", "Key Vault reference"),
     ],
 )  # fmt: skip
 def test_bad_cluster_documents_are_refused_by_field_path(document, where, rule):
