@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import aiohttp
 
@@ -70,6 +70,9 @@ def settings(args: argparse.Namespace) -> Settings:
     server = server.rstrip("/")
     if not server.startswith(("http://", "https://")):
         raise ClientError(f"server {server!r} must be an http:// or https:// URL")
+    if urlsplit(server).path.rstrip("/").endswith("/v1"):  # each request adds /v1 itself
+        raise ClientError(f"server {server!r} must be the daemon's address without /v1 "
+                          f"(such as {DEFAULT_SERVER})")  # fmt: skip
     state = config.state_dir(getattr(args, "state_dir", None))
     token, source = _token(args, state)
     return Settings(server, token, source, _cacert(args, state, server))

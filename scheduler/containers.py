@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 import stat
 import tarfile
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from typing import Any
 
 import aiodocker
 
+from batchd.scheduler.jobspec import shm_bytes
 from batchd.scheduler.runtimes import (
     KILL_GRACE,
     TaskResult,
@@ -57,17 +57,6 @@ left() {
 while [ -n "$stopping" ] && left; do sleep 0.1; done
 exit "$code"
 """
-_SHM = re.compile(r"(\d+)([bkmg]?)", re.IGNORECASE)
-
-
-def shm_bytes(text: str | None) -> int | None:
-    """Batch AI's `shmSize` ("2g", "512m", "1024") in bytes."""
-    if not text:
-        return None
-    match = _SHM.fullmatch(text.strip())
-    if match is None:
-        return None
-    return int(match.group(1)) * 1024 ** "bkmg".index((match.group(2) or "b").lower())
 
 
 def create_config(spec: dict[str, Any], command: str, suffix: str, engine: str,

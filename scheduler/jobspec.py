@@ -84,10 +84,25 @@ def _timespan(value: Any, path: str) -> str:
     return value
 
 
+_SHM = re.compile(r"(\d{1,16})([bkmg]?)", re.IGNORECASE)
+MAX_SHM = 1 << 40  # 1 TiB: more than any GPU node's memory
+
+
+def shm_bytes(text: str | None) -> int | None:
+    """Batch AI's `shmSize` ("2g", "512m", "1024") in bytes (None: none, or not a size)."""
+    match = _SHM.fullmatch(text.strip()) if text else None
+    if match is None:
+        return None
+    return int(match.group(1)) * 1024 ** "bkmg".index((match.group(2) or "b").lower())
+
+
 def _shm_size(value: Any, path: str) -> str:
-    if isinstance(value, str) and re.fullmatch(r"\d+[bkmgBKMG]?", value):
-        return value
-    raise DocumentError(path, f"must be a size such as '2g' or '512m', not {value!r}")
+    size = shm_bytes(value) if isinstance(value, str) else None
+    if size is None:
+        raise DocumentError(path, f"must be a size such as '2g' or '512m', not {value!r}")
+    if size > MAX_SHM:
+        raise DocumentError(path, "must be at most 1024g")
+    return value
 
 
 _credentials = obj(

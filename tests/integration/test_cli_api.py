@@ -459,6 +459,8 @@ async def test_unreachable_server_and_missing_token(capsys, monkeypatch, tmp_pat
     assert len(lines) == 1
     done = await batchd("job", "wait", "x", "--server", "ftp://example.org")
     assert_error(done, "http:// or https://")
+    done = await batchd("job", "list", "--server", "http://127.0.0.1:9/v1/")
+    assert_error(done, "without /v1", "http://127.0.0.1:8080")
 
 
 async def test_no_token_is_explained(batchd, api, monkeypatch, tmp_path):

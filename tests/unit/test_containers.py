@@ -6,8 +6,9 @@ import os
 
 import pytest
 
-from batchd.scheduler.containers import create_config, give_to, shm_bytes, user_ids
+from batchd.scheduler.containers import create_config, give_to, user_ids
 from batchd.scheduler.images import image_reference, registry_auth
+from batchd.scheduler.jobspec import shm_bytes
 
 SPEC = {
     "image": "pytorch/pytorch:2.3.0", "jobId": "j1", "attempt": 2, "task": 1, "node": "n7",

@@ -114,6 +114,9 @@ def _broken(path: str, value):
             "image": "x", "credentials": {"username": "u", "passwordSecretReference": VAULT}}},
          "properties.containerSettings.imageSourceRegistry.credentials.passwordSecretReference",
          "give the value itself"),
+        ("properties.containerSettings", {"imageSourceRegistry": {"image": "x"},
+                                          "shmSize": "99999999999g"},
+         "properties.containerSettings.shmSize", "at most 1024g"),
     ],
 )  # fmt: skip
 def test_bad_documents_are_refused_by_field_path(path, value, where, rule):
