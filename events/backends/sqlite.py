@@ -115,6 +115,11 @@ class SqliteBackend:
             raise self._translate(exc) from None
 
     def _connect(self, mode: str) -> sqlite3.Connection:
+        if os.path.isdir(self.path):
+            raise errors.StoreError(
+                f"cannot open log {self.path}: it is a directory (name a file in it, such as "
+                f"{os.path.join(self.path, 'events.db')})"
+            )
         path = urllib.parse.quote(Path(self.path).absolute().as_posix())
         uri = f"file:{path}?mode={mode}"
         conn = sqlite3.connect(

@@ -120,6 +120,7 @@ async def test_events_tail_follow_prints_new_events_as_they_land(tmp_path):
         ("sqlite://relative.db", ["malformed SQLite URL"]),
         ("postgresql://u:s3cret@127.0.0.1:1/db", ["unreachable", "127.0.0.1:1", "u:***@"]),
         ("sqlite:////nonexistent/dir/events.db", ["no batchd log", "/nonexistent/dir/events.db"]),
+        ("sqlite:////tmp", ["/tmp: it is a directory", "/tmp/events.db"]),
         ("", ["unsupported store URL ''"]),  # not the daemon's log instead
         ("postgresql://u@127.0.0.1:99999/db", ["port '99999' must be a number from 1 to 65535"]),
     ],
