@@ -53,7 +53,7 @@ from batchd.scheduler.vmsizes import memory_mb
 logger = structlog.get_logger(__name__)
 
 HEARTBEAT_INTERVAL = 2.0
-LEASE_TIMEOUT = 8.0  # < the daemon's node timeout (10 s)
+LEASE_TIMEOUT = watchdog.SILENCE  # < the daemon's node timeout (10 s)
 POLL_WAIT = 20  # seconds a command long-poll may wait
 RETRY_DELAY = 1.0
 AGENT_VERSION = "1"
@@ -157,6 +157,7 @@ class Agent:
         self.attach_gpus = False
         self.stop: asyncio.Event | None = None
         self.watchdog: subprocess.Popen | None = None  # ends its tasks if it is killed outright
+        self.guard: int | None = None  # the pipe to the watchdog (watchdog.beat, .stopped)
         # a local agent's daemon (its parent): when it is gone, the agent stops
         self.parent = int(os.environ[PARENT_ENV]) if os.environ.get(PARENT_ENV) else None
 
@@ -198,6 +199,8 @@ class Agent:
         local agent whose daemon is gone stops itself."""
         while True:
             await asyncio.sleep(1.0)
+            if self.guard is not None:
+                watchdog.beat(self.guard)
             self._check_lease()
             self._sweep()
             if self.watchdog is not None and self.watchdog.poll() is not None:
@@ -611,11 +614,11 @@ async def main(args: argparse.Namespace) -> int:
     watch_children_with_pidfd()
     if not become_subreaper():
         logger.warning("agent.no_subreaper", note="processes that leave a task's group survive it")
-    agent.watchdog, guard = watchdog.start(lock, agent.running_dir, node_id, docker_host)
+    agent.watchdog, agent.guard = watchdog.start(lock, agent.running_dir, node_id, docker_host)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await agent.run(stop)  # its tasks are stopped when it returns
-    watchdog.stopped(guard)
+    watchdog.stopped(agent.guard)
     return 1 if agent.refused else 0

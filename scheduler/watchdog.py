@@ -10,6 +10,11 @@ watchdog's standard input. The watchdog waits on it:
 - end of file alone: the agent is gone. The watchdog kills what the agent's task slots name
   (reap_leftovers: each task's process group, and what carries its label in any group) and
   removes the node's containers, then exits.
+- silence: the agent's loop writes a beat (BEAT) every second. An agent that stops beating
+  for its lease (frozen by SIGSTOP, or its loop hung) sends no heartbeats and stops nothing
+  when its lease runs out, so the daemon gives its attempts to other nodes: the watchdog
+  ends its tasks as above, once per silence, and goes on watching (a thawed agent finds its
+  tasks gone, and its daemon has moved on).
 
 It holds the agent's lock on its work directory (the same open file, inherited), so the
 node's next agent starts only once the watchdog has done.
@@ -22,10 +27,12 @@ import asyncio
 import contextlib
 import fcntl
 import os
+import select
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import structlog
@@ -36,6 +43,10 @@ from batchd.scheduler.runtimes import WAITED, reap_leftovers
 logger = structlog.get_logger(__name__)
 
 STOPPED = b"STOPPED\n"  # the agent's last word when it stopped its tasks itself
+BEAT = b"."  # the agent's loop runs
+# seconds without a beat that end the tasks; also the agent's lease (agent.LEASE_TIMEOUT),
+# shorter than the daemon's node timeout (10 s)
+SILENCE = 8.0
 LOCK_WAIT = 30.0  # seconds an agent waits for a previous agent of its work directory to end
 LOCK_FILE = "agent.lock"
 
@@ -80,8 +91,15 @@ def start(lock: int, running_dir: Path, node_id: str,
         raise
     finally:
         os.close(read)
+    os.set_blocking(write, False)  # a beat never blocks the agent's loop
     WAITED.add(process.pid)  # the agent's orphan sweep leaves it to Popen to reap
     return process, write
+
+
+def beat(write: int) -> None:
+    """Tell the watchdog the agent's loop runs (called every second)."""
+    with contextlib.suppress(OSError):  # a full pipe, or a watchdog gone (the agent says so)
+        os.write(write, BEAT)
 
 
 def stopped(write: int) -> None:
@@ -92,12 +110,21 @@ def stopped(write: int) -> None:
         os.close(write)
 
 
-def _wait_for_agent() -> bool:
-    """Read standard input to its end; did the agent say it stopped its tasks?"""
-    said = b""
-    while chunk := os.read(0, 64):
-        said += chunk
-    return said == STOPPED
+def _watch_agent(silent: Callable[[], None]) -> bool:
+    """Read standard input to its end, calling `silent` once per silence of SILENCE seconds;
+    did the agent say it stopped its tasks?"""
+    tail, heard, told = b"", time.monotonic(), False
+    while True:
+        readable, _, _ = select.select([0], [], [], 1.0)
+        if readable:
+            chunk = os.read(0, 4096)
+            if not chunk:
+                return tail == STOPPED
+            tail = (tail + chunk)[-len(STOPPED):]
+            heard, told = time.monotonic(), False
+        elif not told and time.monotonic() - heard > SILENCE:
+            told = True
+            silent()
 
 
 async def _remove_containers(url: str, node_id: str) -> int:
@@ -125,14 +152,17 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(json=True)
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # only the agent's end counts
         signal.signal(sig, signal.SIG_IGN)
-    if _wait_for_agent():
-        return 0
+    if not _watch_agent(lambda: _end_tasks(args, "watchdog.agent_unresponsive")):
+        _end_tasks(args, "watchdog.agent_died")
+    return 0
+
+
+def _end_tasks(args: argparse.Namespace, event: str) -> None:
+    """Kill the agent's tasks and remove its node's containers; log `event`."""
     killed = reap_leftovers(args.running_dir)
     removed = asyncio.run(_remove_containers(args.docker_host, args.node_id)) if (
         args.docker_host) else 0  # fmt: skip
-    logger.warning("watchdog.agent_died", node=args.node_id, tasks_killed=killed,
-                   containers_removed=removed)  # fmt: skip
-    return 0
+    logger.warning(event, node=args.node_id, tasks_killed=killed, containers_removed=removed)
 
 
 if __name__ == "__main__":

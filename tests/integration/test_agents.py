@@ -734,6 +734,34 @@ async def test_the_tasks_of_an_agent_killed_outright_end_with_it(local):
     await client.call("POST", f"{EXP}/jobs/orphaned/terminate")
 
 
+async def test_the_tasks_of_a_frozen_agent_end_before_their_attempt_runs_again(local):
+    """A frozen agent (SIGSTOP, a hung loop) neither heartbeats nor stops its tasks when its
+    lease runs out, so the daemon gives the attempt to another node: its watchdog ends the
+    tasks once the agent has been unresponsive for the lease. Thawed, the agent carries on."""
+    daemon, client = local
+    agent = await _agent_on(daemon, client, "frozen", ONE_NODE)
+    shell = daemon.state_dir / "frozen.pid"
+    await _run(client, "stuck", f"echo $$ > {shell}; exec sleep 600", cluster="frozen")
+    await _until(lambda: shell.exists() and shell.read_text().strip(), 30)
+    pid = int(shell.read_text())
+    agent.send_signal(signal.SIGSTOP)
+    try:
+        await _until(lambda: not alive(pid), 20)  # while the agent is still frozen
+        await _until(lambda: daemon.models.models.nodes["frozen-0"].state == "lost", 15)
+    finally:
+        agent.send_signal(signal.SIGCONT)
+    await _until(lambda: daemon.models.models.nodes["frozen-0"].state == "ready", 30)
+
+    def job():
+        return newest_job(daemon.models.models, "stuck")
+
+    await _until(lambda: job().attempt == 2 and job().state == "running", 30)  # thawed node
+    await client.call("POST", f"{EXP}/jobs/stuck/terminate")
+    assert (await _ended(daemon, client, "stuck"))["properties"]["state"] == "failed"
+    agent.terminate()
+    assert await agent.wait() == 0
+
+
 async def _busy_node(daemon, client, cluster: str) -> asyncio.subprocess.Process:
     """A one-node cluster of its own, with its agent (returned), running a job `busy`."""
     agent = await _agent_on(daemon, client, cluster, ONE_NODE)
