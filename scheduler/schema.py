@@ -51,11 +51,24 @@ def string(*, max_len: int = 4096, pattern: str | None = None, what: str = "") -
             raise DocumentError(path, f"must be at most {max_len} characters")
         if "\x00" in value:  # no command, path or variable can hold one
             raise DocumentError(path, "must not contain NUL characters")
+        if not value.isascii():
+            _check_utf8(value, path)
         if compiled and not compiled.fullmatch(value):
             raise DocumentError(path, f"must be {what or 'of the form ' + pattern}")
         return value
 
     return check
+
+
+def _check_utf8(value: str, path: str) -> None:
+    """Text the log can hold: JSON's `\\ud800` escapes and bytes that are not UTF-8 (which
+    the CLI's arguments carry as lone surrogates) encode to no UTF-8 at all."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise DocumentError(
+            path, f"must be valid UTF-8 text (character {exc.start + 1} is not)"
+        ) from None
 
 
 def integer(low: int | None = None, high: int | None = None) -> Validator:

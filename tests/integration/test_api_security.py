@@ -182,6 +182,11 @@ async def test_bad_documents_get_400_naming_the_field_and_nothing_is_stored(api,
             "properties.schedulingPriority",
             "one of low, normal, high",
         ),
+        (  # JSON can escape a lone surrogate, which no UTF-8 (and no log) can hold
+            json.dumps({**JOB, "customToolkitSettings": {"commandLine": "echo \ud800"}}),
+            "customToolkitSettings.commandLine",
+            "valid UTF-8 text",
+        ),
     ]
     for body, path, problem in cases:
         status, error = await admin.call("PUT", f"{EXP}/jobs/bad", raw=body)

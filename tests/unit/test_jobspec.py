@@ -117,6 +117,10 @@ def _broken(path: str, value):
         ("properties.containerSettings", {"imageSourceRegistry": {"image": "x"},
                                           "shmSize": "99999999999g"},
          "properties.containerSettings.shmSize", "at most 1024g"),
+        ("properties.customToolkitSettings", {"commandLine": "echo caf\udce9"},
+         "properties.customToolkitSettings.commandLine", "valid UTF-8 text (character 9"),
+        ("properties.secrets", [{"name": "K", "value": "\ud800"}],
+         "properties.secrets[0].value", "valid UTF-8"),
     ],
 )  # fmt: skip
 def test_bad_documents_are_refused_by_field_path(path, value, where, rule):
