@@ -151,6 +151,11 @@ class Backend(Protocol):
     async def open(self, readonly: bool) -> None: ...
     async def close(self) -> None: ...
     async def read_head(self) -> Head: ...
+    async def try_lock_leader(self) -> bool:
+        """Take the log's leader lock if it is free (held until close); whether it is held.
+        One daemon leads a log; others stand by until the lock frees (the epoch still fences
+        a writer that lost it unawares)."""
+
     async def take_epoch(self) -> Head:
         """Increment the writer epoch; later appends of any older epoch fail with FencedError."""
 
@@ -245,6 +250,11 @@ class EventStore:
         await self.backend.close()
 
     # -- leadership ------------------------------------------------------------------------
+    async def try_lock_leader(self) -> bool:
+        """Whether this store now holds the log's leader lock (taken if free; see Backend)."""
+        self._check_writable()
+        return await self.backend.try_lock_leader()
+
     async def take_leadership(self) -> int:
         """Become the log's writer: bump the epoch so that any older writer is fenced."""
         self._check_writable()

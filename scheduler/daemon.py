@@ -50,6 +50,7 @@ FOLD_AT_STOP = 5.0  # seconds it waits for the read models to take in the log be
 PLAN_IDLE = 10.0  # seconds between planner cycles while the log stands still
 PLAN_GAP = 0.02  # least seconds between two planner cycles: a busy log is planned in batches
 ADMIN_TOKEN_FILE = "admin.token"
+STANDBY_POLL = 1.0  # seconds between a standby's tries of the leader lock
 FENCED_EXIT = 3  # exit status of a daemon another one took the log over from (see deploy/)
 ACTOR = "batchd:serve"  # the actor of what the daemon itself logs
 DAEMON_KEY = web.AppKey("daemon", object)
@@ -111,6 +112,8 @@ class Daemon:
         keyring = config.load_keyring(cfg, create=False)
         ssl_context = self._tls()
         self.store = await urls.open_store(cfg.store_url, codec=Codec(keyring))
+        if not await self._stand_by():
+            return  # stopped while standing by
         if keyring is None:  # made only now: a start refused for its log leaves no key behind
             keyring = self.store.codec.keyring = config.load_keyring(cfg, create=True)
         self.models = Runner(self.store)
@@ -162,6 +165,23 @@ class Daemon:
         self.ready = True
         logger.info("daemon.started", url=self.url, store=str(urls.parse(cfg.store_url)),
                     state_dir=str(cfg.state_dir))  # fmt: skip
+
+    async def _stand_by(self) -> bool:
+        """Hold the log's leader lock, waiting as a standby while another daemon leads the
+        log; False if stopped meanwhile. A standby serves nothing (its port stays free) and
+        takes over, restoring the read models, when the lock frees."""
+        if await self.store.try_lock_leader():
+            return True
+        where = str(urls.parse(self.cfg.store_url))
+        message = "another daemon leads this log; this one waits to take over"
+        logger.warning("daemon.standby", store=where, message=message)
+        while not self.stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), STANDBY_POLL)
+            if not self.stopping.is_set() and await self.store.try_lock_leader():
+                logger.info("daemon.taking_over", store=where)
+                return True
+        return False
 
     def _tls(self):
         cfg = self.cfg

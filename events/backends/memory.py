@@ -54,6 +54,9 @@ class MemoryBackend:
     async def read_head(self) -> Head:
         return self.log.head
 
+    async def try_lock_leader(self) -> bool:
+        return True  # a memory log lives in one process
+
     async def take_epoch(self) -> Head:
         self.log.head = self.log.head._replace(epoch=self.log.head.epoch + 1)
         return self.log.head

@@ -48,6 +48,7 @@ logger = structlog.get_logger(__name__)
 
 SCHEMA_VERSION = 1
 CHANNEL = "batchd_events"
+LEADER_LOCK = 0x6261_7463_6864_0001  # the advisory lock key of a log's leader ("batchd", 1)
 MIGRATION_LOCK = 0x62617463  # advisory lock key held while migrating ("batc")
 WRITE_ATTEMPTS = 3
 LISTEN_BACKOFF = 0.5  # seconds between listener reconnects
@@ -196,6 +197,7 @@ class PostgresBackend:
         self._listener: asyncio.Task | None = None
         self._writer: asyncpg.Connection | None = None  # the connection appends use
         self._writer_used = 0.0  # when it last served an append (monotonic seconds)
+        self._leader: asyncpg.Connection | None = None  # holds the leader lock (advisory)
 
     def set_wakeup(self, callback: Callable[[], None]) -> None:
         self._wakeup = callback
@@ -280,6 +282,9 @@ class PostgresBackend:
         if self._writer is not None:
             self._writer.terminate()
             self._writer = None
+        if self._leader is not None:
+            self._leader.terminate()  # the lock frees with its session
+            self._leader = None
         if self._listener is not None:
             self._listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -369,6 +374,27 @@ class PostgresBackend:
         if not rows:
             raise errors.StoreCorrupt(f"log {self.where} is damaged: its log_head row is missing")
         return Head(*rows[0])
+
+    async def try_lock_leader(self) -> bool:
+        """A session advisory lock, held by a connection of its own for as long as it lives
+        (if that connection is lost, so is the lock: a standby may then take over, and the
+        epoch fences this writer)."""
+        if self._leader is not None and not self._leader.is_closed():
+            return True
+        try:
+            conn = await asyncpg.connect(self.dsn, timeout=CONNECT_TIMEOUT)
+        except (asyncpg.PostgresError, *_UNAVAILABLE) as exc:
+            raise self._translate(exc) from None
+        try:
+            held = await conn.fetchval("SELECT pg_try_advisory_lock($1)", LEADER_LOCK)
+        except BaseException:
+            conn.terminate()
+            raise
+        if not held:
+            await conn.close()
+            return False
+        self._leader = conn
+        return True
 
     async def take_epoch(self) -> Head:
         self._forget()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import fcntl
 import os
 import sqlite3
 import urllib.parse
@@ -97,6 +98,7 @@ class SqliteBackend:
         self.path = path
         self._reader: sqlite3.Connection | None = None
         self._writer: sqlite3.Connection | None = None
+        self._leader: int | None = None  # the leader lock's descriptor, while held
         self._rexec = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sqlite-read")
         self._wexec = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sqlite-write")
 
@@ -207,6 +209,9 @@ class SqliteBackend:
                 await asyncio.get_running_loop().run_in_executor(executor, conn.close)
         self._wexec.shutdown(wait=False)
         self._rexec.shutdown(wait=False)
+        if self._leader is not None:
+            os.close(self._leader)  # the lock frees with it
+            self._leader = None
 
     # -- plumbing --------------------------------------------------------------------------
     async def _run_read(self, fn, *args):
@@ -245,6 +250,19 @@ class SqliteBackend:
         if row is None:
             raise errors.StoreCorrupt(f"{self.path} is damaged: its log_head row is missing")
         return Head(*row)
+
+    async def try_lock_leader(self) -> bool:
+        """An exclusive flock on `<path>.leader` (SQLite's own locks are per transaction)."""
+        if self._leader is not None:
+            return True
+        fd = os.open(f"{self.path}.leader", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._leader = fd
+        return True
 
     async def take_epoch(self) -> Head:
         def run() -> Head:

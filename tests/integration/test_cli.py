@@ -309,6 +309,55 @@ def test_a_daemon_another_one_took_the_log_from_stops_with_exit_3(tmp_path):
     assert (fenced["epoch"], fenced["log_epoch"]) == (1, 2) and fenced["level"] == "error"
 
 
+def _ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1):
+            return True
+    except OSError:  # not listening, or 503
+        return False
+
+
+def _logged(path: Path, event: str) -> bool:
+    return path.exists() and f'"event": "{event}"' in path.read_text()
+
+
+def test_a_second_daemon_on_a_led_log_stands_by_and_takes_over_when_it_frees(
+    tmp_path, durable_url
+):
+    """A stray `batchd serve` on a log another daemon leads must not depose it: it waits,
+    serving nothing, and takes over (restoring the read models) once the leader stops."""
+    config = tmp_path / "no-local-nodes.toml"
+    config.write_text("[local]\nnodes = 0\n")
+    daemons, ports, logs = [], [_free_port(), _free_port()], []
+    try:
+        for n, port in enumerate(ports):
+            logs.append(tmp_path / f"serve-{n}.log")
+            with logs[-1].open("w") as log:
+                daemons.append(subprocess.Popen(
+                    [sys.executable, "-m", "batchd.scheduler.cli", "serve", "--config",
+                     str(config), "--state-dir", str(tmp_path / f"state-{n}"), "--store",
+                     durable_url, "--listen", f"127.0.0.1:{port}"], stderr=log,
+                ))  # fmt: skip
+            deadline = time.monotonic() + 30
+            while not (_ready(port) if n == 0 else _logged(logs[1], "daemon.standby")):
+                assert time.monotonic() < deadline and daemons[n].poll() is None
+                time.sleep(0.1)
+        time.sleep(2)  # the standby's tries of the lock change nothing
+        assert _ready(ports[0]) and not _ready(ports[1])
+        assert not _logged(logs[0], "daemon.fenced")
+        daemons[0].send_signal(signal.SIGTERM)
+        assert daemons[0].wait(30) == 0
+        deadline = time.monotonic() + 30
+        while not _ready(ports[1]):
+            assert time.monotonic() < deadline and daemons[1].poll() is None
+            time.sleep(0.1)
+        assert _logged(logs[1], "daemon.taking_over")
+    finally:
+        for daemon in daemons:
+            daemon.send_signal(signal.SIGTERM)
+            assert daemon.wait(30) == 0
+
+
 def test_serve_answers_healthz_and_stops_cleanly_on_sigterm(tmp_path):
     port = _free_port()
     state = tmp_path / "state"
