@@ -191,6 +191,21 @@ async def test_a_second_writer_fences_the_first(store_url):
         await second.close()
 
 
+async def test_one_store_at_a_time_holds_the_leader_lock(durable_url):
+    first = await urls.open_store(durable_url)
+    second = await urls.open_store(durable_url)
+    try:
+        try:
+            assert await first.try_lock_leader()
+            assert await first.try_lock_leader()  # held: held still
+            assert not await second.try_lock_leader()
+        finally:
+            await first.close()  # a stopped (or dead) leader frees it
+        assert await second.try_lock_leader()
+    finally:
+        await second.close()
+
+
 async def test_a_fenced_batchs_callers_each_get_their_own_error(store_url):
     # One failed batch fails all its callers. Were they given one shared exception, its
     # traceback would hold the writer's frames and theirs: code that clears the frames of a
