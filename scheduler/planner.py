@@ -35,7 +35,9 @@ that capacity beside the queue: `projections.clusters.free_capacity`). The reaso
   nodes are idle;
 - `nodes_not_ready{}`: the cluster's ready nodes could never hold it, but some of its nodes
   are not ready (still preparing, `unusable` after a failed setup task, suspect or lost);
-  `batchd node list` shows which and why;
+  `batchd node list` shows which and why. While some of them are on their way to ready
+  (registering, as after a daemon restart, running their setup task, suspect, or lost for
+  less than NODES_COMING), such a job holds the reservation: nothing passes it meanwhile;
 - `runtime_missing{runtime}`: no ready node offers the runtime it needs (`docker` for a job
   with containerSettings, `process` otherwise);
 - `behind_reservation{}`: an earlier job holds the reservation, and this one could not start
@@ -71,7 +73,17 @@ from typing import Any
 from batchd.events.envelope import NewEvent
 from batchd.projections import lifecycle, queue
 from batchd.projections.allocation import free_gpus, is_stale, stale_allocations
-from batchd.projections.model import LEAVING, READY, Cluster, Job, ReadModels
+from batchd.projections.model import (
+    LEAVING,
+    LOST,
+    PREPARING,
+    PROVISIONING,
+    READY,
+    SUSPECT,
+    Cluster,
+    Job,
+    ReadModels,
+)
 from batchd.scheduler.clusterspec import max_nodes
 
 Decision = tuple[str, NewEvent]  # (stream, event)
@@ -81,6 +93,11 @@ BEHIND_RESERVATION = {"code": "behind_reservation"}
 ATTEMPT_STOPPING = {"code": "attempt_stopping"}
 GPUS_STOPPING = {"code": "gpus_stopping"}
 NODES_NOT_READY = {"code": "nodes_not_ready"}
+# A job that only the cluster's nodes on their way to ready could hold (registering after a
+# restart, running their setup task, suspect, just lost) holds the queue while they come, for
+# so long after their last change of state at most: a node that stays away frees the queue.
+COMING = (PROVISIONING, PREPARING, SUSPECT, LOST)
+NODES_COMING = 120 * 1_000_000  # microseconds
 NO_NODES: frozenset[str] = frozenset()
 
 
@@ -98,6 +115,7 @@ class _Capacity:
     idle: set[str] = field(default_factory=set)  # nodes with GPUs, all of them free
     _ever: dict[int, int] = field(default_factory=dict)  # need -> nodes that could ever hold it
     staying: int = 0  # the cluster's nodes that are not leaving (draining, evicted)
+    coming: int = 0  # its nodes on their way to ready (for less than NODES_COMING)
     # runtime -> the ready nodes without it (none, on a cluster whose nodes all offer the same)
     lacking: dict[str, frozenset[str]] = field(default_factory=dict)
     runtimes: frozenset[str] = frozenset()  # those some ready node offers
@@ -124,6 +142,7 @@ class _Capacity:
             set(self.idle),
             self._ever,
             self.staying,
+            self.coming,
             self.lacking,
             self.runtimes,
         )
@@ -224,15 +243,16 @@ class _Capacity:
             self.idle.add(node_id)
 
 
-def _capacity(m: ReadModels, cluster: Cluster) -> _Capacity:
+def _capacity(m: ReadModels, cluster: Cluster, now: int) -> _Capacity:
     free: dict[str, list[int]] = {}
     gpus: dict[str, int] = {}
     whole: list[str] = []
-    staying = 0
+    staying = coming = 0
     for node_id in cluster.nodes:
         node = m.nodes[node_id]
         staying += node.state != LEAVING
         if node.state != READY:
+            coming += node.state in COMING and now - node.since < NODES_COMING
             continue
         gpus[node_id] = node.gpus
         free[node_id] = free_gpus(node)
@@ -245,7 +265,8 @@ def _capacity(m: ReadModels, cluster: Cluster) -> _Capacity:
         without = frozenset(n for n, each in offered.items() if runtime not in each)
         if without:
             lacking[runtime] = without
-    return _Capacity(free, gpus, whole, staying=staying, lacking=lacking, runtimes=runtimes)
+    return _Capacity(free, gpus, whole, staying=staying, coming=coming, lacking=lacking,
+                     runtimes=runtimes)  # fmt: skip
 
 
 def plan(m: ReadModels, now: int, limit: int = CYCLE_DECISIONS) -> list[Decision]:
@@ -278,7 +299,7 @@ def _plan_cluster(
     m: ReadModels, cluster: Cluster, waiting: list[Job], now: int, out: list[Decision],
     limit: int,
 ) -> None:  # fmt: skip
-    capacity = _capacity(m, cluster)
+    capacity = _capacity(m, cluster, now)
     reserved: float | None = None  # when the first blocked job can start, once there is one
     apart = NO_NODES  # the ready nodes that job cannot use (its runtime): free for others
     stopping = _stopping(m, capacity)
@@ -330,7 +351,10 @@ def _plan_cluster(
         if capacity.ever_fits(need, nodes, skip):  # one that never fits here reserves nothing
             start = _start_estimate(m, cluster, job, capacity.copy(), ends)
             reserved, apart = (None, NO_NODES) if start == NEVER else (start, skip)
-        _reason(out, job, _cached_why(why, cluster, capacity, job))
+        reason = _cached_why(why, cluster, capacity, job)
+        if reason is NODES_NOT_READY and capacity.coming:  # nothing passes it meanwhile
+            reserved, apart = now, skip
+        _reason(out, job, reason)
 
 
 def _apart(

@@ -25,10 +25,10 @@ class World:
         self.models = ReadModels()
         self.jobs = 0
 
-    def apply(self, type_: str, **data) -> None:
+    def apply(self, type_: str, at: int | None = None, **data) -> None:
         n = self.models.position + 1
-        event = RecordedEvent(n, uuid.UUID(int=n), "s", n, type_, 1, n, "test", None, None,
-                              data, b"")  # fmt: skip
+        event = RecordedEvent(n, uuid.UUID(int=n), "s", n, type_, 1, n if at is None else at,
+                              "test", None, None, data, b"")  # fmt: skip
         fold.apply(self.models, event)
 
     def cluster(self, name="c", nodes=2, gpus=4, preemption=False, resizing=False) -> World:
@@ -324,6 +324,23 @@ def test_a_job_that_only_nodes_not_ready_could_hold_says_so():
     assert reasons(w.plan())[big] == {"code": "insufficient_gpus", "need": 4}
     w.apply("NodeSetupFailed", nodeId="c-n1", exitCode=1)
     assert reasons(w.plan()) == {big: {"code": "nodes_not_ready"}}  # no node is ready
+
+
+def test_a_job_waiting_for_nodes_coming_back_keeps_its_place_in_the_queue():
+    """After a restart the nodes register one by one: a gang that needs them all must not
+    be passed by a later job while the others come back (it would wait for that job's end);
+    a node that stays away holds the queue for NODES_COMING at most."""
+    w = World().cluster(nodes=2, gpus=4)
+    first = w.job(gpus=1)
+    w.run(first, [("c-n0", [0])])
+    w.apply("NodeLost", nodeId="c-n1", at=NOW - 5_000_000)  # its agent is starting again
+    gang, small = w.job(gpus=4, nodes=2), w.job(gpus=1)
+    decisions = w.plan()
+    assert placed(decisions) == {}
+    assert reasons(decisions) == {gang: {"code": "nodes_not_ready"},
+                                  small: {"code": "behind_reservation"}}  # fmt: skip
+    later = w.plan(now=NOW + 10 * 60 * 1_000_000)  # c-n1 never came back
+    assert placed(later) == {small: [{"node": "c-n0", "gpus": [1]}]}
 
 
 def test_a_reason_is_not_recorded_again_when_only_the_free_capacity_changes():
