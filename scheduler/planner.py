@@ -348,13 +348,27 @@ def _plan_cluster(
         ):
             reserved, apart = now, skip  # room is being made for it: nothing passes it now
             continue
-        if capacity.ever_fits(need, nodes, skip):  # one that never fits here reserves nothing
-            start = _start_estimate(m, cluster, job, capacity.copy(), ends)
-            reserved, apart = (None, NO_NODES) if start == NEVER else (start, skip)
-        reason = _cached_why(why, cluster, capacity, job)
-        if reason is NODES_NOT_READY and capacity.coming:  # nothing passes it meanwhile
-            reserved, apart = now, skip
-        _reason(out, job, reason)
+        reserved, apart = _first_blocked(out, m, cluster, job, capacity, ends, why, now)
+
+
+def _first_blocked(
+    out: list[Decision], m: ReadModels, cluster: Cluster, job: Job, capacity: _Capacity,
+    ends: list[tuple[float, str, list[int]]], why: dict[tuple[int, int, str], dict[str, Any]],
+    now: int,
+) -> tuple[float | None, frozenset[str]]:  # fmt: skip
+    """The first job that cannot start is told why, and holds the reservation: when it can
+    start (None: never here) and the ready nodes it cannot use (free for the others)."""
+    skip = capacity.skip(job.runtime)
+    reserved, apart = None, NO_NODES
+    if capacity.ever_fits(job.gpus_per_node, job.node_count, skip):  # else it reserves nothing
+        start = _start_estimate(m, cluster, job, capacity.copy(), ends)
+        if start != NEVER:
+            reserved, apart = start, skip
+    reason = _cached_why(why, cluster, capacity, job)
+    if reason is NODES_NOT_READY and capacity.coming:  # nothing passes it while they come
+        reserved, apart = now, skip
+    _reason(out, job, reason)
+    return reserved, apart
 
 
 def _apart(
