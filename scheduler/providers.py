@@ -23,6 +23,7 @@ import contextlib
 import os
 import signal
 import sys
+from collections.abc import Collection
 from pathlib import Path
 from typing import Protocol
 
@@ -161,7 +162,7 @@ class LocalProvider:
         if cluster.deleting:  # its nodes drain, and go once they run nothing
             return 0
         if "autoScale" in cluster.scale_settings:
-            return autoscale_target(m, cluster, self.gpus)
+            return autoscale_target(m, cluster, self.gpus, self.runtimes.split(","))
         manual = cluster.scale_settings.get("manual") or {}
         return int(manual.get("targetNodeCount", 0))
 
@@ -287,17 +288,18 @@ class LocalProvider:
         self.processes.clear()
 
 
-def autoscale_target(m: ReadModels, cluster: Cluster, gpus_per_node: int) -> int:
+def autoscale_target(m: ReadModels, cluster: Cluster, gpus_per_node: int,
+                     runtimes: Collection[str]) -> int:  # fmt: skip
     """How many nodes an `autoScale` cluster wants now: those that run work, and enough for
     its queued jobs (their GPUs packed onto whole nodes; a job without GPUs, or a gang, takes
-    whole nodes; a job that asks more GPUs a node than the nodes have, none), within
-    `minimumNodeCount` and `maximumNodeCount`."""
+    whole nodes; a job that asks more GPUs a node than the nodes have, or a runtime they do
+    not offer, none), within `minimumNodeCount` and `maximumNodeCount`."""
     auto = cluster.scale_settings["autoScale"]
     busy = sum(1 for node_id in cluster.nodes if m.nodes[node_id].allocations)
     gpus = whole = widest = 0
     for job in queue.ordered(m, cluster.cluster_id):
-        if job.gpus_per_node > gpus_per_node:
-            continue  # no node of this cluster can ever hold it: none is started for it
+        if job.gpus_per_node > gpus_per_node or job.runtime not in runtimes:
+            continue  # no node of this cluster can ever run it: none is started for it
         widest = max(widest, job.node_count)
         if job.gpus_per_node and gpus_per_node:
             gpus += job.gpus_per_node * job.node_count

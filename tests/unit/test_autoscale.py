@@ -5,6 +5,8 @@ from __future__ import annotations
 from batchd.scheduler.providers import autoscale_target
 from tests.unit.test_planner import World
 
+PROCESS = ("process",)  # the runtimes the local nodes offer
+
 
 def _auto(w: World, low: int, high: int):
     cluster = w.models.clusters["c"]
@@ -15,8 +17,8 @@ def _auto(w: World, low: int, high: int):
 
 def test_an_idle_cluster_shrinks_to_its_minimum():
     w = World().cluster(nodes=3)
-    assert autoscale_target(w.models, _auto(w, 0, 5), 4) == 0
-    assert autoscale_target(w.models, _auto(w, 2, 5), 4) == 2
+    assert autoscale_target(w.models, _auto(w, 0, 5), 4, PROCESS) == 0
+    assert autoscale_target(w.models, _auto(w, 2, 5), 4, PROCESS) == 2
 
 
 def test_queued_gpus_are_packed_onto_whole_nodes_beside_the_busy_ones():
@@ -24,19 +26,28 @@ def test_queued_gpus_are_packed_onto_whole_nodes_beside_the_busy_ones():
     w.run(w.job(gpus=1), [("c-n0", [0])])
     for _ in range(5):  # 5 GPUs: 2 nodes of 4
         w.job(gpus=1)
-    assert autoscale_target(w.models, _auto(w, 0, 10), 4) == 1 + 2
+    assert autoscale_target(w.models, _auto(w, 0, 10), 4, PROCESS) == 1 + 2
 
 
 def test_a_gang_or_a_job_without_gpus_takes_whole_nodes_within_the_maximum():
     w = World().cluster(nodes=0)
     w.job(gpus=2, nodes=3)  # 6 GPUs, but on 3 nodes
-    assert autoscale_target(w.models, _auto(w, 0, 10), 4) == 3
+    assert autoscale_target(w.models, _auto(w, 0, 10), 4, PROCESS) == 3
     w.job(gpus=0)
-    assert autoscale_target(w.models, _auto(w, 0, 10), 4) == 3  # 1 whole + 2 of GPUs, or 3
-    assert autoscale_target(w.models, _auto(w, 0, 2), 4) == 2
+    assert autoscale_target(w.models, _auto(w, 0, 10), 4, PROCESS) == 3  # 1 whole + 2 of GPUs, or 3
+    assert autoscale_target(w.models, _auto(w, 0, 2), 4, PROCESS) == 2
 
 
 def test_a_job_no_node_can_ever_hold_starts_no_node():
     w = World().cluster(nodes=0)
     w.job(gpus=4)  # queued when the nodes had 4 GPUs; they have 2 now
-    assert autoscale_target(w.models, _auto(w, 0, 3), 2) == 0
+    assert autoscale_target(w.models, _auto(w, 0, 3), 2, PROCESS) == 0
+
+
+def test_a_job_needing_a_runtime_the_nodes_lack_starts_no_node():
+    w = World().cluster(nodes=0)
+    w.apply("JobSubmitted", jobId="c1", workspace="ws", experiment="e", name="c1", cluster="c",
+            owner="ann", priority=0, nodeCount=1, gpusPerNode=1, maxWallClockTime=3600,
+            runtime="docker")  # fmt: skip
+    assert autoscale_target(w.models, _auto(w, 0, 3), 4, PROCESS) == 0
+    assert autoscale_target(w.models, _auto(w, 0, 3), 4, ("docker", "process")) == 1
