@@ -76,10 +76,18 @@ def delete_workspace(m: ReadModels, workspace: str, actor: str) -> list[Decision
     experiments = [x.name for x in m.experiments.values() if x.workspace == workspace]
     if clusters or experiments:
         raise CommandError(
-            f"workspace {workspace!r} still holds clusters {clusters} and experiments "
-            f"{experiments}: delete them first"
+            f"workspace {workspace!r} still holds {_listed(clusters, 'cluster')}"
+            f"{' and ' if clusters and experiments else ''}"
+            f"{_listed(experiments, 'experiment')}: delete them first"
         )
     return [_event(f"workspace-{workspace}", "WorkspaceDeleted", {"workspace": workspace}, actor)]
+
+
+def _listed(names: list[str], kind: str) -> str:
+    """`names` of `kind` in words ("clusters 'a', 'b'"; "" for none)."""
+    if not names:
+        return ""
+    return f"{kind}{'s' if len(names) > 1 else ''} {', '.join(repr(n) for n in sorted(names))}"
 
 
 def create_experiment(m: ReadModels, workspace: str, experiment: str, actor: str) -> list[Decision]:
@@ -335,8 +343,11 @@ def find_job(m: ReadModels, workspace: str, experiment: str, name: str) -> Job:
 def terminate_job(
     m: ReadModels, workspace: str, experiment: str, name: str, actor: str
 ) -> list[Decision]:
-    """A queued job ends at once; one that holds GPUs ends when its node reports it killed."""
+    """A queued job ends at once; one that holds GPUs ends when its node reports it killed.
+    Asked again while it is terminating, nothing changes (a retried request succeeds)."""
     job = find_job(m, workspace, experiment, name)
+    if job.state == TERMINATING:
+        return []
     lifecycle.check(job.state, "JobTerminateRequested")
     data = {"jobId": job.job_id, "reason": f"terminated by {actor}"}
     out = [_event(f"job-{job.job_id}", "JobTerminateRequested", data, actor)]
