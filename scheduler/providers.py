@@ -23,9 +23,9 @@ import contextlib
 import os
 import signal
 import sys
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import structlog
 
@@ -37,6 +37,7 @@ from batchd.scheduler.agent import PARENT_ENV
 from batchd.scheduler.auth import revoke_token
 from batchd.scheduler.control import Control, token_file
 from batchd.scheduler.nodes import lose_node, node_number
+from batchd.scheduler.planner import Decision
 from batchd.scheduler.vmsizes import LOCAL, Catalog
 
 logger = structlog.get_logger(__name__)
@@ -131,8 +132,7 @@ class LocalProvider:
 
         def decide(m: ReadModels) -> list:
             cluster = m.clusters.get(m.cluster_ids.get(f"{WORKSPACE}/{CLUSTER}", ""))
-            return [decision for node_id in (cluster.nodes if cluster else ())
-                    for decision in lose_node(m, node_id, error, cause, error)]  # fmt: skip
+            return lose_nodes(m, cluster.nodes if cluster else (), error, cause)
 
         await self.control.run(decide, structural=True)
 
@@ -286,6 +286,22 @@ class LocalProvider:
             logger.warning("local.interruption_not_logged", error=str(exc))
         await asyncio.gather(*(self._stop(p) for p in self.processes.values()))
         self.processes.clear()
+
+
+def lose_nodes(m: ReadModels, node_ids: Iterable[str], error: dict[str, str],
+               cause: str) -> list[Decision]:  # fmt: skip
+    """lose_node for each of `node_ids` at once: an attempt that ran on several of them (a
+    multi-node job's) meets its fate once, not once a node."""
+    out: list[Decision] = []
+    decided: set[tuple[str, str, Any]] = set()  # (job stream, event type, attempt)
+    for node_id in node_ids:
+        for stream, event in lose_node(m, node_id, error, cause, error):
+            key = (stream, event.type, event.data.get("attempt"))
+            if stream.startswith("job-") and key in decided:
+                continue
+            decided.add(key)
+            out.append((stream, event))
+    return out
 
 
 def autoscale_target(m: ReadModels, cluster: Cluster, gpus_per_node: int,

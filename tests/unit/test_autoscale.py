@@ -1,8 +1,8 @@
-"""A local cluster with autoScale: how many nodes it wants."""
+"""Local clusters: how many nodes an autoScale one wants, and its nodes lost together."""
 
 from __future__ import annotations
 
-from batchd.scheduler.providers import autoscale_target
+from batchd.scheduler.providers import autoscale_target, lose_nodes
 from tests.unit.test_planner import World
 
 PROCESS = ("process",)  # the runtimes the local nodes offer
@@ -51,3 +51,12 @@ def test_a_job_needing_a_runtime_the_nodes_lack_starts_no_node():
             runtime="docker")  # fmt: skip
     assert autoscale_target(w.models, _auto(w, 0, 3), 4, PROCESS) == 0
     assert autoscale_target(w.models, _auto(w, 0, 3), 4, ("docker", "process")) == 1
+
+
+def test_a_multi_node_attempt_on_nodes_lost_together_is_requeued_once():
+    w = World().cluster(nodes=2)
+    gang = w.job(gpus=1, nodes=2)
+    w.run(gang, [("c-n0", [0]), ("c-n1", [0])])
+    error = {"code": "daemon_stopped", "message": "the daemon stopped"}
+    decided = lose_nodes(w.models, ["c-n0", "c-n1"], error, "interrupted")
+    assert [e.type for _s, e in decided] == ["NodeLost", "JobRequeued", "NodeLost"]
