@@ -26,6 +26,7 @@ import aiodocker
 from batchd.scheduler.jobspec import shm_bytes
 from batchd.scheduler.runtimes import (
     KILL_GRACE,
+    OutputText,
     TaskResult,
     job_temp,
     kill_tree,
@@ -322,11 +323,12 @@ class ContainerTask:
             raise OSError("the container is not running yet")
         run = await self.container.exec(cmd=["/bin/sh", "-c", command], stdout=True,
                                         stderr=True, environment=None)  # fmt: skip
+        text = OutputText(send)
         try:
             async with run.start(detach=False) as stream:
                 while (message := await stream.read_out()) is not None:
-                    name = "stdout" if message.stream == 1 else "stderr"
-                    send(**{name: message.data.decode("utf-8", "replace")})
+                    text("stdout" if message.stream == 1 else "stderr", message.data)
+            text.flush()
         except asyncio.CancelledError:  # its caller went away: the command ends with it
             await asyncio.shield(self._end_exec(run))
             raise

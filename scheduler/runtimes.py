@@ -12,6 +12,7 @@ preparation's to `stdout-prep.txt`, `stderr-prep.txt`).
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 import ctypes
 import fcntl
@@ -73,6 +74,28 @@ def prepare_directories(spec: dict[str, Any]) -> TaskResult | None:
         message = f"cannot write {exc.filename}: {exc.strerror}"
         return TaskResult(None, {"code": "output_unwritable", "message": message})
     return None
+
+
+class OutputText:
+    """A command's stdout and stderr bytes, as they come, as text for `send(stdout=...)` and
+    `send(stderr=...)`: each stream is decoded on its own, so a character split between two
+    reads stays whole; bytes that are not UTF-8 become U+FFFD. `flush()` at the end."""
+
+    def __init__(self, send: Callable[..., None]) -> None:
+        self.send = send
+        self.decoders: dict[str, codecs.IncrementalDecoder] = {}
+
+    def __call__(self, name: str, data: bytes, final: bool = False) -> None:
+        decoder = self.decoders.get(name)
+        if decoder is None:
+            decoder = self.decoders[name] = codecs.getincrementaldecoder("utf-8")("replace")
+        text = decoder.decode(data, final)
+        if text:
+            self.send(**{name: text})
+
+    def flush(self) -> None:
+        for name in list(self.decoders):
+            self(name, b"", final=True)
 
 
 def watch_children_with_pidfd() -> None:
@@ -194,13 +217,15 @@ class ProcessTask:
             stderr=asyncio.subprocess.PIPE, start_new_session=True,
         )  # fmt: skip
         self.execs.add(process)
+        text = OutputText(send)
 
         async def pump(stream: asyncio.StreamReader, name: str) -> None:
             while chunk := await stream.read(1 << 14):
-                send(**{name: chunk.decode("utf-8", "replace")})
+                text(name, chunk)
 
         try:
             await asyncio.gather(pump(process.stdout, "stdout"), pump(process.stderr, "stderr"))
+            text.flush()
             return _exit_code(await wait_child(process))
         except asyncio.CancelledError:  # its caller went away: the command ends with it
             with contextlib.suppress(ProcessLookupError):
