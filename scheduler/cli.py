@@ -282,7 +282,9 @@ def _resource_commands(commands, api: list) -> None:
     verbs = node.add_subparsers(dest="node_command", required=True, metavar="COMMAND")
     listing = verbs.add_parser("list", parents=api, help="nodes: state, GPUs, heartbeat age")
     listing.set_defaults(api="node_list")
-    listing.add_argument("--cluster", metavar="WORKSPACE/NAME", help="only this cluster's")
+    listing.add_argument("--cluster", metavar="[WORKSPACE/]NAME",
+                         help="only this cluster's (a bare NAME is in -w's workspace)")  # fmt: skip
+    _names(listing)
     show = verbs.add_parser("show", parents=api, help="one node, all it is known by")
     show.set_defaults(api="node_show")
     show.add_argument("id", help="the node's id")
@@ -313,6 +315,11 @@ def _job_commands(commands, api: list) -> None:
         job[verb].set_defaults(api=f"job_{verb}")
         job[verb].add_argument("name", help="the job's name")
     _store_flag(job["history"], offline=True)
+    job["wait"].description = (
+        "Wait for the job to end, riding out a restart of the daemon, and exit with the job's "
+        "exit code (1 if it failed without one); 124 when --timeout runs out, 125 when the "
+        "server cannot be reached for 30 s (batchd cannot tell how the job ended)."
+    )
     job["wait"].add_argument("--timeout", type=_seconds, metavar="S",
                              help="give up after S seconds (exit 124)")  # fmt: skip
     create = job["create"]

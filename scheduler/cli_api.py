@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
+import math
 import os
 import shlex
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-from urllib.parse import quote
+from typing import Any, TypeVar
 
 from batchd.projections.history import pending_reason
 from batchd.scheduler import cli_replay
@@ -33,10 +35,12 @@ from batchd.scheduler.client import (
 
 ENDED = ("succeeded", "failed")
 EXIT_WAIT_TIMEOUT = 124  # `job wait --timeout` ran out (as timeout(1))
+EXIT_WAIT_LOST = 125  # `job wait` lost the server for good: it cannot tell (as timeout(1))
 WAIT_POLL_MAX = 2.0  # seconds between polls of a job at most
-RECONNECT_WITHIN = 30.0  # seconds: `events tail --follow` retries a lost stream this long
+RECONNECT_WITHIN = 30.0  # seconds: following commands ride out a lost server this long
 
 Row = Callable[[dict[str, Any]], list[Any]]
+T = TypeVar("T")
 
 
 def _client(args: argparse.Namespace) -> Client:
@@ -141,7 +145,10 @@ class InputError(ValueError):
 
 def load_document(path: str) -> dict[str, Any]:
     """A Batch AI JSON file (with or without the `{"properties": ...}` envelope)."""
-    text = Path(path).read_text()
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path} is not UTF-8 text: {exc.reason} at byte {exc.start}") from None
     try:
         document = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -279,10 +286,31 @@ def cluster_document(args: argparse.Namespace) -> dict[str, Any]:
 
 # -- paths ------------------------------------------------------------------------------------
 def _named(what: str, name: str) -> str:
-    """`name` as one path segment; InputError if it is empty (no path could name it)."""
+    """`name` as one path segment; InputError if it is empty (no path could name it) or a dot
+    segment (the URL would lead to another resource)."""
     if not name:
         raise InputError(f"{what} must not be empty")
+    if name in (".", ".."):
+        raise InputError(f"{what} must not be '.' or '..'")
     return segment(name)
+
+
+def _relative_path(option: str, path: str) -> str:
+    """A file path the user gave with `option`, as percent-encoded URL path segments below the
+    job's files; InputError naming `option` for one that could lead elsewhere (the checks the
+    API makes of its `directory` query, made here since a URL's dot segments never reach it)."""
+    if not path:
+        raise InputError(f"{option}: must not be empty")
+    if "\x00" in path or "\\" in path:
+        raise InputError(f"{option}: must not contain NUL or backslashes")
+    if path.startswith("/"):
+        raise InputError(f"{option}: must be relative to the output directory")
+    parts = [part for part in path.split("/") if part]
+    if ".." in parts:
+        raise InputError(f"{option}: must not contain '..'")
+    if "." in parts:
+        raise InputError(f"{option}: must not contain '.' segments")
+    return "/".join(segment(part) for part in parts)
 
 
 def _workspace(args: argparse.Namespace, name: str | None = None) -> str:
@@ -300,6 +328,53 @@ def _job(args: argparse.Namespace) -> str:
 
 def _job_key(args: argparse.Namespace) -> str:
     return f"{args.workspace}/{args.experiment}/{args.name}"
+
+
+# -- riding out a restart of the daemon --------------------------------------------------------
+class ServerLost(ClientError):
+    """The server has not been reached again within RECONNECT_WITHIN seconds of losing it."""
+
+
+class _Reconnecting:
+    """Requests of a command that follows something (`events tail --follow`, `job wait`, `job
+    file stream`) and rides out a restart of the daemon: a request that cannot reach the server
+    is made again each second, once /readyz says the daemon is ready again, and ServerLost ends
+    it when the server has been lost for RECONNECT_WITHIN seconds (or at `until`, a
+    time.monotonic()). The server's own answers (ApiError) are raised as they are."""
+
+    def __init__(self, api: Client, until: float | None = None) -> None:
+        self.api = api
+        self.until = math.inf if until is None else until
+        self.lost_at: float | None = None  # when the server was lost, while it is
+
+    def reached(self) -> None:
+        """The server answers: a later loss has the whole window again."""
+        self.lost_at = None
+
+    async def call(self, request: Callable[[], Awaitable[T]]) -> T:
+        while True:
+            try:
+                if self.lost_at is not None:  # a restarted daemon answers before it is ready
+                    await self.api.get("/readyz")
+                result = await request()
+            except ClientError as exc:
+                await self._lost(exc)
+                continue
+            self.reached()
+            return result
+
+    async def _lost(self, exc: ClientError) -> None:
+        """Wait before the next try, or raise: the server's answer, or ServerLost."""
+        starting = isinstance(exc, ApiError) and exc.status == 503 and self.lost_at is not None
+        if isinstance(exc, ApiError) and not starting:
+            raise exc
+        now = time.monotonic()
+        self.lost_at = self.lost_at or now
+        give_up = min(self.lost_at + RECONNECT_WITHIN, self.until)
+        if now >= give_up:
+            why = f"the batchd server at {self.api.cfg.server} is not ready" if starting else exc
+            raise ServerLost(f"{why} (for {now - self.lost_at:.0f} s)") from None
+        await asyncio.sleep(min(1.0, give_up - now))
 
 
 # -- workspaces and experiments ---------------------------------------------------------------
@@ -486,11 +561,19 @@ def _node_row(n: dict[str, Any]) -> list[Any]:
             last_error]  # fmt: skip
 
 
+def _cluster_key(args: argparse.Namespace) -> str | None:
+    """`--cluster` as the API's WORKSPACE/NAME: a bare NAME is in -w's workspace."""
+    if not args.cluster or "/" in args.cluster:
+        return args.cluster
+    return f"{args.workspace}/{args.cluster}"
+
+
 async def node_list(args: argparse.Namespace) -> int:
     header = ["NODE", "CLUSTER", "STATE", "GPUS USED", "GPU MODEL", "RUNTIMES", "HEARTBEAT",
               "LAST ERROR"]  # fmt: skip
     async with _client(args) as api:
-        return await _print_list(args, api, "/v1/nodes", header, _node_row, cluster=args.cluster)
+        return await _print_list(args, api, "/v1/nodes", header, _node_row,
+                                 cluster=_cluster_key(args))  # fmt: skip
 
 
 async def node_show(args: argparse.Namespace) -> int:
@@ -536,13 +619,21 @@ async def job_history(args: argparse.Namespace) -> int:
 
 
 async def job_wait(args: argparse.Namespace) -> int:
-    """Poll the job until it has ended; its exit code (1 if it failed without one)."""
+    """Poll the job until it has ended; its exit code (1 if it failed without one), riding out
+    a restart of the daemon; EXIT_WAIT_TIMEOUT when --timeout runs out, EXIT_WAIT_LOST when the
+    server stays lost."""
     progress = sys.stderr.isatty() and not args.json
     started = time.monotonic()
     delay = 0.1
+    state = None
     async with _client(args) as api:
+        until = None if args.timeout is None else started + args.timeout
+        server = _Reconnecting(api, until)
         while True:
-            job = await api.get(_job(args))
+            try:
+                job = await server.call(lambda: api.get(_job(args)))
+            except ServerLost as exc:
+                return _wait_lost(args, exc, state, progress)
             state = _get(job, "properties.state")
             waited = time.monotonic() - started
             if state in ENDED:
@@ -573,6 +664,16 @@ async def job_wait(args: argparse.Namespace) -> int:
     return code if isinstance(code, int) and 0 < code < 256 else 1
 
 
+def _wait_lost(args: argparse.Namespace, exc: ServerLost, state: str | None,
+               progress: bool) -> int:  # fmt: skip
+    if progress:
+        sys.stderr.write("\r\x1b[K")
+    seen = f" (last seen {state})" if state else ""
+    print(f"batchd: error: {exc}; cannot tell whether job {_job_key(args)}{seen} has ended",
+          file=sys.stderr)  # fmt: skip
+    return EXIT_WAIT_LOST
+
+
 def _file_params(args: argparse.Namespace) -> dict[str, Any]:
     return {"outputdirectoryid": args.output_directory_id, "attempt": args.attempt}
 
@@ -590,19 +691,84 @@ async def job_file_list(args: argparse.Namespace) -> int:
         )
 
 
+@dataclass(slots=True)
+class _Followed:
+    """Where `job file stream` is: the attempt whose file it prints, and how much it printed."""
+
+    attempt: int
+    offset: int = 0
+    answered: bool = False  # the server has followed this attempt's file once
+
+
+def _attempt(job: dict[str, Any]) -> int:
+    """The job's latest attempt (1 before its first starts)."""
+    return max(_get(job, "properties.attempt") or 0, 1)
+
+
+def _attempt_over(job: dict[str, Any], attempt: int) -> bool:
+    """Has `attempt` ended for good (the job has ended, or runs a later attempt)?"""
+    return _get(job, "properties.state") in ENDED or _attempt(job) > attempt
+
+
 async def job_file_stream(args: argparse.Namespace) -> int:
-    path = f"{_job(args)}/files/{quote(args.file.lstrip('/'), safe='/')}"
-    params = {"follow": "true", **{k: str(v) for k, v in _file_params(args).items() if v}}
+    """Print the file as it grows, attempt after attempt, until the job ends (with --attempt:
+    until that attempt ends), riding out a restart of the daemon."""
+    path = f"{_job(args)}/files/{_relative_path('--file', args.file)}"
     sys.stdout.flush()
-    out = getattr(sys.stdout, "buffer", None)  # bytes as they are, where stdout has a buffer
-    async with _client(args) as api, api.stream(path, params=params) as response:
-        async for chunk in response.content.iter_any():
-            if out is None:
-                sys.stdout.write(chunk.decode(errors="replace"))
-            else:
-                out.write(chunk)
-            (out or sys.stdout).flush()
-    return 0
+    async with _client(args) as api:
+        server = _Reconnecting(api)
+        job = await server.call(lambda: api.get(_job(args)))
+        followed = _Followed(args.attempt or _attempt(job))
+        while True:
+            last = _attempt_over(job, followed.attempt)  # the server sends the rest, then ends
+            await server.call(functools.partial(_print_file, api, server, path, args, followed))
+            if last:
+                return 0
+            job = await _job_again(args, api, server)
+            if args.attempt is None and _attempt(job) > followed.attempt:
+                print(f"attempt {followed.attempt} ended; following attempt {_attempt(job)}",
+                      file=sys.stderr, flush=True)  # fmt: skip
+                followed = _Followed(_attempt(job))
+            await asyncio.sleep(0.1)  # (a stopping daemon ends each follow at once)
+
+
+async def _print_file(api: Client, server: _Reconnecting, path: str, args: argparse.Namespace,
+                      followed: _Followed) -> None:  # fmt: skip
+    """The followed attempt's file from where it was left, printed as it comes, until the
+    server ends its answer (the attempt has ended, or the daemon stops)."""
+    params = {"follow": "true", "attempt": str(followed.attempt),
+              "outputdirectoryid": args.output_directory_id}  # fmt: skip
+    headers = {"Range": f"bytes={followed.offset}-"} if followed.offset else None
+    try:
+        async with api.stream(path, params=params, headers=headers) as response:
+            server.reached()
+            followed.answered = True
+            async for chunk in response.content.iter_any():
+                _write_out(chunk)
+                followed.offset += len(chunk)
+    except ApiError as exc:  # past its end, or never written: nothing more to print
+        if exc.status != 416 and not (exc.status == 404 and followed.answered):
+            raise
+
+
+def _write_out(chunk: bytes) -> None:
+    """Bytes to stdout as they are, where stdout has a buffer (else decoded)."""
+    out = getattr(sys.stdout, "buffer", None)
+    if out is None:
+        sys.stdout.write(chunk.decode(errors="replace"))
+    else:
+        out.write(chunk)
+    (out or sys.stdout).flush()
+
+
+async def _job_again(args: argparse.Namespace, api: Client, server: _Reconnecting) -> dict:
+    """The followed job as it is now; ClientError if it is gone (deleted)."""
+    try:
+        return await server.call(lambda: api.get(_job(args)))
+    except ApiError as exc:
+        if exc.status != 404:
+            raise
+        raise ClientError(f"cannot follow job {_job_key(args)} any more: {exc.message}") from None
 
 
 async def job_exec(args: argparse.Namespace) -> int:
@@ -707,25 +873,24 @@ async def events_tail(args: argparse.Namespace) -> int:
 
 async def _follow(api: Client, after: int, show: Callable[[dict[str, Any]], str]) -> None:
     """Print the event stream from `after` on; reconnect (resuming) if the server drops it."""
-    last, lost_at = after, None
+    server = _Reconnecting(api)
+    last = after
     headers = {"Accept": "text/event-stream"}
+
+    async def stream() -> None:
+        nonlocal last
+        async with api.stream(
+            "/v1/events/stream", params={"after": str(last)}, headers=headers
+        ) as response:
+            server.reached()
+            async for message in server_events(response):
+                event = json.loads(message.data)
+                print(show(event), flush=True)
+                last = int(message.id) if message.id else event.get("position", last)
+
     while True:
-        try:
-            async with api.stream(
-                "/v1/events/stream", params={"after": str(last)}, headers=headers
-            ) as response:
-                lost_at = None
-                async for message in server_events(response):
-                    event = json.loads(message.data)
-                    print(show(event), flush=True)
-                    last = int(message.id) if message.id else event.get("position", last)
-        except ClientError as exc:
-            if getattr(exc, "status", None) is not None:  # an answer, not a lost connection
-                raise
-            lost_at = lost_at or time.monotonic()
-            if time.monotonic() - lost_at > RECONNECT_WITHIN:
-                raise
-        await asyncio.sleep(1.0 if lost_at else 0.1)
+        await server.call(stream)
+        await asyncio.sleep(0.1)
 
 
 async def replay(args: argparse.Namespace) -> int:

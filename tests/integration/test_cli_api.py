@@ -612,3 +612,57 @@ async def test_jobs_left_queued_by_a_deleted_cluster_still_name_it(batchd, api):
     assert [j["name"] for j in listed["value"]] == ["stranded"]
     shown = (await batchd("job", "show", "stranded", "-w", "ws", "-e", "exp", "--json")).json
     assert shown["properties"]["cluster"] == {"id": "/workspaces/ws/clusters/c"}
+
+
+async def test_a_file_path_reaches_only_the_jobs_files(batchd, api):
+    await _setup(batchd)
+    done = await batchd("job", "create", "t", "-w", "ws", "-e", "exp", "--cluster", "c",
+                        "--command", "true")  # fmt: skip
+    assert done.code == 0, done.err
+    await _drive_end_of_first_attempt(api, "t")
+    for given, problem in (("../../../../exp", "must not contain '..'"),
+                           ("logs/../../../../../exp", "must not contain '..'"),
+                           (".", "must not contain '.'"), ("./stdout.txt", "must not contain '.'"),
+                           ("/etc/passwd", "must be relative"),
+                           ("a\\..\\b", "must not contain NUL or backslashes"),
+                           ("a\x00b", "must not contain NUL or backslashes")):  # fmt: skip
+        done = await batchd("job", "file", "stream", "t", "-w", "ws", "-e", "exp",
+                            "--file", given)  # fmt: skip
+        assert assert_error(done, f"--file: {problem}") == done.err.strip().splitlines()
+        assert done.out == ""
+    # the rest of a path is the file's name, whatever it holds
+    done = await batchd("job", "file", "stream", "t", "-w", "ws", "-e", "exp",
+                        "--file", "a?b#c%2F..")  # fmt: skip
+    assert_error(done, "no file 'a?b#c%2F..'")
+    for argv in (("job", "show", "..", "-w", "ws", "-e", "exp"), ("experiment", "show", ".",
+                 "-w", "ws"), ("workspace", "show", "..")):  # fmt: skip
+        done = await batchd(*argv)
+        assert_error(done, "name must not be '.' or '..'")
+        assert done.out == ""
+
+
+async def _drive_end_of_first_attempt(api, name: str) -> None:
+    await _drive(api, _job_id(api, name), ("JobSucceeded", {"exitCode": 0}))
+
+
+async def test_node_list_takes_a_bare_cluster_name_in_the_workspace(batchd, api):
+    await _setup(batchd)
+    for argv in (("--cluster", "c", "-w", "ws"), ("--cluster", "ws/c")):
+        done = await batchd("node", "list", *argv, "--json")
+        assert done.code == 0, done.err
+        assert done.json == {"value": [], "nextLink": None}
+    assert_error(await batchd("node", "list", "--cluster", "c"), "no cluster 'default/c'")
+
+
+async def test_a_document_that_is_not_utf8_is_named(batchd, api, tmp_path):
+    await _setup(batchd)
+    path = tmp_path / "latin1.json"
+    path.write_bytes('{"properties": {"customToolkitSettings": {"commandLine": "caf\xe9"}}}'
+                     .encode("latin-1"))  # fmt: skip
+    for argv in (("job", "create", "j", "-w", "ws", "-e", "exp", "--cluster", "c", "-f"),
+                 ("job", "create", "j", "-w", "ws", "-e", "exp", "--cluster", "c",
+                  "--config-file"), ("cluster", "create", "c2", "-w", "ws", "-f")):  # fmt: skip
+        done = await batchd(*argv, str(path))
+        lines = assert_error(done, str(path), "not UTF-8")
+        assert lines == [f"batchd: error: {path} is not UTF-8 text: invalid continuation byte "
+                         "at byte 61"]  # fmt: skip
