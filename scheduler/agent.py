@@ -522,23 +522,28 @@ class Agent:
 
 def read_output(command: dict[str, Any]) -> dict[str, Any]:
     """What a ReadFile asks: the entries of a directory, or bytes of a file from an offset.
-    The daemon has checked the path's parts; a path that leads through a link is refused."""
-    path = Path(str(command.get("path", "")))
-    if not path.is_absolute() or not files.unlinked(path):
-        return {"error": {"code": "refused", "message": "the path leads through a link"}}
+    The daemon has checked the path's parts; a path that leads through a link is refused.
+    The path is opened part by part without following links, and served from what was
+    opened (files.open_absolute): a link swapped in meanwhile is never followed."""
     try:
-        if command.get("list"):
-            return {"entries": files.listing(path)}
-        with path.open("rb") as handle:
-            handle.seek(int(command.get("offset", 0)))
-            data = handle.read(int(command.get("size", 1 << 20)))
-        return {"data": data, "size": path.stat().st_size}
-    except files.FileNotFound as exc:
-        return {"error": {"code": "not_found", "message": str(exc)}}
+        fd = files.open_absolute(str(command.get("path", "")))
+    except files.Linked:
+        return {"error": {"code": "refused", "message": "the path leads through a link"}}
     except (FileNotFoundError, NotADirectoryError):
         return {"error": {"code": "not_found", "message": "no such file (yet)"}}
     except OSError as exc:
         return {"error": {"code": "unreadable", "message": exc.strerror or str(exc)}}
+    try:
+        if command.get("list"):
+            return {"entries": files.listing(fd)}
+        data = os.pread(fd, int(command.get("size", 1 << 20)), int(command.get("offset", 0)))
+        return {"data": data, "size": os.fstat(fd).st_size}
+    except files.FileNotFound as exc:
+        return {"error": {"code": "not_found", "message": str(exc)}}
+    except OSError as exc:
+        return {"error": {"code": "unreadable", "message": exc.strerror or str(exc)}}
+    finally:
+        os.close(fd)
 
 
 def _why(exc: BaseException) -> str:

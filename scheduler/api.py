@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.utils
 import functools
 import json
+import os
+import stat
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import structlog
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from batchd.events import errors, jsonform
 from batchd.events.secrets import Keyring, mask_paths
@@ -675,14 +678,54 @@ async def _node_of(api: Api, job: Job, attempt: int) -> str | None:
     return None
 
 
-async def _remote(api: Api, node: str, path: Path, **options: Any) -> dict[str, Any]:
-    answer = await api.nodes.read_remote(node, str(path), **options)
+async def _remote(api: Api, node: str, path: Path, field: str,
+                  **options: Any) -> dict[str, Any]:  # fmt: skip
+    """A node's answer for a file or directory it has (nodes.read_remote)."""
+    return _checked(await api.nodes.read_remote(node, str(path), **options), node, field)
+
+
+def _checked(answer: dict[str, Any], node: str, field: str) -> dict[str, Any]:
+    """A node's answer; its error as the API's (a link on the way: 400 naming `field`)."""
     error = answer.get("error")
     if error is not None:
         if error.get("code") == "refused":
-            raise DocumentError("path", "leads through a link, outside the job's output directory")
+            raise DocumentError(field, files.LINKED)
         raise files.FileNotFound(f"node {node}: {error.get('message')}")
     return answer
+
+
+def _open_local(base: Path, relative: str, field: str, mount_root: Path) -> int | None:
+    """A descriptor of `base / relative` on the daemon's storage, no link on the way
+    (files.open_inside): everything served is read from it. None: there is none (yet)."""
+    try:
+        return files.open_inside(base, relative, field, mount_root)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except PermissionError:
+        raise CommandError(f"the daemon may not read {relative!r}", 403) from None
+
+
+@contextlib.contextmanager
+def _opened(base: Path, relative: str, field: str, mount_root: Path,
+            missing: str) -> Iterator[int]:  # fmt: skip
+    """`_open_local`'s descriptor, closed after; 404 `missing` if there is none."""
+    fd = _open_local(base, relative, field, mount_root)
+    if fd is None:
+        raise files.FileNotFound(missing)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _regular(fd: int, relative: str) -> os.stat_result:
+    """The status of an opened output file; 404 for a directory, FIFO or other non-file."""
+    info = os.fstat(fd)
+    if stat.S_ISDIR(info.st_mode):
+        raise files.FileNotFound(f"{relative!r} is a directory")
+    if not stat.S_ISREG(info.st_mode):
+        raise files.FileNotFound(f"{relative!r} is not a regular file")
+    return info
 
 
 def _entries(request: web.Request, entries: list[dict[str, Any]]) -> web.Response:
@@ -703,67 +746,128 @@ async def list_files(request: web.Request) -> web.Response:
     relative = request.query.get("directory", ".")
     if node is not None:
         directory = files.joined(base, relative, "directory")
-        return _entries(request, (await _remote(api, node, directory, listing=True))["entries"])
-    directory = files.inside(base, relative, "directory", api.mount_root)
-    return _entries(request, files.listing(directory))
+        answer = await _remote(api, node, directory, "directory", listing=True)
+        return _entries(request, answer["entries"])
+    missing = "no such directory (yet)"
+    with _opened(base, relative, "directory", api.mount_root, missing) as fd:
+        return _entries(request, files.listing(fd))
 
 
 async def get_file(request: web.Request) -> web.StreamResponse:
     job, base, node = await _output_dir(request)
     api = request.app[API_KEY]
+    relative = request.match_info["path"]
     follow = request.query.get("follow", "false").lower() in ("true", "1")
     if follow and _followed_ended(request, job):
         follow = False  # its attempt writes no more: the file as it is, or 404 if there is none
     if node is not None:
-        path = files.joined(base, request.match_info["path"], "path")
+        path = files.joined(base, relative, "path")
         if follow:
-            return await _follow(request, job, _remote_reader(api, node, path),
-                                 _range_offset(request))  # fmt: skip
+            return await _follow(request, job, _remote_reader(api, node, path))
         return await _remote_file(request, node, path)
-    path = files.inside(base, request.match_info["path"], "path", api.mount_root)
-    if path.is_dir():
-        raise files.FileNotFound(f"{request.match_info['path']!r} is a directory")
-    start = _range_start(request, path, follow)
     if follow:
-        read = functools.partial(asyncio.to_thread, _read_from, path)
-        return await _follow(request, job, read, start)
-    if not path.is_file():
-        raise files.FileNotFound(f"no file {request.match_info['path']!r} (yet)")
-    return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
+        return await _follow(request, job, _local_reader(base, relative, api.mount_root))
+    wanted = _wanted_range(request)
+    with _opened(base, relative, "path", api.mount_root, f"no file {relative!r} (yet)") as fd:
+        info = _regular(fd, relative)
+
+        async def read(offset: int, most: int) -> bytes:
+            return await asyncio.to_thread(os.pread, fd, most, offset)
+
+        headers = {"Last-Modified": _http_date(info.st_mtime),
+                   "ETag": f'"{info.st_mtime_ns:x}-{info.st_size:x}"'}  # fmt: skip
+        return await _send_bytes(request, wanted, info.st_size, read, headers)
 
 
 async def _remote_file(request: web.Request, node: str, path: Path) -> web.StreamResponse:
-    """A file the job's node has, from the Range start to its end, in chunks."""
+    """A file the job's node has, or the part a Range header asks for, in chunks."""
     api = request.app[API_KEY]
-    offset = _range_offset(request)
-    first = await _remote(api, node, path, offset=offset)
-    response = web.StreamResponse(status=206 if offset else 200,
-                                  headers={"Content-Type": "application/octet-stream"})  # fmt: skip
+    wanted = _wanted_range(request)
+    start = wanted[0] if wanted else 0
+    first = await _remote(api, node, path, "path", offset=start)  # (its size is the file's)
+    ahead = {start: first.get("data") or b""}
+
+    async def read(offset: int, _most: int) -> bytes:
+        if offset in ahead:
+            return ahead.pop(offset)
+        return (await _remote(api, node, path, "path", offset=offset)).get("data") or b""
+
+    return await _send_bytes(request, wanted, int(first.get("size", 0)), read)
+
+
+# what makes a file unreadable from then on: a link or directory in its place, no file, its
+# node unreachable or refusing
+_UNREADABLE = (DocumentError, files.FileNotFound, CommandError)
+SEND_CHUNK = 256 * 1024  # bytes of a file on the daemon's storage read at a time
+MAX_OFFSET = 1 << 62  # a Range start beyond this is past the end of any file
+
+
+async def _send_bytes(request: web.Request, wanted: tuple[int, int | None] | None, size: int,
+                      read: Callable[[int, int], Awaitable[bytes]],
+                      headers: dict[str, str] | None = None) -> web.StreamResponse:  # fmt: skip
+    """A file of `size` bytes (`read(offset, most)` gives bytes from an offset): all of it
+    (200), or the bytes a Range header asks for (206 with Content-Range), as aiohttp's
+    FileResponse answers. One that cannot be read to the end is broken off, unfinished."""
+    start, stop = _span(wanted, size)
+    response = web.StreamResponse(status=200 if wanted is None else 206, headers={
+        "Content-Type": "application/octet-stream", "Accept-Ranges": "bytes", **(headers or {})
+    })  # fmt: skip
+    if wanted is not None:
+        response.headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
+    response.content_length = stop - start
     await response.prepare(request)
-    chunk = first
-    while chunk.get("data"):
-        await response.write(chunk["data"])
-        offset += len(chunk["data"])
-        if offset >= chunk.get("size", 0):
-            break
-        chunk = await _remote(api, node, path, offset=offset)
+    offset = start if request.method != "HEAD" else stop  # (HEAD: the headers alone)
+    try:
+        while offset < stop:
+            data = await read(offset, min(SEND_CHUNK, stop - offset))
+            if not data:
+                raise files.FileNotFound("the file has shrunk")
+            await response.write(data[: stop - offset])
+            offset += len(data)
+    except _UNREADABLE:
+        _break_off(request)
+        return response
+    except ConnectionResetError:
+        return response  # the client went away
     await response.write_eof()
     return response
 
 
-def _range_offset(request: web.Request) -> int:
-    """Where a Range header starts a file read from a node (0 without one)."""
+def _break_off(request: web.Request) -> None:
+    """End an answer whose status is sent short, so that its client sees it is unfinished
+    (a clean end would pass for all of it)."""
+    if request.transport is not None:
+        request.transport.close()
+
+
+def _http_date(timestamp: float) -> str:
+    return email.utils.formatdate(timestamp, usegmt=True)
+
+
+def _wanted_range(request: web.Request) -> tuple[int, int | None] | None:
+    """The bytes a Range header asks for: (start, stop; None for the end), None without one;
+    416 in the error shape for one that cannot be served."""
+    if hdrs.RANGE not in request.headers:
+        return None
     try:
-        offset = request.http_range.start or 0
+        wanted = request.http_range
     except ValueError:
         raise _unsatisfiable("the Range header is not bytes=START-[END]") from None
-    if offset < 0:
+    if wanted.start is None or wanted.start < 0:
         raise _unsatisfiable("only ranges from a start offset are served")
-    return offset
+    if wanted.start > MAX_OFFSET:
+        raise _unsatisfiable(f"the range starts past {MAX_OFFSET} bytes")
+    return wanted.start, wanted.stop
 
 
-class _FollowEnds(Exception):
-    """A followed file can no longer be read (its node is gone, or refuses it)."""
+def _span(wanted: tuple[int, int | None] | None, size: int) -> tuple[int, int]:
+    """The bytes [start, stop) of a file of `size` bytes to send; 416 past its end."""
+    if wanted is None:
+        return 0, size
+    start, stop = wanted
+    if start >= size:
+        raise _unsatisfiable(f"the file has {size} bytes")
+    return start, size if stop is None else min(stop, size)
 
 
 def _remote_reader(api: Api, node: str, path: Path) -> Callable[[int], Awaitable[bytes]]:
@@ -771,30 +875,29 @@ def _remote_reader(api: Api, node: str, path: Path) -> Callable[[int], Awaitable
 
     async def read(offset: int) -> bytes:
         answer = await api.nodes.read_remote(node, str(path), offset=offset)
-        error = answer.get("error")
-        if error is None:
-            return answer.get("data") or b""
-        if error.get("code") == "not_found":
+        if (answer.get("error") or {}).get("code") == "not_found":
             return b""
-        raise _FollowEnds(error.get("message"))
+        return _checked(answer, node, "path").get("data") or b""
 
     return read
 
 
-def _range_start(request: web.Request, path: Path, follow: bool) -> int:
-    """Where a Range header starts reading (0 without one); 416 in the error shape for one
-    that cannot be served."""
-    try:
-        wanted = request.http_range
-    except ValueError:
-        raise _unsatisfiable("the Range header is not bytes=START-[END]") from None
-    start = wanted.start or 0
-    if start < 0 or (wanted.stop is not None and wanted.stop <= start):
-        raise _unsatisfiable("only ranges from a start offset are served")
-    size = path.stat().st_size if path.is_file() else 0
-    if start and start >= size and not follow:  # a followed file may grow to it
-        raise _unsatisfiable(f"the file has {size} bytes")
-    return start
+def _local_reader(base: Path, relative: str,
+                  mount_root: Path) -> Callable[[int], Awaitable[bytes]]:  # fmt: skip
+    """Reads of a file on the daemon's storage from an offset (b"": nothing there yet), each
+    opening it afresh with no link on the way."""
+
+    def read(offset: int) -> bytes:
+        fd = _open_local(base, relative, "path", mount_root)
+        if fd is None:
+            return b""
+        try:
+            _regular(fd, relative)
+            return os.pread(fd, SEND_CHUNK, offset)
+        finally:
+            os.close(fd)
+
+    return functools.partial(asyncio.to_thread, read)
 
 
 class RangeNotSatisfiable(ValueError):
@@ -805,31 +908,36 @@ def _unsatisfiable(message: str) -> RangeNotSatisfiable:
     return RangeNotSatisfiable(message)
 
 
-async def _follow(request: web.Request, job: Job, read: Callable[[int], Awaitable[bytes]],
-                  start: int) -> web.StreamResponse:  # fmt: skip
-    """A file from `start` as it grows (`read(offset)` gives what follows an offset), until
-    the job has ended and everything written is sent, the client has gone, the node cannot
-    be reached, or the daemon stops."""
+async def _follow(request: web.Request, job: Job,
+                  read: Callable[[int], Awaitable[bytes]]) -> web.StreamResponse:  # fmt: skip
+    """A file from the Range start as it grows (`read(offset)` gives what follows an
+    offset), until the job has ended and everything written is sent, the client has gone, or
+    the daemon stops. A first read that fails answers with its error; a later one breaks the
+    answer off, unfinished (the file became a link or a directory, its node cannot be
+    reached)."""
+    wanted = _wanted_range(request)
+    offset = wanted[0] if wanted else 0
+    api = request.app[API_KEY]
+    ended = _followed_ended(request, job)
+    chunk = await read(offset)
     response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
     await response.prepare(request)
-    api = request.app[API_KEY]
-    offset = start
     try:
-        while True:
-            ended = _followed_ended(request, job)
-            try:
-                chunk = await read(offset)
-            except _FollowEnds:
-                break
+        while request.method != "HEAD":  # (HEAD: the headers alone)
             if chunk:
                 await response.write(chunk)
                 offset += len(chunk)
-                if not api.closing.is_set():
-                    continue
-            transport = request.transport
-            if ended or api.closing.is_set() or transport is None or transport.is_closing():
-                break
-            await asyncio.sleep(FOLLOW_POLL)
+            if not chunk or api.closing.is_set():
+                transport = request.transport
+                if ended or api.closing.is_set() or transport is None or transport.is_closing():
+                    break
+                await asyncio.sleep(FOLLOW_POLL)
+            ended = _followed_ended(request, job)
+            try:
+                chunk = await read(offset)
+            except _UNREADABLE:
+                _break_off(request)
+                return response
         await response.write_eof()
     except (ConnectionResetError, OSError):
         pass  # the client went away
@@ -842,15 +950,6 @@ def _followed_ended(request: web.Request, job: Job) -> bool:
     followed = _int_query(request, "attempt", max(job.attempt, 1), 1, max(job.attempt, 1))
     current = request.app[API_KEY].models.jobs.get(job.job_id)
     return current is None or current.state in lifecycle.ENDED or current.attempt > followed
-
-
-def _read_from(path: Path, offset: int, size: int = 1 << 16) -> bytes:
-    try:
-        with path.open("rb") as handle:
-            handle.seek(offset)
-            return handle.read(size)
-    except (FileNotFoundError, IsADirectoryError):
-        return b""
 
 
 # -- nodes -------------------------------------------------------------------------------------

@@ -10,9 +10,12 @@ mount_root`, default `<state-dir>/mounts`), which stands for `$AZ_BATCHAI_MOUNT_
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
+import stat
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -92,21 +95,67 @@ def joined(base: Path, relative: str, field: str) -> Path:
     return base.joinpath(*parts)
 
 
-def unlinked(path: Path) -> bool:
-    """Whether no link leads anywhere on the way to `path` (its real path is itself)."""
-    return os.path.realpath(path) == os.path.normpath(os.path.abspath(path))
+LINKED = "leads through a link, outside the job's output directory"
+_UNDER = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+_DIRECTORY = _UNDER | os.O_DIRECTORY
+_LAST = _UNDER | os.O_NONBLOCK  # a FIFO the job made does not hold the reader
 
 
-def inside(base: Path, relative: str, field: str, mount_root: Path) -> Path:
-    """`base / relative`, refusing absolute paths, `..`, and any link on the way from the
-    mount root (a job could make its own output a link to anywhere); DocumentError names
-    `field`."""
+class Linked(ValueError):
+    """A link (or a part that is not a plain name) on the way to a path: refused."""
+
+
+def open_beneath(root: str | Path, parts: Sequence[str]) -> int:
+    """A read-only descriptor of `root/parts[0]/.../parts[-1]` (a file or a directory),
+    each part opened relative to the one before without following a link, so no link
+    swapped in between a check and the open is ever followed: serve only from what this
+    gives. `root` is trusted and opened as it is. Linked: a link on the way;
+    FileNotFoundError, NotADirectoryError: nothing there (yet)."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for index, part in enumerate(parts):
+            if part in ("", ".", "..") or "/" in part:
+                raise Linked(f"{part!r} is not a name in a directory")
+            flags = _LAST if index == len(parts) - 1 else _DIRECTORY
+            fd, parent = _open_part(part, flags, fd), fd
+            os.close(parent)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _open_part(name: str, flags: int, directory: int) -> int:
+    """`name` in `directory`; Linked where it is a link (ELOOP is O_NOFOLLOW's answer for
+    one; with O_DIRECTORY it is ENOTDIR, so a failed open also looks at what is there)."""
+    try:
+        return os.open(name, flags, dir_fd=directory)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise Linked(f"{name!r} is a link") from None
+        with contextlib.suppress(OSError):  # only to tell why: the open has failed anyway
+            if stat.S_ISLNK(os.stat(name, dir_fd=directory, follow_symlinks=False).st_mode):
+                raise Linked(f"{name!r} is a link") from None
+        raise
+
+
+def open_inside(base: Path, relative: str, field: str, mount_root: Path) -> int:
+    """A descriptor of `base / relative` (see `joined`), opened from the mount root with no
+    link on the way (a job could make its own output a link to anywhere, at any moment);
+    DocumentError names `field`."""
     target = joined(base, relative, field)
-    root = os.path.normpath(mount_root)
-    expected = os.path.join(os.path.realpath(root), os.path.relpath(target, root))
-    if os.path.realpath(target) != os.path.normpath(expected):
-        raise DocumentError(field, "leads through a link, outside the job's output directory")
-    return target
+    below = os.path.relpath(target, os.path.normpath(mount_root))
+    try:
+        return open_beneath(mount_root, [] if below == "." else below.split(os.sep))
+    except Linked:
+        raise DocumentError(field, LINKED) from None
+
+
+def open_absolute(path: str) -> int:
+    """A descriptor of an absolute `path` with no link anywhere on it (see open_beneath)."""
+    if not path.startswith("/"):
+        raise Linked(f"{path!r} is not an absolute path")
+    return open_beneath("/", [part for part in path.split("/") if part not in ("", ".")])
 
 
 def owner(directory: Path) -> str | None:
@@ -157,17 +206,25 @@ def claim(directory: Path, job_id: str) -> None:
     raise OSError(0, "another job's output is in the way", str(directory))
 
 
-def listing(directory: Path) -> list[dict[str, Any]]:
-    """The entries of `directory`: name, whether a directory, size and modification time."""
-    if not directory.is_dir():
-        raise FileNotFound("no such directory (yet)")
+def listing(directory: int | Path) -> list[dict[str, Any]]:
+    """The entries of `directory` (a path, or a descriptor from open_beneath): name, whether
+    a directory, size and modification time, none of them followed through a link. Links
+    are left out: they are not the job's files, and are never served."""
     out = []
-    with os.scandir(directory) as entries:
-        for entry in sorted(entries, key=lambda e: e.name):
-            if entry.name == OWNER:
-                continue
-            stat = entry.stat()
-            out.append({"name": entry.name, "isDirectory": entry.is_dir(),
-                        "contentLength": 0 if entry.is_dir() else stat.st_size,
-                        "lastModified": stat.st_mtime})  # fmt: skip
+    try:
+        with os.scandir(directory) as scan:
+            entries = sorted(scan, key=lambda e: e.name)
+    except (FileNotFoundError, NotADirectoryError):
+        raise FileNotFound("no such directory (yet)") from None
+    for entry in entries:
+        if entry.name == OWNER or entry.is_symlink():
+            continue
+        try:
+            info = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:  # removed since it was listed
+            continue
+        is_dir = stat.S_ISDIR(info.st_mode)
+        out.append({"name": entry.name, "isDirectory": is_dir,
+                    "contentLength": 0 if is_dir else info.st_size,
+                    "lastModified": info.st_mtime})  # fmt: skip
     return out

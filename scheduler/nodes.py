@@ -79,7 +79,10 @@ MAX_GPUS = 64  # a node reporting more is refused
 # states of a node with an agent, in which silence for NODE_TIMEOUT makes it lost
 LOSABLE = (SUSPECT, LEAVING, PREPARING, UNUSABLE)
 FORGET = 60.0  # seconds after which the daemon forgets a silent node id it has no node for
-READ_CHUNK = 1 << 20  # bytes of a file a node sends in one answer
+# bytes of a file a node sends in one answer: well under the daemon's limit on a message body
+# (1 MiB, api.MAX_BODY), which also holds the answer's other fields and whatever else the
+# agent sends in the same batch
+READ_CHUNK = 256 * 1024
 READ_TIMEOUT = 10.0  # seconds a node has to answer for a file
 
 

@@ -1,0 +1,241 @@
+"""A job's output files over the API, on the daemon's storage and on the job's node: a job
+that swaps its output for a link never gets the daemon to serve what the link leads to,
+links are never listed as files, large files read whole, and Range requests answer alike
+wherever the file lies."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.integration.conftest import Client, admin_client, start_daemon
+from tests.integration.test_agents import EXP, _ended, _ready_nodes, _run, _until
+
+ALPHABET = b"abcdefghijklmnopqrstuvwxyz"
+SWAPPER = """
+import os, sys
+out, token, stop = sys.argv[1:]
+os.makedirs(os.path.join(out, "tmp"), exist_ok=True)
+link, plain = os.path.join(out, "tmp", "l"), os.path.join(out, "tmp", "f")
+while not os.path.exists(stop):
+    os.symlink(token, link)
+    os.replace(link, os.path.join(out, "swap.txt"))
+    with open(plain, "w") as handle:
+        handle.write("plain\\n")
+    os.replace(plain, os.path.join(out, "swap.txt"))
+"""
+
+
+@pytest.fixture
+async def local(tmp_path, monkeypatch):
+    monkeypatch.delenv("BATCHD_SECRET_KEYS", raising=False)
+    daemon = await start_daemon(tmp_path / "state", local_nodes=2)
+    try:
+        async with admin_client(daemon) as client:
+            await _until(lambda: _ready_nodes(daemon) == 2, 30)
+            yield daemon, client
+    finally:
+        await daemon.stop()
+
+
+def _where(daemon, tmp_path: Path, where: str) -> tuple[dict, Path]:
+    """The job fields that put stdouterr on the daemon's storage or on the node's own disk,
+    and the directory that holds the jobs' output there."""
+    if where == "storage":
+        return {}, daemon.state_dir / "mounts/logs/default/default"
+    node_disk = tmp_path / "node-disk"
+    return {"stdOutErrPathPrefix": str(node_disk)}, node_disk / "default/default"
+
+
+async def _get(client: Client, path: str, **headers: str) -> tuple[int, bytes, dict]:
+    async with client.session.get(client.url + f"{EXP}/jobs/{path}",
+                                  headers={**client.headers, **headers}) as r:  # fmt: skip
+        return r.status, await r.read(), dict(r.headers)
+
+
+async def _ended_job_with(daemon, client, tmp_path, where: str, name: str) -> Path:
+    """A job that has run and ended, and its stdouterr directory."""
+    fields, base = _where(daemon, tmp_path, where)
+    await _run(client, name, "echo hello", **fields)
+    assert (await _ended(daemon, client, name))["properties"]["state"] == "succeeded"
+    return base / f"{name}/1/stdouterr"
+
+
+@pytest.mark.parametrize("where", ["storage", "node"])
+async def test_a_job_swapping_its_output_for_a_link_never_gets_the_admin_token_served(
+    local, tmp_path, where
+):
+    daemon, client = local
+    token = daemon.state_dir / "admin.token"
+    secret = token.read_bytes().strip()
+    script, stop = tmp_path / "swap.py", tmp_path / "stop"
+    script.write_text(SWAPPER)
+    fields, base = _where(daemon, tmp_path, where)
+    command = f'{sys.executable} {script} "$AZ_BATCHAI_STDOUTERR_DIR" {token} {stop}'
+    await _run(client, "swapper", command, **fields)
+    out = base / "swapper/1/stdouterr/swap.txt"
+    await _until(lambda: os.path.lexists(out), 30)
+    try:
+        answers = await _read_swapped(client, secret)
+    finally:
+        stop.touch()
+    assert not [answer for answer in answers if secret in answer[2]]
+    link = b"leads through a link, outside the job's output directory"
+    allowed = {"": (200, b"plain\n"), "bytes=0-": (206, b"plain\n"), "bytes=1-3": (206, b"lai")}
+    for asked, status, body in answers:
+        if asked == "follow":
+            assert body in (b"", b"plain\n") or link in body, body
+        else:
+            assert (status, body) == allowed[asked] or (status == 400 and link in body), (
+                asked, status, body)  # fmt: skip
+    assert {status for _asked, status, _body in answers} >= {200, 206, 400}
+    await _ended(daemon, client, "swapper")
+
+
+async def _read_swapped(client: Client, secret: bytes) -> list[tuple[str, int, bytes]]:
+    """(Range asked or "follow", status, body) of many reads of the swapped file; the first
+    that shows the secret, or never ends, is the last."""
+    answers: list[tuple[str, int, bytes]] = []
+    asks = ["", "bytes=0-", "bytes=1-3"] * 150 + ["follow"] * 15
+    for asked in asks:
+        if asked == "follow":
+            status, body = 0, await _followed_briefly(client, "swapper/files/swap.txt?follow=1")
+        else:
+            headers = {"Range": asked} if asked else {}
+            try:
+                status, body, _ = await asyncio.wait_for(
+                    _get(client, "swapper/files/swap.txt", **headers), 5
+                )
+            except TimeoutError:  # (an answer that never ends is wrong too)
+                status, body = 0, b"no answer"
+        answers.append((asked, status, body))
+        if secret in body or body == b"no answer":
+            break
+    return answers
+
+
+async def _followed_briefly(client: Client, path: str) -> bytes:
+    """What a follow of a file sends in its first moments (an answer that breaks off counts
+    with what it sent)."""
+    got, deadline = b"", time.monotonic() + 0.5
+    try:
+        async with (
+            asyncio.timeout(5),
+            client.session.get(client.url + f"{EXP}/jobs/{path}", headers=client.headers) as r,
+        ):
+            while time.monotonic() < deadline:
+                got += await asyncio.wait_for(r.content.readany(), 0.3)
+    except (TimeoutError, aiohttp.ClientPayloadError):
+        pass
+    return got
+
+
+@pytest.mark.parametrize("where", ["storage", "node"])
+async def test_links_in_the_output_directory_are_not_listed_and_not_followed(
+    local, tmp_path, where
+):
+    daemon, client = local
+    out = await _ended_job_with(daemon, client, tmp_path, where, "linky")
+    (out / "dangling").symlink_to(tmp_path / "nothing-here")
+    (out / "secret").symlink_to(daemon.state_dir / "admin.token")
+    (out / "elsewhere").symlink_to(daemon.state_dir)
+    status, listed = await client.call("GET", f"{EXP}/jobs/linky/files")
+    assert status == 200, listed
+    assert sorted(f["name"] for f in listed["value"]) == ["stderr.txt", "stdout.txt"]
+    for path in ("dangling", "secret", "elsewhere/admin.token"):
+        status, answer = await client.call("GET", f"{EXP}/jobs/linky/files/{path}")
+        assert status == 400 and "leads through a link" in answer["error"]["message"], answer
+    status, answer = await client.call("GET", f"{EXP}/jobs/linky/files?directory=elsewhere")
+    assert status == 400 and answer["error"]["details"][0]["name"] == "directory", answer
+
+
+async def test_a_large_file_on_the_node_reads_whole(local, tmp_path):
+    daemon, client = local
+    out = await _ended_job_with(daemon, client, tmp_path, "node", "big")
+    data = os.urandom(2_000_000)
+    (out / "big.bin").write_bytes(data)
+    status, body, _ = await _get(client, "big/files/big.bin")
+    assert (status, len(body), body == data) == (200, len(data), True)
+    status, body, headers = await _get(client, "big/files/big.bin", Range="bytes=1000000-")
+    assert (status, body == data[1_000_000:]) == (206, True)
+    assert headers["Content-Range"] == "bytes 1000000-1999999/2000000"
+
+
+async def test_a_large_file_on_the_node_can_be_followed_while_it_is_written(local, tmp_path):
+    daemon, client = local
+    go = tmp_path / "go"
+    writer = "import sys; sys.stdout.write('0123456789' * 200_000)"
+    command = f'{sys.executable} -c "{writer}"; while [ ! -e {go} ]; do sleep 0.05; done'
+    await _run(client, "bigger", command, stdOutErrPathPrefix=str(tmp_path / "node-disk"))
+    out = tmp_path / "node-disk/default/default/bigger/1/stdouterr/stdout.txt"
+    await _until(lambda: out.exists() and out.stat().st_size == 2_000_000, 30)
+    url = client.url + f"{EXP}/jobs/bigger/files/stdout.txt?follow=true"
+    async with client.session.get(url, headers=client.headers) as r:
+        assert r.status == 200
+        body = await asyncio.wait_for(r.content.readexactly(2_000_000), 30)
+        go.touch()
+        assert await asyncio.wait_for(r.read(), 30) == b""
+    assert body == b"0123456789" * 200_000
+    await _ended(daemon, client, "bigger")
+
+
+async def test_a_follow_whose_node_stops_answering_ends_with_an_error(local, tmp_path, monkeypatch):
+    daemon, client = local
+    go = tmp_path / "go"
+    await _run(client, "cut-off", f"echo line 1; while [ ! -e {go} ]; do sleep 0.05; done",
+               stdOutErrPathPrefix=str(tmp_path / "node-disk"))  # fmt: skip
+    out = tmp_path / "node-disk/default/default/cut-off/1/stdouterr/stdout.txt"
+    await _until(lambda: out.exists() and out.read_text() == "line 1\n", 30)
+    read_remote = daemon.nodes.read_remote
+
+    async def failing(node_id, path, **options):
+        if path.endswith("stdout.txt"):
+            return {"error": {"code": "unreadable", "message": "the disk is gone"}}
+        return await read_remote(node_id, path, **options)
+
+    url = client.url + f"{EXP}/jobs/cut-off/files/stdout.txt?follow=true"
+    try:
+        async with client.session.get(url, headers=client.headers) as r:
+            assert await asyncio.wait_for(r.content.readline(), 10) == b"line 1\n"
+            monkeypatch.setattr(daemon.nodes, "read_remote", failing)
+            with pytest.raises(aiohttp.ClientPayloadError):  # not a clean, complete end
+                await asyncio.wait_for(r.read(), 10)
+        status, answer = await client.call("GET", f"{EXP}/jobs/cut-off/files/stdout.txt?follow=1")
+        assert status == 404 and "the disk is gone" in answer["error"]["message"], answer
+    finally:
+        go.touch()
+    await _ended(daemon, client, "cut-off")
+
+
+@pytest.mark.parametrize("where", ["storage", "node"])
+async def test_range_requests_answer_alike_wherever_the_file_lies(local, tmp_path, where):
+    daemon, client = local
+    out = await _ended_job_with(daemon, client, tmp_path, where, "ranged")
+    (out / "abc.txt").write_bytes(ALPHABET)
+    path = "ranged/files/abc.txt"
+    for asked, body, content_range in (
+        ("bytes=2-3", b"cd", "bytes 2-3/26"),
+        ("bytes=20-", b"uvwxyz", "bytes 20-25/26"),
+        ("bytes=0-100", ALPHABET, "bytes 0-25/26"),
+        ("bytes=0-", ALPHABET, "bytes 0-25/26"),
+        ("bytes=25-25", b"z", "bytes 25-25/26"),
+    ):
+        status, got, headers = await _get(client, path, Range=asked)
+        assert (status, got, headers.get("Content-Range")) == (206, body, content_range), asked
+        assert headers["Content-Length"] == str(len(body))
+    status, got, headers = await _get(client, path)
+    assert (status, got, headers.get("Content-Range")) == (200, ALPHABET, None)
+    for asked, words in (("bytes=500-", "the file has 26 bytes"),
+                         ("bytes=26-", "the file has 26 bytes"),
+                         ("bytes=5-2", "not bytes=START-[END]"),
+                         ("bytes=-3", "only ranges from a start offset"),
+                         ("pages=1-2", "not bytes=START-[END]")):  # fmt: skip
+        status, answer = await client.call("GET", f"{EXP}/jobs/{path}", headers={"Range": asked})
+        assert status == 416 and words in answer["error"]["message"], (asked, answer)
+        assert answer["error"]["code"] == "RangeNotSatisfiable"
