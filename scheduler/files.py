@@ -27,6 +27,7 @@ STDOUTERR = "stdouterr"
 # in an attempt's stdouterr directory: the id of the job that writes it. A job name reused
 # after its job was deleted leads to the same directory; the marker tells the two apart.
 OWNER = ".batchd-job"
+FOREIGN = "unknown"  # the owner of a marker that is not a plain file (a job replaced it)
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
 _JOB_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")
 
@@ -168,10 +169,17 @@ def _marker(directory: Path) -> str | None:
     """The marker's text; "" if it stays empty (its writer died), None if there is none."""
     for _ in range(20):  # an empty marker is being written: read it again
         try:
-            with open(directory / OWNER, "rb") as handle:
-                text = handle.read(128).decode(errors="replace").strip()
+            fd = os.open(directory / OWNER, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except (FileNotFoundError, NotADirectoryError):
             return None
+        except OSError:  # a link in its place (ELOOP): not a marker batchd wrote
+            return FOREIGN
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO would hold the reader
+                return FOREIGN
+            text = os.read(fd, 128).decode(errors="replace").strip()
+        finally:
+            os.close(fd)
         if text:
             return text
         time.sleep(0.01)
@@ -196,7 +204,7 @@ def claim(directory: Path, job_id: str) -> None:
             if other in ("", job_id):
                 return
             if other is not None:  # None: set aside by another task meanwhile: look again
-                aside = other if _JOB_ID.fullmatch(other) else "unknown"
+                aside = other if _JOB_ID.fullmatch(other) else FOREIGN
                 with contextlib.suppress(OSError):  # set aside by another task meanwhile
                     os.rename(directory, directory.with_name(f"{directory.name}-{aside}"))
             continue

@@ -3,6 +3,7 @@ deleted leads to the same path, and the new job's tasks set the old output aside
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -53,3 +54,16 @@ def test_a_directory_made_before_markers_were_is_the_jobs_that_claims_it(tmp_pat
     assert files.owner(out) is None
     files.claim(out, "job")
     assert files.owner(out) == "job" and (out / "stdout.txt").exists()
+
+
+def test_a_marker_a_job_replaced_with_a_fifo_or_a_link_is_foreign_and_never_blocks(tmp_path):
+    for kind in ("fifo", "link"):
+        out = tmp_path / kind / "stdouterr"
+        out.mkdir(parents=True)
+        if kind == "fifo":
+            os.mkfifo(out / files.OWNER)  # an open for reading would wait for a writer
+        else:
+            (out / files.OWNER).symlink_to(tmp_path / "elsewhere")
+        assert files.owner(out) == files.FOREIGN  # not this job's: its output is not shown
+        files.claim(out, "new")  # set aside, not read
+        assert files.owner(out) == "new"
