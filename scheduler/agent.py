@@ -60,7 +60,7 @@ AGENT_VERSION = "1"
 POST_TIMEOUT = 5.0  # seconds a message to the daemon may take
 ORPHAN_WATCH = 600.0  # seconds after a task ends that what it left behind is still ended
 PARENT_ENV = "BATCHD_AGENT_PARENT"  # set by the local provider: the daemon's pid
-UNKNOWN_TYPE = "unknown message type"  # how a daemon refuses a message type it does not know
+BATCH_BYTES = 512 * 1024  # a body of reports is closed past this (one message is < 300 KiB)
 
 
 class AgentError(ValueError):
@@ -264,9 +264,10 @@ class Agent:
         except (aiohttp.ClientError, AgentError, OSError, TimeoutError) as exc:
             logger.warning("agent.leaving_not_told", error=_why(exc))
 
-    async def _post(self, messages: list[dict[str, Any]]) -> None:
-        async with self.session.post(f"{self.server}/agent/v1/messages",
-                                     data=protocol.pack(messages),
+    async def _post(self, messages: list[dict[str, Any]] | bytes) -> None:
+        """POST messages (a list, or a body packed already) to the daemon."""
+        body = messages if isinstance(messages, bytes) else protocol.pack(messages)
+        async with self.session.post(f"{self.server}/agent/v1/messages", data=body,
                                      timeout=aiohttp.ClientTimeout(total=POST_TIMEOUT)
                                      ) as response:  # fmt: skip
             self._answered(response.status)
@@ -327,28 +328,34 @@ class Agent:
                     self._background(task.kill(), "kill")
 
     async def _send(self) -> None:
-        """Send reports in order, as many at a time as are waiting; retry until sent."""
+        """Send reports in order, as many at a time as are waiting, up to BATCH_BYTES a body
+        (a file's chunk, a flood of exec output: the daemon takes no body over 1 MiB); retry
+        each body until it is sent."""
         while True:
-            batch = [await self.outbox.get()]
-            while not self.outbox.empty():
-                batch.append(self.outbox.get_nowait())
-            await self._send_batch(batch)
+            first = await self.outbox.get()
+            parts = [protocol.pack(first)]
+            size = len(parts[0])
+            while not self.outbox.empty() and size < BATCH_BYTES:
+                parts.append(protocol.pack(self.outbox.get_nowait()))
+                size += len(parts[-1])
+            await self._send_batch(parts)
 
-    async def _send_batch(self, batch: list[dict[str, Any]]) -> None:
-        """Send `batch` until it is taken. One the daemon refuses for a message type it does
-        not know (an older daemon: it checks every message's type before it acts on any) is
-        sent again a message at a time, so that only that message is lost."""
+    async def _send_batch(self, parts: list[bytes]) -> None:
+        """Send the packed messages `parts` until they are taken. If the daemon refuses them
+        (400: a message it does not take, such as a newer agent's type; 413: too large),
+        each half is sent on its own, so that only the message refused is lost."""
         while True:
             try:
-                await self._post(batch)
+                await self._post(protocol.pack_list(parts))
                 return
-            except AgentError as exc:  # refused: sending it again would not help
-                if len(batch) > 1 and exc.status == 400 and UNKNOWN_TYPE in str(exc):
-                    for message in batch:
-                        await self._send_batch([message])
+            except AgentError as exc:  # refused: sending it again as it is would not help
+                if len(parts) > 1 and exc.status in (400, 413):
+                    half = len(parts) // 2
+                    await self._send_batch(parts[:half])
+                    await self._send_batch(parts[half:])
                     return
-                logger.error("agent.report_refused", error=str(exc),
-                             message=batch[0].get("type"))  # fmt: skip
+                refused = protocol.unpack(parts[0]).get("type") if parts else None
+                logger.error("agent.report_refused", error=str(exc), message=refused)
                 return
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 logger.warning("agent.report_failed", error=_why(exc))

@@ -68,6 +68,11 @@ def pack(value: Any) -> bytes:
     return msgpack.packb(value, use_bin_type=True)
 
 
+def pack_list(parts: list[bytes]) -> bytes:
+    """A list of messages each already packed (`pack`), as one body."""
+    return msgpack.Packer().pack_array_header(len(parts)) + b"".join(parts)
+
+
 def unpack(body: bytes) -> Any:
     try:
         return msgpack.unpackb(body, raw=False)

@@ -142,8 +142,44 @@ async def test_a_refused_report_costs_only_itself_not_the_others_sent_with_it(tm
     async with serving(app) as url, aiohttp.ClientSession() as session:
         agent = Agent(url, "t", "n1", "ws/c", Gpus(0), ["process"], tmp_path)
         agent.session = session
-        await agent._send_batch([agent._message("TaskStarted", jobId="j", attempt=1, task=0),
-                                 agent._message("FromTheFuture"),
-                                 agent._message("TaskExited", jobId="j", attempt=1, task=0,
-                                                exitCode=0)])  # fmt: skip
+        await agent._send_batch([protocol.pack(m) for m in (
+            agent._message("TaskStarted", jobId="j", attempt=1, task=0),
+            agent._message("FromTheFuture"),
+            agent._message("TaskExited", jobId="j", attempt=1, task=0, exitCode=0),
+        )])  # fmt: skip
     assert taken == ["TaskStarted", "TaskExited"]
+
+
+async def test_reports_go_in_bodies_the_daemon_takes_however_many_wait(tmp_path):
+    """A flood of exec output beside a task's exit: the reports go in bodies under the
+    daemon's limit, none is dropped, and they keep their order."""
+    taken, limit = [], 1024 * 1024
+
+    async def messages(request: web.Request) -> web.Response:
+        body = await request.read()
+        if len(body) > limit:
+            return web.json_response({"error": {"message": "too large"}}, status=413)
+        taken.extend(m.get("stdout", m["type"]) for m in protocol.unpack(body))
+        return web.json_response({})
+
+    app = web.Application(client_max_size=4 * limit)
+    app.router.add_post("/agent/v1/messages", messages)
+    async with serving(app) as url, aiohttp.ClientSession() as session:
+        agent = Agent(url, "t", "n1", "ws/c", Gpus(0), ["process"], tmp_path)
+        agent.session = session
+        chunks = [f"{n:05d}" + "a" * 16_000 for n in range(200)]  # 3.2 MB of output
+        for chunk in chunks[:100]:
+            agent.outbox.put_nowait(agent._message("ExecOutput", execId="x", stdout=chunk))
+        agent.outbox.put_nowait(agent._message("TaskExited", jobId="j", attempt=1, task=0,
+                                               exitCode=5))  # fmt: skip
+        for chunk in chunks[100:]:
+            agent.outbox.put_nowait(agent._message("ExecOutput", execId="x", stdout=chunk))
+        sending = asyncio.create_task(agent._send())
+        await asyncio.wait_for(_drained(agent, taken, 201), 30)
+        sending.cancel()
+    assert taken == [*chunks[:100], "TaskExited", *chunks[100:]]
+
+
+async def _drained(agent: Agent, taken: list, count: int) -> None:
+    while len(taken) < count:
+        await asyncio.sleep(0.01)
