@@ -46,6 +46,7 @@ from batchd.projections.model import (
     PREPARING_JOB,
     PROVISIONING,
     READY,
+    RUNNING,
     SCHEDULED,
     SUSPECT,
     TERMINATING,
@@ -343,8 +344,9 @@ class NodeService:
                                    key=self._key(job_id))  # fmt: skip
         self._kill_unwanted(self.models, node_id, running)
         for key in self._unlisted_long(node_id, running):
-            await self.control.run(_by_agent(node_id, lambda m, k=key:
-                                             _stopped(m, k, node_id, None)),
+            decide = _stopped if _stopping_on(self.models, key, node_id) else _vanished
+            await self.control.run(_by_agent(node_id, lambda m, k=key, d=decide:
+                                             d(m, k, node_id, None)),
                                    key=self._key(key[0]))  # fmt: skip
         node = self.models.nodes.get(node_id)
         # (not while the daemon stops: it has just lost its local nodes, agents still up)
@@ -520,10 +522,11 @@ class NodeService:
         return web.Response(body=protocol.pack(commands), content_type=protocol.CONTENT_TYPE)
 
     def _unlisted_long(self, node_id: str, running: list[TaskKey]) -> list[TaskKey]:
-        """The tasks of earlier attempts that still hold GPUs of the node but that its
-        heartbeats have not listed for STOPPED_AFTER seconds: they do not run there (their
-        exit report, or their StartTask, was lost), so their GPUs can be freed."""
-        stopping = _stopping_tasks(self.models, node_id)
+        """The tasks that hold GPUs of the node, started there (of earlier attempts, or the
+        current one's, reported started), but that its heartbeats have not listed for
+        STOPPED_AFTER seconds: they do not run there (their exit report, or their StartTask,
+        was lost), so their GPUs can be freed (_stopped, _vanished)."""
+        stopping = _stopping_tasks(self.models, node_id) | self._started_on(node_id)
         unlisted = self.unlisted.pop(node_id, {})
         now = time.monotonic()
         for key in stopping.difference(running):
@@ -532,6 +535,22 @@ class NodeService:
         if unlisted:
             self.unlisted[node_id] = unlisted
         return sorted(k for k, first in unlisted.items() if now - first >= STOPPED_AFTER)
+
+    def _started_on(self, node_id: str) -> set[TaskKey]:
+        """The current attempts' tasks on the node that it reported started (none of this
+        daemon's StartTasks awaits a report) and whose exit is not recorded."""
+        node = self.models.nodes.get(node_id)
+        if node is None:
+            return set()
+        out = set()
+        for job_id, attempt, task in node.allocations.values():
+            key = (job_id, attempt, task)
+            job = self.models.jobs.get(job_id)
+            if (key not in self.unstarted and job is not None and job.attempt == attempt
+                    and job.state in (PREPARING_JOB, RUNNING, TERMINATING)
+                    and str(task) not in job.task_exits):  # fmt: skip
+                out.add(key)
+        return out
 
     def _resend_unstarted(self, node_id: str, running: list[Any]) -> list[tuple[str, int]]:
         """StartTask again for tasks sent to this node a while ago that it does not run and
@@ -834,6 +853,22 @@ def _stopped(
     job_id, attempt, task = key
     data = {"jobId": job_id, "attempt": attempt, "task": task, "exitCode": code, "node": node_id}
     return [(f"job-{job_id}", NewEvent("JobTaskExited", data))]
+
+
+def _vanished(
+    m: ReadModels, key: protocol.TaskKey, node_id: str, _code: int | None = None
+) -> list[Decision]:
+    """A task of the current attempt that its node no longer runs, its exit never reported
+    (the report was lost): the attempt ends as a node failure, its exit code unknown."""
+    job_id, attempt, task = key
+    job = m.jobs.get(job_id)
+    if not _placed_on(m, key, node_id) or job is None or str(task) in job.task_exits:
+        return []
+    if job.state not in (PREPARING_JOB, RUNNING, TERMINATING):
+        return []
+    message = f"node {node_id} no longer runs task {task}, and its end was not reported"
+    return retries.attempt_ended(m, job_id, attempt, "node_lost",
+                                 error={"code": "task_vanished", "message": message})  # fmt: skip
 
 
 def _placed_on(m: ReadModels, key: protocol.TaskKey, node_id: str) -> bool:

@@ -1217,6 +1217,48 @@ async def test_a_lost_start_is_sent_again_while_the_jobs_other_task_already_runs
     await client.call("POST", f"{EXP}/jobs/gang/terminate")
 
 
+async def test_a_running_task_whose_node_no_longer_lists_it_is_not_waited_for_forever(
+    local, monkeypatch
+):
+    """A task's exit report was lost on the way (its agent runs on, same incarnation): its
+    node's heartbeats stop listing it. The daemon does not wait for a report that will never
+    come: the attempt is requeued as a node failure (its exit code is unknown), and a job
+    being terminated meanwhile ends."""
+    monkeypatch.setattr(node_service, "STOPPED_AFTER", 1.0)
+    daemon, client = local
+    token = (await _node_token(client, daemon, "quiet-0")).read_text().strip()
+    assert (await client.call("PUT", "/v1/workspaces/default/clusters/quiet", ONE_NODE))[0] == 201
+    join = protocol.message("Register", "quiet-0", 1, cluster="default/quiet", gpus=2)
+    assert await _post(daemon, client, token, join) == 200
+    models = daemon.models.models
+    for name in ("lost-report", "lost-kill"):
+        await _run(client, name, "true", cluster="quiet")
+        await _until(lambda n=name: newest_job(models, n).state == "scheduled", 30)
+        job = newest_job(models, name)
+        started = protocol.message("TaskStarted", "quiet-0", 1, jobId=job.job_id, attempt=1,
+                                   task=0)  # fmt: skip
+        assert await _post(daemon, client, token, started) == 200
+        await _until(lambda n=name: newest_job(models, n).state == "running", 10)
+        if name == "lost-kill":
+            await client.call("POST", f"{EXP}/jobs/{name}/terminate")
+        beat = protocol.message("Heartbeat", "quiet-0", 1, running=[])
+        deadline = time.monotonic() + 20
+        while newest_job(models, name).attempt == 1 and newest_job(models, name).state in (
+            "running",
+            "terminating",
+        ):
+            assert time.monotonic() < deadline, "still waiting for a report that never comes"
+            assert await _post(daemon, client, token, beat) == 200
+            await asyncio.sleep(0.2)
+        shown = (await client.call("GET", f"{EXP}/jobs/{name}"))[1]["properties"]
+        if name == "lost-report":
+            assert shown["retries"] == {"node_lost": 1}  # queued again: the node's failure
+            assert shown["executionInfo"]["errors"][-1]["code"] == "task_vanished"
+            await client.call("POST", f"{EXP}/jobs/{name}/terminate")
+        else:
+            assert shown["state"] == "failed"  # the termination ended
+
+
 async def test_a_local_cluster_of_another_shape_than_its_nodes_is_reported(tmp_path, monkeypatch):
     """A local cluster made by an earlier version (Standard_NC24s_v3, 4 GPUs a node) while
     the configuration now gives its nodes 2: the daemon says so at start."""
