@@ -348,7 +348,12 @@ class Agent:
             try:
                 await self._post(protocol.pack_list(parts))
                 return
-            except AgentError as exc:  # refused: sending it again as it is would not help
+            except AgentError as exc:
+                if exc.status is not None and exc.status >= 500:  # starting, or the log away
+                    logger.warning("agent.report_failed", error=_why(exc))
+                    await asyncio.sleep(RETRY_DELAY)
+                    continue
+                # refused: sending it again as it is would not help
                 if len(parts) > 1 and exc.status in (400, 413):
                     half = len(parts) // 2
                     await self._send_batch(parts[:half])

@@ -75,6 +75,7 @@ class Api:
         self.keyring = keyring
         self.mount_root = mount_root
         self.closing = asyncio.Event()  # set when the daemon stops: streams end
+        self.serving = False  # the daemon has started (its read models restored): see starting
         self.heard_from: dict[str, float] = {}  # node id -> monotonic time of its last message
         self.nodes: Any = None  # the agent channel (scheduler/nodes.py), for exec
 
@@ -137,6 +138,16 @@ async def request_middleware(request: web.Request, handler: Callable[..., Awaita
 async def _answer_request_id(request: web.Request, response: web.StreamResponse) -> None:
     if REQUEST_KEY in request:
         response.headers[REQUEST_HEADER] = str(request[REQUEST_KEY])
+
+
+@web.middleware
+async def starting_middleware(request: web.Request, handler: Callable[..., Awaitable]) -> Any:
+    """Until the daemon has started (leading the log, its read models restored), every
+    request but /healthz and /readyz is answered 503: the read models would answer wrong
+    (a job not found that exists)."""
+    if request.app[API_KEY].serving or request.path in ("/healthz", "/readyz"):
+        return await handler(request)
+    return error_response(503, "ServiceUnavailable", "the daemon is starting; retry")
 
 
 @web.middleware
@@ -1190,8 +1201,8 @@ def add_routes(app: web.Application) -> None:
 def build(api: Api, extra: Callable[[web.Application], None] | None = None) -> web.Application:
     app = web.Application(
         client_max_size=MAX_BODY,
-        middlewares=[request_middleware, errors_middleware, auth_middleware, names_middleware,
-                     after_middleware],
+        middlewares=[request_middleware, starting_middleware, errors_middleware,
+                     auth_middleware, names_middleware, after_middleware],
     )  # fmt: skip
     app.on_response_prepare.append(_answer_request_id)
     app[API_KEY] = api

@@ -162,7 +162,7 @@ class Daemon:
                                    name=job.__qualname__)  # fmt: skip
         self._periodic.start()
         await self._publish_anchor()
-        self.ready = True
+        self.ready = service.serving = True
         logger.info("daemon.started", url=self.url, store=str(urls.parse(cfg.store_url)),
                     state_dir=str(cfg.state_dir))  # fmt: skip
 

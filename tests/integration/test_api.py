@@ -13,6 +13,9 @@ import pytest
 
 from batchd.events import urls
 from batchd.events.envelope import NewEvent
+from batchd.projections.runner import Runner
+from batchd.scheduler import config
+from batchd.scheduler.daemon import Daemon
 from tests.integration.conftest import Client, start_daemon
 
 CLUSTER = {"properties": {"vmSize": "Standard_NC24s_v3",
@@ -336,3 +339,37 @@ async def test_a_jobs_history_stays_readable_after_its_workspace_is_deleted(clie
     assert status == 200, answer
     [incarnation] = answer["value"]
     assert incarnation["timeline"][0]["event"] == "JobSubmitted"
+
+
+async def test_until_its_read_models_are_restored_the_daemon_answers_503(tmp_path, monkeypatch):
+    """Between binding its port and restoring its read models, a starting daemon would
+    answer from empty ones (a job that exists: 404): it answers 503 instead, but /healthz."""
+    restoring, go = asyncio.Event(), asyncio.Event()
+    restore = Runner.restore
+
+    async def slow_restore(self):
+        restoring.set()
+        await go.wait()
+        return await restore(self)
+
+    monkeypatch.setattr(Runner, "restore", slow_restore)
+    daemon = Daemon(config.load(None, state=str(tmp_path / "state"), local_nodes=0,
+                                listen="127.0.0.1:0"))  # fmt: skip
+    starting = asyncio.create_task(daemon.start())
+    try:
+        await asyncio.wait_for(restoring.wait(), 30)
+        async with aiohttp.ClientSession() as session:
+            async with session.get(daemon.url + "/v1/workspaces") as r:
+                body = await r.json()
+                assert r.status == 503 and "starting" in body["error"]["message"]
+            async with session.get(daemon.url + "/healthz") as r:
+                assert r.status == 200
+            go.set()
+            await asyncio.wait_for(starting, 30)
+            headers = {"Authorization": f"Bearer {daemon.admin_token}"}
+            async with session.get(daemon.url + "/v1/workspaces", headers=headers) as r:
+                assert r.status == 200
+    finally:
+        go.set()
+        await asyncio.gather(starting, return_exceptions=True)
+        await daemon.stop()
