@@ -270,17 +270,22 @@ class Agent:
         async with self.session.post(f"{self.server}/agent/v1/messages", data=body,
                                      timeout=aiohttp.ClientTimeout(total=POST_TIMEOUT)
                                      ) as response:  # fmt: skip
-            self._answered(response.status)
+            await self._answered(response)
             if response.status != 200:
                 text = await response.text()
                 raise AgentError(f"daemon answered {response.status}: {text}", response.status)
         self.last_contact = time.monotonic()
 
-    def _answered(self, status: int) -> None:
-        """409: another agent registered as this node since; this one stops (its tasks are
-        the other's to run now)."""
-        if status == 409 and self.stop is not None and not self.stop.is_set():
-            logger.warning("agent.superseded", node=self.node_id)
+    async def _answered(self, response: aiohttp.ClientResponse) -> None:
+        """409: the daemon no longer has this agent as its node's (another agent registered
+        as the node since, or the node was removed: its cluster shrank or was deleted); this
+        one stops, saying the daemon's reason (its tasks are not its to run any more)."""
+        if response.status == 409 and self.stop is not None and not self.stop.is_set():
+            try:
+                reason = (await response.json(content_type=None))["error"]["message"]
+            except (aiohttp.ClientError, ValueError, KeyError, TypeError):
+                reason = "the daemon has another agent for this node"
+            logger.warning("agent.superseded", node=self.node_id, reason=reason)
             self.superseded = True
             self.stop.set()
 
@@ -374,7 +379,7 @@ class Agent:
                 async with self.session.get(f"{self.server}/agent/v1/commands", params=query,
                                             timeout=aiohttp.ClientTimeout(total=POLL_WAIT + 10)
                                             ) as response:  # fmt: skip
-                    self._answered(response.status)
+                    await self._answered(response)
                     if response.status != 200:
                         raise AgentError(f"daemon answered {response.status}")
                     commands = protocol.unpack(await response.read())

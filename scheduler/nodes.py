@@ -387,8 +387,12 @@ class NodeService:
         """A message from an agent that is not the node's registered one is refused: a
         replaced agent must stop (it hears 409), and nobody speaks for a node unregistered."""
         node = self.models.nodes.get(node_id)
-        if node is None or node.incarnation != incarnation:
-            raise Superseded(f"node {node_id} incarnation {incarnation} is not registered")
+        if node is None:
+            raise Superseded(f"node {node_id} is not registered: it was removed (its cluster "
+                             "shrank or was deleted), or never joined")  # fmt: skip
+        if node.incarnation != incarnation:
+            raise Superseded(f"node {node_id} incarnation {incarnation} is not registered: "
+                             "another agent registered as this node since")  # fmt: skip
 
     def _key(self, job_id: str) -> str:
         """The lock of a job's commands: the one the API takes for it (its name)."""

@@ -18,6 +18,7 @@ from batchd.scheduler.agent import (
 )
 from batchd.scheduler.runtimes import TaskResult
 from tests.http import serving
+from tests.logs import info_logs
 
 
 class StubbornTask:
@@ -183,3 +184,20 @@ async def test_reports_go_in_bodies_the_daemon_takes_however_many_wait(tmp_path)
 async def _drained(agent: Agent, taken: list, count: int) -> None:
     while len(taken) < count:
         await asyncio.sleep(0.01)
+
+
+async def test_an_agent_the_daemon_no_longer_has_stops_and_says_why(tmp_path):
+    async def messages(request: web.Request) -> web.Response:
+        reason = "node n1 is not registered: it was removed (its cluster shrank or was deleted)"
+        return web.json_response({"error": {"code": "Conflict", "message": reason}}, status=409)
+
+    app = web.Application()
+    app.router.add_post("/agent/v1/messages", messages)
+    async with serving(app) as url, aiohttp.ClientSession() as session:
+        agent = Agent(url, "t", "n1", "ws/c", Gpus(0), ["process"], tmp_path)
+        agent.session, agent.stop = session, asyncio.Event()
+        with info_logs() as logged:
+            await agent._send_batch([protocol.pack(agent._message("Heartbeat", running=[]))])
+    assert agent.superseded and agent.stop.is_set()
+    [said] = [line for line in logged if line["event"] == "agent.superseded"]
+    assert "it was removed" in said["reason"]
