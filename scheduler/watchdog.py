@@ -120,7 +120,7 @@ def _watch_agent(silent: Callable[[], None]) -> bool:
             chunk = os.read(0, 4096)
             if not chunk:
                 return tail == STOPPED
-            tail = (tail + chunk)[-len(STOPPED):]
+            tail = (tail + chunk)[-len(STOPPED) :]
             heard, told = time.monotonic(), False
         elif not told and time.monotonic() - heard > SILENCE:
             told = True

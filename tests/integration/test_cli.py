@@ -321,9 +321,7 @@ def _logged(path: Path, event: str) -> bool:
     return path.exists() and f'"event": "{event}"' in path.read_text()
 
 
-def test_a_second_daemon_on_a_led_log_stands_by_and_takes_over_when_it_frees(
-    tmp_path, durable_url
-):
+def test_a_second_daemon_on_a_led_log_stands_by_and_takes_over_when_it_frees(tmp_path, durable_url):
     """A stray `batchd serve` on a log another daemon leads must not depose it: it waits,
     serving nothing, and takes over (restoring the read models) once the leader stops."""
     config = tmp_path / "no-local-nodes.toml"
