@@ -365,7 +365,7 @@ class _Reconnecting:
 
     async def _lost(self, exc: ClientError) -> None:
         """Wait before the next try, or raise: the server's answer, or ServerLost."""
-        starting = isinstance(exc, ApiError) and exc.status == 503 and self.lost_at is not None
+        starting = isinstance(exc, ApiError) and exc.status == 503  # starting, or log away
         if isinstance(exc, ApiError) and not starting:
             raise exc
         now = time.monotonic()

@@ -14,7 +14,7 @@ from tests.unit.test_planner import World, placed
 def _service(w: World) -> NodeService:
     service = NodeService.__new__(NodeService)  # only what _unlisted_long reads
     service.runner = SimpleNamespace(models=w.models)
-    service.unlisted = {}
+    service.unlisted, service.unstarted = {}, {}
     return service
 
 
