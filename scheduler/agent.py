@@ -553,8 +553,9 @@ def read_output(command: dict[str, Any]) -> dict[str, Any]:
     try:
         if command.get("list"):
             return {"entries": files.listing(fd)}
+        size = files.regular(fd, str(command.get("path", ""))).st_size  # no device, no FIFO
         data = os.pread(fd, int(command.get("size", 1 << 20)), int(command.get("offset", 0)))
-        return {"data": data, "size": os.fstat(fd).st_size}
+        return {"data": data, "size": size}
     except files.FileNotFound as exc:
         return {"error": {"code": "not_found", "message": str(exc)}}
     except OSError as exc:

@@ -14,7 +14,6 @@ import email.utils
 import functools
 import json
 import os
-import stat
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -729,16 +728,6 @@ def _opened(base: Path, relative: str, field: str, mount_root: Path,
         os.close(fd)
 
 
-def _regular(fd: int, relative: str) -> os.stat_result:
-    """The status of an opened output file; 404 for a directory, FIFO or other non-file."""
-    info = os.fstat(fd)
-    if stat.S_ISDIR(info.st_mode):
-        raise files.FileNotFound(f"{relative!r} is a directory")
-    if not stat.S_ISREG(info.st_mode):
-        raise files.FileNotFound(f"{relative!r} is not a regular file")
-    return info
-
-
 def _entries(request: web.Request, entries: list[dict[str, Any]]) -> web.Response:
     prefix = request.query.get("directory", ".").strip("/")
     query = {k: v for k, v in request.query.items() if k in ("outputdirectoryid", "attempt")}
@@ -780,7 +769,7 @@ async def get_file(request: web.Request) -> web.StreamResponse:
         return await _follow(request, job, _local_reader(base, relative, api.mount_root))
     wanted = _wanted_range(request)
     with _opened(base, relative, "path", api.mount_root, f"no file {relative!r} (yet)") as fd:
-        info = _regular(fd, relative)
+        info = files.regular(fd, relative)
 
         async def read(offset: int, most: int) -> bytes:
             return await asyncio.to_thread(os.pread, fd, most, offset)
@@ -903,7 +892,7 @@ def _local_reader(base: Path, relative: str,
         if fd is None:
             return b""
         try:
-            _regular(fd, relative)
+            files.regular(fd, relative)
             return os.pread(fd, SEND_CHUNK, offset)
         finally:
             os.close(fd)

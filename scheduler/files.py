@@ -214,6 +214,17 @@ def claim(directory: Path, job_id: str) -> None:
     raise OSError(0, "another job's output is in the way", str(directory))
 
 
+def regular(fd: int, relative: str) -> os.stat_result:
+    """The status of an opened output file; FileNotFound for a directory, a FIFO, a device
+    node or anything else that is not a plain file (a job can make one: never read it)."""
+    info = os.fstat(fd)
+    if stat.S_ISDIR(info.st_mode):
+        raise FileNotFound(f"{relative!r} is a directory")
+    if not stat.S_ISREG(info.st_mode):
+        raise FileNotFound(f"{relative!r} is not a regular file")
+    return info
+
+
 def listing(directory: int | Path) -> list[dict[str, Any]]:
     """The entries of `directory` (a path, or a descriptor from open_beneath): name, whether
     a directory, size and modification time, none of them followed through a link. Links

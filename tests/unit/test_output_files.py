@@ -81,3 +81,12 @@ def test_a_listing_leaves_links_out_and_follows_none(tmp_path: Path):
     entries = files.listing(tmp_path / "out")
     assert [(e["name"], e["isDirectory"], e["contentLength"]) for e in entries] == [
         ("stdout.txt", False, 6), ("sub", True, 0)]  # fmt: skip
+
+
+def test_the_agent_reads_no_fifo_or_device_a_job_made_in_its_output(tmp_path: Path):
+    out = tmp_path / "out"
+    out.mkdir()
+    os.mkfifo(out / "pipe")  # (a root container could mknod a disk's device node the same way)
+    for path in (out / "pipe", Path("/dev/zero")):
+        answer = agent.read_output({"path": str(path), "offset": 0, "size": 100})
+        assert "data" not in answer and "not a regular file" in answer["error"]["message"]
