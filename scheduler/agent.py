@@ -140,6 +140,7 @@ class Agent:
         self.free_slots: list[Path] = []  # slots (their .pid files) no task holds now
         self.ended: dict[str, float] = {}  # labels of tasks ended lately -> when (orphan sweep)
         self.lease_lost: set[TaskKey] = set()  # tasks stopped because the lease expired
+        self.unreported: set[TaskKey] = set()  # ended tasks whose TaskExited is not sent yet
         self.slots = 0  # pid files made so far
         self.tasks: dict[TaskKey, ProcessTask] = {}
         self.epoch = 0
@@ -165,7 +166,13 @@ class Agent:
         return protocol.message(type_, self.node_id, self.incarnation, **fields)
 
     def _running(self) -> list[list[Any]]:
-        return [list(key) for key in self.tasks]
+        """The tasks to list in a heartbeat: those that run, and those that ended but whose
+        exit report is not sent yet (the daemon waits for it instead of taking them as gone)."""
+        return [list(key) for key in (*self.tasks, *self.unreported)]
+
+    def _report_exit(self, key: TaskKey, report: dict[str, Any]) -> None:
+        self.unreported.add(key)
+        self.outbox.put_nowait(self._message("TaskExited", **report))
 
     async def connect_engine(self, url: str, attach_gpus: bool) -> None:
         """The container engine for the docker runtime; containers a previous agent of this
@@ -340,26 +347,32 @@ class Agent:
             first = await self.outbox.get()
             parts = [protocol.pack(first)]
             size = len(parts[0])
+            batch = [first]
             while not self.outbox.empty() and size < BATCH_BYTES:
-                parts.append(protocol.pack(self.outbox.get_nowait()))
+                batch.append(self.outbox.get_nowait())
+                parts.append(protocol.pack(batch[-1]))
                 size += len(parts[-1])
             await self._send_batch(parts)
+            for message in batch:  # sent, or refused for good: heartbeats list them no more
+                if message["type"] == "TaskExited":
+                    self.unreported.discard(protocol.task_key(message))
 
     async def _send_batch(self, parts: list[bytes]) -> None:
         """Send the packed messages `parts` until they are taken. If the daemon refuses them
-        (400: a message it does not take, such as a newer agent's type; 413: too large),
-        each half is sent on its own, so that only the message refused is lost."""
+        (400: a message it does not take, such as a newer agent's type; 413: too large; 500:
+        a fault of its own), each half is sent on its own, so that only the message refused
+        is lost; a 502, 503 or 504 (starting, its log away) is waited out."""
         while True:
             try:
                 await self._post(protocol.pack_list(parts))
                 return
             except AgentError as exc:
-                if exc.status is not None and exc.status >= 500:  # starting, or the log away
+                if exc.status in (502, 503, 504):  # starting, the log away, a proxy's wait
                     logger.warning("agent.report_failed", error=_why(exc))
                     await asyncio.sleep(RETRY_DELAY)
                     continue
-                # refused: sending it again as it is would not help
-                if len(parts) > 1 and exc.status in (400, 413):
+                # refused (or a fault of the daemon's): sending it again would not help
+                if len(parts) > 1 and exc.status is not None and exc.status in (400, 413, 500):
                     half = len(parts) // 2
                     await self._send_batch(parts[:half])
                     await self._send_batch(parts[half:])
@@ -427,7 +440,7 @@ class Agent:
                 }
                 report = {"jobId": key[0], "attempt": key[1], "task": key[2], "exitCode": None,
                           "error": error}  # fmt: skip
-                self.outbox.put_nowait(self._message("TaskExited", **report))
+                self._report_exit(key, report)
                 self.free_slots.append(slot)
                 return
             self.tasks[key] = task
@@ -530,7 +543,7 @@ class Agent:
             error = result.error or _cannot_start_error(index, result.exit_code, task.spec)
         if error:
             report["error"] = error
-        self.outbox.put_nowait(self._message("TaskExited", **report))  # its GPUs are free now
+        self._report_exit(key, report)  # its GPUs are free now
         self.ended[task_label(task.spec)] = time.monotonic()
         self._sweep()
         if not remove_work_dir(task.spec):  # not empty: remove it without holding the loop

@@ -201,3 +201,35 @@ async def test_an_agent_the_daemon_no_longer_has_stops_and_says_why(tmp_path):
     assert agent.superseded and agent.stop.is_set()
     [said] = [line for line in logged if line["event"] == "agent.superseded"]
     assert "it was removed" in said["reason"]
+
+
+async def test_an_ended_task_is_listed_until_its_report_is_sent_and_a_fault_costs_one(tmp_path):
+    """Heartbeats list an ended task until its TaskExited is sent (the daemon would otherwise
+    take it as vanished); a daemon fault (500) on one message loses only that one."""
+    taken, hold = [], asyncio.Event()
+
+    async def messages(request: web.Request) -> web.Response:
+        await hold.wait()
+        batch = protocol.unpack(await request.read())
+        if any(m["type"] == "Faulty" for m in batch):
+            return web.json_response({"error": {"message": "the request failed"}}, status=500)
+        taken.extend(m["type"] for m in batch)
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_post("/agent/v1/messages", messages)
+    async with serving(app) as url, aiohttp.ClientSession() as session:
+        agent = Agent(url, "t", "n1", "ws/c", Gpus(0), ["process"], tmp_path)
+        agent.session = session
+        agent.outbox.put_nowait(agent._message("Faulty"))
+        agent._report_exit(("j", 1, 0), {"jobId": "j", "attempt": 1, "task": 0, "exitCode": 0})
+        assert agent._running() == [["j", 1, 0]]  # ended, its report on the way
+        sending = asyncio.create_task(agent._send())
+        hold.set()
+        await asyncio.wait_for(_drained(agent, taken, 1), 10)
+        for _ in range(100):
+            if not agent.unreported:
+                break
+            await asyncio.sleep(0.01)
+        sending.cancel()
+    assert taken == ["TaskExited"] and agent._running() == []
