@@ -674,7 +674,7 @@ async def _output_dir(request: web.Request) -> tuple[Job, Path, str | None]:
 async def _owner(api: Api, directory: Path, node: str | None) -> str | None:
     """The job whose output a stdouterr directory holds (files.owner), read on `node`."""
     if node is None:
-        return files.owner(directory)
+        return await asyncio.to_thread(files.owner, directory)
     answer = await api.nodes.read_remote(node, str(directory / files.OWNER))
     return answer.get("data", b"").decode(errors="replace").strip() or None
 

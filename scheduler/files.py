@@ -162,12 +162,13 @@ def open_absolute(path: str) -> int:
 def owner(directory: Path) -> str | None:
     """The id of the job whose output `directory` (an attempt's stdouterr) holds; None when
     nothing says (no marker: a directory not yet made, or made before markers were)."""
-    return _marker(directory) or None
+    return _marker(directory, tries=1) or None  # one being written is not read again
 
 
-def _marker(directory: Path) -> str | None:
-    """The marker's text; "" if it stays empty (its writer died), None if there is none."""
-    for _ in range(20):  # an empty marker is being written: read it again
+def _marker(directory: Path, tries: int = 20) -> str | None:
+    """The marker's text; "" if it stays empty (its writer died, or a job emptied it), None
+    if there is none."""
+    for _ in range(tries):  # an empty marker is being written: read it again
         try:
             fd = os.open(directory / OWNER, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except (FileNotFoundError, NotADirectoryError):
@@ -201,7 +202,7 @@ def claim(directory: Path, job_id: str) -> None:
             if exc.filename != str(directory / OWNER):  # mkdir's check lost a race: again
                 continue
             other = _marker(directory)
-            if other in ("", job_id):
+            if other == job_id:
                 return
             if other is not None:  # None: set aside by another task meanwhile: look again
                 aside = other if _JOB_ID.fullmatch(other) else FOREIGN

@@ -67,3 +67,14 @@ def test_a_marker_a_job_replaced_with_a_fifo_or_a_link_is_foreign_and_never_bloc
         assert files.owner(out) == files.FOREIGN  # not this job's: its output is not shown
         files.claim(out, "new")  # set aside, not read
         assert files.owner(out) == "new"
+
+
+def test_a_marker_left_empty_is_no_claim_to_the_directory(tmp_path):
+    out = tmp_path / "stdouterr"
+    out.mkdir()
+    (out / files.OWNER).write_text("")  # its writer died, or its job emptied it
+    (out / "stdout.txt").write_text("whose?\n")
+    assert files.owner(out) is None
+    files.claim(out, "new")
+    assert files.owner(out) == "new" and not (out / "stdout.txt").exists()
+    assert (tmp_path / f"stdouterr-{files.FOREIGN}/stdout.txt").read_text() == "whose?\n"
