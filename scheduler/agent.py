@@ -141,6 +141,7 @@ class Agent:
         self.ended: dict[str, float] = {}  # labels of tasks ended lately -> when (orphan sweep)
         self.lease_lost: set[TaskKey] = set()  # tasks stopped because the lease expired
         self.unreported: set[TaskKey] = set()  # ended tasks whose TaskExited is not sent yet
+        self.ticked = time.monotonic()  # the lease loop's last turn (see _thawed)
         self.slots = 0  # pid files made so far
         self.tasks: dict[TaskKey, ProcessTask] = {}
         self.epoch = 0
@@ -206,6 +207,10 @@ class Agent:
         local agent whose daemon is gone stops itself."""
         while True:
             await asyncio.sleep(1.0)
+            if self._thawed():  # its watchdog has killed the tasks: the node's doing
+                logger.warning("agent.thawed", seconds=round(time.monotonic() - self.ticked))
+                self.lease_lost.update(self.tasks)
+            self.ticked = time.monotonic()
             if self.guard is not None:
                 watchdog.beat(self.guard)
             self._check_lease()
@@ -217,6 +222,11 @@ class Agent:
             if self.parent is not None and os.getppid() != self.parent and self.stop is not None:
                 logger.warning("agent.daemon_gone", node=self.node_id)
                 self.stop.set()
+
+    def _thawed(self) -> bool:
+        """Was this agent's loop stopped (frozen) for longer than its watchdog waits? Then
+        the watchdog has killed its tasks, and their ends are the node's failure."""
+        return time.monotonic() - self.ticked > watchdog.SILENCE
 
     def _sweep(self) -> None:
         """End what tasks that ended left behind outside their process groups."""
@@ -535,7 +545,7 @@ class Agent:
         self.tasks.pop(key, None)
         report = {"jobId": job_id, "attempt": attempt, "task": index,
                   "exitCode": result.exit_code}  # fmt: skip
-        lease_lost = key in self.lease_lost and result.exit_code != 0
+        lease_lost = (key in self.lease_lost or self._thawed()) and result.exit_code != 0
         self.lease_lost.discard(key)
         if lease_lost:  # however it ended (killed before it started, a pull cut short)
             error = _lease_error(index)

@@ -233,3 +233,20 @@ async def test_an_ended_task_is_listed_until_its_report_is_sent_and_a_fault_cost
             await asyncio.sleep(0.01)
         sending.cancel()
     assert taken == ["TaskExited"] and agent._running() == []
+
+
+async def test_a_task_its_watchdog_killed_while_the_agent_was_frozen_is_the_nodes_failure(
+    tmp_path,
+):
+    """Frozen past the watchdog's wait, the agent finds its task killed (137) when it thaws:
+    that is reported as the node's doing (lease), never as the job's own exit code."""
+    agent = Agent("http://127.0.0.1:1", "t", "n1", "ws/c", Gpus(0), ["process"], tmp_path)
+    task = StubbornTask(1, tmp_path)
+    agent.tasks = {("j1", 1, 0): task}
+    ending = asyncio.create_task(agent._run_task(("j1", 1, 0), task, agent._slot()))
+    assert (await agent.outbox.get())["type"] == "TaskStarted"
+    agent.ticked = time.monotonic() - LEASE_TIMEOUT - 1  # its loop did not turn meanwhile
+    await task.kill()  # (as the watchdog's SIGKILL: the task ends with a signal)
+    await ending
+    exited = agent.outbox.get_nowait()
+    assert exited["type"] == "TaskExited" and exited["error"]["code"] == protocol.LEASE_EXPIRED
