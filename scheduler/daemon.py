@@ -50,6 +50,7 @@ FOLD_AT_STOP = 5.0  # seconds it waits for the read models to take in the log be
 PLAN_IDLE = 10.0  # seconds between planner cycles while the log stands still
 PLAN_GAP = 0.02  # least seconds between two planner cycles: a busy log is planned in batches
 ADMIN_TOKEN_FILE = "admin.token"
+LEAD_CHECK = 5.0  # seconds between checks that the leader lock is held still
 STANDBY_POLL = 1.0  # seconds between a standby's tries of the leader lock
 FENCED_EXIT = 3  # exit status of a daemon another one took the log over from (see deploy/)
 ACTOR = "batchd:serve"  # the actor of what the daemon itself logs
@@ -157,7 +158,8 @@ class Daemon:
         for job, seconds in ((self.models.save_snapshot, SNAPSHOT_INTERVAL),
                              (self._publish_anchor, ANCHOR_INTERVAL),
                              (self._enforce_wall_clock, OVERDUE_INTERVAL),
-                             (self.nodes.sweep, SWEEP_INTERVAL)):  # fmt: skip
+                             (self.nodes.sweep, SWEEP_INTERVAL),
+                             (self._keep_lead, LEAD_CHECK)):  # fmt: skip
             self._periodic.add_job(_logged(job), "interval", seconds=seconds,
                                    name=job.__qualname__)  # fmt: skip
         self._periodic.start()
@@ -178,10 +180,23 @@ class Daemon:
         while not self.stopping.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), STANDBY_POLL)
-            if not self.stopping.is_set() and await self.store.try_lock_leader():
-                logger.info("daemon.taking_over", store=where)
-                return True
+            if self.stopping.is_set():
+                break
+            try:
+                if await self.store.try_lock_leader():
+                    logger.info("daemon.taking_over", store=where)
+                    return True
+            except errors.StoreUnavailable as exc:  # a blip of the database: wait on
+                logger.warning("daemon.standby_unavailable", error=str(exc))
         return False
+
+    async def _keep_lead(self) -> None:
+        """Hold the leader lock still, taking it again if its connection was lost (a
+        PostgreSQL restart); if another daemon took it meanwhile, say so (that one fences
+        this one at its first append)."""
+        if not await self.store.try_lock_leader():
+            logger.error("daemon.leader_lock_lost", message="another daemon holds this log's "
+                         "leader lock; it will take the log over")  # fmt: skip
 
     def _tls(self):
         cfg = self.cfg

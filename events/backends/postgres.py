@@ -49,6 +49,11 @@ logger = structlog.get_logger(__name__)
 SCHEMA_VERSION = 1
 CHANNEL = "batchd_events"
 LEADER_LOCK = 0x6261_7463_6864_0001  # the advisory lock key of a log's leader ("batchd", 1)
+# The server probes the leader's lock connection, so that the lock of a leader whose machine
+# died or was cut off frees within about 30 s (a standby takes over), not after the system's
+# default of two hours.
+LEADER_KEEPALIVE = {"tcp_keepalives_idle": "10", "tcp_keepalives_interval": "5",
+                    "tcp_keepalives_count": "4"}  # fmt: skip
 MIGRATION_LOCK = 0x62617463  # advisory lock key held while migrating ("batc")
 WRITE_ATTEMPTS = 3
 LISTEN_BACKOFF = 0.5  # seconds between listener reconnects
@@ -379,10 +384,16 @@ class PostgresBackend:
         """A session advisory lock, held by a connection of its own for as long as it lives
         (if that connection is lost, so is the lock: a standby may then take over, and the
         epoch fences this writer)."""
-        if self._leader is not None and not self._leader.is_closed():
-            return True
+        if self._leader is not None:
+            try:  # still held? (a connection lost with the server's restart frees the lock)
+                await self._leader.fetchval("SELECT 1", timeout=CONNECT_TIMEOUT)
+                return True
+            except (asyncpg.PostgresError, *_UNAVAILABLE):
+                self._leader.terminate()
+                self._leader = None
         try:
-            conn = await asyncpg.connect(self.dsn, timeout=CONNECT_TIMEOUT)
+            conn = await asyncpg.connect(self.dsn, timeout=CONNECT_TIMEOUT,
+                                         server_settings=LEADER_KEEPALIVE)  # fmt: skip
         except (asyncpg.PostgresError, *_UNAVAILABLE) as exc:
             raise self._translate(exc) from None
         try:

@@ -125,3 +125,24 @@ async def test_a_lost_listener_connection_is_logged_once_and_its_return_too(pg_d
         assert len(said("log.listener_back")) == 1
     finally:
         await store.close()
+
+
+async def test_a_leader_whose_lock_connection_was_cut_takes_its_lock_again(pg_database):
+    """The lock's connection lost (a PostgreSQL restart, a proxy's cut) frees the lock: the
+    leader's next check takes it again, before a stray daemon could."""
+    leader = await urls.open_store(pg_database)
+    other = await urls.open_store(pg_database)
+    try:
+        assert await leader.try_lock_leader()
+        pid = leader.backend._leader.get_server_pid()
+        conn = await asyncpg.connect(PG_DSN)
+        try:
+            assert await conn.fetchval("SELECT pg_terminate_backend($1)", pid)
+        finally:
+            await conn.close()
+        assert await leader.try_lock_leader()  # taken again on a new connection
+        assert leader.backend._leader.get_server_pid() != pid
+        assert not await other.try_lock_leader()
+    finally:
+        await leader.close()
+        await other.close()
