@@ -365,10 +365,17 @@ def _first_blocked(
         if start != NEVER:
             reserved, apart = start, skip
     reason = _cached_why(why, cluster, capacity, job)
-    if reason is NODES_NOT_READY and capacity.coming:  # nothing passes it while they come
-        reserved, apart = now, skip
+    if reason is NODES_NOT_READY and capacity.coming and _waited_less(job, now, NODES_COMING):
+        reserved, apart = now, skip  # nothing passes it while they come
     _reason(out, job, reason)
     return reserved, apart
+
+
+def _waited_less(job: Job, now: int, bound: int) -> bool:
+    """Has `job` waited for nodes not ready (its reason, now or from this cycle on) for less
+    than `bound`? (Nodes that keep changing state do not hold the queue for ever.)"""
+    since = job.pending_reason_at if job.pending_reason == NODES_NOT_READY else now
+    return now - (since or now) < bound
 
 
 def _apart(

@@ -339,8 +339,23 @@ def test_a_job_waiting_for_nodes_coming_back_keeps_its_place_in_the_queue():
     assert placed(decisions) == {}
     assert reasons(decisions) == {gang: {"code": "nodes_not_ready"},
                                   small: {"code": "behind_reservation"}}  # fmt: skip
+    w.models.jobs[gang].pending_reason_at = NOW  # (the harness records events at 0 s)
+    assert placed(w.plan(now=NOW + 60 * 1_000_000)) == {}  # still coming
     later = w.plan(now=NOW + 10 * 60 * 1_000_000)  # c-n1 never came back
     assert placed(later) == {small: [{"node": "c-n0", "gpus": [1]}]}
+
+
+def test_a_node_that_keeps_coming_back_does_not_hold_the_queue_for_ever():
+    w = World().cluster(nodes=2, gpus=4)
+    w.apply("NodeLost", nodeId="c-n1", at=NOW)
+    gang = w.job(gpus=4, nodes=2)
+    w.run(w.job(gpus=1), [("c-n0", [0])])
+    w.plan()
+    w.models.jobs[gang].pending_reason_at = NOW
+    w.apply("NodeRegistered", nodeId="c-n1", cluster="c", gpus=4, incarnation=2,
+            at=NOW + 150 * 1_000_000)  # back, preparing: coming again  # fmt: skip
+    small = w.job(gpus=1)
+    assert set(placed(w.plan(now=NOW + 160 * 1_000_000))) == {small}  # the gang waited 160 s
 
 
 def test_a_reason_is_not_recorded_again_when_only_the_free_capacity_changes():
