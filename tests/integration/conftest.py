@@ -90,6 +90,26 @@ async def make_token(client, name: str, role: str, **fields) -> str:
 
 
 @pytest.fixture
+async def local(tmp_path, monkeypatch):
+    """A daemon with the embedded local cluster of two nodes, both ready; and an admin
+    client."""
+    monkeypatch.delenv("BATCHD_SECRET_KEYS", raising=False)
+    daemon = await start_daemon(tmp_path / "state", local_nodes=2)
+    try:
+        async with admin_client(daemon) as client:
+            nodes = daemon.models.models.nodes
+            for _ in range(600):  # 30 s
+                if sum(1 for n in nodes.values() if n.state == "ready") == 2:
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("the local nodes did not get ready in 30 s")
+            yield daemon, client
+    finally:
+        await daemon.stop()
+
+
+@pytest.fixture
 async def api(tmp_path, monkeypatch):
     monkeypatch.delenv("BATCHD_SECRET_KEYS", raising=False)
     daemon = await start_daemon(tmp_path / "state")

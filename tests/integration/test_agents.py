@@ -38,18 +38,6 @@ EXP = "/v1/workspaces/default/experiments/default"
 ONE_NODE = {"vmSize": "Standard_NC6", "scaleSettings": {"manual": {"targetNodeCount": 1}}}
 
 
-@pytest.fixture
-async def local(tmp_path, monkeypatch):
-    monkeypatch.delenv("BATCHD_SECRET_KEYS", raising=False)
-    daemon = await start_daemon(tmp_path / "state", local_nodes=2)
-    try:
-        async with admin_client(daemon) as client:
-            await _until(lambda: _ready_nodes(daemon) == 2, 30)
-            yield daemon, client
-    finally:
-        await daemon.stop()
-
-
 def _ready_nodes(daemon) -> int:
     return sum(1 for n in daemon.models.models.nodes.values() if n.state == "ready")
 

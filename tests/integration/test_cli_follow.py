@@ -13,7 +13,7 @@ import pytest
 
 from batchd.scheduler import cli_api
 from tests.integration.conftest import admin_client, newest_job, start_daemon
-from tests.integration.test_agents import _ended, _ready_nodes, _run, _until, local  # noqa: F401
+from tests.integration.test_agents import _ended, _ready_nodes, _run, _until
 from tests.integration.test_cli import _free_port
 from tests.integration.test_cli_api import Done, _runner, _setup, assert_error
 
@@ -82,7 +82,7 @@ async def test_job_wait_and_file_stream_ride_out_a_daemon_restart(tmp_path, monk
 
 
 async def test_file_stream_follows_a_retried_attempt_until_the_job_ends(
-    local,  # noqa: F811
+    local,
     monkeypatch,
     capsys,
 ):

@@ -14,8 +14,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.integration.conftest import Client, admin_client, start_daemon
-from tests.integration.test_agents import EXP, _ended, _ready_nodes, _run, _until
+from tests.integration.conftest import Client
+from tests.integration.test_agents import EXP, _ended, _run, _until
 
 ALPHABET = b"abcdefghijklmnopqrstuvwxyz"
 SWAPPER = """
@@ -30,18 +30,6 @@ while not os.path.exists(stop):
         handle.write("plain\\n")
     os.replace(plain, os.path.join(out, "swap.txt"))
 """
-
-
-@pytest.fixture
-async def local(tmp_path, monkeypatch):
-    monkeypatch.delenv("BATCHD_SECRET_KEYS", raising=False)
-    daemon = await start_daemon(tmp_path / "state", local_nodes=2)
-    try:
-        async with admin_client(daemon) as client:
-            await _until(lambda: _ready_nodes(daemon) == 2, 30)
-            yield daemon, client
-    finally:
-        await daemon.stop()
 
 
 def _where(daemon, tmp_path: Path, where: str) -> tuple[dict, Path]:

@@ -126,20 +126,30 @@ async def test_a_kill_that_comes_while_the_process_is_being_started_still_stops_
     assert result.exit_code == 128 + 15  # SIGTERM: stopped, not left to sleep
 
 
-async def test_a_refused_report_costs_only_itself_not_the_others_sent_with_it(tmp_path):
-    """A daemon refuses a whole list for one message it does not take (a newer agent's
-    message type): the agent sends the list again a message at a time."""
-    taken = []
+def _daemon_refusing(kind: str, status: int, message: str, taken: list[str],
+                     hold: asyncio.Event | None = None) -> web.Application:  # fmt: skip
+    """A daemon's agent channel that answers `status` to a body holding a message of type
+    `kind` and takes the others (their types go to `taken`), once `hold` is set."""
 
     async def messages(request: web.Request) -> web.Response:
+        if hold is not None:
+            await hold.wait()
         batch = protocol.unpack(await request.read())
-        if any(m["type"] == "FromTheFuture" for m in batch):
-            return web.json_response({"error": {"message": "unknown message type"}}, status=400)
+        if any(m["type"] == kind for m in batch):
+            return web.json_response({"error": {"message": message}}, status=status)
         taken.extend(m["type"] for m in batch)
         return web.json_response({})
 
     app = web.Application()
     app.router.add_post("/agent/v1/messages", messages)
+    return app
+
+
+async def test_a_refused_report_costs_only_itself_not_the_others_sent_with_it(tmp_path):
+    """A daemon refuses a whole list for one message it does not take (a newer agent's
+    message type): the agent sends the list again a message at a time."""
+    taken: list[str] = []
+    app = _daemon_refusing("FromTheFuture", 400, "unknown message type", taken)
     async with serving(app) as url, aiohttp.ClientSession() as session:
         agent = Agent(url, "t", "n1", "ws/c", Gpus(0), ["process"], tmp_path)
         agent.session = session
@@ -206,18 +216,9 @@ async def test_an_agent_the_daemon_no_longer_has_stops_and_says_why(tmp_path):
 async def test_an_ended_task_is_listed_until_its_report_is_sent_and_a_fault_costs_one(tmp_path):
     """Heartbeats list an ended task until its TaskExited is sent (the daemon would otherwise
     take it as vanished); a daemon fault (500) on one message loses only that one."""
-    taken, hold = [], asyncio.Event()
-
-    async def messages(request: web.Request) -> web.Response:
-        await hold.wait()
-        batch = protocol.unpack(await request.read())
-        if any(m["type"] == "Faulty" for m in batch):
-            return web.json_response({"error": {"message": "the request failed"}}, status=500)
-        taken.extend(m["type"] for m in batch)
-        return web.json_response({})
-
-    app = web.Application()
-    app.router.add_post("/agent/v1/messages", messages)
+    taken: list[str] = []
+    hold = asyncio.Event()
+    app = _daemon_refusing("Faulty", 500, "the request failed", taken, hold)
     async with serving(app) as url, aiohttp.ClientSession() as session:
         agent = Agent(url, "t", "n1", "ws/c", Gpus(0), ["process"], tmp_path)
         agent.session = session
