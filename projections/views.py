@@ -9,7 +9,7 @@ from typing import Any
 
 from batchd.events.timeutil import to_iso
 from batchd.projections import clusters, queue
-from batchd.projections.model import EXECUTION_STATE, Cluster, Job, Node, ReadModels
+from batchd.projections.model import EXECUTION_STATE, Cluster, Job, Node, ReadModels, job_key
 
 
 def _time(us: int | None) -> str | None:
@@ -58,6 +58,13 @@ def _job_name(m: ReadModels, job_id: str) -> str | None:
 def _gpu_order(item: tuple[str, list]) -> int | None:
     """The GPU index of an allocation (None: the whole node, held by a task needing no GPU)."""
     return None if item[0] == "*" else int(item[0])
+
+
+def name_reused(m: ReadModels, j: Job) -> bool:
+    """Did an earlier job (deleted since) have this job's name? Then their output paths are
+    the same (an attempt's stdouterr directory holds no job id)."""
+    ids = m.job_ids.get(job_key(j.workspace, j.experiment, j.name)) or [j.job_id]
+    return ids[0] != j.job_id
 
 
 def job_cluster(m: ReadModels, j: Job) -> tuple[str, str] | None:

@@ -665,8 +665,8 @@ async def _output_dir(request: web.Request) -> tuple[Job, Path, str | None]:
         base, node = off.path, await _node_of(api, job, attempt)
         if node is None or api.nodes is None:
             raise files.FileNotFound(f"{off}, and no node ran attempt {attempt}") from None
-    owner = await _owner(api, base, node) if directory_id.lower() == files.STDOUTERR else None
-    if owner not in (None, job.job_id):  # a deleted job of the same name wrote it
+    reused = directory_id.lower() == files.STDOUTERR and views.name_reused(api.models, job)
+    if reused and await _owner(api, base, node) != job.job_id:  # the earlier job's output
         raise files.FileNotFound(f"attempt {attempt} has written no output yet")
     return job, base, node
 

@@ -161,18 +161,21 @@ def open_absolute(path: str) -> int:
 
 def owner(directory: Path) -> str | None:
     """The id of the job whose output `directory` (an attempt's stdouterr) holds; None when
-    nothing says (no marker: a directory not yet made, or made before markers were)."""
+    nothing says (no marker: the first job of its name wrote it, or nobody yet)."""
     return _marker(directory, tries=1) or None  # one being written is not read again
 
 
-def _marker(directory: Path, tries: int = 20) -> str | None:
-    """The marker's text; "" if it stays empty (its writer died, or a job emptied it), None
-    if there is none."""
-    for _ in range(tries):  # an empty marker is being written: read it again
+def _marker(directory: Path, tries: int = 20, wait_missing: bool = False) -> str | None:
+    """The marker's text; "" if it stays empty (or, `wait_missing`, missing: its writer died,
+    or the directory is a first job's), None if there is none (or no directory)."""
+    for _ in range(tries):  # a marker is being written: read it again
         try:
             fd = os.open(directory / OWNER, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except (FileNotFoundError, NotADirectoryError):
-            return None
+            if not wait_missing or not directory.is_dir():
+                return None
+            time.sleep(0.01)
+            continue
         except OSError:  # a link in its place (ELOOP): not a marker batchd wrote
             return FOREIGN
         try:
@@ -188,20 +191,18 @@ def _marker(directory: Path, tries: int = 20) -> str | None:
 
 
 def claim(directory: Path, job_id: str) -> None:
-    """Make `directory` (an attempt's stdouterr) the output of job `job_id`. One another job
-    wrote (a deleted job whose name was reused) is first set aside as `<directory>-<its job
-    id>`, kept as any output is. The tasks of a multi-node job may claim one shared directory
-    at once: each finds its own job's marker or writes it. OSError: it cannot be written."""
+    """Make `directory` (an attempt's stdouterr) the output of job `job_id`, whose name an
+    earlier job had (a name's first job makes its directories plainly: nobody else wrote
+    them). An existing directory without this job's marker is the earlier job's: it is set
+    aside as `<directory>-<its job id>` (`-unknown` without a marker), kept as any output
+    is. The tasks of a multi-node job may claim one shared directory at once: the one that
+    makes it writes the marker, the others find it. OSError: it cannot be written."""
     for _ in range(10):
+        directory.parent.mkdir(parents=True, exist_ok=True)
         try:
-            directory.mkdir(parents=True, exist_ok=True)
-            marker = os.open(directory / OWNER, _NEW_FILE, 0o644)
-        except FileNotFoundError:  # set aside by another task meanwhile
-            continue
-        except FileExistsError as exc:
-            if exc.filename != str(directory / OWNER):  # mkdir's check lost a race: again
-                continue
-            other = _marker(directory)
+            directory.mkdir()
+        except FileExistsError:
+            other = _marker(directory, wait_missing=True)  # (another task's, being written)
             if other == job_id:
                 return
             if other is not None:  # None: set aside by another task meanwhile: look again
@@ -209,7 +210,9 @@ def claim(directory: Path, job_id: str) -> None:
                 with contextlib.suppress(OSError):  # set aside by another task meanwhile
                     os.rename(directory, directory.with_name(f"{directory.name}-{aside}"))
             continue
-        with os.fdopen(marker, "w") as handle:
+        except FileNotFoundError:  # its parent set aside meanwhile: again
+            continue
+        with os.fdopen(os.open(directory / OWNER, _NEW_FILE, 0o644), "w") as handle:
             handle.write(job_id)
         return
     raise OSError(0, "another job's output is in the way", str(directory))

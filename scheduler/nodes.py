@@ -38,7 +38,7 @@ from batchd.events import errors
 from batchd.events.envelope import NewEvent
 from batchd.events.store import EventStore
 from batchd.events.timeutil import now_us
-from batchd.projections import allocation, lifecycle
+from batchd.projections import allocation, lifecycle, views
 from batchd.projections.model import (
     LEAVING,
     LOST,
@@ -251,6 +251,7 @@ class NodeService:
             await self.control.run(lambda m: _fail(m, job_id, attempt, error, unsent),
                                    key=self._key(job_id))  # fmt: skip
             return
+        reused = views.name_reused(self.models, job)
         for plan in plans:
             self._send_start(plan.node_id, {
                 "type": "StartTask", "jobId": job.job_id, "attempt": job.attempt,
@@ -259,7 +260,7 @@ class NodeService:
                 "inputs": plan.inputs, "outputs": plan.outputs,
                 **_image(container),
                 "shmSize": container.get("shmSize"),
-                "stdouterr": plan.env["AZ_BATCHAI_STDOUTERR_DIR"],
+                "stdouterr": plan.env["AZ_BATCHAI_STDOUTERR_DIR"], "reused": reused,
                 "workDir": str(jobs_root / "work" / f"{job.job_id}.{job.attempt}.{plan.index}"),
                 "preparation": preparation,
             })  # fmt: skip

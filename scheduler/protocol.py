@@ -21,7 +21,7 @@ Agent to daemon (POST /agent/v1/messages, a list of messages in one body):
            its attempts retried, without waiting out its silence
 Daemon to agent (GET /agent/v1/commands?node=&incarnation=&wait=S, long-poll):
   StartTask {jobId, attempt, task, gpus, command, env, files, workDir, stdouterr, runtime,
-             image?, preparation?}
+             image?, preparation?, reused? (an earlier job had its name: see files.claim)}
   KillTask {jobId, attempt, task}
   RunSetup {command, env, stdouterr, workDir}: the cluster's nodeSetup.setupTask, run before
              the node takes work

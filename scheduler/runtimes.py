@@ -55,12 +55,14 @@ def job_temp(spec: dict[str, Any]) -> str | None:
 
 
 def prepare_directories(spec: dict[str, Any]) -> TaskResult | None:
-    """Make a task's stdouterr (claimed for its job: files.claim), work, job temp and output
-    directories and write its files (the MPI host file); a failed TaskResult saying what
-    could not be written, or None."""
+    """Make a task's stdouterr (claimed for its job where its name was reused: files.claim),
+    work, job temp and output directories and write its files (the MPI host file); a failed
+    TaskResult saying what could not be written, or None."""
     try:
-        files.claim(Path(spec["stdouterr"]), str(spec.get("jobId", "")))
+        if spec.get("reused"):  # a name an earlier job had: its output may be in the way
+            files.claim(Path(spec["stdouterr"]), str(spec.get("jobId", "")))
         for path in (
+            spec["stdouterr"],
             spec["workDir"],
             job_temp(spec),
             *output_dirs(spec),

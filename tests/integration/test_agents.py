@@ -630,7 +630,6 @@ async def test_a_reused_job_name_has_output_of_its_own(local, tmp_path, where):
     out = base / "default/default/again/1"
     await _run(client, "again", "echo first", **prefix)
     await _ended(daemon, client, "again")
-    first = newest_job(daemon.models.models, "again").job_id
     assert (out / "stdouterr/stdout.txt").read_text() == "first\n"
     assert (await client.call("DELETE", f"{EXP}/jobs/again"))[0] in (200, 202)
     await client.call("PUT", "/v1/workspaces/default/clusters/nobody", ONE_NODE)
@@ -648,8 +647,14 @@ async def test_a_reused_job_name_has_output_of_its_own(local, tmp_path, where):
         assert (r.status, await r.text()) == (200, "second\n")
     _status, listed = await client.call("GET", f"{EXP}/jobs/again/files")
     assert sorted(f["name"] for f in listed["value"]) == ["stderr.txt", "stdout.txt"]
-    kept = out / f"stdouterr-{first}/stdout.txt"  # set aside, not lost
+    kept = out / "stdouterr-unknown/stdout.txt"  # set aside, not lost (a first job: no marker)
     assert kept.read_text() == "first\n"
+    second = newest_job(daemon.models.models, "again").job_id
+    assert (await client.call("DELETE", f"{EXP}/jobs/again"))[0] in (200, 202)
+    await _run(client, "again", "echo third", **prefix)
+    assert (await _ended(daemon, client, "again"))["properties"]["state"] == "succeeded"
+    assert (out / "stdouterr/stdout.txt").read_text() == "third\n"
+    assert (out / f"stdouterr-{second}/stdout.txt").read_text() == "second\n"
 
 
 async def test_output_on_the_node_can_be_followed_while_the_job_runs(local, tmp_path):

@@ -47,13 +47,15 @@ def test_the_tasks_of_one_job_claiming_a_shared_directory_at_once_all_keep_it(tm
         assert (out.with_name("stdouterr-old") / "stdout.txt").read_text() == "old\n"
 
 
-def test_a_directory_made_before_markers_were_is_the_jobs_that_claims_it(tmp_path: Path):
+def test_the_output_of_a_names_first_job_has_no_marker_and_is_set_aside_by_the_next(tmp_path):
     out = tmp_path / "stdouterr"
-    out.mkdir()
-    (out / "stdout.txt").write_text("earlier\n")
+    out.mkdir()  # a name's first job makes its directories plainly
+    (out / "stdout.txt").write_text("first\n")
     assert files.owner(out) is None
-    files.claim(out, "job")
-    assert files.owner(out) == "job" and (out / "stdout.txt").exists()
+    files.claim(out, "second")
+    assert files.owner(out) == "second" and not (out / "stdout.txt").exists()
+    kept = tmp_path / f"stdouterr-{files.FOREIGN}/stdout.txt"
+    assert kept.read_text() == "first\n"
 
 
 def test_a_marker_a_job_replaced_with_a_fifo_or_a_link_is_foreign_and_never_blocks(tmp_path):
