@@ -340,16 +340,19 @@ class _Reconnecting:
     file stream`) and rides out a restart of the daemon: a request that cannot reach the server
     is made again each second, once /readyz says the daemon is ready again, and ServerLost ends
     it when the server has been lost for RECONNECT_WITHIN seconds (or at `until`, a
-    time.monotonic()). The server's own answers (ApiError) are raised as they are."""
+    time.monotonic()). The server's own answers (ApiError) are raised as they are, but a 503
+    (a daemon starting). A server never reached fails at once (a mistyped --server)."""
 
-    def __init__(self, api: Client, until: float | None = None) -> None:
+    def __init__(self, api: Client, until: float | None = None, answered: bool = False) -> None:
         self.api = api
         self.until = math.inf if until is None else until
         self.lost_at: float | None = None  # when the server was lost, while it is
+        self.answered = answered  # the server has answered this command once
 
     def reached(self) -> None:
         """The server answers: a later loss has the whole window again."""
         self.lost_at = None
+        self.answered = True
 
     async def call(self, request: Callable[[], Awaitable[T]]) -> T:
         while True:
@@ -366,7 +369,7 @@ class _Reconnecting:
     async def _lost(self, exc: ClientError) -> None:
         """Wait before the next try, or raise: the server's answer, or ServerLost."""
         starting = isinstance(exc, ApiError) and exc.status == 503  # starting, or log away
-        if isinstance(exc, ApiError) and not starting:
+        if (isinstance(exc, ApiError) or not self.answered) and not starting:
             raise exc
         now = time.monotonic()
         self.lost_at = self.lost_at or now
@@ -854,6 +857,7 @@ async def events_tail(args: argparse.Namespace) -> int:
     show = json.dumps if args.json else _event_line
     async with _client(args) as api:
         after = args.after
+        asked_head = after is None  # (the server answered, then)
         if after is None:
             try:
                 head = (await api.get("/readyz")).get("position", 0)
@@ -864,16 +868,18 @@ async def events_tail(args: argparse.Namespace) -> int:
                                   "its log); give --after POSITION") from None  # fmt: skip
             after = max(0, head - args.lines)
         if args.follow:
-            await _follow(api, after, show)
+            await _follow(api, after, show, asked_head)
             return 0
         async for event in api.items("/v1/events", after=after, top=1000):
             print(show(event))
     return 0
 
 
-async def _follow(api: Client, after: int, show: Callable[[dict[str, Any]], str]) -> None:
-    """Print the event stream from `after` on; reconnect (resuming) if the server drops it."""
-    server = _Reconnecting(api)
+async def _follow(api: Client, after: int, show: Callable[[dict[str, Any]], str],
+                  answered: bool) -> None:  # fmt: skip
+    """Print the event stream from `after` on; reconnect (resuming) if the server drops it
+    (`answered`: the server has answered this command already)."""
+    server = _Reconnecting(api, answered=answered)
     last = after
     headers = {"Accept": "text/event-stream"}
 

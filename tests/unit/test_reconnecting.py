@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
+
 from batchd.scheduler.cli_api import _Reconnecting
-from batchd.scheduler.client import ApiError
+from batchd.scheduler.client import ApiError, ClientError
 
 
 async def test_a_first_answer_of_a_starting_daemon_is_waited_through():
@@ -28,3 +30,19 @@ async def test_a_first_answer_of_a_starting_daemon_is_waited_through():
 
     assert await _Reconnecting(Api()).call(request) == "job"
     assert asked == ["/readyz"]  # it waited for the daemon to be ready, then asked again
+
+
+async def test_a_server_never_reached_fails_at_once():
+    """A mistyped --server is said at once, not after the 30 s a restart is given."""
+    tries = []
+
+    class Api:
+        cfg = SimpleNamespace(server="http://127.0.0.1:9")
+
+    async def request():
+        tries.append(1)
+        raise ClientError("cannot reach the batchd server at http://127.0.0.1:9: refused")
+
+    with pytest.raises(ClientError, match="cannot reach"):
+        await _Reconnecting(Api()).call(request)
+    assert len(tries) == 1  # not tried again
