@@ -776,7 +776,17 @@ async def get_file(request: web.Request) -> web.StreamResponse:
 
         headers = {"Last-Modified": _http_date(info.st_mtime),
                    "ETag": f'"{info.st_mtime_ns:x}-{info.st_size:x}"'}  # fmt: skip
+        if _etags(request.headers.get("If-None-Match", "")) & {headers["ETag"], "*"}:
+            return web.Response(status=304, headers=headers)  # the client's copy is current
+        if request.headers.get("If-Range", headers["ETag"]) not in headers.values():
+            wanted = None  # the part asked is of another version: all of this one
         return await _send_bytes(request, wanted, info.st_size, read, headers)
+
+
+def _etags(header: str) -> set[str]:
+    """The entity tags of an If-None-Match header (weak ones compared as strong: a file's
+    tag is its modification time and size)."""
+    return {tag.strip().removeprefix("W/") for tag in header.split(",") if tag.strip()}
 
 
 async def _remote_file(request: web.Request, node: str, path: Path) -> web.StreamResponse:

@@ -198,6 +198,15 @@ async def test_output_files_are_listed_and_read_by_range_as_they_grow(client, ap
     rest = {**client.headers, "Range": "bytes=8-"}
     async with client.session.get(client.url + link, headers=rest) as r:
         assert (r.status, await r.read()) == (206, b"epoch 2\n")
+        etag = r.headers["ETag"]
+    unchanged = {**client.headers, "If-None-Match": etag}
+    async with client.session.get(client.url + link, headers=unchanged) as r:
+        assert (r.status, await r.read()) == (304, b"")  # a cache's copy is current
+    stale = {**rest, "If-Range": '"an-older-version"'}
+    async with client.session.get(client.url + link, headers=stale) as r:
+        assert (r.status, await r.read()) == (200, b"epoch 1\nepoch 2\n")  # all of it, anew
+    async with client.session.get(client.url + link, headers={**rest, "If-Range": etag}) as r:
+        assert (r.status, await r.read()) == (206, b"epoch 2\n")
 
     async def finish():
         await asyncio.sleep(0.5)
