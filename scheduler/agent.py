@@ -382,7 +382,7 @@ class Agent:
                     await asyncio.sleep(RETRY_DELAY)
                     continue
                 # refused (or a fault of the daemon's): sending it again would not help
-                if len(parts) > 1 and exc.status is not None and exc.status in (400, 413, 500):
+                if len(parts) > 1 and exc.status in (400, 413, 500):
                     half = len(parts) // 2
                     await self._send_batch(parts[:half])
                     await self._send_batch(parts[half:])

@@ -299,15 +299,16 @@ def _relative_path(option: str, path: str) -> str:
     """A file path the user gave with `option`, as percent-encoded URL path segments below the
     job's files; InputError naming `option` for one that could lead elsewhere (the checks the
     API makes of its `directory` query, made here since a URL's dot segments never reach it)."""
+    from batchd.scheduler import files  # (only here: the server's module)
+    from batchd.scheduler.schema import DocumentError
+
     if not path:
         raise InputError(f"{option}: must not be empty")
-    if "\x00" in path or "\\" in path:
-        raise InputError(f"{option}: must not contain NUL or backslashes")
-    if path.startswith("/"):
-        raise InputError(f"{option}: must be relative to the output directory")
+    try:
+        files.joined(Path(), path, option)  # the API's own rules
+    except DocumentError as exc:
+        raise InputError(str(exc)) from None
     parts = [part for part in path.split("/") if part]
-    if ".." in parts:
-        raise InputError(f"{option}: must not contain '..'")
     if "." in parts:
         raise InputError(f"{option}: must not contain '.' segments")
     return "/".join(segment(part) for part in parts)

@@ -170,7 +170,7 @@ def _marker(directory: Path, tries: int = 20, wait_missing: bool = False) -> str
     or the directory is a first job's), None if there is none (or no directory)."""
     for _ in range(tries):  # a marker is being written: read it again
         try:
-            fd = os.open(directory / OWNER, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            fd = os.open(directory / OWNER, _LAST)
         except (FileNotFoundError, NotADirectoryError):
             if not wait_missing or not directory.is_dir():
                 return None

@@ -77,6 +77,7 @@ RESEND_AFTER = 5.0  # seconds before a StartTask the node does not report is sen
 # heartbeats before it is taken to have stopped (its exit report, or its start, was lost)
 STOPPED_AFTER = 3 * RESEND_AFTER
 MAX_GPUS = 64  # a node reporting more is refused
+BEGUN = (PREPARING_JOB, RUNNING, TERMINATING)  # a job whose tasks have begun on their nodes
 # states of a node with an agent, in which silence for NODE_TIMEOUT makes it lost
 LOSABLE = (SUSPECT, LEAVING, PREPARING, UNUSABLE)
 FORGET = 60.0  # seconds after which the daemon forgets a silent node id it has no node for
@@ -547,15 +548,8 @@ class NodeService:
         node = self.models.nodes.get(node_id)
         if node is None:
             return set()
-        out = set()
-        for job_id, attempt, task in node.allocations.values():
-            key = (job_id, attempt, task)
-            job = self.models.jobs.get(job_id)
-            if (key not in self.unstarted and job is not None and job.attempt == attempt
-                    and job.state in (PREPARING_JOB, RUNNING, TERMINATING)
-                    and str(task) not in job.task_exits):  # fmt: skip
-                out.add(key)
-        return out
+        keys = {(job_id, attempt, task) for job_id, attempt, task in node.allocations.values()}
+        return {k for k in keys if k not in self.unstarted and _awaiting_exit(self.models, k)}
 
     def _resend_unstarted(self, node_id: str, running: list[Any]) -> list[tuple[str, int]]:
         """StartTask again for tasks sent to this node a while ago that it does not run and
@@ -865,15 +859,21 @@ def _vanished(
 ) -> list[Decision]:
     """A task of the current attempt that its node no longer runs, its exit never reported
     (the report was lost): the attempt ends as a node failure, its exit code unknown."""
+    if not _placed_on(m, key, node_id) or not _awaiting_exit(m, key):
+        return []
     job_id, attempt, task = key
-    job = m.jobs.get(job_id)
-    if not _placed_on(m, key, node_id) or job is None or str(task) in job.task_exits:
-        return []
-    if job.state not in (PREPARING_JOB, RUNNING, TERMINATING):
-        return []
     message = f"node {node_id} no longer runs task {task}, and its end was not reported"
     return retries.attempt_ended(m, job_id, attempt, "node_lost",
                                  error={"code": "task_vanished", "message": message})  # fmt: skip
+
+
+def _awaiting_exit(m: ReadModels, key: protocol.TaskKey) -> bool:
+    """Is task `key` the current attempt's, begun (preparing, running, or being terminated),
+    with no exit recorded?"""
+    job_id, attempt, task = key
+    job = m.jobs.get(job_id)
+    return (job is not None and job.attempt == attempt and job.state in BEGUN
+            and str(task) not in job.task_exits)  # fmt: skip
 
 
 def _placed_on(m: ReadModels, key: protocol.TaskKey, node_id: str) -> bool:

@@ -31,6 +31,18 @@ def _until_gone(pid: int, seconds: float = 5) -> bool:
     return False
 
 
+def _until_labelled(pid: int, seconds: float = 5) -> bool:
+    """Wait until process `pid` carries the task's label (a child just started may not have
+    exec'd yet: until then its environment is its parent's)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/environ", "rb") as handle:
+            if f"{TASK_VARIABLE}={LABEL}".encode() in handle.read().split(b"\0"):
+                return True
+        time.sleep(0.01)
+    return False
+
+
 def _leaderless(group: subprocess.Popen) -> int:
     """End the group's leader, leaving its child; the child's pid."""
     child = int(group.stdout.readline())
@@ -97,6 +109,7 @@ def test_what_left_the_tasks_group_is_killed_too_by_its_label(tmp_path):
             ["sleep", "60"], start_new_session=True, env={**os.environ, TASK_VARIABLE: LABEL}
         )  # setsid
         try:
+            assert _until_labelled(detached.pid)  # exec'd: its environment is the label's
             (tmp_path / "slot-1.pid").write_text(process_mark(left.pid, LABEL))
             assert reap_leftovers(tmp_path) == 1
             assert _until_gone(left_child) and detached.wait(5) == -9
