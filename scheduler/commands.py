@@ -9,7 +9,7 @@ is the HTTP status the API answers with: 404 for something missing, 409 for a co
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from batchd.events.envelope import NewEvent
@@ -196,20 +196,24 @@ def delete_cluster(m: ReadModels, workspace: str, name: str, actor: str) -> list
     return out
 
 
-def resize_changes(m: ReadModels, actor: str) -> list[Decision]:
+def resize_changes(m: ReadModels, actor: str,
+                   wanted: Mapping[str, int] | None = None) -> list[Decision]:  # fmt: skip
     """Batch AI's allocationState: ClusterResizeStarted once a cluster's nodes are not what
-    its manual scale settings ask (too few have joined, too many, or some are still leaving),
-    ClusterResizeCompleted once they are. Cheap: the planner loop asks at every cycle.
-    (A cluster that scales itself, `autoScale`, stays steady.)"""
+    it wants (too few have joined, too many, or some are still leaving), ClusterResizeCompleted
+    once they are. A cluster with manual scale settings wants their `targetNodeCount`; one that
+    scales itself (`autoScale`) wants what its provider says (`wanted`, by cluster id: the
+    local provider's count for its queue), and with no provider to scale it stays steady.
+    Cheap: the planner loop asks at every cycle."""
     out = []
     for cluster in m.clusters.values():
         manual = cluster.scale_settings.get("manual")
-        if cluster.deleting or manual is None:
+        target = manual.get("targetNodeCount", 0) if manual is not None else None
+        if wanted is not None and cluster.cluster_id in wanted:
+            target = wanted[cluster.cluster_id]
+        if cluster.deleting or target is None:
             continue
         states = {m.nodes[node_id].state for node_id in cluster.nodes}
-        settled = len(cluster.nodes) == manual.get("targetNodeCount", 0) and not (
-            LEAVING in states or PROVISIONING in states
-        )
+        settled = len(cluster.nodes) == target and not (LEAVING in states or PROVISIONING in states)
         if settled == (cluster.allocation_state == "steady"):
             continue
         type_ = "ClusterResizeCompleted" if settled else "ClusterResizeStarted"

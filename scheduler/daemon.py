@@ -269,6 +269,8 @@ class Daemon:
             if position != planned_at or time.monotonic() - last >= PLAN_IDLE:
                 planned_at, last = position, time.monotonic()
                 try:
+                    # first: a job its cluster grows for is told cluster_scaling at once
+                    await self._resize_changes()
                     await self.control.run(lambda m: self._timed_plan(m))
                     await self.nodes.dispatch()
                     for provider in self.providers:
@@ -276,8 +278,6 @@ class Daemon:
                     if commands.finish_deletions(self.models.models, ACTOR):  # any due?
                         await self.control.run(lambda m: commands.finish_deletions(m, ACTOR),
                                                structural=True)  # fmt: skip
-                    if commands.resize_changes(self.models.models, ACTOR):
-                        await self.control.run(lambda m: commands.resize_changes(m, ACTOR))
                 except errors.StoreUnavailable as exc:  # the log is back soon: plan again then
                     logger.warning("planner.store_unavailable", error=str(exc))
                     planned_at = -1
@@ -285,6 +285,14 @@ class Daemon:
                 await asyncio.sleep(max(PLAN_GAP, 3 * self._plan_seconds))
             with contextlib.suppress(TimeoutError):
                 await self.models.wait_for(planned_at + 1, 1.0)
+
+    async def _resize_changes(self) -> None:
+        """Each cluster's allocation state, against the node counts its provider wants."""
+        wanted: dict[str, int] = {}
+        for provider in self.providers:
+            wanted.update(provider.wanted())
+        if commands.resize_changes(self.models.models, ACTOR, wanted):  # any due?
+            await self.control.run(lambda m: commands.resize_changes(m, ACTOR, wanted))
 
     def _timed_plan(self, models) -> list:
         started = time.perf_counter()

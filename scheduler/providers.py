@@ -66,6 +66,11 @@ class Provider(Protocol):
 
     async def reconcile(self) -> None: ...
 
+    def wanted(self) -> dict[str, int]:
+        """How many nodes each cluster it scales wants now, by cluster id (see
+        commands.resize_changes)."""
+        ...
+
     async def stop(self) -> None: ...
 
 
@@ -152,6 +157,11 @@ class LocalProvider:
             (self.state_dir / "agent.token").unlink(missing_ok=True)
         except OSError as exc:
             logger.warning("local.legacy_token_file", error=str(exc))
+
+    def wanted(self) -> dict[str, int]:
+        m = self.control.models
+        cluster_id = m.cluster_ids.get(f"{WORKSPACE}/{CLUSTER}")
+        return {} if cluster_id is None else {cluster_id: self._target()}
 
     def _target(self) -> int:
         m = self.control.models

@@ -1148,12 +1148,19 @@ async def test_a_local_cluster_with_autoscale_follows_its_queue(local):
     cluster = "/v1/workspaces/default/clusters/local"
     auto = {"autoScale": {"minimumNodeCount": 0, "maximumNodeCount": 3, "initialNodeCount": 0}}
     assert (await client.call("PATCH", cluster, {"scaleSettings": auto}))[0] == 200
-    await _until(lambda: not models.nodes, 30)  # idle: down to its minimum
-    for name in ("a1", "a2", "a3"):
+    local_cluster = models.clusters[models.cluster_ids["default/local"]]
+    await _until(lambda: not models.nodes and local_cluster.allocation_state == "steady", 30)
+    for name in ("a1", "a2", "a3"):  # idle, down to its minimum; now it grows for them
         await _run(client, name, "sleep 600", gpusPerNode=4)
+    await _until(lambda: local_cluster.allocation_state == "resizing", 10)
     await _until(lambda: all(newest_job(models, n).state == "running" for n in ("a1", "a2", "a3")),
                  60)  # fmt: skip
     assert len(models.nodes) == 3
+    await _until(lambda: local_cluster.allocation_state == "steady", 10)
+    for name in ("a1", "a2", "a3"):  # each was told first that the cluster grows for it
+        events = await daemon.store.read_stream(f"job-{newest_job(models, name).job_id}")
+        reasons = [e.data["reason"]["code"] for e in events if e.type == "JobPendingReasonChanged"]
+        assert reasons[:1] == ["cluster_scaling"], (name, reasons)
     for name in ("a1", "a2", "a3"):
         await client.call("POST", f"{EXP}/jobs/{name}/terminate")
     await _until(lambda: not models.nodes, 30)  # idle again

@@ -635,6 +635,31 @@ def test_a_cluster_resizes_until_its_nodes_are_what_its_target_asks():
     assert changes() == ["ClusterResizeCompleted"]
 
 
+def test_a_cluster_that_scales_itself_resizes_toward_what_its_provider_wants():
+    w = World().cluster(nodes=1, gpus=4)
+    w.apply(
+        "ClusterScaleSettingsChanged",
+        clusterId="c",
+        scaleSettings={
+            "autoScale": {"minimumNodeCount": 0, "maximumNodeCount": 4, "initialNodeCount": 0}
+        },
+    )
+
+    def changes(wanted: dict[str, int] | None) -> list[str]:
+        decided = commands.resize_changes(w.models, "scheduler", wanted)
+        for _stream, event in decided:
+            w.apply(event.type, **event.data)
+        return [event.type for _s, event in decided]
+
+    assert changes(None) == []  # nothing scales it: steady, whatever its nodes
+    assert changes({"c": 1}) == []
+    assert changes({"c": 2}) == ["ClusterResizeStarted"]  # a queued job wants a node more
+    job = w.job(gpus=4, nodes=2)
+    assert reasons(w.plan())[job] == {"code": "cluster_scaling"}
+    w.apply("NodeRegistered", nodeId="c-n1", cluster="c", gpus=4)
+    assert changes({"c": 2}) == ["ClusterResizeCompleted"]
+
+
 def test_a_job_needing_more_nodes_than_the_cluster_keeps_is_told_so_while_they_drain():
     w = World().cluster(nodes=2, gpus=4)
     busy = w.job(gpus=4)
