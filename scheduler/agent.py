@@ -37,6 +37,7 @@ from batchd.scheduler.runtimes import (
     forget_dirs,
     hold_job_temp,
     nothing,
+    output_suffix,
     reap_leftovers,
     record_dirs,
     release_job_temp,
@@ -605,7 +606,8 @@ def _cannot_start_error(index: int, code: int | None, spec: dict[str, Any]) -> d
     other exit (the job may choose those codes itself, so its words are checked)."""
     if code not in (126, 127):
         return None
-    lines = _tail(Path(spec["stdouterr"]) / "stderr.txt", 500).strip().splitlines()
+    stderr = Path(spec["stdouterr"]) / f"stderr{output_suffix(spec)}.txt"
+    lines = _tail(stderr, 500).strip().splitlines()
     said = lines[-1][:300] if lines else ""
     if not any(words in said for words in SHELL_CANNOT_RUN):
         return None

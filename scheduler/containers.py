@@ -32,6 +32,7 @@ from batchd.scheduler.runtimes import (
     kill_tree,
     nothing,
     output_dirs,
+    output_suffix,
     prepare_directories,
 )
 
@@ -126,7 +127,7 @@ def user_ids(user: str, passwd: str | None, groups: str | None) -> tuple[int, in
 
 
 def give_to(spec: dict[str, Any], suffix: str, uid: int, gid: int) -> None:
-    """Make the task's stdouterr files (of `suffix`: "" or "-prep") and give them, its work
+    """Make the task's stdouterr files (of `suffix`: runtimes.output_suffix) and give them, its work
     directory, its job temp and its output directories to uid:gid. Links are never followed
     (a job could have planted one to another file of the host): a link, or a file where a
     directory belongs, is left alone. (An agent that is not root cannot give files away: the
@@ -219,7 +220,7 @@ class ContainerTask:
         preparation = self.spec.get("preparation")
         if preparation:
             self.on_preparing()
-            result = await self._container(preparation, "-prep", None)
+            result = await self._container(preparation, output_suffix(self.spec, True), None)
             if result.exit_code != 0 or self.killed:
                 if result.error is None and not self.killed:
                     message = f"jobPreparation exited with {result.exit_code}"
@@ -227,7 +228,7 @@ class ContainerTask:
                 return result
         if self.spec.get("command") is None:
             return TaskResult(0)
-        return await self._container(self.spec["command"], "", started)
+        return await self._container(self.spec["command"], output_suffix(self.spec), started)
 
     async def _image(self) -> dict[str, str] | None:
         """None once the image is here (pulled if it was not), else the error. Notes the

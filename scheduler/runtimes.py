@@ -6,7 +6,8 @@ was given (empty: none). `jobPreparation` runs first, the same way; if it fails,
 fails with its exit code. What a task leaves running in its group when it exits is killed.
 A task without a command (a node an MPI master reaches) exits 0 at once. stdout and stderr
 go to `stdout.txt` and `stderr.txt` in the attempt's stdouterr directory (the
-preparation's to `stdout-prep.txt`, `stderr-prep.txt`).
+preparation's to `stdout-prep.txt`, `stderr-prep.txt`); see `output_suffix` for the other
+tasks of a multi-node job.
 """
 
 from __future__ import annotations
@@ -162,7 +163,7 @@ class ProcessTask:
         preparation = self.spec.get("preparation")
         if preparation:
             self.on_preparing()
-            result = await self._run(preparation, env, work, out, "-prep")
+            result = await self._run(preparation, env, work, out, output_suffix(self.spec, True))
             if result.exit_code != 0 or self.killed:
                 if result.error is None and not self.killed:
                     message = f"jobPreparation exited with {result.exit_code}"
@@ -172,7 +173,8 @@ class ProcessTask:
         if self.spec.get("command") is None:  # a node the master reaches (MPI): nothing here
             started.set()
             return TaskResult(0)
-        return await self._run(self.spec["command"], env, work, out, "", started)
+        return await self._run(self.spec["command"], env, work, out, output_suffix(self.spec),
+                               started)  # fmt: skip
 
     async def _run(self, command: str, env: dict[str, str], work: Path, out: Path, suffix: str,
                    started: asyncio.Event | None = None) -> TaskResult:  # fmt: skip
@@ -388,6 +390,15 @@ async def wait_child(process: asyncio.subprocess.Process) -> int:
 
 
 _starting = 0  # processes being started now
+
+
+def output_suffix(spec: dict[str, Any], preparation: bool = False) -> str:
+    """What a task's stdouterr file names carry after `stdout`/`stderr`: nothing for a job's
+    first task (and a node's setup task), `-<k>` for task k of a multi-node job, whose tasks
+    may share one stdouterr directory (on shared storage, or nodes on one machine); `-prep`
+    first for its jobPreparation's. Task 2's files: `stdout-2.txt`, `stdout-prep-2.txt`."""
+    task = spec.get("task") or 0
+    return ("-prep" if preparation else "") + (f"-{task}" if task else "")
 
 
 def task_label(spec: dict[str, Any]) -> str:
