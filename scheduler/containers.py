@@ -75,7 +75,7 @@ def create_config(spec: dict[str, Any], command: str, suffix: str, engine: str,
     env = {**(spec.get("env") or {}), "CUDA_VISIBLE_DEVICES": ",".join(visible)}
     if attach_gpus and not gpus:
         env["NVIDIA_VISIBLE_DEVICES"] = "void"
-    host: dict[str, Any] = {"Binds": _binds(spec)}
+    host: dict[str, Any] = {"Mounts": _mounts(spec)}
     size = shm_bytes(spec.get("shmSize"))
     if size:
         host["ShmSize"] = size
@@ -163,11 +163,12 @@ def _give_file(name: str, directory: int, uid: int, gid: int) -> None:
         os.close(fd)
 
 
-def _binds(spec: dict[str, Any]) -> list[str]:
+def _mounts(spec: dict[str, Any]) -> list[dict[str, Any]]:
     """Host directories the task sees at the same paths: the mount root, its job temp, its
     work directory, its stdouterr directory and its output directories, read-write, and
     those of its input directories that exist, read-only (each once, the outermost kept;
-    only the paths the daemon named, never ones from the job's environment)."""
+    only the paths the daemon named, never ones from the job's environment). Bind mounts of
+    their own, not `host:container` strings, which a ':' in a path would cut wrongly."""
     env = spec.get("env") or {}
     paths = [env.get("AZ_BATCHAI_MOUNT_ROOT"), env.get("AZ_BATCHAI_JOB_TEMP"),
              spec["workDir"], spec["stdouterr"], *output_dirs(spec)]  # fmt: skip
@@ -175,8 +176,9 @@ def _binds(spec: dict[str, Any]) -> list[str]:
               if str(p).startswith("/") and os.path.isdir(p)]  # fmt: skip
     writable = _outermost([p for p in paths if p], [])
     readable = _outermost(inputs, writable)  # an input above a writable one: both, nested
-    binds = [(p, "") for p in writable] + [(p, ":ro") for p in readable]
-    return [f"{p}:{p}{mode}" for p, mode in sorted(binds, key=lambda b: len(b[0]))]
+    binds = [(p, False) for p in writable] + [(p, True) for p in readable]
+    return [{"Type": "bind", "Source": p, "Target": p, "ReadOnly": read_only}
+            for p, read_only in sorted(binds, key=lambda b: len(b[0]))]  # fmt: skip
 
 
 def _outermost(paths: list[str], within: list[str]) -> list[str]:

@@ -95,6 +95,26 @@ def _box_job(command: str, image: str = IMAGE) -> dict:
             "customToolkitSettings": {"commandLine": command}}  # fmt: skip
 
 
+async def test_a_container_job_whose_output_path_holds_a_colon_runs(box, tmp_path):
+    """Paths are bound as mounts of their own (Source, Target), not `host:container` strings
+    that a ':' in a path would cut in the wrong place."""
+    daemon, client, proxy, _agent = box
+    prefix = tmp_path / "models:v2"
+    job = {**_box_job("echo weights > $AZ_BATCHAI_OUTPUT_MODEL/w.txt"),
+           "outputDirectories": [{"id": "MODEL", "pathPrefix": str(prefix)}]}  # fmt: skip
+    assert (await client.call("PUT", f"{EXP}/jobs/colon", job))[0] == 201
+    await _ended(daemon, "colon")
+    _status, answer = await client.call("GET", f"{EXP}/jobs/colon")
+    assert answer["properties"]["state"] == "succeeded", answer["properties"]["executionInfo"]
+    [written] = prefix.rglob("w.txt")
+    assert written.read_text() == "weights\n"
+    (create,) = proxy.creates()
+    where = str(written.parent)
+    assert {"Type": "bind", "Source": where, "Target": where, "ReadOnly": False} in (
+        create["HostConfig"]["Mounts"]
+    )
+
+
 async def test_a_container_job_runs_with_its_environment_mounts_labels_and_gpus(box):
     daemon, client, proxy, _agent = box
     job = {"cluster": "box", "nodeCount": 1, "gpusPerNode": 2,
@@ -123,7 +143,7 @@ async def test_a_container_job_runs_with_its_environment_mounts_labels_and_gpus(
     assert env["CUDA_VISIBLE_DEVICES"] == "0,1" and env["AZ_BATCHAI_JOB_ID"] == job_id
     assert env["AZ_BATCHAI_MOUNT_ROOT"] == mounts
     host = create["HostConfig"]
-    assert f"{mounts}:{mounts}" in host["Binds"]
+    assert {"Type": "bind", "Source": mounts, "Target": mounts, "ReadOnly": False} in host["Mounts"]
     assert host["ShmSize"] == 64 * 1024 * 1024
     assert host["Devices"] == [  # podman: CDI names, not DeviceRequests
         {"PathOnHost": "nvidia.com/gpu=0", "PathInContainer": "", "CgroupPermissions": "rwm"},

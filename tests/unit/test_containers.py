@@ -46,21 +46,25 @@ def test_binds_output_directories_and_the_input_directories_there_are_read_only(
             "outputs": ["/srv/out/model", "/mnt/batch/logs/x", str(data / "out")],
             "env": {**SPEC["env"], "AZ_BATCHAI_INPUT_ETC": "/etc",  # the job's own variables
                     "AZ_BATCHAI_OUTPUT_KEYS": "/root/.ssh"}}  # fmt: skip
-    binds = create_config(spec, "train", "", "docker", attach_gpus=False)["HostConfig"]["Binds"]
-    assert f"{data}:{data}:ro" in binds and "/srv/out/model:/srv/out/model" in binds
-    assert f"{data}/out:{data}/out" in binds  # writable inside the read-only input
-    assert binds.index(f"{data}:{data}:ro") < binds.index(f"{data}/out:{data}/out")
-    assert not any("gone" in b for b in binds)  # an input that is not there is not bound
-    assert not any(b.startswith("/mnt/batch/logs") for b in binds)  # under the mount root
-    assert not any(b.startswith(("/etc", "/root")) for b in binds)  # only what the daemon named
+    mounts = create_config(spec, "train", "", "docker", attach_gpus=False)["HostConfig"]["Mounts"]
+    binds = [(m["Source"], m["Target"], m["ReadOnly"]) for m in mounts]
+    assert {m["Type"] for m in mounts} == {"bind"}
+    assert (str(data), str(data), True) in binds
+    assert ("/srv/out/model", "/srv/out/model", False) in binds
+    assert (f"{data}/out", f"{data}/out", False) in binds  # writable inside the read-only input
+    assert binds.index((str(data), str(data), True)) < binds.index(
+        (f"{data}/out", f"{data}/out", False)
+    )
+    assert not any("gone" in b[0] for b in binds)  # an input that is not there is not bound
+    assert not any(b[0].startswith("/mnt/batch/logs") for b in binds)  # under the mount root
+    assert not any(b[0].startswith(("/etc", "/root")) for b in binds)  # only what the daemon named
 
 
 def test_binds_the_job_paths_once_each_and_sizes_shared_memory():
     config = create_config(SPEC, "python train.py", "-prep", "docker", attach_gpus=False)
-    assert config["HostConfig"]["Binds"] == [
-        "/var/w/j1:/var/w/j1",
-        "/mnt/batch:/mnt/batch",
-        "/var/tmp/j1:/var/tmp/j1",
+    assert config["HostConfig"]["Mounts"] == [
+        {"Type": "bind", "Source": path, "Target": path, "ReadOnly": False}
+        for path in ("/var/w/j1", "/mnt/batch", "/var/tmp/j1")
     ]
     assert config["HostConfig"]["ShmSize"] == 2 * 1024**3
     assert config["Entrypoint"][3:] == ["/mnt/batch/logs/ws/e/j/2/stdouterr/stdout-prep.txt",
