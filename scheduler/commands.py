@@ -181,7 +181,11 @@ def update_scale_settings(
     if cluster.deleting:
         raise CommandError(f"cluster {name!r} is being deleted")
     data = {"clusterId": cluster.cluster_id, "scaleSettings": settings}
-    return [_event(f"cluster-{workspace}/{name}", "ClusterScaleSettingsChanged", data, actor)]
+    out = [_event(f"cluster-{workspace}/{name}", "ClusterScaleSettingsChanged", data, actor)]
+    manual = settings.get("manual")
+    if manual is not None:  # the answer shows the allocation state the new target gives
+        out += _resize_change(m, cluster, manual.get("targetNodeCount", 0), actor)
+    return out
 
 
 def delete_cluster(m: ReadModels, workspace: str, name: str, actor: str) -> list[Decision]:
@@ -210,16 +214,21 @@ def resize_changes(m: ReadModels, actor: str,
         target = manual.get("targetNodeCount", 0) if manual is not None else None
         if wanted is not None and cluster.cluster_id in wanted:
             target = wanted[cluster.cluster_id]
-        if cluster.deleting or target is None:
-            continue
-        states = {m.nodes[node_id].state for node_id in cluster.nodes}
-        settled = len(cluster.nodes) == target and not (LEAVING in states or PROVISIONING in states)
-        if settled == (cluster.allocation_state == "steady"):
-            continue
-        type_ = "ClusterResizeCompleted" if settled else "ClusterResizeStarted"
-        stream = f"cluster-{cluster.workspace}/{cluster.name}"
-        out.append(_event(stream, type_, {"clusterId": cluster.cluster_id}, actor))
+        if not cluster.deleting and target is not None:
+            out += _resize_change(m, cluster, target, actor)
     return out
+
+
+def _resize_change(m: ReadModels, cluster: Cluster, target: int, actor: str) -> list[Decision]:
+    """ClusterResizeStarted or ClusterResizeCompleted where the cluster's nodes, against
+    `target`, call for a change of its allocation state; else nothing."""
+    states = {m.nodes[node_id].state for node_id in cluster.nodes}
+    settled = len(cluster.nodes) == target and not (LEAVING in states or PROVISIONING in states)
+    if settled == (cluster.allocation_state == "steady"):
+        return []
+    type_ = "ClusterResizeCompleted" if settled else "ClusterResizeStarted"
+    stream = f"cluster-{cluster.workspace}/{cluster.name}"
+    return [_event(stream, type_, {"clusterId": cluster.cluster_id}, actor)]
 
 
 def finish_deletions(m: ReadModels, actor: str) -> list[Decision]:

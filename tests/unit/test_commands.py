@@ -165,12 +165,16 @@ def test_workspaces_experiments_and_clusters(w):
     with pytest.raises(DocumentError, match="not a known property") as beside:
         commands.update_scale_settings(w.m, "ws", "gpu", both, "user:ops")
     assert beside.value.path == "scaleSettings"  # beside the envelope: not silently ignored
-    w.do(
-        commands.update_scale_settings(
-            w.m, "ws", "gpu", {"scaleSettings": {"manual": {"targetNodeCount": 2}}}, "user:ops"
-        )
-    )
+    grow = {"scaleSettings": {"manual": {"targetNodeCount": 2}}}
+    changed = w.do(commands.update_scale_settings(w.m, "ws", "gpu", grow, "user:ops"))
     assert w.m.clusters["id-1"].scale_settings == {"manual": {"targetNodeCount": 2}}
+    # the update's own answer shows the cluster resizing toward its two nodes
+    assert [e.type for _s, e in changed][1:] == ["ClusterResizeStarted"]
+    assert w.m.clusters["id-1"].allocation_state == "resizing"
+    none = {"scaleSettings": {"manual": {"targetNodeCount": 0}}}
+    changed = w.do(commands.update_scale_settings(w.m, "ws", "gpu", none, "user:ops"))
+    assert [e.type for _s, e in changed][1:] == ["ClusterResizeCompleted"]  # it has none
+    w.do(commands.update_scale_settings(w.m, "ws", "gpu", grow, "user:ops"))
     w.do(commands.submit_job(w.m, "ws", "exp", "j", JOB, "user:ann", cluster="gpu"))
     deleted = w.do(commands.delete_experiment(w.m, "ws", "exp", "user:ops"))
     assert [e.type for _s, e in deleted] == [
