@@ -485,8 +485,9 @@ class Agent:
             return
         try:
             code = await task.exec(command["command"], send)
-        except (OSError, aiodocker.DockerError) as exc:
-            send(exitCode=None, error={"code": "exec_failed", "message": str(exc)})
+        except Exception as exc:  # (OSError, DockerError, ValueError...): always answered
+            message = str(exc) or type(exc).__name__
+            send(exitCode=None, error={"code": "exec_failed", "message": message})
             return
         send(exitCode=code)
 

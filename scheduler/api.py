@@ -43,7 +43,7 @@ from batchd.scheduler.clusterspec import parse_cluster
 from batchd.scheduler.commands import CommandError
 from batchd.scheduler.control import REQUEST, Control
 from batchd.scheduler.jobspec import parse_job
-from batchd.scheduler.schema import DocumentError, unwrap
+from batchd.scheduler.schema import DocumentError, string, unwrap
 from batchd.scheduler.vmsizes import Catalog
 
 logger = structlog.get_logger(__name__)
@@ -563,6 +563,9 @@ async def delete_job(request: web.Request) -> web.Response:
 EXEC_FIELDS = {"command", "node"}
 
 
+EXEC_COMMAND = string()  # as long as a job's command line may be
+
+
 def _exec_asked(api: Api, job: Job, body: Any) -> tuple[str, int]:
     """The command and task index an exec asks for, checked against the job."""
     if not isinstance(body, dict):
@@ -571,8 +574,11 @@ def _exec_asked(api: Api, job: Job, body: Any) -> tuple[str, int]:
     if unknown:
         raise DocumentError(unknown[0], "is not a known property")
     command, task = body.get("command"), body.get("node", 0)
-    if not isinstance(command, str) or not command.strip():
+    if command is None:
         raise DocumentError("command", "is required: the command line to run")
+    EXEC_COMMAND(command, "command")  # a string, with no NUL, of UTF-8
+    if not command.strip():
+        raise DocumentError("command", "must not be blank: the command line to run")
     if type(task) is not int or task < 0:
         raise DocumentError("node", "must be a task index (0 and up)")
     if job.state != RUNNING or api.nodes is None:

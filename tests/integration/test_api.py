@@ -333,6 +333,15 @@ async def test_exec_on_a_task_that_has_ended_says_so(client, api):
     assert status == 409
     message = answer["error"]["message"]
     assert "task 1 of job 'mpi' has ended (exit code 0)" in message and "task 0" in message
+    for command, rule in (
+        ("a\x00b", "must not contain NUL characters"),
+        (["ps"], "must be a string, not"),
+        ("  ", "must not be blank"),
+    ):
+        status, answer = await client.call("POST", f"{EXP}/jobs/mpi/exec", {"command": command})
+        assert status == 400, answer  # refused before any agent is asked
+        assert answer["error"]["details"][0]["name"] == "command"
+        assert rule in answer["error"]["details"][0]["value"]
 
 
 async def test_a_jobs_history_stays_readable_after_its_workspace_is_deleted(client, api):

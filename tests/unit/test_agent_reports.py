@@ -254,3 +254,18 @@ async def test_a_task_its_watchdog_killed_while_the_agent_was_frozen_is_the_node
     await ending
     exited = agent.outbox.get_nowait()
     assert exited["type"] == "TaskExited" and exited["error"]["code"] == protocol.LEASE_EXPIRED
+
+
+async def test_an_exec_that_cannot_run_is_answered_with_why(tmp_path):
+    """Whatever stops an exec from starting, the daemon (and the user's CLI, waiting on it)
+    hears so at once, rather than waiting until the task ends."""
+    agent = Agent("http://127.0.0.1:1", "t", "n1", "ws/c", Gpus(0), ["process"], tmp_path)
+    task = runtimes.ProcessTask({"jobId": "j1", "attempt": 1, "task": 0, "workDir": str(tmp_path),
+                                 "stdouterr": str(tmp_path)})  # fmt: skip
+    agent.tasks = {("j1", 1, 0): task}
+    exec_id = "e1"
+    await agent._exec({"execId": exec_id, "jobId": "j1", "attempt": 1, "task": 0,
+                       "command": "a\x00b"})  # fmt: skip
+    answer = agent.outbox.get_nowait()
+    assert (answer["type"], answer["execId"], answer["exitCode"]) == ("ExecOutput", "e1", None)
+    assert answer["error"]["code"] == "exec_failed" and "null" in answer["error"]["message"]
