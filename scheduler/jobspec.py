@@ -48,6 +48,23 @@ def _storage_path(value: Any, path: str) -> str:
     return text
 
 
+_ROOTED = re.compile(r"/|\$(AZ_BATCHAI_(JOB_)?MOUNT_ROOT|\{AZ_BATCHAI_(JOB_)?MOUNT_ROOT\})(/|$)")
+
+
+def storage_prefix(value: Any, path: str) -> str:
+    """Where output goes (`stdOutErrPathPrefix`, an output directory's `pathPrefix`): a
+    storage path that is absolute, or starts with `$AZ_BATCHAI_MOUNT_ROOT` or
+    `$AZ_BATCHAI_JOB_MOUNT_ROOT` (a relative one would land wherever a node's agent runs)."""
+    text = _storage_path(value, path)
+    if not _ROOTED.match(text):
+        rule = "must be an absolute path or start with $AZ_BATCHAI_MOUNT_ROOT"
+        raise DocumentError(path, f"{rule} or $AZ_BATCHAI_JOB_MOUNT_ROOT")
+    return text
+
+
+_dir_id = string(max_len=64, pattern=r"[A-Za-z0-9_]+",
+                 what="1-64 letters, digits or '_' (it names AZ_BATCHAI_INPUT_<id> "
+                      "or AZ_BATCHAI_OUTPUT_<id>)")  # fmt: skip
 _env_name = string(max_len=256, pattern=r"[A-Za-z_][A-Za-z0-9_]*", what="a variable name")
 _count = integer(1, 10_000)
 
@@ -173,12 +190,12 @@ JOB_PROPERTIES = obj({
     }, required=["imageSourceRegistry"]),
     **_TOOLKIT_FIELDS,
     "jobPreparation": obj({"commandLine": _text}, required=["commandLine"]),
-    "inputDirectories": items(obj({"id": _name, "path": _text}, required=["id", "path"])),
+    "inputDirectories": items(obj({"id": _dir_id, "path": _text}, required=["id", "path"])),
     "outputDirectories": items(obj({
-        "id": _name, "pathPrefix": _storage_path, "pathSuffix": _storage_path, "type": _text,
+        "id": _dir_id, "pathPrefix": storage_prefix, "pathSuffix": _storage_path, "type": _text,
         "createNew": boolean,
     }, required=["id", "pathPrefix"])),
-    "stdOutErrPathPrefix": _storage_path,
+    "stdOutErrPathPrefix": storage_prefix,
     "environmentVariables": items(obj({"name": _env_name, "value": string(max_len=32_768)},
                                       required=["name", "value"])),
     "secrets": items(obj({"name": _env_name, "value": string(max_len=32_768),
@@ -247,16 +264,24 @@ def parse_job(document: Any) -> JobSpec:
     )
 
 
+_SETS_VARIABLE = (  # (field, what names the variable an item sets, the variable's prefix)
+    ("environmentVariables", "name", ""), ("secrets", "name", ""),
+    ("inputDirectories", "id", "AZ_BATCHAI_INPUT_"),
+    ("outputDirectories", "id", "AZ_BATCHAI_OUTPUT_"),
+)  # fmt: skip
+
+
 def _check_unique_variables(props: dict[str, Any], prefix: str) -> None:
-    """Each environment variable is set once: by one environmentVariables or secrets entry
-    (a second would silently replace the first)."""
+    """Each environment variable is set once: by one environmentVariables or secrets entry,
+    or one input or output directory's id (a second would silently replace the first)."""
     first: dict[str, str] = {}
-    for field in ("environmentVariables", "secrets"):
+    for field, key, variable in _SETS_VARIABLE:
         for index, item in enumerate(props.get(field, ())):
-            path = f"{prefix}.{field}[{index}].name".lstrip(".")
-            earlier = first.setdefault(item["name"], path)
+            path = f"{prefix}.{field}[{index}].{key}".lstrip(".")
+            name = variable + item[key]
+            earlier = first.setdefault(name, path)
             if earlier != path:
-                raise DocumentError(path, f"{item['name']} is set already, by {earlier}")
+                raise DocumentError(path, f"{name} is set already, by {earlier}")
 
 
 def _wall_clock(props: dict[str, Any], prefix: str) -> int:

@@ -87,6 +87,16 @@ def test_a_batch_ai_resource_id_names_the_cluster(w):
         ({"constraints": {"maxWallClockTime": "-1:00:00"}}, "constraints.maxWallClockTime",
          "negative"),
         ({"magic": True}, "magic", "not a known property"),
+        ({"stdOutErrPathPrefix": "logs"}, "stdOutErrPathPrefix", "must be an absolute path"),
+        ({"outputDirectories": [{"id": "M", "pathPrefix": "out"}]},
+         "outputDirectories[0].pathPrefix", "or start with $AZ_BATCHAI_MOUNT_ROOT"),
+        ({"outputDirectories": [{"id": "a-b", "pathPrefix": "/o"}]}, "outputDirectories[0].id",
+         "letters, digits or '_'"),
+        ({"inputDirectories": [{"id": "A", "path": "/x"}, {"id": "A", "path": "/y"}]},
+         "inputDirectories[1].id", "AZ_BATCHAI_INPUT_A is set already, by inputDirectories[0].id"),
+        ({"environmentVariables": [{"name": "AZ_BATCHAI_OUTPUT_M", "value": "/v"}],
+          "outputDirectories": [{"id": "M", "pathPrefix": "/o"}]}, "outputDirectories[0].id",
+         "set already, by environmentVariables[0].name"),
     ],
 )  # fmt: skip
 def test_bad_jobs_are_refused_by_field(w, change, where, rule):
@@ -264,3 +274,17 @@ def test_a_cluster_being_deleted_loses_its_idle_nodes_then_goes_when_the_last_jo
     last = w.do(commands.finish_deletions(w.m, "batchd:serve"))
     assert [e.type for _s, e in last] == ["NodeRemoved", "ClusterDeleted"]
     assert "id-1" not in w.m.clusters and commands.finish_deletions(w.m, "x") == []
+
+
+def test_output_goes_under_an_absolute_path_or_a_mount_root(w):
+    for prefix in ("/srv/logs", "$AZ_BATCHAI_MOUNT_ROOT", "${AZ_BATCHAI_JOB_MOUNT_ROOT}/logs"):
+        job = {**JOB, "stdOutErrPathPrefix": prefix}
+        assert commands.submit_job(w.m, "ws", "exp", "j", job, "user:ann", cluster="gpu")
+    for prefix in ("$AZ_BATCHAI_MOUNT_ROOTS/x", "$HOME/logs", "./logs"):
+        with pytest.raises(DocumentError, match="must be an absolute path"):
+            commands.submit_job(w.m, "ws", "exp", "j", {**JOB, "stdOutErrPathPrefix": prefix},
+                                "user:ann", cluster="gpu")  # fmt: skip
+    setup = {"setupTask": {"commandLine": "true", "stdOutErrPathPrefix": "logs"}}
+    with pytest.raises(DocumentError) as refused:
+        commands.create_cluster(w.m, "ws", "c2", {**CLUSTER, "nodeSetup": setup}, "user:ops")
+    assert refused.value.path == "nodeSetup.setupTask.stdOutErrPathPrefix"
