@@ -32,6 +32,7 @@ from batchd.scheduler.client import (
     server_events,
     settings,
 )
+from batchd.scheduler.schema import DuplicateKey, unique_keys
 
 ENDED = ("succeeded", "failed")
 EXIT_WAIT_TIMEOUT = 124  # `job wait --timeout` ran out (as timeout(1))
@@ -150,10 +151,12 @@ def load_document(path: str) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise InputError(f"{path} is not UTF-8 text: {exc.reason} at byte {exc.start}") from None
     try:
-        document = json.loads(text)
+        document = json.loads(text, object_pairs_hook=unique_keys)
     except json.JSONDecodeError as exc:
         where = f"line {exc.lineno} column {exc.colno}"
         raise InputError(f"{path} is not valid JSON: {exc.msg} at {where}") from None
+    except DuplicateKey as exc:
+        raise InputError(f"{path}: {exc}") from None
     if not isinstance(document, dict):
         raise InputError(f"{path} must hold a JSON object")
     if "properties" in document and not isinstance(document["properties"], dict):

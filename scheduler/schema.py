@@ -31,6 +31,27 @@ class DocumentError(ValueError):
         return cls(*problems[0], problems)
 
 
+class DuplicateKey(ValueError):
+    """A JSON object that names one key twice (`key`)."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"{key!r} is given twice in one object")
+        self.key = key
+
+
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json.loads' object_pairs_hook: a key given twice is refused (DuplicateKey), rather
+    than the last silently replacing the first, which no check of the document would see."""
+    made = dict(pairs)
+    if len(made) < len(pairs):
+        seen: set[str] = set()
+        for key, _value in pairs:
+            if key in seen:
+                raise DuplicateKey(key)
+            seen.add(key)
+    return made
+
+
 _KINDS = {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
           int: "a whole number", float: "a fractional number"}  # fmt: skip
 
