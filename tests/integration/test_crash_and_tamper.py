@@ -156,6 +156,21 @@ async def test_tampering_fails_verification_at_that_position(durable_url, statem
     assert f"FAILED at position {bad}" in done.stderr and why in done.stderr
 
 
+async def test_a_row_put_beyond_the_log_head_fails_verification(durable_url):
+    """A forged row after the last one (its head row left alone) is no later append that
+    the audit may leave for next time: no writer's head reaches it."""
+    await _fill(durable_url)
+    new_id = "randomblob(16)" if parse(durable_url).scheme == "sqlite" else "gen_random_uuid()"
+    await _tamper(
+        durable_url,
+        f"INSERT INTO events SELECT 21, {new_id}, stream, 999, type, schema, recorded_at + 1, "
+        "'user:mallory', correlation_id, causation_id, data, hash FROM events WHERE position = 20",
+    )
+    done = _batchd("audit", "verify", "--store", durable_url)
+    assert done.returncode == 1
+    assert "FAILED at position 21" in done.stderr and "beyond the log head (20)" in done.stderr
+
+
 async def test_a_cut_tail_fails_against_the_anchor(durable_url):
     anchor = await _fill(durable_url)
     store = await urls.open_store(durable_url, readonly=True)
