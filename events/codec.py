@@ -35,6 +35,14 @@ def _ext_hook(code: int, payload: bytes) -> object:
     return msgpack.ExtType(code, payload)
 
 
+def _undecodable(row: Sequence[Any], exc: ValueError) -> errors.StoreCorrupt:
+    said = f": {exc}" if str(exc) else ""
+    return errors.StoreCorrupt(
+        f"event {row[0]} ({row[4]} on {row[2]}): its data cannot be decoded "
+        f"({type(exc).__name__}{said}); the log is damaged (`batchd audit verify` checks it)"
+    )
+
+
 class Codec:
     """Encodes NewEvents for storage and decodes stored rows into RecordedEvents."""
 
@@ -82,7 +90,10 @@ class Codec:
         `row` is any indexable row in envelope order (a tuple, an asyncpg Record). This is the
         replay hot path: one unpack, one schema comparison, one tuple.
         """
-        data = _unpackb(row[10], raw=False, ext_hook=_ext_hook)
+        try:
+            data = _unpackb(row[10], raw=False, ext_hook=_ext_hook)
+        except ValueError as exc:  # msgpack's errors: the stored bytes were damaged
+            raise _undecodable(row, exc) from None
         type_ = row[4]
         schema = row[5]
         if schema < self._schemas.get(type_, schema):

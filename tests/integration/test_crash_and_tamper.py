@@ -171,6 +171,17 @@ async def test_a_row_put_beyond_the_log_head_fails_verification(durable_url):
     assert "FAILED at position 21" in done.stderr and "beyond the log head (20)" in done.stderr
 
 
+async def test_reading_a_row_whose_data_is_damaged_names_the_event(durable_url):
+    await _fill(durable_url)
+    await _tamper(durable_url, "UPDATE events SET data = x'c1ffee' WHERE position = 5")
+    for command in (("events", "tail", "--after", "0"), ("events", "export"),
+                    ("replay", "--position", "9")):  # fmt: skip
+        done = _batchd(*command, "--store", durable_url)
+        assert done.returncode == 1
+        [line] = done.stderr.splitlines()
+        assert line.startswith("batchd: error: event 5 (") and "cannot be decoded" in line, line
+
+
 async def test_a_cut_tail_fails_against_the_anchor(durable_url):
     anchor = await _fill(durable_url)
     store = await urls.open_store(durable_url, readonly=True)
