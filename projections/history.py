@@ -49,7 +49,8 @@ def timeline(
     state = None
     for e in events:
         if removal is not None and removal.position < e.position:
-            entries.append(_removed(removal, state))
+            if state != "deleted":  # (a job deleted on its own before shows no removal)
+                entries.append(_removed(removal, state))
             removal = None
         d = e.data if isinstance(e.data, dict) else {}
         before = _state(_job(models, d))
@@ -68,7 +69,7 @@ def timeline(
             "state": after, "actor": e.actor, "attempt": d.get("attempt"),
             "nodes": _nodes(e, d, nodes), "reason": _reason(e.type, d), "ignored": ignored,
         })  # fmt: skip
-    if removal is not None:
+    if removal is not None and state != "deleted":
         entries.append(_removed(removal, state))
     return entries
 

@@ -151,6 +151,18 @@ def test_a_job_removed_with_its_experiment_says_so_where_it_happened():
     ]
 
 
+def test_a_job_deleted_before_its_experiment_ends_with_its_own_deletion():
+    log = Log()
+    log("JobSubmitted", jobId="j", workspace="ws", experiment="e", name="train", cluster="c1",
+        owner="ann", priority=0, nodeCount=1, gpusPerNode=2)  # fmt: skip
+    log("JobTerminated", jobId="j", reason="no longer wanted", actor="user:ann")
+    log("JobDeleted", jobId="j", actor="user:ann")
+    log("ExperimentDeleted", workspace="ws", experiment="e", actor="user:bob")
+    job_stream, [removal] = log.events[:3], log.events[3:]
+    timeline = history.timeline(job_stream, removal)
+    assert [e["event"] for e in timeline] == ["JobSubmitted", "JobTerminated", "JobDeleted"]
+
+
 def test_a_requeue_does_not_undo_a_terminate_request():
     log = Log()
     log("ClusterCreated", clusterId="c1", workspace="ws", name="gpu", spec={})
