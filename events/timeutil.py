@@ -25,7 +25,7 @@ def to_iso(us: int) -> str:
     if last[0] != second:  # times come in runs within one second: format that once
         last = _last = (
             second,
-            (_EPOCH + dt.timedelta(seconds=second)).strftime("%Y-%m-%dT%H:%M:%S"),
+            (_EPOCH + dt.timedelta(seconds=second)).isoformat(timespec="seconds")[:19],
         )
     return f"{last[1]}.{micro:06d}Z"
 

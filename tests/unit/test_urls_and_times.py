@@ -60,6 +60,8 @@ def test_times_without_a_zone_are_utc():
     assert parse_iso("2026-11-26T10:42:00") == parse_iso("2026-11-26T10:42:00Z")
     assert parse_iso("2026-11-26T11:42:00+01:00") == parse_iso("2026-11-26T10:42:00Z")
     assert to_iso(parse_iso("2026-11-26T10:42:00.000123Z")) == "2026-11-26T10:42:00.000123Z"
+    for early in ("0001-01-01T00:00:00.000000Z", "0999-12-31T23:59:59.000001Z"):
+        assert to_iso(parse_iso(early)) == early  # four digits of year, as ISO-8601 has them
     with pytest.raises(ValueError, match="not an ISO-8601 time"):
         parse_iso("yesterday")
 
