@@ -38,13 +38,16 @@ from batchd.scheduler.runtimes import (
 
 LABEL = "batchd"
 # The container's first process (the engine signals it alone). The task's output goes to the
-# stdouterr files ("$0", "$1"); the command ("$2") runs as its child. On SIGTERM it passes
+# stdouterr files ("$0", "$1"); the command ("$2") runs as its child, in bash where the image
+# has it (as Batch AI ran commands), else in its POSIX shell. On SIGTERM it passes
 # the signal on to every process of the container and waits for them all to end (the engine
 # SIGKILLs what is left after the grace): a program the command started has its grace too,
 # to write a checkpoint. It exits with the command's code (143 once stopped).
 WRAPPER = """command exec >>"$0" 2>>"$1" || exit 126
 trap 'stopping=1; kill -s TERM -1 2>/dev/null' TERM
-eval "$2" &
+shell=/bin/sh
+[ -x /bin/bash ] && shell=/bin/bash
+"$shell" -c "$2" &
 wait $!
 code=$?
 left() {
@@ -59,6 +62,9 @@ left() {
 while [ -n "$stopping" ] && left; do sleep 0.1; done
 exit "$code"
 """
+
+# an exec's command ("$0"), in the shell the task's command runs in
+IN_SHELL = '[ -x /bin/bash ] && exec /bin/bash -c "$0"; exec /bin/sh -c "$0"'
 
 
 def create_config(spec: dict[str, Any], command: str, suffix: str, engine: str,
@@ -324,7 +330,7 @@ class ContainerTask:
         its output as it comes; its exit code."""
         if self.container is None:
             raise OSError("the container is not running yet")
-        run = await self.container.exec(cmd=["/bin/sh", "-c", command], stdout=True,
+        run = await self.container.exec(cmd=["/bin/sh", "-c", IN_SHELL, command], stdout=True,
                                         stderr=True, environment=None)  # fmt: skip
         text = OutputText(send)
         try:

@@ -1,13 +1,13 @@
 """How an agent runs a task: the `process` runtime.
 
-A task runs as `/bin/sh -c COMMAND` in its own process group (so KillTask reaches every
-process it started), with the job's environment and `CUDA_VISIBLE_DEVICES` set to the GPUs it
-was given (empty: none). `jobPreparation` runs first, the same way; if it fails, the task
-fails with its exit code. What a task leaves running in its group when it exits is killed.
-A task without a command (a node an MPI master reaches) exits 0 at once. stdout and stderr
-go to `stdout.txt` and `stderr.txt` in the attempt's stdouterr directory (the
-preparation's to `stdout-prep.txt`, `stderr-prep.txt`); see `output_suffix` for the other
-tasks of a multi-node job.
+A task runs as `bash -c COMMAND` (`sh -c` on a node without bash) in its own process group
+(so KillTask reaches every process it started), with the job's environment and
+`CUDA_VISIBLE_DEVICES` set to the GPUs it was given (empty: none). `jobPreparation` runs
+first, the same way; if it fails, the task fails with its exit code. What a task leaves
+running in its group when it exits is killed. A task without a command (a node an MPI
+master reaches) exits 0 at once. stdout and stderr go to `stdout.txt` and `stderr.txt` in
+the attempt's stdouterr directory (the preparation's to `stdout-prep.txt`,
+`stderr-prep.txt`); see `output_suffix` for the other tasks of a multi-node job.
 """
 
 from __future__ import annotations
@@ -34,6 +34,9 @@ from batchd.scheduler import files
 
 logger = structlog.get_logger(__name__)
 
+# Commands run in bash, as Batch AI ran them (`source`, `[[ ]]`, arrays), on a node without
+# bash in the POSIX shell
+SHELL = "/bin/bash" if os.access("/bin/bash", os.X_OK) else "/bin/sh"
 KILL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL of a task's process group
 BASE_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "USER")
 
@@ -184,7 +187,7 @@ class ProcessTask:
             with open(out / f"stdout{suffix}.txt", "ab") as stdout, \
                     open(out / f"stderr{suffix}.txt", "ab") as stderr:  # fmt: skip
                 self.process = await start_child(
-                    "/bin/sh", "-c", command, cwd=work, env=env, stdin=asyncio.subprocess.DEVNULL,
+                    SHELL, "-c", command, cwd=work, env=env, stdin=asyncio.subprocess.DEVNULL,
                     stdout=stdout, stderr=stderr, start_new_session=True,
                 )  # fmt: skip
         except (OSError, ValueError) as exc:  # ValueError: a NUL in the command or environment
@@ -216,7 +219,7 @@ class ProcessTask:
         """Run `command` in the task's environment and directory; `send(stdout=...)` and
         `send(stderr=...)` get its output as it comes; its exit code."""
         process = await start_child(
-            "/bin/sh", "-c", command, cwd=self.spec["workDir"], env=self._env(),
+            SHELL, "-c", command, cwd=self.spec["workDir"], env=self._env(),
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE, start_new_session=True,
         )  # fmt: skip

@@ -193,6 +193,20 @@ async def test_an_images_own_entrypoint_does_not_replace_the_jobs_command(box):
     assert newest_job(daemon.models.models, "ep").exit_code == 4
 
 
+async def test_a_command_the_containers_shell_cannot_run_is_told_in_its_words(box):
+    daemon, client, _proxy, _agent = box
+    assert (await client.call("PUT", f"{EXP}/jobs/typo", _box_job("echo ok; trian.py")))[0] == 201
+    await _ended(daemon, "typo")
+    _status, answer = await client.call("GET", f"{EXP}/jobs/typo")
+    [error] = answer["properties"]["executionInfo"]["errors"]
+    # the shell's words (busybox has no bash), not the wrapper's paths or lines
+    assert error == {
+        "code": "cannot_start",
+        "at": error["at"],
+        "message": "task 0 exited with 127 (command not found): /bin/sh: trian.py: not found",
+    }
+
+
 async def test_terminate_stops_the_container_and_a_missing_image_fails_clearly(box):
     daemon, client, _proxy, _agent = box
     job = _box_job("echo started; sleep 600")

@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 
 from tests.integration.conftest import Client
-from tests.integration.test_agents import EXP, _ended, _run, _until
+from tests.integration.test_agents import EXP, _ended, _out, _run, _until
 
 ALPHABET = b"abcdefghijklmnopqrstuvwxyz"
 SWAPPER = """
@@ -227,3 +227,12 @@ async def test_range_requests_answer_alike_wherever_the_file_lies(local, tmp_pat
         status, answer = await client.call("GET", f"{EXP}/jobs/{path}", headers={"Range": asked})
         assert status == 416 and words in answer["error"]["message"], (asked, answer)
         assert answer["error"]["code"] == "RangeNotSatisfiable"
+
+
+async def test_a_command_runs_in_bash_as_batch_ai_ran_it(local):
+    daemon, client = local
+    command = "source /dev/null; words=(a b); [[ ${words[1]} == b ]] && echo ok"
+    await _run(client, "bashism", command)
+    job = await _ended(daemon, client, "bashism")
+    assert job["properties"]["state"] == "succeeded"
+    assert _out(daemon, "bashism") == "ok\n"
