@@ -828,7 +828,14 @@ def _setup_exited(m: ReadModels, msg: dict[str, Any]) -> list[Decision]:
         return [(f"node-{node_id}", NewEvent("NodeSetupSucceeded", data))]
     reason = (msg.get("error") or {}).get("message") or f"the setup task exited with {code}"
     data["error"] = {"code": "setup_failed", "message": reason}
-    return [(f"node-{node_id}", NewEvent("NodeSetupFailed", data))]
+    out = [(f"node-{node_id}", NewEvent("NodeSetupFailed", data))]
+    cluster = m.clusters.get(node.cluster)
+    if cluster is not None:  # Batch AI's cluster `errors` tell of its nodes' failed setups
+        error = {"code": "setup_failed", "message": f"node {node_id}: {reason}"}
+        out.append((f"cluster-{cluster.workspace}/{cluster.name}",
+                    NewEvent("ClusterErrorRecorded", {"clusterId": cluster.cluster_id,
+                                                      "error": error})))  # fmt: skip
+    return out
 
 
 def _stopping_tasks(m: ReadModels, node_id: str) -> set[TaskKey]:

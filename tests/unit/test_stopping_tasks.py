@@ -107,6 +107,22 @@ def test_a_setup_report_that_comes_while_its_node_is_lost_is_not_dropped():
     assert nodes._setup_exited(w.models, {**msg, "incarnation": 6}) == []  # an older agent's
 
 
+def test_a_failed_setup_makes_the_node_unusable_and_is_among_its_clusters_errors():
+    w = World()
+    w.apply("ClusterCreated", clusterId="c", workspace="ws", name="c", spec={"vmSize": "x"})
+    w.apply("NodeRegistered", nodeId="n", cluster="c", gpus=1, incarnation=7)
+    w.apply("NodeSetupStarted", nodeId="n", outputDir="/out")
+    msg = {"node": "n", "incarnation": 7, "exitCode": 4, "tail": "cannot mount"}
+    for _stream, event in nodes._setup_exited(w.models, msg):
+        w.apply(event.type, **event.data)
+    assert w.models.nodes["n"].state == "unusable"
+    [error] = w.models.clusters["c"].errors
+    assert (error["code"], error["message"]) == (
+        "setup_failed",
+        "node n: the setup task exited with 4",
+    )
+
+
 def test_only_an_attempt_this_daemon_scheduled_and_sent_nothing_of_counts_as_undispatched():
     w = World().cluster(nodes=1, gpus=4)
     job = w.job(gpus=1)
