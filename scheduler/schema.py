@@ -8,6 +8,7 @@ azureFileShares[1].relativeMountPath`.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -57,6 +58,8 @@ _KINDS = {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
 
 
 def _kind(value: Any) -> str:
+    if type(value) is float and not math.isfinite(value):  # 1e400 or Infinity, NaN
+        return "a number beyond any limit" if value == value else "NaN"
     return _KINDS.get(type(value), "null" if value is None else type(value).__name__)
 
 

@@ -87,6 +87,7 @@ def test_a_batch_ai_resource_id_names_the_cluster(w):
         ({"constraints": {"maxWallClockTime": "-1:00:00"}}, "constraints.maxWallClockTime",
          "negative"),
         ({"magic": True}, "magic", "not a known property"),
+        ({"nodeCount": 1e400}, "nodeCount", "whole number, not a number beyond any limit"),
         ({"stdOutErrPathPrefix": "logs"}, "stdOutErrPathPrefix", "must be an absolute path"),
         ({"outputDirectories": [{"id": "M", "pathPrefix": "out"}]},
          "outputDirectories[0].pathPrefix", "or start with $AZ_BATCHAI_MOUNT_ROOT"),
