@@ -356,13 +356,19 @@ def find_job(m: ReadModels, workspace: str, experiment: str, name: str) -> Job:
 def terminate_job(
     m: ReadModels, workspace: str, experiment: str, name: str, actor: str
 ) -> list[Decision]:
-    """A queued job ends at once; one that holds GPUs ends when its node reports it killed.
-    Asked again while it is terminating, nothing changes (a retried request succeeds)."""
+    """A user's terminate (see `terminate`)."""
     job = find_job(m, workspace, experiment, name)
+    return terminate(m, job, actor, f"terminated by {actor}")
+
+
+def terminate(m: ReadModels, job: Job, actor: str, reason: str) -> list[Decision]:
+    """Terminate `job` for `reason`: a queued job ends at once; one that holds GPUs ends when
+    its node reports it killed. Asked again while it is terminating, nothing changes (a
+    retried request succeeds)."""
     if job.state == TERMINATING:
         return []
     lifecycle.check(job.state, "JobTerminateRequested")
-    data = {"jobId": job.job_id, "reason": f"terminated by {actor}"}
+    data = {"jobId": job.job_id, "reason": reason}
     out = [_event(f"job-{job.job_id}", "JobTerminateRequested", data, actor)]
     if job.state == QUEUED:
         out.append(_event(f"job-{job.job_id}", "JobTerminated", data, actor))

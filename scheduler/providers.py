@@ -6,8 +6,12 @@ workspace `default` whose nodes are `batchd agent` processes with simulated GPUs
 process runtime. The provider keeps as many running as the cluster's scale settings ask:
 manual's `targetNodeCount`, or with `autoScale` as many as run work and its queued jobs need,
 within `minimumNodeCount` and `maximumNodeCount` (autoscale_target). An agent that exits is
-started again; a node above the target is stopped once it runs nothing, and removed from the
-cluster.
+started again; a node above the target is drained (it takes no new work), stopped once it runs
+nothing, and removed from the cluster. What becomes of the jobs it runs meanwhile is the
+manual settings' `nodeDeallocationOption` (deallocation_option, deallocate): `requeue` (Batch
+AI's default) kills their attempts and queues them again, spending none of their retries
+(`interrupted`); `terminate` terminates them; `waitforjobcompletion` lets them end. A cluster
+being deleted, or scaling itself, waits for them.
 
 Local agents stop with their daemon. When it stops, its local nodes are lost (`daemon_stopped`)
 and the attempts they ran are queued again as `interrupted`, which spends none of the job's
@@ -30,9 +34,9 @@ from typing import Any, Protocol
 import structlog
 
 from batchd.events.envelope import NewEvent
-from batchd.projections import queue
+from batchd.projections import lifecycle, queue
 from batchd.projections.model import LEAVING, READY, Cluster, ReadModels
-from batchd.scheduler import commands
+from batchd.scheduler import commands, retries
 from batchd.scheduler.agent import PARENT_ENV
 from batchd.scheduler.auth import revoke_token
 from batchd.scheduler.control import Control, token_file
@@ -53,6 +57,8 @@ RESTARTED = {
     "message": "the daemon did not stop cleanly; its local agents ended with it",
 }
 LEGACY_TOKEN = "local-agents"  # the one token earlier versions gave every local agent
+# Batch AI 2018-05-01's scaleSettings.manual.nodeDeallocationOption
+REQUEUE, TERMINATE, WAIT = "requeue", "terminate", "waitforjobcompletion"
 
 
 class Provider(Protocol):
@@ -193,12 +199,13 @@ class LocalProvider:
                 await self._node_event(node_id, "NodeRecovered", LEAVING)
         cluster = m.clusters.get(m.cluster_ids.get(f"{WORKSPACE}/{CLUSTER}", ""))
         logged = cluster.nodes if cluster is not None else []  # also those of a previous run
+        option = deallocation_option(cluster)
         for node_id in sorted({*self.processes, *logged}):
             if node_number(node_id) < target:  # (an id of another form is -1: kept)
                 continue
             node = m.nodes.get(node_id)
             if node is not None and node.allocations:
-                await self._node_event(node_id, "NodeDrainRequested", READY)
+                await self._deallocate(node_id, option)
                 continue  # stopped once it runs nothing
             process = self.processes.pop(node_id, None)
             if process is not None:
@@ -206,6 +213,13 @@ class LocalProvider:
             if node is not None:
                 await self._node_event(node_id, "NodeRemoved", node.state)
                 await self._revoke_credential(node_id)
+
+    async def _deallocate(self, node_id: str, option: str) -> None:
+        """Drain a node above the target, and end its jobs' attempts as `option` says."""
+        if not deallocate(self.control.models, node_id, option, ACTOR):
+            return  # most cycles: nothing to do, and no need to take the node's lock
+        await self.control.run(lambda m: deallocate(m, node_id, option, ACTOR),
+                               key=f"node/{node_id}")  # fmt: skip
 
     async def _revoke_credential(self, node_id: str) -> None:
         """A removed node's agent token goes with it: revoked, and its file deleted (a node
@@ -312,6 +326,54 @@ def lose_nodes(m: ReadModels, node_ids: Iterable[str], error: dict[str, str],
             decided.add(key)
             out.append((stream, event))
     return out
+
+
+def deallocation_option(cluster: Cluster | None) -> str:
+    """What becomes of the jobs of a node above the cluster's target: its manual settings'
+    `nodeDeallocationOption` (Batch AI's default: `requeue`). A cluster being deleted, or
+    scaling itself (`autoScale` has no such option), waits for them."""
+    manual = cluster.scale_settings.get("manual") if cluster is not None else None
+    if manual is None or cluster.deleting:
+        return WAIT
+    return manual.get("nodeDeallocationOption", REQUEUE)
+
+
+def deallocate(m: ReadModels, node_id: str, option: str, actor: str) -> list[Decision]:
+    """For a node above its cluster's target that still holds work: NodeDrainRequested if it
+    is ready (it takes no new work), and by `option` the end of each attempt placed on it
+    (an attempt being terminated already is left to end): `requeue` queues it again as
+    `interrupted`, which spends none of the job's retries; `terminate` terminates the job;
+    `waitforjobcompletion` lets it run to its end. Nothing once all that is done."""
+    node = m.nodes.get(node_id)
+    if node is None:
+        return []
+    out: list[Decision] = []
+    if node.state == READY:
+        drain = NewEvent("NodeDrainRequested", {"nodeId": node_id}, actor)
+        out.append((f"node-{node_id}", drain))
+    if option == WAIT:
+        return out
+    message = (f"node {node_id} was deallocated: its cluster scaled down "
+               f"(nodeDeallocationOption {option})")  # fmt: skip
+    for job_id, attempt in _placed_attempts(m, node_id):
+        if option == TERMINATE:
+            out += commands.terminate(m, m.jobs[job_id], actor, message)
+        else:
+            error = {"code": "node_deallocated", "message": message}
+            out += retries.attempt_ended(m, job_id, attempt, "interrupted", error=error)
+    for _stream, event in out:
+        event.actor = actor
+    return out
+
+
+def _placed_attempts(m: ReadModels, node_id: str) -> list[tuple[str, int]]:
+    """(job, attempt) of each job's current attempt placed on the node (scheduled, preparing
+    or running), not one being terminated or a task of an earlier attempt still stopping."""
+    node = m.nodes[node_id]
+    held = sorted({(job_id, attempt) for job_id, attempt, _task in node.allocations.values()})
+    return [(job_id, attempt) for job_id, attempt in held
+            if (job := m.jobs.get(job_id)) is not None and job.attempt == attempt
+            and job.state in lifecycle.PLACED]  # fmt: skip
 
 
 def autoscale_target(m: ReadModels, cluster: Cluster, gpus_per_node: int,

@@ -4,7 +4,9 @@ Each cause has its own ceiling (DESIGN.md, "Job lifecycle"): `exit_code` failure
 job's `maxRetries` (default 0, as in Azure Batch); a lost node (`node_lost`) and a low-priority
 eviction (`evicted`) spend `maxNodeFailureRetries` (default 3) together; preemption by a
 higher-priority job (`preempted`) is the scheduler's choice, not a failure, and is not capped;
-nor is `interrupted`: the daemon was stopped, and its local nodes' agents with it.
+nor is `interrupted`: the operator's doing, not the job's (the daemon was stopped, and its
+local nodes' agents with it; or a scale-down with `nodeDeallocationOption` `requeue` took the
+node away, see providers.deallocate).
 """
 
 from __future__ import annotations

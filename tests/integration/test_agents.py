@@ -386,8 +386,8 @@ async def test_resizing_down_drains_a_busy_node_which_takes_no_new_work_then_lea
     cluster = "/v1/workspaces/default/clusters/local"
 
     async def resize(nodes: int) -> None:
-        body = {"scaleSettings": {"manual": {"targetNodeCount": nodes}}}
-        status, answer = await client.call("PATCH", cluster, body)
+        manual = {"targetNodeCount": nodes, "nodeDeallocationOption": "waitforjobcompletion"}
+        status, answer = await client.call("PATCH", cluster, {"scaleSettings": {"manual": manual}})
         assert status == 200, answer
 
     def state(node_id: str) -> str | None:
@@ -425,6 +425,85 @@ async def test_resizing_down_drains_a_busy_node_which_takes_no_new_work_then_lea
         await client.call("POST", f"{EXP}/jobs/{name}/terminate")
 
 
+async def _busy_on_the_node_that_goes(local) -> str:
+    """Of the two local nodes, local-1 runs a job (returned) and local-0 nothing: a resize
+    to one node removes local-1."""
+    daemon, client = local
+    models = daemon.models.models
+    for name in ("x0", "x1"):  # a whole node each
+        await _run(client, name, "echo attempt $AZ_BATCHAI_JOB_ATTEMPT; sleep 600", gpusPerNode=4)
+    await _until(lambda: all(newest_job(models, n).state == "running" for n in ("x0", "x1")), 30)
+    going, staying = sorted(
+        ("x0", "x1"), key=lambda n: newest_job(models, n).tasks[0][0] == "local-0"
+    )
+    assert newest_job(models, going).tasks[0][0] == "local-1"
+    await client.call("POST", f"{EXP}/jobs/{staying}/terminate")
+    await _ended(daemon, client, staying)
+    return going
+
+
+async def _history_reasons(client: Client, name: str) -> list[tuple[str, str | None]]:
+    status, history = await client.call("GET", f"{EXP}/jobs/{name}/history")
+    assert status == 200, history
+    return [(e["event"], e["reason"]) for e in history["value"][-1]["timeline"]]
+
+
+async def test_resizing_down_requeues_the_jobs_of_the_node_that_goes_by_default(local):
+    """Batch AI's default nodeDeallocationOption, requeue: the attempt on the node that goes
+    is killed and runs again on the node that stays, spending none of the job's retries;
+    the node leaves at once."""
+    daemon, client = local
+    models = daemon.models.models
+    name = await _busy_on_the_node_that_goes(local)
+    env = {"BATCHD_SERVER": daemon.url, "BATCHD_TOKEN": daemon.admin_token}
+    done = await asyncio.to_thread(batchd, "cluster", "resize", "local", "--nodes", "1", env=env)
+    assert done.returncode == 0, done.stderr
+    await _until(lambda: newest_job(models, name).attempt == 2
+                 and newest_job(models, name).state == "running", 30)  # fmt: skip
+    job = newest_job(models, name)
+    assert job.tasks[0][0] == "local-0" and job.retries == {"interrupted": 1}
+    await _until(lambda: "local-1" not in models.nodes, 30)  # without waiting for the job
+    await _until(lambda: _exists_with(daemon, name, 2, "attempt 2\n"), 10)
+    shown = (await client.call("GET", f"{EXP}/jobs/{name}"))[1]["properties"]
+    assert shown["executionInfo"]["errors"][-1]["code"] == "node_deallocated"
+    requeued = [r for e, r in await _history_reasons(client, name) if e == "JobRequeued"]
+    assert len(requeued) == 1 and "local-1" in requeued[0] and "requeue" in requeued[0]
+    await client.call("POST", f"{EXP}/jobs/{name}/terminate")
+
+
+async def test_resizing_down_with_terminate_ends_the_jobs_of_the_node_that_goes(local):
+    daemon, client = local
+    models = daemon.models.models
+    name = await _busy_on_the_node_that_goes(local)
+    manual = {"targetNodeCount": 1, "nodeDeallocationOption": "terminate"}
+    cluster = "/v1/workspaces/default/clusters/local"
+    assert (await client.call("PATCH", cluster, {"scaleSettings": {"manual": manual}}))[0] == 200
+    job = await _ended(daemon, client, name)
+    assert job["properties"]["state"] == "failed" and job["properties"]["attempt"] == 1
+    error = job["properties"]["executionInfo"]["errors"][-1]
+    assert error["code"] == "terminated"
+    assert "local-1" in error["message"] and "terminate" in error["message"]
+    await _until(lambda: "local-1" not in models.nodes, 30)
+    assert newest_job(models, name).state == "failed"  # it does not run again
+    reasons = dict(await _history_reasons(client, name))
+    assert "nodeDeallocationOption terminate" in reasons["JobTerminateRequested"]
+
+
+async def test_resizing_down_with_waitforjobcompletion_lets_the_job_finish_first(local):
+    daemon, client = local
+    models = daemon.models.models
+    name = await _busy_on_the_node_that_goes(local)
+    manual = {"targetNodeCount": 1, "nodeDeallocationOption": "waitforjobcompletion"}
+    cluster = "/v1/workspaces/default/clusters/local"
+    assert (await client.call("PATCH", cluster, {"scaleSettings": {"manual": manual}}))[0] == 200
+    await _until(lambda: models.nodes["local-1"].state == "leaving", 30)
+    await asyncio.sleep(1)  # a few planner cycles: the job runs on
+    job = newest_job(models, name)
+    assert (job.state, job.attempt) == ("running", 1)
+    await client.call("POST", f"{EXP}/jobs/{name}/terminate")
+    await _until(lambda: "local-1" not in models.nodes, 30)
+
+
 async def test_a_draining_node_a_stopped_daemon_left_is_lost_then_removed(tmp_path, monkeypatch):
     """The daemon stops while an extra node drains; its agent stops with it, and the node is
     lost then (its attempt requeued as interrupted, not as a node failure). The next daemon
@@ -448,7 +527,8 @@ async def test_a_draining_node_a_stopped_daemon_left_is_lost_then_removed(tmp_pa
                 await _run(client, name, "sleep 600", gpusPerNode=gpus)
             await _until(lambda: job("w2").state == "running", 30)
             assert job("w2").tasks[0][0] == "local-2"
-            body = {"scaleSettings": {"manual": {"targetNodeCount": 2}}}
+            manual = {"targetNodeCount": 2, "nodeDeallocationOption": "waitforjobcompletion"}
+            body = {"scaleSettings": {"manual": manual}}
             assert (await client.call("PATCH", cluster, body))[0] == 200
             await _until(lambda: models.nodes["local-2"].state == "leaving", 30)
     finally:
