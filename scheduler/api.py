@@ -749,7 +749,10 @@ def _entries(request: web.Request, entries: list[dict[str, Any]]) -> web.Respons
 
 
 async def list_files(request: web.Request) -> web.Response:
-    _job_found, base, node = await _output_dir(request)
+    job, base, node = await _output_dir(request)
+    if not job.attempt:  # never placed: no output anywhere
+        when = "never ran" if job.state in lifecycle.ENDED else "has not started yet"
+        raise files.FileNotFound(f"job {job.name!r} {when}: it has no output")
     api = request.app[API_KEY]
     relative = request.query.get("directory", ".")
     if node is not None:
