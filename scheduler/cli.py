@@ -270,6 +270,11 @@ def _resource_commands(commands, api: list) -> None:
     cluster["resize"].add_argument("name", help="the cluster's name")
     cluster["resize"].add_argument("--nodes", type=_non_negative, required=True,
                                    help="target node count (manual scale)")  # fmt: skip
+    cluster["resize"].add_argument(
+        "--node-deallocation-option", choices=("requeue", "terminate", "waitforjobcompletion"),
+        help="what becomes of the jobs on nodes that go: requeued (Batch AI's default), "
+             "terminated, or run to their end first (default: the cluster's, else requeue)",
+    )  # fmt: skip
     for parser in cluster.values():
         _names(parser)
     create = cluster["create"]

@@ -495,13 +495,25 @@ async def cluster_show(args: argparse.Namespace) -> int:
     return 0
 
 
+_FATE = {"requeue": "requeued", "terminate": "terminated",
+         "waitforjobcompletion": "run to their end first"}  # fmt: skip
+
+
 async def cluster_resize(args: argparse.Namespace) -> int:
-    body = {"scaleSettings": {"manual": {"targetNodeCount": args.nodes}}}
     async with _client(args) as api:
+        _status, cluster = await api.call("GET", _cluster_path(args))
+        before = _get(cluster, "properties.scaleSettings.manual") or {}
+        manual = {"targetNodeCount": args.nodes}
+        option = args.node_deallocation_option or before.get("nodeDeallocationOption")
+        if option:  # (kept as the cluster had it)
+            manual["nodeDeallocationOption"] = option
+        body = {"scaleSettings": {"manual": manual}}
         status, answer = await api.call("PATCH", _cluster_path(args), body=body)
-    return _print_write(
-        args, status, answer, f"resized cluster {args.workspace}/{args.name} to {args.nodes} nodes"
-    )
+    done = f"resized cluster {args.workspace}/{args.name} to {args.nodes} nodes"
+    if args.nodes < _get(cluster, "properties.currentNodeCount", 0):
+        option = option or "requeue"
+        done += f"; jobs on the nodes that go are {_FATE[option]} ({option})"
+    return _print_write(args, status, answer, done)
 
 
 async def cluster_delete(args: argparse.Namespace) -> int:

@@ -458,6 +458,8 @@ async def test_resizing_down_requeues_the_jobs_of_the_node_that_goes_by_default(
     env = {"BATCHD_SERVER": daemon.url, "BATCHD_TOKEN": daemon.admin_token}
     done = await asyncio.to_thread(batchd, "cluster", "resize", "local", "--nodes", "1", env=env)
     assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == ("resized cluster default/local to 1 nodes; jobs on the nodes "
+                                   "that go are requeued (requeue)")  # fmt: skip
     await _until(lambda: newest_job(models, name).attempt == 2
                  and newest_job(models, name).state == "running", 30)  # fmt: skip
     job = newest_job(models, name)

@@ -131,6 +131,14 @@ async def test_workspace_experiment_and_cluster_lifecycle(batchd, api):
     assert (await batchd("cluster", "show", "c", "-w", "ws", "--json")).json["properties"][
         "scaleSettings"
     ] == {"manual": {"targetNodeCount": 3}}
+    done = await batchd("cluster", "resize", "c", "-w", "ws", "--nodes", "1",
+                        "--node-deallocation-option", "waitforjobcompletion")  # fmt: skip
+    assert done.code == 0 and done.lines == ["resized cluster ws/c to 1 nodes"]  # none had joined
+    done = await batchd("cluster", "resize", "c", "-w", "ws", "--nodes", "2")
+    shown = await batchd("cluster", "show", "c", "-w", "ws", "--json")
+    assert shown.json["properties"]["scaleSettings"] == {  # the option is kept
+        "manual": {"targetNodeCount": 2, "nodeDeallocationOption": "waitforjobcompletion"}
+    }
 
     assert (await batchd("cluster", "delete", "c", "-w", "ws")).lines == ["deleted cluster ws/c"]
     assert_error(await batchd("cluster", "show", "c", "-w", "ws"), "no cluster 'c'")
