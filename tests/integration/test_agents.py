@@ -473,13 +473,21 @@ async def test_resizing_down_requeues_the_jobs_of_the_node_that_goes_by_default(
     await client.call("POST", f"{EXP}/jobs/{name}/terminate")
 
 
+async def _shrink_to_one_node(local, option: str) -> str:
+    """_busy_on_the_node_that_goes, then a resize to one node with nodeDeallocationOption
+    `option`; the job on the node that goes."""
+    _daemon, client = local
+    name = await _busy_on_the_node_that_goes(local)
+    manual = {"targetNodeCount": 1, "nodeDeallocationOption": option}
+    cluster = "/v1/workspaces/default/clusters/local"
+    assert (await client.call("PATCH", cluster, {"scaleSettings": {"manual": manual}}))[0] == 200
+    return name
+
+
 async def test_resizing_down_with_terminate_ends_the_jobs_of_the_node_that_goes(local):
     daemon, client = local
     models = daemon.models.models
-    name = await _busy_on_the_node_that_goes(local)
-    manual = {"targetNodeCount": 1, "nodeDeallocationOption": "terminate"}
-    cluster = "/v1/workspaces/default/clusters/local"
-    assert (await client.call("PATCH", cluster, {"scaleSettings": {"manual": manual}}))[0] == 200
+    name = await _shrink_to_one_node(local, "terminate")
     job = await _ended(daemon, client, name)
     assert job["properties"]["state"] == "failed" and job["properties"]["attempt"] == 1
     error = job["properties"]["executionInfo"]["errors"][-1]
@@ -494,10 +502,7 @@ async def test_resizing_down_with_terminate_ends_the_jobs_of_the_node_that_goes(
 async def test_resizing_down_with_waitforjobcompletion_lets_the_job_finish_first(local):
     daemon, client = local
     models = daemon.models.models
-    name = await _busy_on_the_node_that_goes(local)
-    manual = {"targetNodeCount": 1, "nodeDeallocationOption": "waitforjobcompletion"}
-    cluster = "/v1/workspaces/default/clusters/local"
-    assert (await client.call("PATCH", cluster, {"scaleSettings": {"manual": manual}}))[0] == 200
+    name = await _shrink_to_one_node(local, "waitforjobcompletion")
     await _until(lambda: models.nodes["local-1"].state == "leaving", 30)
     await asyncio.sleep(1)  # a few planner cycles: the job runs on
     job = newest_job(models, name)
