@@ -9,10 +9,13 @@ cannot show that its tail was cut (with the head row rewritten to match), so an 
 
 from __future__ import annotations
 
+import re
 from typing import NamedTuple
 
 from batchd.events.envelope import GENESIS_HASH, chain_hash
 from batchd.events.store import EventStore
+
+_ANCHOR = re.compile(r"([0-9]+):([0-9a-fA-F]{64})")  # (int() and fromhex() take more: 4_9, "a b")
 
 
 class Anchor(NamedTuple):
@@ -21,12 +24,9 @@ class Anchor(NamedTuple):
 
     @classmethod
     def parse(cls, text: str) -> Anchor:
-        position, sep, digest = text.partition(":")
-        try:
-            anchor = cls(int(position), bytes.fromhex(digest))
-        except ValueError:
-            anchor = None
-        if not sep or anchor is None or anchor.position < 1 or len(anchor.hash) != 32:
+        match = _ANCHOR.fullmatch(text.strip())
+        anchor = cls(int(match[1]), bytes.fromhex(match[2])) if match else None
+        if anchor is None or anchor.position < 1:
             raise ValueError(
                 f"anchor {text!r} must be POSITION:HASH (a position >= 1, 64 hex digits)"
             )

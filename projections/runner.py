@@ -176,13 +176,15 @@ def _incompatible(stored: Snapshot | None) -> str | None:
 
 
 async def moment_note(store: EventStore, at: int | None, position: int) -> str | None:
-    """What a replay "as of `at`" (microseconds) that found no event should say (None when
-    it found some, or was asked for a position)."""
-    if at is None or position > 0:
+    """What a replay "as of `at`" (microseconds; None: of a position) that found no event
+    should say (None when it found some)."""
+    if position > 0:
         return None
     first = await store.read_all(0, 1)
     if not first:
         return "the log is empty: nothing had happened yet"
+    if at is None:
+        return "position 0 is before the first event: nothing had happened yet"
     return (
         f"{to_iso(at)} is before the first event ({to_iso(first[0].recorded_at)}): "
         "nothing had happened yet"

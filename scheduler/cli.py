@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify = audit_sub.add_parser("verify", parents=[common], help="verify the hash chain")
     _store_flag(verify)
     verify.add_argument("--expect", metavar="POSITION:HASH", help="an anchor kept elsewhere")
-    verify.add_argument("--json", action="store_true")
+    verify.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
     bench = commands.add_parser("bench", help="measure batchd")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="COMMAND")

@@ -85,6 +85,9 @@ def test_replay_before_the_first_event_is_empty_with_a_note(log):
     world = json.loads(done.stdout)
     assert world["position"] == 0 and world["clusters"] == [] and world["jobs"] == []
     assert "before the first event" in done.stderr and "before the first event" in world["note"]
+    done = batchd("replay", "--store", log["url"], "--position", "0", "--json")
+    assert done.returncode == 0 and json.loads(done.stdout)["jobs"] == []
+    assert "position 0 is before the first event" in json.loads(done.stdout)["note"]
 
 
 @pytest.mark.parametrize(

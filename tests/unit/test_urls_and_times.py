@@ -69,7 +69,15 @@ def test_times_without_a_zone_are_utc():
 def test_anchors_parse_and_print():
     text = "42:" + "ab" * 32
     assert str(Anchor.parse(text)) == text
-    for bad in ("42", "x:" + "ab" * 32, "0:" + "ab" * 32, "4:abcd"):
+    for bad in (
+        "42",
+        "x:" + "ab" * 32,
+        "0:" + "ab" * 32,
+        "4:abcd",
+        "4_2:" + "ab" * 32,
+        "42:" + "ab " * 32,
+        "-1:" + "ab" * 32,
+    ):
         with pytest.raises(ValueError, match="POSITION:HASH"):
             Anchor.parse(bad)
 
