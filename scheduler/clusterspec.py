@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from batchd.scheduler.jobspec import MOUNT_VOLUMES, storage_prefix
+from batchd.scheduler.jobspec import MOUNT_VOLUMES, setup_prefix
 from batchd.scheduler.schema import (
     DocumentError,
     boolean,
@@ -51,7 +51,7 @@ CLUSTER_PROPERTIES = obj({
     }, required=["publisher", "offer", "sku"])}),
     "nodeSetup": obj({
         "setupTask": obj({
-            "commandLine": _text, "stdOutErrPathPrefix": storage_prefix,
+            "commandLine": _text, "stdOutErrPathPrefix": setup_prefix,
             "environmentVariables": items(obj({"name": _env_name, "value": _text},
                                               required=["name", "value"])),
             "secrets": items(obj({"name": _env_name, "value": _text,

@@ -15,7 +15,7 @@ import os
 import re
 import stat
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,18 +70,11 @@ def _on_storage(path: str, mount_root: Path) -> Path:
     return normal
 
 
-def _expander(mount_root: Path, job: Job):
-    known = {
-        "$AZ_BATCHAI_JOB_MOUNT_ROOT": str(mount_root / "jobs" / job.job_id),
-        "$AZ_BATCHAI_MOUNT_ROOT": str(mount_root),
-    }
-
-    def expand(text: str) -> str:
-        for name, value in known.items():  # the longer name first
-            text = text.replace("${" + name[1:] + "}", value).replace(name, value)
-        return text
-
-    return expand
+def _expander(mount_root: Path, job: Job) -> Callable[[str], str]:
+    return toolkits.expander({
+        "AZ_BATCHAI_JOB_MOUNT_ROOT": str(mount_root / "jobs" / job.job_id),
+        "AZ_BATCHAI_MOUNT_ROOT": str(mount_root),
+    })  # fmt: skip
 
 
 def joined(base: Path, relative: str, field: str) -> Path:

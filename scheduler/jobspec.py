@@ -16,6 +16,7 @@ from typing import Any
 
 from batchd.scheduler.schema import (
     DocumentError,
+    Validator,
     boolean,
     choice,
     integer,
@@ -48,20 +49,26 @@ def _storage_path(value: Any, path: str) -> str:
     return text
 
 
-_ROOTED = re.compile(r"/|\$(AZ_BATCHAI_(JOB_)?MOUNT_ROOT|\{AZ_BATCHAI_(JOB_)?MOUNT_ROOT\})(/|$)")
+def _rooted(roots: str) -> Validator:
+    """A storage path that is absolute or starts with one of the mount root variables
+    `roots` (a regex alternation), as `$NAME` or `${NAME}`; a relative one would land
+    wherever a node's agent runs."""
+    pattern = re.compile(rf"/|\$({roots}|\{{({roots})\}})(/|$)")
+    allowed = " or ".join(f"${name}" for name in roots.split("|"))
+
+    def check(value: Any, path: str) -> str:
+        text = _storage_path(value, path)
+        if not pattern.match(text):
+            raise DocumentError(path, f"must be an absolute path or start with {allowed}")
+        return text
+
+    return check
 
 
-def storage_prefix(value: Any, path: str) -> str:
-    """Where output goes (`stdOutErrPathPrefix`, an output directory's `pathPrefix`): a
-    storage path that is absolute, or starts with `$AZ_BATCHAI_MOUNT_ROOT` or
-    `$AZ_BATCHAI_JOB_MOUNT_ROOT` (a relative one would land wherever a node's agent runs)."""
-    text = _storage_path(value, path)
-    if not _ROOTED.match(text):
-        rule = "must be an absolute path or start with $AZ_BATCHAI_MOUNT_ROOT"
-        raise DocumentError(path, f"{rule} or $AZ_BATCHAI_JOB_MOUNT_ROOT")
-    return text
-
-
+# where a job's output goes (`stdOutErrPathPrefix`, an output directory's `pathPrefix`)
+storage_prefix = _rooted("AZ_BATCHAI_MOUNT_ROOT|AZ_BATCHAI_JOB_MOUNT_ROOT")
+# where a node's setup task writes its output (no job, so no job mount root)
+setup_prefix = _rooted("AZ_BATCHAI_MOUNT_ROOT")
 _dir_id = string(max_len=64, pattern=r"[A-Za-z0-9_]+",
                  what="1-64 letters, digits or '_' (it names AZ_BATCHAI_INPUT_<id> "
                       "or AZ_BATCHAI_OUTPUT_<id>)")  # fmt: skip

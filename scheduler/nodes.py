@@ -459,8 +459,8 @@ class NodeService:
         env.update(AZ_BATCHAI_MOUNT_ROOT=str(self.mounts), AZ_BATCHAI_NODE_ID=node_id,
                    AZ_BATCHAI_CLUSTER_NAME=cluster.name,
                    AZ_BATCHAI_WORKSPACE_NAME=cluster.workspace)  # fmt: skip
-        prefix = str(task["stdOutErrPathPrefix"]).replace("$AZ_BATCHAI_MOUNT_ROOT",
-                                                          str(self.mounts))  # fmt: skip
+        expand = toolkits.expander({"AZ_BATCHAI_MOUNT_ROOT": str(self.mounts)})
+        prefix = expand(str(task["stdOutErrPathPrefix"]))
         where = f"{cluster.workspace}/clusters/{cluster.name}/{node_id}/stdouterr"
         return {"type": "RunSetup", "command": task["commandLine"], "env": env,
                 "stdouterr": f"{prefix.rstrip('/')}/{where}",

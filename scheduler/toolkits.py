@@ -41,6 +41,7 @@ from __future__ import annotations
 import json
 import math
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,7 +112,7 @@ def translate(
         "AZ_BATCHAI_JOB_TEMP": paths.job_temp,
         "AZ_BATCHAI_SHARED_JOB_TEMP": paths.shared_job_temp,
     }
-    expand = _expander(known)
+    expand = expander(known)
     base = {
         **known,
         "AZ_BATCHAI_JOB_NAME": job.name,
@@ -152,7 +153,9 @@ def translate(
     return plans
 
 
-def _expander(known: dict[str, str]):
+def expander(known: dict[str, str]) -> Callable[[str], str]:
+    """`$NAME` and `${NAME}` of each of the `known` variables replaced by its value."""
+
     def expand(text: str) -> str:
         for name in sorted(known, key=len, reverse=True):  # longest first: JOB_MOUNT_ROOT
             text = text.replace(f"${name}", known[name]).replace(f"${{{name}}}", known[name])

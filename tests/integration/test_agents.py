@@ -564,7 +564,7 @@ async def test_the_setup_task_runs_before_a_node_takes_work_and_its_failure_is_s
                               ("bad", "echo cannot mount >&2; exit 4")):  # fmt: skip
             setup = {
                 "commandLine": command,
-                "stdOutErrPathPrefix": "$AZ_BATCHAI_MOUNT_ROOT",
+                "stdOutErrPathPrefix": "${AZ_BATCHAI_MOUNT_ROOT}/setup",
                 "environmentVariables": [{"name": "GREETING", "value": "hi"}],
             }
             cluster = {
@@ -593,6 +593,10 @@ async def test_the_setup_task_runs_before_a_node_takes_work_and_its_failure_is_s
         assert bad["properties"]["setup"]["exitCode"] == 4
         assert "cannot mount" in bad["properties"]["setup"]["tail"]
         assert bad["properties"]["errors"][-1]["code"] == "setup_failed"
+        out = daemon.cfg.mounts / "setup/default/clusters/bad/bad-0/stdouterr/stderr.txt"
+        assert out.read_text() == "cannot mount\n"  # under the mount root, ${...} expanded
+        _status, shown = await client.call("GET", "/v1/workspaces/default/clusters/bad")
+        assert shown["properties"]["errors"][-1]["code"] == "setup_failed"
         # the unusable node takes no work; the job says why
         job = {"cluster": "bad", "nodeCount": 1, "stdOutErrPathPrefix": "$AZ_BATCHAI_MOUNT_ROOT",
                "customToolkitSettings": {"commandLine": "true"}}  # fmt: skip

@@ -285,7 +285,9 @@ def test_output_goes_under_an_absolute_path_or_a_mount_root(w):
         with pytest.raises(DocumentError, match="must be an absolute path"):
             commands.submit_job(w.m, "ws", "exp", "j", {**JOB, "stdOutErrPathPrefix": prefix},
                                 "user:ann", cluster="gpu")  # fmt: skip
-    setup = {"setupTask": {"commandLine": "true", "stdOutErrPathPrefix": "logs"}}
-    with pytest.raises(DocumentError) as refused:
-        commands.create_cluster(w.m, "ws", "c2", {**CLUSTER, "nodeSetup": setup}, "user:ops")
-    assert refused.value.path == "nodeSetup.setupTask.stdOutErrPathPrefix"
+    for prefix in ("logs", "$AZ_BATCHAI_JOB_MOUNT_ROOT/logs"):  # a node's setup has no job
+        setup = {"setupTask": {"commandLine": "true", "stdOutErrPathPrefix": prefix}}
+        with pytest.raises(DocumentError) as refused:
+            commands.create_cluster(w.m, "ws", "c2", {**CLUSTER, "nodeSetup": setup}, "user:ops")
+        assert refused.value.path == "nodeSetup.setupTask.stdOutErrPathPrefix"
+        assert refused.value.rule == "must be an absolute path or start with $AZ_BATCHAI_MOUNT_ROOT"
