@@ -199,13 +199,12 @@ class LocalProvider:
                 await self._node_event(node_id, "NodeRecovered", LEAVING)
         cluster = m.clusters.get(m.cluster_ids.get(f"{WORKSPACE}/{CLUSTER}", ""))
         logged = cluster.nodes if cluster is not None else []  # also those of a previous run
-        option = deallocation_option(cluster)
         for node_id in sorted({*self.processes, *logged}):
             if node_number(node_id) < target:  # (an id of another form is -1: kept)
                 continue
             node = m.nodes.get(node_id)
             if node is not None and node.allocations:
-                await self._deallocate(node_id, option)
+                await self._deallocate(node_id)
                 continue  # stopped once it runs nothing
             process = self.processes.pop(node_id, None)
             if process is not None:
@@ -214,12 +213,19 @@ class LocalProvider:
                 await self._node_event(node_id, "NodeRemoved", node.state)
                 await self._revoke_credential(node_id)
 
-    async def _deallocate(self, node_id: str, option: str) -> None:
-        """Drain a node above the target, and end its jobs' attempts as `option` says."""
-        if not deallocate(self.control.models, node_id, option, ACTOR):
-            return  # most cycles: nothing to do, and no need to take the node's lock
-        await self.control.run(lambda m: deallocate(m, node_id, option, ACTOR),
-                               key=f"node/{node_id}")  # fmt: skip
+    async def _deallocate(self, node_id: str) -> None:
+        """Drain a node above the target, and end its jobs' attempts as the cluster's
+        nodeDeallocationOption says: both as they are when the decision is taken (a node
+        wanted again meanwhile keeps its jobs, and the option may have changed)."""
+
+        def decide(m: ReadModels) -> list[Decision]:
+            if node_number(node_id) < self._target():
+                return []
+            cluster = m.clusters.get(m.cluster_ids.get(f"{WORKSPACE}/{CLUSTER}", ""))
+            return deallocate(m, node_id, deallocation_option(cluster), ACTOR)
+
+        if decide(self.control.models):  # most cycles: nothing to do, and no lock to take
+            await self.control.run(decide, key=f"node/{node_id}")
 
     async def _revoke_credential(self, node_id: str) -> None:
         """A removed node's agent token goes with it: revoked, and its file deleted (a node
