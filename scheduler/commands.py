@@ -214,16 +214,20 @@ def resize_changes(m: ReadModels, actor: str,
         target = manual.get("targetNodeCount", 0) if manual is not None else None
         if wanted is not None and cluster.cluster_id in wanted:
             target = wanted[cluster.cluster_id]
-        if not cluster.deleting and target is not None:
+        if not cluster.deleting:
             out += _resize_change(m, cluster, target, actor)
     return out
 
 
-def _resize_change(m: ReadModels, cluster: Cluster, target: int, actor: str) -> list[Decision]:
+def _resize_change(m: ReadModels, cluster: Cluster, target: int | None,
+                   actor: str) -> list[Decision]:  # fmt: skip
     """ClusterResizeStarted or ClusterResizeCompleted where the cluster's nodes, against
-    `target`, call for a change of its allocation state; else nothing."""
+    `target` (None: nothing scales it, so it is steady), call for a change of its allocation
+    state; else nothing."""
     states = {m.nodes[node_id].state for node_id in cluster.nodes}
-    settled = len(cluster.nodes) == target and not (LEAVING in states or PROVISIONING in states)
+    settled = target is None or (
+        len(cluster.nodes) == target and not (LEAVING in states or PROVISIONING in states)
+    )
     if settled == (cluster.allocation_state == "steady"):
         return []
     type_ = "ClusterResizeCompleted" if settled else "ClusterResizeStarted"

@@ -658,6 +658,8 @@ def test_a_cluster_that_scales_itself_resizes_toward_what_its_provider_wants():
     assert reasons(w.plan())[job] == {"code": "cluster_scaling"}
     w.apply("NodeRegistered", nodeId="c-n1", cluster="c", gpus=4)
     assert changes({"c": 2}) == ["ClusterResizeCompleted"]
+    assert changes({"c": 3}) == ["ClusterResizeStarted"]
+    assert changes(None) == ["ClusterResizeCompleted"]  # no provider scales it (any more)
 
 
 def test_a_job_needing_more_nodes_than_the_cluster_keeps_is_told_so_while_they_drain():
