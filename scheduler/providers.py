@@ -23,6 +23,7 @@ they take no work until their new agents have registered.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import os
 import signal
@@ -35,6 +36,7 @@ import structlog
 
 from batchd.events.envelope import NewEvent
 from batchd.projections import lifecycle, queue
+from batchd.projections.allocation import free_gpus
 from batchd.projections.model import LEAVING, READY, Cluster, ReadModels
 from batchd.scheduler import commands, retries
 from batchd.scheduler.agent import PARENT_ENV
@@ -385,22 +387,36 @@ def _placed_attempts(m: ReadModels, node_id: str) -> list[tuple[str, int]]:
 def autoscale_target(m: ReadModels, cluster: Cluster, gpus_per_node: int,
                      runtimes: Collection[str]) -> int:  # fmt: skip
     """How many nodes an `autoScale` cluster wants now: those that run work, and enough for
-    its queued jobs (their GPUs packed onto whole nodes; a job without GPUs, or a gang, takes
-    whole nodes; a job that asks more GPUs a node than the nodes have, or a runtime they do
-    not offer, none), within `minimumNodeCount` and `maximumNodeCount`."""
+    its queued jobs (a one-node job that fits beside the work of a busy ready node, none;
+    the others' GPUs packed onto whole nodes; a job without GPUs, or a gang, takes whole
+    nodes; a job that asks more GPUs a node than the nodes have, or a runtime they do not
+    offer, none), within `minimumNodeCount` and `maximumNodeCount`."""
     auto = cluster.scale_settings["autoScale"]
-    busy = sum(1 for node_id in cluster.nodes if m.nodes[node_id].allocations)
+    busy = [m.nodes[node_id] for node_id in cluster.nodes if m.nodes[node_id].allocations]
+    spare = sorted(len(free_gpus(node)) for node in busy if node.state == READY)
     gpus = whole = widest = 0
     for job in queue.ordered(m, cluster.cluster_id):
         if job.gpus_per_node > gpus_per_node or job.runtime not in runtimes:
             continue  # no node of this cluster can ever run it: none is started for it
+        if job.node_count == 1 and job.gpus_per_node and _take(spare, job.gpus_per_node):
+            continue  # it is placed beside running work: no node is started for it
         widest = max(widest, job.node_count)
         if job.gpus_per_node and gpus_per_node:
             gpus += job.gpus_per_node * job.node_count
         else:
             whole += job.node_count
     wanted = max(whole + (-(-gpus // gpus_per_node) if gpus_per_node else 0), widest)
-    return max(auto["minimumNodeCount"], min(auto["maximumNodeCount"], busy + wanted))
+    return max(auto["minimumNodeCount"], min(auto["maximumNodeCount"], len(busy) + wanted))
+
+
+def _take(spare: list[int], need: int) -> bool:
+    """Take `need` GPUs from the fullest node of `spare` (free GPUs a node, ascending) that
+    has them; False if none has."""
+    at = bisect.bisect_left(spare, need)
+    if at == len(spare):
+        return False
+    bisect.insort(spare, spare.pop(at) - need)
+    return True
 
 
 def _token_name(node_id: str) -> str:

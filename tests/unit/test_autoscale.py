@@ -24,9 +24,20 @@ def test_an_idle_cluster_shrinks_to_its_minimum():
 def test_queued_gpus_are_packed_onto_whole_nodes_beside_the_busy_ones():
     w = World().cluster(nodes=1)
     w.run(w.job(gpus=1), [("c-n0", [0])])
-    for _ in range(5):  # 5 GPUs: 2 nodes of 4
+    for _ in range(7):  # 7 GPUs: 3 beside the running job, 4 on a node of their own
         w.job(gpus=1)
+    assert autoscale_target(w.models, _auto(w, 0, 10), 4, PROCESS) == 1 + 1
+    w.job(gpus=1)  # and one more node for the eighth
     assert autoscale_target(w.models, _auto(w, 0, 10), 4, PROCESS) == 1 + 2
+
+
+def test_a_job_that_fits_beside_running_work_starts_no_node():
+    w = World().cluster(nodes=1)
+    w.run(w.job(gpus=1), [("c-n0", [0])])
+    w.job(gpus=2)  # fits in the busy node's 3 free GPUs: placed there, no node started
+    assert autoscale_target(w.models, _auto(w, 0, 10), 4, PROCESS) == 1
+    w.job(gpus=2)  # one GPU is left there now: this one needs a node of its own
+    assert autoscale_target(w.models, _auto(w, 0, 10), 4, PROCESS) == 2
 
 
 def test_a_gang_or_a_job_without_gpus_takes_whole_nodes_within_the_maximum():
