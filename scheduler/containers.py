@@ -176,7 +176,10 @@ def _mounts(spec: dict[str, Any]) -> list[dict[str, Any]]:
     only the paths the daemon named, never ones from the job's environment). Bind mounts of
     their own, not `host:container` strings, which a ':' in a path would cut wrongly."""
     env = spec.get("env") or {}
-    paths = [env.get("AZ_BATCHAI_MOUNT_ROOT"), env.get("AZ_BATCHAI_JOB_TEMP"),
+    root = env.get("AZ_BATCHAI_MOUNT_ROOT")  # (a Docker Engine refuses a bind of a path that
+    if root and not os.path.isdir(root):  # is not there; the others are made before it)
+        root = None
+    paths = [root, env.get("AZ_BATCHAI_JOB_TEMP"),
              spec["workDir"], spec["stdouterr"], *output_dirs(spec)]  # fmt: skip
     inputs = [str(p) for p in spec.get("inputs") or ()
               if str(p).startswith("/") and os.path.isdir(p)]  # fmt: skip

@@ -39,7 +39,22 @@ def test_docker_gets_device_requests_and_podman_cdi_names():
     assert {"CUDA_VISIBLE_DEVICES=", "NVIDIA_VISIBLE_DEVICES=void"} <= set(none["Env"])
 
 
-def test_binds_output_directories_and_the_input_directories_there_are_read_only(tmp_path):
+@pytest.fixture
+def mount_root_there(monkeypatch):
+    """SPEC's mount root (/mnt/batch) exists on this node."""
+    isdir = os.path.isdir
+    monkeypatch.setattr(os.path, "isdir", lambda path: path == "/mnt/batch" or isdir(path))
+
+
+def test_a_mount_root_the_node_lacks_is_not_bound():
+    """(a Docker Engine refuses to create a container with a bind of a missing path)"""
+    mounts = create_config(SPEC, "train", "", "docker", attach_gpus=False)["HostConfig"]["Mounts"]
+    assert [m["Source"] for m in mounts] == ["/var/w/j1", "/var/tmp/j1", SPEC["stdouterr"]]
+
+
+def test_binds_output_directories_and_the_input_directories_there_are_read_only(
+    tmp_path, mount_root_there
+):
     data = tmp_path / "data"
     (data / "out").mkdir(parents=True)
     spec = {**SPEC, "inputs": [str(data), str(tmp_path / "gone")],
@@ -60,7 +75,7 @@ def test_binds_output_directories_and_the_input_directories_there_are_read_only(
     assert not any(b[0].startswith(("/etc", "/root")) for b in binds)  # only what the daemon named
 
 
-def test_binds_the_job_paths_once_each_and_sizes_shared_memory():
+def test_binds_the_job_paths_once_each_and_sizes_shared_memory(mount_root_there):
     config = create_config(SPEC, "python train.py", "-prep", "docker", attach_gpus=False)
     assert config["HostConfig"]["Mounts"] == [
         {"Type": "bind", "Source": path, "Target": path, "ReadOnly": False}
