@@ -658,12 +658,16 @@ async def job_history(request: web.Request) -> web.Response:
 
 
 # -- files -------------------------------------------------------------------------------------
-async def _output_dir(request: web.Request) -> tuple[Job, Path, str | None]:
+async def _output_dir(request: web.Request, waits: bool = False) -> tuple[Job, Path, str | None]:
     """The job, its output directory, and the node to ask for it (None: the daemon reads it
-    on its own storage)."""
+    on its own storage). A job never placed has none: FileNotFound, unless the request
+    `waits` for its output (a follow)."""
     ws = _ws(request)
     api = request.app[API_KEY]
     job = commands.find_job(api.models, ws, request.match_info["exp"], request.match_info["name"])
+    if not job.attempt and not waits:
+        when = "never ran" if job.state in lifecycle.ENDED else "has not started yet"
+        raise files.FileNotFound(f"job {job.name!r} {when}: it has no output")
     directory_id = request.query.get("outputdirectoryid", files.STDOUTERR)
     attempt = _int_query(request, "attempt", max(job.attempt, 1), 1, max(job.attempt, 1))
     spec = await resources.job_spec(api.store, job)
@@ -749,10 +753,7 @@ def _entries(request: web.Request, entries: list[dict[str, Any]]) -> web.Respons
 
 
 async def list_files(request: web.Request) -> web.Response:
-    job, base, node = await _output_dir(request)
-    if not job.attempt:  # never placed: no output anywhere
-        when = "never ran" if job.state in lifecycle.ENDED else "has not started yet"
-        raise files.FileNotFound(f"job {job.name!r} {when}: it has no output")
+    _job_found, base, node = await _output_dir(request)
     api = request.app[API_KEY]
     relative = request.query.get("directory", ".")
     if node is not None:
@@ -765,10 +766,10 @@ async def list_files(request: web.Request) -> web.Response:
 
 
 async def get_file(request: web.Request) -> web.StreamResponse:
-    job, base, node = await _output_dir(request)
+    follow = request.query.get("follow", "false").lower() in ("true", "1")
+    job, base, node = await _output_dir(request, waits=follow)
     api = request.app[API_KEY]
     relative = request.match_info["path"]
-    follow = request.query.get("follow", "false").lower() in ("true", "1")
     if follow and _followed_ended(request, job):
         follow = False  # its attempt writes no more: the file as it is, or 404 if there is none
     if node is not None:

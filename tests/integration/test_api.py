@@ -177,11 +177,10 @@ async def test_the_event_stream_sends_only_the_types_asked_for(client, api):
 async def test_output_files_are_listed_and_read_by_range_as_they_grow(client, api):
     await seed(client)
     await client.call("PUT", f"{EXP}/jobs/train", JOB)
-    status, answer = await client.call("GET", f"{EXP}/jobs/train/files")
-    assert (status, answer["error"]["message"]) == (
-        404,
-        "job 'train' has not started yet: it has no output",
-    )
+    for path in ("files", "files/stdout.txt"):
+        status, answer = await client.call("GET", f"{EXP}/jobs/train/{path}")
+        assert (status, answer["error"]["message"]) == (
+            404, "job 'train' has not started yet: it has no output")  # fmt: skip
     job_id = api.models.models.job_ids["ws/exp/train"][-1]
     await api.store.append(f"job-{job_id}", [
         NewEvent("JobScheduled", {"jobId": job_id, "attempt": 1,
