@@ -256,6 +256,7 @@ def parse_job(document: Any) -> JobSpec:
     if "schedulingPriority" in props and "priority" in props:
         raise DocumentError(where, "give schedulingPriority or priority, not both")
     _check_unique_variables(props, prefix)
+    _check_output_ids(props, prefix)
     priority = props.get("priority", PRIORITY_OF[props.get("schedulingPriority", "normal")])
     return JobSpec(
         cluster=props.get("cluster"),
@@ -289,6 +290,19 @@ def _check_unique_variables(props: dict[str, Any], prefix: str) -> None:
             earlier = first.setdefault(name, path)
             if earlier != path:
                 raise DocumentError(path, f"{name} is set already, by {earlier}")
+
+
+def _check_output_ids(props: dict[str, Any], prefix: str) -> None:
+    """Output directories are asked for by id without regard to case (the files API's
+    `outputdirectoryid`), `stdouterr` naming the job's stdout and stderr: two ids that
+    differ only in case, or an id `stdouterr`, would leave one directory out of reach."""
+    first = {"stdouterr": "the job's stdout and stderr"}
+    for index, item in enumerate(props.get("outputDirectories", ())):
+        path = f"{prefix}.outputDirectories[{index}].id".lstrip(".")
+        earlier = first.setdefault(item["id"].lower(), path)
+        if earlier != path:
+            raise DocumentError(path, f"names the output directory of {earlier} (ids are "
+                                      "matched without regard to case)")  # fmt: skip
 
 
 def _wall_clock(props: dict[str, Any], prefix: str) -> int:
