@@ -285,19 +285,36 @@ def submit_job(
     if spec.gpus_per_node is not None and size is not None and spec.gpus_per_node > gpus:
         rule = f"{spec.gpus_per_node} is more than the {gpus} GPUs of {size.name}"
         raise DocumentError(f"{where}gpusPerNode", rule)
+    per_node = spec.gpus_per_node if spec.gpus_per_node is not None else gpus
+    _check_tensorflow(spec.properties.get("tensorFlowSettings"), spec.node_count, per_node,
+                      f"{where}tensorFlowSettings")  # fmt: skip
     _name_free(m, workspace, experiment, name)
     job_id = new_id()
     data = {
         "jobId": job_id, "workspace": workspace, "experiment": experiment, "name": name,
         "cluster": cluster_id, "owner": actor.removeprefix("user:"), "priority": spec.priority,
         "nodeCount": spec.node_count,
-        "gpusPerNode": spec.gpus_per_node if spec.gpus_per_node is not None else gpus,
+        "gpusPerNode": per_node,
         "maxRetries": spec.max_retries, "maxNodeFailureRetries": spec.max_node_failure_retries,
         "preemptible": spec.preemptible, "maxWallClockTime": spec.max_wall_clock_s,
         "spec": spec.properties,
         "runtime": "docker" if "containerSettings" in spec.properties else "process",
     }  # fmt: skip
     return [_event(f"job-{job_id}", "JobSubmitted", data, actor)]
+
+
+def _check_tensorflow(settings: dict[str, Any] | None, nodes: int, gpus: int, where: str) -> None:
+    """Batch AI's limits: a parameter server a node at most, a worker a GPU (or a node)."""
+    if settings is None:
+        return
+    servers = settings.get("parameterServerCount", 0)
+    if servers > nodes:
+        rule = f"{servers} is more than the job's {nodes} node(s): one a node at most"
+        raise DocumentError(f"{where}.parameterServerCount", rule)
+    workers, most = settings.get("workerCount", nodes), nodes * max(gpus, 1)
+    if workers > most:
+        rule = f"{workers} is more than the job's {most} GPU(s): one worker a GPU at most"
+        raise DocumentError(f"{where}.workerCount", rule)
 
 
 def resolve_cluster(m: ReadModels, reference: str | None, workspace: str, where: str) -> str:

@@ -18,9 +18,11 @@ Per toolkit (`processCount` defaults to `nodeCount`):
   (`tcp://<master>:<port>`) and the torch.distributed variables; with the MPI backend, under
   `mpirun` on the master instead.
 - `caffe2Settings`: the script on every node.
-- `tensorFlowSettings`: `parameterServerCount` parameter servers (default 1) on the first nodes and
-  `workerCount` workers (default `nodeCount`) round-robin over all nodes; `AZ_BATCHAI_PS_HOSTS`,
-  `AZ_BATCHAI_WORKER_HOSTS` and a `TF_CONFIG` per process; worker 0 gets
+- `tensorFlowSettings`: `parameterServerCount` parameter servers (default 1 on more than one
+  node, else 0; at most `nodeCount`) on the first nodes and `workerCount` workers (default
+  `nodeCount`; at most `nodeCount` x the GPUs a node) round-robin over all nodes;
+  `AZ_BATCHAI_PS_HOSTS`, `AZ_BATCHAI_WORKER_HOSTS` and a `TF_CONFIG` per process, and
+  `AZ_BATCHAI_TASK_INDEX` the process's index among its kind; worker 0 gets
   `masterCommandLineArgs`. A node's parameter servers run in the background and are stopped
   when its workers end.
 
@@ -256,10 +258,10 @@ def _pytorch(settings, hosts):
 def _tensorflow(settings, hosts):
     nodes = len(hosts)
     workers = settings.get("workerCount", nodes)
-    parameter_servers = settings.get("parameterServerCount", 1) if nodes > 1 else 0
+    parameter_servers = settings.get("parameterServerCount", 1 if nodes > 1 else 0)
     interpreter = settings.get("pythonInterpreterPath") or "python"
     script = settings["pythonScriptFilePath"]
-    if nodes == 1 and workers <= 1:
+    if nodes == 1 and workers <= 1 and not parameter_servers:
         args = settings.get("masterCommandLineArgs") or settings.get("workerCommandLineArgs")
         return [" ".join(p for p in (interpreter, script, args) if p)], [{}]
     if max(parameter_servers, workers) > TF_PER_NODE * nodes:
@@ -280,7 +282,7 @@ def _tensorflow(settings, hosts):
             if where == node:
                 config = _tf_config(cluster, "ps", index)
                 args = settings.get("parameterServerCommandLineArgs")
-                background.append(_process(interpreter, script, args, config))
+                background.append(_process(interpreter, script, args, config, index))
         foreground = []
         for index, (where, _address) in enumerate(worker):
             if where == node:

@@ -296,3 +296,17 @@ def test_output_goes_under_an_absolute_path_or_a_mount_root(w):
             commands.create_cluster(w.m, "ws", "c2", {**CLUSTER, "nodeSetup": setup}, "user:ops")
         assert refused.value.path == "nodeSetup.setupTask.stdOutErrPathPrefix"
         assert refused.value.rule == "must be an absolute path or start with $AZ_BATCHAI_MOUNT_ROOT"
+
+
+def test_tensorflow_counts_are_bounded_as_batch_ai_bounded_them(w):
+    base = {"nodeCount": 2, "stdOutErrPathPrefix": "/logs"}
+    for settings, where, rule in (
+        ({"parameterServerCount": 3}, "parameterServerCount", "more than the job's 2 node(s)"),
+        ({"workerCount": 9}, "workerCount", "9 is more than the job's 8 GPU(s)"),
+    ):
+        job = {**base, "tensorFlowSettings": {"pythonScriptFilePath": "t.py", **settings}}
+        with pytest.raises(DocumentError) as refused:
+            commands.submit_job(w.m, "ws", "exp", "tf", job, "user:ann", cluster="gpu")
+        assert refused.value.path == f"tensorFlowSettings.{where}" and rule in refused.value.rule
+    fits = {**base, "tensorFlowSettings": {"pythonScriptFilePath": "t.py", "workerCount": 8}}
+    assert commands.submit_job(w.m, "ws", "exp", "tf", fits, "user:ann", cluster="gpu")

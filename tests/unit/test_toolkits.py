@@ -98,6 +98,21 @@ def test_a_tensorflow_node_script_exits_with_the_first_failing_worker(tmp_path):
     assert done.returncode == 0  # worker 0 succeeded; its parameter server was stopped
 
 
+def test_a_one_node_tensorflow_job_runs_the_parameter_servers_it_asks_for():
+    properties = {
+        "nodeCount": 1, "stdOutErrPathPrefix": "/logs",
+        "tensorFlowSettings": {
+            "pythonScriptFilePath": "train.py", "workerCount": 2, "parameterServerCount": 1,
+            "parameterServerCommandLineArgs": "--task_index=$AZ_BATCHAI_TASK_INDEX",
+        },
+    }  # fmt: skip
+    [only] = translate(properties, JOB, [Host("n0", "10.0.0.4", (0, 1))], PATHS)
+    assert only.env["AZ_BATCHAI_PS_HOSTS"] == "10.0.0.4:2222"
+    assert only.env["AZ_BATCHAI_WORKER_HOSTS"] == "10.0.0.4:2322,10.0.0.4:2323"
+    server = next(line for line in only.command.splitlines() if '"ps"' in line)
+    assert "export AZ_BATCHAI_TASK_INDEX=0;" in server  # its own index among the servers
+
+
 def test_every_recipe_translates_with_a_command_on_the_master():
     for recipe in sorted(RECIPES.glob("*.json")):
         properties = parse_job(json.loads(recipe.read_text())).properties
