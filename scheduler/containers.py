@@ -81,7 +81,10 @@ def create_config(spec: dict[str, Any], command: str, suffix: str, engine: str,
     env = {**(spec.get("env") or {}), "CUDA_VISIBLE_DEVICES": ",".join(visible)}
     if attach_gpus and not gpus:
         env["NVIDIA_VISIBLE_DEVICES"] = "void"
-    host: dict[str, Any] = {"Mounts": _mounts(spec)}
+    # the host's network, as Batch AI's containers had it: the addresses and ports of the
+    # job's environment (MASTER_ADDR:MASTER_PORT, the TensorFlow hosts, the MPI host file)
+    # are the nodes', so the tasks of a multi-node job reach each other there
+    host: dict[str, Any] = {"Mounts": _mounts(spec), "NetworkMode": "host"}
     size = shm_bytes(spec.get("shmSize"))
     if size:
         host["ShmSize"] = size

@@ -8,6 +8,7 @@ import base64
 import contextlib
 import json
 import os
+import socket
 import sys
 
 import aiodocker
@@ -115,6 +116,33 @@ async def test_a_container_job_whose_output_path_holds_a_colon_runs(box, tmp_pat
     )
 
 
+async def test_a_container_job_listens_on_the_nodes_own_network(box):
+    """A task's addresses and ports (MASTER_ADDR:MASTER_PORT and the like) are its node's:
+    a server in the container is reached at the node's address, as another task would."""
+    daemon, client, _proxy, _agent = box
+    with socket.socket() as probe:  # a port free on this machine
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    job = _box_job(f"nc -l -p {port}")
+    assert (await client.call("PUT", f"{EXP}/jobs/server", job))[0] == 201
+    models = daemon.models.models
+    await _until(lambda: newest_job(models, "server").state == "running", 60)
+    for _ in range(100):  # until the server in the container listens
+        try:
+            _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            break
+        except OSError:
+            await asyncio.sleep(0.1)
+    else:
+        raise AssertionError("nothing listened on the node's port")
+    writer.write(b"hello from a peer\n")
+    await writer.drain()
+    writer.close()
+    await _ended(daemon, "server")
+    out = daemon.state_dir / "mounts/logs/default/default/server/1/stdouterr/stdout.txt"
+    assert out.read_text() == "hello from a peer\n"
+
+
 async def test_a_container_job_runs_with_its_environment_mounts_labels_and_gpus(box):
     daemon, client, proxy, _agent = box
     job = {"cluster": "box", "nodeCount": 1, "gpusPerNode": 2,
@@ -145,6 +173,7 @@ async def test_a_container_job_runs_with_its_environment_mounts_labels_and_gpus(
     host = create["HostConfig"]
     assert {"Type": "bind", "Source": mounts, "Target": mounts, "ReadOnly": False} in host["Mounts"]
     assert host["ShmSize"] == 64 * 1024 * 1024
+    assert host["NetworkMode"] == "host"  # the job's addresses and ports are the node's
     assert host["Devices"] == [  # podman: CDI names, not DeviceRequests
         {"PathOnHost": "nvidia.com/gpu=0", "PathInContainer": "", "CgroupPermissions": "rwm"},
         {"PathOnHost": "nvidia.com/gpu=1", "PathInContainer": "", "CgroupPermissions": "rwm"},
