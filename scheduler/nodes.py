@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -736,15 +737,15 @@ LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
 def _port_base(m: ReadModels, node_id: str) -> int:
-    """For a node at a loopback address (a local node: its machine holds others): its number
-    (`local-3` is 3) times its GPUs, so that the ports of jobs on different nodes of one
-    machine differ (toolkits, "Ports"), whichever of them exist. 0 for a node of its own
-    machine, or one without a number."""
+    """For a node at a loopback address (a local node: its machine holds others): the number
+    its id ends with (`local-3` and `n3` are 3) times its GPUs, so that the ports of jobs on
+    different nodes of one machine differ (toolkits, "Ports"), whichever of them exist. 0 for
+    a node of its own machine, or one whose id ends in no number."""
     node = m.nodes.get(node_id)
-    number = node_number(node_id)
-    if node is None or _address(m, node_id) not in LOOPBACK or number < 0:
+    number = re.search(r"[0-9]+$", node_id)
+    if node is None or _address(m, node_id) not in LOOPBACK or number is None:
         return 0
-    return number * node.gpus
+    return int(number[0]) * node.gpus
 
 
 def node_number(node_id: str) -> int:

@@ -34,8 +34,9 @@ first GPU index its task holds there (a task without GPUs holds the whole node).
 whose tasks share a node thus never ask for the same port: `MASTER_PORT` is 29500 + the
 master task's first GPU, TensorFlow's ports 2222 + 200 x that node's first GPU (+ 100 for
 workers) + the process's number on the node. Nodes that share a machine (local nodes, all at
-a loopback address) count their GPUs one after another for this: the second node's GPU 0 is
-the machine's GPU 4 when the first has four.
+a loopback address) count their GPUs one after another for this, by the number their ids
+end with: `local-1`'s GPU 0 is the machine's GPU 4 when the nodes have four. (Two such nodes
+whose ids end with the same number, in two clusters, may still ask for the same ports.)
 """
 
 from __future__ import annotations

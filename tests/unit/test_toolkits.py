@@ -169,3 +169,6 @@ def test_a_local_nodes_port_base_follows_from_its_number_whichever_nodes_exist()
         w.apply("NodeRegistered", nodeId=node_id, cluster="c", gpus=4)  # at 127.0.0.1
     w.apply("NodeRegistered", nodeId="far-3", cluster="c", gpus=8, address="10.0.0.9")
     assert [_port_base(w.models, n) for n in ("local-1", "local-2", "far-3")] == [4, 8, 0]
+    for node_id in ("n2", "n3", "box"):  # agents joined by hand on one machine
+        w.apply("NodeRegistered", nodeId=node_id, cluster="c", gpus=2)
+    assert [_port_base(w.models, n) for n in ("n2", "n3", "box")] == [4, 6, 0]
