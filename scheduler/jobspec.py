@@ -256,7 +256,6 @@ def parse_job(document: Any) -> JobSpec:
     if "schedulingPriority" in props and "priority" in props:
         raise DocumentError(where, "give schedulingPriority or priority, not both")
     _check_unique_variables(props, prefix)
-    _check_output_ids(props, prefix)
     priority = props.get("priority", PRIORITY_OF[props.get("schedulingPriority", "normal")])
     return JobSpec(
         cluster=props.get("cluster"),
@@ -281,28 +280,18 @@ _SETS_VARIABLE = (  # (field, what names the variable an item sets, the variable
 
 def _check_unique_variables(props: dict[str, Any], prefix: str) -> None:
     """Each environment variable is set once: by one environmentVariables or secrets entry,
-    or one input or output directory's id (a second would silently replace the first)."""
-    first: dict[str, str] = {}
+    or one input or output directory's id (a second would silently replace the first). A
+    directory's variable has its id in capitals, as Batch AI named it: ids that differ
+    only in case set one variable (and the files API finds output directories by id
+    without regard to case); `stdouterr` names the job's stdout and stderr there."""
+    first = {"AZ_BATCHAI_OUTPUT_STDOUTERR": "the job's stdout and stderr (stdouterr)"}
     for field, key, variable in _SETS_VARIABLE:
         for index, item in enumerate(props.get(field, ())):
             path = f"{prefix}.{field}[{index}].{key}".lstrip(".")
-            name = variable + item[key]
+            name = variable + (item[key].upper() if variable else item[key])
             earlier = first.setdefault(name, path)
             if earlier != path:
                 raise DocumentError(path, f"{name} is set already, by {earlier}")
-
-
-def _check_output_ids(props: dict[str, Any], prefix: str) -> None:
-    """Output directories are asked for by id without regard to case (the files API's
-    `outputdirectoryid`), `stdouterr` naming the job's stdout and stderr: two ids that
-    differ only in case, or an id `stdouterr`, would leave one directory out of reach."""
-    first = {"stdouterr": "the job's stdout and stderr"}
-    for index, item in enumerate(props.get("outputDirectories", ())):
-        path = f"{prefix}.outputDirectories[{index}].id".lstrip(".")
-        earlier = first.setdefault(item["id"].lower(), path)
-        if earlier != path:
-            raise DocumentError(path, f"names the output directory of {earlier} (ids are "
-                                      "matched without regard to case)")  # fmt: skip
 
 
 def _wall_clock(props: dict[str, Any], prefix: str) -> int:
