@@ -65,7 +65,7 @@ def _get(item: dict[str, Any], path: str, default: Any = None) -> Any:
 def _cell(value: Any) -> str:
     if value is None or value == "":
         return "-"
-    if isinstance(value, (list, dict)):
+    if isinstance(value, (list, dict, bool)):  # as JSON has them: true, not True
         return json.dumps(value)
     return str(value)
 

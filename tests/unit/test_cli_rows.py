@@ -1,8 +1,8 @@
-"""What `batchd node list` shows of a node."""
+"""What `batchd node list` shows of a node, and `show` of a resource."""
 
 from __future__ import annotations
 
-from batchd.scheduler.cli_api import _node_row
+from batchd.scheduler.cli_api import _flatten, _node_row
 
 ERRORS = [
     {
@@ -26,3 +26,9 @@ def test_a_node_that_is_not_ready_shows_its_last_error_and_a_recovered_one_does_
 
 def test_an_error_from_before_the_nodes_present_state_is_not_shown_as_its_last():
     assert _node_row(_node("leaving", since="2026-11-27T10:05:00.000000Z"))[-1] is None
+
+
+def test_show_prints_values_as_json_has_them():
+    shown = dict(_flatten({"properties": {"preemption": True, "tags": {}, "n": 2}}, ""))
+    assert shown == {"properties.preemption": "true", "properties.tags": "{}",
+                     "properties.n": "2"}  # fmt: skip
