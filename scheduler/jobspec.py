@@ -188,6 +188,9 @@ JOB_PROPERTIES = obj({
     "nodeCount": _count,
     "schedulingPriority": choice("low", "normal", "high"),
     "priority": integer(-1000, 1000),
+    # 2018-03-01's, kept as given and meaning nothing here: a job belongs to the experiment
+    # it is created in, and runs where its cluster is
+    "experimentName": _text, "location": _text,
     "containerSettings": obj({
         "imageSourceRegistry": obj({
             "image": _text, "serverUrl": _text,

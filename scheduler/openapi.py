@@ -216,6 +216,7 @@ def job_properties() -> Schema:
         "nodeCount": integer(1, 10_000),
         "schedulingPriority": enum("low", "normal", "high"),
         "priority": integer(-1000, 1000),
+        "experimentName": text(), "location": text(),  # 2018-03-01's, meaning nothing here
         "containerSettings": obj({"imageSourceRegistry": registry, "shmSize": text()},
                                  ("imageSourceRegistry",), closed=True),
         **_toolkits(),

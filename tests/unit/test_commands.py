@@ -312,3 +312,10 @@ def test_tensorflow_counts_are_bounded_as_batch_ai_bounded_them(w):
         assert refused.value.path == f"tensorFlowSettings.{where}" and rule in refused.value.rule
     fits = {**base, "tensorFlowSettings": {"pythonScriptFilePath": "t.py", "workerCount": 8}}
     assert commands.submit_job(w.m, "ws", "exp", "tf", fits, "user:ann", cluster="gpu")
+
+
+def test_a_2018_03_01_job_with_its_experiment_name_and_location_is_accepted(w):
+    old = {**JOB, "priority": 100, "experimentName": "my experiment", "location": "eastus"}
+    [(_stream, event)] = commands.submit_job(w.m, "ws", "exp", "old", {"properties": old},
+                                             "user:ann", cluster="gpu")  # fmt: skip
+    assert (event.data["experiment"], event.data["priority"]) == ("exp", 100)
