@@ -370,6 +370,7 @@ def find_job(m: ReadModels, workspace: str, experiment: str, name: str) -> Job:
     """The job (not deleted) of that name; CommandError 404 if none."""
     job = current_job(m, workspace, experiment, name)
     if job is None:
+        find_experiment(m, workspace, experiment)  # the one that is not there, by name
         raise CommandError(f"no job {name!r} in {workspace}/{experiment}", 404)
     return job
 
