@@ -24,6 +24,7 @@ import structlog
 from aiohttp import hdrs, web
 
 from batchd.events import errors, jsonform
+from batchd.events.envelope import RecordedEvent
 from batchd.events.secrets import Keyring, mask_paths
 from batchd.events.store import EventStore
 from batchd.events.timeutil import parse_iso, to_iso
@@ -1074,7 +1075,8 @@ async def list_events(request: web.Request) -> web.Response:
 
 async def event_stream(request: web.Request) -> web.StreamResponse:
     """Server-Sent Events from `Last-Event-ID` (or `?after=`): each event once, in order."""
-    _principal(request).require_whole_log()
+    principal = _principal(request)
+    principal.require_whole_log()
     resume = request.headers.get("Last-Event-ID")
     if resume is not None:
         if not resume.isdigit() or int(resume) > MAX_POSITION:
@@ -1098,16 +1100,18 @@ async def event_stream(request: web.Request) -> web.StreamResponse:
             done, _ = await asyncio.wait(
                 {pending, closing}, timeout=SSE_KEEPALIVE, return_when=asyncio.FIRST_COMPLETED
             )
-            if closing in done:
-                break
+            if closing in done or principal.token_id not in api.models.tokens:
+                break  # (a revoked token: the stream ends, as its next request would fail)
             if not done:
                 await response.write(b": keep-alive\n\n")
                 continue
-            events = pending.result()
+            events, revoked = _before_revocation(pending.result(), principal.token_id)
             pending = None
             text = "".join(_sse(e) for e in events if wanted is None or e.type in wanted)
             if text:
                 await response.write(text.encode())
+            if revoked:
+                break
     except (ConnectionResetError, asyncio.CancelledError):
         pass
     finally:
@@ -1119,6 +1123,14 @@ async def event_stream(request: web.Request) -> web.StreamResponse:
         with contextlib.suppress(Exception):
             await pages.aclose()
     return response
+
+
+def _before_revocation(events: list[RecordedEvent], token_id: str) -> tuple[list, bool]:
+    """The events before the one revoking the token `token_id`, and whether it came."""
+    for index, event in enumerate(events):
+        if event.type == "TokenRevoked" and event.data.get("tokenId") == token_id:
+            return events[:index], True
+    return events, False
 
 
 def _event_types(request: web.Request) -> frozenset[str] | None:

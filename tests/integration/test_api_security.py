@@ -311,3 +311,21 @@ async def test_odd_requests_get_4xx_in_the_error_shape(api, session):
             "GET", f"{EXP}/jobs/train/files/stdout.txt?follow={follow}", headers={"Range": header}
         )
         assert status == 416 and answer["error"]["code"] == "RangeNotSatisfiable", (header, answer)
+
+
+async def test_an_event_stream_ends_when_its_token_is_revoked(api, session):
+    """A revoked token's next request fails; its open stream ends there too, before
+    anything that happened after the revocation."""
+    admin = Client(session, api.url, api.admin_token)
+    viewer = await make_token(admin, "dashboards", "viewer")
+    _status, tokens = await admin.call("GET", "/v1/tokens")
+    [token_id] = [t["id"] for t in tokens["value"] if t["name"] == "dashboards"]
+    head = (await api.store.head()).position
+    headers = {"Authorization": f"Bearer {viewer}"}
+    async with session.get(f"{api.url}/v1/events/stream?after={head}", headers=headers) as r:
+        assert r.status == 200
+        reading = asyncio.ensure_future(r.read())
+        assert (await admin.call("DELETE", f"/v1/tokens/{token_id}"))[0] in (200, 202, 204)
+        await admin.call("PUT", "/v1/workspaces/after", {})
+        body = await asyncio.wait_for(reading, 10)  # the stream ended
+    assert b"WorkspaceCreated" not in body and b"TokenRevoked" not in body
