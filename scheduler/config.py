@@ -180,15 +180,25 @@ def _check_types(raw: dict, where: str) -> None:
             if not isinstance(value, wanted) or (wanted is int and isinstance(value, bool)):
                 kind = _KIND_NAMES.get(wanted, "value")
                 raise ConfigError(f"configuration {where}: {name} must be {kind}")
+            if value == "":  # (not silently the default)
+                raise ConfigError(f"configuration {where}: {name} must not be empty: leave "
+                                  "it out for the default")  # fmt: skip
 
 
 def load_keyring(config: Config, *, create: bool) -> Keyring | None:
-    """The secret keys from the environment or the keys file (created if `create`)."""
+    """The secret keys from the environment or the keys file. The default one,
+    `<state-dir>/secret.keys`, is created if `create`; a keys file the configuration names
+    must exist (a mistyped path would otherwise get a new key under the same id, and the
+    secrets sealed so far would not open)."""
     if os.environ.get(KEYS_ENV):
         return _parse_keys(os.environ[KEYS_ENV].replace(",", "\n"), KEYS_ENV)
     path = config.keys_file or config.state_dir / "secret.keys"
     try:
         if not path.exists():
+            if config.keys_file is not None:
+                raise ConfigError(f"[secrets] keys_file {path} does not exist (create it "
+                                  "beforehand: lines of ID:BASE64, mode 0600; deploy/batchd."
+                                  "toml shows how)")  # fmt: skip
             if not create:
                 return None
             path.parent.mkdir(parents=True, exist_ok=True)

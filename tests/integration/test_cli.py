@@ -396,7 +396,11 @@ def test_a_configuration_with_a_wrong_type_or_unknown_key_is_one_clear_error(tmp
                          ("[vm_sizes.Lab] ram", "unknown")),
                         ("[vm_sizes.local]\ngpus = 1\nvcpus = 1\nmemory_mb = 1",
                          ("[vm_sizes.Local]", "gpus_per_node")),
-                        ("colour = 1", ("unknown key colour",))):  # fmt: skip
+                        ("colour = 1", ("unknown key colour",)),
+                        ('[store]\nurl = ""', ("store.url", "must not be empty")),
+                        (f'[secrets]\nkeys_file = "{tmp_path}/secrets.key"',  # mistyped
+                         ("keys_file", "secrets.key does not exist"))):  # fmt: skip
         config.write_text(text + "\n")
         done = batchd("serve", "--config", str(config), "--state-dir", str(tmp_path / "s"))
         assert_one_line_error(done, *words)
+    assert not list(tmp_path.glob("secrets.key*"))  # no key made where none was
