@@ -6,12 +6,15 @@ workspace `default` whose nodes are `batchd agent` processes with simulated GPUs
 process runtime. The provider keeps as many running as the cluster's scale settings ask:
 manual's `targetNodeCount`, or with `autoScale` as many as run work and its queued jobs need,
 within `minimumNodeCount` and `maximumNodeCount` (autoscale_target). An agent that exits is
-started again; a node above the target is drained (it takes no new work), stopped once it runs
-nothing, and removed from the cluster. What becomes of the jobs it runs meanwhile is the
-manual settings' `nodeDeallocationOption` (deallocation_option, deallocate): `requeue` (Batch
-AI's default) kills their attempts and queues them again, spending none of their retries
-(`interrupted`); `terminate` terminates them; `waitforjobcompletion` lets them end. A cluster
-being deleted, or scaling itself, waits for them.
+started again. Which nodes stay is chosen at every cycle (staying_nodes): those running work
+first, then ready idle ones, then the others, lowest number first; new ones take the lowest
+free numbers. A node not chosen goes: at once if it runs nothing, else it is drained (it takes
+no new work), stopped once it runs nothing, and removed from the cluster. What becomes of the
+jobs it runs meanwhile is the manual settings' `nodeDeallocationOption` (deallocation_option,
+deallocate): `requeue` (Batch AI's default) kills their attempts and queues them again,
+spending none of their retries (`interrupted`); `terminate` terminates them;
+`waitforjobcompletion` lets them end. A cluster being deleted, or scaling itself, waits for
+them.
 
 Local agents stop with their daemon. When it stops, its local nodes are lost (`daemon_stopped`)
 and the attempts they ran are queued again as `interrupted`, which spends none of the job's
@@ -25,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import itertools
 import os
 import signal
 import sys
@@ -144,7 +148,7 @@ class LocalProvider:
         job that brings its daemon down is not run again for ever)."""
 
         def decide(m: ReadModels) -> list:
-            cluster = m.clusters.get(m.cluster_ids.get(f"{WORKSPACE}/{CLUSTER}", ""))
+            cluster = _local_cluster(m)
             return lose_nodes(m, cluster.nodes if cluster else (), error, cause)
 
         await self.control.run(decide, structural=True)
@@ -169,14 +173,12 @@ class LocalProvider:
     def wanted(self) -> dict[str, int]:
         m = self.control.models
         cluster_id = m.cluster_ids.get(f"{WORKSPACE}/{CLUSTER}")
-        return {} if cluster_id is None else {cluster_id: self._target()}
+        return {} if cluster_id is None else {cluster_id: self._target(m)}
 
-    def _target(self) -> int:
-        m = self.control.models
-        cluster_id = m.cluster_ids.get(f"{WORKSPACE}/{CLUSTER}")
-        if cluster_id is None:
+    def _target(self, m: ReadModels) -> int:
+        cluster = _local_cluster(m)
+        if cluster is None:
             return 0
-        cluster = m.clusters[cluster_id]
         if cluster.deleting:  # its nodes drain, and go once they run nothing
             return 0
         if "autoScale" in cluster.scale_settings:
@@ -185,46 +187,50 @@ class LocalProvider:
         return int(manual.get("targetNodeCount", 0))
 
     async def reconcile(self) -> None:
-        """Start the agents the target asks for (again, if one exited); drain the extras (they
-        take no new work), and stop and remove each once it runs nothing."""
+        """Keep the nodes that stay (staying_nodes) running, and let the others go."""
         if self.stopping:
             return
-        target = self._target()
         m = self.control.models
-        for index in range(target):
-            node_id = f"{CLUSTER}-{index}"
-            process = self.processes.get(node_id)
-            if process is None or process.returncode is not None:  # (_watch told of its end)
-                self.processes[node_id] = await self._spawn(node_id)
-            node = m.nodes.get(node_id)
-            if node is not None and node.state == LEAVING:  # drained, and wanted again
-                await self._node_event(node_id, "NodeRecovered", LEAVING)
-        cluster = m.clusters.get(m.cluster_ids.get(f"{WORKSPACE}/{CLUSTER}", ""))
-        logged = cluster.nodes if cluster is not None else []  # also those of a previous run
-        for node_id in sorted({*self.processes, *logged}):
-            if node_number(node_id) < target:  # (an id of another form is -1: kept)
-                continue
-            node = m.nodes.get(node_id)
-            if node is not None and node.allocations:
-                await self._deallocate(node_id)
-                continue  # stopped once it runs nothing
-            process = self.processes.pop(node_id, None)
-            if process is not None:
-                await self._stop(process)
-            if node is not None:
-                await self._node_event(node_id, "NodeRemoved", node.state)
-                await self._revoke_credential(node_id)
+        staying = self._staying(m)
+        for node_id in staying:
+            await self._keep(node_id)
+        for node_id in sorted(_own_nodes(_local_cluster(m), self.processes) - set(staying)):
+            await self._let_go(node_id)
+
+    def _staying(self, m: ReadModels) -> list[str]:
+        return staying_nodes(m, _local_cluster(m), self._target(m), self.processes)
+
+    async def _keep(self, node_id: str) -> None:
+        """A node that stays: its agent is started (again, if it exited), and if it was
+        draining, it is wanted again (ready)."""
+        process = self.processes.get(node_id)
+        if process is None or process.returncode is not None:  # (_watch told of its end)
+            self.processes[node_id] = await self._spawn(node_id)
+        await self._node_event(node_id, "NodeRecovered", LEAVING)
+
+    async def _let_go(self, node_id: str) -> None:
+        """A node that goes: drained while it runs work (its jobs' fate is the cluster's
+        nodeDeallocationOption), else its agent is stopped and the node removed at once."""
+        node = self.control.models.nodes.get(node_id)
+        if node is not None and node.allocations:
+            await self._deallocate(node_id)
+            return  # stopped once it runs nothing
+        process = self.processes.pop(node_id, None)
+        if process is not None:
+            await self._stop(process)
+        if node is not None:
+            await self._node_event(node_id, "NodeRemoved", node.state)
+            await self._revoke_credential(node_id)
 
     async def _deallocate(self, node_id: str) -> None:
-        """Drain a node above the target, and end its jobs' attempts as the cluster's
-        nodeDeallocationOption says: both as they are when the decision is taken (a node
-        wanted again meanwhile keeps its jobs, and the option may have changed)."""
+        """Drain a node that goes, and end its jobs' attempts as the cluster's
+        nodeDeallocationOption says: all as they are when the decision is taken (a node
+        chosen to stay meanwhile keeps its jobs, and the option may have changed)."""
 
         def decide(m: ReadModels) -> list[Decision]:
-            if node_number(node_id) < self._target():
+            if node_id in self._staying(m):
                 return []
-            cluster = m.clusters.get(m.cluster_ids.get(f"{WORKSPACE}/{CLUSTER}", ""))
-            return deallocate(m, node_id, deallocation_option(cluster), ACTOR)
+            return deallocate(m, node_id, deallocation_option(_local_cluster(m)), ACTOR)
 
         if decide(self.control.models):  # most cycles: nothing to do, and no lock to take
             await self.control.run(decide, key=f"node/{node_id}")
@@ -320,6 +326,48 @@ class LocalProvider:
         self.processes.clear()
 
 
+def _local_cluster(m: ReadModels) -> Cluster | None:
+    return m.clusters.get(m.cluster_ids.get(f"{WORKSPACE}/{CLUSTER}", ""))
+
+
+def staying_nodes(m: ReadModels, cluster: Cluster | None, target: int,
+                  running: Iterable[str]) -> list[str]:  # fmt: skip
+    """The local nodes that stay for a target of `target` nodes, by number: of the cluster's
+    nodes and those of the agents `running` (_own_nodes), those running work first, then
+    ready idle ones, then the others, lowest number first within each; if they are fewer than
+    `target`, new ones with the lowest numbers none of them has. The others go. Chosen from
+    the read models alone, so the same at every cycle while they do not change: a node that
+    goes runs work (an idle one goes at once), and only ever stays instead of one that has
+    become idle, or been lost, meanwhile."""
+    present = sorted(_own_nodes(cluster, running), key=lambda node_id: _rank(m, node_id))
+    kept = present[:target]
+    taken = {node_number(node_id) for node_id in present}
+    free = (number for number in itertools.count() if number not in taken)
+    kept += [f"{CLUSTER}-{next(free)}" for _ in range(target - len(kept))]
+    return sorted(kept, key=node_number)
+
+
+def _own_nodes(cluster: Cluster | None, running: Iterable[str]) -> set[str]:
+    """The local nodes (`local-N`) in the cluster (also those of a previous run) or running
+    an agent. A node of another id (joined by hand) is none of the provider's business."""
+    logged = cluster.nodes if cluster is not None else ()
+    return {node_id for node_id in (*logged, *running)
+            if node_id == f"{CLUSTER}-{node_number(node_id)}"}  # fmt: skip
+
+
+def _rank(m: ReadModels, node_id: str) -> tuple[int, int]:
+    """How much a node is worth keeping (lowest first): running work, then ready and idle,
+    then any other (joining, lost, not registered yet); by number within each."""
+    node = m.nodes.get(node_id)
+    if node is not None and node.allocations:
+        tier = 0
+    elif node is not None and node.state == READY:
+        tier = 1
+    else:
+        tier = 2
+    return tier, node_number(node_id)
+
+
 def lose_nodes(m: ReadModels, node_ids: Iterable[str], error: dict[str, str],
                cause: str) -> list[Decision]:  # fmt: skip
     """lose_node for each of `node_ids` at once: an attempt that ran on several of them (a
@@ -337,9 +385,9 @@ def lose_nodes(m: ReadModels, node_ids: Iterable[str], error: dict[str, str],
 
 
 def deallocation_option(cluster: Cluster | None) -> str:
-    """What becomes of the jobs of a node above the cluster's target: its manual settings'
-    `nodeDeallocationOption` (Batch AI's default: `requeue`). A cluster being deleted, or
-    scaling itself (`autoScale` has no such option), waits for them."""
+    """What becomes of the jobs of a node that goes when the cluster shrinks: its manual
+    settings' `nodeDeallocationOption` (Batch AI's default: `requeue`). A cluster being
+    deleted, or scaling itself (`autoScale` has no such option), waits for them."""
     manual = cluster.scale_settings.get("manual") if cluster is not None else None
     if manual is None or cluster.deleting:
         return WAIT
@@ -347,11 +395,12 @@ def deallocation_option(cluster: Cluster | None) -> str:
 
 
 def deallocate(m: ReadModels, node_id: str, option: str, actor: str) -> list[Decision]:
-    """For a node above its cluster's target that still holds work: NodeDrainRequested if it
-    is ready (it takes no new work), and by `option` the end of each attempt placed on it
-    (an attempt being terminated already is left to end): `requeue` queues it again as
-    `interrupted`, which spends none of the job's retries; `terminate` terminates the job;
-    `waitforjobcompletion` lets it run to its end. Nothing once all that is done."""
+    """For a node that goes (not among staying_nodes) that still holds work:
+    NodeDrainRequested if it is ready (it takes no new work), and by `option` the end of each
+    attempt placed on it (an attempt being terminated already is left to end): `requeue`
+    queues it again as `interrupted`, which spends none of the job's retries; `terminate`
+    terminates the job; `waitforjobcompletion` lets it run to its end. Nothing once all that
+    is done."""
     node = m.nodes.get(node_id)
     if node is None:
         return []

@@ -425,21 +425,51 @@ async def test_resizing_down_drains_a_busy_node_which_takes_no_new_work_then_lea
         await client.call("POST", f"{EXP}/jobs/{name}/terminate")
 
 
-async def _busy_on_the_node_that_goes(local) -> str:
-    """Of the two local nodes, local-1 runs a job (returned) and local-0 nothing: a resize
-    to one node removes local-1."""
+async def _both_busy(local) -> tuple[str, str]:
+    """Each of the two local nodes runs a job (a whole node each): (the job on local-1, which
+    goes at a resize to one node since both are busy, the job on local-0, which stays)."""
     daemon, client = local
     models = daemon.models.models
-    for name in ("x0", "x1"):  # a whole node each
+    for name in ("x0", "x1"):
         await _run(client, name, "echo attempt $AZ_BATCHAI_JOB_ATTEMPT; sleep 600", gpusPerNode=4)
     await _until(lambda: all(newest_job(models, n).state == "running" for n in ("x0", "x1")), 30)
     going, staying = sorted(
         ("x0", "x1"), key=lambda n: newest_job(models, n).tasks[0][0] == "local-0"
     )
     assert newest_job(models, going).tasks[0][0] == "local-1"
+    return going, staying
+
+
+async def _busy_on_local_1(local) -> str:
+    """Of the two local nodes, local-1 runs a job (returned) and local-0 nothing."""
+    daemon, client = local
+    going, staying = await _both_busy(local)
     await client.call("POST", f"{EXP}/jobs/{staying}/terminate")
     await _ended(daemon, client, staying)
     return going
+
+
+async def test_resizing_down_lets_an_idle_node_go_before_a_busy_one(local):
+    """As in Azure Batch, idle nodes go first: with local-0 idle and local-1 running a job, a
+    resize to one node (the default nodeDeallocationOption, requeue) removes local-0, and the
+    job runs on as attempt 1."""
+    daemon, client = local
+    models = daemon.models.models
+    agents = dict(daemon.providers[0].processes)
+    name = await _busy_on_local_1(local)
+    manual = {"targetNodeCount": 1}
+    cluster = "/v1/workspaces/default/clusters/local"
+    assert (await client.call("PATCH", cluster, {"scaleSettings": {"manual": manual}}))[0] == 200
+    await _until(lambda: "local-0" not in models.nodes and agents["local-0"].returncode is not None,
+                 30)  # fmt: skip
+    local_cluster = models.clusters[models.cluster_ids["default/local"]]
+    await _until(lambda: local_cluster.allocation_state == "steady", 10)
+    await asyncio.sleep(1)  # a few planner cycles: nothing else changes
+    job = newest_job(models, name)
+    assert (job.state, job.attempt, job.tasks[0][0]) == ("running", 1, "local-1")
+    assert not job.retries and models.nodes["local-1"].state == "ready"
+    assert local_cluster.nodes == ["local-1"] and set(daemon.providers[0].processes) == {"local-1"}
+    await client.call("POST", f"{EXP}/jobs/{name}/terminate")
 
 
 async def _history_reasons(client: Client, name: str) -> list[tuple[str, str | None]]:
@@ -449,22 +479,25 @@ async def _history_reasons(client: Client, name: str) -> list[tuple[str, str | N
 
 
 async def test_resizing_down_requeues_the_jobs_of_the_node_that_goes_by_default(local):
-    """Batch AI's default nodeDeallocationOption, requeue: the attempt on the node that goes
-    is killed and runs again on the node that stays, spending none of the job's retries;
-    the node leaves at once."""
+    """Batch AI's default nodeDeallocationOption, requeue: with both nodes busy, local-1 goes;
+    the attempt on it is killed and runs again on the node that stays (once that has room),
+    spending none of the job's retries; the node leaves at once."""
     daemon, client = local
     models = daemon.models.models
-    name = await _busy_on_the_node_that_goes(local)
+    name, other = await _both_busy(local)
     env = {"BATCHD_SERVER": daemon.url, "BATCHD_TOKEN": daemon.admin_token}
     done = await asyncio.to_thread(batchd, "cluster", "resize", "local", "--nodes", "1", env=env)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == ("resized cluster default/local to 1 nodes; jobs on the nodes "
                                    "that go are requeued (requeue)")  # fmt: skip
+    await _until(lambda: "local-1" not in models.nodes, 30)  # without waiting for the job
+    job = newest_job(models, name)
+    assert job.state == "queued" and job.retries == {"interrupted": 1}  # local-0 is full
+    await client.call("POST", f"{EXP}/jobs/{other}/terminate")
     await _until(lambda: newest_job(models, name).attempt == 2
                  and newest_job(models, name).state == "running", 30)  # fmt: skip
     job = newest_job(models, name)
     assert job.tasks[0][0] == "local-0" and job.retries == {"interrupted": 1}
-    await _until(lambda: "local-1" not in models.nodes, 30)  # without waiting for the job
     await _until(lambda: _exists_with(daemon, name, 2, "attempt 2\n"), 10)
     shown = (await client.call("GET", f"{EXP}/jobs/{name}"))[1]["properties"]
     assert shown["executionInfo"]["errors"][-1]["code"] == "node_deallocated"
@@ -473,21 +506,21 @@ async def test_resizing_down_requeues_the_jobs_of_the_node_that_goes_by_default(
     await client.call("POST", f"{EXP}/jobs/{name}/terminate")
 
 
-async def _shrink_to_one_node(local, option: str) -> str:
-    """_busy_on_the_node_that_goes, then a resize to one node with nodeDeallocationOption
-    `option`; the job on the node that goes."""
+async def _shrink_to_one_node(local, option: str) -> tuple[str, str]:
+    """_both_busy, then a resize to one node with nodeDeallocationOption `option`: (the job
+    on the node that goes, local-1; the job on the node that stays)."""
     _daemon, client = local
-    name = await _busy_on_the_node_that_goes(local)
+    going, staying = await _both_busy(local)
     manual = {"targetNodeCount": 1, "nodeDeallocationOption": option}
     cluster = "/v1/workspaces/default/clusters/local"
     assert (await client.call("PATCH", cluster, {"scaleSettings": {"manual": manual}}))[0] == 200
-    return name
+    return going, staying
 
 
 async def test_resizing_down_with_terminate_ends_the_jobs_of_the_node_that_goes(local):
     daemon, client = local
     models = daemon.models.models
-    name = await _shrink_to_one_node(local, "terminate")
+    name, other = await _shrink_to_one_node(local, "terminate")
     job = await _ended(daemon, client, name)
     assert job["properties"]["state"] == "failed" and job["properties"]["attempt"] == 1
     error = job["properties"]["executionInfo"]["errors"][-1]
@@ -497,18 +530,22 @@ async def test_resizing_down_with_terminate_ends_the_jobs_of_the_node_that_goes(
     assert newest_job(models, name).state == "failed"  # it does not run again
     reasons = dict(await _history_reasons(client, name))
     assert "nodeDeallocationOption terminate" in reasons["JobTerminateRequested"]
+    assert newest_job(models, other).state == "running"  # on the node that stays
+    await client.call("POST", f"{EXP}/jobs/{other}/terminate")
 
 
 async def test_resizing_down_with_waitforjobcompletion_lets_the_job_finish_first(local):
     daemon, client = local
     models = daemon.models.models
-    name = await _shrink_to_one_node(local, "waitforjobcompletion")
+    name, other = await _shrink_to_one_node(local, "waitforjobcompletion")
     await _until(lambda: models.nodes["local-1"].state == "leaving", 30)
     await asyncio.sleep(1)  # a few planner cycles: the job runs on
     job = newest_job(models, name)
     assert (job.state, job.attempt) == ("running", 1)
     await client.call("POST", f"{EXP}/jobs/{name}/terminate")
     await _until(lambda: "local-1" not in models.nodes, 30)
+    assert newest_job(models, other).state == "running" and models.nodes["local-0"].state == "ready"
+    await client.call("POST", f"{EXP}/jobs/{other}/terminate")
 
 
 async def test_a_draining_node_a_stopped_daemon_left_is_lost_then_removed(tmp_path, monkeypatch):

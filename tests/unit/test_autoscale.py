@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from batchd.scheduler.providers import autoscale_target, lose_nodes
+from batchd.scheduler.providers import autoscale_target, lose_nodes, staying_nodes
+from tests.unit.test_deallocation import local_world
 from tests.unit.test_planner import World
 
 PROCESS = ("process",)  # the runtimes the local nodes offer
@@ -62,6 +63,16 @@ def test_a_job_needing_a_runtime_the_nodes_lack_starts_no_node():
             runtime="docker")  # fmt: skip
     assert autoscale_target(w.models, _auto(w, 0, 3), 4, PROCESS) == 0
     assert autoscale_target(w.models, _auto(w, 0, 3), 4, ("docker", "process")) == 1
+
+
+def test_shrinking_removes_only_idle_nodes_whatever_their_numbers():
+    w = local_world("local-0", "local-1", "local-2")
+    w.run(w.job(gpus=4, cluster="local"), [("local-1", [0, 1, 2, 3])])
+    cluster = w.models.clusters["local"]
+    for low, staying in ((0, ["local-1"]), (2, ["local-0", "local-1"])):
+        cluster.scale_settings = {"autoScale": {"minimumNodeCount": low, "maximumNodeCount": 3}}
+        target = autoscale_target(w.models, cluster, 4, PROCESS)
+        assert staying_nodes(w.models, cluster, target, ()) == staying
 
 
 def test_a_multi_node_attempt_on_nodes_lost_together_is_requeued_once():

@@ -1,11 +1,154 @@
-"""A local cluster's scale-down honours its `nodeDeallocationOption` (Batch AI 2018-05-01):
-what becomes of the jobs on a node that goes (providers.deallocation_option, deallocate)."""
+"""A local cluster's scale-down: which nodes stay (providers.staying_nodes: idle ones go
+first, as in Azure Batch), and, honouring its `nodeDeallocationOption` (Batch AI
+2018-05-01), what becomes of the jobs on a node that goes (deallocation_option, deallocate)."""
 
 from __future__ import annotations
 
 from batchd.projections.model import LEAVING
-from batchd.scheduler.providers import deallocate, deallocation_option
+from batchd.scheduler.providers import (
+    LocalProvider,
+    deallocate,
+    deallocation_option,
+    staying_nodes,
+)
 from tests.unit.test_planner import World, placed
+
+
+def local_world(*nodes: str) -> World:
+    """The embedded cluster `local` (workspace `default`) with `nodes` registered and ready."""
+    w = World()
+    w.apply("ClusterCreated", clusterId="local", workspace="default", name="local",
+            spec={"vmSize": "x"})  # fmt: skip
+    for node in nodes:
+        w.apply("NodeRegistered", nodeId=node, cluster="local", gpus=4)
+        w.apply("NodeSetupSucceeded", nodeId=node)
+    return w
+
+
+def _manual(w: World, target: int, option: str | None = None) -> None:
+    manual: dict = {"targetNodeCount": target}
+    if option is not None:
+        manual["nodeDeallocationOption"] = option
+    w.apply("ClusterScaleSettingsChanged", clusterId="local", scaleSettings={"manual": manual})
+
+
+def _staying(w: World, target: int, running: tuple[str, ...] = ()) -> list[str]:
+    return staying_nodes(w.models, w.models.clusters["local"], target, running)
+
+
+def test_an_idle_node_goes_before_a_busy_one_whatever_their_numbers():
+    w = local_world("local-0", "local-1")
+    w.run(w.job(gpus=1, cluster="local"), [("local-1", [0])])
+    assert _staying(w, 1, ("local-0", "local-1")) == ["local-1"]
+    assert _staying(w, 2, ("local-0", "local-1")) == ["local-0", "local-1"]
+    assert _staying(w, 0, ("local-0", "local-1")) == []
+
+
+def test_of_busy_nodes_the_lowest_numbers_stay():
+    w = local_world("local-0", "local-1", "local-2")
+    for node in ("local-2", "local-1", "local-0"):
+        w.run(w.job(gpus=1, cluster="local"), [(node, [0])])
+    assert _staying(w, 2) == ["local-0", "local-1"]
+
+
+def test_ready_idle_nodes_stay_before_the_others_lowest_number_first():
+    w = local_world("local-0", "local-1", "local-3")
+    w.apply("NodeLost", nodeId="local-0", error={"code": "agent_exited", "message": "gone"})
+    w.apply("NodeRegistered", nodeId="local-4", cluster="local", gpus=4)  # its setup runs
+    running = ("local-0", "local-1", "local-2", "local-3", "local-4")  # local-2: not registered
+    assert _staying(w, 1, running) == ["local-1"]
+    assert _staying(w, 2, running) == ["local-1", "local-3"]
+    assert _staying(w, 3, running) == ["local-0", "local-1", "local-3"]
+    assert _staying(w, 4, running) == ["local-0", "local-1", "local-2", "local-3"]
+
+
+def test_growing_keeps_the_nodes_still_there_then_takes_the_lowest_free_numbers():
+    w = local_world("local-1", "local-3")
+    for node in ("local-1", "local-3"):  # both going, still running work
+        w.run(w.job(gpus=1, cluster="local"), [(node, [0])])
+        w.apply("NodeDrainRequested", nodeId=node)
+    assert _staying(w, 1) == ["local-1"]
+    assert _staying(w, 3) == ["local-0", "local-1", "local-3"]
+    assert _staying(w, 5) == ["local-0", "local-1", "local-2", "local-3", "local-4"]
+    assert staying_nodes(w.models, None, 2, ()) == ["local-0", "local-1"]  # the first start
+
+
+def test_nodes_of_another_name_are_neither_counted_nor_chosen():
+    w = local_world("local-0", "box-a", "rack-7")  # joined by hand
+    assert _staying(w, 1, ("local-0",)) == ["local-0"]
+    assert _staying(w, 2, ("local-0",)) == ["local-0", "local-1"]
+
+
+def test_the_choice_holds_from_cycle_to_cycle_as_the_nodes_that_go_leave():
+    """A node that goes and runs nothing is removed at once; one that runs work drains, and
+    is chosen again only in the place of a node that has become idle meanwhile (which goes at
+    once): no node comes and goes back and forth."""
+    w = local_world("local-0", "local-1", "local-2")
+    first, second = w.job(gpus=1, cluster="local"), w.job(gpus=1, cluster="local")
+    w.run(first, [("local-0", [0])])
+    w.run(second, [("local-1", [0])])
+    _manual(w, 1, "waitforjobcompletion")
+    assert _staying(w, 1) == ["local-0"]  # local-2, idle, goes at once
+    w.apply("NodeRemoved", nodeId="local-2")
+    _apply(w, deallocate(w.models, "local-1", "waitforjobcompletion", "batchd:serve"))
+    for _cycle in range(3):
+        assert _staying(w, 1) == ["local-0"]
+    w.apply("JobTaskExited", jobId=first, attempt=1, task=0, exitCode=0, node="local-0")
+    w.apply("JobSucceeded", jobId=first, attempt=1)
+    assert not w.models.nodes["local-0"].allocations
+    assert _staying(w, 1) == ["local-1"]  # the idle local-0 goes now, not the busy one
+    w.apply("NodeRemoved", nodeId="local-0")
+    w.apply("NodeRecovered", nodeId="local-1")
+    for _cycle in range(3):
+        assert _staying(w, 1) == ["local-1"]
+
+
+class _Control:
+    """Control.run on a World; `meanwhile` is applied before the decision is taken (as if it
+    had happened while the provider waited for the node's lock)."""
+
+    def __init__(self, w: World, meanwhile=None) -> None:
+        self.w, self.models, self.meanwhile = w, w.models, meanwhile
+        self.appended: list = []
+
+    async def run(self, decide, *, structural: bool = False, key: str = "") -> None:
+        if self.meanwhile is not None:
+            self.meanwhile()
+        decided = decide(self.models)
+        self.appended += decided
+        _apply(self.w, decided)
+
+
+def _provider(control: _Control) -> LocalProvider:
+    provider = LocalProvider(control, "http://127.0.0.1:1", None, 2, 4, "process", None, None)
+    provider.processes = dict.fromkeys(("local-0", "local-1"))
+    return provider
+
+
+async def test_the_deallocation_is_decided_for_a_node_that_goes_as_it_is_then():
+    w = local_world("local-0", "local-1")
+    first, second = w.job(gpus=1, cluster="local"), w.job(gpus=1, cluster="local")
+    w.run(first, [("local-0", [0])])
+    w.run(second, [("local-1", [0])])
+    _manual(w, 1)  # requeue
+    control = _Control(w)
+    await _provider(control)._deallocate("local-0")  # it stays: nothing
+    assert control.appended == []
+    await _provider(control)._deallocate("local-1")
+    assert [e.type for _s, e in control.appended] == ["NodeDrainRequested", "JobRequeued"]
+
+    def first_ends() -> None:
+        w.apply("JobTaskExited", jobId=first, attempt=1, task=0, exitCode=0, node="local-0")
+        w.apply("JobSucceeded", jobId=first, attempt=1)
+
+    w = local_world("local-0", "local-1")
+    first, second = w.job(gpus=1, cluster="local"), w.job(gpus=1, cluster="local")
+    w.run(first, [("local-0", [0])])
+    w.run(second, [("local-1", [0])])
+    _manual(w, 1)
+    control = _Control(w, meanwhile=first_ends)  # local-0 idle: local-1 stays after all
+    await _provider(control)._deallocate("local-1")
+    assert control.appended == [] and w.models.jobs[second].state == "running"
 
 
 def _busy(option: str | None = None, nodes: int = 1) -> tuple[World, str]:
