@@ -140,7 +140,7 @@ async def test_file_stream_of_a_job_deleted_while_it_follows_says_so(batchd, api
     deleted = await _delete(api, "/v1/workspaces/ws/experiments/exp")
     assert deleted < 300
     streamed = await asyncio.wait_for(streaming, 10)
-    assert_error(streamed, "ws/exp/t", "no job 't'")
+    assert_error(streamed, "ws/exp/t", "no experiment 'exp'")  # deleted with its job
 
 
 async def _delete(api, path: str) -> int:
