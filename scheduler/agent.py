@@ -18,6 +18,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl as ssl_module
 import subprocess
 import time
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ import aiohttp
 import structlog
 
 from batchd.scheduler import files, protocol, watchdog
+from batchd.scheduler.client import ClientError, ssl_context
 from batchd.scheduler.containers import ContainerTask, engine_of, remove_node_containers
 from batchd.scheduler.protocol import TaskKey
 from batchd.scheduler.runtimes import (
@@ -124,9 +126,10 @@ def discover_gpus(option: str) -> Gpus:
 
 class Agent:
     def __init__(self, server: str, token: str, node_id: str, cluster: str, gpus: Gpus,
-                 runtimes: list[str], work_dir: Path,
-                 address: str | None = None) -> None:  # fmt: skip
+                 runtimes: list[str], work_dir: Path, address: str | None = None,
+                 ssl: ssl_module.SSLContext | bool = True) -> None:  # fmt: skip
         self.server = server.rstrip("/")
+        self.ssl = ssl  # how the daemon's certificate is checked (client.ssl_context)
         self.headers = {"Authorization": f"Bearer {token}",
                         "Content-Type": protocol.CONTENT_TYPE}  # fmt: skip
         self.node_id = node_id
@@ -248,7 +251,8 @@ class Agent:
         if swept:
             logger.info("agent.removed_leftover_dirs", tasks=swept)
         self.running_dir.mkdir(parents=True, exist_ok=True)
-        async with aiohttp.ClientSession(headers=self.headers) as session:
+        connector = aiohttp.TCPConnector(ssl=self.ssl)
+        async with aiohttp.ClientSession(headers=self.headers, connector=connector) as session:
             self.session = session
             workers = [asyncio.create_task(self._watch_lease(), name="lease")]
             try:
@@ -652,8 +656,13 @@ async def main(args: argparse.Namespace) -> int:
     except watchdog.WorkDirBusy:
         raise AgentError(f"--work-dir {work_dir}: another agent runs there (it holds "
                          f"{work_dir / watchdog.LOCK_FILE})") from None  # fmt: skip
+    cacert = args.cacert or os.environ.get("BATCHD_CACERT")
+    try:
+        checked = ssl_context(Path(cacert) if cacert else None)
+    except ClientError as exc:
+        raise AgentError(f"--cacert: {exc}") from None
     agent = Agent(args.server, token, node_id, args.cluster, gpus, runtimes, work_dir,
-                  args.address)  # fmt: skip
+                  args.address, checked)  # fmt: skip
     docker_host = args.docker_host if "docker" in runtimes else None
     if docker_host:
         attach = args.gpu_attach == "always" or (

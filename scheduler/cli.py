@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--runtimes", default="process", help="(default %(default)s)")
     agent.add_argument("--gpus", default="auto", help="auto, or N to simulate N GPUs")
     agent.add_argument("--work-dir", default=".", help="where tasks run (default: here)")
+    agent.add_argument("--cacert", help="the CA certificate (or the daemon's own certificate) "
+                       "to check an https --server with (default: $BATCHD_CACERT, else the "
+                       "system's CAs)")  # fmt: skip
     agent.add_argument(
         "--address",
         help="how the other nodes of a multi-node job reach this one (default: the address "

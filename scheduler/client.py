@@ -100,6 +100,21 @@ def _cacert(args: argparse.Namespace, state: Path, server: str) -> Path | None:
     return local if server.startswith("https://") and local.is_file() else None
 
 
+def ssl_context(cacert: Path | None) -> ssl.SSLContext | bool:
+    """How a client checks the server's certificate: against the system's CAs (True), or
+    against `cacert`, which may also be the server's own certificate (a self-signed one, or
+    a leaf the system does not trust: it is trusted as it is). ClientError if unusable."""
+    if cacert is None:
+        return True
+    try:
+        context = ssl.create_default_context(cafile=str(cacert))
+    except (OSError, ssl.SSLError) as exc:
+        why = getattr(exc, "strerror", None) or exc
+        raise ClientError(f"cannot use CA certificate {cacert}: {why}") from None
+    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    return context
+
+
 def segment(name: str) -> str:
     """A name as one path segment ("a/b" cannot reach another resource)."""
     return quote(name, safe="")
@@ -116,14 +131,7 @@ class Client:
         headers = {"Accept": "application/json", "User-Agent": "batchd-cli"}
         if self.cfg.token:
             headers["Authorization"] = f"Bearer {self.cfg.token}"
-        ssl_context: ssl.SSLContext | bool = True
-        if self.cfg.cacert is not None:
-            try:
-                ssl_context = ssl.create_default_context(cafile=str(self.cfg.cacert))
-            except (OSError, ssl.SSLError) as exc:
-                why = getattr(exc, "strerror", None) or exc
-                raise ClientError(f"cannot use CA certificate {self.cfg.cacert}: {why}") from None
-        connector = aiohttp.TCPConnector(ssl=ssl_context)
+        connector = aiohttp.TCPConnector(ssl=ssl_context(self.cfg.cacert))
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT)
         self._session = aiohttp.ClientSession(headers=headers, connector=connector, timeout=timeout)
         return self

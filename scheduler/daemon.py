@@ -91,6 +91,7 @@ class Daemon:
         self.fenced_out = False  # another daemon took the log over: this one stops
         self.url = ""
         self.admin_token = ""
+        self.cert: Path | None = None  # the certificate it serves https with
         self.ready = False  # started: leading the log, read models restored (/readyz)
         self.store: EventStore = None  # type: ignore[assignment]
         self.models: Runner = None  # type: ignore[assignment]
@@ -150,7 +151,7 @@ class Daemon:
         if cfg.local_nodes:
             self.providers.append(LocalProvider(
                 self.control, self.url, cfg.state_dir, cfg.local_nodes, cfg.local_gpus,
-                cfg.local_runtimes, cfg.local_docker_host, cfg.catalog))  # fmt: skip
+                cfg.local_runtimes, cfg.local_docker_host, cfg.catalog, self.cert))  # fmt: skip
         for provider in self.providers:
             await provider.bootstrap()
         self._task(self._plan_loop(), "planner")
@@ -199,11 +200,14 @@ class Daemon:
                          "leader lock; it will take the log over")  # fmt: skip
 
     def _tls(self):
+        """The server's TLS context (None: plain HTTP); `self.cert` its certificate, which
+        the local agents check the daemon against."""
         cfg = self.cfg
         if cfg.tls_self_signed:
-            cert, key = tls.self_signed(cfg.state_dir / "tls", cfg.listen_host)
-            return tls.server_context(cert, key)
+            self.cert, key = tls.self_signed(cfg.state_dir / "tls", cfg.listen_host)
+            return tls.server_context(self.cert, key)
         if cfg.tls_cert is not None and cfg.tls_key is not None:
+            self.cert = cfg.tls_cert
             return tls.server_context(cfg.tls_cert, cfg.tls_key)
         return None
 

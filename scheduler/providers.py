@@ -89,9 +89,10 @@ class Provider(Protocol):
 class LocalProvider:
     def __init__(self, control: Control, url: str, state_dir: Path, nodes: int,
                  gpus_per_node: int, runtimes: str, docker_host: str | None,
-                 catalog: Catalog) -> None:  # fmt: skip
+                 catalog: Catalog, cacert: Path | None = None) -> None:  # fmt: skip
         self.control = control
         self.url = url
+        self.cacert = cacert  # the daemon's certificate, when it serves https
         self.state_dir = state_dir
         self.nodes, self.gpus = nodes, gpus_per_node
         self.runtimes, self.docker_host = runtimes, docker_host
@@ -275,6 +276,7 @@ class LocalProvider:
                 "--cluster", f"{WORKSPACE}/{CLUSTER}", "--gpus", str(self.gpus),
                 "--runtimes", self.runtimes, "--work-dir", str(work),
                 *(("--docker-host", self.docker_host) if self.docker_host else ()),
+                *(("--cacert", str(self.cacert)) if self.cacert else ()),
                 stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
                 env={**os.environ, PARENT_ENV: str(os.getpid())},
             )  # fmt: skip

@@ -258,6 +258,23 @@ async def test_tls_with_a_self_signed_certificate(tmp_path):
         await daemon.stop()
 
 
+async def test_local_agents_join_a_daemon_serving_its_self_signed_certificate(tmp_path):
+    """The local agents check the daemon's certificate against the daemon's own (their
+    --cacert), as a remote agent given it does: they register, and jobs run."""
+    daemon = await start_daemon(tmp_path / "state", tls_self_signed=True, local_nodes=1)
+    try:
+        nodes = daemon.models.models.nodes
+        for _ in range(300):
+            if "local-0" in nodes and nodes["local-0"].state == "ready":
+                break
+            await asyncio.sleep(0.1)
+        else:
+            log = (tmp_path / "state/nodes/local-0/agent.log").read_text()
+            raise AssertionError(f"the local agent never joined: {log[-2000:]}")
+    finally:
+        await daemon.stop()
+
+
 async def test_a_cluster_put_is_the_same_only_for_the_same_document_as_it_stands(client):
     await seed(client)
     spelled = {"properties": {**CLUSTER["properties"], "vmSize": "STANDARD_NC24S_V3"}}
