@@ -213,7 +213,7 @@ class LocalProvider:
         """A node that goes: drained while it runs work (its jobs' fate is the cluster's
         nodeDeallocationOption), else its agent is stopped and the node removed at once."""
         node = self.control.models.nodes.get(node_id)
-        if node is not None and node.allocations:
+        if node is not None and node.allocations and _placed_attempts(m, node_id):
             await self._deallocate(node_id)
             return  # stopped once it runs nothing
         process = self.processes.pop(node_id, None)
@@ -358,10 +358,12 @@ def _own_nodes(cluster: Cluster | None, running: Iterable[str]) -> set[str]:
 
 
 def _rank(m: ReadModels, node_id: str) -> tuple[int, int]:
-    """How much a node is worth keeping (lowest first): running work, then ready and idle,
-    then any other (joining, lost, not registered yet); by number within each."""
+    """How much a node is worth keeping (lowest first): running work (a job's placed attempt,
+    not one requeued or being terminated whose tasks are still stopping: a node whose work was
+    deallocated stays gone), then ready and idle, then any other (joining, lost, not
+    registered yet); by number within each."""
     node = m.nodes.get(node_id)
-    if node is not None and node.allocations:
+    if node is not None and node.allocations and _placed_attempts(m, node_id):
         tier = 0
     elif node is not None and node.state == READY:
         tier = 1

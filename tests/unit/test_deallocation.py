@@ -103,6 +103,26 @@ def test_the_choice_holds_from_cycle_to_cycle_as_the_nodes_that_go_leave():
         assert _staying(w, 1) == ["local-1"]
 
 
+def test_a_node_whose_work_was_deallocated_stays_gone_when_the_staying_one_goes_idle():
+    """With `requeue` or `terminate`, the tasks of the node that goes are still stopping (its
+    GPUs held) when the staying node's job ends: the choice does not flip to keep the node
+    whose job was just ended and drop the one now idle."""
+    for option in ("requeue", "terminate"):
+        w = local_world("local-0", "local-1")
+        first, second = w.job(gpus=1, cluster="local"), w.job(gpus=1, cluster="local")
+        w.run(first, [("local-0", [0])])
+        w.run(second, [("local-1", [0])])
+        _manual(w, 1, option)
+        assert _staying(w, 1) == ["local-0"]
+        _apply(w, deallocate(w.models, "local-1", option, "batchd:serve"))
+        assert w.models.nodes["local-1"].allocations  # its task is still stopping
+        assert w.models.jobs[second].state != "running"
+        w.apply("JobTaskExited", jobId=first, attempt=1, task=0, exitCode=0, node="local-0")
+        w.apply("JobSucceeded", jobId=first, attempt=1)
+        for _cycle in range(3):
+            assert _staying(w, 1) == ["local-0"], option
+
+
 class _Control:
     """Control.run on a World; `meanwhile` is applied before the decision is taken (as if it
     had happened while the provider waited for the node's lock)."""
