@@ -35,6 +35,7 @@ import sys
 from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import structlog
 
@@ -42,7 +43,7 @@ from batchd.events.envelope import NewEvent
 from batchd.projections import lifecycle, queue
 from batchd.projections.allocation import free_gpus
 from batchd.projections.model import LEAVING, READY, Cluster, ReadModels
-from batchd.scheduler import commands, retries
+from batchd.scheduler import commands, retries, tls
 from batchd.scheduler.agent import PARENT_ENV
 from batchd.scheduler.auth import revoke_token
 from batchd.scheduler.control import Control, token_file
@@ -93,6 +94,8 @@ class LocalProvider:
         self.control = control
         self.url = url
         self.cacert = cacert  # the daemon's certificate, when it serves https
+        host = urlsplit(url).hostname or ""
+        self.server_name = tls.name_to_check(cacert, host) if cacert else None
         self.state_dir = state_dir
         self.nodes, self.gpus = nodes, gpus_per_node
         self.runtimes, self.docker_host = runtimes, docker_host
@@ -213,7 +216,7 @@ class LocalProvider:
         """A node that goes: drained while it runs work (its jobs' fate is the cluster's
         nodeDeallocationOption), else its agent is stopped and the node removed at once."""
         node = self.control.models.nodes.get(node_id)
-        if node is not None and node.allocations and _placed_attempts(m, node_id):
+        if node is not None and node.allocations:
             await self._deallocate(node_id)
             return  # stopped once it runs nothing
         process = self.processes.pop(node_id, None)
@@ -277,6 +280,7 @@ class LocalProvider:
                 "--runtimes", self.runtimes, "--work-dir", str(work),
                 *(("--docker-host", self.docker_host) if self.docker_host else ()),
                 *(("--cacert", str(self.cacert)) if self.cacert else ()),
+                *(("--tls-server-name", self.server_name) if self.server_name else ()),
                 stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
                 env={**os.environ, PARENT_ENV: str(os.getpid())},
             )  # fmt: skip
