@@ -127,9 +127,11 @@ def discover_gpus(option: str) -> Gpus:
 class Agent:
     def __init__(self, server: str, token: str, node_id: str, cluster: str, gpus: Gpus,
                  runtimes: list[str], work_dir: Path, address: str | None = None,
-                 ssl: ssl_module.SSLContext | bool = True) -> None:  # fmt: skip
+                 ssl: ssl_module.SSLContext | bool = True,
+                 server_name: str | None = None) -> None:  # fmt: skip
         self.server = server.rstrip("/")
         self.ssl = ssl  # how the daemon's certificate is checked (client.ssl_context)
+        self.server_name = server_name  # the name it is checked against (None: the URL's host)
         self.headers = {"Authorization": f"Bearer {token}",
                         "Content-Type": protocol.CONTENT_TYPE}  # fmt: skip
         self.node_id = node_id
@@ -290,6 +292,7 @@ class Agent:
         """POST messages (a list, or a body packed already) to the daemon."""
         body = messages if isinstance(messages, bytes) else protocol.pack(messages)
         async with self.session.post(f"{self.server}/agent/v1/messages", data=body,
+                                     server_hostname=self.server_name,
                                      timeout=aiohttp.ClientTimeout(total=POST_TIMEOUT)
                                      ) as response:  # fmt: skip
             await self._answered(response)
@@ -405,6 +408,7 @@ class Agent:
         while True:
             try:
                 async with self.session.get(f"{self.server}/agent/v1/commands", params=query,
+                                            server_hostname=self.server_name,
                                             timeout=aiohttp.ClientTimeout(total=POLL_WAIT + 10)
                                             ) as response:  # fmt: skip
                     await self._answered(response)
@@ -662,7 +666,7 @@ async def main(args: argparse.Namespace) -> int:
     except ClientError as exc:
         raise AgentError(f"--cacert: {exc}") from None
     agent = Agent(args.server, token, node_id, args.cluster, gpus, runtimes, work_dir,
-                  args.address, checked)  # fmt: skip
+                  args.address, checked, args.tls_server_name)  # fmt: skip
     docker_host = args.docker_host if "docker" in runtimes else None
     if docker_host:
         attach = args.gpu_attach == "always" or (

@@ -117,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "to check an https --server with (default: $BATCHD_CACERT, else the "
                        "system's CAs)")  # fmt: skip
     agent.add_argument(
+        "--tls-server-name",
+        metavar="NAME",
+        help="the name to check the daemon's certificate against, when the "
+        "--server URL reaches it by another (default: the URL's host)",
+    )
+    agent.add_argument(
         "--address",
         help="how the other nodes of a multi-node job reach this one (default: the address "
         "the daemon sees this agent connect from)",

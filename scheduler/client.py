@@ -24,7 +24,7 @@ from urllib.parse import quote, urlsplit
 
 import aiohttp
 
-from batchd.scheduler import config
+from batchd.scheduler import config, tls
 
 DEFAULT_SERVER = "http://127.0.0.1:8080"
 REQUEST_TIMEOUT = 60.0  # seconds for one ordinary request
@@ -103,15 +103,18 @@ def _cacert(args: argparse.Namespace, state: Path, server: str) -> Path | None:
 def ssl_context(cacert: Path | None) -> ssl.SSLContext | bool:
     """How a client checks the server's certificate: against the system's CAs (True), or
     against `cacert`, which may also be the server's own certificate (a self-signed one, or
-    a leaf the system does not trust: it is trusted as it is). ClientError if unusable."""
+    a leaf the system does not trust: trusted as it is, only when the file holds that one
+    certificate; its CA's other certificates are not). ClientError if unusable."""
     if cacert is None:
         return True
     try:
         context = ssl.create_default_context(cafile=str(cacert))
-    except (OSError, ssl.SSLError) as exc:
+        held = tls.certificates(cacert)
+    except (OSError, ssl.SSLError, ValueError) as exc:
         why = getattr(exc, "strerror", None) or exc
         raise ClientError(f"cannot use CA certificate {cacert}: {why}") from None
-    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    if len(held) == 1 and tls.is_leaf(held[0]):
+        context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
     return context
 
 

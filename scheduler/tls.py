@@ -20,6 +20,50 @@ from cryptography.x509.oid import NameOID
 VALID_DAYS = 825
 
 
+def certificates(path: Path) -> list[x509.Certificate]:
+    """The certificates of a PEM file (ValueError if it holds none, or garbage)."""
+    return x509.load_pem_x509_certificates(path.read_bytes())
+
+
+def is_leaf(certificate: x509.Certificate) -> bool:
+    """Is it a certificate that signs no other (not a CA's)?"""
+    try:
+        constraints = certificate.extensions.get_extension_for_class(x509.BasicConstraints)
+    except x509.ExtensionNotFound:
+        return True
+    return not constraints.value.ca
+
+
+def names(certificate: x509.Certificate) -> list[str]:
+    """The host names and addresses a certificate is valid for (its subject alternative
+    names; else its common name)."""
+    try:
+        alternative = certificate.extensions.get_extension_for_class(
+            x509.SubjectAlternativeName
+        ).value
+    except x509.ExtensionNotFound:
+        common = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        return [str(attribute.value) for attribute in common]
+    return [
+        *alternative.get_values_for_type(x509.DNSName),
+        *(str(ip) for ip in alternative.get_values_for_type(x509.IPAddress)),
+    ]
+
+
+def name_to_check(cert: Path, host: str) -> str | None:
+    """The name an agent reaching the daemon at `host` checks the daemon's certificate
+    `cert` against: None (the host itself) if the certificate names it, else the first name
+    it has (a certificate issued for `batchd.example.com`, reached at 127.0.0.1)."""
+    valid = names(certificates(cert)[0])
+    try:
+        host = str(ipaddress.ip_address(host.strip("[]")))
+    except ValueError:
+        host = host.lower()
+    if host in (name.lower() for name in valid) or not valid:
+        return None
+    return valid[0]
+
+
 def server_context(cert: Path, key: Path) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2

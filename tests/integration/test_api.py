@@ -4,19 +4,25 @@ the event stream, output files, TLS."""
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import ssl
 import uuid
 
 import aiohttp
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from batchd.events import urls
 from batchd.events.envelope import NewEvent
 from batchd.projections.runner import Runner
 from batchd.scheduler import config
+from batchd.scheduler.client import ssl_context
 from batchd.scheduler.daemon import Daemon
-from tests.integration.conftest import Client, start_daemon
+from tests.integration.conftest import Client, newest_job, start_daemon
 
 CLUSTER = {"properties": {"vmSize": "Standard_NC24s_v3",
                           "scaleSettings": {"manual": {"targetNodeCount": 2}}}}  # fmt: skip
@@ -258,19 +264,106 @@ async def test_tls_with_a_self_signed_certificate(tmp_path):
         await daemon.stop()
 
 
+async def _local_job_runs(daemon, state, trust: ssl.SSLContext) -> None:
+    """The local agent registers with `daemon` (https) and a job runs on it to success."""
+    nodes = daemon.models.models.nodes
+    for _ in range(300):
+        if "local-0" in nodes and nodes["local-0"].state == "ready":
+            break
+        await asyncio.sleep(0.1)
+    else:
+        log = (state / "nodes/local-0/agent.log").read_text()
+        raise AssertionError(f"the local agent never joined: {log[-2000:]}")
+    job = {"cluster": "local", "nodeCount": 1, "gpusPerNode": 1,
+           "stdOutErrPathPrefix": "$AZ_BATCHAI_MOUNT_ROOT/logs",
+           "customToolkitSettings": {"commandLine": "echo hi"}}  # fmt: skip
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=trust)) as session:
+        client = Client(session, daemon.url, daemon.admin_token)
+        status, made = await client.call(
+            "PUT", "/v1/workspaces/default/experiments/default/jobs/hi", job
+        )
+        assert status == 201, made
+    for _ in range(300):
+        ran = newest_job(daemon.models.models, "hi")
+        if ran.state in ("succeeded", "failed"):
+            break
+        await asyncio.sleep(0.1)
+    assert ran.state == "succeeded", ran.errors
+
+
 async def test_local_agents_join_a_daemon_serving_its_self_signed_certificate(tmp_path):
     """The local agents check the daemon's certificate against the daemon's own (their
     --cacert), as a remote agent given it does: they register, and jobs run."""
-    daemon = await start_daemon(tmp_path / "state", tls_self_signed=True, local_nodes=1)
+    state = tmp_path / "state"
+    daemon = await start_daemon(state, tls_self_signed=True, local_nodes=1)
     try:
-        nodes = daemon.models.models.nodes
-        for _ in range(300):
-            if "local-0" in nodes and nodes["local-0"].state == "ready":
-                break
-            await asyncio.sleep(0.1)
-        else:
-            log = (tmp_path / "state/nodes/local-0/agent.log").read_text()
-            raise AssertionError(f"the local agent never joined: {log[-2000:]}")
+        trust = ssl.create_default_context(cafile=str(state / "tls/cert.pem"))
+        await _local_job_runs(daemon, state, trust)
+    finally:
+        await daemon.stop()
+
+
+def _issue(directory, name: str, issuer=None, ca: bool = False):
+    """A certificate for `name` (a CA's if `ca`), signed by `issuer` ((certificate, key);
+    None: self-signed), written to `directory`/`name`.pem with its key; (certificate, key)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    signer_name, signer_key = (issuer[0].subject, issuer[1]) if issuer else (subject, key)
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(signer_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if not ca:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False
+        )
+    certificate = builder.sign(signer_key, hashes.SHA256())
+    (directory / f"{name}.pem").write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    (directory / f"{name}.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))  # fmt: skip
+    return certificate, key
+
+
+async def test_local_agents_join_a_daemon_serving_a_certificate_a_ca_issued(tmp_path):
+    """An operator's certificate, issued by a CA for a name that is not the address the
+    local agents reach the daemon at: they check it against that name (--tls-server-name),
+    and jobs run. A client trusts the daemon given its CA, or its very certificate; not
+    given another CA, nor another certificate the same CA issued."""
+    ca = _issue(tmp_path, "Example CA", ca=True)
+    _issue(tmp_path, "batchd.example.test", ca)
+    _issue(tmp_path, "other.example.test", ca)
+    _issue(tmp_path, "Other CA", ca=True)
+    state = tmp_path / "state"
+    daemon = await start_daemon(state, local_nodes=1,
+                                tls_cert=str(tmp_path / "batchd.example.test.pem"),
+                                tls_key=str(tmp_path / "batchd.example.test.key"))  # fmt: skip
+    try:
+        trust = ssl_context(tmp_path / "Example CA.pem")
+        trust.check_hostname = False  # the test reaches it at 127.0.0.1
+        await _local_job_runs(daemon, state, trust)
+        async with aiohttp.ClientSession() as session:
+            for cacert, trusted in (
+                ("Example CA", True),
+                ("batchd.example.test", True),
+                ("Other CA", False),
+                ("other.example.test", False),
+            ):
+                context = ssl_context(tmp_path / f"{cacert}.pem")
+                try:
+                    async with session.get(
+                        daemon.url + "/healthz", ssl=context, server_hostname="batchd.example.test"
+                    ) as r:
+                        assert r.status == 200 and trusted, cacert
+                except aiohttp.ClientConnectorCertificateError:
+                    assert not trusted, cacert
     finally:
         await daemon.stop()
 
