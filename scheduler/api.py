@@ -937,10 +937,11 @@ async def _follow(request: web.Request, job: Job,
     offset), until the job has ended and everything written is sent, the client has gone, or
     the daemon stops. A first read that fails answers with its error; a later one breaks the
     answer off, unfinished (the file became a link or a directory, its node cannot be
-    reached)."""
+    reached), as does the revocation of the token it was asked with."""
     wanted = _wanted_range(request)
     offset = wanted[0] if wanted else 0
     api = request.app[API_KEY]
+    token_id = _principal(request).token_id
     ended = _followed_ended(request, job)
     chunk = await read(offset)
     response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
@@ -956,6 +957,9 @@ async def _follow(request: web.Request, job: Job,
                     break
                 await asyncio.sleep(FOLLOW_POLL)
             ended = _followed_ended(request, job)
+            if token_id not in api.models.tokens:  # revoked: as its next request would fail
+                _break_off(request)
+                return response
             try:
                 chunk = await read(offset)
             except _UNREADABLE:

@@ -329,3 +329,24 @@ async def test_an_event_stream_ends_when_its_token_is_revoked(api, session):
         await admin.call("PUT", "/v1/workspaces/after", {})
         body = await asyncio.wait_for(reading, 10)  # the stream ended
     assert b"WorkspaceCreated" not in body and b"TokenRevoked" not in body
+
+
+async def test_a_followed_file_stream_is_broken_off_when_its_token_is_revoked(api, session):
+    admin = Client(session, api.url, api.admin_token)
+    await seed(admin)
+    out = await placed_with_output(admin, api, "train")
+    (out / "stdout.txt").write_text("first\n")
+    viewer = await make_token(admin, "tail", "viewer")
+    _status, tokens = await admin.call("GET", "/v1/tokens")
+    [token_id] = [t["id"] for t in tokens["value"] if t["name"] == "tail"]
+    headers = {"Authorization": f"Bearer {viewer}"}
+    url = f"{api.url}{EXP}/jobs/train/files/stdout.txt?follow=true"
+    async with session.get(url, headers=headers) as r:
+        assert r.status == 200
+        assert await r.content.readexactly(6) == b"first\n"
+        assert (await admin.call("DELETE", f"/v1/tokens/{token_id}"))[0] in (200, 202, 204)
+        with (out / "stdout.txt").open("a") as handle:
+            handle.write("after the revocation\n")
+        with pytest.raises(aiohttp.ClientPayloadError):  # unfinished, not a clean end
+            rest = await asyncio.wait_for(r.content.read(), 10)
+            assert b"after" not in rest
