@@ -35,8 +35,10 @@ whose tasks share a node thus never ask for the same port: `MASTER_PORT` is 2950
 master task's first GPU, TensorFlow's ports 2222 + 200 x that node's first GPU (+ 100 for
 workers) + the process's number on the node. Nodes that share a machine (local nodes, all at
 a loopback address) count their GPUs one after another for this, by the number their ids
-end with: `local-1`'s GPU 0 is the machine's GPU 4 when the nodes have four. (Two such nodes
-whose ids end with the same number, in two clusters, may still ask for the same ports.)
+end with: `local-1`'s GPU 0 is the machine's GPU 4 when the nodes have four. The offsets count
+modulo PORT_SLOTS (300), so that every port stays below 65536: two such nodes whose ids end with
+the same number, in two clusters, or a machine with more than 300 GPUs' worth of nodes, may
+still ask for the same ports.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from typing import Any
 MASTER_PORT = 29500  # torch.distributed rendezvous on the master node, + its first GPU
 PS_PORT = 2222  # TensorFlow parameter servers (+ 200 per first GPU); workers 100 above
 TF_PER_NODE = 100  # TensorFlow processes of each kind a node has ports for
+PORT_SLOTS = 300  # port offsets wrap at this (TensorFlow's highest: 2222 + 200 x 299 + 199)
 MPIRUN = "mpirun --allow-run-as-root --hostfile $AZ_BATCHAI_MPI_HOST_FILE"
 
 
@@ -226,8 +229,8 @@ def _caffe(settings, hosts):
 
 def _offset(host: Host) -> int:
     """The first GPU index the job's task holds on `host` (no two live attempts share it),
-    after the GPUs of the other nodes on its machine that come first."""
-    return host.port_base + (host.gpus[0] if host.gpus else 0)
+    after the GPUs of the other nodes on its machine that come first (modulo PORT_SLOTS)."""
+    return (host.port_base + (host.gpus[0] if host.gpus else 0)) % PORT_SLOTS
 
 
 def _master_port(hosts: list[Host]) -> int:

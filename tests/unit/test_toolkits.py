@@ -163,6 +163,19 @@ def test_nodes_that_share_a_machine_count_their_gpus_one_after_another_for_ports
     assert ddp[0].env["MASTER_PORT"] == "29504"
 
 
+def test_ports_stay_valid_on_a_machine_with_many_local_nodes():
+    """`local-40` of 8-GPU nodes starts at the machine's GPU 320: the offsets wrap, and the
+    ports a job there asks for are real ones."""
+    hosts = [Host("local-40", "127.0.0.1", (7,), port_base=320),
+             Host("local-41", "127.0.0.1", (7,), port_base=328)]  # fmt: skip
+    ddp = plans("PyTorch__PyTorch-GPU-Distributed-Gloo__job.json", hosts)
+    assert ddp[0].env["MASTER_PORT"] == str(29500 + (320 + 7) % 300)
+    tf = plans("TensorFlow__TensorFlow-GPU-Distributed__job.json", hosts)
+    addresses = ",".join(tf[0].env[k] for k in ("AZ_BATCHAI_PS_HOSTS", "AZ_BATCHAI_WORKER_HOSTS"))
+    ports = [int(address.rpartition(":")[2]) for address in addresses.split(",")]
+    assert ports and all(1024 < port < 65536 for port in ports), ports
+
+
 def test_a_local_nodes_port_base_follows_from_its_number_whichever_nodes_exist():
     w = World().cluster(nodes=0)
     for node_id in ("local-2", "local-1"):  # local-0 is gone (or not there yet)
