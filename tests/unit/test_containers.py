@@ -46,7 +46,14 @@ def mount_root_there(monkeypatch):
     monkeypatch.setattr(os.path, "isdir", lambda path: path == "/mnt/batch" or isdir(path))
 
 
-def test_a_mount_root_the_node_lacks_is_not_bound():
+@pytest.fixture
+def mount_root_missing(monkeypatch):
+    """SPEC's mount root (/mnt/batch) does not exist on this node (whatever this machine has)."""
+    isdir = os.path.isdir
+    monkeypatch.setattr(os.path, "isdir", lambda path: path != "/mnt/batch" and isdir(path))
+
+
+def test_a_mount_root_the_node_lacks_is_not_bound(mount_root_missing):
     """(a Docker Engine refuses to create a container with a bind of a missing path)"""
     mounts = create_config(SPEC, "train", "", "docker", attach_gpus=False)["HostConfig"]["Mounts"]
     assert [m["Source"] for m in mounts] == ["/var/w/j1", "/var/tmp/j1", SPEC["stdouterr"]]
