@@ -662,11 +662,11 @@ async def job_history(request: web.Request) -> web.Response:
 async def _output_dir(request: web.Request, waits: bool = False) -> tuple[Job, Path, str | None]:
     """The job, its output directory, and the node to ask for it (None: the daemon reads it
     on its own storage). A job never placed has none: FileNotFound, unless the request
-    `waits` for its output (a follow)."""
+    `waits` for its output (a follow) and the job may still run."""
     ws = _ws(request)
     api = request.app[API_KEY]
     job = commands.find_job(api.models, ws, request.match_info["exp"], request.match_info["name"])
-    if not job.attempt and not waits:
+    if not job.attempt and not (waits and job.state not in lifecycle.ENDED):
         when = "never ran" if job.state in lifecycle.ENDED else "has not started yet"
         raise files.FileNotFound(f"job {job.name!r} {when}: it has no output")
     directory_id = request.query.get("outputdirectoryid", files.STDOUTERR)

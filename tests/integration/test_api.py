@@ -187,6 +187,11 @@ async def test_output_files_are_listed_and_read_by_range_as_they_grow(client, ap
         status, answer = await client.call("GET", f"{EXP}/jobs/train/{path}")
         assert (status, answer["error"]["message"]) == (
             404, "job 'train' has not started yet: it has no output")  # fmt: skip
+    await client.call("PUT", f"{EXP}/jobs/never", JOB)
+    await client.call("POST", f"{EXP}/jobs/never/terminate")
+    status, answer = await client.call("GET", f"{EXP}/jobs/never/files/stdout.txt?follow=true")
+    assert (status, answer["error"]["message"]) == (
+        404, "job 'never' never ran: it has no output")  # fmt: skip
     job_id = api.models.models.job_ids["ws/exp/train"][-1]
     await api.store.append(f"job-{job_id}", [
         NewEvent("JobScheduled", {"jobId": job_id, "attempt": 1,
