@@ -39,6 +39,7 @@ EXIT_WAIT_TIMEOUT = 124  # `job wait --timeout` ran out (as timeout(1))
 EXIT_WAIT_LOST = 125  # `job wait` lost the server for good: it cannot tell (as timeout(1))
 WAIT_POLL_MAX = 2.0  # seconds between polls of a job at most
 RECONNECT_WITHIN = 30.0  # seconds: following commands ride out a lost server this long
+UNPLACED_POLL = 1.0  # seconds between looks at a queued job whose output its node will have
 
 Row = Callable[[dict[str, Any]], list[Any]]
 T = TypeVar("T")
@@ -717,6 +718,7 @@ class _Followed:
     attempt: int
     offset: int = 0
     answered: bool = False  # the server has followed this attempt's file once
+    unplaced: bool = False  # the job has not been placed yet (no node has its file)
 
 
 def _attempt(job: dict[str, Any]) -> int:
@@ -740,6 +742,7 @@ async def job_file_stream(args: argparse.Namespace) -> int:
         followed = _Followed(args.attempt or _attempt(job))
         while True:
             last = _attempt_over(job, followed.attempt)  # the server sends the rest, then ends
+            followed.unplaced = not last and not _get(job, "properties.attempt")
             await server.call(functools.partial(_print_file, api, server, path, args, followed))
             if last:
                 return 0
@@ -766,7 +769,9 @@ async def _print_file(api: Client, server: _Reconnecting, path: str, args: argpa
                 _write_out(chunk)
                 followed.offset += len(chunk)
     except ApiError as exc:  # past its end, or never written: nothing more to print
-        if exc.status != 416 and not (exc.status == 404 and followed.answered):
+        if exc.status == 404 and followed.unplaced:  # its node, to come, will have the file
+            await asyncio.sleep(UNPLACED_POLL)
+        elif exc.status != 416 and not (exc.status == 404 and followed.answered):
             raise
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from batchd.scheduler import cli_api
 from tests.integration.conftest import admin_client, newest_job, start_daemon
-from tests.integration.test_agents import _ended, _ready_nodes, _run, _until
+from tests.integration.test_agents import EXP, _ended, _ready_nodes, _run, _until
 from tests.integration.test_cli import _free_port
 from tests.integration.test_cli_api import Done, _runner, _setup, assert_error
 
@@ -98,6 +98,26 @@ async def test_file_stream_follows_a_retried_attempt_until_the_job_ends(
     assert (job["properties"]["state"], job["properties"]["attempt"]) == ("succeeded", 2)
     only = await _runner(capsys)("job", "file", "stream", "flaky", "--attempt", "1")
     assert (only.code, only.out, only.err) == (0, "try 1\n", "")
+
+
+async def test_file_stream_of_a_queued_job_whose_output_its_node_keeps_waits_for_it(
+    local, monkeypatch, capsys, tmp_path
+):
+    """The output is off the daemon's storage (the node serves it): before the job is
+    placed no node has it, and the stream waits for one rather than fail."""
+    daemon, client = local
+    _environment(monkeypatch, daemon)
+    for blocker in ("b0", "b1"):  # every GPU taken
+        await _run(client, blocker, "exec sleep 600", gpusPerNode=4)
+    await _run(client, "late", "echo late", stdOutErrPathPrefix=str(tmp_path / "on-the-node"))
+    streaming = asyncio.create_task(_runner(capsys)("job", "file", "stream", "late"))
+    await asyncio.sleep(2.5)
+    assert not streaming.done()
+    assert newest_job(daemon.models.models, "late").state == "queued"
+    for blocker in ("b0", "b1"):
+        assert (await client.call("POST", f"{EXP}/jobs/{blocker}/terminate"))[0] < 300
+    streamed = await asyncio.wait_for(streaming, 60)
+    assert (streamed.code, streamed.out) == (0, "late\n"), streamed.err
 
 
 async def test_a_daemon_that_does_not_come_back_ends_wait_and_stream_plainly(
