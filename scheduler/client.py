@@ -231,9 +231,18 @@ class _Request:
         return ClientError(describe(exc, self.client.cfg.server))
 
 
+NAME_MISMATCH = (62, 64)  # OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
+
+
 def describe(exc: BaseException, server: str) -> str:
     """A one-line account of a failed request that names the server."""
     if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        if getattr(exc.certificate_error, "verify_code", None) in NAME_MISMATCH:
+            return (
+                f"the TLS certificate of the batchd server at {server} is not for that "
+                f"address: {exc.certificate_error.verify_message}; give --server (or "
+                f"$BATCHD_SERVER) with a host name or address the certificate holds"
+            )
         return (
             f"cannot verify the TLS certificate of the batchd server at {server}: "
             f"{exc.certificate_error}; give its CA with --cacert or $BATCHD_CACERT"

@@ -64,6 +64,15 @@ def name_to_check(cert: Path, host: str) -> str | None:
     return valid[0]
 
 
+def _own_addresses() -> list[str]:
+    """The addresses this machine's name resolves to (none if it does not resolve)."""
+    try:
+        found = socket.getaddrinfo(socket.gethostname(), None, type=socket.SOCK_STREAM)
+    except OSError:
+        return []
+    return [str(address[4][0]).partition("%")[0] for address in found]
+
+
 def server_context(cert: Path, key: Path) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -76,14 +85,18 @@ def server_context(cert: Path, key: Path) -> ssl.SSLContext:
 
 def self_signed(directory: Path, host: str) -> tuple[Path, Path]:
     """The self-signed pair in `directory`, made on first use for localhost, this machine's
-    name and `host`."""
+    name and `host` (for a daemon listening on every address, 0.0.0.0 or ::, also this
+    machine's addresses, as its name resolves)."""
     cert, key = directory / "cert.pem", directory / "key.pem"
     if cert.exists() and key.exists():
         return cert, key
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     private = ec.generate_private_key(ec.SECP256R1())
     names: list[x509.GeneralName] = []
-    for name in dict.fromkeys(["localhost", socket.gethostname(), "127.0.0.1", "::1", host]):
+    wanted = ["localhost", socket.gethostname(), socket.getfqdn(), "127.0.0.1", "::1", host]
+    if host.strip("[]") in ("0.0.0.0", "::", ""):
+        wanted += _own_addresses()
+    for name in dict.fromkeys(wanted):
         try:
             names.append(x509.IPAddress(ipaddress.ip_address(name)))
         except ValueError:

@@ -15,6 +15,7 @@ import pytest
 from aiohttp import web
 
 from batchd.events.envelope import NewEvent
+from batchd.scheduler import tls
 from batchd.scheduler.cli import main
 from tests.http import serving
 from tests.integration.conftest import settled, start_daemon
@@ -678,3 +679,31 @@ async def test_a_document_that_is_not_utf8_is_named(batchd, api, tmp_path):
         lines = assert_error(done, str(path), "not UTF-8")
         assert lines == [f"batchd: error: {path} is not UTF-8 text: invalid continuation byte "
                          "at byte 61"]  # fmt: skip
+
+
+async def test_a_daemon_on_every_address_is_reached_by_the_names_its_certificate_holds(
+    tmp_path, capsys, monkeypatch
+):
+    """The self-signed certificate of a daemon listening on 0.0.0.0 names this machine's
+    addresses; reached at one it does not name, the CLI says to use one it does (not to
+    give a CA, which would not help)."""
+    for name in ("BATCHD_TOKEN", "BATCHD_CACERT", "BATCHD_SERVER"):
+        monkeypatch.delenv(name, raising=False)
+    state = tmp_path / "state"
+    daemon = await start_daemon(state, tls_self_signed=True, listen="0.0.0.0:0")
+    try:
+        monkeypatch.setenv("BATCHD_STATE_DIR", str(state))
+        cert = state / "tls/cert.pem"
+        names = tls.names(tls.certificates(cert)[0])
+        assert {"127.0.0.1", "localhost", *tls._own_addresses()} <= set(names)
+        port = daemon.url.rpartition(":")[2]
+        batchd = _runner(capsys)
+        listed = await batchd("workspace", "list", "--server", f"https://127.0.0.1:{port}",
+                              "--cacert", str(cert))  # fmt: skip
+        assert listed.code == 0, listed.err
+        other = await batchd("workspace", "list", "--server", f"https://127.0.0.2:{port}",
+                             "--cacert", str(cert))  # fmt: skip
+        assert_error(other, "not for that address", "--server")
+        assert "--cacert" not in other.err
+    finally:
+        await daemon.stop()
