@@ -654,6 +654,8 @@ async def main(args: argparse.Namespace) -> int:
         raise AgentError(f"--runtimes: {', '.join(unknown)}: the runtimes are process, docker")
     if args.address is not None and not protocol.ADDRESS.fullmatch(args.address):
         raise AgentError(f"--address {args.address!r}: {protocol.ADDRESS_RULE}")
+    if args.tls_server_name and not args.server.lower().startswith("https://"):
+        raise AgentError(f"--tls-server-name: the --server {args.server} is not https://")
     work_dir = Path(args.work_dir)
     try:  # one agent per work directory; a previous one's watchdog may still be ending its tasks
         lock = await asyncio.to_thread(watchdog.hold_work_dir, work_dir)

@@ -24,7 +24,7 @@ from urllib.parse import quote, urlsplit
 
 import aiohttp
 
-from batchd.scheduler import config, tls
+from batchd.scheduler import config
 
 DEFAULT_SERVER = "http://127.0.0.1:8080"
 REQUEST_TIMEOUT = 60.0  # seconds for one ordinary request
@@ -102,19 +102,17 @@ def _cacert(args: argparse.Namespace, state: Path, server: str) -> Path | None:
 
 def ssl_context(cacert: Path | None) -> ssl.SSLContext | bool:
     """How a client checks the server's certificate: against the system's CAs (True), or
-    against `cacert`, which may also be the server's own certificate (a self-signed one, or
-    a leaf the system does not trust: trusted as it is, only when the file holds that one
-    certificate; its CA's other certificates are not). ClientError if unusable."""
+    against the certificates of the file `cacert`, each trusted as it is: a CA's, an
+    intermediate CA's (with what it issued), or the server's own (a self-signed one, or a
+    CA-issued leaf: alone in the file, that certificate only). ClientError if unusable."""
     if cacert is None:
         return True
     try:
         context = ssl.create_default_context(cafile=str(cacert))
-        held = tls.certificates(cacert)
-    except (OSError, ssl.SSLError, ValueError) as exc:
+    except (OSError, ssl.SSLError) as exc:
         why = getattr(exc, "strerror", None) or exc
         raise ClientError(f"cannot use CA certificate {cacert}: {why}") from None
-    if len(held) == 1 and tls.is_leaf(held[0]):
-        context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
     return context
 
 

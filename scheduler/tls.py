@@ -25,15 +25,6 @@ def certificates(path: Path) -> list[x509.Certificate]:
     return x509.load_pem_x509_certificates(path.read_bytes())
 
 
-def is_leaf(certificate: x509.Certificate) -> bool:
-    """Is it a certificate that signs no other (not a CA's)?"""
-    try:
-        constraints = certificate.extensions.get_extension_for_class(x509.BasicConstraints)
-    except x509.ExtensionNotFound:
-        return True
-    return not constraints.value.ca
-
-
 def names(certificate: x509.Certificate) -> list[str]:
     """The host names and addresses a certificate is valid for (its subject alternative
     names; else its common name)."""

@@ -36,9 +36,10 @@ master task's first GPU, TensorFlow's ports 2222 + 200 x that node's first GPU (
 workers) + the process's number on the node. Nodes that share a machine (local nodes, all at
 a loopback address) count their GPUs one after another for this, by the number their ids
 end with: `local-1`'s GPU 0 is the machine's GPU 4 when the nodes have four. The offsets count
-modulo PORT_SLOTS (300), so that every port stays below 65536: two such nodes whose ids end with
-the same number, in two clusters, or a machine with more than 300 GPUs' worth of nodes, may
-still ask for the same ports.
+modulo PORT_SLOTS (300), so that every port stays below 65536: a node whose number times its
+GPUs reaches 300 (`local-38` of eight) shares offsets with lower-numbered ones, and two such
+nodes whose ids end with the same number, in two clusters, share theirs: those may ask for
+the same ports.
 """
 
 from __future__ import annotations

@@ -378,6 +378,10 @@ async def test_a_node_is_reached_at_the_address_it_gives_else_where_it_connects_
         batchd, "agent", "--server", daemon.url, "--token-file", "/dev/null",
         "--address", "not an address", env={})  # fmt: skip
     assert done.returncode != 0 and "--address 'not an address'" in done.stderr
+    done = await asyncio.to_thread(
+        batchd, "agent", "--server", daemon.url, "--token-file", "/dev/null",
+        "--tls-server-name", "batchd.example.com", env={})  # fmt: skip
+    assert done.returncode != 0 and "--tls-server-name: the --server" in done.stderr
 
 
 async def test_resizing_down_drains_a_busy_node_which_takes_no_new_work_then_leaves(local):

@@ -338,29 +338,31 @@ def _issue(directory, name: str, issuer=None, ca: bool = False):
 
 
 async def test_local_agents_join_a_daemon_serving_a_certificate_a_ca_issued(tmp_path):
-    """An operator's certificate, issued by a CA for a name that is not the address the
-    local agents reach the daemon at: they check it against that name (--tls-server-name),
-    and jobs run. A client trusts the daemon given its CA, or its very certificate; not
-    given another CA, nor another certificate the same CA issued."""
-    ca = _issue(tmp_path, "Example CA", ca=True)
-    _issue(tmp_path, "batchd.example.test", ca)
-    _issue(tmp_path, "other.example.test", ca)
+    """An operator's certificate, issued through an intermediate CA for a name that is not
+    the address the local agents reach the daemon at, served with its chain: they check it
+    against that name (--tls-server-name), and jobs run. A client trusts the daemon given
+    its root CA, its intermediate, its very certificate alone, or that with its chain; not
+    given another CA, nor another certificate alone that the same CA issued."""
+    root = _issue(tmp_path, "Example CA", ca=True)
+    intermediate = _issue(tmp_path, "Example Intermediate", root, ca=True)
+    _issue(tmp_path, "batchd.example.test", intermediate)
+    _issue(tmp_path, "other.example.test", intermediate)
     _issue(tmp_path, "Other CA", ca=True)
+    chain = tmp_path / "chain.pem"
+    chain.write_bytes((tmp_path / "batchd.example.test.pem").read_bytes()
+                      + (tmp_path / "Example Intermediate.pem").read_bytes())  # fmt: skip
     state = tmp_path / "state"
-    daemon = await start_daemon(state, local_nodes=1,
-                                tls_cert=str(tmp_path / "batchd.example.test.pem"),
+    daemon = await start_daemon(state, local_nodes=1, tls_cert=str(chain),
                                 tls_key=str(tmp_path / "batchd.example.test.key"))  # fmt: skip
     try:
         trust = ssl_context(tmp_path / "Example CA.pem")
         trust.check_hostname = False  # the test reaches it at 127.0.0.1
-        await _local_job_runs(daemon, state, trust)
+        await _local_job_runs(daemon, state, trust)  # their --cacert: the chain file
         async with aiohttp.ClientSession() as session:
-            for cacert, trusted in (
-                ("Example CA", True),
-                ("batchd.example.test", True),
-                ("Other CA", False),
-                ("other.example.test", False),
-            ):
+            trusts = (("Example CA", True), ("Example Intermediate", True),
+                      ("batchd.example.test", True), ("chain", True),
+                      ("Other CA", False), ("other.example.test", False))  # fmt: skip
+            for cacert, trusted in trusts:
                 context = ssl_context(tmp_path / f"{cacert}.pem")
                 try:
                     async with session.get(
