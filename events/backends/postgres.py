@@ -188,6 +188,16 @@ def redact_dsn(dsn: str) -> str:
 _QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
 
 
+async def _ask_lock(conn: asyncpg.Connection) -> bool:
+    """pg_try_advisory_lock of the leader lock on `conn` (closed if that fails)."""
+    try:
+        return await conn.fetchval("SELECT pg_try_advisory_lock($1)", LEADER_LOCK,
+                                   timeout=CONNECT_TIMEOUT)  # fmt: skip
+    except BaseException:
+        conn.terminate()
+        raise
+
+
 class PostgresBackend:
     name = "postgres"
 
@@ -203,6 +213,7 @@ class PostgresBackend:
         self._writer: asyncpg.Connection | None = None  # the connection appends use
         self._writer_used = 0.0  # when it last served an append (monotonic seconds)
         self._leader: asyncpg.Connection | None = None  # holds the leader lock (advisory)
+        self._hopeful: asyncpg.Connection | None = None  # a standby's, asking for the lock
 
     def set_wakeup(self, callback: Callable[[], None]) -> None:
         self._wakeup = callback
@@ -287,9 +298,10 @@ class PostgresBackend:
         if self._writer is not None:
             self._writer.terminate()
             self._writer = None
-        if self._leader is not None:
-            self._leader.terminate()  # the lock frees with its session
-            self._leader = None
+        for held in (self._leader, self._hopeful):
+            if held is not None:
+                held.terminate()  # a lock frees with its session
+        self._leader = self._hopeful = None
         if self._listener is not None:
             self._listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -383,7 +395,7 @@ class PostgresBackend:
     async def try_lock_leader(self) -> bool:
         """A session advisory lock, held by a connection of its own for as long as it lives
         (if that connection is lost, so is the lock: a standby may then take over, and the
-        epoch fences this writer)."""
+        epoch fences this writer). A standby asks again on the connection it asked on."""
         if self._leader is not None:
             try:  # still held? (a connection lost with the server's restart frees the lock)
                 await self._leader.fetchval("SELECT 1", timeout=CONNECT_TIMEOUT)
@@ -391,21 +403,23 @@ class PostgresBackend:
             except (asyncpg.PostgresError, *_UNAVAILABLE):
                 self._leader.terminate()
                 self._leader = None
-        try:
-            conn = await asyncpg.connect(self.dsn, timeout=CONNECT_TIMEOUT,
-                                         server_settings=LEADER_KEEPALIVE)  # fmt: skip
-        except (asyncpg.PostgresError, *_UNAVAILABLE) as exc:
-            raise self._translate(exc) from None
-        try:
-            held = await conn.fetchval("SELECT pg_try_advisory_lock($1)", LEADER_LOCK)
-        except BaseException:
-            conn.terminate()
-            raise
-        if not held:
-            await conn.close()
-            return False
-        self._leader = conn
-        return True
+        conn, self._hopeful = self._hopeful, None
+        held = None
+        if conn is not None:
+            with contextlib.suppress(asyncpg.PostgresError, *_UNAVAILABLE):  # cut: ask anew
+                held = await _ask_lock(conn)
+        if held is None:
+            try:
+                conn = await asyncpg.connect(self.dsn, timeout=CONNECT_TIMEOUT,
+                                             server_settings=LEADER_KEEPALIVE)  # fmt: skip
+                held = await _ask_lock(conn)
+            except (asyncpg.PostgresError, *_UNAVAILABLE) as exc:
+                raise self._translate(exc) from None
+        if held:
+            self._leader = conn
+        else:
+            self._hopeful = conn
+        return held
 
     async def take_epoch(self) -> Head:
         self._forget()

@@ -7,6 +7,7 @@ import asyncio
 import asyncpg
 
 from batchd.events import audit, errors, urls
+from batchd.events.backends.postgres import LEADER_LOCK
 from batchd.events.envelope import NewEvent
 from tests.conftest import PG_DSN
 from tests.logs import info_logs
@@ -146,3 +147,38 @@ async def test_a_leader_whose_lock_connection_was_cut_takes_its_lock_again(pg_da
     finally:
         await leader.close()
         await other.close()
+
+
+async def test_a_standby_asks_for_the_lock_on_one_connection_and_takes_it_when_it_frees(
+    pg_database,
+):
+    """A standby asks again and again on the same connection (not a new one each time);
+    when that connection is cut it opens another; it takes the lock once the leader is
+    gone, and holds it on that connection."""
+    leader = await urls.open_store(pg_database)
+    standby = await urls.open_store(pg_database)
+    try:
+        assert await leader.try_lock_leader()
+        assert not await standby.try_lock_leader()
+        pid = standby.backend._hopeful.get_server_pid()
+        for _ in range(3):
+            assert not await standby.try_lock_leader()
+        assert standby.backend._hopeful.get_server_pid() == pid
+        conn = await asyncpg.connect(PG_DSN)
+        try:
+            assert await conn.fetchval("SELECT pg_terminate_backend($1)", pid)
+            assert not await standby.try_lock_leader()  # asked on a new connection
+            again = standby.backend._hopeful.get_server_pid()
+            assert again != pid
+            await leader.close()
+            assert await standby.try_lock_leader()
+            assert standby.backend._leader.get_server_pid() == again
+            holders = await conn.fetchval(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+                " AND objid = ($1::bigint & 4294967295)::oid", LEADER_LOCK)  # fmt: skip
+            assert holders == 1
+        finally:
+            await conn.close()
+    finally:
+        await leader.close()
+        await standby.close()
