@@ -75,6 +75,19 @@ class AgentError(ValueError):
         self.status = status
 
 
+def _refusal_hint(exc: BaseException) -> str | None:
+    """What to do about a registration the daemon refused for good (its token, 401/403; the
+    registration itself, 400: an unknown cluster, a runtime it does not know); None for a
+    failure worth retrying (the daemon away, restarting, busy)."""
+    status = exc.status if isinstance(exc, AgentError) else None
+    if status in (401, 403):
+        return ("the daemon refuses this token (revoked, or bound to another node): give a "
+                "valid one with --token-file")  # fmt: skip
+    if status == 400:
+        return "the daemon refuses this registration: mend what it names (--cluster, ...)"
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class Gpus:
     """What `--gpus` found: how many, their model, and each one's memory (MiB; 0: unknown)."""
@@ -157,7 +170,7 @@ class Agent:
         self.setup: asyncio.Task | None = None  # the node's setup task, while it runs
         self.setup_task: ProcessTask | None = None  # its process group (stopped with the agent)
         self.execs: dict[Any, asyncio.Task] = {}  # commands run beside tasks, by exec id
-        self.refused = False  # the daemon refused its token (401, 403): it stopped
+        self.refused = False  # the daemon refused its token or registration: it stopped
         self.registered = False  # the daemon took its Register
         self.superseded = False  # another agent registered as this node since (409)
         self.docker: aiodocker.Docker | None = None  # the docker runtime's engine
@@ -328,10 +341,10 @@ class Agent:
                 logger.info("agent.registered", node=self.node_id, server=self.server)
                 return
             except (aiohttp.ClientError, AgentError, OSError, TimeoutError) as exc:
-                if isinstance(exc, AgentError) and exc.status in (401, 403):
+                hint = _refusal_hint(exc)
+                if hint is not None:  # asking again would be refused again
                     logger.error("agent.refused", node=self.node_id, error=_why(exc),
-                                 hint="the daemon refuses this token (revoked, or bound to "
-                                 "another node): give a valid one with --token-file")  # fmt: skip
+                                 hint=hint)  # fmt: skip
                     self.refused = True
                     if self.stop is not None:
                         self.stop.set()

@@ -1688,3 +1688,19 @@ async def test_an_agent_whose_token_is_refused_stops_and_says_why(local, tmp_pat
     assert agent.returncode == 1
     refused = [json.loads(line) for line in err.decode().splitlines() if "agent.refused" in line]
     assert refused and "401" in refused[0]["error"] and "--token-file" in refused[0]["hint"]
+
+
+async def test_an_agent_asking_to_join_a_cluster_there_is_not_stops_and_says_why(local, tmp_path):
+    daemon, client = local
+    token = await make_token(client, "n-nope", "agent", node="n-nope")
+    (tmp_path / "agent.token").write_text(token)
+    agent = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "batchd.scheduler.cli", "agent", "--server", daemon.url,
+        "--token-file", str(tmp_path / "agent.token"), "--node-id", "n-nope",
+        "--cluster", "default/nope", "--gpus", "1", "--work-dir", str(tmp_path / "work"),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _out, err = await asyncio.wait_for(agent.communicate(), 30)  # not retrying for ever
+    assert agent.returncode == 1
+    refused = [json.loads(line) for line in err.decode().splitlines() if "agent.refused" in line]
+    assert refused and "no cluster 'default/nope'" in refused[0]["error"], err.decode()[-2000:]
