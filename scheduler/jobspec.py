@@ -80,22 +80,27 @@ _DURATION = "a duration such as '1.00:00:00' or 'P1D'"
 
 
 def timespan_seconds(value: Any, path: str) -> int:
-    """`maxWallClockTime` in seconds: .NET `[d.]hh:mm:ss` (as Batch AI wrote it) or ISO-8601
-    `P[nD]T[nH][nM][nS]`; more than zero and at most 7 days."""
+    """`maxWallClockTime` in whole seconds: .NET `[d.]hh:mm:ss[.fffffff]` (as Batch AI wrote
+    it) or ISO-8601 `P[nD]T[nH][nM][n[.f]S]`; more than zero and at most 7 days. A fraction
+    of a second counts as a whole one (a limit is never cut short)."""
     if not isinstance(value, str):
         raise DocumentError(path, f"must be {_DURATION}, not {value!r}")
     text = value.strip()
     if text.startswith("-"):
         raise DocumentError(path, "must not be negative")
-    dotnet = re.fullmatch(r"(?:(\d+)\.)?(\d+):([0-5]?\d):([0-5]?\d)(?:\.\d+)?", text)
-    iso = re.fullmatch(r"P(?:(\d+)D)?(?:T(?:(\d+)H)?(?:(\d+)M)?(?:(\d+)S)?)?", text, re.I)
+    dotnet = re.fullmatch(r"(?:(\d+)\.)?(\d+):([0-5]?\d):([0-5]?\d)(\.\d+)?", text)
+    iso = re.fullmatch(r"P(?:(\d+)D)?(?:T(?:(\d+)H)?(?:(\d+)M)?(?:(\d+)(\.\d+)?S)?)?", text,
+                       re.I)  # fmt: skip
     if dotnet:
-        days, hours, minutes, seconds = (int(x or 0) for x in dotnet.groups())
+        match = dotnet
     elif iso and text.upper() not in ("P", "PT"):
-        days, hours, minutes, seconds = (int(x or 0) for x in iso.groups())
+        match = iso
     else:
         raise DocumentError(path, f"must be {_DURATION}, not {value!r}")
+    days, hours, minutes, seconds = (int(x or 0) for x in match.groups()[:4])
+    fraction = match.group(5)
     total = ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+    total += 1 if fraction and int(fraction[1:]) else 0
     if total <= 0:
         raise DocumentError(path, "must be more than zero")
     if total > MAX_WALL_CLOCK_S:

@@ -50,7 +50,8 @@ def test_priorities_map_to_one_integer(extra, priority):
 @pytest.mark.parametrize(
     ("text", "seconds"),
     [("1.00:00:00", 86400), ("02:30:00", 9000), ("7.00:00:00", 604800), ("PT90M", 5400),
-     ("P1DT1H", 90000)],
+     ("P1DT1H", 90000), ("00:00:00.5", 1), ("00:01:00.0000000", 60), ("PT1.5S", 2),
+     ("PT0.25S", 1)],
 )  # fmt: skip
 def test_wall_clock_limits_in_both_notations(text, seconds):
     spec = parse_job({**MINIMAL, "constraints": {"maxWallClockTime": text}})
