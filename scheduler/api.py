@@ -44,7 +44,7 @@ from batchd.scheduler.clusterspec import parse_cluster
 from batchd.scheduler.commands import CommandError
 from batchd.scheduler.control import REQUEST, Control
 from batchd.scheduler.jobspec import parse_job
-from batchd.scheduler.schema import DocumentError, DuplicateKey, string, unique_keys, unwrap
+from batchd.scheduler.schema import DocumentError, DuplicateKey, loads, string, unwrap
 from batchd.scheduler.vmsizes import Catalog
 
 logger = structlog.get_logger(__name__)
@@ -240,7 +240,7 @@ async def _body(request: web.Request) -> Any:
     if not raw.strip():
         return {}
     try:
-        return json.loads(raw, object_pairs_hook=unique_keys)
+        return loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DocumentError("body", f"is not valid JSON ({exc})") from None
     except DuplicateKey as exc:

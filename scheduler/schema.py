@@ -8,6 +8,7 @@ azureFileShares[1].relativeMountPath`.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -33,7 +34,7 @@ class DocumentError(ValueError):
 
 
 class DuplicateKey(ValueError):
-    """A JSON object that names one key twice (`key`)."""
+    """A JSON object that names one key twice (`key`: the key, or with loads its path)."""
 
     def __init__(self, key: str) -> None:
         super().__init__(f"{key!r} is given twice in one object")
@@ -51,6 +52,50 @@ def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
                 raise DuplicateKey(key)
             seen.add(key)
     return made
+
+
+def loads(text: str | bytes) -> Any:
+    """A JSON document whose objects name each key once; DuplicateKey naming the first
+    repeated key by its path in the document (`properties.nodeCount`, `a[2].b`)."""
+    try:
+        return json.loads(text, object_pairs_hook=unique_keys)
+    except DuplicateKey as exc:  # found bottom-up: its path comes from a second, marking read
+        marked = json.loads(text, object_pairs_hook=_Repeated.of)
+        raise DuplicateKey(_repeated_path(marked, "") or exc.key) from None
+
+
+class _Repeated(dict):
+    """An object of the marking read; `repeated`: the first key it names twice, if any."""
+
+    repeated: str | None = None
+
+    @classmethod
+    def of(cls, pairs: list[tuple[str, Any]]) -> _Repeated:
+        made = cls(pairs)
+        seen: set[str] = set()
+        for key, _value in pairs if len(made) < len(pairs) else ():
+            if key in seen:
+                made.repeated = key
+                break
+            seen.add(key)
+        return made
+
+
+def _repeated_path(value: Any, path: str) -> str | None:
+    """The path of the first repeated key in a marked document, depth first, in order."""
+    if isinstance(value, _Repeated):
+        for key, item in value.items():
+            found = _repeated_path(item, f"{path}.{key}" if path else key)
+            if found is not None:
+                return found
+        if value.repeated is not None:
+            return f"{path}.{value.repeated}" if path else value.repeated
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found = _repeated_path(item, f"{path}[{index}]")
+            if found is not None:
+                return found
+    return None
 
 
 _KINDS = {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
@@ -96,7 +141,12 @@ def _check_utf8(value: str, path: str) -> None:
 
 
 def integer(low: int | None = None, high: int | None = None) -> Validator:
+    """A whole number, also written as one with a fraction of zero (`1.0`, `1e0`: as the
+    number it is)."""
+
     def check(value: Any, path: str) -> int:
+        if type(value) is float and value.is_integer():
+            value = int(value)
         if type(value) is not int:
             raise DocumentError(path, f"must be a whole number, not {_kind(value)}")
         if low is not None and value < low:

@@ -169,6 +169,12 @@ async def test_bad_documents_get_400_naming_the_field_and_nothing_is_stored(api,
     cases = [
         (b"{not json", "body", "not valid JSON"),
         (b'{"nodeCount": 1, "nodeCount": 2}', "nodeCount", "given twice"),  # not the last wins
+        (
+            b'{"properties": {"inputDirectories": [{"id": "A", "path": "/a"}, {"id": "B", '
+            b'"path": "/b", "id": "C"}]}}',
+            "properties.inputDirectories[1].id",
+            "given twice",
+        ),
         (json.dumps({**JOB, "nodeCount": "two"}), "nodeCount", "whole number"),
         (json.dumps({**JOB, "nodeCount": 100}), "nodeCount", "can hold"),
         (json.dumps({**JOB, "colour": "red"}), "colour", "not a known property"),

@@ -139,3 +139,11 @@ def test_two_toolkits_are_refused_by_name():
             "pyTorchSettings": {"pythonScriptFilePath": "a.py"},
             "horovodSettings": {"pythonScriptFilePath": "b.py"},
         })  # fmt: skip
+
+
+def test_whole_numbers_written_with_a_zero_fraction_are_those_numbers():
+    spec = parse_job({**MINIMAL, "nodeCount": 1.0, "gpusPerNode": 1e0, "priority": 100.0})
+    assert (spec.properties["nodeCount"], spec.properties["gpusPerNode"]) == (1, 1)
+    assert type(spec.properties["nodeCount"]) is int and spec.priority == 100
+    with pytest.raises(DocumentError, match="nodeCount: must be a whole number"):
+        parse_job({**MINIMAL, "nodeCount": 1.5})
