@@ -66,6 +66,9 @@ PARENT_ENV = "BATCHD_AGENT_PARENT"  # set by the local provider: the daemon's pi
 BATCH_BYTES = 512 * 1024  # a body of reports is closed past this (one message is < 300 KiB)
 
 
+KILLED = 128 + signal.SIGKILL  # the exit code of a command killed with SIGKILL
+
+
 class AgentError(ValueError):
     """The agent cannot go on as asked (a bad flag), or the daemon refused a message (with
     its HTTP status)."""
@@ -504,11 +507,18 @@ class Agent:
             error = {"code": "not_running", "message": "the task does not run on this node"}
             send(exitCode=None, error=error)
             return
+        ended = {"code": "task_ended", "message": "the job's task ended, and the command with it"}
         try:
             code = await task.exec(command["command"], send)
         except Exception as exc:  # (OSError, DockerError, ValueError...): always answered
             message = str(exc) or type(exc).__name__
-            send(exitCode=None, error={"code": "exec_failed", "message": message})
+            send(
+                exitCode=None,
+                error=ended if task.ending else {"code": "exec_failed", "message": message},
+            )
+            return
+        if task.ending and code == KILLED:  # stopped with its task: no exit code of its own
+            send(exitCode=None, error=ended)
             return
         send(exitCode=code)
 

@@ -217,6 +217,12 @@ class ContainerTask:
         self.owner: tuple[int, int] | None = None  # that user's ids, once looked up
         # called as its preparation begins (an image pull, the jobPreparation)
         self.on_preparing: Callable[[], None] = nothing
+        self.exited = False  # the container of its command has exited
+
+    @property
+    def ending(self) -> bool:
+        """Is it being stopped, or has its command ended (its execs end with its container)?"""
+        return self.killed or self.exited
 
     async def run(self, started: asyncio.Event) -> TaskResult:
         try:
@@ -323,6 +329,7 @@ class ContainerTask:
         except aiodocker.DockerError as exc:
             return TaskResult(None, {"code": "container_lost", "message": exc.message})
         finally:
+            self.exited = self.exited or started is not None
             await self._remove()
         return TaskResult(code, problem)
 

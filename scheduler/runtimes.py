@@ -141,6 +141,11 @@ class ProcessTask:
         self.late_kill: asyncio.Future | None = None  # a kill that came while it started
         self.on_preparing: Callable[[], None] = nothing  # called as its preparation begins
 
+    @property
+    def ending(self) -> bool:
+        """Is it being stopped, or has its command ended (its execs are killed with it)?"""
+        return self.killed or (self.process is not None and self.process.returncode is not None)
+
     def _env(self) -> dict[str, str]:
         env = {k: os.environ[k] for k in BASE_ENV if k in os.environ}
         env.update({str(k): str(v) for k, v in (self.spec.get("env") or {}).items()})

@@ -699,7 +699,14 @@ async def test_job_exec_runs_beside_the_job_in_its_environment_and_streams_outpu
     done = await asyncio.to_thread(batchd, "job", "exec", "busy", "--", "true", env=env)
     assert done.returncode == 1 and "only a running job" in done.stderr
     await _until(lambda: not alive(int(pid_file.read_text())), 10)  # it ended with the task
-    assert (await asyncio.wait_for(beside, 30)).returncode == 137  # killed
+    cut = await asyncio.wait_for(beside, 30)  # killed with its task: no exit code of its own
+    assert cut.returncode == 1 and "the job's task ended" in cut.stderr, cut.stderr
+    await _run(client, "brief", "sleep 3")  # a task that ends by itself
+    await _until(lambda: newest_job(models, "brief").state == "running", 30)
+    done = await asyncio.to_thread(batchd, "job", "exec", "brief", "--",
+                                   "echo begin; sleep 100", env=env)  # fmt: skip
+    assert done.stdout == "begin\n"
+    assert done.returncode == 1 and "the job's task ended" in done.stderr, done.stderr
 
 
 def test_the_readme_walk_through_from_serve_to_the_jobs_output(tmp_path):
