@@ -219,11 +219,12 @@ class LocalProvider:
         if node is not None and node.allocations:
             await self._deallocate(node_id)
             return  # stopped once it runs nothing
+        if node is not None:  # removed first: its agent's leaving is then no node's loss
+            await self._node_event(node_id, "NodeRemoved", node.state)
         process = self.processes.pop(node_id, None)
         if process is not None:
             await self._stop(process)
         if node is not None:
-            await self._node_event(node_id, "NodeRemoved", node.state)
             await self._revoke_credential(node_id)
 
     async def _deallocate(self, node_id: str) -> None:

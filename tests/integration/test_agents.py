@@ -473,6 +473,8 @@ async def test_resizing_down_lets_an_idle_node_go_before_a_busy_one(local):
     assert (job.state, job.attempt, job.tasks[0][0]) == ("running", 1, "local-1")
     assert not job.retries and models.nodes["local-1"].state == "ready"
     assert local_cluster.nodes == ["local-1"] and set(daemon.providers[0].processes) == {"local-1"}
+    told = [e.type for e in await daemon.store.read_stream("node-local-0")]
+    assert told[-1] == "NodeRemoved" and "NodeLost" not in told  # it went; it was not lost
     await client.call("POST", f"{EXP}/jobs/{name}/terminate")
 
 
