@@ -33,7 +33,8 @@ def attempt_ended(
         return []
     stream = f"job-{job_id}"
     if job.state == TERMINATING:  # it was being killed anyway: the termination is complete
-        data = {"jobId": job_id, "attempt": attempt, "reason": f"terminated ({cause})"}
+        reason = f"{job.terminate_reason or 'terminated'} (its attempt ended: {cause})"
+        data = {"jobId": job_id, "attempt": attempt, "reason": reason}
         return [(stream, NewEvent("JobTerminated", data))]
     if not lifecycle.allowed(job.state, "JobRequeued"):
         return []

@@ -64,3 +64,13 @@ def test_a_lost_node_requeues_every_attempt_it_ran_once():
         ("JobRequeued", gang, "node_lost"), ("JobRequeued", single, "node_lost"),
     ]  # fmt: skip
     assert retries.attempt_ended(w.models, gang, 7, "node_lost") == []  # not its attempt
+
+
+def test_a_termination_completed_by_a_lost_node_keeps_the_reason_it_was_asked_with():
+    w = World().cluster(nodes=1)
+    job = w.job(gpus=1)
+    w.run(job, [("c-n0", [0])])
+    w.apply("JobTerminateRequested", jobId=job, reason="wrong learning rate")
+    [(_stream, ended)] = retries.node_lost(w.models, "c-n0")
+    assert ended.type == "JobTerminated"
+    assert ended.data["reason"] == "wrong learning rate (its attempt ended: node_lost)"
