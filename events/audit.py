@@ -2,9 +2,10 @@
 
 `verify` walks the stored rows in position order and checks that positions run 1, 2, 3 ...
 without a gap, that `recorded_at` never decreases, that each row's hash is the chain hash of
-its fields and the previous hash, and that the `log_head` row agrees with the last row. A chain
-cannot show that its tail was cut (with the head row rewritten to match), so an anchor
-`POSITION:HASH` kept elsewhere can be checked too.
+its fields and the previous hash, and that the `log_head` row agrees with the last row: its
+position, hash and (SQLite, PostgreSQL) `recorded_at`, which are 0, the genesis hash and 0 in
+an empty log. A chain cannot show that its tail was cut (with the head row rewritten to
+match), so an anchor `POSITION:HASH` kept elsewhere can be checked too.
 """
 
 from __future__ import annotations
@@ -73,6 +74,16 @@ async def verify(store: EventStore, expect: Anchor | None = None) -> AuditResult
         return AuditResult(
             state.count, state.anchor(), stored.position,
             f"the log head's hash does not match the chain's at position {stored.position}",
+        )  # fmt: skip
+    # A head later than its last row would stamp every new event with that forged time
+    # (recorded_at never decreases), hiding them from "as of now" reads. (Not for a memory
+    # log, which no one else can alter: its head also takes the time of a batch that stored
+    # nothing, a retry or a conflict.)
+    if stored.recorded_at != state.last_time and store.backend.name != "memory":
+        last = f"the last event's ({state.last_time})" if state.position else "0: the log is empty"
+        return AuditResult(
+            state.count, state.anchor(), stored.position,
+            f"the log head's recorded_at ({stored.recorded_at}) is not {last}",
         )  # fmt: skip
     if expect is not None and not state.anchor_seen:
         return AuditResult(

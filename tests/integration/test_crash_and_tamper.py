@@ -8,6 +8,7 @@ fail at that position; cutting the tail fails `--expect`.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -145,15 +146,35 @@ async def test_an_intact_log_verifies_and_prints_its_head(durable_url):
             "altered or moved",
         ),
         (["DELETE FROM events WHERE position = 20"], 20, "log head says position 20"),
+        (["UPDATE log_head SET recorded_at = 1900000000000000"], 20,
+         "recorded_at (1900000000000000) is not the last event's ("),
+        (["UPDATE log_head SET recorded_at = recorded_at - 1"], 20, "recorded_at"),
     ],
-    ids=["data-altered", "actor-altered", "row-deleted", "rows-swapped", "last-row-deleted"],
-)
+    ids=["data-altered", "actor-altered", "row-deleted", "rows-swapped", "last-row-deleted",
+         "head-time-forged", "head-time-earlier"],
+)  # fmt: skip
 async def test_tampering_fails_verification_at_that_position(durable_url, statements, bad, why):
     await _fill(durable_url)
     await _tamper(durable_url, *statements)
     done = _batchd("audit", "verify", "--store", durable_url)
     assert done.returncode == 1
     assert f"FAILED at position {bad}" in done.stderr and why in done.stderr
+
+
+async def test_a_head_recorded_at_in_the_future_fails_verification(durable_url):
+    """A forged head time would stamp every later event with it (recorded_at never decreases),
+    hiding them from `replay --at now`: verify names it, on an empty log too."""
+    await _fill(durable_url, 0)
+    empty = _batchd("audit", "verify", "--store", durable_url)
+    assert empty.returncode == 0 and empty.stdout.startswith("ok: 0 events"), empty.stderr
+    await _tamper(durable_url, "UPDATE log_head SET recorded_at = 1900000000000000")
+    done = _batchd("audit", "verify", "--store", durable_url, "--json")
+    assert done.returncode == 1
+    result = json.loads(done.stdout)
+    assert result["ok"] is False and result["events"] == 0
+    assert result["problem"] == (
+        "the log head's recorded_at (1900000000000000) is not 0: the log is empty"
+    )
 
 
 async def test_a_row_put_beyond_the_log_head_fails_verification(durable_url):
