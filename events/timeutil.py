@@ -37,21 +37,25 @@ def to_datetime(us: int) -> dt.datetime:
     return _EPOCH + dt.timedelta(microseconds=us)
 
 
-def parse_iso(text: str) -> int:
+def parse_iso(text: str, name: str | None = None) -> int:
     """Parse an ISO-8601 time (zone optional, UTC if absent) into microseconds.
 
-    Raises ValueError with a message naming the text when it is not a time.
+    Raises ValueError with a message naming the text when it is not a time (or is out of
+    range), after `name: ` where given: the option or field the text came from (`--at`).
     """
+    where = f"{name}: " if name else ""
     raw = text.strip()
     try:
         value = dt.datetime.fromisoformat(raw.replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:
-        raise ValueError(f"{text!r} is not an ISO-8601 time (e.g. 2026-11-26T10:42:00Z)") from None
+        raise ValueError(
+            f"{where}{text!r} is not an ISO-8601 time (e.g. 2026-11-26T10:42:00Z)"
+        ) from None
     if value.tzinfo is None:
         value = value.replace(tzinfo=dt.UTC)
     try:
         value.astimezone(dt.UTC)
     except OverflowError:
-        raise ValueError(f"{text!r} is out of range (years 1 to 9999, UTC)") from None
+        raise ValueError(f"{where}{text!r} is out of range (years 1 to 9999, UTC)") from None
     delta = value - _EPOCH
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds

@@ -94,16 +94,20 @@ def _state(job: Job | None) -> str | None:
 
 
 def _nodes(e: RecordedEvent, d: dict[str, Any], nodes: dict[Any, list[str]]) -> list[str]:
-    """The nodes an event is about: its attempt's, or the one task's that reported."""
-    if e.actor.startswith("agent:"):
-        return [e.actor.removeprefix("agent:")]
+    """The nodes an event is about: those of its attempt (all of them, whichever agent
+    reported it: the actor names that one), or for a task's exit that task's node."""
+    if e.type == "JobTaskExited":
+        if isinstance(d.get("node"), str):  # the event names the node of its task
+            return [d["node"]]
+        placed = nodes.get(d.get("attempt"), [])
+        task = d.get("task")
+        return [placed[task]] if isinstance(task, int) and 0 <= task < len(placed) else placed
     if "attempt" not in d or e.type == "JobSubmitted":
         return []
-    placed = nodes.get(d["attempt"], [])
-    task = d.get("task")
-    if e.type == "JobTaskExited" and isinstance(task, int) and 0 <= task < len(placed):
-        return [placed[task]]
-    return placed
+    placed = nodes.get(d["attempt"])
+    if placed is None and e.actor.startswith("agent:"):  # the attempt's placement unknown
+        return [e.actor.removeprefix("agent:")]
+    return placed or []
 
 
 def _reason(type_: str, d: dict[str, Any]) -> str | None:

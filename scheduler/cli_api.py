@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from batchd.projections.history import pending_reason
-from batchd.scheduler import cli_replay
+from batchd.scheduler import cli_log, cli_replay
 from batchd.scheduler.client import (
     ApiError,
     Client,
@@ -619,7 +619,16 @@ async def job_show(args: argparse.Namespace) -> int:
 async def job_terminate(args: argparse.Namespace) -> int:
     async with _client(args) as api:
         status, answer = await api.call("POST", f"{_job(args)}/terminate")
-    return _print_write(args, status, answer, f"terminating job {_job_key(args)}")
+    return _print_write(args, status, answer, _terminated(_job_key(args), answer))
+
+
+def _terminated(key: str, answer: Any) -> str:
+    """What a terminate did, by the state the API answers with: a queued job ends at once
+    (failed), one that holds GPUs is terminating until its tasks have stopped."""
+    state = _get(answer, "properties.state") if isinstance(answer, dict) else None
+    if state == "terminating" or state is None:
+        return f"terminating job {key}: it ends once its tasks have stopped (batchd job wait)"
+    return f"terminated job {key}: it has ended ({state})"
 
 
 async def job_delete(args: argparse.Namespace) -> int:
@@ -888,6 +897,10 @@ async def events_tail(args: argparse.Namespace) -> int:
                 raise ClientError("the daemon is not ready (starting, or another writer took "
                                   "its log); give --after POSITION") from None  # fmt: skip
             after = max(0, head - args.lines)
+        else:  # nothing to show (yet): say why, not silence, as offline
+            head = await _head(api)
+            if head is not None and after >= head:
+                print(cli_log.nothing_after(after, head, args.follow), file=sys.stderr)
         if args.follow:
             await _follow(api, after, show, asked_head)
             return 0
@@ -920,8 +933,33 @@ async def _follow(api: Client, after: int, show: Callable[[dict[str, Any]], str]
         await asyncio.sleep(0.1)
 
 
+async def _head(api: Client) -> int | None:
+    """The log's head, as the daemon has it; None while it is not ready to say."""
+    try:
+        head = (await api.get("/readyz")).get("position")
+    except ApiError as exc:
+        if exc.status != 503:
+            raise
+        return None
+    return head if isinstance(head, int) else None
+
+
 async def replay(args: argparse.Namespace) -> int:
     async with _client(args) as api:
-        world = await api.get("/v1/replay", at=args.at, position=args.position)
+        try:
+            world = await api.get("/v1/replay", at=args.at, position=args.position)
+        except ApiError as exc:
+            raise _as_option(exc, {"at": "--at", "position": "--position"}) from None
     cli_replay.print_world(world, args.json)
     return 0
+
+
+def _as_option(exc: ApiError, options: dict[str, str]) -> ClientError:
+    """A 400 about one query parameter, as the CLI option the user gave it with (`--at: ...`,
+    as offline); any other error as it is."""
+    if exc.status != 400 or len(exc.details) != 1:
+        return exc
+    name, problem = exc.details[0].get("name"), exc.details[0].get("value")
+    if name not in options or not isinstance(problem, str):
+        return exc
+    return ClientError(f"{options[name]}: {problem}")

@@ -22,6 +22,13 @@ async def open_readonly(args: argparse.Namespace) -> EventStore:
     return await urls.open_store(url, readonly=True)
 
 
+def nothing_after(after: int, head: int, follow: bool) -> str:
+    """What `events tail --after N` says (on stderr) when the log holds nothing after N, offline
+    and through the daemon alike."""
+    then = "; waiting for newer ones" if follow else ""
+    return f"batchd: no events after position {after} (the log's head is at {head}){then}"
+
+
 def _line(event: RecordedEvent) -> str:
     when = to_iso(event.recorded_at)
     return f"{event.position:>9}  {when}  {event.type:<26} {event.stream:<44} {event.actor}"
@@ -35,9 +42,7 @@ async def tail(args: argparse.Namespace) -> int:
         if after is None:
             after = max(0, head - args.lines)
         elif after >= head:  # nothing to show (yet): say why, not silence
-            then = "; waiting for newer ones" if args.follow else ""
-            print(f"batchd: no events after position {after} (the log's head is at "
-                  f"{head}){then}", file=sys.stderr)  # fmt: skip
+            print(nothing_after(after, head, args.follow), file=sys.stderr)
         show = (lambda e: json.dumps(jsonform.to_json(e))) if args.json else _line
         if args.follow:
             async for event in store.subscribe(after):

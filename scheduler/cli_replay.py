@@ -27,7 +27,7 @@ class NotFound(ValueError):
 
 # -- replay -----------------------------------------------------------------------------------
 async def replay(args: argparse.Namespace) -> int:
-    at = parse_iso(args.at) if args.at is not None else None
+    at = parse_iso(args.at, "--at") if args.at is not None else None
     store = await open_readonly(args)
     try:
         head = (await store.head()).position
@@ -60,7 +60,8 @@ def world_text(w: dict[str, Any]) -> str:
     lines += table(
         ["CLUSTER", "VM SIZE", "ALLOCATION", "NODES", "IDLE", "RUNNING", "PREPARING", "UNUSABLE",
          "LEAVING", "FREE GPUS", "MOST ON A NODE", "QUEUED"],
-        [[f"{c['workspace']}/{c['name']}", c["vmSize"], c["allocationState"],
+        [[f"{c['workspace']}/{c['name']}" + (" (deleting)" if c.get("deleting") else ""),
+          c["vmSize"], c["allocationState"],
           c["currentNodeCount"], *c["nodeStateCounts"].values(), c["freeCapacity"]["freeGpus"],
           c["freeCapacity"]["maxFreeGpusOnNode"], c["queuedJobs"]]
          for c in w["clusters"]],
@@ -145,8 +146,8 @@ def history_text(key: str, incarnations: list[dict[str, Any]]) -> str:
 
 # -- events export ----------------------------------------------------------------------------
 async def export(args: argparse.Namespace) -> int:
-    start = parse_iso(args.from_) if args.from_ else None
-    end = parse_iso(args.to) if args.to else None
+    start = parse_iso(args.from_, "--from") if args.from_ is not None else None
+    end = parse_iso(args.to, "--to") if args.to is not None else None
     if start is not None and end is not None and end < start:
         raise ValueError(f"--to {args.to} is before --from {args.from_}")
     store = await open_readonly(args)

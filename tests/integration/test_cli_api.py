@@ -250,8 +250,8 @@ async def test_terminate_a_queued_job_and_wait_for_succeeded_ones(batchd, api):
         done = await batchd("job", "create", name, "-w", "ws", "-e", "exp", "--cluster", "c",
                             "--command", "sleep 100")  # fmt: skip
         assert done.code == 0, done.err
-    done = await batchd("job", "terminate", "a", "-w", "ws", "-e", "exp")
-    assert done.code == 0 and done.lines == ["terminating job ws/exp/a"]
+    done = await batchd("job", "terminate", "a", "-w", "ws", "-e", "exp")  # queued: ends at once
+    assert done.code == 0 and done.lines == ["terminated job ws/exp/a: it has ended (failed)"]
     waited = await batchd("job", "wait", "a", "-w", "ws", "-e", "exp")
     assert waited.code == 1 and waited.lines == ["job ws/exp/a failed"]
     again = await batchd("job", "terminate", "a", "-w", "ws", "-e", "exp")
@@ -264,6 +264,22 @@ async def test_terminate_a_queued_job_and_wait_for_succeeded_ones(batchd, api):
     await _drive(api, _job_id(api, "b"), ("JobSucceeded", {"exitCode": 0}))
     waited = await batchd("job", "wait", "b", "-w", "ws", "-e", "exp", "--json")
     assert waited.code == 0 and waited.json["properties"]["state"] == "succeeded"
+
+
+async def test_terminate_a_running_job_says_it_is_terminating(batchd, api):
+    await _setup(batchd)
+    done = await batchd("job", "create", "r", "-w", "ws", "-e", "exp", "--cluster", "c",
+                        "--command", "sleep 100")  # fmt: skip
+    assert done.code == 0, done.err
+    await _drive(api, _job_id(api, "r"))  # running on n-1: it ends when its node says so
+    done = await batchd("job", "terminate", "r", "-w", "ws", "-e", "exp")
+    assert done.code == 0 and done.lines == [
+        "terminating job ws/exp/r: it ends once its tasks have stopped (batchd job wait)"
+    ]
+    shown = await batchd("job", "show", "r", "-w", "ws", "-e", "exp")
+    assert "state: terminating" in shown.lines
+    as_json = await batchd("job", "terminate", "r", "-w", "ws", "-e", "exp", "--json")
+    assert as_json.code == 0 and as_json.json["properties"]["state"] == "terminating"
 
 
 async def test_job_output_files_are_listed_and_streamed(batchd, api):
@@ -548,7 +564,29 @@ async def test_events_tail_and_replay_through_the_api(batchd, api):
     history = (await batchd("job", "history", "j", "-w", "ws", "-e", "exp", "--json")).json
     # {"value": [incarnation, ...]}, the same document as offline (test_cli_history)
     assert [i["timeline"][0]["event"] for i in history["value"]] == ["JobSubmitted"]
-    assert_error(await batchd("replay", "--position", str(head + 100)), "position")
+    assert_error(await batchd("replay", "--position", str(head + 100)), "--position")
+
+
+async def test_the_log_tools_through_the_api_say_what_they_say_offline(batchd, api):
+    """events tail past the head, and a bad --at, name what is wrong as offline
+    (test_cli, test_cli_history)."""
+    await _setup(batchd)
+    await settled(api)
+    head = (await api.store.head()).position
+    done = await batchd("events", "tail", "--after", "100000")
+    assert done.code == 0 and done.out == ""
+    assert done.err.strip() == (f"batchd: no events after position 100000 (the log's head is "
+                                f"at {head})")  # fmt: skip
+    done = await batchd("events", "tail", "--after", str(head), "--json")
+    assert done.code == 0 and done.out == "" and f"head is at {head}" in done.err
+    done = await batchd("events", "tail", "--after", str(head - 1))
+    assert done.code == 0 and len(done.lines) == 1 and done.err == ""
+    for at, problem in (("nonsense", "is not an ISO-8601 time"),
+                        ("0001-01-01T00:00:00+01:00", "is out of range")):  # fmt: skip
+        [line] = assert_error(await batchd("replay", "--at", at))
+        assert line.startswith(f"batchd: error: --at: {at!r} {problem}"), line
+    done = await batchd("replay", "--position", str(head + 100))
+    assert assert_error(done) == [f"batchd: error: --position: must be at most {head}"]
 
 
 async def test_the_history_of_a_job_removed_with_its_experiment_ends_with_that(batchd, api):

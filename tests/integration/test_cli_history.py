@@ -93,9 +93,13 @@ def test_replay_before_the_first_event_is_empty_with_a_note(log):
 @pytest.mark.parametrize(
     ("args", "words"),
     [
-        (["--at", "last tuesday"], ["last tuesday", "ISO-8601"]),
-        (["--position", "999999"], ["999999", "beyond"]),
-        (["--at", "0001-01-01T00:00:00+01:00"], ["out of range"]),
+        (["--at", "last tuesday"], ["--at: 'last tuesday'", "ISO-8601"]),
+        (["--at", ""], ["--at: ''", "ISO-8601"]),
+        (["--position", "999999"], ["--position 999999", "beyond"]),
+        (
+            ["--at", "0001-01-01T00:00:00+01:00"],
+            ["--at: '0001-01-01T00:00:00+01:00'", "out of range"],
+        ),
     ],
 )
 def test_replay_refuses_bad_moments(log, args, words):
@@ -158,10 +162,98 @@ def test_export_between_two_times_is_inclusive(log):
     want = [e.position for e in events if start <= e.recorded_at <= end]
     assert got == want
     assert_one_line_error(
-        batchd("events", "export", "--store", log["url"], "--from", "soon"), "soon"
+        batchd("events", "export", "--store", log["url"], "--from", "soon"), "--from: 'soon'"
     )
     assert_one_line_error(
         batchd("events", "export", "--store", log["url"], "--stream", "job-nope"), "job-nope"
     )
     empty = batchd("events", "export", "--store", log["url"], "--stream", "")  # "$UNSET"
     assert_one_line_error(empty, "no stream ''")
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--from", "2026-11-28T10:00:00Z", "--to", "garbage"], ["--to: 'garbage'", "ISO-8601"]),
+        (["--from", ""], ["--from: ''", "ISO-8601"]),  # an unset "$FROM": not all events
+        (
+            ["--to", "9999-12-31T23:59:59-01:00"],
+            ["--to: '9999-12-31T23:59:59-01:00'", "out of range"],
+        ),
+        (
+            ["--from", "2026-11-28T10:00:00Z", "--to", "2026-11-27T10:00:00Z"],
+            ["--to 2026-11-27T10:00:00Z is before --from"],
+        ),
+    ],
+)
+def test_export_names_the_option_of_a_bad_time(log, args, words):
+    done = batchd("events", "export", "--store", log["url"], *args)
+    assert done.returncode == 1 and done.stdout == ""
+    assert_one_line_error(done, *words)
+
+
+async def test_replay_text_shows_a_cluster_being_deleted(log, tmp_path):
+    created = [e for e in log["events"] if e.type == "ClusterCreated"][:2]
+    url = f"sqlite:///{tmp_path / 'events.db'}"
+    store = await urls.open_store(url)
+    try:
+        for e in created:
+            await store.append(e.stream, [NewEvent(e.type, e.data, e.actor)])
+        gone = created[0]
+        await store.append(
+            gone.stream,
+            [
+                NewEvent(
+                    "ClusterDeleteRequested",
+                    {"clusterId": gone.data["clusterId"]},
+                    actor="user:ann",
+                )
+            ],
+        )
+    finally:
+        await store.close()
+    done = await asyncio.to_thread(batchd, "replay", "--store", url, "--position", "3")
+    assert done.returncode == 0, done.stderr
+    rows = {line.split()[0]: line for line in done.stdout.splitlines() if line.strip()}
+    deleting, kept = (f"{e.data['workspace']}/{e.data['name']}" for e in created)
+    assert rows[deleting].split()[1] == "(deleting)"
+    assert "deleting" not in rows[kept]
+    as_json = json.loads(batchd("replay", "--store", url, "--position", "3", "--json").stdout)
+    assert [c["deleting"] for c in as_json["clusters"]] == [True, False]
+
+
+async def test_each_event_of_a_gang_attempt_shows_all_its_nodes(local):
+    """A 2-node job that fails twice: the events its agents report (JobStarted, the requeue,
+    the failure) show both nodes of their attempt, through the daemon and offline alike; a
+    task's exit shows its own task's node."""
+    daemon, _client = local
+    env = {"BATCHD_SERVER": daemon.url, "BATCHD_TOKEN": daemon.admin_token}
+
+    async def run(*args: str):
+        return await asyncio.to_thread(batchd, *args, env=env)
+
+    done = await run("job", "create", "gang", "--cluster", "local", "--command", "sleep 1; exit 1",
+                     "--nodes", "2", "--gpus-per-node", "2", "--max-retries", "1")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    waited = await run("job", "wait", "gang", "--timeout", "60")
+    assert waited.returncode == 1, waited.stdout + waited.stderr
+    online = await run("job", "history", "gang", "--json")
+    offline = await run("job", "history", "gang", "--store", daemon.cfg.store_url, "--json")
+    assert online.returncode == 0 and offline.returncode == 0, online.stderr + offline.stderr
+    [incarnation] = json.loads(online.stdout)["value"]
+    assert json.loads(offline.stdout)["value"] == [incarnation]
+    timeline = incarnation["timeline"]
+    placed = {e["attempt"]: e["nodes"] for e in timeline if e["event"] == "JobScheduled"}
+    assert sorted(placed) == [1, 2] and all(sorted(n) == ["local-0", "local-1"]
+                                            for n in placed.values())  # fmt: skip
+    by_agents = [e for e in timeline if e["actor"].startswith("agent:")]
+    assert {e["event"] for e in by_agents} >= {"JobStarted", "JobTaskExited", "JobRequeued",
+                                               "JobFailed"}  # fmt: skip
+    for e in timeline:
+        if e["event"] == "JobTaskExited":
+            assert len(e["nodes"]) == 1 and e["nodes"][0] in placed[e["attempt"]], e
+        elif e["attempt"] is not None:
+            assert e["nodes"] == placed[e["attempt"]], e
+    text = await run("job", "history", "gang")
+    started = next(line for line in text.stdout.splitlines() if "JobStarted" in line)
+    assert " ".join(placed[1]) in started, text.stdout

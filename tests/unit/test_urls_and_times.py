@@ -66,6 +66,20 @@ def test_times_without_a_zone_are_utc():
         parse_iso("yesterday")
 
 
+def test_a_bad_time_is_named_by_the_option_it_came_from():
+    with pytest.raises(ValueError) as bad:
+        parse_iso("yesterday", "--to")
+    assert str(bad.value).startswith("--to: 'yesterday' is not an ISO-8601 time")
+    with pytest.raises(ValueError) as far:
+        parse_iso("0001-01-01T00:00:00+01:00", "--at")
+    assert (
+        str(far.value) == "--at: '0001-01-01T00:00:00+01:00' is out of range (years 1 to 9999, UTC)"
+    )
+    with pytest.raises(ValueError) as plain:  # no option: the text alone (the API adds `at`)
+        parse_iso("yesterday")
+    assert str(plain.value).startswith("'yesterday' is not")
+
+
 def test_anchors_parse_and_print():
     text = "42:" + "ab" * 32
     assert str(Anchor.parse(text)) == text
