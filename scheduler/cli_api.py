@@ -32,7 +32,7 @@ from batchd.scheduler.client import (
     server_events,
     settings,
 )
-from batchd.scheduler.schema import DuplicateKey, unique_keys
+from batchd.scheduler.schema import DuplicateKey, loads
 
 ENDED = ("succeeded", "failed")
 EXIT_WAIT_TIMEOUT = 124  # `job wait --timeout` ran out (as timeout(1))
@@ -152,7 +152,7 @@ def load_document(path: str) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise InputError(f"{path} is not UTF-8 text: {exc.reason} at byte {exc.start}") from None
     try:
-        document = json.loads(text, object_pairs_hook=unique_keys)
+        document = loads(text)
     except json.JSONDecodeError as exc:
         where = f"line {exc.lineno} column {exc.colno}"
         raise InputError(f"{path} is not valid JSON: {exc.msg} at {where}") from None

@@ -409,7 +409,7 @@ async def test_bad_input_is_printed_plainly_with_the_field_path(batchd, api, tmp
     path.write_text('{"properties": {"nodeCount": 1, "nodeCount": 2}}')
     done = await batchd("job", "create", "j", "-w", "ws", "-e", "exp", "--cluster", "c",
                         "-f", str(path))  # fmt: skip
-    assert_error(done, str(path), "'nodeCount' is given twice in one object")
+    assert_error(done, str(path), "'properties.nodeCount' is given twice in one object")
     done = await batchd("job", "create", "j", "-w", "ws", "-e", "exp", "--cluster", "c",
                         "-f", str(tmp_path / "missing.json"))  # fmt: skip
     assert_error(done, "missing.json")
