@@ -194,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
     bench = commands.add_parser("bench", help="measure batchd")
+    bench_jobs = _bench_count(BENCH_MAX_JOBS)
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="COMMAND")
     append = bench_sub.add_parser("append", help="append throughput against the bare driver")
     _bench_store_flag(append)
@@ -204,28 +205,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--writers", type=_positive, default=1, help="concurrent appenders (default 1)"
     )
     append.add_argument(
-        "--events", type=_positive, default=100_000, help="events in all (default 100000)"
-    )
+        "--events", type=_bench_count(BENCH_MAX_APPEND), default=100_000,
+        help=f"events in all, at most {BENCH_MAX_APPEND:,}, held in memory: about 3 KB each "
+        "(default 100000)",
+    )  # fmt: skip
     append.add_argument("--json", action="store_true", help="print one JSON line")
     replay = bench_sub.add_parser("replay", help="replay throughput (generates a log if empty)")
     _bench_store_flag(replay)
     replay.add_argument(
-        "--events", type=_positive, default=200_000, help="events to generate if empty"
-    )
+        "--events", type=_bench_count(BENCH_MAX_EVENTS), default=200_000,
+        help=f"events to generate if empty, at most {BENCH_MAX_EVENTS:,} (default 200000)",
+    )  # fmt: skip
     replay.add_argument("--projections", choices=("none", "all"), default="none")
     replay.add_argument("--json", action="store_true", help="print one JSON line")
     schedule = bench_sub.add_parser("schedule", help="placement throughput of the planner")
     _bench_store_flag(schedule)
-    schedule.add_argument("--jobs", type=_positive, default=10_000, help="(default 10000)")
+    schedule.add_argument("--jobs", type=bench_jobs, default=10_000, help="(default 10000)")
     schedule.add_argument("--nodes", type=_positive, default=1000, help="(default 1000)")
     schedule.add_argument("--gpus-per-node", type=_positive, default=8, help="(default 8)")
     schedule.add_argument("--json", action="store_true", help="print one JSON line")
     api = bench_sub.add_parser("api", help="job submission through a real daemon's API")
-    api.add_argument("--jobs", type=_positive, default=10_000, help="(default 10000)")
+    api.add_argument("--jobs", type=bench_jobs, default=10_000, help="(default 10000)")
     api.add_argument("--clients", type=_positive, default=32, help="(default 32)")
     api.add_argument("--json", action="store_true", help="print one JSON line")
     e2e = bench_sub.add_parser("e2e", help="trivial jobs through a real daemon and agents")
-    e2e.add_argument("--jobs", type=_positive, default=500, help="(default 500)")
+    e2e.add_argument("--jobs", type=bench_jobs, default=500, help="(default 500)")
     e2e.add_argument("--nodes", type=_positive, default=4, help="(default 4)")
     e2e.add_argument("--gpus-per-node", type=_positive, default=8, help="(default 8)")
     e2e.add_argument("--runtime", choices=RUNTIMES, default="process")
@@ -240,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     e2e.add_argument("--json", action="store_true", help="print one JSON line")
     memory = bench_sub.add_parser("memory", help="memory of the read models of N jobs, M nodes")
-    memory.add_argument("--jobs", type=_positive, default=100_000, help="(default 100000)")
+    memory.add_argument("--jobs", type=bench_jobs, default=100_000, help="(default 100000)")
     memory.add_argument("--nodes", type=_positive, default=1000, help="(default 1000)")
     memory.add_argument("--json", action="store_true", help="print one JSON line")
     return parser
@@ -388,6 +392,25 @@ def _store_flag(parser: argparse.ArgumentParser, *, offline: bool = False) -> No
 
 def _bench_store_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", help="event log URL (default: a fresh temporary SQLite file)")
+
+
+# The benches build their inputs in memory: bound what they are asked for, so that a typo
+# fails at once instead of eating the machine's memory.
+BENCH_MAX_APPEND = 10_000_000  # bench append: every event is held (plan and rows), ~3 KB each
+BENCH_MAX_EVENTS = 100_000_000  # bench replay: the generated log is streamed into the store
+BENCH_MAX_JOBS = 10_000_000  # --jobs of bench schedule, api, e2e and memory
+
+
+def _bench_count(limit: int):
+    """An argparse type: a whole number from 1 to `limit`."""
+
+    def count(text: str) -> int:
+        value = _positive(text)
+        if value > limit:
+            raise argparse.ArgumentTypeError(f"{text} is too large (at most {limit:,})")
+        return value
+
+    return count
 
 
 def _dispatch(args: argparse.Namespace):

@@ -14,7 +14,9 @@ sequential transactions of `batch` rows, with the column arrays prepared beforeh
   own (implicit) transaction, into a regular logged table created `LIKE events INCLUDING ALL`;
 - memory: appends to a Python list.
 
-The scratch table is dropped afterwards. Without `--store` the log is a temporary SQLite file.
+The scratch table is dropped afterwards. Without `--store` the log is a temporary SQLite file;
+a `--store` log must be empty (checked before anything is built). Every event is held in memory
+(the plan, then the rows read back): about 3 KB each, hence the CLI's cap on `--events`.
 """
 
 from __future__ import annotations
@@ -81,7 +83,6 @@ def bench_codec() -> codec.Codec:
 
 async def run(url: str, events: int, batch: int, writers: int) -> dict:
     """Time `events` appends through batchd at `url`, then the same rows through the driver."""
-    plan = build_plan(events, batch, writers)
     store = await urls.open_store(url, codec=bench_codec())
     try:
         start = (await store.head()).position
@@ -89,6 +90,7 @@ async def run(url: str, events: int, batch: int, writers: int) -> dict:
             raise BenchError(f"{urls.parse(url)} holds {start} events: bench append writes "
                              "made-up ones and takes the log's leadership; give it an empty "
                              "scratch log (or no --store: a temporary one)")  # fmt: skip
+        plan = build_plan(events, batch, writers)  # (only once the log is known to be usable)
         await store.take_leadership()
         seconds = await _time_appends(store, plan)
         rows = [row async for row in store.iter_rows(after=start)]

@@ -10,10 +10,12 @@ included) and counting events per type. `--projections all` does that too (repor
 the projection runner:
 
 - `rebuild_s`: every read model from scratch (snapshots ignored); `events_per_s` is based on it;
-- `restore_s`: the newest snapshot, then catch-up to the head. Unless the log has a usable
-  snapshot already, one is first saved (untimed) `SNAPSHOT_EVERY` events before the head (or
-  at 90 % of a shorter log), where a daemon taking one every `SNAPSHOT_EVERY` events would
-  have it at worst.
+- `restore_s`: the newest snapshot, then catch-up to the head. A log this run generated gets
+  one first, saved into it untimed (`snapshot_saved`: its position) `SNAPSHOT_EVERY` events
+  before the head (or at 90 % of a shorter log), where a daemon taking one every
+  `SNAPSHOT_EVERY` events would have it at worst. A log found non-empty is never written to:
+  without a snapshot this batchd can use (a daemon saves one every `SNAPSHOT_EVERY` events),
+  `restore_s`, `snapshot_position` and `caught_up` are null and `note` says why.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ async def run(url: str, events: int, projections: str) -> tuple[dict, int]:
         gc.collect()  # the generator's garbage is not the replay's
         result = {"bench": "replay", "store": store.backend.name}
         if projections == "all":
-            result.update(await fold_all(store))
+            result.update(await fold_all(store, save_snapshot=generated > 0))
         else:
             count, seconds = await read_and_count(store)
             result.update(events=count, seconds=round(seconds, 4), projections="none")
@@ -94,9 +96,10 @@ async def read_and_count(store: EventStore) -> tuple[int, float]:
     return sum(counts.values()), time.perf_counter() - started
 
 
-async def fold_all(store: EventStore) -> dict:
+async def fold_all(store: EventStore, save_snapshot: bool) -> dict:
     """Read the log (as `none` does), rebuild every read model from scratch, then restore
-    from a snapshot; time all three."""
+    from a snapshot; time all three. Without a usable snapshot, one is saved first if
+    `save_snapshot` (the log is the benchmark's own), else restore is not timed."""
     head = (await store.head()).position
     _count, read_s = await read_and_count(store)
     gc.collect()
@@ -104,28 +107,43 @@ async def fold_all(store: EventStore) -> dict:
     rebuilt = Runner(store, use_snapshots=False)
     await rebuilt.restore()
     rebuild_s = time.perf_counter() - started
+    models = rebuilt.models
     del rebuilt
     gc.collect()
+    result = {
+        "events": head, "seconds": round(rebuild_s, 4),
+        "events_per_s": round(head / rebuild_s, 1) if rebuild_s else 0.0,
+        "none_events_per_s": round(head / read_s, 1) if read_s else 0.0,
+        "ratio": round(read_s / rebuild_s, 4) if rebuild_s else 0.0,
+        "rebuild_s": round(rebuild_s, 4), "restore_s": None, "snapshot_position": None,
+        "caught_up": None, "snapshot_saved": None,
+        "jobs": len(models.jobs), "nodes": len(models.nodes), "projections": "all",
+    }  # fmt: skip
+    del models
     if not await _usable_snapshot(store):
+        if not save_snapshot:
+            result["note"] = NO_SNAPSHOT
+            return result
         base = Runner(store, use_snapshots=False)
         await base.restore(upto=max(0, head - min(SNAPSHOT_EVERY, head // 10)))
         await base.save_snapshot()
+        result["snapshot_saved"] = base.models.position
         del base
         gc.collect()
     started = time.perf_counter()
     restored = Runner(store)
     info = await restored.restore()
     restore_s = time.perf_counter() - started
-    return {
-        "events": head, "seconds": round(rebuild_s, 4),
-        "events_per_s": round(head / rebuild_s, 1) if rebuild_s else 0.0,
-        "none_events_per_s": round(head / read_s, 1) if read_s else 0.0,
-        "ratio": round(read_s / rebuild_s, 4) if rebuild_s else 0.0,
-        "rebuild_s": round(rebuild_s, 4), "restore_s": round(restore_s, 4),
-        "snapshot_position": info.snapshot_position, "caught_up": info.replayed,
-        "jobs": len(restored.models.jobs), "nodes": len(restored.models.nodes),
-        "projections": "all",
-    }  # fmt: skip
+    result.update(restore_s=round(restore_s, 4), snapshot_position=info.snapshot_position,
+                  caught_up=info.replayed)  # fmt: skip
+    return result
+
+
+NO_SNAPSHOT = (
+    "restore not timed: the log holds no snapshot this batchd can use, and bench replay saves "
+    "one only into a log it generated (a daemon saves one every "
+    f"{SNAPSHOT_EVERY:,} events)"
+)
 
 
 async def _usable_snapshot(store: EventStore) -> bool:
@@ -144,10 +162,15 @@ def _summary(result: dict, generated: int, url: str) -> str:
         f"{result['events_per_s']:,.0f} events/s, projections {result['projections']}, "
         f"store {urls.parse(url)}"
     )
-    if "restore_s" in result:
+    if result.get("snapshot_saved") is not None:
         lines.append(
-            f"rebuild from scratch {result['rebuild_s']:.3f} s; restore from the snapshot at "
-            f"{result['snapshot_position']:,} and catch up {result['caught_up']:,} events "
-            f"{result['restore_s']:.3f} s"
+            f"saved a read-models snapshot at position {result['snapshot_saved']:,} into the "
+            "generated log (not timed)"
         )
+    if "rebuild_s" in result:
+        restore = result.get("note") or (
+            f"restore from the snapshot at {result['snapshot_position']:,} and catch up "
+            f"{result['caught_up']:,} events {result['restore_s']:.3f} s"
+        )
+        lines.append(f"rebuild from scratch {result['rebuild_s']:.3f} s; {restore}")
     return "\n".join(lines)
