@@ -2,7 +2,7 @@
 
 If the log is empty, a synthetic one of about `--events` events (workload.py) is appended first,
 untimed: one event per append, as a daemon makes them, with up to 500 appends in flight at once
-so that group commit batches them. A non-empty log is replayed as it is.
+so that group commit batches them. A non-empty log is opened read-only and replayed as it is.
 
 `--projections none` times reading every event (`read_pages`, decoding and upcasting
 included) and counting events per type. `--projections all` does that too (reported as
@@ -27,7 +27,7 @@ import gc
 import json
 import time
 
-from batchd.events import urls
+from batchd.events import errors, urls
 from batchd.events.store import EventStore
 from batchd.projections import snapshot
 from batchd.projections.runner import SNAPSHOT_EVERY, Runner
@@ -50,10 +50,13 @@ async def run(url: str, events: int, projections: str) -> tuple[dict, int]:
 
     Returns the result and how many events were generated (0: the log was replayed as found).
     """
-    store = await urls.open_store(url, codec=append.bench_codec())
+    store = await _open(url)
     try:
         generated = 0
-        if (await store.head()).position == 0:
+        if store.readonly and (await store.head()).position == 0:
+            await store.close()
+            store = await urls.open_store(url, codec=append.bench_codec())
+        if not store.readonly and (await store.head()).position == 0:
             generated = await generate(store, events)
         gc.collect()  # the generator's garbage is not the replay's
         result = {"bench": "replay", "store": store.backend.name}
@@ -66,6 +69,17 @@ async def run(url: str, events: int, projections: str) -> tuple[dict, int]:
     finally:
         await store.close()
     return result, generated
+
+
+async def _open(url: str) -> EventStore:
+    """The log at `url` read-only (a log found is never written to); opened for writing
+    (created if need be) only when there is no log there yet."""
+    try:
+        return await urls.open_store(url, readonly=True, codec=append.bench_codec())
+    except errors.StoreError as exc:
+        if type(exc) is not errors.StoreError:  # (unreachable, damaged, newer schema ...)
+            raise
+        return await urls.open_store(url, codec=append.bench_codec())  # none yet: create it
 
 
 async def generate(store: EventStore, events: int, seed: int = 7) -> int:

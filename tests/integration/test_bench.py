@@ -95,6 +95,14 @@ def test_bench_replay_writes_no_snapshot_into_a_log_it_did_not_generate(tmp_path
     assert _snapshots(tmp_path / "bench.db") == []
 
 
+def test_bench_replay_generates_into_an_empty_postgres_database_then_only_reads_it(pg_database):
+    full = _json("replay", "--events", "2000", "--projections", "all", "--store", pg_database)
+    assert full["events"] >= 2000 and 0 < full["snapshot_saved"] == full["snapshot_position"]
+    again = _json("replay", "--projections", "all", "--store", pg_database)
+    assert again["events"] == full["events"] and again["snapshot_saved"] is None
+    assert again["snapshot_position"] == full["snapshot_position"] and again["restore_s"] > 0
+
+
 def test_bench_memory_measures_the_read_models():
     result = _json("memory", "--jobs", "2000", "--nodes", "20")
     assert result["jobs"] == 2000 and result["nodes"] == 20
