@@ -76,10 +76,8 @@ async def verify(store: EventStore, expect: Anchor | None = None) -> AuditResult
             f"the log head's hash does not match the chain's at position {stored.position}",
         )  # fmt: skip
     # A head later than its last row would stamp every new event with that forged time
-    # (recorded_at never decreases), hiding them from "as of now" reads. (Not for a memory
-    # log, which no one else can alter: its head also takes the time of a batch that stored
-    # nothing, a retry or a conflict.)
-    if stored.recorded_at != state.last_time and store.backend.name != "memory":
+    # (recorded_at never decreases), hiding them from "as of now" reads.
+    if stored.recorded_at != state.last_time:
         last = f"the last event's ({state.last_time})" if state.position else "0: the log is empty"
         return AuditResult(
             state.count, state.anchor(), stored.position,

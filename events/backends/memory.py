@@ -79,8 +79,8 @@ class MemoryBackend:
             log.streams.setdefault(row[2], []).append(len(log.rows))
             log.ids[row[1]] = (row[0], row[2])
             log.rows.append(row)
-        log.head = plan.head
-        if plan.rows:
+        if plan.rows:  # (as the durable logs: a batch that stores nothing leaves the head)
+            log.head = plan.head
             for listener in list(log.listeners):
                 if listener is not self._notify:
                     listener()

@@ -12,7 +12,8 @@ from batchd.events.envelope import NewEvent
 
 
 async def test_a_memory_log_whose_last_batch_stored_nothing_still_verifies():
-    # A retried append and a conflicting one store no row, yet move a memory log's head time.
+    # A retried append and a conflicting one store no row: the head stays (as in the durable
+    # logs), so its time is still the last event's.
     store = await urls.open_store(f"memory://{uuid.uuid4().hex}")
     try:
         event = NewEvent("JobStarted", {})
