@@ -3,9 +3,9 @@
 `verify` walks the stored rows in position order and checks that positions run 1, 2, 3 ...
 without a gap, that `recorded_at` never decreases, that each row's hash is the chain hash of
 its fields and the previous hash, and that the `log_head` row agrees with the last row: its
-position, hash and (SQLite, PostgreSQL) `recorded_at`, which are 0, the genesis hash and 0 in
-an empty log. A chain cannot show that its tail was cut (with the head row rewritten to
-match), so an anchor `POSITION:HASH` kept elsewhere can be checked too.
+position, hash and `recorded_at`, which are 0, the genesis hash and 0 in an empty log. A
+chain cannot show that its tail was cut (with the head row rewritten to match), so an anchor
+`POSITION:HASH` kept elsewhere can be checked too.
 """
 
 from __future__ import annotations

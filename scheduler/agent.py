@@ -517,6 +517,10 @@ class Agent:
                 error=ended if task.ending else {"code": "exec_failed", "message": message},
             )
             return
+        for _ in range(20 if code == KILLED else 0):  # a container's exec may tell its end
+            if task.ending:  # before the task has seen its container exit: a moment for that
+                break
+            await asyncio.sleep(0.1)
         if task.ending and code == KILLED:  # stopped with its task: no exit code of its own
             send(exitCode=None, error=ended)
             return

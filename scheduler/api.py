@@ -44,7 +44,14 @@ from batchd.scheduler.clusterspec import parse_cluster
 from batchd.scheduler.commands import CommandError
 from batchd.scheduler.control import REQUEST, Control
 from batchd.scheduler.jobspec import parse_job
-from batchd.scheduler.schema import DocumentError, DuplicateKey, loads, string, unwrap
+from batchd.scheduler.schema import (
+    DocumentError,
+    DuplicateKey,
+    integer,
+    loads,
+    string,
+    unwrap,
+)
 from batchd.scheduler.vmsizes import Catalog
 
 logger = structlog.get_logger(__name__)
@@ -567,6 +574,7 @@ EXEC_FIELDS = {"command", "node"}
 
 
 EXEC_COMMAND = string()  # as long as a job's command line may be
+EXEC_TASK = integer(0)
 
 
 def _exec_asked(api: Api, job: Job, body: Any) -> tuple[str, int]:
@@ -582,8 +590,7 @@ def _exec_asked(api: Api, job: Job, body: Any) -> tuple[str, int]:
     EXEC_COMMAND(command, "command")  # a string, with no NUL, of UTF-8
     if not command.strip():
         raise DocumentError("command", "must not be blank: the command line to run")
-    if type(task) is not int or task < 0:
-        raise DocumentError("node", "must be a task index (0 and up)")
+    task = EXEC_TASK(task, "node")  # a task index (0 and up)
     if job.state != RUNNING or api.nodes is None:
         raise CommandError(f"job {job.name!r} is {job.state}: only a running job takes exec")
     if task >= len(job.tasks):

@@ -158,6 +158,8 @@ def load_document(path: str) -> dict[str, Any]:
         raise InputError(f"{path} is not valid JSON: {exc.msg} at {where}") from None
     except DuplicateKey as exc:
         raise InputError(f"{path}: {exc}") from None
+    except RecursionError:
+        raise InputError(f"{path} is nested too deeply") from None
     if not isinstance(document, dict):
         raise InputError(f"{path} must hold a JSON object")
     if "properties" in document and not isinstance(document["properties"], dict):

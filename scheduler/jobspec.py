@@ -88,6 +88,8 @@ def timespan_seconds(value: Any, path: str) -> int:
     text = value.strip()
     if text.startswith("-"):
         raise DocumentError(path, "must not be negative")
+    if len(text) > 64:
+        raise DocumentError(path, f"must be {_DURATION}, not {len(text)} characters long")
     dotnet = re.fullmatch(r"(?:(\d+)\.)?(\d+):([0-5]?\d):([0-5]?\d)(\.\d+)?", text)
     iso = re.fullmatch(r"P(?:(\d+)D)?(?:T(?:(\d+)H)?(?:(\d+)M)?(?:(\d+)(\.\d+)?S)?)?", text,
                        re.I)  # fmt: skip
@@ -100,7 +102,7 @@ def timespan_seconds(value: Any, path: str) -> int:
     days, hours, minutes, seconds = (int(x or 0) for x in match.groups()[:4])
     fraction = match.group(5)
     total = ((days * 24 + hours) * 60 + minutes) * 60 + seconds
-    total += 1 if fraction and int(fraction[1:]) else 0
+    total += 1 if fraction and fraction.strip(".0") else 0
     if total <= 0:
         raise DocumentError(path, "must be more than zero")
     if total > MAX_WALL_CLOCK_S:

@@ -315,6 +315,8 @@ class NodeService:
     async def _handle(self, msg: dict[str, Any], principal: auth.Principal) -> None:
         node_id = msg["node"]
         kind = msg["type"]
+        if kind == "Leaving" and node_id not in self.models.nodes:
+            return  # removed already (its cluster shrank): it goes, as asked
         if kind != "Register":
             self._check_current(node_id, msg["incarnation"])
         self.seen[node_id] = time.monotonic()

@@ -25,6 +25,7 @@ import asyncio
 import collections
 import gc
 import json
+import os
 import time
 
 from batchd.events import errors, urls
@@ -77,9 +78,19 @@ async def _open(url: str) -> EventStore:
     try:
         return await urls.open_store(url, readonly=True, codec=append.bench_codec())
     except errors.StoreError as exc:
-        if type(exc) is not errors.StoreError:  # (unreachable, damaged, newer schema ...)
-            raise
+        if type(exc) is not errors.StoreError and not _empty_file(url):  # (unreachable,
+            raise  # damaged, newer schema ...; an empty file, made by touch, is no log yet)
         return await urls.open_store(url, codec=append.bench_codec())  # none yet: create it
+
+
+def _empty_file(url: str) -> bool:
+    """Is the SQLite log at `url` a file of 0 bytes (no log in it yet)?"""
+    where = urls.parse(url)
+    return (
+        where.scheme == "sqlite"
+        and os.path.isfile(where.target)
+        and (os.path.getsize(where.target) == 0)
+    )
 
 
 async def generate(store: EventStore, events: int, seed: int = 7) -> int:

@@ -475,6 +475,8 @@ async def test_resizing_down_lets_an_idle_node_go_before_a_busy_one(local):
     assert local_cluster.nodes == ["local-1"] and set(daemon.providers[0].processes) == {"local-1"}
     told = [e.type for e in await daemon.store.read_stream("node-local-0")]
     assert told[-1] == "NodeRemoved" and "NodeLost" not in told  # it went; it was not lost
+    log = (daemon.state_dir / "nodes/local-0/agent.log").read_text()
+    assert "leaving_not_told" not in log and "superseded" not in log  # its leaving was heard
     await client.call("POST", f"{EXP}/jobs/{name}/terminate")
 
 

@@ -95,6 +95,13 @@ def test_bench_replay_writes_no_snapshot_into_a_log_it_did_not_generate(tmp_path
     assert _snapshots(tmp_path / "bench.db") == []
 
 
+def test_bench_replay_generates_into_an_empty_file(tmp_path):
+    empty = tmp_path / "touched.db"
+    empty.touch()  # (as `touch` or `mktemp` leave it)
+    result = _json("replay", "--events", "2000", "--store", f"sqlite:///{empty}")
+    assert result["events"] >= 2000 and empty.stat().st_size > 0
+
+
 def test_bench_replay_generates_into_an_empty_postgres_database_then_only_reads_it(pg_database):
     full = _json("replay", "--events", "2000", "--projections", "all", "--store", pg_database)
     assert full["events"] >= 2000 and 0 < full["snapshot_saved"] == full["snapshot_position"]

@@ -410,6 +410,10 @@ async def test_bad_input_is_printed_plainly_with_the_field_path(batchd, api, tmp
     done = await batchd("job", "create", "j", "-w", "ws", "-e", "exp", "--cluster", "c",
                         "-f", str(path))  # fmt: skip
     assert_error(done, str(path), "'properties.nodeCount' is given twice in one object")
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    done = await batchd("job", "create", "j", "-w", "ws", "-e", "exp", "--cluster", "c",
+                        "-f", str(path))  # fmt: skip
+    assert_error(done, str(path), "nested too deeply")
     done = await batchd("job", "create", "j", "-w", "ws", "-e", "exp", "--cluster", "c",
                         "-f", str(tmp_path / "missing.json"))  # fmt: skip
     assert_error(done, "missing.json")

@@ -96,6 +96,8 @@ def _broken(path: str, value):
          "properties.constraints.maxWallClockTime", "at most 7 days"),
         ("properties.constraints.maxWallClockTime", "soon",
          "properties.constraints.maxWallClockTime", "duration"),
+        ("properties.constraints.maxWallClockTime", "00:00:00." + "0" * 5000 + "1",
+         "properties.constraints.maxWallClockTime", "5010 characters long"),
         ("properties.frobnicate", 1, "properties.frobnicate", "not a known property"),
         ("properties.containerSettings", {"imageSourceRegistry": {"image": "x", "tag": "y"}},
          "properties.containerSettings.imageSourceRegistry.tag", "not a known property"),
