@@ -195,14 +195,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="measure batchd")
     bench_jobs = _bench_count(BENCH_MAX_JOBS)
+    bench_nodes, bench_gpus = _bench_count(BENCH_MAX_NODES), _bench_count(BENCH_MAX_GPUS)
+    bench_concurrent = _bench_count(BENCH_MAX_CONCURRENT)
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="COMMAND")
     append = bench_sub.add_parser("append", help="append throughput against the bare driver")
     _bench_store_flag(append)
     append.add_argument(
-        "--batch", type=_positive, default=500, help="events per append (default 500)"
+        "--batch",
+        type=_bench_count(BENCH_MAX_BATCH),
+        default=500,
+        help="events per append (default 500)",
     )
     append.add_argument(
-        "--writers", type=_positive, default=1, help="concurrent appenders (default 1)"
+        "--writers", type=bench_concurrent, default=1, help="concurrent appenders (default 1)"
     )
     append.add_argument(
         "--events", type=_bench_count(BENCH_MAX_APPEND), default=100_000,
@@ -221,17 +226,18 @@ def build_parser() -> argparse.ArgumentParser:
     schedule = bench_sub.add_parser("schedule", help="placement throughput of the planner")
     _bench_store_flag(schedule)
     schedule.add_argument("--jobs", type=bench_jobs, default=10_000, help="(default 10000)")
-    schedule.add_argument("--nodes", type=_positive, default=1000, help="(default 1000)")
-    schedule.add_argument("--gpus-per-node", type=_positive, default=8, help="(default 8)")
+    schedule.add_argument("--nodes", type=bench_nodes, default=1000, help="(default 1000)")
+    schedule.add_argument("--gpus-per-node", type=bench_gpus, default=8, help="(default 8)")
     schedule.add_argument("--json", action="store_true", help="print one JSON line")
     api = bench_sub.add_parser("api", help="job submission through a real daemon's API")
     api.add_argument("--jobs", type=bench_jobs, default=10_000, help="(default 10000)")
-    api.add_argument("--clients", type=_positive, default=32, help="(default 32)")
+    api.add_argument("--clients", type=bench_concurrent, default=32, help="(default 32)")
     api.add_argument("--json", action="store_true", help="print one JSON line")
     e2e = bench_sub.add_parser("e2e", help="trivial jobs through a real daemon and agents")
     e2e.add_argument("--jobs", type=bench_jobs, default=500, help="(default 500)")
-    e2e.add_argument("--nodes", type=_positive, default=4, help="(default 4)")
-    e2e.add_argument("--gpus-per-node", type=_positive, default=8, help="(default 8)")
+    e2e.add_argument("--nodes", type=_bench_count(BENCH_MAX_AGENTS), default=4,
+                     help=f"agents to start, at most {BENCH_MAX_AGENTS} (default 4)")  # fmt: skip
+    e2e.add_argument("--gpus-per-node", type=bench_gpus, default=8, help="(default 8)")
     e2e.add_argument("--runtime", choices=RUNTIMES, default="process")
     e2e.add_argument(
         "--image",
@@ -245,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     e2e.add_argument("--json", action="store_true", help="print one JSON line")
     memory = bench_sub.add_parser("memory", help="memory of the read models of N jobs, M nodes")
     memory.add_argument("--jobs", type=bench_jobs, default=100_000, help="(default 100000)")
-    memory.add_argument("--nodes", type=_positive, default=1000, help="(default 1000)")
+    memory.add_argument("--nodes", type=bench_nodes, default=1000, help="(default 1000)")
     memory.add_argument("--json", action="store_true", help="print one JSON line")
     return parser
 
@@ -399,6 +405,11 @@ def _bench_store_flag(parser: argparse.ArgumentParser) -> None:
 BENCH_MAX_APPEND = 10_000_000  # bench append: every event is held (plan and rows), ~3 KB each
 BENCH_MAX_EVENTS = 100_000_000  # bench replay: the generated log is streamed into the store
 BENCH_MAX_JOBS = 10_000_000  # --jobs of bench schedule, api, e2e and memory
+BENCH_MAX_NODES = 100_000  # --nodes of bench schedule and memory (simulated, in memory)
+BENCH_MAX_AGENTS = 64  # --nodes of bench e2e: an agent process each, on this machine
+BENCH_MAX_GPUS = 64  # --gpus-per-node (the largest GPU VM sizes have 8 or 16)
+BENCH_MAX_BATCH = 100_000  # --batch of bench append: events in one append
+BENCH_MAX_CONCURRENT = 1_000  # --writers of bench append, --clients of bench api
 
 
 def _bench_count(limit: int):

@@ -49,6 +49,12 @@ def test_bench_counts_are_bounded_with_a_usage_error():
         (("replay", "--events", "100000001"), "--events", "100,000,000"),
         (("schedule", "--jobs", "10000001"), "--jobs", "10,000,000"),
         (("memory", "--jobs", "10000001"), "--jobs", "10,000,000"),
+        (("schedule", "--nodes", "100001"), "--nodes", "100,000"),
+        (("e2e", "--nodes", "65"), "--nodes", "64"),
+        (("e2e", "--gpus-per-node", "65"), "--gpus-per-node", "64"),
+        (("append", "--batch", "100001"), "--batch", "100,000"),
+        (("append", "--writers", "1001"), "--writers", "1,000"),
+        (("api", "--clients", "1001"), "--clients", "1,000"),
     ]:
         done = batchd("bench", *args, timeout=30)
         assert done.returncode == 2, (args, done.stderr)
