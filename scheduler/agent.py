@@ -91,6 +91,16 @@ def _refusal_hint(exc: BaseException) -> str | None:
     return None
 
 
+async def _stopped_with(task: Any) -> bool:
+    """Is the task ending (so an exec killed meanwhile was stopped with it)? A container's
+    exec can tell its end a moment before the task sees its container exit: up to 2 s."""
+    for _ in range(20):
+        if task.ending:
+            return True
+        await asyncio.sleep(0.1)
+    return task.ending
+
+
 @dataclass(frozen=True, slots=True)
 class Gpus:
     """What `--gpus` found: how many, their model, and each one's memory (MiB; 0: unknown)."""
@@ -517,11 +527,7 @@ class Agent:
                 error=ended if task.ending else {"code": "exec_failed", "message": message},
             )
             return
-        for _ in range(20 if code == KILLED else 0):  # a container's exec may tell its end
-            if task.ending:  # before the task has seen its container exit: a moment for that
-                break
-            await asyncio.sleep(0.1)
-        if task.ending and code == KILLED:  # stopped with its task: no exit code of its own
+        if code == KILLED and await _stopped_with(task):  # no exit code of its own
             send(exitCode=None, error=ended)
             return
         send(exitCode=code)

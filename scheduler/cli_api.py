@@ -888,21 +888,15 @@ def _event_line(e: dict[str, Any]) -> str:
 async def events_tail(args: argparse.Namespace) -> int:
     show = json.dumps if args.json else _event_line
     async with _client(args) as api:
-        after = args.after
+        after, head = args.after, await _head(api)
         asked_head = after is None  # (the server answered, then)
         if after is None:
-            try:
-                head = (await api.get("/readyz")).get("position", 0)
-            except ApiError as exc:
-                if exc.status != 503:
-                    raise
+            if head is None:
                 raise ClientError("the daemon is not ready (starting, or another writer took "
-                                  "its log); give --after POSITION") from None  # fmt: skip
+                                  "its log); give --after POSITION")  # fmt: skip
             after = max(0, head - args.lines)
-        else:  # nothing to show (yet): say why, not silence, as offline
-            head = await _head(api)
-            if head is not None and after >= head:
-                print(cli_log.nothing_after(after, head, args.follow), file=sys.stderr)
+        elif head is not None and after >= head:  # nothing to show (yet): say why, as offline
+            print(cli_log.nothing_after(after, head, args.follow), file=sys.stderr)
         if args.follow:
             await _follow(api, after, show, asked_head)
             return 0
@@ -936,14 +930,13 @@ async def _follow(api: Client, after: int, show: Callable[[dict[str, Any]], str]
 
 
 async def _head(api: Client) -> int | None:
-    """The log's head, as the daemon has it; None while it is not ready to say."""
+    """The log's head, as the daemon has it; None while it is not ready to say (503)."""
     try:
-        head = (await api.get("/readyz")).get("position")
+        return (await api.get("/readyz")).get("position", 0)
     except ApiError as exc:
         if exc.status != 503:
             raise
         return None
-    return head if isinstance(head, int) else None
 
 
 async def replay(args: argparse.Namespace) -> int:

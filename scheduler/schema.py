@@ -46,12 +46,18 @@ def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     than the last silently replacing the first, which no check of the document would see."""
     made = dict(pairs)
     if len(made) < len(pairs):
-        seen: set[str] = set()
-        for key, _value in pairs:
-            if key in seen:
-                raise DuplicateKey(key)
-            seen.add(key)
+        raise DuplicateKey(_first_repeated(pairs))
     return made
+
+
+def _first_repeated(pairs: list[tuple[str, Any]]) -> str:
+    """The first key of `pairs` that an earlier pair has (there is one)."""
+    seen: set[str] = set()
+    for key, _value in pairs:
+        if key in seen:
+            return key
+        seen.add(key)
+    raise ValueError("no key is repeated")
 
 
 def loads(text: str | bytes) -> Any:
@@ -72,12 +78,8 @@ class _Repeated(dict):
     @classmethod
     def of(cls, pairs: list[tuple[str, Any]]) -> _Repeated:
         made = cls(pairs)
-        seen: set[str] = set()
-        for key, _value in pairs if len(made) < len(pairs) else ():
-            if key in seen:
-                made.repeated = key
-                break
-            seen.add(key)
+        if len(made) < len(pairs):
+            made.repeated = _first_repeated(pairs)
         return made
 
 

@@ -83,15 +83,15 @@ def self_signed(directory: Path, host: str) -> tuple[Path, Path]:
         return cert, key
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     private = ec.generate_private_key(ec.SECP256R1())
-    names: list[x509.GeneralName] = []
+    alternatives: list[x509.GeneralName] = []
     wanted = ["localhost", socket.gethostname(), socket.getfqdn(), "127.0.0.1", "::1", host]
     if host.strip("[]") in ("0.0.0.0", "::", ""):
         wanted += _own_addresses()
     for name in dict.fromkeys(wanted):
         try:
-            names.append(x509.IPAddress(ipaddress.ip_address(name)))
+            alternatives.append(x509.IPAddress(ipaddress.ip_address(name)))
         except ValueError:
-            names.append(x509.DNSName(name))
+            alternatives.append(x509.DNSName(name))
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "batchd")])
     now = datetime.datetime.now(datetime.UTC)
     certificate = (
@@ -102,7 +102,7 @@ def self_signed(directory: Path, host: str) -> tuple[Path, Path]:
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=VALID_DAYS))
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.SubjectAlternativeName(alternatives), critical=False)
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(private, hashes.SHA256())
     )

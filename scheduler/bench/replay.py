@@ -54,10 +54,7 @@ async def run(url: str, events: int, projections: str) -> tuple[dict, int]:
     store = await _open(url)
     try:
         generated = 0
-        if store.readonly and (await store.head()).position == 0:
-            await store.close()
-            store = await urls.open_store(url, codec=append.bench_codec())
-        if not store.readonly and (await store.head()).position == 0:
+        if not store.readonly:  # (an empty log, or none yet)
             generated = await generate(store, events)
         gc.collect()  # the generator's garbage is not the replay's
         result = {"bench": "replay", "store": store.backend.name}
@@ -73,14 +70,19 @@ async def run(url: str, events: int, projections: str) -> tuple[dict, int]:
 
 
 async def _open(url: str) -> EventStore:
-    """The log at `url` read-only (a log found is never written to); opened for writing
-    (created if need be) only when there is no log there yet."""
+    """The log at `url` read-only (a log that holds events is never written to); opened for
+    writing (created if need be) only when there is none there yet, or it is empty, so that
+    one can be generated into it."""
     try:
-        return await urls.open_store(url, readonly=True, codec=append.bench_codec())
+        store = await urls.open_store(url, readonly=True, codec=append.bench_codec())
     except errors.StoreError as exc:
         if type(exc) is not errors.StoreError and not _empty_file(url):  # (unreachable,
             raise  # damaged, newer schema ...; an empty file, made by touch, is no log yet)
-        return await urls.open_store(url, codec=append.bench_codec())  # none yet: create it
+    else:
+        if (await store.head()).position:
+            return store
+        await store.close()
+    return await urls.open_store(url, codec=append.bench_codec())
 
 
 def _empty_file(url: str) -> bool:
