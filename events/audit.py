@@ -63,6 +63,8 @@ async def verify(store: EventStore, expect: Anchor | None = None) -> AuditResult
                 )  # fmt: skip
             break  # appended since the head was read: left for the next audit
         problem = state.step(row, expect)
+        if problem is not None and state.anchor_failed:  # no row up to it can be vouched for
+            return AuditResult(0, None, row[0], problem)
         if problem is not None:
             return AuditResult(state.count, state.anchor(), state.position + 1, problem)
     if stored.position != state.position:
@@ -97,14 +99,18 @@ class _Walk:
 
     def __init__(self) -> None:
         self.count, self.position, self.previous, self.last_time = 0, 0, GENESIS_HASH, 0
-        self.anchor_seen = False
+        self.anchor_seen = self.anchor_failed = False
 
     def step(self, row: tuple, expect: Anchor | None) -> str | None:
         problem = _check_row(row, self.position + 1, self.previous, self.last_time)
         if problem is None and expect is not None and row[0] == expect.position:
             if row[11] != expect.hash:
+                self.anchor_failed = True
                 stored, said = row[11].hex(), expect.hash.hex()
-                return f"position {row[0]} has hash {stored}, the anchor says {said}"
+                return (
+                    f"position {row[0]} has hash {stored}, the anchor says {said}: "
+                    "a row at or before it was changed, the chain rewritten to match"
+                )
             self.anchor_seen = True
         if problem is None:
             self.count, self.position, self.previous, self.last_time = (

@@ -60,3 +60,8 @@ class UnknownEventType(StoreError):
 
 class SecretKeyError(StoreError):
     """A secret cannot be sealed or opened: no key configured, unknown key id, bad ciphertext."""
+
+
+class SecretUnopenable(SecretKeyError):
+    """A sealed secret this process's keys cannot open: the key it names is not loaded, or
+    the key of that id is not the one that sealed it."""

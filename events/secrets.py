@@ -87,13 +87,13 @@ class Keyring:
         key_id = sealed.key_id
         cipher = self._ciphers.get(key_id)
         if cipher is None:
-            raise errors.SecretKeyError(f"secret sealed with key {key_id!r}, which is not loaded")
+            raise errors.SecretUnopenable(f"secret sealed with key {key_id!r}, which is not loaded")
         start = 1 + sealed.payload[0]
         nonce = sealed.payload[start : start + _NONCE_BYTES]
         try:
             plain = cipher.decrypt(nonce, sealed.payload[start + _NONCE_BYTES :], key_id.encode())
         except InvalidTag:
-            raise errors.SecretKeyError(
+            raise errors.SecretUnopenable(
                 f"secret sealed with key {key_id!r} fails to open"
             ) from None
         return plain.decode("utf-8")

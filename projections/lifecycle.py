@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from batchd.projections.model import (
     ATTEMPT_STATES,
+    EXECUTION_STATE,
     FAILED,
     LIVE_STATES,
     PREPARING_JOB,
@@ -56,15 +57,18 @@ COMMAND_OF = {  # how people and the API name what an event does
 }  # fmt: skip
 
 
+# states in which a command is accepted as already done (its event is not appended again)
+ACCEPTED_AGAIN = {"JobTerminateRequested": frozenset({TERMINATING})}
+
+
 class InvalidTransition(ValueError):
     """A command that the job's state does not allow."""
 
     def __init__(self, state: str, event_type: str) -> None:
         command = COMMAND_OF.get(event_type, event_type)
-        allowed, _ = TRANSITIONS[event_type]
-        super().__init__(
-            f"cannot {command} a job that is {state} (only when {' or '.join(sorted(allowed))})"
-        )
+        allowed = TRANSITIONS[event_type][0] | ACCEPTED_AGAIN.get(event_type, frozenset())
+        when = " or ".join(s for s in EXECUTION_STATE if s in allowed)  # in lifecycle order
+        super().__init__(f"cannot {command} a job that is {state} (only when {when})")
         self.state = state
         self.event_type = event_type
 

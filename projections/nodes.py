@@ -86,10 +86,15 @@ def setup_succeeded(m: ReadModels, e: RecordedEvent) -> None:
 
 
 def setup_failed(m: ReadModels, e: RecordedEvent) -> None:
+    """Unusable: its setup task failed, or it was found unfit before any ran (fewer GPUs than
+    its VM size): its preparation failed either way, and stays so after a silence."""
     node = _node(m, e, UNUSABLE)
     if node is None:
         return
-    _setup_ended(node, e, "failed")
+    if node.setup is None:
+        node.setup = {"state": "failed"}
+    else:
+        _setup_ended(node, e, "failed")
     _error(node, e)
 
 
@@ -101,7 +106,9 @@ def _error(node: Node, e: RecordedEvent) -> None:
 
 
 def suspected(m: ReadModels, e: RecordedEvent) -> None:
-    _node(m, e, SUSPECT)
+    node = _node(m, e, SUSPECT)
+    if node is not None:
+        _error(node, e)  # why, where it was said (silence says nothing)
 
 
 def lost(m: ReadModels, e: RecordedEvent) -> None:

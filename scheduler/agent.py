@@ -31,10 +31,21 @@ import structlog
 
 from batchd.scheduler import files, protocol, watchdog
 from batchd.scheduler.client import ClientError, ssl_context
-from batchd.scheduler.containers import ContainerTask, engine_of, remove_node_containers
+from batchd.scheduler.containers import (
+    ENGINE_ERRORS,
+    ContainerTask,
+    agent_dir,
+    cut_off,
+    engine_of,
+    remove_container,
+    remove_node_containers,
+    unreachable,
+)
 from batchd.scheduler.protocol import TaskKey
 from batchd.scheduler.runtimes import (
+    KILL_GRACE,
     ProcessTask,
+    TaskResult,
     become_subreaper,
     forget_dirs,
     hold_job_temp,
@@ -64,6 +75,16 @@ POST_TIMEOUT = 5.0  # seconds a message to the daemon may take
 ORPHAN_WATCH = 600.0  # seconds after a task ends that what it left behind is still ended
 PARENT_ENV = "BATCHD_AGENT_PARENT"  # set by the local provider: the daemon's pid
 BATCH_BYTES = 512 * 1024  # a body of reports is closed past this (one message is < 300 KiB)
+# seconds a stopping agent waits, once its tasks are killed and it has said it leaves, for
+# them to end (their containers removed) before it closes the engine's connection. The kill's
+# grace (5 s) and the Leaving message come first, within the 10 s the daemon gives its local
+# agents to stop; a container still there if the agent is cut short is the next agent's to
+# remove (it removes its node's containers as it starts).
+ENDING_WAIT = 3.0
+# seconds a stopping agent gives its kills (the grace, and the engine's answers): an engine
+# that hangs would hold them for aiohttp's 5 minutes, and the agent would be SIGKILLed unheard
+KILL_WAIT = KILL_GRACE + 2.0
+ENGINE_CHECK_TIMEOUT = 5.0  # seconds the container engine has to answer its check
 
 
 KILLED = 128 + signal.SIGKILL  # the exit code of a command killed with SIGKILL
@@ -169,6 +190,7 @@ class Agent:
         # a slot per running task: `<slot>.pid` holds a process task's group, and
         # `<slot>.dirs` the task's directories until its end has removed them
         self.running_dir = work_dir / "running"
+        self.agent_dir = agent_dir(work_dir)  # its containers' batchd.workdir label
         self.free_slots: list[Path] = []  # slots (their .pid files) no task holds now
         self.ended: dict[str, float] = {}  # labels of tasks ended lately -> when (orphan sweep)
         self.lease_lost: set[TaskKey] = set()  # tasks stopped because the lease expired
@@ -187,6 +209,16 @@ class Agent:
         self.registered = False  # the daemon took its Register
         self.superseded = False  # another agent registered as this node since (409)
         self.docker: aiodocker.Docker | None = None  # the docker runtime's engine
+        # containers of ended tasks that the engine could not be asked to remove then (its
+        # connection lost): removed once it answers again
+        self.left_containers: set[str] = set()
+        self.removing: asyncio.Task | None = None  # their removal, while it is tried
+        # why its container engine does not answer (None: it does), told in heartbeats: the
+        # daemon gives the node no work meanwhile (checked every heartbeat: _watch_engine)
+        self.engine_down: str | None = None
+        self.engine_down_at = 0.0  # (monotonic) when it was last found not to answer
+        # a kill given up or a container left as it stopped: its watchdog removes what is left
+        self.left_running = False
         self.engine = "docker"
         self.attach_gpus = False
         self.stop: asyncio.Event | None = None
@@ -213,7 +245,7 @@ class Agent:
         self.docker = aiodocker.Docker(url=url)
         try:
             self.engine = await engine_of(self.docker)
-            removed = await remove_node_containers(self.docker, self.node_id)
+            removed = await remove_node_containers(self.docker, self.node_id, self.agent_dir)
         except (aiodocker.DockerError, aiohttp.ClientError, OSError) as exc:
             await self.docker.close()
             raise AgentError(f"cannot use the container engine at {url}: {exc}") from None
@@ -224,8 +256,8 @@ class Agent:
         if command.get("runtime") == "docker":
             if self.docker is None:
                 return None
-            return ContainerTask({**command, "node": self.node_id}, self.docker, self.engine,
-                                 self.attach_gpus)  # fmt: skip
+            return ContainerTask({**command, "node": self.node_id, "agentDir": self.agent_dir},
+                                 self.docker, self.engine, self.attach_gpus)  # fmt: skip
         return ProcessTask(command, slot)
 
     def _slot(self) -> Path:
@@ -247,6 +279,8 @@ class Agent:
                 watchdog.beat(self.guard)
             self._check_lease()
             self._sweep()
+            if self.left_containers and (self.removing is None or self.removing.done()):
+                self.removing = asyncio.create_task(self._remove_left(), name="remove left")
             if self.watchdog is not None and self.watchdog.poll() is not None:
                 note = "its tasks outlive this agent if it is killed outright"
                 logger.error("agent.watchdog_ended", code=self.watchdog.returncode, note=note)
@@ -254,6 +288,15 @@ class Agent:
             if self.parent is not None and os.getppid() != self.parent and self.stop is not None:
                 logger.warning("agent.daemon_gone", node=self.node_id)
                 self.stop.set()
+
+    async def _remove_left(self) -> None:
+        """Remove the containers that ended tasks left (the engine was unreachable then); what
+        the engine still cannot be asked is tried again a second later."""
+        for container_id in sorted(self.left_containers):
+            if self.docker is None or not await remove_container(self.docker, container_id):
+                return
+            self.left_containers.discard(container_id)
+            logger.info("agent.left_container_removed", container=container_id)
 
     def _thawed(self) -> bool:
         """Was this agent's loop stopped (frozen) for longer than its watchdog waits? Then
@@ -290,6 +333,8 @@ class Agent:
                 await asyncio.wait({registering, stopping}, return_when=asyncio.FIRST_COMPLETED)
                 stopping.cancel()
                 if not stop.is_set():  # registered: to work
+                    if self.docker is not None:
+                        workers.append(asyncio.create_task(self._watch_engine(), name="engine"))
                     workers += [asyncio.create_task(self._heartbeats(), name="heartbeats"),
                                 asyncio.create_task(self._commands(), name="commands"),
                                 asyncio.create_task(self._send(), name="reports")]  # fmt: skip
@@ -298,11 +343,47 @@ class Agent:
                 for worker in workers:
                     worker.cancel()
                 await asyncio.gather(*workers, return_exceptions=True)
-                running = [*self.tasks.values(), *([self.setup_task] if self.setup_task else [])]
-                await asyncio.gather(*(t.kill() for t in running))
-                await self._leave()
+                await self._kill_all()
+                await self._leave()  # first: its tasks are dead, the rest may be cut short
+                await self._tasks_ended()
                 if self.docker is not None:
                     await self.docker.close()
+
+    async def _kill_all(self) -> None:
+        """Kill every task (KILL_WAIT at most: kills still unanswered then are given up, and
+        the agent's watchdog removes their containers once it has gone)."""
+        running = [*self.tasks.values(), *([self.setup_task] if self.setup_task else [])]
+        kills = [asyncio.create_task(t.kill()) for t in running]
+        if not kills:
+            return
+        _done, unanswered = await asyncio.wait(kills, timeout=KILL_WAIT)
+        for kill in unanswered:
+            kill.cancel()
+        if unanswered:
+            logger.warning("agent.kills_unanswered", count=len(unanswered), seconds=KILL_WAIT)
+            self.left_running = True
+        await asyncio.gather(*kills, return_exceptions=True)
+
+    async def _tasks_ended(self) -> None:
+        """Once its tasks are killed: wait (ENDING_WAIT at most) for them to end, which
+        removes their containers, then remove whatever container of this node is left (a
+        task that has not ended yet, one whose removal failed) while the engine's connection
+        is still open."""
+        ending = [t for t in self.background if not t.done()]
+        if ending:
+            await asyncio.wait(ending, timeout=ENDING_WAIT)
+        if self.docker is None:
+            return
+        try:
+            removed = await asyncio.wait_for(
+                remove_node_containers(self.docker, self.node_id, self.agent_dir), ENDING_WAIT
+            )
+        except ENGINE_ERRORS as exc:  # its watchdog (or the node's next agent) removes them
+            logger.warning("agent.containers_left", error=_why(exc))
+            self.left_running = True
+            return
+        if removed:
+            logger.info("agent.removed_containers", count=removed)
 
     async def _leave(self) -> None:
         """Tell the daemon this agent stops, its tasks killed: the node is lost now, and its
@@ -345,7 +426,7 @@ class Agent:
             "Register", cluster=self.cluster, gpus=self.gpus.count, gpuModel=self.gpus.model,
             gpuMemoryMb=self.gpus.memory_mb, cpus=os.cpu_count() or 1, memoryMb=memory_mb(),
             runtimes=self.runtimes, agentVersion=AGENT_VERSION, running=self._running(),
-            **({"address": self.address} if self.address else {}),
+            **({"address": self.address} if self.address else {}), **self._engine_word(),
         )  # fmt: skip
         while True:
             try:
@@ -369,10 +450,38 @@ class Agent:
         while True:
             await asyncio.sleep(HEARTBEAT_INTERVAL)
             try:
-                await self._post([self._message("Heartbeat", running=self._running())])
+                await self._post([self._message("Heartbeat", running=self._running(),
+                                                **self._engine_word())])  # fmt: skip
             except (aiohttp.ClientError, AgentError, OSError, TimeoutError) as exc:
                 logger.warning("agent.heartbeat_failed", error=_why(exc))
                 await self._register()  # (the lease is watched on its own: _watch_lease)
+
+    async def _watch_engine(self) -> None:
+        """Ask the container engine its version every heartbeat interval: whether it answers
+        (ENGINE_CHECK_TIMEOUT) is `engine_down`."""
+        while True:
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
+            asked = time.monotonic()
+            try:
+                await asyncio.wait_for(self.docker.version(), ENGINE_CHECK_TIMEOUT)
+            except ENGINE_ERRORS as exc:  # (TimeoutError is an OSError)
+                hung = isinstance(exc, TimeoutError)
+                said = f"no answer in {ENGINE_CHECK_TIMEOUT:.0f} s" if hung else _why(exc)
+                if self.engine_down is None:
+                    logger.warning("agent.engine_unreachable", error=said)
+                self._engine_away(said)
+                continue
+            # (a task that found it away since it was asked says more than this answer)
+            if self.engine_down is not None and self.engine_down_at < asked:
+                logger.info("agent.engine_back")
+                self.engine_down = None
+
+    def _engine_away(self, said: str) -> None:
+        self.engine_down, self.engine_down_at = said, time.monotonic()
+
+    def _engine_word(self) -> dict[str, str]:
+        """What a Heartbeat or Register says of the container engine: only that it is away."""
+        return {"engineDown": self.engine_down} if self.engine_down else {}
 
     def _check_lease(self) -> None:
         """Out of touch for longer than the lease: stop every task (the daemon has moved on)."""
@@ -557,6 +666,7 @@ class Agent:
     async def _run_task(self, key: TaskKey, task: ProcessTask, slot: Path) -> None:
         record = slot.with_suffix(".dirs")
         record_dirs(record, task.spec)  # an agent stopped before the end leaves them to the next
+        await _make_shared_job_temp(task.spec)
         hold = None
         if shares_job_temp(task.spec):
             hold = await asyncio.to_thread(hold_job_temp, task.spec)
@@ -584,8 +694,16 @@ class Agent:
         if task.began:
             self.outbox.put_nowait(self._message(
                 "TaskStarted", jobId=job_id, attempt=attempt, task=index))  # fmt: skip
-        result = await running
+        try:
+            result = await running
+        except Exception as exc:  # a fault the runtime did not handle: still reported, once
+            logger.exception("agent.task_failed", job=job_id, attempt=attempt, task=index)
+            result = TaskResult(None, _run_failed(index, exc, task))
         self.tasks.pop(key, None)
+        left = getattr(task, "left", None)
+        if left:  # its container is removed once the engine answers again
+            logger.warning("agent.container_left", job=job_id, task=index, containers=left)
+            self.left_containers.update(left)
         report = {"jobId": job_id, "attempt": attempt, "task": index,
                   "exitCode": result.exit_code}  # fmt: skip
         lease_lost = (key in self.lease_lost or self._thawed()) and result.exit_code != 0
@@ -596,11 +714,26 @@ class Agent:
             error = result.error or _cannot_start_error(index, result.exit_code, task.spec)
         if error:
             report["error"] = error
+            if error["code"] == protocol.ENGINE_UNREACHABLE:  # until its check says otherwise
+                self._engine_away(error["message"])
         self._report_exit(key, report)  # its GPUs are free now
         self.ended[task_label(task.spec)] = time.monotonic()
         self._sweep()
         if not remove_work_dir(task.spec):  # not empty: remove it without holding the loop
             await asyncio.to_thread(remove_work_tree, task.spec)
+
+
+async def _make_shared_job_temp(spec: dict[str, Any]) -> None:
+    """Make the job's $AZ_BATCHAI_SHARED_JOB_TEMP (under the mount root, where every task of
+    the job sees it) before the task starts, as the task's other directories are. One that
+    cannot be made is logged: the task runs on, as a job that does not use it would."""
+    shared = (spec.get("env") or {}).get("AZ_BATCHAI_SHARED_JOB_TEMP")
+    if not shared:
+        return
+    try:
+        await asyncio.to_thread(functools.partial(os.makedirs, shared, exist_ok=True))
+    except OSError as exc:
+        logger.warning("agent.shared_job_temp_not_made", path=shared, error=_why(exc))
 
 
 def read_output(command: dict[str, Any]) -> dict[str, Any]:
@@ -641,6 +774,16 @@ def _lease_error(index: int) -> dict[str, str]:
     return {"code": protocol.LEASE_EXPIRED, "message": (
         f"task {index} was stopped: its node lost touch with the daemon for more than "
         f"{LEASE_TIMEOUT:.0f} s")}  # fmt: skip
+
+
+def _run_failed(index: int, exc: Exception, task: ProcessTask) -> dict[str, str]:
+    """The error of a task whose run raised: a container's engine connection lost, or a fault
+    of the agent's own (`runtime_error`: a process task's OSError among them); the task
+    never has an exit code then."""
+    if isinstance(task, ContainerTask) and cut_off(exc):
+        return unreachable(exc)
+    return {"code": "runtime_error",
+            "message": f"the agent could not run task {index}: {_why(exc)}"}  # fmt: skip
 
 
 def _cannot_start_error(index: int, code: int | None, spec: dict[str, Any]) -> dict | None:
@@ -711,11 +854,13 @@ async def main(args: argparse.Namespace) -> int:
     watch_children_with_pidfd()
     if not become_subreaper():
         logger.warning("agent.no_subreaper", note="processes that leave a task's group survive it")
-    agent.watchdog, agent.guard = watchdog.start(lock, agent.running_dir, node_id, docker_host)
+    agent.watchdog, agent.guard = watchdog.start(lock, agent.running_dir, node_id, docker_host,
+                                                 agent.agent_dir)  # fmt: skip
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await agent.run(stop)  # its tasks are stopped when it returns
-    watchdog.stopped(agent.guard)
+    await agent.run(stop)  # its tasks are stopped when it returns (or left to the watchdog)
+    if not agent.left_running:
+        watchdog.stopped(agent.guard)
     return 1 if agent.refused else 0

@@ -14,6 +14,7 @@ import email.utils
 import functools
 import json
 import os
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -47,6 +48,7 @@ from batchd.scheduler.jobspec import parse_job
 from batchd.scheduler.schema import (
     DocumentError,
     DuplicateKey,
+    NumberTooLong,
     integer,
     loads,
     string,
@@ -57,6 +59,7 @@ from batchd.scheduler.vmsizes import Catalog
 logger = structlog.get_logger(__name__)
 
 MAX_BODY = 1024 * 1024  # bytes
+_DIGITS = re.compile(r"-?[0-9]{1,20}")  # a whole number of a length a query could mean
 READ_WAIT = 10.0  # seconds a read with ?after= waits for the read models
 PAGE = 100
 MAX_PAGE = 1000
@@ -101,6 +104,14 @@ def error_response(status: int, code: str, message: str,
                    details: list[dict[str, str]] | None = None) -> web.Response:  # fmt: skip
     body = {"error": {"code": code, "message": message, "details": details or []}}
     return web.json_response(body, status=status)
+
+
+def retry_soon(message: str) -> web.Response:
+    """503 for what passes by itself (a daemon starting, its log briefly unreachable, its
+    read models behind): `Retry-After` tells clients to send the request again."""
+    response = error_response(503, "ServiceUnavailable", message)
+    response.headers["Retry-After"] = "1"
+    return response
 
 
 _CODES = {
@@ -154,7 +165,7 @@ async def starting_middleware(request: web.Request, handler: Callable[..., Await
     (a job not found that exists)."""
     if request.app[API_KEY].serving or request.path in ("/healthz", "/readyz"):
         return await handler(request)
-    return error_response(503, "ServiceUnavailable", "the daemon is starting; retry")
+    return retry_soon("the daemon is starting; retry")
 
 
 @web.middleware
@@ -174,7 +185,14 @@ async def errors_middleware(request: web.Request, handler: Callable[..., Awaitab
         return error_response(503, "ServiceUnavailable", message)
     except errors.StoreUnavailable as exc:
         logger.warning("api.store_unavailable", error=str(exc))
-        return error_response(503, "ServiceUnavailable", "the event log is unavailable; retry")
+        return retry_soon("the event log is unavailable; retry")
+    except errors.SecretKeyError as exc:  # the daemon's keys: its operators' to mend
+        logger.error("api.secret_key", method=request.method, path=request.path, error=str(exc))
+        message = str(exc)
+        if isinstance(exc, errors.SecretUnopenable):
+            message += ": this daemon's secret keys are not those the log was written with"
+        message += ' (docs/event-log.md, "Secrets")'
+        return error_response(500, "InternalError", message)
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception as exc:
@@ -182,8 +200,9 @@ async def errors_middleware(request: web.Request, handler: Callable[..., Awaitab
         if status is None:
             logger.exception("api.failed", method=request.method, path=request.path)
             return error_response(500, "InternalError", "the request failed; see the daemon's log")
-        message = "the read models are behind; retry" if status == 503 else str(exc)
-        response = error_response(status, _code(status), message)
+        if status == 503:
+            return retry_soon("the read models are behind; retry")
+        response = error_response(status, _code(status), str(exc))
         if status == 401:
             response.headers["WWW-Authenticate"] = 'Bearer realm="batchd"'
         return response
@@ -252,6 +271,8 @@ async def _body(request: web.Request) -> Any:
         raise DocumentError("body", f"is not valid JSON ({exc})") from None
     except DuplicateKey as exc:
         raise DocumentError(exc.key, "is given twice in one object") from None
+    except NumberTooLong as exc:
+        raise DocumentError("body", str(exc)) from None
     except RecursionError:
         raise DocumentError("body", "is nested too deeply") from None
 
@@ -259,12 +280,16 @@ async def _body(request: web.Request) -> Any:
 def _int_query(request: web.Request, name: str, default: int, low: int = 0,
                high: int = MAX_POSITION) -> int:  # fmt: skip
     text = request.query.get(name)
-    if text is None:
-        return default
-    try:
-        value = int(text)
-    except ValueError:
-        raise DocumentError(name, f"must be a whole number, not {text!r}") from None
+    return default if text is None else _whole(text, name, low, high)
+
+
+def _whole(text: str, name: str, low: int, high: int) -> int:
+    """A query parameter or header as a whole number from `low` to `high`, in ASCII digits
+    (Python's int() also takes other scripts' digits, `_` and blanks)."""
+    if not _DIGITS.fullmatch(text):
+        shown = text if len(text) <= 40 else f"{text[:40]}..."
+        raise DocumentError(name, f"must be a whole number, not {shown!r}")
+    value = int(text)
     if value < low:
         raise DocumentError(name, f"must be at least {low}")
     if value > high:
@@ -417,6 +442,9 @@ async def put_cluster(request: web.Request) -> web.Response:
         if existing is None:
             return commands.create_cluster(m, ws, name, document, _actor(request), api.catalog)
         cluster = m.clusters[existing]
+        if cluster.deleting:  # its name is free again once it has gone
+            raise CommandError(f"cluster {name!r} is being deleted: create it again once it "
+                               "has gone")  # fmt: skip
         stored = resources.opened(await resources.cluster_spec(api.store, cluster), api.keyring)
         stored["scaleSettings"] = cluster.scale_settings  # as PATCH left it
         if commands.cluster_properties(parse_cluster(document, api.catalog)) == stored:
@@ -450,7 +478,9 @@ async def patch_cluster(request: web.Request) -> web.Response:
     document = await _body(request)
     api = request.app[API_KEY]
     position = await api.control.run(
-        lambda m: commands.update_scale_settings(m, ws, name, document, _actor(request)),
+        lambda m: commands.update_scale_settings(
+            m, ws, name, document, _actor(request), api.catalog
+        ),
         structural=True,
     )
     return await _cluster_answer(request, ws, name, position, 200)
@@ -474,12 +504,26 @@ def _job_filters(request: web.Request, m: ReadModels, jobs: list[Job]) -> list[J
     for j in jobs:
         if state is not None and j.state != state:
             continue
-        if cluster is not None:
-            where = views.job_cluster(m, j)
-            if cluster not in (j.cluster, where[1] if where else None):
-                continue
+        if cluster is not None and not _on_cluster(m, j, cluster):
+            continue
         out.append(j)
+    if cluster is not None and not out and not _known_cluster(m, jobs, cluster):
+        raise DocumentError("cluster", f"no cluster {cluster!r}, nor a job that ran on one of "
+                            "that name (a mistyped name lists nothing)")  # fmt: skip
     return out
+
+
+def _on_cluster(m: ReadModels, job: Job, cluster: str) -> bool:
+    """Is `cluster` the job's cluster, by id or name?"""
+    where = views.job_cluster(m, job)
+    return cluster in (job.cluster, where[1] if where else None)
+
+
+def _known_cluster(m: ReadModels, jobs: list[Job], cluster: str) -> bool:
+    """Does `cluster` name (or id) a cluster, or one that `jobs` ran on (since deleted)?"""
+    return any(cluster in (c.name, c.cluster_id) for c in m.clusters.values()) or any(
+        _on_cluster(m, j, cluster) for j in jobs
+    )
 
 
 async def list_jobs(request: web.Request) -> web.Response:
@@ -598,8 +642,9 @@ def _exec_asked(api: Api, job: Job, body: Any) -> tuple[str, int]:
                                     f"{len(job.tasks) - 1}")  # fmt: skip
     if str(task) in job.task_exits:
         code = job.task_exits[str(task)]
-        hint = ("; a node that only hosts MPI ranks runs no command of its own, so it ends at "
-                "once: exec on task 0") if task and code == 0 else ""  # fmt: skip
+        hint = ("; only task 0 runs the job's command (an MPI job's mpirun, a custom toolkit's "
+                "command line), the other nodes' tasks end at once: exec on task 0"
+                ) if task and code == 0 else ""  # fmt: skip
         raise CommandError(f"task {task} of job {job.name!r} has ended (exit code {code}){hint}")
     return command, task
 
@@ -614,11 +659,16 @@ async def exec_in_job(request: web.Request) -> web.StreamResponse:
     command, task = _exec_asked(api, job, await _body(request))
     exec_id, output = api.nodes.exec(job, task, command)
     node_id, attempt = job.tasks[task][0], job.attempt
+    token_id = _principal(request).token_id
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     await response.prepare(request)
     quiet = 0.0  # seconds without a word from the node
     try:
         while True:
+            if token_id not in api.models.tokens:  # revoked: the command stops, and the
+                api.nodes.cancel_exec(exec_id, job, task)  # answer breaks off unfinished,
+                _break_off(request)  # as a followed file does
+                return response
             try:
                 msg = await asyncio.wait_for(output.get(), EXEC_CHECK)
             except TimeoutError:
@@ -1071,17 +1121,46 @@ async def revoke_token(request: web.Request) -> web.Response:
 
 # -- the log -----------------------------------------------------------------------------------
 async def list_events(request: web.Request) -> web.Response:
+    """Events after `after`, `top` a page; `from`/`to` (ISO-8601, inclusive) bound their
+    recordedAt, `stream` keeps one stream's (404 if the log has none of it). The pages end
+    at the log's head as the first page found it: `nextLink` carries it as `through` (a
+    position), so a paged listing of a growing log ends where it stood."""
     _principal(request).require_whole_log()
     after = _int_query(request, "after", 0)
     top = _int_query(request, "top", PAGE, 1, MAX_PAGE)
+    start, end = _time_query(request, "from"), _time_query(request, "to")
     api = request.app[API_KEY]
-    events = await api.store.read_all(after, top)
+    if start is not None:
+        after = max(after, await api.store.position_at(start - 1))
+    last = _int_query(request, "through", 0) or (await api.store.head()).position
+    if end is not None:
+        last = min(last, await api.store.position_at(end))
+    stream = request.query.get("stream")
+    if stream is not None:
+        events = await api.store.read_stream(stream)
+        if not events:
+            raise CommandError(f"no stream {stream!r} in the log", 404)
+        events = [e for e in events if after < e.position <= last][:top]
+    else:
+        events = [e for e in await api.store.read_all(after, top) if e.position <= last]
     items = [jsonform.to_json(e) for e in events]
     next_link = None
-    if len(events) == top:
-        query = {**request.query, "after": str(events[-1].position), "top": str(top)}
+    if len(events) == top and events[-1].position < last:
+        query = {**request.query, "after": str(events[-1].position), "top": str(top),
+                 "through": str(last)}  # fmt: skip
         next_link = str(request.rel_url.with_query(query))
     return web.json_response({"value": items, "nextLink": next_link})
+
+
+def _time_query(request: web.Request, name: str) -> int | None:
+    """An ISO-8601 query parameter in microseconds (None: not given)."""
+    text = request.query.get(name)
+    if text is None:
+        return None
+    try:
+        return parse_iso(text)
+    except ValueError as exc:
+        raise DocumentError(name, str(exc)) from None
 
 
 async def event_stream(request: web.Request) -> web.StreamResponse:
@@ -1090,9 +1169,7 @@ async def event_stream(request: web.Request) -> web.StreamResponse:
     principal.require_whole_log()
     resume = request.headers.get("Last-Event-ID")
     if resume is not None:
-        if not resume.isdigit() or int(resume) > MAX_POSITION:
-            raise DocumentError("Last-Event-ID", "must be a log position")
-        after = int(resume)
+        after = _whole(resume, "Last-Event-ID", 0, MAX_POSITION)
     else:
         after = _int_query(request, "after", 0)
     wanted = _event_types(request)
@@ -1168,15 +1245,13 @@ async def replay(request: web.Request) -> web.Response:
     head = (await api.store.head()).position
     if ("at" in request.query) == ("position" in request.query):
         raise DocumentError("at", "give either at (ISO-8601) or position, not both or neither")
-    at = None
-    if "at" in request.query:
-        try:
-            at = parse_iso(request.query["at"])
-        except ValueError as exc:
-            raise DocumentError("at", str(exc)) from None
+    at = _time_query(request, "at")
+    if at is not None:
         position = await api.store.position_at(at)
     else:
-        position = _int_query(request, "position", 0, 0, head)
+        position = _int_query(request, "position", 0)
+        if position > head:  # (as the offline replay says it)
+            raise DocumentError("position", f"{position} is beyond the log's head ({head})")
     past = Runner(api.store, use_snapshots=True)
     await past.restore(upto=position)
     return web.json_response(views.world(past.models, await moment_note(api.store, at, position)))
@@ -1220,7 +1295,7 @@ def add_routes(app: web.Application) -> None:
     r.add_get(job + "/history", job_history)
     r.add_post(job + "/exec", exec_in_job)
     r.add_get(job + "/files", list_files)
-    r.add_get(job + "/files/{path:.+}", get_file)
+    r.add_get(job + "/files/{path:[\\s\\S]+}", get_file)  # (a name may hold a line break)
     r.add_get("/v1/jobs", list_all_jobs)
     r.add_get("/v1/nodes", list_nodes)
     r.add_get("/v1/nodes/{id}", get_node)

@@ -85,8 +85,19 @@ def _env_pair(text: str) -> tuple[str, str]:
     return name, value
 
 
+class _Parser(argparse.ArgumentParser):
+    """Arguments a command does not know are told with that command's usage (argparse's own
+    parser leaves them to the top level, which shows `batchd COMMAND ...`)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras and self._subparsers is None:  # a command's own parser: nothing below it
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="batchd", description="A self-hosted GPU scheduler.")
+    parser = _Parser(prog="batchd", description="A self-hosted GPU scheduler.")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--state-dir", help="state directory (default $BATCHD_STATE_DIR or ~/.local/state/batchd)"
@@ -136,17 +147,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--gpu-attach", choices=("auto", "always", "never"), default="auto",
         help="attach GPUs to containers: auto (real GPUs only), always, never",
     )  # fmt: skip
-    client = argparse.ArgumentParser(add_help=False)
-    client.add_argument(
+    connection = argparse.ArgumentParser(add_help=False)
+    connection.add_argument(
         "--server", help="the API's URL (default $BATCHD_SERVER or http://127.0.0.1:8080)"
     )
-    client.add_argument(
+    connection.add_argument(
         "--token", help="bearer token (default $BATCHD_TOKEN or <state-dir>/admin.token)"
     )
-    client.add_argument(
+    connection.add_argument(
         "--cacert", metavar="FILE",
         help="CA of an https server (default $BATCHD_CACERT or <state-dir>/tls/cert.pem)",
     )  # fmt: skip
+    client = argparse.ArgumentParser(add_help=False, parents=[connection])
     client.add_argument("--json", action="store_true", help="print the API's JSON")
     api = [common, client]
     _resource_commands(commands, api)
@@ -166,9 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     tail.set_defaults(api="events_tail")
 
     export = events_sub.add_parser(
-        "export", parents=[common], help="print events as NDJSON (secrets redacted)"
+        "export", parents=[common, connection], help="print events as NDJSON (secrets redacted)"
     )
-    _store_flag(export)
+    _store_flag(export, offline=True)
+    export.set_defaults(api="events_export")
     export.add_argument("--from", dest="from_", metavar="ISO", help="events recorded at or after")
     export.add_argument("--to", metavar="ISO", help="events recorded at or before")
     export.add_argument("--stream", help="only this stream (e.g. job-<id>, cluster-<ws>/<name>)")
@@ -350,7 +363,12 @@ def _job_commands(commands, api: list) -> None:
     create.add_argument("--cluster", help="the cluster's name (or resource id)")
     source = create.add_mutually_exclusive_group(required=True)
     source.add_argument("-f", "--config-file", help="a Batch AI job JSON file")
-    source.add_argument("--command", help="the command line to run")
+    source.add_argument(
+        "--command",
+        help="the command line to run (Batch AI's "
+        "customToolkitSettings: on the job's first node; the other nodes "
+        "of a multi-node job are held for it, as an MPI job's are)",
+    )
     create.add_argument("--image", help="container image")
     create.add_argument("--nodes", type=_positive, help="node count")
     create.add_argument("--gpus-per-node", type=_non_negative, help="GPUs on each node")
@@ -435,16 +453,14 @@ def _dispatch(args: argparse.Namespace):
         from batchd.scheduler import agent
 
         return agent.main(args)
-    offline = {"events_tail": cli_log.tail, "replay": cli_replay.replay,
-               "job_history": cli_replay.job_history}  # fmt: skip
+    offline = {"events_tail": cli_log.tail, "events_export": cli_replay.export,
+               "replay": cli_replay.replay, "job_history": cli_replay.job_history}  # fmt: skip
     if getattr(args, "api", None):
         if getattr(args, "store", None) is not None and args.api in offline:  # ("" too)
             return offline[args.api](args)
         from batchd.scheduler import cli_api
 
         return getattr(cli_api, args.api)(args)
-    if args.command == "events":
-        return cli_replay.export(args)
     if args.command == "audit":
         return cli_log.verify(args)
     benches = {

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from batchd.events.timeutil import to_iso
 from batchd.projections.history import pending_reason
 from batchd.scheduler import cli_log, cli_replay
 from batchd.scheduler.client import (
@@ -32,7 +33,7 @@ from batchd.scheduler.client import (
     server_events,
     settings,
 )
-from batchd.scheduler.schema import DuplicateKey, loads
+from batchd.scheduler.schema import DuplicateKey, NumberTooLong, loads
 
 ENDED = ("succeeded", "failed")
 EXIT_WAIT_TIMEOUT = 124  # `job wait --timeout` ran out (as timeout(1))
@@ -156,7 +157,7 @@ def load_document(path: str) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         where = f"line {exc.lineno} column {exc.colno}"
         raise InputError(f"{path} is not valid JSON: {exc.msg} at {where}") from None
-    except DuplicateKey as exc:
+    except (DuplicateKey, NumberTooLong) as exc:
         raise InputError(f"{path}: {exc}") from None
     except RecursionError:
         raise InputError(f"{path} is nested too deeply") from None
@@ -218,6 +219,10 @@ def fill_storage(document: dict[str, Any], where: dict[str, Any]) -> dict[str, A
     for env in sorted(left):
         print(f"note: set {env} to fill in the storage {'key' if env == KEY_ENV else 'account'}"
               " (left as the file has it)", file=sys.stderr)  # fmt: skip
+    if any(isinstance(v, dict) and any(v.values()) for v in volumes):
+        print("note: mountVolumes are kept with it, but no node mounts them yet: its tasks see "
+              "$AZ_BATCHAI_MOUNT_ROOT, the daemon's storage (docs/nodes.md, \"Not yet\")",
+              file=sys.stderr)  # fmt: skip
     return document
 
 
@@ -515,7 +520,9 @@ async def cluster_resize(args: argparse.Namespace) -> int:
     done = f"resized cluster {args.workspace}/{args.name} to {args.nodes} nodes"
     if args.nodes < _get(cluster, "properties.currentNodeCount", 0):
         option = option or "requeue"
-        done += f"; jobs on the nodes that go are {_FATE[option]} ({option})"
+        done += (f"; jobs on the nodes that go are {_FATE[option]} ({option}), where batchd "
+                 "started the nodes; nodes that joined by hand stay until their agents are "
+                 "stopped (docs/scheduling.md)")  # fmt: skip
     return _print_write(args, status, answer, done)
 
 
@@ -689,7 +696,11 @@ async def job_wait(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(job))
     else:
-        print(f"job {_job_key(args)} {state}" + (f", exit code {code}" if code is not None else ""))
+        said = f"job {_job_key(args)} {state}" + (f", exit code {code}" if code is not None else "")
+        errors = _get(job, "properties.executionInfo.errors") or []
+        if state != "succeeded" and errors and isinstance(errors[-1], dict):
+            said += f": {errors[-1].get('code')}: {errors[-1].get('message')}"  # why it failed
+        print(said)
     if state == "succeeded":
         return 0
     return code if isinstance(code, int) and 0 < code < 256 else 1
@@ -902,6 +913,23 @@ async def events_tail(args: argparse.Namespace) -> int:
             return 0
         async for event in api.items("/v1/events", after=after, top=1000):
             print(show(event))
+    return 0
+
+
+async def events_export(args: argparse.Namespace) -> int:
+    """`events export` through the daemon: the same NDJSON as offline on --store."""
+    start, end = cli_replay.export_bounds(args)
+    bounds = {"from": start, "to": end}
+    query = {k: to_iso(v) for k, v in bounds.items() if v is not None}
+    write = sys.stdout.write
+    async with _client(args) as api:
+        try:
+            async for event in api.items("/v1/events", top=1000, stream=args.stream, **query):
+                write(json.dumps(event) + "\n")
+        except ApiError as exc:
+            if exc.status == 404 and args.stream is not None:
+                raise ClientError(exc.message) from None  # as offline: no such stream
+            raise
     return 0
 
 

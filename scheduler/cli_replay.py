@@ -36,7 +36,7 @@ async def replay(args: argparse.Namespace) -> int:
         else:
             position = args.position
             if position > head:
-                raise NotFound(f"--position {position} is beyond the log's head ({head})")
+                raise NotFound(f"--position: {position} is beyond the log's head ({head})")
         runner = Runner(store)
         await runner.restore(upto=position)
         document = views.world(runner.models, await moment_note(store, at, position))
@@ -114,10 +114,8 @@ async def job_history(args: argparse.Namespace) -> int:
         key = job_key(args.workspace, args.experiment, args.name)
         job_ids = runner.models.job_ids.get(key)
         if not job_ids:
-            raise NotFound(
-                f"no job named {args.name!r} in workspace {args.workspace!r}, "
-                f"experiment {args.experiment!r}"
-            )
+            where = f"{args.workspace}/{args.experiment}"  # (as the daemon says it)
+            raise NotFound(f"no job named {args.name!r} in {where}, now or before")
         incarnations = await history.job_timelines(store, job_ids, args.workspace,
                                                    args.experiment)  # fmt: skip
     finally:
@@ -145,11 +143,17 @@ def history_text(key: str, incarnations: list[dict[str, Any]]) -> str:
 
 
 # -- events export ----------------------------------------------------------------------------
-async def export(args: argparse.Namespace) -> int:
+def export_bounds(args: argparse.Namespace) -> tuple[int | None, int | None]:
+    """`events export`'s --from and --to in microseconds (None: not given), checked."""
     start = parse_iso(args.from_, "--from") if args.from_ is not None else None
     end = parse_iso(args.to, "--to") if args.to is not None else None
     if start is not None and end is not None and end < start:
         raise ValueError(f"--to {args.to} is before --from {args.from_}")
+    return start, end
+
+
+async def export(args: argparse.Namespace) -> int:
+    start, end = export_bounds(args)
     store = await open_readonly(args)
     try:
         write = sys.stdout.write

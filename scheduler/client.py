@@ -12,6 +12,7 @@ The token is sent in the Authorization header and appears in no message.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import socket
@@ -29,6 +30,7 @@ from batchd.scheduler import config
 DEFAULT_SERVER = "http://127.0.0.1:8080"
 REQUEST_TIMEOUT = 60.0  # seconds for one ordinary request
 CONNECT_TIMEOUT = 10.0  # seconds to open a connection
+PUT_RETRIES = (0.5, 1.0, 2.0, 4.0)  # seconds before a PUT answered 503 is sent again
 
 
 class ClientError(Exception):
@@ -38,12 +40,14 @@ class ClientError(Exception):
 class ApiError(ClientError):
     """The server answered with an error document."""
 
-    def __init__(self, status: int, code: str, message: str, details: list[dict]) -> None:
+    def __init__(self, status: int, code: str, message: str, details: list[dict],
+                 retry: bool = False) -> None:  # fmt: skip
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.details = details
+        self.retry = retry  # the server said to send it again (503 with Retry-After)
 
     def lines(self) -> list[str]:
         """The message, then one `  <path>: <problem>` line per detail (but one that only
@@ -147,7 +151,23 @@ class Client:
     async def call(
         self, method: str, path: str, *, body: Any = None, params: dict | None = None
     ) -> tuple[int, Any]:
-        """One request; the status and the decoded JSON answer, or ApiError/ClientError."""
+        """One request; the status and the decoded JSON answer, or ApiError/ClientError.
+        A PUT the daemon asks to send again (503 with Retry-After: its log briefly
+        unreachable, the daemon starting) is sent again after each of PUT_RETRIES: a PUT is
+        idempotent (the same document once more changes nothing, also when the first was
+        stored after all)."""
+        for pause in PUT_RETRIES:
+            try:
+                return await self._call(method, path, body=body, params=params)
+            except ApiError as exc:
+                if not (exc.retry and method == "PUT"):
+                    raise
+            await asyncio.sleep(pause)
+        return await self._call(method, path, body=body, params=params)
+
+    async def _call(
+        self, method: str, path: str, *, body: Any = None, params: dict | None = None
+    ) -> tuple[int, Any]:
         timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT, sock_connect=CONNECT_TIMEOUT)
         async with self._open(method, path, body=body, params=params, timeout=timeout) as r:
             text = await r.text()
@@ -267,11 +287,12 @@ def describe(exc: BaseException, server: str) -> str:
 
 async def _api_error(response: aiohttp.ClientResponse) -> ApiError:
     text = await response.text(errors="replace")
+    retry = response.status == 503 and "Retry-After" in response.headers
     try:
         error = json.loads(text)["error"]
         message = str(error.get("message") or error.get("code") or response.reason)
         details = [d for d in error.get("details") or () if isinstance(d, dict)]
-        return ApiError(response.status, str(error.get("code", "")), message, details)
+        return ApiError(response.status, str(error.get("code", "")), message, details, retry)
     except (ValueError, KeyError, TypeError, AttributeError):
         message = f"the server answered {response.status} {response.reason or ''}".rstrip()
         return ApiError(response.status, str(response.status), message, [])

@@ -11,7 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from batchd.scheduler.jobspec import MOUNT_VOLUMES, setup_prefix
+from batchd.scheduler.jobspec import (
+    ENV_NAME,
+    ENV_VALUE,
+    MOUNT_VOLUMES,
+    checked_variables,
+    setup_prefix,
+)
 from batchd.scheduler.schema import (
     DocumentError,
     boolean,
@@ -28,7 +34,6 @@ from batchd.scheduler.vmsizes import CATALOG, Catalog, VmSize
 
 MAX_NODES = 10_000
 _text = string()
-_env_name = string(max_len=256, pattern=r"[A-Za-z_][A-Za-z0-9_]*", what="a variable name")
 
 SCALE_SETTINGS = obj({
     "manual": obj({
@@ -52,9 +57,9 @@ CLUSTER_PROPERTIES = obj({
     "nodeSetup": obj({
         "setupTask": obj({
             "commandLine": _text, "stdOutErrPathPrefix": setup_prefix,
-            "environmentVariables": items(obj({"name": _env_name, "value": _text},
+            "environmentVariables": items(obj({"name": ENV_NAME, "value": ENV_VALUE},
                                               required=["name", "value"])),
-            "secrets": items(obj({"name": _env_name, "value": _text,
+            "secrets": items(obj({"name": ENV_NAME, "value": ENV_VALUE,
                                   "valueSecretReference": key_vault_reference},
                                  required=["name", "*"], one_of=["value", "valueSecretReference"])),
         }, required=["commandLine", "stdOutErrPathPrefix"]),
@@ -88,7 +93,9 @@ def max_nodes(scale_settings: dict[str, Any]) -> int:
     return scale_settings.get("manual", {}).get("targetNodeCount", 0)
 
 
-def parse_scale_settings(value: Any, path: str = "scaleSettings") -> dict[str, Any]:
+def parse_scale_settings(value: Any, path: str = "scaleSettings",
+                         size: VmSize | None = None) -> dict[str, Any]:  # fmt: skip
+    """Checked scale settings, within the most nodes a cluster of VM size `size` may have."""
     settings = SCALE_SETTINGS(value, path)
     auto = settings.get("autoScale")
     if auto is not None:
@@ -99,6 +106,10 @@ def parse_scale_settings(value: Any, path: str = "scaleSettings") -> dict[str, A
         if initial is not None and not low <= initial <= high:
             rule = "must lie between minimumNodeCount and maximumNodeCount"
             raise DocumentError(f"{path}.autoScale.initialNodeCount", rule)
+    if size is not None and size.max_nodes is not None and max_nodes(settings) > size.max_nodes:
+        field = "autoScale.maximumNodeCount" if auto is not None else "manual.targetNodeCount"
+        raise DocumentError(f"{path}.{field}", f"must be at most {size.max_nodes}: the most "
+                            f"nodes a cluster of VM size {size.name} may have")  # fmt: skip
     return settings
 
 
@@ -110,8 +121,10 @@ def parse_cluster(document: Any, catalog: Catalog = CATALOG) -> ClusterSpec:
     size = catalog.get(props["vmSize"])
     if size is None:
         raise DocumentError(f"{where}vmSize", f"{props['vmSize']!r} is not a known VM size")
+    setup = (props.get("nodeSetup") or {}).get("setupTask") or {}
+    checked_variables(setup, f"{where}nodeSetup.setupTask")  # none of batchd's names
     scale = props.get("scaleSettings", {"manual": {"targetNodeCount": 0}})
-    scale = parse_scale_settings(scale, f"{where}scaleSettings")
+    scale = parse_scale_settings(scale, f"{where}scaleSettings", size)
     return ClusterSpec(
         vm_size=size,
         low_priority=props.get("vmPriority") == "lowpriority",

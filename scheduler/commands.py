@@ -164,9 +164,11 @@ def find_cluster(m: ReadModels, workspace: str, name: str) -> Cluster:
 
 
 def update_scale_settings(
-    m: ReadModels, workspace: str, name: str, document: Any, actor: str
-) -> list[Decision]:
-    """PATCH: only `scaleSettings` may change (Batch AI's rule)."""
+    m: ReadModels, workspace: str, name: str, document: Any, actor: str,
+    catalog: Catalog = CATALOG,
+) -> list[Decision]:  # fmt: skip
+    """PATCH: only `scaleSettings` may change (Batch AI's rule), within the most nodes the
+    cluster's VM size allows."""
     cluster = find_cluster(m, workspace, name)
     body, where = unwrap(document)  # (beside the envelope, only what it may hold)
     prefix = f"{where}." if where else ""
@@ -177,7 +179,8 @@ def update_scale_settings(
         )
     if not isinstance(body, dict) or "scaleSettings" not in body:
         raise DocumentError(prefix + "scaleSettings", "is required")
-    settings = parse_scale_settings(body["scaleSettings"], prefix + "scaleSettings")
+    size = catalog.get(cluster.vm_size)
+    settings = parse_scale_settings(body["scaleSettings"], prefix + "scaleSettings", size)
     if cluster.deleting:
         raise CommandError(f"cluster {name!r} is being deleted")
     data = {"clusterId": cluster.cluster_id, "scaleSettings": settings}
@@ -189,7 +192,8 @@ def update_scale_settings(
 
 
 def delete_cluster(m: ReadModels, workspace: str, name: str, actor: str) -> list[Decision]:
-    """Ask to delete; with no nodes left the cluster goes at once, else once they are removed."""
+    """Ask to delete; with no nodes left the cluster goes at once, else once they are removed
+    (it is `resizing` meanwhile: its nodes are leaving, see resize_changes)."""
     cluster = find_cluster(m, workspace, name)
     data = {"clusterId": cluster.cluster_id}
     out = [] if cluster.deleting else [
@@ -197,6 +201,8 @@ def delete_cluster(m: ReadModels, workspace: str, name: str, actor: str) -> list
     ]  # fmt: skip
     if not cluster.nodes:
         out.append(_event(f"cluster-{workspace}/{name}", "ClusterDeleted", data, actor))
+    else:  # the answer shows the allocation state its deletion gives
+        out += _resize_change(m, cluster, 0, actor)
     return out
 
 
@@ -206,16 +212,18 @@ def resize_changes(m: ReadModels, actor: str,
     it wants (too few have joined, too many, or some are still leaving), ClusterResizeCompleted
     once they are. A cluster with manual scale settings wants their `targetNodeCount`; one that
     scales itself (`autoScale`) wants what its provider says (`wanted`, by cluster id: the
-    local provider's count for its queue), and with no provider to scale it stays steady.
-    Cheap: the planner loop asks at every cycle."""
+    local provider's count for its queue), and with no provider to scale it stays steady. A
+    cluster being deleted wants no node: it is resizing while it has nodes left (its
+    `provisioningState` says `deleting`). Cheap: the planner loop asks at every cycle."""
     out = []
     for cluster in m.clusters.values():
         manual = cluster.scale_settings.get("manual")
         target = manual.get("targetNodeCount", 0) if manual is not None else None
         if wanted is not None and cluster.cluster_id in wanted:
             target = wanted[cluster.cluster_id]
-        if not cluster.deleting:
-            out += _resize_change(m, cluster, target, actor)
+        if cluster.deleting:  # every node goes, each once it runs nothing
+            target = 0
+        out += _resize_change(m, cluster, target, actor)
     return out
 
 

@@ -18,7 +18,13 @@ from pathlib import Path
 from batchd.events.secrets import Keyring
 from batchd.scheduler.clusterspec import MAX_NODES
 from batchd.scheduler.protocol import RUNTIMES
-from batchd.scheduler.vmsizes import CATALOG, LOCAL, Catalog, local_size
+from batchd.scheduler.vmsizes import (
+    CATALOG,
+    DEFAULT_LOCAL_MAX_NODES,
+    LOCAL,
+    Catalog,
+    local_size,
+)
 
 DEFAULT_LISTEN = "127.0.0.1:8080"
 DEFAULT_LOCAL_NODES = 2
@@ -114,6 +120,13 @@ def load(
         local_nodes = int(local.get("nodes", 0 if config_file else DEFAULT_LOCAL_NODES))
     if not 0 <= local_nodes <= MAX_NODES:
         raise ConfigError(f"[local] nodes: {local_nodes}: give 0 to {MAX_NODES}")
+    # (unset: at least `nodes`, so a configuration of an earlier version still starts)
+    local_max = int(local.get("max_nodes", max(DEFAULT_LOCAL_MAX_NODES, local_nodes)))
+    if not 1 <= local_max <= MAX_NODES:
+        raise ConfigError(f"[local] max_nodes: {local_max}: give 1 to {MAX_NODES}")
+    if local_nodes > local_max:
+        raise ConfigError(f"[local] nodes: {local_nodes}: more than [local] max_nodes "
+                          f"({local_max})")  # fmt: skip
     local_gpus = int(local.get("gpus_per_node", 4))
     if not 0 <= local_gpus <= MAX_LOCAL_GPUS:
         raise ConfigError(f"[local] gpus_per_node: {local_gpus}: give 0 to {MAX_LOCAL_GPUS}")
@@ -139,7 +152,7 @@ def load(
         local_gpus=local_gpus,
         local_runtimes=_runtimes(local.get("runtimes", "process")),
         local_docker_host=local.get("docker_host"),
-        catalog=catalog.with_size(local_size(local_gpus)),
+        catalog=catalog.with_size(local_size(local_gpus, local_max)),
         raw=raw,
     )
 
@@ -152,7 +165,8 @@ _TYPES: dict[str, dict[str, type | tuple[type, ...]]] = {
     "store": {"url": str},
     "secrets": {"keys_file": str},
     "storage": {"mount_root": str},
-    "local": {"nodes": int, "gpus_per_node": int, "runtimes": str, "docker_host": str},
+    "local": {"nodes": int, "max_nodes": int, "gpus_per_node": int, "runtimes": str,
+              "docker_host": str},
 }  # fmt: skip
 
 

@@ -7,8 +7,15 @@ paths (mount root, job temp, the stdouterr directory) are bound at the same path
 so the job's environment means the same thing in and out. stdout and stderr are written to
 the stdouterr files as the task runs. A small shell (WRAPPER) is the container's first
 process and passes SIGTERM on to all of its processes. Labels name the job, attempt and
-task; the container is removed once it has exited. `jobPreparation` runs first, in a
-container of its own.
+task, and the agent's work directory (two batchd installations on one engine may both
+have a node `local-0`); the container is removed once it has exited. `jobPreparation` runs
+first, in a container of its own.
+
+The connection to the engine can break while a container runs (the engine's service
+restarted, a proxy to its socket gone): the task then ends with the error
+`engine_unreachable` and no exit code, and the container is left for the agent to remove
+once the engine answers again (`left`). A wait cut off while the engine still answers is
+made again: the container runs on, and its exit code is the task's.
 """
 
 from __future__ import annotations
@@ -18,11 +25,15 @@ import contextlib
 import os
 import stat
 import tarfile
+import time
 from collections.abc import Callable
 from typing import Any
 
 import aiodocker
+import aiohttp
+import structlog
 
+from batchd.scheduler import protocol
 from batchd.scheduler.jobspec import shm_bytes
 from batchd.scheduler.runtimes import (
     KILL_GRACE,
@@ -36,7 +47,16 @@ from batchd.scheduler.runtimes import (
     prepare_directories,
 )
 
+logger = structlog.get_logger(__name__)
+
 LABEL = "batchd"
+REMOVE_WAIT = 30.0  # seconds a container's removal may take (an engine that hangs: tried again)
+# what a lost connection to the engine raises (a refused or broken socket, a response cut
+# short: aiohttp's ServerDisconnectedError, ClientPayloadError; TimeoutError is an OSError)
+CONNECTION_ERRORS = (aiohttp.ClientError, OSError)
+ENGINE_ERRORS = (aiodocker.DockerError, *CONNECTION_ERRORS)
+WAIT_AGAIN = 0.5  # seconds before a cut wait is made again (the engine answering)
+NO_CONNECTION = 900  # the status of aiodocker's DockerError for a connection it could not make
 # The container's first process (the engine signals it alone). The task's output goes to the
 # stdouterr files ("$0", "$1"); the command ("$2") runs as its child, in bash where the image
 # has it (as Batch AI ran commands), else in its POSIX shell. On SIGTERM it passes
@@ -65,6 +85,21 @@ exit "$code"
 
 # an exec's command ("$0"), in the shell the task's command runs in
 IN_SHELL = '[ -x /bin/bash ] && exec /bin/bash -c "$0"; exec /bin/sh -c "$0"'
+
+
+def cut_off(exc: BaseException) -> bool:
+    """Does `exc` come of the engine's connection (none made, or one lost), not of what the
+    engine answered?"""
+    if isinstance(exc, aiodocker.DockerError):
+        return exc.status == NO_CONNECTION
+    return isinstance(exc, CONNECTION_ERRORS)
+
+
+def unreachable(exc: BaseException) -> dict[str, str]:
+    """The error of a task whose engine could not be reached (or stopped answering)."""
+    said = str(exc) or type(exc).__name__
+    return {"code": protocol.ENGINE_UNREACHABLE,
+            "message": f"the connection to the container engine was lost: {said}"}  # fmt: skip
 
 
 def create_config(spec: dict[str, Any], command: str, suffix: str, engine: str,
@@ -105,6 +140,7 @@ def create_config(spec: dict[str, Any], command: str, suffix: str, engine: str,
         "Env": [f"{k}={v}" for k, v in sorted(env.items())],
         "WorkingDir": spec["workDir"],
         "Labels": {LABEL: "task", f"{LABEL}.node": spec.get("node", ""),
+                   f"{LABEL}.workdir": spec.get("agentDir", ""),
                    f"{LABEL}.job": spec["jobId"], f"{LABEL}.attempt": str(spec["attempt"]),
                    f"{LABEL}.task": str(spec["task"])},
         "HostConfig": host,
@@ -137,10 +173,10 @@ def user_ids(user: str, passwd: str | None, groups: str | None) -> tuple[int, in
 
 def give_to(spec: dict[str, Any], suffix: str, uid: int, gid: int) -> None:
     """Make the task's stdouterr files (of `suffix`: runtimes.output_suffix) and give them, its work
-    directory, its job temp and its output directories to uid:gid. Links are never followed
-    (a job could have planted one to another file of the host): a link, or a file where a
-    directory belongs, is left alone. (An agent that is not root cannot give files away: the
-    task then fails, saying it cannot write its output.)"""
+    directory, its job temp, its shared job temp and its output directories to uid:gid. Links
+    are never followed (a job could have planted one to another file of the host): a link, or
+    a file where a directory belongs, is left alone. (An agent that is not root cannot give
+    files away: the task then fails, saying it cannot write its output.)"""
     try:
         out = os.open(spec["stdouterr"], os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     except OSError:
@@ -151,7 +187,8 @@ def give_to(spec: dict[str, Any], suffix: str, uid: int, gid: int) -> None:
                 _give_file(name, out, uid, gid)
         finally:
             os.close(out)
-    for path in (spec["workDir"], job_temp(spec), *output_dirs(spec)):
+    shared = (spec.get("env") or {}).get("AZ_BATCHAI_SHARED_JOB_TEMP")
+    for path in (spec["workDir"], job_temp(spec), shared, *output_dirs(spec)):
         with contextlib.suppress(OSError):
             if path and stat.S_ISDIR(os.lstat(path).st_mode):
                 os.chown(path, uid, gid, follow_symlinks=False)
@@ -218,6 +255,9 @@ class ContainerTask:
         # called as its preparation begins (an image pull, the jobPreparation)
         self.on_preparing: Callable[[], None] = nothing
         self.exited = False  # the container of its command has exited
+        # the ids of its containers it could not remove (the engine unreachable): the agent
+        # removes them once the engine answers again
+        self.left: list[str] = []
 
     @property
     def ending(self) -> bool:
@@ -256,12 +296,16 @@ class ContainerTask:
         image = self.spec["image"]
         try:
             found = await self.docker.images.inspect(image)
-        except aiodocker.DockerError:
+        except ENGINE_ERRORS as exc:
+            if cut_off(exc):
+                return unreachable(exc)
             self.on_preparing()
             try:
                 await self.docker.images.pull(image, auth=self.spec.get("registryAuth"))
                 found = await self.docker.images.inspect(image)
-            except aiodocker.DockerError as exc:
+            except ENGINE_ERRORS as exc:
+                if cut_off(exc):
+                    return unreachable(exc)
                 return {"code": "image_unavailable", "message": f"cannot pull image {image}: "
                                                                f"{exc.message}"}  # fmt: skip
         self.user = str((found.get("Config") or {}).get("User") or "")
@@ -289,7 +333,7 @@ class ContainerTask:
             member = archive.next()
             handle = archive.extractfile(member) if member is not None else None
             return handle.read(1 << 20).decode("utf-8", "replace") if handle else None
-        except (aiodocker.DockerError, tarfile.TarError, OSError):
+        except (*ENGINE_ERRORS, tarfile.TarError):
             return None
 
     async def _unwritable(self) -> dict[str, str] | None:
@@ -297,7 +341,7 @@ class ContainerTask:
         could not open the stdouterr files): what the wrapper's shell said, as the error."""
         try:
             said = "".join(await self.container.log(stdout=True, stderr=True)).split("\n")
-        except aiodocker.DockerError:
+        except ENGINE_ERRORS:
             return None
         lines = [line for line in said if line.strip()]
         if not lines:
@@ -315,8 +359,10 @@ class ContainerTask:
             self.container = await self.docker.containers.create(config=config)
             await self._give_to_user(suffix)
             await self.container.start()
-        except aiodocker.DockerError as exc:
+        except ENGINE_ERRORS as exc:
             await self._remove()
+            if cut_off(exc):
+                return TaskResult(None, unreachable(exc))
             return TaskResult(None, {"code": "cannot_start", "message": exc.message})
         if started is not None:
             self.began = True
@@ -324,19 +370,40 @@ class ContainerTask:
         if self.killed:  # killed while it was being created: kill() found no container then
             self.late_kill = asyncio.ensure_future(self.kill())
         try:
-            code = int((await self.container.wait(timeout=None)).get("StatusCode", 1))
+            code = await self._wait()
             problem = await self._unwritable() if code == 126 else None
-        except aiodocker.DockerError as exc:
+        except ENGINE_ERRORS as exc:
+            if cut_off(exc):  # the container may run on: removed once the engine answers
+                return TaskResult(None, unreachable(exc))
             return TaskResult(None, {"code": "container_lost", "message": exc.message})
         finally:
             self.exited = self.exited or started is not None
             await self._remove()
         return TaskResult(code, problem)
 
+    async def _wait(self) -> int:
+        """The container's exit code, once it has exited. A wait whose connection is cut
+        while the engine still answers (a proxy's idle timeout, say) is made again while the
+        container runs; one the engine cannot be asked about raises."""
+        while True:
+            try:
+                return int((await self.container.wait(timeout=None)).get("StatusCode", 1))
+            except ENGINE_ERRORS as exc:
+                if not cut_off(exc):
+                    raise
+                state = (await self.container.show()).get("State") or {}
+                if state.get("Status") in ("exited", "dead"):
+                    return int(state.get("ExitCode", 1))
+                logger.info("container.wait_again", container=self.container.id,
+                            cut=str(exc) or type(exc).__name__)  # fmt: skip
+                await asyncio.sleep(WAIT_AGAIN)
+
     async def _remove(self) -> None:
-        if self.container is not None:
-            with contextlib.suppress(aiodocker.DockerError):
-                await self.container.delete(force=True)
+        """Remove (killing) its container; one the engine cannot be asked to remove now is
+        noted in `left`. Never raises: it runs as the task ends, whatever ended it."""
+        container = self.container
+        if container is not None and not await remove_container(self.docker, container.id):
+            self.left.append(container.id)
 
     async def exec(self, command: str, send) -> int:
         """Run `command` in the task's container; `send(stdout=...)`, `send(stderr=...)` get
@@ -368,9 +435,10 @@ class ContainerTask:
         container = self.container
         if container is None:
             return
-        with contextlib.suppress(aiodocker.DockerError):
+        with contextlib.suppress(*ENGINE_ERRORS):  # an engine away: the task's end removes it
             await container.kill(signal="SIGTERM")
-            for _ in range(int(KILL_GRACE / 0.1)):
+            deadline = time.monotonic() + KILL_GRACE  # (however slowly the engine answers)
+            while time.monotonic() < deadline:
                 state = (await container.show()).get("State", {})
                 if not state.get("Running"):
                     return
@@ -385,10 +453,36 @@ async def engine_of(docker: aiodocker.Docker) -> str:
     return "podman" if "podman" in names.lower() else "docker"
 
 
-async def remove_node_containers(docker: aiodocker.Docker, node_id: str) -> int:
-    """Remove (killing) every container of a node's tasks; how many there were."""
-    left = await docker.containers.list(all=True, filters={"label": [f"{LABEL}.node={node_id}"]})
-    for container in left:
+async def remove_container(docker: aiodocker.Docker, container_id: str) -> bool:
+    """Remove (killing) a container; True once it is gone (or being removed already), False
+    when it could not be removed now (the engine unreachable, or failing)."""
+    try:
+        await asyncio.wait_for(docker.containers.container(container_id).delete(force=True),
+                               REMOVE_WAIT)  # fmt: skip
+    except aiodocker.DockerError as exc:
+        return exc.status in (404, 409)
+    except (*CONNECTION_ERRORS, RuntimeError):  # (RuntimeError: the agent closed the session)
+        return False
+    return True
+
+
+def agent_dir(work_dir: str | os.PathLike) -> str:
+    """The value of a container's `batchd.workdir` label: its agent's work directory, made
+    absolute. Agents lock their work directory, so it tells one node of one batchd
+    installation from another installation's node of the same id on the same engine."""
+    return os.path.abspath(work_dir)
+
+
+async def remove_node_containers(docker: aiodocker.Docker, node_id: str, work_dir: str) -> int:
+    """Remove (killing) every container of a node's tasks; how many there were. Those of the
+    node's id are its own when they carry its agents' work directory (`agent_dir`), or no
+    work directory label at all (made by an agent of an earlier batchd); a container of
+    another installation's node of the same id is left alone."""
+    labelled = {"label": [f"{LABEL}.node={node_id}"]}
+    found = await docker.containers.list(all=True, filters=labelled)
+    mine = [c for c in found
+            if ((c["Labels"] or {}).get(f"{LABEL}.workdir") or work_dir) == work_dir]  # fmt: skip
+    for container in mine:
         with contextlib.suppress(aiodocker.DockerError):
             await container.delete(force=True)
-    return len(left)
+    return len(mine)

@@ -33,6 +33,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from batchd.events import errors, urls
 from batchd.events.codec import Codec
+from batchd.events.secrets import Keyring
 from batchd.events.store import EventStore
 from batchd.projections.runner import SNAPSHOT_INTERVAL, Runner
 from batchd.scheduler import api, commands, config, planner, tls
@@ -114,16 +115,18 @@ class Daemon:
         keyring = config.load_keyring(cfg, create=False)
         ssl_context = self._tls()
         self.store = await urls.open_store(cfg.store_url, codec=Codec(keyring))
+        await self._keys_for_the_log(keyring)  # at once: a standby learns it now, not at takeover
         if not await self._stand_by():
             return  # stopped while standing by
         if keyring is None:  # made only now: a start refused for its log leaves no key behind
+            await self._keys_for_the_log(keyring)  # (another daemon wrote it meanwhile)
             keyring = self.store.codec.keyring = config.load_keyring(cfg, create=True)
         self.models = Runner(self.store)
         self.control = Control(self.store, self.models)
         self.api = service = api.Api(self.store, self.models, self.control, keyring, cfg.mounts,
                                          cfg.catalog)  # fmt: skip
         self.nodes = NodeService(self.store, self.models, self.control, cfg.mounts,
-                                 cfg.state_dir)  # fmt: skip
+                                 cfg.state_dir, cfg.catalog)  # fmt: skip
         service.heard_from = self.nodes.seen
         service.nodes = self.nodes
         app = api.build(service, self._add_service_routes)
@@ -168,6 +171,20 @@ class Daemon:
         self.ready = service.serving = True
         logger.info("daemon.started", url=self.url, store=str(urls.parse(cfg.store_url)),
                     state_dir=str(cfg.state_dir))  # fmt: skip
+
+    async def _keys_for_the_log(self, keyring: Keyring | None) -> None:
+        """Refuse to lead a log that holds events with no secret keys: a new key would seal
+        under the same id as the keys it was written with, and open none of their secrets
+        (jobs that carry some would fail). A daemon needs the keys of the log it leads."""
+        if keyring is not None or (await self.store.head()).position == 0:
+            return
+        where = self.cfg.keys_file or self.cfg.state_dir / "secret.keys"
+        raise ValueError(
+            f"the log {urls.parse(self.cfg.store_url)} holds events, but this daemon has no "
+            f"secret keys ({where} does not exist, ${config.KEYS_ENV} is not set): give it the "
+            "keys the log was written with (the other daemon's secret.keys, or the same "
+            f'${config.KEYS_ENV}); docs/event-log.md, "Secrets"'
+        )
 
     async def _stand_by(self) -> bool:
         """Hold the log's leader lock, waiting as a standby while another daemon leads the

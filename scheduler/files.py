@@ -222,10 +222,22 @@ def regular(fd: int, relative: str) -> os.stat_result:
     return info
 
 
+def _undecoded(name: str) -> bool:
+    """Did the name's bytes fail to decode (os.scandir keeps them as lone surrogates)?"""
+    if name.isprintable():  # (the common case, and cheap: a surrogate is not printable)
+        return False
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def listing(directory: int | Path) -> list[dict[str, Any]]:
     """The entries of `directory` (a path, or a descriptor from open_beneath): name, whether
     a directory, size and modification time, none of them followed through a link. Links
-    are left out: they are not the job's files, and are never served."""
+    are left out: they are not the job's files, and are never served; so are names that are
+    not UTF-8, which no URL could ask for."""
     out = []
     try:
         with os.scandir(directory) as scan:
@@ -233,7 +245,7 @@ def listing(directory: int | Path) -> list[dict[str, Any]]:
     except (FileNotFoundError, NotADirectoryError):
         raise FileNotFound("no such directory (yet)") from None
     for entry in entries:
-        if entry.name == OWNER or entry.is_symlink():
+        if entry.name == OWNER or entry.is_symlink() or _undecoded(entry.name):
             continue
         try:
             info = entry.stat(follow_symlinks=False)

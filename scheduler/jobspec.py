@@ -72,7 +72,8 @@ setup_prefix = _rooted("AZ_BATCHAI_MOUNT_ROOT")
 _dir_id = string(max_len=64, pattern=r"[A-Za-z0-9_]+",
                  what="1-64 letters, digits or '_' (it names AZ_BATCHAI_INPUT_<id> "
                       "or AZ_BATCHAI_OUTPUT_<id>)")  # fmt: skip
-_env_name = string(max_len=256, pattern=r"[A-Za-z_][A-Za-z0-9_]*", what="a variable name")
+ENV_NAME = string(max_len=256, pattern=r"[A-Za-z_][A-Za-z0-9_]*", what="a variable name")
+ENV_VALUE = string(max_len=32_768, empty=True)  # "" is a value: the variable is set, empty
 _count = integer(1, 10_000)
 
 
@@ -115,7 +116,8 @@ def _timespan(value: Any, path: str) -> str:
     return value
 
 
-_SHM = re.compile(r"(\d{1,16})([bkmg]?)", re.IGNORECASE)
+# Docker's sizes (as `docker run --shm-size` reads them): "2g", "2GB", "2 GiB", "1.5g", "1024"
+_SHM = re.compile(r"(\d{1,16}(?:\.\d{1,16})?) ?([kmgtp]?)i?b?", re.IGNORECASE)
 MAX_SHM = 1 << 40  # 1 TiB: more than any GPU node's memory
 
 
@@ -124,7 +126,8 @@ def shm_bytes(text: str | None) -> int | None:
     match = _SHM.fullmatch(text.strip()) if text else None
     if match is None:
         return None
-    return int(match.group(1)) * 1024 ** "bkmg".index((match.group(2) or "b").lower())
+    unit = 1024 ** " kmgtp".index((match.group(2) or " ").lower())
+    return int(float(match.group(1)) * unit)
 
 
 def _shm_size(value: Any, path: str) -> str:
@@ -133,6 +136,8 @@ def _shm_size(value: Any, path: str) -> str:
         raise DocumentError(path, f"must be a size such as '2g' or '512m', not {value!r}")
     if size > MAX_SHM:
         raise DocumentError(path, "must be at most 1024g")
+    if size == 0 and float(_SHM.fullmatch(value.strip()).group(1)) > 0:
+        raise DocumentError(path, f"{value!r} is less than one byte (0 is the engine's default)")
     return value
 
 
@@ -213,9 +218,9 @@ JOB_PROPERTIES = obj({
         "createNew": boolean,
     }, required=["id", "pathPrefix"])),
     "stdOutErrPathPrefix": storage_prefix,
-    "environmentVariables": items(obj({"name": _env_name, "value": string(max_len=32_768)},
+    "environmentVariables": items(obj({"name": ENV_NAME, "value": ENV_VALUE},
                                       required=["name", "value"])),
-    "secrets": items(obj({"name": _env_name, "value": string(max_len=32_768),
+    "secrets": items(obj({"name": ENV_NAME, "value": ENV_VALUE,
                           "valueSecretReference": key_vault_reference},
                          required=["name", "*"], one_of=["value", "valueSecretReference"])),
     "mountVolumes": MOUNT_VOLUMES,
@@ -266,6 +271,7 @@ def parse_job(document: Any) -> JobSpec:
     if "schedulingPriority" in props and "priority" in props:
         raise DocumentError(where, "give schedulingPriority or priority, not both")
     _check_unique_variables(props, prefix)
+    _check_reserved_variables(props, prefix)
     priority = props.get("priority", PRIORITY_OF[props.get("schedulingPriority", "normal")])
     return JobSpec(
         cluster=props.get("cluster"),
@@ -302,6 +308,36 @@ def _check_unique_variables(props: dict[str, Any], prefix: str) -> None:
             earlier = first.setdefault(name, path)
             if earlier != path:
                 raise DocumentError(path, f"{name} is set already, by {earlier}")
+
+
+_DISTRIBUTED = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK")  # set on multi-node jobs
+
+
+def checked_variables(props: dict[str, Any], prefix: str) -> list[tuple[str, str]]:
+    """(name, its field's path) of each of environmentVariables and secrets in `props`,
+    refusing the AZ_BATCHAI_ names: batchd sets them (for a job's tasks, or a node's setup
+    task), so a value of the document's would be silently replaced, and all of them are
+    kept for batchd, also those it does not set yet."""
+    names = []
+    for field in ("environmentVariables", "secrets"):
+        for index, item in enumerate(props.get(field, ())):
+            name, path = item["name"], f"{prefix}.{field}[{index}].name".lstrip(".")
+            if name.startswith("AZ_BATCHAI_"):
+                raise DocumentError(path, f"{name} is batchd's to set (the AZ_BATCHAI_ names "
+                                          "tell every task of its job and node)")  # fmt: skip
+            names.append((name, path))
+    return names
+
+
+def _check_reserved_variables(props: dict[str, Any], prefix: str) -> None:
+    """A variable batchd sets for the job's tasks is not the job's to set: its value would be
+    silently replaced (and `job show` would still list it)."""
+    for name, path in checked_variables(props, prefix):
+        if name == "CUDA_VISIBLE_DEVICES":
+            raise DocumentError(path, f"{name} is batchd's to set: the task's GPUs")
+        if name in _DISTRIBUTED and props["nodeCount"] > 1:
+            raise DocumentError(path, f"{name} is batchd's to set on a job of more than "
+                                      "one node (its master, size and ranks)")  # fmt: skip
 
 
 def _wall_clock(props: dict[str, Any], prefix: str) -> int:

@@ -54,6 +54,7 @@ from batchd.projections.model import (
     UNUSABLE,
     Cluster,
     Job,
+    Node,
     ReadModels,
     job_key,
 )
@@ -65,6 +66,7 @@ from batchd.scheduler.images import image_reference, registry_auth
 from batchd.scheduler.planner import Decision
 from batchd.scheduler.protocol import TaskKey
 from batchd.scheduler.resources import cluster_spec, job_spec, opened
+from batchd.scheduler.vmsizes import CATALOG, Catalog
 
 logger = structlog.get_logger(__name__)
 
@@ -78,6 +80,10 @@ RESEND_AFTER = 5.0  # seconds before a StartTask the node does not report is sen
 # heartbeats before it is taken to have stopped (its exit report, or its start, was lost)
 STOPPED_AFTER = 3 * RESEND_AFTER
 MAX_GPUS = 64  # a node reporting more is refused
+MAX_SAID = 300  # characters of an agent's word on its engine kept in the log
+# microseconds a node suspected for its container engine stays so at least: a heartbeat sent
+# before its agent knew (or one of an agent too old to tell) does not make it ready at once
+ENGINE_HOLD = int(2 * HEARTBEAT_INTERVAL * 1_000_000)
 BEGUN = (PREPARING_JOB, RUNNING, TERMINATING)  # a job whose tasks have begun on their nodes
 # states of a node with an agent, in which silence for NODE_TIMEOUT makes it lost
 LOSABLE = (SUSPECT, LEAVING, PREPARING, UNUSABLE)
@@ -91,9 +97,10 @@ READ_TIMEOUT = 10.0  # seconds a node has to answer for a file
 
 class NodeService:
     def __init__(self, store: EventStore, runner: Runner, control: Control, mounts: Path,
-                 state_dir: Path) -> None:  # fmt: skip
+                 state_dir: Path, catalog: Catalog = CATALOG) -> None:  # fmt: skip
         self.store, self.runner, self.control = store, runner, control
         self.mounts, self.state_dir = mounts, state_dir
+        self.catalog = catalog  # the VM sizes: a node with fewer GPUs than its size's is unusable
         self.seen: dict[str, float] = {}  # node id -> monotonic time of its last message
         self.outbox: dict[str, list[dict[str, Any]]] = {}
         self.wakeups: dict[str, asyncio.Event] = {}
@@ -335,14 +342,15 @@ class NodeService:
             await self.control.run(_by_agent(node_id, lambda m: _setup_exited(m, msg)),
                                    key=f"node/{node_id}")  # fmt: skip
         elif kind == "Heartbeat":
-            await self._heartbeat(node_id, _running_keys(msg))
+            await self._heartbeat(node_id, _running_keys(msg), _engine_down(msg))
         elif kind in protocol.TASK_REPORTS:
             await self._task_report(node_id, kind, msg)
         elif kind == "Leaving" and not self.closing:  # (a stopping daemon stops its own)
             await self.control.run(_by_agent(node_id, lambda m: _left(m, node_id)),
                                    key=f"node/{node_id}")  # fmt: skip
 
-    async def _heartbeat(self, node_id: str, running: list[TaskKey]) -> None:
+    async def _heartbeat(self, node_id: str, running: list[TaskKey],
+                         engine_down: str | None) -> None:  # fmt: skip
         for job_id, attempt in self._resend_unstarted(node_id, running):
             await self.control.run(_by_agent(node_id, lambda m, j=job_id, a=attempt:
                                              _terminated(m, j, a)),
@@ -355,13 +363,26 @@ class NodeService:
                                    key=self._key(key[0]))  # fmt: skip
         node = self.models.nodes.get(node_id)
         # (not while the daemon stops: it has just lost its local nodes, agents still up)
-        if node is not None and node.state in (SUSPECT, LOST) and not self.closing:
+        if node is None or self.closing:
+            return
+        if engine_down is not None:  # it takes no work until its engine answers again
+            if node.state == READY:
+                await self._suspect_engine(node_id, _engine_said(engine_down))
+        elif node.state in (SUSPECT, LOST) and _may_recover(node, None, now_us()):
             await self.control.run(_by_agent(node_id, lambda m: _recovered(m, node_id)),
                                    key=f"node/{node_id}")  # fmt: skip
+
+    async def _suspect_engine(self, node_id: str, message: str) -> None:
+        decide = _by_agent(node_id, lambda m: _engine_suspected(m, node_id, message))
+        await self.control.run(decide, key=f"node/{node_id}")
 
     async def _task_report(self, node_id: str, kind: str, msg: dict[str, Any]) -> None:
         key = protocol.task_key(msg)
         job_id, attempt, _task = key
+        error = msg.get("error") if kind == "TaskExited" else None
+        engine_gone = isinstance(error, dict) and error.get("code") == protocol.ENGINE_UNREACHABLE
+        if engine_gone and not self.closing:  # the node first: the retry is placed elsewhere
+            await self._suspect_engine(node_id, str(error.get("message"))[:MAX_SAID])
         if kind == "TaskExited" and _stopping_on(self.models, key, node_id):
             await self.control.run(_by_agent(node_id, lambda m: _stopped(
                 m, key, node_id, msg.get("exitCode"))), key=self._key(job_id))  # fmt: skip
@@ -423,19 +444,28 @@ class NodeService:
                     data[field] = msg[field]
             out.append((stream, NewEvent("NodeRegistered", data, actor)))
         state = node.state if node is not None else PROVISIONING
+        engine_down = _engine_down(msg)
         fresh = node is None or node.incarnation != msg["incarnation"]  # a start, or a reboot
         if fresh or state in (PROVISIONING, PREPARING):
-            setup = await self._setup_command(m.clusters[cluster_id], node_id)
-            if setup is None:
-                if state in (PROVISIONING, PREPARING, SUSPECT, LOST):
+            short = self._short_of_gpus(m.clusters[cluster_id], msg.get("gpus", 0))
+            setup = None if short else await self._setup_command(m.clusters[cluster_id], node_id)
+            if short:
+                out += _unusable(m.clusters[cluster_id], node_id, {"nodeId": node_id}, short,
+                                 actor)  # fmt: skip
+            elif setup is None:
+                # (an unusable node comes here only with a new agent: it may have its GPUs now)
+                if state in (PROVISIONING, PREPARING, SUSPECT, LOST, UNUSABLE):
                     out.append((stream, NewEvent("NodeSetupSucceeded", {"nodeId": node_id},
                                                  actor)))  # fmt: skip
             else:
                 data = {"nodeId": node_id, "outputDir": setup["stdouterr"]}
                 out.append((stream, NewEvent("NodeSetupStarted", data, actor)))
                 self._send(node_id, setup)
-        elif state in (SUSPECT, LOST):
+        elif state in (SUSPECT, LOST) and _may_recover(node, engine_down, now_us()):
             out.append((stream, NewEvent("NodeRecovered", {"nodeId": node_id}, actor)))
+        elif state == READY and engine_down is not None:  # (an agent registering again)
+            out += _by_agent(node_id, lambda m: _engine_suspected(
+                m, node_id, _engine_said(engine_down)))(m)  # fmt: skip
         self._kill_unwanted(m, node_id, _running_keys(msg))
         return out
 
@@ -449,6 +479,16 @@ class NodeService:
             if not wanted:
                 self._send(node_id, {"type": "KillTask", "jobId": job_id, "attempt": attempt,
                                      "task": task})  # fmt: skip
+
+    def _short_of_gpus(self, cluster: Cluster, gpus: int) -> dict[str, str] | None:
+        """The error of a node with fewer GPUs than its cluster's VM size (jobs take that many
+        by default, and would wait for it for ever), else None."""
+        size = self.catalog.get(cluster.vm_size)
+        if size is None or gpus >= size.gpus:
+            return None
+        return {"code": "gpus_missing",
+                "message": f"the node has {gpus} GPU(s); its cluster's VM size {size.name} has "
+                           f"{size.gpus}"}  # fmt: skip
 
     async def _setup_command(self, cluster: Cluster, node_id: str) -> dict[str, Any] | None:
         """RunSetup for the cluster's nodeSetup.setupTask (None: it has none)."""
@@ -492,8 +532,9 @@ class NodeService:
             self._kill(job_id, attempt, job.tasks, skip=task)
             error = msg.get("error") or {
                 "code": "exit_code", "message": f"task {task} exited with {code}"}  # fmt: skip
-            # an agent that lost touch with the daemon stops its tasks: a node failure
-            cause = "node_lost" if error.get("code") == protocol.LEASE_EXPIRED else "exit_code"
+            # an agent that lost touch with the daemon stops its tasks, and a task whose
+            # container engine went away ends: node failures, not the job's
+            cause = "node_lost" if error.get("code") in protocol.NODE_FAULTS else "exit_code"
             out += retries.attempt_ended(m, job_id, attempt, cause, exit_code=code,
                                          error=error)  # fmt: skip
         elif len(exits) >= len(job.tasks) and all(c == 0 for c in exits.values()):
@@ -796,6 +837,39 @@ def _check_register(msg: dict[str, Any], principal: auth.Principal) -> None:
     unknown = [r for r in msg.get("runtimes") or () if r not in protocol.RUNTIMES]
     if unknown:
         raise protocol.ProtocolError(f"unknown runtimes {unknown}")
+    _engine_down(msg)  # a string, if given
+
+
+def _engine_down(msg: dict[str, Any]) -> str | None:
+    """Why a Heartbeat's (or Register's) node says its container engine does not answer
+    (None: it does, or the node has none)."""
+    said = msg.get("engineDown")
+    if said is None:
+        return None
+    if not isinstance(said, str):
+        raise protocol.ProtocolError(f"{msg['type']} engineDown must be a string")
+    return said[:MAX_SAID] or "no reason given"
+
+
+def _engine_said(said: str) -> str:
+    return f"its container engine does not answer: {said}"
+
+
+def _engine_suspected(m: ReadModels, node_id: str, message: str) -> list[Decision]:
+    """A ready node whose container engine does not answer is suspected, saying so."""
+    return _suspected(m, node_id, {"code": protocol.ENGINE_UNREACHABLE, "message": message})
+
+
+def _may_recover(node: Node, engine_down: str | None, now: int) -> bool:
+    """May a suspect or lost node whose agent is heard from be ready again? Not while its
+    agent says its engine does not answer, nor within ENGINE_HOLD of its suspicion for that."""
+    if engine_down is not None:
+        return False
+    error = node.errors[-1] if node.errors else {}
+    for_engine = (node.state == SUSPECT and error.get("code") == protocol.ENGINE_UNREACHABLE
+                  and error.get("at") == node.since)  # fmt: skip
+    # (abs: a clock set back, or a former leader's ahead, does not hold it longer)
+    return not for_engine or abs(now - node.since) >= ENGINE_HOLD
 
 
 def _running_keys(msg: dict[str, Any]) -> list[TaskKey]:
@@ -830,14 +904,20 @@ def _setup_exited(m: ReadModels, msg: dict[str, Any]) -> list[Decision]:
     if code == 0:
         return [(f"node-{node_id}", NewEvent("NodeSetupSucceeded", data))]
     reason = (msg.get("error") or {}).get("message") or f"the setup task exited with {code}"
-    data["error"] = {"code": "setup_failed", "message": reason}
-    out = [(f"node-{node_id}", NewEvent("NodeSetupFailed", data))]
-    cluster = m.clusters.get(node.cluster)
-    if cluster is not None:  # Batch AI's cluster `errors` tell of its nodes' failed setups
-        error = {"code": "setup_failed", "message": f"node {node_id}: {reason}"}
+    error = {"code": "setup_failed", "message": reason}
+    return _unusable(m.clusters.get(node.cluster), node_id, data, error)
+
+
+def _unusable(cluster: Cluster | None, node_id: str, data: dict[str, Any],
+              error: dict[str, str], actor: str = "scheduler") -> list[Decision]:  # fmt: skip
+    """NodeSetupFailed: the node cannot take work (its setup task failed, or it lacks GPUs),
+    and the error among its cluster's, as Batch AI's cluster `errors` told of its nodes."""
+    out = [(f"node-{node_id}", NewEvent("NodeSetupFailed", {**data, "error": error}, actor))]
+    if cluster is not None:
+        told = {"code": error["code"], "message": f"node {node_id}: {error['message']}"}
         out.append((f"cluster-{cluster.workspace}/{cluster.name}",
                     NewEvent("ClusterErrorRecorded", {"clusterId": cluster.cluster_id,
-                                                      "error": error})))  # fmt: skip
+                                                      "error": told}, actor)))  # fmt: skip
     return out
 
 
@@ -928,11 +1008,14 @@ def _recovered(m: ReadModels, node_id: str) -> list[Decision]:
     return [(f"node-{node_id}", NewEvent("NodeRecovered", {"nodeId": node_id}))]
 
 
-def _suspected(m: ReadModels, node_id: str) -> list[Decision]:
+def _suspected(m: ReadModels, node_id: str,
+               error: dict[str, str] | None = None) -> list[Decision]:  # fmt: skip
+    """A ready node takes no new work: silent (no `error`), or saying why."""
     node = m.nodes.get(node_id)
     if node is None or node.state != READY:
         return []
-    return [(f"node-{node_id}", NewEvent("NodeSuspected", {"nodeId": node_id}))]
+    data = {"nodeId": node_id, **({"error": error} if error else {})}
+    return [(f"node-{node_id}", NewEvent("NodeSuspected", data))]
 
 
 def _lost(m: ReadModels, node_id: str) -> list[Decision]:

@@ -769,8 +769,14 @@ def admin_paths() -> dict[str, Schema]:
             "delete": write("revokeToken", "revoke a token", 202, "Written"),
         }, {"name": "token", "in": "path", "required": True, "schema": text(),
             "description": "the token's id"}),
-        "/v1/events": {"get": read("listEvents", "events after a position", "EventList",
-                                   (TOP,))},
+        "/v1/events": {"get": read("listEvents", "events after a position", "EventList", (
+            TOP,
+            query("from", string(format="date-time"), "none recorded before this (ISO-8601)"),
+            query("to", string(format="date-time"), "none recorded after this (ISO-8601)"),
+            query("stream", text(), "only this stream's (404 if the log has none of it)"),
+            query("through", position(), "none after this position (nextLink sets it: the "
+                                         "head the first page found)"),
+        ))},
         "/v1/events/stream": {"get": operation(
             "streamEvents", "events as Server-Sent Events", stream,
             params=(query("after", position(), "start after this position"), last_event,

@@ -8,8 +8,10 @@ started, or a report already recorded, changes nothing.
 
 Agent to daemon (POST /agent/v1/messages, a list of messages in one body):
   Register {gpus, gpuModel, gpuMemoryMb, cpus, memoryMb, runtimes, agentVersion,
-            running: [task keys], address (optional: default, where it connects from)}
-  Heartbeat {running: [task keys]}
+            running: [task keys], address (optional: default, where it connects from),
+            engineDown? (as in Heartbeat)}
+  Heartbeat {running: [task keys], engineDown? (why its container engine does not answer:
+             the node takes no work until a heartbeat without it)}
   TaskPreparing {jobId, attempt, task}: the task's preparation began (an image pull, the
            job's jobPreparation); sent at most once, before TaskStarted
   TaskStarted {jobId, attempt, task}
@@ -42,6 +44,10 @@ import msgpack
 # the error of a TaskExited for a task the agent stopped because it lost touch with the daemon
 # (its lease expired): the daemon retries the attempt as a node failure, not the job's own
 LEASE_EXPIRED = "lease_expired"
+# the error of a TaskExited for a task whose container engine could not be reached (or stopped
+# answering) while it ran: the node's fault as well, not the job's
+ENGINE_UNREACHABLE = "engine_unreachable"
+NODE_FAULTS = (LEASE_EXPIRED, ENGINE_UNREACHABLE)
 
 RUNTIMES = ("process", "docker")  # what a node may offer to run tasks with
 

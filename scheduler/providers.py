@@ -40,16 +40,18 @@ from urllib.parse import urlsplit
 import structlog
 
 from batchd.events.envelope import NewEvent
+from batchd.events.timeutil import to_iso
 from batchd.projections import lifecycle, queue
 from batchd.projections.allocation import free_gpus
-from batchd.projections.model import LEAVING, READY, Cluster, ReadModels
+from batchd.projections.model import LEAVING, READY, Cluster, ReadModels, Token
 from batchd.scheduler import commands, retries, tls
 from batchd.scheduler.agent import PARENT_ENV
 from batchd.scheduler.auth import revoke_token
+from batchd.scheduler.clusterspec import max_nodes
 from batchd.scheduler.control import Control, token_file
 from batchd.scheduler.nodes import lose_node, node_number
 from batchd.scheduler.planner import Decision
-from batchd.scheduler.vmsizes import LOCAL, Catalog
+from batchd.scheduler.vmsizes import DEFAULT_LOCAL_MAX_NODES, LOCAL, Catalog
 
 logger = structlog.get_logger(__name__)
 
@@ -59,10 +61,18 @@ ACTOR = "batchd:serve"
 
 
 STOPPED = {"code": "daemon_stopped", "message": "the daemon stopped, and its local agents with it"}
-RESTARTED = {
-    "code": "daemon_restarted",
-    "message": "the daemon did not stop cleanly; its local agents ended with it",
-}
+
+
+def restarted(m: ReadModels) -> dict[str, str]:
+    """The error of the local nodes a daemon that did not stop cleanly left: its events of
+    them are stamped at this start, so the message says when the log last heard of it (it
+    ended at some time after that)."""
+    last = f" (the log's last event before this start: {to_iso(m.recorded_at)})"
+    return {"code": "daemon_restarted",
+            "message": f"the daemon did not stop cleanly{last if m.recorded_at else ''}; its "
+                       "local agents ended with it"}  # fmt: skip
+
+
 LEGACY_TOKEN = "local-agents"  # the one token earlier versions gave every local agent
 # Batch AI 2018-05-01's scaleSettings.manual.nodeDeallocationOption
 REQUEUE, TERMINATE, WAIT = "requeue", "terminate", "waitforjobcompletion"
@@ -100,8 +110,11 @@ class LocalProvider:
         self.nodes, self.gpus = nodes, gpus_per_node
         self.runtimes, self.docker_host = runtimes, docker_host
         self.catalog = catalog  # with the nodes' own shape, LOCAL
+        size = catalog.get(LOCAL) if catalog is not None else None
+        self.max_nodes = (size and size.max_nodes) or DEFAULT_LOCAL_MAX_NODES
         self.processes: dict[str, asyncio.subprocess.Process] = {}
         self.watchers: set[asyncio.Task] = set()  # one per agent: see _watch
+        self.told: dict[str, str] = {}  # node id -> why its agent last failed to register
         self.stopping = False
 
     async def bootstrap(self) -> None:
@@ -126,12 +139,13 @@ class LocalProvider:
                                                self.catalog)  # fmt: skip
             return out
 
-        await self._interrupt(RESTARTED, "node_lost")  # none of its agents runs now
+        await self._interrupt(restarted(self.control.models), "node_lost")  # none runs now
         # a local cluster being deleted goes now (its nodes run nothing), and is made again
         await self.control.run(lambda m: commands.finish_deletions(m, ACTOR), structural=True)
         await self.control.run(decide_rest, structural=True)
         self._check_shape()
         await self._retire_shared_token()
+        await self._retire_stray_tokens()
 
     def _check_shape(self) -> None:
         """Jobs are checked against the cluster's VM size: say so if a cluster made earlier
@@ -144,6 +158,15 @@ class LocalProvider:
                            gpus=size.gpus if size else None, gpus_per_node=self.gpus,
                            note="delete the cluster local to have it made again with "
                            "[local] gpus_per_node GPUs a node")  # fmt: skip
+        if max_nodes(cluster.scale_settings) > self.max_nodes:  # set before there was a bound
+            logger.warning("local.cluster_too_big", nodes=max_nodes(cluster.scale_settings),
+                           max_nodes=self.max_nodes, note="no more than [local] max_nodes "
+                           "local nodes run")  # fmt: skip
+        target = (cluster.scale_settings.get("manual") or {}).get("targetNodeCount")
+        if target is not None and target != self.nodes:  # [local] nodes made it, once
+            logger.info("local.cluster_nodes", target_node_count=target, nodes=self.nodes,
+                        note="the cluster keeps the node count its log holds; `batchd cluster "
+                        "resize local --nodes N` changes it")  # fmt: skip
 
     async def _interrupt(self, error: dict[str, str], cause: str = "interrupted") -> None:
         """The local nodes' agents stop, or have stopped: each node still up is lost with
@@ -156,6 +179,24 @@ class LocalProvider:
             return lose_nodes(m, cluster.nodes if cluster else (), error, cause)
 
         await self.control.run(decide, structural=True)
+
+    async def _retire_stray_tokens(self) -> None:
+        """Revoke the own tokens of local nodes the cluster does not have: an agent stopped
+        before it registered, by a daemon that stopped then too, left its token valid (a
+        node wanted again gets a new one as its agent starts)."""
+        stray: list[str] = []
+
+        def decide(m: ReadModels) -> list[Decision]:
+            cluster = _local_cluster(m)
+            nodes = set(cluster.nodes) if cluster is not None else set()
+            made = [t for t in m.tokens.values() if _node_token(t) and t.created_by == ACTOR]
+            tokens = [t for t in made if t.node not in nodes]  # (a user's own stay)
+            stray[:] = [t.node for t in tokens]
+            return [d for t in tokens for d in revoke_token(m, t.token_id, ACTOR)]
+
+        await self.control.run(decide, structural=True)
+        for node_id in stray:
+            (self.state_dir / "nodes" / node_id / "agent.token").unlink(missing_ok=True)
 
     async def _retire_shared_token(self) -> None:
         """Earlier versions gave every local agent one token that could speak for any node
@@ -186,9 +227,10 @@ class LocalProvider:
         if cluster.deleting:  # its nodes drain, and go once they run nothing
             return 0
         if "autoScale" in cluster.scale_settings:
-            return autoscale_target(m, cluster, self.gpus, self.runtimes.split(","))
-        manual = cluster.scale_settings.get("manual") or {}
-        return int(manual.get("targetNodeCount", 0))
+            target = autoscale_target(m, cluster, self.gpus, self.runtimes.split(","))
+        else:
+            target = int((cluster.scale_settings.get("manual") or {}).get("targetNodeCount", 0))
+        return min(target, self.max_nodes)
 
     async def reconcile(self) -> None:
         """Keep the nodes that stay (staying_nodes) running, and let the others go."""
@@ -214,7 +256,9 @@ class LocalProvider:
 
     async def _let_go(self, node_id: str) -> None:
         """A node that goes: drained while it runs work (its jobs' fate is the cluster's
-        nodeDeallocationOption), else its agent is stopped and the node removed at once."""
+        nodeDeallocationOption), else its agent is stopped and the node removed at once. Its
+        token is revoked either way, also when its agent was stopped before it registered
+        (no node in the read models, but a token made for it)."""
         node = self.control.models.nodes.get(node_id)
         if node is not None and node.allocations:
             await self._deallocate(node_id)
@@ -222,10 +266,10 @@ class LocalProvider:
         if node is not None:  # removed first: its agent's leaving is then no node's loss
             await self._node_event(node_id, "NodeRemoved", node.state)
         process = self.processes.pop(node_id, None)
+        self.told.pop(node_id, None)
         if process is not None:
             await self._stop(process)
-        if node is not None:
-            await self._revoke_credential(node_id)
+        await self._revoke_credential(node_id)
 
     async def _deallocate(self, node_id: str) -> None:
         """Drain a node that goes, and end its jobs' attempts as the cluster's
@@ -243,12 +287,10 @@ class LocalProvider:
     async def _revoke_credential(self, node_id: str) -> None:
         """A removed node's agent token goes with it: revoked, and its file deleted (a node
         wanted again later gets a new one)."""
-        name = _token_name(node_id)
 
         def decide(m: ReadModels) -> list:
-            return [(f"token-{t.token_id}", NewEvent("TokenRevoked", {"tokenId": t.token_id},
-                                                     ACTOR))
-                    for t in m.tokens.values() if t.name == name and t.node == node_id]  # fmt: skip
+            return [d for t in list(m.tokens.values()) if _node_token(t) and t.node == node_id
+                    for d in revoke_token(m, t.token_id, ACTOR)]  # fmt: skip
 
         await self.control.run(decide, key=f"node/{node_id}")
         (self.state_dir / "nodes" / node_id / "agent.token").unlink(missing_ok=True)
@@ -301,6 +343,10 @@ class LocalProvider:
         if self.stopping or self.processes.get(node_id) is not process:
             return  # stopped on purpose
         logger.warning("local.agent_exited", node=node_id, code=code)
+        if node_id not in self.control.models.nodes:  # it never registered: tell why, once
+            await self._unregistered(node_id, code)
+            return
+        self.told.pop(node_id, None)  # it had registered: a later failure is news again
         error = {"code": "agent_exited", "message": f"its agent exited with {code}"}
         told = {"code": "agent_exited",  # (what its jobs' timelines say)
                 "message": f"node {node_id} was lost: its agent exited with {code}"}  # fmt: skip
@@ -310,6 +356,34 @@ class LocalProvider:
                                    key=f"node/{node_id}")  # fmt: skip
         except Exception as exc:  # (the log fenced or closed): its silence tells in time
             logger.warning("local.agent_exit_not_logged", node=node_id, error=str(exc))
+
+    async def _unregistered(self, node_id: str, code: int) -> None:
+        """An agent that exited before its node registered (it could not reach its container
+        engine, say) is started again at every reconcile: its cluster's errors tell why
+        (its log's last line), once per node while its reason stays the same: however
+        many nodes fail, and also after a restart while the cluster's errors still hold it."""
+        log = self.state_dir / "nodes" / node_id / "agent.log"
+        why = _last_line(log).removeprefix("batchd: error: ")
+        message = (f"the agent of node {node_id} exited with {code} before it registered"
+                   f"{': ' + why if why else ''} ({log})")  # fmt: skip
+        error = {"code": "agent_exited", "message": message}
+        if self.told.get(node_id) == message:
+            return
+
+        def decide(m: ReadModels) -> list[Decision]:
+            cluster = _local_cluster(m)
+            if cluster is None or any(e.get("message") == message for e in cluster.errors):
+                return []
+            data = {"clusterId": cluster.cluster_id, "error": error}
+            return [(f"cluster-{cluster.workspace}/{cluster.name}",
+                     NewEvent("ClusterErrorRecorded", data, ACTOR))]  # fmt: skip
+
+        try:
+            await self.control.run(decide)
+        except Exception as exc:  # (the log fenced or closed): its agent log tells
+            logger.warning("local.agent_exit_not_logged", node=node_id, error=str(exc))
+            return
+        self.told[node_id] = message
 
     async def _stop(self, process: asyncio.subprocess.Process) -> None:
         if process.returncode is not None:
@@ -331,6 +405,18 @@ class LocalProvider:
             logger.warning("local.interruption_not_logged", error=str(exc))
         await asyncio.gather(*(self._stop(p) for p in self.processes.values()))
         self.processes.clear()
+
+
+def _last_line(path: Path, most: int = 4096) -> str:
+    """The last non-blank line of a log (of its last `most` bytes), at most 300 characters."""
+    try:
+        with path.open("rb") as handle:
+            handle.seek(max(0, handle.seek(0, os.SEEK_END) - most))
+            tail = handle.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    lines = [line.strip() for line in tail.splitlines() if line.strip()]
+    return lines[-1][:300] if lines else ""
 
 
 def _local_cluster(m: ReadModels) -> Cluster | None:
@@ -447,14 +533,16 @@ def autoscale_target(m: ReadModels, cluster: Cluster, gpus_per_node: int,
     """How many nodes an `autoScale` cluster wants now: those that run work, and enough for
     its queued jobs (a one-node job that fits beside the work of a busy ready node, none;
     the others' GPUs packed onto whole nodes; a job without GPUs, or a gang, takes whole
-    nodes; a job that asks more GPUs a node than the nodes have, or a runtime they do not
-    offer, none), within `minimumNodeCount` and `maximumNodeCount`."""
+    nodes; a job that asks more GPUs a node than the nodes have, a runtime they do not
+    offer, or more nodes than `maximumNodeCount` (lowered after it was submitted: it waits
+    with `cluster_too_small`), none), within `minimumNodeCount` and `maximumNodeCount`."""
     auto = cluster.scale_settings["autoScale"]
     busy = [m.nodes[node_id] for node_id in cluster.nodes if m.nodes[node_id].allocations]
     spare = sorted(len(free_gpus(node)) for node in busy if node.state == READY)
     gpus = whole = widest = 0
     for job in queue.ordered(m, cluster.cluster_id):
-        if job.gpus_per_node > gpus_per_node or job.runtime not in runtimes:
+        if (job.gpus_per_node > gpus_per_node or job.runtime not in runtimes
+                or job.node_count > auto["maximumNodeCount"]):  # fmt: skip
             continue  # no node of this cluster can ever run it: none is started for it
         if job.node_count == 1 and job.gpus_per_node and _take(spare, job.gpus_per_node):
             continue  # it is placed beside running work: no node is started for it
@@ -480,3 +568,9 @@ def _take(spare: list[int], need: int) -> bool:
 def _token_name(node_id: str) -> str:
     """The name of a local node's own agent token."""
     return f"local-agent-{node_id}"
+
+
+def _node_token(token: Token) -> bool:
+    """Is `token` a local node's own (`_token_name`, or `-N` after it where that was taken)?"""
+    return (token.role == "agent" and token.node is not None
+            and token.name.startswith(_token_name(token.node)))  # fmt: skip

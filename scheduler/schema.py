@@ -41,6 +41,25 @@ class DuplicateKey(ValueError):
         self.key = key
 
 
+class NumberTooLong(ValueError):
+    """A JSON integer longer than any field takes (Python would refuse past 4,300 digits)."""
+
+    def __init__(self, digits: int) -> None:
+        super().__init__(f"holds a number of {digits} digits: no field takes one of more than "
+                         f"{MAX_DIGITS}")  # fmt: skip
+
+
+MAX_DIGITS = 100
+
+
+def _whole_number(text: str) -> int:
+    """json.loads' parse_int: an integer, if it is of a length any field could take."""
+    digits = len(text) - text.startswith("-")
+    if digits > MAX_DIGITS:
+        raise NumberTooLong(digits)
+    return int(text)
+
+
 def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """json.loads' object_pairs_hook: a key given twice is refused (DuplicateKey), rather
     than the last silently replacing the first, which no check of the document would see."""
@@ -62,11 +81,12 @@ def _first_repeated(pairs: list[tuple[str, Any]]) -> str:
 
 def loads(text: str | bytes) -> Any:
     """A JSON document whose objects name each key once; DuplicateKey naming the first
-    repeated key by its path in the document (`properties.nodeCount`, `a[2].b`)."""
+    repeated key by its path in the document (`properties.nodeCount`, `a[2].b`);
+    NumberTooLong for an integer of more than MAX_DIGITS digits."""
     try:
-        return json.loads(text, object_pairs_hook=unique_keys)
+        return json.loads(text, object_pairs_hook=unique_keys, parse_int=_whole_number)
     except DuplicateKey as exc:  # found bottom-up: its path comes from a second, marking read
-        marked = json.loads(text, object_pairs_hook=_Repeated.of)
+        marked = json.loads(text, object_pairs_hook=_Repeated.of, parse_int=_whole_number)
         raise DuplicateKey(_repeated_path(marked, "") or exc.key) from None
 
 
@@ -110,13 +130,15 @@ def _kind(value: Any) -> str:
     return _KINDS.get(type(value), "null" if value is None else type(value).__name__)
 
 
-def string(*, max_len: int = 4096, pattern: str | None = None, what: str = "") -> Validator:
+def string(*, max_len: int = 4096, pattern: str | None = None, what: str = "",
+           empty: bool = False) -> Validator:  # fmt: skip
+    """A string (of UTF-8, without NUL), not empty unless `empty` allows it."""
     compiled = re.compile(pattern) if pattern else None
 
     def check(value: Any, path: str) -> str:
         if not isinstance(value, str):
             raise DocumentError(path, f"must be a string, not {_kind(value)}")
-        if not value:
+        if not value and not empty:
             raise DocumentError(path, "must not be empty")
         if len(value) > max_len:
             raise DocumentError(path, f"must be at most {max_len} characters")

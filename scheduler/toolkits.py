@@ -318,14 +318,24 @@ def _node_script(background: list[str], foreground: list[str]) -> str | None:
     the first failing worker's (0 when all succeed); the servers stop when the workers end."""
     if not background and not foreground:
         return None
-    lines = ["set -m"]  # each process its own group, so a server is stopped with its children
+    # each process its own group, so a server is stopped with its children (a shell without
+    # job control, busybox's, says so and runs them in its own group: `kill PID` then)
+    lines = ["set -m 2>/dev/null"]
+    # the task's SIGTERM (terminate, a wall clock, preemption) reaches every process, which
+    # has its grace: the runtime signals only the shell's own group
+    lines.append(f"trap '{_STOP_ALL}; wait; exit 143' TERM")
     lines += [f'{command} & servers="$servers $!"' for command in background]
     lines += [f'{command} & workers="$workers $!"' for command in foreground]
     lines.append('rc=0; for w in $workers; do wait "$w"; s=$?; [ "$rc" = 0 ] && rc=$s; done')
     if background:
-        lines.append('for s in $servers; do kill -- "-$s" 2>/dev/null; done')
+        lines.append(_STOP_SERVERS)
     lines.append("exit $rc")
     return "\n".join(lines)
+
+
+_KILL = 'kill -TERM -- "-$p" 2>/dev/null || kill -TERM "$p" 2>/dev/null'
+_STOP_ALL = f"for p in $servers $workers; do {_KILL}; done"
+_STOP_SERVERS = f"for p in $servers; do {_KILL}; done"
 
 
 _COMMANDS = {

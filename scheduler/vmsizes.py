@@ -22,6 +22,7 @@ class VmSize:
     gpu_model: str
     vcpus: int
     memory_mb: int
+    max_nodes: int | None = None  # the most nodes a cluster of this size may have (None: any)
 
 
 def _sizes(gpu_model: str, *rows: tuple[str, int, int, int]) -> list[VmSize]:
@@ -85,6 +86,9 @@ class Catalog:
 
 CATALOG = Catalog()
 LOCAL = "Local"  # the VM size of the local provider's nodes
+# local nodes a cluster may have by default ([local] max_nodes): each is an agent process on
+# this machine (about 40 MB), so a mistyped resize must not start thousands
+DEFAULT_LOCAL_MAX_NODES = 64
 
 
 def _size(name: str, shape: Any) -> VmSize:
@@ -106,9 +110,11 @@ def _size(name: str, shape: Any) -> VmSize:
     return VmSize(name, numbers["gpus"], model, numbers["vcpus"], numbers["memory_mb"])
 
 
-def local_size(gpus: int) -> VmSize:
-    """The shape of a local node: `gpus` simulated GPUs, and this machine's CPUs and memory."""
-    return VmSize(LOCAL, gpus, "simulated" if gpus else "", os.cpu_count() or 1, memory_mb())
+def local_size(gpus: int, max_nodes: int) -> VmSize:
+    """The shape of a local node: `gpus` simulated GPUs, and this machine's CPUs and memory;
+    a local cluster has at most `max_nodes` (each an agent process on this machine)."""
+    return VmSize(LOCAL, gpus, "simulated" if gpus else "", os.cpu_count() or 1, memory_mb(),
+                  max_nodes)  # fmt: skip
 
 
 def memory_mb() -> int:

@@ -6,7 +6,9 @@ its retry. So each agent starts a watchdog first thing, in a session of its own 
 the agent's process group does not reach it), and keeps the write end of a pipe that is the
 watchdog's standard input. The watchdog waits on it:
 
-- `STOPPED` then end of file: the agent stopped its tasks itself; nothing to do.
+- `STOPPED` then end of file: the agent stopped its tasks itself; nothing to do. (An agent
+  that gave up a kill, its engine not answering, or could not remove a container, ends
+  without it: what it left is the watchdog's to end, as below.)
 - end of file alone: the agent is gone. The watchdog kills what the agent's task slots name
   (reap_leftovers: each task's process group, and what carries its label in any group) and
   removes the node's containers, then exits.
@@ -48,6 +50,9 @@ BEAT = b"."  # the agent's loop runs
 # shorter than the daemon's node timeout (10 s)
 SILENCE = 8.0
 LOCK_WAIT = 30.0  # seconds an agent waits for a previous agent of its work directory to end
+# seconds the removal of an agent's containers may take (an engine that hangs is not waited
+# for: the node's next agent, waiting for the lock, removes them as it starts)
+REMOVE_WAIT = 15.0
 LOCK_FILE = "agent.lock"
 
 
@@ -73,16 +78,18 @@ def hold_work_dir(work_dir: Path) -> int:
             time.sleep(0.05)
 
 
-def start(lock: int, running_dir: Path, node_id: str,
-          docker_host: str | None) -> tuple[subprocess.Popen, int]:  # fmt: skip
+def start(lock: int, running_dir: Path, node_id: str, docker_host: str | None,
+          work_dir: str) -> tuple[subprocess.Popen, int]:  # fmt: skip
     """Start the agent's watchdog, handing it the work directory's lock; (the process, the
-    pipe's write end: write STOPPED to it once the tasks are stopped, and close it). It is
+    pipe's write end: write STOPPED to it once the tasks are stopped, and close it);
+    `work_dir` tells the node's containers (containers.agent_dir) from another
+    installation's node of the same id. It is
     not one of the event loop's children: it outlives the loop by design."""
     read, write = os.pipe()
     try:
         process = subprocess.Popen(
             [sys.executable, "-m", "batchd.scheduler.watchdog", "--running-dir",
-             str(running_dir), "--node-id", node_id,
+             str(running_dir), "--node-id", node_id, "--work-dir", work_dir,
              *(("--docker-host", docker_host) if docker_host else ())],
             stdin=read, stdout=subprocess.DEVNULL, pass_fds=(lock,), start_new_session=True,
         )  # fmt: skip
@@ -127,16 +134,17 @@ def _watch_agent(silent: Callable[[], None]) -> bool:
             silent()
 
 
-async def _remove_containers(url: str, node_id: str) -> int:
+async def _remove_containers(url: str, node_id: str, work_dir: str) -> int:
     import aiodocker  # only where the agent ran containers: the watchdog stays small
     import aiohttp
 
     from batchd.scheduler.containers import remove_node_containers
 
     docker = aiodocker.Docker(url=url)
-    try:
-        return await remove_node_containers(docker, node_id)
-    except (aiodocker.DockerError, aiohttp.ClientError, OSError) as exc:
+    try:  # bounded: it holds the work directory's lock, which the node's next agent awaits
+        return await asyncio.wait_for(remove_node_containers(docker, node_id, work_dir),
+                                      REMOVE_WAIT)  # fmt: skip
+    except (aiodocker.DockerError, aiohttp.ClientError, OSError) as exc:  # (TimeoutError too)
         logger.warning("watchdog.containers_left", node=node_id, error=str(exc))
         return 0
     finally:
@@ -147,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="batchd-watchdog")
     parser.add_argument("--running-dir", required=True, type=Path)
     parser.add_argument("--node-id", required=True)
+    parser.add_argument("--work-dir", required=True)  # the agent's (containers.agent_dir)
     parser.add_argument("--docker-host")
     args = parser.parse_args(argv)
     logs.configure(json=True)
@@ -160,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
 def _end_tasks(args: argparse.Namespace, event: str) -> None:
     """Kill the agent's tasks and remove its node's containers; log `event`."""
     killed = reap_leftovers(args.running_dir)
-    removed = asyncio.run(_remove_containers(args.docker_host, args.node_id)) if (
+    removed = asyncio.run(_remove_containers(args.docker_host, args.node_id, args.work_dir)) if (
         args.docker_host) else 0  # fmt: skip
     logger.warning(event, node=args.node_id, tasks_killed=killed, containers_removed=removed)
 

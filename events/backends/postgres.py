@@ -58,6 +58,7 @@ MIGRATION_LOCK = 0x62617463  # advisory lock key held while migrating ("batc")
 WRITE_ATTEMPTS = 3
 LISTEN_BACKOFF = 0.5  # seconds between listener reconnects
 CONNECT_TIMEOUT = 10.0  # seconds
+UNLOCK_TIMEOUT = 2.0  # seconds a stopping leader's lock connection has to free its lock
 VERSION_CACHE = 100_000  # streams whose version the writer remembers
 COPY_ROWS = 64  # a batch of at least this many events is stored with COPY
 WRITER_IDLE = 60.0  # seconds: the writer's connection is opened again after this long unused
@@ -188,6 +189,18 @@ def redact_dsn(dsn: str) -> str:
 _QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
 
 
+async def _let_go(conn: asyncpg.Connection) -> None:
+    """End a lock connection, its locks freed first: the server frees a session's locks only
+    once it sees the session end, a moment after the client drops it, and a standby asking
+    then would be refused. A connection that does not answer is just dropped."""
+    try:
+        await conn.execute("SELECT pg_advisory_unlock_all()", timeout=UNLOCK_TIMEOUT)
+    except (asyncpg.PostgresError, *_UNAVAILABLE):
+        pass
+    finally:
+        conn.terminate()
+
+
 async def _ask_lock(conn: asyncpg.Connection) -> bool:
     """pg_try_advisory_lock of the leader lock on `conn` (closed if that fails)."""
     try:
@@ -300,7 +313,7 @@ class PostgresBackend:
             self._writer = None
         for held in (self._leader, self._hopeful):
             if held is not None:
-                held.terminate()  # a lock frees with its session
+                await _let_go(held)
         self._leader = self._hopeful = None
         if self._listener is not None:
             self._listener.cancel()
@@ -353,7 +366,9 @@ class PostgresBackend:
                 try:
                     yield conn
                 except _UNAVAILABLE:
-                    conn.terminate()
+                    # (one the server closed is back in the pool already: its proxy refuses)
+                    with contextlib.suppress(asyncpg.InterfaceError):
+                        conn.terminate()
                     raise
         except (asyncpg.PostgresError, *_UNAVAILABLE) as exc:
             if not translate:

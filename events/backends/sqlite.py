@@ -17,6 +17,8 @@ import urllib.parse
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import structlog
+
 from batchd.events import errors
 from batchd.events.envelope import Head, uuid_of_bytes
 from batchd.events.store import AppendRequest, BatchPlan, Prepare, Snapshot
@@ -25,6 +27,8 @@ SCHEMA_VERSION = 1
 BUSY_TIMEOUT_MS = 10_000
 CACHE_KIB = 65_536  # page cache per connection: index pages of a large log stay in memory
 WAL_CHECKPOINT_PAGES = 10_000  # checkpoint every ~40 MB of WAL instead of SQLite's ~4 MB
+
+logger = structlog.get_logger(__name__)
 
 MIGRATIONS: dict[int, str] = {
     1: """
@@ -149,6 +153,11 @@ class SqliteBackend:
         directory = Path(self.path).absolute().parent
         if not directory.is_dir():
             raise errors.StoreError(f"cannot open log {self.path}: {directory} does not exist")
+        mode = 0o600
+        try:  # a new log is its owner's alone (its WAL too)
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode))
+        except FileExistsError:  # one shared on purpose keeps its mode, but is told of
+            mode = os.stat(self.path).st_mode & 0o777
         conn = self._connect("rwc")
         try:
             version = self._schema_version(conn)  # reads the header first: nothing written yet
@@ -162,6 +171,9 @@ class SqliteBackend:
         except BaseException:
             conn.close()
             raise
+        if mode & 0o077:  # told once the file proved a log: a refusal stays one line
+            logger.warning("log.readable_by_others", path=self.path, mode=f"{mode:04o}",
+                           fix=f"chmod 600 {self.path}")  # fmt: skip
         return conn
 
     def _check_integrity(self, conn: sqlite3.Connection) -> None:

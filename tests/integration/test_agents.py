@@ -154,6 +154,35 @@ async def test_terminate_gives_the_program_the_tasks_shell_started_its_sigterm_g
     assert saved.read_text() == "checkpoint"  # before the task's end was reported
 
 
+async def test_terminate_gives_each_tensorflow_process_its_sigterm_grace(local):
+    """A TensorFlow node runs its parameter servers and workers each in a group of its own:
+    terminating the job still gives every one of them SIGTERM and its grace (a checkpoint),
+    not the SIGKILL that ends what is left of a task."""
+    daemon, client = local
+    out = daemon.state_dir / "tf"
+    out.mkdir()
+    program = ("import json, os, pathlib, signal, sys, time\n"
+               "role = json.loads(os.environ['TF_CONFIG'])['task']['type']\n"
+               f"out = pathlib.Path({str(out)!r})\n"
+               "def stop(*_):\n    time.sleep(1)\n"
+               "    (out / f'saved-{role}').write_text('checkpoint')\n    sys.exit(0)\n"
+               "signal.signal(signal.SIGTERM, stop)\n"
+               "(out / f'ready-{role}').write_text('ready')\ntime.sleep(600)\n")  # fmt: skip
+    script = daemon.state_dir / "tf_train.py"
+    script.write_text(program)
+    settings = {"pythonScriptFilePath": str(script), "pythonInterpreterPath": sys.executable,
+                "workerCount": 1, "parameterServerCount": 1}  # fmt: skip
+    job = {"cluster": "local", "nodeCount": 1, "gpusPerNode": 1,
+           "stdOutErrPathPrefix": "$AZ_BATCHAI_MOUNT_ROOT/logs",
+           "tensorFlowSettings": settings}  # fmt: skip
+    assert (await client.call("PUT", f"{EXP}/jobs/tf", job))[0] == 201
+    await _until(lambda: all((out / f"ready-{r}").exists() for r in ("ps", "worker")), 30)
+    assert (await client.call("POST", f"{EXP}/jobs/tf/terminate"))[0] == 202
+    ended = await _ended(daemon, client, "tf", seconds=30)
+    assert ended["properties"]["state"] == "failed"
+    assert [(out / f"saved-{r}").exists() for r in ("ps", "worker")] == [True, True]
+
+
 async def test_a_process_that_leaves_the_tasks_group_is_killed_when_the_task_ends(local):
     daemon, client = local
     pid_file = daemon.state_dir / "escaped.pid"
@@ -480,6 +509,29 @@ async def test_resizing_down_lets_an_idle_node_go_before_a_busy_one(local):
     await client.call("POST", f"{EXP}/jobs/{name}/terminate")
 
 
+async def test_a_local_cluster_is_not_sized_past_its_most_nodes(local):
+    """Each local node is an agent process on this machine: a size past `[local] max_nodes`
+    (64 by default), by resize, scale settings or a new cluster of size Local, is refused
+    naming the field, and starts nothing."""
+    daemon, client = local
+    models = daemon.models.models
+    cluster = "/v1/workspaces/default/clusters/local"
+    for settings, field in (({"manual": {"targetNodeCount": 1000}}, "manual.targetNodeCount"),
+                            ({"autoScale": {"minimumNodeCount": 0, "maximumNodeCount": 65}},
+                             "autoScale.maximumNodeCount")):  # fmt: skip
+        status, answer = await client.call("PATCH", cluster, {"scaleSettings": settings})
+        assert status == 400, answer
+        [problem] = answer["error"]["details"]
+        assert problem["name"] == f"scaleSettings.{field}", problem
+        assert "at most 64" in problem["value"] and "Local" in problem["value"], problem
+    other = {"vmSize": "Local", "scaleSettings": {"manual": {"targetNodeCount": 100}}}
+    status, answer = await client.call("PUT", "/v1/workspaces/default/clusters/more", other)
+    assert status == 400 and "at most 64" in answer["error"]["message"], answer
+    local_cluster = models.clusters[models.cluster_ids["default/local"]]
+    assert local_cluster.scale_settings == {"manual": {"targetNodeCount": 2}}
+    assert "default/more" not in models.cluster_ids and len(daemon.providers[0].processes) == 2
+
+
 async def _history_reasons(client: Client, name: str) -> list[tuple[str, str | None]]:
     status, history = await client.call("GET", f"{EXP}/jobs/{name}/history")
     assert status == 200, history
@@ -496,8 +548,10 @@ async def test_resizing_down_requeues_the_jobs_of_the_node_that_goes_by_default(
     env = {"BATCHD_SERVER": daemon.url, "BATCHD_TOKEN": daemon.admin_token}
     done = await asyncio.to_thread(batchd, "cluster", "resize", "local", "--nodes", "1", env=env)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == ("resized cluster default/local to 1 nodes; jobs on the nodes "
-                                   "that go are requeued (requeue)")  # fmt: skip
+    assert done.stdout.strip() == (
+        "resized cluster default/local to 1 nodes; jobs on the nodes that go are requeued "
+        "(requeue), where batchd started the nodes; nodes that joined by hand stay until their "
+        "agents are stopped (docs/scheduling.md)")  # fmt: skip
     await _until(lambda: "local-1" not in models.nodes, 30)  # without waiting for the job
     job = newest_job(models, name)
     assert job.state == "queued" and job.retries == {"interrupted": 1}  # local-0 is full
@@ -654,6 +708,55 @@ async def test_the_setup_task_runs_before_a_node_takes_work_and_its_failure_is_s
         for agent in agents:
             agent.terminate()
             await agent.wait()
+
+
+async def test_a_node_with_fewer_gpus_than_its_vm_size_is_unusable_until_an_agent_has_them(local):
+    """Jobs take every GPU of the VM size by default: a node short of them would leave such
+    jobs waiting for ever, so it is unusable, and says why, until a new agent has them."""
+    daemon, client = local
+    models = daemon.models.models
+    four = {"vmSize": "Standard_NC24s_v3", "scaleSettings": {"manual": {"targetNodeCount": 1}}}
+    status, _ = await client.call("PUT", "/v1/workspaces/default/clusters/short", four)
+    assert status == 201
+    token = await _node_token(client, daemon, "short-0")
+
+    def agent(gpus: str):
+        return asyncio.create_subprocess_exec(
+            sys.executable, "-m", "batchd.scheduler.cli", "agent", "--server", daemon.url,
+            "--token-file", str(token), "--node-id", "short-0", "--cluster", "default/short",
+            "--gpus", gpus, "--work-dir", str(daemon.state_dir / "nodes/short-0"),
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+
+    def state() -> str | None:
+        node = models.nodes.get("short-0")
+        return node.state if node is not None else None
+
+    first = await agent("2")
+    try:
+        await _until(lambda: state() == "unusable", 30)
+        _status, node = await client.call("GET", "/v1/nodes/short-0")
+        error = node["properties"]["errors"][-1]
+        assert error["code"] == "gpus_missing"
+        assert "2 GPU(s)" in error["message"] and "Standard_NC24s_v3 has 4" in error["message"]
+        _status, shown = await client.call("GET", "/v1/workspaces/default/clusters/short")
+        assert shown["properties"]["errors"][-1]["code"] == "gpus_missing"
+        job = {"cluster": "short", "nodeCount": 1, "stdOutErrPathPrefix": "$AZ_BATCHAI_MOUNT_ROOT",
+               "customToolkitSettings": {"commandLine": "true"}}  # fmt: skip
+        await client.call("PUT", f"{EXP}/jobs/whole", job)  # all 4 GPUs, by default
+        await _until(lambda: newest_job(models, "whole").pending_reason is not None, 10)
+        assert newest_job(models, "whole").pending_reason == {"code": "nodes_not_ready"}
+    finally:
+        first.terminate()
+        await first.wait()
+    second = await agent("4")  # the node again, now with its GPUs: a new incarnation
+    try:
+        job = await _ended(daemon, client, "whole")
+        assert job["properties"]["state"] == "succeeded"
+        assert state() == "ready"
+    finally:
+        second.terminate()
+        await second.wait()
 
 
 async def test_a_job_that_cannot_write_its_output_or_start_fails_clearly_and_the_agent_stays(local):
@@ -1005,6 +1108,9 @@ async def test_the_agent_channel_refuses_strangers_and_bad_registrations(local):
                            gpuMemoryMb=-1)  # fmt: skip
     assert await post(fleet, bad) == 400
     assert await post(fleet, protocol.message("Heartbeat", "bad id!", 1, running=[])) == 400
+    odd = protocol.message("Heartbeat", "local-0", models.nodes["local-0"].incarnation,
+                           running=[], engineDown={"why": "?"})  # fmt: skip
+    assert await post(own, odd) == 400
     assert models.jobs[job_id].state == "running" and "evil-node" not in models.nodes
     assert not daemon.stopping.is_set()
     assert await poll(fleet, "local-0") == 409  # another agent's commands are not handed out
@@ -1056,10 +1162,12 @@ async def test_reading_files_through_a_node_that_is_gone_answers_at_once(local):
     assert "error" not in answer
 
 
-async def test_a_task_stopped_by_its_agents_lost_lease_is_retried_as_a_node_failure(local):
+@pytest.mark.parametrize("fault", protocol.NODE_FAULTS)
+async def test_a_task_stopped_by_its_agents_lost_lease_is_retried_as_a_node_failure(local, fault):
     """An agent out of touch with the daemon for longer than its lease stops its tasks (the
     daemon may have given their GPUs away) and says so when it reports their exit; the job
-    is not blamed: the attempt is requeued under maxNodeFailureRetries and runs again."""
+    is not blamed: the attempt is requeued under maxNodeFailureRetries and runs again. So
+    is a task whose container engine went away (engine_unreachable)."""
     daemon, client = local
     models = daemon.models.models
     await _run(client, "cut", "sleep 600")
@@ -1067,7 +1175,7 @@ async def test_a_task_stopped_by_its_agents_lost_lease_is_retried_as_a_node_fail
                  == "running", 30)  # fmt: skip
     job = newest_job(models, "cut")
     node_id = job.tasks[0][0]
-    error = {"code": protocol.LEASE_EXPIRED, "message": "task 0 was stopped"}
+    error = {"code": fault, "message": "task 0 was stopped"}
     report = protocol.message("TaskExited", node_id, models.nodes[node_id].incarnation,
                               jobId=job.job_id, attempt=1, task=0, exitCode=143,
                               error=error)  # fmt: skip
@@ -1226,6 +1334,8 @@ async def test_a_daemon_killed_outright_requeues_its_local_jobs_when_it_starts_a
         await _until(lambda: job.attempt == 2 and job.state == "running", 30)
         assert job.retries == {"node_lost": 1}  # a crash is a failure: it is counted
         assert job.errors[-1]["code"] == "daemon_restarted"
+        # stamped at this start, the error says when the log last heard of the old daemon
+        assert "the log's last event before this start: 20" in job.errors[-1]["message"]
         async with admin_client(daemon) as client:
             await client.call("POST", f"{EXP}/jobs/kept/terminate")
             await _ended(daemon, client, "kept")
@@ -1429,6 +1539,8 @@ async def test_a_local_cluster_of_another_shape_than_its_nodes_is_reported(tmp_p
         await daemon.stop()
     [shape] = [e for e in logged if e["event"] == "local.cluster_shape"]
     assert (shape["vm_size"], shape["gpus"], shape["gpus_per_node"]) == ("Standard_NC24s_v3", 4, 2)
+    [count] = [e for e in logged if e["event"] == "local.cluster_nodes"]  # the log's count rules
+    assert (count["target_node_count"], count["nodes"]) == (0, 1) and "resize" in count["note"]
 
 
 async def test_the_daemon_forgets_node_ids_it_has_no_node_for(local):
@@ -1480,6 +1592,34 @@ async def test_the_shared_agent_token_of_earlier_versions_is_revoked(tmp_path, m
         await _until(lambda: _ready_nodes(daemon) == 1, 30)  # on a token of its own
         async with admin_client(daemon) as client:
             assert await _post(daemon, client, shared, join) == 401  # now it is refused
+    finally:
+        await daemon.stop()
+
+
+async def test_the_token_of_a_local_node_that_never_registered_goes_at_the_next_start(
+    tmp_path, monkeypatch
+):
+    """An agent stopped before it registered, by a daemon stopped then too, leaves a token
+    made for a node the cluster does not have: revoked, and its file removed, at start."""
+    monkeypatch.delenv("BATCHD_SECRET_KEYS", raising=False)
+    state = tmp_path / "state"
+    daemon = await start_daemon(state, local_nodes=1)
+    try:
+        (state / "nodes/local-5").mkdir(parents=True)
+        stray = await token_file(daemon.control, state / "nodes/local-5/agent.token", "agent",
+                                 "local-agent-local-5", "batchd:serve", "local-5")  # fmt: skip
+        await _until(lambda: _ready_nodes(daemon) == 1, 30)
+        own = _local_token(daemon, "local-0")
+    finally:
+        await daemon.stop()
+    daemon = await start_daemon(state, local_nodes=1)
+    try:
+        await _until(lambda: _ready_nodes(daemon) == 1, 30)
+        beat = protocol.message("Heartbeat", "local-5", 1, running=[])
+        async with admin_client(daemon) as client:
+            assert await _post(daemon, client, stray, beat) == 401
+        assert not (state / "nodes/local-5/agent.token").exists()
+        assert _local_token(daemon, "local-0") == own  # a node the cluster has keeps its own
     finally:
         await daemon.stop()
 
@@ -1681,6 +1821,37 @@ async def test_an_exec_ends_with_its_caller_and_answers_when_its_node_is_lost(lo
         assert time.monotonic() - started < 60  # not the 600 s of a silent command
     finally:
         agent.send_signal(signal.SIGCONT)
+        agent.terminate()
+        await agent.wait()
+
+
+async def test_an_exec_is_stopped_and_broken_off_when_its_token_is_revoked(local):
+    """An exec runs commands in the job's environment, secrets included: a revoked token's
+    exec stops there, as its next request would fail."""
+    daemon, client = local
+    agent = await _busy_node(daemon, client, "rv")
+    try:
+        operator = await make_token(client, "ops", "operator")
+        _status, tokens = await client.call("GET", "/v1/tokens")
+        [token_id] = [t["id"] for t in tokens["value"] if t["name"] == "ops"]
+        pid_file = daemon.state_dir / "counting.pid"
+        body = {"command": f"echo $$ > {pid_file}; for i in $(seq 60); do echo $i; sleep 0.2; done"}
+        headers = {"Authorization": f"Bearer {operator}"}
+        rest = b""
+        async with (
+            aiohttp.ClientSession(headers=headers) as session,
+            session.post(f"{daemon.url}{EXP}/jobs/busy/exec", json=body) as answer,
+        ):
+            assert json.loads(await answer.content.readline()) == {"stdout": "1\n"}
+            counting = int(pid_file.read_text())
+            assert (await client.call("DELETE", f"/v1/tokens/{token_id}"))[0] in (200, 202, 204)
+            with pytest.raises(aiohttp.ClientPayloadError):  # unfinished, not a clean end
+                async with asyncio.timeout(10):
+                    while chunk := await answer.content.readany():
+                        rest += chunk
+        assert b"exitCode" not in rest and b"60" not in rest
+        await _until(lambda: not alive(counting), 15)  # the command was stopped
+    finally:
         agent.terminate()
         await agent.wait()
 

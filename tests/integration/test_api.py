@@ -67,6 +67,10 @@ async def test_the_whole_lifecycle_of_workspace_experiment_cluster_and_job(clien
     assert cluster["properties"]["allocationState"] == "resizing"
     status, listed = await client.call("GET", "/v1/jobs?state=queued&cluster=gpu")
     assert [j["name"] for j in listed["value"]] == ["train"] and listed["nextLink"] is None
+    status, listed = await client.call("GET", "/v1/jobs?state=running&cluster=gpu")
+    assert status == 200 and listed["value"] == []  # a cluster with no such job: none
+    status, error = await client.call("GET", "/v1/jobs?cluster=gpus")  # mistyped
+    assert status == 400 and error["error"]["details"][0]["name"] == "cluster", error
     resize = {"scaleSettings": {"manual": {"targetNodeCount": 4}}}
     status, cluster = await client.call("PATCH", "/v1/workspaces/ws/clusters/gpu", resize)
     assert status == 200 and cluster["properties"]["scaleSettings"] == resize["scaleSettings"]
@@ -102,6 +106,16 @@ async def test_put_is_idempotent_and_a_different_document_is_a_conflict(client):
     assert len(hist["value"]) == 1 and len(submitted) == 1  # nothing new was submitted
     status, error = await client.call("PUT", f"{EXP}/jobs/train", {**JOB, "nodeCount": 2})
     assert status == 409 and error["error"]["code"] == "Conflict"
+
+
+async def test_a_cluster_being_deleted_is_not_made_again_until_it_has_gone(client, api):
+    await seed(client)
+    cluster_id = api.models.models.cluster_ids["ws/gpu"]
+    await api.store.append("node-n1", [NewEvent("NodeRegistered", {
+        "nodeId": "n1", "cluster": cluster_id, "gpus": 4, "incarnation": 1})])  # fmt: skip
+    assert (await client.call("DELETE", "/v1/workspaces/ws/clusters/gpu"))[0] == 202
+    status, error = await client.call("PUT", "/v1/workspaces/ws/clusters/gpu", CLUSTER)
+    assert status == 409 and "is being deleted" in error["error"]["message"]
 
 
 async def test_every_write_returns_its_position_and_reads_can_wait_for_it(client, api):
@@ -164,6 +178,24 @@ async def test_the_event_stream_resumes_after_last_event_id_without_loss_or_repe
     assert [p for p, _t, _d in rest] == list(range(4, head + 1))
     _status, listed = await client.call("GET", f"/v1/events?after=3&top={len(rest)}")
     assert [(e["position"], e["type"]) for e in listed["value"]] == [(p, t) for p, t, _ in rest]
+
+
+async def test_a_paged_event_listing_ends_at_the_head_its_first_page_found(client, api):
+    """As offline export does: a log growing while it is paged through does not keep the
+    listing going (the pages after the first carry the head as `through`)."""
+    await seed(client)
+    for n in range(3):
+        await client.call("PUT", f"{EXP}/jobs/j{n}", JOB)
+    head = (await api.store.head()).position
+    _status, page = await client.call("GET", "/v1/events?top=2")
+    listed = [e["position"] for e in page["value"]]
+    while page["nextLink"]:
+        await client.call("PUT", f"{EXP}/jobs/late{len(listed)}", JOB)  # the log grows
+        status, page = await client.call("GET", page["nextLink"])
+        assert status == 200, page
+        listed += [e["position"] for e in page["value"]]
+    assert listed == list(range(1, head + 1))
+    assert (await api.store.head()).position > head
 
 
 async def test_the_event_stream_sends_only_the_types_asked_for(client, api):
@@ -408,8 +440,14 @@ async def test_a_daemon_another_writer_took_the_log_from_says_it_is_not_ready(cl
         body = await r.json()
         assert r.status == 503 and body["status"] == "fenced"
         assert body["logEpoch"] > body["epoch"]
-    status, error = await client.call("PUT", "/v1/workspaces/late", {})
-    assert status == 503 and "taken over" in error["error"]["message"]  # nothing lands
+    late = api.url + "/v1/workspaces/late"
+    async with (
+        aiohttp.ClientSession(headers=client.headers) as session,
+        session.put(late, json={}) as r,
+    ):
+        error = await r.json()
+        assert r.status == 503 and "taken over" in error["error"]["message"]  # nothing lands
+        assert "Retry-After" not in r.headers  # sending it again would not help
     await asyncio.wait_for(api.stopping.wait(), 10)  # the fenced daemon stops
     assert api.fenced_out  # and `batchd serve` exits FENCED_EXIT (daemon.main)
 
@@ -501,6 +539,7 @@ async def test_until_its_read_models_are_restored_the_daemon_answers_503(tmp_pat
             async with session.get(daemon.url + "/v1/workspaces") as r:
                 body = await r.json()
                 assert r.status == 503 and "starting" in body["error"]["message"]
+                assert r.headers["Retry-After"] == "1"  # the CLI sends a PUT again
             async with session.get(daemon.url + "/healthz") as r:
                 assert r.status == 200
             go.set()

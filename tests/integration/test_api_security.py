@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 from pathlib import Path
 
 import aiohttp
@@ -14,6 +15,7 @@ import pytest
 import structlog
 
 from batchd.events.envelope import NewEvent
+from batchd.events.secrets import Keyring
 from batchd.scheduler import auth
 from tests.integration.conftest import Client, make_token, settled
 from tests.integration.test_api import CLUSTER, EXP, JOB, _sse, seed
@@ -168,6 +170,7 @@ async def test_bad_documents_get_400_naming_the_field_and_nothing_is_stored(api,
     head = (await api.store.head()).position
     cases = [
         (b"{not json", "body", "not valid JSON"),
+        (b'{"nodeCount": ' + b"9" * 5000 + b"}", "body", "a number of 5000 digits"),
         (b'{"nodeCount": 1, "nodeCount": 2}', "nodeCount", "given twice"),  # not the last wins
         (
             b'{"properties": {"inputDirectories": [{"id": "A", "path": "/a"}, {"id": "B", '
@@ -249,6 +252,41 @@ async def test_secrets_and_tokens_never_show_in_answers_events_or_logs(api, sess
     assert SECRET.encode() not in database and api.admin_token.encode() not in database
 
 
+async def test_a_secret_the_daemons_keys_cannot_open_is_named_not_a_bare_500(api, session):
+    admin = Client(session, api.url, api.admin_token)
+    await seed(admin)
+    secret_job = {**JOB, "secrets": [{"name": "WANDB_KEY", "value": SECRET}]}
+    assert (await admin.call("PUT", f"{EXP}/jobs/sealed", secret_job))[0] == 201
+    keyring = api.api.keyring
+    api.api.keyring = Keyring.generate()  # another key under the same id
+    try:
+        status, error = await admin.call("PUT", f"{EXP}/jobs/sealed", secret_job)
+    finally:
+        api.api.keyring = keyring
+    assert status == 500
+    message = error["error"]["message"]
+    assert "fails to open" in message and "secret keys are not those the log was written" in message
+    assert SECRET not in json.dumps(error)
+
+
+async def test_a_secret_with_no_key_to_seal_it_is_refused_saying_so(api, session):
+    """Not said to be a mismatch of keys: there are none."""
+    admin = Client(session, api.url, api.admin_token)
+    await seed(admin)
+    codec = api.api.store.codec
+    keyring, codec.keyring = codec.keyring, None
+    try:
+        secret_job = {**JOB, "secrets": [{"name": "WANDB_KEY", "value": SECRET}]}
+        status, error = await admin.call("PUT", f"{EXP}/jobs/unsealed", secret_job)
+    finally:
+        codec.keyring = keyring
+    assert status == 500
+    message = error["error"]["message"]
+    assert "holds a secret but no secret key is set" in message
+    assert "not those the log was written" not in message and SECRET not in json.dumps(error)
+    assert (await admin.call("GET", f"{EXP}/jobs/unsealed"))[0] == 404  # nothing stored
+
+
 async def test_output_paths_cannot_be_steered_out_of_the_storage(api, session):
     admin = Client(session, api.url, api.admin_token)
     await seed(admin)
@@ -272,6 +310,25 @@ async def test_output_paths_cannot_be_steered_out_of_the_storage(api, session):
     await admin.call("PUT", f"{EXP}/jobs/abs", {**JOB, "stdOutErrPathPrefix": str(api.state_dir)})
     status, _ = await admin.call("GET", f"{EXP}/jobs/abs/files/admin.token")
     assert status == 404
+
+
+async def test_every_listed_file_can_be_fetched_by_its_download_url(api, session):
+    """A name with a line break is served; one that is not UTF-8 (no URL can name it, and
+    its link would name another file) is not listed."""
+    admin = Client(session, api.url, api.admin_token)
+    await seed(admin)
+    out = await placed_with_output(admin, api, "odd")
+    (out / "new\nline").write_text("broken\n")
+    (out / "bad").write_text("the other file\n")
+    with open(os.fsencode(out) + b"/bad\xff", "w") as handle:
+        handle.write("latin-1\n")
+    _status, listed = await admin.call("GET", f"{EXP}/jobs/odd/files")
+    assert sorted(f["name"] for f in listed["value"]) == ["bad", "new\nline"]
+    for entry in listed["value"]:
+        async with session.get(api.url + entry["downloadUrl"], headers=admin.headers) as r:
+            assert r.status == 200, entry
+            assert await r.text() == ("broken\n" if entry["name"] == "new\nline"
+                                      else "the other file\n")  # fmt: skip
 
 
 async def test_scoped_tokens_cannot_mint_tokens_or_use_other_workspaces_clusters(api, session):
@@ -303,6 +360,13 @@ async def test_odd_requests_get_4xx_in_the_error_shape(api, session):
         ("PUT", f"{EXP}/jobs/deep", "[" * 100_000 + "]" * 100_000, None, 400),
         ("GET", "/v1/events?after=9223372036854775808", None, None, 400),
         ("GET", "/v1/events/stream", None, {"Last-Event-ID": "99999999999999999999"}, 400),
+        ("GET", "/v1/events/stream", None, {"Last-Event-ID": "9" * 5000}, 400),
+        ("GET", "/v1/events/stream", None, {"Last-Event-ID": "\u00b2"}, 400),  # a digit, not 0-9
+        ("GET", "/v1/events/stream", None, {"Last-Event-ID": "\u0661\u0662"}, 400),
+        ("GET", "/v1/events?after=1_000", None, None, 400),
+        ("GET", "/v1/events?from=soon", None, None, 400),
+        ("GET", "/v1/events?stream=job-nope", None, None, 404),
+        ("GET", "/v1/events?top=" + "9" * 5000, None, None, 400),
         ("GET", "/v1/nowhere", None, None, 404),
         ("POST", "/v1/workspaces", None, None, 405),
     ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import os
@@ -25,6 +26,8 @@ from batchd.events.envelope import NewEvent
 from batchd.events.secrets import Keyring
 from batchd.events.urls import parse
 from batchd.projections import snapshot
+from batchd.scheduler import config
+from batchd.scheduler.daemon import Daemon
 
 
 def batchd(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -212,7 +215,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_daemon(state: Path, port: int) -> tuple[subprocess.Popen, dict | None]:
+def _start_daemon(state: Path, port: int, *extra: str) -> tuple[subprocess.Popen, dict | None]:
     """`batchd serve` on `state` without the embedded local cluster (a configuration that
     asks for no local nodes), once /readyz says it has started; the process and its /healthz
     answer."""
@@ -220,7 +223,7 @@ def _start_daemon(state: Path, port: int) -> tuple[subprocess.Popen, dict | None
     config.write_text("[local]\nnodes = 0\n")
     daemon = subprocess.Popen(
         [sys.executable, "-m", "batchd.scheduler.cli", "serve", "--state-dir", str(state),
-         "--listen", f"127.0.0.1:{port}", "--config", str(config)],
+         "--listen", f"127.0.0.1:{port}", "--config", str(config), *extra],
         stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     health = None
@@ -241,6 +244,9 @@ def test_serve_restores_the_read_models_and_snapshots_them_on_sigterm(tmp_path):
     url = f"sqlite:///{state / 'events.db'}"
     done = batchd("bench", "replay", "--events", "2000", "--store", url)
     assert done.returncode == 0, done.stderr
+    keys = state / "secret.keys"  # a daemon leads a log only with keys (none open the bench's)
+    keys.write_text(f"k1:{base64.b64encode(os.urandom(32)).decode()}\n")
+    keys.chmod(0o600)
     port = _free_port()
     daemon, health = _start_daemon(state, port)
     try:
@@ -326,6 +332,7 @@ def test_a_second_daemon_on_a_led_log_stands_by_and_takes_over_when_it_frees(tmp
     serving nothing, and takes over (restoring the read models) once the leader stops."""
     config = tmp_path / "no-local-nodes.toml"
     config.write_text("[local]\nnodes = 0\n")
+    keys = {**os.environ, "BATCHD_SECRET_KEYS": f"k1:{base64.b64encode(os.urandom(32)).decode()}"}
     daemons, ports, logs = [], [_free_port(), _free_port()], []
     try:
         for n, port in enumerate(ports):
@@ -334,7 +341,7 @@ def test_a_second_daemon_on_a_led_log_stands_by_and_takes_over_when_it_frees(tmp
                 daemons.append(subprocess.Popen(
                     [sys.executable, "-m", "batchd.scheduler.cli", "serve", "--config",
                      str(config), "--state-dir", str(tmp_path / f"state-{n}"), "--store",
-                     durable_url, "--listen", f"127.0.0.1:{port}"], stderr=log,
+                     durable_url, "--listen", f"127.0.0.1:{port}"], stderr=log, env=keys,
                 ))  # fmt: skip
             deadline = time.monotonic() + 30
             while not (_ready(port) if n == 0 else _logged(logs[1], "daemon.standby")):
@@ -354,6 +361,57 @@ def test_a_second_daemon_on_a_led_log_stands_by_and_takes_over_when_it_frees(tmp
         for daemon in daemons:
             daemon.send_signal(signal.SIGTERM)
             assert daemon.wait(30) == 0
+
+
+def test_a_daemon_without_the_logs_secret_keys_refuses_to_start_on_it(tmp_path, durable_url):
+    """A second daemon (a standby, a new state directory) on a log that holds events needs
+    the keys it was written with: a new key under the same id would open none of its
+    secrets. It says so at once, before it stands by, and writes nothing."""
+    port = _free_port()
+    first, _body = _start_daemon(tmp_path / "first", port, "--store", durable_url)
+    try:
+        second = subprocess.run(
+            [sys.executable, "-m", "batchd.scheduler.cli", "serve", "--state-dir",
+             str(tmp_path / "second"), "--store", durable_url, "--listen",
+             f"127.0.0.1:{_free_port()}"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    finally:
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(15) == 0
+        _ended_logs(first)
+    assert second.returncode != 0
+    error = second.stderr.strip().splitlines()[-1]
+    assert "holds events, but this daemon has no secret keys" in error
+    assert "secret.keys" in error and "BATCHD_SECRET_KEYS" in error
+    assert "Traceback" not in second.stderr
+    assert not (tmp_path / "second" / "secret.keys").exists()  # no key made for it
+
+
+async def test_a_standby_without_keys_refuses_to_take_over_a_log_written_meanwhile(
+    tmp_path, durable_url
+):
+    """Two daemons first started on an empty log: the one that stood by meanwhile (no keys
+    of its own yet) refuses to take the log over once the other has written to it."""
+    holder = await urls.open_store(durable_url, codec=Codec(Keyring.generate()))
+    try:
+        assert await holder.try_lock_leader()
+        cfg = config.load(None, state=str(tmp_path / "standby"), store=durable_url,
+                          local_nodes=0, listen="127.0.0.1:0")  # fmt: skip
+        standby = Daemon(cfg)
+        starting = asyncio.ensure_future(standby.start())
+        await asyncio.sleep(0.5)
+        assert not starting.done()  # standing by
+        await holder.take_leadership()
+        await holder.append("workspace-w", [NewEvent("WorkspaceCreated", {"workspace": "w"})])
+    finally:
+        await holder.close()  # the lock frees: the standby tries it within a second
+    try:
+        with pytest.raises(ValueError, match="holds events, but this daemon has no secret keys"):
+            await asyncio.wait_for(starting, 30)
+    finally:
+        await standby.stop()
+    assert not (tmp_path / "standby" / "secret.keys").exists()
 
 
 def test_serve_answers_healthz_and_stops_cleanly_on_sigterm(tmp_path):
@@ -377,6 +435,8 @@ def test_serve_answers_healthz_and_stops_cleanly_on_sigterm(tmp_path):
     assert anchor["position"] == 1
     assert (state / "events.db").exists()
     assert oct((state / "secret.keys").stat().st_mode & 0o777) == "0o600"
+    # job documents and commands are in the log (SQLite gives its WAL the same mode)
+    assert oct((state / "events.db").stat().st_mode & 0o777) == "0o600"
     token = (state / "admin.token").read_text().strip()
     assert oct((state / "admin.token").stat().st_mode & 0o777) == "0o600"
     assert token.startswith("bd_") and token not in json.dumps(logs)
@@ -389,6 +449,10 @@ def test_a_configuration_with_a_wrong_type_or_unknown_key_is_one_clear_error(tmp
                         ("[local]\nnodes = true", ("local.nodes", "a whole number")),
                         ("[local]\ngpus_per_node = -1", ("gpus_per_node", "give 0 to 64")),
                         ("[local]\nnodes = -1", ("[local] nodes", "give 0 to 10000")),
+                        ("[local]\nnodes = 65\nmax_nodes = 8",
+                         ("[local] nodes", "more than [local] max_nodes (8)")),
+                        ("[local]\nnodes = 1\nmax_nodes = 100000",
+                         ("[local] max_nodes", "give 1 to 10000")),
                         ("[vm_sizes.Lab]\ngpus = 2\nvcpus = 0\nmemory_mb = 1",
                          ("[vm_sizes.Lab] vcpus", "at least 1")),
                         ("[vm_sizes.Lab]\ngpus = 2\nvcpus = 8", ("[vm_sizes.Lab] memory_mb",)),
@@ -404,3 +468,13 @@ def test_a_configuration_with_a_wrong_type_or_unknown_key_is_one_clear_error(tmp
         done = batchd("serve", "--config", str(config), "--state-dir", str(tmp_path / "s"))
         assert_one_line_error(done, *words)
     assert not list(tmp_path.glob("secrets.key*"))  # no key made where none was
+
+
+def test_an_option_a_command_does_not_know_is_told_with_that_commands_usage():
+    for args, usage in ((("job", "list", "--clusterx", "a"), "batchd job list"),
+                        (("events", "export", "--wat"), "batchd events export")):  # fmt: skip
+        done = batchd(*args)
+        assert done.returncode == 2 and "Traceback" not in done.stderr
+        assert done.stderr.startswith(f"usage: {usage} "), done.stderr
+        unknown = " ".join(args[len(usage.split()) - 1 :])
+        assert done.stderr.endswith(f"{usage}: error: unrecognized arguments: {unknown}\n")

@@ -15,6 +15,7 @@ import pytest
 from aiohttp import web
 
 from batchd.events.envelope import NewEvent
+from batchd.events.timeutil import to_iso
 from batchd.scheduler import tls
 from batchd.scheduler.cli import main
 from tests.http import serving
@@ -253,7 +254,8 @@ async def test_terminate_a_queued_job_and_wait_for_succeeded_ones(batchd, api):
     done = await batchd("job", "terminate", "a", "-w", "ws", "-e", "exp")  # queued: ends at once
     assert done.code == 0 and done.lines == ["terminated job ws/exp/a: it has ended (failed)"]
     waited = await batchd("job", "wait", "a", "-w", "ws", "-e", "exp")
-    assert waited.code == 1 and waited.lines == ["job ws/exp/a failed"]
+    assert waited.code == 1 and waited.lines == [
+        "job ws/exp/a failed: terminated: terminated by user:admin"]  # fmt: skip
     again = await batchd("job", "terminate", "a", "-w", "ws", "-e", "exp")
     assert_error(again, "cannot terminate a job that is failed")
 
@@ -280,6 +282,29 @@ async def test_terminate_a_running_job_says_it_is_terminating(batchd, api):
     assert "state: terminating" in shown.lines
     as_json = await batchd("job", "terminate", "r", "-w", "ws", "-e", "exp", "--json")
     assert as_json.code == 0 and as_json.json["properties"]["state"] == "terminating"
+
+
+async def test_job_wait_on_a_retried_job_terminated_says_who_ended_it(batchd, api):
+    """Not its first attempt's lost node: that was not why it ended."""
+    await _setup(batchd)
+    done = await batchd("job", "create", "r", "-w", "ws", "-e", "exp", "--cluster", "c",
+                        "--command", "sleep 100")  # fmt: skip
+    assert done.code == 0, done.err
+    job_id = _job_id(api, "r")
+    lost = {"code": "node_lost", "message": "node n-1 was lost"}
+    await _drive(api, job_id, ("JobRequeued", {"cause": "node_lost", "error": lost}))
+    for event in (NewEvent("JobScheduled", {"jobId": job_id, "attempt": 2,
+                                            "tasks": [{"node": "n-1", "gpus": [0]}]}),
+                  NewEvent("JobStarted", {"jobId": job_id, "attempt": 2})):  # fmt: skip
+        position = await api.store.append(f"job-{job_id}", [event])
+    await api.models.wait_for(_position(position))
+    done = await batchd("job", "terminate", "r", "-w", "ws", "-e", "exp")
+    assert done.code == 0, done.err
+    why = "terminated by user:admin"
+    ended = NewEvent("JobTerminated", {"jobId": job_id, "attempt": 2, "reason": why})
+    await api.models.wait_for(_position(await api.store.append(f"job-{job_id}", [ended])))
+    waited = await batchd("job", "wait", "r", "-w", "ws", "-e", "exp")
+    assert waited.code == 1 and waited.lines == [f"job ws/exp/r failed: terminated: {why}"]
 
 
 async def test_job_output_files_are_listed_and_streamed(batchd, api):
@@ -414,6 +439,10 @@ async def test_bad_input_is_printed_plainly_with_the_field_path(batchd, api, tmp
     done = await batchd("job", "create", "j", "-w", "ws", "-e", "exp", "--cluster", "c",
                         "-f", str(path))  # fmt: skip
     assert_error(done, str(path), "nested too deeply")
+    path.write_text('{"nodeCount": ' + "9" * 5000 + "}")
+    done = await batchd("job", "create", "j", "-w", "ws", "-e", "exp", "--cluster", "c",
+                        "-f", str(path))  # fmt: skip
+    assert_error(done, str(path), "a number of 5000 digits")
     done = await batchd("job", "create", "j", "-w", "ws", "-e", "exp", "--cluster", "c",
                         "-f", str(tmp_path / "missing.json"))  # fmt: skip
     assert_error(done, "missing.json")
@@ -516,6 +545,8 @@ async def test_every_batchai_recipe_is_accepted(batchd, api, monkeypatch):
                             "--config-file", str(recipe), "--cluster", "c")  # fmt: skip
         assert done.code == 0, (recipe.name, done.err)
         assert STORAGE_KEY not in done.out + done.err
+        mounts = json.loads(recipe.read_text())["properties"].get("mountVolumes")
+        assert ("no node mounts them yet" in done.err) == bool(mounts), recipe.name
     listed = await batchd("job", "list", "-w", "ws", "-e", "exp")
     assert sorted(line.split("\t")[0] for line in listed.lines) == sorted(
         f"r{n}" for n in range(17)
@@ -590,7 +621,8 @@ async def test_the_log_tools_through_the_api_say_what_they_say_offline(batchd, a
         [line] = assert_error(await batchd("replay", "--at", at))
         assert line.startswith(f"batchd: error: --at: {at!r} {problem}"), line
     done = await batchd("replay", "--position", str(head + 100))
-    assert assert_error(done) == [f"batchd: error: --position: must be at most {head}"]
+    assert assert_error(done) == [
+        f"batchd: error: --position: {head + 100} is beyond the log's head ({head})"]  # fmt: skip
 
 
 async def test_the_history_of_a_job_removed_with_its_experiment_ends_with_that(batchd, api):
@@ -749,3 +781,57 @@ async def test_a_daemon_on_every_address_is_reached_by_the_names_its_certificate
         assert "--cacert" not in other.err
     finally:
         await daemon.stop()
+
+
+async def test_events_export_through_the_daemon_is_the_offline_export(batchd, api, tmp_path):
+    """Without --store, `events export` asks the daemon (a PostgreSQL deployment's CLI has
+    no log file at hand), and prints what the offline export prints."""
+    await _setup(batchd)
+    secret = "s3cr3t-never-shown"
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"properties": {
+        "nodeCount": 1, "secrets": [{"name": "K", "value": secret}],
+        "stdOutErrPathPrefix": "$AZ_BATCHAI_MOUNT_ROOT/logs",
+        "customToolkitSettings": {"commandLine": "true"}}}))  # fmt: skip
+    done = await batchd("job", "create", "j", "-w", "ws", "-e", "exp", "--cluster", "c",
+                        "-f", str(job))  # fmt: skip
+    assert done.code == 0, done.err
+    await settled(api)
+    for _ in range(100):  # the planner says why it waits: then the log stands still
+        events = await api.store.read_all(0, 1000)
+        if events[-1].type == "JobPendingReasonChanged":
+            break
+        await asyncio.sleep(0.05)
+    middle = events[len(events) // 2].recorded_at
+    job_stream = next(e.stream for e in events if e.type == "JobSubmitted")
+    for extra in (
+        (),
+        ("--from", to_iso(middle)),
+        ("--to", to_iso(middle)),
+        ("--stream", job_stream),
+        ("--stream", "cluster-ws/c", "--to", to_iso(middle)),
+    ):
+        online = await batchd("events", "export", *extra)
+        offline = await batchd("events", "export", "--store", api.cfg.store_url, *extra)
+        assert online.code == offline.code == 0, (extra, online.err)
+        assert online.out == offline.out and online.out, extra
+        assert secret not in online.out
+    done = await batchd("events", "export", "--stream", "job-nope")
+    assert_error(done, "no stream 'job-nope'")
+    done = await batchd("events", "export", "--from", "soon")
+    assert_error(done, "--from: 'soon'")
+
+
+async def test_offline_and_through_the_daemon_the_read_side_says_the_same(batchd, api):
+    await _setup(batchd)
+    await settled(api)  # (the new cluster's resize state has landed)
+    head = (await api.store.head()).position
+    for argv, said in (
+        (("job", "history", "nope", "-w", "ws", "-e", "exp"),
+         "no job named 'nope' in ws/exp, now or before"),
+        (("replay", "--position", str(head + 1000)),
+         f"--position: {head + 1000} is beyond the log's head ({head})"),
+    ):  # fmt: skip
+        online = await batchd(*argv)
+        offline = await batchd(*argv, "--store", api.cfg.store_url)
+        assert assert_error(online, said) == assert_error(offline, said), argv

@@ -95,7 +95,7 @@ def test_replay_before_the_first_event_is_empty_with_a_note(log):
     [
         (["--at", "last tuesday"], ["--at: 'last tuesday'", "ISO-8601"]),
         (["--at", ""], ["--at: ''", "ISO-8601"]),
-        (["--position", "999999"], ["--position 999999", "beyond"]),
+        (["--position", "999999"], ["--position: 999999 is beyond the log's head"]),
         (
             ["--at", "0001-01-01T00:00:00+01:00"],
             ["--at: '0001-01-01T00:00:00+01:00'", "out of range"],

@@ -8,14 +8,17 @@ import base64
 import contextlib
 import json
 import os
+import shutil
 import socket
 import sys
+import tempfile
 
 import aiodocker
 import aiohttp
 import pytest
 
-from batchd.scheduler.containers import WRAPPER, ContainerTask
+from batchd.scheduler import protocol
+from batchd.scheduler.containers import WRAPPER, ContainerTask, remove_node_containers
 from tests.integration.conftest import (
     ENGINE,
     ENTRYPOINT_IMAGE,
@@ -26,7 +29,7 @@ from tests.integration.conftest import (
     newest_job,
     start_daemon,
 )
-from tests.integration.test_agents import _until
+from tests.integration.test_agents import _post, _until
 
 EXP = "/v1/workspaces/default/experiments/default"
 
@@ -34,10 +37,84 @@ EXP = "/v1/workspaces/default/experiments/default"
 @pytest.fixture
 async def box(tmp_path, proxy, monkeypatch):
     """A daemon, a cluster `box` and one agent on it with the docker runtime via the proxy
-    (daemon, client, proxy, the agent's process)."""
+    (daemon, client, proxy, the agent's process; its log is tmp_path / "agent.log")."""
+    host = f"unix://{proxy.socket_path}"
+    async with _box(tmp_path, monkeypatch, host) as (daemon, client, agent):
+        yield daemon, client, proxy, agent
+
+
+class Forwarder:
+    """A socat in front of the engine's socket: `cut()` ends it and its connections (as an
+    engine's restart does, or the end of a proxy to its socket), `start()` brings it back."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.server: asyncio.Server | None = None
+        self.ends: set[asyncio.StreamWriter] = set()
+        self.hung = False  # `hang()`: what either side sends is dropped (an engine hanging)
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_unix_server(self._forward, self.path)
+
+    async def cut(self) -> None:
+        self.server.close()
+        self.drop()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    def drop(self) -> None:
+        """Break the connections open now; new ones are still forwarded."""
+        for end in self.ends:
+            end.transport.abort()
+
+    def hang(self) -> None:
+        """From now on, connections are taken and kept but nothing goes through: requests
+        are never answered (an engine that hangs)."""
+        self.hung = True
+
+    async def _forward(self, reader, writer) -> None:
+        try:
+            engine_reader, engine_writer = await asyncio.open_unix_connection(ENGINE)
+        except OSError:
+            writer.close()
+            return
+        self.ends |= {writer, engine_writer}
+
+        async def pump(source, sink) -> None:
+            with contextlib.suppress(OSError, RuntimeError):
+                while data := await source.read(65536):
+                    if self.hung:
+                        continue
+                    sink.write(data)
+                    await sink.drain()
+            sink.close()
+
+        await asyncio.gather(pump(reader, engine_writer), pump(engine_reader, writer))
+        self.ends -= {writer, engine_writer}
+
+
+@pytest.fixture
+async def cuttable(tmp_path, engine, monkeypatch):
+    """As `box`, its agent reaching the engine through a Forwarder (daemon, client,
+    forwarder, the agent's process); it attaches no GPU (the engine here has none)."""
+    forwarder = Forwarder(f"{tempfile.mkdtemp(prefix='batchd-cut-')}/engine.sock")
+    await forwarder.start()
+    try:
+        host = f"unix://{forwarder.path}"
+        async with _box(tmp_path, monkeypatch, host, gpu_attach="never") as (d, c, agent):
+            yield d, c, forwarder, agent
+    finally:
+        await forwarder.cut()
+        shutil.rmtree(os.path.dirname(forwarder.path), ignore_errors=True)
+
+
+@contextlib.asynccontextmanager
+async def _box(tmp_path, monkeypatch, docker_host: str, gpu_attach: str = "always"):
+    """A daemon, a cluster `box` and its agent box-0 using the engine at `docker_host`."""
     monkeypatch.delenv("BATCHD_SECRET_KEYS", raising=False)
     daemon = await start_daemon(tmp_path / "state")
     agent = None
+    log = (tmp_path / "agent.log").open("wb")
     try:
         async with admin_client(daemon) as client:
             await client.call("PUT", "/v1/workspaces/default", {})
@@ -50,17 +127,18 @@ async def box(tmp_path, proxy, monkeypatch):
             agent = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "batchd.scheduler.cli", "agent", "--server", daemon.url,
                 "--token-file", str(token_file), "--node-id", "box-0", "--cluster", "default/box",
-                "--gpus", "4", "--runtimes", "docker,process", "--gpu-attach", "always",
-                "--docker-host", f"unix://{proxy.socket_path}", "--work-dir", str(tmp_path / "n"),
-                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+                "--gpus", "4", "--runtimes", "docker,process", "--gpu-attach", gpu_attach,
+                "--docker-host", docker_host, "--work-dir", str(tmp_path / "n"),
+                stdout=asyncio.subprocess.DEVNULL, stderr=log,
             )  # fmt: skip
             nodes = daemon.models.models.nodes
             await _until(lambda: "box-0" in nodes and nodes["box-0"].state == "ready", 30)
-            yield daemon, client, proxy, agent
+            yield daemon, client, agent
     finally:
         if agent is not None and agent.returncode is None:
             agent.terminate()
             await agent.wait()
+        log.close()
         await daemon.stop()
 
 
@@ -143,7 +221,7 @@ async def test_a_container_job_listens_on_the_nodes_own_network(box):
     assert out.read_text() == "hello from a peer\n"
 
 
-async def test_a_container_job_runs_with_its_environment_mounts_labels_and_gpus(box):
+async def test_a_container_job_runs_with_its_environment_mounts_labels_and_gpus(box, tmp_path):
     daemon, client, proxy, _agent = box
     job = {"cluster": "box", "nodeCount": 1, "gpusPerNode": 2,
            "stdOutErrPathPrefix": "$AZ_BATCHAI_MOUNT_ROOT/logs",
@@ -166,6 +244,7 @@ async def test_a_container_job_runs_with_its_environment_mounts_labels_and_gpus(
     assert create["Entrypoint"][3:5] == [f"{out}/stdout.txt", f"{out}/stderr.txt"]
     assert create["Cmd"] == []  # nothing of the image's CMD either
     assert create["Labels"] == {"batchd": "task", "batchd.node": "box-0", "batchd.job": job_id,
+                                "batchd.workdir": str(tmp_path / "n"),  # the agent's
                                 "batchd.attempt": "1", "batchd.task": "0"}  # fmt: skip
     env = dict(item.split("=", 1) for item in create["Env"])
     assert env["CUDA_VISIBLE_DEVICES"] == "0,1" and env["AZ_BATCHAI_JOB_ID"] == job_id
@@ -366,3 +445,188 @@ async def test_an_exec_in_a_container_ends_with_its_caller(in_container):
     with contextlib.suppress(asyncio.CancelledError):
         await running
     await _until(lambda: not _host_processes("sleep 307") + _host_processes("sleep 308"), 10)
+
+
+async def test_a_lost_engine_connection_ends_the_task_its_container_removed_later(
+    cuttable, tmp_path
+):
+    """The engine's connection breaks while the container runs (a proxy to its socket
+    killed): the task ends, reported with `engine_unreachable` and no exit code, instead of
+    hanging in the agent; its container is removed once the engine answers again."""
+    daemon, client, forwarder, agent = cuttable
+    # the node's fault, not the job's: no node-failure retry left, while exit codes have two
+    job = {**_box_job("sleep 600"), "maxNodeFailureRetries": 0, "maxRetries": 2}
+    assert (await client.call("PUT", f"{EXP}/jobs/cut", job))[0] == 201
+    models = daemon.models.models
+    await _until(lambda: newest_job(models, "cut").state == "running", 60)
+    job_id = newest_job(models, "cut").job_id
+    assert len(await _containers(job_id)) == 1
+    await forwarder.cut()
+    await _ended(daemon, "cut")
+    _status, answer = await client.call("GET", f"{EXP}/jobs/cut")
+    info = answer["properties"]["executionInfo"]
+    assert (answer["properties"]["state"], info.get("exitCode")) == ("failed", None)
+    assert info["errors"][-1]["code"] == "engine_unreachable", info
+    assert newest_job(models, "cut").retries == {}  # not retried under maxRetries
+    assert len(await _containers(job_id)) == 1  # the engine could not be asked yet
+    await forwarder.start()
+    deadline = asyncio.get_running_loop().time() + 20
+    while await _containers(job_id):
+        assert asyncio.get_running_loop().time() < deadline, "the container was left behind"
+        await asyncio.sleep(0.2)
+    assert agent.returncode is None
+    assert "never retrieved" not in (tmp_path / "agent.log").read_text()
+
+
+async def test_a_node_whose_engine_is_away_takes_no_work_until_it_answers_again(cuttable):
+    """Its task ends with `engine_unreachable`; the node is suspect, saying why, so the
+    retry waits instead of failing on it again (which would spend the job's node-failure
+    retries in a second); once the engine answers, the node is ready and the retry runs."""
+    daemon, client, forwarder, _agent = cuttable
+    job = {**_box_job("sleep 6"), "maxNodeFailureRetries": 1}
+    assert (await client.call("PUT", f"{EXP}/jobs/away", job))[0] == 201
+    models = daemon.models.models
+    await _until(lambda: newest_job(models, "away").state == "running", 60)
+    await forwarder.cut()
+    node = models.nodes["box-0"]
+    await _until(lambda: newest_job(models, "away").retries == {"node_lost": 1}, 30)
+    await asyncio.sleep(5)  # heartbeats come and go: it stays suspect, the retry waits
+    assert (node.state, node.errors[-1]["code"]) == ("suspect", "engine_unreachable"), node
+    _status, answer = await client.call("GET", f"{EXP}/jobs/away")
+    assert answer["properties"]["state"] == "queued", answer
+    await forwarder.start()
+    await _until(lambda: node.state == "ready", 30)
+    await _ended(daemon, "away")
+    _status, answer = await client.call("GET", f"{EXP}/jobs/away")
+    assert answer["properties"]["state"] == "succeeded", answer
+    assert newest_job(models, "away").attempt == 2
+
+
+async def test_an_idle_node_whose_engine_is_away_is_suspect_even_through_a_registration(
+    cuttable, tmp_path
+):
+    """No task needs the engine: the agent's own check finds it away, and says so in its
+    heartbeats and in a registration made again (after a failed heartbeat, a daemon
+    restart), which leaves the node suspect; once the engine answers, the node is ready."""
+    daemon, client, forwarder, _agent = cuttable
+    node = daemon.models.models.nodes["box-0"]
+    await forwarder.cut()
+    await _until(lambda: node.state == "suspect", 20)
+    assert node.errors[-1]["code"] == "engine_unreachable", node.errors
+    again = protocol.message("Register", "box-0", node.incarnation, cluster="default/box",
+                             gpus=4, runtimes=["docker", "process"], running=[],
+                             engineDown="connection refused")  # fmt: skip
+    token = (tmp_path / "agent.token").read_text().strip()
+    assert await _post(daemon, client, token, again) == 200
+    await asyncio.sleep(2 * 2.0 + 1)  # past the hold after the suspicion: still suspect
+    told = [e.type for e in await daemon.store.read_stream("node-box-0")]
+    assert "NodeRecovered" not in told[told.index("NodeSuspected") :], told  # not for a moment
+    assert node.state == "suspect"
+    await forwarder.start()
+    await _until(lambda: node.state == "ready", 20)
+
+
+async def test_a_wait_cut_off_while_the_engine_answers_is_made_again(cuttable):
+    """The connection of a running container's wait breaks (a proxy's idle timeout, say)
+    while the engine still answers: the task runs on and ends with its own exit code."""
+    daemon, client, forwarder, _agent = cuttable
+    job = {**_box_job("sleep 5; exit 3"), "maxRetries": 0}
+    assert (await client.call("PUT", f"{EXP}/jobs/waits", job))[0] == 201
+    models = daemon.models.models
+    await _until(lambda: newest_job(models, "waits").state == "running", 60)
+    await asyncio.sleep(0.5)
+    forwarder.drop()
+    await _ended(daemon, "waits")
+    _status, answer = await client.call("GET", f"{EXP}/jobs/waits")
+    info = answer["properties"]["executionInfo"]
+    assert (answer["properties"]["state"], info.get("exitCode")) == ("failed", 3), info
+    assert "engine_unreachable" not in [e["code"] for e in info.get("errors") or ()], info
+
+
+async def test_an_agent_stopped_removes_its_tasks_containers_before_it_exits(box, tmp_path):
+    daemon, client, _proxy, agent = box
+    assert (await client.call("PUT", f"{EXP}/jobs/left", _box_job("sleep 600")))[0] == 201
+    models = daemon.models.models
+    await _until(lambda: newest_job(models, "left").state == "running", 60)
+    job_id = newest_job(models, "left").job_id
+    assert len(await _containers(job_id)) == 1
+    agent.terminate()  # SIGTERM: it stops its tasks itself (its watchdog does nothing)
+    assert await asyncio.wait_for(agent.wait(), 15) == 0
+    assert await _containers(job_id) == []  # not left Exited
+    log = (tmp_path / "agent.log").read_text()
+    assert "Session is closed" not in log and "Traceback" not in log
+
+
+async def test_an_agent_stopped_while_its_engine_hangs_still_says_it_leaves(
+    cuttable, tmp_path, engine_cleanup
+):
+    """Its kills go unanswered: it gives them up after the grace and tells the daemon it
+    leaves, so the node is lost (and its job retried) at once, not after its silence."""
+    daemon, client, forwarder, agent = cuttable
+    assert (await client.call("PUT", f"{EXP}/jobs/hung", _box_job("sleep 600")))[0] == 201
+    models = daemon.models.models
+    await _until(lambda: newest_job(models, "hung").state == "running", 60)
+    job_id = newest_job(models, "hung").job_id
+    engine_cleanup.append(job_id)
+    forwarder.hang()
+    agent.terminate()
+    try:
+        assert await asyncio.wait_for(agent.wait(), 25) == 0
+    finally:
+        if agent.returncode is None:  # (not to hang the fixture's end)
+            agent.kill()
+            await agent.wait()
+    told = [e.data for e in await daemon.store.read_stream("node-box-0") if e.type == "NodeLost"]
+    assert told and told[-1]["error"]["code"] == "agent_stopped", told
+    log = (tmp_path / "agent.log").read_text()
+    assert "agent.kills_unanswered" in log and "leaving_not_told" not in log
+    forwarder.hung = False
+    await forwarder.cut()  # (its watchdog's removal, through the forwarder, is cut short)
+
+
+@pytest.fixture
+async def engine_cleanup():
+    """Containers (by job id, appended) removed after the test, however it ended."""
+    job_ids: list[str] = []
+    yield job_ids
+    for job_id in job_ids:
+        for container in await _containers(job_id):
+            async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(ENGINE)) as s:
+                await s.delete(f"http://d/v1.41/containers/{container['Id']}",
+                               params={"force": "1"})  # fmt: skip
+
+
+async def test_a_nodes_containers_are_told_from_another_installations_node_of_its_id(engine):
+    """Two batchd installations on one engine both have a node `local-0`: an agent removes
+    the containers of its own work directory, and those of an older agent that named none,
+    never the other installation's."""
+    node = f"twin-{os.getpid()}"
+    docker = aiodocker.Docker(url=f"unix://{ENGINE}")
+    made = {}
+    try:
+        for name, workdir in (("mine", "/srv/a/n"), ("theirs", "/srv/b/n"), ("older", None)):
+            labels = {"batchd": "task", "batchd.node": node,
+                      **({"batchd.workdir": workdir} if workdir else {})}  # fmt: skip
+            config = {"Image": IMAGE, "Cmd": ["sleep", "60"], "Labels": labels}
+            made[name] = await docker.containers.create(config=config)
+            await made[name].start()
+        assert await remove_node_containers(docker, node, "/srv/a/n") == 2
+        left = await docker.containers.list(all=True, filters={"label": [f"batchd.node={node}"]})
+        assert [c.id for c in left] == [made["theirs"].id]
+    finally:
+        for container in made.values():
+            with contextlib.suppress(aiodocker.DockerError):
+                await container.delete(force=True)
+        await docker.close()
+
+
+async def test_the_shared_job_temp_is_there_when_a_task_starts_on_either_runtime(box):
+    daemon, client, _proxy, _agent = box
+    check = 'test -d "$AZ_BATCHAI_SHARED_JOB_TEMP" && echo shared'
+    process = {k: v for k, v in _box_job(check).items() if k != "containerSettings"}
+    for name, job in (("sharedc", _box_job(check)), ("sharedp", process)):
+        assert (await client.call("PUT", f"{EXP}/jobs/{name}", job))[0] == 201
+        await _ended(daemon, name)
+        out = daemon.state_dir / f"mounts/logs/default/default/{name}/1/stdouterr/stdout.txt"
+        assert newest_job(daemon.models.models, name).state == "succeeded", name
+        assert out.read_text() == "shared\n"

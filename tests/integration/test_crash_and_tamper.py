@@ -221,3 +221,5 @@ async def test_a_cut_tail_fails_against_the_anchor(durable_url):
     assert "FAILED at position 16" in done.stderr and "tail was cut" in done.stderr
     wrong = _batchd("audit", "verify", "--store", durable_url, "--expect", f"3:{'ab' * 32}")
     assert wrong.returncode == 1 and "the anchor says" in wrong.stderr
+    # a chain that disagrees with its anchor vouches for none of the rows up to it
+    assert "FAILED at position 3" in wrong.stderr and "last good: none" in wrong.stderr

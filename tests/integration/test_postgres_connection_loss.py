@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import asyncpg
+import pytest
 
 from batchd.events import audit, errors, urls
 from batchd.events.backends.postgres import LEADER_LOCK
@@ -173,12 +174,33 @@ async def test_a_standby_asks_for_the_lock_on_one_connection_and_takes_it_when_i
             await leader.close()
             assert await standby.try_lock_leader()
             assert standby.backend._leader.get_server_pid() == again
+            database = pg_database.rsplit("/", 1)[-1]  # (daemons on other databases hold theirs)
             holders = await conn.fetchval(
                 "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
-                " AND objid = ($1::bigint & 4294967295)::oid", LEADER_LOCK)  # fmt: skip
+                " AND objid = ($1::bigint & 4294967295)::oid"
+                " AND database = (SELECT oid FROM pg_database WHERE datname = $2)",
+                LEADER_LOCK, database)  # fmt: skip
             assert holders == 1
         finally:
             await conn.close()
     finally:
         await leader.close()
         await standby.close()
+
+
+async def test_a_pooled_connection_cut_mid_query_is_reported_as_cut(pg_database):
+    """The pool takes a connection the server closed back at once: discarding it must not
+    replace the cause with asyncpg's refusal to terminate a released connection."""
+    store = await urls.open_store(f"{pg_database}?application_name=batchd-pooled")
+    try:
+        with pytest.raises(errors.StoreUnavailable) as cut:
+            async with store.backend._connection() as conn:
+                query = asyncio.ensure_future(conn.fetch("SELECT pg_sleep(5)"))
+                await asyncio.sleep(0.2)  # running
+                await _kill("batchd-pooled")
+                await query
+        # (the query may find the connection gone itself: asyncpg then says it was released)
+        assert "Connection.terminate()" not in str(cut.value)
+        assert (await store.head()).position == 0  # the pool serves on, with a new connection
+    finally:
+        await store.close()

@@ -16,6 +16,7 @@ from batchd.events.envelope import NO_STREAM, NewEvent
 from batchd.events.secrets import Sealed
 from batchd.events.store import Snapshot
 from batchd.events.types import EventType
+from tests.logs import info_logs
 
 
 def ev(type_: str = "JobStarted", **data) -> NewEvent:
@@ -493,3 +494,19 @@ async def test_a_read_only_store_refuses_to_write(store_url):
     finally:
         await reader.close()
         await writer.close()
+
+
+async def test_a_sqlite_log_others_can_read_is_told_of_when_opened(tmp_path):
+    """A new log is its owner's alone; one an operator shared keeps its mode, and a warning
+    says who can read it (every job's document and commands are in it)."""
+    path = tmp_path / "events.db"
+    with info_logs() as logged:
+        await (await urls.open_store(f"sqlite:///{path}")).close()
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    assert not [line for line in logged if line["event"] == "log.readable_by_others"]
+    path.chmod(0o644)
+    with info_logs() as logged:
+        await (await urls.open_store(f"sqlite:///{path}")).close()
+    [warned] = [line for line in logged if line["event"] == "log.readable_by_others"]
+    assert (warned["log_level"], warned["mode"], warned["path"]) == ("warning", "0644", str(path))
+    assert oct(path.stat().st_mode & 0o777) == "0o644"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from batchd.scheduler.providers import autoscale_target, lose_nodes, staying_nodes
 from tests.unit.test_deallocation import local_world
-from tests.unit.test_planner import World
+from tests.unit.test_planner import World, reasons
 
 PROCESS = ("process",)  # the runtimes the local nodes offer
 
@@ -47,7 +47,28 @@ def test_a_gang_or_a_job_without_gpus_takes_whole_nodes_within_the_maximum():
     assert autoscale_target(w.models, _auto(w, 0, 10), 4, PROCESS) == 3
     w.job(gpus=0)
     assert autoscale_target(w.models, _auto(w, 0, 10), 4, PROCESS) == 3  # 1 whole + 2 of GPUs, or 3
-    assert autoscale_target(w.models, _auto(w, 0, 2), 4, PROCESS) == 2
+    assert autoscale_target(w.models, _auto(w, 0, 3), 4, PROCESS) == 3  # at most 3
+    assert autoscale_target(w.models, _auto(w, 0, 2), 4, PROCESS) == 1  # the gang never fits
+
+
+def test_a_gang_wider_than_the_maximum_keeps_no_idle_node():
+    """A gang of 3 queued while the maximum was 3, which is lowered to 2: it waits with
+    cluster_too_small, and no node is started or kept for it; the idle ones go at once."""
+    w = local_world("local-0", "local-1")
+    gang = w.job(gpus=4, nodes=3, cluster="local")
+    cluster = w.models.clusters["local"]
+    cluster.scale_settings = {"autoScale": {"minimumNodeCount": 0, "maximumNodeCount": 3}}
+    assert autoscale_target(w.models, cluster, 4, PROCESS) == 3
+    cluster.scale_settings = {"autoScale": {"minimumNodeCount": 0, "maximumNodeCount": 2}}
+    assert reasons(w.plan())[gang] == {"code": "cluster_too_small", "need_nodes": 3}
+    target = autoscale_target(w.models, cluster, 4, PROCESS)
+    assert target == 0 and staying_nodes(w.models, cluster, target, ()) == []
+    w.job(gpus=4, nodes=2, cluster="local")  # one that fits still counts, behind it
+    assert autoscale_target(w.models, cluster, 4, PROCESS) == 2
+    cluster.scale_settings = {"autoScale": {"minimumNodeCount": 1, "maximumNodeCount": 2}}
+    w.apply("JobTerminateRequested", jobId="j2", reason="terminated by ann")
+    w.apply("JobTerminated", jobId="j2", reason="terminated by ann")
+    assert autoscale_target(w.models, cluster, 4, PROCESS) == 1  # the minimum, no more
 
 
 def test_a_job_no_node_can_ever_hold_starts_no_node():

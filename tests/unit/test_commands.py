@@ -17,6 +17,7 @@ from batchd.projections.model import ReadModels
 from batchd.scheduler import commands, retries
 from batchd.scheduler.commands import CommandError
 from batchd.scheduler.schema import DocumentError
+from batchd.scheduler.vmsizes import CATALOG, local_size
 
 RECIPES = sorted((Path(__file__).parents[1] / "data" / "batchai-recipes").glob("*.json"))
 JOB = {"nodeCount": 1, "stdOutErrPathPrefix": "/logs",
@@ -124,8 +125,10 @@ def test_names_conflicts_and_lifecycle(w):
     job_id = w.m.job_ids["ws/exp/j"][-1]
     assert w.m.jobs[job_id].state == "failed"
     assert w.m.jobs[job_id].errors[-1]["code"] == "terminated"
-    with pytest.raises(InvalidTransition, match="cannot terminate a job that is failed"):
+    with pytest.raises(InvalidTransition) as ended:
         commands.terminate_job(w.m, "ws", "exp", "j", "user:bob")
+    assert str(ended.value) == ("cannot terminate a job that is failed (only when queued or "
+                                "scheduled or preparing or running or terminating)")  # fmt: skip
     w.do(commands.delete_job(w.m, "ws", "exp", "j", "user:ann"))
     w.do(commands.submit_job(w.m, "ws", "exp", "j", JOB, "user:ann", cluster="gpu"))  # reused
     assert len(w.m.job_ids["ws/exp/j"]) == 2
@@ -169,6 +172,25 @@ def _event(type_, **data):
     from batchd.events.envelope import NewEvent
 
     return NewEvent(type_, data, "scheduler", event_id=uuid.uuid4())
+
+
+def test_a_cluster_of_a_bounded_vm_size_is_sized_up_to_its_bound_only(w):
+    """A local cluster's nodes are processes on the daemon's machine: `[local] max_nodes`."""
+    catalog = CATALOG.with_size(local_size(4, 8))
+    local = {"vmSize": "local", "scaleSettings": {"manual": {"targetNodeCount": 9}}}
+    with pytest.raises(DocumentError, match="at most 8") as refused:
+        commands.create_cluster(w.m, "ws", "mine", local, "user:ops", catalog, w.new_id)
+    assert refused.value.path == "scaleSettings.manual.targetNodeCount"
+    local["scaleSettings"]["manual"]["targetNodeCount"] = 8
+    w.do(commands.create_cluster(w.m, "ws", "mine", local, "user:ops", catalog, w.new_id))
+    auto = {"scaleSettings": {"autoScale": {"minimumNodeCount": 0, "maximumNodeCount": 9}}}
+    with pytest.raises(DocumentError, match="at most 8") as refused:
+        commands.update_scale_settings(w.m, "ws", "mine", auto, "user:ops", catalog)
+    assert refused.value.path == "scaleSettings.autoScale.maximumNodeCount"
+    auto["scaleSettings"]["autoScale"]["maximumNodeCount"] = 8
+    w.do(commands.update_scale_settings(w.m, "ws", "mine", auto, "user:ops", catalog))
+    big = {"scaleSettings": {"manual": {"targetNodeCount": 500}}}  # other sizes: no bound
+    w.do(commands.update_scale_settings(w.m, "ws", "gpu", big, "user:ops", catalog))
 
 
 def test_workspaces_experiments_and_clusters(w):
@@ -272,11 +294,20 @@ def test_a_cluster_being_deleted_loses_its_idle_nodes_then_goes_when_the_last_jo
         ]
     )
     assert commands.finish_deletions(w.m, "x") == []
-    w.do(commands.delete_cluster(w.m, "ws", "gpu", "user:ops"))
+    w.do(commands.update_scale_settings(w.m, "ws", "gpu", {"scaleSettings": {"manual": {
+        "targetNodeCount": 4}}}, "user:ops"))  # fmt: skip
+    assert w.m.clusters["id-1"].allocation_state == "steady"  # its four nodes are there
+    deleted = w.do(commands.delete_cluster(w.m, "ws", "gpu", "user:ops"))
+    # its nodes are leaving: resizing, from the delete's own answer on (Batch AI's
+    # allocationState; provisioningState says deleting)
+    assert [e.type for _s, e in deleted] == ["ClusterDeleteRequested", "ClusterResizeStarted"]
+    assert w.m.clusters["id-1"].allocation_state == "resizing"
+    assert commands.resize_changes(w.m, "x") == []
     assert commands.finish_deletions(w.m, "x")
     removed = w.do(commands.finish_deletions(w.m, "batchd:serve"))
     assert sorted(e.data["nodeId"] for _s, e in removed) == ["broken", "idle", "lost"]
     assert w.m.clusters["id-1"].nodes == ["busy"] and commands.finish_deletions(w.m, "x") == []
+    assert commands.resize_changes(w.m, "x", {"id-1": 1}) == []  # still one node leaving
     w.do([(f"job-{job_id}", NewEvent("JobSucceeded", {"jobId": job_id, "attempt": 1,
                                                        "exitCode": 0}))])  # fmt: skip
     last = w.do(commands.finish_deletions(w.m, "batchd:serve"))
@@ -319,3 +350,20 @@ def test_a_2018_03_01_job_with_its_experiment_name_and_location_is_accepted(w):
     [(_stream, event)] = commands.submit_job(w.m, "ws", "exp", "old", {"properties": old},
                                              "user:ann", cluster="gpu")  # fmt: skip
     assert (event.data["experiment"], event.data["priority"]) == ("exp", 100)
+
+
+def test_a_cluster_being_deleted_is_resizing_while_nodes_leave_whatever_it_wanted(w):
+    """Batch AI's allocationState is resizing while nodes are removed: a cluster being deleted
+    wants no node, whatever its scale settings or its provider say."""
+    _node(w, "a", "NodeSetupSucceeded")
+    _node(w, "b", "NodeSetupSucceeded")
+    assert commands.resize_changes(w.m, "x") == []  # autoScale, no provider: steady
+    w.do([("cluster-ws/gpu", NewEvent("ClusterDeleteRequested", {"clusterId": "id-1"}))])
+    for wanted in (None, {"id-1": 2}):  # (what a provider would have wanted before)
+        assert [e.type for _s, e in commands.resize_changes(w.m, "x", wanted)] == [
+            "ClusterResizeStarted"
+        ]
+    w.do(commands.resize_changes(w.m, "x"))
+    assert w.m.clusters["id-1"].allocation_state == "resizing"
+    w.do([("node-a", NewEvent("NodeRemoved", {"nodeId": "a"}))])
+    assert commands.resize_changes(w.m, "x") == []  # b is still there

@@ -1,12 +1,22 @@
-"""The container create request: GPUs as each engine understands them, binds, shm size."""
+"""The container create request: GPUs as each engine understands them, binds, shm size,
+labels; what an agent reports for a task whose run failed."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 
+import aiohttp
 import pytest
 
-from batchd.scheduler.containers import create_config, give_to, user_ids
+from batchd.scheduler.agent import Agent, Gpus
+from batchd.scheduler.containers import (
+    ContainerTask,
+    agent_dir,
+    create_config,
+    give_to,
+    user_ids,
+)
 from batchd.scheduler.images import image_reference, registry_auth
 from batchd.scheduler.jobspec import shm_bytes
 
@@ -93,6 +103,9 @@ def test_binds_the_job_paths_once_each_and_sizes_shared_memory(mount_root_there)
                                  "/mnt/batch/logs/ws/e/j/2/stdouterr/stderr-prep.txt",
                                  "python train.py"]  # fmt: skip
     assert config["Labels"]["batchd.attempt"] == "2" and config["Labels"]["batchd.node"] == "n7"
+    labelled = create_config({**SPEC, "agentDir": "/var/lib/batchd/n7"}, "train", "", "docker",
+                             attach_gpus=False)["Labels"]  # fmt: skip
+    assert labelled["batchd.workdir"] == "/var/lib/batchd/n7"  # the node of this installation
     assert [shm_bytes(t) for t in ("512m", "1024", "1k", "x", None)] == [
         512 * 1024**2,
         1024,
@@ -156,9 +169,62 @@ def test_giving_a_tasks_files_to_the_images_user_follows_no_link(tmp_path):
     outputs, host_dir = tmp_path / "model", tmp_path / "host-dir"
     host_dir.mkdir()
     outputs.symlink_to(host_dir)  # an output directory that is a link
-    spec = {"stdouterr": str(out), "workDir": str(work), "outputs": [str(outputs)], "env": {}}
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    spec = {"stdouterr": str(out), "workDir": str(work), "outputs": [str(outputs)],
+            "env": {"AZ_BATCHAI_SHARED_JOB_TEMP": str(shared)}}  # fmt: skip
     give_to(spec, "", 4321, 4321)
     assert (out / "stdout.txt").stat().st_uid == 4321  # made, and given
     assert work.stat().st_uid == 4321
+    assert shared.stat().st_uid == 4321  # the job's shared temp, writable to the image's user
     assert elsewhere.stat().st_uid == os.getuid()  # behind a link: left alone
     assert host_dir.stat().st_uid == os.getuid()
+
+
+def test_an_agents_containers_are_labelled_with_its_absolute_work_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert agent_dir("node-0") == str(tmp_path / "node-0")
+    agent = Agent("http://127.0.0.1:1", "t", "n1", "ws/c", Gpus(0), ["docker"], tmp_path / "w")
+    assert agent.agent_dir == str(tmp_path / "w")
+
+
+class FailingTask:
+    """A task whose run raises (as a lost engine connection once did, uncaught)."""
+
+    def __init__(self, tmp_path, error: Exception) -> None:
+        self.began, self.killed, self.error = True, False, error
+        self.spec = {"jobId": "j1", "attempt": 1, "task": 0, "stdouterr": str(tmp_path),
+                     "workDir": str(tmp_path / "work")}  # fmt: skip
+
+    async def run(self, started: asyncio.Event) -> None:
+        started.set()
+        await asyncio.sleep(0)
+        raise self.error
+
+
+class FailingContainerTask(FailingTask, ContainerTask):
+    """As FailingTask, a container's task."""
+
+
+@pytest.mark.parametrize(
+    ("kind", "error", "code"),
+    [
+        (FailingContainerTask, aiohttp.ClientPayloadError("Response payload is not completed"),
+         "engine_unreachable"),
+        (FailingContainerTask, ValueError("a fault of the agent's"), "runtime_error"),
+        # a process task has no engine: its OSError is the agent's fault, not a lost engine
+        (FailingTask, OSError(28, "No space left on device"), "runtime_error"),
+    ],
+)  # fmt: skip
+async def test_a_task_whose_run_raises_is_reported_ended_with_no_exit_code(tmp_path, kind, error,
+                                                                          code):  # fmt: skip
+    """The task is not left running for good (listed by heartbeats, its GPUs held)."""
+    agent = Agent("http://127.0.0.1:1", "t", "n1", "ws/c", Gpus(0), ["docker"], tmp_path)
+    task = kind(tmp_path, error)
+    agent.tasks = {("j1", 1, 0): task}
+    await agent._run_task(("j1", 1, 0), task, agent._slot())
+    assert agent.tasks == {}
+    started, exited = agent.outbox.get_nowait(), agent.outbox.get_nowait()
+    assert (started["type"], exited["type"], exited["exitCode"]) == ("TaskStarted", "TaskExited",
+                                                                     None)  # fmt: skip
+    assert exited["error"]["code"] == code and str(error) in exited["error"]["message"]

@@ -11,6 +11,7 @@ from batchd.scheduler.providers import (
     deallocation_option,
     staying_nodes,
 )
+from batchd.scheduler.vmsizes import CATALOG, local_size
 from tests.unit.test_planner import World, placed
 
 
@@ -262,3 +263,58 @@ def test_a_multi_node_attempt_on_a_node_that_goes_is_requeued_whole():
     assert [e.type for _s, e in decided] == ["NodeDrainRequested", "JobRequeued"]
     _apply(w, decided)
     assert w.models.jobs[job].state == "queued"
+
+
+class _Exited:
+    """An agent process that has exited (nothing to stop)."""
+
+    returncode = 0
+
+
+async def test_a_node_let_go_before_its_agent_registered_has_its_token_revoked(tmp_path):
+    """local-1's agent was started (its token made) but is stopped before it registers: no
+    node in the read models, yet its token is revoked and its file deleted all the same."""
+    w = local_world("local-0")
+    for node in ("local-0", "local-1"):
+        w.apply("TokenCreated", tokenId=f"t-{node}", name=f"local-agent-{node}", role="agent",
+                workspaces=[], hash=f"h-{node}", node=node)  # fmt: skip
+        (tmp_path / "nodes" / node).mkdir(parents=True)
+        (tmp_path / "nodes" / node / "agent.token").write_text("secret\n")
+    control = _Control(w)
+    provider = LocalProvider(control, "http://127.0.0.1:1", tmp_path, 1, 4, "process", None,
+                             None)  # fmt: skip
+    provider.processes = {"local-0": _Exited(), "local-1": _Exited()}
+    assert "local-1" not in w.models.nodes
+    await provider._let_go("local-1")
+    assert [(e.type, e.data) for _s, e in control.appended] == [
+        ("TokenRevoked", {"tokenId": "t-local-1"})
+    ]
+    assert set(w.models.tokens) == {"t-local-0"} and "local-1" not in provider.processes
+    assert not (tmp_path / "nodes" / "local-1" / "agent.token").exists()
+    assert (tmp_path / "nodes" / "local-0" / "agent.token").exists()
+
+
+def test_a_local_cluster_sized_past_its_bound_before_there_was_one_runs_only_that_many():
+    """A log from before `[local] max_nodes` may ask for thousands: no more run."""
+    w = local_world("local-0", "local-1")
+    _manual(w, 10_000)
+    catalog = CATALOG.with_size(local_size(4, 3))
+    provider = LocalProvider(_Control(w), "http://127.0.0.1:1", None, 2, 4, "process", None,
+                             catalog)  # fmt: skip
+    assert provider.wanted() == {"local": 3}
+    _manual(w, 1)
+    assert provider.wanted() == {"local": 1}
+
+
+async def test_a_node_let_go_has_its_token_revoked_under_a_name_made_unique_too(tmp_path):
+    """A node's token is named local-agent-<node>-N where that name was taken."""
+    w = local_world("local-0")
+    w.apply("TokenCreated", tokenId="t-1", name="local-agent-local-0-1", role="agent",
+            workspaces=[], hash="h-1", node="local-0")  # fmt: skip
+    control = _Control(w)
+    provider = LocalProvider(control, "http://127.0.0.1:1", tmp_path, 1, 4, "process", None,
+                             None)  # fmt: skip
+    await provider._revoke_credential("local-0")
+    assert [(e.type, e.data) for _s, e in control.appended] == [
+        ("TokenRevoked", {"tokenId": "t-1"})
+    ]

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from batchd.scheduler.jobspec import MAX_WALL_CLOCK_S, parse_job
+from batchd.scheduler.clusterspec import parse_cluster
+from batchd.scheduler.jobspec import MAX_WALL_CLOCK_S, parse_job, shm_bytes
 from batchd.scheduler.schema import DocumentError
 
 RECIPES = sorted((Path(__file__).parents[1] / "data" / "batchai-recipes").glob("*.json"))
@@ -120,6 +121,9 @@ def _broken(path: str, value):
         ("properties.containerSettings", {"imageSourceRegistry": {"image": "x"},
                                           "shmSize": "99999999999g"},
          "properties.containerSettings.shmSize", "at most 1024g"),
+        ("properties.containerSettings", {"imageSourceRegistry": {"image": "x"},
+                                          "shmSize": "0.0001k"},
+         "properties.containerSettings.shmSize", "less than one byte"),
         ("properties.customToolkitSettings", {"commandLine": "echo caf\udce9"},
          "properties.customToolkitSettings.commandLine", "valid UTF-8 text (character 9"),
         ("properties.secrets", [{"name": "K", "value": "\ud800"}],
@@ -149,3 +153,71 @@ def test_whole_numbers_written_with_a_zero_fraction_are_those_numbers():
     assert type(spec.properties["nodeCount"]) is int and spec.priority == 100
     with pytest.raises(DocumentError, match="nodeCount: must be a whole number"):
         parse_job({**MINIMAL, "nodeCount": 1.5})
+
+
+def test_shm_sizes_are_read_as_docker_reads_them():
+    sizes = ("2g", "2GB", "2 GiB", "1.5g", "512m", "512MB", "1024", "1024b", "1k", "1t")
+    assert [shm_bytes(s) for s in sizes] == [
+        2 << 30,
+        2 << 30,
+        2 << 30,
+        3 << 29,
+        512 << 20,
+        512 << 20,
+        1024,
+        1024,
+        1024,
+        1 << 40,
+    ]
+    assert [shm_bytes(s) for s in ("2x", "g", "-1g", "1..5g", "", None)] == [None] * 6
+    container = {"imageSourceRegistry": {"image": "x"}, "shmSize": "8GB"}
+    assert parse_job({**MINIMAL, "containerSettings": container}).properties[
+        "containerSettings"]["shmSize"] == "8GB"  # fmt: skip
+
+
+def test_an_environment_variable_may_be_set_empty():
+    variables = [{"name": "EMPTY", "value": ""}]
+    spec = parse_job({**MINIMAL, "environmentVariables": variables, "secrets": [
+        {"name": "BLANK", "value": ""}]})  # fmt: skip
+    assert spec.properties["environmentVariables"] == variables
+    cluster = {"vmSize": "Standard_NC6", "scaleSettings": {"manual": {"targetNodeCount": 1}},
+               "nodeSetup": {"setupTask": {"commandLine": "true", "stdOutErrPathPrefix": "/x",
+                                           "environmentVariables": variables}}}  # fmt: skip
+    assert parse_cluster(cluster).properties["nodeSetup"]["setupTask"][
+        "environmentVariables"] == variables  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("name", "nodes", "rule"),
+    [
+        ("AZ_BATCHAI_JOB_ID", 1, "AZ_BATCHAI_JOB_ID is batchd's to set"),
+        ("CUDA_VISIBLE_DEVICES", 1, "the task's GPUs"),
+        ("WORLD_SIZE", 2, "more than one node"),
+        ("MASTER_ADDR", 2, "more than one node"),
+    ],
+)
+def test_a_variable_batchd_sets_is_refused_not_silently_replaced(name, nodes, rule):
+    for field in ("environmentVariables", "secrets"):
+        document = {**MINIMAL, "nodeCount": nodes, field: [{"name": name, "value": "x"}]}
+        with pytest.raises(DocumentError) as refused:
+            parse_job(document)
+        assert (refused.value.path, rule in refused.value.rule) == (f"{field}[0].name", True)
+
+
+def test_a_setup_task_may_not_set_the_variables_batchd_sets_for_it():
+    """Its AZ_BATCHAI_MOUNT_ROOT, NODE_ID, CLUSTER_NAME and WORKSPACE_NAME would be replaced."""
+    for field in ("environmentVariables", "secrets"):
+        variables = [{"name": "HOME_DIR", "value": "/x"},
+                     {"name": "AZ_BATCHAI_MOUNT_ROOT", "value": "/mine"}]  # fmt: skip
+        cluster = {"vmSize": "Standard_NC6", "nodeSetup": {"setupTask": {
+            "commandLine": "true", "stdOutErrPathPrefix": "/x", field: variables}}}  # fmt: skip
+        with pytest.raises(DocumentError) as refused:
+            parse_cluster({"properties": cluster})
+        assert refused.value.path == f"properties.nodeSetup.setupTask.{field}[1].name"
+        assert "AZ_BATCHAI_MOUNT_ROOT is batchd's to set" in refused.value.rule
+
+
+def test_a_single_node_job_may_set_its_own_world_size():
+    variables = [{"name": "WORLD_SIZE", "value": "8"}, {"name": "RANK", "value": "0"}]
+    assert parse_job({**MINIMAL, "environmentVariables": variables}).properties[
+        "environmentVariables"] == variables  # fmt: skip

@@ -5,7 +5,10 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
+from batchd.scheduler import client
 from batchd.scheduler.cli_api import _Reconnecting
 from batchd.scheduler.client import ApiError, ClientError
 
@@ -46,3 +49,34 @@ async def test_a_server_never_reached_fails_at_once():
     with pytest.raises(ClientError, match="cannot reach"):
         await _Reconnecting(Api()).call(request)
     assert len(tries) == 1  # not tried again
+
+
+async def test_a_put_the_server_asks_to_send_again_is_sent_again(monkeypatch):
+    """A 503 with Retry-After (the log briefly unreachable) is sent again for a PUT, which
+    is idempotent; not for a POST, nor a 503 without it (a fenced daemon's)."""
+    monkeypatch.setattr(client, "PUT_RETRIES", (0.01, 0.01, 0.01, 0.01))
+    asked: list[str] = []
+    busy = {"PUT /v1/a": 2, "POST /v1/b": 2, "PUT /v1/c": 9}
+
+    async def handle(request: web.Request) -> web.Response:
+        key = f"{request.method} {request.path}"
+        asked.append(key)
+        if busy[key] > 0:
+            busy[key] -= 1
+            later = {"Retry-After": "1"} if key != "PUT /v1/c" else {}
+            body = {"error": {"code": "ServiceUnavailable", "message": "away", "details": []}}
+            return web.json_response(body, status=503, headers=later)
+        return web.json_response({"done": key}, status=201)
+
+    app = web.Application()
+    app.router.add_route("*", "/v1/{name}", handle)
+    async with TestServer(app) as server:
+        settings = client.Settings(str(server.make_url("")).rstrip("/"), None, "", None)
+        async with client.Client(settings) as api:
+            assert await api.call("PUT", "/v1/a", body={}) == (201, {"done": "PUT /v1/a"})
+            with pytest.raises(ApiError) as post:
+                await api.call("POST", "/v1/b", body={})
+            with pytest.raises(ApiError) as fenced:
+                await api.call("PUT", "/v1/c", body={})
+    assert post.value.retry and not fenced.value.retry
+    assert asked == ["PUT /v1/a"] * 3 + ["POST /v1/b", "PUT /v1/c"]

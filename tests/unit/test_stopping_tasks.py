@@ -134,3 +134,22 @@ def test_only_an_attempt_this_daemon_scheduled_and_sent_nothing_of_counts_as_und
     assert not service._never_sent(w.models.jobs[job])
     service.since_us, service.unstarted = 500, {(job, 1, 0): ("c-n0", {}, 0.0)}
     assert not service._never_sent(w.models.jobs[job])
+
+
+def test_a_node_suspected_for_its_engine_is_ready_again_only_once_its_agent_says_it_answers():
+    """Not while a heartbeat or registration says the engine is away, nor within ENGINE_HOLD
+    of the suspicion (a heartbeat sent before its agent knew, or an agent too old to say);
+    a node suspected for silence is ready again at its agent's first word."""
+    from batchd.projections.model import Node
+
+    at = 1_000_000_000
+    engine = {"code": "engine_unreachable", "message": "away", "at": at}
+    node = Node("n", "c", "suspect", at, "NodeSuspected", errors=[engine])
+    assert not nodes._may_recover(node, "connection refused", at + 60_000_000)
+    assert not nodes._may_recover(node, None, at + nodes.ENGINE_HOLD - 1)
+    assert nodes._may_recover(node, None, at + nodes.ENGINE_HOLD)
+    assert nodes._may_recover(node, None, at - 60_000_000)  # the clock was set back
+    silent = Node("n", "c", "suspect", at + 5, "NodeSuspected", errors=[engine])  # an old error
+    assert nodes._may_recover(silent, None, at + 6)
+    lost = Node("n", "c", "lost", at, "NodeLost", errors=[engine])
+    assert nodes._may_recover(lost, None, at + 1) and not nodes._may_recover(lost, "x", at + 1)

@@ -28,7 +28,7 @@ def test_tensorflow_distributed_gets_ps_and_worker_hosts_and_tf_config():
     p0, p1 = plans("TensorFlow__TensorFlow-GPU-Distributed__job.json")
     assert p0.env["AZ_BATCHAI_PS_HOSTS"] == "10.0.0.4:2222"
     assert p0.env["AZ_BATCHAI_WORKER_HOSTS"] == "10.0.0.4:2322,10.0.0.5:2322"
-    lines = p0.command.splitlines()[1:]  # after `set -m`
+    lines = p0.command.splitlines()[2:]  # after `set -m` and the SIGTERM trap
     assert lines[0].startswith("(export TF_CONFIG=") and "--job_name=ps" in lines[0]
     assert lines[0].endswith(') & servers="$servers $!"')
     config = json.loads(lines[1].split("'")[1])

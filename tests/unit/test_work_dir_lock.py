@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 import pytest
@@ -30,3 +31,24 @@ def test_the_lock_is_held_while_any_process_holding_it_runs(tmp_path, monkeypatc
         watchdog.hold_work_dir(tmp_path)
     os.close(handed)
     os.close(watchdog.hold_work_dir(tmp_path))
+
+
+async def test_a_watchdog_does_not_wait_for_ever_on_an_engine_that_hangs(tmp_path, monkeypatch):
+    """It holds the lock the node's next agent waits for: its container removal is bounded."""
+    monkeypatch.setattr(watchdog, "REMOVE_WAIT", 0.5)
+    taken = []
+
+    async def never_answer(reader, writer) -> None:
+        taken.append(writer)  # kept open, never answered
+        await reader.read()
+
+    path = str(tmp_path / "engine.sock")
+    server = await asyncio.start_unix_server(never_answer, path)
+    try:
+        removing = watchdog._remove_containers(f"unix://{path}", "n-0", str(tmp_path))
+        assert await asyncio.wait_for(removing, 10) == 0
+        assert taken  # it did ask
+    finally:
+        server.close()
+        for writer in taken:
+            writer.close()
