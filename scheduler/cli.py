@@ -90,10 +90,21 @@ class _Parser(argparse.ArgumentParser):
     parser leaves them to the top level, which shows `batchd COMMAND ...`)."""
 
     def parse_known_args(self, args=None, namespace=None):
+        if self._subparsers is not None:
+            self._check_leading_options(sys.argv[1:] if args is None else list(args))
         namespace, extras = super().parse_known_args(args, namespace)
         if extras and self._subparsers is None:  # a command's own parser: nothing below it
             self.error(f"unrecognized arguments: {' '.join(extras)}")
         return namespace, extras
+
+    def _check_leading_options(self, args: list[str]) -> None:
+        """An option before the command that this level does not know is named (argparse
+        would only say that COMMAND is required, or name it after the command's usage)."""
+        for arg in args:
+            if not arg.startswith("-") or arg == "--":
+                return
+            if arg.split("=", 1)[0] not in self._option_string_actions:
+                self.error(f"unrecognized option {arg!r} before the command")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -478,3 +478,14 @@ def test_an_option_a_command_does_not_know_is_told_with_that_commands_usage():
         assert done.stderr.startswith(f"usage: {usage} "), done.stderr
         unknown = " ".join(args[len(usage.split()) - 1 :])
         assert done.stderr.endswith(f"{usage}: error: unrecognized arguments: {unknown}\n")
+
+
+def test_an_option_before_the_command_is_named_not_taken_for_a_missing_command():
+    for args, usage in ((("--bogus",), "batchd"), (("--bogus", "job", "list"), "batchd"),
+                        (("job", "--wat=1", "list"), "batchd job")):  # fmt: skip
+        done = batchd(*args)
+        assert done.returncode == 2 and "Traceback" not in done.stderr
+        assert done.stderr.startswith(f"usage: {usage} "), done.stderr
+        unknown = next(a for a in args if a.startswith("-"))
+        assert done.stderr.endswith(f"error: unrecognized option {unknown!r} before the command\n")
+    assert batchd("--help").returncode == 0
