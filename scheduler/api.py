@@ -716,10 +716,13 @@ async def job_history(request: web.Request) -> web.Response:
 
 
 # -- files -------------------------------------------------------------------------------------
-async def _output_dir(request: web.Request, waits: bool = False) -> tuple[Job, Path, str | None]:
-    """The job, its output directory, and the node to ask for it (None: the daemon reads it
-    on its own storage). A job never placed has none: FileNotFound, unless the request
-    `waits` for its output (a follow) and the job may still run."""
+async def _output_dir(request: web.Request,
+                      waits: bool = False) -> tuple[Job, Path, list[str] | None]:  # fmt: skip
+    """The job, its output directory, and the nodes to ask for it (None: the daemon reads it
+    on its own storage), the node of the file's task first (files.task_of: task k's own
+    stdouterr files are on its node), then the attempt's other nodes in task order. A job
+    never placed has none: FileNotFound, unless the request `waits` for its output (a
+    follow) and the job may still run."""
     ws = _ws(request)
     api = request.app[API_KEY]
     job = commands.find_job(api.models, ws, request.match_info["exp"], request.match_info["name"])
@@ -730,15 +733,19 @@ async def _output_dir(request: web.Request, waits: bool = False) -> tuple[Job, P
     attempt = _int_query(request, "attempt", max(job.attempt, 1), 1, max(job.attempt, 1))
     spec = await resources.job_spec(api.store, job)
     try:
-        base, node = files.output_dir(spec, job, directory_id, attempt, api.mount_root), None
+        base, nodes = files.output_dir(spec, job, directory_id, attempt, api.mount_root), None
     except files.OffStorage as off:
-        base, node = off.path, await _node_of(api, job, attempt)
-        if node is None or api.nodes is None:
+        base, nodes = off.path, await _nodes_of(api, job, attempt)
+        if not nodes or api.nodes is None:
             raise files.FileNotFound(f"{off}, and no node ran attempt {attempt}") from None
     reused = directory_id.lower() == files.STDOUTERR and views.name_reused(api.models, job)
-    if reused and await _owner(api, base, node) != job.job_id:  # the earlier job's output
+    owner = await _owner(api, base, nodes[0] if nodes else None) if reused else None
+    if reused and owner != job.job_id:  # the earlier job's output (task 0 marks its own)
         raise files.FileNotFound(f"attempt {attempt} has written no output yet")
-    return job, base, node
+    task = files.task_of(directory_id, request.match_info.get("path", "."))
+    if nodes and 0 < task < len(nodes):
+        nodes = [nodes[task], *nodes[:task], *nodes[task + 1 :]]
+    return job, base, nodes
 
 
 async def _owner(api: Api, directory: Path, node: str | None) -> str | None:
@@ -749,13 +756,13 @@ async def _owner(api: Api, directory: Path, node: str | None) -> str | None:
     return answer.get("data", b"").decode(errors="replace").strip() or None
 
 
-async def _node_of(api: Api, job: Job, attempt: int) -> str | None:
-    """The node of the first task of `attempt` (from the log: ended jobs hold no tasks)."""
+async def _nodes_of(api: Api, job: Job, attempt: int) -> list[str]:
+    """The nodes of the tasks of `attempt`, in task order (from the log: ended jobs hold no
+    tasks)."""
     for event in await api.store.read_stream(f"job-{job.job_id}"):
         if event.type == "JobScheduled" and event.data.get("attempt") == attempt:
-            tasks = event.data.get("tasks") or []
-            return tasks[0]["node"] if tasks else None
-    return None
+            return [task["node"] for task in event.data.get("tasks") or ()]
+    return []
 
 
 async def _remote(api: Api, node: str, path: Path, field: str,
@@ -811,30 +818,50 @@ def _entries(request: web.Request, entries: list[dict[str, Any]]) -> web.Respons
 
 
 async def list_files(request: web.Request) -> web.Response:
-    _job_found, base, node = await _output_dir(request)
+    _job_found, base, nodes = await _output_dir(request)
     api = request.app[API_KEY]
     relative = request.query.get("directory", ".")
-    if node is not None:
+    if nodes is not None:
         directory = files.joined(base, relative, "directory")
-        answer = await _remote(api, node, directory, "directory", listing=True)
-        return _entries(request, answer["entries"])
+        answer = await _remote(api, nodes[0], directory, "directory", listing=True)
+        return _entries(request, await _with_tasks_files(api, nodes, directory, answer))
     missing = "no such directory (yet)"
     with _opened(base, relative, "directory", api.mount_root, missing) as fd:
         return _entries(request, files.listing(fd))
 
 
+async def _with_tasks_files(api: Api, nodes: list[str], directory: Path,
+                            answer: dict[str, Any]) -> list[dict[str, Any]]:  # fmt: skip
+    """The entries of a listing on the first of `nodes`, with the files only the other
+    nodes have (the tasks of a multi-node job on nodes of their own each write their own
+    files there), by name. A node that cannot answer adds nothing: its files are missing
+    from the listing, and reading one names the node's error."""
+    entries = answer["entries"]
+    named = {entry["name"] for entry in entries}
+    for node in dict.fromkeys(nodes[1:]):
+        if node == nodes[0]:
+            continue
+        other = await api.nodes.read_remote(node, str(directory), listing=True)
+        for entry in other.get("entries") or ():
+            if entry["name"] not in named and not entry["isDirectory"]:
+                named.add(entry["name"])
+                entries.append(entry)
+    return sorted(entries, key=lambda entry: entry["name"])
+
+
 async def get_file(request: web.Request) -> web.StreamResponse:
     follow = request.query.get("follow", "false").lower() in ("true", "1")
-    job, base, node = await _output_dir(request, waits=follow)
+    job, base, nodes = await _output_dir(request, waits=follow)
     api = request.app[API_KEY]
     relative = request.match_info["path"]
     if follow and _followed_ended(request, job):
         follow = False  # its attempt writes no more: the file as it is, or 404 if there is none
-    if node is not None:
+    if nodes is not None:
+        node = nodes[0]
         path = files.joined(base, relative, "path")
         if follow:
             return await _follow(request, job, _remote_reader(api, node, path))
-        return await _remote_file(request, node, path)
+        return await _remote_file_of(request, nodes, path)
     if follow:
         return await _follow(request, job, _local_reader(base, relative, api.mount_root))
     wanted = _wanted_range(request)
@@ -857,6 +884,19 @@ def _etags(header: str) -> set[str]:
     """The entity tags of an If-None-Match header (weak ones compared as strong: a file's
     tag is its modification time and size)."""
     return {tag.strip().removeprefix("W/") for tag in header.split(",") if tag.strip()}
+
+
+async def _remote_file_of(request: web.Request, nodes: list[str],
+                          path: Path) -> web.StreamResponse:  # fmt: skip
+    """`_remote_file` from the first of `nodes` that has the file (each task of a multi-node
+    job writes its own files on its node); the first node's error if none has it."""
+    first_error = None
+    for node in dict.fromkeys(nodes):
+        try:
+            return await _remote_file(request, node, path)
+        except files.FileNotFound as exc:
+            first_error = first_error or exc
+    raise first_error or files.FileNotFound("no node ran the attempt")
 
 
 async def _remote_file(request: web.Request, node: str, path: Path) -> web.StreamResponse:

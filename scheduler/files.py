@@ -32,6 +32,20 @@ _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
 _JOB_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")
 
 
+# a file of task k > 0 of a multi-node job in their shared stdouterr directory
+# (runtimes.output_suffix): stdout-k.txt, stderr-k.txt, stdout-prep-k.txt, stderr-prep-k.txt
+_TASK_FILE = re.compile(r"(?:stdout|stderr)(?:-prep)?-([1-9][0-9]{0,5})\.txt")
+
+
+def task_of(directory_id: str, relative: str) -> int:
+    """The task that writes `relative` in output directory `directory_id`: k for task k's
+    own stdouterr files, else 0 (the task whose node is asked for the rest)."""
+    if directory_id.lower() != STDOUTERR:
+        return 0
+    match = _TASK_FILE.fullmatch(os.path.normpath(relative))
+    return int(match[1]) if match else 0
+
+
 class FileNotFound(LookupError):
     """No such output directory or file (404)."""
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.integration.conftest import Client
+from tests.integration.conftest import Client, newest_job
 from tests.integration.test_agents import EXP, _ended, _out, _run, _until
 
 ALPHABET = b"abcdefghijklmnopqrstuvwxyz"
@@ -227,6 +227,73 @@ async def test_range_requests_answer_alike_wherever_the_file_lies(local, tmp_pat
         status, answer = await client.call("GET", f"{EXP}/jobs/{path}", headers={"Range": asked})
         assert status == 416 and words in answer["error"]["message"], (asked, answer)
         assert answer["error"]["code"] == "RangeNotSatisfiable"
+
+
+async def _two_node_job_on_node_disks(daemon, client, tmp_path, monkeypatch) -> list[str]:
+    """A two-node job whose stdouterr is on the nodes' own disks, ended; then each node reads
+    a disk of its own (task k's files moved to `disk-k`, and its node's reads sent there),
+    as nodes on separate machines would. The nodes, in task order."""
+    disk = tmp_path / "disk-0"
+    status, created = await client.call("PUT", f"{EXP}/jobs/pair", {
+        "cluster": "local", "nodeCount": 2, "gpusPerNode": 1, "stdOutErrPathPrefix": str(disk),
+        "pyTorchSettings": {  # runs on every node: `/bin/sh -c '...'`
+            "pythonInterpreterPath": "/bin/sh", "pythonScriptFilePath": "-c",
+            "commandLineArgs": "'echo task $AZ_BATCHAI_TASK_INDEX'",
+        },
+    })  # fmt: skip
+    assert status == 201, created
+    assert (await _ended(daemon, client, "pair"))["properties"]["state"] == "succeeded"
+    out = disk / "default/default/pair/1/stdouterr"
+    other = tmp_path / "disk-1/default/default/pair/1/stdouterr"
+    other.mkdir(parents=True)
+    for name in ("stdout-1.txt", "stderr-1.txt"):
+        (out / name).rename(other / name)
+    (other / "only-on-1.txt").write_text("written by task 1\n")
+    job_id = newest_job(daemon.models.models, "pair").job_id
+    events = await daemon.store.read_stream(f"job-{job_id}")
+    nodes = [
+        task["node"] for task in next(e for e in events if e.type == "JobScheduled").data["tasks"]
+    ]
+    assert len(set(nodes)) == 2
+    read_remote = daemon.nodes.read_remote
+
+    async def on_own_disk(node_id, path, **options):
+        if node_id == nodes[1]:
+            path = path.replace(str(disk), str(tmp_path / "disk-1"))
+        return await read_remote(node_id, path, **options)
+
+    monkeypatch.setattr(daemon.nodes, "read_remote", on_own_disk)
+    return nodes
+
+
+async def test_each_task_of_a_multi_node_job_has_its_files_read_on_its_own_node(
+    local, tmp_path, monkeypatch
+):
+    daemon, client = local
+    nodes = await _two_node_job_on_node_disks(daemon, client, tmp_path, monkeypatch)
+    for name, body in (("stdout.txt", b"task 0\n"), ("stdout-1.txt", b"task 1\n"),
+                       ("only-on-1.txt", b"written by task 1\n")):  # fmt: skip
+        assert (await _get(client, f"pair/files/{name}"))[:2] == (200, body), name
+    status, listing = await client.call("GET", f"{EXP}/jobs/pair/files")
+    names = [entry["name"] for entry in listing["value"]]
+    assert status == 200 and names == sorted(names), listing
+    assert {"stdout.txt", "stdout-1.txt", "stderr-1.txt", "only-on-1.txt"} <= set(names)
+    status, answer = await client.call("GET", f"{EXP}/jobs/pair/files/nowhere.txt")
+    assert status == 404 and nodes[0] in answer["error"]["message"], answer
+
+    read_remote = daemon.nodes.read_remote  # now task 0's node is unreachable
+
+    async def first_gone(node_id, path, **options):
+        if node_id == nodes[0]:
+            return {"error": {"code": "node_unreachable", "message": "the node is gone"}}
+        return await read_remote(node_id, path, **options)
+
+    monkeypatch.setattr(daemon.nodes, "read_remote", first_gone)
+    assert (await _get(client, "pair/files/stdout-1.txt"))[:2] == (200, b"task 1\n")
+    followed = await _get(client, "pair/files/stdout-1.txt?follow=true")  # (the job has ended:
+    assert followed[:2] == (200, b"task 1\n")  # the file as it is)
+    status, answer = await client.call("GET", f"{EXP}/jobs/pair/files/stdout.txt")
+    assert status == 404 and "the node is gone" in answer["error"]["message"], answer
 
 
 async def test_a_command_runs_in_bash_as_batch_ai_ran_it(local):

@@ -90,3 +90,18 @@ def test_the_agent_reads_no_fifo_or_device_a_job_made_in_its_output(tmp_path: Pa
     for path in (out / "pipe", Path("/dev/zero")):
         answer = agent.read_output({"path": str(path), "offset": 0, "size": 100})
         assert "data" not in answer and "not a regular file" in answer["error"]["message"]
+
+
+def test_each_tasks_own_stdouterr_files_name_their_task():
+    from batchd.scheduler.runtimes import output_suffix
+
+    for task in (1, 2, 17):
+        for preparation in (False, True):
+            suffix = output_suffix({"task": task}, preparation)
+            for stream in ("stdout", "stderr"):
+                assert files.task_of("stdouterr", f"{stream}{suffix}.txt") == task
+                assert files.task_of("StdOutErr", f"./{stream}{suffix}.txt") == task
+                assert files.task_of("outputs", f"{stream}{suffix}.txt") == 0  # not stdouterr
+    for other in ("stdout.txt", "stderr-prep.txt", "stdout-0.txt", "stdout-1.log", "a/stdout-1.txt",
+                  "model-1.txt", "stdout-x.txt", "."):  # fmt: skip
+        assert files.task_of("stdouterr", other) == 0, other
