@@ -36,7 +36,7 @@ from batchd.events.codec import Codec
 from batchd.events.secrets import Keyring
 from batchd.events.store import EventStore
 from batchd.projections.runner import SNAPSHOT_INTERVAL, Runner
-from batchd.scheduler import api, commands, config, planner, tls
+from batchd.scheduler import api, commands, config, planner, systemd, tls
 from batchd.scheduler.control import Control, token_file
 from batchd.scheduler.nodes import NodeService
 from batchd.scheduler.providers import LocalProvider, Provider
@@ -116,6 +116,9 @@ class Daemon:
         ssl_context = self._tls()
         self.store = await urls.open_store(cfg.store_url, codec=Codec(keyring))
         await self._keys_for_the_log(keyring)  # at once: a standby learns it now, not at takeover
+        watchdog = systemd.watchdog_interval()
+        if watchdog is not None:
+            self._task(systemd.keep_watchdog_fed(watchdog), "watchdog")
         if not await self._stand_by():
             return  # stopped while standing by
         if keyring is None:  # made only now: a start refused for its log leaves no key behind
@@ -171,6 +174,7 @@ class Daemon:
         self.ready = service.serving = True
         logger.info("daemon.started", url=self.url, store=str(urls.parse(cfg.store_url)),
                     state_dir=str(cfg.state_dir))  # fmt: skip
+        systemd.notify("READY=1", f"STATUS=serving on {self.url}, leading the log")
 
     async def _keys_for_the_log(self, keyring: Keyring | None) -> None:
         """Refuse to lead a log that holds events with no secret keys: a new key would seal
@@ -195,6 +199,7 @@ class Daemon:
         where = str(urls.parse(self.cfg.store_url))
         message = "another daemon leads this log; this one waits to take over"
         logger.warning("daemon.standby", store=where, message=message)
+        systemd.notify("READY=1", f"STATUS=standby: {message}")  # (started, as a standby)
         while not self.stopping.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), STANDBY_POLL)
@@ -203,6 +208,7 @@ class Daemon:
             try:
                 if await self.store.try_lock_leader():
                     logger.info("daemon.taking_over", store=where)
+                    systemd.notify("STATUS=taking the log over: restoring the read models")
                     return True
             except errors.StoreUnavailable as exc:  # a blip of the database: wait on
                 logger.warning("daemon.standby_unavailable", error=str(exc))
@@ -271,6 +277,7 @@ class Daemon:
         logger.error("daemon.fenced", epoch=self.store.epoch, log_epoch=current,
                      message="another daemon has taken over the log; this one stops "
                      f"(exit {FENCED_EXIT}) and is not to be restarted over it")  # fmt: skip
+        systemd.notify(f"STATUS=fenced: another daemon took the log over; exit {FENCED_EXIT}")
         self.stopping.set()
 
     async def _admin_token(self) -> str:
@@ -341,6 +348,7 @@ class Daemon:
         started = bool(self.url)  # a daemon that failed to start says so once, not "stopping"
         if started:
             logger.info("daemon.stopping")
+        systemd.notify("STOPPING=1", "STATUS=stopping")
         with contextlib.suppress(Exception):
             self._periodic.shutdown(wait=False)
         if self.api is not None:
