@@ -720,9 +720,10 @@ async def _output_dir(request: web.Request,
                       waits: bool = False) -> tuple[Job, Path, list[str] | None]:  # fmt: skip
     """The job, its output directory, and the nodes to ask for it (None: the daemon reads it
     on its own storage), the node of the file's task first (files.task_of: task k's own
-    stdouterr files are on its node), then the attempt's other nodes in task order. A job
-    never placed has none: FileNotFound, unless the request `waits` for its output (a
-    follow) and the job may still run."""
+    stdouterr files are on its node), then the attempt's other nodes in task order; for a
+    reused name, only those whose directory is marked as this job's. A job never placed has
+    none: FileNotFound, unless the request `waits` for its output (a follow) and the job
+    may still run."""
     ws = _ws(request)
     api = request.app[API_KEY]
     job = commands.find_job(api.models, ws, request.match_info["exp"], request.match_info["name"])
@@ -738,22 +739,41 @@ async def _output_dir(request: web.Request,
         base, nodes = off.path, await _nodes_of(api, job, attempt)
         if not nodes or api.nodes is None:
             raise files.FileNotFound(f"{off}, and no node ran attempt {attempt}") from None
-    reused = directory_id.lower() == files.STDOUTERR and views.name_reused(api.models, job)
-    owner = await _owner(api, base, nodes[0] if nodes else None) if reused else None
-    if reused and owner != job.job_id:  # the earlier job's output (task 0 marks its own)
-        raise files.FileNotFound(f"attempt {attempt} has written no output yet")
-    task = files.task_of(directory_id, request.match_info.get("path", "."))
-    if nodes and 0 < task < len(nodes):
-        nodes = [nodes[task], *nodes[:task], *nodes[task + 1 :]]
+    if nodes is not None:
+        task = files.task_of(directory_id, request.match_info.get("path", "."))
+        if 0 < task < len(nodes):
+            nodes = [nodes[task], *nodes[:task], *nodes[task + 1 :]]
+        nodes = list(dict.fromkeys(nodes))
+    if directory_id.lower() == files.STDOUTERR and views.name_reused(api.models, job):
+        nodes = await _owning(api, job, attempt, base, nodes)  # not the earlier job's output
     return job, base, nodes
 
 
-async def _owner(api: Api, directory: Path, node: str | None) -> str | None:
-    """The job whose output a stdouterr directory holds (files.owner), read on `node`."""
-    if node is None:
-        return await asyncio.to_thread(files.owner, directory)
-    answer = await api.nodes.read_remote(node, str(directory / files.OWNER))
-    return answer.get("data", b"").decode(errors="replace").strip() or None
+async def _owning(api: Api, job: Job, attempt: int, directory: Path,
+                  nodes: list[str] | None) -> list[str] | None:  # fmt: skip
+    """Of `nodes` (None: the daemon's storage), those where the stdouterr `directory` of a
+    reused name is marked as `job`'s (each task marks its own node's: files.claim); until
+    one is, FileNotFound (naming the nodes that could not say)."""
+    if nodes is None:
+        if await asyncio.to_thread(files.owner, directory) != job.job_id:
+            raise files.FileNotFound(f"attempt {attempt} has written no output yet")
+        return None
+    marker = str(directory / files.OWNER)
+    answers = await asyncio.gather(*(api.nodes.read_remote(n, marker) for n in nodes))
+    asked = list(zip(nodes, answers, strict=True))
+    owning = [n for n, answer in asked if _marked(answer) == job.job_id]
+    if not owning:
+        said = [(n, answer.get("error") or {}) for n, answer in asked]
+        unanswered = [f"node {n}: {error.get('message')}" for n, error in said
+                      if error.get("code") not in (None, "not_found")]  # fmt: skip
+        why = f" ({'; '.join(unanswered)})" if unanswered else ""
+        raise files.FileNotFound(f"attempt {attempt} has written no output yet{why}")
+    return owning
+
+
+def _marked(answer: dict[str, Any]) -> str:
+    """The job id in a node's answer for an owner marker (files.OWNER)."""
+    return (answer.get("data") or b"").decode(errors="replace").strip()
 
 
 async def _nodes_of(api: Api, job: Job, attempt: int) -> list[str]:
@@ -823,30 +843,29 @@ async def list_files(request: web.Request) -> web.Response:
     relative = request.query.get("directory", ".")
     if nodes is not None:
         directory = files.joined(base, relative, "directory")
-        answer = await _remote(api, nodes[0], directory, "directory", listing=True)
-        return _entries(request, await _with_tasks_files(api, nodes, directory, answer))
+        return _entries(request, await _merged_listing(api, nodes, directory))
     missing = "no such directory (yet)"
     with _opened(base, relative, "directory", api.mount_root, missing) as fd:
         return _entries(request, files.listing(fd))
 
 
-async def _with_tasks_files(api: Api, nodes: list[str], directory: Path,
-                            answer: dict[str, Any]) -> list[dict[str, Any]]:  # fmt: skip
-    """The entries of a listing on the first of `nodes`, with the files only the other
-    nodes have (the tasks of a multi-node job on nodes of their own each write their own
-    files there), by name. A node that cannot answer adds nothing: its files are missing
-    from the listing, and reading one names the node's error."""
-    entries = answer["entries"]
-    named = {entry["name"] for entry in entries}
-    for node in dict.fromkeys(nodes[1:]):
-        if node == nodes[0]:
-            continue
-        other = await api.nodes.read_remote(node, str(directory), listing=True)
-        for entry in other.get("entries") or ():
-            if entry["name"] not in named and not entry["isDirectory"]:
-                named.add(entry["name"])
-                entries.append(entry)
-    return sorted(entries, key=lambda entry: entry["name"])
+async def _merged_listing(api: Api, nodes: list[str], directory: Path) -> list[dict[str, Any]]:
+    """A directory's entries on all of `nodes` (asked at once), by name: the tasks of a
+    multi-node job on nodes of their own each write their own files there; a name on
+    several nodes is listed as the first of them has it. A node that cannot answer adds
+    nothing (reading one of its files names its error); when none can, the first node's
+    error."""
+    answers = await asyncio.gather(
+        *(api.nodes.read_remote(node, str(directory), listing=True) for node in nodes)
+    )
+    listed = [answer for answer in answers if answer.get("error") is None]
+    if not listed:
+        _checked(answers[0], nodes[0], "directory")  # raises: the first node's error
+    entries: dict[str, dict[str, Any]] = {}
+    for answer in listed:
+        for entry in answer.get("entries") or ():
+            entries.setdefault(entry["name"], entry)
+    return [entries[name] for name in sorted(entries)]
 
 
 async def get_file(request: web.Request) -> web.StreamResponse:

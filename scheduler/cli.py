@@ -103,8 +103,18 @@ class _Parser(argparse.ArgumentParser):
         for arg in args:
             if not arg.startswith("-") or arg == "--":
                 return
-            if arg.split("=", 1)[0] not in self._option_string_actions:
+            if not self._known_option(arg.split("=", 1)[0]):
                 self.error(f"unrecognized option {arg!r} before the command")
+
+    def _known_option(self, name: str) -> bool:
+        """Is `name` one of this level's options, or what argparse takes for one: a long
+        option shortened (`--he`), a short one with more joined to it (`-hx`)?"""
+        options = self._option_string_actions
+        if name in options:
+            return True
+        if name.startswith("--"):
+            return any(option.startswith(name) for option in options)
+        return name[:2] in options
 
 
 def build_parser() -> argparse.ArgumentParser:

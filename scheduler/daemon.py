@@ -85,8 +85,9 @@ def _now_us() -> int:
 class Daemon:
     """The running daemon; `start()` then `stop()`, or `run()` until a signal."""
 
-    def __init__(self, cfg: config.Config) -> None:
+    def __init__(self, cfg: config.Config, notifier: systemd.Notifier | None = None) -> None:
         self.cfg = cfg
+        self.systemd = notifier or systemd.Notifier()  # (none: systemd is not told)
         self.stopping = asyncio.Event()
         self.failed: list[str] = []  # names of tasks that ended on their own
         self.fenced_out = False  # another daemon took the log over: this one stops
@@ -116,9 +117,8 @@ class Daemon:
         ssl_context = self._tls()
         self.store = await urls.open_store(cfg.store_url, codec=Codec(keyring))
         await self._keys_for_the_log(keyring)  # at once: a standby learns it now, not at takeover
-        watchdog = systemd.watchdog_interval()
-        if watchdog is not None:
-            self._task(systemd.keep_watchdog_fed(watchdog), "watchdog")
+        if self.systemd.watchdog is not None:
+            self._task(self.systemd.feed_watchdog(), "watchdog")
         if not await self._stand_by():
             return  # stopped while standing by
         if keyring is None:  # made only now: a start refused for its log leaves no key behind
@@ -174,7 +174,7 @@ class Daemon:
         self.ready = service.serving = True
         logger.info("daemon.started", url=self.url, store=str(urls.parse(cfg.store_url)),
                     state_dir=str(cfg.state_dir))  # fmt: skip
-        systemd.notify("READY=1", f"STATUS=serving on {self.url}, leading the log")
+        self.systemd.notify("READY=1", f"STATUS=serving on {self.url}, leading the log")
 
     async def _keys_for_the_log(self, keyring: Keyring | None) -> None:
         """Refuse to lead a log that holds events with no secret keys: a new key would seal
@@ -199,7 +199,7 @@ class Daemon:
         where = str(urls.parse(self.cfg.store_url))
         message = "another daemon leads this log; this one waits to take over"
         logger.warning("daemon.standby", store=where, message=message)
-        systemd.notify("READY=1", f"STATUS=standby: {message}")  # (started, as a standby)
+        self.systemd.notify("READY=1", f"STATUS=standby: {message}")  # (started, as a standby)
         while not self.stopping.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), STANDBY_POLL)
@@ -208,7 +208,7 @@ class Daemon:
             try:
                 if await self.store.try_lock_leader():
                     logger.info("daemon.taking_over", store=where)
-                    systemd.notify("STATUS=taking the log over: restoring the read models")
+                    self.systemd.notify("STATUS=taking the log over: restoring the read models")
                     return True
             except errors.StoreUnavailable as exc:  # a blip of the database: wait on
                 logger.warning("daemon.standby_unavailable", error=str(exc))
@@ -277,7 +277,6 @@ class Daemon:
         logger.error("daemon.fenced", epoch=self.store.epoch, log_epoch=current,
                      message="another daemon has taken over the log; this one stops "
                      f"(exit {FENCED_EXIT}) and is not to be restarted over it")  # fmt: skip
-        systemd.notify(f"STATUS=fenced: another daemon took the log over; exit {FENCED_EXIT}")
         self.stopping.set()
 
     async def _admin_token(self) -> str:
@@ -343,12 +342,20 @@ class Daemon:
             for task in stuck:
                 logger.warning("daemon.task_did_not_stop", task=task.get_name())
 
+    def _stopping_status(self) -> str:
+        """What systemd's status says while the daemon stops: why, where it is not asked to."""
+        if self.fenced_out:
+            return f"stopping: fenced, another daemon took the log over (exit {FENCED_EXIT})"
+        if self.failed:
+            return f"stopping: {', '.join(self.failed)} ended on its own (exit 1)"
+        return "stopping"
+
     async def stop(self) -> None:
         self.ready = False
         started = bool(self.url)  # a daemon that failed to start says so once, not "stopping"
         if started:
             logger.info("daemon.stopping")
-        systemd.notify("STOPPING=1", "STATUS=stopping")
+        self.systemd.notify("STOPPING=1", f"STATUS={self._stopping_status()}")
         with contextlib.suppress(Exception):
             self._periodic.shutdown(wait=False)
         if self.api is not None:
@@ -386,7 +393,7 @@ async def main(args: argparse.Namespace) -> int:
         tls_cert=getattr(args, "tls_cert", None), tls_key=getattr(args, "tls_key", None),
         tls_self_signed=getattr(args, "tls_self_signed", False),
     )  # fmt: skip
-    daemon = Daemon(cfg)
+    daemon = Daemon(cfg, systemd.Notifier.from_environment())
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, daemon.stopping.set)

@@ -488,4 +488,5 @@ def test_an_option_before_the_command_is_named_not_taken_for_a_missing_command()
         assert done.stderr.startswith(f"usage: {usage} "), done.stderr
         unknown = next(a for a in args if a.startswith("-"))
         assert done.stderr.endswith(f"error: unrecognized option {unknown!r} before the command\n")
-    assert batchd("--help").returncode == 0
+    for known in (("--help",), ("--he",), ("job", "--he")):  # argparse's shortened options too
+        assert batchd(*known).returncode == 0, known

@@ -14,6 +14,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from batchd.scheduler import files
 from tests.integration.conftest import Client, newest_job
 from tests.integration.test_agents import EXP, _ended, _out, _run, _until
 
@@ -229,11 +230,9 @@ async def test_range_requests_answer_alike_wherever_the_file_lies(local, tmp_pat
         assert answer["error"]["code"] == "RangeNotSatisfiable"
 
 
-async def _two_node_job_on_node_disks(daemon, client, tmp_path, monkeypatch) -> list[str]:
-    """A two-node job whose stdouterr is on the nodes' own disks, ended; then each node reads
-    a disk of its own (task k's files moved to `disk-k`, and its node's reads sent there),
-    as nodes on separate machines would. The nodes, in task order."""
-    disk = tmp_path / "disk-0"
+async def _pair(daemon, client, disk: Path) -> tuple[str, list[str]]:
+    """A two-node job `pair` whose stdouterr is under `disk`, run to its end: its id, and
+    its nodes in task order."""
     status, created = await client.call("PUT", f"{EXP}/jobs/pair", {
         "cluster": "local", "nodeCount": 2, "gpusPerNode": 1, "stdOutErrPathPrefix": str(disk),
         "pyTorchSettings": {  # runs on every node: `/bin/sh -c '...'`
@@ -243,56 +242,104 @@ async def _two_node_job_on_node_disks(daemon, client, tmp_path, monkeypatch) -> 
     })  # fmt: skip
     assert status == 201, created
     assert (await _ended(daemon, client, "pair"))["properties"]["state"] == "succeeded"
-    out = disk / "default/default/pair/1/stdouterr"
-    other = tmp_path / "disk-1/default/default/pair/1/stdouterr"
-    other.mkdir(parents=True)
-    for name in ("stdout-1.txt", "stderr-1.txt"):
-        (out / name).rename(other / name)
-    (other / "only-on-1.txt").write_text("written by task 1\n")
     job_id = newest_job(daemon.models.models, "pair").job_id
     events = await daemon.store.read_stream(f"job-{job_id}")
-    nodes = [
-        task["node"] for task in next(e for e in events if e.type == "JobScheduled").data["tasks"]
-    ]
+    scheduled = next(e for e in events if e.type == "JobScheduled")
+    nodes = [task["node"] for task in scheduled.data["tasks"]]
     assert len(set(nodes)) == 2
+    return job_id, nodes
+
+
+def _own_disks(daemon, monkeypatch, tmp_path: Path, nodes: list[str]) -> Path:
+    """From now on, task 1's node reads `disk-1` where task 0's reads `disk-0`, as nodes on
+    separate machines would: the stdouterr directory of `pair` on `disk-1`, made."""
     read_remote = daemon.nodes.read_remote
 
     async def on_own_disk(node_id, path, **options):
         if node_id == nodes[1]:
-            path = path.replace(str(disk), str(tmp_path / "disk-1"))
+            path = path.replace(str(tmp_path / "disk-0"), str(tmp_path / "disk-1"))
         return await read_remote(node_id, path, **options)
 
     monkeypatch.setattr(daemon.nodes, "read_remote", on_own_disk)
-    return nodes
+    other = tmp_path / "disk-1/default/default/pair/1/stdouterr"
+    other.mkdir(parents=True)
+    return other
+
+
+def _unreachable(daemon, monkeypatch, node: str) -> None:
+    read_remote = daemon.nodes.read_remote
+
+    async def gone(node_id, path, **options):
+        if node_id == node:
+            return {"error": {"code": "node_unreachable", "message": "the node is gone"}}
+        return await read_remote(node_id, path, **options)
+
+    monkeypatch.setattr(daemon.nodes, "read_remote", gone)
 
 
 async def test_each_task_of_a_multi_node_job_has_its_files_read_on_its_own_node(
     local, tmp_path, monkeypatch
 ):
     daemon, client = local
-    nodes = await _two_node_job_on_node_disks(daemon, client, tmp_path, monkeypatch)
+    _job_id, nodes = await _pair(daemon, client, tmp_path / "disk-0")
+    out = tmp_path / "disk-0/default/default/pair/1/stdouterr"
+    other = _own_disks(daemon, monkeypatch, tmp_path, nodes)
+    for name in ("stdout-1.txt", "stderr-1.txt"):
+        (out / name).rename(other / name)
+    (out / "stdout-1.txt").write_text("not task 1's: task 1 wrote on its own node\n")
+    (other / "only-on-1.txt").write_text("written by task 1\n")
+    (other / "checkpoints").mkdir()
+    (other / "checkpoints/epoch-1.pt").write_text("weights\n")
     for name, body in (("stdout.txt", b"task 0\n"), ("stdout-1.txt", b"task 1\n"),
-                       ("only-on-1.txt", b"written by task 1\n")):  # fmt: skip
+                       ("only-on-1.txt", b"written by task 1\n"),
+                       ("checkpoints/epoch-1.pt", b"weights\n")):  # fmt: skip
         assert (await _get(client, f"pair/files/{name}"))[:2] == (200, body), name
     status, listing = await client.call("GET", f"{EXP}/jobs/pair/files")
     names = [entry["name"] for entry in listing["value"]]
     assert status == 200 and names == sorted(names), listing
-    assert {"stdout.txt", "stdout-1.txt", "stderr-1.txt", "only-on-1.txt"} <= set(names)
+    assert {"stdout.txt", "stdout-1.txt", "stderr-1.txt", "only-on-1.txt", "checkpoints"} <= set(
+        names
+    )
     status, answer = await client.call("GET", f"{EXP}/jobs/pair/files/nowhere.txt")
     assert status == 404 and nodes[0] in answer["error"]["message"], answer
 
-    read_remote = daemon.nodes.read_remote  # now task 0's node is unreachable
-
-    async def first_gone(node_id, path, **options):
-        if node_id == nodes[0]:
-            return {"error": {"code": "node_unreachable", "message": "the node is gone"}}
-        return await read_remote(node_id, path, **options)
-
-    monkeypatch.setattr(daemon.nodes, "read_remote", first_gone)
+    _unreachable(daemon, monkeypatch, nodes[0])
     assert (await _get(client, "pair/files/stdout-1.txt"))[:2] == (200, b"task 1\n")
     followed = await _get(client, "pair/files/stdout-1.txt?follow=true")  # (the job has ended:
     assert followed[:2] == (200, b"task 1\n")  # the file as it is)
+    status, listing = await client.call("GET", f"{EXP}/jobs/pair/files")
+    assert status == 200 and "stdout-1.txt" in [e["name"] for e in listing["value"]], listing
     status, answer = await client.call("GET", f"{EXP}/jobs/pair/files/stdout.txt")
+    assert status == 404 and "the node is gone" in answer["error"]["message"], answer
+
+
+async def test_a_reused_name_shows_on_each_node_only_what_its_own_job_wrote(
+    local, tmp_path, monkeypatch
+):
+    daemon, client = local
+    disk = tmp_path / "disk-0"
+    earlier, _nodes = await _pair(daemon, client, disk)
+    assert (await client.call("DELETE", f"{EXP}/jobs/pair"))[0] in (200, 202, 204)
+    job_id, nodes = await _pair(daemon, client, disk)
+    assert job_id != earlier
+    out = disk / "default/default/pair/1/stdouterr"
+    (out / "stdout-1.txt").unlink()
+    other = _own_disks(daemon, monkeypatch, tmp_path, nodes)
+    (other / files.OWNER).write_text(earlier)  # node 1 still holds the earlier job's output
+    (other / "stdout-1.txt").write_text("the earlier job's\n")
+    (other / "earlier.txt").write_text("the earlier job's\n")
+    status, answer = await client.call("GET", f"{EXP}/jobs/pair/files/stdout-1.txt")
+    assert status == 404, answer
+    status, listing = await client.call("GET", f"{EXP}/jobs/pair/files")
+    assert status == 200 and "earlier.txt" not in [e["name"] for e in listing["value"]]
+    assert "stdout.txt" in [e["name"] for e in listing["value"]]
+
+    (other / files.OWNER).write_text(job_id)  # task 1 has claimed its node's directory
+    (other / "stdout-1.txt").write_text("task 1\n")
+    _unreachable(daemon, monkeypatch, nodes[0])
+    assert (await _get(client, "pair/files/stdout-1.txt"))[:2] == (200, b"task 1\n")
+    _unreachable(daemon, monkeypatch, nodes[1])
+    status, answer = await client.call("GET", f"{EXP}/jobs/pair/files/stdout-1.txt")
     assert status == 404 and "the node is gone" in answer["error"]["message"], answer
 
 

@@ -39,8 +39,16 @@ def _serve(state: Path, port: int, notify: Path, **env: str) -> subprocess.Popen
         [sys.executable, "-m", "batchd.scheduler.cli", "serve", "--state-dir", str(state),
          "--listen", f"127.0.0.1:{port}", "--config", str(config)],
         stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-        env={**os.environ, "NOTIFY_SOCKET": str(notify), **env},
+        env={**_without_systemd(), "NOTIFY_SOCKET": str(notify), **env},
     )  # fmt: skip
+
+
+def _without_systemd() -> dict[str, str]:
+    """This environment without the systemd variables of whatever runs the tests."""
+    return {k: v for k, v in os.environ.items() if k not in systemd_variables}
+
+
+systemd_variables = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 
 
 def _messages(sock: socket.socket, until: str, seconds: float = 30) -> list[dict[str, str]]:
