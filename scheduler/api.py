@@ -876,10 +876,9 @@ async def get_file(request: web.Request) -> web.StreamResponse:
     if follow and _followed_ended(request, job):
         follow = False  # its attempt writes no more: the file as it is, or 404 if there is none
     if nodes is not None:
-        node = nodes[0]
         path = files.joined(base, relative, "path")
-        if follow:
-            return await _follow(request, job, _remote_reader(api, node, path))
+        if follow:  # (on one node: the file's task's)
+            return await _follow(request, job, _remote_reader(api, nodes[0], path))
         return await _remote_file_of(request, nodes, path)
     if follow:
         return await _follow(request, job, _local_reader(base, relative, api.mount_root))
@@ -909,13 +908,13 @@ async def _remote_file_of(request: web.Request, nodes: list[str],
                           path: Path) -> web.StreamResponse:  # fmt: skip
     """`_remote_file` from the first of `nodes` that has the file (each task of a multi-node
     job writes its own files on its node); the first node's error if none has it."""
-    first_error = None
-    for node in dict.fromkeys(nodes):
-        try:
-            return await _remote_file(request, node, path)
-        except files.FileNotFound as exc:
-            first_error = first_error or exc
-    raise first_error or files.FileNotFound("no node ran the attempt")
+    try:
+        return await _remote_file(request, nodes[0], path)
+    except files.FileNotFound:
+        for node in nodes[1:]:
+            with contextlib.suppress(files.FileNotFound):
+                return await _remote_file(request, node, path)
+        raise
 
 
 async def _remote_file(request: web.Request, node: str, path: Path) -> web.StreamResponse:

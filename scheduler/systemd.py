@@ -61,10 +61,8 @@ class Notifier:
         return True
 
     async def feed_watchdog(self) -> None:
-        """Ping the watchdog for ever (cancel to stop), from the event loop: a loop that
-        stops turning stops the pings. Returns at once without a watchdog."""
-        if self.watchdog is None:
-            return
+        """Ping the watchdog (there is one: `watchdog` is set) for ever (cancel to stop), from
+        the event loop: a loop that stops turning stops the pings."""
         while True:
             self.notify("WATCHDOG=1")
             await asyncio.sleep(self.watchdog)
