@@ -42,7 +42,8 @@ that capacity beside the queue: `projections.clusters.free_capacity`). The reaso
   with containerSettings, `process` otherwise);
 - `behind_reservation{}`: an earlier job holds the reservation, and this one could not start
   before it without delaying it (or could, but does not fit now); a job that could never fit
-  the cluster's ready nodes is told its own reason instead. Like Slurm's `Priority`
+  the cluster's ready nodes is told its own reason instead (unless only nodes on their way
+  to ready are missing: a restart re-registers them all). Like Slurm's `Priority`
   beside `Resources`, this keeps the reasons of a long queue steady: only the job at its head
   is told about capacity, and only its reason changes as capacity comes and goes;
 - `preempting{victims}`: running jobs are being preempted to make room for it;
@@ -428,11 +429,15 @@ def _wait_behind(out: list[Decision], job: Job, cluster: Cluster, capacity: _Cap
                  why: dict[tuple[int, int, str], dict[str, Any]],
                  skip: frozenset[str]) -> None:  # fmt: skip
     """A job held behind the reservation: told so, unless it could never fit anyway (on the
-    nodes not in `skip`: those without its runtime)."""
-    if capacity.ever_fits(job.gpus_per_node, job.node_count, skip):
-        _reason(out, job, BEHIND_RESERVATION)
-    else:
-        _reason(out, job, _cached_why(why, cluster, capacity, job))
+    nodes not in `skip`: those without its runtime). Nodes still on their way to ready do
+    not count as never: while they come back (a daemon restart), the queue behind its head
+    keeps its reasons, instead of each job logging `nodes_not_ready` and then back."""
+    reason = BEHIND_RESERVATION
+    if not capacity.ever_fits(job.gpus_per_node, job.node_count, skip):
+        reason = _cached_why(why, cluster, capacity, job)
+        if reason is NODES_NOT_READY and capacity.coming:
+            reason = BEHIND_RESERVATION
+    _reason(out, job, reason)
 
 
 def _too_small(cluster: Cluster, nodes: int, staying: int) -> bool:

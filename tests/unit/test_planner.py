@@ -345,6 +345,29 @@ def test_a_job_waiting_for_nodes_coming_back_keeps_its_place_in_the_queue():
     assert placed(later) == {small: [{"node": "c-n0", "gpus": [1]}]}
 
 
+def test_a_restart_tells_only_the_head_of_a_long_queue_that_its_nodes_are_coming_back():
+    """While every node of a cluster re-registers (a daemon restart), the jobs behind the head
+    of its queue keep `behind_reservation`: a restart logs a reason change or two for each
+    cluster, not one for each queued job."""
+    w = World().cluster(nodes=2, gpus=4)
+    w.run(w.job(gpus=4), [("c-n0", [0, 1, 2, 3])])
+    w.run(w.job(gpus=4), [("c-n1", [0, 1, 2, 3])])
+    head, *behind = (w.job(gpus=g, nodes=n) for g, n in [(4, 1), (1, 1), (2, 2), (4, 2)])
+    w.plan()
+    assert {j: w.models.jobs[j].pending_reason["code"] for j in behind} == dict.fromkeys(
+        behind, "behind_reservation")  # fmt: skip
+    for node in ("c-n0", "c-n1"):  # the daemon stops: its local agents go, and come back
+        w.apply("NodeLost", nodeId=node, at=NOW - 1_000_000)
+    assert reasons(w.plan()) == {head: {"code": "nodes_not_ready"}}
+    w.apply("NodeRegistered", nodeId="c-n0", cluster="c", gpus=4, incarnation=2, at=NOW)
+    w.apply("NodeSetupSucceeded", nodeId="c-n0", at=NOW)  # one back: the gangs wait on
+    assert reasons(w.plan()) == {head: {"code": "insufficient_gpus", "need": 4}}
+    assert all(w.models.jobs[j].pending_reason["code"] == "behind_reservation" for j in behind)
+    for node in ("c-n0", "c-n1"):  # a cluster whose nodes stay unusable: each job says why
+        w.apply("NodeSetupFailed", nodeId=node, exitCode=1)
+    assert reasons(w.plan()) == {j: {"code": "nodes_not_ready"} for j in [head, *behind]}
+
+
 def test_a_node_that_keeps_coming_back_does_not_hold_the_queue_for_ever():
     w = World().cluster(nodes=2, gpus=4)
     w.apply("NodeLost", nodeId="c-n1", at=NOW)
