@@ -175,6 +175,12 @@ class Backend(Protocol):
     async def read_stream_rows(
         self, stream: str, after_version: int
     ) -> Sequence[Sequence[Any]]: ...
+    async def read_stream_page(
+        self, stream: str, after: int, through: int, limit: int
+    ) -> Sequence[Sequence[Any]]:
+        """At most `limit` of the stream's rows whose position is after `after` and at most
+        `through`, in order (a page of one stream, read from the stream's index)."""
+
     async def recorded_at(self, position: int) -> int:
         """The `recorded_at` of the event at `position` (which exists)."""
 
@@ -452,6 +458,14 @@ class EventStore:
     async def read_stream(self, stream: str, after_version: int = 0) -> list[RecordedEvent]:
         decode = self.codec.decode
         return [decode(r) for r in await self.backend.read_stream_rows(stream, after_version)]
+
+    async def read_stream_page(
+        self, stream: str, after: int, through: int, limit: int
+    ) -> list[RecordedEvent]:
+        """At most `limit` events of `stream` with positions in (`after`, `through`]."""
+        decode = self.codec.decode
+        rows = await self.backend.read_stream_page(stream, after, through, limit)
+        return [decode(r) for r in rows]
 
     async def iter_rows(self, after: int = 0, page: int = 5000) -> AsyncIterator[tuple]:
         """Every stored row after `after` as it is in the database (for audit and export)."""

@@ -1195,10 +1195,9 @@ async def list_events(request: web.Request) -> web.Response:
         last = min(last, await api.store.position_at(end))
     stream = request.query.get("stream")
     if stream is not None:
-        events = await api.store.read_stream(stream)
-        if not events:
+        events = await api.store.read_stream_page(stream, after, last, top)
+        if not events and not await _stream_exists(api.store, stream):
             raise CommandError(f"no stream {stream!r} in the log", 404)
-        events = [e for e in events if after < e.position <= last][:top]
     else:
         events = [e for e in await api.store.read_all(after, top) if e.position <= last]
     items = [jsonform.to_json(e) for e in events]
@@ -1208,6 +1207,10 @@ async def list_events(request: web.Request) -> web.Response:
                  "through": str(last)}  # fmt: skip
         next_link = str(request.rel_url.with_query(query))
     return web.json_response({"value": items, "nextLink": next_link})
+
+
+async def _stream_exists(store: EventStore, stream: str) -> bool:
+    return bool(await store.read_stream_page(stream, 0, (await store.head()).position, 1))
 
 
 def _time_query(request: web.Request, name: str) -> int | None:

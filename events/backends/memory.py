@@ -6,6 +6,7 @@ two writers fence each other); `memory://` opens a fresh, private one.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -94,6 +95,13 @@ class MemoryBackend:
 
     async def read_stream_rows(self, stream: str, after_version: int) -> list[tuple]:
         return [self.log.rows[i] for i in self.log.streams.get(stream, [])[after_version:]]
+
+    async def read_stream_page(
+        self, stream: str, after: int, through: int, limit: int
+    ) -> list[tuple]:
+        indices = self.log.streams.get(stream, [])  # row i holds position i + 1
+        start = bisect.bisect_left(indices, after)
+        return [self.log.rows[i] for i in indices[start : start + limit] if i < through]
 
     async def save_snapshot(self, snapshot: Snapshot, keep: int) -> None:
         kept = self.log.snapshots.setdefault(snapshot.projection, [])

@@ -153,6 +153,10 @@ _FOLD_COLUMNS = (  # read_rows(full=False): the ids and the hash left out, as NU
 )
 _READ_FOLD = f"SELECT {_FOLD_COLUMNS} FROM events WHERE position > $1 ORDER BY position LIMIT $2"
 _READ_STREAM = f"SELECT {_COLUMNS} FROM events WHERE stream = $1 AND version > $2 ORDER BY version"
+_READ_STREAM_PAGE = (
+    f"SELECT {_COLUMNS} FROM events WHERE stream = $1 AND position > $2 AND position <= $3 "
+    "ORDER BY version LIMIT $4"
+)
 _RECORDED_AT = "SELECT recorded_at FROM events WHERE position = $1"
 
 
@@ -558,6 +562,11 @@ class PostgresBackend:
 
     async def read_stream_rows(self, stream: str, after_version: int) -> list[asyncpg.Record]:
         return await self._fetch(_READ_STREAM, stream, after_version)
+
+    async def read_stream_page(
+        self, stream: str, after: int, through: int, limit: int
+    ) -> list[asyncpg.Record]:
+        return await self._fetch(_READ_STREAM_PAGE, stream, after, through, limit)
 
     async def recorded_at(self, position: int) -> int:
         return (await self._fetch(_RECORDED_AT, position))[0][0]

@@ -85,6 +85,10 @@ _RECORDED_AT = "SELECT recorded_at FROM events WHERE position = ?"
 _READ_STREAM = (
     f"SELECT {_SELECT_COLUMNS} FROM events WHERE stream = ? AND version > ? ORDER BY version"
 )
+_READ_STREAM_PAGE = (
+    f"SELECT {_SELECT_COLUMNS} FROM events WHERE stream = ? AND position > ? AND position <= ? "
+    "ORDER BY version LIMIT ?"
+)
 _HEAD = "SELECT position, hash, recorded_at, epoch FROM log_head WHERE id = 1"
 
 
@@ -367,6 +371,11 @@ class SqliteBackend:
 
     async def read_stream_rows(self, stream: str, after_version: int) -> list[tuple]:
         return await self._read(_READ_STREAM, (stream, after_version))
+
+    async def read_stream_page(
+        self, stream: str, after: int, through: int, limit: int
+    ) -> list[tuple]:
+        return await self._read(_READ_STREAM_PAGE, (stream, after, through, limit))
 
     # -- snapshots -------------------------------------------------------------------------
     async def save_snapshot(self, snapshot: Snapshot, keep: int) -> None:

@@ -180,6 +180,29 @@ async def test_the_event_stream_resumes_after_last_event_id_without_loss_or_repe
     assert [(e["position"], e["type"]) for e in listed["value"]] == [(p, t) for p, t, _ in rest]
 
 
+async def test_one_streams_events_are_paged_in_order_up_to_the_first_pages_head(client, api):
+    for n in range(5):  # job-paged's events between other streams'
+        await api.store.append("job-paged", [NewEvent("JobStarted", {"jobId": "paged"})], n)
+        await api.store.append(f"job-o{n}", [NewEvent("JobStarted", {"jobId": f"o{n}"})], 0)
+    mine = [e.position for e in await api.store.read_stream("job-paged")]
+    _status, page = await client.call("GET", "/v1/events?stream=job-paged&top=2")
+    listed, version = [e["position"] for e in page["value"]], len(mine)
+    while page["nextLink"]:
+        await api.store.append("job-paged", [NewEvent("JobStarted", {"jobId": "paged"})],
+                               version)  # (later: not in this listing)  # fmt: skip
+        version += 1
+        status, page = await client.call("GET", page["nextLink"])
+        assert status == 200, page
+        assert all(e["stream"] == "job-paged" for e in page["value"])
+        listed += [e["position"] for e in page["value"]]
+    assert listed == mine
+    end = (await api.store.read_stream("job-paged"))[-1].position
+    status, past = await client.call("GET", f"/v1/events?stream=job-paged&after={end}")
+    assert status == 200 and past["value"] == []  # (after its end: empty, not missing)
+    status, body = await client.call("GET", "/v1/events?stream=job-o9")
+    assert status == 404 and "no stream 'job-o9'" in body["error"]["message"]
+
+
 async def test_a_paged_event_listing_ends_at_the_head_its_first_page_found(client, api):
     """As offline export does: a log growing while it is paged through does not keep the
     listing going (the pages after the first carry the head as `through`)."""

@@ -36,6 +36,22 @@ async def test_positions_start_at_one_and_streams_keep_versions(store):
     assert [e.version for e in await store.read_stream("job-a", after_version=1)] == [2, 3]
 
 
+async def test_a_page_of_one_stream_is_bounded_by_position_and_count(store):
+    for n in range(6):  # job-a at 1, 3, 5, 7, 9, 11; job-b between
+        await store.append("job-a", [ev()], n)
+        await store.append("job-b", [ev()], n)
+
+    async def page(after, through, limit, stream="job-a"):
+        return [e.position for e in await store.read_stream_page(stream, after, through, limit)]
+
+    assert await page(0, 12, 100) == [1, 3, 5, 7, 9, 11]
+    assert await page(3, 12, 2) == [5, 7]  # after a position of the stream
+    assert await page(4, 12, 2) == [5, 7]  # after another stream's
+    assert await page(5, 9, 100) == [7, 9]  # through is inclusive
+    assert await page(11, 12, 100) == [] and await page(0, 0, 100) == []
+    assert await page(0, 12, 100, "job-nope") == []
+
+
 async def test_expected_version_mismatch_is_refused_and_writes_nothing(store):
     await store.append("job-a", [ev()], NO_STREAM)
     with pytest.raises(errors.ConcurrencyError) as refused:
