@@ -907,23 +907,38 @@ def _etags(header: str) -> set[str]:
 async def _remote_file_of(request: web.Request, nodes: list[str],
                           path: Path) -> web.StreamResponse:  # fmt: skip
     """`_remote_file` from the first of `nodes` that has the file (each task of a multi-node
-    job writes its own files on its node); the first node's error if none has it."""
-    try:
-        return await _remote_file(request, nodes[0], path)
-    except files.FileNotFound:
-        for node in nodes[1:]:
-            with contextlib.suppress(files.FileNotFound):
-                return await _remote_file(request, node, path)
-        raise
-
-
-async def _remote_file(request: web.Request, node: str, path: Path) -> web.StreamResponse:
-    """A file the job's node has, or the part a Range header asks for, in chunks."""
+    job writes its own files on its node): the first node is asked alone, and if it has no
+    such file or does not answer, the others all at once (a silent node costs one read
+    timeout, not one each). The first node's error if none has it."""
     api = request.app[API_KEY]
     wanted = _wanted_range(request)
     start = wanted[0] if wanted else 0
-    first = await _remote(api, node, path, "path", offset=start)  # (its size is the file's)
-    ahead = {start: first.get("data") or b""}
+    node, first = nodes[0], await api.nodes.read_remote(nodes[0], str(path), offset=start)
+    if _may_fall_back(first) and len(nodes) > 1:
+        others = await asyncio.gather(
+            *(api.nodes.read_remote(n, str(path), offset=start) for n in nodes[1:])
+        )
+        for other, answer in zip(nodes[1:], others, strict=True):
+            if not _may_fall_back(answer):  # it has the file (or refuses: a link there)
+                node, first = other, answer
+                break
+    return await _remote_file(request, node, path, wanted, _checked(first, node, "path"))
+
+
+def _may_fall_back(answer: dict[str, Any]) -> bool:
+    """Is a node's answer for a file a miss that another node may make good? (Not a refusal:
+    a link in the file's place is the request's error.)"""
+    error = answer.get("error")
+    return error is not None and error.get("code") != "refused"
+
+
+async def _remote_file(request: web.Request, node: str, path: Path,
+                       wanted: tuple[int, int | None] | None,
+                       first: dict[str, Any]) -> web.StreamResponse:  # fmt: skip
+    """A file the job's node has, or the part a Range header asks for (`wanted`), in chunks;
+    `first` is the node's answer for the chunk at its start (its size is the file's)."""
+    api = request.app[API_KEY]
+    ahead = {wanted[0] if wanted else 0: first.get("data") or b""}
 
     async def read(offset: int, _most: int) -> bytes:
         if offset in ahead:

@@ -6,6 +6,7 @@ wherever the file lies."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 import time
@@ -14,6 +15,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from batchd.scheduler import api as api_module
 from batchd.scheduler import files
 from tests.integration.conftest import Client, newest_job
 from tests.integration.test_agents import EXP, _ended, _out, _run, _until
@@ -311,6 +313,43 @@ async def test_each_task_of_a_multi_node_job_has_its_files_read_on_its_own_node(
     assert status == 200 and "stdout-1.txt" in [e["name"] for e in listing["value"]], listing
     status, answer = await client.call("GET", f"{EXP}/jobs/pair/files/stdout.txt")
     assert status == 404 and "the node is gone" in answer["error"]["message"], answer
+
+
+async def test_a_silent_node_holds_up_a_read_once_not_once_for_each_node_after_it(
+    local, tmp_path, monkeypatch
+):
+    """The file is on the third node of three, and the second does not answer: once the
+    first has said it has no such file, the others are asked at once, so the third serves
+    the file while the second still keeps silent."""
+    daemon, client = local
+    _job_id, nodes = await _pair(daemon, client, tmp_path / "disk-0")
+    other = _own_disks(daemon, monkeypatch, tmp_path, nodes)
+    (other / "only-on-1.txt").write_text("written by task 1\n")
+    silent, third_asked = "a-silent-node", asyncio.Event()
+    monkeypatch.setattr(api_module, "_nodes_of", _returning([nodes[0], silent, nodes[1]]))
+    read_remote = daemon.nodes.read_remote
+    overlapped = []
+
+    async def asked(node_id, path, **options):
+        if node_id == silent:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(third_asked.wait(), 5)
+            overlapped.append(third_asked.is_set())
+            return {"error": {"code": "node_unreachable", "message": "did not answer"}}
+        if node_id == nodes[1]:
+            third_asked.set()
+        return await read_remote(node_id, path, **options)
+
+    monkeypatch.setattr(daemon.nodes, "read_remote", asked)
+    assert (await _get(client, "pair/files/only-on-1.txt"))[:2] == (200, b"written by task 1\n")
+    assert overlapped == [True]  # the third node was asked while the second kept silent
+
+
+def _returning(value):
+    async def returns(*_args):
+        return value
+
+    return returns
 
 
 async def test_a_reused_name_shows_on_each_node_only_what_its_own_job_wrote(
