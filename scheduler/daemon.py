@@ -36,7 +36,7 @@ from batchd.events.codec import Codec
 from batchd.events.secrets import Keyring
 from batchd.events.store import EventStore
 from batchd.projections.runner import SNAPSHOT_INTERVAL, Runner
-from batchd.scheduler import api, commands, config, planner, systemd, tls
+from batchd.scheduler import api, commands, config, httpserver, planner, systemd, tls
 from batchd.scheduler.control import Control, token_file
 from batchd.scheduler.nodes import NodeService
 from batchd.scheduler.providers import LocalProvider, Provider
@@ -133,7 +133,7 @@ class Daemon:
         service.heard_from = self.nodes.seen
         service.nodes = self.nodes
         app = api.build(service, self._add_service_routes)
-        self._web = web.AppRunner(app, access_log=None, handle_signals=False)
+        self._web = httpserver.AppRunner(app, access_log=None, handle_signals=False)
         await self._web.setup()
         site = web.TCPSite(self._web, cfg.listen_host, cfg.listen_port, ssl_context=ssl_context)
         try:

@@ -19,6 +19,7 @@ from batchd.events.secrets import Keyring
 from batchd.scheduler import auth
 from tests.integration.conftest import Client, make_token, settled
 from tests.integration.test_api import CLUSTER, EXP, JOB, _sse, seed
+from tests.logs import info_logs
 
 SECRET = "hunter2-do-not-show"
 
@@ -381,6 +382,50 @@ async def test_odd_requests_get_4xx_in_the_error_shape(api, session):
             "GET", f"{EXP}/jobs/train/files/stdout.txt?follow={follow}", headers={"Range": header}
         )
         assert status == 416 and answer["error"]["code"] == "RangeNotSatisfiable", (header, answer)
+
+
+async def _raw(url: str, request: bytes) -> tuple[int, dict, bytes]:
+    """Send `request` as it is; the answer's status, headers and body."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(request)
+        head, _, body = (await asyncio.wait_for(reader.read(), 10)).partition(b"\r\n\r\n")
+    finally:
+        writer.close()
+    status_line, *fields = head.decode().split("\r\n")
+    headers = dict(field.lower().split(": ", 1) for field in fields)
+    return int(status_line.split()[1]), headers, body
+
+
+async def test_requests_the_server_cannot_parse_get_400_in_the_error_shape_quoting_nothing(
+    api, session, caplog
+):
+    token = api.admin_token
+    padding = "x" * 9000
+    requests = {
+        "request line": f"GET /v1/workspaces?q={padding} HTTP/1.1\r\nHost: a\r\n\r\n",
+        "header": f"GET /v1/workspaces HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer "
+                  f"{token} {padding}\r\n\r\n",
+        "method": "BREW /v1/workspaces HTTP/1.1\r\nHost: a\r\n\r\n",
+        "header name": f"GET /v1/workspaces HTTP/1.1\r\nHost: a\r\nBad Name{token}: 1\r\n\r\n",
+    }  # fmt: skip
+    with info_logs() as logs:
+        for what, request in requests.items():
+            status, headers, body = await _raw(api.url, request.encode())
+            assert status == 400, (what, body)
+            assert headers["content-type"].startswith("application/json"), (what, headers)
+            error = json.loads(body)["error"]
+            assert error["code"] == "BadRequest" and error["message"], (what, error)
+            assert token not in body.decode() and "xxxx" not in body.decode(), (what, body)
+    assert "longer than 8190 bytes" in json.loads((await _raw(api.url, requests["header"].encode(
+    )))[2])["error"]["message"]  # fmt: skip
+    said = [line for line in logs if line["event"] == "api.unparsable_request"]
+    assert len(said) == len(requests), logs
+    assert token not in repr(logs) and "xxxx" not in repr(logs)
+    assert not [r.getMessage() for r in caplog.records if r.name == "aiohttp.server"]
+    admin = Client(session, api.url, token)  # the server still answers the well-formed
+    assert (await admin.call("GET", "/v1/workspaces"))[0] == 200
 
 
 async def test_an_event_stream_ends_when_its_token_is_revoked(api, session):

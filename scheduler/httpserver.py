@@ -1,0 +1,67 @@
+"""The daemon's HTTP server: aiohttp's, except for requests it cannot parse.
+
+aiohttp answers those (a request line or header over 8,190 bytes, an unknown method, a
+malformed header or URL) itself, before any middleware runs: in plain text that quotes the
+first 100 bytes of what was sent, and with an error-level traceback in the log. A header
+quoted there may be `Authorization`, whose token would then be in the log. batchd answers them
+as the API answers any bad request (400, `{"error": {"code": "BadRequest", ...}}`), says what
+was wrong without quoting it, and logs one warning line.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from aiohttp import http_exceptions, web, web_protocol, web_server
+
+logger = structlog.get_logger(__name__)
+
+LIMIT = 8190  # aiohttp's bound on a request line and on a header, in bytes
+
+_SAID = (  # the first that the error is an instance of
+    (http_exceptions.LineTooLong,
+     f"the request line or a header is longer than {LIMIT} bytes (a long query is better "
+     "sent as a body)"),
+    (http_exceptions.BadHttpMethod, "not an HTTP request: the method is not one HTTP knows"),
+    (http_exceptions.InvalidURLError, "the request's URL is malformed"),
+    (http_exceptions.InvalidHeader, "a header of the request is malformed"),
+    (http_exceptions.PayloadEncodingError, "the request's body is not framed as its headers say"),
+)  # fmt: skip
+
+
+def said(exc: BaseException | None) -> str:
+    """What was wrong with a request that could not be parsed, without quoting it."""
+    for kind, message in _SAID:
+        if isinstance(exc, kind):
+            return message
+    return "the request is not valid HTTP/1.1"
+
+
+class _Handler(web_protocol.RequestHandler):
+    def handle_error(self, request: web.BaseRequest, status: int = 500,
+                     exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:  # fmt: skip
+        if status != 400:  # a handler's failure or timeout: aiohttp's own answer and log
+            return super().handle_error(request, status, exc, message)
+        logger.warning("api.unparsable_request", peer=request.remote, error=said(exc))
+        if request.writer.output_size > 0:
+            raise ConnectionError("the response has begun: no error can be sent")
+        body = {"error": {"code": "BadRequest", "message": said(exc), "details": []}}
+        response = web.json_response(body, status=400)
+        response.force_close()  # what follows on the connection cannot be trusted
+        return response
+
+
+class _Server(web_server.Server):
+    def __call__(self) -> web_protocol.RequestHandler:
+        return _Handler(self, loop=self._loop, **self._kwargs)
+
+
+class AppRunner(web.AppRunner):
+    """`web.AppRunner` whose connections answer unparsable requests as above."""
+
+    async def _make_server(self) -> web_server.Server:
+        server: Any = await super()._make_server()
+        server.__class__ = _Server  # (the application's own server, its handler class aside)
+        return server
