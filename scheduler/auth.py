@@ -109,6 +109,9 @@ def create_token(
         raise DocumentError("role", f"must be one of {', '.join(ROLES)}")
     for index, workspace in enumerate(workspaces):
         check_name("workspace", workspace, f"workspaces[{index}]")
+        if workspace not in m.workspaces:  # (a typo would make a token that can use nothing)
+            raise DocumentError(f"workspaces[{index}]",
+                                f"no workspace {workspace!r}: create it first")  # fmt: skip
     if node is not None:
         if role != "agent":
             raise DocumentError("node", "binds an agent token: give it with role agent only")

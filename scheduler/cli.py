@@ -427,12 +427,18 @@ def _job_commands(commands, api: list) -> None:
 
 
 def _store_flag(parser: argparse.ArgumentParser, *, offline: bool = False) -> None:
-    if offline:  # without --store the command asks the server
-        parser.add_argument("--store", help="read this event log URL offline, read-only")
+    which = parser.add_mutually_exclusive_group()
+    if offline:  # without --store or --config the command asks the server
+        which.add_argument("--store", help="read this event log URL offline, read-only")
     else:
-        parser.add_argument(
+        which.add_argument(
             "--store", help="event log URL, read-only (default: the state directory's log)"
         )
+    which.add_argument(
+        "--config", metavar="FILE",
+        help="read the event log the daemon's TOML configuration names ([store] url, else its "
+             "state directory's), offline, read-only",
+    )  # fmt: skip
 
 
 def _bench_store_flag(parser: argparse.ArgumentParser) -> None:
@@ -477,7 +483,8 @@ def _dispatch(args: argparse.Namespace):
     offline = {"events_tail": cli_log.tail, "events_export": cli_replay.export,
                "replay": cli_replay.replay, "job_history": cli_replay.job_history}  # fmt: skip
     if getattr(args, "api", None):
-        if getattr(args, "store", None) is not None and args.api in offline:  # ("" too)
+        read_offline = getattr(args, "store", None) is not None or getattr(args, "config", None)
+        if read_offline and args.api in offline:  # (--store "" too: a bad URL, said so)
             return offline[args.api](args)
         from batchd.scheduler import cli_api
 

@@ -15,7 +15,9 @@ from batchd.scheduler import config
 
 async def open_readonly(args: argparse.Namespace) -> EventStore:
     url = args.store  # ("" is a bad URL, not the default one)
-    if url is None:
+    if url is None and args.config is not None:  # the daemon's: [store] url, or its state dir
+        url = config.load(args.config, state=args.state_dir).store_url
+    elif url is None:
         url = config.default_store_url(config.state_dir(args.state_dir))
     if urls.parse(url).scheme == "memory":
         raise ValueError("a memory:// log lives only inside one process: give a file or database")

@@ -1090,6 +1090,7 @@ async def test_the_agent_channel_refuses_strangers_and_bad_registrations(local):
     assert await post(elsewhere_token.strip(), spoof) == 200  # accepted, and ignored
     assert models.jobs[prep.job_id].state in ("scheduled", "preparing")  # still preparing
     # a token limited to a workspace joins only that workspace's clusters
+    assert (await client.call("PUT", "/v1/workspaces/elsewhere", {}))[0] == 201
     scoped = await make_token(client, "scoped-agent", "agent", workspaces=["elsewhere"])
     join = protocol.message("Register", "new-node", 3, cluster="default/local", gpus=1)
     assert await post(scoped, join) == 403

@@ -223,6 +223,11 @@ async def test_bad_documents_get_400_naming_the_field_and_nothing_is_stored(api,
         "colour": "is not a known property",
         "gpusPerNode": "must be at least 0",
     }  # every problem, each by its field
+    typo = {"name": "team", "role": "operator", "workspaces": ["ws", "sw"]}
+    status, error = await admin.call("POST", "/v1/tokens", typo)  # a token that could use none
+    assert status == 400 and error["error"]["details"] == [
+        {"name": "workspaces[1]", "value": "no workspace 'sw': create it first"}
+    ], error
     assert (await api.store.head()).position == head
 
 

@@ -81,6 +81,29 @@ async def test_events_tail_prints_the_last_events_and_json(durable_url):
     assert done.returncode == 2 and "not allowed with argument --after" in done.stderr
 
 
+async def test_offline_tools_read_the_log_the_daemons_configuration_names(durable_url, tmp_path):
+    """An operator checks the log the service runs on with the service's own --config: its
+    [store] url, else its state directory's log."""
+    await write_log(durable_url, 4)
+    toml = tmp_path / "batchd.toml"
+    toml.write_text(f'[store]\nurl = "{durable_url}"\n')
+    done = batchd("audit", "verify", "--config", str(toml), "--json")
+    assert done.returncode == 0 and json.loads(done.stdout)["events"] == 4, done
+    for command in (["events", "tail"], ["events", "export"]):
+        done = batchd(*command, "--config", str(toml), "--state-dir", str(tmp_path / "s"))
+        assert done.returncode == 0 and len(done.stdout.splitlines()) == 4, (command, done)
+    state = tmp_path / "state"  # no [store]: the log in the file's state directory
+    state.mkdir()
+    await write_log(config.default_store_url(state), 2)
+    toml.write_text(f'state_dir = "{state}"\n')
+    done = batchd("events", "tail", "--config", str(toml), "--json")
+    assert [json.loads(line)["position"] for line in done.stdout.splitlines()] == [1, 2], done
+    assert_one_line_error(batchd("audit", "verify", "--config", str(tmp_path / "none.toml")),
+                          "cannot read configuration", "none.toml")  # fmt: skip
+    done = batchd("audit", "verify", "--config", str(toml), "--store", durable_url)
+    assert done.returncode == 2 and "not allowed with argument" in done.stderr
+
+
 async def test_events_tail_json_redacts_secrets(tmp_path):
     url = f"sqlite:///{tmp_path / 'events.db'}"
     store = await urls.open_store(url, codec=Codec(Keyring.generate()))
