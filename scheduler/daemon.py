@@ -39,7 +39,7 @@ from batchd.projections.runner import SNAPSHOT_INTERVAL, Runner
 from batchd.scheduler import api, commands, config, httpserver, planner, systemd, tls
 from batchd.scheduler.control import Control, token_file
 from batchd.scheduler.nodes import NodeService
-from batchd.scheduler.providers import LocalProvider, Provider
+from batchd.scheduler.providers import LocalProvider, Provider, retire_local_tokens
 
 logger = structlog.get_logger(__name__)
 
@@ -158,6 +158,8 @@ class Daemon:
             self.providers.append(LocalProvider(
                 self.control, self.url, cfg.state_dir, cfg.local_nodes, cfg.local_gpus,
                 cfg.local_runtimes, cfg.local_docker_host, cfg.catalog, self.cert))  # fmt: skip
+        else:  # no local agent runs: none of their tokens is of use any more
+            await retire_local_tokens(self.control, cfg.state_dir)
         for provider in self.providers:
             await provider.bootstrap()
         self._task(self._plan_loop(), "planner")

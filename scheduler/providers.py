@@ -32,7 +32,7 @@ import itertools
 import os
 import signal
 import sys
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -184,19 +184,12 @@ class LocalProvider:
         """Revoke the own tokens of local nodes the cluster does not have: an agent stopped
         before it registered, by a daemon that stopped then too, left its token valid (a
         node wanted again gets a new one as its agent starts)."""
-        stray: list[str] = []
 
-        def decide(m: ReadModels) -> list[Decision]:
+        def kept(m: ReadModels) -> set[str]:
             cluster = _local_cluster(m)
-            nodes = set(cluster.nodes) if cluster is not None else set()
-            made = [t for t in m.tokens.values() if _node_token(t) and t.created_by == ACTOR]
-            tokens = [t for t in made if t.node not in nodes]  # (a user's own stay)
-            stray[:] = [t.node for t in tokens]
-            return [d for t in tokens for d in revoke_token(m, t.token_id, ACTOR)]
+            return set(cluster.nodes) if cluster is not None else set()
 
-        await self.control.run(decide, structural=True)
-        for node_id in stray:
-            (self._work(node_id) / "agent.token").unlink(missing_ok=True)
+        await retire_local_tokens(self.control, self.state_dir, kept)
 
     async def _retire_shared_token(self) -> None:
         """Earlier versions gave every local agent one token that could speak for any node
@@ -311,7 +304,7 @@ class LocalProvider:
 
     def _work(self, node_id: str) -> Path:
         """A local node's directory: its agent's work directory, token and log."""
-        return self.state_dir / "nodes" / node_id
+        return work_dir(self.state_dir, node_id)
 
     async def _spawn(self, node_id: str) -> asyncio.subprocess.Process:
         work = self._work(node_id)
@@ -421,6 +414,31 @@ def _last_line(path: Path, most: int = 4096) -> str:
         return ""
     lines = [line.strip() for line in tail.splitlines() if line.strip()]
     return lines[-1][:300] if lines else ""
+
+
+async def retire_local_tokens(
+    control: Control, state_dir: Path, kept: Callable[[ReadModels], set[str]] = lambda m: set()
+) -> None:
+    """Revoke the tokens the daemon made for local nodes' agents (a user's own stay), but
+    those of the nodes `kept` names, and remove their files. A daemon that runs no local
+    nodes (`[local] nodes = 0`) keeps none: no agent of its will use them."""
+    stray: list[str] = []
+
+    def decide(m: ReadModels) -> list[Decision]:
+        keep = kept(m)
+        made = [t for t in m.tokens.values() if _node_token(t) and t.created_by == ACTOR]
+        tokens = [t for t in made if t.node not in keep]
+        stray[:] = [t.node for t in tokens]
+        return [d for t in tokens for d in revoke_token(m, t.token_id, ACTOR)]
+
+    await control.run(decide, structural=True)
+    for node_id in stray:
+        (work_dir(state_dir, node_id) / "agent.token").unlink(missing_ok=True)
+
+
+def work_dir(state_dir: Path, node_id: str) -> Path:
+    """A local node's directory: its agent's work directory, token and log."""
+    return state_dir / "nodes" / node_id
 
 
 def _local_cluster(m: ReadModels) -> Cluster | None:

@@ -1623,6 +1623,14 @@ async def test_the_token_of_a_local_node_that_never_registered_goes_at_the_next_
         assert _local_token(daemon, "local-0") == own  # a node the cluster has keeps its own
     finally:
         await daemon.stop()
+    daemon = await start_daemon(state, local_nodes=0)  # local nodes turned off: no agent runs
+    try:
+        beat = protocol.message("Heartbeat", "local-0", 1, running=[])
+        async with admin_client(daemon) as client:
+            assert await _post(daemon, client, own, beat) == 401
+        assert not (state / "nodes/local-0/agent.token").exists()
+    finally:
+        await daemon.stop()
 
 
 async def test_deleting_the_local_cluster_drains_its_nodes_then_deletes_it(local):
