@@ -315,6 +315,42 @@ async def test_each_task_of_a_multi_node_job_has_its_files_read_on_its_own_node(
     assert status == 404 and "the node is gone" in answer["error"]["message"], answer
 
 
+async def test_task_ks_file_is_followed_on_task_ks_node_while_the_job_runs(
+    local, tmp_path, monkeypatch
+):
+    daemon, client = local
+    go = tmp_path / "go"
+    status, created = await client.call("PUT", f"{EXP}/jobs/pair", {
+        "cluster": "local", "nodeCount": 2, "gpusPerNode": 1,
+        "stdOutErrPathPrefix": str(tmp_path / "disk-0"),
+        "pyTorchSettings": {  # runs on every node until `go`
+            "pythonInterpreterPath": "/bin/sh", "pythonScriptFilePath": "-c",
+            "commandLineArgs": f"'echo task $AZ_BATCHAI_TASK_INDEX; "
+                               f"while [ ! -e {go} ]; do sleep 0.05; done'",
+        },
+    })  # fmt: skip
+    assert status == 201, created
+    await _until(lambda: newest_job(daemon.models.models, "pair").state == "running", 30)
+    job = newest_job(daemon.models.models, "pair")
+    nodes = [node for node, _gpus in job.tasks]
+    other = _own_disks(daemon, monkeypatch, tmp_path, nodes)
+    (other / "stdout-1.txt").write_text("task 1, on its own disk\n")
+    url = client.url + f"{EXP}/jobs/pair/files/stdout-1.txt?follow=true"
+    try:
+        async with client.session.get(url, headers=client.headers) as r:
+            assert r.status == 200
+            line = await asyncio.wait_for(r.content.readline(), 10)
+            assert line == b"task 1, on its own disk\n"  # not task 1's file on task 0's disk
+            with (other / "stdout-1.txt").open("a") as handle:
+                handle.write("more\n")
+            assert await asyncio.wait_for(r.content.readline(), 10) == b"more\n"
+            go.touch()
+            assert await asyncio.wait_for(r.read(), 30) == b""  # it ends with the job
+    finally:
+        go.touch()
+    await _ended(daemon, client, "pair")
+
+
 async def test_a_silent_node_holds_up_a_read_once_not_once_for_each_node_after_it(
     local, tmp_path, monkeypatch
 ):
