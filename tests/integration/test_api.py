@@ -112,9 +112,14 @@ async def test_put_is_idempotent_and_a_different_document_is_a_conflict(client):
 async def test_a_cluster_being_deleted_is_not_made_again_until_it_has_gone(client, api):
     await seed(client)
     cluster_id = api.models.models.cluster_ids["ws/gpu"]
-    [registered] = await api.store.append("node-n1", [NewEvent("NodeRegistered", {
-        "nodeId": "n1", "cluster": cluster_id, "gpus": 4, "incarnation": 1})])  # fmt: skip
-    await api.models.wait_for(registered, 10)  # (the cluster has a node to drain)
+    await api.store.append("node-n1", [NewEvent("NodeRegistered", {
+        "nodeId": "n1", "cluster": cluster_id, "gpus": 4, "incarnation": 1,
+        "runtimes": ["docker", "process"]})])  # fmt: skip
+    await client.call("PUT", f"{EXP}/jobs/train", JOB)
+    job_id = api.models.models.job_ids["ws/exp/train"][-1]
+    [placed] = await api.store.append(f"job-{job_id}", [NewEvent("JobScheduled", {
+        "jobId": job_id, "attempt": 1, "tasks": [{"node": "n1", "gpus": [0]}]})])  # fmt: skip
+    await api.models.wait_for(placed, 10)  # n1 runs a task: the deletion drains it first
     assert (await client.call("DELETE", "/v1/workspaces/ws/clusters/gpu"))[0] == 202
     status, error = await client.call("PUT", "/v1/workspaces/ws/clusters/gpu", CLUSTER)
     assert status == 409 and "is being deleted" in error["error"]["message"]
