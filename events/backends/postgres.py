@@ -153,9 +153,14 @@ _FOLD_COLUMNS = (  # read_rows(full=False): the ids and the hash left out, as NU
 )
 _READ_FOLD = f"SELECT {_FOLD_COLUMNS} FROM events WHERE position > $1 ORDER BY position LIMIT $2"
 _READ_STREAM = f"SELECT {_COLUMNS} FROM events WHERE stream = $1 AND version > $2 ORDER BY version"
+# A page of one stream after a position, as a range of the (stream, version) index: the version
+# of the event at `after` when it is the stream's (every page but a first), else the last one
+# at or before it (a scan, once); COALESCE evaluates no more than it needs.
 _READ_STREAM_PAGE = (
-    f"SELECT {_COLUMNS} FROM events WHERE stream = $1 AND position > $2 AND position <= $3 "
-    "ORDER BY version LIMIT $4"
+    f"SELECT {_COLUMNS} FROM events WHERE stream = $1 AND version > coalesce("
+    "(SELECT version FROM events WHERE position = $2 AND stream = $1), "
+    "(SELECT max(version) FROM events WHERE stream = $1 AND position <= $2), 0) "
+    "AND position <= $3 ORDER BY version LIMIT $4"
 )
 _RECORDED_AT = "SELECT recorded_at FROM events WHERE position = $1"
 

@@ -85,9 +85,14 @@ _RECORDED_AT = "SELECT recorded_at FROM events WHERE position = ?"
 _READ_STREAM = (
     f"SELECT {_SELECT_COLUMNS} FROM events WHERE stream = ? AND version > ? ORDER BY version"
 )
+# A page of one stream after a position, as a range of the (stream, version) index: the version
+# of the event at `after` when it is the stream's (every page but a first), else the last one
+# at or before it (a scan, once); COALESCE evaluates no more than it needs.
 _READ_STREAM_PAGE = (
-    f"SELECT {_SELECT_COLUMNS} FROM events WHERE stream = ? AND position > ? AND position <= ? "
-    "ORDER BY version LIMIT ?"
+    f"SELECT {_SELECT_COLUMNS} FROM events WHERE stream = ?1 AND version > coalesce("
+    "(SELECT version FROM events WHERE position = ?2 AND stream = ?1), "
+    "(SELECT max(version) FROM events WHERE stream = ?1 AND position <= ?2), 0) "
+    "AND position <= ?3 ORDER BY version LIMIT ?4"
 )
 _HEAD = "SELECT position, hash, recorded_at, epoch FROM log_head WHERE id = 1"
 
