@@ -42,9 +42,9 @@ that capacity beside the queue: `projections.clusters.free_capacity`). The reaso
   with containerSettings, `process` otherwise);
 - `behind_reservation{}`: an earlier job holds the reservation, and this one could not start
   before it without delaying it (or could, but does not fit now); a job that could never fit
-  the cluster's ready nodes is told its own reason instead (unless only nodes on their way
-  to ready are missing: a restart re-registers them all). Like Slurm's `Priority`
-  beside `Resources`, this keeps the reasons of a long queue steady: only the job at its head
+  the cluster's ready nodes is told its own reason instead (unless the reservation is held
+  for nodes on their way back, as after a restart, and it lacks only those). Like Slurm's
+  `Priority` beside `Resources`, this keeps the reasons of a long queue steady: only the job at its head
   is told about capacity, and only its reason changes as capacity comes and goes;
 - `preempting{victims}`: running jobs are being preempted to make room for it;
 - `attempt_stopping{}`: the tasks of its own previous attempt (requeued or preempted) are
@@ -303,6 +303,7 @@ def _plan_cluster(
     capacity = _capacity(m, cluster, now)
     reserved: float | None = None  # when the first blocked job can start, once there is one
     apart = NO_NODES  # the ready nodes that job cannot use (its runtime): free for others
+    awaited = False  # is that job waiting for nodes on their way back (a daemon restart)?
     stopping = _stopping(m, capacity)
     # when GPUs come back: this cycle's placements and the stopping tasks' (end, node, GPUs)
     ends: list[tuple[float, str, list[int]]] = [(now, n, gpus) for n, gpus in stopping]
@@ -326,7 +327,7 @@ def _plan_cluster(
             if tasks is None:
                 told = job.pending_reason == BEHIND_RESERVATION  # most of a long queue: no call
                 if not told or not capacity.ever_fits(need, nodes, skip):
-                    _wait_behind(out, job, cluster, capacity, why, skip)
+                    _wait_behind(out, job, cluster, capacity, why, skip, awaited)
                 continue
         else:
             tasks = capacity.take(need, nodes, skip)
@@ -341,7 +342,7 @@ def _plan_cluster(
             why.clear()
             continue
         if reserved is not None:  # it could have backfilled, but does not fit now
-            _wait_behind(out, job, cluster, capacity, why, skip)
+            _wait_behind(out, job, cluster, capacity, why, skip, awaited)
             continue
         soon = _back(capacity, stopping)
         if _room_coming(out, job, soon, stopping) or (
@@ -349,16 +350,18 @@ def _plan_cluster(
         ):
             reserved, apart = now, skip  # room is being made for it: nothing passes it now
             continue
-        reserved, apart = _first_blocked(out, m, cluster, job, capacity, ends, why, now)
+        reserved, apart, awaited = _first_blocked(out, m, cluster, job, capacity, ends, why,
+                                                  now)  # fmt: skip
 
 
 def _first_blocked(
     out: list[Decision], m: ReadModels, cluster: Cluster, job: Job, capacity: _Capacity,
     ends: list[tuple[float, str, list[int]]], why: dict[tuple[int, int, str], dict[str, Any]],
     now: int,
-) -> tuple[float | None, frozenset[str]]:  # fmt: skip
+) -> tuple[float | None, frozenset[str], bool]:  # fmt: skip
     """The first job that cannot start is told why, and holds the reservation: when it can
-    start (None: never here) and the ready nodes it cannot use (free for the others)."""
+    start (None: never here), the ready nodes it cannot use (free for the others), and
+    whether it holds it for nodes on their way back (for NODES_COMING of its waiting)."""
     skip = capacity.skip(job.runtime)
     reserved, apart = None, NO_NODES
     if capacity.ever_fits(job.gpus_per_node, job.node_count, skip):  # else it reserves nothing
@@ -366,10 +369,12 @@ def _first_blocked(
         if start != NEVER:
             reserved, apart = start, skip
     reason = _cached_why(why, cluster, capacity, job)
-    if reason is NODES_NOT_READY and capacity.coming and _waited_less(job, now, NODES_COMING):
+    awaited = (reason is NODES_NOT_READY and capacity.coming > 0
+               and _waited_less(job, now, NODES_COMING))  # fmt: skip
+    if awaited:
         reserved, apart = now, skip  # nothing passes it while they come
     _reason(out, job, reason)
-    return reserved, apart
+    return reserved, apart, awaited
 
 
 def _waited_less(job: Job, now: int, bound: int) -> bool:
@@ -426,16 +431,18 @@ def _preempt(out: list[Decision], m: ReadModels, cluster: Cluster, job: Job,
 
 
 def _wait_behind(out: list[Decision], job: Job, cluster: Cluster, capacity: _Capacity,
-                 why: dict[tuple[int, int, str], dict[str, Any]],
-                 skip: frozenset[str]) -> None:  # fmt: skip
+                 why: dict[tuple[int, int, str], dict[str, Any]], skip: frozenset[str],
+                 awaited: bool) -> None:  # fmt: skip
     """A job held behind the reservation: told so, unless it could never fit anyway (on the
-    nodes not in `skip`: those without its runtime). Nodes still on their way to ready do
-    not count as never: while they come back (a daemon restart), the queue behind its head
-    keeps its reasons, instead of each job logging `nodes_not_ready` and then back."""
+    nodes not in `skip`: those without its runtime). While the reservation is held for
+    nodes on their way back (`awaited`: a daemon restart), lacking those nodes is not
+    never: the queue behind its head keeps its reasons, instead of each job logging
+    `nodes_not_ready` and then back. (That hold ends after NODES_COMING of the head's
+    waiting: nodes that keep coming back do not hide the reason for ever.)"""
     reason = BEHIND_RESERVATION
     if not capacity.ever_fits(job.gpus_per_node, job.node_count, skip):
         reason = _cached_why(why, cluster, capacity, job)
-        if reason is NODES_NOT_READY and capacity.coming:
+        if reason is NODES_NOT_READY and awaited:
             reason = BEHIND_RESERVATION
     _reason(out, job, reason)
 

@@ -360,12 +360,37 @@ def test_a_restart_tells_only_the_head_of_a_long_queue_that_its_nodes_are_coming
         w.apply("NodeLost", nodeId=node, at=NOW - 1_000_000)
     assert reasons(w.plan()) == {head: {"code": "nodes_not_ready"}}
     w.apply("NodeRegistered", nodeId="c-n0", cluster="c", gpus=4, incarnation=2, at=NOW)
-    w.apply("NodeSetupSucceeded", nodeId="c-n0", at=NOW)  # one back: the gangs wait on
-    assert reasons(w.plan()) == {head: {"code": "insufficient_gpus", "need": 4}}
-    assert all(w.models.jobs[j].pending_reason["code"] == "behind_reservation" for j in behind)
+    w.apply("NodeSetupSucceeded", nodeId="c-n0", at=NOW)
+    # one back: the head holds the reservation for GPUs now, no longer for nodes coming, so
+    # the gangs, which one ready node can never hold, say that the other is not ready
+    gangs = {j: {"code": "nodes_not_ready"} for j in behind[1:]}
+    assert reasons(w.plan()) == {head: {"code": "insufficient_gpus", "need": 4}, **gangs}
+    assert w.models.jobs[behind[0]].pending_reason["code"] == "behind_reservation"
+    w.apply("NodeRegistered", nodeId="c-n1", cluster="c", gpus=4, incarnation=2, at=NOW)
+    w.apply("NodeSetupSucceeded", nodeId="c-n1", at=NOW)
+    assert reasons(w.plan()) == {j: {"code": "behind_reservation"} for j in behind[1:]}
     for node in ("c-n0", "c-n1"):  # a cluster whose nodes stay unusable: each job says why
         w.apply("NodeSetupFailed", nodeId=node, exitCode=1)
     assert reasons(w.plan()) == {j: {"code": "nodes_not_ready"} for j in [head, *behind]}
+
+
+def test_a_node_that_keeps_coming_back_does_not_hide_why_a_gang_waits():
+    """A node in a crash loop (registering, lost, registering again) is always on its way
+    back; a gang that needs it, behind a head that waits for GPUs, says `nodes_not_ready`."""
+    w = World().cluster(nodes=2, gpus=4)
+    w.run(w.job(gpus=4), [("c-n0", [0, 1, 2, 3])])
+    w.apply("NodeLost", nodeId="c-n1", at=NOW - 10_000 * 1_000_000)
+    head, gang = w.job(gpus=4), w.job(gpus=4, nodes=2)
+    at = NOW
+    for incarnation in range(2, 6):
+        w.apply("NodeRegistered", nodeId="c-n1", cluster="c", gpus=4, incarnation=incarnation,
+                at=at)  # fmt: skip
+        at += 60 * 1_000_000
+        w.plan(now=at)
+        assert w.models.jobs[head].pending_reason == {"code": "insufficient_gpus", "need": 4}
+        assert w.models.jobs[gang].pending_reason == {"code": "nodes_not_ready"}
+        w.apply("NodeLost", nodeId="c-n1", at=at)
+        at += 30 * 1_000_000
 
 
 def test_a_node_that_keeps_coming_back_does_not_hold_the_queue_for_ever():
