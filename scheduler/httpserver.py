@@ -5,7 +5,13 @@ malformed header or URL) itself, before any middleware runs: in plain text that 
 first 100 bytes of what was sent, and with an error-level traceback in the log. A header
 quoted there may be `Authorization`, whose token would then be in the log. batchd answers them
 as the API answers any bad request (400, `{"error": {"code": "BadRequest", ...}}`), says what
-was wrong without quoting it, and logs one warning line.
+was wrong without quoting it, and logs one line: a warning, or at debug level for what is not
+HTTP at all on a connection's first request (TLS sent to an http:// address, a port scan), as
+aiohttp does.
+
+This swaps aiohttp's RequestHandler for a subclass through its Server's `__call__`, which is
+not public API: constraints.txt pins the aiohttp it was written for, and
+tests/integration/test_api_security.py checks every answer above.
 """
 
 from __future__ import annotations
@@ -19,14 +25,15 @@ logger = structlog.get_logger(__name__)
 
 LIMIT = 8190  # aiohttp's bound on a request line and on a header, in bytes
 
-_SAID = (  # the first that the error is an instance of
+_SAID = (  # the first that the error is an instance of (aiohttp's parsers raise these)
     (http_exceptions.LineTooLong,
      f"the request line or a header is longer than {LIMIT} bytes (a long query is better "
      "sent as a body)"),
-    (http_exceptions.BadHttpMethod, "not an HTTP request: the method is not one HTTP knows"),
+    (http_exceptions.BadHttpMethod,
+     "not an HTTP request: its method is not one HTTP knows (TLS sent to an http:// address?)"),
     (http_exceptions.InvalidURLError, "the request's URL is malformed"),
-    (http_exceptions.InvalidHeader, "a header of the request is malformed"),
-    (http_exceptions.PayloadEncodingError, "the request's body is not framed as its headers say"),
+    (http_exceptions.BadStatusLine, "the request line is malformed"),
+    (http_exceptions.BadHttpMessage, "the request's headers or framing are malformed"),
 )  # fmt: skip
 
 
@@ -35,7 +42,7 @@ def said(exc: BaseException | None) -> str:
     for kind, message in _SAID:
         if isinstance(exc, kind):
             return message
-    return "the request is not valid HTTP/1.1"
+    return "the request is not valid HTTP"
 
 
 class _Handler(web_protocol.RequestHandler):
@@ -44,7 +51,10 @@ class _Handler(web_protocol.RequestHandler):
                      message: str | None = None) -> web.StreamResponse:  # fmt: skip
         if status != 400:  # a handler's failure or timeout: aiohttp's own answer and log
             return super().handle_error(request, status, exc, message)
-        logger.warning("api.unparsable_request", peer=request.remote, error=said(exc))
+        log = logger.warning
+        if self._request_count == 1 and isinstance(exc, http_exceptions.BadHttpMethod):
+            log = logger.debug  # not HTTP at all: TLS on the wrong port, a scanner
+        log("api.unparsable_request", peer=request.remote, error=said(exc))
         if request.writer.output_size > 0:
             raise ConnectionError("the response has begun: no error can be sent")
         body = {"error": {"code": "BadRequest", "message": said(exc), "details": []}}
