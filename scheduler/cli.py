@@ -483,7 +483,9 @@ def _dispatch(args: argparse.Namespace):
     offline = {"events_tail": cli_log.tail, "events_export": cli_replay.export,
                "replay": cli_replay.replay, "job_history": cli_replay.job_history}  # fmt: skip
     if getattr(args, "api", None):
-        read_offline = getattr(args, "store", None) is not None or getattr(args, "config", None)
+        read_offline = getattr(args, "store", None) is not None or (
+            getattr(args, "config", None) is not None
+        )
         if read_offline and args.api in offline:  # (--store "" too: a bad URL, said so)
             return offline[args.api](args)
         from batchd.scheduler import cli_api

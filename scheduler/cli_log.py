@@ -16,6 +16,8 @@ from batchd.scheduler import config
 async def open_readonly(args: argparse.Namespace) -> EventStore:
     url = args.store  # ("" is a bad URL, not the default one)
     if url is None and args.config is not None:  # the daemon's: [store] url, or its state dir
+        if not args.config:
+            raise ValueError("--config: give the path of the daemon's configuration file")
         url = config.load(args.config, state=args.state_dir).store_url
     elif url is None:
         url = config.default_store_url(config.state_dir(args.state_dir))

@@ -417,15 +417,15 @@ def _last_line(path: Path, most: int = 4096) -> str:
 
 
 async def retire_local_tokens(
-    control: Control, state_dir: Path, kept: Callable[[ReadModels], set[str]] = lambda m: set()
+    control: Control, state_dir: Path, kept: Callable[[ReadModels], set[str]] | None = None
 ) -> None:
     """Revoke the tokens the daemon made for local nodes' agents (a user's own stay), but
     those of the nodes `kept` names, and remove their files. A daemon that runs no local
-    nodes (`[local] nodes = 0`) keeps none: no agent of its will use them."""
+    nodes (`[local] nodes = 0`, no `kept`) keeps none: no agent of its will use them."""
     stray: list[str] = []
 
     def decide(m: ReadModels) -> list[Decision]:
-        keep = kept(m)
+        keep = kept(m) if kept is not None else set()
         made = [t for t in m.tokens.values() if _node_token(t) and t.created_by == ACTOR]
         tokens = [t for t in made if t.node not in keep]
         stray[:] = [t.node for t in tokens]

@@ -1621,6 +1621,8 @@ async def test_the_token_of_a_local_node_that_never_registered_goes_at_the_next_
             assert await _post(daemon, client, stray, beat) == 401
         assert not (state / "nodes/local-5/agent.token").exists()
         assert _local_token(daemon, "local-0") == own  # a node the cluster has keeps its own
+        async with admin_client(daemon) as client:  # a user's own, named alike: not the daemon's
+            users = await make_token(client, "local-agent-local-0-mine", "agent", node="local-0")
     finally:
         await daemon.stop()
     daemon = await start_daemon(state, local_nodes=0)  # local nodes turned off: no agent runs
@@ -1628,6 +1630,7 @@ async def test_the_token_of_a_local_node_that_never_registered_goes_at_the_next_
         beat = protocol.message("Heartbeat", "local-0", 1, running=[])
         async with admin_client(daemon) as client:
             assert await _post(daemon, client, own, beat) == 401
+            assert await _post(daemon, client, users, beat) != 401  # (409: not registered)
         assert not (state / "nodes/local-0/agent.token").exists()
     finally:
         await daemon.stop()

@@ -96,10 +96,13 @@ async def test_offline_tools_read_the_log_the_daemons_configuration_names(durabl
     state.mkdir()
     await write_log(config.default_store_url(state), 2)
     toml.write_text(f'state_dir = "{state}"\n')
-    done = batchd("events", "tail", "--config", str(toml), "--json")
+    elsewhere = {"BATCHD_STATE_DIR": str(tmp_path / "elsewhere")}  # (the file's state_dir wins)
+    done = batchd("events", "tail", "--config", str(toml), "--json", env=elsewhere)
     assert [json.loads(line)["position"] for line in done.stdout.splitlines()] == [1, 2], done
     assert_one_line_error(batchd("audit", "verify", "--config", str(tmp_path / "none.toml")),
                           "cannot read configuration", "none.toml")  # fmt: skip
+    for command in (["audit", "verify"], ["events", "tail"]):  # not the default log instead
+        assert_one_line_error(batchd(*command, "--config", ""), "--config: give the path")
     done = batchd("audit", "verify", "--config", str(toml), "--store", durable_url)
     assert done.returncode == 2 and "not allowed with argument" in done.stderr
 

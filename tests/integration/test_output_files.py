@@ -355,8 +355,8 @@ async def test_a_silent_node_holds_up_a_read_once_not_once_for_each_node_after_i
     local, tmp_path, monkeypatch
 ):
     """The file is on the third node of three, and the second does not answer: once the
-    first has said it has no such file, the others are asked at once, so the third serves
-    the file while the second still keeps silent."""
+    first has said it has no such file, the others are asked at once: the third is asked
+    while the second still keeps silent (a read waits one read timeout, not one per node)."""
     daemon, client = local
     _job_id, nodes = await _pair(daemon, client, tmp_path / "disk-0")
     other = _own_disks(daemon, monkeypatch, tmp_path, nodes)
