@@ -380,6 +380,15 @@ async def test_a_silent_node_holds_up_a_read_once_not_once_for_each_node_after_i
     assert (await _get(client, "pair/files/only-on-1.txt"))[:2] == (200, b"written by task 1\n")
     assert overlapped == [True]  # the third node was asked while the second kept silent
 
+    async def linked(node_id, path, **options):  # the second has a link in the file's place
+        if node_id == silent:
+            return {"error": {"code": "refused", "message": "a link on the way"}}
+        return await read_remote(node_id, path, **options)
+
+    monkeypatch.setattr(daemon.nodes, "read_remote", linked)
+    status, body, _headers = await _get(client, "pair/files/only-on-1.txt")
+    assert status == 400 and b"link" in body, body  # refused, not served from the third
+
 
 def _returning(value):
     async def returns(*_args):
