@@ -44,8 +44,9 @@ that capacity beside the queue: `projections.clusters.free_capacity`). The reaso
   before it without delaying it (or could, but does not fit now); a job that could never fit
   the cluster's ready nodes is told its own reason instead (unless the reservation is held
   for nodes on their way back, as after a restart, and it lacks only those). Like Slurm's
-  `Priority` beside `Resources`, this keeps the reasons of a long queue steady: only the job at its head
-  is told about capacity, and only its reason changes as capacity comes and goes;
+  `Priority` beside `Resources`, this keeps the reasons of a long queue steady: only the
+  job at its head is told about capacity, and only its reason changes as capacity comes and
+  goes;
 - `preempting{victims}`: running jobs are being preempted to make room for it;
 - `attempt_stopping{}`: the tasks of its own previous attempt (requeued or preempted) are
   still stopping; two attempts of a job never run at once;
