@@ -51,13 +51,14 @@ class _Handler(web_protocol.RequestHandler):
                      message: str | None = None) -> web.StreamResponse:  # fmt: skip
         if status != 400:  # a handler's failure or timeout: aiohttp's own answer and log
             return super().handle_error(request, status, exc, message)
+        what = said(exc)  # (not aiohttp's `message`: that quotes the request)
         log = logger.warning
         if self._request_count == 1 and isinstance(exc, http_exceptions.BadHttpMethod):
             log = logger.debug  # not HTTP at all: TLS on the wrong port, a scanner
-        log("api.unparsable_request", peer=request.remote, error=said(exc))
+        log("api.unparsable_request", peer=request.remote, error=what)
         if request.writer.output_size > 0:
             raise ConnectionError("the response has begun: no error can be sent")
-        body = {"error": {"code": "BadRequest", "message": said(exc), "details": []}}
+        body = {"error": {"code": "BadRequest", "message": what, "details": []}}
         response = web.json_response(body, status=400)
         response.force_close()  # what follows on the connection cannot be trusted
         return response

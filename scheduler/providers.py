@@ -286,7 +286,7 @@ class LocalProvider:
                     for d in revoke_token(m, t.token_id, ACTOR)]  # fmt: skip
 
         await self.control.run(decide, key=f"node/{node_id}")
-        (self._work(node_id) / "agent.token").unlink(missing_ok=True)
+        (work_dir(self.state_dir, node_id) / "agent.token").unlink(missing_ok=True)
 
     async def _node_event(self, node_id: str, type_: str, when: str) -> None:
         """Append `type_` for the node if it is (still) in state `when`."""
@@ -302,12 +302,8 @@ class LocalProvider:
 
         await self.control.run(decide, key=f"node/{node_id}")
 
-    def _work(self, node_id: str) -> Path:
-        """A local node's directory: its agent's work directory, token and log."""
-        return work_dir(self.state_dir, node_id)
-
     async def _spawn(self, node_id: str) -> asyncio.subprocess.Process:
-        work = self._work(node_id)
+        work = work_dir(self.state_dir, node_id)
         work.mkdir(parents=True, exist_ok=True)
         token = work / "agent.token"  # the node's own credential: it speaks for this node only
         await token_file(self.control, token, "agent", _token_name(node_id), ACTOR, node_id)
@@ -359,7 +355,7 @@ class LocalProvider:
         engine, say) is started again at every reconcile: its cluster's errors tell why
         (its log's last line), once per node while its reason stays the same: however
         many nodes fail, and also after a restart while the cluster's errors still hold it."""
-        log = self._work(node_id) / "agent.log"
+        log = work_dir(self.state_dir, node_id) / "agent.log"
         why = _last_line(log).removeprefix("batchd: error: ")
         message = (f"the agent of node {node_id} exited with {code} before it registered"
                    f"{': ' + why if why else ''} ({log})")  # fmt: skip
