@@ -212,9 +212,12 @@ def _give_file(name: str, directory: int, uid: int, gid: int) -> None:
 def _mounts(spec: dict[str, Any]) -> list[dict[str, Any]]:
     """Host directories the task sees at the same paths: the mount root, its job temp, its
     work directory, its stdouterr directory and its output directories, read-write, and
-    those of its input directories that exist, read-only (each once, the outermost kept;
-    only the paths the daemon named, never ones from the job's environment). Bind mounts of
-    their own, not `host:container` strings, which a ':' in a path would cut wrongly."""
+    those of its input directories that exist, read-only, wherever they lie (an input under
+    the mount root gets a read-only bind of its own there; a path named both ways stays
+    writable). Only the paths the daemon named, never ones from the job's environment, and
+    each only where its mode differs from the bind it lies in. Bind mounts of their own, not
+    `host:container` strings, which a ':' in a path would cut wrongly; the engine mounts
+    the outer ones first."""
     env = spec.get("env") or {}
     root = env.get("AZ_BATCHAI_MOUNT_ROOT")  # (a Docker Engine refuses a bind of a path that
     if root and not os.path.isdir(root):  # is not there; the others are made before it)
@@ -223,20 +226,23 @@ def _mounts(spec: dict[str, Any]) -> list[dict[str, Any]]:
              spec["workDir"], spec["stdouterr"], *output_dirs(spec)]  # fmt: skip
     inputs = [str(p) for p in spec.get("inputs") or ()
               if str(p).startswith("/") and os.path.isdir(p)]  # fmt: skip
-    writable = _outermost([p for p in paths if p], [])
-    readable = _outermost(inputs, writable)  # an input above a writable one: both, nested
-    binds = [(p, False) for p in writable] + [(p, True) for p in readable]
-    return [{"Type": "bind", "Source": p, "Target": p, "ReadOnly": read_only}
-            for p, read_only in sorted(binds, key=lambda b: len(b[0]))]  # fmt: skip
+    read_only = {_plain(p): True for p in inputs}
+    read_only.update((_plain(p), False) for p in paths if p)
+    binds: list[tuple[str, bool]] = []
+    for path in sorted(read_only, key=lambda p: (len(p), p)):
+        around = [b for b in binds if _within(path, b[0])]  # outer first: the nearest last
+        if not around or around[-1][1] != read_only[path]:
+            binds.append((path, read_only[path]))
+    return [{"Type": "bind", "Source": p, "Target": p, "ReadOnly": ro} for p, ro in binds]
 
 
-def _outermost(paths: list[str], within: list[str]) -> list[str]:
-    """`paths` without those that are, or lie inside, another of them or one of `within`."""
-    chosen: list[str] = []
-    for path in sorted(set(paths), key=len):
-        if not any(path == c or path.startswith(c.rstrip("/") + "/") for c in chosen + within):
-            chosen.append(path)
-    return chosen
+def _plain(path: str) -> str:
+    return path.rstrip("/") or "/"
+
+
+def _within(path: str, outer: str) -> bool:
+    """Does `path` lie inside the directory `outer` (both plain)?"""
+    return path.startswith(outer if outer == "/" else outer + "/")
 
 
 class ContainerTask:

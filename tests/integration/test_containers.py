@@ -194,6 +194,38 @@ async def test_a_container_job_whose_output_path_holds_a_colon_runs(box, tmp_pat
     )
 
 
+async def test_an_input_under_the_mount_root_is_read_only_in_the_container(box):
+    """The usual layout: the input lies on a share under the (writable) mount root. The job
+    reads it, cannot change it, and writes its output beside it."""
+    daemon, client, proxy, _agent = box
+    data = daemon.cfg.mounts / "afs" / "data"
+    data.mkdir(parents=True)
+    (data / "in.txt").write_text("input\n")
+    command = ('cat "$AZ_BATCHAI_INPUT_DATA/in.txt"; '
+               '{ echo changed > "$AZ_BATCHAI_INPUT_DATA/in.txt"; } 2>/dev/null || echo kept; '
+               'touch "$AZ_BATCHAI_INPUT_DATA/new" 2>/dev/null || echo refused; '
+               'echo out > "$AZ_BATCHAI_OUTPUT_MODEL/o.txt"')  # fmt: skip
+    job = {
+        **_box_job(command),
+        "inputDirectories": [{"id": "DATA", "path": "$AZ_BATCHAI_MOUNT_ROOT/afs/data"}],
+        "outputDirectories": [{"id": "MODEL", "pathPrefix": "$AZ_BATCHAI_MOUNT_ROOT/afs"}],
+    }
+    assert (await client.call("PUT", f"{EXP}/jobs/reader", job))[0] == 201
+    await _ended(daemon, "reader")
+    _status, answer = await client.call("GET", f"{EXP}/jobs/reader")
+    assert answer["properties"]["state"] == "succeeded", answer["properties"]["executionInfo"]
+    out = daemon.state_dir / "mounts/logs/default/default/reader/1/stdouterr/stdout.txt"
+    assert out.read_text() == "input\nkept\nrefused\n"
+    assert sorted(p.name for p in data.iterdir()) == ["in.txt"]
+    assert (data / "in.txt").read_text() == "input\n"
+    [written] = (daemon.cfg.mounts / "afs").rglob("o.txt")
+    assert written.read_text() == "out\n"
+    (create,) = proxy.creates()
+    assert {"Type": "bind", "Source": str(data), "Target": str(data), "ReadOnly": True} in (
+        create["HostConfig"]["Mounts"]
+    )
+
+
 async def test_a_container_job_listens_on_the_nodes_own_network(box):
     """A task's addresses and ports (MASTER_ADDR:MASTER_PORT and the like) are its node's:
     a server in the container is reached at the node's address, as another task would."""

@@ -92,6 +92,26 @@ def test_binds_output_directories_and_the_input_directories_there_are_read_only(
     assert not any(b[0].startswith(("/etc", "/root")) for b in binds)  # only what the daemon named
 
 
+def test_an_input_under_the_writable_mount_root_is_bound_read_only_there(tmp_path, monkeypatch):
+    """Inputs usually lie under the mount root (its shares): each gets a read-only bind of its
+    own inside the root's writable one; an output inside such an input is writable again; a
+    path named both as an input and as an output stays writable (the job must write there)."""
+    root = tmp_path / "mnt"
+    for sub in ("afs/data/cache", "afs/both", "afs/data/deep"):
+        (root / sub).mkdir(parents=True)
+    spec = {**SPEC, "env": {**SPEC["env"], "AZ_BATCHAI_MOUNT_ROOT": f"{root}/"},
+            "stdouterr": f"{root}/logs/j/2/stdouterr",
+            "inputs": [f"{root}/afs/data", f"{root}/afs/both", f"{root}/afs/data/deep"],
+            "outputs": [f"{root}/afs/data/cache", f"{root}/afs/both", f"{root}/out"]}  # fmt: skip
+    mounts = create_config(spec, "train", "", "docker", attach_gpus=False)["HostConfig"]["Mounts"]
+    binds = [(m["Source"], m["ReadOnly"]) for m in mounts if m["Source"].startswith(str(root))]
+    # afs/both, out and the stdouterr directory are writable through the root's bind, and
+    # afs/data/deep is read-only through its input's
+    assert binds == [(str(root), False), (f"{root}/afs/data", True),
+                     (f"{root}/afs/data/cache", False)]  # fmt: skip
+    assert all(m["Source"] == m["Target"] for m in mounts)
+
+
 def test_binds_the_job_paths_once_each_and_sizes_shared_memory(mount_root_there):
     config = create_config(SPEC, "python train.py", "-prep", "docker", attach_gpus=False)
     assert config["HostConfig"]["Mounts"] == [
