@@ -908,21 +908,42 @@ async def _remote_file_of(request: web.Request, nodes: list[str],
                           path: Path) -> web.StreamResponse:  # fmt: skip
     """`_remote_file` from the first of `nodes` that has the file (each task of a multi-node
     job writes its own files on its node): the first node is asked alone, and if it has no
-    such file or does not answer, the others all at once (a silent node costs one read
-    timeout, not one each). The first node's error if none has it."""
+    such file or does not answer, the others all at once (`_first_having`). The first
+    node's error if none has it."""
     api = request.app[API_KEY]
     wanted = _wanted_range(request)
     start = wanted[0] if wanted else 0
     node, first = nodes[0], await api.nodes.read_remote(nodes[0], str(path), offset=start)
     if _may_fall_back(first) and len(nodes) > 1:
-        others = await asyncio.gather(
-            *(api.nodes.read_remote(n, str(path), offset=start) for n in nodes[1:])
-        )
-        for other, answer in zip(nodes[1:], others, strict=True):
-            if not _may_fall_back(answer):  # it has the file (or refuses: a link there)
-                node, first = other, answer
-                break
+        asked = [api.nodes.read_remote(n, str(path), offset=start) for n in nodes[1:]]
+        found = await _first_having(nodes[1:], asked)
+        if found is not None:
+            node, first = found
     return await _remote_file(request, node, path, wanted, _checked(first, node, "path"))
+
+
+FALLBACK_GRACE = 0.5  # seconds nodes listed earlier may still answer once a later one has it
+
+
+async def _first_having(nodes: list[str], asked: list[Awaitable[dict[str, Any]]]
+                        ) -> tuple[str, dict[str, Any]] | None:  # fmt: skip
+    """The first of `nodes` (in their order) whose answer is not a miss, with that answer;
+    None if all of them miss. Once some node has the file, those before it that have not
+    answered yet get FALLBACK_GRACE more, not the whole read timeout a silent node costs."""
+    tasks = [asyncio.ensure_future(a) for a in asked]
+    try:
+        pending = set(tasks)
+        while pending and not any(t.done() and not _may_fall_back(t.result()) for t in tasks):
+            _done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        if pending:
+            await asyncio.wait(pending, timeout=FALLBACK_GRACE)
+        for node, task in zip(nodes, tasks, strict=True):
+            if task.done() and not _may_fall_back(task.result()):
+                return node, task.result()
+        return None
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 def _may_fall_back(answer: dict[str, Any]) -> bool:

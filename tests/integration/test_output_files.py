@@ -356,7 +356,8 @@ async def test_a_silent_node_holds_up_a_read_once_not_once_for_each_node_after_i
 ):
     """The file is on the third node of three, and the second does not answer: once the
     first has said it has no such file, the others are asked at once: the third is asked
-    while the second still keeps silent (a read waits one read timeout, not one per node)."""
+    while the second still keeps silent, and served without waiting out the second's read
+    timeout; a refusal from the second, answered in time, still wins over the third's file."""
     daemon, client = local
     _job_id, nodes = await _pair(daemon, client, tmp_path / "disk-0")
     other = _own_disks(daemon, monkeypatch, tmp_path, nodes)
@@ -379,6 +380,23 @@ async def test_a_silent_node_holds_up_a_read_once_not_once_for_each_node_after_i
     monkeypatch.setattr(daemon.nodes, "read_remote", asked)
     assert (await _get(client, "pair/files/only-on-1.txt"))[:2] == (200, b"written by task 1\n")
     assert overlapped == [True]  # the third node was asked while the second kept silent
+
+    released, answered = asyncio.Event(), []
+
+    async def hung(node_id, path, **options):  # the second keeps silent until released
+        if node_id == silent:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(released.wait(), 8)
+            answered.append(node_id)
+            return {"error": {"code": "node_unreachable", "message": "did not answer"}}
+        return await read_remote(node_id, path, **options)
+
+    monkeypatch.setattr(daemon.nodes, "read_remote", hung)
+    try:  # the third's file is served without waiting for the second's timeout
+        assert (await _get(client, "pair/files/only-on-1.txt"))[:2] == (200, b"written by task 1\n")
+        assert answered == []
+    finally:
+        released.set()
 
     async def linked(node_id, path, **options):  # the second has a link in the file's place
         if node_id == silent:
