@@ -7,7 +7,8 @@ quoted there may be `Authorization`, whose token would then be in the log. batch
 as the API answers any bad request (400, `{"error": {"code": "BadRequest", ...}}`), says what
 was wrong without quoting it, and logs one line: a warning, or at debug level for what is not
 HTTP at all on a connection's first request (TLS sent to an http:// address, a port scan), as
-aiohttp does.
+aiohttp does. Like every answer of the API, it carries a request id (`X-Request-Id`, a new
+one: the request's own header was not read), which the log line names too.
 
 This swaps aiohttp's RequestHandler for a subclass through its Server's `__call__`, which is
 not public API: constraints.txt pins the aiohttp it was written for, and
@@ -16,10 +17,13 @@ tests/integration/test_api_security.py checks every answer above.
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import structlog
 from aiohttp import http_exceptions, web, web_protocol, web_server
+
+from batchd.scheduler.api import REQUEST_HEADER
 
 logger = structlog.get_logger(__name__)
 
@@ -55,11 +59,12 @@ class _Handler(web_protocol.RequestHandler):
         log = logger.warning
         if self._request_count == 1 and isinstance(exc, http_exceptions.BadHttpMethod):
             log = logger.debug  # not HTTP at all: TLS on the wrong port, a scanner
-        log("api.unparsable_request", peer=request.remote, error=what)
+        request_id = str(uuid.uuid4())
+        log("api.unparsable_request", peer=request.remote, error=what, request_id=request_id)
         if request.writer.output_size > 0:
             raise ConnectionError("the response has begun: no error can be sent")
         body = {"error": {"code": "BadRequest", "message": what, "details": []}}
-        response = web.json_response(body, status=400)
+        response = web.json_response(body, status=400, headers={REQUEST_HEADER: request_id})
         response.force_close()  # what follows on the connection cannot be trusted
         return response
 

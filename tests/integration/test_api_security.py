@@ -8,6 +8,7 @@ import asyncio
 import io
 import json
 import os
+import uuid
 from pathlib import Path
 
 import aiohttp
@@ -418,6 +419,7 @@ async def test_requests_the_server_cannot_parse_get_400_in_the_error_shape_quoti
         "GET /v1/\x00 HTTP/1.1\r\nHost: a\r\n\r\n": "URL is malformed",
         "BREW /v1/workspaces HTTP/1.1\r\nHost: a\r\n\r\n": "TLS sent to an http:// address?",
     }  # fmt: skip
+    answered = []
     with info_logs() as logs:
         for request, message in requests.items():
             status, headers, body = await _raw(api.url, request.encode())
@@ -426,8 +428,11 @@ async def test_requests_the_server_cannot_parse_get_400_in_the_error_shape_quoti
             error = json.loads(body)["error"]
             assert error["code"] == "BadRequest" and message in error["message"], error
             assert token not in body.decode() and "xxxx" not in body.decode(), body
+            answered.append(str(uuid.UUID(headers["x-request-id"])))
     said = [line for line in logs if line["event"] == "api.unparsable_request"]
     assert [line["log_level"] for line in said] == ["warning"] * 5, logs  # (not BREW: a first
+    assert [line["request_id"] for line in said] == answered[:5]  # the id a client can quote
+    assert len(set(answered)) == len(answered)
     assert token not in repr(logs) and "xxxx" not in repr(logs)  # request that is not HTTP)
     assert not [r.getMessage() for r in caplog.records if r.name == "aiohttp.server"]
     admin = Client(session, api.url, token)  # the server still answers the well-formed
