@@ -281,11 +281,10 @@ class LocalProvider:
         """A removed node's agent token goes with it: revoked, and its file deleted (a node
         wanted again later gets a new one)."""
 
-        def decide(m: ReadModels) -> list:
-            return [d for t in list(m.tokens.values()) if _node_token(t) and t.node == node_id
-                    for d in revoke_token(m, t.token_id, ACTOR)]  # fmt: skip
+        def chosen(m: ReadModels) -> list[Token]:
+            return [t for t in m.tokens.values() if _node_token(t) and t.node == node_id]
 
-        await self.control.run(decide, key=f"node/{node_id}")
+        await _revoke_node_tokens(self.control, self.state_dir, chosen, key=f"node/{node_id}")
         (work_dir(self.state_dir, node_id) / "agent.token").unlink(missing_ok=True)
 
     async def _node_event(self, node_id: str, type_: str, when: str) -> None:
@@ -418,17 +417,29 @@ async def retire_local_tokens(
     """Revoke the tokens the daemon made for local nodes' agents (a user's own stay), but
     those of the nodes `kept` names, and remove their files. A daemon that runs no local
     nodes (`[local] nodes = 0`, no `kept`) keeps none: no agent of its will use them."""
-    stray: list[str] = []
+
+    def chosen(m: ReadModels) -> list[Token]:
+        keep = kept(m) if kept is not None else set()
+        return [t for t in m.tokens.values()
+                if _node_token(t) and t.created_by == ACTOR and t.node not in keep]  # fmt: skip
+
+    await _revoke_node_tokens(control, state_dir, chosen)
+
+
+async def _revoke_node_tokens(control: Control, state_dir: Path,
+                              chosen: Callable[[ReadModels], list[Token]],
+                              key: str = "") -> None:  # fmt: skip
+    """Revoke the local nodes' agent tokens `chosen` picks from the read models (under the
+    node's lock `key`, else structurally), and remove those nodes' token files."""
+    nodes: list[str] = []
 
     def decide(m: ReadModels) -> list[Decision]:
-        keep = kept(m) if kept is not None else set()
-        made = [t for t in m.tokens.values() if _node_token(t) and t.created_by == ACTOR]
-        tokens = [t for t in made if t.node not in keep]
-        stray[:] = [t.node for t in tokens]
+        tokens = chosen(m)
+        nodes[:] = [t.node for t in tokens]
         return [d for t in tokens for d in revoke_token(m, t.token_id, ACTOR)]
 
-    await control.run(decide, structural=True)
-    for node_id in stray:
+    await control.run(decide, structural=not key, key=key)
+    for node_id in nodes:
         (work_dir(state_dir, node_id) / "agent.token").unlink(missing_ok=True)
 
 

@@ -52,7 +52,7 @@ SILENCE = 8.0
 LOCK_WAIT = 30.0  # seconds an agent waits for a previous agent of its work directory to end
 # seconds the removal of an agent's containers may take (an engine that hangs is not waited
 # for: the node's next agent, waiting for the lock, removes them as it starts)
-REMOVE_WAIT = 15.0
+SWEEP_WAIT = 15.0
 LOCK_FILE = "agent.lock"
 
 
@@ -143,7 +143,7 @@ async def _remove_containers(url: str, node_id: str, work_dir: str) -> int:
     docker = aiodocker.Docker(url=url)
     try:  # bounded: it holds the work directory's lock, which the node's next agent awaits
         return await asyncio.wait_for(remove_node_containers(docker, node_id, work_dir),
-                                      REMOVE_WAIT)  # fmt: skip
+                                      SWEEP_WAIT)  # fmt: skip
     except (aiodocker.DockerError, aiohttp.ClientError, OSError) as exc:  # (TimeoutError too)
         logger.warning("watchdog.containers_left", node=node_id, error=str(exc))
         return 0

@@ -35,7 +35,7 @@ def test_the_lock_is_held_while_any_process_holding_it_runs(tmp_path, monkeypatc
 
 async def test_a_watchdog_does_not_wait_for_ever_on_an_engine_that_hangs(tmp_path, monkeypatch):
     """It holds the lock the node's next agent waits for: its container removal is bounded."""
-    monkeypatch.setattr(watchdog, "REMOVE_WAIT", 0.5)
+    monkeypatch.setattr(watchdog, "SWEEP_WAIT", 0.5)
     taken = []
 
     async def never_answer(reader, writer) -> None:
