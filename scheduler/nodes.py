@@ -447,26 +447,40 @@ class NodeService:
         engine_down = _engine_down(msg)
         fresh = node is None or node.incarnation != msg["incarnation"]  # a start, or a reboot
         if fresh or state in (PROVISIONING, PREPARING):
-            short = self._short_of_gpus(m.clusters[cluster_id], msg.get("gpus", 0))
-            setup = None if short else await self._setup_command(m.clusters[cluster_id], node_id)
-            if short:
-                out += _unusable(m.clusters[cluster_id], node_id, {"nodeId": node_id}, short,
-                                 actor)  # fmt: skip
-            elif setup is None:
-                # (an unusable node comes here only with a new agent: it may have its GPUs now)
-                if state in (PROVISIONING, PREPARING, SUSPECT, LOST, UNUSABLE):
-                    out.append((stream, NewEvent("NodeSetupSucceeded", {"nodeId": node_id},
-                                                 actor)))  # fmt: skip
-            else:
-                data = {"nodeId": node_id, "outputDir": setup["stdouterr"]}
-                out.append((stream, NewEvent("NodeSetupStarted", data, actor)))
-                self._send(node_id, setup)
+            out += await self._prepare(m, cluster_id, node, node_id, msg, actor)
         elif state in (SUSPECT, LOST) and _may_recover(node, engine_down, now_us()):
             out.append((stream, NewEvent("NodeRecovered", {"nodeId": node_id}, actor)))
         elif state == READY and engine_down is not None:  # (an agent registering again)
             out += _by_agent(node_id, lambda m: _engine_suspected(
                 m, node_id, _engine_said(engine_down)))(m)  # fmt: skip
         self._kill_unwanted(m, node_id, _running_keys(msg))
+        return out
+
+    async def _prepare(self, m: ReadModels, cluster_id: str, node: Node | None, node_id: str,
+                       msg: dict[str, Any], actor: str) -> list[Decision]:  # fmt: skip
+        """A node that registers fresh (a new agent) or before it was ready: unusable if it
+        has too few GPUs, else its setup task started, or, without one, ready (but suspect at
+        once if its agent says its container engine does not answer)."""
+        cluster, stream = m.clusters[cluster_id], f"node-{node_id}"
+        state = node.state if node is not None else PROVISIONING
+        short = self._short_of_gpus(cluster, msg.get("gpus", 0))
+        if short:
+            return _unusable(cluster, node_id, {"nodeId": node_id}, short, actor)
+        setup = await self._setup_command(cluster, node_id)
+        if setup is not None:
+            self._send(node_id, setup)
+            data = {"nodeId": node_id, "outputDir": setup["stdouterr"]}
+            return [(stream, NewEvent("NodeSetupStarted", data, actor))]
+        out: list[Decision] = []
+        # (an unusable node comes here only with a new agent: it may have its GPUs now)
+        if state in (PROVISIONING, PREPARING, SUSPECT, LOST, UNUSABLE):
+            out.append((stream, NewEvent("NodeSetupSucceeded", {"nodeId": node_id}, actor)))
+            state = LEAVING if node is not None and node.draining else READY
+        engine_down = _engine_down(msg)
+        if state == READY and engine_down is not None:  # ready, but no work yet
+            error = {"code": protocol.ENGINE_UNREACHABLE, "message": _engine_said(engine_down)}
+            out.append((stream, NewEvent("NodeSuspected", {"nodeId": node_id, "error": error},
+                                         actor)))  # fmt: skip
         return out
 
     def _kill_unwanted(self, m: ReadModels, node_id: str, running: list[TaskKey]) -> None:

@@ -558,6 +558,32 @@ async def test_an_idle_node_whose_engine_is_away_is_suspect_even_through_a_regis
     await _until(lambda: node.state == "ready", 20)
 
 
+async def test_an_agent_that_starts_while_its_engine_is_away_takes_no_work(cuttable, tmp_path):
+    """A new agent (a restart: a new incarnation) whose first registration says its engine
+    does not answer leaves its node suspect, saying why, from that registration on: neither a
+    ready node nor a suspect one is ready for a moment."""
+    daemon, client, _forwarder, _agent = cuttable
+    models = daemon.models.models
+    node = models.nodes["box-0"]
+    assert node.state == "ready"
+    token = (tmp_path / "agent.token").read_text().strip()
+    for incarnation in (node.incarnation + 1, node.incarnation + 2):  # ready, then suspect
+        started = protocol.message("Register", "box-0", incarnation, cluster="default/box",
+                                   gpus=4, runtimes=["docker", "process"], running=[],
+                                   engineDown="connection refused")  # fmt: skip
+        assert await _post(daemon, client, token, started) == 200  # (the agent it replaces
+        assert (node.state, node.incarnation) == ("suspect", incarnation), node  # hears 409)
+        assert node.errors[-1]["code"] == "engine_unreachable", node.errors
+        told = [e.type for e in await daemon.store.read_stream("node-box-0")]
+        after = told[len(told) - 1 - told[::-1].index("NodeRegistered") :]
+        assert after[-1] == "NodeSuspected", told
+        assert "NodeRecovered" not in after, told
+    job = _box_job("true")
+    assert (await client.call("PUT", f"{EXP}/jobs/waiting", job))[0] == 201
+    await asyncio.sleep(1)
+    assert newest_job(models, "waiting").state == "queued"  # nothing placed on the node
+
+
 async def test_a_wait_cut_off_while_the_engine_answers_is_made_again(cuttable):
     """The connection of a running container's wait breaks (a proxy's idle timeout, say)
     while the engine still answers: the task runs on and ends with its own exit code."""
