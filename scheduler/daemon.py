@@ -103,6 +103,8 @@ class Daemon:
         self.nodes: NodeService = None  # type: ignore[assignment]
         self.providers: list[Provider] = []  # those this configuration has
         self._periodic = AsyncIOScheduler()
+        self._periodic_running: set[asyncio.Task] = set()  # its jobs under way
+        self._periodic_closed = False
         self._tasks: list[asyncio.Task] = []
         self._plan_seconds = 0.0  # how long the last planner cycle took
 
@@ -169,7 +171,7 @@ class Daemon:
                              (self._enforce_wall_clock, OVERDUE_INTERVAL),
                              (self.nodes.sweep, SWEEP_INTERVAL),
                              (self._keep_lead, LEAD_CHECK)):  # fmt: skip
-            self._periodic.add_job(_logged(job), "interval", seconds=seconds,
+            self._periodic.add_job(self._periodic_job(job), "interval", seconds=seconds,
                                    name=job.__qualname__)  # fmt: skip
         self._periodic.start()
         await self._publish_anchor()
@@ -336,6 +338,39 @@ class Daemon:
         head = await self.store.head()
         logger.info("log.anchor", position=head.position, hash=head.hash.hex(), epoch=head.epoch)
 
+    def _periodic_job(self, job: Callable[[], Awaitable[Any]]) -> Callable[[], Awaitable[None]]:
+        """A periodic job whose failure is logged (structured) and does not stop the next
+        run (a fenced append is the fence watcher's to act on: see _watch_fence); each run
+        is known while under way, so that a stopping daemon ends it before the log closes."""
+
+        async def run() -> None:
+            if self._periodic_closed:  # (started as the daemon stopped)
+                return
+            task = asyncio.current_task()
+            self._periodic_running.add(task)
+            try:
+                await job()
+            except errors.FencedError:
+                pass
+            except Exception:
+                logger.exception("daemon.periodic_failed", job=job.__qualname__)
+            finally:
+                self._periodic_running.discard(task)
+
+        return run
+
+    async def _stop_periodic(self) -> None:
+        """No more periodic runs; the ones under way (a snapshot being saved, a check of the
+        leader lock) end first, waited for up to TASK_STOP_TIMEOUT, then cancelled."""
+        self._periodic_closed = True
+        self._periodic.remove_all_jobs()
+        running = list(self._periodic_running)
+        if running:
+            _done, late = await asyncio.wait(running, timeout=TASK_STOP_TIMEOUT)
+            await self._cancel(list(late))
+        with contextlib.suppress(Exception):  # (never started: a start that failed early)
+            self._periodic.shutdown(wait=False)  # (which cancels what still runs)
+
     async def _cancel(self, tasks: list[asyncio.Task]) -> None:
         for task in tasks:
             task.cancel()
@@ -358,8 +393,7 @@ class Daemon:
         if started:
             logger.info("daemon.stopping")
         self.systemd.notify("STOPPING=1", f"STATUS={self._stopping_status()}")
-        with contextlib.suppress(Exception):
-            self._periodic.shutdown(wait=False)
+        await self._stop_periodic()
         if self.api is not None:
             self.api.closing.set()  # streams end
         if self.nodes is not None:
@@ -407,18 +441,3 @@ async def main(args: argparse.Namespace) -> int:
     if daemon.fenced_out:
         return FENCED_EXIT
     return 1 if daemon.failed else 0
-
-
-def _logged(job: Callable[[], Awaitable[Any]]) -> Callable[[], Awaitable[None]]:
-    """A periodic job whose failure is logged (structured) and does not stop the next run;
-    a fenced append is the fence watcher's to act on (see Daemon._watch_fence)."""
-
-    async def run() -> None:
-        try:
-            await job()
-        except errors.FencedError:
-            pass
-        except Exception:
-            logger.exception("daemon.periodic_failed", job=job.__qualname__)
-
-    return run

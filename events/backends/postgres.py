@@ -236,6 +236,7 @@ class PostgresBackend:
         self._writer_used = 0.0  # when it last served an append (monotonic seconds)
         self._leader: asyncpg.Connection | None = None  # holds the leader lock (advisory)
         self._hopeful: asyncpg.Connection | None = None  # a standby's, asking for the lock
+        self._closed = False
 
     def set_wakeup(self, callback: Callable[[], None]) -> None:
         self._wakeup = callback
@@ -317,6 +318,7 @@ class PostgresBackend:
             raise self._translate(exc) from None
 
     async def close(self) -> None:
+        self._closed = True  # (a leadership check in flight takes no lock after this)
         if self._writer is not None:
             self._writer.terminate()
             self._writer = None
@@ -420,12 +422,14 @@ class PostgresBackend:
         """A session advisory lock, held by a connection of its own for as long as it lives
         (if that connection is lost, so is the lock: a standby may then take over, and the
         epoch fences this writer). A standby asks again on the connection it asked on."""
-        if self._leader is not None:
+        leader = self._leader
+        if leader is not None:
             try:  # still held? (a connection lost with the server's restart frees the lock)
-                await self._leader.fetchval("SELECT 1", timeout=CONNECT_TIMEOUT)
+                await leader.fetchval("SELECT 1", timeout=CONNECT_TIMEOUT)
                 return True
             except (asyncpg.PostgresError, *_UNAVAILABLE):
-                self._leader.terminate()
+                leader.terminate()
+                self._check_open()  # (closed meanwhile: close let the lock go)
                 self._leader = None
         conn, self._hopeful = self._hopeful, None
         held = None
@@ -433,17 +437,25 @@ class PostgresBackend:
             with contextlib.suppress(asyncpg.PostgresError, *_UNAVAILABLE):  # cut: ask anew
                 held = await _ask_lock(conn)
         if held is None:
+            self._check_open()
             try:
                 conn = await asyncpg.connect(self.dsn, timeout=CONNECT_TIMEOUT,
                                              server_settings=LEADER_KEEPALIVE)  # fmt: skip
                 held = await _ask_lock(conn)
             except (asyncpg.PostgresError, *_UNAVAILABLE) as exc:
                 raise self._translate(exc) from None
+        if self._closed:  # closed while asking: the lock is not kept
+            await _let_go(conn)
+            self._check_open()
         if held:
             self._leader = conn
         else:
             self._hopeful = conn
         return held
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise errors.StoreError(f"log {self.where}: the store has closed")
 
     async def take_epoch(self) -> Head:
         self._forget()

@@ -21,9 +21,11 @@ from batchd.events import urls
 from batchd.events.envelope import NewEvent
 from batchd.projections.runner import Runner
 from batchd.scheduler import config
+from batchd.scheduler import daemon as daemon_module
 from batchd.scheduler.client import ssl_context
 from batchd.scheduler.daemon import Daemon
 from tests.integration.conftest import Client, newest_job, start_daemon
+from tests.logs import info_logs
 
 CLUSTER = {"properties": {"vmSize": "Standard_NC24s_v3",
                           "scaleSettings": {"manual": {"targetNodeCount": 2}}}}  # fmt: skip
@@ -313,6 +315,32 @@ async def test_replay_over_the_api_shows_a_past_moment(client):
     assert [j["name"] for j in world["jobs"]] == ["train"]
     status, error = await client.call("GET", "/v1/replay?at=yesterday")
     assert status == 400 and error["error"]["details"][0]["name"] == "at"
+
+
+async def test_a_periodic_job_under_way_when_the_daemon_stops_ends_before_the_log_closes(
+    tmp_path, monkeypatch, caplog
+):
+    """(the check of the leader lock, a snapshot being saved...) The stop waits for it: it
+    ends having used the log, before the log closes, and nothing is logged as failed (it
+    was cancelled mid-way, and the scheduler logged that with a traceback)."""
+    monkeypatch.setattr(daemon_module, "LEAD_CHECK", 0.2)
+    under_way, ended = asyncio.Event(), []
+
+    async def slow_check(self) -> None:
+        under_way.set()
+        await asyncio.sleep(1)  # still under way as the stop begins
+        ended.append((await self.store.head()).position)  # the log is still open
+
+    monkeypatch.setattr(Daemon, "_keep_lead", slow_check)
+    daemon = await start_daemon(tmp_path / "state")
+    try:
+        await asyncio.wait_for(under_way.wait(), 10)
+    finally:
+        with info_logs() as logs:
+            await daemon.stop()
+    assert len(ended) == 1 and ended[0] > 0
+    assert not [line for line in logs if line["event"] == "daemon.periodic_failed"], logs
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("apscheduler")]
 
 
 async def test_tls_with_a_self_signed_certificate(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import traceback
 import uuid
@@ -221,6 +222,25 @@ async def test_one_store_at_a_time_holds_the_leader_lock(durable_url):
         assert await second.try_lock_leader()
     finally:
         await second.close()
+
+
+async def test_a_leadership_check_in_flight_as_the_store_closes_ends_quietly(durable_url):
+    """A daemon checks its lock now and then, and may be doing so as it stops: the check ends
+    as held or with a StoreError (nothing else), closing raises nothing, and the lock is free
+    for the next leader at once (the check took none after the close)."""
+    for _ in range(5):
+        first = await urls.open_store(durable_url)
+        assert await first.try_lock_leader()
+        check = asyncio.ensure_future(first.try_lock_leader())
+        await asyncio.sleep(0)  # (under way)
+        await first.close()
+        with contextlib.suppress(errors.StoreError):
+            await check
+        second = await urls.open_store(durable_url)
+        try:
+            assert await second.try_lock_leader()
+        finally:
+            await second.close()
 
 
 async def test_a_fenced_batchs_callers_each_get_their_own_error(store_url):
