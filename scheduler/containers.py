@@ -237,7 +237,10 @@ def _mounts(spec: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _plain(path: str) -> str:
-    return path.rstrip("/") or "/"
+    """`path` as one spelling of its directory (no `//`, `.`, `..` or trailing slash), so
+    that nesting and sameness are told by the strings; the engine binds that path."""
+    plain = os.path.normpath(path)
+    return "/" + plain.lstrip("/") if plain.startswith("//") else plain
 
 
 def _within(path: str, outer: str) -> bool:

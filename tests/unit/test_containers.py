@@ -110,6 +110,15 @@ def test_an_input_under_the_writable_mount_root_is_bound_read_only_there(tmp_pat
     assert binds == [(str(root), False), (f"{root}/afs/data", True),
                      (f"{root}/afs/data/cache", False)]  # fmt: skip
     assert all(m["Source"] == m["Target"] for m in mounts)
+    odd = {
+        **spec,
+        "outputs": [f"{root}/afs/data/cache/", f"{root}/afs/both"],
+        "inputs": [f"{root}/afs//data", f"{root}/afs/./both", f"{root}/afs/data/deep/.."],
+    }
+    mounts = create_config(odd, "train", "", "docker", attach_gpus=False)["HostConfig"]["Mounts"]
+    binds = [(m["Source"], m["ReadOnly"]) for m in mounts if m["Source"].startswith(str(root))]
+    assert binds == [(str(root), False), (f"{root}/afs/data", True),  # the same, however spelt
+                     (f"{root}/afs/data/cache", False)]  # fmt: skip
 
 
 def test_binds_the_job_paths_once_each_and_sizes_shared_memory(mount_root_there):
