@@ -928,19 +928,24 @@ FALLBACK_GRACE = 0.5  # seconds nodes listed earlier may still answer once a lat
 async def _first_having(nodes: list[str], asked: list[Awaitable[dict[str, Any]]]
                         ) -> tuple[str, dict[str, Any]] | None:  # fmt: skip
     """The first of `nodes` (in their order) whose answer is not a miss, with that answer;
-    None if all of them miss. Once some node has the file, those before it that have not
-    answered yet get FALLBACK_GRACE more, not the whole read timeout a silent node costs."""
+    None if all of them miss. Once some node has the file, only the nodes before it are
+    waited for, and for FALLBACK_GRACE more at most, not the whole read timeout a silent
+    node costs; the nodes after it are not waited for at all."""
     tasks = [asyncio.ensure_future(a) for a in asked]
     try:
-        pending = set(tasks)
-        while pending and not any(t.done() and not _may_fall_back(t.result()) for t in tasks):
-            _done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-        if pending:
-            await asyncio.wait(pending, timeout=FALLBACK_GRACE)
-        for node, task in zip(nodes, tasks, strict=True):
-            if task.done() and not _may_fall_back(task.result()):
-                return node, task.result()
-        return None
+        deadline = None
+        while True:
+            hit = next((i for i, t in enumerate(tasks)
+                        if t.done() and not _may_fall_back(t.result())), None)  # fmt: skip
+            before = [t for t in tasks[: len(tasks) if hit is None else hit] if not t.done()]
+            if not before:
+                return None if hit is None else (nodes[hit], tasks[hit].result())
+            if hit is not None and deadline is None:
+                deadline = asyncio.get_running_loop().time() + FALLBACK_GRACE
+            left = None if deadline is None else deadline - asyncio.get_running_loop().time()
+            if left is not None and left <= 0:
+                return nodes[hit], tasks[hit].result()
+            await asyncio.wait(before, timeout=left, return_when=asyncio.FIRST_COMPLETED)
     finally:
         for task in tasks:
             task.cancel()

@@ -395,8 +395,15 @@ async def test_a_silent_node_holds_up_a_read_once_not_once_for_each_node_after_i
     try:  # the third's file is served without waiting for the second's timeout
         assert (await _get(client, "pair/files/only-on-1.txt"))[:2] == (200, b"written by task 1\n")
         assert answered == []
+        # a silent node after the one that has the file is not waited for at all, however
+        # long nodes before it would be
+        monkeypatch.setattr(api_module, "FALLBACK_GRACE", 60.0)
+        monkeypatch.setattr(api_module, "_nodes_of", _returning([nodes[0], nodes[1], silent]))
+        assert (await _get(client, "pair/files/only-on-1.txt"))[:2] == (200, b"written by task 1\n")
+        assert answered == []
     finally:
         released.set()
+    monkeypatch.setattr(api_module, "_nodes_of", _returning([nodes[0], silent, nodes[1]]))
 
     async def linked(node_id, path, **options):  # the second has a link in the file's place
         if node_id == silent:
