@@ -59,9 +59,10 @@ class _Handler(web_protocol.RequestHandler):
         log = logger.warning
         if self._request_count == 1 and isinstance(exc, http_exceptions.BadHttpMethod):
             log = logger.debug  # not HTTP at all: TLS on the wrong port, a scanner
-        request_id = str(uuid.uuid4())
+        answered = request.writer.output_size == 0  # (else a response has begun)
+        request_id = str(uuid.uuid4()) if answered else None  # (the one the client is told)
         log("api.unparsable_request", peer=request.remote, error=what, request_id=request_id)
-        if request.writer.output_size > 0:
+        if not answered:
             raise ConnectionError("the response has begun: no error can be sent")
         body = {"error": {"code": "BadRequest", "message": what, "details": []}}
         response = web.json_response(body, status=400, headers={REQUEST_HEADER: request_id})
