@@ -366,7 +366,7 @@ class NodeService:
         if node is None or self.closing:
             return
         if engine_down is not None:  # it takes no work until its engine answers again
-            if node.state == READY:
+            if _engine_suspected(self.models, node_id, ""):  # (most beats: said already)
                 await self._suspect_engine(node_id, _engine_said(engine_down))
         elif node.state in (SUSPECT, LOST) and _may_recover(node, None, now_us()):
             await self.control.run(_by_agent(node_id, lambda m: _recovered(m, node_id)),
@@ -450,7 +450,7 @@ class NodeService:
             out += await self._prepare(m, cluster_id, node, node_id, msg, actor)
         elif state in (SUSPECT, LOST) and _may_recover(node, engine_down, now_us()):
             out.append((stream, NewEvent("NodeRecovered", {"nodeId": node_id}, actor)))
-        elif state == READY and engine_down is not None:  # (an agent registering again)
+        elif engine_down is not None:  # (an agent registering again)
             out += _by_agent(node_id, lambda m: _engine_suspected(
                 m, node_id, _engine_said(engine_down)))(m)  # fmt: skip
         self._kill_unwanted(m, node_id, _running_keys(msg))
@@ -478,9 +478,7 @@ class NodeService:
             state = LEAVING if node is not None and node.draining else READY
         engine_down = _engine_down(msg)
         if state == READY and engine_down is not None:  # ready, but no work yet
-            error = {"code": protocol.ENGINE_UNREACHABLE, "message": _engine_said(engine_down)}
-            out.append((stream, NewEvent("NodeSuspected", {"nodeId": node_id, "error": error},
-                                         actor)))  # fmt: skip
+            out.append(_engine_suspicion(node_id, _engine_said(engine_down), actor))
         return out
 
     def _kill_unwanted(self, m: ReadModels, node_id: str, running: list[TaskKey]) -> None:
@@ -870,8 +868,27 @@ def _engine_said(said: str) -> str:
 
 
 def _engine_suspected(m: ReadModels, node_id: str, message: str) -> list[Decision]:
-    """A ready node whose container engine does not answer is suspected, saying so."""
-    return _suspected(m, node_id, {"code": protocol.ENGINE_UNREACHABLE, "message": message})
+    """A node whose container engine does not answer takes no new work, saying why: a ready
+    one is suspected; so is a suspect (silent) or lost one whose agent is heard saying so
+    (suspect with the error, not lost: its agent answers), once for each suspicion."""
+    node = m.nodes.get(node_id)
+    if node is None or node.state not in (READY, SUSPECT, LOST) or _for_engine(node):
+        return []
+    return [_engine_suspicion(node_id, message)]
+
+
+def _engine_suspicion(node_id: str, message: str, actor: str = "scheduler") -> Decision:
+    error = {"code": protocol.ENGINE_UNREACHABLE, "message": message}
+    data = {"nodeId": node_id, "error": error}
+    return f"node-{node_id}", NewEvent("NodeSuspected", data, actor)
+
+
+def _for_engine(node: Node) -> bool:
+    """Is `node` suspect because its container engine did not answer (said as it became
+    suspect)?"""
+    error = node.errors[-1] if node.errors else {}
+    return (node.state == SUSPECT and error.get("code") == protocol.ENGINE_UNREACHABLE
+            and error.get("at") == node.since)  # fmt: skip
 
 
 def _may_recover(node: Node, engine_down: str | None, now: int) -> bool:
@@ -879,11 +896,8 @@ def _may_recover(node: Node, engine_down: str | None, now: int) -> bool:
     agent says its engine does not answer, nor within ENGINE_HOLD of its suspicion for that."""
     if engine_down is not None:
         return False
-    error = node.errors[-1] if node.errors else {}
-    for_engine = (node.state == SUSPECT and error.get("code") == protocol.ENGINE_UNREACHABLE
-                  and error.get("at") == node.since)  # fmt: skip
     # (abs: a clock set back, or a former leader's ahead, does not hold it longer)
-    return not for_engine or abs(now - node.since) >= ENGINE_HOLD
+    return not _for_engine(node) or abs(now - node.since) >= ENGINE_HOLD
 
 
 def _running_keys(msg: dict[str, Any]) -> list[TaskKey]:
@@ -1022,14 +1036,12 @@ def _recovered(m: ReadModels, node_id: str) -> list[Decision]:
     return [(f"node-{node_id}", NewEvent("NodeRecovered", {"nodeId": node_id}))]
 
 
-def _suspected(m: ReadModels, node_id: str,
-               error: dict[str, str] | None = None) -> list[Decision]:  # fmt: skip
-    """A ready node takes no new work: silent (no `error`), or saying why."""
+def _suspected(m: ReadModels, node_id: str) -> list[Decision]:
+    """A ready node that has been silent takes no new work (silence says no more)."""
     node = m.nodes.get(node_id)
     if node is None or node.state != READY:
         return []
-    data = {"nodeId": node_id, **({"error": error} if error else {})}
-    return [(f"node-{node_id}", NewEvent("NodeSuspected", data))]
+    return [(f"node-{node_id}", NewEvent("NodeSuspected", {"nodeId": node_id}))]
 
 
 def _lost(m: ReadModels, node_id: str) -> list[Decision]:

@@ -584,6 +584,31 @@ async def test_an_agent_that_starts_while_its_engine_is_away_takes_no_work(cutta
     assert newest_job(models, "waiting").state == "queued"  # nothing placed on the node
 
 
+async def test_a_lost_node_whose_agent_is_heard_saying_its_engine_is_away_says_why(
+    cuttable, tmp_path
+):
+    """Lost (its agent stopped, or went silent), then heard from again, by the same agent,
+    saying its engine does not answer: suspect, with that error for `node show`, said once,
+    not lost without a word."""
+    daemon, client, _forwarder, agent = cuttable
+    node = daemon.models.models.nodes["box-0"]
+    agent.terminate()
+    await asyncio.wait_for(agent.wait(), 30)
+    await _until(lambda: node.state == "lost", 20)
+    token = (tmp_path / "agent.token").read_text().strip()
+    beat = protocol.message("Heartbeat", "box-0", node.incarnation, running=[],
+                            engineDown="connection refused")  # fmt: skip
+    for _ in range(3):
+        assert await _post(daemon, client, token, beat) == 200
+    assert node.state == "suspect", node
+    assert node.errors[-1]["code"] == "engine_unreachable", node.errors
+    assert "connection refused" in node.errors[-1]["message"]
+    told = [e.type for e in await daemon.store.read_stream("node-box-0")]
+    assert told[told.index("NodeLost") :] == ["NodeLost", "NodeSuspected"], told
+    status, shown = await client.call("GET", "/v1/nodes/box-0")
+    assert status == 200 and "engine" in json.dumps(shown), shown
+
+
 async def test_a_wait_cut_off_while_the_engine_answers_is_made_again(cuttable):
     """The connection of a running container's wait breaks (a proxy's idle timeout, say)
     while the engine still answers: the task runs on and ends with its own exit code."""
