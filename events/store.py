@@ -167,10 +167,14 @@ class Backend(Protocol):
         `existing` may be None (ids not looked up) only where a unique index on event_id
         refuses a repeat: on that refusal, decide again with the stored ids looked up."""
 
-    async def read_rows(self, after: int, limit: int, full: bool = True) -> Sequence[Sequence[Any]]:
+    async def read_rows(
+        self, after: int, limit: int, full: bool = True, bulk: bool = False
+    ) -> Sequence[Sequence[Any]]:
         """Stored rows after `after` in position order: indexable in envelope order, uuids as
         uuid.UUID, data as the stored bytes (tuples, or the driver's own record type).
-        `full=False` may leave event_id, correlation_id, causation_id and hash None."""
+        `full=False` may leave event_id, correlation_id, causation_id and hash None. `bulk`:
+        one page of a read of many, one after another (catch-up, replay), which a backend
+        may serve in the caller's own thread."""
 
     async def read_stream_rows(
         self, stream: str, after_version: int
@@ -421,17 +425,19 @@ class EventStore:
     ) -> AsyncIterator[list[RecordedEvent]]:
         """Every event after `after` up to the head, page by page, for catching up and replay.
 
-        While the caller works on one page the next is already being read (in SQLite's reader
-        thread, or by the PostgreSQL server), so reading and decoding overlap. With `full`
-        False, events may come without their event_id, correlation_id, causation_id and hash
-        (None): what folding into read models needs, read at about two thirds of the cost.
+        While the caller works on one page the next is already being read by the PostgreSQL
+        server, so reading and decoding overlap. (SQLite reads each page in the caller's
+        thread, when it is wanted: on a few cores, handing pages to a reader thread and back
+        cost more than it overlapped, as both hold the GIL.) With `full` False, events may
+        come without their event_id, correlation_id, causation_id and hash (None): what
+        folding into read models needs, read at about two thirds of the cost.
         """
         read_rows, decode = self.backend.read_rows, self.codec.decode
-        rows = await read_rows(after, limit, full)
+        rows = await read_rows(after, limit, full, bulk=True)
         while rows:
             ahead = None
             if len(rows) == limit:
-                ahead = asyncio.ensure_future(read_rows(rows[-1][0], limit, full))
+                ahead = asyncio.ensure_future(read_rows(rows[-1][0], limit, full, bulk=True))
             try:
                 yield [decode(r) for r in rows]
             except BaseException:

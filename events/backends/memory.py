@@ -87,7 +87,9 @@ class MemoryBackend:
                     listener()
         return plan
 
-    async def read_rows(self, after: int, limit: int, full: bool = True) -> list[tuple]:
+    async def read_rows(
+        self, after: int, limit: int, full: bool = True, bulk: bool = False
+    ) -> list[tuple]:
         return self.log.rows[after : after + limit]  # gapless from 1; whole rows cost nothing
 
     async def recorded_at(self, position: int) -> int:

@@ -574,7 +574,9 @@ class PostgresBackend:
             versions[row[2]] = row[3]
 
     # -- reading ---------------------------------------------------------------------------
-    async def read_rows(self, after: int, limit: int, full: bool = True) -> list[asyncpg.Record]:
+    async def read_rows(
+        self, after: int, limit: int, full: bool = True, bulk: bool = False
+    ) -> list[asyncpg.Record]:
         return await self._fetch(_READ if full else _READ_FOLD, after, limit)  # index like rows
 
     async def read_stream_rows(self, stream: str, after_version: int) -> list[asyncpg.Record]:

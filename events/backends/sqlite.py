@@ -26,6 +26,7 @@ from batchd.events.store import AppendRequest, BatchPlan, Prepare, Snapshot
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_MS = 10_000
 CACHE_KIB = 65_536  # page cache per connection: index pages of a large log stay in memory
+SCAN_CACHE_KIB = 2_048  # page cache of the connection that reads the log through, page by page
 WAL_CHECKPOINT_PAGES = 10_000  # checkpoint every ~40 MB of WAL instead of SQLite's ~4 MB
 
 logger = structlog.get_logger(__name__)
@@ -111,6 +112,7 @@ class SqliteBackend:
         self.path = path
         self._reader: sqlite3.Connection | None = None
         self._writer: sqlite3.Connection | None = None
+        self._scanner: sqlite3.Connection | None = None  # bulk reads: see _scan
         self._leader: int | None = None  # the leader lock's descriptor, while held
         self._rexec = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sqlite-read")
         self._wexec = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sqlite-write")
@@ -225,6 +227,9 @@ class SqliteBackend:
                 raise
 
     async def close(self) -> None:
+        if self._scanner is not None:
+            self._scanner.close()
+            self._scanner = None
         for conn, executor in ((self._writer, self._wexec), (self._reader, self._rexec)):
             if conn is not None:
                 await asyncio.get_running_loop().run_in_executor(executor, conn.close)
@@ -365,8 +370,25 @@ class SqliteBackend:
         return existing
 
     # -- reading ---------------------------------------------------------------------------
-    async def read_rows(self, after: int, limit: int, full: bool = True) -> list[tuple]:
-        return await self._read(_READ if full else _READ_FOLD, (after, limit))
+    async def read_rows(
+        self, after: int, limit: int, full: bool = True, bulk: bool = False
+    ) -> list[tuple]:
+        sql = _READ if full else _READ_FOLD
+        if bulk:  # (see EventStore.read_pages)
+            return self._scan(sql, (after, limit))
+        return await self._read(sql, (after, limit))
+
+    def _scan(self, sql: str, params: tuple) -> list[tuple]:
+        """A bulk read in the caller's thread, on a connection of its own (the reader's
+        serves other readers in its thread meanwhile), with a small page cache: each page
+        of the log is read once."""
+        try:
+            if self._scanner is None:
+                self._scanner = self._connect("ro")
+                self._scanner.execute(f"PRAGMA cache_size = -{SCAN_CACHE_KIB}")
+            return self._scanner.execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise self._translate(exc) from None
 
     async def recorded_at(self, position: int) -> int:
         def run() -> int:
