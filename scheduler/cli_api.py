@@ -149,7 +149,7 @@ class InputError(ValueError):
 def load_document(path: str) -> dict[str, Any]:
     """A Batch AI JSON file (with or without the `{"properties": ...}` envelope)."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8-sig")  # (a BOM, as Windows editors save)
     except UnicodeDecodeError as exc:
         raise InputError(f"{path} is not UTF-8 text: {exc.reason} at byte {exc.start}") from None
     try:
@@ -269,6 +269,10 @@ def job_document(args: argparse.Namespace) -> dict[str, Any]:
     if args.max_retries is not None:
         props["maxRetries"] = args.max_retries
     if args.env:
+        names = [name for name, _value in args.env]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise InputError(f"--env {twice[0]} is given more than once")
         given = props.get("environmentVariables")
         variables = given if isinstance(given, list) else []
         for name, value in args.env:

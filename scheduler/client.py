@@ -83,10 +83,15 @@ def settings(args: argparse.Namespace) -> Settings:
 
 
 def _token(args: argparse.Namespace, state: Path) -> tuple[str | None, str]:
-    if getattr(args, "token", None):
-        return args.token.strip(), "--token"
-    if os.environ.get("BATCHD_TOKEN"):
-        return os.environ["BATCHD_TOKEN"].strip(), "$BATCHD_TOKEN"
+    """The token given, else the daemon's admin token file. One given empty (an unset
+    variable in `--token "$T"`) is an error, never a fall back to the admin token."""
+    given = getattr(args, "token", None)
+    for token, source in ((given, "--token"), (os.environ.get("BATCHD_TOKEN"), "$BATCHD_TOKEN")):
+        if token is not None:
+            if not token.strip():
+                raise ClientError(f"{source} is empty: give a token (unset $BATCHD_TOKEN and "
+                                  "leave --token out to use the daemon's admin.token)")  # fmt: skip
+            return token.strip(), source
     path = state / "admin.token"
     try:
         return path.read_text().strip() or None, str(path)

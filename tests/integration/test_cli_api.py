@@ -533,6 +533,19 @@ async def test_no_token_is_explained(batchd, api, monkeypatch, tmp_path):
     assert len(assert_error(done)) == 1 and "not-a-token" not in done.err
 
 
+async def test_a_token_given_empty_is_refused_not_taken_for_the_admin_token(batchd, api):
+    """`--token "$VIEWER"` with $VIEWER unset must not run as the daemon's admin (whose
+    admin.token the CLI reads here): nothing is written."""
+    before = len(api.models.models.tokens)
+    done = await batchd("token", "create", "--role", "viewer", "--name", "t", "--token", " ")
+    assert_error(done, "--token is empty")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("BATCHD_TOKEN", "")
+        assert_error(await batchd("workspace", "create", "w2"), "$BATCHD_TOKEN is empty")
+    assert len(api.models.models.tokens) == before and "w2" not in api.models.models.workspaces
+    assert (await batchd("workspace", "list")).code == 0  # neither given: the admin token
+
+
 # -- every Batch AI recipe --------------------------------------------------------------------
 async def test_every_batchai_recipe_is_accepted(batchd, api, monkeypatch):
     await _setup(batchd, "STANDARD_NC24", 2)
@@ -739,6 +752,21 @@ async def test_node_list_takes_a_bare_cluster_name_in_the_workspace(batchd, api)
         assert done.code == 0, done.err
         assert done.json == {"value": [], "nextLink": None}
     assert_error(await batchd("node", "list", "--cluster", "c"), "no cluster 'default/c'")
+
+
+async def test_a_document_saved_with_a_byte_order_mark_is_read(batchd, api, tmp_path):
+    """(as Windows editors save UTF-8, and as the API takes it)"""
+    await _setup(batchd)
+    path = tmp_path / "bom.json"
+    document = {"properties": {"nodeCount": 1, "stdOutErrPathPrefix": "$AZ_BATCHAI_MOUNT_ROOT",
+                               "customToolkitSettings": {"commandLine": "true"}}}  # fmt: skip
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(document).encode())
+    done = await batchd("job", "create", "j", "-w", "ws", "-e", "exp", "--cluster", "c",
+                        "-f", str(path))  # fmt: skip
+    assert done.code == 0, done.err
+    twice = await batchd("job", "create", "j2", "-w", "ws", "-e", "exp", "--cluster", "c",
+                         "-f", str(path), "--env", "A=1", "--env", "A=2")  # fmt: skip
+    assert_error(twice, "--env A is given more than once")  # (one --env over the file's: fine)
 
 
 async def test_a_document_that_is_not_utf8_is_named(batchd, api, tmp_path):
