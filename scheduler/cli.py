@@ -376,7 +376,8 @@ def _job_commands(commands, api: list) -> None:
     job["wait"].description = (
         "Wait for the job to end, riding out a restart of the daemon, and exit with the job's "
         "exit code (1 if it failed without one); 124 when --timeout runs out, 125 when the "
-        "server cannot be reached for 30 s (batchd cannot tell how the job ended)."
+        "server cannot be reached (batchd cannot tell how the job ended): for 30 s once it "
+        "has answered, at once if it never has (a mistyped --server)."
     )
     job["wait"].add_argument("--timeout", type=_seconds, metavar="S",
                              help="give up after S seconds (exit 124)")  # fmt: skip

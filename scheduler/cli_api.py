@@ -676,6 +676,10 @@ async def job_wait(args: argparse.Namespace) -> int:
                 job = await server.call(lambda: api.get(_job(args)))
             except ServerLost as exc:
                 return _wait_lost(args, exc, state, progress)
+            except ApiError:
+                raise
+            except ClientError as exc:  # never reached (at once: a mistyped --server, say)
+                return _wait_lost(args, exc, state, progress)
             state = _get(job, "properties.state")
             waited = time.monotonic() - started
             if state in ENDED:
@@ -710,8 +714,10 @@ async def job_wait(args: argparse.Namespace) -> int:
     return code if isinstance(code, int) and 0 < code < 256 else 1
 
 
-def _wait_lost(args: argparse.Namespace, exc: ServerLost, state: str | None,
+def _wait_lost(args: argparse.Namespace, exc: ClientError, state: str | None,
                progress: bool) -> int:  # fmt: skip
+    """EXIT_WAIT_LOST, saying why: the server was lost, or never reached (not 1, which a
+    job's own exit code may be)."""
     if progress:
         sys.stderr.write("\r\x1b[K")
     seen = f" (last seen {state})" if state else ""

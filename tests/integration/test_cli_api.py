@@ -521,6 +521,9 @@ async def test_unreachable_server_and_missing_token(capsys, monkeypatch, tmp_pat
     assert len(lines) == 1
     done = await batchd("job", "wait", "x", "--server", "ftp://example.org")
     assert_error(done, "http:// or https://")
+    done = await batchd("job", "wait", "x", "--server", "http://127.0.0.1:9")  # (never up)
+    assert done.code == 125, done  # not 1: a job's own exit code may be 1
+    assert "connection refused" in done.err and "cannot tell whether job" in done.err
     done = await batchd("job", "list", "--server", "http://127.0.0.1:9/v1/")
     assert_error(done, "without /v1", "http://127.0.0.1:8080")
 
