@@ -37,6 +37,18 @@ TOOLKITS = (
 
 _text = string()
 _name = string(max_len=64, pattern=r"[-\w]+", what="1-64 letters, digits, '-' or '_'")
+# an image reference, as Docker's and podman's parsers take it: [host[:port]/]path[:tag][@digest]
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_HOST = rf"(?:{_LABEL}(?:\.{_LABEL})*|\[[0-9A-Fa-f:]+\])(?::[0-9]+)?"
+IMAGE_PATTERN = (
+    rf"(?:{_HOST}/)?{_COMPONENT}(?:/{_COMPONENT})*(?::[A-Za-z0-9_][A-Za-z0-9_.-]{{0,127}})?"
+    r"(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9A-Fa-f]{32,})?"
+)
+_image = string(max_len=512, pattern=IMAGE_PATTERN,
+                what="an image reference such as 'pytorch/pytorch:2.3.0' or "
+                     "'registry.example.com:5000/team/train@sha256:<digest>' (a lower-case "
+                     "path, an optional tag and digest)")  # fmt: skip
 
 
 def _storage_path(value: Any, path: str) -> str:
@@ -205,7 +217,7 @@ JOB_PROPERTIES = obj({
     "experimentName": _text, "location": _text,
     "containerSettings": obj({
         "imageSourceRegistry": obj({
-            "image": _text, "serverUrl": _text,
+            "image": _image, "serverUrl": _text,
             "credentials": _registry_credentials,
         }, required=["image"]),
         "shmSize": _shm_size,

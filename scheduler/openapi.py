@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from batchd.scheduler.jobspec import IMAGE_PATTERN
 from batchd.scheduler.protocol import NODE_ID
 
 Schema = dict[str, Any]
@@ -206,7 +207,8 @@ def _toolkits() -> dict[str, Schema]:
 def job_properties() -> Schema:
     """Batch AI 2018-05-01 job properties and batchd's additions (scheduler/jobspec.py)."""
     registry = obj({
-        "image": text(), "serverUrl": text(),
+        "image": string(pattern=f"^{IMAGE_PATTERN}$", minLength=1, maxLength=512),
+        "serverUrl": text(),
         "credentials": obj({"username": text(), "password": text(),
                             "passwordSecretReference": _secret_reference()},
                            ("username",), closed=True),
