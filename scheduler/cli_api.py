@@ -777,6 +777,8 @@ async def job_file_stream(args: argparse.Namespace) -> int:
             followed.unplaced = not last and not _get(job, "properties.attempt")
             await server.call(functools.partial(_print_file, api, server, path, args, followed))
             if last:
+                if not _get(job, "properties.attempt"):  # ended before it was placed
+                    raise ClientError(f"job {args.name!r} never ran: it has no output")
                 return 0
             job = await _job_again(args, api, server)
             if args.attempt is None and _attempt(job) > followed.attempt:

@@ -19,7 +19,7 @@ from batchd.events.timeutil import to_iso
 from batchd.scheduler import tls
 from batchd.scheduler.cli import main
 from tests.http import serving
-from tests.integration.conftest import settled, start_daemon
+from tests.integration.conftest import admin_client, settled, start_daemon
 
 RECIPES = Path(__file__).parent.parent / "data" / "batchai-recipes"
 STORAGE_KEY = "c3RvcmFnZS1rZXktZm9yLXRlc3Rz"
@@ -755,6 +755,24 @@ async def test_node_list_takes_a_bare_cluster_name_in_the_workspace(batchd, api)
         assert done.code == 0, done.err
         assert done.json == {"value": [], "nextLink": None}
     assert_error(await batchd("node", "list", "--cluster", "c"), "no cluster 'default/c'")
+
+
+async def test_following_a_job_that_ends_without_running_says_it_never_ran(batchd, api):
+    """As reading its output once it has ended does (not exit 0 with nothing printed)."""
+    await _setup(batchd)  # (a cluster whose nodes never come: the job stays queued)
+    created = await batchd("job", "create", "q", "-w", "ws", "-e", "exp", "--cluster", "c",
+                           "--command", "echo hi")  # fmt: skip
+    assert created.code == 0, created.err
+    streaming = asyncio.create_task(batchd("job", "file", "stream", "q", "-w", "ws", "-e", "exp"))
+    await asyncio.sleep(1)
+    assert not streaming.done()
+    async with admin_client(api) as admin:
+        status, _ = await admin.call("POST", "/v1/workspaces/ws/experiments/exp/jobs/q/terminate")
+    assert status < 300
+    followed = await asyncio.wait_for(streaming, 30)
+    assert_error(followed, "job 'q' never ran: it has no output")
+    again = await batchd("job", "file", "stream", "q", "-w", "ws", "-e", "exp")
+    assert_error(again, "job 'q' never ran: it has no output")
 
 
 async def test_a_document_saved_with_a_byte_order_mark_is_read(batchd, api, tmp_path):
