@@ -287,6 +287,9 @@ def describe(exc: BaseException, server: str) -> str:
         return f"the batchd server at {server} closed the connection"
     if isinstance(exc, aiohttp.InvalidURL):
         return f"invalid server URL {server!r}"
+    if isinstance(exc, aiohttp.ClientPayloadError):  # an answer the server broke off
+        return (f"the batchd server at {server} broke its answer off, unfinished (its token "
+                "was revoked, the node it reads from was lost, or the server stopped)")  # fmt: skip
     return f"request to the batchd server at {server} failed: {exc}"
 
 

@@ -80,3 +80,28 @@ async def test_a_put_the_server_asks_to_send_again_is_sent_again(monkeypatch):
                 await api.call("PUT", "/v1/c", body={})
     assert post.value.retry and not fenced.value.retry
     assert asked == ["PUT /v1/a"] * 3 + ["POST /v1/b", "PUT /v1/c"]
+
+
+async def test_an_answer_the_server_breaks_off_is_said_plainly():
+    """(as the daemon ends an exec or a followed file whose token is revoked meanwhile): one
+    line that says the answer was cut off and why it may have been, not the library's words."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        response.content_length = 100
+        await response.prepare(request)
+        await response.write(b"half")
+        request.transport.close()  # unfinished
+        return response
+
+    app = web.Application()
+    app.router.add_get("/v1/file", handle)
+    async with TestServer(app) as server:
+        settings = client.Settings(str(server.make_url("")).rstrip("/"), None, "", None)
+        async with client.Client(settings) as api:
+            with pytest.raises(ClientError) as cut:
+                async with api.stream("/v1/file") as response:
+                    await response.read()
+    said = str(cut.value)
+    assert "broke its answer off" in said and "token was revoked" in said, said
+    assert "payload" not in said.lower()
