@@ -558,7 +558,12 @@ async def put_job(request: web.Request) -> web.Response:
     reference = parse_job(document).cluster
     if reference:  # a cluster of another workspace: the token must reach that one too
         where = "properties." if "properties" in document else ""
-        _principal(request).require("operator", commands.cluster_workspace(reference, ws, where))
+        cluster_ws = commands.cluster_workspace(reference, ws, where)
+        try:
+            _principal(request).require("operator", cluster_ws)
+        except AuthError as exc:  # (the request's own workspace passed: say what did not)
+            raise AuthError(f"{exc}: {where}cluster names a cluster of workspace "
+                            f"{cluster_ws!r}", exc.status) from None  # fmt: skip
 
     async def decide(m: ReadModels):
         existing = commands.current_job(m, ws, exp, name)

@@ -397,6 +397,9 @@ async def test_a_workspace_scoped_operator_token(batchd, api, monkeypatch):
     assert ok.code == 0, ok.err
     assert_error(await batchd("experiment", "create", "e2", "-w", "other"))
     assert_error(await batchd("cluster", "delete", "c", "-w", "ws"))
+    elsewhere = await batchd("job", "create", "y", "-w", "ws", "-e", "exp", "--cluster",
+                             "/workspaces/other/clusters/c", "--command", "true")  # fmt: skip
+    assert_error(elsewhere, "cluster names a cluster of workspace 'other'")  # (ws is allowed)
     assert_error(await batchd("events", "tail"))
 
 
