@@ -874,6 +874,9 @@ def _engine_suspected(m: ReadModels, node_id: str, message: str) -> list[Decisio
     node = m.nodes.get(node_id)
     if node is None or node.state not in (READY, SUSPECT, LOST) or _for_engine(node):
         return []
+    setup = (node.setup or {}).get("state")
+    if node.state == LOST and (setup in ("running", "failed") or node.draining):
+        return []  # it would come back preparing, unusable or leaving: taking no work anyway
     return [_engine_suspicion(node_id, message)]
 
 
