@@ -147,6 +147,10 @@ class Backend(Protocol):
     `data` as the stored msgpack bytes."""
 
     name: str
+    # whether a bulk read of the next page may be under way while the caller works on one
+    # (a server reads it meanwhile); False: pages are read when asked for, in the caller's
+    # thread (see EventStore.read_pages)
+    reads_ahead: bool
 
     async def open(self, readonly: bool) -> None: ...
     async def close(self) -> None: ...
@@ -435,16 +439,20 @@ class EventStore:
         read_rows, decode = self.backend.read_rows, self.codec.decode
         rows = await read_rows(after, limit, full, bulk=True)
         while rows:
+            more, last = len(rows) == limit, rows[-1][0]
             ahead = None
-            if len(rows) == limit:
-                ahead = asyncio.ensure_future(read_rows(rows[-1][0], limit, full, bulk=True))
+            if more and self.backend.reads_ahead:
+                ahead = asyncio.ensure_future(read_rows(last, limit, full, bulk=True))
             try:
                 yield [decode(r) for r in rows]
             except BaseException:
                 if ahead is not None:
                     ahead.cancel()
                 raise
-            rows = await ahead if ahead is not None else ()
+            if ahead is not None:
+                rows = await ahead
+            else:
+                rows = await read_rows(last, limit, full, bulk=True) if more else ()
 
     async def position_at(self, at: int) -> int:
         """The last position recorded at or before `at` (microseconds; 0 if none): "as of T".

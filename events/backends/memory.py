@@ -34,6 +34,7 @@ def named_log(name: str) -> MemoryLog:
 
 class MemoryBackend:
     name = "memory"
+    reads_ahead = False
 
     def __init__(self, log: MemoryLog) -> None:
         self.log = log

@@ -222,6 +222,7 @@ async def _ask_lock(conn: asyncpg.Connection) -> bool:
 
 class PostgresBackend:
     name = "postgres"
+    reads_ahead = True
 
     def __init__(self, dsn: str, *, pool_size: int = 4) -> None:
         self.dsn = dsn

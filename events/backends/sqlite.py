@@ -107,12 +107,14 @@ sqlite3.register_converter("batchd_uuid", uuid_of_bytes)  # 16 bytes, as written
 
 class SqliteBackend:
     name = "sqlite"
+    reads_ahead = False  # bulk reads run in the caller's thread (_scan)
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._reader: sqlite3.Connection | None = None
         self._writer: sqlite3.Connection | None = None
         self._scanner: sqlite3.Connection | None = None  # bulk reads: see _scan
+        self._closed = False
         self._leader: int | None = None  # the leader lock's descriptor, while held
         self._rexec = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sqlite-read")
         self._wexec = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sqlite-write")
@@ -227,6 +229,7 @@ class SqliteBackend:
                 raise
 
     async def close(self) -> None:
+        self._closed = True
         if self._scanner is not None:
             self._scanner.close()
             self._scanner = None
@@ -382,6 +385,8 @@ class SqliteBackend:
         """A bulk read in the caller's thread, on a connection of its own (the reader's
         serves other readers in its thread meanwhile), with a small page cache: each page
         of the log is read once."""
+        if self._closed:
+            raise errors.StoreError(f"log {self.path}: the store has closed")
         try:
             if self._scanner is None:
                 self._scanner = self._connect("ro")

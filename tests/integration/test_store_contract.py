@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import traceback
 import uuid
@@ -121,6 +122,33 @@ async def test_pages_read_for_folding_hold_every_event_less_its_ids_and_hash(sto
         left_out = ("event_id", "correlation_id", "causation_id", "hash")
         assert all(getattr(folded, f) in (None, getattr(whole, f)) for f in left_out)
         assert folded._replace(**{f: getattr(whole, f) for f in left_out}) == whole
+
+
+async def test_a_replay_stopped_early_leaves_no_handle_on_the_log_once_closed(tmp_path):
+    """(`events export --to`, a replay up to a position: the reader leaves after the page it
+    wanted) No read of a later page runs after the store closes, and no file of the log is
+    held open by this process any more."""
+    path = tmp_path / "events.db"
+    store = await urls.open_store(f"sqlite:///{path}")
+    for n in range(10):
+        await store.append(f"job-j{n}", [NewEvent("JobStarted", {"jobId": f"j{n}", "attempt": 1})])
+    await store.close()
+    store = await urls.open_store(f"sqlite:///{path}", readonly=True)
+    async for page in store.read_pages(0, 3):
+        assert [e.position for e in page] == [1, 2, 3]
+        break
+    await store.close()
+    await asyncio.sleep(0.1)  # (anything left scheduled runs now)
+    links = [_readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")]
+    held = [link for link in links if link.startswith(str(path))]
+    assert held == []
+
+
+def _readlink(link: str) -> str:
+    try:
+        return os.readlink(link)
+    except OSError:  # (a descriptor closed meanwhile)
+        return ""
 
 
 async def test_positions_are_gapless_and_in_commit_order_with_16_appenders(store):
