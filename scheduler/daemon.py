@@ -47,6 +47,9 @@ ANCHOR_INTERVAL = 60.0  # seconds between head-anchor log lines
 OVERDUE_INTERVAL = 5.0  # seconds between wall-clock checks
 SWEEP_INTERVAL = 1.0  # seconds between looks for silent nodes
 TASK_STOP_TIMEOUT = 10.0  # seconds the daemon waits for its tasks to end when it stops
+# seconds a stopping daemon waits for a periodic job under way (a snapshot: the stop saves
+# one anyway) before it cancels it: the rest of the stop must fit systemd's TimeoutStopSec
+PERIODIC_STOP_TIMEOUT = 3.0
 FOLD_AT_STOP = 5.0  # seconds it waits for the read models to take in the log before its snapshot
 PLAN_IDLE = 10.0  # seconds between planner cycles while the log stands still
 PLAN_GAP = 0.02  # least seconds between two planner cycles: a busy log is planned in batches
@@ -361,12 +364,12 @@ class Daemon:
 
     async def _stop_periodic(self) -> None:
         """No more periodic runs; the ones under way (a snapshot being saved, a check of the
-        leader lock) end first, waited for up to TASK_STOP_TIMEOUT, then cancelled."""
+        leader lock) end first, waited for up to PERIODIC_STOP_TIMEOUT, then cancelled."""
         self._periodic_closed = True
         self._periodic.remove_all_jobs()
         running = list(self._periodic_running)
         if running:
-            _done, late = await asyncio.wait(running, timeout=TASK_STOP_TIMEOUT)
+            _done, late = await asyncio.wait(running, timeout=PERIODIC_STOP_TIMEOUT)
             await self._cancel(list(late))
         with contextlib.suppress(Exception):  # (never started: a start that failed early)
             self._periodic.shutdown(wait=False)  # (which cancels what still runs)
