@@ -451,8 +451,13 @@ class EventStore:
                 raise
             if ahead is not None:
                 rows = await ahead
+            elif more:
+                # the read below holds the event loop: others run between pages (a daemon
+                # replaying a past moment for the API still answers its agents meanwhile)
+                await asyncio.sleep(0)
+                rows = await read_rows(last, limit, full, bulk=True)
             else:
-                rows = await read_rows(last, limit, full, bulk=True) if more else ()
+                rows = ()
 
     async def position_at(self, at: int) -> int:
         """The last position recorded at or before `at` (microseconds; 0 if none): "as of T".

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import random
 import traceback
@@ -122,6 +123,29 @@ async def test_pages_read_for_folding_hold_every_event_less_its_ids_and_hash(sto
         left_out = ("event_id", "correlation_id", "causation_id", "hash")
         assert all(getattr(folded, f) in (None, getattr(whole, f)) for f in left_out)
         assert folded._replace(**{f: getattr(whole, f) for f in left_out}) == whole
+
+
+async def test_other_tasks_run_between_the_pages_of_a_bulk_read(store):
+    """(a daemon replaying a past moment for the API, or catching up, still answers its
+    agents) Reading page after page hands the event loop on between pages."""
+    for n in range(12):
+        await store.append(f"job-j{n}", [NewEvent("JobStarted", {"jobId": f"j{n}", "attempt": 1})])
+    turns = []
+
+    async def other() -> None:
+        while True:
+            turns.append(1)
+            await asyncio.sleep(0)
+
+    beside = asyncio.create_task(other())
+    await asyncio.sleep(0)
+    try:
+        seen = []
+        async for _page in store.read_pages(0, 3):
+            seen.append(len(turns))
+    finally:
+        beside.cancel()
+    assert len(seen) == 4 and all(b > a for a, b in itertools.pairwise(seen)), seen
 
 
 async def test_a_replay_stopped_early_leaves_no_handle_on_the_log_once_closed(tmp_path):
