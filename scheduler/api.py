@@ -27,7 +27,7 @@ from aiohttp import hdrs, web
 from batchd.events import errors, jsonform
 from batchd.events.envelope import RecordedEvent
 from batchd.events.secrets import Keyring, mask_paths
-from batchd.events.store import EventStore
+from batchd.events.store import MAX_POSITION, EventStore
 from batchd.events.timeutil import parse_iso, to_iso
 from batchd.events.types import JOB_SECRET_PATHS, VOCABULARY
 from batchd.projections import history, lifecycle, views
@@ -68,7 +68,6 @@ FOLLOW_POLL = 0.25  # seconds between looks at a followed file
 EXEC_TIMEOUT = 600.0  # seconds an exec may go without output before it is given up
 EXEC_CHECK = 1.0  # seconds between looks at an exec's node, job and caller while it is quiet
 POSITION_HEADER = "Batchd-Position"
-MAX_POSITION = 2**63 - 1  # positions are 64-bit
 STATES = tuple(EXECUTION_STATE)  # batchd's job states, in lifecycle order
 
 
@@ -937,6 +936,7 @@ async def _first_having(nodes: list[str], asked: list[Awaitable[dict[str, Any]]]
     waited for, and for FALLBACK_GRACE more at most, not the whole read timeout a silent
     node costs; the nodes after it are not waited for at all."""
     tasks = [asyncio.ensure_future(a) for a in asked]
+    clock = asyncio.get_running_loop().time
     try:
         deadline = None
         while True:
@@ -946,8 +946,8 @@ async def _first_having(nodes: list[str], asked: list[Awaitable[dict[str, Any]]]
             if not before:
                 return None if hit is None else (nodes[hit], tasks[hit].result())
             if hit is not None and deadline is None:
-                deadline = asyncio.get_running_loop().time() + FALLBACK_GRACE
-            left = None if deadline is None else deadline - asyncio.get_running_loop().time()
+                deadline = clock() + FALLBACK_GRACE
+            left = None if deadline is None else deadline - clock()
             if left is not None and left <= 0:
                 return nodes[hit], tasks[hit].result()
             await asyncio.wait(before, timeout=left, return_when=asyncio.FIRST_COMPLETED)
@@ -1256,7 +1256,7 @@ async def list_events(request: web.Request) -> web.Response:
 
 
 async def _stream_exists(store: EventStore, stream: str) -> bool:
-    return bool(await store.read_stream_page(stream, 0, (await store.head()).position, 1))
+    return bool(await store.read_stream_page(stream, 0, MAX_POSITION, 1))
 
 
 def _time_query(request: web.Request, name: str) -> int | None:

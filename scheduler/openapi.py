@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from batchd.events.store import MAX_POSITION
 from batchd.scheduler.jobspec import IMAGE_PATTERN
 from batchd.scheduler.protocol import NODE_ID
 
@@ -26,7 +27,6 @@ STATES = ("queued", "scheduled", "preparing", "running", "terminating", "succeed
 EXECUTION_STATES = ("queued", "running", "terminating", "succeeded", "failed")
 ROLES = ("viewer", "operator", "admin", "agent")
 MAX_TOP = 1000
-MAX_POSITION = 2**63 - 1
 
 _WS = "/v1/workspaces/{workspace}"
 _EXP = _WS + "/experiments/{experiment}"
