@@ -606,7 +606,13 @@ class Agent:
     def _background(self, coroutine, name: str) -> None:
         task = asyncio.create_task(coroutine, name=name)
         self.background.add(task)
-        task.add_done_callback(self.background.discard)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task) -> None:
+        self.background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("agent.background_failed", work=task.get_name(),
+                         exc_info=task.exception())  # fmt: skip
 
     async def _read_file(self, command: dict[str, Any]) -> None:
         """A job's output file or directory the daemon cannot read itself."""
@@ -665,13 +671,23 @@ class Agent:
 
     async def _run_task(self, key: TaskKey, task: ProcessTask, slot: Path) -> None:
         record = slot.with_suffix(".dirs")
-        record_dirs(record, task.spec)  # an agent stopped before the end leaves them to the next
-        await _make_shared_job_temp(task.spec)
         hold = None
-        if shares_job_temp(task.spec):
-            hold = await asyncio.to_thread(hold_job_temp, task.spec)
         try:
+            record_dirs(record, task.spec)  # an agent stopped before the end leaves them
+            await _make_shared_job_temp(task.spec)
+            if shares_job_temp(task.spec):
+                hold = await asyncio.to_thread(hold_job_temp, task.spec)
             await self._run_and_report(key, task)
+        except Exception as exc:
+            if self.tasks.get(key) is not task:
+                raise  # its end was reported: the fault came after (logged by _background)
+            # a fault of the agent's own before the task ran: reported all the same, or the
+            # daemon would wait for the task for ever, its GPUs held
+            logger.exception("agent.task_failed", job=key[0], attempt=key[1], task=key[2])
+            del self.tasks[key]
+            report = {"jobId": key[0], "attempt": key[1], "task": key[2], "exitCode": None,
+                      "error": _run_failed(key[2], exc, task)}  # fmt: skip
+            self._report_exit(key, report)
         finally:  # the last of the job's tasks here removes the shared job temp, come what may
             if hold is not None:
                 await asyncio.shield(asyncio.to_thread(release_job_temp, task.spec, hold))

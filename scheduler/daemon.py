@@ -53,6 +53,7 @@ PERIODIC_STOP_TIMEOUT = 3.0
 FOLD_AT_STOP = 5.0  # seconds it waits for the read models to take in the log before its snapshot
 PLAN_IDLE = 10.0  # seconds between planner cycles while the log stands still
 PLAN_GAP = 0.02  # least seconds between two planner cycles: a busy log is planned in batches
+PLAN_RETRY_MAX = 5.0  # most seconds between planner cycles while the log refuses appends
 ADMIN_TOKEN_FILE = "admin.token"
 LEAD_CHECK = 5.0  # seconds between checks that the leader lock is held still
 STANDBY_POLL = 1.0  # seconds between a standby's tries of the leader lock
@@ -298,10 +299,12 @@ class Daemon:
         """A planner cycle whenever the log has moved (or every PLAN_IDLE seconds)."""
         planned_at = -1
         last = 0.0
+        refused = 0  # cycles in a row the log refused (its disk full, its database away)
         while True:
             position = self.models.position
             if position != planned_at or time.monotonic() - last >= PLAN_IDLE:
                 planned_at, last = position, time.monotonic()
+                gap = PLAN_GAP
                 try:
                     # first: a job its cluster grows for is told cluster_scaling at once
                     await self._resize_changes()
@@ -312,11 +315,14 @@ class Daemon:
                     if commands.finish_deletions(self.models.models, ACTOR):  # any due?
                         await self.control.run(lambda m: commands.finish_deletions(m, ACTOR),
                                                structural=True)  # fmt: skip
-                except errors.StoreUnavailable as exc:  # the log is back soon: plan again then
+                    refused = 0
+                except errors.StoreUnavailable as exc:  # plan again once it is back
                     logger.warning("planner.store_unavailable", error=str(exc))
                     planned_at = -1
+                    refused += 1  # tried again ever more slowly: a log line every 5 s at most
+                    gap = min(PLAN_RETRY_MAX, PLAN_GAP * 2**refused)
                 # a long cycle (a long queue) waits longer: planning takes at most a quarter
-                await asyncio.sleep(max(PLAN_GAP, 3 * self._plan_seconds))
+                await asyncio.sleep(max(gap, 3 * self._plan_seconds))
             with contextlib.suppress(TimeoutError):
                 await self.models.wait_for(planned_at + 1, 1.0)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 
@@ -57,7 +58,20 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+class _LineLogger(structlog.PrintLogger):
+    """Prints each line; a line that cannot be written (the disk of a log file is full, the
+    pipe to a supervisor is closed) is dropped. Logging never fails the work it reports on:
+    an agent whose log file shares a full disk with its jobs still reports their ends."""
+
+    def msg(self, message: str) -> None:
+        with contextlib.suppress(OSError, ValueError):  # ValueError: the file is closed
+            super().msg(message)
+
+    log = debug = info = warn = warning = msg
+    fatal = failure = err = error = critical = exception = msg
+
+
 def _stderr_logger(*_args: object) -> structlog.PrintLogger:
     """A logger to the standard error of the moment (not the one at configuration: a test
     harness or a daemon's supervisor may replace it)."""
-    return structlog.PrintLogger(sys.stderr)
+    return _LineLogger(sys.stderr)

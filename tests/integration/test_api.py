@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from batchd.events import urls
+from batchd.events import errors, urls
 from batchd.events.envelope import NewEvent
 from batchd.projections.runner import Runner
 from batchd.scheduler import config
@@ -611,3 +611,31 @@ async def test_until_its_read_models_are_restored_the_daemon_answers_503(tmp_pat
         go.set()
         await asyncio.gather(starting, return_exceptions=True)
         await daemon.stop()
+
+
+async def test_a_log_that_refuses_appends_is_tried_again_ever_more_slowly(client, api, monkeypatch):
+    """(its disk full, its database away) The planner keeps trying, without a warning every
+    few milliseconds flooding the daemon's own log, and plans again once appends work."""
+    await seed(client)
+    real, refusing, tries = api._timed_plan, asyncio.Event(), []
+
+    def timed_plan(models):
+        if refusing.is_set():
+            tries.append(models.position)
+            raise errors.StoreUnavailable("log events.db: database or disk is full")
+        return real(models)
+
+    monkeypatch.setattr(api, "_timed_plan", timed_plan)
+    refusing.set()
+    with info_logs() as logs:
+        assert (await client.call("PUT", f"{EXP}/jobs/waiting", JOB))[0] == 201
+        await asyncio.sleep(2.0)
+    warned = [line for line in logs if line["event"] == "planner.store_unavailable"]
+    assert 2 <= len(tries) <= 10 and len(warned) == len(tries)  # not one every 20 ms: 100
+    refusing.clear()
+    for _ in range(100):  # the next try (at most 5 s later) plans the job that came meanwhile
+        job = newest_job(api.models.models, "waiting", "ws", "exp")
+        if job.pending_reason is not None:
+            break
+        await asyncio.sleep(0.1)
+    assert job.pending_reason is not None

@@ -4,12 +4,18 @@ lost touch with the daemon, or a command the shell could not run."""
 from __future__ import annotations
 
 import asyncio
+import errno
+import io
+import logging
+import sys
 import time
 
 import aiohttp
+import structlog
 from aiohttp import web
 
-from batchd.scheduler import protocol, runtimes
+from batchd.scheduler import agent as agent_module
+from batchd.scheduler import logs, protocol, runtimes
 from batchd.scheduler.agent import (
     LEASE_TIMEOUT,
     Agent,
@@ -269,3 +275,61 @@ async def test_an_exec_that_cannot_run_is_answered_with_why(tmp_path):
     answer = agent.outbox.get_nowait()
     assert (answer["type"], answer["execId"], answer["exitCode"]) == ("ExecOutput", "e1", None)
     assert answer["error"]["code"] == "exec_failed" and "null" in answer["error"]["message"]
+
+
+async def test_a_fault_of_the_agents_own_before_a_task_runs_is_reported_as_its_end(
+    tmp_path, monkeypatch
+):
+    """Whatever fails while the agent sets a task up, the task's end is reported (and its
+    heartbeats list it no more): the daemon does not wait for it for ever, its GPUs held."""
+    agent = Agent("http://127.0.0.1:1", "t", "n1", "ws/c", Gpus(0), ["process"], tmp_path)
+
+    def broken(record, spec):
+        raise RuntimeError("the record could not be kept")
+
+    monkeypatch.setattr(agent_module, "record_dirs", broken)
+    key = ("j1", 1, 0)
+    spec = {"jobId": "j1", "attempt": 1, "task": 0, "stdouterr": str(tmp_path),
+            "workDir": str(tmp_path / "w"), "env": {}, "command": "true"}  # fmt: skip
+    task = runtimes.ProcessTask(spec)
+    agent.tasks[key] = task
+    await agent._run_task(key, task, agent._slot())
+    [report] = [agent.outbox.get_nowait() for _ in range(agent.outbox.qsize())]
+    assert (report["type"], report["jobId"], report["exitCode"]) == ("TaskExited", "j1", None)
+    assert report["error"]["code"] == "runtime_error"
+    assert "the record could not be kept" in report["error"]["message"]
+    assert agent._running() == [list(key)]  # listed until the report is sent
+    agent.unreported.discard(key)  # (what sending it does)
+    assert agent._running() == [] and agent.free_slots  # its slot is free again
+
+
+class FullDisk(io.TextIOBase):
+    """A log file on a full disk: every write fails."""
+
+    def write(self, text: str) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+async def test_an_agent_whose_log_is_on_a_full_disk_still_runs_and_reports_its_tasks(
+    tmp_path, monkeypatch
+):
+    """A local agent logs to a file in the state directory, which its jobs fill too: a log
+    line that cannot be written must not stop the task it is about."""
+    config, handlers = structlog.get_config(), logging.getLogger().handlers
+    agent = Agent("http://127.0.0.1:1", "t", "n1", "ws/c", Gpus(0), ["process"], tmp_path)
+    key = ("j1", 1, 0)
+    spec = {"jobId": "j1", "attempt": 1, "task": 0, "stdouterr": str(tmp_path),
+            "workDir": str(tmp_path / "w"), "env": {}, "command": "exit 3"}  # fmt: skip
+    task = runtimes.ProcessTask(spec)
+    agent.tasks[key] = task
+    slot = tmp_path / "gone" / "slot-1.pid"  # its record cannot be written: a warning is logged
+    try:
+        logs.configure(json=True)
+        monkeypatch.setattr(sys, "stderr", FullDisk())
+        await asyncio.wait_for(agent._run_task(key, task, slot), 30)
+    finally:
+        structlog.configure(**config)
+        logging.getLogger().handlers = handlers
+    reports = [agent.outbox.get_nowait() for _ in range(agent.outbox.qsize())]
+    assert [r["type"] for r in reports] == ["TaskStarted", "TaskExited"]
+    assert reports[-1]["exitCode"] == 3 and key not in agent.tasks
