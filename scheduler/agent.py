@@ -208,6 +208,7 @@ class Agent:
         self.refused = False  # the daemon refused its token or registration: it stopped
         self.registered = False  # the daemon took its Register
         self.superseded = False  # another agent registered as this node since (409)
+        self.failed = False  # one of its loops failed (a fault of its own): it stopped
         self.docker: aiodocker.Docker | None = None  # the docker runtime's engine
         # containers of ended tasks that the engine could not be asked to remove then (its
         # connection lost): removed once it answers again
@@ -338,7 +339,7 @@ class Agent:
                     workers += [asyncio.create_task(self._heartbeats(), name="heartbeats"),
                                 asyncio.create_task(self._commands(), name="commands"),
                                 asyncio.create_task(self._send(), name="reports")]  # fmt: skip
-                    await stop.wait()
+                    await self._until_stopped(stop, [w for w in workers if w is not registering])
             finally:
                 for worker in workers:
                     worker.cancel()
@@ -348,6 +349,22 @@ class Agent:
                 await self._tasks_ended()
                 if self.docker is not None:
                     await self.docker.close()
+
+    async def _until_stopped(self, stop: asyncio.Event, loops: list[asyncio.Task]) -> None:
+        """Until `stop`, or until one of the agent's loops (which run until they are
+        cancelled) fails by a fault of its own: the agent then stops, exiting 1 for its
+        supervisor to start it again, rather than stay up half deaf, its reports or the
+        daemon's commands no longer heard."""
+        stopping = asyncio.create_task(stop.wait())
+        try:
+            await asyncio.wait({stopping, *loops}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+        for loop in loops:
+            if loop.done() and not stop.is_set():
+                error = None if loop.cancelled() else loop.exception()
+                logger.error("agent.loop_failed", loop=loop.get_name(), exc_info=error)
+                self.failed = True
 
     async def _kill_all(self) -> None:
         """Kill every task (KILL_WAIT at most: kills still unanswered then are given up, and
@@ -879,4 +896,4 @@ async def main(args: argparse.Namespace) -> int:
     await agent.run(stop)  # its tasks are stopped when it returns (or left to the watchdog)
     if not agent.left_running:
         watchdog.stopped(agent.guard)
-    return 1 if agent.refused else 0
+    return 1 if agent.refused or agent.failed else 0

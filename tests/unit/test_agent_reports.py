@@ -333,3 +333,29 @@ async def test_an_agent_whose_log_is_on_a_full_disk_still_runs_and_reports_its_t
     reports = [agent.outbox.get_nowait() for _ in range(agent.outbox.qsize())]
     assert [r["type"] for r in reports] == ["TaskStarted", "TaskExited"]
     assert reports[-1]["exitCode"] == 3 and key not in agent.tasks
+
+
+async def test_an_agent_one_of_whose_loops_fails_stops_to_be_started_again(tmp_path):
+    """A fault of the agent's own in one of its loops (here: the one taking the daemon's
+    commands) stops the agent, exiting 1, instead of leaving it up half deaf: beating, but
+    never starting what it is sent (its node would look healthy, its jobs never start)."""
+    taken: list[str] = []
+    app = _daemon_refusing("Nothing", 400, "", taken)
+
+    async def commands(request: web.Request) -> web.Response:
+        return web.Response(body=protocol.pack([{"type": "StartTask", "epoch": 1}]),
+                            content_type=protocol.CONTENT_TYPE)  # fmt: skip
+
+    app.router.add_get("/agent/v1/commands", commands)
+    async with serving(app) as url:
+        agent = Agent(url, "t", "n1", "ws/c", Gpus(0), ["process"], tmp_path)
+
+        def broken(command):
+            raise RuntimeError("a fault of the agent's own")
+
+        agent._handle = broken
+        with info_logs() as logs:
+            await asyncio.wait_for(agent.run(asyncio.Event()), 30)
+    assert agent.failed and taken[0] == "Register" and taken[-1] == "Leaving"
+    [failed] = [line for line in logs if line["event"] == "agent.loop_failed"]
+    assert failed["loop"] == "commands" and failed["log_level"] == "error"
