@@ -9,7 +9,6 @@ made (see docs/projections.md).
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import operator
@@ -40,10 +39,8 @@ _ENTITIES = (  # (ReadModels attribute, entity class, key of an entity)
     ("tokens", Token, lambda x: x.token_id),
 )
 _INDEXES = ("cluster_ids", "job_ids", "queues", "token_hashes")
-_ROW = {
-    cls: operator.attrgetter(*(f.name for f in dataclasses.fields(cls)))
-    for _attribute, cls, _key in _ENTITIES
-}
+_NAMES = {cls: [f.name for f in dataclasses.fields(cls)] for _attribute, cls, _key in _ENTITIES}
+_ROW = {cls: operator.attrgetter(*names) for cls, names in _NAMES.items()}
 
 
 def _code_hash() -> str:
@@ -77,10 +74,13 @@ def decode(data: bytes) -> ReadModels:
 
 
 def plain(models: ReadModels) -> dict:
-    """A deep copy of the state as plain, order-insensitive data: what tests compare."""
-    out = {"position": models.position, "recorded_at": models.recorded_at}
-    for attribute, _cls, _key in _ENTITIES:
-        out[attribute] = {k: dataclasses.asdict(v) for k, v in getattr(models, attribute).items()}
-    for index in _INDEXES:
-        out[index] = copy.deepcopy(getattr(models, index))
+    """A deep copy of the state as plain, order-insensitive data (each entity a dict of its
+    fields; tuples as lists, as a snapshot holds them): what tests compare."""
+    copied = msgpack.unpackb(encode(models), raw=False, strict_map_key=False)
+    out = {"position": copied[0], "recorded_at": copied[1]}
+    for (attribute, cls, _key), rows in zip(_ENTITIES, copied[2:], strict=False):
+        names = _NAMES[cls]
+        keyed = zip(getattr(models, attribute).keys(), rows, strict=True)
+        out[attribute] = {k: dict(zip(names, row, strict=True)) for k, row in keyed}
+    out.update(zip(_INDEXES, copied[2 + len(_ENTITIES) :], strict=True))
     return out
