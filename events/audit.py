@@ -11,8 +11,10 @@ chain cannot show that its tail was cut (with the head row rewritten to match), 
 from __future__ import annotations
 
 import re
+from collections.abc import AsyncIterator
 from typing import NamedTuple
 
+from batchd.events import errors
 from batchd.events.envelope import GENESIS_HASH, chain_hash
 from batchd.events.store import EventStore
 
@@ -53,7 +55,9 @@ async def verify(store: EventStore, expect: Anchor | None = None) -> AuditResult
     # The head is read first: every row up to it was committed with it, and rows a live
     # writer appends meanwhile are left for the next audit.
     stored = await store.head()
-    async for row in store.iter_rows(0):
+    async for row in _stored_rows(store):
+        if isinstance(row, str):  # the next row cannot be read: a value not of its type
+            return AuditResult(state.count, state.anchor(), state.position + 1, row)
         if row[0] > stored.position:
             now = await store.head()
             if row[0] > now.position:  # no writer's head reaches it: put there by hand
@@ -94,6 +98,25 @@ async def verify(store: EventStore, expect: Anchor | None = None) -> AuditResult
     return AuditResult(state.count, state.anchor(), None, None)
 
 
+async def _stored_rows(store: EventStore) -> AsyncIterator[tuple | str]:
+    """Every stored row in position order; where the next row cannot be read (a stored
+    value is not of its column's type: text where bytes were written), a problem saying so
+    instead, and no more rows. The rows before it are read one at a time then, so that
+    they are checked up to it."""
+    after, page = 0, 5000
+    while True:
+        try:
+            async for row in store.iter_rows(after, page):
+                after = row[0]
+                yield row
+            return
+        except errors.StoreCorrupt as exc:
+            if page == 1:
+                yield f"the row after position {after} cannot be read ({exc}): it was altered"
+                return
+            page = 1
+
+
 class _Walk:
     """The chain walked so far: the last good position, its hash and time."""
 
@@ -127,6 +150,10 @@ def _check_row(row: tuple, position: int, previous: bytes, last_time: int) -> st
         return f"position {position} is missing (the next stored row is {row[0]})"
     if row[6] < last_time:
         return f"position {position} was recorded before position {position - 1}"
-    if chain_hash(previous, row) != row[11]:
+    try:
+        hashed = chain_hash(previous, row)
+    except (AttributeError, OverflowError, TypeError, ValueError):  # an id that is none
+        return f"position {position} holds a value not of its column's type: it was altered"
+    if hashed != row[11]:
         return f"position {position} does not match its hash: the row was altered or moved"
     return None

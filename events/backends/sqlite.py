@@ -258,6 +258,9 @@ class SqliteBackend:
             "not a database" in message or "malformed" in message
         ):
             return errors.StoreCorrupt(f"{self.path} is damaged or not a SQLite file: {message}")
+        if isinstance(exc, sqlite3.OperationalError) and "Could not decode" in message:
+            return errors.StoreCorrupt(f"log {self.path}: a stored value is not of its "
+                                       f"column's type: {message}")  # fmt: skip
         if isinstance(exc, sqlite3.OperationalError):
             return errors.StoreUnavailable(f"log {self.path}: {message}")
         return errors.StoreError(f"log {self.path}: {message}")

@@ -161,6 +161,31 @@ async def test_tampering_fails_verification_at_that_position(durable_url, statem
     assert f"FAILED at position {bad}" in done.stderr and why in done.stderr
 
 
+@pytest.mark.parametrize(
+    ("statement", "bad", "why"),
+    [
+        ("UPDATE events SET event_id = randomblob(17) WHERE position = 7", 7, "not of its"),
+        ("UPDATE events SET event_id = hex(event_id) WHERE position = 8", 8, "not of its"),
+        ("UPDATE events SET correlation_id = randomblob(20) WHERE position = 9", 9, "not of its"),
+        ("UPDATE events SET data = CAST(x'c3' AS TEXT) WHERE position = 11", 11, "cannot be read"),
+    ],
+    ids=["id-too-long", "id-as-text", "correlation-id-too-long", "data-as-bad-text"],
+)  # fmt: skip
+async def test_a_value_altered_to_another_type_fails_verification_at_its_row(
+    tmp_path, statement, bad, why
+):
+    """(SQLite only: PostgreSQL's columns keep their types.) The audit names the row and the
+    last good one, in its JSON too, instead of failing on the value."""
+    url = f"sqlite:///{tmp_path}/log.db"
+    await _fill(url)
+    await _tamper(url, statement)
+    done = _batchd("audit", "verify", "--store", url, "--json")
+    assert done.returncode == 1, done.stderr
+    result = json.loads(done.stdout)
+    assert result["ok"] is False and result["badPosition"] == bad and why in result["problem"]
+    assert result["events"] == bad - 1 and result["head"].startswith(f"{bad - 1}:")
+
+
 async def test_a_head_recorded_at_in_the_future_fails_verification(durable_url):
     """A forged head time would stamp every later event with it (recorded_at never decreases),
     hiding them from `replay --at now`: verify names it, on an empty log too."""
