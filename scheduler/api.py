@@ -167,6 +167,25 @@ async def starting_middleware(request: web.Request, handler: Callable[..., Await
     return retry_soon("the daemon is starting; retry")
 
 
+# what the server decodes (a body in any other coding would be taken as it is: refused)
+CONTENT_CODINGS = ("identity", "gzip", "deflate")
+
+
+@web.middleware
+async def body_middleware(request: web.Request, handler: Callable[..., Awaitable]) -> Any:
+    """A body in a coding the server does not decode is refused (415), and one that is not
+    in the coding it names (or was cut short) is a 400, whichever handler reads it."""
+    coding = request.headers.get("Content-Encoding")
+    if coding is not None and coding.strip().lower() not in CONTENT_CODINGS:
+        message = f"Content-Encoding {coding!r} is not one of {', '.join(CONTENT_CODINGS)}"
+        return error_response(415, _code(415), message)
+    try:
+        return await handler(request)
+    except web.RequestPayloadError:
+        message = "the body cannot be read: it is not in its Content-Encoding, or was cut short"
+        return error_response(400, "BadRequest", message)
+
+
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Callable[..., Awaitable]) -> Any:
     try:
@@ -1417,7 +1436,7 @@ def add_routes(app: web.Application) -> None:
 def build(api: Api, extra: Callable[[web.Application], None] | None = None) -> web.Application:
     app = web.Application(
         client_max_size=MAX_BODY,
-        middlewares=[request_middleware, starting_middleware, errors_middleware,
+        middlewares=[request_middleware, starting_middleware, errors_middleware, body_middleware,
                      auth_middleware, names_middleware, after_middleware],
     )  # fmt: skip
     app.on_response_prepare.append(_answer_request_id)

@@ -86,9 +86,11 @@ def new_token() -> str:
 def authenticate(m: ReadModels, header: str | None) -> Principal:
     """The principal of an `Authorization: Bearer <token>` header; AuthError 401 if none."""
     scheme, _, token = (header or "").partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
         raise AuthError("this needs a token: Authorization: Bearer <token>", 401)
-    token_id = m.token_hashes.get(digest(token.strip()))
+    # (no token is other than ASCII; bytes that are not UTF-8 come as lone surrogates)
+    token_id = m.token_hashes.get(digest(token)) if token.isascii() else None
     if token_id is None:
         raise AuthError("the token is not valid (unknown or revoked)", 401)
     return principal_of(m.tokens[token_id])

@@ -5,6 +5,7 @@ responses, events and logs."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import io
 import json
 import os
@@ -437,6 +438,38 @@ async def test_requests_the_server_cannot_parse_get_400_in_the_error_shape_quoti
     assert not [r.getMessage() for r in caplog.records if r.name == "aiohttp.server"]
     admin = Client(session, api.url, token)  # the server still answers the well-formed
     assert (await admin.call("GET", "/v1/workspaces"))[0] == 200
+
+
+async def test_undecodable_tokens_and_bodies_get_4xx_not_a_500(api, session):
+    """A header's bytes that are not UTF-8 (anyone can send them, with no token), a body not
+    in the coding it names, a coding the server does not decode: answered 401, 400, 415,
+    nothing stored, nothing logged as a fault."""
+    admin = Client(session, api.url, api.admin_token)
+    head = (await api.store.head()).position
+    cases = [  # (what is sent, the status)
+        (b"GET /v1/workspaces HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer " + token
+         + b"\r\nConnection: close\r\n\r\n", 401)
+        for token in (b"\xff", b"abc\xe9")
+    ]  # fmt: skip
+    for coding, status in (("gzip", 400), ("deflate", 400), ("foo", 415), ("gzip, br", 415)):
+        cases.append((
+            f"PUT /v1/workspaces/w-{status} HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer "
+            f"{api.admin_token}\r\nContent-Encoding: {coding}\r\nContent-Length: 2\r\n"
+            "Connection: close\r\n\r\n{}".encode(), status,
+        ))  # fmt: skip
+    with info_logs() as logs:
+        for request, expected in cases:
+            status, headers, body = await _raw(api.url, request)
+            assert status == expected, (request[-60:], body)
+            assert headers["content-type"].startswith("application/json"), body
+            assert json.loads(body)["error"]["message"], body
+    assert not [line for line in logs if line["log_level"] == "error"], logs
+    assert (await api.store.head()).position == head  # nothing stored
+    assert (await admin.call("GET", "/v1/workspaces/w-400"))[0] == 404
+    packed = gzip.compress(b"{}")
+    status, _ = await admin.call("PUT", "/v1/workspaces/zipped", raw=packed,
+                                 headers={"Content-Encoding": "gzip"})  # fmt: skip
+    assert status == 201  # a body in gzip is taken
 
 
 async def test_an_event_stream_ends_when_its_token_is_revoked(api, session):
