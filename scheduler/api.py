@@ -525,7 +525,8 @@ def _job_filters(request: web.Request, m: ReadModels, jobs: list[Job]) -> list[J
         if cluster is not None and not _on_cluster(m, j, cluster):
             continue
         out.append(j)
-    if cluster is not None and not out and not _known_cluster(m, jobs, cluster):
+    known = cluster is None or out or _known_cluster(m, jobs, cluster, _principal(request))
+    if not known:
         raise DocumentError("cluster", f"no cluster {cluster!r}, nor a job that ran on one of "
                             "that name (a mistyped name lists nothing)")  # fmt: skip
     return out
@@ -537,9 +538,11 @@ def _on_cluster(m: ReadModels, job: Job, cluster: str) -> bool:
     return cluster in (job.cluster, where[1] if where else None)
 
 
-def _known_cluster(m: ReadModels, jobs: list[Job], cluster: str) -> bool:
-    """Does `cluster` name (or id) a cluster, or one that `jobs` ran on (since deleted)?"""
-    return any(cluster in (c.name, c.cluster_id) for c in m.clusters.values()) or any(
+def _known_cluster(m: ReadModels, jobs: list[Job], cluster: str, principal: Principal) -> bool:
+    """Does `cluster` name (or id) a cluster the principal may see, or one that `jobs` ran
+    on (since deleted)? (Others' clusters are as unknown to it as those that never were.)"""
+    seen = [c for c in m.clusters.values() if principal.sees(c.workspace)]
+    return any(cluster in (c.name, c.cluster_id) for c in seen) or any(
         _on_cluster(m, j, cluster) for j in jobs
     )
 
@@ -1160,9 +1163,17 @@ def _followed_ended(request: web.Request, job: Job) -> bool:
 
 
 # -- nodes -------------------------------------------------------------------------------------
-def _node_answer(api: Api, node) -> dict[str, Any]:
+def _node_answer(api: Api, node, principal: Principal) -> dict[str, Any]:
+    """The node; for a token limited to workspaces, the jobs of others that hold its GPUs
+    (a cluster may take other workspaces' jobs) are not named."""
     heard = api.heard_from.get(node.node_id)
-    return resources.node(api.models, node, None if heard is None else time.monotonic() - heard)
+    answer = resources.node(api.models, node, None if heard is None else time.monotonic() - heard)
+    if principal.workspaces:
+        for held in answer["properties"]["allocations"]:
+            job = api.models.jobs.get(held["job"])
+            if job is None or not principal.sees(job.workspace):
+                held["job"] = held["jobName"] = None
+    return answer
 
 
 def _node_workspace(m: ReadModels, node) -> str | None:
@@ -1177,9 +1188,10 @@ async def list_nodes(request: web.Request) -> web.Response:
     m = api.models
     wanted = request.query.get("cluster")  # WORKSPACE/NAME
     cluster_id = m.cluster_ids.get(wanted) if wanted else None
-    if wanted and cluster_id is None:
-        raise CommandError(f"no cluster {wanted!r} (WORKSPACE/NAME)", 404)
-    items = [_node_answer(api, n) for n in sorted(m.nodes.values(), key=lambda n: n.node_id)
+    if wanted and (cluster_id is None or not principal.sees(m.clusters[cluster_id].workspace)):
+        raise CommandError(f"no cluster {wanted!r} (WORKSPACE/NAME)", 404)  # (or not its to see)
+    items = [_node_answer(api, n, principal)
+             for n in sorted(m.nodes.values(), key=lambda n: n.node_id)
              if (cluster_id is None or n.cluster == cluster_id)
              and principal.sees(_node_workspace(m, n) or "")]  # fmt: skip
     return _page(request, items)
@@ -1187,11 +1199,12 @@ async def list_nodes(request: web.Request) -> web.Response:
 
 async def get_node(request: web.Request) -> web.Response:
     api = request.app[API_KEY]
+    principal = _principal(request)
+    principal.require("viewer")
     node = api.models.nodes.get(request.match_info["id"])
-    if node is None:
-        raise CommandError(f"no node {request.match_info['id']!r}", 404)
-    _principal(request).require("viewer", _node_workspace(api.models, node))
-    return web.json_response(_node_answer(api, node))
+    if node is None or not principal.sees(_node_workspace(api.models, node) or ""):
+        raise CommandError(f"no node {request.match_info['id']!r}", 404)  # (or not its to see)
+    return web.json_response(_node_answer(api, node, principal))
 
 
 # -- tokens ------------------------------------------------------------------------------------

@@ -97,6 +97,50 @@ async def test_a_workspace_scoped_token_sees_only_its_workspaces(api, session):
         assert (await scoped.call("GET", path))[0] == 403  # the whole log spans workspaces
 
 
+async def test_a_scoped_token_cannot_tell_other_workspaces_clusters_nodes_or_jobs(api, session):
+    """Asking after a cluster or node of a workspace it may not see is answered as for one
+    that does not exist, and a node of its own running another workspace's job does not
+    name that job."""
+    admin = Client(session, api.url, api.admin_token)
+    await seed(admin)
+    await admin.call("PUT", "/v1/workspaces/other", {})
+    await admin.call("PUT", "/v1/workspaces/other/experiments/exp", {})
+    await admin.call("PUT", "/v1/workspaces/other/clusters/hidden", CLUSTER)
+    borrowed = {**JOB, "cluster": "/workspaces/ws/clusters/gpu"}  # an admin may
+    assert (await admin.call("PUT", "/v1/workspaces/other/experiments/exp/jobs/secret-x",
+                             borrowed))[0] == 201  # fmt: skip
+    m = api.models.models
+    job_id = m.job_ids["other/exp/secret-x"][-1]
+    for node, cluster in (("n-ours", "ws/gpu"), ("n-theirs", "other/hidden")):
+        data = {
+            "nodeId": node,
+            "cluster": m.cluster_ids[cluster],
+            "gpus": 4,
+            "runtimes": ["docker"],
+        }
+        await api.store.append(f"node-{node}", [NewEvent("NodeRegistered", data)])
+    await api.store.append(f"job-{job_id}", [NewEvent("JobScheduled", {
+        "jobId": job_id, "attempt": 1, "tasks": [{"node": "n-ours", "gpus": [0]}]})])  # fmt: skip
+    await settled(api)
+    scoped = Client(session, api.url, await make_token(admin, "team", "viewer", workspaces=["ws"]))
+    for there, nowhere in (("/v1/jobs?cluster=hidden", "/v1/jobs?cluster=nowhere"),
+                           ("/v1/nodes?cluster=other/hidden", "/v1/nodes?cluster=other/nowhere"),
+                           ("/v1/nodes/n-theirs", "/v1/nodes/n-nowhere")):  # fmt: skip
+        status, error = await scoped.call("GET", there)
+        unknown = await scoped.call("GET", nowhere)
+        assert status == unknown[0] and status in (400, 404), (there, error)
+        said = error["error"]["message"]
+        assert said == unknown[1]["error"]["message"].replace("nowhere", "hidden").replace(
+            "n-hidden", "n-theirs"), (said, unknown)  # fmt: skip
+    status, nodes = await scoped.call("GET", "/v1/nodes")
+    assert [n["name"] for n in nodes["value"]] == ["n-ours"]
+    [held] = nodes["value"][0]["properties"]["allocations"]
+    assert held["gpu"] == 0 and held["job"] is None and held["jobName"] is None
+    assert "secret-x" not in json.dumps(nodes) and job_id not in json.dumps(nodes)
+    status, node = await admin.call("GET", "/v1/nodes/n-ours")  # an unscoped token sees it
+    assert node["properties"]["allocations"][0]["jobName"] == "secret-x"
+
+
 async def test_an_agent_credential_cannot_use_the_user_api(api, session):
     agent_token = auth.new_token()
     await api.control.run(
