@@ -172,9 +172,13 @@ CONTENT_CODINGS = ("identity", "gzip", "deflate")
 
 
 @web.middleware
-async def body_middleware(request: web.Request, handler: Callable[..., Awaitable]) -> Any:
-    """A body in a coding the server does not decode is refused (415), and one that is not
-    in the coding it names (or was cut short) is a 400, whichever handler reads it."""
+async def input_middleware(request: web.Request, handler: Callable[..., Awaitable]) -> Any:
+    """What every request's input must be, whichever handler reads it: each query parameter
+    given once (else 400: which one counts?); a body in a coding the server decodes (else
+    415), and in the coding it names, whole (else 400)."""
+    twice = next((k for k in request.query if len(request.query.getall(k)) > 1), None)
+    if twice is not None:
+        return error_response(400, "BadRequest", f"{twice}: is given twice in the query")
     coding = request.headers.get("Content-Encoding")
     if coding is not None and coding.strip().lower() not in CONTENT_CODINGS:
         message = f"Content-Encoding {coding!r} is not one of {', '.join(CONTENT_CODINGS)}"
@@ -299,6 +303,13 @@ def _int_query(request: web.Request, name: str, default: int, low: int = 0,
                high: int = MAX_POSITION) -> int:  # fmt: skip
     text = request.query.get(name)
     return default if text is None else _whole(text, name, low, high)
+
+
+def _bool_query(request: web.Request, name: str) -> bool:
+    text = request.query.get(name, "false").lower()
+    if text not in ("true", "false", "1", "0"):
+        raise DocumentError(name, f"must be true or false, not {text[:40]!r}")
+    return text in ("true", "1")
 
 
 def _whole(text: str, name: str, low: int, high: int) -> int:
@@ -895,7 +906,7 @@ async def _merged_listing(api: Api, nodes: list[str], directory: Path) -> list[d
 
 
 async def get_file(request: web.Request) -> web.StreamResponse:
-    follow = request.query.get("follow", "false").lower() in ("true", "1")
+    follow = _bool_query(request, "follow")
     job, base, nodes = await _output_dir(request, waits=follow)
     api = request.app[API_KEY]
     relative = request.match_info["path"]
@@ -1449,7 +1460,7 @@ def add_routes(app: web.Application) -> None:
 def build(api: Api, extra: Callable[[web.Application], None] | None = None) -> web.Application:
     app = web.Application(
         client_max_size=MAX_BODY,
-        middlewares=[request_middleware, starting_middleware, errors_middleware, body_middleware,
+        middlewares=[request_middleware, starting_middleware, errors_middleware, input_middleware,
                      auth_middleware, names_middleware, after_middleware],
     )  # fmt: skip
     app.on_response_prepare.append(_answer_request_id)

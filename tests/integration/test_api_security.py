@@ -420,6 +420,7 @@ async def test_odd_requests_get_4xx_in_the_error_shape(api, session):
         ("GET", "/v1/events?stream=job-nope", None, None, 404),
         ("GET", "/v1/events?top=" + "9" * 5000, None, None, 400),
         ("GET", "/v1/nowhere", None, None, 404),
+        ("GET", "/v1/events?after=5&after=6", None, None, 400),  # which one?
         ("POST", "/v1/workspaces", None, None, 405),
     ]
     for method, path, raw, headers, expected in cases:
@@ -433,6 +434,8 @@ async def test_odd_requests_get_4xx_in_the_error_shape(api, session):
             "GET", f"{EXP}/jobs/train/files/stdout.txt?follow={follow}", headers={"Range": header}
         )
         assert status == 416 and answer["error"]["code"] == "RangeNotSatisfiable", (header, answer)
+    status, answer = await admin.call("GET", f"{EXP}/jobs/train/files/stdout.txt?follow=maybe")
+    assert status == 400 and "follow: must be true or false" in answer["error"]["message"]
 
 
 async def _raw(url: str, request: bytes) -> tuple[int, dict, bytes]:
