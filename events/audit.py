@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from typing import NamedTuple
 
 from batchd.events import errors
-from batchd.events.envelope import GENESIS_HASH, chain_hash
+from batchd.events.envelope import GENESIS_HASH, Head, chain_hash
 from batchd.events.store import EventStore
 
 _ANCHOR = re.compile(r"([0-9]+):([0-9a-fA-F]{64})")  # (int() and fromhex() take more: 4_9, "a b")
@@ -55,8 +55,11 @@ async def verify(store: EventStore, expect: Anchor | None = None) -> AuditResult
     # The head is read first: every row up to it was committed with it, and rows a live
     # writer appends meanwhile are left for the next audit.
     stored = await store.head()
+    head_typed = _typed(stored, (0, 2), 1)
+    if not head_typed:  # (SQLite keeps any value in any column) the rows first, then it
+        stored = stored._replace(position=float("inf"))
     async for row in _stored_rows(store):
-        if isinstance(row, str):  # the next row cannot be read: a value not of its type
+        if isinstance(row, str):  # the next row cannot be read, or holds another type
             return AuditResult(state.count, state.anchor(), state.position + 1, row)
         if row[0] > stored.position:
             now = await store.head()
@@ -71,6 +74,19 @@ async def verify(store: EventStore, expect: Anchor | None = None) -> AuditResult
             return AuditResult(0, None, row[0], problem)
         if problem is not None:
             return AuditResult(state.count, state.anchor(), state.position + 1, problem)
+    if not head_typed:
+        return AuditResult(
+            state.count, state.anchor(), state.position,
+            "the log_head row holds a value not of its column's type: it was altered",
+        )  # fmt: skip
+    return _end_problem(stored, state, expect) or AuditResult(
+        state.count, state.anchor(), None, None
+    )
+
+
+def _end_problem(stored: Head, state: _Walk, expect: Anchor | None) -> AuditResult | None:
+    """What is wrong at the end of an intact walk: the log head disagrees with the last row,
+    or the log ends before the anchor (its tail was cut)."""
     if stored.position != state.position:
         return AuditResult(
             state.count, state.anchor(), min(stored.position, state.position + 1),
@@ -95,7 +111,12 @@ async def verify(store: EventStore, expect: Anchor | None = None) -> AuditResult
             f"the log ends at position {state.position}, before the anchor's position "
             f"{expect.position}: its tail was cut",
         )  # fmt: skip
-    return AuditResult(state.count, state.anchor(), None, None)
+    return None
+
+
+def _typed(row: tuple, whole: tuple[int, ...], hashed: int) -> bool:
+    """Are the row's whole numbers (its position, times...) and its hash what was written?"""
+    return all(type(row[i]) is int for i in whole) and isinstance(row[hashed], bytes)
 
 
 async def _stored_rows(store: EventStore) -> AsyncIterator[tuple | str]:
@@ -107,6 +128,10 @@ async def _stored_rows(store: EventStore) -> AsyncIterator[tuple | str]:
     while True:
         try:
             async for row in store.iter_rows(after, page):
+                if not _typed(row, (0, 3, 5, 6), 11):  # position, version, schema, time; hash
+                    yield (f"the row after position {after} holds a value not of its "
+                           "column's type: it was altered")  # fmt: skip
+                    return
                 after = row[0]
                 yield row
             return

@@ -168,8 +168,12 @@ async def test_tampering_fails_verification_at_that_position(durable_url, statem
         ("UPDATE events SET event_id = hex(event_id) WHERE position = 8", 8, "not of its"),
         ("UPDATE events SET correlation_id = randomblob(20) WHERE position = 9", 9, "not of its"),
         ("UPDATE events SET data = CAST(x'c3' AS TEXT) WHERE position = 11", 11, "cannot be read"),
+        ("UPDATE events SET recorded_at = 'abc' WHERE position = 12", 12, "not of its"),
+        ("UPDATE events SET hash = hex(hash) WHERE position = 13", 13, "not of its"),
+        ("UPDATE log_head SET position = 'x'", 20, "log_head row holds a value not of its"),
     ],
-    ids=["id-too-long", "id-as-text", "correlation-id-too-long", "data-as-bad-text"],
+    ids=["id-too-long", "id-as-text", "correlation-id-too-long", "data-as-bad-text",
+         "time-as-text", "hash-as-text", "head-position-as-text"],
 )  # fmt: skip
 async def test_a_value_altered_to_another_type_fails_verification_at_its_row(
     tmp_path, statement, bad, why
@@ -183,7 +187,8 @@ async def test_a_value_altered_to_another_type_fails_verification_at_its_row(
     assert done.returncode == 1, done.stderr
     result = json.loads(done.stdout)
     assert result["ok"] is False and result["badPosition"] == bad and why in result["problem"]
-    assert result["events"] == bad - 1 and result["head"].startswith(f"{bad - 1}:")
+    good = bad if "log_head" in why else bad - 1
+    assert result["events"] == good and result["head"].startswith(f"{good}:")
 
 
 async def test_a_head_recorded_at_in_the_future_fails_verification(durable_url):
