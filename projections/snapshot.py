@@ -54,12 +54,16 @@ CODE_HASH = _code_hash()
 
 
 def encode(models: ReadModels) -> bytes:
+    return msgpack.packb(_rows(models), use_bin_type=True)
+
+
+def _rows(models: ReadModels) -> list:
     plain = [models.position, models.recorded_at]
     for attribute, cls, _key in _ENTITIES:
         row = _ROW[cls]
         plain.append([row(x) for x in getattr(models, attribute).values()])
     plain.extend(getattr(models, index) for index in _INDEXES)
-    return msgpack.packb(plain, use_bin_type=True)
+    return plain
 
 
 def decode(data: bytes) -> ReadModels:
@@ -75,8 +79,10 @@ def decode(data: bytes) -> ReadModels:
 
 def plain(models: ReadModels) -> dict:
     """A deep copy of the state as plain, order-insensitive data (each entity a dict of its
-    fields; tuples as lists, as a snapshot holds them): what tests compare."""
-    copied = msgpack.unpackb(encode(models), raw=False, strict_map_key=False)
+    fields): what tests compare. A tuple stays a tuple (a snapshot would make it a list:
+    state that holds one differs from the state restored from a snapshot)."""
+    packed = msgpack.packb(_rows(models), use_bin_type=True, strict_types=True, default=_tuple)
+    copied = msgpack.unpackb(packed, raw=False, strict_map_key=False, ext_hook=_untuple)
     out = {"position": copied[0], "recorded_at": copied[1]}
     for (attribute, cls, _key), rows in zip(_ENTITIES, copied[2:], strict=False):
         names = _NAMES[cls]
@@ -84,3 +90,14 @@ def plain(models: ReadModels) -> dict:
         out[attribute] = {k: dict(zip(names, row, strict=True)) for k, row in keyed}
     out.update(zip(_INDEXES, copied[2 + len(_ENTITIES) :], strict=True))
     return out
+
+
+def _tuple(value: object) -> msgpack.ExtType:
+    if not isinstance(value, tuple):
+        raise TypeError(f"read models hold a {type(value).__name__}: {value!r}")
+    return msgpack.ExtType(1, msgpack.packb(list(value), use_bin_type=True, strict_types=True,
+                                            default=_tuple))  # fmt: skip
+
+
+def _untuple(code: int, data: bytes) -> tuple:
+    return tuple(msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=_untuple))
