@@ -577,6 +577,8 @@ class Agent:
                     self._handle(command)
                 except (protocol.ProtocolError, KeyError, TypeError, ValueError) as exc:
                     logger.error("agent.bad_command", error=str(exc))
+                except Exception:  # a fault of the agent's own: that command's, not the node's
+                    logger.exception("agent.command_failed", command=command.get("type"))
 
     def _handle(self, command: dict[str, Any]) -> None:
         epoch = command.get("epoch", 0)
@@ -695,16 +697,13 @@ class Agent:
             if shares_job_temp(task.spec):
                 hold = await asyncio.to_thread(hold_job_temp, task.spec)
             await self._run_and_report(key, task)
-        except Exception as exc:
-            if self.tasks.get(key) is not task:
-                raise  # its end was reported: the fault came after (logged by _background)
-            # a fault of the agent's own before the task ran: reported all the same, or the
-            # daemon would wait for the task for ever, its GPUs held
+        except Exception as exc:  # a fault of the agent's own, before the task ran or after
             logger.exception("agent.task_failed", job=key[0], attempt=key[1], task=key[2])
-            del self.tasks[key]
-            report = {"jobId": key[0], "attempt": key[1], "task": key[2], "exitCode": None,
-                      "error": _run_failed(key[2], exc, task)}  # fmt: skip
-            self._report_exit(key, report)
+            if self.tasks.get(key) is task:  # its end not reported yet: reported all the
+                del self.tasks[key]  # same, or the daemon would wait for ever, its GPUs held
+                report = {"jobId": key[0], "attempt": key[1], "task": key[2], "exitCode": None,
+                          "error": _run_failed(key[2], exc, task)}  # fmt: skip
+                self._report_exit(key, report)
         finally:  # the last of the job's tasks here removes the shared job temp, come what may
             if hold is not None:
                 await asyncio.shield(asyncio.to_thread(release_job_temp, task.spec, hold))
@@ -732,7 +731,6 @@ class Agent:
         except Exception as exc:  # a fault the runtime did not handle: still reported, once
             logger.exception("agent.task_failed", job=job_id, attempt=attempt, task=index)
             result = TaskResult(None, _run_failed(index, exc, task))
-        self.tasks.pop(key, None)
         left = getattr(task, "left", None)
         if left:  # its container is removed once the engine answers again
             logger.warning("agent.container_left", job=job_id, task=index, containers=left)
@@ -749,6 +747,7 @@ class Agent:
             report["error"] = error
             if error["code"] == protocol.ENGINE_UNREACHABLE:  # until its check says otherwise
                 self._engine_away(error["message"])
+        self.tasks.pop(key, None)  # (no await since its run ended: nothing saw it still here)
         self._report_exit(key, report)  # its GPUs are free now
         self.ended[task_label(task.spec)] = time.monotonic()
         self._sweep()

@@ -336,26 +336,62 @@ async def test_an_agent_whose_log_is_on_a_full_disk_still_runs_and_reports_its_t
 
 
 async def test_an_agent_one_of_whose_loops_fails_stops_to_be_started_again(tmp_path):
-    """A fault of the agent's own in one of its loops (here: the one taking the daemon's
-    commands) stops the agent, exiting 1, instead of leaving it up half deaf: beating, but
-    never starting what it is sent (its node would look healthy, its jobs never start)."""
+    """A fault of the agent's own in one of its loops (here: the one that sends the daemon
+    its reports) stops the agent, exiting 1, instead of leaving it up half deaf: beating,
+    but never reporting what its tasks did (their jobs would wait for ever). A command
+    whose handling fails costs only that command: the next one is handled."""
     taken: list[str] = []
     app = _daemon_refusing("Nothing", 400, "", taken)
+    sent = [[{"type": "StartTask", "epoch": 1, "jobId": "bad"}],
+            [{"type": "StartTask", "epoch": 1, "jobId": "good"}]]  # fmt: skip
 
     async def commands(request: web.Request) -> web.Response:
-        return web.Response(body=protocol.pack([{"type": "StartTask", "epoch": 1}]),
-                            content_type=protocol.CONTENT_TYPE)  # fmt: skip
+        await asyncio.sleep(0.05)
+        body = sent.pop(0) if sent else []
+        return web.Response(body=protocol.pack(body), content_type=protocol.CONTENT_TYPE)
 
     app.router.add_get("/agent/v1/commands", commands)
     async with serving(app) as url:
         agent = Agent(url, "t", "n1", "ws/c", Gpus(0), ["process"], tmp_path)
+        handled, reporting = [], asyncio.Event()
 
-        def broken(command):
-            raise RuntimeError("a fault of the agent's own")
+        def handle(command):
+            if command["jobId"] == "bad":
+                raise RuntimeError("a fault of the agent's own, for this command")
+            handled.append(command["jobId"])
+            reporting.set()
 
-        agent._handle = broken
+        async def broken_reports():
+            await reporting.wait()  # (after the commands above)
+            raise RuntimeError("a fault of the agent's own, in its reports")
+
+        agent._handle, agent._send = handle, broken_reports
         with info_logs() as logs:
             await asyncio.wait_for(agent.run(asyncio.Event()), 30)
+    assert handled == ["good"]
     assert agent.failed and taken[0] == "Register" and taken[-1] == "Leaving"
+    [command] = [line for line in logs if line["event"] == "agent.command_failed"]
+    assert command["command"] == "StartTask" and command["log_level"] == "error"
     [failed] = [line for line in logs if line["event"] == "agent.loop_failed"]
-    assert failed["loop"] == "commands" and failed["log_level"] == "error"
+    assert failed["loop"] == "reports" and failed["log_level"] == "error"
+
+
+async def test_a_fault_of_the_agents_own_after_a_task_ran_still_reports_its_end(
+    tmp_path, monkeypatch
+):
+    agent = Agent("http://127.0.0.1:1", "t", "n1", "ws/c", Gpus(0), ["process"], tmp_path)
+
+    def broken(index, code, spec):
+        raise RuntimeError("its stderr could not be looked at")
+
+    monkeypatch.setattr(agent_module, "_cannot_start_error", broken)
+    key = ("j1", 1, 0)
+    spec = {"jobId": "j1", "attempt": 1, "task": 0, "stdouterr": str(tmp_path),
+            "workDir": str(tmp_path / "w"), "env": {}, "command": "exit 3"}  # fmt: skip
+    task = runtimes.ProcessTask(spec)
+    agent.tasks[key] = task
+    await agent._run_task(key, task, agent._slot())
+    reports = [agent.outbox.get_nowait() for _ in range(agent.outbox.qsize())]
+    assert [r["type"] for r in reports] == ["TaskStarted", "TaskExited"]
+    assert reports[-1]["error"]["code"] == "runtime_error" and key not in agent.tasks
+    assert agent.free_slots  # its slot is free again
