@@ -11,6 +11,7 @@ import sys
 import time
 
 import aiohttp
+import pytest
 import structlog
 from aiohttp import web
 
@@ -277,30 +278,36 @@ async def test_an_exec_that_cannot_run_is_answered_with_why(tmp_path):
     assert answer["error"]["code"] == "exec_failed" and "null" in answer["error"]["message"]
 
 
-async def test_a_fault_of_the_agents_own_before_a_task_runs_is_reported_as_its_end(
-    tmp_path, monkeypatch
+@pytest.mark.parametrize(
+    ("fails", "command", "said"),
+    [("record_dirs", "true", []), ("_cannot_start_error", "exit 3", ["TaskStarted"])],
+    ids=["before-it-runs", "after-it-ran-before-its-report"],
+)
+async def test_a_fault_of_the_agents_own_around_a_task_is_reported_as_its_end(
+    tmp_path, monkeypatch, fails, command, said
 ):
-    """Whatever fails while the agent sets a task up, the task's end is reported (and its
-    heartbeats list it no more): the daemon does not wait for it for ever, its GPUs held."""
+    """Whatever fails while the agent sets a task up or tells its end, the end is reported
+    (and its heartbeats list it no more): the daemon does not wait for it for ever, its GPUs
+    held. Its slot is free again."""
     agent = Agent("http://127.0.0.1:1", "t", "n1", "ws/c", Gpus(0), ["process"], tmp_path)
 
-    def broken(record, spec):
-        raise RuntimeError("the record could not be kept")
+    def broken(*_args):
+        raise RuntimeError("a fault of the agent's own")
 
-    monkeypatch.setattr(agent_module, "record_dirs", broken)
+    monkeypatch.setattr(agent_module, fails, broken)
     key = ("j1", 1, 0)
     spec = {"jobId": "j1", "attempt": 1, "task": 0, "stdouterr": str(tmp_path),
-            "workDir": str(tmp_path / "w"), "env": {}, "command": "true"}  # fmt: skip
+            "workDir": str(tmp_path / "w"), "env": {}, "command": command}  # fmt: skip
     task = runtimes.ProcessTask(spec)
     agent.tasks[key] = task
     await agent._run_task(key, task, agent._slot())
-    [report] = [agent.outbox.get_nowait() for _ in range(agent.outbox.qsize())]
-    assert (report["type"], report["jobId"], report["exitCode"]) == ("TaskExited", "j1", None)
-    assert report["error"]["code"] == "runtime_error"
-    assert "the record could not be kept" in report["error"]["message"]
+    reports = [agent.outbox.get_nowait() for _ in range(agent.outbox.qsize())]
+    assert [r["type"] for r in reports] == [*said, "TaskExited"]
+    assert reports[-1]["exitCode"] is None and reports[-1]["error"]["code"] == "runtime_error"
+    assert "a fault of the agent's own" in reports[-1]["error"]["message"]
     assert agent._running() == [list(key)]  # listed until the report is sent
     agent.unreported.discard(key)  # (what sending it does)
-    assert agent._running() == [] and agent.free_slots  # its slot is free again
+    assert agent._running() == [] and agent.free_slots
 
 
 class FullDisk(io.TextIOBase):
@@ -374,24 +381,3 @@ async def test_an_agent_one_of_whose_loops_fails_stops_to_be_started_again(tmp_p
     assert command["command"] == "StartTask" and command["log_level"] == "error"
     [failed] = [line for line in logs if line["event"] == "agent.loop_failed"]
     assert failed["loop"] == "reports" and failed["log_level"] == "error"
-
-
-async def test_a_fault_of_the_agents_own_after_a_task_ran_still_reports_its_end(
-    tmp_path, monkeypatch
-):
-    agent = Agent("http://127.0.0.1:1", "t", "n1", "ws/c", Gpus(0), ["process"], tmp_path)
-
-    def broken(index, code, spec):
-        raise RuntimeError("its stderr could not be looked at")
-
-    monkeypatch.setattr(agent_module, "_cannot_start_error", broken)
-    key = ("j1", 1, 0)
-    spec = {"jobId": "j1", "attempt": 1, "task": 0, "stdouterr": str(tmp_path),
-            "workDir": str(tmp_path / "w"), "env": {}, "command": "exit 3"}  # fmt: skip
-    task = runtimes.ProcessTask(spec)
-    agent.tasks[key] = task
-    await agent._run_task(key, task, agent._slot())
-    reports = [agent.outbox.get_nowait() for _ in range(agent.outbox.qsize())]
-    assert [r["type"] for r in reports] == ["TaskStarted", "TaskExited"]
-    assert reports[-1]["error"]["code"] == "runtime_error" and key not in agent.tasks
-    assert agent.free_slots  # its slot is free again
