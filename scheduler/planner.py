@@ -68,7 +68,7 @@ the queue, and those it told their reason have it.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -566,26 +566,70 @@ def _start_estimate(
 
 
 def _victims(m: ReadModels, cluster: Cluster, job: Job, free: _Capacity) -> list[Job] | None:
-    """Running preemptible jobs of lower priority whose GPUs, with what is `free` now, let
-    `job` start: taken lowest priority, then newest, first; then each one found not needed
-    (highest priority first) is spared. None if even all of them would not do."""
+    """Running preemptible jobs of lower priority whose GPUs, with what is `free` now (the
+    stopping tasks' GPUs counted as back), let `job` start; None if even all of them would
+    not do. They are found node by node, and taken on the `nodeCount` nodes where that
+    costs least (`_cost`: victims of the lowest priority, then the fewest, then the
+    newest): on a node, lowest priority and newest first, each one then found not needed
+    spared."""
     candidates = sorted(
         (r for r in _running(m, cluster) if r.preemptible and r.priority < job.priority
          and lifecycle.allowed(r.state, "JobPreempted")),
         key=lambda r: (r.priority, -(r.scheduled_at or 0)),
     )  # fmt: skip
+    skip = free.skip(job.runtime)
+    options = []
+    for node_id in free.free:
+        if node_id in skip:
+            continue
+        here = [r for r in candidates if any(n == node_id for n, _gpus in r.tasks)]
+        chosen = _spared(here, lambda vs, n=node_id: _fits_on(free, n, job.gpus_per_node, vs))
+        if chosen is not None:
+            options.append((_cost(chosen), node_id, chosen))
+    if len(options) < job.node_count:
+        return None
+    victims: list[Job] = []
+    for *_cheapest, chosen in sorted(options, key=lambda o: o[:2])[: job.node_count]:
+        victims += [v for v in chosen if v not in victims]
+    victims.sort(key=candidates.index)
+    return _spared(victims, lambda vs: _frees_enough(free, vs, job)) or None
+
+
+def _spared(victims: list[Job], enough: Callable[[list[Job]], bool]) -> list[Job] | None:
+    """`victims` taken in order until they are `enough`, then each one not needed spared
+    (the last taken first); None if even all of them are not enough."""
     chosen: list[Job] = []
-    for victim in candidates:
-        if _frees_enough(free, chosen, job):
+    for victim in victims:
+        if enough(chosen):
             break
         chosen.append(victim)
-    if not chosen or not _frees_enough(free, chosen, job):
+    if not enough(chosen):
         return None
     for victim in reversed(list(chosen)):
         rest = [v for v in chosen if v is not victim]
-        if _frees_enough(free, rest, job):
+        if enough(rest):
             chosen = rest
     return chosen
+
+
+def _fits_on(free: _Capacity, node_id: str, need: int, victims: list[Job]) -> bool:
+    """Does `node_id` hold a task needing `need` GPUs (0: the whole node) once the victims'
+    tasks on it have stopped?"""
+    back = [gpus for v in victims for n, gpus in v.tasks if n == node_id]
+    total = free.gpus[node_id]
+    if not total:  # a node without GPUs: whole, if nothing else holds it
+        return not need and (node_id in free.whole or bool(back))
+    count = len(free.free[node_id]) + sum(len(gpus) or total for gpus in back)
+    return count >= (need or total)
+
+
+def _cost(victims: list[Job]) -> tuple[float, int, float]:
+    """What preempting `victims` costs, least first: their highest priority, their number,
+    and how long ago the oldest of them started (newer ones have done less)."""
+    if not victims:
+        return (-NEVER, 0, -NEVER)
+    oldest = min(v.scheduled_at or 0 for v in victims)
+    return (max(v.priority for v in victims), len(victims), -oldest)
 
 
 def _frees_enough(free: _Capacity, victims: list[Job], job: Job) -> bool:

@@ -239,6 +239,36 @@ def test_preemption_spares_victims_whose_gpus_would_not_help():
     assert reasons(decisions)[urgent] == {"code": "preempting", "victims": [needed]}
 
 
+def test_preemption_takes_the_fewest_victims_of_the_lowest_priority_and_the_newest():
+    """Not the newest first at any cost: one job freeing a node beats two newer ones sharing
+    another; victims of a lower priority beat fewer of a higher one; among equals, the
+    newer victim goes."""
+    w = World().cluster(nodes=5, gpus=4, preemption=True)
+    w.run(w.job(gpus=4, priority=-500, preemptible=True, name="older"), [("c-n0", [0, 1, 2, 3])],
+          at=1)  # fmt: skip
+    for name, gpus in (("newer-a", [0, 1]), ("newer-b", [2, 3])):
+        w.run(w.job(gpus=2, priority=-500, preemptible=True, name=name), [("c-n1", gpus)], at=2)
+    w.run(w.job(gpus=4, priority=0, preemptible=True, name="normal"), [("c-n2", [0, 1, 2, 3])],
+          at=3)  # fmt: skip
+    w.run(w.job(gpus=4, priority=-500, name="kept"), [("c-n3", [0, 1, 2, 3])], at=4)
+    w.run(w.job(gpus=4, priority=-500, preemptible=True, name="newest"), [("c-n4", [0, 1, 2, 3])],
+          at=5)  # fmt: skip
+    urgent = w.job(gpus=4, priority=500)
+    decisions = w.plan()
+    assert [e.data["jobId"] for _s, e in decisions if e.type == "JobPreempted"] == ["newest"]
+    assert reasons(decisions)[urgent] == {"code": "preempting", "victims": ["newest"]}
+    w.apply("JobTaskExited", jobId="newest", attempt=1, task=0, exitCode=143, node="c-n4")
+    assert set(placed(w.plan())) == {urgent}
+    # a gang of two: n0's one victim and n1's two of the lowest priority, not n2's one of a
+    # higher priority (nor n1's two alone with n2)
+    gang = w.job(gpus=4, nodes=2, priority=500)
+    decisions = w.plan()
+    preempted = [e.data["jobId"] for _s, e in decisions if e.type == "JobPreempted"]
+    assert sorted(preempted) == ["newer-a", "newer-b", "older"], preempted
+    assert reasons(decisions)[gang]["code"] == "preempting"
+    assert w.models.jobs["normal"].state == "running"
+
+
 def test_a_terminating_job_is_not_preempted():
     w = World().cluster(nodes=1, gpus=4, preemption=True)
     victim = w.job(gpus=4, priority=-500, preemptible=True)
