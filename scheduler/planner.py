@@ -577,12 +577,16 @@ def _victims(m: ReadModels, cluster: Cluster, job: Job, free: _Capacity) -> list
          and lifecycle.allowed(r.state, "JobPreempted")),
         key=lambda r: (r.priority, -(r.scheduled_at or 0)),
     )  # fmt: skip
+    by_node: dict[str, list[Job]] = {}  # each node's candidates, in their order
+    for candidate in candidates:
+        for node_id, _gpus in candidate.tasks:
+            by_node.setdefault(node_id, []).append(candidate)
     skip = free.skip(job.runtime)
     options = []
     for node_id in free.free:
         if node_id in skip:
             continue
-        here = [r for r in candidates if any(n == node_id for n, _gpus in r.tasks)]
+        here = by_node.get(node_id, [])
         chosen = _spared(here, lambda vs, n=node_id: _fits_on(free, n, job.gpus_per_node, vs))
         if chosen is not None:
             options.append((_cost(chosen), node_id, chosen))
