@@ -68,13 +68,16 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     """Ready once started and while this daemon is the log's writer (503 `starting` before;
-    503 `fenced` once another writer took the leadership: it can append nothing more)."""
+    503 `fenced` once another writer took the leadership: it can append nothing more;
+    503 `stopping` once it stops for any other reason)."""
     daemon: Daemon = request.app[DAEMON_KEY]  # type: ignore[assignment]
     head = await daemon.store.head()
-    if not daemon.ready:
-        status = "starting"
+    if daemon.fenced_out or (daemon.store.epoch is not None and head.epoch != daemon.store.epoch):
+        status = "fenced"
+    elif daemon.stopping.is_set():
+        status = "stopping"
     else:
-        status = "fenced" if head.epoch != daemon.store.epoch else "ready"
+        status = "ready" if daemon.ready else "starting"
     return web.json_response({
         "status": status, "position": head.position,
         "epoch": daemon.store.epoch, "logEpoch": head.epoch,
@@ -361,6 +364,9 @@ class Daemon:
                 await job()
             except errors.FencedError:
                 pass
+            except errors.StoreUnavailable as exc:  # the log away for now: said in a line
+                logger.warning("daemon.periodic_store_unavailable", job=job.__qualname__,
+                               error=str(exc))  # fmt: skip
             except Exception:
                 logger.exception("daemon.periodic_failed", job=job.__qualname__)
             finally:

@@ -41,9 +41,20 @@ def _route_standard_logging(renderer: structlog.types.Processor) -> None:
             structlog.processors.format_exc_info,
         ],
     ))  # fmt: skip
+    handler.addFilter(_one_line_warnings)
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(logging.WARNING)
+
+
+def _one_line_warnings(record: logging.LogRecord) -> bool:
+    """A library's warning says its exception in one line, without the traceback (a pool
+    retrying a database that is away for a moment is no fault: it warns at every try)."""
+    if record.levelno < logging.ERROR and record.exc_info and record.exc_info[1] is not None:
+        error = record.exc_info[1]
+        record.msg = f"{record.getMessage()}: {type(error).__name__}: {error}"
+        record.args, record.exc_info, record.exc_text = None, None, None
+    return True
 
 
 class _StderrHandler(logging.StreamHandler):

@@ -343,6 +343,29 @@ async def test_a_periodic_job_under_way_when_the_daemon_stops_ends_before_the_lo
     assert not [r.getMessage() for r in caplog.records if r.name.startswith("apscheduler")]
 
 
+async def test_a_periodic_job_that_finds_the_log_away_says_so_in_a_warning(tmp_path, monkeypatch):
+    """(PostgreSQL restarting) Not an error with a traceback every 5 s: the log being away
+    is expected, and said once a try, in a line."""
+    monkeypatch.setattr(daemon_module, "LEAD_CHECK", 0.2)
+    tried = asyncio.Event()
+
+    async def away(self) -> None:
+        tried.set()
+        raise errors.StoreUnavailable("log postgresql://batchd@db/batchd unreachable")
+
+    monkeypatch.setattr(Daemon, "_keep_lead", away)
+    daemon = await start_daemon(tmp_path / "state")
+    try:
+        with info_logs() as logs:
+            await asyncio.wait_for(tried.wait(), 10)
+            await asyncio.sleep(0.1)
+    finally:
+        await daemon.stop()
+    said = [line for line in logs if line["event"].startswith("daemon.periodic")]
+    assert said and {line["event"] for line in said} == {"daemon.periodic_store_unavailable"}
+    assert said[0]["log_level"] == "warning" and "unreachable" in said[0]["error"]
+
+
 async def test_tls_with_a_self_signed_certificate(tmp_path):
     daemon = await start_daemon(tmp_path / "state", tls_self_signed=True)
     try:
@@ -510,6 +533,14 @@ async def test_a_daemon_another_writer_took_the_log_from_says_it_is_not_ready(cl
         assert "Retry-After" not in r.headers  # sending it again would not help
     await asyncio.wait_for(api.stopping.wait(), 10)  # the fenced daemon stops
     assert api.fenced_out  # and `batchd serve` exits FENCED_EXIT (daemon.main)
+    async with aiohttp.ClientSession() as session, session.get(api.url + "/readyz") as r:
+        assert r.status == 503 and (await r.json())["status"] == "fenced"  # while it stops
+
+
+async def test_a_daemon_that_is_stopping_says_so_not_starting(client, api):
+    api.stopping.set()  # (as SIGTERM does; the fixture's stop follows)
+    async with aiohttp.ClientSession() as session, session.get(api.url + "/readyz") as r:
+        assert r.status == 503 and (await r.json())["status"] == "stopping"
 
 
 async def test_the_events_a_request_appends_carry_its_id(client, api):
