@@ -50,14 +50,19 @@ def parse(url: str) -> StoreUrl:
         raise errors.StoreUrlError(
             f"malformed PostgreSQL URL {redact_dsn(url)!r}: no host or database"
         )
-    _check_ports(url, rest)
+    _check_authority(url, rest)
     return StoreUrl("postgresql", f"postgresql://{rest}")
 
 
-def _check_ports(url: str, rest: str) -> None:
-    """Each host's port in a PostgreSQL URL (`USER@HOST:PORT[,HOST:PORT...]/DB`) is a number
-    from 1 to 65535, or absent."""
-    hosts = rest.partition("/")[0].partition("?")[0].rpartition("@")[2]
+def _check_authority(url: str, rest: str) -> None:
+    """A PostgreSQL URL's `USER:PASSWORD@HOST:PORT[,HOST:PORT...]` part has one `@` at most
+    (the driver would take what follows a second one as the host), and each host's port is
+    a number from 1 to 65535, or absent."""
+    authority = rest.partition("/")[0].partition("?")[0]
+    if authority.count("@") > 1:
+        rule = "an @ in the user name or password must be written %40"
+        raise errors.StoreUrlError(f"malformed PostgreSQL URL {redact_dsn(url)!r}: {rule}")
+    hosts = authority.rpartition("@")[2]
     for host in hosts.split(","):
         after = host.rpartition("]")[2]  # past an IPv6 address in brackets
         port = after.rpartition(":")[2] if ":" in after else ""

@@ -152,6 +152,7 @@ async def test_events_tail_follow_prints_new_events_as_they_land(tmp_path):
         ("sqlite:////tmp", ["/tmp: it is a directory", "/tmp/events.db"]),
         ("", ["unsupported store URL ''"]),  # not the daemon's log instead
         ("postgresql://u@127.0.0.1:99999/db", ["port '99999' must be a number from 1 to 65535"]),
+        ("postgresql://u:s3cret@x@127.0.0.1/db", ["must be written %40", "u:***@127.0.0.1"]),
     ],
 )
 def test_bad_store_urls_give_one_line_errors(url, words):

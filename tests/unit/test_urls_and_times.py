@@ -36,6 +36,7 @@ def test_store_urls_follow_sqlalchemys_rules(url, expected):
         "postgresql://u@h:99999/db",
         "postgresql://u@h:-1/db",
         "postgresql://u@h1:5432,h2:x/db",
+        "postgresql://u:p@ss@h/db",  # the driver would look for host ss@h
     ],
 )
 def test_malformed_store_urls_are_refused(url):
@@ -46,6 +47,12 @@ def test_malformed_store_urls_are_refused(url):
 def test_a_multi_host_or_ipv6_store_url_keeps_its_ports():
     for url in ("postgresql://u@h1:5432,h2:5433/db", "postgresql://u@[::1]:5432/db"):
         assert str(parse(url)) == url
+
+
+def test_an_at_sign_in_a_password_is_written_percent_40():
+    assert parse("postgresql://u:p%40ss@h/db").target == "postgresql://u:p%40ss@h/db"
+    with pytest.raises(errors.StoreUrlError, match="must be written %40"):
+        parse("postgresql://u:p@ss@h/db")
 
 
 def test_passwords_never_show_in_a_store_url():
