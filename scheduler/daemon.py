@@ -404,6 +404,7 @@ class Daemon:
 
     async def stop(self) -> None:
         self.ready = False
+        self.stopping.set()  # (also after a failed start: /readyz says stopping, not starting)
         started = bool(self.url)  # a daemon that failed to start says so once, not "stopping"
         if started:
             logger.info("daemon.stopping")

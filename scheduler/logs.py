@@ -38,23 +38,29 @@ def _route_standard_logging(renderer: structlog.types.Processor) -> None:
             structlog.stdlib.add_log_level,
             structlog.stdlib.add_logger_name,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _one_line_warnings,
             structlog.processors.format_exc_info,
         ],
     ))  # fmt: skip
-    handler.addFilter(_one_line_warnings)
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(logging.WARNING)
 
 
-def _one_line_warnings(record: logging.LogRecord) -> bool:
-    """A library's warning says its exception in one line, without the traceback (a pool
-    retrying a database that is away for a moment is no fault: it warns at every try)."""
-    if record.levelno < logging.ERROR and record.exc_info and record.exc_info[1] is not None:
-        error = record.exc_info[1]
-        record.msg = f"{record.getMessage()}: {type(error).__name__}: {error}"
-        record.args, record.exc_info, record.exc_text = None, None, None
-    return True
+def _one_line_warnings(_logger: object, _name: str, event: dict) -> dict:
+    """A library's warning says its exception (and what caused it) in one line, without
+    the traceback: a pool retrying a database that is away for a moment is no fault, and
+    it warns at every try. Its errors keep their tracebacks."""
+    info = event.get("exc_info")
+    error = info[1] if isinstance(info, tuple) else None
+    if event.get("level") in ("debug", "info", "warning") and error is not None:
+        del event["exc_info"]
+        said = f"{type(error).__name__}: {error}"
+        cause = error.__cause__ or error.__context__
+        if cause is not None:
+            said += f" (from {type(cause).__name__}: {cause})"
+        event["event"] = f"{event['event']}: {said}"
+    return event
 
 
 class _StderrHandler(logging.StreamHandler):

@@ -592,11 +592,11 @@ def _victims(m: ReadModels, cluster: Cluster, job: Job, free: _Capacity) -> list
             options.append((_cost(chosen), node_id, chosen))
     if len(options) < job.node_count:
         return None
-    victims: list[Job] = []
-    for *_cheapest, chosen in sorted(options, key=lambda o: o[:2])[: job.node_count]:
-        victims += [v for v in chosen if v not in victims]
-    victims.sort(key=candidates.index)
-    return _spared(victims, lambda vs: _frees_enough(free, vs, job)) or None
+    rank = {id(c): i for i, c in enumerate(candidates)}
+    victims = {id(v): v for *_cheapest, chosen in sorted(options, key=lambda o: o[:2])[
+        : job.node_count] for v in chosen}  # fmt: skip
+    ordered = sorted(victims.values(), key=lambda v: rank[id(v)])
+    return ordered if ordered and _frees_enough(free, ordered, job) else None
 
 
 def _spared(victims: list[Job], enough: Callable[[list[Job]], bool]) -> list[Job] | None:

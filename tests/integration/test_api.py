@@ -537,10 +537,25 @@ async def test_a_daemon_another_writer_took_the_log_from_says_it_is_not_ready(cl
         assert r.status == 503 and (await r.json())["status"] == "fenced"  # while it stops
 
 
-async def test_a_daemon_that_is_stopping_says_so_not_starting(client, api):
-    api.stopping.set()  # (as SIGTERM does; the fixture's stop follows)
-    async with aiohttp.ClientSession() as session, session.get(api.url + "/readyz") as r:
-        assert r.status == 503 and (await r.json())["status"] == "stopping"
+async def test_a_daemon_that_is_stopping_says_so_not_starting(tmp_path, monkeypatch):
+    """However its stop began (a signal, a failed start), until its port closes."""
+    daemon = await start_daemon(tmp_path / "state")
+    stop_periodic, held, release = Daemon._stop_periodic, asyncio.Event(), asyncio.Event()
+
+    async def slow(self) -> None:  # (the stop's first step: the API still answers)
+        held.set()
+        await release.wait()
+        await stop_periodic(self)
+
+    monkeypatch.setattr(Daemon, "_stop_periodic", slow)
+    stopping = asyncio.create_task(daemon.stop())
+    try:
+        await asyncio.wait_for(held.wait(), 10)
+        async with aiohttp.ClientSession() as session, session.get(daemon.url + "/readyz") as r:
+            assert r.status == 503 and (await r.json())["status"] == "stopping"
+    finally:
+        release.set()
+        await stopping
 
 
 async def test_the_events_a_request_appends_carry_its_id(client, api):

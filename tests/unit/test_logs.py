@@ -22,7 +22,10 @@ def test_a_librarys_warning_is_one_line_with_its_error_not_a_traceback(monkeypat
         monkeypatch.setattr(sys, "stderr", written)
         pool = logging.getLogger("asyncpg.pool")
         try:
-            raise ConnectionRefusedError(111, "Connect call failed")
+            try:
+                raise OSError(-2, "Name or service not known")
+            except OSError as dns:
+                raise ConnectionRefusedError(111, "Connect call failed") from dns
         except ConnectionRefusedError:
             pool.warning("Failed to restore the pool connection floor; retrying", exc_info=True)
             pool.error("a fault", exc_info=True)
@@ -31,6 +34,7 @@ def test_a_librarys_warning_is_one_line_with_its_error_not_a_traceback(monkeypat
         logging.getLogger().handlers = handlers
     warning, error = [json.loads(line) for line in written.getvalue().splitlines()]
     assert warning["level"] == "warning" and "exception" not in warning
-    said = "ConnectionRefusedError: [Errno 111] Connect call failed"
+    said = ("ConnectionRefusedError: [Errno 111] Connect call failed (from OSError: [Errno -2] "
+            "Name or service not known)")  # fmt: skip
     assert warning["event"] == f"Failed to restore the pool connection floor; retrying: {said}"
     assert error["level"] == "error" and "Traceback" in error["exception"]
