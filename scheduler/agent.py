@@ -605,7 +605,11 @@ class Agent:
         key = protocol.task_key(command)
         if command["type"] == "StartTask" and key not in self.tasks:
             slot = self._slot()
-            task = self._task(command, slot)
+            try:
+                task = self._task(command, slot)
+            except Exception:  # (a fault of the command's: see _commands) the slot is free
+                self.free_slots.append(slot)
+                raise
             if task is None:  # the daemon checks runtimes: only a stale command gets here
                 error = {
                     "code": "runtime_missing",

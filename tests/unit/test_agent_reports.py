@@ -381,3 +381,16 @@ async def test_an_agent_one_of_whose_loops_fails_stops_to_be_started_again(tmp_p
     assert command["command"] == "StartTask" and command["log_level"] == "error"
     [failed] = [line for line in logs if line["event"] == "agent.loop_failed"]
     assert failed["loop"] == "reports" and failed["log_level"] == "error"
+
+
+def test_a_start_command_that_fails_gives_its_slot_back(tmp_path):
+    agent = Agent("http://127.0.0.1:1", "t", "n1", "ws/c", Gpus(0), ["process"], tmp_path)
+
+    def broken(command, slot):
+        raise RuntimeError("a fault of the agent's own")
+
+    agent._task = broken
+    command = {"type": "StartTask", "epoch": 1, "jobId": "j1", "attempt": 1, "task": 0}
+    with pytest.raises(RuntimeError):
+        agent._handle(command)
+    assert agent.free_slots and not agent.tasks  # the next task takes the same slot
