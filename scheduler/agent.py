@@ -236,7 +236,12 @@ class Agent:
         exit report is not sent yet (the daemon waits for it instead of taking them as gone)."""
         return [list(key) for key in (*self.tasks, *self.unreported)]
 
-    def _report_exit(self, key: TaskKey, report: dict[str, Any]) -> None:
+    def _report_exit(self, key: TaskKey, exit_code: int | None,
+                     error: dict[str, str] | None = None) -> None:  # fmt: skip
+        """Tell the daemon that task `key` ended (listed as running until it is told)."""
+        report = {"jobId": key[0], "attempt": key[1], "task": key[2], "exitCode": exit_code}
+        if error:
+            report["error"] = error
         self.unreported.add(key)
         self.outbox.put_nowait(self._message("TaskExited", **report))
 
@@ -615,9 +620,7 @@ class Agent:
                     "code": "runtime_missing",
                     "message": f"this node has no {command.get('runtime')} runtime",
                 }
-                report = {"jobId": key[0], "attempt": key[1], "task": key[2], "exitCode": None,
-                          "error": error}  # fmt: skip
-                self._report_exit(key, report)
+                self._report_exit(key, None, error)
                 self.free_slots.append(slot)
                 return
             self.tasks[key] = task
@@ -705,9 +708,7 @@ class Agent:
             logger.exception("agent.task_failed", job=key[0], attempt=key[1], task=key[2])
             if self.tasks.get(key) is task:  # its end not reported yet: reported all the
                 del self.tasks[key]  # same, or the daemon would wait for ever, its GPUs held
-                report = {"jobId": key[0], "attempt": key[1], "task": key[2], "exitCode": None,
-                          "error": _run_failed(key[2], exc, task)}  # fmt: skip
-                self._report_exit(key, report)
+                self._report_exit(key, None, _run_failed(key[2], exc, task))
         finally:  # the last of the job's tasks here removes the shared job temp, come what may
             if hold is not None:
                 await asyncio.shield(asyncio.to_thread(release_job_temp, task.spec, hold))
@@ -739,20 +740,16 @@ class Agent:
         if left:  # its container is removed once the engine answers again
             logger.warning("agent.container_left", job=job_id, task=index, containers=left)
             self.left_containers.update(left)
-        report = {"jobId": job_id, "attempt": attempt, "task": index,
-                  "exitCode": result.exit_code}  # fmt: skip
         lease_lost = (key in self.lease_lost or self._thawed()) and result.exit_code != 0
         self.lease_lost.discard(key)
         if lease_lost:  # however it ended (killed before it started, a pull cut short)
             error = _lease_error(index)
         else:
             error = result.error or _cannot_start_error(index, result.exit_code, task.spec)
-        if error:
-            report["error"] = error
-            if error["code"] == protocol.ENGINE_UNREACHABLE:  # until its check says otherwise
-                self._engine_away(error["message"])
+        if error and error["code"] == protocol.ENGINE_UNREACHABLE:  # until its check says
+            self._engine_away(error["message"])  # otherwise
         self.tasks.pop(key, None)  # (no await since its run ended: nothing saw it still here)
-        self._report_exit(key, report)  # its GPUs are free now
+        self._report_exit(key, result.exit_code, error)  # its GPUs are free now
         self.ended[task_label(task.spec)] = time.monotonic()
         self._sweep()
         if not remove_work_dir(task.spec):  # not empty: remove it without holding the loop

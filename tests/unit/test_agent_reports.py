@@ -233,7 +233,7 @@ async def test_an_ended_task_is_listed_until_its_report_is_sent_and_a_fault_cost
         agent = Agent(url, "t", "n1", "ws/c", Gpus(0), ["process"], tmp_path)
         agent.session = session
         agent.outbox.put_nowait(agent._message("Faulty"))
-        agent._report_exit(("j", 1, 0), {"jobId": "j", "attempt": 1, "task": 0, "exitCode": 0})
+        agent._report_exit(("j", 1, 0), 0)
         assert agent._running() == [["j", 1, 0]]  # ended, its report on the way
         sending = asyncio.create_task(agent._send())
         hold.set()
