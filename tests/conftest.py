@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 import uuid
 
 import asyncpg
@@ -20,6 +21,30 @@ from batchd.events.secrets import Keyring
 
 PG_DSN = os.environ.get("BATCHD_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 REQUIRE_SERVICES = os.environ.get("BATCHD_REQUIRE_SERVICES") == "1"
+
+
+def _machine_load() -> list[str]:
+    """The machine's load, and its busiest processes when it is overloaded: a slow or timed-out
+    run on a shared machine then says whether something outside the tests held the CPUs."""
+    cores = os.cpu_count() or 1
+    load = os.getloadavg()
+    lines = [f"machine: {cores} cores, load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}"]
+    if load[0] > 2 * cores:
+        busiest = subprocess.run(
+            ["ps", "-eo", "pid,pcpu,etime,args", "--sort=-pcpu"], capture_output=True,
+            text=True, check=False,
+        ).stdout.splitlines()[:8]  # fmt: skip
+        lines += ["machine overloaded; its busiest processes:", *(line[:160] for line in busiest)]
+    return lines
+
+
+def pytest_report_header(config) -> list[str]:
+    return _machine_load()
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    for line in _machine_load():
+        terminalreporter.write_line(line)
 
 
 def service_missing(what: str) -> None:
