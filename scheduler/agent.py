@@ -366,8 +366,10 @@ class Agent:
         finally:
             stopping.cancel()
         for loop in loops:
-            if loop.done() and not stop.is_set():
-                error = None if loop.cancelled() else loop.exception()
+            if not loop.done():
+                continue
+            error = None if loop.cancelled() else loop.exception()
+            if error is not None or not stop.is_set():  # a fault, even one as stop came
                 logger.error("agent.loop_failed", loop=loop.get_name(), exc_info=error)
                 self.failed = True
 
@@ -636,9 +638,9 @@ class Agent:
 
     def _background_done(self, task: asyncio.Task) -> None:
         self.background.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            logger.error("agent.background_failed", work=task.get_name(),
-                         exc_info=task.exception())  # fmt: skip
+        error = None if task.cancelled() else task.exception()
+        if error is not None:
+            logger.error("agent.background_failed", work=task.get_name(), exc_info=error)
 
     async def _read_file(self, command: dict[str, Any]) -> None:
         """A job's output file or directory the daemon cannot read itself."""

@@ -383,6 +383,25 @@ async def test_an_agent_one_of_whose_loops_fails_stops_to_be_started_again(tmp_p
     assert failed["loop"] == "reports" and failed["log_level"] == "error"
 
 
+async def test_a_loop_that_fails_as_the_agent_is_told_to_stop_still_fails_the_agent(tmp_path):
+    """A fault is a fault even when a stop comes with it: the agent exits 1 and says which
+    loop failed, rather than exit 0 as if it had only been stopped."""
+    agent = Agent("http://127.0.0.1:1", "t", "n1", "ws/c", Gpus(0), ["process"], tmp_path)
+    stop = asyncio.Event()
+
+    async def failing():
+        stop.set()
+        raise RuntimeError("a fault of the agent's own")
+
+    loops = [asyncio.create_task(failing(), name="reports"),
+             asyncio.create_task(asyncio.Event().wait(), name="commands")]  # fmt: skip
+    with info_logs() as logs:
+        await agent._until_stopped(stop, loops)
+    loops[1].cancel()
+    assert agent.failed
+    assert [line["loop"] for line in logs if line["event"] == "agent.loop_failed"] == ["reports"]
+
+
 def test_a_start_command_that_fails_gives_its_slot_back(tmp_path):
     agent = Agent("http://127.0.0.1:1", "t", "n1", "ws/c", Gpus(0), ["process"], tmp_path)
 
