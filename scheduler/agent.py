@@ -335,10 +335,7 @@ class Agent:
             try:
                 registering = asyncio.create_task(self._register(), name="register")
                 workers.append(registering)
-                stopping = asyncio.create_task(stop.wait())
-                await asyncio.wait({registering, stopping}, return_when=asyncio.FIRST_COMPLETED)
-                stopping.cancel()
-                if not stop.is_set():  # registered: to work
+                if await self._until_stopped(stop, workers[:1], registering):  # to work
                     if self.docker is not None:
                         workers.append(asyncio.create_task(self._watch_engine(), name="engine"))
                     workers += [asyncio.create_task(self._heartbeats(), name="heartbeats"),
@@ -355,23 +352,28 @@ class Agent:
                 if self.docker is not None:
                     await self.docker.close()
 
-    async def _until_stopped(self, stop: asyncio.Event, loops: list[asyncio.Task]) -> None:
-        """Until `stop`, or until one of the agent's loops (which run until they are
-        cancelled) fails by a fault of its own: the agent then stops, exiting 1 for its
-        supervisor to start it again, rather than stay up half deaf, its reports or the
-        daemon's commands no longer heard."""
+    async def _until_stopped(self, stop: asyncio.Event, loops: list[asyncio.Task],
+                             step: asyncio.Task | None = None) -> bool:  # fmt: skip
+        """Until `stop`, until `step` (registration) is done, or until one of the agent's
+        loops (which run until they are cancelled) or `step` fails by a fault of its own: the
+        agent then stops, exiting 1 for its supervisor to start it again, rather than stay up
+        half deaf, its reports or the daemon's commands no longer heard. True: `step` is done
+        and the agent goes on."""
         stopping = asyncio.create_task(stop.wait())
+        watched = [*loops, *([step] if step is not None else [])]
         try:
-            await asyncio.wait({stopping, *loops}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({stopping, *watched}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             stopping.cancel()
-        for loop in loops:
-            if not loop.done():
+        for task in watched:
+            if not task.done():
                 continue
-            error = None if loop.cancelled() else loop.exception()
-            if error is not None or not stop.is_set():  # a fault, even one as stop came
-                logger.error("agent.loop_failed", loop=loop.get_name(), exc_info=error)
+            error = None if task.cancelled() else task.exception()
+            ended = not stop.is_set() and (task is not step or task.cancelled())
+            if error is not None or ended:  # a fault, even one as stop came
+                logger.error("agent.loop_failed", loop=task.get_name(), exc_info=error)
                 self.failed = True
+        return step is not None and step.done() and not self.failed and not stop.is_set()
 
     async def _kill_all(self) -> None:
         """Kill every task (KILL_WAIT at most: kills still unanswered then are given up, and

@@ -402,6 +402,24 @@ async def test_a_loop_that_fails_as_the_agent_is_told_to_stop_still_fails_the_ag
     assert [line["loop"] for line in logs if line["event"] == "agent.loop_failed"] == ["reports"]
 
 
+@pytest.mark.parametrize("broken", ["_watch_lease", "_register"])
+async def test_a_fault_while_the_agent_registers_stops_it(tmp_path, broken):
+    """While an agent waits to register (its daemon away), its lease watch failing stops it
+    at once, exiting 1, rather than only once the daemon answers; a fault in registration
+    itself stops it too, rather than send it to work unregistered."""
+    agent = Agent("http://127.0.0.1:1", "t", "n1", "ws/c", Gpus(0), ["process"], tmp_path)
+
+    async def fault():
+        raise RuntimeError("a fault of the agent's own")
+
+    setattr(agent, broken, fault)
+    with info_logs() as logs:
+        await asyncio.wait_for(agent.run(asyncio.Event()), 30)
+    assert agent.failed and not agent.registered
+    failed = [line["loop"] for line in logs if line["event"] == "agent.loop_failed"]
+    assert failed == [{"_watch_lease": "lease", "_register": "register"}[broken]]
+
+
 def test_a_start_command_that_fails_gives_its_slot_back(tmp_path):
     agent = Agent("http://127.0.0.1:1", "t", "n1", "ws/c", Gpus(0), ["process"], tmp_path)
 
