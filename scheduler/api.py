@@ -1235,9 +1235,14 @@ async def create_token(request: web.Request) -> web.Response:
             raise DocumentError(key, "is required")
         if not isinstance(body[key], str):
             raise DocumentError(key, "must be a string")
-    workspaces = body.get("workspaces") or []
-    if not isinstance(workspaces, list) or not all(isinstance(w, str) for w in workspaces):
+    workspaces = body.get("workspaces")
+    if workspaces is None:  # left out: a token of every workspace
+        workspaces = []
+    elif not isinstance(workspaces, list) or not all(isinstance(w, str) for w in workspaces):
         raise DocumentError("workspaces", "must be a list of workspace names")
+    elif not workspaces:  # an empty variable must not make a token of every workspace
+        raise DocumentError("workspaces", "must name at least one workspace; leave it out "
+                                          "for a token of every workspace")  # fmt: skip
     node = body.get("node")
     if node is not None and not isinstance(node, str):
         raise DocumentError("node", "must be a node id (a string)")

@@ -169,6 +169,22 @@ async def test_agent_tokens_can_be_bound_to_one_node(api, session):
         assert rule in error["error"]["message"]
 
 
+async def test_a_token_whose_workspaces_are_empty_or_not_a_list_is_refused(api, session):
+    """An empty or mistyped `workspaces` (a script's empty variable) is refused, naming the
+    field, rather than make a token of every workspace; left out, it does make one."""
+    admin = Client(session, api.url, api.admin_token)
+    for value, words in (([], "at least one"), ("", "a list"), ({}, "a list"), (0, "a list"),
+                         (False, "a list"), (["ws", 1], "a list")):  # fmt: skip
+        body = {"name": "ci", "role": "operator", "workspaces": value}
+        status, error = await admin.call("POST", "/v1/tokens", body)
+        assert status == 400 and error["error"]["details"][0]["name"] == "workspaces", value
+        assert words in error["error"]["message"]
+    listed = (await admin.call("GET", "/v1/tokens"))[1]["value"]
+    assert all(t["name"] != "ci" for t in listed)  # nothing was made
+    status, made = await admin.call("POST", "/v1/tokens", {"name": "ci", "role": "operator"})
+    assert status == 201 and made["workspaces"] == []
+
+
 async def test_file_paths_cannot_leave_the_jobs_directory(api, session):
     admin = Client(session, api.url, api.admin_token)
     await seed(admin)
