@@ -347,11 +347,11 @@ def cluster_reference(reference: str | None, workspace: str, where: str) -> tupl
     parts = reference.strip("/").split("/")
     if len(parts) == 1:
         return workspace, parts[0]
-    lowered = [p.lower() for p in parts]
-    if "clusters" in lowered and "workspaces" in lowered:
-        at_ws, at_name = lowered.index("workspaces") + 1, lowered.index("clusters") + 1
-        if at_ws < at_name == len(parts) - 1 and parts[at_ws] and parts[at_name]:
-            return parts[at_ws], parts[at_name]
+    # an id ends ".../workspaces/<ws>/clusters/<name>" (read from its end: a resource group,
+    # a workspace or a cluster may itself be named "workspaces" or "clusters")
+    tail = [p.lower() for p in parts[-4:]]
+    if len(tail) == 4 and tail[0] == "workspaces" and tail[2] == "clusters" and all(parts[-3::2]):
+        return parts[-3], parts[-1]
     raise DocumentError(f"{where}cluster", f"{reference!r} is neither a cluster name nor a "
                                            "Batch AI cluster resource id")  # fmt: skip
 

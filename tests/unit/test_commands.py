@@ -76,6 +76,26 @@ def test_a_batch_ai_resource_id_names_the_cluster(w):
     assert event.data["cluster"] == "id-1"
 
 
+@pytest.mark.parametrize("reference", [
+    "/workspaces/clusters/clusters/gpu",  # batchd's own id, of a workspace named "clusters"
+    "/subscriptions/s/resourceGroups/workspaces/providers/Microsoft.BatchAI/workspaces/clusters"
+    "/clusters/gpu",
+    "/subscriptions/s/resourceGroups/clusters/providers/Microsoft.BatchAI/workspaces/clusters"
+    "/clusters/gpu",
+])  # fmt: skip
+def test_a_resource_id_is_read_from_its_end(reference):
+    """A resource group or workspace named "workspaces" or "clusters" does not confuse it."""
+    assert commands.cluster_reference(reference, "default", "") == ("clusters", "gpu")
+
+
+@pytest.mark.parametrize("reference", ["/workspaces/ws/clusters/", "/workspaces/ws/gpu",
+                                       "/clusters/gpu", "/workspaces//clusters/gpu",
+                                       "/workspaces/ws/clusters/gpu/nodes"])  # fmt: skip
+def test_what_is_not_a_cluster_id_is_refused(reference):
+    with pytest.raises(DocumentError, match="neither a cluster name nor"):
+        commands.cluster_reference(reference, "default", "")
+
+
 @pytest.mark.parametrize(
     ("change", "where", "rule"),
     [
