@@ -375,9 +375,11 @@ def _job_commands(commands, api: list) -> None:
     _store_flag(job["history"], offline=True)
     job["wait"].description = (
         "Wait for the job to end, riding out a restart of the daemon, and exit with the job's "
-        "exit code (1 if it failed without one); 124 when --timeout runs out, 125 when the "
-        "server cannot be reached (batchd cannot tell how the job ended): for 30 s once it "
-        "has answered, at once if it never has (a mistyped --server)."
+        "exit code (1 if it failed without one); 124 when --timeout runs out, 125 when "
+        "batchd cannot tell how the job ended: the server cannot be reached (for 30 s once it "
+        "has answered, at once if it never has: a mistyped --server), refuses the wait (no "
+        "such job, a token revoked), or the job is deleted (a new job of its name is not "
+        "taken for it)."
     )
     job["wait"].add_argument("--timeout", type=_seconds, metavar="S",
                              help="give up after S seconds (exit 124)")  # fmt: skip

@@ -37,7 +37,8 @@ from batchd.scheduler.schema import DuplicateKey, NumberTooLong, loads
 
 ENDED = ("succeeded", "failed")
 EXIT_WAIT_TIMEOUT = 124  # `job wait --timeout` ran out (as timeout(1))
-EXIT_WAIT_LOST = 125  # `job wait` lost the server for good: it cannot tell (as timeout(1))
+EXIT_WAIT_UNKNOWN = 125  # `job wait` cannot tell how the job ended: the server lost for good,
+# the job deleted, access refused (as timeout(1)'s own failure)
 WAIT_POLL_MAX = 2.0  # seconds between polls of a job at most
 RECONNECT_WITHIN = 30.0  # seconds: following commands ride out a lost server this long
 UNPLACED_POLL = 1.0  # seconds between looks at a queued job whose output its node will have
@@ -662,24 +663,34 @@ async def job_history(args: argparse.Namespace) -> int:
 
 async def job_wait(args: argparse.Namespace) -> int:
     """Poll the job until it has ended; its exit code (1 if it failed without one), riding out
-    a restart of the daemon; EXIT_WAIT_TIMEOUT when --timeout runs out, EXIT_WAIT_LOST when the
-    server stays lost."""
+    a restart of the daemon; EXIT_WAIT_TIMEOUT when --timeout runs out, EXIT_WAIT_UNKNOWN when
+    the server stays lost, refuses the wait (the job not there, a token revoked) or the job
+    waited on is deleted (its name perhaps taken by a new job, never reported as its end)."""
     progress = sys.stderr.isatty() and not args.json
     started = time.monotonic()
     delay = 0.1
-    state = None
+    state = created = None
     async with _client(args) as api:
         until = None if args.timeout is None else started + args.timeout
         server = _Reconnecting(api, until)
         while True:
             try:
                 job = await server.call(lambda: api.get(_job(args)))
+            except ApiError as exc:
+                if state is None:  # refused from the start (no such job, say)
+                    print(f"batchd: error: {exc.lines()[0]}", *exc.lines()[1:], sep="\n",
+                          file=sys.stderr)  # fmt: skip
+                    return EXIT_WAIT_UNKNOWN
+                why = "it was deleted" if exc.status == 404 else exc.lines()[0]
+                return _cannot_tell(args, why, state, progress)
             except ServerLost as exc:
-                return _wait_lost(args, exc, state, progress)
-            except ApiError:
-                raise
+                return _cannot_tell(args, str(exc), state, progress)
             except ClientError as exc:  # never reached (at once: a mistyped --server, say)
-                return _wait_lost(args, exc, state, progress)
+                return _cannot_tell(args, str(exc), state, progress)
+            if created not in (None, _get(job, "properties.creationTime")):
+                return _cannot_tell(args, "it was deleted and a new job took its name", state,
+                                    progress)  # fmt: skip
+            created = _get(job, "properties.creationTime")
             state = _get(job, "properties.state")
             waited = time.monotonic() - started
             if state in ENDED:
@@ -698,6 +709,11 @@ async def job_wait(args: argparse.Namespace) -> int:
             pause = delay if args.timeout is None else min(delay, args.timeout - waited)
             await asyncio.sleep(max(pause, 0.01))
             delay = min(delay * 1.5, WAIT_POLL_MAX)
+    return _ended_with(args, job, state, progress)
+
+
+def _ended_with(args: argparse.Namespace, job: dict, state: str, progress: bool) -> int:
+    """`job wait`'s last word on an ended job: it, and the job's exit code."""
     if progress:
         sys.stderr.write("\r\x1b[K")
     code = _get(job, "properties.executionInfo.exitCode")
@@ -714,16 +730,15 @@ async def job_wait(args: argparse.Namespace) -> int:
     return code if isinstance(code, int) and 0 < code < 256 else 1
 
 
-def _wait_lost(args: argparse.Namespace, exc: ClientError, state: str | None,
-               progress: bool) -> int:  # fmt: skip
-    """EXIT_WAIT_LOST, saying why: the server was lost, or never reached (not 1, which a
-    job's own exit code may be)."""
+def _cannot_tell(args: argparse.Namespace, why: str, state: str | None,
+                 progress: bool) -> int:  # fmt: skip
+    """EXIT_WAIT_UNKNOWN, saying why (not 1, which a job's own exit code may be)."""
     if progress:
         sys.stderr.write("\r\x1b[K")
     seen = f" (last seen {state})" if state else ""
-    print(f"batchd: error: {exc}; cannot tell whether job {_job_key(args)}{seen} has ended",
+    print(f"batchd: error: {why}; cannot tell whether job {_job_key(args)}{seen} has ended",
           file=sys.stderr)  # fmt: skip
-    return EXIT_WAIT_LOST
+    return EXIT_WAIT_UNKNOWN
 
 
 def _file_params(args: argparse.Namespace) -> dict[str, Any]:

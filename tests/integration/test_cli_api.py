@@ -515,6 +515,35 @@ async def test_every_detail_of_an_error_gets_its_own_line(capsys, monkeypatch, t
     assert done.out == ""
 
 
+@pytest.mark.parametrize(("answers", "words"), [
+    ([(200, "running", "t1"), (200, "failed", "t2")], "deleted and a new job took its name"),
+    ([(200, "running", "t1"), (404, None, None)], "it was deleted"),
+    ([(200, "running", "t1"), (401, None, None)], "token revoked"),
+    ([(404, None, None)], "no job 'j'"),
+])  # fmt: skip
+async def test_a_wait_that_cannot_tell_how_its_job_ended_exits_125(capsys, monkeypatch, tmp_path,
+                                                                   answers, words):  # fmt: skip
+    """The job waited on deleted (and its name taken by a new job, whose end is not its
+    own), or the server refusing the wait: 125 and why, never a job's exit code or 1."""
+
+    async def job(request: web.Request) -> web.Response:
+        status, state, created = answers.pop(0) if len(answers) > 1 else answers[0]
+        if status != 200:
+            message = "token revoked" if status == 401 else "no job 'j' in ws/exp"
+            return web.json_response({"error": {"code": "x", "message": message}}, status=status)
+        properties = {"state": state, "creationTime": created,
+                      "executionInfo": {"exitCode": 5 if state == "failed" else None}}  # fmt: skip
+        return web.json_response({"name": "j", "properties": properties})
+
+    app = web.Application()
+    app.router.add_get("/v1/workspaces/ws/experiments/exp/jobs/j", job)
+    monkeypatch.setenv("BATCHD_STATE_DIR", str(tmp_path))
+    async with serving(app) as url:
+        done = await _runner(capsys)("job", "wait", "j", "-w", "ws", "-e", "exp",
+                                     "--server", url, "--token", "t")  # fmt: skip
+    assert done.code == 125 and words in done.err and done.out == "", done
+
+
 async def test_unreachable_server_and_missing_token(capsys, monkeypatch, tmp_path):
     batchd = _runner(capsys)
     monkeypatch.setenv("BATCHD_STATE_DIR", str(tmp_path))
