@@ -23,7 +23,7 @@ from typing import Any
 import structlog
 from aiohttp import http_exceptions, web, web_protocol, web_server
 
-from batchd.scheduler.api import REQUEST_HEADER
+from batchd.scheduler.api import CONTENT_CODINGS, REQUEST_HEADER
 
 logger = structlog.get_logger(__name__)
 
@@ -37,8 +37,13 @@ _SAID = (  # the first that the error is an instance of (aiohttp's parsers raise
      "not an HTTP request: its method is not one HTTP knows (TLS sent to an http:// address?)"),
     (http_exceptions.InvalidURLError, "the request's URL is malformed"),
     (http_exceptions.BadStatusLine, "the request line is malformed"),
+    (http_exceptions.PayloadEncodingError,
+     "the body cannot be read: it is not in its Content-Encoding, or was cut short"),
     (http_exceptions.BadHttpMessage, "the request's headers or framing are malformed"),
 )  # fmt: skip
+
+
+_UNDECODABLE = f"the request's Content-Encoding is not one of {', '.join(CONTENT_CODINGS)}"
 
 
 def said(exc: BaseException | None) -> str:
@@ -49,13 +54,29 @@ def said(exc: BaseException | None) -> str:
     return "the request is not valid HTTP"
 
 
+def _no_decoder(exc: BaseException | None) -> bool:
+    """A Content-Encoding aiohttp knows but has no decoder for here (br, zstd): refused as
+    the parser reads the headers, before the API's own check of the coding can run."""
+    return isinstance(exc, http_exceptions.ContentEncodingError) and (
+        "can not decode content-encoding" in str(exc).lower()
+    )  # (aiohttp's words)
+
+
+def _unreadable_body(exc: BaseException | None) -> bool:
+    """A body not in its Content-Encoding, or cut short (the API has answered 400)."""
+    return isinstance(exc, web_protocol.RequestPayloadError | http_exceptions.PayloadEncodingError)
+
+
 class _Handler(web_protocol.RequestHandler):
     def handle_error(self, request: web.BaseRequest, status: int = 500,
                      exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:  # fmt: skip
         if status != 400:  # a handler's failure or timeout: aiohttp's own answer and log
             return super().handle_error(request, status, exc, message)
-        what = said(exc)  # (not aiohttp's `message`: that quotes the request)
+        if _no_decoder(exc):
+            status, code, what = 415, "UnsupportedMediaType", _UNDECODABLE
+        else:
+            code, what = "BadRequest", said(exc)  # (not `message`: that quotes the request)
         log = logger.warning
         if self._request_count == 1 and isinstance(exc, http_exceptions.BadHttpMethod):
             log = logger.debug  # not HTTP at all: TLS on the wrong port, a scanner
@@ -64,10 +85,20 @@ class _Handler(web_protocol.RequestHandler):
         log("api.unparsable_request", peer=request.remote, error=what, request_id=request_id)
         if not answered:
             raise ConnectionError("the response has begun: no error can be sent")
-        body = {"error": {"code": "BadRequest", "message": what, "details": []}}
-        response = web.json_response(body, status=400, headers={REQUEST_HEADER: request_id})
+        body = {"error": {"code": code, "message": what, "details": []}}
+        response = web.json_response(body, status=status, headers={REQUEST_HEADER: request_id})
         response.force_close()  # what follows on the connection cannot be trusted
         return response
+
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        """A body that cannot be read fails again as aiohttp reads what the handler left of
+        it, after the API has answered 400: that is the client's error, already told, not a
+        fault of the server's to log with a traceback."""
+        error = kw.get("exc_info")
+        if _unreadable_body(error) or _unreadable_body(getattr(error, "__cause__", None)):
+            logger.debug("api.unread_body_dropped", error=str(error))
+            return
+        super().log_exception(*args, **kw)
 
 
 class _Server(web_server.Server):
