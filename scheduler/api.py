@@ -1062,9 +1062,15 @@ def _http_date(timestamp: float) -> str:
 
 
 def _wanted_range(request: web.Request) -> tuple[int, int | None] | None:
-    """The bytes a Range header asks for: (start, stop; None for the end), None without one;
-    416 in the error shape for one that cannot be served."""
-    if hdrs.RANGE not in request.headers:
+    """The bytes a Range header asks for: (start, stop; None for the end), None without one
+    or with one of a form not served (another unit, several ranges, the last N bytes: the
+    header is ignored, as RFC 9110 lets a server, and the whole file sent); 416 in the error
+    shape for one that cannot be served."""
+    header = request.headers.get(hdrs.RANGE)
+    if header is None:
+        return None
+    unit, sep, spec = header.partition("=")
+    if not sep or unit.strip().lower() != "bytes" or "," in spec or spec.strip()[:1] == "-":
         return None
     try:
         wanted = request.http_range
@@ -1127,12 +1133,16 @@ def _unsatisfiable(message: str) -> RangeNotSatisfiable:
 
 async def _follow(request: web.Request, job: Job,
                   read: Callable[[int], Awaitable[bytes]]) -> web.StreamResponse:  # fmt: skip
-    """A file from the Range start as it grows (`read(offset)` gives what follows an
-    offset), until the job has ended and everything written is sent, the client has gone, or
+    """A file from the Range start (bytes=START-, else 400) as it grows, answered 200
+    (`read(offset)` gives what follows an offset), until the job has ended and everything
+    written is sent, the client has gone, or
     the daemon stops. A first read that fails answers with its error; a later one breaks the
     answer off, unfinished (the file became a link or a directory, its node cannot be
     reached), as does the revocation of the token it was asked with."""
     wanted = _wanted_range(request)
+    if request.headers.get(hdrs.RANGE) is not None and (wanted is None or wanted[1] is not None):
+        raise DocumentError("Range", "with follow=true, only bytes=START- is served (a growing "
+                                     "file's part has no end)")  # fmt: skip
     offset = wanted[0] if wanted else 0
     api = request.app[API_KEY]
     token_id = _principal(request).token_id
