@@ -143,9 +143,15 @@ def create_cluster(
     spec = parse_cluster(document, catalog)
     if f"{workspace}/{name}" in m.cluster_ids:
         raise CommandError(f"cluster {name!r} exists already in {workspace!r}")
-    data = {"clusterId": new_id(), "workspace": workspace, "name": name,
+    cluster_id = new_id()
+    data = {"clusterId": cluster_id, "workspace": workspace, "name": name,
             "spec": cluster_properties(spec)}  # fmt: skip
-    return [_event(f"cluster-{workspace}/{name}", "ClusterCreated", data, actor)]
+    out = [_event(f"cluster-{workspace}/{name}", "ClusterCreated", data, actor)]
+    manual = spec.scale_settings.get("manual")
+    if manual is not None and manual.get("targetNodeCount", 0) > 0:  # (no node has joined)
+        data = {"clusterId": cluster_id}  # the answer shows it resizing, as the next read will
+        out.append(_event(f"cluster-{workspace}/{name}", "ClusterResizeStarted", data, actor))
+    return out
 
 
 def cluster_properties(spec: ClusterSpec) -> dict[str, Any]:

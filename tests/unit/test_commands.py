@@ -76,6 +76,16 @@ def test_a_batch_ai_resource_id_names_the_cluster(w):
     assert event.data["cluster"] == "id-1"
 
 
+@pytest.mark.parametrize(("target", "state"), [(2, "resizing"), (0, "steady")])
+def test_a_cluster_created_with_nodes_to_come_is_resizing_from_its_creation(w, target, state):
+    """The answer to the create says what the next read says: resizing until they join."""
+    manual = {**CLUSTER, "scaleSettings": {"manual": {"targetNodeCount": target}}}
+    w.do(commands.create_cluster(w.m, "ws", "new", manual, "user:ops", new_id=w.new_id))
+    cluster = commands.find_cluster(w.m, "ws", "new")
+    assert cluster.allocation_state == state
+    assert commands.resize_changes(w.m, "scheduler") == []  # nothing left to say
+
+
 @pytest.mark.parametrize("reference", [
     "/workspaces/clusters/clusters/gpu",  # batchd's own id, of a workspace named "clusters"
     "/subscriptions/s/resourceGroups/workspaces/providers/Microsoft.BatchAI/workspaces/clusters"
