@@ -508,8 +508,12 @@ def _reason(out: list[Decision], job: Job, reason: dict[str, Any]) -> None:
 
 
 def _ends_before(job: Job, now: int, deadline: float) -> bool:
+    """Does `job`, started now, end before `deadline` at the latest? Strictly: a job whose
+    limit ends with the reservation's (both the 7-day default, the reservation resting on a
+    job placed in this cycle) would pass the reserved job on a tie of two worst cases, and
+    hold its GPUs long after the job it tied with has ended."""
     limit = job.max_wall_clock_s
-    return limit is not None and now + limit * 1_000_000 <= deadline
+    return limit is not None and now + limit * 1_000_000 < deadline
 
 
 def _running(m: ReadModels, cluster: Cluster) -> Iterable[Job]:

@@ -141,6 +141,20 @@ def test_the_reservation_counts_the_jobs_placed_earlier_in_the_same_cycle():
     }  # fmt: skip
 
 
+def test_a_job_whose_limit_ties_with_the_reservation_waits_behind_it():
+    """Two jobs with the same (default) limit placed in one cycle: the reserved job behind the
+    first may start once it ends, so the second, which would end just as late, does not pass
+    the reserved one: it could run on for the whole limit after the first has gone."""
+    w = World().cluster(nodes=1, gpus=4)
+    first = w.job(gpus=2, priority=500, wall=7 * 24 * HOUR)
+    gang = w.job(gpus=4, priority=100, wall=7 * 24 * HOUR)
+    tied = w.job(gpus=2, priority=-1000, wall=7 * 24 * HOUR)
+    decisions = w.plan()
+    assert set(placed(decisions)) == {first}
+    assert reasons(decisions)[tied] == {"code": "behind_reservation"}
+    assert reasons(decisions)[gang]["code"] == "insufficient_gpus"
+
+
 def test_a_job_too_big_for_the_cluster_does_not_block_the_others():
     w = World().cluster(nodes=1, gpus=4)
     huge = w.job(gpus=4, nodes=3, priority=1000)
