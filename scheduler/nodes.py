@@ -435,6 +435,9 @@ class NodeService:
             raise protocol.ProtocolError(f"cluster {msg.get('cluster')} is being deleted")
         out: list[Decision] = []
         stream = f"node-{node_id}"
+        if node is not None and node.cluster != cluster_id:  # a machine moved to this cluster
+            out.append(_moved_out(m, node, msg, actor))
+            node = None  # it joins as a new node
         if node is not None and node.incarnation not in (0, msg["incarnation"]):
             out += retries.node_lost(m, node_id)  # a restarted agent runs none of the old tasks
         if node is None or node.incarnation != msg["incarnation"]:
@@ -892,6 +895,21 @@ def _for_engine(node: Node) -> bool:
     error = node.errors[-1] if node.errors else {}
     return (node.state == SUSPECT and error.get("code") == protocol.ENGINE_UNREACHABLE
             and error.get("at") == node.since)  # fmt: skip
+
+
+def _moved_out(m: ReadModels, node: Node, msg: dict[str, Any], actor: str) -> Decision:
+    """NodeRemoved for a node that registers with another cluster than the one it is in (a
+    machine given to another cluster, its agent started again with a new --cluster): allowed
+    once its old agent is gone (lost: its jobs were requeued then), refused (400) while that
+    node is alive, as when two machines share a node id (the default is the host name)."""
+    if node.state != LOST:
+        old = m.clusters.get(node.cluster)
+        where = f"{old.workspace}/{old.name}" if old is not None else node.cluster
+        raise protocol.ProtocolError(
+            f"node {node.node_id!r} is a node of cluster {where} ({node.state}), not of "
+            f"{msg.get('cluster')}: give this agent its own --node-id, or stop the other one "
+            "and wait until that node is lost")  # fmt: skip
+    return (f"node-{node.node_id}", NewEvent("NodeRemoved", {"nodeId": node.node_id}, actor))
 
 
 def _may_recover(node: Node, engine_down: str | None, now: int) -> bool:

@@ -19,6 +19,7 @@ import aiohttp
 import pytest
 
 from batchd.events import errors
+from batchd.events.envelope import NewEvent
 from batchd.scheduler import nodes as node_service
 from batchd.scheduler import planner, protocol, retries
 from batchd.scheduler.agent import HEARTBEAT_INTERVAL
@@ -1116,6 +1117,37 @@ async def test_the_agent_channel_refuses_strangers_and_bad_registrations(local):
     assert not daemon.stopping.is_set()
     assert await poll(fleet, "local-0") == 409  # another agent's commands are not handed out
     await client.call("POST", f"{EXP}/jobs/real/terminate")
+
+
+async def test_a_machine_moves_to_another_cluster_once_its_old_node_is_lost(local):
+    """An agent registering a node id that another cluster holds: refused (400, naming the
+    cluster and --node-id) while that node is alive, as when two machines share a host
+    name; once its old agent is gone (the node lost), the node moves: removed from the old
+    cluster and ready in the new one, which places its jobs there."""
+    daemon, client = local
+    models = daemon.models.models
+    for name in ("first", "second"):
+        path = f"/v1/workspaces/default/clusters/{name}"
+        assert (await client.call("PUT", path, ONE_NODE))[0] == 201
+    fleet = await make_token(client, "fleet-agent", "agent")
+    join = protocol.message("Register", "mover", 1, cluster="default/first", gpus=1)
+    assert await _post(daemon, client, fleet, join) == 200
+    first, second = (models.cluster_ids[f"default/{n}"] for n in ("first", "second"))
+    await _until(lambda: models.nodes["mover"].state == "ready", 10)
+    elsewhere = protocol.message("Register", "mover", 2, cluster="default/second", gpus=1)
+    assert await _post(daemon, client, fleet, elsewhere) == 400  # the other one is alive
+    assert models.nodes["mover"].cluster == first and models.nodes["mover"].incarnation == 1
+    gone = NewEvent("NodeLost", {"nodeId": "mover"})
+    await daemon.control.run(lambda m: [("node-mover", gone)], key="node/mover")
+    moved = protocol.message("Register", "mover", 3, cluster="default/second", gpus=1)
+    assert await _post(daemon, client, fleet, moved) == 200
+    await _until(lambda: models.nodes["mover"].state == "ready", 10)
+    assert models.nodes["mover"].cluster == second
+    assert models.clusters[first].nodes == [] and models.clusters[second].nodes == ["mover"]
+    await _run(client, "there", "true", cluster="second")
+    await _until(lambda: newest_job(models, "there").tasks, 30)
+    assert newest_job(models, "there").tasks[0][0] == "mover"
+    await client.call("POST", f"{EXP}/jobs/there/terminate")
 
 
 async def test_one_body_of_task_reports_for_several_jobs_ends_each_as_reported(local):
