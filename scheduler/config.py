@@ -10,6 +10,7 @@ daemon creates (mode 0600) with one fresh key on first start.
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -215,17 +216,38 @@ def load_keyring(config: Config, *, create: bool) -> Keyring | None:
                                   "toml shows how)")  # fmt: skip
             if not create:
                 return None
-            path.parent.mkdir(parents=True, exist_ok=True)
             key = base64.b64encode(os.urandom(32)).decode("ascii")
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as handle:
-                handle.write(f"k1:{key}\n")
+            _create_durably(path, f"k1:{key}\n")
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"secret keys file {path}: {exc.strerror} (create it beforehand: "
                           "lines of ID:BASE64, mode 0600, readable by the daemon's user; or "
                           f"set ${KEYS_ENV})") from None  # fmt: skip
     return _parse_keys(text, str(path))
+
+
+def _create_durably(path: Path, text: str) -> None:
+    """Create `path` (mode 0600) holding `text`, whole or not at all, and on disk before it
+    is used: a key that seals secrets in the log must outlive a crash or a power cut as the
+    log does. Written to a file of its own, synced, then linked into place (which fails if
+    `path` exists: a daemon starting beside this one keeps the key that one made)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    spare = path.with_name(f".{path.name}.{os.getpid()}.new")
+    fd = os.open(spare, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        with contextlib.suppress(FileExistsError):
+            os.link(spare, path)
+    finally:
+        spare.unlink(missing_ok=True)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def _parse_keys(text: str, where: str) -> Keyring:

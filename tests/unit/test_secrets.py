@@ -9,6 +9,7 @@ from batchd.events import errors
 from batchd.events.codec import Codec
 from batchd.events.envelope import NewEvent
 from batchd.events.secrets import Keyring, Sealed, redact, seal_paths
+from batchd.scheduler import config
 
 
 def test_sealed_values_open_with_their_key_after_rotation():
@@ -61,3 +62,28 @@ def test_keyring_refuses_bad_keys():
         Keyring({"k": bytes(32)}, "other")
     with pytest.raises(errors.SecretKeyError, match="base64"):
         Keyring.from_base64({"k": "not base64!"}, "k")
+
+
+def test_the_default_keys_file_is_made_whole_and_kept_if_made_meanwhile(tmp_path, monkeypatch):
+    """The key that seals the log's secrets is written whole or not at all (through a synced
+    file of its own, linked into place): never an empty file that a crash would leave, and
+    never over a key another daemon starting beside this one made first."""
+    monkeypatch.delenv(config.KEYS_ENV, raising=False)
+    settings = config.Config(state_dir=tmp_path / "state", store_url="memory://x")
+    made = config.load_keyring(settings, create=True)
+    keys = tmp_path / "state" / "secret.keys"
+    assert os.stat(keys).st_mode & 0o777 == 0o600
+    assert [p.name for p in keys.parent.iterdir()] == ["secret.keys"]  # nothing left beside
+    again = config.load_keyring(settings, create=True)
+    assert again.open(made.seal("s3cret")) == "s3cret"  # the same key, read back
+    keys.unlink()
+    real_link = os.link
+
+    def raced(source, target):  # another daemon links its key first
+        keys.write_text("k1:" + "A" * 43 + "=\n")
+        real_link(source, target)
+
+    monkeypatch.setattr(os, "link", raced)
+    config.load_keyring(settings, create=True)
+    assert keys.read_text() == "k1:" + "A" * 43 + "=\n"
+    assert [p.name for p in keys.parent.iterdir()] == ["secret.keys"]
