@@ -7,6 +7,7 @@ convert it to and from ISO-8601 for people. A time written without a zone is tak
 from __future__ import annotations
 
 import datetime as dt
+import re
 import time
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
@@ -37,8 +38,11 @@ def to_datetime(us: int) -> dt.datetime:
     return _EPOCH + dt.timedelta(microseconds=us)
 
 
-def parse_iso(text: str, name: str | None = None) -> int:
-    """Parse an ISO-8601 time (zone optional, UTC if absent) into microseconds.
+def parse_iso(text: str, name: str | None = None, *, lower: bool = False) -> int:
+    """Parse an ISO-8601 time (zone optional, UTC if absent) into microseconds. Digits past
+    the microsecond are cut off, which suits an upper bound or a moment; for a `lower` bound
+    a time between two microseconds is taken up to the next (an event recorded at .933573
+    is before .933573001).
 
     Raises ValueError with a message naming the text when it is not a time (or is out of
     range), after `name: ` where given: the option or field the text came from (`--at`).
@@ -58,4 +62,11 @@ def parse_iso(text: str, name: str | None = None) -> int:
     except OverflowError:
         raise ValueError(f"{where}{text!r} is out of range (years 1 to 9999, UTC)") from None
     delta = value - _EPOCH
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+    micros = (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+    fraction = _FRACTION.search(raw)
+    if lower and fraction is not None and fraction.group(1)[6:].strip("0"):
+        micros += 1
+    return micros
+
+
+_FRACTION = re.compile(r":\d\d[.,](\d+)")  # the seconds' fraction

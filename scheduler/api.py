@@ -1290,7 +1290,7 @@ async def list_events(request: web.Request) -> web.Response:
     _principal(request).require_whole_log()
     after = _int_query(request, "after", 0)
     top = _int_query(request, "top", PAGE, 1, MAX_PAGE)
-    start, end = _time_query(request, "from"), _time_query(request, "to")
+    start, end = _time_query(request, "from", lower=True), _time_query(request, "to")
     api = request.app[API_KEY]
     if start is not None:
         after = max(after, await api.store.position_at(start - 1))
@@ -1317,13 +1317,14 @@ async def _stream_exists(store: EventStore, stream: str) -> bool:
     return bool(await store.read_stream_page(stream, 0, MAX_POSITION, 1))
 
 
-def _time_query(request: web.Request, name: str) -> int | None:
-    """An ISO-8601 query parameter in microseconds (None: not given)."""
+def _time_query(request: web.Request, name: str, lower: bool = False) -> int | None:
+    """An ISO-8601 query parameter in microseconds (None: not given; `lower`: a lower bound,
+    see parse_iso)."""
     text = request.query.get(name)
     if text is None:
         return None
     try:
-        return parse_iso(text)
+        return parse_iso(text, lower=lower)
     except ValueError as exc:
         raise DocumentError(name, str(exc)) from None
 

@@ -145,7 +145,7 @@ def history_text(key: str, incarnations: list[dict[str, Any]]) -> str:
 # -- events export ----------------------------------------------------------------------------
 def export_bounds(args: argparse.Namespace) -> tuple[int | None, int | None]:
     """`events export`'s --from and --to in microseconds (None: not given), checked."""
-    start = parse_iso(args.from_, "--from") if args.from_ is not None else None
+    start = parse_iso(args.from_, "--from", lower=True) if args.from_ is not None else None
     end = parse_iso(args.to, "--to") if args.to is not None else None
     if start is not None and end is not None and end < start:
         raise ValueError(f"--to {args.to} is before --from {args.from_}")

@@ -73,6 +73,16 @@ def test_times_without_a_zone_are_utc():
         parse_iso("yesterday")
 
 
+def test_a_lower_bound_between_two_microseconds_is_taken_up_to_the_next():
+    """An event recorded at .933573 is before --from .933573001, after --to .933573001."""
+    at = parse_iso("2026-11-29T17:26:58.933573Z")
+    assert parse_iso("2026-11-29T17:26:58.933573001Z", lower=True) == at + 1
+    assert parse_iso("2026-11-29T17:26:58.933573001Z") == at  # an upper bound, a moment
+    for whole in ("2026-11-29T17:26:58.933573000Z", "2026-11-29T17:26:58.933573Z"):
+        assert parse_iso(whole, lower=True) == at
+    assert parse_iso("2026-11-29T18:26:58.9335739+01:00", lower=True) == at + 1
+
+
 def test_a_bad_time_is_named_by_the_option_it_came_from():
     with pytest.raises(ValueError) as bad:
         parse_iso("yesterday", "--to")
