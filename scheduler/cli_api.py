@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 from batchd.events.timeutil import to_iso
 from batchd.projections.history import pending_reason
 from batchd.scheduler import cli_log, cli_replay
+from batchd.scheduler.cli_text import printable
 from batchd.scheduler.client import (
     ApiError,
     Client,
@@ -70,7 +71,7 @@ def _cell(value: Any) -> str:
         return "-"
     if isinstance(value, (list, dict, bool)):  # as JSON has them: true, not True
         return json.dumps(value)
-    return str(value)
+    return printable(str(value))
 
 
 def _print_table(header: list[str], rows: Iterable[list[Any]]) -> None:
@@ -105,7 +106,7 @@ def _print_resource(args: argparse.Namespace, resource: dict[str, Any]) -> None:
         return
     for key in ("name", "id"):
         if key in resource:
-            print(f"{key}: {resource[key]}")
+            print(f"{key}: {_cell(resource[key])}")
     for key, value in _flatten(resource.get("properties", {}), ""):
         print(f"{key}: {value}")
 
@@ -678,10 +679,10 @@ async def job_wait(args: argparse.Namespace) -> int:
                 job = await server.call(lambda: api.get(_job(args)))
             except ApiError as exc:
                 if state is None:  # refused from the start (no such job, say)
-                    print(f"batchd: error: {exc.lines()[0]}", *exc.lines()[1:], sep="\n",
-                          file=sys.stderr)  # fmt: skip
+                    lines = [printable(line) for line in exc.lines()]
+                    print(f"batchd: error: {lines[0]}", *lines[1:], sep="\n", file=sys.stderr)
                     return EXIT_WAIT_UNKNOWN
-                why = "it was deleted" if exc.status == 404 else exc.lines()[0]
+                why = "it was deleted" if exc.status == 404 else printable(exc.lines()[0])
                 return _cannot_tell(args, why, state, progress)
             except ServerLost as exc:
                 return _cannot_tell(args, str(exc), state, progress)
@@ -723,7 +724,7 @@ def _ended_with(args: argparse.Namespace, job: dict, state: str, progress: bool)
         said = f"job {_job_key(args)} {state}" + (f", exit code {code}" if code is not None else "")
         errors = _get(job, "properties.executionInfo.errors") or []
         if state != "succeeded" and errors and isinstance(errors[-1], dict):
-            said += f": {errors[-1].get('code')}: {errors[-1].get('message')}"  # why it failed
+            said += printable(f": {errors[-1].get('code')}: {errors[-1].get('message')}")
         print(said)
     if state == "succeeded":
         return 0

@@ -19,6 +19,7 @@ from batchd.projections import history, views
 from batchd.projections.model import LIVE_STATES, job_key
 from batchd.projections.runner import Runner, moment_note
 from batchd.scheduler.cli_log import open_readonly
+from batchd.scheduler.cli_text import printable
 
 
 class NotFound(ValueError):
@@ -99,7 +100,7 @@ def world_text(w: dict[str, Any]) -> str:
 def table(header: list[str], rows: list[list[Any]]) -> list[str]:
     if not rows:
         return ["  (none)"]
-    cells = [header, *([str(c) for c in row] for row in rows)]
+    cells = [header, *([printable(str(c)) for c in row] for row in rows)]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     return ["  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
             for row in cells]  # fmt: skip

@@ -198,6 +198,28 @@ async def test_job_from_flags_then_list_show_wait_history_and_delete(batchd, api
     assert [e["event"] for e in gone.json["value"][0]["timeline"]][-1] == "JobDeleted"
 
 
+async def test_what_a_job_says_is_shown_not_obeyed_by_the_terminal(batchd, api):
+    """A command line or an error that a job's own output ends carries escape sequences and
+    carriage returns: `job show`, `job list`, `job wait` and `job history` print them as
+    escapes, so a job cannot write over, recolour or retitle an operator's terminal."""
+    await _setup(batchd)
+    command = "echo hi\n\x1b[31mRED\x1b[0m\rOVERWRITE"
+    done = await batchd("job", "create", "esc", "-w", "ws", "-e", "exp", "--cluster", "c",
+                        "--command", command)  # fmt: skip
+    assert done.code == 0, done.err
+    said = {"code": "output_unwritable", "message": "cannot write: \x1b]0;pwned\x07\r"}
+    await _drive(api, _job_id(api, "esc"), ("JobFailed", {"exitCode": 3, "error": said}))
+    outputs = [await batchd("job", verb, "esc", "-w", "ws", "-e", "exp")
+               for verb in ("show", "wait", "history")]  # fmt: skip
+    outputs.append(await batchd("job", "list", "-w", "ws", "-e", "exp"))
+    for done in outputs:
+        assert not any(c in done.out + done.err for c in "\x1b\x07\r"), done
+    shown = outputs[0].lines
+    assert "customToolkitSettings.commandLine: echo hi\\n\\x1b[31mRED\\x1b[0m\\rOVERWRITE" in shown
+    assert outputs[1].lines == ["job ws/exp/esc failed, exit code 3: output_unwritable: "
+                                "cannot write: \\x1b]0;pwned\\x07\\r"]  # fmt: skip
+
+
 async def test_job_from_a_config_file_with_flags_overriding_it(batchd, api, tmp_path):
     await _setup(batchd)
     spec = {"properties": {
