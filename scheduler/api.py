@@ -605,7 +605,9 @@ async def put_job(request: web.Request) -> web.Response:
         stored = resources.opened(await resources.job_spec(api.store, existing), api.keyring)
         wanted = parse_job(document)
         target = commands.resolve_cluster(m, wanted.cluster, ws, "")
-        if stored == wanted.properties and target == existing.cluster:
+        # the cluster compared as the one it names (a name, its id as GET shows it, a Batch
+        # AI resource id), the rest as written
+        if _but_cluster(stored) == _but_cluster(wanted.properties) and target == existing.cluster:
             return []
         raise CommandError(f"job {name!r} exists already in {ws}/{exp} with another document")
 
@@ -618,6 +620,10 @@ async def put_job(request: web.Request) -> web.Response:
         spec = await resources.job_spec(api.store, found)
     return _written(resources.job(api.models, found, spec), created, request,
                     201 if created else 200)  # fmt: skip
+
+
+def _but_cluster(properties: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in properties.items() if k != "cluster"}
 
 
 async def get_job(request: web.Request) -> web.Response:

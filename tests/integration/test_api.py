@@ -109,6 +109,15 @@ async def test_put_is_idempotent_and_a_different_document_is_a_conflict(client):
     assert len(hist["value"]) == 1 and len(submitted) == 1  # nothing new was submitted
     status, error = await client.call("PUT", f"{EXP}/jobs/train", {**JOB, "nodeCount": 2})
     assert status == 409 and error["error"]["code"] == "Conflict"
+    shown = (await client.call("GET", f"{EXP}/jobs/train"))[1]["properties"]["cluster"]
+    rid = (
+        "/subscriptions/s/resourceGroups/rg/providers/Microsoft.BatchAI/workspaces/ws/clusters/gpu"
+    )
+    for same in (shown, {"id": rid}):  # the cluster as GET shows it, by Batch AI's id: the same
+        assert (await client.call("PUT", f"{EXP}/jobs/train", {**JOB, "cluster": same}))[0] == 200
+    assert (await client.call("PUT", "/v1/workspaces/ws/clusters/gpu2", CLUSTER))[0] == 201
+    other = {**JOB, "cluster": {"id": "/workspaces/ws/clusters/gpu2"}}
+    assert (await client.call("PUT", f"{EXP}/jobs/train", other))[0] == 409
 
 
 async def test_a_cluster_being_deleted_is_not_made_again_until_it_has_gone(client, api):
