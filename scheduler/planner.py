@@ -118,6 +118,7 @@ class _Capacity:
     _ever: dict[int, int] = field(default_factory=dict)  # need -> nodes that could ever hold it
     staying: int = 0  # the cluster's nodes that are not leaving (draining, evicted)
     coming: int = 0  # its nodes on their way to ready (for less than NODES_COMING)
+    joining: int = 0  # its nodes registering or running their setup task
     # runtime -> the ready nodes without it (none, on a cluster whose nodes all offer the same)
     lacking: dict[str, frozenset[str]] = field(default_factory=dict)
     runtimes: frozenset[str] = frozenset()  # those some ready node offers
@@ -145,6 +146,7 @@ class _Capacity:
             self._ever,
             self.staying,
             self.coming,
+            self.joining,
             self.lacking,
             self.runtimes,
         )
@@ -249,12 +251,13 @@ def _capacity(m: ReadModels, cluster: Cluster, now: int) -> _Capacity:
     free: dict[str, list[int]] = {}
     gpus: dict[str, int] = {}
     whole: list[str] = []
-    staying = coming = 0
+    staying = coming = joining = 0
     for node_id in cluster.nodes:
         node = m.nodes[node_id]
         staying += node.state != LEAVING
         if node.state != READY:
             coming += node.state in COMING and now - node.since < NODES_COMING
+            joining += node.state in (PROVISIONING, PREPARING)
             continue
         gpus[node_id] = node.gpus
         free[node_id] = free_gpus(node)
@@ -267,8 +270,8 @@ def _capacity(m: ReadModels, cluster: Cluster, now: int) -> _Capacity:
         without = frozenset(n for n, each in offered.items() if runtime not in each)
         if without:
             lacking[runtime] = without
-    return _Capacity(free, gpus, whole, staying=staying, coming=coming, lacking=lacking,
-                     runtimes=runtimes)  # fmt: skip
+    return _Capacity(free, gpus, whole, staying=staying, coming=coming, joining=joining,
+                     lacking=lacking, runtimes=runtimes)  # fmt: skip
 
 
 def plan(m: ReadModels, now: int, limit: int = CYCLE_DECISIONS) -> list[Decision]:
@@ -471,7 +474,7 @@ def _why(cluster: Cluster, capacity: _Capacity, need: int, nodes: int,
         return {"code": "cluster_too_small", "need_nodes": nodes}
     skip = capacity.skip(runtime)
     ready = len(capacity.gpus) - len(skip)
-    if cluster.allocation_state == "resizing" and ready < nodes:
+    if ready < nodes and _scaling(cluster, capacity):
         return {"code": "cluster_scaling"}
     if len(capacity.gpus) < capacity.staying and not capacity.ever_fits(need, nodes, skip):
         return NODES_NOT_READY
@@ -491,6 +494,19 @@ def _why(cluster: Cluster, capacity: _Capacity, need: int, nodes: int,
     ):  # (else no node has `need` at all)
         return {"code": "fragmented", "need": need}
     return {"code": "insufficient_gpus", "need": need}
+
+
+def _scaling(cluster: Cluster, capacity: _Capacity) -> bool:
+    """Are nodes on their way to the cluster: some joining now, or fewer staying than its
+    manual target asks (an autoscaled cluster that is resizing: its provider's)? Not a
+    cluster resizing only because it holds more nodes than its target, lost ones among
+    them, nor one whose nodes are leaving: no node is coming to those."""
+    if cluster.allocation_state != "resizing":
+        return False
+    manual = cluster.scale_settings.get("manual")
+    if manual is None or capacity.joining:
+        return True
+    return capacity.staying < manual.get("targetNodeCount", 0)
 
 
 def _cluster_gone(job: Job, cluster: Cluster | None) -> Decision:

@@ -357,6 +357,26 @@ def test_pending_reasons_for_scaling_and_missing_clusters_recorded_only_when_the
     assert failed.type == "JobFailed" and failed.data["error"]["code"] == "cluster_deleted"
 
 
+def test_a_cluster_resizing_only_for_its_lost_nodes_is_not_said_to_be_scaling():
+    """Three nodes for a target of two, two of them lost (their agents stopped): the cluster
+    is resizing, but no node is coming; a gang that needs two waits for nodes not ready. A
+    cluster short of its target is scaling, and so is one whose node is joining."""
+    w = World()
+    w.apply("ClusterCreated", clusterId="c", workspace="ws", name="c",
+            spec={"vmSize": "x", "scaleSettings": {"manual": {"targetNodeCount": 2}}})  # fmt: skip
+    for node in ("a", "b", "d"):
+        w.apply("NodeRegistered", nodeId=node, cluster="c", gpus=4)
+        w.apply("NodeSetupSucceeded", nodeId=node)
+    for node in ("b", "d"):
+        w.apply("NodeLost", nodeId=node)
+    w.apply("ClusterResizeStarted", clusterId="c")
+    gang = w.job(gpus=1, nodes=2)
+    assert reasons(w.plan(now=NOW + 200 * 1_000_000)) == {gang: {"code": "nodes_not_ready"}}
+    w.apply("NodeRemoved", nodeId="b")
+    w.apply("NodeRemoved", nodeId="d")  # one staying node for a target of two
+    assert reasons(w.plan(now=NOW + 200 * 1_000_000)) == {gang: {"code": "cluster_scaling"}}
+
+
 def test_a_job_that_only_nodes_not_ready_could_hold_says_so():
     w = World().cluster(nodes=2, gpus=4)
     w.apply("NodeSetupFailed", nodeId="c-n0", exitCode=1)  # unusable
