@@ -1234,6 +1234,17 @@ async def get_node(request: web.Request) -> web.Response:
     return web.json_response(_node_answer(api, node, principal))
 
 
+async def delete_node(request: web.Request) -> web.Response:
+    api = request.app[API_KEY]
+    principal = _principal(request)
+    node_id = request.match_info["id"]
+    node = api.models.nodes.get(node_id)
+    if node is None or not principal.sees(_node_workspace(api.models, node) or ""):
+        raise CommandError(f"no node {node_id!r}", 404)  # (or not its to see)
+    principal.require("admin", _node_workspace(api.models, node))
+    return await _structural(request, lambda m: commands.remove_node(m, node_id, _actor(request)))
+
+
 # -- tokens ------------------------------------------------------------------------------------
 TOKEN_FIELDS = {"name", "role", "workspaces", "node"}
 
@@ -1471,6 +1482,7 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/v1/jobs", list_all_jobs)
     r.add_get("/v1/nodes", list_nodes)
     r.add_get("/v1/nodes/{id}", get_node)
+    r.add_delete("/v1/nodes/{id}", delete_node)
     r.add_post("/v1/tokens", create_token)
     r.add_get("/v1/tokens", list_tokens)
     r.add_delete("/v1/tokens/{id}", revoke_token)

@@ -347,6 +347,10 @@ def _resource_commands(commands, api: list) -> None:
     show = verbs.add_parser("show", parents=api, help="one node, all it is known by")
     show.set_defaults(api="node_show")
     show.add_argument("id", help="the node's id")
+    remove = verbs.add_parser("remove", parents=api,
+                              help="remove a lost or unusable node (its machine gone)")  # fmt: skip
+    remove.set_defaults(api="node_remove")
+    remove.add_argument("id", help="the node's id")
 
     token = commands.add_parser("token", help="API tokens")
     verbs = token.add_subparsers(dest="token_command", required=True, metavar="COMMAND")

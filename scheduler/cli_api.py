@@ -617,6 +617,12 @@ async def node_show(args: argparse.Namespace) -> int:
     return 0
 
 
+async def node_remove(args: argparse.Namespace) -> int:
+    async with _client(args) as api:
+        status, answer = await api.call("DELETE", f"/v1/nodes/{_named('node id', args.id)}")
+    return _print_write(args, status, answer, f"removed node {args.id}")
+
+
 async def job_list(args: argparse.Namespace) -> int:
     header = ["NAME", "STATE", "CLUSTER", "NODES", "PRIORITY", "ATTEMPT", "EXIT CODE", "CREATED",
               "PENDING REASON / NODES"]  # fmt: skip

@@ -742,6 +742,8 @@ def job_paths() -> dict[str, Schema]:
         ))},
         "/v1/nodes/{id}": {
             "get": read("getNode", "a node: state, GPUs, runtimes, heartbeat age, errors", "Node"),
+            "delete": write("removeNode", "remove a lost or unusable node that holds no GPU",
+                            202, "Written"),
             "parameters": [{"name": "id", "in": "path", "required": True,
                             "description": "the node's id",
                             "schema": string(pattern=r"^[-.A-Za-z0-9_]{1,253}$")}],

@@ -92,7 +92,9 @@ EDGES = [  # (operationId, the case's fields): values generation rarely hits, se
                     "headers": {"Range": "bytes=10-19"}}),
     ("getJobFile", {"path_parameters": {**SEEDED, "path": "../../../admin.token"}}),
 ]  # fmt: skip
-DELETE_ORDER = ("/v1/tokens/", "/jobs/", "/experiments/", "/clusters/", "/workspaces/")
+DELETE_ORDER = (
+    "/v1/nodes/", "/v1/tokens/", "/jobs/", "/experiments/", "/clusters/", "/workspaces/",
+)  # fmt: skip
 SETTINGS = hypothesis.settings(
     max_examples=EXAMPLES,
     derandomize=True,
