@@ -360,9 +360,11 @@ def _ws(request: web.Request, role: str = "viewer") -> str:
 def _plain_body(document: Any) -> None:
     """A workspace or experiment body: `{}`, or Batch AI's envelope with empty properties."""
     properties, prefix = unwrap(document)
+    if properties is None:  # (`"properties": null`, as some clients send it)
+        return
+    if not isinstance(properties, dict):  # (false, 0, "" and [] too: not the {} it stands for)
+        raise DocumentError(prefix or "body", "must be a JSON object")
     if properties:
-        if not isinstance(properties, dict):
-            raise DocumentError(prefix or "body", "must be a JSON object")
         raise DocumentError(f"{prefix}.{next(iter(properties))}".lstrip("."),
                             "is not a known property")  # fmt: skip
 
@@ -578,6 +580,15 @@ async def list_all_jobs(request: web.Request) -> web.Response:
     jobs = [j for j in m.jobs.values() if principal.sees(j.workspace) and not j.detached
             and (workspace is None or j.workspace == workspace)
             and (experiment is None or j.experiment == experiment)]  # fmt: skip
+    if workspace is not None and not (workspace in m.workspaces and principal.sees(workspace)):
+        raise DocumentError("workspace", f"no workspace {workspace!r} (a mistyped name lists "
+                                         "nothing)")  # fmt: skip
+    if experiment is not None and not any(
+        x.name == experiment and (workspace is None or x.workspace == workspace)
+        and principal.sees(x.workspace) for x in m.experiments.values()
+    ):  # fmt: skip
+        raise DocumentError("experiment", f"no experiment {experiment!r} (a mistyped name lists "
+                                          "nothing)")  # fmt: skip
     chosen = _job_filters(request, m, jobs)
     return _page(request, chosen, lambda j: resources.job(m, j))
 

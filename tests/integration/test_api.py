@@ -74,6 +74,11 @@ async def test_the_whole_lifecycle_of_workspace_experiment_cluster_and_job(clien
     assert status == 200 and listed["value"] == []  # a cluster with no such job: none
     status, error = await client.call("GET", "/v1/jobs?cluster=gpus")  # mistyped
     assert status == 400 and error["error"]["details"][0]["name"] == "cluster", error
+    for field, typo in (("workspace", "sw"), ("experiment", "epx")):  # mistyped, also
+        status, error = await client.call("GET", f"/v1/jobs?{field}={typo}")
+        assert status == 400 and error["error"]["details"][0]["name"] == field, error
+    status, listed = await client.call("GET", "/v1/jobs?workspace=ws&experiment=exp")
+    assert [j["name"] for j in listed["value"]] == ["train"]
     resize = {"scaleSettings": {"manual": {"targetNodeCount": 4}}}
     status, cluster = await client.call("PATCH", "/v1/workspaces/ws/clusters/gpu", resize)
     assert status == 200 and cluster["properties"]["scaleSettings"] == resize["scaleSettings"]

@@ -286,6 +286,11 @@ async def test_bad_documents_get_400_naming_the_field_and_nothing_is_stored(api,
         "colour": "is not a known property",
         "gpusPerNode": "must be at least 0",
     }  # every problem, each by its field
+    for path in ("/v1/workspaces/w2", "/v1/workspaces/ws/experiments/e2"):
+        for properties in (False, 0, "", [], "x"):  # none of them the {} a workspace has
+            status, error = await admin.call("PUT", path, {"properties": properties})
+            assert status == 400, (path, properties, error)
+            assert error["error"]["details"][0]["name"] == "properties", error
     typo = {"name": "team", "role": "operator", "workspaces": ["ws", "sw"]}
     status, error = await admin.call("POST", "/v1/tokens", typo)  # a token that could use none
     assert status == 400 and error["error"]["details"] == [
