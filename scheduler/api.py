@@ -190,6 +190,16 @@ async def input_middleware(request: web.Request, handler: Callable[..., Awaitabl
         return error_response(400, "BadRequest", message)
 
 
+def _http_error(exc: web.HTTPException) -> web.Response:
+    """aiohttp's own 4xx (no route, a method the path has not, a body too large) in the
+    API's error shape; a 405 keeps its Allow header, which names the methods the path has."""
+    message = exc.reason if exc.status != 413 else f"the body is over {MAX_BODY} bytes"
+    response = error_response(exc.status, _code(exc.status), message)
+    if hdrs.ALLOW in exc.headers:
+        response.headers[hdrs.ALLOW] = exc.headers[hdrs.ALLOW]
+    return response
+
+
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Callable[..., Awaitable]) -> Any:
     try:
@@ -200,8 +210,7 @@ async def errors_middleware(request: web.Request, handler: Callable[..., Awaitab
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        message = exc.reason if exc.status != 413 else f"the body is over {MAX_BODY} bytes"
-        return error_response(exc.status, _code(exc.status), message)
+        return _http_error(exc)
     except errors.FencedError:
         message = "another daemon has taken over the event log; this one is stopping"
         return error_response(503, "ServiceUnavailable", message)

@@ -449,6 +449,8 @@ async def test_odd_requests_get_4xx_in_the_error_shape(api, session):
         status, answer = await admin.call(method, path, raw=raw, headers=headers)
         assert status == expected, (path, status, answer)
         assert isinstance(answer, dict) and "message" in answer["error"], (path, answer)
+    async with session.post(f"{api.url}/v1/workspaces", headers=admin.headers) as answer:
+        assert answer.status == 405 and "GET" in answer.headers["Allow"]  # what it has
     out = await placed_with_output(admin, api, "train")
     (out / "stdout.txt").write_text("0123456789")
     for header, follow, expected in (("bytes=-2", "true", 400), ("bytes=2-4", "true", 400),
