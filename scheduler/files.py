@@ -251,7 +251,8 @@ def listing(directory: int | Path) -> list[dict[str, Any]]:
     """The entries of `directory` (a path, or a descriptor from open_beneath): name, whether
     a directory, size and modification time, none of them followed through a link. Links
     are left out: they are not the job's files, and are never served; so are names that are
-    not UTF-8, which no URL could ask for."""
+    not UTF-8, which no URL could ask for, and what is neither a file nor a directory (a
+    FIFO, a socket), which is never served either."""
     out = []
     try:
         with os.scandir(directory) as scan:
@@ -266,6 +267,8 @@ def listing(directory: int | Path) -> list[dict[str, Any]]:
         except FileNotFoundError:  # removed since it was listed
             continue
         is_dir = stat.S_ISDIR(info.st_mode)
+        if not (is_dir or stat.S_ISREG(info.st_mode)):  # a FIFO, a socket: nothing to serve
+            continue
         out.append({"name": entry.name, "isDirectory": is_dir,
                     "contentLength": 0 if is_dir else info.st_size,
                     "lastModified": info.st_mtime})  # fmt: skip

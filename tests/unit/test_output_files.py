@@ -72,12 +72,13 @@ def test_a_link_anywhere_on_the_way_is_refused_and_a_plain_path_opens(tmp_path: 
         files.open_beneath(tmp_path, ["a", "b", "file", "below"])
 
 
-def test_a_listing_leaves_links_out_and_follows_none(tmp_path: Path):
+def test_a_listing_leaves_links_and_fifos_out_and_follows_none(tmp_path: Path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out/stdout.txt").write_text("hello\n")
     (tmp_path / "out/sub").mkdir()
     (tmp_path / "out/dangling").symlink_to(tmp_path / "nothing")
     (tmp_path / "out/elsewhere").symlink_to(tmp_path)
+    os.mkfifo(tmp_path / "out/pipe")  # neither a file nor a directory: nothing to download
     entries = files.listing(tmp_path / "out")
     assert [(e["name"], e["isDirectory"], e["contentLength"]) for e in entries] == [
         ("stdout.txt", False, 6), ("sub", True, 0)]  # fmt: skip
