@@ -62,12 +62,18 @@ def _check_authority(url: str, rest: str) -> None:
     if authority.count("@") > 1:
         rule = "an @ in the user name or password must be written %40"
         raise errors.StoreUrlError(f"malformed PostgreSQL URL {redact_dsn(url)!r}: {rule}")
+    if "#" in authority:
+        rule = "a # in the user name or password must be written %23"
+        raise errors.StoreUrlError(f"malformed PostgreSQL URL {redact_dsn(url)!r}: {rule}")
     hosts = authority.rpartition("@")[2]
     for host in hosts.split(","):
         after = host.rpartition("]")[2]  # past an IPv6 address in brackets
         port = after.rpartition(":")[2] if ":" in after else ""
         if port and not (port.isdigit() and 0 < int(port) < 65536):
-            rule = f"port {port[:20]!r} must be a number from 1 to 65535"
+            # without an @, the "port" may be a piece of a password cut at a / or ?: not quoted
+            said = f"port {port[:20]!r}" if "@" in authority else "the port"
+            rule = (f"{said} must be a number from 1 to 65535 (a / or ? in the user name or "
+                    "password must be written %2F, %3F)")  # fmt: skip
             raise errors.StoreUrlError(f"malformed PostgreSQL URL {redact_dsn(url)!r}: {rule}")
 
 

@@ -172,6 +172,14 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     """
 
 
+def _quotes_userinfo(message: str, dsn: str) -> bool:
+    """Does a driver's message quote a piece of the URL's user name or password (everything
+    before its host's @)?"""
+    userinfo = dsn.partition("//")[2].rpartition("@")[0]
+    quoted = message.split("'")[1::2]
+    return bool(userinfo) and any(piece and piece in userinfo for piece in quoted)
+
+
 _UNAVAILABLE = (
     OSError,
     asyncio.TimeoutError,
@@ -179,6 +187,8 @@ _UNAVAILABLE = (
     asyncpg.PostgresConnectionError,
     asyncpg.exceptions.OperatorInterventionError,
     asyncpg.exceptions.CannotConnectNowError,
+    # too many connections, disk full, out of memory: the server's limits, for now
+    asyncpg.exceptions.InsufficientResourcesError,
     # asyncpg's protocol state can be left inconsistent when the server ends a connection
     # in the middle of an operation (pg_terminate_backend, failover)
     asyncpg.exceptions._base.InternalClientError,
@@ -266,8 +276,9 @@ class PostgresBackend:
             )
         except (asyncpg.PostgresError, *_UNAVAILABLE) as exc:
             raise self._translate(exc) from None
-        except ValueError as exc:  # asyncpg's DSN parser
-            raise errors.StoreUrlError(f"malformed PostgreSQL URL {self.where}: {exc}") from None
+        except ValueError as exc:  # asyncpg's DSN parser (what it quotes may be a password's)
+            said = "it cannot be parsed" if _quotes_userinfo(str(exc), self.dsn) else str(exc)
+            raise errors.StoreUrlError(f"malformed PostgreSQL URL {self.where}: {said}") from None
         try:
             async with self._pool.acquire() as conn:
                 if readonly:

@@ -4,6 +4,7 @@ import pytest
 
 from batchd.events import errors
 from batchd.events.audit import Anchor
+from batchd.events.backends.postgres import _quotes_userinfo
 from batchd.events.timeutil import parse_iso, to_iso
 from batchd.events.urls import StoreUrl, parse
 
@@ -53,6 +54,27 @@ def test_an_at_sign_in_a_password_is_written_percent_40():
     assert parse("postgresql://u:p%40ss@h/db").target == "postgresql://u:p%40ss@h/db"
     with pytest.raises(errors.StoreUrlError, match="must be written %40"):
         parse("postgresql://u:p@ss@h/db")
+
+
+@pytest.mark.parametrize(("url", "rule"), [
+    ("postgresql://batchd:Xk9mQ2v/abc@127.0.0.1:5432/db", "%2F"),
+    ("postgresql://batchd:top?secret@127.0.0.1:5432/db", "%3F"),
+    ("postgresql://batchd:Xk9#mQ2v@127.0.0.1:5432/db", "%23"),
+])  # fmt: skip
+def test_a_password_cut_by_a_slash_question_mark_or_hash_is_refused_unquoted(url, rule):
+    """Such a password ends the URL's host part early: the error says how to write it, and
+    quotes no piece of it (the "port" it would have found is the password's)."""
+    with pytest.raises(errors.StoreUrlError) as refused:
+        parse(url)
+    said = str(refused.value)
+    assert rule in said
+    assert not any(piece in said for piece in ("Xk9", "mQ2v", "abc", "top", "secret"))
+
+
+def test_a_driver_message_quoting_the_password_is_not_repeated():
+    dsn = "postgresql://batchd:Xk9z@h/db"
+    assert _quotes_userinfo("invalid literal for int() with base 10: 'Xk9'", dsn)
+    assert not _quotes_userinfo("invalid sslmode: 'bogus'", dsn)
 
 
 def test_passwords_never_show_in_a_store_url():
