@@ -55,7 +55,11 @@ PLAN_IDLE = 10.0  # seconds between planner cycles while the log stands still
 PLAN_GAP = 0.02  # least seconds between two planner cycles: a busy log is planned in batches
 PLAN_RETRY_MAX = 5.0  # most seconds between planner cycles while the log refuses appends
 ADMIN_TOKEN_FILE = "admin.token"
-LEAD_CHECK = 5.0  # seconds between checks that the leader lock is held still
+LEAD_CHECK = 1.0  # seconds between checks that the leader lock is held still
+# seconds a leader may go unable to confirm its lock (its database away) before its agents are
+# refused (503), so that their leases run out and their tasks stop: a standby that reaches the
+# database may have taken the log over, and will run those jobs again
+LEAD_GRACE = 3.0
 STANDBY_POLL = 1.0  # seconds between a standby's tries of the leader lock
 FENCED_EXIT = 3  # exit status of a daemon another one took the log over from (see deploy/)
 ACTOR = "batchd:serve"  # the actor of what the daemon itself logs
@@ -98,6 +102,8 @@ class Daemon:
         self.stopping = asyncio.Event()
         self.failed: list[str] = []  # names of tasks that ended on their own
         self.fenced_out = False  # another daemon took the log over: this one stops
+        self.lead_confirmed_at = time.monotonic()  # the leader lock last seen held
+        self.lead_doubted = False  # the lock could not be confirmed at the last check
         self.url = ""
         self.admin_token = ""
         self.cert: Path | None = None  # the certificate it serves https with
@@ -139,6 +145,7 @@ class Daemon:
                                          cfg.catalog)  # fmt: skip
         self.nodes = NodeService(self.store, self.models, self.control, cfg.mounts,
                                  cfg.state_dir, cfg.catalog)  # fmt: skip
+        self.nodes.leading = self._leading
         service.heard_from = self.nodes.seen
         service.nodes = self.nodes
         app = api.build(service, self._add_service_routes)
@@ -180,6 +187,7 @@ class Daemon:
                              (self._keep_lead, LEAD_CHECK)):  # fmt: skip
             self._periodic.add_job(self._periodic_job(job), "interval", seconds=seconds,
                                    name=job.__qualname__)  # fmt: skip
+        self.lead_confirmed_at = time.monotonic()  # (held since it was taken: checked from now)
         self._periodic.start()
         await self._publish_anchor()
         self.ready = service.serving = True
@@ -218,6 +226,7 @@ class Daemon:
                 break
             try:
                 if await self.store.try_lock_leader():
+                    self.lead_confirmed_at = time.monotonic()
                     logger.info("daemon.taking_over", store=where)
                     self.systemd.notify("STATUS=taking the log over: restoring the read models")
                     return True
@@ -227,11 +236,32 @@ class Daemon:
 
     async def _keep_lead(self) -> None:
         """Hold the leader lock still, taking it again if its connection was lost (a
-        PostgreSQL restart); if another daemon took it meanwhile, say so (that one fences
-        this one at its first append)."""
-        if not await self.store.try_lock_leader():
+        PostgreSQL restart). If another daemon took it meanwhile, stop at once, as a fenced
+        daemon does (exit 3), rather than run work until an append is fenced. While the lock
+        cannot be confirmed (the database away, or hanging), see `_leading`."""
+        try:
+            held = await self.store.try_lock_leader()
+        except errors.StoreUnavailable as exc:
+            if not self.lead_doubted:  # (said once, not at every check)
+                self.lead_doubted = True
+                logger.warning("daemon.leader_lock_unconfirmed", error=str(exc),
+                               agents_refused_after=LEAD_GRACE)  # fmt: skip
+            return
+        if not held:
             logger.error("daemon.leader_lock_lost", message="another daemon holds this log's "
-                         "leader lock; it will take the log over")  # fmt: skip
+                         "leader lock and takes the log over")  # fmt: skip
+            self._fenced(None)
+            return
+        self.lead_confirmed_at = time.monotonic()
+        if self.lead_doubted:
+            self.lead_doubted = False
+            logger.info("daemon.leader_lock_confirmed")
+
+    def _leading(self) -> bool:
+        """Does this daemon lead the log still, as far as it can tell? Not once another took
+        it over, nor when it has not confirmed its lock for LEAD_GRACE past a check."""
+        unconfirmed = time.monotonic() - self.lead_confirmed_at > LEAD_CHECK + LEAD_GRACE
+        return not (self.fenced_out or unconfirmed)
 
     def _tls(self):
         """The server's TLS context (None: plain HTTP); `self.cert` its certificate, which

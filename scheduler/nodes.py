@@ -110,6 +110,7 @@ class NodeService:
         self.started_at = time.monotonic()
         self.since_us = now_us()  # what this daemon scheduled is recorded at or after this
         self.closing = False
+        self.leading: Callable[[], bool] = lambda: True  # does this daemon lead the log still?
         self.pollers: dict[str, int] = {}  # node id -> its newest poll
         self._polls = 0
         # (job id, attempt, task) -> (node, StartTask, when sent): until the node reports it
@@ -275,8 +276,20 @@ class NodeService:
             })  # fmt: skip
 
     # -- messages in -------------------------------------------------------------------------
+    def _not_leading(self) -> web.Response | None:
+        """503 while this daemon cannot confirm that it still leads the log (its database
+        away): its agents' leases then run out and they stop their tasks, rather than run
+        them on beside copies a standby that took the log over may start."""
+        if self.leading():
+            return None
+        message = "this daemon cannot confirm that it still leads the event log"
+        return web.json_response({"error": {"code": "ServiceUnavailable", "message": message,
+                                            "details": []}}, status=503)  # fmt: skip
+
     async def handle_messages(self, request: web.Request) -> web.Response:
         principal = _agent(request)
+        if (refused := self._not_leading()) is not None:
+            return refused
         try:
             messages = protocol.unpack(await request.read())
             if not isinstance(messages, list):
@@ -583,6 +596,8 @@ class NodeService:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wakeup.wait(), wait)
         # not a sign of life: a poll ends by itself while its agent is stuck, or gone
+        if (refused := self._not_leading()) is not None:  # (it may have waited a while)
+            return refused
         commands = self.outbox.pop(node_id, []) if self.pollers.get(node_id) == poll else []
         return web.Response(body=protocol.pack(commands), content_type=protocol.CONTENT_TYPE)
 

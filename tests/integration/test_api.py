@@ -20,7 +20,7 @@ from cryptography.x509.oid import NameOID
 from batchd.events import errors, urls
 from batchd.events.envelope import NewEvent
 from batchd.projections.runner import Runner
-from batchd.scheduler import config
+from batchd.scheduler import config, protocol
 from batchd.scheduler import daemon as daemon_module
 from batchd.scheduler.client import ssl_context
 from batchd.scheduler.daemon import Daemon
@@ -378,6 +378,64 @@ async def test_a_periodic_job_that_finds_the_log_away_says_so_in_a_warning(tmp_p
     said = [line for line in logs if line["event"].startswith("daemon.periodic")]
     assert said and {line["event"] for line in said} == {"daemon.periodic_store_unavailable"}
     assert said[0]["log_level"] == "warning" and "unreachable" in said[0]["error"]
+
+
+async def test_a_leader_unsure_of_its_lock_turns_its_agents_away_and_one_that_lost_it_stops(
+    tmp_path, monkeypatch
+):
+    """(its PostgreSQL cut off, and a standby that reaches it may take the log over) While
+    the leader cannot confirm its lock for LEAD_GRACE past a check, its agent channel answers
+    503: their leases run out and their tasks stop, rather than run on beside the copies the
+    new leader starts. Confirmed again, it serves them; should it find another daemon holding
+    the lock, it stops at once, as a fenced daemon does (exit 3), without waiting for an
+    append to be fenced."""
+    monkeypatch.setattr(daemon_module, "LEAD_CHECK", 0.1)
+    monkeypatch.setattr(daemon_module, "LEAD_GRACE", 0.3)
+    daemon = await start_daemon(tmp_path / "state")
+    held: list[bool | None] = [True]
+
+    async def lock() -> bool:
+        if held[0] is None:
+            raise errors.StoreUnavailable("log postgresql://batchd@db/batchd unreachable")
+        return held[0]
+
+    monkeypatch.setattr(daemon.store, "try_lock_leader", lock)
+    bearer = {"Authorization": f"Bearer {daemon.admin_token}"}
+    async with aiohttp.ClientSession(headers=bearer) as session:
+        made = await Client(session, daemon.url, daemon.admin_token).call(
+            "POST", "/v1/tokens", {"name": "fleet", "role": "agent"})  # fmt: skip
+        agent = {"Authorization": f"Bearer {made[1]['token']}",
+                 "Content-Type": protocol.CONTENT_TYPE}  # fmt: skip
+        join = protocol.pack([protocol.message("Register", "n1", 1, cluster="ws/none", gpus=1)])
+
+        async def status() -> int:
+            async with session.post(daemon.url + "/agent/v1/messages", data=join,
+                                    headers=agent) as r:  # fmt: skip
+                return r.status
+
+        try:
+            assert await status() == 400  # (no such cluster: heard, and answered)
+            with info_logs() as logs:
+                held[0] = None  # the database away
+                await _within(5, lambda: not daemon._leading())
+                assert await status() == 503
+                held[0] = True
+                await _within(5, daemon._leading)
+                assert await status() == 400
+            said = [line["event"] for line in logs if "leader_lock" in line["event"]]
+            assert said == ["daemon.leader_lock_unconfirmed", "daemon.leader_lock_confirmed"]
+            held[0] = False  # another daemon holds the lock now
+            await asyncio.wait_for(daemon.stopping.wait(), 5)
+            assert daemon.fenced_out
+        finally:
+            await daemon.stop()
+
+
+async def _within(seconds: float, check) -> None:
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.05)
 
 
 async def test_tls_with_a_self_signed_certificate(tmp_path):
