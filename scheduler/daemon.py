@@ -169,12 +169,12 @@ class Daemon:
         # stop() lets the collector see it again.
         gc.freeze()
         self._task(self.models.follow(), "read-models")
-        self.admin_token = await self._admin_token()
-        if cfg.local_nodes:
+        if cfg.local_nodes:  # (made before this start's first event: see restarted)
             self.providers.append(LocalProvider(
                 self.control, self.url, cfg.state_dir, cfg.local_nodes, cfg.local_gpus,
                 cfg.local_runtimes, cfg.local_docker_host, cfg.catalog, self.cert))  # fmt: skip
-        else:  # no local agent runs: none of their tokens is of use any more
+        self.admin_token = await self._admin_token()
+        if not cfg.local_nodes:  # no local agent runs: none of their tokens is of use any more
             await retire_local_tokens(self.control, cfg.state_dir)
         for provider in self.providers:
             await provider.bootstrap()

@@ -63,13 +63,14 @@ ACTOR = "batchd:serve"
 STOPPED = {"code": "daemon_stopped", "message": "the daemon stopped, and its local agents with it"}
 
 
-def restarted(m: ReadModels) -> dict[str, str]:
+def restarted(heard_at: int) -> dict[str, str]:
     """The error of the local nodes a daemon that did not stop cleanly left: its events of
-    them are stamped at this start, so the message says when the log last heard of it (it
-    ended at some time after that)."""
-    last = f" (the log's last event before this start: {to_iso(m.recorded_at)})"
+    them are stamped at this start, so the message says when the log last heard of it
+    (`heard_at`: its last event as this daemon restored it, before it wrote any; it ended at
+    some time after that)."""
+    last = f" (the log's last event before this start: {to_iso(heard_at)})"
     return {"code": "daemon_restarted",
-            "message": f"the daemon did not stop cleanly{last if m.recorded_at else ''}; its "
+            "message": f"the daemon did not stop cleanly{last if heard_at else ''}; its "
                        "local agents ended with it"}  # fmt: skip
 
 
@@ -113,6 +114,7 @@ class LocalProvider:
         size = catalog.get(LOCAL) if catalog is not None else None
         self.max_nodes = (size and size.max_nodes) or DEFAULT_LOCAL_MAX_NODES
         self.processes: dict[str, asyncio.subprocess.Process] = {}
+        self.heard_at = control.models.recorded_at  # the log's last event before this start
         self.watchers: set[asyncio.Task] = set()  # one per agent: see _watch
         self.told: dict[str, str] = {}  # node id -> why its agent last failed to register
         self.stopping = False
@@ -139,7 +141,7 @@ class LocalProvider:
                                                self.catalog)  # fmt: skip
             return out
 
-        await self._interrupt(restarted(self.control.models), "node_lost")  # none runs now
+        await self._interrupt(restarted(self.heard_at), "node_lost")  # none runs now
         # a local cluster being deleted goes now (its nodes run nothing), and is made again
         await self.control.run(lambda m: commands.finish_deletions(m, ACTOR), structural=True)
         await self.control.run(decide_rest, structural=True)

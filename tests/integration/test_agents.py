@@ -18,10 +18,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from batchd.events import errors
+from batchd.events import errors, urls
 from batchd.events.envelope import NewEvent
+from batchd.events.timeutil import to_iso
+from batchd.scheduler import config, planner, protocol, retries
 from batchd.scheduler import nodes as node_service
-from batchd.scheduler import planner, protocol, retries
 from batchd.scheduler.agent import HEARTBEAT_INTERVAL
 from batchd.scheduler.control import token_file
 from tests.integration.conftest import (
@@ -1389,6 +1390,12 @@ async def test_a_daemon_killed_outright_requeues_its_local_jobs_when_it_starts_a
         crashed.kill()
         crashed.wait()
     await _until(lambda: not alive(int(pid_file.read_text())), 15)  # its agents ended it
+    store = await urls.open_store(config.default_store_url(state))
+    try:
+        heard = to_iso((await store.head()).recorded_at)  # the old daemon's last event
+    finally:
+        await store.close()
+    (state / "admin.token").unlink()  # (made again at this start: an event before the rest)
     daemon = await start_daemon(state, local_nodes=2)
     try:
         job = newest_job(daemon.models.models, "kept")
@@ -1396,7 +1403,7 @@ async def test_a_daemon_killed_outright_requeues_its_local_jobs_when_it_starts_a
         assert job.retries == {"node_lost": 1}  # a crash is a failure: it is counted
         assert job.errors[-1]["code"] == "daemon_restarted"
         # stamped at this start, the error says when the log last heard of the old daemon
-        assert "the log's last event before this start: 20" in job.errors[-1]["message"]
+        assert f"the log's last event before this start: {heard})" in job.errors[-1]["message"]
         async with admin_client(daemon) as client:
             await client.call("POST", f"{EXP}/jobs/kept/terminate")
             await _ended(daemon, client, "kept")
