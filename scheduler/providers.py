@@ -44,7 +44,7 @@ from batchd.events.timeutil import to_iso
 from batchd.projections import lifecycle, queue
 from batchd.projections.allocation import free_gpus
 from batchd.projections.model import LEAVING, READY, Cluster, ReadModels, Token
-from batchd.scheduler import commands, retries, tls
+from batchd.scheduler import commands, retries, tls, watchdog
 from batchd.scheduler.agent import PARENT_ENV
 from batchd.scheduler.auth import revoke_token
 from batchd.scheduler.clusterspec import max_nodes
@@ -330,13 +330,20 @@ class LocalProvider:
         return process
 
     async def _watch(self, node_id: str, process: asyncio.subprocess.Process) -> None:
-        """An agent that exits unasked (killed, crashed): its node is lost at once, and its
-        attempts requeued, rather than after the daemon has waited out its silence (its
-        watchdog has ended its tasks). The next reconcile starts a new agent."""
+        """An agent that exits unasked (killed, crashed): its node is lost as soon as its
+        watchdog has ended its tasks (it holds the work directory's lock until then: a
+        container's removal takes a moment), and its attempts requeued, rather than after
+        the daemon has waited out its silence. The next reconcile starts a new agent."""
         code = await process.wait()
         if self.stopping or self.processes.get(node_id) is not process:
             return  # stopped on purpose
         logger.warning("local.agent_exited", node=node_id, code=code)
+        try:  # (never two attempts of a job at once: the old one ends before its retry)
+            await asyncio.to_thread(watchdog.wait_released, work_dir(self.state_dir, node_id))
+        except watchdog.WorkDirBusy:
+            logger.warning("local.watchdog_slow", node=node_id, seconds=watchdog.LOCK_WAIT)
+        if self.stopping or self.processes.get(node_id) is not process:
+            return
         if node_id not in self.control.models.nodes:  # it never registered: tell why, once
             await self._unregistered(node_id, code)
             return

@@ -78,6 +78,12 @@ def hold_work_dir(work_dir: Path) -> int:
             time.sleep(0.05)
 
 
+def wait_released(work_dir: Path) -> None:
+    """Wait (LOCK_WAIT at most, else WorkDirBusy) until no agent or watchdog holds the lock
+    on `work_dir`: an agent that has died has its tasks ended by then. Blocks."""
+    os.close(hold_work_dir(work_dir))  # (taken, and let go at once)
+
+
 def start(lock: int, running_dir: Path, node_id: str, docker_host: str | None,
           work_dir: str) -> tuple[subprocess.Popen, int]:  # fmt: skip
     """Start the agent's watchdog, handing it the work directory's lock; (the process, the

@@ -4,7 +4,11 @@ first, as in Azure Batch), and, honouring its `nodeDeallocationOption` (Batch AI
 
 from __future__ import annotations
 
+import asyncio
+import os
+
 from batchd.projections.model import LEAVING
+from batchd.scheduler import watchdog
 from batchd.scheduler.providers import (
     LocalProvider,
     deallocate,
@@ -318,3 +322,33 @@ async def test_a_node_let_go_has_its_token_revoked_under_a_name_made_unique_too(
     assert [(e.type, e.data) for _s, e in control.appended] == [
         ("TokenRevoked", {"tokenId": "t-1"})
     ]
+
+
+async def test_a_dead_agents_node_is_lost_only_once_its_watchdog_has_let_go(tmp_path):
+    """An agent killed outright: its watchdog holds the work directory's lock until it has
+    ended the agent's tasks (removing a container takes a moment). The node, and so its
+    attempts, are lost only then: the retry never runs beside the old attempt."""
+    w = local_world("local-0")
+    control = _Control(w)
+    provider = LocalProvider(control, "http://127.0.0.1:1", tmp_path, 1, 4, "process", None,
+                             None)  # fmt: skip
+    died = _Died()
+    provider.processes = {"local-0": died}
+    held = watchdog.hold_work_dir(tmp_path / "nodes" / "local-0")  # the watchdog, still at work
+    watching = asyncio.ensure_future(provider._watch("local-0", died))
+    try:
+        await asyncio.sleep(0.5)
+        assert not watching.done() and control.appended == []  # not lost yet
+    finally:
+        os.close(held)  # its tasks are ended: it lets go
+    await asyncio.wait_for(watching, 10)
+    assert [e.type for _s, e in control.appended] == ["NodeLost"]
+
+
+class _Died:
+    """An agent process that was killed."""
+
+    returncode = -9
+
+    async def wait(self) -> int:
+        return self.returncode
