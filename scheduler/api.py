@@ -933,6 +933,8 @@ async def _merged_listing(api: Api, nodes: list[str], directory: Path) -> list[d
 
 async def get_file(request: web.Request) -> web.StreamResponse:
     follow = _bool_query(request, "follow")
+    if follow:
+        _follow_start(request)  # (its Range checked whether the attempt runs or has ended)
     job, base, nodes = await _output_dir(request, waits=follow)
     api = request.app[API_KEY]
     relative = request.match_info["path"]
@@ -1157,6 +1159,16 @@ def _unsatisfiable(message: str) -> RangeNotSatisfiable:
     return RangeNotSatisfiable(message)
 
 
+def _follow_start(request: web.Request) -> int:
+    """Where a follow starts: its Range's start (bytes=START-); 400 naming Range for any
+    other Range, also once the attempt has ended (the answer is then the file as it is)."""
+    wanted = _wanted_range(request)
+    if request.headers.get(hdrs.RANGE) is not None and (wanted is None or wanted[1] is not None):
+        raise DocumentError("Range", "with follow=true, only bytes=START- is served (a growing "
+                                     "file's part has no end)")  # fmt: skip
+    return wanted[0] if wanted else 0
+
+
 async def _follow(request: web.Request, job: Job,
                   read: Callable[[int], Awaitable[bytes]]) -> web.StreamResponse:  # fmt: skip
     """A file from the Range start (bytes=START-, else 400) as it grows, answered 200
@@ -1165,11 +1177,7 @@ async def _follow(request: web.Request, job: Job,
     the daemon stops. A first read that fails answers with its error; a later one breaks the
     answer off, unfinished (the file became a link or a directory, its node cannot be
     reached), as does the revocation of the token it was asked with."""
-    wanted = _wanted_range(request)
-    if request.headers.get(hdrs.RANGE) is not None and (wanted is None or wanted[1] is not None):
-        raise DocumentError("Range", "with follow=true, only bytes=START- is served (a growing "
-                                     "file's part has no end)")  # fmt: skip
-    offset = wanted[0] if wanted else 0
+    offset = _follow_start(request)
     api = request.app[API_KEY]
     token_id = _principal(request).token_id
     ended = _followed_ended(request, job)
@@ -1262,7 +1270,13 @@ async def delete_node(request: web.Request) -> web.Response:
     if node is None or not principal.sees(_node_workspace(api.models, node) or ""):
         raise CommandError(f"no node {node_id!r}", 404)  # (or not its to see)
     principal.require("admin", _node_workspace(api.models, node))
-    return await _structural(request, lambda m: commands.remove_node(m, node_id, _actor(request)))
+
+    def decide(m: ReadModels) -> list:  # the node, and the agent tokens bound to it
+        bound = [t.token_id for t in m.tokens.values() if t.node == node_id]
+        return [*commands.remove_node(m, node_id, _actor(request)),
+                *(d for t in bound for d in auth.revoke_token(m, t, _actor(request)))]  # fmt: skip
+
+    return await _structural(request, decide)
 
 
 # -- tokens ------------------------------------------------------------------------------------
@@ -1282,12 +1296,10 @@ async def create_token(request: web.Request) -> web.Response:
             raise DocumentError(key, "is required")
         if not isinstance(body[key], str):
             raise DocumentError(key, "must be a string")
-    workspaces = body.get("workspaces")
-    if workspaces is None:  # left out: a token of every workspace
-        workspaces = []
-    elif not isinstance(workspaces, list) or not all(isinstance(w, str) for w in workspaces):
+    workspaces = body.get("workspaces", [])  # left out (only): a token of every workspace
+    if not isinstance(workspaces, list) or not all(isinstance(w, str) for w in workspaces):
         raise DocumentError("workspaces", "must be a list of workspace names")
-    elif not workspaces:  # an empty variable must not make a token of every workspace
+    if "workspaces" in body and not workspaces:  # (an empty variable: not every workspace)
         raise DocumentError("workspaces", "must name at least one workspace; leave it out "
                                           "for a token of every workspace")  # fmt: skip
     node = body.get("node")

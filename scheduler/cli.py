@@ -348,7 +348,7 @@ def _resource_commands(commands, api: list) -> None:
     show.set_defaults(api="node_show")
     show.add_argument("id", help="the node's id")
     remove = verbs.add_parser("remove", parents=api,
-                              help="remove a lost or unusable node (its machine gone)")  # fmt: skip
+                              help="remove a lost node (its machine gone for good)")  # fmt: skip
     remove.set_defaults(api="node_remove")
     remove.add_argument("id", help="the node's id")
 

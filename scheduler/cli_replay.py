@@ -148,7 +148,9 @@ def export_bounds(args: argparse.Namespace) -> tuple[int | None, int | None]:
     """`events export`'s --from and --to in microseconds (None: not given), checked."""
     start = parse_iso(args.from_, "--from", lower=True) if args.from_ is not None else None
     end = parse_iso(args.to, "--to") if args.to is not None else None
-    if start is not None and end is not None and end < start:
+    # (compared as given: a --from and --to of one moment between two microseconds are not
+    # out of order, though the one is taken up and the other down)
+    if start is not None and end is not None and end < parse_iso(args.from_):
         raise ValueError(f"--to {args.to} is before --from {args.from_}")
     return start, end
 

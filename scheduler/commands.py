@@ -21,7 +21,6 @@ from batchd.projections.model import (
     PROVISIONING,
     QUEUED,
     TERMINATING,
-    UNUSABLE,
     Cluster,
     Job,
     ReadModels,
@@ -252,17 +251,17 @@ def _resize_change(m: ReadModels, cluster: Cluster, target: int | None,
 
 
 def remove_node(m: ReadModels, node_id: str, actor: str) -> list[Decision]:
-    """NodeRemoved for a node whose machine is gone for good (lost, or unusable) and that
-    holds no GPU: a hand-joined node would otherwise stay in its cluster for ever. A node
-    that is alive is refused (409): its agent would only join again; a busy one goes by
-    resizing its cluster."""
+    """NodeRemoved for a node whose machine is gone for good (lost: its agent silent) and
+    that holds no GPU: a hand-joined node would otherwise stay in its cluster for ever. A
+    node that is not lost is refused (409): its agent is alive, and would only join again;
+    a busy one goes by resizing its cluster."""
     node = m.nodes.get(node_id)
     if node is None:
         raise CommandError(f"no node {node_id!r}", 404)
-    if node.state not in (LOST, UNUSABLE):
-        raise CommandError(f"node {node_id!r} is {node.state}: only a lost or unusable node is "
-                           "removed (stop its agent first; resizing its cluster drains and "
-                           "removes a node that runs work)")  # fmt: skip
+    if node.state != LOST:
+        raise CommandError(f"node {node_id!r} is {node.state}: only a lost node is removed "
+                           "(stop its agent first; resizing its cluster drains and removes a "
+                           "node that runs work)")  # fmt: skip
     if node.allocations:
         raise CommandError(f"node {node_id!r} still holds GPUs of tasks that have not been "
                            "seen to stop: remove it once they are")  # fmt: skip

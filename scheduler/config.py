@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import os
+import tempfile
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -232,8 +233,8 @@ def _create_durably(path: Path, text: str) -> None:
     log does. Written to a file of its own, synced, then linked into place (which fails if
     `path` exists: a daemon starting beside this one keeps the key that one made)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    spare = path.with_name(f".{path.name}.{os.getpid()}.new")
-    fd = os.open(spare, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".new", dir=path.parent)
+    spare = Path(name)  # (a name of its own, mode 0600: no other daemon writes to it)
     try:
         with os.fdopen(fd, "w") as handle:
             handle.write(text)

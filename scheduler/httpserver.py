@@ -57,9 +57,10 @@ def said(exc: BaseException | None) -> str:
 def _no_decoder(exc: BaseException | None) -> bool:
     """A Content-Encoding aiohttp knows but has no decoder for here (br, zstd): refused as
     the parser reads the headers, before the API's own check of the coding can run."""
+    said = str(exc).lower()  # (aiohttp's words: "...: brotli (br)", "...: zstandard (zstd)")
     return isinstance(exc, http_exceptions.ContentEncodingError) and (
-        "can not decode content-encoding" in str(exc).lower()
-    )  # (aiohttp's words)
+        "(br)" in said or "(zstd)" in said
+    )
 
 
 def _unreadable_body(exc: BaseException | None) -> bool:

@@ -69,10 +69,12 @@ def enum(*values: str) -> Schema:
     return {"type": "string", "enum": list(values)}
 
 
-def array(item: Schema, max_items: int | None = None) -> Schema:
+def array(item: Schema, max_items: int | None = None, min_items: int | None = None) -> Schema:
     out: Schema = {"type": "array", "items": item}
     if max_items is not None:
         out["maxItems"] = max_items
+    if min_items is not None:
+        out["minItems"] = min_items
     return out
 
 
@@ -433,7 +435,7 @@ def token_request() -> Schema:
         {
             "name": name(),
             "role": enum(*ROLES),
-            "workspaces": array(name()),
+            "workspaces": array(name(), min_items=1),
             "node": string(pattern=f"^{NODE_ID.pattern}$"),  # role agent only: that node
         },
         ("name", "role"),
@@ -742,11 +744,11 @@ def job_paths() -> dict[str, Schema]:
         ))},
         "/v1/nodes/{id}": {
             "get": read("getNode", "a node: state, GPUs, runtimes, heartbeat age, errors", "Node"),
-            "delete": write("removeNode", "remove a lost or unusable node that holds no GPU",
-                            202, "Written"),
+            "delete": write("removeNode", "remove a lost node that holds no GPU", 202,
+                            "Written"),
             "parameters": [{"name": "id", "in": "path", "required": True,
                             "description": "the node's id",
-                            "schema": string(pattern=r"^[-.A-Za-z0-9_]{1,253}$")}],
+                            "schema": string(pattern=r"^[A-Za-z0-9][-.:A-Za-z0-9_]{0,199}$")}],
         },
     }  # fmt: skip
 

@@ -30,10 +30,13 @@ def _machine_load() -> list[str]:
     load = os.getloadavg()
     lines = [f"machine: {cores} cores, load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}"]
     if load[0] > 2 * cores:
-        busiest = subprocess.run(
-            ["ps", "-eo", "pid,pcpu,etime,args", "--sort=-pcpu"], capture_output=True,
-            text=True, check=False,
-        ).stdout.splitlines()[:8]  # fmt: skip
+        try:
+            busiest = subprocess.run(
+                ["ps", "-eo", "pid,pcpu,etime,args", "--sort=-pcpu"], capture_output=True,
+                text=True, check=False,
+            ).stdout.splitlines()[:8]  # fmt: skip
+        except OSError:  # (no ps here)
+            busiest = ["(ps is not installed)"]
         lines += ["machine overloaded; its busiest processes:", *(line[:160] for line in busiest)]
     return lines
 

@@ -1154,17 +1154,20 @@ async def test_a_machine_moves_to_another_cluster_once_its_old_node_is_lost(loca
 async def test_a_lost_node_whose_machine_is_gone_can_be_removed(local):
     """A hand-joined node stays in its cluster when its machine goes for good (nothing else
     removes it, and its cluster stays resizing past its target): an admin removes it once it
-    is lost. An alive node is refused (its agent would join again), and a viewer may not."""
+    is lost, and the agent tokens bound to it are revoked. A node that is not lost is refused
+    (its agent is alive, and would join again), and a viewer may not remove one."""
     daemon, client = local
     models = daemon.models.models
     assert (await client.call("PUT", "/v1/workspaces/default/clusters/hand", ONE_NODE))[0] == 201
     fleet = await make_token(client, "fleet-agent", "agent")
-    for node in ("kept", "gone"):
-        join = protocol.message("Register", node, 1, cluster="default/hand", gpus=1)
-        assert await _post(daemon, client, fleet, join) == 200
+    bound = await make_token(client, "gone-agent", "agent", node="gone")
+    join = protocol.message("Register", "kept", 1, cluster="default/hand", gpus=1)
+    assert await _post(daemon, client, fleet, join) == 200
+    join = protocol.message("Register", "gone", 1, cluster="default/hand", gpus=1)
+    assert await _post(daemon, client, bound, join) == 200
     await _until(lambda: models.nodes["gone"].state == "ready", 10)
     status, error = await client.call("DELETE", "/v1/nodes/gone")
-    assert status == 409 and "is ready: only a lost or unusable node" in error["error"]["message"]
+    assert status == 409 and "is ready: only a lost node" in error["error"]["message"]
     lost = NewEvent("NodeLost", {"nodeId": "gone"})
     await daemon.control.run(lambda m: [("node-gone", lost)], key="node/gone")
     viewer = Client(client.session, client.url, await make_token(client, "eyes", "viewer"))
@@ -1173,6 +1176,7 @@ async def test_a_lost_node_whose_machine_is_gone_can_be_removed(local):
     done = await asyncio.to_thread(batchd, "node", "remove", "gone", env=env)
     assert done.returncode == 0 and done.stdout == "removed node gone\n", done.stderr
     assert "gone" not in models.nodes
+    assert await _post(daemon, client, bound, join) == 401  # its credential went with it
     hand = models.clusters[models.cluster_ids["default/hand"]]
     assert hand.nodes == ["kept"]
     assert (await client.call("GET", "/v1/nodes/gone"))[0] == 404

@@ -175,7 +175,7 @@ async def test_a_token_whose_workspaces_are_empty_or_not_a_list_is_refused(api, 
     field, rather than make a token of every workspace; left out, it does make one."""
     admin = Client(session, api.url, api.admin_token)
     for value, words in (([], "at least one"), ("", "a list"), ({}, "a list"), (0, "a list"),
-                         (False, "a list"), (["ws", 1], "a list")):  # fmt: skip
+                         (False, "a list"), (None, "a list"), (["ws", 1], "a list")):  # fmt: skip
         body = {"name": "ci", "role": "operator", "workspaces": value}
         status, error = await admin.call("POST", "/v1/tokens", body)
         assert status == 400 and error["error"]["details"][0]["name"] == "workspaces", value

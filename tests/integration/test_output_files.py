@@ -231,6 +231,9 @@ async def test_range_requests_answer_alike_wherever_the_file_lies(local, tmp_pat
     for ignored in ("pages=1-2", "bytes=-3", "bytes=0-1,3-4", "garbage"):  # the whole file
         status, got, headers = await _get(client, path, Range=ignored)
         assert (status, got, headers.get("Content-Range")) == (200, ALPHABET, None), ignored
+    status, answer = await client.call("GET", f"{EXP}/jobs/{path}?follow=true",
+                                       headers={"Range": "bytes=2-3"})  # fmt: skip
+    assert status == 400 and answer["error"]["details"][0]["name"] == "Range"  # ended or not
 
 
 async def _pair(daemon, client, disk: Path) -> tuple[str, list[str]]:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import argparse
+
 import pytest
 
 from batchd.events import errors
@@ -7,6 +9,7 @@ from batchd.events.audit import Anchor
 from batchd.events.backends.postgres import _quotes_userinfo
 from batchd.events.timeutil import parse_iso, to_iso
 from batchd.events.urls import StoreUrl, parse
+from batchd.scheduler import cli_replay
 
 
 @pytest.mark.parametrize(
@@ -150,3 +153,12 @@ def test_iso_times_are_exact_to_the_microsecond_within_and_across_seconds():
             "%Y-%m-%dT%H:%M:%S.%fZ"
         )
         assert parse_iso(to_iso(us)) == us
+
+
+def test_an_export_from_and_to_one_moment_between_two_microseconds_is_in_order():
+    moment = "2026-11-29T17:26:58.9335731Z"
+    args = argparse.Namespace(from_=moment, to=moment)
+    start, end = cli_replay.export_bounds(args)  # (no "--to is before --from")
+    assert start == end + 1  # no event can be recorded at it: none is exported
+    with pytest.raises(ValueError, match="is before --from"):
+        cli_replay.export_bounds(argparse.Namespace(from_=moment, to="2026-11-29T17:26:58Z"))
