@@ -32,6 +32,7 @@ import itertools
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 from typing import Any, Protocol
@@ -338,12 +339,8 @@ class LocalProvider:
         if self.stopping or self.processes.get(node_id) is not process:
             return  # stopped on purpose
         logger.warning("local.agent_exited", node=node_id, code=code)
-        try:  # (never two attempts of a job at once: the old one ends before its retry)
-            await asyncio.to_thread(watchdog.wait_released, work_dir(self.state_dir, node_id))
-        except watchdog.WorkDirBusy:
-            logger.warning("local.watchdog_slow", node=node_id, seconds=watchdog.LOCK_WAIT)
-        if self.stopping or self.processes.get(node_id) is not process:
-            return
+        if not await self._watchdog_done(node_id, process):
+            return  # a new agent of the node has started: its registration loses the old one's
         if node_id not in self.control.models.nodes:  # it never registered: tell why, once
             await self._unregistered(node_id, code)
             return
@@ -357,6 +354,24 @@ class LocalProvider:
                                    key=f"node/{node_id}")  # fmt: skip
         except Exception as exc:  # (the log fenced or closed): its silence tells in time
             logger.warning("local.agent_exit_not_logged", node=node_id, error=str(exc))
+
+    async def _watchdog_done(self, node_id: str, process: asyncio.subprocess.Process) -> bool:
+        """Wait until a dead agent's watchdog has let go of the work directory's lock (it
+        holds it until it has ended the agent's tasks: a container takes a moment to
+        remove), LOCK_WAIT at most: never two attempts of a job at once, the old one ends
+        before its retry starts. False if meanwhile a new agent of the node has started
+        (or the provider stops): that one waited for the same lock, and its registration,
+        under a new incarnation, ends the old agent's attempts."""
+        work = work_dir(self.state_dir, node_id)
+        deadline = time.monotonic() + watchdog.LOCK_WAIT
+        while not watchdog.released(work):
+            if self.stopping or self.processes.get(node_id) is not process:
+                return False
+            if time.monotonic() > deadline:
+                logger.warning("local.watchdog_slow", node=node_id, seconds=watchdog.LOCK_WAIT)
+                break
+            await asyncio.sleep(0.05)
+        return not self.stopping and self.processes.get(node_id) is process
 
     async def _unregistered(self, node_id: str, code: int) -> None:
         """An agent that exited before its node registered (it could not reach its container

@@ -78,10 +78,20 @@ def hold_work_dir(work_dir: Path) -> int:
             time.sleep(0.05)
 
 
-def wait_released(work_dir: Path) -> None:
-    """Wait (LOCK_WAIT at most, else WorkDirBusy) until no agent or watchdog holds the lock
-    on `work_dir`: an agent that has died has its tasks ended by then. Blocks."""
-    os.close(hold_work_dir(work_dir))  # (taken, and let go at once)
+def released(work_dir: Path) -> bool:
+    """Does no agent or watchdog hold the lock on `work_dir` now (an agent that has died
+    has its tasks ended then)? Does not wait."""
+    try:
+        fd = os.open(work_dir / LOCK_FILE, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (let go as the descriptor closes)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def start(lock: int, running_dir: Path, node_id: str, docker_host: str | None,

@@ -343,6 +343,17 @@ async def test_a_dead_agents_node_is_lost_only_once_its_watchdog_has_let_go(tmp_
         os.close(held)  # its tasks are ended: it lets go
     await asyncio.wait_for(watching, 10)
     assert [e.type for _s, e in control.appended] == ["NodeLost"]
+    # a new agent started meanwhile (it waited for the same lock): its registration, under a
+    # new incarnation, loses the old agent's attempts; this watch stops waiting, says nothing
+    held = watchdog.hold_work_dir(tmp_path / "nodes" / "local-0")
+    try:
+        watching = asyncio.ensure_future(provider._watch("local-0", died))
+        await asyncio.sleep(0.2)
+        provider.processes["local-0"] = _Exited()  # (the next reconcile's)
+        await asyncio.wait_for(watching, 10)
+    finally:
+        os.close(held)
+    assert [e.type for _s, e in control.appended] == ["NodeLost"]  # nothing more
 
 
 class _Died:
