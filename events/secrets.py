@@ -15,7 +15,8 @@ from __future__ import annotations
 import base64
 import functools
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -77,6 +78,10 @@ class Keyring:
             raise errors.SecretKeyError("secret keys must be base64 (32 bytes each)") from None
         return cls(decoded, active)
 
+    def holds(self, key_id: str) -> bool:
+        """Is a key of that id among these?"""
+        return key_id in self._ciphers
+
     def seal(self, plaintext: str) -> Sealed:
         kid = self.active.encode("ascii")
         nonce = os.urandom(_NONCE_BYTES)
@@ -106,6 +111,18 @@ def _parse_path(path: str) -> tuple[str, ...]:
 
 def _split_list(piece: str) -> list[str]:
     return [piece[:-2], "[]"] if piece.endswith("[]") else [piece]
+
+
+def sealed_in(value: Any) -> Iterator[Sealed]:
+    """Every sealed value in `value` (an event's data: maps and lists, at any depth)."""
+    if isinstance(value, Sealed):
+        yield value
+    elif isinstance(value, dict):
+        for inner in value.values():
+            yield from sealed_in(inner)
+    elif isinstance(value, list | tuple):
+        for inner in value:
+            yield from sealed_in(inner)
 
 
 def seal_paths(data: dict, paths: tuple[str, ...], keyring: Keyring | None) -> dict:

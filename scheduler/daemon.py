@@ -33,7 +33,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from batchd.events import errors, urls
 from batchd.events.codec import Codec
-from batchd.events.secrets import Keyring
+from batchd.events.secrets import Keyring, sealed_in
 from batchd.events.store import EventStore
 from batchd.projections.runner import SNAPSHOT_INTERVAL, Runner
 from batchd.scheduler import api, commands, config, httpserver, planner, systemd, tls
@@ -55,6 +55,7 @@ PLAN_IDLE = 10.0  # seconds between planner cycles while the log stands still
 PLAN_GAP = 0.02  # least seconds between two planner cycles: a busy log is planned in batches
 PLAN_RETRY_MAX = 5.0  # most seconds between planner cycles while the log refuses appends
 ADMIN_TOKEN_FILE = "admin.token"
+KEY_CHECK_EVENTS = 5_000  # the newest events in which a start looks for a secret to open
 LEAD_CHECK = 1.0  # seconds between checks that the leader lock is held still
 # seconds a leader may go unable to confirm its lock (its database away) before its agents are
 # refused (503), so that their leases run out and their tasks stop: a standby that reaches the
@@ -198,8 +199,15 @@ class Daemon:
     async def _keys_for_the_log(self, keyring: Keyring | None) -> None:
         """Refuse to lead a log that holds events with no secret keys: a new key would seal
         under the same id as the keys it was written with, and open none of their secrets
-        (jobs that carry some would fail). A daemon needs the keys of the log it leads."""
-        if keyring is not None or (await self.store.head()).position == 0:
+        (jobs that carry some would fail). A daemon needs the keys of the log it leads; with
+        keys, the newest secret of the log's last KEY_CHECK_EVENTS events must open with
+        them, if it is of a key id they hold (keys of the same id but other bytes: another
+        daemon's)."""
+        head = (await self.store.head()).position
+        if head == 0:
+            return
+        if keyring is not None:
+            await self._keys_open_the_log(keyring, head)
             return
         where = self.cfg.keys_file or self.cfg.state_dir / "secret.keys"
         raise ValueError(
@@ -208,6 +216,24 @@ class Daemon:
             "keys the log was written with (the other daemon's secret.keys, or the same "
             f'${config.KEYS_ENV}); docs/event-log.md, "Secrets"'
         )
+
+    async def _keys_open_the_log(self, keyring: Keyring, head: int) -> None:
+        events = await self.store.read_all(max(0, head - KEY_CHECK_EVENTS), KEY_CHECK_EVENTS)
+        # (one sealed with a key id it has not: a lost key, replaced under a new id, see
+        # docs/event-log.md; its secrets stay shut, and the daemon may start)
+        newest = next((v for e in reversed(events) for v in sealed_in(e.data)
+                       if keyring.holds(v.key_id)), None)  # fmt: skip
+        if newest is None:
+            return
+        try:
+            keyring.open(newest)
+        except errors.SecretUnopenable as exc:
+            raise ValueError(
+                f"the log {urls.parse(self.cfg.store_url)} holds secrets this daemon's keys do "
+                f"not open ({exc}): give it the keys the log was written with (the other "
+                f"daemon's secret.keys, or the same ${config.KEYS_ENV}); docs/event-log.md, "
+                '"Secrets"'
+            ) from None
 
     async def _stand_by(self) -> bool:
         """Hold the log's leader lock, waiting as a standby while another daemon leads the

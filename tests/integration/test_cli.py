@@ -271,8 +271,9 @@ def test_serve_restores_the_read_models_and_snapshots_them_on_sigterm(tmp_path):
     url = f"sqlite:///{state / 'events.db'}"
     done = batchd("bench", "replay", "--events", "2000", "--store", url)
     assert done.returncode == 0, done.stderr
-    keys = state / "secret.keys"  # a daemon leads a log only with keys (none open the bench's)
-    keys.write_text(f"k1:{base64.b64encode(os.urandom(32)).decode()}\n")
+    keys = state / "secret.keys"  # a daemon leads a log only with keys (none open the bench's:
+    # a key under another id, as for a lost key)
+    keys.write_text(f"k2:{base64.b64encode(os.urandom(32)).decode()}\n")
     keys.chmod(0o600)
     port = _free_port()
     daemon, health = _start_daemon(state, port)
@@ -439,6 +440,39 @@ async def test_a_standby_without_keys_refuses_to_take_over_a_log_written_meanwhi
     finally:
         await standby.stop()
     assert not (tmp_path / "standby" / "secret.keys").exists()
+
+
+async def test_a_daemon_whose_keys_do_not_open_the_logs_secrets_refuses_to_lead(
+    tmp_path, durable_url, monkeypatch
+):
+    """Keys under the log's key id but of other bytes (another daemon's secret.keys): a
+    daemon started with them would seal new secrets it alone can open and fail every queued
+    job that carries one. It says so at start, before it stands by or leads."""
+    key = os.urandom(32)
+    written = Keyring({"k1": key}, "k1")
+    store = await urls.open_store(durable_url, codec=Codec(written))
+    try:
+        sealed = {"workspace": "w", "storageKey": written.seal("s3")}  # (a secret it holds)
+        await store.append("workspace-w", [NewEvent("WorkspaceCreated", sealed)])
+    finally:
+        await store.close()
+    other = base64.b64encode(os.urandom(32)).decode()
+    monkeypatch.setenv(config.KEYS_ENV, f"k1:{other}")
+    cfg = config.load(None, state=str(tmp_path / "state"), store=durable_url, local_nodes=0,
+                      listen="127.0.0.1:0")  # fmt: skip
+    daemon = Daemon(cfg)
+    try:
+        with pytest.raises(ValueError, match="holds secrets this daemon's keys do not open"):
+            await asyncio.wait_for(daemon.start(), 30)
+    finally:
+        await daemon.stop()
+    monkeypatch.setenv(config.KEYS_ENV, f"k1:{base64.b64encode(key).decode()}")
+    right = Daemon(cfg)
+    try:
+        await asyncio.wait_for(right.start(), 30)  # the log's own keys: it leads
+        assert right.ready
+    finally:
+        await right.stop()
 
 
 def test_serve_answers_healthz_and_stops_cleanly_on_sigterm(tmp_path):
