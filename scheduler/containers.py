@@ -264,6 +264,7 @@ class ContainerTask:
         # called as its preparation begins (an image pull, the jobPreparation)
         self.on_preparing: Callable[[], None] = nothing
         self.exited = False  # the container of its command has exited
+        self.pulling: asyncio.Future | None = None  # the pull of its image, while under way
         # the ids of its containers it could not remove (the engine unreachable): the agent
         # removes them once the engine answers again
         self.left: list[str] = []
@@ -309,14 +310,25 @@ class ContainerTask:
             if cut_off(exc):
                 return unreachable(exc)
             self.on_preparing()
+            if self.killed:  # (killed while it was asked about the image)
+                return KILLED_UNSTARTED
+            self.pulling = asyncio.ensure_future(
+                self.docker.images.pull(image, auth=self.spec.get("registryAuth")))  # fmt: skip
             try:
-                await self.docker.images.pull(image, auth=self.spec.get("registryAuth"))
+                await self.pulling
                 found = await self.docker.images.inspect(image)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if self.killed and not (task is not None and task.cancelling()):
+                    return KILLED_UNSTARTED  # kill() cancelled the pull: a pull can be long
+                raise
             except ENGINE_ERRORS as exc:
                 if cut_off(exc):
                     return unreachable(exc)
                 return {"code": "image_unavailable", "message": f"cannot pull image {image}: "
                                                                f"{exc.message}"}  # fmt: skip
+            finally:
+                self.pulling = None
         self.user = str((found.get("Config") or {}).get("User") or "")
         return None
 
@@ -362,7 +374,7 @@ class ContainerTask:
     async def _container(self, command: str, suffix: str,
                          started: asyncio.Event | None) -> TaskResult:  # fmt: skip
         if self.killed:
-            return TaskResult(None, {"code": "killed", "message": "killed before it started"})
+            return TaskResult(None, KILLED_UNSTARTED)
         config = create_config(self.spec, command, suffix, self.engine, self.attach_gpus)
         try:
             self.container = await self.docker.containers.create(config=config)
@@ -439,8 +451,11 @@ class ContainerTask:
             kill_tree(int((await run.inspect()).get("Pid") or 0))
 
     async def kill(self) -> None:
-        """SIGTERM the container; SIGKILL it if it is still there after a grace."""
+        """SIGTERM the container; SIGKILL it if it is still there after a grace. A task
+        whose image is still being pulled stops pulling (its container is never made)."""
         self.killed = True
+        if self.pulling is not None:
+            self.pulling.cancel()
         container = self.container
         if container is None:
             return
@@ -453,6 +468,9 @@ class ContainerTask:
                     return
                 await asyncio.sleep(0.1)
             await container.kill(signal="SIGKILL")
+
+
+KILLED_UNSTARTED = {"code": "killed", "message": "killed before it started"}
 
 
 async def engine_of(docker: aiodocker.Docker) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 
+import aiodocker
 import aiohttp
 import pytest
 
@@ -257,3 +258,30 @@ async def test_a_task_whose_run_raises_is_reported_ended_with_no_exit_code(tmp_p
     assert (started["type"], exited["type"], exited["exitCode"]) == ("TaskStarted", "TaskExited",
                                                                      None)  # fmt: skip
     assert exited["error"]["code"] == code and str(error) in exited["error"]["message"]
+
+
+class _SlowPulls:
+    """An engine without the image, whose pulls never end (a huge image, a stuck registry)."""
+
+    def __init__(self) -> None:
+        self.images = self
+        self.pulled = asyncio.Event()
+
+    async def inspect(self, image: str) -> dict:
+        raise aiodocker.DockerError(404, {"message": f"no such image: {image}"})
+
+    async def pull(self, image: str, auth=None) -> None:
+        self.pulled.set()
+        await asyncio.Event().wait()
+
+
+async def test_a_task_killed_while_its_image_is_pulled_stops_pulling_and_ends_at_once():
+    """Terminate (or a wall-clock limit) while the image is pulled: the pull is given up,
+    and the task ends as killed before it started, not once the pull has ended."""
+    engine = _SlowPulls()
+    task = ContainerTask({"image": "example.org/huge:1"}, engine, "podman", attach_gpus=False)
+    imaging = asyncio.ensure_future(task._image())
+    await asyncio.wait_for(engine.pulled.wait(), 5)
+    await asyncio.wait_for(task.kill(), 5)
+    said = await asyncio.wait_for(imaging, 5)
+    assert said == {"code": "killed", "message": "killed before it started"}
