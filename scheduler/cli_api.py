@@ -794,6 +794,7 @@ async def job_file_stream(args: argparse.Namespace) -> int:
         server = _Reconnecting(api)
         job = await server.call(lambda: api.get(_job(args)))
         followed = _Followed(args.attempt or _attempt(job))
+        created = _get(job, "properties.creationTime")
         while True:
             last = _attempt_over(job, followed.attempt)  # the server sends the rest, then ends
             followed.unplaced = not last and not _get(job, "properties.attempt")
@@ -803,6 +804,9 @@ async def job_file_stream(args: argparse.Namespace) -> int:
                     raise ClientError(f"job {args.name!r} never ran: it has no output")
                 return 0
             job = await _job_again(args, api, server)
+            if _get(job, "properties.creationTime") != created:  # not the job it followed
+                raise ClientError(f"cannot follow job {_job_key(args)} any more: it was "
+                                  "deleted, and a new job took its name")  # fmt: skip
             if args.attempt is None and _attempt(job) > followed.attempt:
                 print(f"attempt {followed.attempt} ended; following attempt {_attempt(job)}",
                       file=sys.stderr, flush=True)  # fmt: skip

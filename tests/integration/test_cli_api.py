@@ -566,6 +566,31 @@ async def test_a_wait_that_cannot_tell_how_its_job_ended_exits_125(capsys, monke
     assert done.code == 125 and words in done.err and done.out == "", done
 
 
+async def test_a_file_stream_does_not_go_on_into_a_new_job_of_its_name(capsys, monkeypatch,
+                                                                       tmp_path):  # fmt: skip
+    """The followed job deleted and a new one made under its name: the stream stops, saying
+    so, rather than print the new job's output after the old one's."""
+    jobs = [("running", "t1"), ("running", "t2")]  # as fetched: the second is the new job's
+
+    async def job(request: web.Request) -> web.Response:
+        state, created = jobs.pop(0) if len(jobs) > 1 else jobs[0]
+        properties = {"state": state, "creationTime": created, "attempt": 1}
+        return web.json_response({"name": "j", "properties": properties})
+
+    async def stdout(request: web.Request) -> web.Response:
+        return web.Response(body=b"old job\n", content_type="application/octet-stream")
+
+    app = web.Application()
+    app.router.add_get("/v1/workspaces/ws/experiments/exp/jobs/j", job)
+    app.router.add_get("/v1/workspaces/ws/experiments/exp/jobs/j/files/stdout.txt", stdout)
+    monkeypatch.setenv("BATCHD_STATE_DIR", str(tmp_path))
+    async with serving(app) as url:
+        done = await _runner(capsys)("job", "file", "stream", "j", "-w", "ws", "-e", "exp",
+                                     "--server", url, "--token", "t")  # fmt: skip
+    assert done.out == "old job\n"
+    assert_error(done, "deleted, and a new job took its name")
+
+
 async def test_unreachable_server_and_missing_token(capsys, monkeypatch, tmp_path):
     batchd = _runner(capsys)
     monkeypatch.setenv("BATCHD_STATE_DIR", str(tmp_path))
