@@ -325,9 +325,9 @@ def _relative_path(option: str, path: str) -> str:
         files.joined(Path(), path, option)  # the API's own rules
     except DocumentError as exc:
         raise InputError(str(exc)) from None
-    parts = [part for part in path.split("/") if part]
-    if "." in parts:
-        raise InputError(f"{option}: must not contain '.' segments")
+    parts = [part for part in path.split("/") if part and part != "."]  # (./stdout.txt)
+    if not parts:
+        raise InputError(f"{option}: must name a file")
     return "/".join(segment(part) for part in parts)
 
 

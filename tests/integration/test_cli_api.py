@@ -353,6 +353,11 @@ async def test_job_output_files_are_listed_and_streamed(batchd, api):
     await _drive_end(api, _job_id(api, "t"), "JobSucceeded", {"exitCode": 0})
     done = await asyncio.wait_for(streaming, 10)
     assert done.code == 0 and done.out == "epoch 1\nepoch 2\n"
+    dotted = await batchd("job", "file", "stream", "t", "-w", "ws", "-e", "exp",
+                          "--file", "./stdout.txt")  # fmt: skip
+    assert dotted.code == 0 and dotted.out == "epoch 1\nepoch 2\n"  # as the API serves it
+    assert_error(await batchd("job", "file", "stream", "t", "-w", "ws", "-e", "exp",
+                              "--file", "."), "must name a file")  # fmt: skip
     missing = await batchd("job", "file", "stream", "t", "-w", "ws", "-e", "exp",
                            "--output-directory-id", "nope")  # fmt: skip
     assert_error(missing, "nope")
