@@ -933,8 +933,7 @@ async def _merged_listing(api: Api, nodes: list[str], directory: Path) -> list[d
 
 async def get_file(request: web.Request) -> web.StreamResponse:
     follow = _bool_query(request, "follow")
-    if follow:
-        _follow_start(request)  # (its Range checked whether the attempt runs or has ended)
+    start = _follow_start(request) if follow else 0  # (checked whether the attempt runs or not)
     job, base, nodes = await _output_dir(request, waits=follow)
     api = request.app[API_KEY]
     relative = request.match_info["path"]
@@ -943,10 +942,10 @@ async def get_file(request: web.Request) -> web.StreamResponse:
     if nodes is not None:
         path = files.joined(base, relative, "path")
         if follow:  # (on one node: the file's task's)
-            return await _follow(request, job, _remote_reader(api, nodes[0], path))
+            return await _follow(request, job, start, _remote_reader(api, nodes[0], path))
         return await _remote_file_of(request, nodes, path)
     if follow:
-        return await _follow(request, job, _local_reader(base, relative, api.mount_root))
+        return await _follow(request, job, start, _local_reader(base, relative, api.mount_root))
     wanted = _wanted_range(request)
     with _opened(base, relative, "path", api.mount_root, f"no file {relative!r} (yet)") as fd:
         info = files.regular(fd, relative)
@@ -1169,15 +1168,14 @@ def _follow_start(request: web.Request) -> int:
     return wanted[0] if wanted else 0
 
 
-async def _follow(request: web.Request, job: Job,
+async def _follow(request: web.Request, job: Job, offset: int,
                   read: Callable[[int], Awaitable[bytes]]) -> web.StreamResponse:  # fmt: skip
-    """A file from the Range start (bytes=START-, else 400) as it grows, answered 200
+    """A file from `offset` (its Range's start: _follow_start) as it grows, answered 200
     (`read(offset)` gives what follows an offset), until the job has ended and everything
     written is sent, the client has gone, or
     the daemon stops. A first read that fails answers with its error; a later one breaks the
     answer off, unfinished (the file became a link or a directory, its node cannot be
     reached), as does the revocation of the token it was asked with."""
-    offset = _follow_start(request)
     api = request.app[API_KEY]
     token_id = _principal(request).token_id
     ended = _followed_ended(request, job)
@@ -1267,9 +1265,10 @@ async def delete_node(request: web.Request) -> web.Response:
     principal = _principal(request)
     node_id = request.match_info["id"]
     node = api.models.nodes.get(node_id)
-    if node is None or not principal.sees(_node_workspace(api.models, node) or ""):
+    workspace = _node_workspace(api.models, node) if node is not None else None
+    if node is None or not principal.sees(workspace or ""):
         raise CommandError(f"no node {node_id!r}", 404)  # (or not its to see)
-    principal.require("admin", _node_workspace(api.models, node))
+    principal.require("admin", workspace)
 
     def decide(m: ReadModels) -> list:  # the node, and the agent tokens bound to it
         bound = [t.token_id for t in m.tokens.values() if t.node == node_id]

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from batchd.events import errors
 from batchd.scheduler import client, config, logs
-from batchd.scheduler.cli_text import printable
+from batchd.scheduler.cli_text import error_text
 from batchd.scheduler.protocol import RUNTIMES
 
 EXIT_FAILURE = 1  # the command ran and found a problem (audit verify) or could not finish
@@ -540,8 +540,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         return 0
     except client.ApiError as exc:  # the server's message, then each field path and problem
-        lines = [printable(line) for line in exc.lines()]
-        print(f"batchd: error: {lines[0]}", *lines[1:], sep="\n", file=sys.stderr)
+        print(error_text(exc.lines()), file=sys.stderr)
         return EXIT_FAILURE
     except (CliError, client.ClientError, config.ConfigError, errors.StoreError,
             ValueError) as exc:  # fmt: skip

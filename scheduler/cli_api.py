@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 from batchd.events.timeutil import to_iso
 from batchd.projections.history import pending_reason
 from batchd.scheduler import cli_log, cli_replay
-from batchd.scheduler.cli_text import printable
+from batchd.scheduler.cli_text import error_text, printable
 from batchd.scheduler.client import (
     ApiError,
     Client,
@@ -685,8 +685,7 @@ async def job_wait(args: argparse.Namespace) -> int:
                 job = await server.call(lambda: api.get(_job(args)))
             except ApiError as exc:
                 if state is None:  # refused from the start (no such job, say)
-                    lines = [printable(line) for line in exc.lines()]
-                    print(f"batchd: error: {lines[0]}", *lines[1:], sep="\n", file=sys.stderr)
+                    print(error_text(exc.lines()), file=sys.stderr)
                     return EXIT_WAIT_UNKNOWN
                 why = "it was deleted" if exc.status == 404 else printable(exc.lines()[0])
                 return _cannot_tell(args, why, state, progress)
