@@ -632,6 +632,8 @@ class Agent:
             self._background(self._run_task(key, task, slot), f"task {key}")
         elif command["type"] == "KillTask" and key in self.tasks:
             self._background(self.tasks[key].kill(), f"kill {key}")
+        elif command["type"] == "ProceedTask" and key in self.tasks:
+            self.tasks[key].proceed.set()
 
     def _background(self, coroutine, name: str) -> None:
         task = asyncio.create_task(coroutine, name=name)
@@ -726,10 +728,22 @@ class Agent:
         self.outbox.put_nowait(self._message(
             "TaskPreparing", jobId=job_id, attempt=attempt, task=index))  # fmt: skip
 
+    async def _prepared(self, key: TaskKey, task: ProcessTask) -> None:
+        """The task is prepared and its job has other tasks: say so, and wait until the
+        daemon says that every one of them is (ProceedTask) or the task is killed. Said
+        again every heartbeat interval meanwhile: a daemon started since then knows it too."""
+        job_id, attempt, index = key
+        while not task.proceed.is_set():
+            self.outbox.put_nowait(self._message(
+                "TaskPrepared", jobId=job_id, attempt=attempt, task=index))  # fmt: skip
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(task.proceed.wait(), HEARTBEAT_INTERVAL)
+
     async def _run_and_report(self, key: TaskKey, task: ProcessTask) -> None:
         job_id, attempt, index = key
         started = asyncio.Event()
         task.on_preparing = functools.partial(self._preparing, key, task)
+        task.on_prepared = functools.partial(self._prepared, key, task)
         running = asyncio.create_task(task.run(started))
         await started.wait()
         if task.began:

@@ -26,7 +26,7 @@ import os
 import stat
 import tarfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiodocker
@@ -37,6 +37,7 @@ from batchd.scheduler import protocol
 from batchd.scheduler.jobspec import shm_bytes
 from batchd.scheduler.runtimes import (
     KILL_GRACE,
+    KILLED_UNSTARTED,
     OutputText,
     TaskResult,
     job_temp,
@@ -45,6 +46,7 @@ from batchd.scheduler.runtimes import (
     output_dirs,
     output_suffix,
     prepare_directories,
+    ready,
 )
 
 logger = structlog.get_logger(__name__)
@@ -263,6 +265,9 @@ class ContainerTask:
         self.owner: tuple[int, int] | None = None  # that user's ids, once looked up
         # called as its preparation begins (an image pull, the jobPreparation)
         self.on_preparing: Callable[[], None] = nothing
+        # awaited once it is prepared, where its StartTask says `barrier` (runtimes.py)
+        self.on_prepared: Callable[[], Awaitable[None]] = ready
+        self.proceed = asyncio.Event()  # set by the daemon's ProceedTask, or by a kill
         self.exited = False  # the container of its command has exited
         self.pulling: asyncio.Future | None = None  # the pull of its image, while under way
         # the ids of its containers it could not remove (the engine unreachable): the agent
@@ -296,6 +301,10 @@ class ContainerTask:
                     message = f"jobPreparation exited with {result.exit_code}"
                     result.error = {"code": "job_preparation_failed", "message": message}
                 return result
+        if self.spec.get("barrier"):
+            await self.on_prepared()
+            if self.killed:
+                return TaskResult(None, KILLED_UNSTARTED)
         if self.spec.get("command") is None:
             return TaskResult(0)
         return await self._container(self.spec["command"], output_suffix(self.spec), started)
@@ -454,6 +463,7 @@ class ContainerTask:
         """SIGTERM the container; SIGKILL it if it is still there after a grace. A task
         whose image is still being pulled stops pulling (its container is never made)."""
         self.killed = True
+        self.proceed.set()  # (a task waiting for the others ends unstarted)
         if self.pulling is not None:
             self.pulling.cancel()
         container = self.container
@@ -468,9 +478,6 @@ class ContainerTask:
                     return
                 await asyncio.sleep(0.1)
             await container.kill(signal="SIGKILL")
-
-
-KILLED_UNSTARTED = {"code": "killed", "message": "killed before it started"}
 
 
 async def engine_of(docker: aiodocker.Docker) -> str:

@@ -107,6 +107,8 @@ class NodeService:
         # attempts sent StartTask and still live -> their tasks ([node, GPUs] each)
         self.dispatched: dict[tuple[str, int], list[list[Any]]] = {}
         self.killed: set[tuple[str, int]] = set()  # attempts sent KillTask
+        # attempts of multi-node jobs -> the tasks that said TaskPrepared (see _prepared)
+        self.prepared: dict[tuple[str, int], set[int]] = {}
         self.started_at = time.monotonic()
         self.since_us = now_us()  # what this daemon scheduled is recorded at or after this
         self.closing = False
@@ -177,6 +179,7 @@ class NodeService:
             if job is None or job.attempt != attempt or job.state not in lifecycle.HOLDING:
                 del self.dispatched[job_id, attempt]
                 self.killed.discard((job_id, attempt))
+                self.prepared.pop((job_id, attempt), None)
                 if job is None or job.attempt != attempt or len(job.task_exits) < len(tasks):
                     self._kill(job_id, attempt, tasks)  # some task may still run
 
@@ -272,7 +275,7 @@ class NodeService:
                 "shmSize": container.get("shmSize"),
                 "stdouterr": plan.env["AZ_BATCHAI_STDOUTERR_DIR"], "reused": reused,
                 "workDir": str(jobs_root / "work" / f"{job.job_id}.{job.attempt}.{plan.index}"),
-                "preparation": preparation,
+                "preparation": preparation, "barrier": len(plans) > 1,
             })  # fmt: skip
 
     # -- messages in -------------------------------------------------------------------------
@@ -358,6 +361,8 @@ class NodeService:
             await self._heartbeat(node_id, _running_keys(msg), _engine_down(msg))
         elif kind in protocol.TASK_REPORTS:
             await self._task_report(node_id, kind, msg)
+        elif kind == "TaskPrepared":
+            self._prepared(node_id, protocol.task_key(msg))
         elif kind == "Leaving" and not self.closing:  # (a stopping daemon stops its own)
             await self.control.run(_by_agent(node_id, lambda m: _left(m, node_id)),
                                    key=f"node/{node_id}")  # fmt: skip
@@ -410,6 +415,32 @@ class NodeService:
         else:
             await self.control.run(_by_agent(node_id, lambda m: self._exited(m, msg)),
                                    key=self._key(job_id))  # fmt: skip
+
+    def _prepared(self, node_id: str, key: TaskKey) -> None:
+        """A task of a multi-node job is prepared (its image, its jobPreparation) and waits:
+        once every task of its attempt is, each is told to start (ProceedTask), so that no
+        node runs the job's command (an MPI master reaching the others) while another still
+        prepares. A task that says so again later (the ProceedTask crossed its word), or of an
+        attempt that has started already (before this daemon did), is told at once."""
+        if not _placed_on(self.models, key, node_id):
+            return
+        self.unstarted.pop(key, None)  # (its StartTask arrived)
+        job_id, attempt, index = key
+        job = self.models.jobs[job_id]
+        if job.state not in (SCHEDULED, PREPARING_JOB, RUNNING):  # (being stopped)
+            return
+        waiting = self.prepared.setdefault((job_id, attempt), set())
+        complete = len(waiting) == len(job.tasks)
+        waiting.add(index)
+        if complete or job.state == RUNNING:
+            go = [index]
+        elif len(waiting) == len(job.tasks):
+            go = sorted(waiting)
+        else:
+            return
+        for task in go:
+            self._send(job.tasks[task][0], {"type": "ProceedTask", "jobId": job_id,
+                                            "attempt": attempt, "task": task})  # fmt: skip
 
     def _authorize(self, principal: auth.Principal, node_id: str) -> None:
         """AuthError 403 unless `principal` may speak for `node_id`: a token bound to another

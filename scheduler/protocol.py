@@ -14,6 +14,8 @@ Agent to daemon (POST /agent/v1/messages, a list of messages in one body):
              the node takes no work until a heartbeat without it)}
   TaskPreparing {jobId, attempt, task}: the task's preparation began (an image pull, the
            job's jobPreparation); sent at most once, before TaskStarted
+  TaskPrepared {jobId, attempt, task}: a task whose StartTask says `barrier` is prepared and
+           waits for ProceedTask; said again every 2 s while it waits
   TaskStarted {jobId, attempt, task}
   TaskExited {jobId, attempt, task, exitCode, error?}
   SetupExited {incarnation's setup: exitCode, error?, tail (the output's last lines)}
@@ -23,7 +25,10 @@ Agent to daemon (POST /agent/v1/messages, a list of messages in one body):
            its attempts retried, without waiting out its silence
 Daemon to agent (GET /agent/v1/commands?node=&incarnation=&wait=S, long-poll):
   StartTask {jobId, attempt, task, gpus, command, env, files, workDir, stdouterr, runtime,
-             image?, preparation?, reused? (an earlier job had its name: see files.claim)}
+             image?, preparation?, reused? (an earlier job had its name: see files.claim),
+             barrier? (a task of a multi-node job: once prepared, it says TaskPrepared and
+             starts its command only at ProceedTask)}
+  ProceedTask {jobId, attempt, task}: every task of the attempt is prepared: start
   KillTask {jobId, attempt, task}
   RunSetup {command, env, stdouterr, workDir}: the cluster's nodeSetup.setupTask, run before
              the node takes work
@@ -58,10 +63,10 @@ NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,199}")
 NODE_ID_RULE = "1-200 letters, digits and _ . : - (starting with a letter or digit)"
 VERSION = 1
 CONTENT_TYPE = "application/msgpack"
-AGENT_MESSAGES = ("Register", "Heartbeat", "TaskPreparing", "TaskStarted", "TaskExited",
-                  "SetupExited", "ExecOutput", "FileData", "Leaving")  # fmt: skip
+AGENT_MESSAGES = ("Register", "Heartbeat", "TaskPreparing", "TaskPrepared", "TaskStarted",
+                  "TaskExited", "SetupExited", "ExecOutput", "FileData", "Leaving")  # fmt: skip
 TASK_REPORTS = ("TaskPreparing", "TaskStarted", "TaskExited")
-COMMANDS = ("StartTask", "KillTask", "RunSetup", "Exec", "CancelExec", "ReadFile")
+COMMANDS = ("StartTask", "ProceedTask", "KillTask", "RunSetup", "Exec", "CancelExec", "ReadFile")
 
 TaskKey = tuple[str, int, int]  # (job id, attempt, task index)
 

@@ -7,7 +7,9 @@ first, the same way; if it fails, the task fails with its exit code. What a task
 running in its group when it exits is killed. A task without a command (a node an MPI
 master reaches) exits 0 at once. stdout and stderr go to `stdout.txt` and `stderr.txt` in
 the attempt's stdouterr directory (the preparation's to `stdout-prep.txt`,
-`stderr-prep.txt`); see `output_suffix` for the other tasks of a multi-node job.
+`stderr-prep.txt`); see `output_suffix` for the other tasks of a multi-node job. A task of a
+multi-node job (`barrier` in its StartTask) waits, once prepared, until the daemon says that
+every task of its attempt is (`on_prepared`): none starts its command before all are ready.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import os
 import shutil
 import signal
 import sys
-from collections.abc import Callable, Container
+from collections.abc import Awaitable, Callable, Container
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,9 @@ logger = structlog.get_logger(__name__)
 SHELL = "/bin/bash" if os.access("/bin/bash", os.X_OK) else "/bin/sh"
 KILL_GRACE = 5.0  # seconds between SIGTERM and SIGKILL of a task's process group
 BASE_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "USER")
+
+
+KILLED_UNSTARTED = {"code": "killed", "message": "killed before it started"}
 
 
 @dataclass
@@ -119,6 +124,10 @@ def watch_children_with_pidfd() -> None:
     asyncio.set_child_watcher(watcher)
 
 
+async def ready() -> None:
+    """The prepared task of a job whose tasks need not wait for each other goes on at once."""
+
+
 def nothing() -> None:
     """What a task's `on_preparing` does until the agent gives it a use (or after)."""
 
@@ -140,6 +149,9 @@ class ProcessTask:
         self.execs: set[asyncio.subprocess.Process] = set()  # commands run beside it (exec)
         self.late_kill: asyncio.Future | None = None  # a kill that came while it started
         self.on_preparing: Callable[[], None] = nothing  # called as its preparation begins
+        # awaited once it is prepared, where its StartTask says `barrier` (see the docstring)
+        self.on_prepared: Callable[[], Awaitable[None]] = ready
+        self.proceed = asyncio.Event()  # set by the daemon's ProceedTask, or by a kill
 
     @property
     def ending(self) -> bool:
@@ -178,6 +190,11 @@ class ProcessTask:
                     result.error = {"code": "job_preparation_failed", "message": message}
                 started.set()
                 return result
+        if self.spec.get("barrier"):
+            await self.on_prepared()
+            if self.killed:
+                started.set()
+                return TaskResult(None, KILLED_UNSTARTED)
         if self.spec.get("command") is None:  # a node the master reaches (MPI): nothing here
             started.set()
             return TaskResult(0)
@@ -187,7 +204,7 @@ class ProcessTask:
     async def _run(self, command: str, env: dict[str, str], work: Path, out: Path, suffix: str,
                    started: asyncio.Event | None = None) -> TaskResult:  # fmt: skip
         if self.killed:
-            return TaskResult(None, {"code": "killed", "message": "killed before it started"})
+            return TaskResult(None, KILLED_UNSTARTED)
         try:
             with open(out / f"stdout{suffix}.txt", "ab") as stdout, \
                     open(out / f"stderr{suffix}.txt", "ab") as stderr:  # fmt: skip
@@ -252,6 +269,7 @@ class ProcessTask:
         grace is the whole group's: a program that the task's shell started (and that saves
         a checkpoint on SIGTERM) has it too, though the shell itself ends at once."""
         self.killed = True
+        self.proceed.set()  # (a task waiting for the others ends unstarted)
         process = self.process
         if process is None or process.returncode is not None:
             return

@@ -1512,6 +1512,46 @@ async def test_a_job_is_preparing_while_its_job_preparation_runs(local, tmp_path
     assert rows[2:4] == [("JobPreparing", "preparing"), ("JobStarted", "running")]
 
 
+async def test_no_task_of_a_multi_node_job_starts_before_every_node_is_prepared(local, tmp_path):
+    """Task 1's jobPreparation takes a while: task 0 (the master an MPI job would start
+    from) waits for it, and the job is preparing until both start."""
+    daemon, client = local
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    go = tmp_path / "go"
+    prepare = (f"if [ $AZ_BATCHAI_TASK_INDEX = 1 ]; then while [ ! -e {go} ]; do sleep 0.05; "
+               f"done; fi; touch {marks}/prepared-$AZ_BATCHAI_TASK_INDEX")  # fmt: skip
+    command = f"ls {marks} > {marks}/seen-by-$AZ_BATCHAI_TASK_INDEX"
+    await _run(client, "barrier", command, nodeCount=2, gpusPerNode=4,
+               jobPreparation={"commandLine": prepare})  # fmt: skip
+    models = daemon.models.models
+    await _until(lambda: (marks / "prepared-0").exists(), 30)
+    await asyncio.sleep(1.0)  # task 0 waits meanwhile
+    assert not (marks / "seen-by-0").exists()
+    assert newest_job(models, "barrier").state == "preparing"
+    daemon.nodes.prepared.clear()  # as after a daemon restart: task 0 says it again
+    go.touch()
+    job = await _ended(daemon, client, "barrier")
+    assert job["properties"]["state"] == "succeeded"
+    seen = (marks / "seen-by-0").read_text().split()
+    assert "prepared-1" in seen  # task 1 was prepared when task 0 started
+
+
+async def test_a_failed_preparation_on_one_node_keeps_the_others_from_starting(local, tmp_path):
+    daemon, client = local
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    prepare = "[ $AZ_BATCHAI_TASK_INDEX = 0 ] || { sleep 0.5; exit 3; }"
+    command = f"touch {marks}/ran-$AZ_BATCHAI_TASK_INDEX"
+    await _run(client, "unprepared", command, nodeCount=2, gpusPerNode=4,
+               jobPreparation={"commandLine": prepare})  # fmt: skip
+    job = await _ended(daemon, client, "unprepared")
+    assert job["properties"]["state"] == "failed"
+    [error] = job["properties"]["executionInfo"]["errors"]
+    assert error["code"] == "job_preparation_failed"
+    assert list(marks.iterdir()) == []  # no node ran the job's command
+
+
 async def test_a_lost_start_is_sent_again_while_the_jobs_other_task_already_runs(local):
     """Two nodes of a two-node job: node 0 starts its task (the job runs), node 1's
     StartTask is lost on the way. Its heartbeats, which do not list the task, bring the
