@@ -112,6 +112,9 @@ def check(msg: Any, allowed: tuple[str, ...]) -> dict[str, Any]:
 
 def task_key(msg: dict[str, Any]) -> TaskKey:
     try:
-        return (str(msg["jobId"]), int(msg["attempt"]), int(msg["task"]))
+        key = (str(msg["jobId"]), int(msg["attempt"]), int(msg["task"]))
     except (KeyError, TypeError, ValueError):
         raise ProtocolError(f"{msg.get('type')} needs jobId, attempt and task") from None
+    if key[1] < 1 or key[2] < 0:  # (a negative index would count a job's tasks from its end)
+        raise ProtocolError(f"{msg.get('type')}: attempts count from 1 and tasks from 0")
+    return key

@@ -1078,6 +1078,12 @@ async def test_the_agent_channel_refuses_strangers_and_bad_registrations(local):
     other = "local-1" if node_id == "local-0" else "local-0"
     assert await post(_local_token(daemon, other), fake_exit) == 403
     assert await poll(own, "local-1") == 403  # nor does it get another node's commands
+    # a task index counted from the end (job.tasks[-1]) is no task of the job's
+    for index in (-1, 1):
+        odd_exit = protocol.message("TaskExited", node_id, models.nodes[node_id].incarnation,
+                                    jobId=job_id, attempt=1, task=index, exitCode=0)  # fmt: skip
+        assert await post(_local_token(daemon, node_id), odd_exit) == (400 if index < 0 else 200)
+    assert models.jobs[job_id].state == "running"
     beat = protocol.message("Heartbeat", "local-1", models.nodes["local-1"].incarnation,
                             running=[])  # fmt: skip
     assert await post(own, beat) == 403  # nor speak for it, even as its current agent
