@@ -694,7 +694,8 @@ class Agent:
         finally:
             self.setup_task = None
             self.free_slots.append(slot)
-        tail = "".join(_tail(out / name) for name in ("stdout.txt", "stderr.txt"))
+        tail = masked("".join(_tail(out / name) for name in ("stdout.txt", "stderr.txt")),
+                      command)  # fmt: skip
         report = {"exitCode": result.exit_code, "tail": tail}
         if result.error:
             report["error"] = result.error
@@ -849,7 +850,19 @@ def _cannot_start_error(index: int, code: int | None, spec: dict[str, Any]) -> d
         return None
     reason = "not found" if code == 127 else "not executable"
     return {"code": "cannot_start",
-            "message": f"task {index} exited with {code} (command {reason}): {said}"}  # fmt: skip
+            "message": f"task {index} exited with {code} (command {reason}): "
+                       f"{masked(said, spec)}"}  # fmt: skip
+
+
+def masked(text: str, spec: dict[str, Any]) -> str:
+    """`text` (a task's output, quoted in what the agent reports) with the values of the
+    task's secret variables (StartTask's and RunSetup's `secretNames`) as ***: a report ends
+    up in the event log, which keeps what it is given for good."""
+    env = spec.get("env") or {}
+    values = {env.get(name) for name in spec.get("secretNames") or ()}
+    for value in sorted((v for v in values if isinstance(v, str) and v), key=len, reverse=True):
+        text = text.replace(value, "***")
+    return text
 
 
 # how /bin/sh (dash, bash, busybox) says it cannot run a command

@@ -276,6 +276,7 @@ class NodeService:
                 "stdouterr": plan.env["AZ_BATCHAI_STDOUTERR_DIR"], "reused": reused,
                 "workDir": str(jobs_root / "work" / f"{job.job_id}.{job.attempt}.{plan.index}"),
                 "preparation": preparation, "barrier": len(plans) > 1,
+                "secretNames": sorted(secrets),
             })  # fmt: skip
 
     # -- messages in -------------------------------------------------------------------------
@@ -565,6 +566,7 @@ class NodeService:
         prefix = expand(str(task["stdOutErrPathPrefix"]))
         where = f"{cluster.workspace}/clusters/{cluster.name}/{node_id}/stdouterr"
         return {"type": "RunSetup", "command": task["commandLine"], "env": env,
+                "secretNames": sorted({item["name"] for item in task.get("secrets") or ()}),
                 "stdouterr": f"{prefix.rstrip('/')}/{where}",
                 "workDir": str(self.state_dir / "nodes" / "setup" / node_id)}  # fmt: skip
 

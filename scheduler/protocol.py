@@ -27,11 +27,12 @@ Daemon to agent (GET /agent/v1/commands?node=&incarnation=&wait=S, long-poll):
   StartTask {jobId, attempt, task, gpus, command, env, files, workDir, stdouterr, runtime,
              image?, preparation?, reused? (an earlier job had its name: see files.claim),
              barrier? (a task of a multi-node job: once prepared, it says TaskPrepared and
-             starts its command only at ProceedTask)}
+             starts its command only at ProceedTask), secretNames (the variables of `env`
+             whose values the agent writes as *** wherever it quotes the task's output)}
   ProceedTask {jobId, attempt, task}: every task of the attempt is prepared: start
   KillTask {jobId, attempt, task}
-  RunSetup {command, env, stdouterr, workDir}: the cluster's nodeSetup.setupTask, run before
-             the node takes work
+  RunSetup {command, env, secretNames, stdouterr, workDir}: the cluster's
+             nodeSetup.setupTask, run before the node takes work
   Exec {execId, jobId, attempt, task, command}: run a command beside a running task, in its
         environment (its container, for the docker runtime)
   CancelExec {execId, jobId, attempt, task}: its caller went away: stop that command

@@ -662,11 +662,12 @@ async def test_the_setup_task_runs_before_a_node_takes_work_and_its_failure_is_s
     agents = []
     try:
         for name, command in (("good", "echo prepared $GREETING; exit 0"),
-                              ("bad", "echo cannot mount >&2; exit 4")):  # fmt: skip
+                              ("bad", "echo cannot mount $KEY >&2; exit 4")):  # fmt: skip
             setup = {
                 "commandLine": command,
                 "stdOutErrPathPrefix": "${AZ_BATCHAI_MOUNT_ROOT}/setup",
                 "environmentVariables": [{"name": "GREETING", "value": "hi"}],
+                "secrets": [{"name": "KEY", "value": "k3y-secret"}],
             }
             cluster = {
                 "vmSize": "Standard_NC6",
@@ -692,10 +693,10 @@ async def test_the_setup_task_runs_before_a_node_takes_work_and_its_failure_is_s
         assert good["properties"]["setup"]["tail"] == "prepared hi\n"
         _status, bad = await client.call("GET", "/v1/nodes/bad-0")
         assert bad["properties"]["setup"]["exitCode"] == 4
-        assert "cannot mount" in bad["properties"]["setup"]["tail"]
+        assert bad["properties"]["setup"]["tail"] == "cannot mount ***\n"  # no secret kept
         assert bad["properties"]["errors"][-1]["code"] == "setup_failed"
         out = daemon.cfg.mounts / "setup/default/clusters/bad/bad-0/stdouterr/stderr.txt"
-        assert out.read_text() == "cannot mount\n"  # under the mount root, ${...} expanded
+        assert out.read_text() == "cannot mount k3y-secret\n"  # under the mount root
         _status, shown = await client.call("GET", "/v1/workspaces/default/clusters/bad")
         assert shown["properties"]["errors"][-1]["code"] == "setup_failed"
         # the unusable node takes no work; the job says why
@@ -776,6 +777,15 @@ async def test_a_job_that_cannot_write_its_output_or_start_fails_clearly_and_the
     assert error["code"] == "cannot_start" and "command not found" in error["message"]
     assert "no-such-command-here" in error["message"]  # the shell's own words
     assert "not found" in _out(daemon, "missing", file="stderr.txt")
+    # the shell's words quote a secret's value: the error, kept in the log, does not
+    await _run(client, "secretive", "$API_TOKEN --help",
+               secrets=[{"name": "API_TOKEN", "value": "tok-4b1d-secret"}])  # fmt: skip
+    job = await _ended(daemon, client, "secretive")
+    error = job["properties"]["executionInfo"]["errors"][-1]
+    assert error["code"] == "cannot_start" and "***: command not found" in error["message"]
+    assert "tok-4b1d-secret" in _out(daemon, "secretive", file="stderr.txt")  # the job's own
+    exported = batchd("events", "export", "--store", daemon.cfg.store_url)
+    assert exported.returncode == 0 and "tok-4b1d" not in exported.stdout
     await _run(client, "after", "echo still here")  # the agents took it all in their stride
     assert (await _ended(daemon, client, "after"))["properties"]["state"] == "succeeded"
 
