@@ -45,7 +45,7 @@ from batchd.events.timeutil import to_iso
 from batchd.projections import lifecycle, queue
 from batchd.projections.allocation import free_gpus
 from batchd.projections.model import LEAVING, READY, Cluster, ReadModels, Token
-from batchd.scheduler import commands, retries, tls, watchdog
+from batchd.scheduler import commands, config, retries, tls, watchdog
 from batchd.scheduler.agent import PARENT_ENV
 from batchd.scheduler.auth import revoke_token
 from batchd.scheduler.clusterspec import max_nodes
@@ -320,7 +320,7 @@ class LocalProvider:
                 *(("--cacert", str(self.cacert)) if self.cacert else ()),
                 *(("--tls-server-name", self.server_name) if self.server_name else ()),
                 stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
-                env={**os.environ, PARENT_ENV: str(os.getpid())},
+                env=_agent_env(),
             )  # fmt: skip
         finally:
             log.close()
@@ -627,3 +627,11 @@ def _node_token(token: Token) -> bool:
     """Is `token` a local node's own (`_token_name`, or `-N` after it where that was taken)?"""
     return (token.role == "agent" and token.node is not None
             and token.name.startswith(_token_name(token.node)))  # fmt: skip
+
+
+def _agent_env() -> dict[str, str]:
+    """A local agent's environment: the daemon's, less its secret keys (an agent needs none,
+    and its environment is readable by what runs as its user), plus the daemon's pid."""
+    env = {k: v for k, v in os.environ.items() if k != config.KEYS_ENV}
+    env[PARENT_ENV] = str(os.getpid())
+    return env

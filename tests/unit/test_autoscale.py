@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+
+from batchd.scheduler import providers
 from batchd.scheduler.providers import autoscale_target, lose_nodes, staying_nodes
 from tests.unit.test_deallocation import local_world
 from tests.unit.test_planner import World, reasons
@@ -103,3 +106,12 @@ def test_a_multi_node_attempt_on_nodes_lost_together_is_requeued_once():
     error = {"code": "daemon_stopped", "message": "the daemon stopped"}
     decided = lose_nodes(w.models, ["c-n0", "c-n1"], error, "interrupted")
     assert [e.type for _s, e in decided] == ["NodeLost", "JobRequeued", "NodeLost"]
+
+
+def test_local_agents_are_not_given_the_daemons_secret_keys(monkeypatch):
+    monkeypatch.setenv("BATCHD_SECRET_KEYS", "k1:" + "A" * 44)
+    monkeypatch.setenv("BATCHD_SOMETHING_ELSE", "kept")
+    env = providers._agent_env()
+    assert "BATCHD_SECRET_KEYS" not in env
+    assert env["BATCHD_SOMETHING_ELSE"] == "kept"
+    assert env["BATCHD_AGENT_PARENT"] == str(os.getpid())
