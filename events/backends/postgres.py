@@ -196,8 +196,8 @@ _UNAVAILABLE = (
 
 
 def redact_dsn(dsn: str) -> str:
-    """The DSN with any password (in the user part or as a `password=` parameter) replaced
-    by ***, for messages and logs."""
+    """The DSN with any password (in the user part, or as a `password=` or `sslpassword=`
+    parameter) replaced by ***, for messages and logs."""
     scheme, sep, rest = dsn.partition("://")
     userinfo, at, hostpart = rest.rpartition("@")
     if at and ":" in userinfo:
@@ -205,7 +205,7 @@ def redact_dsn(dsn: str) -> str:
     return scheme + sep + _QUERY_PASSWORD.sub(r"\1***", rest)
 
 
-_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
+_QUERY_PASSWORD = re.compile(r"([?&](?:ssl)?password=)[^&#]*", re.IGNORECASE)
 
 
 async def _let_go(conn: asyncpg.Connection) -> None:

@@ -83,6 +83,8 @@ def test_a_driver_message_quoting_the_password_is_not_repeated():
 def test_passwords_never_show_in_a_store_url():
     shown = str(parse("postgresql://ann:hunter2@db/batchd"))
     assert "hunter2" not in shown and "ann:***@db" in shown
+    shown = str(parse("postgresql://ann@db/batchd?password=pw1&sslpassword=pw2&sslmode=require"))
+    assert shown.endswith("?password=***&sslpassword=***&sslmode=require")
     with pytest.raises(errors.StoreUrlError) as refused:
         parse("mysql://ann:hunter2@db/batchd")
     assert "hunter2" not in str(refused.value)
