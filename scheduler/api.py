@@ -626,8 +626,10 @@ async def put_job(request: web.Request) -> web.Response:
         wanted = parse_job(document)
         target = commands.resolve_cluster(m, wanted.cluster, ws, "")
         # the cluster compared as the one it names (a name, its id as GET shows it, a Batch
-        # AI resource id), the rest as written
-        if _but_cluster(stored) == _but_cluster(wanted.properties) and target == existing.cluster:
+        # AI resource id), the rest as written, but for secret values: were they compared,
+        # whoever may PUT the job could test guesses of them (200 or 409)
+        same = _comparable(stored) == _comparable(wanted.properties)
+        if same and target == existing.cluster:
             return []
         raise CommandError(f"job {name!r} exists already in {ws}/{exp} with another document")
 
@@ -642,8 +644,10 @@ async def put_job(request: web.Request) -> web.Response:
                     201 if created else 200)  # fmt: skip
 
 
-def _but_cluster(properties: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in properties.items() if k != "cluster"}
+def _comparable(properties: dict[str, Any]) -> dict[str, Any]:
+    """A job document without its cluster and with its secret values as ***."""
+    spec = mask_paths({"spec": properties}, JOB_SECRET_PATHS)["spec"]
+    return {k: v for k, v in spec.items() if k != "cluster"}
 
 
 async def get_job(request: web.Request) -> web.Response:

@@ -123,6 +123,13 @@ async def test_put_is_idempotent_and_a_different_document_is_a_conflict(client):
     assert (await client.call("PUT", "/v1/workspaces/ws/clusters/gpu2", CLUSTER))[0] == 201
     other = {**JOB, "cluster": {"id": "/workspaces/ws/clusters/gpu2"}}
     assert (await client.call("PUT", f"{EXP}/jobs/train", other))[0] == 409
+    # secret values are not compared: a PUT cannot test a guess of one (200 or 409)
+    secret = {**JOB, "secrets": [{"name": "TOKEN", "value": "right"}]}
+    assert (await client.call("PUT", f"{EXP}/jobs/keeps", secret))[0] == 201
+    guess = {**JOB, "secrets": [{"name": "TOKEN", "value": "wrong"}]}
+    status, shown = await client.call("PUT", f"{EXP}/jobs/keeps", guess)
+    assert status == 200 and shown["properties"]["secrets"] == [{"name": "TOKEN", "value": "***"}]
+    assert (await client.call("PUT", f"{EXP}/jobs/keeps", JOB))[0] == 409  # no secret: another
 
 
 async def test_a_cluster_being_deleted_is_not_made_again_until_it_has_gone(client, api):
