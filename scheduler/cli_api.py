@@ -228,14 +228,16 @@ def fill_storage(document: dict[str, Any], where: dict[str, Any]) -> dict[str, A
     return document
 
 
-def _check_same_cluster(args: argparse.Namespace, props: dict[str, Any]) -> None:
-    """--cluster, where the file names a cluster too: the same one, or it is a mistake."""
+def _check_same_cluster(args: argparse.Namespace, props: dict[str, Any], where: str) -> None:
+    """--cluster, where the file names a cluster too (at `where`, "properties." or ""): the
+    same one, or it is a mistake."""
     if "cluster" not in props:
         return
     from batchd.scheduler.commands import cluster_reference  # (only here: a heavy import)
     from batchd.scheduler.schema import resource_id
 
-    named = cluster_reference(resource_id(props["cluster"], "cluster"), args.workspace, "")
+    reference = resource_id(props["cluster"], f"{where}cluster")
+    named = cluster_reference(reference, args.workspace, where)
     if named != cluster_reference(args.cluster, args.workspace, ""):
         raise InputError(f"--cluster {args.cluster}: the file names cluster {named[1]!r} of "
                          f"workspace {named[0]!r}; give one or the other")  # fmt: skip
@@ -252,7 +254,7 @@ def job_document(args: argparse.Namespace) -> dict[str, Any]:
         }}  # fmt: skip
     props = _properties(document)
     if args.cluster:
-        _check_same_cluster(args, props)
+        _check_same_cluster(args, props, "properties." if "properties" in document else "")
         props["cluster"] = args.cluster
     elif "cluster" not in props:
         raise InputError("job create needs --cluster NAME")

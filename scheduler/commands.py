@@ -377,6 +377,10 @@ def cluster_reference(reference: str | None, workspace: str, where: str) -> tupl
     tail = [p.lower() for p in parts[-4:]]
     if len(tail) == 4 and tail[0] == "workspaces" and tail[2] == "clusters" and all(parts[-3::2]):
         return parts[-3], parts[-1]
+    # 2018-03-01's ".../providers/Microsoft.BatchAI/clusters/<name>" had no workspaces: the
+    # job's own (where Azure moved such clusters, with their jobs, when workspaces came)
+    if tail[-3:] == ["microsoft.batchai", "clusters", tail[-1]] and parts[-1]:
+        return workspace, parts[-1]
     raise DocumentError(f"{where}cluster", f"{reference!r} is neither a cluster name nor a "
                                            "Batch AI cluster resource id")  # fmt: skip
 

@@ -98,9 +98,15 @@ def test_a_resource_id_is_read_from_its_end(reference):
     assert commands.cluster_reference(reference, "default", "") == ("clusters", "gpu")
 
 
+def test_a_2018_03_01_cluster_id_names_a_cluster_of_the_jobs_own_workspace():
+    reference = "/subscriptions/s/resourceGroups/rg/providers/Microsoft.BatchAI/clusters/nc6"
+    assert commands.cluster_reference(reference, "migrated", "") == ("migrated", "nc6")
+
+
 @pytest.mark.parametrize("reference", ["/workspaces/ws/clusters/", "/workspaces/ws/gpu",
                                        "/clusters/gpu", "/workspaces//clusters/gpu",
-                                       "/workspaces/ws/clusters/gpu/nodes"])  # fmt: skip
+                                       "/workspaces/ws/clusters/gpu/nodes",
+                                       "/providers/Microsoft.BatchAI/clusters/"])  # fmt: skip
 def test_what_is_not_a_cluster_id_is_refused(reference):
     with pytest.raises(DocumentError, match="neither a cluster name nor"):
         commands.cluster_reference(reference, "default", "")
