@@ -15,6 +15,7 @@ from batchd.scheduler.jobspec import (
     ENV_NAME,
     ENV_VALUE,
     MOUNT_VOLUMES,
+    check_unique_variables,
     checked_variables,
     setup_prefix,
 )
@@ -123,6 +124,7 @@ def parse_cluster(document: Any, catalog: Catalog = CATALOG) -> ClusterSpec:
         raise DocumentError(f"{where}vmSize", f"{props['vmSize']!r} is not a known VM size")
     setup = (props.get("nodeSetup") or {}).get("setupTask") or {}
     checked_variables(setup, f"{where}nodeSetup.setupTask")  # none of batchd's names
+    check_unique_variables(setup, f"{where}nodeSetup.setupTask")  # each set once
     scale = props.get("scaleSettings", {"manual": {"targetNodeCount": 0}})
     scale = parse_scale_settings(scale, f"{where}scaleSettings", size)
     return ClusterSpec(

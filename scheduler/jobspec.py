@@ -27,6 +27,7 @@ from batchd.scheduler.schema import (
     string,
     unwrap,
 )
+from batchd.scheduler.toolkits import tf_distributed
 
 PRIORITY_OF = {"low": -500, "normal": 0, "high": 500}  # schedulingPriority -> stored integer
 MAX_WALL_CLOCK_S = 7 * 24 * 3600  # Batch AI's default and maximum: 7 days
@@ -282,7 +283,7 @@ def parse_job(document: Any) -> JobSpec:
         raise DocumentError(f"{prefix}.{first}".lstrip("."), rule)
     if "schedulingPriority" in props and "priority" in props:
         raise DocumentError(where, "give schedulingPriority or priority, not both")
-    _check_unique_variables(props, prefix)
+    check_unique_variables(props, prefix)
     _check_reserved_variables(props, prefix)
     priority = props.get("priority", PRIORITY_OF[props.get("schedulingPriority", "normal")])
     return JobSpec(
@@ -306,7 +307,7 @@ _SETS_VARIABLE = (  # (field, what names the variable an item sets, the variable
 )  # fmt: skip
 
 
-def _check_unique_variables(props: dict[str, Any], prefix: str) -> None:
+def check_unique_variables(props: dict[str, Any], prefix: str) -> None:
     """Each environment variable is set once: by one environmentVariables or secrets entry,
     or one input or output directory's id (a second would silently replace the first). A
     directory's variable has its id in capitals, as Batch AI named it: ids that differ
@@ -323,6 +324,7 @@ def _check_unique_variables(props: dict[str, Any], prefix: str) -> None:
 
 
 _DISTRIBUTED = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK")  # set on multi-node jobs
+TASK_VARIABLE = "BATCHD_TASK"  # in every task's environment: <jobId>.<attempt>.<task>
 
 
 def checked_variables(props: dict[str, Any], prefix: str) -> list[tuple[str, str]]:
@@ -344,9 +346,15 @@ def checked_variables(props: dict[str, Any], prefix: str) -> list[tuple[str, str
 def _check_reserved_variables(props: dict[str, Any], prefix: str) -> None:
     """A variable batchd sets for the job's tasks is not the job's to set: its value would be
     silently replaced (and `job show` would still list it)."""
+    tensorflow = props.get("tensorFlowSettings")
     for name, path in checked_variables(props, prefix):
         if name == "CUDA_VISIBLE_DEVICES":
             raise DocumentError(path, f"{name} is batchd's to set: the task's GPUs")
+        if name == TASK_VARIABLE:
+            raise DocumentError(path, f"{name} is batchd's to set: it marks the task's processes")
+        if name == "TF_CONFIG" and tensorflow and tf_distributed(tensorflow, props["nodeCount"]):
+            raise DocumentError(path, f"{name} is batchd's to set on a distributed TensorFlow "
+                                      "job (each process's part of the cluster)")  # fmt: skip
         if name in _DISTRIBUTED and props["nodeCount"] > 1:
             raise DocumentError(path, f"{name} is batchd's to set on a job of more than "
                                       "one node (its master, size and ranks)")  # fmt: skip

@@ -33,6 +33,7 @@ from typing import Any
 import structlog
 
 from batchd.scheduler import files
+from batchd.scheduler.jobspec import TASK_VARIABLE
 
 logger = structlog.get_logger(__name__)
 
@@ -287,7 +288,6 @@ class ProcessTask:
                 os.killpg(process.pid, signal.SIGKILL)
 
 
-TASK_VARIABLE = "BATCHD_TASK"  # in every task's environment: <jobId>.<attempt>.<task>
 PR_SET_CHILD_SUBREAPER = 36  # prctl option (Linux 3.4 and later)
 WAITED: set[int] = set()  # the children asyncio waits for (tasks, preparations, setup, exec)
 

@@ -260,13 +260,21 @@ def _pytorch(settings, hosts):
     return [_python(settings)] * len(hosts), [dict(init) for _ in hosts]
 
 
+def tf_distributed(settings: dict[str, Any], nodes: int) -> bool:
+    """Does a TensorFlow job of `nodes` nodes run more than one process (each told its part
+    by TF_CONFIG), rather than its script once?"""
+    workers = settings.get("workerCount", nodes)
+    parameter_servers = settings.get("parameterServerCount", 1 if nodes > 1 else 0)
+    return nodes > 1 or workers > 1 or parameter_servers > 0
+
+
 def _tensorflow(settings, hosts):
     nodes = len(hosts)
     workers = settings.get("workerCount", nodes)
     parameter_servers = settings.get("parameterServerCount", 1 if nodes > 1 else 0)
     interpreter = settings.get("pythonInterpreterPath") or "python"
     script = settings["pythonScriptFilePath"]
-    if nodes == 1 and workers <= 1 and not parameter_servers:
+    if not tf_distributed(settings, nodes):
         args = settings.get("masterCommandLineArgs") or settings.get("workerCommandLineArgs")
         return [" ".join(p for p in (interpreter, script, args) if p)], [{}]
     if max(parameter_servers, workers) > TF_PER_NODE * nodes:

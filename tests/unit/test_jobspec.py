@@ -223,6 +223,36 @@ def test_a_setup_task_may_not_set_the_variables_batchd_sets_for_it():
         assert "AZ_BATCHAI_MOUNT_ROOT is batchd's to set" in refused.value.rule
 
 
+def test_tf_config_is_batchds_on_a_distributed_tensorflow_job_and_batchd_task_always():
+    script = {"pythonScriptFilePath": "train.py"}
+    for tensorflow, nodes, refused in (({**script, "workerCount": 2}, 1, True),
+                                       (script, 2, True), (script, 1, False)):  # fmt: skip
+        document = {**MINIMAL, "nodeCount": nodes, "tensorFlowSettings": tensorflow,
+                    "environmentVariables": [{"name": "TF_CONFIG", "value": "{}"}]}  # fmt: skip
+        document.pop("customToolkitSettings", None)
+        if refused:
+            with pytest.raises(DocumentError, match="distributed TensorFlow"):
+                parse_job(document)
+        else:  # one process: batchd sets no TF_CONFIG, the job may
+            parse_job(document)
+    with pytest.raises(DocumentError, match="marks the task's processes"):
+        parse_job({**MINIMAL, "secrets": [{"name": "BATCHD_TASK", "value": "x"}]})
+
+
+def test_a_setup_task_sets_each_variable_once():
+    for second in ("environmentVariables", "secrets"):
+        setup = {"commandLine": "true", "stdOutErrPathPrefix": "/x",
+                 "environmentVariables": [{"name": "A", "value": "1"}]}  # fmt: skip
+        setup[second] = [*setup.get(second, []), {"name": "A", "value": "2"}]
+        cluster = {"vmSize": "Standard_NC6", "nodeSetup": {"setupTask": setup}}
+        with pytest.raises(DocumentError) as refused:
+            parse_cluster(cluster)
+        index = 1 if second == "environmentVariables" else 0
+        assert refused.value.path == f"nodeSetup.setupTask.{second}[{index}].name"
+        assert "A is set already, by nodeSetup.setupTask.environmentVariables[0].name" in str(
+            refused.value)
+
+
 def test_a_single_node_job_may_set_its_own_world_size():
     variables = [{"name": "WORLD_SIZE", "value": "8"}, {"name": "RANK", "value": "0"}]
     assert parse_job({**MINIMAL, "environmentVariables": variables}).properties[
