@@ -250,7 +250,8 @@ def test_a_setup_task_sets_each_variable_once():
         index = 1 if second == "environmentVariables" else 0
         assert refused.value.path == f"nodeSetup.setupTask.{second}[{index}].name"
         assert "A is set already, by nodeSetup.setupTask.environmentVariables[0].name" in str(
-            refused.value)
+            refused.value
+        )
 
 
 def test_a_single_node_job_may_set_its_own_world_size():
