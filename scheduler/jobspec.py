@@ -158,7 +158,9 @@ _credentials = obj(
     {"accountKey": _text, "accountKeySecretReference": key_vault_reference},
     one_of=["accountKey", "accountKeySecretReference"],
 )
-_mount_path = string(max_len=512, pattern=r"[\w.-]+(?:/[\w.-]+)*", what="a relative path")
+_PART = r"(?!\.\.?(?:/|$))[\w.-]+"  # a path's part, not "." or ".."
+_mount_path = string(max_len=512, pattern=rf"{_PART}(?:/{_PART})*",
+                     what="a relative path, without '.' or '..' parts")  # fmt: skip
 MOUNT_VOLUMES = obj({
     "azureFileShares": items(obj({
         "accountName": _text, "azureFileUrl": _text, "credentials": _credentials,

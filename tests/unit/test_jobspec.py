@@ -258,3 +258,16 @@ def test_a_single_node_job_may_set_its_own_world_size():
     variables = [{"name": "WORLD_SIZE", "value": "8"}, {"name": "RANK", "value": "0"}]
     assert parse_job({**MINIMAL, "environmentVariables": variables}).properties[
         "environmentVariables"] == variables  # fmt: skip
+
+
+@pytest.mark.parametrize("relative", ["../../x", ".", "a/./b", "a/..", "..", "/abs"])
+def test_a_mount_path_stays_under_its_mount_root(relative):
+    shares = {"azureFileShares": [{"azureFileUrl": "u", "relativeMountPath": relative}]}
+    with pytest.raises(DocumentError) as refused:
+        parse_job({**MINIMAL, "mountVolumes": shares})
+    assert refused.value.path == "mountVolumes.azureFileShares[0].relativeMountPath"
+    with pytest.raises(DocumentError):
+        parse_cluster({"vmSize": "Standard_NC6", "nodeSetup": {"mountVolumes": shares}})
+    for fine in ("logs", "a/b.c", ".hidden", "..x"):
+        fine_shares = {"azureFileShares": [{"azureFileUrl": "u", "relativeMountPath": fine}]}
+        parse_job({**MINIMAL, "mountVolumes": fine_shares})
