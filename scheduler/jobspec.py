@@ -10,6 +10,7 @@ the submit command, which has the read models.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -98,18 +99,20 @@ def timespan_seconds(value: Any, path: str) -> int:
     it) or ISO-8601 `P[nD]T[nH][nM][n[.f]S]`; more than zero and at most 7 days. A fraction
     of a second counts as a whole one (a limit is never cut short)."""
     if not isinstance(value, str):
-        raise DocumentError(path, f"must be {_DURATION}, not {value!r}")
-    text = value.strip()
+        raise DocumentError(path, f"must be {_DURATION}, not {json.dumps(value)[:64]}")
+    text = value.strip(" ")
     if text.startswith("-"):
         raise DocumentError(path, "must not be negative")
     if len(text) > 64:
         raise DocumentError(path, f"must be {_DURATION}, not {len(text)} characters long")
-    dotnet = re.fullmatch(r"(?:(\d+)\.)?(\d+):([0-5]?\d):([0-5]?\d)(\.\d+)?", text)
+    # (ASCII digits only; hours of a .NET timespan below 24, as .NET reads them)
+    dotnet = re.fullmatch(r"(?:(\d+)\.)?([01]?\d|2[0-3]):([0-5]?\d):([0-5]?\d)(\.\d+)?", text,
+                          re.ASCII)  # fmt: skip
     iso = re.fullmatch(r"P(?:(\d+)D)?(?:T(?:(\d+)H)?(?:(\d+)M)?(?:(\d+)(\.\d+)?S)?)?", text,
-                       re.I)  # fmt: skip
+                       re.I | re.ASCII)  # fmt: skip
     if dotnet:
         match = dotnet
-    elif iso and text.upper() not in ("P", "PT"):
+    elif iso and text.upper() != "P" and not text.upper().endswith("T"):  # (a T says a time)
         match = iso
     else:
         raise DocumentError(path, f"must be {_DURATION}, not {value!r}")

@@ -60,6 +60,16 @@ def test_wall_clock_limits_in_both_notations(text, seconds):
     assert spec.properties["constraints"]["maxWallClockTime"] == text  # stored as given
 
 
+@pytest.mark.parametrize("text", ["P1DT", "25:00:00", "PT\u0661H", "\u0661:00:00", "PT1H\n", None])
+def test_durations_neither_notation_reads_are_refused(text):
+    """Other tools read the stored text: a time part that says nothing, 25 hours without a
+    day, digits of other scripts, a trailing newline are neither ISO-8601 nor .NET."""
+    with pytest.raises(DocumentError) as refused:
+        parse_job({**MINIMAL, "constraints": {"maxWallClockTime": text}})
+    assert refused.value.path == "constraints.maxWallClockTime"
+    assert refused.value.rule.endswith(", not null" if text is None else repr(text))
+
+
 VAULT = {
     "sourceVault": {"id": "/subscriptions/s/vaults/v"},
     "secretUrl": "https://v.vault.azure.net/secrets/k",
