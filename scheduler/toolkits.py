@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -95,9 +96,20 @@ class TaskPlan:
 
 
 def output_path(prefix: str, suffix: str | None, job: JobIdentity) -> str:
-    """Batch AI's output directory: prefix / job segment / suffix."""
+    """Batch AI's output directory: prefix / job segment / suffix (in which the job's
+    names and id may be referred to, `$AZ_BATCHAI_JOB_NAME` and the like)."""
     segment = f"{job.workspace}/experiments/{job.experiment}/jobs/{job.name}/{job.job_id}"
-    return "/".join(p.rstrip("/") for p in (prefix, segment, suffix or "") if p)
+    suffix = expander(_identity(job))(suffix or "")
+    return "/".join(p.rstrip("/") for p in (prefix, segment, suffix) if p)
+
+
+def _identity(job: JobIdentity) -> dict[str, str]:
+    return {
+        "AZ_BATCHAI_JOB_NAME": job.name,
+        "AZ_BATCHAI_JOB_ID": job.job_id,
+        "AZ_BATCHAI_EXPERIMENT_NAME": job.experiment,
+        "AZ_BATCHAI_WORKSPACE_NAME": job.workspace,
+    }
 
 
 def stdouterr_dir(prefix: str, job: JobIdentity) -> str:
@@ -122,24 +134,24 @@ def translate(
     expand = expander(known)
     base = {
         **known,
-        "AZ_BATCHAI_JOB_NAME": job.name,
-        "AZ_BATCHAI_JOB_ID": job.job_id,
-        "AZ_BATCHAI_EXPERIMENT_NAME": job.experiment,
-        "AZ_BATCHAI_WORKSPACE_NAME": job.workspace,
+        **_identity(job),
         "AZ_BATCHAI_JOB_ATTEMPT": str(job.attempt),
         "AZ_BATCHAI_STDOUTERR_DIR": stdouterr_dir(expand(properties["stdOutErrPathPrefix"]), job),
         "AZ_BATCHAI_MPI_HOST_FILE": f"{paths.job_temp}/mpi-hostfile",
     }
     inputs, outputs = [], []
-    for item in properties.get("inputDirectories", ()):
-        inputs.append(expand(item["path"]))
-        base[f"AZ_BATCHAI_INPUT_{item['id'].upper()}"] = inputs[-1]
     for item in properties.get("outputDirectories", ()):
         outputs.append(output_path(expand(item["pathPrefix"]), item.get("pathSuffix"), job))
         base[f"AZ_BATCHAI_OUTPUT_{item['id'].upper()}"] = outputs[-1]
+    for item in properties.get("inputDirectories", ()):  # (which may name an output's)
+        inputs.append(expander(base)(item["path"]))
+        base[f"AZ_BATCHAI_INPUT_{item['id'].upper()}"] = inputs[-1]
     ours = dict(base)  # the job's own variables cannot move its paths
+    mentioned = []  # the job's variables, whose values may name batchd's (set per task)
     for item in properties.get("environmentVariables", ()):
         base[item["name"]] = item["value"]
+        if "$" in item["value"]:
+            mentioned.append(item["name"])
     base.update(secrets or {})
     base.update(ours)
     nodes = len(hosts)
@@ -155,18 +167,26 @@ def translate(
         if nodes > 1:
             env.update(MASTER_ADDR=hosts[0].address, MASTER_PORT=str(_master_port(hosts)),
                        WORLD_SIZE=str(nodes), RANK=str(index))  # fmt: skip
+        if mentioned:  # `$AZ_BATCHAI_OUTPUT_MODEL/ckpt`, as Batch AI let jobs write
+            batchds = expander({k: v for k, v in env.items() if k.startswith("AZ_BATCHAI_")})
+            env.update({name: batchds(env[name]) for name in mentioned})
         files = {env["AZ_BATCHAI_MPI_HOST_FILE"]: hostfile}
         plans.append(TaskPlan(index, host.node_id, commands[index], env, files, inputs, outputs))
     return plans
 
 
+_REFERENCE = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
+
+
 def expander(known: dict[str, str]) -> Callable[[str], str]:
-    """`$NAME` and `${NAME}` of each of the `known` variables replaced by its value."""
+    """`$NAME` and `${NAME}` of each of the `known` variables replaced by its value, once
+    (a value is not expanded again); any other name is left as written."""
+
+    def value(match: re.Match[str]) -> str:
+        return known.get(match[1] or match[2], match[0])
 
     def expand(text: str) -> str:
-        for name in sorted(known, key=len, reverse=True):  # longest first: JOB_MOUNT_ROOT
-            text = text.replace(f"${name}", known[name]).replace(f"${{{name}}}", known[name])
-        return text
+        return _REFERENCE.sub(value, text) if "$" in text else text
 
     return expand
 

@@ -185,3 +185,27 @@ def test_a_local_nodes_port_base_follows_from_its_number_whichever_nodes_exist()
     for node_id in ("n2", "n3", "box"):  # agents joined by hand on one machine
         w.apply("NodeRegistered", nodeId=node_id, cluster="c", gpus=2)
     assert [_port_base(w.models, n) for n in ("n2", "n3", "box")] == [4, 6, 0]
+
+
+def test_a_job_may_refer_to_batchds_variables_in_its_variables_and_paths():
+    """As Batch AI's documentation says: in environment variables, input directories and
+    output directories' suffixes (command lines are run by a shell, which expands them)."""
+    properties = parse_job({
+        "nodeCount": 2, "stdOutErrPathPrefix": "$AZ_BATCHAI_MOUNT_ROOT/logs",
+        "customToolkitSettings": {"commandLine": "true"},
+        "outputDirectories": [{"id": "MODEL", "pathPrefix": "$AZ_BATCHAI_MOUNT_ROOT/out",
+                               "pathSuffix": "by-name/$AZ_BATCHAI_JOB_NAME"}],
+        "inputDirectories": [{"id": "WARM", "path": "${AZ_BATCHAI_OUTPUT_MODEL}/best"}],
+        "environmentVariables": [
+            {"name": "CKPT", "value": "$AZ_BATCHAI_OUTPUT_MODEL/ckpt-$AZ_BATCHAI_TASK_INDEX"},
+            {"name": "LITERAL", "value": "$HOME and $AZ_BATCHAI_NO_SUCH and $$"},
+        ],
+        "secrets": [{"name": "TOKEN", "value": "$AZ_BATCHAI_JOB_ID"}],  # a secret is as given
+    }).properties  # fmt: skip
+    p0, p1 = translate(properties, JOB, HOSTS, PATHS, {"TOKEN": "$AZ_BATCHAI_JOB_ID"})
+    model = "/mnt/batch/out/vision/experiments/mnist/jobs/train/0190-job/by-name/train"
+    assert p0.env["AZ_BATCHAI_OUTPUT_MODEL"] == model and p0.outputs == [model]
+    assert p0.env["AZ_BATCHAI_INPUT_WARM"] == f"{model}/best" and p0.inputs == [f"{model}/best"]
+    assert (p0.env["CKPT"], p1.env["CKPT"]) == (f"{model}/ckpt-0", f"{model}/ckpt-1")
+    assert p0.env["LITERAL"] == "$HOME and $AZ_BATCHAI_NO_SUCH and $$"
+    assert p0.env["TOKEN"] == "$AZ_BATCHAI_JOB_ID"
