@@ -106,9 +106,12 @@ def _end(m: ReadModels, job: Job, e: RecordedEvent) -> None:
     job.exit_code = e.data.get("exitCode", job.exit_code)
     job.pending_reason = None
     queue.dequeue(m, job)
-    # a task still being killed keeps its GPUs until it stops (a success: every one exited;
-    # a failure `undispatched`: no task of the attempt was ever sent to a node)
-    exited = e.type == "JobSucceeded" or e.data.get("undispatched") is True
+    # a task still being killed keeps its GPUs until it stops (a success: every one exited,
+    # unless the master's task decided it, `byTask`; a failure `undispatched`: no task of
+    # the attempt was ever sent to a node)
+    exited = (e.type == "JobSucceeded" and "byTask" not in e.data) or (
+        e.data.get("undispatched") is True
+    )
     allocation.retire(m, job, exited=exited)
     if job.detached:  # its experiment is gone: nothing shows it once it holds nothing
         del m.jobs[job.job_id]

@@ -10,7 +10,8 @@ nodes.
 - Leaving (the agent stops): `NodeLost` at once, its attempts requeued or failed.
 - TaskPreparing: `JobPreparing` (the first of the attempt's tasks to pull its image or run
   its jobPreparation). TaskStarted: `JobStarted`. TaskExited: `JobTaskExited`, then the
-  attempt's end once it is known: every task exited 0 (`JobSucceeded`), one failed (the
+  attempt's end once it is known: every task exited 0 (`JobSucceeded`; or the master's task,
+  for a TensorFlow job with parameter servers: toolkits.master_decides), one failed (the
   others are killed, the retry ledger decides: `JobRequeued` or `JobFailed`), or it was
   being terminated (`JobTerminated`).
 - `dispatch()` (after every planner cycle) sends StartTask for each newly scheduled attempt,
@@ -109,6 +110,8 @@ class NodeService:
         self.killed: set[tuple[str, int]] = set()  # attempts sent KillTask
         # attempts of multi-node jobs -> the tasks that said TaskPrepared (see _prepared)
         self.prepared: dict[tuple[str, int], set[int]] = {}
+        # attempts -> does the master's task decide them? (see _master_decides)
+        self.deciding: dict[tuple[str, int], bool] = {}
         self.started_at = time.monotonic()
         self.since_us = now_us()  # what this daemon scheduled is recorded at or after this
         self.closing = False
@@ -180,6 +183,7 @@ class NodeService:
                 del self.dispatched[job_id, attempt]
                 self.killed.discard((job_id, attempt))
                 self.prepared.pop((job_id, attempt), None)
+                self.deciding.pop((job_id, attempt), None)
                 if job is None or job.attempt != attempt or len(job.task_exits) < len(tasks):
                     self._kill(job_id, attempt, tasks)  # some task may still run
 
@@ -265,6 +269,7 @@ class NodeService:
                                    key=self._key(job_id))  # fmt: skip
             return
         reused = views.name_reused(self.models, job)
+        self.deciding[job_id, attempt] = toolkits.master_decides(spec, len(plans))
         for plan in plans:
             self._send_start(plan.node_id, {
                 "type": "StartTask", "jobId": job.job_id, "attempt": job.attempt,
@@ -414,8 +419,22 @@ class NodeService:
             await self.control.run(_by_agent(node_id, lambda m: decide(m, job_id, attempt)),
                                    key=self._key(job_id))  # fmt: skip
         else:
-            await self.control.run(_by_agent(node_id, lambda m: self._exited(m, msg)),
+            decides = await self._master_decides(key, msg.get("exitCode"))
+            await self.control.run(_by_agent(node_id, lambda m: self._exited(m, msg, decides)),
                                    key=self._key(job_id))  # fmt: skip
+
+    async def _master_decides(self, key: TaskKey, code: Any) -> bool:
+        """Does this exit of task `key` end its attempt (toolkits.master_decides), though
+        the attempt's other tasks still run? Known for what this daemon started; read from
+        the job's document for an attempt an earlier daemon started."""
+        job_id, attempt, task = key
+        job = self.models.jobs.get(job_id)
+        if task != 0 or code != 0 or job is None or len(job.tasks) < 2:
+            return False
+        if (job_id, attempt) not in self.deciding:
+            spec = await job_spec(self.store, job)
+            self.deciding[job_id, attempt] = toolkits.master_decides(spec, len(job.tasks))
+        return self.deciding[job_id, attempt]
 
     def _prepared(self, node_id: str, key: TaskKey) -> None:
         """A task of a multi-node job is prepared (its image, its jobPreparation) and waits:
@@ -570,7 +589,7 @@ class NodeService:
                 "stdouterr": f"{prefix.rstrip('/')}/{where}",
                 "workDir": str(self.state_dir / "nodes" / "setup" / node_id)}  # fmt: skip
 
-    def _exited(self, m: ReadModels, msg: dict[str, Any]) -> list[Decision]:
+    def _exited(self, m: ReadModels, msg: dict[str, Any], decides: bool) -> list[Decision]:
         job_id, attempt, task = protocol.task_key(msg)
         job = m.jobs.get(job_id)
         if job is None or job.attempt != attempt or job.state not in lifecycle.HOLDING:
@@ -601,6 +620,10 @@ class NodeService:
         elif len(exits) >= len(job.tasks) and all(c == 0 for c in exits.values()):
             out.append((stream, NewEvent("JobSucceeded", {
                 "jobId": job_id, "attempt": attempt, "exitCode": 0})))  # fmt: skip
+        elif decides:  # the master's task ended it: the others (parameter servers) are stopped
+            self._kill(job_id, attempt, job.tasks, skip=task)
+            out.append((stream, NewEvent("JobSucceeded", {
+                "jobId": job_id, "attempt": attempt, "exitCode": 0, "byTask": task})))  # fmt: skip
         return out
 
     async def handle_commands(self, request: web.Request) -> web.Response:

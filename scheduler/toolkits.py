@@ -23,8 +23,12 @@ Per toolkit (`processCount` defaults to `nodeCount`):
   `nodeCount`; at most `nodeCount` x the GPUs a node) round-robin over all nodes;
   `AZ_BATCHAI_PS_HOSTS`, `AZ_BATCHAI_WORKER_HOSTS` and a `TF_CONFIG` per process, and
   `AZ_BATCHAI_TASK_INDEX` the process's index among its kind; worker 0 gets
-  `masterCommandLineArgs`. A node's parameter servers run in the background and are stopped
-  when its workers end.
+  `masterCommandLineArgs`. A node's parameter servers run in the background. With parameter
+  servers (which run until they are stopped), the master's task decides the attempt, as
+  Batch AI's did (`master_decides`): once worker 0 and the master node's other workers have
+  ended, the master's servers are stopped and its exit ends the attempt, the other nodes'
+  tasks killed; another node's task, its workers done, keeps its servers up for the workers
+  still at work (a worker that fails, or a server, still fails the attempt at once).
 
 Multi-node jobs also get `MASTER_ADDR`, `MASTER_PORT`, `WORLD_SIZE` (the node count) and `RANK`
 (the task index), as DESIGN.md defines them.
@@ -323,9 +327,19 @@ def _tensorflow(settings, hosts):
                 key = "masterCommandLineArgs" if index == 0 else "workerCommandLineArgs"
                 args = settings.get(key) or settings.get("workerCommandLineArgs")
                 foreground.append(_process(interpreter, script, args, config, index))
-        commands.append(_node_script(background, foreground))
+        commands.append(_node_script(background, foreground, master=node == 0))
         envs.append(dict(hosts_env))
     return commands, envs
+
+
+def master_decides(properties: dict[str, Any], nodes: int) -> bool:
+    """Does the master's task (task 0) end the attempt when it ends, the other tasks being
+    killed then? For a distributed TensorFlow job with parameter servers: they serve until
+    they are stopped, so the other nodes' tasks would never end on their own."""
+    settings = properties.get("tensorFlowSettings")
+    if not isinstance(settings, dict) or nodes < 2:
+        return False
+    return settings.get("parameterServerCount", 1) > 0
 
 
 def _tf_config(cluster: dict[str, list[str]], role: str, index: int) -> str:
@@ -341,9 +355,12 @@ def _process(interpreter: str, script: str, args: str | None, tf_config: str,
     return f"({exports}exec {' '.join(p for p in (interpreter, script, args) if p)})"
 
 
-def _node_script(background: list[str], foreground: list[str]) -> str | None:
+def _node_script(background: list[str], foreground: list[str], master: bool) -> str | None:
     """Parameter servers in the background, workers in the foreground; the node's exit code is
-    the first failing worker's (0 when all succeed); the servers stop when the workers end."""
+    the first failing worker's (0 when all succeed). On the master node the servers stop when
+    its workers end; on another, they stop when its workers fail, and otherwise serve on
+    (the other nodes' workers use them) until the attempt ends and the task is killed, or
+    they end by themselves (the task's exit code is then the first failing server's)."""
     if not background and not foreground:
         return None
     # each process its own group, so a server is stopped with its children (a shell without
@@ -355,8 +372,11 @@ def _node_script(background: list[str], foreground: list[str]) -> str | None:
     lines += [f'{command} & servers="$servers $!"' for command in background]
     lines += [f'{command} & workers="$workers $!"' for command in foreground]
     lines.append('rc=0; for w in $workers; do wait "$w"; s=$?; [ "$rc" = 0 ] && rc=$s; done')
-    if background:
+    if background and master:
         lines.append(_STOP_SERVERS)
+    elif background:
+        lines.append(f'[ "$rc" = 0 ] || {{ {_STOP_SERVERS}; exit $rc; }}')
+        lines.append('for p in $servers; do wait "$p"; s=$?; [ "$rc" = 0 ] && rc=$s; done')
     lines.append("exit $rc")
     return "\n".join(lines)
 

@@ -185,6 +185,32 @@ async def test_terminate_gives_each_tensorflow_process_its_sigterm_grace(local):
     assert [(out / f"saved-{r}").exists() for r in ("ps", "worker")] == [True, True]
 
 
+async def test_parameter_servers_serve_until_the_master_worker_ends_the_job(local, tmp_path):
+    """nodeCount 2, one worker, two parameter servers: node 1 runs only a server, which
+    serves on (it used to be stopped at once, its node having no worker) until worker 0, on
+    the master node, has ended; its end ends the job, and the servers are stopped."""
+    daemon, client = local
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    server = f"'echo $$ > {marks}/ps-$AZ_BATCHAI_TASK_INDEX; exec sleep 600'"
+    worker = (f"'until [ -s {marks}/ps-1 ]; do sleep 0.05; done; sleep 1; "
+              f"kill -0 $(cat {marks}/ps-1) && touch {marks}/ps-1-served'")  # fmt: skip
+    settings = {"pythonInterpreterPath": "/bin/sh", "pythonScriptFilePath": "-c",
+                "workerCount": 1, "parameterServerCount": 2, "masterCommandLineArgs": worker,
+                "parameterServerCommandLineArgs": server}  # fmt: skip
+    job = {"cluster": "local", "nodeCount": 2, "gpusPerNode": 4,
+           "stdOutErrPathPrefix": "$AZ_BATCHAI_MOUNT_ROOT/logs",
+           "tensorFlowSettings": settings}  # fmt: skip
+    assert (await client.call("PUT", f"{EXP}/jobs/tfps", job))[0] == 201
+    ended = await _ended(daemon, client, "tfps", seconds=30)
+    assert ended["properties"]["state"] == "succeeded"
+    assert (marks / "ps-1-served").exists()  # node 1's server was up while the worker ran
+    servers = [int((marks / f"ps-{i}").read_text()) for i in (0, 1)]
+    await _until(lambda: not any(alive(pid) for pid in servers), 15)  # stopped with the job
+    models = daemon.models.models
+    await _until(lambda: not any(n.allocations for n in models.nodes.values()), 15)
+
+
 async def test_a_process_that_leaves_the_tasks_group_is_killed_when_the_task_ends(local):
     daemon, client = local
     pid_file = daemon.state_dir / "escaped.pid"
