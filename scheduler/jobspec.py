@@ -290,6 +290,7 @@ def parse_job(document: Any) -> JobSpec:
         raise DocumentError(where, "give schedulingPriority or priority, not both")
     check_unique_variables(props, prefix)
     _check_reserved_variables(props, prefix)
+    _check_cntk_language(props.get("cntkSettings"), f"{prefix}.cntkSettings".lstrip("."))
     priority = props.get("priority", PRIORITY_OF[props.get("schedulingPriority", "normal")])
     return JobSpec(
         cluster=props.get("cluster"),
@@ -363,6 +364,16 @@ def _check_reserved_variables(props: dict[str, Any], prefix: str) -> None:
         if name in _DISTRIBUTED and props["nodeCount"] > 1:
             raise DocumentError(path, f"{name} is batchd's to set on a job of more than "
                                       "one node (its master, size and ranks)")  # fmt: skip
+
+
+def _check_cntk_language(settings: dict[str, Any] | None, where: str) -> None:
+    """CNTK's configFilePath is for BrainScript, its pythonScriptFilePath for Python: a job
+    that names the other language would run what it did not ask for."""
+    language = (settings or {}).get("languageType")
+    for field, its in (("configFilePath", "BrainScript"), ("pythonScriptFilePath", "Python")):
+        if language is not None and language != its and field in settings:
+            raise DocumentError(f"{where}.{field}", f"is for languageType {its}, and the job "
+                                                    f"gives languageType {language}")  # fmt: skip
 
 
 def _wall_clock(props: dict[str, Any], prefix: str) -> int:

@@ -281,3 +281,18 @@ def test_a_mount_path_stays_under_its_mount_root(relative):
     for fine in ("logs", "a/b.c", ".hidden", "..x"):
         fine_shares = {"azureFileShares": [{"azureFileUrl": "u", "relativeMountPath": fine}]}
         parse_job({**MINIMAL, "mountVolumes": fine_shares})
+
+
+@pytest.mark.parametrize(
+    ("language", "field"),
+    [("Python", "configFilePath"), ("BrainScript", "pythonScriptFilePath")],
+)
+def test_cntk_settings_of_the_other_language_are_refused(language, field):
+    document = {**MINIMAL, "cntkSettings": {"languageType": language, field: "train.x"}}
+    document.pop("customToolkitSettings")
+    with pytest.raises(DocumentError) as refused:
+        parse_job(document)
+    assert refused.value.path == f"cntkSettings.{field}"
+    same = "BrainScript" if language == "Python" else "Python"
+    parse_job({**document, "cntkSettings": {"languageType": same, field: "train.x"}})
+    parse_job({**document, "cntkSettings": {field: "train.x"}})  # no language: as it says
