@@ -64,11 +64,22 @@ def _own_addresses() -> list[str]:
     return [str(address[4][0]).partition("%")[0] for address in found]
 
 
+class _Encrypted(Exception):
+    """The key asks for a passphrase (which a daemon has nobody to ask)."""
+
+
+def _no_passphrase() -> bytes:
+    raise _Encrypted
+
+
 def server_context(cert: Path, key: Path) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        context.load_cert_chain(cert, key)
+    try:  # (without `password`, OpenSSL would ask for a passphrase on the terminal)
+        context.load_cert_chain(cert, key, password=_no_passphrase)
+    except _Encrypted:
+        raise ValueError(f"TLS key {key} is encrypted (protected by a passphrase): give a key "
+                         "without one, readable only by batchd's user") from None  # fmt: skip
     except (OSError, ssl.SSLError) as exc:
         raise ValueError(f"cannot use TLS certificate {cert} with key {key}: {exc}") from None
     return context

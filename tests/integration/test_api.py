@@ -7,6 +7,7 @@ import asyncio
 import datetime
 import json
 import ssl
+import subprocess
 import uuid
 
 import aiohttp
@@ -25,6 +26,7 @@ from batchd.scheduler import daemon as daemon_module
 from batchd.scheduler.client import ssl_context
 from batchd.scheduler.daemon import Daemon
 from tests.integration.conftest import Client, newest_job, start_daemon
+from tests.integration.test_cli import assert_one_line_error, batchd
 from tests.logs import info_logs
 
 CLUSTER = {"properties": {"vmSize": "Standard_NC24s_v3",
@@ -529,6 +531,29 @@ def _issue(directory, name: str, issuer=None, ca: bool = False):
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption()))  # fmt: skip
     return certificate, key
+
+
+async def test_a_daemon_serving_plain_http_beyond_this_machine_warns(tmp_path):
+    for listen, warned in (("127.0.0.1:0", False), ("0.0.0.0:0", True)):
+        with info_logs() as logs:
+            daemon = await start_daemon(tmp_path / listen.replace(":", "-"), listen=listen)
+            await daemon.stop()
+        said = [line for line in logs if line["event"] == "server.plaintext"]
+        assert bool(said) == warned, listen
+        assert not said or "serve TLS" in said[0]["said"]
+
+
+def test_a_passphrase_protected_tls_key_is_refused_in_one_line(tmp_path):
+    """A daemon has nobody to type a passphrase: it says so rather than prompt (and, with
+    no terminal, fail with "Invalid argument")."""
+    _certificate, key = _issue(tmp_path, "locked.example.test")
+    (tmp_path / "locked.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"hunter2")))  # fmt: skip
+    done = batchd("serve", "--state-dir", str(tmp_path / "state"), "--listen", "127.0.0.1:0",
+                  "--tls-cert", str(tmp_path / "locked.example.test.pem"),
+                  "--tls-key", str(tmp_path / "locked.key"), stdin=subprocess.DEVNULL)  # fmt: skip
+    assert_one_line_error(done, "is encrypted (protected by a passphrase)")
 
 
 async def test_local_agents_join_a_daemon_serving_a_certificate_a_ca_issued(tmp_path):

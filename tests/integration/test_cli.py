@@ -30,9 +30,10 @@ from batchd.scheduler import config
 from batchd.scheduler.daemon import Daemon
 
 
-def batchd(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+def batchd(*args: str, env: dict | None = None, timeout: float = 60,
+           stdin=None) -> subprocess.CompletedProcess:  # fmt: skip
     return subprocess.run(
-        [sys.executable, "-m", "batchd.scheduler.cli", *args],
+        [sys.executable, "-m", "batchd.scheduler.cli", *args], stdin=stdin,
         capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
     )  # fmt: skip
 
