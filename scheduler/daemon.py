@@ -358,6 +358,8 @@ class Daemon:
         path = self.cfg.state_dir / ADMIN_TOKEN_FILE
         token = await token_file(self.control, path, "admin", "admin", ACTOR)
         logger.info("auth.admin_token", path=str(path))
+        for secret in (path, self.cfg.keys_file or self.cfg.state_dir / "secret.keys"):
+            _warn_if_readable(secret)
         return token
 
     async def _plan_loop(self) -> None:
@@ -529,3 +531,15 @@ def _loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:  # a host name: it may resolve to any address
         return False
+
+
+def _warn_if_readable(path: Path) -> None:
+    """Say so (`state.readable_by_others`) when a file of secrets (the admin token, the
+    secret keys) may be read by others than batchd's user: its mode was changed by hand."""
+    try:
+        mode = path.stat().st_mode & 0o777
+    except OSError:  # (no keys file: the keys come from the environment)
+        return
+    if mode & 0o077:
+        logger.warning("state.readable_by_others", path=str(path), mode=f"{mode:04o}",
+                       fix=f"chmod 600 {path}")  # fmt: skip

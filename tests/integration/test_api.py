@@ -543,6 +543,19 @@ async def test_a_daemon_serving_plain_http_beyond_this_machine_warns(tmp_path):
         assert not said or "serve TLS" in said[0]["said"]
 
 
+async def test_a_daemon_says_when_its_token_or_keys_file_can_be_read_by_others(tmp_path):
+    state = tmp_path / "state"
+    daemon = await start_daemon(state)
+    await daemon.stop()
+    for name in ("admin.token", "secret.keys"):
+        (state / name).chmod(0o644)
+    with info_logs() as logs:
+        daemon = await start_daemon(state)
+        await daemon.stop()
+    said = {line["path"] for line in logs if line["event"] == "state.readable_by_others"}
+    assert said == {str(state / "admin.token"), str(state / "secret.keys")}
+
+
 def test_a_passphrase_protected_tls_key_is_refused_in_one_line(tmp_path):
     """A daemon has nobody to type a passphrase: it says so rather than prompt (and, with
     no terminal, fail with "Invalid argument")."""
