@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import json
 import os
 import socket
@@ -78,13 +79,15 @@ def settings(args: argparse.Namespace) -> Settings:
         raise ClientError(f"server {server!r} must be the daemon's address without /v1 "
                           f"(such as {DEFAULT_SERVER})")  # fmt: skip
     state = config.state_dir(getattr(args, "state_dir", None))
-    token, source = _token(args, state)
+    token, source = _token(args, state, server)
     return Settings(server, token, source, _cacert(args, state, server))
 
 
-def _token(args: argparse.Namespace, state: Path) -> tuple[str | None, str]:
-    """The token given, else the daemon's admin token file. One given empty (an unset
-    variable in `--token "$T"`) is an error, never a fall back to the admin token."""
+def _token(args: argparse.Namespace, state: Path, server: str) -> tuple[str | None, str]:
+    """The token given, else the daemon's admin token file, for a server on this machine
+    only (the file is this machine's daemon's: another server, or one posing as it, is not
+    given it). One given empty (an unset variable in `--token "$T"`) is an error, never a
+    fall back to the admin token."""
     given = getattr(args, "token", None)
     for token, source in ((given, "--token"), (os.environ.get("BATCHD_TOKEN"), "$BATCHD_TOKEN")):
         if token is not None:
@@ -93,12 +96,25 @@ def _token(args: argparse.Namespace, state: Path) -> tuple[str | None, str]:
                                   "leave --token out to use the daemon's admin.token)")  # fmt: skip
             return token.strip(), source
     path = state / "admin.token"
+    if not _on_this_machine(server):
+        return None, ""
     try:
         return path.read_text().strip() or None, str(path)
     except FileNotFoundError:
         return None, ""
     except OSError as exc:
         raise ClientError(f"cannot read the token file {path}: {exc.strerror}") from None
+
+
+def _on_this_machine(server: str) -> bool:
+    """Is `server` (a URL) reached at a loopback address (127.0.0.0/8, ::1, localhost)?"""
+    host = (urlsplit(server).hostname or "").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _cacert(args: argparse.Namespace, state: Path, server: str) -> Path | None:
@@ -240,7 +256,8 @@ class _Request:
             if error.status == 401 and not self.client.cfg.token:
                 error.message += (
                     " (no token: give --token or $BATCHD_TOKEN, or run where the daemon's "
-                    "<state-dir>/admin.token can be read)"
+                    "<state-dir>/admin.token can be read, with a --server at 127.0.0.1 or "
+                    "localhost)"
                 )
             raise error
         return response

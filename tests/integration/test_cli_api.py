@@ -3,6 +3,7 @@ lines, and what the server holds afterwards."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -16,7 +17,7 @@ from aiohttp import web
 
 from batchd.events.envelope import NewEvent
 from batchd.events.timeutil import to_iso
-from batchd.scheduler import tls
+from batchd.scheduler import client, tls
 from batchd.scheduler.cli import main
 from tests.http import serving
 from tests.integration.conftest import admin_client, settled, start_daemon
@@ -968,3 +969,20 @@ async def test_offline_and_through_the_daemon_the_read_side_says_the_same(batchd
         online = await batchd(*argv)
         offline = await batchd(*argv, "--store", api.cfg.store_url)
         assert assert_error(online, said) == assert_error(offline, said), argv
+
+
+def test_the_local_admin_token_goes_only_to_a_server_on_this_machine(tmp_path, monkeypatch):
+    """Without --token or $BATCHD_TOKEN, the CLI reads <state-dir>/admin.token: that is
+    this machine's daemon's, and no other server (or one posing as it) is sent it."""
+    for name in ("BATCHD_TOKEN", "BATCHD_SERVER", "BATCHD_CACERT"):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "admin.token").write_text("bd_local-admin\n")
+    for server, sent in (("http://127.0.0.1:8080", True), ("https://localhost:8443", True),
+                         ("http://[::1]:8080", True), ("http://10.1.2.3:8080", False),
+                         ("https://batchd.example.test", False)):  # fmt: skip
+        args = argparse.Namespace(server=server, state_dir=str(tmp_path), token=None)
+        token = client.settings(args).token
+        assert token == ("bd_local-admin" if sent else None), server
+    args = argparse.Namespace(server="http://10.1.2.3:8080", state_dir=str(tmp_path),
+                              token="bd_given")  # fmt: skip
+    assert client.settings(args).token == "bd_given"  # one given goes where it is told
