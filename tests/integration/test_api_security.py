@@ -170,6 +170,23 @@ async def test_agent_tokens_can_be_bound_to_one_node(api, session):
         assert rule in error["error"]["message"]
 
 
+async def test_a_workspaces_tokens_go_with_it_and_reach_no_workspace_made_under_its_name(
+    api, session
+):
+    admin = Client(session, api.url, api.admin_token)
+    for ws in ("gone", "kept"):
+        assert (await admin.call("PUT", f"/v1/workspaces/{ws}", {}))[0] == 201
+    alone = Client(session, api.url, await make_token(admin, "a", "operator", workspaces=["gone"]))
+    two = await make_token(admin, "b", "operator", workspaces=["gone", "kept"])
+    both = Client(session, api.url, two)
+    other = Client(session, api.url, await make_token(admin, "c", "operator", workspaces=["kept"]))
+    assert (await admin.call("DELETE", "/v1/workspaces/gone"))[0] == 202
+    assert (await admin.call("PUT", "/v1/workspaces/gone", {}))[0] == 201  # another workspace
+    for revoked in (alone, both):
+        assert (await revoked.call("PUT", "/v1/workspaces/gone/experiments/e", {}))[0] == 401
+    assert (await other.call("PUT", "/v1/workspaces/kept/experiments/e", {}))[0] == 201
+
+
 async def test_a_token_whose_workspaces_are_empty_or_not_a_list_is_refused(api, session):
     """An empty or mistyped `workspaces` (a script's empty variable) is refused, naming the
     field, rather than make a token of every workspace; left out, it does make one."""
