@@ -244,7 +244,7 @@ async def auth_middleware(request: web.Request, handler: Callable[..., Awaitable
     """Every /v1 request but the OpenAPI document names a token (an agent's is refused)."""
     if request.path.startswith("/v1/") and request.path != "/v1/openapi.json":
         principal = auth.authenticate(request.app[API_KEY].models,
-                                      request.headers.get("Authorization"))  # fmt: skip
+                                      request.headers.getall("Authorization", []))  # fmt: skip
         if principal.role == "agent":
             raise AuthError("an agent credential cannot use the user API", 403)
         request[PRINCIPAL_KEY] = principal

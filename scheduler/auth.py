@@ -83,9 +83,12 @@ def new_token() -> str:
     return PREFIX + secrets.token_urlsafe(32)
 
 
-def authenticate(m: ReadModels, header: str | None) -> Principal:
-    """The principal of an `Authorization: Bearer <token>` header; AuthError 401 if none."""
-    scheme, _, token = (header or "").partition(" ")
+def authenticate(m: ReadModels, headers: list[str]) -> Principal:
+    """The principal of a request's `Authorization: Bearer <token>` header (`headers`: each
+    it has); AuthError 401 if none, 400 if more than one (which to believe?)."""
+    if len(headers) > 1:
+        raise AuthError("give one Authorization header, not several", 400)
+    scheme, _, token = (headers[0] if headers else "").partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
         raise AuthError("this needs a token: Authorization: Bearer <token>", 401)

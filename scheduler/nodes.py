@@ -796,7 +796,7 @@ def _agent(request: web.Request) -> auth.Principal:
     from batchd.scheduler.api import API_KEY
 
     principal = auth.authenticate(request.app[API_KEY].models,
-                                  request.headers.get("Authorization"))  # fmt: skip
+                                  request.headers.getall("Authorization", []))  # fmt: skip
     if principal.role != "agent":
         raise AuthError("the agent channel takes agent credentials only", 403)
     return principal

@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 
 import aiohttp
+import multidict
 import pytest
 import structlog
 
@@ -52,6 +53,13 @@ async def test_no_or_unknown_token_is_401(api, session):
     status, _ = await Client(session, api.url, "bd_not-a-token").call("GET", "/v1/workspaces")
     assert status == 401
     assert (await anonymous.call("GET", "/healthz"))[0] == 200  # probes need no token
+    # two Authorization headers (a proxy's and the client's): which to believe? Neither
+    headers = multidict.CIMultiDict([("Authorization", f"Bearer {api.admin_token}"),
+                                     ("Authorization", "Bearer bd_other")])  # fmt: skip
+    for path in ("/v1/workspaces", "/agent/v1/messages"):
+        async with session.post(api.url + path, headers=headers, data=b"") as r:
+            said = await r.json()
+            assert r.status == 400 and "one Authorization header" in said["error"]["message"]
 
 
 async def test_roles_viewer_reads_operator_runs_jobs_admin_owns_clusters(api, session):
