@@ -157,6 +157,9 @@ class NodeService:
     def _kill(self, job_id: str, attempt: int, tasks: list[list[Any]], skip: int = -1) -> None:
         for index, (node_id, _gpus) in enumerate(tasks):
             if index != skip:
+                # a ProceedTask still queued would start the command the kill comes to stop
+                self.outbox[node_id] = [c for c in self.outbox.get(node_id, ())
+                                        if not _proceeds(c, job_id, attempt)]  # fmt: skip
                 self._send(node_id, {"type": "KillTask", "jobId": job_id, "attempt": attempt,
                                      "task": index})  # fmt: skip
 
@@ -177,13 +180,14 @@ class NodeService:
                 self._kill(job.job_id, job.attempt, job.tasks)
                 if key not in self.dispatched:  # terminated before this daemon started it
                     self._await_reports(key, job.tasks)
+        for memo in (self.prepared, self.deciding):  # (also of attempts not dispatched here)
+            for job_id, attempt in [k for k in memo if not _live(m, *k)]:
+                del memo[job_id, attempt]
         for (job_id, attempt), tasks in list(self.dispatched.items()):
             job = m.jobs.get(job_id)
-            if job is None or job.attempt != attempt or job.state not in lifecycle.HOLDING:
+            if not _live(m, job_id, attempt):
                 del self.dispatched[job_id, attempt]
                 self.killed.discard((job_id, attempt))
-                self.prepared.pop((job_id, attempt), None)
-                self.deciding.pop((job_id, attempt), None)
                 if job is None or job.attempt != attempt or len(job.task_exits) < len(tasks):
                     self._kill(job_id, attempt, tasks)  # some task may still run
 
@@ -441,18 +445,23 @@ class NodeService:
         once every task of its attempt is, each is told to start (ProceedTask), so that no
         node runs the job's command (an MPI master reaching the others) while another still
         prepares. A task that says so again later (the ProceedTask crossed its word), or of an
-        attempt that has started already (before this daemon did), is told at once."""
+        attempt released already (before this daemon started: the job runs, or a task
+        exited 0, which a waiting task does only once released), is told at once; one of an
+        attempt being stopped is told to stop again (its KillTask may have been lost)."""
         if not _placed_on(self.models, key, node_id):
             return
         self.unstarted.pop(key, None)  # (its StartTask arrived)
         job_id, attempt, index = key
         job = self.models.jobs[job_id]
-        if job.state not in (SCHEDULED, PREPARING_JOB, RUNNING):  # (being stopped)
+        if job.state not in (SCHEDULED, PREPARING_JOB, RUNNING):  # being stopped
+            self._send(node_id, {"type": "KillTask", "jobId": job_id, "attempt": attempt,
+                                 "task": index})  # fmt: skip
             return
         waiting = self.prepared.setdefault((job_id, attempt), set())
-        complete = len(waiting) == len(job.tasks)
+        released = len(waiting) == len(job.tasks) or job.state == RUNNING or any(
+            code == 0 for code in job.task_exits.values())
         waiting.add(index)
-        if complete or job.state == RUNNING:
+        if released:
             go = [index]
         elif len(waiting) == len(job.tasks):
             go = sorted(waiting)
@@ -1084,6 +1093,18 @@ def _awaiting_exit(m: ReadModels, key: protocol.TaskKey) -> bool:
     job = m.jobs.get(job_id)
     return (job is not None and job.attempt == attempt and job.state in BEGUN
             and str(task) not in job.task_exits)  # fmt: skip
+
+
+def _live(m: ReadModels, job_id: str, attempt: int) -> bool:
+    """Is `attempt` the job's current one, still holding its nodes?"""
+    job = m.jobs.get(job_id)
+    return job is not None and job.attempt == attempt and job.state in lifecycle.HOLDING
+
+
+def _proceeds(command: dict[str, Any], job_id: str, attempt: int) -> bool:
+    """Is `command` a ProceedTask of attempt `attempt` of job `job_id`?"""
+    return (command["type"] == "ProceedTask" and command["jobId"] == job_id
+            and command["attempt"] == attempt)  # fmt: skip
 
 
 def _placed_on(m: ReadModels, key: protocol.TaskKey, node_id: str) -> bool:

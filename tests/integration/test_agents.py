@@ -1579,6 +1579,57 @@ async def test_no_task_of_a_multi_node_job_starts_before_every_node_is_prepared(
     assert "prepared-1" in seen  # task 1 was prepared when task 0 started
 
 
+async def test_a_waiting_master_is_released_after_a_restart_once_another_task_has_ended(
+    local, tmp_path
+):
+    """Task 1 has no command (a node the master reaches): released, it exits at once and
+    says nothing more. Task 0's ProceedTask is lost with a daemon that stops: the next
+    daemon knows from task 1's exit that the attempt was released, and lets task 0 go."""
+    daemon, client = local
+    service = daemon.nodes
+    send, lost = service._send, []
+
+    def losing(node_id: str, command: dict) -> None:
+        if command["type"] == "ProceedTask" and command["task"] == 0 and not lost:
+            lost.append(command)  # (in the outbox of a daemon that stopped)
+            return
+        send(node_id, command)
+
+    service._send = losing
+    ran = tmp_path / "ran"
+    await _run(client, "mpi", f"touch {ran}", nodeCount=2, gpusPerNode=4,
+               jobPreparation={"commandLine": "true"})  # fmt: skip
+    models = daemon.models.models
+    await _until(lambda: lost and "1" in newest_job(models, "mpi").task_exits, 30)
+    service.prepared.clear()  # what a daemon started since knows of the barrier: nothing
+    job = await _ended(daemon, client, "mpi")
+    assert job["properties"]["state"] == "succeeded" and ran.exists()
+
+
+async def test_a_waiting_task_whose_kill_was_lost_is_told_again(local, tmp_path):
+    daemon, client = local
+    service = daemon.nodes
+    send = service._send
+
+    def losing(node_id: str, command: dict) -> None:
+        if command["type"] != "KillTask":  # every KillTask lost on the way
+            send(node_id, command)
+
+    go = tmp_path / "go"
+    prepare = f"[ $AZ_BATCHAI_TASK_INDEX = 0 ] || while [ ! -e {go} ]; do sleep 0.05; done"
+    await _run(client, "stuck", "sleep 600", nodeCount=2, gpusPerNode=4,
+               jobPreparation={"commandLine": prepare})  # fmt: skip
+    models = daemon.models.models
+    await _until(lambda: service.prepared.get((newest_job(models, "stuck").job_id, 1)), 30)
+    service._send = losing
+    assert (await client.call("POST", f"{EXP}/jobs/stuck/terminate"))[0] == 202
+    await asyncio.sleep(0.5)  # the first KillTask of task 0, lost
+    service._send = send
+    go.touch()  # (task 1 ends its preparation: its own kill is lost too, as it waits)
+    job = await _ended(daemon, client, "stuck", seconds=30)
+    assert job["properties"]["state"] == "failed"  # terminated: every task told, and gone
+
+
 async def test_a_failed_preparation_on_one_node_keeps_the_others_from_starting(local, tmp_path):
     daemon, client = local
     marks = tmp_path / "marks"
