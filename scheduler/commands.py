@@ -68,10 +68,15 @@ def create_workspace(m: ReadModels, workspace: str, actor: str) -> list[Decision
     check_name("workspace", workspace)
     if workspace in m.workspaces:
         raise CommandError(f"workspace {workspace!r} exists already")
+    # (tokens of a workspace of this name that an earlier version let be deleted)
+    _no_tokens_of(m, workspace, "an earlier workspace of this name: revoke them first, "
+                                "or they would reach this one")  # fmt: skip
     return [_event(f"workspace-{workspace}", "WorkspaceCreated", {"workspace": workspace}, actor)]
 
 
 def delete_workspace(m: ReadModels, workspace: str, actor: str) -> list[Decision]:
+    """A workspace goes once it holds nothing, and no token is limited to it: such a token
+    would reach a workspace made later under its name."""
     find_workspace(m, workspace)
     clusters = [c.name for c in m.clusters.values() if c.workspace == workspace]
     experiments = [x.name for x in m.experiments.values() if x.workspace == workspace]
@@ -81,7 +86,18 @@ def delete_workspace(m: ReadModels, workspace: str, actor: str) -> list[Decision
             f"{' and ' if clusters and experiments else ''}"
             f"{_listed(experiments, 'experiment')}: delete them first"
         )
+    _no_tokens_of(m, workspace, f"workspace {workspace!r}: revoke them first (they would "
+                                "reach a workspace made later under its name)")  # fmt: skip
     return [_event(f"workspace-{workspace}", "WorkspaceDeleted", {"workspace": workspace}, actor)]
+
+
+def _no_tokens_of(m: ReadModels, workspace: str, what: str) -> None:
+    """CommandError (409) naming the tokens limited to `workspace` (`what`: the workspace
+    in words, and what to do), if any."""
+    names = sorted(t.name for t in m.tokens.values() if workspace in t.workspaces)
+    if names:
+        verb = "are" if len(names) > 1 else "is"
+        raise CommandError(f"{_listed(names, 'token')} {verb} limited to {what}")
 
 
 def _listed(names: list[str], kind: str) -> str:

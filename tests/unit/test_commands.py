@@ -403,3 +403,15 @@ def test_a_cluster_being_deleted_is_resizing_while_nodes_leave_whatever_it_wante
     assert w.m.clusters["id-1"].allocation_state == "resizing"
     w.do([("node-a", NewEvent("NodeRemoved", {"nodeId": "a"}))])
     assert commands.resize_changes(w.m, "x") == []  # b is still there
+
+
+def test_a_workspace_is_not_made_again_for_tokens_of_an_earlier_one():
+    """A log of an earlier version may hold a token limited to a workspace since deleted:
+    making a workspace of that name waits until the token is revoked."""
+    from batchd.projections.model import Token
+
+    m = ReadModels()
+    m.tokens["t1"] = Token("t1", "old-ci", "operator", ["ghost"], "h", 0, "admin")
+    with pytest.raises(commands.CommandError, match="token 'old-ci' is limited to an earlier"):
+        commands.create_workspace(m, "ghost", "admin")
+    assert commands.create_workspace(m, "other", "admin")
