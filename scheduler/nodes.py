@@ -50,6 +50,7 @@ from batchd.projections.model import (
     READY,
     RUNNING,
     SCHEDULED,
+    SUCCEEDED,
     SUSPECT,
     TERMINATING,
     UNUSABLE,
@@ -424,8 +425,12 @@ class NodeService:
                                    key=self._key(job_id))  # fmt: skip
         else:
             decides = await self._master_decides(key, msg.get("exitCode"))
+            tasks = list(self.models.jobs[job_id].tasks)
             await self.control.run(_by_agent(node_id, lambda m: self._exited(m, msg, decides)),
                                    key=self._key(job_id))  # fmt: skip
+            job = self.models.jobs.get(job_id)
+            if decides and job is not None and job.attempt == attempt and job.state == SUCCEEDED:
+                self._kill(job_id, attempt, tasks, skip=0)  # (only once its success is logged)
 
     async def _master_decides(self, key: TaskKey, code: Any) -> bool:
         """Does this exit of task `key` end its attempt (toolkits.master_decides), though
@@ -458,8 +463,11 @@ class NodeService:
                                  "task": index})  # fmt: skip
             return
         waiting = self.prepared.setdefault((job_id, attempt), set())
-        released = len(waiting) == len(job.tasks) or job.state == RUNNING or any(
-            code == 0 for code in job.task_exits.values())
+        released = (
+            len(waiting) == len(job.tasks)
+            or job.state == RUNNING
+            or any(code == 0 for code in job.task_exits.values())
+        )
         waiting.add(index)
         if released:
             go = [index]
@@ -629,8 +637,8 @@ class NodeService:
         elif len(exits) >= len(job.tasks) and all(c == 0 for c in exits.values()):
             out.append((stream, NewEvent("JobSucceeded", {
                 "jobId": job_id, "attempt": attempt, "exitCode": 0})))  # fmt: skip
-        elif decides:  # the master's task ended it: the others (parameter servers) are stopped
-            self._kill(job_id, attempt, job.tasks, skip=task)
+        elif decides:  # the master's task ended it: the others (parameter servers) are
+            # stopped once this is logged (_task_report)
             out.append((stream, NewEvent("JobSucceeded", {
                 "jobId": job_id, "attempt": attempt, "exitCode": 0, "byTask": task})))  # fmt: skip
         return out
