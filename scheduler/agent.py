@@ -49,6 +49,7 @@ from batchd.scheduler.runtimes import (
     become_subreaper,
     forget_dirs,
     hold_job_temp,
+    masked,
     nothing,
     output_suffix,
     reap_leftovers,
@@ -694,8 +695,7 @@ class Agent:
         finally:
             self.setup_task = None
             self.free_slots.append(slot)
-        tail = masked("".join(_tail(out / name) for name in ("stdout.txt", "stderr.txt")),
-                      command)  # fmt: skip
+        tail = "".join(masked(_tail(out / name), command) for name in ("stdout.txt", "stderr.txt"))
         report = {"exitCode": result.exit_code, "tail": tail}
         if result.error:
             report["error"] = result.error
@@ -844,25 +844,13 @@ def _cannot_start_error(index: int, code: int | None, spec: dict[str, Any]) -> d
     if code not in (126, 127):
         return None
     stderr = Path(spec["stdouterr"]) / f"stderr{output_suffix(spec)}.txt"
-    lines = _tail(stderr, 500).strip().splitlines()
+    lines = masked(_tail(stderr, 500), spec).strip().splitlines()
     said = lines[-1][:300] if lines else ""
     if not any(words in said for words in SHELL_CANNOT_RUN):
         return None
     reason = "not found" if code == 127 else "not executable"
     return {"code": "cannot_start",
-            "message": f"task {index} exited with {code} (command {reason}): "
-                       f"{masked(said, spec)}"}  # fmt: skip
-
-
-def masked(text: str, spec: dict[str, Any]) -> str:
-    """`text` (a task's output, quoted in what the agent reports) with the values of the
-    task's secret variables (StartTask's and RunSetup's `secretNames`) as ***: a report ends
-    up in the event log, which keeps what it is given for good."""
-    env = spec.get("env") or {}
-    values = {env.get(name) for name in spec.get("secretNames") or ()}
-    for value in sorted((v for v in values if isinstance(v, str) and v), key=len, reverse=True):
-        text = text.replace(value, "***")
-    return text
+            "message": f"task {index} exited with {code} (command {reason}): {said}"}  # fmt: skip
 
 
 # how /bin/sh (dash, bash, busybox) says it cannot run a command

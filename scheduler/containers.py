@@ -42,6 +42,7 @@ from batchd.scheduler.runtimes import (
     TaskResult,
     job_temp,
     kill_tree,
+    masked,
     nothing,
     output_dirs,
     output_suffix,
@@ -377,7 +378,7 @@ class ContainerTask:
         if not lines:
             return None
         message = (f"the container's user ({self.user or 'root'}) cannot write the task's "
-                   f"output: {lines[-1][:300]}")  # fmt: skip
+                   f"output: {masked(lines[-1], self.spec)[:300]}")  # fmt: skip
         return {"code": "output_unwritable", "message": message}
 
     async def _container(self, command: str, suffix: str,

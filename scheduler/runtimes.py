@@ -53,6 +53,28 @@ class TaskResult:
     error: dict[str, str] | None = None
 
 
+SECRET_EDGE = 4  # a secret's part this long, at the edge of a cut, is masked too
+
+
+def masked(text: str, spec: dict[str, Any]) -> str:
+    """`text` (a task's output, quoted in what the agent reports, which ends up in the event
+    log for good) with the values of the task's secret variables (StartTask's and
+    RunSetup's `secretNames`) as ***; also a secret's end that begins `text`, or its start
+    that ends it, where `text` was cut out of a longer output."""
+    env = spec.get("env") or {}
+    values = {env.get(name) for name in spec.get("secretNames") or ()}
+    values = sorted((v for v in values if isinstance(v, str) and v), key=len, reverse=True)
+    for value in values:
+        text = text.replace(value, "***")
+    for value in values:
+        for size in range(len(value) - 1, min(SECRET_EDGE, len(value)) - 1, -1):
+            if text.startswith(value[-size:]):
+                text = "***" + text[size:]
+            if text.endswith(value[:size]):
+                text = text[:-size] + "***"
+    return text
+
+
 def output_dirs(spec: dict[str, Any]) -> list[str]:
     """The task's output directories, as the daemon listed them (never read from the
     environment, which the job's own variables share)."""

@@ -619,6 +619,12 @@ async def test_a_cluster_put_is_the_same_only_for_the_same_document_as_it_stands
     resized = {"properties": {**CLUSTER["properties"], **resize}}
     assert (await client.call("PUT", "/v1/workspaces/ws/clusters/gpu", resized))[0] == 200
     assert (await client.call("PUT", "/v1/workspaces/ws/clusters/gpu", CLUSTER))[0] == 409
+    # a setup secret's value is not compared: a PUT cannot test guesses of it
+    keyed = {"setupTask": {**setup["setupTask"], "secrets": [{"name": "K", "value": "right"}]}}
+    made = {"properties": {**CLUSTER["properties"], "nodeSetup": keyed}}
+    assert (await client.call("PUT", "/v1/workspaces/ws/clusters/keyed", made))[0] == 201
+    keyed["setupTask"]["secrets"][0]["value"] = "wrong"
+    assert (await client.call("PUT", "/v1/workspaces/ws/clusters/keyed", made))[0] == 200
 
 
 async def test_a_task_the_daemon_cannot_run_without_ending_stops_it(api):

@@ -431,3 +431,16 @@ def test_a_start_command_that_fails_gives_its_slot_back(tmp_path):
     with pytest.raises(RuntimeError):
         agent._handle(command)
     assert agent.free_slots and not agent.tasks  # the next task takes the same slot
+
+
+def test_secret_values_in_quoted_output_are_masked_also_where_it_was_cut():
+    """What an agent quotes of a task's output (a tail, a last line) ends up in the log for
+    good: a secret's value there is ***, and so is a part of one that a cut left at an edge."""
+    masked = runtimes.masked
+    spec = {"env": {"KEY": "0123456789abcdef", "SHORT": "xy", "PLAIN": "seen"},
+            "secretNames": ["KEY", "SHORT"]}  # fmt: skip
+    assert masked("using 0123456789abcdef and xy, seen", spec) == "using *** and ***, seen"
+    assert masked("9abcdef: not found", spec) == "***: not found"  # its end, the cut before
+    assert masked("connecting with 01234567", spec) == "connecting with ***"  # its start
+    assert masked("version 01", spec) == "version 01"  # parts under 4 are too common to mask
+    assert masked("nothing secret", {"env": {"KEY": "x"}}) == "nothing secret"
