@@ -3,7 +3,8 @@ failures become one plain message.
 
 Settings come from flags, then the environment, then the local state directory:
 `--server` / `$BATCHD_SERVER` (default http://127.0.0.1:8080); `--token` / `$BATCHD_TOKEN`, else
-`<state-dir>/admin.token`, which `batchd serve` writes; `--cacert` / `$BATCHD_CACERT`, else
+`<state-dir>/admin.token`, which `batchd serve` writes, for a server at a loopback address only;
+`--cacert` / `$BATCHD_CACERT`, else
 `<state-dir>/tls/cert.pem` when the server is https and that file exists.
 
 The token is sent in the Authorization header and appears in no message.
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import json
 import os
 import socket
@@ -107,14 +107,8 @@ def _token(args: argparse.Namespace, state: Path, server: str) -> tuple[str | No
 
 
 def _on_this_machine(server: str) -> bool:
-    """Is `server` (a URL) reached at a loopback address (127.0.0.0/8, ::1, localhost)?"""
-    host = (urlsplit(server).hostname or "").lower()
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    """Is `server` (a URL) reached at a loopback address (config.is_loopback)?"""
+    return config.is_loopback(urlsplit(server).hostname or "")
 
 
 def _cacert(args: argparse.Namespace, state: Path, server: str) -> Path | None:
@@ -256,8 +250,8 @@ class _Request:
             if error.status == 401 and not self.client.cfg.token:
                 error.message += (
                     " (no token: give --token or $BATCHD_TOKEN, or run where the daemon's "
-                    "<state-dir>/admin.token can be read, with a --server at 127.0.0.1 or "
-                    "localhost)"
+                    "<state-dir>/admin.token can be read, with a --server at a loopback "
+                    "address: 127.0.0.1, ::1, localhost)"
                 )
             raise error
         return response

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import ipaddress
 import os
 import tempfile
 import tomllib
@@ -265,3 +266,14 @@ def _parse_keys(text: str, where: str) -> Keyring:
         return Keyring.from_base64(keys, active=list(keys)[-1])
     except Exception as exc:
         raise ConfigError(f"secret keys in {where}: {exc}") from None
+
+
+def is_loopback(host: str) -> bool:
+    """Does `host` (an address, a host name, an IPv6 address with or without its brackets)
+    reach only this machine: 127.0.0.0/8, ::1 or localhost?"""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # another host name: it may resolve to any address
+        return False

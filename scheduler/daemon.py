@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import contextlib
 import gc
-import ipaddress
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -162,7 +161,7 @@ class Daemon:
         port = site._server.sockets[0].getsockname()[1]  # the port, also when asked for 0
         host = cfg.listen_host if ":" not in cfg.listen_host else f"[{cfg.listen_host}]"
         self.url = f"{'https' if ssl_context else 'http'}://{host}:{port}"
-        if ssl_context is None and not _loopback(cfg.listen_host):
+        if ssl_context is None and not config.is_loopback(cfg.listen_host):
             logger.warning("server.plaintext", listen=cfg.listen_host,
                            said="tokens, and the secrets agents are given to start tasks, "
                                 "cross the network in clear: serve TLS (--tls-cert and "
@@ -521,16 +520,6 @@ async def main(args: argparse.Namespace) -> int:
     if daemon.fenced_out:
         return FENCED_EXIT
     return 1 if daemon.failed else 0
-
-
-def _loopback(host: str) -> bool:
-    """Does `host` (the address the API listens on) reach only this machine?"""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:  # a host name: it may resolve to any address
-        return False
 
 
 def _warn_if_readable(path: Path) -> None:
