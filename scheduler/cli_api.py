@@ -181,19 +181,33 @@ def _child(parent: dict[str, Any], key: str) -> dict[str, Any]:
     return parent[key]
 
 
-def _replace_placeholders(value: Any, values: dict[str, str], left: set[str]) -> Any:
+SECRET_KEYS = ("accountKey", "password", "adminUserPassword")  # fields stored sealed
+
+
+def _replace_placeholders(value: Any, values: dict[str, str], left: set[str],
+                          secret: bool = False, in_secrets: bool = False) -> Any:  # fmt: skip
+    """`value` with the placeholders filled in. The storage key goes only into fields the
+    log seals (`secret`: an account key, a password, a `secrets` entry's value): elsewhere
+    it is left as written, and noted in `left` as misplaced."""
     if isinstance(value, dict):
-        return {k: _replace_placeholders(v, values, left) for k, v in value.items()}
+        return {k: _replace_placeholders(v, values, left, k in SECRET_KEYS or (
+                    in_secrets and k == "value"), k == "secrets")
+                for k, v in value.items()}  # fmt: skip
     if isinstance(value, list):
-        return [_replace_placeholders(v, values, left) for v in value]
+        return [_replace_placeholders(v, values, left, in_secrets=in_secrets) for v in value]
     if isinstance(value, str):
         for placeholder, env in PLACEHOLDERS.items():
             if placeholder in value:
-                if env in values:
+                if env == KEY_ENV and not secret:
+                    left.add(MISPLACED)
+                elif env in values:
                     value = value.replace(placeholder, values[env])
                 else:
                     left.add(env)
     return value
+
+
+MISPLACED = "misplaced"  # (in `left`) the storage key's placeholder outside a secret field
 
 
 def fill_storage(document: dict[str, Any], where: dict[str, Any]) -> dict[str, Any]:
@@ -218,6 +232,12 @@ def fill_storage(document: dict[str, Any], where: dict[str, Any]) -> dict[str, A
                         _child(entry, "credentials")["accountKey"] = values[KEY_ENV]
                     else:
                         left.add(KEY_ENV)
+    if MISPLACED in left:
+        left.discard(MISPLACED)
+        print(f"note: <{KEY_ENV}> is filled in only where the log keeps it encrypted "
+              "(credentials.accountKey, a password, secrets[].value): elsewhere it is left "
+              "as the file has it, as it would be shown to every reader of the job",
+              file=sys.stderr)  # fmt: skip
     for env in sorted(left):
         print(f"note: set {env} to fill in the storage {'key' if env == KEY_ENV else 'account'}"
               " (left as the file has it)", file=sys.stderr)  # fmt: skip

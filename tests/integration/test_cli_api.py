@@ -664,6 +664,31 @@ async def test_every_batchai_recipe_is_accepted(batchd, api, monkeypatch):
     assert all(share["credentials"] == {"accountKey": "***"} for share in shares)
 
 
+async def test_the_storage_key_is_filled_in_only_where_the_log_keeps_it_sealed(
+    batchd, api, monkeypatch, tmp_path
+):
+    await _setup(batchd)
+    monkeypatch.setenv("AZURE_BATCHAI_STORAGE_KEY", STORAGE_KEY)
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"properties": {
+        "nodeCount": 1, "stdOutErrPathPrefix": "$AZ_BATCHAI_MOUNT_ROOT/logs",
+        "customToolkitSettings": {"commandLine": "echo <AZURE_BATCHAI_STORAGE_KEY>"},
+        "environmentVariables": [{"name": "KEY", "value": "<AZURE_BATCHAI_STORAGE_KEY>"}],
+        "secrets": [{"name": "SEALED", "value": "<AZURE_BATCHAI_STORAGE_KEY>"}]}}))  # fmt: skip
+    done = await batchd("job", "create", "k", "-w", "ws", "-e", "exp", "--cluster", "c",
+                        "-f", str(job))  # fmt: skip
+    assert done.code == 0, done.err
+    assert "is filled in only where the log keeps it encrypted" in done.err
+    shown = await batchd("job", "show", "k", "-w", "ws", "-e", "exp", "--json")
+    props = shown.json["properties"]
+    assert STORAGE_KEY not in shown.out
+    assert props["environmentVariables"][0]["value"] == "<AZURE_BATCHAI_STORAGE_KEY>"
+    assert props["customToolkitSettings"]["commandLine"] == "echo <AZURE_BATCHAI_STORAGE_KEY>"
+    assert props["secrets"] == [{"name": "SEALED", "value": "***"}]
+    exported = await batchd("events", "export", "--store", api.cfg.store_url)
+    assert STORAGE_KEY not in exported.out
+
+
 async def test_recipes_without_storage_settings_are_sent_as_written(batchd, api, monkeypatch):
     await _setup(batchd, "STANDARD_NC24", 2)
     monkeypatch.delenv("AZURE_BATCHAI_STORAGE_ACCOUNT", raising=False)
