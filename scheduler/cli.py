@@ -174,8 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--server", help="the API's URL (default $BATCHD_SERVER or http://127.0.0.1:8080)"
     )
     connection.add_argument(
-        "--token", help="bearer token (default $BATCHD_TOKEN, or <state-dir>/admin.token for a "
-        "--server at a loopback address)"
+        "--token",
+        help="bearer token (default $BATCHD_TOKEN, or <state-dir>/admin.token for a "
+        "--server at a loopback address)",
     )
     connection.add_argument(
         "--cacert", metavar="FILE",
