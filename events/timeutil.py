@@ -69,4 +69,6 @@ def parse_iso(text: str, name: str | None = None, *, lower: bool = False) -> int
     return micros
 
 
-_FRACTION = re.compile(r":\d\d[.,](\d+)")  # the seconds' fraction
+# the seconds' fraction: the first digits after a . or , (2026-11-29T20:04:15.4271725Z, and
+# the basic form 20261129T200415.4271725Z: ISO-8601 writes a fraction nowhere before it)
+_FRACTION = re.compile(r"[.,](\d+)")

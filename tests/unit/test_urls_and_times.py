@@ -108,6 +108,8 @@ def test_a_lower_bound_between_two_microseconds_is_taken_up_to_the_next():
     for whole in ("2026-11-29T17:26:58.933573000Z", "2026-11-29T17:26:58.933573Z"):
         assert parse_iso(whole, lower=True) == at
     assert parse_iso("2026-11-29T18:26:58.9335739+01:00", lower=True) == at + 1
+    assert parse_iso("20261129T172658,933573001Z", lower=True) == at + 1  # the basic form
+    assert parse_iso("20261129T172658.933573Z", lower=True) == at
 
 
 def test_a_bad_time_is_named_by_the_option_it_came_from():
