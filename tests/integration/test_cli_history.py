@@ -140,6 +140,10 @@ def test_job_history_of_an_unknown_job_is_an_error(log):
     assert_one_line_error(
         batchd("job", "history", "nope", "--store", log["url"]), "nope", "no job named"
     )
+    for args, said in ((["a/b"], "job name: must be"), (["j", "-w", "x y"], "workspace name")):
+        assert_one_line_error(  # a name nothing could have, as the daemon says it
+            batchd("job", "history", *args, "--store", log["url"]), said
+        )
 
 
 def test_export_is_ndjson_in_the_event_json_form_with_secrets_redacted(log):
