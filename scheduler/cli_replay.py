@@ -110,8 +110,11 @@ def table(header: list[str], rows: list[list[Any]]) -> list[str]:
 async def job_history(args: argparse.Namespace) -> int:
     from batchd.scheduler.commands import check_name  # (only here: a heavy import)
 
-    for kind, name in (("workspace", args.workspace), ("experiment", args.experiment),
-                       ("job", args.name)):  # refused as the daemon refuses them
+    for kind, name in (
+        ("workspace", args.workspace),
+        ("experiment", args.experiment),
+        ("job", args.name),
+    ):  # refused as the daemon refuses them
         check_name(kind, name)
     store = await open_readonly(args)
     try:
