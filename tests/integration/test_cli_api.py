@@ -444,7 +444,7 @@ async def test_bad_input_is_printed_plainly_with_the_field_path(batchd, api, tmp
     path = tmp_path / "job.json"
     path.write_text(json.dumps({"properties": {
         "nodeCount": 1, "stdOutErrPathPrefix": "/x", "customToolkitSettings": {"commandLine": "x"},
-        "mountVolumes": {"azureFileShares": [{"azureFileUrl": "u", "relativeMountPath": "../up"}]},
+        "mountVolumes": {"azureFileShares": [{"azureFileUrl": "u", "relativeMountPath": "up"}]},
         "bogus": 1,
     }}))  # fmt: skip
     done = await batchd("job", "create", "j", "-w", "ws", "-e", "exp", "--cluster", "c",
