@@ -846,7 +846,8 @@ def _cannot_start_error(index: int, code: int | None, spec: dict[str, Any]) -> d
     stderr = Path(spec["stdouterr"]) / f"stderr{output_suffix(spec)}.txt"
     lines = masked(_tail(stderr, 500), spec).strip().splitlines()
     said = lines[-1][:300] if lines else ""
-    if not any(words in said for words in SHELL_CANNOT_RUN):
+    shell_said = said.startswith(SHELLS) and "No such file or directory" in said  # ./trian.sh
+    if not shell_said and not any(words in said for words in SHELL_CANNOT_RUN):
         return None
     reason = "not found" if code == 127 else "not executable"
     return {"code": "cannot_start",
@@ -855,6 +856,8 @@ def _cannot_start_error(index: int, code: int | None, spec: dict[str, Any]) -> d
 
 # how /bin/sh (dash, bash, busybox) says it cannot run a command
 SHELL_CANNOT_RUN = ("not found", "Permission denied", "cannot execute", "Is a directory")
+# (a program's own "No such file or directory" is not the shell's: only the shell's, by name)
+SHELLS = ("/bin/bash:", "bash:", "/bin/sh:", "sh:")
 
 
 def _tail(path: Path, size: int = 2000) -> str:

@@ -75,6 +75,14 @@ def test_a_command_the_shell_cannot_run_is_told_in_the_shells_words(tmp_path):
     assert _cannot_start_error(0, 1, spec) is None  # the job's own code
     (tmp_path / "stderr.txt").write_text("giving up: the data set is empty\n")
     assert _cannot_start_error(0, 127, spec) is None  # its own 127
+    (tmp_path / "stderr.txt").write_text(
+        "/bin/bash: line 1: ./train.sh: No such file or directory\n"
+    )
+    assert _cannot_start_error(0, 127, spec)["message"].endswith(
+        "./train.sh: No such file or directory"
+    )
+    (tmp_path / "stderr.txt").write_text("cat: data.csv: No such file or directory\n")
+    assert _cannot_start_error(0, 127, spec) is None  # a program's words, not the shell's
     (tmp_path / "stderr-1.txt").write_text("/bin/sh: 1: trian.py: not found\n")
     error = _cannot_start_error(1, 127, {**spec, "task": 1})  # task 1 of a multi-node job
     assert error["message"].endswith("trian.py: not found")  # read from its own stderr-1.txt
