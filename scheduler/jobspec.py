@@ -354,7 +354,8 @@ def _check_reserved_variables(props: dict[str, Any], prefix: str) -> None:
     silently replaced (and `job show` would still list it)."""
     tensorflow = props.get("tensorFlowSettings")
     for name, path in checked_variables(props, prefix):
-        if name == "CUDA_VISIBLE_DEVICES":
+        if name in ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES"):  # (the latter: which
+            # GPUs NVIDIA's container runtime attaches, where the engine's default is it)
             raise DocumentError(path, f"{name} is batchd's to set: the task's GPUs")
         if name == TASK_VARIABLE:
             raise DocumentError(path, f"{name} is batchd's to set: it marks the task's processes")

@@ -208,6 +208,7 @@ def test_an_environment_variable_may_be_set_empty():
     [
         ("AZ_BATCHAI_JOB_ID", 1, "AZ_BATCHAI_JOB_ID is batchd's to set"),
         ("CUDA_VISIBLE_DEVICES", 1, "the task's GPUs"),
+        ("NVIDIA_VISIBLE_DEVICES", 1, "the task's GPUs"),
         ("WORLD_SIZE", 2, "more than one node"),
         ("MASTER_ADDR", 2, "more than one node"),
     ],
