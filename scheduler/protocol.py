@@ -53,7 +53,10 @@ LEASE_EXPIRED = "lease_expired"
 # the error of a TaskExited for a task whose container engine could not be reached (or stopped
 # answering) while it ran: the node's fault as well, not the job's
 ENGINE_UNREACHABLE = "engine_unreachable"
-NODE_FAULTS = (LEASE_EXPIRED, ENGINE_UNREACHABLE)
+# the error of a TaskExited for a task the agent could not run for want of its own scratch
+# space (the task's work or temp directory, the record of its processes: a full disk)
+NODE_UNWRITABLE = "node_unwritable"
+NODE_FAULTS = (LEASE_EXPIRED, ENGINE_UNREACHABLE, NODE_UNWRITABLE)
 
 RUNTIMES = ("process", "docker")  # what a node may offer to run tasks with
 

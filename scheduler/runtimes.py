@@ -32,7 +32,7 @@ from typing import Any
 
 import structlog
 
-from batchd.scheduler import files
+from batchd.scheduler import files, protocol
 from batchd.scheduler.jobspec import TASK_VARIABLE
 
 logger = structlog.get_logger(__name__)
@@ -87,26 +87,29 @@ def job_temp(spec: dict[str, Any]) -> str | None:
 
 
 def prepare_directories(spec: dict[str, Any]) -> TaskResult | None:
-    """Make a task's stdouterr (claimed for its job where its name was reused: files.claim),
-    work, job temp and output directories and write its files (the MPI host file); a failed
-    TaskResult saying what could not be written, or None."""
+    """Make a task's stdouterr (claimed for its job where its name was reused: files.claim)
+    and output directories, which the job chose (`output_unwritable`, the job's fault), then
+    its work and job temp directories and files (the MPI host file), the node's own scratch
+    space (`node_unwritable`, the node's); a failed TaskResult saying what could not be
+    written, or None."""
     try:
         if spec.get("reused"):  # a name an earlier job had: its output may be in the way
             files.claim(Path(spec["stdouterr"]), str(spec.get("jobId", "")))
-        for path in (
-            spec["stdouterr"],
-            spec["workDir"],
-            job_temp(spec),
-            *output_dirs(spec),
-        ):
+        for path in (spec["stdouterr"], *output_dirs(spec)):
+            Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        message = f"cannot write {exc.filename}: {exc.strerror}"
+        return TaskResult(None, {"code": "output_unwritable", "message": message})
+    try:
+        for path in (spec["workDir"], job_temp(spec)):
             if path:
                 Path(path).mkdir(parents=True, exist_ok=True)
         for path, content in (spec.get("files") or {}).items():
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             Path(path).write_text(content)
     except OSError as exc:
-        message = f"cannot write {exc.filename}: {exc.strerror}"
-        return TaskResult(None, {"code": "output_unwritable", "message": message})
+        message = f"this node cannot write its own {exc.filename}: {exc.strerror}"
+        return TaskResult(None, {"code": protocol.NODE_UNWRITABLE, "message": message})
     return None
 
 
@@ -247,8 +250,13 @@ class ProcessTask:
         if self.pid_file is not None:
             try:
                 self.pid_file.write_text(process_mark(self.process.pid, task_label(self.spec)))
-            except OSError:  # the task runs on: only its cleanup after an agent crash is lost
-                self.pid_file = None
+            except OSError as exc:  # after an agent crash it would run on beside its retry
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                await wait_child(self.process)
+                message = (f"this node cannot record the task's processes in {self.pid_file}: "
+                           f"{exc.strerror}")  # fmt: skip
+                return TaskResult(None, {"code": protocol.NODE_UNWRITABLE, "message": message})
         returncode = await wait_child(self.process)
         if self.killed:  # being stopped: the rest of its group has its SIGTERM grace (kill)
             await _group_ended(self.process.pid, KILL_GRACE)

@@ -452,3 +452,27 @@ def test_secret_values_in_quoted_output_are_masked_also_where_it_was_cut():
     assert masked("connecting with 01234567", spec) == "connecting with ***"  # its start
     assert masked("version 01", spec) == "version 01"  # parts under 4 are too common to mask
     assert masked("nothing secret", {"env": {"KEY": "x"}}) == "nothing secret"
+
+
+async def test_a_node_short_of_its_own_scratch_space_fails_the_task_as_a_node_fault(tmp_path):
+    """The work or temp directory, or the record of a task's processes, that the agent
+    cannot write is the node's fault (a full disk), retried as such, not the job's; a task
+    whose processes cannot be recorded does not run (after an agent crash it could not be
+    found again, and would run on beside its retry)."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    spec = {"stdouterr": str(tmp_path / "out"), "workDir": str(blocker / "work"),
+            "command": "sleep 30", "jobId": "j", "attempt": 1, "task": 0}  # fmt: skip
+    result = runtimes.prepare_directories(spec)
+    assert result.error["code"] == protocol.NODE_UNWRITABLE and "work" in result.error["message"]
+    assert protocol.NODE_UNWRITABLE in protocol.NODE_FAULTS
+    unwritable_output = {**spec, "stdouterr": str(blocker / "out")}
+    assert runtimes.prepare_directories(unwritable_output).error["code"] == "output_unwritable"
+    task = runtimes.ProcessTask({**spec, "workDir": str(tmp_path / "work")},
+                                pid_file=blocker / "slot.pid")  # fmt: skip
+    started = time.monotonic()
+    result = await task.run(asyncio.Event())
+    assert (
+        result.error["code"] == protocol.NODE_UNWRITABLE and "slot.pid" in result.error["message"]
+    )
+    assert time.monotonic() - started < 10  # killed at once, not run for its 30 s
