@@ -893,6 +893,13 @@ async def main(args: argparse.Namespace) -> int:
     except watchdog.WorkDirBusy:
         raise AgentError(f"--work-dir {work_dir}: another agent runs there (it holds "
                          f"{work_dir / watchdog.LOCK_FILE})") from None  # fmt: skip
+    except OSError as exc:  # a file there, a directory it may not write, a full disk
+        what = (
+            "is not a directory"
+            if work_dir.exists() and not work_dir.is_dir()
+            else (exc.strerror or str(exc))
+        )
+        raise AgentError(f"--work-dir {work_dir}: {what}") from None
     cacert = args.cacert or os.environ.get("BATCHD_CACERT")
     try:
         checked = ssl_context(Path(cacert) if cacert else None)

@@ -32,7 +32,7 @@ from tests.integration.conftest import (
     newest_job,
     start_daemon,
 )
-from tests.integration.test_cli import _free_port, batchd
+from tests.integration.test_cli import _free_port, assert_one_line_error, batchd
 from tests.logs import info_logs
 from tests.processes import alive
 
@@ -439,6 +439,11 @@ async def test_a_node_is_reached_at_the_address_it_gives_else_where_it_connects_
         batchd, "agent", "--server", daemon.url, "--token-file", "/dev/null",
         "--tls-server-name", "batchd.example.com", env={})  # fmt: skip
     assert done.returncode != 0 and "--tls-server-name: the --server" in done.stderr
+    token = await _node_token(client, daemon, "filed-0")
+    done = await asyncio.to_thread(
+        batchd, "agent", "--server", daemon.url, "--token-file", str(token),
+        "--node-id", "filed-0", "--work-dir", str(token))  # fmt: skip
+    assert_one_line_error(done, f"--work-dir {token}: is not a directory")
 
 
 async def test_resizing_down_drains_a_busy_node_which_takes_no_new_work_then_leaves(local):
