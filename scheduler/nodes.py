@@ -50,7 +50,6 @@ from batchd.projections.model import (
     READY,
     RUNNING,
     SCHEDULED,
-    SUCCEEDED,
     SUSPECT,
     TERMINATING,
     UNUSABLE,
@@ -81,11 +80,18 @@ RESEND_AFTER = 5.0  # seconds before a StartTask the node does not report is sen
 # seconds an earlier attempt's task, still holding its GPUs, may go unlisted by its node's
 # heartbeats before it is taken to have stopped (its exit report, or its start, was lost)
 STOPPED_AFTER = 3 * RESEND_AFTER
+# seconds after a KillTask that a task its node still lists is sent one again (the first was
+# lost: a poll's answer cut off): more than the agent's grace between SIGTERM and SIGKILL
+KILL_AGAIN = 15.0
 MAX_GPUS = 64  # a node reporting more is refused
 MAX_SAID = 300  # characters of an agent's word on its engine kept in the log
 # microseconds a node suspected for its container engine stays so at least: a heartbeat sent
 # before its agent knew (or one of an agent too old to tell) does not make it ready at once
 ENGINE_HOLD = int(2 * HEARTBEAT_INTERVAL * 1_000_000)
+UNWRITABLE_HOLD = 60_000_000  # µs a node that could not write its own scratch space is held
+# a node suspected for a fault its agent reported (not for its silence) takes no work for a
+# while after, so that the retry is placed elsewhere: the fault's code -> how long (µs)
+HELD = {protocol.ENGINE_UNREACHABLE: ENGINE_HOLD, protocol.NODE_UNWRITABLE: UNWRITABLE_HOLD}
 BEGUN = (PREPARING_JOB, RUNNING, TERMINATING)  # a job whose tasks have begun on their nodes
 # states of a node with an agent, in which silence for NODE_TIMEOUT makes it lost
 LOSABLE = (SUSPECT, LEAVING, PREPARING, UNUSABLE)
@@ -111,6 +117,8 @@ class NodeService:
         self.killed: set[tuple[str, int]] = set()  # attempts sent KillTask
         # attempts of multi-node jobs -> the tasks that said TaskPrepared (see _prepared)
         self.prepared: dict[tuple[str, int], set[int]] = {}
+        # tasks sent KillTask -> (their node, when): sent again while still listed (KILL_AGAIN)
+        self.kills: dict[TaskKey, tuple[str, float]] = {}
         # attempts -> does the master's task decide them? (see _master_decides)
         self.deciding: dict[tuple[str, int], bool] = {}
         self.started_at = time.monotonic()
@@ -161,8 +169,25 @@ class NodeService:
                 # a ProceedTask still queued would start the command the kill comes to stop
                 self.outbox[node_id] = [c for c in self.outbox.get(node_id, ())
                                         if not _proceeds(c, job_id, attempt)]  # fmt: skip
-                self._send(node_id, {"type": "KillTask", "jobId": job_id, "attempt": attempt,
-                                     "task": index})  # fmt: skip
+                self._kill_task(node_id, (job_id, attempt, index))
+
+    def _kill_task(self, node_id: str, key: TaskKey) -> None:
+        self._send(node_id, {"type": "KillTask", "jobId": key[0], "attempt": key[1],
+                             "task": key[2]})  # fmt: skip
+        self.kills[key] = (node_id, time.monotonic())
+
+    def _kill_again(self, node_id: str, running: list[TaskKey]) -> None:
+        """KillTask again for a task its node still lists KILL_AGAIN after the last one (a
+        terminated job's, which would otherwise run on, terminating, for as long as it
+        takes); the node's tasks that have gone are forgotten."""
+        now, listed = time.monotonic(), set(running)
+        for key, (node, sent) in list(self.kills.items()):
+            if node != node_id:
+                continue
+            if key not in listed:
+                del self.kills[key]
+            elif now - sent >= KILL_AGAIN:
+                self._kill_task(node_id, key)
 
     async def dispatch(self) -> None:
         """StartTask for newly scheduled attempts; KillTask for those being terminated, and
@@ -385,6 +410,7 @@ class NodeService:
                                              _terminated(m, j, a)),
                                    key=self._key(job_id))  # fmt: skip
         self._kill_unwanted(self.models, node_id, running)
+        self._kill_again(node_id, running)
         for key in self._unlisted_long(node_id, running):
             decide = _stopped if _stopping_on(self.models, key, node_id) else _vanished
             await self.control.run(_by_agent(node_id, lambda m, k=key, d=decide:
@@ -396,22 +422,23 @@ class NodeService:
             return
         if engine_down is not None:  # it takes no work until its engine answers again
             if _engine_suspected(self.models, node_id, ""):  # (most beats: said already)
-                await self._suspect_engine(node_id, _engine_said(engine_down))
+                await self._suspect(node_id, protocol.ENGINE_UNREACHABLE,
+                                    _engine_said(engine_down))  # fmt: skip
         elif node.state in (SUSPECT, LOST) and _may_recover(node, None, now_us()):
             await self.control.run(_by_agent(node_id, lambda m: _recovered(m, node_id)),
                                    key=f"node/{node_id}")  # fmt: skip
 
-    async def _suspect_engine(self, node_id: str, message: str) -> None:
-        decide = _by_agent(node_id, lambda m: _engine_suspected(m, node_id, message))
+    async def _suspect(self, node_id: str, code: str, message: str) -> None:
+        decide = _by_agent(node_id, lambda m: _fault_suspected(m, node_id, code, message))
         await self.control.run(decide, key=f"node/{node_id}")
 
     async def _task_report(self, node_id: str, kind: str, msg: dict[str, Any]) -> None:
         key = protocol.task_key(msg)
         job_id, attempt, _task = key
         error = msg.get("error") if kind == "TaskExited" else None
-        engine_gone = isinstance(error, dict) and error.get("code") == protocol.ENGINE_UNREACHABLE
-        if engine_gone and not self.closing:  # the node first: the retry is placed elsewhere
-            await self._suspect_engine(node_id, str(error.get("message"))[:MAX_SAID])
+        fault = error.get("code") if isinstance(error, dict) else None
+        if fault in HELD and not self.closing:  # the node first: the retry is placed elsewhere
+            await self._suspect(node_id, fault, str(error.get("message"))[:MAX_SAID])
         if kind == "TaskExited" and _stopping_on(self.models, key, node_id):
             await self.control.run(_by_agent(node_id, lambda m: _stopped(
                 m, key, node_id, msg.get("exitCode"))), key=self._key(job_id))  # fmt: skip
@@ -425,12 +452,14 @@ class NodeService:
                                    key=self._key(job_id))  # fmt: skip
         else:
             decides = await self._master_decides(key, msg.get("exitCode"))
-            tasks = list(self.models.jobs[job_id].tasks)
+            job = self.models.jobs.get(job_id)
+            tasks = list(job.tasks) if job is not None else []
             await self.control.run(_by_agent(node_id, lambda m: self._exited(m, msg, decides)),
                                    key=self._key(job_id))  # fmt: skip
-            job = self.models.jobs.get(job_id)
-            if decides and job is not None and job.attempt == attempt and job.state == SUCCEEDED:
-                self._kill(job_id, attempt, tasks, skip=0)  # (only once its success is logged)
+            if tasks and not _live(self.models, job_id, attempt):  # this exit ended it (its
+                # failure, or its master's success): the other tasks are stopped, once that
+                # is logged (had it not been, their exits would race the agent's retry of it)
+                self._kill(job_id, attempt, tasks, skip=key[2])
 
     async def _master_decides(self, key: TaskKey, code: Any) -> bool:
         """Does this exit of task `key` end its attempt (toolkits.master_decides), though
@@ -459,8 +488,7 @@ class NodeService:
         job_id, attempt, index = key
         job = self.models.jobs[job_id]
         if job.state not in (SCHEDULED, PREPARING_JOB, RUNNING):  # being stopped
-            self._send(node_id, {"type": "KillTask", "jobId": job_id, "attempt": attempt,
-                                 "task": index})  # fmt: skip
+            self._kill_task(node_id, key)
             return
         waiting = self.prepared.setdefault((job_id, attempt), set())
         released = (
@@ -562,7 +590,8 @@ class NodeService:
             state = LEAVING if node is not None and node.draining else READY
         engine_down = _engine_down(msg)
         if state == READY and engine_down is not None:  # ready, but no work yet
-            out.append(_engine_suspicion(node_id, _engine_said(engine_down), actor))
+            out.append(_suspicion(node_id, protocol.ENGINE_UNREACHABLE,
+                                  _engine_said(engine_down), actor))  # fmt: skip
         return out
 
     def _kill_unwanted(self, m: ReadModels, node_id: str, running: list[TaskKey]) -> None:
@@ -573,8 +602,7 @@ class NodeService:
                       and job.state in lifecycle.HOLDING and task < len(job.tasks)
                       and job.tasks[task][0] == node_id)  # fmt: skip
             if not wanted:
-                self._send(node_id, {"type": "KillTask", "jobId": job_id, "attempt": attempt,
-                                     "task": task})  # fmt: skip
+                self._kill_task(node_id, (job_id, attempt, task))
 
     def _short_of_gpus(self, cluster: Cluster, gpus: int) -> dict[str, str] | None:
         """The error of a node with fewer GPUs than its cluster's VM size (jobs take that many
@@ -625,8 +653,7 @@ class NodeService:
                     "jobId": job_id, "attempt": attempt,
                     "reason": job.terminate_reason or "terminated"})))  # fmt: skip
             return out
-        if code != 0:
-            self._kill(job_id, attempt, job.tasks, skip=task)
+        if code != 0:  # (the other tasks are killed once this is logged: _task_report)
             error = msg.get("error") or {
                 "code": "exit_code", "message": f"task {task} exited with {code}"}  # fmt: skip
             # an agent that lost touch with the daemon stops its tasks, and a task whose
@@ -638,7 +665,7 @@ class NodeService:
             out.append((stream, NewEvent("JobSucceeded", {
                 "jobId": job_id, "attempt": attempt, "exitCode": 0})))  # fmt: skip
         elif decides:  # the master's task ended it: the others (parameter servers) are
-            # stopped once this is logged (_task_report)
+            # stopped once this is logged, as for a failure
             out.append((stream, NewEvent("JobSucceeded", {
                 "jobId": job_id, "attempt": attempt, "exitCode": 0, "byTask": task})))  # fmt: skip
         return out
@@ -803,6 +830,9 @@ class NodeService:
         for key, (target, _command, _sent) in list(self.unstarted.items()):
             if target not in known:
                 del self.unstarted[key]
+        for key, (target, _sent) in list(self.kills.items()):
+            if target not in known:
+                del self.kills[key]
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_post("/agent/v1/messages", self.handle_messages)
@@ -959,30 +989,35 @@ def _engine_said(said: str) -> str:
 
 
 def _engine_suspected(m: ReadModels, node_id: str, message: str) -> list[Decision]:
-    """A node whose container engine does not answer takes no new work, saying why: a ready
+    return _fault_suspected(m, node_id, protocol.ENGINE_UNREACHABLE, message)
+
+
+def _fault_suspected(m: ReadModels, node_id: str, code: str, message: str) -> list[Decision]:
+    """A node whose agent reports a fault of the node's (HELD: its container engine does
+    not answer, its scratch space cannot be written) takes no new work, saying why: a ready
     one is suspected; so is a suspect (silent) or lost one whose agent is heard saying so
     (suspect with the error, not lost: its agent answers), once for each suspicion."""
     node = m.nodes.get(node_id)
-    if node is None or node.state not in (READY, SUSPECT, LOST) or _for_engine(node):
+    if node is None or node.state not in (READY, SUSPECT, LOST) or _hold(node) is not None:
         return []
     setup = (node.setup or {}).get("state")
     if node.state == LOST and (setup in ("running", "failed") or node.draining):
         return []  # it would come back preparing, unusable or leaving: taking no work anyway
-    return [_engine_suspicion(node_id, message)]
+    return [_suspicion(node_id, code, message)]
 
 
-def _engine_suspicion(node_id: str, message: str, actor: str = "scheduler") -> Decision:
-    error = {"code": protocol.ENGINE_UNREACHABLE, "message": message}
-    data = {"nodeId": node_id, "error": error}
+def _suspicion(node_id: str, code: str, message: str, actor: str = "scheduler") -> Decision:
+    data = {"nodeId": node_id, "error": {"code": code, "message": message}}
     return f"node-{node_id}", NewEvent("NodeSuspected", data, actor)
 
 
-def _for_engine(node: Node) -> bool:
-    """Is `node` suspect because its container engine did not answer (said as it became
-    suspect)?"""
+def _hold(node: Node) -> int | None:
+    """How long (µs) `node` takes no work after its suspicion, if it is suspect for a fault
+    its agent reported (HELD, said as it became suspect); None otherwise."""
     error = node.errors[-1] if node.errors else {}
-    return (node.state == SUSPECT and error.get("code") == protocol.ENGINE_UNREACHABLE
-            and error.get("at") == node.since)  # fmt: skip
+    if node.state != SUSPECT or error.get("at") != node.since:
+        return None
+    return HELD.get(error.get("code"))
 
 
 def _moved_out(m: ReadModels, node: Node, msg: dict[str, Any], actor: str) -> Decision:
@@ -1002,11 +1037,13 @@ def _moved_out(m: ReadModels, node: Node, msg: dict[str, Any], actor: str) -> De
 
 def _may_recover(node: Node, engine_down: str | None, now: int) -> bool:
     """May a suspect or lost node whose agent is heard from be ready again? Not while its
-    agent says its engine does not answer, nor within ENGINE_HOLD of its suspicion for that."""
+    agent says its engine does not answer, nor within the hold (HELD) of a suspicion for a
+    fault its agent reported."""
     if engine_down is not None:
         return False
+    hold = _hold(node)
     # (abs: a clock set back, or a former leader's ahead, does not hold it longer)
-    return not _for_engine(node) or abs(now - node.since) >= ENGINE_HOLD
+    return hold is None or abs(now - node.since) >= hold
 
 
 def _running_keys(msg: dict[str, Any]) -> list[TaskKey]:

@@ -1635,6 +1635,29 @@ async def test_a_waiting_task_whose_kill_was_lost_is_told_again(local, tmp_path)
     assert job["properties"]["state"] == "failed"  # terminated: every task told, and gone
 
 
+async def test_a_running_task_whose_kill_was_lost_is_killed_again(local, monkeypatch):
+    """A terminated job's KillTask lost on its way (a poll's answer cut off): the node still
+    lists the task, and is told again, so the job does not run on, terminating, for days."""
+    daemon, client = local
+    service = daemon.nodes
+    monkeypatch.setattr(node_service, "KILL_AGAIN", 1.0, raising=False)
+    send = service._send
+
+    def losing(node_id: str, command: dict) -> None:
+        if command["type"] != "KillTask":
+            send(node_id, command)
+
+    await _run(client, "long", "sleep 600")
+    models = daemon.models.models
+    await _until(lambda: newest_job(models, "long").state == "running", 30)
+    service._send = losing
+    assert (await client.call("POST", f"{EXP}/jobs/long/terminate"))[0] == 202
+    await asyncio.sleep(0.5)  # the KillTask, lost
+    service._send = send
+    job = await _ended(daemon, client, "long", seconds=30)
+    assert job["properties"]["state"] == "failed"
+
+
 async def test_a_failed_preparation_on_one_node_keeps_the_others_from_starting(local, tmp_path):
     daemon, client = local
     marks = tmp_path / "marks"

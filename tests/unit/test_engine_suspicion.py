@@ -41,3 +41,20 @@ def test_which_nodes_an_engine_that_does_not_answer_makes_suspect(
         [(stream, event)] = decided
         assert (stream, event.type) == ("node-n1", "NodeSuspected")
         assert event.data["error"]["code"] == "engine_unreachable"
+
+
+def test_a_node_that_cannot_write_its_scratch_space_is_held_longer_than_for_its_engine():
+    """Suspected for a fault its agent reported, a node takes no work for a while (so that
+    the retry is placed elsewhere): 4 s for its engine, a minute for a full disk."""
+    from batchd.scheduler.nodes import _fault_suspected, _may_recover
+
+    for code, held_s in (("engine_unreachable", 4), ("node_unwritable", 60)):
+        m = _node("ready")
+        [(_stream, event)] = _fault_suspected(m, "n1", code, "no space left")
+        node = m.nodes["n1"]
+        node.state, node.since = "suspect", 1_000_000
+        node.errors = [{**event.data["error"], "at": node.since}]
+        assert _fault_suspected(m, "n1", code, "again") == []  # said once
+        assert not _may_recover(node, None, node.since + (held_s - 1) * 1_000_000)
+        assert _may_recover(node, None, node.since + held_s * 1_000_000)
+        assert not _may_recover(node, "its engine is away", node.since + 600 * 1_000_000)
