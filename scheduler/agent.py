@@ -864,10 +864,17 @@ def _tail(path: Path, size: int = 2000) -> str:
     """The last `size` bytes of a file, as text ("" if there is none)."""
     try:
         with path.open("rb") as handle:
-            handle.seek(max(0, path.stat().st_size - size))
-            return handle.read().decode("utf-8", "replace")
+            start = max(0, path.stat().st_size - size)
+            handle.seek(start)
+            data = handle.read()
     except OSError:
         return ""
+    if start:  # a character cut at the start is left out: what follows is whole (a secret's
+        data = data.lstrip(_UTF8_CONTINUATION)  # end there is then found and masked)
+    return data.decode("utf-8", "replace")
+
+
+_UTF8_CONTINUATION = bytes(range(0x80, 0xC0))
 
 
 async def main(args: argparse.Namespace) -> int:

@@ -476,3 +476,13 @@ async def test_a_node_short_of_its_own_scratch_space_fails_the_task_as_a_node_fa
         result.error["code"] == protocol.NODE_UNWRITABLE and "slot.pid" in result.error["message"]
     )
     assert time.monotonic() - started < 10  # killed at once, not run for its 30 s
+
+
+def test_a_tail_cut_inside_a_character_still_masks_the_secret_after_it(tmp_path):
+    secret = "pässwörd-geheim-42"
+    out = tmp_path / "stderr.txt"
+    out.write_bytes(b"x" * 50 + f"{secret} failed\n".encode())
+    spec = {"env": {"PW": secret}, "secretNames": ["PW"]}
+    cut = len("ässwörd-geheim-42 failed\n".encode()) + 1  # inside the "ä"
+    tail = runtimes.masked(agent_module._tail(out, cut), spec)
+    assert tail == "*** failed\n"
