@@ -483,6 +483,6 @@ def test_a_tail_cut_inside_a_character_still_masks_the_secret_after_it(tmp_path)
     out = tmp_path / "stderr.txt"
     out.write_bytes(b"x" * 50 + f"{secret} failed\n".encode())
     spec = {"env": {"PW": secret}, "secretNames": ["PW"]}
-    cut = len("ässwörd-geheim-42 failed\n".encode()) + 1  # inside the "ä"
+    cut = len("ässwörd-geheim-42 failed\n".encode()) - 1  # inside the "ä"
     tail = runtimes.masked(agent_module._tail(out, cut), spec)
     assert tail == "*** failed\n"
