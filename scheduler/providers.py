@@ -123,12 +123,19 @@ class LocalProvider:
     async def bootstrap(self) -> None:
         """The embedded workspace, experiment and cluster."""
 
+        def revoke_stale(m: ReadModels):  # tokens of an earlier workspace of its name, which
+            if WORKSPACE in m.workspaces:  # an older batchd let be deleted: they would reach
+                return []  # the new one (commands.create_workspace refuses while they exist)
+            stale = [t.token_id for t in m.tokens.values() if WORKSPACE in t.workspaces]
+            return [d for t in stale for d in revoke_token(m, t, ACTOR)]
+
         def decide(m: ReadModels):
             out = []
             if WORKSPACE not in m.workspaces:
                 out += commands.create_workspace(m, WORKSPACE, ACTOR)
             return out
 
+        await self.control.run(revoke_stale, structural=True)
         await self.control.run(decide, structural=True)
 
         def decide_rest(m: ReadModels):

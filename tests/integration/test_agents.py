@@ -1658,6 +1658,27 @@ async def test_a_running_task_whose_kill_was_lost_is_killed_again(local, monkeyp
     assert job["properties"]["state"] == "failed"
 
 
+async def test_a_token_of_an_earlier_default_workspace_does_not_stop_the_local_cluster(tmp_path):
+    """A log an older batchd wrote may hold a token limited to a `default` workspace it let
+    be deleted: the start that makes `default` again revokes it (it would reach the new
+    one) rather than fail."""
+    state = tmp_path / "state"
+    await (await start_daemon(state, local_nodes=0)).stop()  # its log and keys: no `default`
+    store = await urls.open_store(config.default_store_url(state))
+    try:
+        data = {"tokenId": "t-old", "name": "old-ci", "role": "operator",
+                "workspaces": ["default"], "hash": "0" * 64}  # fmt: skip
+        await store.append("token-t-old", [NewEvent("TokenCreated", data, "admin")])
+    finally:
+        await store.close()
+    daemon = await start_daemon(state, local_nodes=1)
+    try:
+        models = daemon.models.models
+        assert "default" in models.workspaces and "t-old" not in models.tokens
+    finally:
+        await daemon.stop()
+
+
 async def test_a_failed_preparation_on_one_node_keeps_the_others_from_starting(local, tmp_path):
     daemon, client = local
     marks = tmp_path / "marks"
