@@ -1597,6 +1597,7 @@ async def test_a_waiting_master_is_released_after_a_restart_once_another_task_ha
     def losing(node_id: str, command: dict) -> None:
         if command["type"] == "ProceedTask" and command["task"] == 0 and not lost:
             lost.append(command)  # (in the outbox of a daemon that stopped)
+            service.prepared.clear()  # what a daemon started since knows of it: nothing
             return
         send(node_id, command)
 
@@ -1606,7 +1607,6 @@ async def test_a_waiting_master_is_released_after_a_restart_once_another_task_ha
                jobPreparation={"commandLine": "true"})  # fmt: skip
     models = daemon.models.models
     await _until(lambda: lost and "1" in newest_job(models, "mpi").task_exits, 30)
-    service.prepared.clear()  # what a daemon started since knows of the barrier: nothing
     job = await _ended(daemon, client, "mpi")
     assert job["properties"]["state"] == "succeeded" and ran.exists()
 
