@@ -356,34 +356,57 @@ def _process(interpreter: str, script: str, args: str | None, tf_config: str,
 
 
 def _node_script(background: list[str], foreground: list[str], master: bool) -> str | None:
-    """Parameter servers in the background, workers in the foreground; the node's exit code is
-    the first failing worker's (0 when all succeed). On the master node the servers stop when
-    its workers end; on another, they stop when its workers fail, and otherwise serve on
-    (the other nodes' workers use them) until the attempt ends and the task is killed, or
-    they end by themselves (the task's exit code is then the first failing server's)."""
+    """Parameter servers and workers, each in the background and each in a group of its own.
+    The first of them to fail (exit other than 0, in any order) ends the node's task with its
+    exit code at once, the others stopped. Once the workers have all ended well: on the
+    master node its servers are stopped and the task exits 0 (which ends the attempt:
+    master_decides); on another node they serve on (the other nodes' workers use them)
+    until the attempt ends and the task is killed, or they end by themselves."""
     if not background and not foreground:
         return None
     # each process its own group, so a server is stopped with its children (a shell without
     # job control, busybox's, says so and runs them in its own group: `kill PID` then)
-    lines = ["set -m 2>/dev/null"]
+    lines = [
+        "set -m 2>/dev/null; case $- in *m*) jc=1;; esac",
+        'here=$PWD; rm -f "$here/.batchd-failed" "$here/.batchd-stop"',
+    ]
+    # the shell's own notices (each job's "Done", with its whole text) are no output of the
+    # job's: only its processes write to the task's stderr
+    lines.append("exec 3>&2 2>/dev/null")
     # the task's SIGTERM (terminate, a wall clock, preemption) reaches every process, which
     # has its grace: the runtime signals only the shell's own group
-    lines.append(f"trap '{_STOP_ALL}; wait; exit 143' TERM")
-    lines += [f'{command} & servers="$servers $!"' for command in background]
-    lines += [f'{command} & workers="$workers $!"' for command in foreground]
-    lines.append('rc=0; for w in $workers; do wait "$w"; s=$?; [ "$rc" = 0 ] && rc=$s; done')
+    lines.append(f"trap '{_STOPPING}; {_STOP_ALL}; wait; exit 143' TERM")
+    # a process that failed: its code, at once (its siblings are killed without a grace)
+    lines.append(f'trap \'{_STOPPING}; {_STOP_ALL}; exit "$(cat "$here/.batchd-failed")"\' USR1')
+    lines += [f'{_watched(command)} & servers="$servers $!"' for command in background]
+    lines += [f'{_watched(command)} & workers="$workers $!"' for command in foreground]
+    lines.append('for w in $workers; do wait "$w"; done')
     if background and master:
-        lines.append(_STOP_SERVERS)
+        lines.append(f"{_STOPPING}; {_STOP_SERVERS}")
     elif background:
-        lines.append(f'[ "$rc" = 0 ] || {{ {_STOP_SERVERS}; exit $rc; }}')
-        lines.append('for p in $servers; do wait "$p"; s=$?; [ "$rc" = 0 ] && rc=$s; done')
-    lines.append("exit $rc")
+        lines.append('for p in $servers; do wait "$p"; done')
+    lines.append("exit 0")
     return "\n".join(lines)
+
+
+def _watched(command: str) -> str:
+    """`command` in a subshell that, when it fails (unless the task is stopping), writes its
+    exit code down and tells the node's script (USR1). With job control (`jc`), the
+    subshell waits out the command's SIGTERM grace: a SIGTERM to its group reaches both, and
+    it only notes it. Without (busybox's or dash's sh), everything is in the task's group,
+    which the runtime signals whole; a server stopped by the script itself then goes at the
+    task's end, without a grace."""
+    return (
+        f'([ -z "$jc" ] || trap : TERM; {command}; s=$?; [ $s = 0 ] || '
+        f'[ -e "$here/.batchd-stop" ] || {{ echo $s > "$here/.batchd-failed"; '
+        f"kill -USR1 $$; }}) 2>&3 3>&-"
+    )
 
 
 _KILL = 'kill -TERM -- "-$p" 2>/dev/null || kill -TERM "$p" 2>/dev/null'
 _STOP_ALL = f"for p in $servers $workers; do {_KILL}; done"
 _STOP_SERVERS = f"for p in $servers; do {_KILL}; done"
+_STOPPING = ': > "$here/.batchd-stop"'  # (what ends now, ends as asked: not a failure)
 
 
 _COMMANDS = {

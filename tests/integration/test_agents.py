@@ -211,6 +211,28 @@ async def test_parameter_servers_serve_until_the_master_worker_ends_the_job(loca
     await _until(lambda: not any(n.allocations for n in models.nodes.values()), 15)
 
 
+@pytest.mark.parametrize("failing", ["ps-0", "ps-1", "worker-1"])
+async def test_a_failing_parameter_server_or_worker_fails_the_job_at_once(local, failing):
+    """Whichever process fails, on the master node or another, and whatever else still
+    runs: the job fails at once with its exit code (it used to go unseen until that node's
+    workers ended, or for good on the master node)."""
+    daemon, client = local
+    script = ("'role=$(echo \"$TF_CONFIG\" | sed \"s/.*type.: .\\([a-z]*\\).*/\\1/\"); "
+              "me=$role-$AZ_BATCHAI_TASK_INDEX; "
+              f"[ $me = {failing} ] && {{ sleep 1; exit 5; }}; exec sleep 60'")  # fmt: skip
+    settings = {"pythonInterpreterPath": "/bin/sh", "pythonScriptFilePath": "-c",
+                "workerCount": 2, "parameterServerCount": 2, "masterCommandLineArgs": script,
+                "workerCommandLineArgs": script,
+                "parameterServerCommandLineArgs": script}  # fmt: skip
+    job = {"cluster": "local", "nodeCount": 2, "gpusPerNode": 4,
+           "stdOutErrPathPrefix": "$AZ_BATCHAI_MOUNT_ROOT/logs",
+           "tensorFlowSettings": settings}  # fmt: skip
+    assert (await client.call("PUT", f"{EXP}/jobs/tfail", job))[0] == 201
+    ended = await _ended(daemon, client, "tfail", seconds=30)  # (not the workers' 60 s)
+    assert ended["properties"]["state"] == "failed"
+    assert ended["properties"]["executionInfo"]["exitCode"] == 5
+
+
 async def test_a_process_that_leaves_the_tasks_group_is_killed_when_the_task_ends(local):
     daemon, client = local
     pid_file = daemon.state_dir / "escaped.pid"

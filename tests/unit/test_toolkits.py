@@ -28,9 +28,10 @@ def test_tensorflow_distributed_gets_ps_and_worker_hosts_and_tf_config():
     p0, p1 = plans("TensorFlow__TensorFlow-GPU-Distributed__job.json")
     assert p0.env["AZ_BATCHAI_PS_HOSTS"] == "10.0.0.4:2222"
     assert p0.env["AZ_BATCHAI_WORKER_HOSTS"] == "10.0.0.4:2322,10.0.0.5:2322"
-    lines = p0.command.splitlines()[2:]  # after `set -m` and the SIGTERM trap
-    assert lines[0].startswith("(export TF_CONFIG=") and "--job_name=ps" in lines[0]
-    assert lines[0].endswith(') & servers="$servers $!"')
+    # after `set -m`, the script's own files, its stderr and its SIGTERM and USR1 traps
+    lines = p0.command.splitlines()[5:]
+    assert "(export TF_CONFIG=" in lines[0] and "--job_name=ps" in lines[0]
+    assert lines[0].endswith(') 2>&3 3>&- & servers="$servers $!"')
     config = json.loads(lines[1].split("'")[1])
     assert config == {"cluster": {"ps": ["10.0.0.4:2222"],
                                   "worker": ["10.0.0.4:2322", "10.0.0.5:2322"]},
@@ -92,9 +93,10 @@ def test_a_tensorflow_node_script_exits_with_the_first_failing_worker(tmp_path):
     }  # fmt: skip
     hosts = [Host("n0", "127.0.0.1", (0,)), Host("n1", "127.0.0.2", (0,))]
     [first, second] = translate(properties, JOB, hosts, PATHS)
-    done = subprocess.run(["bash", "-c", second.command], capture_output=True, timeout=20)
+    run = {"capture_output": True, "timeout": 20, "cwd": tmp_path}  # (its work directory)
+    done = subprocess.run(["bash", "-c", second.command], **run)
     assert done.returncode == 3  # worker 1 failed
-    done = subprocess.run(["bash", "-c", first.command], capture_output=True, timeout=20)
+    done = subprocess.run(["bash", "-c", first.command], **run)
     assert done.returncode == 0  # worker 0 succeeded; its parameter server was stopped
 
 
