@@ -59,11 +59,13 @@ SECRET_EDGE = 4  # a secret's part this long, at the edge of a cut, is masked to
 def masked(text: str, spec: dict[str, Any]) -> str:
     """`text` (a task's output, quoted in what the agent reports, which ends up in the event
     log for good) with the values of the task's secret variables (StartTask's and
-    RunSetup's `secretNames`) as ***; also a secret's end that begins `text`, or its start
-    that ends it, where `text` was cut out of a longer output."""
+    RunSetup's `secretNames`) as ***, in the forms a shell shows them too (`_shown`); also a
+    secret's end that begins `text`, or its start that ends it, where `text` was cut out of
+    a longer output."""
     env = spec.get("env") or {}
     values = {env.get(name) for name in spec.get("secretNames") or ()}
-    values = sorted((v for v in values if isinstance(v, str) and v), key=len, reverse=True)
+    values = sorted({shown for v in values if isinstance(v, str) and v for shown in _shown(v)},
+                    key=len, reverse=True)  # fmt: skip
     for value in values:
         text = text.replace(value, "***")
     for value in values:
@@ -73,6 +75,32 @@ def masked(text: str, spec: dict[str, Any]) -> str:
             if text.endswith(value[:size]):
                 text = text[:-size] + "***"
     return text
+
+
+def _shown(value: str) -> set[str]:
+    """A secret's value as a shell may show it: as it is; without surrounding white space
+    (`$A` unquoted, a token read from a file with its newline); each of its lines; and as
+    bash quotes one with control characters in a message (`$'a\\tb'`: the part inside).
+    The derived forms shorter than SECRET_EDGE are left out (too common to mask)."""
+    forms = {value.strip(), *(line.strip() for line in value.splitlines())}
+    if any(ord(c) < 32 or c == "\x7f" for c in value):
+        forms.add("".join(_C_ESCAPES.get(c) or (f"\\{ord(c):03o}" if ord(c) < 32 or c == "\x7f"
+                                               else c) for c in value))  # fmt: skip
+    return {value} | {f for f in forms if len(f) >= SECRET_EDGE}
+
+
+_C_ESCAPES = {
+    "\t": "\\t",
+    "\n": "\\n",
+    "\r": "\\r",
+    "\x1b": "\\E",
+    "\a": "\\a",
+    "\b": "\\b",
+    "\f": "\\f",
+    "\v": "\\v",
+    "\\": "\\\\",
+    "'": "\\'",
+}
 
 
 def output_dirs(spec: dict[str, Any]) -> list[str]:

@@ -7,6 +7,7 @@ import asyncio
 import errno
 import io
 import logging
+import subprocess
 import sys
 import time
 
@@ -486,3 +487,17 @@ def test_a_tail_cut_inside_a_character_still_masks_the_secret_after_it(tmp_path)
     cut = len("ässwörd-geheim-42 failed\n".encode()) - 1  # inside the "ä"
     tail = runtimes.masked(agent_module._tail(out, cut), spec)
     assert tail == "*** failed\n"
+
+
+@pytest.mark.parametrize(
+    ("value", "command"),
+    [("Zq9TRAILNL\n", "$A"), ("  Zq9SPACED  ", "$A --x"), ("Zq9LINE1\nZq9LINE2", "$A"),
+     ("Zq9\tTAB2", '"$A"'), ("Zq9\x01ctl", '"$A"')],
+)  # fmt: skip
+def test_a_secret_is_masked_in_the_forms_the_shell_shows_it(value, command):
+    """Its newline, the blanks around it, its other lines left out, or control characters
+    written as bash writes them ($'a\\tb'): the shell's message still shows no part of it."""
+    said = subprocess.run(["bash", "-c", command], env={"A": value, "PATH": "/usr/bin:/bin"},
+                          capture_output=True, text=True).stderr.strip()  # fmt: skip
+    shown = runtimes.masked(said, {"env": {"A": value}, "secretNames": ["A"]})
+    assert "Zq9" not in shown and "***" in shown and "command not found" in shown
