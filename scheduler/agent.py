@@ -669,7 +669,9 @@ class Agent:
         try:
             code = await task.exec(command["command"], send)
         except Exception as exc:  # (OSError, DockerError, ValueError...): always answered
-            message = str(exc) or type(exc).__name__
+            message = _why(exc)
+            if isinstance(exc, OSError) and exc.strerror and exc.filename:  # (no errno)
+                message = f"cannot run it in {exc.filename}: {exc.strerror}"
             send(
                 exitCode=None,
                 error=ended if task.ending else {"code": "exec_failed", "message": message},

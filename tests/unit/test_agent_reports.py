@@ -285,6 +285,11 @@ async def test_an_exec_that_cannot_run_is_answered_with_why(tmp_path):
     answer = agent.outbox.get_nowait()
     assert (answer["type"], answer["execId"], answer["exitCode"]) == ("ExecOutput", "e1", None)
     assert answer["error"]["code"] == "exec_failed" and "null" in answer["error"]["message"]
+    task.spec["workDir"] = str(tmp_path / "gone")  # (removed under the task)
+    await agent._exec({"execId": "e2", "jobId": "j1", "attempt": 1, "task": 0,
+                       "command": "true"})  # fmt: skip
+    said = agent.outbox.get_nowait()["error"]["message"]
+    assert said == f"cannot run it in {tmp_path / 'gone'}: No such file or directory"
 
 
 @pytest.mark.parametrize(
