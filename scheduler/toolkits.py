@@ -358,55 +358,63 @@ def _process(interpreter: str, script: str, args: str | None, tf_config: str,
 def _node_script(background: list[str], foreground: list[str], master: bool) -> str | None:
     """Parameter servers and workers, each in the background and each in a group of its own.
     The first of them to fail (exit other than 0, in any order) ends the node's task with its
-    exit code at once, the others stopped. Once the workers have all ended well: on the
+    exit code at once, the others killed. Once the workers have all ended well: on the
     master node its servers are stopped and the task exits 0 (which ends the attempt:
     master_decides); on another node they serve on (the other nodes' workers use them)
-    until the attempt ends and the task is killed, or they end by themselves."""
+    until the attempt ends and the task is killed, or they end by themselves. The whole
+    script is one block, so that the shell reads all of it before it starts anything."""
     if not background and not foreground:
         return None
     # each process its own group, so a server is stopped with its children (a shell without
     # job control, busybox's, says so and runs them in its own group: `kill PID` then)
     lines = [
-        "set -m 2>/dev/null; case $- in *m*) jc=1;; esac",
-        'here=$PWD; rm -f "$here/.batchd-failed" "$here/.batchd-stop"',
+        "{",
+        "set -m 2>/dev/null; jc= servers= workers=; case $- in *m*) jc=1;; esac",
+        'here=$PWD; rm -rf "$here/.batchd-failed" "$here/.batchd-failing" "$here/.batchd-stop"',
     ]
     # the shell's own notices (each job's "Done", with its whole text) are no output of the
     # job's: only its processes write to the task's stderr
     lines.append("exec 3>&2 2>/dev/null")
     # the task's SIGTERM (terminate, a wall clock, preemption) reaches every process, which
-    # has its grace: the runtime signals only the shell's own group
-    lines.append(f"trap '{_STOPPING}; {_STOP_ALL}; wait; exit 143' TERM")
-    # a process that failed: its code, at once (its siblings are killed without a grace)
-    lines.append(f'trap \'{_STOPPING}; {_STOP_ALL}; exit "$(cat "$here/.batchd-failed")"\' USR1')
+    # has its grace: the runtime signals only the shell's own group (a failure's word is not
+    # heard meanwhile: it would cut the others' grace short)
+    lines.append(f"trap 'trap \"\" USR1; {_STOPPING}; {_SIGNAL_ALL.format('TERM')}; wait; "
+                 "exit 143' TERM")  # fmt: skip
+    # a process that failed: its code, at once; its siblings are killed (no grace: the
+    # attempt has failed)
+    lines.append(f"trap 'trap \"\" TERM USR1; {_STOPPING}; {_SIGNAL_ALL.format('KILL')}; c=; "
+                 f'read c < "$here/.batchd-failed"; exit "${{c:-1}}"\' USR1')  # fmt: skip
     lines += [f'{_watched(command)} & servers="$servers $!"' for command in background]
     lines += [f'{_watched(command)} & workers="$workers $!"' for command in foreground]
-    lines.append('for w in $workers; do wait "$w"; done')
+    # (a failure its subshell could not say, its work directory unwritable, is seen here)
+    lines.append(f'for w in $workers; do wait "$w" || {_FAILED}; done')
     if background and master:
-        lines.append(f"{_STOPPING}; {_STOP_SERVERS}")
+        lines.append(f"{_STOPPING}; {_SIGNAL.format('TERM', '$servers')}")
     elif background:
-        lines.append('for p in $servers; do wait "$p"; done')
-    lines.append("exit 0")
+        lines.append(f'for p in $servers; do wait "$p" || {_FAILED}; done')
+    lines += ["exit 0", "}"]
     return "\n".join(lines)
 
 
 def _watched(command: str) -> str:
     """`command` in a subshell that, when it fails (unless the task is stopping), writes its
-    exit code down and tells the node's script (USR1). With job control (`jc`), the
-    subshell waits out the command's SIGTERM grace: a SIGTERM to its group reaches both, and
-    it only notes it. Without (busybox's or dash's sh), everything is in the task's group,
-    which the runtime signals whole; a server stopped by the script itself then goes at the
-    task's end, without a grace."""
+    exit code down and tells the node's script (USR1); only the first failure of the node
+    does (`.batchd-failing`). With job control (`jc`), the subshell waits out the
+    command's SIGTERM grace: a SIGTERM to its group reaches both, and it only notes it.
+    Without (busybox's or dash's sh), everything is in the task's group, which the runtime
+    signals whole; a server stopped by the script itself then goes at the task's end,
+    without a grace. The subshell's own words (a command killed by a signal) go nowhere."""
     return (
-        f'([ -z "$jc" ] || trap : TERM; {command}; s=$?; [ $s = 0 ] || '
-        f'[ -e "$here/.batchd-stop" ] || {{ echo $s > "$here/.batchd-failed"; '
-        f"kill -USR1 $$; }}) 2>&3 3>&-"
+        f'([ -z "$jc" ] || trap : TERM; {command} 2>&3 3>&-; s=$?; [ $s = 0 ] || '
+        f'[ -e "$here/.batchd-stop" ] || ! mkdir "$here/.batchd-failing" || '
+        f'{{ echo $s > "$here/.batchd-failed"; kill -USR1 $$; }}; exit $s)'
     )
 
 
-_KILL = 'kill -TERM -- "-$p" 2>/dev/null || kill -TERM "$p" 2>/dev/null'
-_STOP_ALL = f"for p in $servers $workers; do {_KILL}; done"
-_STOP_SERVERS = f"for p in $servers; do {_KILL}; done"
-_STOPPING = ': > "$here/.batchd-stop"'  # (what ends now, ends as asked: not a failure)
+_SIGNAL = 'for p in {1}; do kill -{0} -- "-$p" || kill -{0} "$p"; done'
+_SIGNAL_ALL = _SIGNAL.replace("{1}", "$servers $workers")
+_STOPPING = 'true > "$here/.batchd-stop"'  # (what ends now, ends as asked: not a failure)
+_FAILED = f"{{ s=$?; {_STOPPING}; {_SIGNAL_ALL.format('KILL')}; exit $s; }}"
 
 
 _COMMANDS = {

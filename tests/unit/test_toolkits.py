@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from batchd.scheduler import toolkits
 from batchd.scheduler.jobspec import parse_job
 from batchd.scheduler.nodes import _port_base
 from batchd.scheduler.toolkits import Host, JobIdentity, Paths, translate
@@ -28,10 +29,10 @@ def test_tensorflow_distributed_gets_ps_and_worker_hosts_and_tf_config():
     p0, p1 = plans("TensorFlow__TensorFlow-GPU-Distributed__job.json")
     assert p0.env["AZ_BATCHAI_PS_HOSTS"] == "10.0.0.4:2222"
     assert p0.env["AZ_BATCHAI_WORKER_HOSTS"] == "10.0.0.4:2322,10.0.0.5:2322"
-    # after `set -m`, the script's own files, its stderr and its SIGTERM and USR1 traps
-    lines = p0.command.splitlines()[5:]
+    # after `{`, `set -m`, the script's own files, its stderr and its SIGTERM and USR1 traps
+    lines = p0.command.splitlines()[6:]
     assert "(export TF_CONFIG=" in lines[0] and "--job_name=ps" in lines[0]
-    assert lines[0].endswith(') 2>&3 3>&- & servers="$servers $!"')
+    assert lines[0].endswith('; exit $s) & servers="$servers $!"')
     config = json.loads(lines[1].split("'")[1])
     assert config == {"cluster": {"ps": ["10.0.0.4:2222"],
                                   "worker": ["10.0.0.4:2322", "10.0.0.5:2322"]},
@@ -211,3 +212,25 @@ def test_a_job_may_refer_to_batchds_variables_in_its_variables_and_paths():
     assert (p0.env["CKPT"], p1.env["CKPT"]) == (f"{model}/ckpt-0", f"{model}/ckpt-1")
     assert p0.env["LITERAL"] == "$HOME and $AZ_BATCHAI_NO_SUCH and $$"
     assert p0.env["TOKEN"] == "$AZ_BATCHAI_JOB_ID"
+
+
+def test_a_node_script_says_the_first_failure_s_own_code_even_when_several_fail_at_once(
+    tmp_path,
+):
+    """Four workers failing at one instant: the task's code is one of theirs, never the 2 of
+    a code file read half written; the script's own notices stay out of the task's stderr."""
+    workers = [f"(exec sh -c 'sleep 0.3; exit {code}')" for code in (3, 4, 5, 6)]
+    script = toolkits._node_script([], workers, master=True)
+    for _ in range(8):
+        done = subprocess.run(["bash", "-c", script], capture_output=True, timeout=20,
+                              cwd=tmp_path)  # fmt: skip
+        assert done.returncode in (3, 4, 5, 6) and done.stderr == b""
+
+
+def test_a_node_script_the_shell_cannot_read_starts_nothing_and_says_why(tmp_path):
+    """A user's argument that breaks the script's syntax: the shell says so, and no
+    process was started (the script is read whole first)."""
+    marker = tmp_path / "started"
+    script = toolkits._node_script([f"(exec touch {marker})"], ["(exec echo 'unbalanced)"], True)
+    done = subprocess.run(["bash", "-c", script], capture_output=True, timeout=20, cwd=tmp_path)
+    assert done.returncode == 2 and b"matching" in done.stderr and not marker.exists()
