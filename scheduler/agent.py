@@ -670,8 +670,8 @@ class Agent:
             code = await task.exec(command["command"], send)
         except Exception as exc:  # (OSError, DockerError, ValueError...): always answered
             message = _why(exc)
-            if isinstance(exc, OSError) and exc.strerror and exc.filename:  # (no errno)
-                message = f"cannot run it in {exc.filename}: {exc.strerror}"
+            if isinstance(exc, OSError) and exc.filename == task.spec.get("workDir"):
+                message = f"cannot run it in {exc.filename}: {exc.strerror}"  # (no errno)
             send(
                 exitCode=None,
                 error=ended if task.ending else {"code": "exec_failed", "message": message},

@@ -29,7 +29,7 @@ import contextlib
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Container
 from pathlib import Path
 from typing import Any
 
@@ -163,9 +163,10 @@ class NodeService:
         key = (command["jobId"], command["attempt"], command["task"])
         self.unstarted[key] = (node_id, self.outbox[node_id][-1], time.monotonic())
 
-    def _kill(self, job_id: str, attempt: int, tasks: list[list[Any]], skip: int = -1) -> None:
+    def _kill(self, job_id: str, attempt: int, tasks: list[list[Any]],
+              skip: Container[int] = ()) -> None:  # fmt: skip
         for index, (node_id, _gpus) in enumerate(tasks):
-            if index != skip:
+            if index not in skip:
                 # a ProceedTask still queued would start the command the kill comes to stop
                 self.outbox[node_id] = [c for c in self.outbox.get(node_id, ())
                                         if not _proceeds(c, job_id, attempt)]  # fmt: skip
@@ -456,10 +457,12 @@ class NodeService:
             tasks = list(job.tasks) if job is not None else []
             await self.control.run(_by_agent(node_id, lambda m: self._exited(m, msg, decides)),
                                    key=self._key(job_id))  # fmt: skip
-            if tasks and not _live(self.models, job_id, attempt):  # this exit ended it (its
-                # failure, or its master's success): the other tasks are stopped, once that
-                # is logged (had it not been, their exits would race the agent's retry of it)
-                self._kill(job_id, attempt, tasks, skip=key[2])
+            job = self.models.jobs.get(job_id)
+            if tasks and job is not None and not _live(self.models, job_id, attempt):
+                # this exit ended it (its failure, or its master's success): the tasks still
+                # running are stopped, once that is logged (had it not been, their exits
+                # would race the agent's retry of this report)
+                self._kill(job_id, attempt, tasks, skip=set(map(int, job.task_exits)))
 
     async def _master_decides(self, key: TaskKey, code: Any) -> bool:
         """Does this exit of task `key` end its attempt (toolkits.master_decides), though

@@ -126,8 +126,11 @@ class LocalProvider:
         def revoke_stale(m: ReadModels):  # tokens of an earlier workspace of its name, which
             if WORKSPACE in m.workspaces:  # an older batchd let be deleted: they would reach
                 return []  # the new one (commands.create_workspace refuses while they exist)
-            stale = [t.token_id for t in m.tokens.values() if WORKSPACE in t.workspaces]
-            return [d for t in stale for d in revoke_token(m, t, ACTOR)]
+            stale = [t for t in m.tokens.values() if WORKSPACE in t.workspaces]
+            if stale:
+                logger.warning("local.stale_tokens_revoked", workspace=WORKSPACE,
+                               tokens=sorted(t.name for t in stale))  # fmt: skip
+            return [d for t in stale for d in revoke_token(m, t.token_id, ACTOR)]
 
         def decide(m: ReadModels):
             out = []

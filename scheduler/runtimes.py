@@ -79,16 +79,21 @@ def masked(text: str, spec: dict[str, Any]) -> str:
 
 def _shown(value: str) -> set[str]:
     """A secret's value as a shell may show it: as it is; without surrounding white space
-    (`$A` unquoted, a token read from a file with its newline); each of its lines; and as
-    bash quotes one with control characters in a message (`$'a\\tb'`: the part inside).
-    The derived forms shorter than SECRET_EDGE are left out (too common to mask)."""
-    forms = {value.strip(), *(line.strip() for line in value.splitlines())}
-    if any(ord(c) < 32 or c == "\x7f" for c in value):
-        forms.add("".join(_C_ESCAPES.get(c) or (f"\\{ord(c):03o}" if ord(c) < 32 or c == "\x7f"
-                                               else c) for c in value))  # fmt: skip
+    (`$A` unquoted, a token read from a file with its newline); each of its lines; and each
+    of those as `set -x` quotes it (`'it'\\''s'`), as `printf %q` does (`p@ss\\ w\\$rd`) and
+    as bash writes control characters (`$'a\\tb'`: the part inside). Derived forms shorter
+    than SECRET_EDGE are left out (too common to mask)."""
+    forms = {value, value.strip(), *(line.strip() for line in value.splitlines())}
+    for form in list(forms):
+        forms.add(form.replace("'", "'\\''"))
+        forms.add("".join(c if c.isalnum() or c in _UNQUOTED else "\\" + c for c in form))
+        if any(ord(c) < 32 or c == "\x7f" for c in form):
+            forms.add("".join(_C_ESCAPES.get(c) or (f"\\{ord(c):03o}" if ord(c) < 32 or
+                                                   c == "\x7f" else c) for c in form))  # fmt: skip
     return {value} | {f for f in forms if len(f) >= SECRET_EDGE}
 
 
+_UNQUOTED = "_-./:=+@%~"  # what printf %q leaves as it is, besides letters and digits
 _C_ESCAPES = {
     "\t": "\\t",
     "\n": "\\n",

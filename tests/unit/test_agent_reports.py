@@ -506,3 +506,12 @@ def test_a_secret_is_masked_in_the_forms_the_shell_shows_it(value, command):
                           capture_output=True, text=True).stderr.strip()  # fmt: skip
     shown = runtimes.masked(said, {"env": {"A": value}, "secretNames": ["A"]})
     assert "Zq9" not in shown and "***" in shown and "command not found" in shown
+
+
+@pytest.mark.parametrize("value", ["it's-a-Secret9", "p@ss w$rd!Zq9", "pa\tss'Zq9"])
+@pytest.mark.parametrize("command", ['set -x; : "$A"', "printf '%q\\n' \"$A\" >&2"])
+def test_a_secret_is_masked_as_set_x_and_printf_q_quote_it(value, command):
+    said = subprocess.run(["bash", "-c", command], env={"A": value, "PATH": "/usr/bin:/bin"},
+                          capture_output=True, text=True).stderr.strip()  # fmt: skip
+    shown = runtimes.masked(said, {"env": {"A": value}, "secretNames": ["A"]})
+    assert "***" in shown and not any(part in shown for part in ("Secret9", "Zq9", "ss"))
