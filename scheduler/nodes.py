@@ -1001,7 +1001,7 @@ def _fault_suspected(m: ReadModels, node_id: str, code: str, message: str) -> li
     one is suspected; so is a suspect (silent) or lost one whose agent is heard saying so
     (suspect with the error, not lost: its agent answers), once for each suspicion."""
     node = m.nodes.get(node_id)
-    if node is None or node.state not in (READY, SUSPECT, LOST) or _hold(node) is not None:
+    if node is None or node.state not in (READY, SUSPECT, LOST) or _held_for(node) == code:
         return []
     setup = (node.setup or {}).get("state")
     if node.state == LOST and (setup in ("running", "failed") or node.draining):
@@ -1014,13 +1014,20 @@ def _suspicion(node_id: str, code: str, message: str, actor: str = "scheduler") 
     return f"node-{node_id}", NewEvent("NodeSuspected", data, actor)
 
 
-def _hold(node: Node) -> int | None:
-    """How long (µs) `node` takes no work after its suspicion, if it is suspect for a fault
-    its agent reported (HELD, said as it became suspect); None otherwise."""
+def _held_for(node: Node) -> str | None:
+    """The fault its agent reported (HELD) that `node` is suspect for (said as it became
+    suspect), if any."""
     error = node.errors[-1] if node.errors else {}
-    if node.state != SUSPECT or error.get("at") != node.since:
+    if node.state != SUSPECT or error.get("at") != node.since or error.get("code") not in HELD:
         return None
-    return HELD.get(error.get("code"))
+    return error["code"]
+
+
+def _hold(node: Node) -> int | None:
+    """How long (µs) `node` takes no work after its suspicion for a fault its agent
+    reported (_held_for); None if it is not suspect for one."""
+    fault = _held_for(node)
+    return None if fault is None else HELD[fault]
 
 
 def _moved_out(m: ReadModels, node: Node, msg: dict[str, Any], actor: str) -> Decision:

@@ -58,3 +58,11 @@ def test_a_node_that_cannot_write_its_scratch_space_is_held_longer_than_for_its_
         assert not _may_recover(node, None, node.since + (held_s - 1) * 1_000_000)
         assert _may_recover(node, None, node.since + held_s * 1_000_000)
         assert not _may_recover(node, "its engine is away", node.since + 600 * 1_000_000)
+    # held a moment for its engine, then its disk is full too: held the longer for that
+    m = _node("ready")
+    [(_stream, event)] = _fault_suspected(m, "n1", "engine_unreachable", "away")
+    node = m.nodes["n1"]
+    node.state, node.since = "suspect", 1_000_000
+    node.errors = [{**event.data["error"], "at": node.since}]
+    [(_stream, later)] = _fault_suspected(m, "n1", "node_unwritable", "no space left")
+    assert later.data["error"]["code"] == "node_unwritable"
