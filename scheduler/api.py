@@ -489,7 +489,7 @@ async def put_cluster(request: web.Request) -> web.Response:
         stored["scaleSettings"] = cluster.scale_settings  # as PATCH left it
         wanted = commands.cluster_properties(parse_cluster(document, api.catalog))
         if _masked(wanted, CLUSTER_SECRET_PATHS) == _masked(stored, CLUSTER_SECRET_PATHS):
-            return []  # (secret values not compared: see _comparable)
+            return []  # (secret values not compared: see _masked)
         raise CommandError(f"cluster {name!r} exists with another document: only its "
                            "scaleSettings may change (PATCH)")  # fmt: skip
 

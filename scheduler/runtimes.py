@@ -87,10 +87,14 @@ def _shown(value: str) -> set[str]:
     for form in list(forms):
         forms.add(form.replace("'", "'\\''"))
         forms.add("".join(c if c.isalnum() or c in _UNQUOTED else "\\" + c for c in form))
-        if any(ord(c) < 32 or c == "\x7f" for c in form):
-            forms.add("".join(_C_ESCAPES.get(c) or (f"\\{ord(c):03o}" if ord(c) < 32 or
-                                                   c == "\x7f" else c) for c in form))  # fmt: skip
+        if any(map(_control, form)):
+            forms.add("".join(_C_ESCAPES.get(c) or (f"\\{ord(c):03o}" if _control(c) else c)
+                              for c in form))  # fmt: skip
     return {value} | {f for f in forms if len(f) >= SECRET_EDGE}
+
+
+def _control(c: str) -> bool:
+    return ord(c) < 32 or c == "\x7f"
 
 
 _UNQUOTED = "_-./:=+@%~"  # what printf %q leaves as it is, besides letters and digits

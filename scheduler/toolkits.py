@@ -284,18 +284,22 @@ def _pytorch(settings, hosts):
     return [_python(settings)] * len(hosts), [dict(init) for _ in hosts]
 
 
+def _tf_processes(settings: dict[str, Any], nodes: int) -> tuple[int, int]:
+    """(parameter servers, workers) of a TensorFlow job of `nodes` nodes, defaults applied."""
+    parameter_servers = settings.get("parameterServerCount", 1 if nodes > 1 else 0)
+    return parameter_servers, settings.get("workerCount", nodes)
+
+
 def tf_distributed(settings: dict[str, Any], nodes: int) -> bool:
     """Does a TensorFlow job of `nodes` nodes run more than one process (each told its part
     by TF_CONFIG), rather than its script once?"""
-    workers = settings.get("workerCount", nodes)
-    parameter_servers = settings.get("parameterServerCount", 1 if nodes > 1 else 0)
+    parameter_servers, workers = _tf_processes(settings, nodes)
     return nodes > 1 or workers > 1 or parameter_servers > 0
 
 
 def _tensorflow(settings, hosts):
     nodes = len(hosts)
-    workers = settings.get("workerCount", nodes)
-    parameter_servers = settings.get("parameterServerCount", 1 if nodes > 1 else 0)
+    parameter_servers, workers = _tf_processes(settings, nodes)
     interpreter = settings.get("pythonInterpreterPath") or "python"
     script = settings["pythonScriptFilePath"]
     if not tf_distributed(settings, nodes):
@@ -337,9 +341,7 @@ def master_decides(properties: dict[str, Any], nodes: int) -> bool:
     killed then? For a distributed TensorFlow job with parameter servers: they serve until
     they are stopped, so the other nodes' tasks would never end on their own."""
     settings = properties.get("tensorFlowSettings")
-    if not isinstance(settings, dict) or nodes < 2:
-        return False
-    return settings.get("parameterServerCount", 1) > 0
+    return isinstance(settings, dict) and nodes > 1 and _tf_processes(settings, nodes)[0] > 0
 
 
 def _tf_config(cluster: dict[str, list[str]], role: str, index: int) -> str:
