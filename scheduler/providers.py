@@ -116,7 +116,7 @@ class LocalProvider:
         self.max_nodes = (size and size.max_nodes) or DEFAULT_LOCAL_MAX_NODES
         self.processes: dict[str, asyncio.subprocess.Process] = {}
         self.heard_at = control.models.recorded_at  # the log's last event before this start
-        self.watchers: set[asyncio.Task] = set()  # one per agent: see _watch
+        self.watchers: dict[str, asyncio.Task] = {}  # node id -> its agent's _watch
         self.told: dict[str, str] = {}  # node id -> why its agent last failed to register
         self.stopping = False
 
@@ -256,7 +256,9 @@ class LocalProvider:
         """A node that stays: its agent is started (again, if it exited), and if it was
         draining, it is wanted again (ready)."""
         process = self.processes.get(node_id)
-        if process is None or process.returncode is not None:  # (_watch told of its end)
+        # one that exited is started again once _watch has told of its end (its node lost
+        # as its agent's exit says, not as a new agent's registration would)
+        if process is None or (process.returncode is not None and self.watchers[node_id].done()):
             self.processes[node_id] = await self._spawn(node_id)
         await self._node_event(node_id, "NodeRecovered", LEAVING)
 
@@ -335,9 +337,7 @@ class LocalProvider:
         finally:
             log.close()
         logger.info("local.agent_started", node=node_id, pid=process.pid)
-        watching = asyncio.create_task(self._watch(node_id, process))
-        self.watchers.add(watching)
-        watching.add_done_callback(self.watchers.discard)
+        self.watchers[node_id] = asyncio.create_task(self._watch(node_id, process))
         return process
 
     async def _watch(self, node_id: str, process: asyncio.subprocess.Process) -> None:
