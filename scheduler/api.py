@@ -1536,8 +1536,8 @@ def add_routes(app: web.Application) -> None:
 def build(api: Api, extra: Callable[[web.Application], None] | None = None) -> web.Application:
     app = web.Application(
         client_max_size=MAX_BODY,
-        middlewares=[request_middleware, starting_middleware, errors_middleware, input_middleware,
-                     auth_middleware, names_middleware, after_middleware],
+        middlewares=[request_middleware, starting_middleware, errors_middleware, auth_middleware,
+                     input_middleware, names_middleware, after_middleware],
     )  # fmt: skip
     app.on_response_prepare.append(_answer_request_id)
     app[API_KEY] = api

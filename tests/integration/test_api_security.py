@@ -562,6 +562,11 @@ async def test_undecodable_tokens_and_bodies_get_4xx_not_a_500(api, session, cap
             f"{api.admin_token}\r\nContent-Encoding: {coding}\r\nContent-Length: "
             f"{len(body)}\r\nConnection: close\r\n\r\n{body}".encode(), status,
         ))  # fmt: skip
+    for query in ("", "?after=1&after=2"):  # a request with no token learns nothing more
+        cases.append((
+            f"PUT /v1/workspaces/w-anonymous{query} HTTP/1.1\r\nHost: a\r\nContent-Encoding: "
+            "foo\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}".encode(), 401,
+        ))  # fmt: skip
     with info_logs() as logs:
         for request, expected in cases:
             status, headers, body = await _raw(api.url, request)
