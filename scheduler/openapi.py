@@ -17,6 +17,7 @@ from typing import Any
 from batchd.events.store import MAX_POSITION
 from batchd.scheduler.jobspec import IMAGE_PATTERN
 from batchd.scheduler.protocol import NODE_ID
+from batchd.scheduler.toolkits import TOOL_TYPES
 
 Schema = dict[str, Any]
 
@@ -394,6 +395,8 @@ def job_view() -> Schema:
         "retries": {"type": "object", "additionalProperties": integer(0)},
         "tasks": array(obj({"node": string(), "gpus": array(integer(0))})),
         "owner": nullable(string()),
+        "jobOutputDirectoryPathSegment": string(),
+        "toolType": enum(*TOOL_TYPES.values(), "custom"),
     })  # fmt: skip
 
 

@@ -24,6 +24,7 @@ from batchd.projections.model import (
     Token,
     Workspace,
 )
+from batchd.scheduler.toolkits import output_segment, tool_type
 
 
 def _time(us: int | None) -> str | None:
@@ -90,7 +91,11 @@ def job(m: ReadModels, j: Job, spec: dict[str, Any] | None = None) -> dict[str, 
         "tasks": [{"node": node_id, "gpus": gpus} for node_id, gpus in j.tasks],
         "owner": j.owner, "creationTime": _time(j.submitted_at),
         "scheduledTime": _time(j.scheduled_at), "provisioningState": "succeeded",
+        "jobOutputDirectoryPathSegment": output_segment(j.workspace, j.experiment, j.name,
+                                                        j.job_id),
     }  # fmt: skip
+    if spec:
+        properties["toolType"] = tool_type(spec)
     return {"id": job_id(j.workspace, j.experiment, j.name), "name": j.name,
             "type": "batchd/jobs", "properties": properties}  # fmt: skip
 

@@ -99,12 +99,31 @@ class TaskPlan:
     outputs: list[str] = field(default_factory=list)  # its output directories, made first
 
 
+def output_segment(workspace: str, experiment: str, name: str, job_id: str) -> str:
+    """The part of a job's output directories between prefix and suffix (the job GET's
+    `jobOutputDirectoryPathSegment`)."""
+    return f"{workspace}/experiments/{experiment}/jobs/{name}/{job_id}"
+
+
 def output_path(prefix: str, suffix: str | None, job: JobIdentity) -> str:
     """Batch AI's output directory: prefix / job segment / suffix (in which the job's
     names and id may be referred to, `$AZ_BATCHAI_JOB_NAME` and the like)."""
-    segment = f"{job.workspace}/experiments/{job.experiment}/jobs/{job.name}/{job.job_id}"
+    segment = output_segment(job.workspace, job.experiment, job.name, job.job_id)
     suffix = expander(_identity(job))(suffix or "")
     return "/".join(p.rstrip("/") for p in (prefix, segment, suffix) if p)
+
+
+TOOL_TYPES = {  # a toolkit's settings -> Batch AI's read-only toolType (with none: custom)
+    "cntkSettings": "cntk", "tensorFlowSettings": "tensorflow", "caffeSettings": "caffe",
+    "caffe2Settings": "caffe2", "chainerSettings": "chainer", "horovodSettings": "horovod",
+    "customMpiSettings": "custommpi", "pyTorchSettings": "pytorch",
+}  # fmt: skip
+
+
+def tool_type(spec: dict[str, Any]) -> str:
+    """Batch AI's `toolType` of a job's properties (its enum has no PyTorch value: batchd
+    says `pytorch`)."""
+    return next((tool for key, tool in TOOL_TYPES.items() if key in spec), "custom")
 
 
 def _identity(job: JobIdentity) -> dict[str, str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
+import re
 import ssl
 import subprocess
 import uuid
@@ -61,6 +62,9 @@ async def test_the_whole_lifecycle_of_workspace_experiment_cluster_and_job(clien
     assert job["properties"]["cluster"] == {"id": "/workspaces/ws/clusters/gpu"}
     assert job["properties"]["gpusPerNode"] == 4  # all of Standard_NC24s_v3's GPUs
     assert job["properties"]["owner"] == "admin"
+    assert job["properties"]["toolType"] == "custom"  # Batch AI's read-only fields
+    segment = job["properties"]["jobOutputDirectoryPathSegment"]
+    assert re.fullmatch(r"ws/experiments/exp/jobs/train/[0-9a-f-]{36}", segment), segment
     # the planner explains why it waits: the cluster's nodes have not joined yet
     for _ in range(50):
         status, job = await client.call("GET", f"{EXP}/jobs/train")
@@ -88,6 +92,7 @@ async def test_the_whole_lifecycle_of_workspace_experiment_cluster_and_job(clien
     assert status == 202 and ended["properties"]["state"] == "failed"
     assert ended["properties"]["executionInfo"]["errors"][0]["code"] == "terminated"
     status, hist = await client.call("GET", f"{EXP}/jobs/train/history")
+    assert segment.endswith(hist["value"][0]["id"])  # the id its outputs are under
     events = [e["event"] for e in hist["value"][0]["timeline"]]
     assert events[0] == "JobSubmitted" and events[-2:] == ["JobTerminateRequested",
                                                            "JobTerminated"]  # fmt: skip
@@ -100,6 +105,15 @@ async def test_the_whole_lifecycle_of_workspace_experiment_cluster_and_job(clien
     assert (await client.call("DELETE", "/v1/workspaces/ws"))[0] == 202
     status, listed = await client.call("GET", "/v1/workspaces")
     assert listed["value"] == []
+
+
+async def test_a_jobs_tool_type_is_its_toolkits(client):
+    await seed(client)
+    horovod = {**JOB, "horovodSettings": {"pythonScriptFilePath": "train.py"}}
+    del horovod["customToolkitSettings"]
+    assert (await client.call("PUT", f"{EXP}/jobs/hvd", horovod))[0] == 201
+    status, job = await client.call("GET", f"{EXP}/jobs/hvd")
+    assert status == 200 and job["properties"]["toolType"] == "horovod"
 
 
 async def test_put_is_idempotent_and_a_different_document_is_a_conflict(client):
