@@ -174,11 +174,16 @@ CONTENT_CODINGS = ("identity", "gzip", "deflate")
 @web.middleware
 async def input_middleware(request: web.Request, handler: Callable[..., Awaitable]) -> Any:
     """What every request's input must be, whichever handler reads it: each query parameter
-    given once (else 400: which one counts?); a body in a coding the server decodes (else
+    given once (else 400: which one counts?) and one the OpenAPI document names for the
+    request (else 400); a body in a coding the server decodes (else
     415), and in the coding it names, whole (else 400)."""
     twice = next((k for k in request.query if len(request.query.getall(k)) > 1), None)
     if twice is not None:
         return error_response(400, "BadRequest", f"{twice}: is given twice in the query")
+    unknown, known = _unknown_query(request)
+    if unknown is not None:  # (a mistyped filter would otherwise list everything)
+        takes = f"it takes {', '.join(sorted(known))}" if known else "it takes none"
+        raise DocumentError(unknown, f"is not a query parameter of this request ({takes})")
     coding = request.headers.get("Content-Encoding")
     if coding is not None and coding.strip().lower() not in CONTENT_CODINGS:
         message = f"Content-Encoding {coding!r} is not one of {', '.join(CONTENT_CODINGS)}"
@@ -188,6 +193,18 @@ async def input_middleware(request: web.Request, handler: Callable[..., Awaitabl
     except web.RequestPayloadError:
         message = "the body cannot be read: it is not in its Content-Encoding, or was cut short"
         return error_response(400, "BadRequest", message)
+
+
+def _unknown_query(request: web.Request) -> tuple[str | None, frozenset[str]]:
+    """A query parameter the request's operation does not take, if any, and those it takes
+    (routes outside the OpenAPI document, such as the agents', are not looked at)."""
+    route = request.match_info.route.resource
+    if route is None:
+        return None, frozenset()
+    known = _query_names().get(openapi.route_key(request.method, route.canonical))
+    if known is None:
+        return None, frozenset()
+    return next((k for k in request.query if k not in known), None), known
 
 
 def _http_error(exc: web.HTTPException) -> web.Response:
@@ -1483,6 +1500,11 @@ async def replay(request: web.Request) -> web.Response:
 
 
 # -- service -----------------------------------------------------------------------------------
+@functools.cache
+def _query_names() -> dict[tuple[str, str], frozenset[str]]:
+    return openapi.query_parameters()
+
+
 @functools.cache
 def _openapi_body() -> bytes:
     return json.dumps(openapi.document()).encode()  # the same for the daemon's whole life

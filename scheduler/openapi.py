@@ -12,6 +12,7 @@ answers 400 naming the field. Responses are ARM-shaped: a resource `{"id", "name
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
 
 from batchd.events.store import MAX_POSITION
@@ -807,6 +808,27 @@ def health_paths() -> dict[str, Schema]:
             "200": json_response(200, {"type": "object", "required": ["openapi", "paths"]})},
             public=True)},
     }  # fmt: skip
+
+
+_PATH_NAME = re.compile(r"\{[^}]*\}")
+
+
+def route_key(method: str, path: str) -> tuple[str, str]:
+    """A route as `query_parameters` knows it: its method, and its path with each name in
+    it as `{}` (the document's `{workspace}` is the server's `{ws}`)."""
+    return method.upper(), _PATH_NAME.sub("{}", path)
+
+
+def query_parameters() -> dict[tuple[str, str], frozenset[str]]:
+    """The query parameters of each operation of the document, by `route_key`."""
+    out = {}
+    for path, item in document()["paths"].items():
+        for method, op in item.items():
+            if method != "parameters":
+                params = (*item.get("parameters", ()), *op.get("parameters", ()))
+                names = frozenset(p["name"] for p in params if p["in"] == "query")
+                out[route_key(method, path)] = names
+    return out
 
 
 def document() -> dict[str, Any]:

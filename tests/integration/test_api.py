@@ -83,6 +83,14 @@ async def test_the_whole_lifecycle_of_workspace_experiment_cluster_and_job(clien
     for field, typo in (("workspace", "sw"), ("experiment", "epx")):  # mistyped, also
         status, error = await client.call("GET", f"/v1/jobs?{field}={typo}")
         assert status == 400 and error["error"]["details"][0]["name"] == field, error
+    for query in ("State=queued", "cluster=gpu&stat=queued"):  # not a filter: refused, named
+        status, error = await client.call("GET", f"/v1/jobs?{query}")
+        assert status == 400, error
+        assert error["error"]["details"][0]["name"] == query.split("&")[-1].split("=")[0]
+        assert "state" in error["error"]["details"][0]["value"]  # (what it takes)
+    status, error = await client.call("GET", f"{EXP}/jobs/train?top=1")  # takes `after` only
+    assert status == 400 and error["error"]["details"][0]["name"] == "top", error
+    assert (await client.call("GET", f"{EXP}/jobs/train?after=1"))[0] == 200
     status, listed = await client.call("GET", "/v1/jobs?workspace=ws&experiment=exp")
     assert [j["name"] for j in listed["value"]] == ["train"]
     resize = {"scaleSettings": {"manual": {"targetNodeCount": 4}}}
