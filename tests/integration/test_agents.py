@@ -76,6 +76,14 @@ def _exists_with(daemon, name: str, attempt: int, text: str) -> bool:
         return False
 
 
+def _said(daemon, name: str) -> str:
+    """What the job's first attempt has written to its stdout so far ("" before it starts)."""
+    try:
+        return _out(daemon, name)
+    except FileNotFoundError:
+        return ""
+
+
 def _out(daemon, name: str, attempt: int = 1, file: str = "stdout.txt") -> str:
     path = daemon.state_dir / f"mounts/logs/default/default/{name}/{attempt}/stdouterr/{file}"
     return path.read_text()
@@ -96,6 +104,32 @@ async def test_a_job_runs_on_its_gpu_and_its_output_and_exit_code_come_back(loca
     assert _out(daemon, "hello", file="stderr.txt") == "oops\n"
     _status, files = await client.call("GET", f"{EXP}/jobs/hello/files")
     assert sorted(f["name"] for f in files["value"]) == ["stderr.txt", "stdout.txt"]
+
+
+async def test_each_job_sees_exactly_the_gpus_it_was_given(local):
+    """Jobs running side by side see, in CUDA_VISIBLE_DEVICES, the GPUs the daemon gave
+    each of them (not the first ones of the node), and no two jobs on a node share one."""
+    daemon, client = local
+    release = daemon.state_dir / "release"
+    wait = f"for i in $(seq 600); do [ -e {release} ] && exit 0; sleep 0.05; done; exit 9"
+    shapes = {"g1": 1, "g2": 1, "g3": 1, "g4": 2, "g5": 1}
+    for name, gpus in shapes.items():
+        await _run(client, name, f'echo "$CUDA_VISIBLE_DEVICES"; {wait}', gpusPerNode=gpus)
+    given = {}
+    for name in shapes:
+        await _until(lambda n=name: _said(daemon, n).endswith("\n"), 30)
+        _status, job = await client.call("GET", f"{EXP}/jobs/{name}")
+        [task] = job["properties"]["tasks"]
+        given[name] = (task["node"], task["gpus"])
+    release.touch()
+    for name, (_node, gpus) in given.items():
+        assert len(gpus) == shapes[name]
+        assert _out(daemon, name) == ",".join(str(g) for g in gpus) + "\n", (name, given)
+        assert (await _ended(daemon, client, name))["properties"]["state"] == "succeeded"
+    for node in {node for node, _ in given.values()}:
+        held = [g for n, gpus in given.values() if n == node for g in gpus]
+        assert len(held) == len(set(held)), given
+    assert any(gpus != list(range(len(gpus))) for _node, gpus in given.values()), given
 
 
 async def test_a_jobs_output_directories_exist_when_it_starts(local):
