@@ -271,25 +271,41 @@ async def test_a_container_job_runs_with_its_environment_mounts_labels_and_gpus(
     (create,) = proxy.creates()
     job_id = newest_job(daemon.models.models, "boxed").job_id
     mounts = str(daemon.cfg.mounts)
-    assert create["Image"] == IMAGE
-    assert create["Entrypoint"][:3] == ["/bin/sh", "-c", WRAPPER]
-    assert create["Entrypoint"][3:5] == [f"{out}/stdout.txt", f"{out}/stderr.txt"]
-    assert create["Cmd"] == []  # nothing of the image's CMD either
-    assert create["Labels"] == {"batchd": "task", "batchd.node": "box-0", "batchd.job": job_id,
-                                "batchd.workdir": str(tmp_path / "n"),  # the agent's
-                                "batchd.attempt": "1", "batchd.task": "0"}  # fmt: skip
-    env = dict(item.split("=", 1) for item in create["Env"])
-    assert env["CUDA_VISIBLE_DEVICES"] == "0,1" and env["AZ_BATCHAI_JOB_ID"] == job_id
-    assert env["AZ_BATCHAI_MOUNT_ROOT"] == mounts
-    host = create["HostConfig"]
-    assert {"Type": "bind", "Source": mounts, "Target": mounts, "ReadOnly": False} in host["Mounts"]
-    assert host["ShmSize"] == 64 * 1024 * 1024
-    assert host["NetworkMode"] == "host"  # the job's addresses and ports are the node's
-    assert host["Devices"] == [  # podman: CDI names, not DeviceRequests
-        {"PathOnHost": "nvidia.com/gpu=0", "PathInContainer": "", "CgroupPermissions": "rwm"},
-        {"PathOnHost": "nvidia.com/gpu=1", "PathInContainer": "", "CgroupPermissions": "rwm"},
-    ]  # fmt: skip
-    assert "DeviceRequests" not in host
+    work = str(daemon.state_dir / f"nodes/work/{job_id}.1.0")
+    temp = str(daemon.state_dir / f"nodes/temp/{job_id}.1")
+    env = {
+        "AZ_BATCHAI_EXPERIMENT_NAME": "default", "AZ_BATCHAI_JOB_ATTEMPT": "1",
+        "AZ_BATCHAI_JOB_ID": job_id, "AZ_BATCHAI_JOB_MOUNT_ROOT": f"{mounts}/jobs/{job_id}",
+        "AZ_BATCHAI_JOB_NAME": "boxed", "AZ_BATCHAI_JOB_TEMP": temp,
+        "AZ_BATCHAI_MOUNT_ROOT": mounts, "AZ_BATCHAI_MPI_HOST_FILE": f"{temp}/mpi-hostfile",
+        "AZ_BATCHAI_NUM_GPUS": "2", "AZ_BATCHAI_SHARED_JOB_TEMP": f"{mounts}/shared/{job_id}",
+        "AZ_BATCHAI_STDOUTERR_DIR": str(out), "AZ_BATCHAI_TASK_INDEX": "0",
+        "AZ_BATCHAI_WORKSPACE_NAME": "default", "CUDA_VISIBLE_DEVICES": "0,1",
+    }  # fmt: skip
+    assert sorted(create["Env"]) == sorted(f"{k}={v}" for k, v in env.items())
+    bind = [{"Type": "bind", "Source": p, "Target": p, "ReadOnly": False}
+            for p in (mounts, temp, work)]  # fmt: skip
+    assert create == {  # the whole request: nothing more (no privilege, no other mount)
+        "Image": IMAGE,
+        # the wrapper, its output files, the command; nothing of the image's CMD either
+        "Entrypoint": ["/bin/sh", "-c", WRAPPER, f"{out}/stdout.txt", f"{out}/stderr.txt",
+                       COMMAND],
+        "Cmd": [],
+        "Env": create["Env"],  # (its order is not the point: checked above)
+        "WorkingDir": work,
+        "Labels": {"batchd": "task", "batchd.node": "box-0", "batchd.job": job_id,
+                   "batchd.workdir": str(tmp_path / "n"),  # the agent's
+                   "batchd.attempt": "1", "batchd.task": "0"},
+        "HostConfig": {
+            "Mounts": bind,
+            "ShmSize": 64 * 1024 * 1024,
+            "NetworkMode": "host",  # the job's addresses and ports are the node's
+            "Devices": [  # podman: CDI names, not DeviceRequests
+                {"PathOnHost": f"nvidia.com/gpu={g}", "PathInContainer": "",
+                 "CgroupPermissions": "rwm"} for g in (0, 1)
+            ],
+        },
+    }  # fmt: skip
     assert await _containers(job_id) == []  # removed after it exited
 
 
