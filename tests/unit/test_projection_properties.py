@@ -224,7 +224,8 @@ class World(RuleBasedStateMachine):
         job_id = str(self.new_id())
         self.names += 1
         self.jobs[job_id] = {"cluster": cluster, "state": QUEUED, "attempt": 0, "tasks": [],
-                             "gpus": gpus, "nodes": node_count}  # fmt: skip
+                             "gpus": gpus, "nodes": node_count, "priority": priority,
+                             "submitted": len(self.log) + 1}  # fmt: skip
         self.emit(f"job-{job_id}", "JobSubmitted", {
             "jobId": job_id, "workspace": "ws", "experiment": "exp",
             "name": f"job-{self.names % 4}", "cluster": cluster, "owner": "alice",
@@ -369,11 +370,12 @@ class World(RuleBasedStateMachine):
 
     @invariant()
     def queues_hold_exactly_the_queued_jobs_in_priority_then_submission_order(self) -> None:
-        m = self.live
-        for cluster_id in {j.cluster for j in m.jobs.values()} | set(m.clusters):
-            queued = [j for j in m.jobs.values() if j.state == QUEUED and j.cluster == cluster_id]
-            queued.sort(key=lambda j: (-j.priority, j.submitted_position))
-            assert [j.job_id for j in queue.ordered(m, cluster_id)] == [j.job_id for j in queued]
+        m = self.live  # (the order the oracle knows: priority and submission as emitted)
+        for cluster_id in {j["cluster"] for j in self.jobs.values()} | set(m.clusters):
+            queued = [j for j, s in self.jobs.items()
+                      if s["state"] == QUEUED and s["cluster"] == cluster_id]  # fmt: skip
+            queued.sort(key=lambda j: (-self.jobs[j]["priority"], self.jobs[j]["submitted"]))
+            assert [j.job_id for j in queue.ordered(m, cluster_id)] == queued
 
     @invariant()
     def no_gpu_is_held_by_two_live_attempts(self) -> None:
