@@ -629,24 +629,35 @@ async def test_local_agents_join_a_daemon_serving_a_certificate_a_ca_issued(tmp_
         await daemon.stop()
 
 
-async def test_a_cluster_put_is_the_same_only_for_the_same_document_as_it_stands(client):
+async def test_a_cluster_put_is_the_same_only_for_the_same_document_as_it_stands(client, api):
+    async def put(name: str, document: dict) -> int:
+        """The PUT's status, once it is clear that it changed nothing (the cluster exists)."""
+        path = f"/v1/workspaces/ws/clusters/{name}"
+        head, before = (await api.store.head()).position, (await client.call("GET", path))[1]
+        status, _answer = await client.call("PUT", path, document)
+        assert (await api.store.head()).position == head  # nothing appended
+        after = (await client.call("GET", path))[1]
+        for key in ("vmSize", "scaleSettings", "nodeSetup"):  # the document as it stands
+            assert after["properties"].get(key) == before["properties"].get(key), key
+        return status
+
     await seed(client)
     spelled = {"properties": {**CLUSTER["properties"], "vmSize": "STANDARD_NC24S_V3"}}
-    assert (await client.call("PUT", "/v1/workspaces/ws/clusters/gpu", spelled))[0] == 200
+    assert await put("gpu", spelled) == 200
     setup = {"setupTask": {"commandLine": "true", "stdOutErrPathPrefix": "/tmp"}}
     more = {"properties": {**CLUSTER["properties"], "nodeSetup": setup}}
-    assert (await client.call("PUT", "/v1/workspaces/ws/clusters/gpu", more))[0] == 409
+    assert await put("gpu", more) == 409
     resize = {"scaleSettings": {"manual": {"targetNodeCount": 3}}}
     await client.call("PATCH", "/v1/workspaces/ws/clusters/gpu", resize)
     resized = {"properties": {**CLUSTER["properties"], **resize}}
-    assert (await client.call("PUT", "/v1/workspaces/ws/clusters/gpu", resized))[0] == 200
-    assert (await client.call("PUT", "/v1/workspaces/ws/clusters/gpu", CLUSTER))[0] == 409
+    assert await put("gpu", resized) == 200
+    assert await put("gpu", CLUSTER) == 409
     # a setup secret's value is not compared: a PUT cannot test guesses of it
     keyed = {"setupTask": {**setup["setupTask"], "secrets": [{"name": "K", "value": "right"}]}}
     made = {"properties": {**CLUSTER["properties"], "nodeSetup": keyed}}
     assert (await client.call("PUT", "/v1/workspaces/ws/clusters/keyed", made))[0] == 201
     keyed["setupTask"]["secrets"][0]["value"] = "wrong"
-    assert (await client.call("PUT", "/v1/workspaces/ws/clusters/keyed", made))[0] == 200
+    assert await put("keyed", made) == 200
 
 
 async def test_a_task_the_daemon_cannot_run_without_ending_stops_it(api):

@@ -23,6 +23,8 @@ def test_bench_append_compares_with_the_bare_driver(pg_database):
         assert result["events"] == 2000 and result["batch"] == 100
         assert result["events_per_s"] > 0 and result["raw_events_per_s"] > 0
         assert result["ratio"] == round(result["events_per_s"] / result["raw_events_per_s"], 4)
+    audit = batchd("audit", "verify", "--store", pg_database)  # what it appended is there
+    assert audit.returncode == 0 and audit.stdout.startswith("ok: 2000 events,"), audit.stdout
 
 
 def test_bench_append_refuses_a_log_that_holds_events(tmp_path):
@@ -117,9 +119,11 @@ def test_bench_replay_generates_into_an_empty_postgres_database_then_only_reads_
 
 
 def test_bench_memory_measures_the_read_models():
-    result = _json("memory", "--jobs", "2000", "--nodes", "20")
-    assert result["jobs"] == 2000 and result["nodes"] == 20
-    assert result["read_models_mib"] >= 0 and result["rss_after_mib"] > 0
+    small = _json("memory", "--jobs", "2000", "--nodes", "20")
+    result = _json("memory", "--jobs", "20000", "--nodes", "20")
+    assert result["jobs"] == 20000 and result["nodes"] == 20 and result["events"] > 20000
+    # what it measures grows with the jobs (about 1.3 KiB each): ten times more, >10 MiB more
+    assert result["read_models_mib"] > small["read_models_mib"] + 10, (small, result)
 
 
 def test_bench_schedule_places_every_job_and_checks_each_cycle():

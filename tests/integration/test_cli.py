@@ -203,17 +203,21 @@ def test_a_log_with_a_damaged_page_is_not_written_to(tmp_path):
     assert digest(path) == before
 
 
-async def _set_schema_version(url: str, version: int) -> None:
+async def _set_schema_version(url: str, version: int) -> int:
+    """Set the log's schema version; the one it had."""
     target = parse(url)
     if target.scheme == "sqlite":
         conn = sqlite3.connect(target.target)
+        [(was,)] = conn.execute("SELECT version FROM batchd_schema").fetchall()
         conn.execute("UPDATE batchd_schema SET version = ?", (version,))
         conn.commit()
         conn.close()
     else:
         conn = await asyncpg.connect(target.target)
+        was = await conn.fetchval("SELECT version FROM batchd_schema")
         await conn.execute("UPDATE batchd_schema SET version = $1", version)
         await conn.close()
+    return was
 
 
 async def test_a_log_at_a_newer_schema_version_is_refused_untouched(durable_url, tmp_path):
@@ -223,7 +227,7 @@ async def test_a_log_at_a_newer_schema_version_is_refused_untouched(durable_url,
     done = batchd("serve", "--store", durable_url, "--state-dir", str(tmp_path / "s"),
                   "--listen", "127.0.0.1:0")  # fmt: skip
     assert done.returncode != 0 and "schema version 99" in done.stderr
-    await _set_schema_version(durable_url, 1)
+    assert await _set_schema_version(durable_url, 1) == 99  # left as it was
     store = await urls.open_store(durable_url, readonly=True)
     head = await store.head()
     await store.close()
