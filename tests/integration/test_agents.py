@@ -851,6 +851,8 @@ async def test_a_node_with_fewer_gpus_than_its_vm_size_is_unusable_until_an_agen
 
 async def test_a_job_that_cannot_write_its_output_or_start_fails_clearly_and_the_agent_stays(local):
     daemon, client = local
+    nodes = daemon.models.models.nodes
+    incarnations = {n.node_id: n.incarnation for n in nodes.values()}
     await _run(client, "nowhere", "echo hi", stdOutErrPathPrefix="/proc/batchd-no-such-place")
     job = await _ended(daemon, client, "nowhere")
     error = job["properties"]["executionInfo"]["errors"][-1]
@@ -875,6 +877,8 @@ async def test_a_job_that_cannot_write_its_output_or_start_fails_clearly_and_the
     assert exported.returncode == 0 and "tok-4b1d" not in exported.stdout
     await _run(client, "after", "echo still here")  # the agents took it all in their stride
     assert (await _ended(daemon, client, "after"))["properties"]["state"] == "succeeded"
+    assert {n.node_id: n.incarnation for n in nodes.values()} == incarnations  # not restarted
+    assert {n.state for n in nodes.values()} == {"ready"}
 
 
 async def test_job_exec_runs_beside_the_job_in_its_environment_and_streams_output(local):

@@ -166,6 +166,18 @@ COMMAND = (
 )
 
 
+async def _agent_stays(daemon, client, agent, incarnation: int) -> None:
+    """After a job's bad input: the agent is the same process, its node ready with the same
+    incarnation, and it runs the next job."""
+    nodes = daemon.models.models.nodes
+    assert agent.returncode is None and nodes["box-0"].incarnation == incarnation
+    assert (await client.call("PUT", f"{EXP}/jobs/next", _box_job("echo next")))[0] == 201
+    await _ended(daemon, "next")
+    assert newest_job(daemon.models.models, "next").state == "succeeded"
+    assert agent.returncode is None and nodes["box-0"].incarnation == incarnation
+    assert nodes["box-0"].state == "ready"
+
+
 def _box_job(command: str, image: str = IMAGE) -> dict:
     """A one-GPU container job on the cluster `box`."""
     return {"cluster": "box", "nodeCount": 1, "gpusPerNode": 1,
@@ -328,7 +340,8 @@ async def test_an_image_that_runs_as_a_user_of_its_own_writes_its_output_and_scr
 
 
 async def test_output_the_container_cannot_open_fails_the_task_saying_why(box):
-    daemon, client, _proxy, _agent = box
+    daemon, client, _proxy, agent = box
+    incarnation = daemon.models.models.nodes["box-0"].incarnation
     out = daemon.state_dir / "mounts/logs/default/default/blocked/1/stdouterr"
     (out / "stdout.txt").mkdir(parents=True)  # a directory where the output file goes
     assert (await client.call("PUT", f"{EXP}/jobs/blocked", _box_job("echo hi")))[0] == 201
@@ -337,6 +350,7 @@ async def test_output_the_container_cannot_open_fails_the_task_saying_why(box):
     error = answer["properties"]["executionInfo"]["errors"][-1]
     assert answer["properties"]["executionInfo"]["exitCode"] == 126
     assert error["code"] == "output_unwritable" and "stdout.txt" in error["message"]
+    await _agent_stays(daemon, client, agent, incarnation)
 
 
 async def test_an_images_own_entrypoint_does_not_replace_the_jobs_command(box):
@@ -350,7 +364,8 @@ async def test_an_images_own_entrypoint_does_not_replace_the_jobs_command(box):
 
 
 async def test_a_command_the_containers_shell_cannot_run_is_told_in_its_words(box):
-    daemon, client, _proxy, _agent = box
+    daemon, client, _proxy, agent = box
+    incarnation = daemon.models.models.nodes["box-0"].incarnation
     assert (await client.call("PUT", f"{EXP}/jobs/typo", _box_job("echo ok; trian.py")))[0] == 201
     await _ended(daemon, "typo")
     _status, answer = await client.call("GET", f"{EXP}/jobs/typo")
@@ -361,10 +376,12 @@ async def test_a_command_the_containers_shell_cannot_run_is_told_in_its_words(bo
         "at": error["at"],
         "message": "task 0 exited with 127 (command not found): /bin/sh: trian.py: not found",
     }
+    await _agent_stays(daemon, client, agent, incarnation)
 
 
 async def test_terminate_stops_the_container_and_a_missing_image_fails_clearly(box):
-    daemon, client, _proxy, _agent = box
+    daemon, client, _proxy, agent = box
+    incarnation = daemon.models.models.nodes["box-0"].incarnation
     job = _box_job("echo started; sleep 600")
     await client.call("PUT", f"{EXP}/jobs/sleepy", job)
     models = daemon.models.models
@@ -382,6 +399,7 @@ async def test_terminate_stops_the_container_and_a_missing_image_fails_clearly(b
     _status, answer = await client.call("GET", f"{EXP}/jobs/noimage")
     error = answer["properties"]["executionInfo"]["errors"][-1]
     assert error["code"] == "image_unavailable" and "no-such-image" in error["message"]
+    await _agent_stays(daemon, client, agent, incarnation)
 
 
 async def test_the_container_of_an_agent_killed_outright_is_removed_by_its_watchdog(box):
