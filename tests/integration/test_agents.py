@@ -919,34 +919,44 @@ async def test_job_exec_runs_beside_the_job_in_its_environment_and_streams_outpu
     assert done.returncode == 1 and "the job's task ended" in done.stderr, done.stderr
 
 
+def _readme_block(after: str) -> str:
+    """The README's first `sh` block after the line `after`."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    return readme.split(after, 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
+
+
 def test_the_readme_walk_through_from_serve_to_the_jobs_output(tmp_path):
-    """`make run` starts `batchd serve` with no configuration; then, in a second shell, the
-    README's three commands."""
+    """`make run` (the virtualenv is there already: it starts `batchd serve` with no
+    configuration), then the README's commands for a second shell, as they are written (its
+    server and state directory given by the environment)."""
+    root = Path(__file__).parents[2]
     port = _free_port()
     env = {"BATCHD_STATE_DIR": str(tmp_path / "state"), "BATCHD_SERVER": f"http://127.0.0.1:{port}"}
-    daemon = subprocess.Popen(
-        [sys.executable, "-m", "batchd.scheduler.cli", "serve", "--listen", f"127.0.0.1:{port}"],
+    make = subprocess.Popen(
+        ["make", "--no-print-directory", "run", f"ARGS=--listen 127.0.0.1:{port}"], cwd=root,
         env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         while batchd("node", "list", env=env).stdout.count("\tready\t") < 2:
+            assert make.poll() is None, "make run ended"
             assert time.monotonic() < deadline, "the local nodes did not become ready"
             time.sleep(0.2)
-        done = batchd("job", "create", "hello", "--cluster", "local", "--command",
-                      "echo hello; nvidia-smi -L || true", env=env)  # fmt: skip
-        assert done.returncode == 0, done.stderr
-        done = batchd("job", "wait", "hello", env=env)
-        assert done.returncode == 0, done.stderr
-        done = batchd("job", "file", "stream", "hello", env=env)
-        # where there is a GPU, nvidia-smi -L lists it after the greeting
-        assert done.returncode == 0 and done.stdout.startswith("hello\n"), (
-            done.stdout,
-            done.stderr,
-        )
+        commands = _readme_block("Then, in a second shell:")
+        assert "batchd job file stream hello" in commands, commands
+        done = subprocess.run(["bash", "-ec", commands], cwd=root, env={**os.environ, **env},
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        # `job file stream` prints the job's output last; where there is a GPU, nvidia-smi -L
+        # lists it after the greeting
+        assert done.returncode == 0, (done.stdout, done.stderr)
+        assert done.stdout.startswith(
+            "created job default/default/hello (queued)\n"
+            "job default/default/hello succeeded, exit code 0\nhello\n"
+        ), (done.stdout, done.stderr)
     finally:
-        daemon.send_signal(signal.SIGTERM)
-        assert daemon.wait(30) == 0
+        (serve,) = Path(f"/proc/{make.pid}/task/{make.pid}/children").read_text().split()
+        os.kill(int(serve), signal.SIGTERM)  # (batchd serve, which make started)
+        assert make.wait(30) == 0  # it stopped cleanly
 
 
 async def test_output_the_daemon_cannot_read_is_served_by_the_jobs_node(local, tmp_path):
