@@ -127,20 +127,22 @@ async def test_events_tail_json_redacts_secrets(tmp_path):
 async def test_events_tail_follow_prints_new_events_as_they_land(tmp_path):
     url = f"sqlite:///{tmp_path / 'events.db'}"
     await write_log(url, 2)
-    follower = subprocess.Popen(
-        [sys.executable, "-m", "batchd.scheduler.cli", "events", "tail", "--store", url,
-         "--after", "0", "--follow", "--json"],
-        stdout=subprocess.PIPE, text=True,
+    follower = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "batchd.scheduler.cli", "events", "tail", "--store", url,
+        "--after", "0", "--follow", "--json", stdout=subprocess.PIPE,
     )  # fmt: skip
+
+    async def position() -> int:
+        return json.loads(await asyncio.wait_for(follower.stdout.readline(), 30))["position"]
+
     try:
-        assert json.loads(follower.stdout.readline())["position"] == 1
-        assert json.loads(follower.stdout.readline())["position"] == 2
+        assert await position() == 1
+        assert await position() == 2
         await write_log(url, 1)
-        assert json.loads(follower.stdout.readline())["position"] == 3
+        assert await position() == 3
     finally:
         follower.terminate()
-        follower.wait(10)
-        follower.stdout.close()
+        await asyncio.wait_for(follower.wait(), 10)
 
 
 @pytest.mark.parametrize(

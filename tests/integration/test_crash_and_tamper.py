@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -24,17 +22,46 @@ from batchd.events import audit, urls
 from batchd.events.envelope import NewEvent
 from batchd.events.urls import parse
 
-BATCH = 200
+BATCH = 400  # four appends of 100 events: on PostgreSQL each is stored with COPY, in a
+# transaction of its own (a smaller one is one INSERT statement, which nothing can cut short)
 
 WRITER = textwrap.dedent(
     """
-    import asyncio, sys
+    import asyncio, sys, time
+    import asyncpg
     from batchd.events import urls
+    from batchd.events.backends.sqlite import SqliteBackend
     from batchd.events.envelope import NewEvent
 
-    async def main(url):
+    def hold_open(backend, after):
+        # Once `after` transactions have committed, stop the writer for good inside the
+        # next one, its rows stored and not committed, and say "open".
+        seen = [0]
+        if isinstance(backend, SqliteBackend):  # the trace runs as each statement starts
+            def trace(sql):
+                if sql == "COMMIT":
+                    seen[0] += 1
+                    if seen[0] > after:
+                        print("open", flush=True)
+                        time.sleep(600)
+            backend._writer.set_trace_callback(trace)
+            return
+        copy = asyncpg.Connection.copy_records_to_table  # PostgreSQL: rows COPYed, before COMMIT
+
+        async def copy_then_hold(self, *args, **kwargs):
+            done = await copy(self, *args, **kwargs)
+            seen[0] += 1
+            if seen[0] > after:
+                print("open", flush=True)
+                await asyncio.sleep(600)
+            return done
+
+        asyncpg.Connection.copy_records_to_table = copy_then_hold
+
+    async def main(url, after):
         store = await urls.open_store(url)
         await store.take_leadership()
+        hold_open(store.backend, after)
         print("ready", flush=True)
         n = 0
         while True:
@@ -44,7 +71,7 @@ WRITER = textwrap.dedent(
             appends = [store.append(f"crash-{n}-{w}", batch[w::4], 0) for w in range(4)]
             await asyncio.gather(*appends)
 
-    asyncio.run(main(sys.argv[1]))
+    asyncio.run(main(sys.argv[1], int(sys.argv[2])))
     """
 ).replace("BATCH", str(BATCH))
 
@@ -56,37 +83,41 @@ def _batchd(*args: str) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
-async def _wait_for_events(url: str, at_least: int) -> None:
+async def _head(url: str) -> int:
     store = await urls.open_store(url, readonly=True)
     try:
-        for _ in range(400):
-            if (await store.head()).position >= at_least:
-                return
-            await asyncio.sleep(0.025)
-        raise AssertionError("the writer never got going")
+        return (await store.head()).position
     finally:
         await store.close()
 
 
-@pytest.mark.parametrize("kill_after", [1_000, 3_000, 6_000])
-async def test_sigkill_mid_batch_leaves_whole_batches_and_a_valid_chain(durable_url, kill_after):
-    writer = subprocess.Popen([sys.executable, "-c", WRITER, durable_url], stdout=subprocess.PIPE)
+@pytest.mark.parametrize("committed", [0, 4, 15])
+async def test_sigkill_mid_batch_leaves_whole_batches_and_a_valid_chain(durable_url, committed):
+    """The writer is killed inside a transaction whose rows are stored and not committed
+    (after `committed` transactions): none of them is in the log, every earlier one is."""
+    writer = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", WRITER, durable_url, str(committed), stdout=subprocess.PIPE
+    )
     try:
-        while writer.stdout.readline().strip() != b"ready":  # (log lines come first)
-            assert writer.poll() is None, "the writer died"
-        await _wait_for_events(durable_url, kill_after)
+        line = b""
+        while line.strip() != b"open":  # (log lines come first)
+            line = await asyncio.wait_for(writer.stdout.readline(), 60)
+            assert line, "the writer died"
+        held = await _head(durable_url)  # what is committed while the last one is open
     finally:
-        os.kill(writer.pid, signal.SIGKILL)
-        writer.wait(10)
-        writer.stdout.close()
+        writer.kill()  # SIGKILL
+        await asyncio.wait_for(writer.wait(), 10)
     store = await urls.open_store(durable_url)  # reopening recovers (WAL replay) and migrates
     try:
+        assert (held > 0) == (committed > 0)
+        assert (await store.head()).position == held  # nothing of the open transaction
         result = await audit.verify(store)
         assert result.ok, result.problem
         per_stream: dict[str, int] = {}
         async for row in store.iter_rows():
             per_stream[row[2]] = per_stream.get(row[2], 0) + 1
-        assert per_stream and set(per_stream.values()) == {BATCH // 4}  # no partial append
+        assert sum(per_stream.values()) == held
+        assert not per_stream or set(per_stream.values()) == {BATCH // 4}  # whole appends
         await store.append("after-crash", [NewEvent("JobStarted", {})])  # and it still writes
         assert (await audit.verify(store)).ok
     finally:
