@@ -29,6 +29,10 @@ from batchd.scheduler.daemon import Daemon
 from tests.integration.conftest import Client, newest_job, start_daemon
 from tests.integration.test_cli import assert_one_line_error, batchd
 from tests.logs import info_logs
+from tests.unit.test_commands import BAD_JOBS
+from tests.unit.test_commands import CLUSTER as UNIT_CLUSTER
+from tests.unit.test_commands import JOB as UNIT_JOB
+from tests.unit.test_lifecycle_and_specs import BAD_CLUSTERS
 
 CLUSTER = {"properties": {"vmSize": "Standard_NC24s_v3",
                           "scaleSettings": {"manual": {"targetNodeCount": 2}}}}  # fmt: skip
@@ -113,6 +117,28 @@ async def test_the_whole_lifecycle_of_workspace_experiment_cluster_and_job(clien
     assert (await client.call("DELETE", "/v1/workspaces/ws"))[0] == 202
     status, listed = await client.call("GET", "/v1/workspaces")
     assert listed["value"] == []
+
+
+async def test_every_bad_document_is_refused_through_the_api_and_nothing_is_appended(client, api):
+    """The unit tests' bad jobs and clusters, sent as documents: 400 naming the field and the
+    rule, and the log unchanged."""
+    await client.call("PUT", "/v1/workspaces/bad", {})
+    await client.call("PUT", "/v1/workspaces/bad/experiments/exp", {})
+    assert (await client.call("PUT", "/v1/workspaces/bad/clusters/gpu", UNIT_CLUSTER))[0] == 201
+    head = (await api.store.head()).position
+    sent = [(f"/v1/workspaces/bad/experiments/exp/jobs/j{n}", {**UNIT_JOB, "cluster": "gpu",
+                                                                **change}, where, rule)
+            for n, (change, where, rule) in enumerate(BAD_JOBS)]  # fmt: skip
+    sent += [(f"/v1/workspaces/bad/clusters/c{n}", document, where, rule)
+             for n, (document, where, rule) in enumerate(BAD_CLUSTERS)]  # fmt: skip
+    for path, document, where, rule in sent:
+        raw = json.dumps(document).replace("Infinity", "1e400").encode()  # (JSON's spelling)
+        status, error = await client.call("PUT", path, raw=raw)
+        assert status == 400, (path, document, error)
+        [detail] = error["error"]["details"]
+        assert detail["name"] == where and rule in detail["value"], (document, error)
+        assert (await client.call("GET", path))[0] == 404
+    assert (await api.store.head()).position == head  # nothing appended
 
 
 async def test_a_jobs_tool_type_is_its_toolkits(client):

@@ -112,38 +112,38 @@ def test_what_is_not_a_cluster_id_is_refused(reference):
         commands.cluster_reference(reference, "default", "")
 
 
-@pytest.mark.parametrize(
-    ("change", "where", "rule"),
-    [
-        ({"cluster": "nope"}, "cluster", "no cluster 'nope'"),
-        ({"nodeCount": 5}, "nodeCount", "more than cluster 'gpu' can hold (at most 4)"),
-        ({"gpusPerNode": 8}, "gpusPerNode", "more than the 4 GPUs of Standard_NC24s_v3"),
-        ({"pyTorchSettings": {"pythonScriptFilePath": "x.py"}}, "customToolkitSettings",
-         "cannot be given with pyTorchSettings"),
-        ({"schedulingPriority": "asap"}, "schedulingPriority", "one of low, normal, high"),
-        ({"constraints": {"maxWallClockTime": "-1:00:00"}}, "constraints.maxWallClockTime",
-         "negative"),
-        ({"magic": True}, "magic", "not a known property"),
-        ({"nodeCount": 1e400}, "nodeCount", "whole number, not a number beyond any limit"),
-        ({"inputDirectories": [{"id": "A", "path": "/x"}, {"id": "a", "path": "/y"}]},
-         "inputDirectories[1].id", "AZ_BATCHAI_INPUT_A is set already, by inputDirectories[0]"),
-        ({"outputDirectories": [{"id": "model", "pathPrefix": "/o"},
-                                {"id": "MODEL", "pathPrefix": "/p"}]},
-         "outputDirectories[1].id", "set already, by outputDirectories[0].id"),
-        ({"outputDirectories": [{"id": "STDOUTERR", "pathPrefix": "/o"}]},
-         "outputDirectories[0].id", "set already, by the job's stdout and stderr (stdouterr)"),
-        ({"stdOutErrPathPrefix": "logs"}, "stdOutErrPathPrefix", "must be an absolute path"),
-        ({"outputDirectories": [{"id": "M", "pathPrefix": "out"}]},
-         "outputDirectories[0].pathPrefix", "or start with $AZ_BATCHAI_MOUNT_ROOT"),
-        ({"outputDirectories": [{"id": "a-b", "pathPrefix": "/o"}]}, "outputDirectories[0].id",
-         "letters, digits or '_'"),
-        ({"inputDirectories": [{"id": "A", "path": "/x"}, {"id": "A", "path": "/y"}]},
-         "inputDirectories[1].id", "AZ_BATCHAI_INPUT_A is set already, by inputDirectories[0].id"),
-        ({"environmentVariables": [{"name": "AZ_BATCHAI_OUTPUT_M", "value": "/v"}],
-          "outputDirectories": [{"id": "M", "pathPrefix": "/o"}]}, "outputDirectories[0].id",
-         "set already, by environmentVariables[0].name"),
-    ],
-)  # fmt: skip
+BAD_JOBS = [  # (a change to JOB, on cluster "gpu" of CLUSTER; the field it names; its rule)
+    ({"cluster": "nope"}, "cluster", "no cluster 'nope'"),
+    ({"nodeCount": 5}, "nodeCount", "more than cluster 'gpu' can hold (at most 4)"),
+    ({"gpusPerNode": 8}, "gpusPerNode", "more than the 4 GPUs of Standard_NC24s_v3"),
+    ({"pyTorchSettings": {"pythonScriptFilePath": "x.py"}}, "customToolkitSettings",
+     "cannot be given with pyTorchSettings"),
+    ({"schedulingPriority": "asap"}, "schedulingPriority", "one of low, normal, high"),
+    ({"constraints": {"maxWallClockTime": "-1:00:00"}}, "constraints.maxWallClockTime",
+     "negative"),
+    ({"magic": True}, "magic", "not a known property"),
+    ({"nodeCount": 1e400}, "nodeCount", "whole number, not a number beyond any limit"),
+    ({"inputDirectories": [{"id": "A", "path": "/x"}, {"id": "a", "path": "/y"}]},
+     "inputDirectories[1].id", "AZ_BATCHAI_INPUT_A is set already, by inputDirectories[0]"),
+    ({"outputDirectories": [{"id": "model", "pathPrefix": "/o"},
+                            {"id": "MODEL", "pathPrefix": "/p"}]},
+     "outputDirectories[1].id", "set already, by outputDirectories[0].id"),
+    ({"outputDirectories": [{"id": "STDOUTERR", "pathPrefix": "/o"}]},
+     "outputDirectories[0].id", "set already, by the job's stdout and stderr (stdouterr)"),
+    ({"stdOutErrPathPrefix": "logs"}, "stdOutErrPathPrefix", "must be an absolute path"),
+    ({"outputDirectories": [{"id": "M", "pathPrefix": "out"}]},
+     "outputDirectories[0].pathPrefix", "or start with $AZ_BATCHAI_MOUNT_ROOT"),
+    ({"outputDirectories": [{"id": "a-b", "pathPrefix": "/o"}]}, "outputDirectories[0].id",
+     "letters, digits or '_'"),
+    ({"inputDirectories": [{"id": "A", "path": "/x"}, {"id": "A", "path": "/y"}]},
+     "inputDirectories[1].id", "AZ_BATCHAI_INPUT_A is set already, by inputDirectories[0].id"),
+    ({"environmentVariables": [{"name": "AZ_BATCHAI_OUTPUT_M", "value": "/v"}],
+      "outputDirectories": [{"id": "M", "pathPrefix": "/o"}]}, "outputDirectories[0].id",
+     "set already, by environmentVariables[0].name"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("change", "where", "rule"), BAD_JOBS)
 def test_bad_jobs_are_refused_by_field(w, change, where, rule):
     with pytest.raises(DocumentError) as refused:
         commands.submit_job(w.m, "ws", "exp", "j", {**JOB, **change}, "user:ann", cluster="gpu")

@@ -65,27 +65,27 @@ def test_a_cluster_document_with_or_without_the_envelope():
     assert parse_cluster(document) == spec
 
 
-@pytest.mark.parametrize(
-    ("document", "where", "rule"),
-    [
-        ({"vmSize": "Standard_XL9000"}, "vmSize", "not a known VM size"),
-        ({}, "vmSize", "is required"),
-        ({"vmSize": "Standard_NC6", "scaleSettings": {}}, "scaleSettings", "needs one of"),
-        ({"vmSize": "Standard_NC6", "scaleSettings": {"manual": {"targetNodeCount": 1},
-          "autoScale": {"minimumNodeCount": 0, "maximumNodeCount": 1}}},
-         "scaleSettings", "only one of"),
-        ({"vmSize": "Standard_NC6", "scaleSettings": {"autoScale": {"minimumNodeCount": 3,
-          "maximumNodeCount": 1}}}, "scaleSettings.autoScale", "exceeds"),
-        ({"vmSize": "Standard_NC6", "vmPriority": "cheap"}, "vmPriority", "dedicated"),
-        ({"vmSize": "Standard_NC6", "nodeSetup": {"setupTask": {"commandLine": "x"}}},
-         "nodeSetup.setupTask.stdOutErrPathPrefix", "is required"),
-        ({"vmSize": "Standard_NC6", "colour": "red"}, "colour", "not a known property"),
-        ({"vmSize": "Standard_NC6", "nodeSetup": {"setupTask": {
-            "commandLine": "x", "stdOutErrPathPrefix": "/logs",
-            "secrets": [{"name": "K", "valueSecretReference": {"secretUrl": "https://v/s"}}]}}},
-         "nodeSetup.setupTask.secrets[0].valueSecretReference", "Key Vault reference"),
-    ],
-)  # fmt: skip
+BAD_CLUSTERS = [  # (a cluster document, the field it names, its rule)
+    ({"vmSize": "Standard_XL9000"}, "vmSize", "not a known VM size"),
+    ({}, "vmSize", "is required"),
+    ({"vmSize": "Standard_NC6", "scaleSettings": {}}, "scaleSettings", "needs one of"),
+    ({"vmSize": "Standard_NC6", "scaleSettings": {"manual": {"targetNodeCount": 1},
+      "autoScale": {"minimumNodeCount": 0, "maximumNodeCount": 1}}},
+     "scaleSettings", "only one of"),
+    ({"vmSize": "Standard_NC6", "scaleSettings": {"autoScale": {"minimumNodeCount": 3,
+      "maximumNodeCount": 1}}}, "scaleSettings.autoScale", "exceeds"),
+    ({"vmSize": "Standard_NC6", "vmPriority": "cheap"}, "vmPriority", "dedicated"),
+    ({"vmSize": "Standard_NC6", "nodeSetup": {"setupTask": {"commandLine": "x"}}},
+     "nodeSetup.setupTask.stdOutErrPathPrefix", "is required"),
+    ({"vmSize": "Standard_NC6", "colour": "red"}, "colour", "not a known property"),
+    ({"vmSize": "Standard_NC6", "nodeSetup": {"setupTask": {
+        "commandLine": "x", "stdOutErrPathPrefix": "/logs",
+        "secrets": [{"name": "K", "valueSecretReference": {"secretUrl": "https://v/s"}}]}}},
+     "nodeSetup.setupTask.secrets[0].valueSecretReference", "Key Vault reference"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("document", "where", "rule"), BAD_CLUSTERS)
 def test_bad_cluster_documents_are_refused_by_field_path(document, where, rule):
     with pytest.raises(DocumentError) as refused:
         parse_cluster(document)
