@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+from batchd.scheduler.providers import work_dir
 from tests.integration.conftest import Client, admin_client, newest_job, start_daemon
 from tests.integration.test_agents import EXP, _run, _until
 
@@ -79,8 +80,17 @@ async def test_a_local_agent_that_cannot_start_says_why_among_the_clusters_error
                 assert "before it registered" in error["message"]
                 assert "cannot use the container engine at unix:///nonexistent" in error["message"]
                 assert "agent.log" in error["message"]
-            await asyncio.sleep(12)  # started again (and failing again) meanwhile: told once each
-            assert len(await errors()) == 4
+
+            [provider] = daemon.providers
+
+            def failed_again(node: str) -> bool:
+                """Its agent was started again, failed again, and that was dealt with."""
+                log = work_dir(daemon.state_dir, node) / "agent.log"
+                starts = log.read_text().count("cannot use the container engine")
+                return starts >= 3 or (starts == 2 and provider.watchers[node].done())
+
+            await _until(lambda: all(failed_again(f"local-{i}") for i in range(4)), 60)
+            assert len(await errors()) == 4  # told once each
             assert not daemon.models.models.nodes
     finally:
         await daemon.stop()
