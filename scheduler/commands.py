@@ -438,16 +438,32 @@ def terminate_job(
 
 def terminate(m: ReadModels, job: Job, actor: str, reason: str) -> list[Decision]:
     """Terminate `job` for `reason`: a queued job ends at once; one that holds GPUs ends when
-    its node reports it killed. Asked again while it is terminating, nothing changes (a
-    retried request succeeds)."""
+    its node reports it killed, and so does a queued one whose earlier attempt's tasks are
+    still being killed (`finish_terminations`). Asked again while it is terminating, nothing
+    changes (a retried request succeeds)."""
     if job.state == TERMINATING:
         return []
     lifecycle.check(job.state, "JobTerminateRequested")
     data = {"jobId": job.job_id, "reason": reason}
     out = [_event(f"job-{job.job_id}", "JobTerminateRequested", data, actor)]
-    if job.state == QUEUED:
+    if job.state == QUEUED and not job.stopping:
         out.append(_event(f"job-{job.job_id}", "JobTerminated", data, actor))
     return out
+
+
+def finish_terminations(m: ReadModels, actor: str) -> list[Decision]:
+    """JobTerminated for each terminating job that holds no GPU any more: one terminated
+    while queued with tasks of an earlier attempt still stopping, once they have stopped
+    (a stopped task's report ends it at once, see nodes._stopped; this finds those whose node
+    was lost, removed or restarted)."""
+    return [terminated_now(j, actor) for j in m.jobs.values()
+            if j.state == TERMINATING and not j.tasks and not j.stopping]  # fmt: skip
+
+
+def terminated_now(job: Job, actor: str) -> Decision:
+    """JobTerminated of a terminating job, for the reason it was asked with."""
+    data = {"jobId": job.job_id, "reason": job.terminate_reason or "terminated by request"}
+    return _event(f"job-{job.job_id}", "JobTerminated", data, actor)
 
 
 def delete_job(
@@ -458,6 +474,12 @@ def delete_job(
         raise CommandError(
             "cannot delete a job that is terminating: delete it once its tasks have stopped "
             "(batchd job wait)"
+        )
+    if job.stopping:  # (its name, and so its output directories, could be reused meanwhile)
+        raise CommandError(
+            f"cannot delete a job whose tasks are still being stopped (on "
+            f"{', '.join(sorted({s[2] for s in job.stopping}))}): delete it once they have "
+            "stopped (batchd node show)"
         )
     if job.state in LIVE_STATES:
         raise CommandError(

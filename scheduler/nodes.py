@@ -60,7 +60,7 @@ from batchd.projections.model import (
     job_key,
 )
 from batchd.projections.runner import Runner
-from batchd.scheduler import auth, protocol, retries, toolkits
+from batchd.scheduler import auth, commands, protocol, retries, toolkits
 from batchd.scheduler.auth import AuthError
 from batchd.scheduler.control import Control
 from batchd.scheduler.images import image_reference, registry_auth
@@ -1125,7 +1125,11 @@ def _stopped(
         return []
     job_id, attempt, task = key
     data = {"jobId": job_id, "attempt": attempt, "task": task, "exitCode": code, "node": node_id}
-    return [(f"job-{job_id}", NewEvent("JobTaskExited", data))]
+    out = [(f"job-{job_id}", NewEvent("JobTaskExited", data))]
+    job = m.jobs[job_id]
+    if job.state == TERMINATING and not job.tasks and job.stopping == [[attempt, task, node_id]]:
+        out.append(commands.terminated_now(job, "scheduler"))  # the last one it waited for
+    return out
 
 
 def _vanished(

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from batchd.scheduler import nodes
+import pytest
+
+from batchd.scheduler import commands, nodes
 from batchd.scheduler.nodes import STOPPED_AFTER, NodeService, _stopped
 from tests.unit.test_planner import World, placed
 
@@ -153,3 +155,81 @@ def test_a_node_suspected_for_its_engine_is_ready_again_only_once_its_agent_says
     assert nodes._may_recover(silent, None, at + 6)
     lost = Node("n", "c", "lost", at, "NodeLost", errors=[engine])
     assert nodes._may_recover(lost, None, at + 1) and not nodes._may_recover(lost, "x", at + 1)
+
+
+def _named(w: World) -> World:
+    """The world's workspace and experiment, for commands that find a job by name."""
+    w.apply("WorkspaceCreated", workspace="ws")
+    w.apply("ExperimentCreated", workspace="ws", experiment="e")
+    return w
+
+
+def _terminate(w: World, job: str) -> list[str]:
+    decided = commands.terminate(w.models, w.models.jobs[job], "user:ann", "terminated by ann")
+    for _stream, event in decided:
+        w.apply(event.type, **event.data)
+    return [event.type for _stream, event in decided]
+
+
+def test_a_queued_job_terminated_while_its_last_attempt_stops_ends_when_that_has_stopped():
+    """It holds GPUs until then: it is terminating (not ended, not deletable: its name and
+    output could be reused while its process still writes), and ends as its task stops."""
+    w = World().cluster(nodes=1, gpus=4)
+    job = w.job(gpus=4)
+    w.run(job, [("c-n0", [0, 1, 2, 3])])
+    w.apply("JobRequeued", jobId=job, attempt=1, cause="preempted")
+    assert _terminate(w, job) == ["JobTerminateRequested"]
+    assert w.models.jobs[job].state == "terminating"
+    assert commands.finish_terminations(w.models, "scheduler") == []  # it still holds them
+    with pytest.raises(commands.CommandError, match="terminating"):
+        commands.delete_job(_named(w).models, "ws", "e", w.models.jobs[job].name, "user:ann")
+    decided = _stopped(w.models, (job, 1, 0), "c-n0", 143)
+    assert [e.type for _s, e in decided] == ["JobTaskExited", "JobTerminated"]
+    assert decided[1][1].data["reason"] == "terminated by ann"
+    for _stream, event in decided:
+        w.apply(event.type, **event.data)
+    ended = w.models.jobs[job]
+    assert ended.state == "failed" and ended.errors[-1]["code"] == "terminated"
+    assert not w.models.nodes["c-n0"].allocations
+
+
+def _stopping_and_terminated(w: World) -> str:
+    job = w.job(gpus=4)
+    w.run(job, [("c-n0", [0, 1, 2, 3])])
+    w.apply("JobRequeued", jobId=job, attempt=1, cause="preempted")
+    _terminate(w, job)
+    return job
+
+
+def test_a_terminating_job_whose_stopping_tasks_node_is_lost_ends_with_the_loss():
+    w = World().cluster(nodes=1, gpus=4)
+    _stopping_and_terminated(w)
+    w.apply("NodeSuspected", nodeId="c-n0")
+    decided = [event for _stream, event in nodes._lost(w.models, "c-n0")]
+    assert [e.type for e in decided] == ["NodeLost", "JobTerminated"]
+    assert decided[1].data["reason"] == "terminated by ann (its attempt ended: node_lost)"
+
+
+def test_a_terminating_job_whose_stopping_tasks_node_was_removed_ends_at_the_next_sweep():
+    w = World().cluster(nodes=1, gpus=4)
+    job = _stopping_and_terminated(w)
+    w.apply("NodeRemoved", nodeId="c-n0")
+    [(_stream, ended)] = commands.finish_terminations(w.models, "scheduler")
+    assert ended.type == "JobTerminated" and ended.data == {
+        "jobId": job,
+        "reason": "terminated by ann",
+    }
+    w.apply(ended.type, **ended.data)
+    assert w.models.jobs[job].state == "failed"
+    assert commands.finish_terminations(w.models, "scheduler") == []
+
+
+def test_an_ended_job_whose_tasks_still_stop_cannot_be_deleted_yet():
+    w = World().cluster(nodes=2, gpus=4)
+    gang = w.job(gpus=4, nodes=2)
+    w.run(gang, [("c-n0", [0, 1, 2, 3]), ("c-n1", [0, 1, 2, 3])])
+    w.apply("JobTaskExited", jobId=gang, attempt=1, task=0, exitCode=3)
+    w.apply("JobFailed", jobId=gang, attempt=1, exitCode=3)  # its other task is being killed
+    assert w.models.jobs[gang].stopping == [[1, 1, "c-n1"]]
+    with pytest.raises(commands.CommandError, match=r"still being stopped \(on c-n1\)"):
+        commands.delete_job(_named(w).models, "ws", "e", w.models.jobs[gang].name, "user:ann")
