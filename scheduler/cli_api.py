@@ -318,8 +318,10 @@ def cluster_document(args: argparse.Namespace) -> dict[str, Any]:
         props["vmSize"] = args.vm_size
     if args.vm_priority:
         props["vmPriority"] = args.vm_priority
-    if args.nodes is not None:
-        props["scaleSettings"] = {"manual": {"targetNodeCount": args.nodes}}
+    if args.nodes is not None:  # (the file's nodeDeallocationOption is kept)
+        given = _get(props, "scaleSettings.manual")
+        manual = dict(given) if isinstance(given, dict) else {}
+        props["scaleSettings"] = {"manual": {**manual, "targetNodeCount": args.nodes}}
     return fill_storage(document, ["nodeSetup.mountVolumes"])
 
 

@@ -107,7 +107,7 @@ def _position(positions: list[int]) -> int:
 
 
 # -- the whole lifecycle ----------------------------------------------------------------------
-async def test_workspace_experiment_and_cluster_lifecycle(batchd, api):
+async def test_workspace_experiment_and_cluster_lifecycle(batchd, api, tmp_path):
     done = await batchd("workspace", "create", "ws")
     assert done.code == 0 and done.lines == ["created workspace ws"]
     assert (await batchd("workspace", "create", "ws")).lines == [
@@ -142,6 +142,17 @@ async def test_workspace_experiment_and_cluster_lifecycle(batchd, api):
     assert shown.json["properties"]["scaleSettings"] == {  # the option is kept
         "manual": {"targetNodeCount": 2, "nodeDeallocationOption": "waitforjobcompletion"}
     }
+
+    # --nodes over a file's manual settings changes the count only
+    manual = {"targetNodeCount": 1, "nodeDeallocationOption": "waitforjobcompletion"}
+    path = tmp_path / "cw.json"
+    path.write_text(json.dumps({"properties": {"vmSize": "Standard_NC6",
+                                               "scaleSettings": {"manual": manual}}}))  # fmt: skip
+    done = await batchd("cluster", "create", "cw", "-w", "ws", "-f", str(path), "--nodes", "3")
+    assert done.code == 0, done.lines
+    shown = await batchd("cluster", "show", "cw", "-w", "ws", "--json")
+    assert shown.json["properties"]["scaleSettings"] == {"manual": {**manual, "targetNodeCount": 3}}
+    assert (await batchd("cluster", "delete", "cw", "-w", "ws")).code == 0
 
     assert (await batchd("cluster", "delete", "c", "-w", "ws")).lines == ["deleted cluster ws/c"]
     assert_error(await batchd("cluster", "show", "c", "-w", "ws"), "no cluster 'c'")
