@@ -179,7 +179,7 @@ async def input_middleware(request: web.Request, handler: Callable[..., Awaitabl
     415), and in the coding it names, whole (else 400)."""
     twice = next((k for k in request.query if len(request.query.getall(k)) > 1), None)
     if twice is not None:
-        return error_response(400, "BadRequest", f"{twice}: is given twice in the query")
+        raise DocumentError(twice, "is given twice in the query")
     unknown, known = _unknown_query(request)
     if unknown is not None:  # (a mistyped filter would otherwise list everything)
         takes = f"it takes {', '.join(sorted(known))}" if known else "it takes none"
