@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import importlib.metadata
 import logging
 import math
 import os
@@ -118,8 +119,17 @@ class _Parser(argparse.ArgumentParser):
         return name[:2] in options
 
 
+def _version() -> str:
+    """The installed package's version."""
+    try:
+        return importlib.metadata.version("batchd")
+    except importlib.metadata.PackageNotFoundError:  # (run from a tree not installed)
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="batchd", description="A self-hosted GPU scheduler.")
+    parser.add_argument("--version", action="version", version=f"batchd {_version()}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--state-dir", help="state directory (default $BATCHD_STATE_DIR or ~/.local/state/batchd)"
@@ -304,8 +314,9 @@ def _subcommands(commands, name: str, help: str, parents: list) -> tuple:
     group = commands.add_parser(name, help=help)
     verbs = group.add_subparsers(dest=f"{name}_command", required=True, metavar="COMMAND")
     made = {}
-    for verb, text in (("create", f"create a {name}"), ("list", f"list {name}s"),
-                       ("show", f"show a {name}"), ("delete", f"delete a {name}")):  # fmt: skip
+    a = "an" if name[0] in "aeiou" else "a"
+    for verb, text in (("create", f"create {a} {name}"), ("list", f"list {name}s"),
+                       ("show", f"show {a} {name}"), ("delete", f"delete {a} {name}")):  # fmt: skip
         made[verb] = verbs.add_parser(verb, parents=parents, help=text)
         made[verb].set_defaults(api=f"{name}_{verb}")
         if verb != "list":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import importlib.metadata
 import json
 import os
 import signal
@@ -558,3 +559,11 @@ def test_an_option_before_the_command_is_named_not_taken_for_a_missing_command()
         assert done.stderr.endswith(f"error: unrecognized option {unknown!r} before the command\n")
     for known in (("--help",), ("--he",), ("job", "--he")):  # argparse's shortened options too
         assert batchd(*known).returncode == 0, known
+
+
+def test_version_and_help_say_what_a_user_asks():
+    done = batchd("--version")
+    installed = importlib.metadata.version("batchd")
+    assert done.returncode == 0 and done.stdout == f"batchd {installed}\n"
+    helped = batchd("experiment", "--help").stdout
+    assert "create an experiment" in helped and "a experiment" not in helped
