@@ -76,6 +76,7 @@ _TYPES = [
     EventType("JobTerminateRequested"),
     EventType("JobTerminated"),
     EventType("JobDeleted"),
+    EventType("JobDeleteRequested"),  # deleted while live: it is deleted once it has ended
     # access
     EventType("TokenCreated"),
     EventType("TokenRevoked"),

@@ -18,7 +18,8 @@ from batchd.projections import fold
 from batchd.projections.model import LIVE_STATES, Job, ReadModels
 
 # Events that record something without moving the job to another state.
-_NOT_TRANSITIONS = frozenset({"JobSubmitted", "JobPendingReasonChanged", "JobTaskExited"})
+_NOT_TRANSITIONS = frozenset({"JobSubmitted", "JobPendingReasonChanged", "JobTaskExited",
+                              "JobDeleteRequested"})  # fmt: skip
 
 
 async def job_timelines(
@@ -121,8 +122,9 @@ def _reason(type_: str, d: dict[str, Any]) -> str | None:
         error = d.get("error") or {}
         return error.get("message") or f"exit code {d.get('exitCode')}"
     if type_ in ("JobSucceeded", "JobTaskExited"):
-        return f"exit code {d.get('exitCode')}"
-    if type_ in ("JobTerminateRequested", "JobTerminated", "JobDeleted"):
+        code = d.get("exitCode")
+        return f"exit code {code}" if code is not None else "no exit code: not seen to run"
+    if type_ in ("JobTerminateRequested", "JobTerminated", "JobDeleted", "JobDeleteRequested"):
         return d.get("reason")
     return None
 

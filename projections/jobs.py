@@ -173,6 +173,12 @@ def terminate_requested(m: ReadModels, e: RecordedEvent) -> None:
     job.state = _after(e)
 
 
+def delete_requested(m: ReadModels, e: RecordedEvent) -> None:
+    job = _current(m, e)
+    if job is not None and job.delete_requested_by is None:
+        job.delete_requested_by = e.actor
+
+
 def terminated(m: ReadModels, e: RecordedEvent) -> None:
     job = _current(m, e)
     if job is None:
@@ -201,4 +207,5 @@ HANDLERS = {
     "JobTerminateRequested": terminate_requested,
     "JobTerminated": terminated,
     "JobDeleted": deleted,
+    "JobDeleteRequested": delete_requested,
 }

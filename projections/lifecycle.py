@@ -46,6 +46,7 @@ TRANSITIONS: dict[str, tuple[frozenset[str], str | None]] = {
     "JobTerminateRequested": (LIVE - {TERMINATING}, TERMINATING),
     "JobTerminated": (LIVE, FAILED),
     "JobDeleted": (ENDED, DELETED),
+    "JobDeleteRequested": (LIVE, None),  # deleted while live: deleted once it has ended
 }
 
 COMMAND_OF = {  # how people and the API name what an event does
@@ -54,6 +55,7 @@ COMMAND_OF = {  # how people and the API name what an event does
     "JobRequeued": "requeue", "JobPreempted": "preempt", "JobTerminateRequested": "terminate",
     "JobTerminated": "end the termination of", "JobDeleted": "delete",
     "JobPendingReasonChanged": "set the pending reason of",
+    "JobDeleteRequested": "delete",
 }  # fmt: skip
 
 

@@ -139,6 +139,8 @@ class Job:
     errors: list[dict[str, Any]] = field(default_factory=list)
     terminate_requested_by: str | None = None
     terminate_reason: str | None = None  # why it is being terminated (the request's reason)
+    # who deleted it while it was live: it is deleted once it has ended and its tasks stopped
+    delete_requested_by: str | None = None
     pending_reason_at: int = 0  # when the current pending reason was recorded
     runtime: str = "process"  # what its nodes must offer: "docker" for containerSettings
     detached: bool = False  # its experiment was deleted while it ran: it ends out of sight

@@ -702,7 +702,8 @@ async def delete_job(request: web.Request) -> web.Response:
         lambda m: commands.delete_job(m, ws, exp, name, _actor(request)),
         key=job_key(ws, exp, name),
     )
-    return _written({}, position, request, 202)
+    left = commands.current_job(api.models, ws, exp, name)  # a live one: terminating first
+    return _written(resources.job(api.models, left) if left else {}, position, request, 202)
 
 
 EXEC_FIELDS = {"command", "node"}

@@ -679,7 +679,11 @@ def _terminated(key: str, answer: Any) -> str:
 async def job_delete(args: argparse.Namespace) -> int:
     async with _client(args) as api:
         status, answer = await api.call("DELETE", _job(args))
-    return _print_write(args, status, answer, f"deleted job {_job_key(args)}")
+    done = f"deleted job {_job_key(args)}"
+    if isinstance(answer, dict) and _get(answer, "properties.state"):  # it was live
+        done = (f"deleting job {_job_key(args)}: it is terminated first, and deleted once its "
+                "tasks have stopped (batchd job wait)")  # fmt: skip
+    return _print_write(args, status, answer, done)
 
 
 async def job_history(args: argparse.Namespace) -> int:

@@ -15,11 +15,13 @@ from typing import Any
 from batchd.events.envelope import NewEvent
 from batchd.projections import lifecycle
 from batchd.projections.model import (
+    FAILED,
     LEAVING,
     LIVE_STATES,
     LOST,
     PROVISIONING,
     QUEUED,
+    SUCCEEDED,
     TERMINATING,
     Cluster,
     Job,
@@ -439,7 +441,7 @@ def terminate_job(
 def terminate(m: ReadModels, job: Job, actor: str, reason: str) -> list[Decision]:
     """Terminate `job` for `reason`: a queued job ends at once; one that holds GPUs ends when
     its node reports it killed, and so does a queued one whose earlier attempt's tasks are
-    still being killed (`finish_terminations`). Asked again while it is terminating, nothing
+    still being killed (`finish_jobs`). Asked again while it is terminating, nothing
     changes (a retried request succeeds)."""
     if job.state == TERMINATING:
         return []
@@ -451,13 +453,22 @@ def terminate(m: ReadModels, job: Job, actor: str, reason: str) -> list[Decision
     return out
 
 
-def finish_terminations(m: ReadModels, actor: str) -> list[Decision]:
-    """JobTerminated for each terminating job that holds no GPU any more: one terminated
-    while queued with tasks of an earlier attempt still stopping, once they have stopped
-    (a stopped task's report ends it at once, see nodes._stopped; this finds those whose node
-    was lost, removed or restarted)."""
-    return [terminated_now(j, actor) for j in m.jobs.values()
-            if j.state == TERMINATING and not j.tasks and not j.stopping]  # fmt: skip
+def finish_jobs(m: ReadModels, actor: str) -> list[Decision]:
+    """What ends the terminating jobs that hold no GPU any more (JobTerminated: a job
+    terminated while queued with tasks of an earlier attempt still stopping, once they have
+    stopped) and deletes the ended jobs deleted while live (JobDeleted, once no task of theirs
+    still stops). A stopped task's report does so at once (nodes._stopped); this finds the
+    rest (a node lost, removed or restarted; an attempt that ended otherwise)."""
+    return [d for job in m.jobs.values() if not job.stopping for d in finished(job, actor)]
+
+
+def finished(job: Job, actor: str) -> list[Decision]:
+    """What `finish_jobs` decides for `job`, whose tasks have all stopped."""
+    if job.state == TERMINATING and not job.tasks:
+        return [terminated_now(job, actor), *_deleted_as_asked(job)]
+    if job.state in (SUCCEEDED, FAILED):
+        return _deleted_as_asked(job)
+    return []
 
 
 def terminated_now(job: Job, actor: str) -> Decision:
@@ -466,24 +477,39 @@ def terminated_now(job: Job, actor: str) -> Decision:
     return _event(f"job-{job.job_id}", "JobTerminated", data, actor)
 
 
+def _deleted_as_asked(job: Job) -> list[Decision]:
+    """JobDeleted for a job deleted while it was live (by whoever asked), once it has ended."""
+    if job.delete_requested_by is None:
+        return []
+    return [_event(f"job-{job.job_id}", "JobDeleted", {"jobId": job.job_id},
+                   job.delete_requested_by)]  # fmt: skip
+
+
 def delete_job(
     m: ReadModels, workspace: str, experiment: str, name: str, actor: str
 ) -> list[Decision]:
+    """Delete a job; one still live is terminated first, as Batch AI's Delete did, and deleted
+    once it has ended and its tasks have stopped (`finish_jobs`): a queued one at once."""
     job = find_job(m, workspace, experiment, name)
-    if job.state == TERMINATING:
-        raise CommandError(
-            "cannot delete a job that is terminating: delete it once its tasks have stopped "
-            "(batchd job wait)"
-        )
+    if job.state in LIVE_STATES:
+        return _delete_live(job, actor)
     if job.stopping:  # (its name, and so its output directories, could be reused meanwhile)
         raise CommandError(
             f"cannot delete a job whose tasks are still being stopped (on "
             f"{', '.join(sorted({s[2] for s in job.stopping}))}): delete it once they have "
             "stopped (batchd node show)"
         )
-    if job.state in LIVE_STATES:
-        raise CommandError(
-            f"cannot delete a job that is {job.state}: terminate it first, then delete it"
-        )
     lifecycle.check(job.state, "JobDeleted")
     return [_event(f"job-{job.job_id}", "JobDeleted", {"jobId": job.job_id}, actor)]
+
+
+def _delete_live(job: Job, actor: str) -> list[Decision]:
+    if job.delete_requested_by is not None:
+        return []  # asked already: a retried request succeeds
+    stream, data = f"job-{job.job_id}", {"jobId": job.job_id, "reason": f"deleted by {actor}"}
+    out = [] if job.state == TERMINATING else [
+        _event(stream, "JobTerminateRequested", data, actor)]  # fmt: skip
+    if job.state == QUEUED and not job.stopping:  # ends at once
+        return [*out, _event(stream, "JobTerminated", data, actor),
+                _event(stream, "JobDeleted", {"jobId": job.job_id}, actor)]  # fmt: skip
+    return [*out, _event(stream, "JobDeleteRequested", data, actor)]

@@ -189,7 +189,7 @@ class Daemon:
         for job, seconds in ((self.models.save_snapshot, SNAPSHOT_INTERVAL),
                              (self._publish_anchor, ANCHOR_INTERVAL),
                              (self._enforce_wall_clock, OVERDUE_INTERVAL),
-                             (self._finish_terminations, OVERDUE_INTERVAL),
+                             (self._finish_jobs, OVERDUE_INTERVAL),
                              (self.nodes.sweep, SWEEP_INTERVAL),
                              (self._keep_lead, LEAD_CHECK)):  # fmt: skip
             self._periodic.add_job(self._periodic_job(job), "interval", seconds=seconds,
@@ -410,9 +410,9 @@ class Daemon:
     async def _enforce_wall_clock(self) -> None:
         await self.control.run(lambda m: planner.overdue(m, _now_us()))
 
-    async def _finish_terminations(self) -> None:
-        if commands.finish_terminations(self.models.models, ACTOR):  # any due? (rarely)
-            await self.control.run(lambda m: commands.finish_terminations(m, ACTOR))
+    async def _finish_jobs(self) -> None:
+        if commands.finish_jobs(self.models.models, ACTOR):  # any due? (rarely)
+            await self.control.run(lambda m: commands.finish_jobs(m, ACTOR))
 
     async def _publish_anchor(self) -> None:
         head = await self.store.head()

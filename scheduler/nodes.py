@@ -1127,8 +1127,8 @@ def _stopped(
     data = {"jobId": job_id, "attempt": attempt, "task": task, "exitCode": code, "node": node_id}
     out = [(f"job-{job_id}", NewEvent("JobTaskExited", data))]
     job = m.jobs[job_id]
-    if job.state == TERMINATING and not job.tasks and job.stopping == [[attempt, task, node_id]]:
-        out.append(commands.terminated_now(job, "scheduler"))  # the last one it waited for
+    if job.stopping == [[attempt, task, node_id]]:  # the last one it waited for
+        out += commands.finished(job, "scheduler")
     return out
 
 

@@ -725,7 +725,9 @@ def job_paths() -> dict[str, Schema]:
             "put": put("createJob", "submit a Batch AI job document", "JobDocument",
                        "WrittenJob"),
             "get": read("getJob", "a job", "Job"),
-            "delete": write("deleteJob", "delete a job", 202, "Written"),
+            "delete": write("deleteJob", "delete a job (a live one is terminated first, and "
+                            "answered with the job, provisioningState deleting)", 202,
+                            "Written"),
         }, WORKSPACE, EXPERIMENT, JOB),
         _JOB + "/terminate": _with_params({"post": terminate}, WORKSPACE, EXPERIMENT, JOB),
         _JOB + "/exec": _with_params({"post": operation(

@@ -136,6 +136,29 @@ async def test_each_job_sees_exactly_the_gpus_it_was_given(local):
     assert any(gpus != list(range(len(gpus))) for _node, gpus in given.values()), given
 
 
+async def test_deleting_a_running_job_terminates_it_and_deletes_it_once_stopped(local):
+    """As Batch AI's Delete: a live job is terminated first; its name is free once its task
+    has stopped."""
+    daemon, client = local
+    await _run(client, "doomed", "echo started; sleep 600")
+    await _until(lambda: _said(daemon, "doomed") == "started\n", 30)
+    status, answer = await client.call("DELETE", f"{EXP}/jobs/doomed")
+    assert status == 202 and answer["properties"]["state"] == "terminating", answer
+    assert answer["properties"]["provisioningState"] == "deleting"
+    assert (await client.call("DELETE", f"{EXP}/jobs/doomed"))[0] == 202  # asked again: fine
+    deadline = time.monotonic() + 30
+    while (await client.call("GET", f"{EXP}/jobs/doomed"))[0] != 404:
+        assert time.monotonic() < deadline, "not deleted"
+        await asyncio.sleep(0.1)
+    _status, history = await client.call("GET", f"{EXP}/jobs/doomed/history")
+    timeline = [(e["event"], e["actor"]) for e in history["value"][0]["timeline"]]
+    assert ("JobDeleteRequested", "user:admin") in timeline
+    assert timeline[-1] == ("JobDeleted", "user:admin")
+    assert not any(n.allocations for n in daemon.models.models.nodes.values())
+    await _run(client, "doomed", "echo again")  # the name is free
+    assert (await _ended(daemon, client, "doomed"))["properties"]["state"] == "succeeded"
+
+
 async def test_a_jobs_output_directories_exist_when_it_starts(local):
     daemon, client = local
     outputs = [{"id": "MODEL", "pathPrefix": "$AZ_BATCHAI_MOUNT_ROOT/out"}]

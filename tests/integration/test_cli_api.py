@@ -295,7 +295,11 @@ async def test_terminate_a_queued_job_and_wait_for_succeeded_ones(batchd, api):
 
     timed_out = await batchd("job", "wait", "b", "-w", "ws", "-e", "exp", "--timeout", "0.3")
     assert timed_out.code == 124 and "still queued after 0.3 s" in timed_out.err
-    assert_error(await batchd("job", "delete", "b", "-w", "ws", "-e", "exp"), "terminate it first")
+    done = await batchd("job", "create", "d", "-w", "ws", "-e", "exp", "--cluster", "c",
+                        "--command", "sleep 100")  # fmt: skip
+    done = await batchd("job", "delete", "d", "-w", "ws", "-e", "exp")  # queued: at once
+    assert done.code == 0 and done.lines == ["deleted job ws/exp/d"], done.err
+    assert_error(await batchd("job", "show", "d", "-w", "ws", "-e", "exp"), "no job 'd'")
 
     await _drive(api, _job_id(api, "b"), ("JobSucceeded", {"exitCode": 0}))
     waited = await batchd("job", "wait", "b", "-w", "ws", "-e", "exp", "--json")
@@ -316,6 +320,11 @@ async def test_terminate_a_running_job_says_it_is_terminating(batchd, api):
     assert "state: terminating" in shown.lines
     as_json = await batchd("job", "terminate", "r", "-w", "ws", "-e", "exp", "--json")
     assert as_json.code == 0 and as_json.json["properties"]["state"] == "terminating"
+    done = await batchd("job", "delete", "r", "-w", "ws", "-e", "exp")  # once it has stopped
+    assert done.code == 0 and done.lines == [
+        "deleting job ws/exp/r: it is terminated first, and deleted once its tasks have stopped "
+        "(batchd job wait)"
+    ], done.err
 
 
 async def test_job_wait_on_a_retried_job_terminated_says_who_ended_it(batchd, api):

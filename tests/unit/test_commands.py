@@ -155,8 +155,6 @@ def test_names_conflicts_and_lifecycle(w):
     with pytest.raises(CommandError, match="exists already") as conflict:
         commands.submit_job(w.m, "ws", "exp", "j", JOB, "user:ann", cluster="gpu")
     assert conflict.value.status == 409
-    with pytest.raises(CommandError, match="terminate it first"):
-        commands.delete_job(w.m, "ws", "exp", "j", "user:ann")
     w.do(commands.terminate_job(w.m, "ws", "exp", "j", "user:bob"))  # queued: ends at once
     job_id = w.m.job_ids["ws/exp/j"][-1]
     assert w.m.jobs[job_id].state == "failed"
@@ -168,9 +166,30 @@ def test_names_conflicts_and_lifecycle(w):
     w.do(commands.delete_job(w.m, "ws", "exp", "j", "user:ann"))
     w.do(commands.submit_job(w.m, "ws", "exp", "j", JOB, "user:ann", cluster="gpu"))  # reused
     assert len(w.m.job_ids["ws/exp/j"]) == 2
-    w.m.jobs[w.m.job_ids["ws/exp/j"][-1]].state = "terminating"  # its tasks are stopping
-    with pytest.raises(CommandError, match="delete it once its tasks have stopped"):
-        commands.delete_job(w.m, "ws", "exp", "j", "user:ann")
+    queued = commands.delete_job(w.m, "ws", "exp", "j", "user:ann")  # as Batch AI: terminated
+    assert [e.type for _s, e in queued] == ["JobTerminateRequested", "JobTerminated", "JobDeleted"]
+    assert queued[0][1].data["reason"] == "deleted by user:ann"
+    w.do(queued)
+    assert commands.current_job(w.m, "ws", "exp", "j") is None
+    w.do(commands.submit_job(w.m, "ws", "exp", "j", JOB, "user:ann", cluster="gpu"))
+    job_id = w.m.job_ids["ws/exp/j"][-1]
+    tasks = [{"node": "n1", "gpus": [0]}]
+    w.do([(f"job-{job_id}", _event("JobScheduled", jobId=job_id, attempt=1, tasks=tasks)),
+          (f"job-{job_id}", _event("JobStarted", jobId=job_id, attempt=1))])  # fmt: skip
+    running = w.do(commands.delete_job(w.m, "ws", "exp", "j", "user:ann"))
+    assert [e.type for _s, e in running] == ["JobTerminateRequested", "JobDeleteRequested"]
+    assert w.m.jobs[job_id].state == "terminating"
+    assert w.m.jobs[job_id].delete_requested_by == "user:ann"
+    assert commands.delete_job(w.m, "ws", "exp", "j", "user:ann") == []  # asked again
+    assert commands.finish_jobs(w.m, "scheduler") == []  # its task still runs
+    w.do([(f"job-{job_id}", _event("JobTaskExited", jobId=job_id, attempt=1, task=0,
+                                   exitCode=143)),
+          (f"job-{job_id}", _event("JobTerminated", jobId=job_id, attempt=1,
+                                   reason="deleted by user:ann"))])  # fmt: skip
+    [(_s, deleted)] = commands.finish_jobs(w.m, "scheduler")
+    assert (deleted.type, deleted.actor) == ("JobDeleted", "user:ann")
+    w.do([(_s, deleted)])
+    assert commands.current_job(w.m, "ws", "exp", "j") is None
     with pytest.raises(CommandError) as missing:
         commands.terminate_job(w.m, "ws", "exp", "other", "user:bob")
     assert missing.value.status == 404

@@ -206,3 +206,16 @@ def test_a_requeue_in_the_history_says_its_cause_and_what_happened():
     log("JobRequeued", jobId="j", attempt=1, cause="interrupted", error=stopped)
     [requeue] = history.timeline([e for e in log.events if e.type.startswith("Job")])[-1:]
     assert requeue["reason"] == "interrupted: the daemon stopped, and its agents"
+
+
+def test_a_timeline_says_a_task_not_seen_to_run_had_no_exit_code_and_a_delete_asked():
+    log = cluster_with_a_job()
+    log("JobTerminateRequested", jobId="j", reason="deleted by user:ann")
+    log("JobDeleteRequested", jobId="j", reason="deleted by user:ann")
+    log("JobTaskExited", jobId="j", attempt=1, task=0, exitCode=None)
+    timeline = history.timeline([e for e in log.events if e.type.startswith("Job")])
+    assert [(e["event"], e["state"], e["reason"]) for e in timeline[-2:]] == [
+        ("JobDeleteRequested", "terminating", "deleted by user:ann"),
+        ("JobTaskExited", "terminating", "no exit code: not seen to run"),
+    ]
+    assert log.models().jobs["j"].delete_requested_by is not None

@@ -180,13 +180,14 @@ def test_a_queued_job_terminated_while_its_last_attempt_stops_ends_when_that_has
     w.apply("JobRequeued", jobId=job, attempt=1, cause="preempted")
     assert _terminate(w, job) == ["JobTerminateRequested"]
     assert w.models.jobs[job].state == "terminating"
-    assert commands.finish_terminations(w.models, "scheduler") == []  # it still holds them
-    with pytest.raises(commands.CommandError, match="terminating"):
-        commands.delete_job(_named(w).models, "ws", "e", w.models.jobs[job].name, "user:ann")
+    assert commands.finish_jobs(w.models, "scheduler") == []  # it still holds them
+    for _stream, event in commands.delete_job(_named(w).models, "ws", "e", job, "user:bob"):
+        w.apply(event.type, **event.data)  # deleted too: once it has ended
+    assert w.models.jobs[job].state == "terminating"
     decided = _stopped(w.models, (job, 1, 0), "c-n0", 143)
-    assert [e.type for _s, e in decided] == ["JobTaskExited", "JobTerminated"]
+    assert [e.type for _s, e in decided] == ["JobTaskExited", "JobTerminated", "JobDeleted"]
     assert decided[1][1].data["reason"] == "terminated by ann"
-    for _stream, event in decided:
+    for _stream, event in decided[:2]:
         w.apply(event.type, **event.data)
     ended = w.models.jobs[job]
     assert ended.state == "failed" and ended.errors[-1]["code"] == "terminated"
@@ -214,14 +215,14 @@ def test_a_terminating_job_whose_stopping_tasks_node_was_removed_ends_at_the_nex
     w = World().cluster(nodes=1, gpus=4)
     job = _stopping_and_terminated(w)
     w.apply("NodeRemoved", nodeId="c-n0")
-    [(_stream, ended)] = commands.finish_terminations(w.models, "scheduler")
+    [(_stream, ended)] = commands.finish_jobs(w.models, "scheduler")
     assert ended.type == "JobTerminated" and ended.data == {
         "jobId": job,
         "reason": "terminated by ann",
     }
     w.apply(ended.type, **ended.data)
     assert w.models.jobs[job].state == "failed"
-    assert commands.finish_terminations(w.models, "scheduler") == []
+    assert commands.finish_jobs(w.models, "scheduler") == []
 
 
 def test_an_ended_job_whose_tasks_still_stop_cannot_be_deleted_yet():
