@@ -31,6 +31,7 @@ WAL_CHECKPOINT_PAGES = 10_000  # checkpoint every ~40 MB of WAL instead of SQLit
 
 logger = structlog.get_logger(__name__)
 
+_TABLES = frozenset({"events", "log_head", "snapshots", "batchd_schema"})  # every version's
 MIGRATIONS: dict[int, str] = {
     1: """
     CREATE TABLE events (
@@ -205,7 +206,15 @@ class SqliteBackend:
                     "and no batchd log"
                 )
             return None
-        return conn.execute("SELECT version FROM batchd_schema").fetchone()[0]
+        missing = sorted(_TABLES - tables)
+        if missing:  # (checked before anything is written, leadership included)
+            raise errors.StoreCorrupt(f"{self.path} is damaged: its {missing[0]} table is missing")
+        rows = conn.execute("SELECT version FROM batchd_schema").fetchall()
+        if len(rows) != 1 or type(rows[0][0]) is not int or rows[0][0] < 1:
+            raise errors.StoreCorrupt(
+                f"{self.path} is damaged: its batchd_schema table holds no schema version"
+            )
+        return rows[0][0]
 
     def _check_version(self, version: int) -> None:
         if version > SCHEMA_VERSION:
@@ -284,10 +293,13 @@ class SqliteBackend:
         return Head(*row)
 
     async def try_lock_leader(self) -> bool:
-        """An exclusive flock on `<path>.leader` (SQLite's own locks are per transaction)."""
+        """An exclusive flock on `<real path>.leader` (SQLite's own locks are per
+        transaction)."""
         if self._leader is not None:
             return True
-        fd = os.open(f"{self.path}.leader", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # (by the file's real path: a log reached through a link is the same log)
+        lock = f"{os.path.realpath(self.path)}.leader"
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

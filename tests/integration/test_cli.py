@@ -206,6 +206,46 @@ def test_a_log_with_a_damaged_page_is_not_written_to(tmp_path):
     assert digest(path) == before
 
 
+@pytest.mark.parametrize(
+    ("damage", "said"),
+    [
+        ("DELETE FROM batchd_schema", "batchd_schema table holds no schema version"),
+        ("UPDATE batchd_schema SET version = 'abc'", "batchd_schema table holds no schema version"),
+        ("DROP TABLE snapshots", "its snapshots table is missing"),
+    ],
+)
+def test_a_log_whose_own_tables_are_damaged_is_refused_untouched(tmp_path, damage, said):
+    path = tmp_path / "events.db"
+    done = batchd("bench", "append", "--events", "100", "--batch", "10",
+                  "--store", f"sqlite:///{path}")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    conn = sqlite3.connect(path)
+    conn.execute(damage)
+    conn.commit()
+    conn.close()
+    before = digest(path)
+    for command in (["audit", "verify", "--store"], ["events", "tail", "--store"]):
+        assert_one_line_error(batchd(*command, f"sqlite:///{path}"), str(path), said)
+    done = batchd("serve", "--store", f"sqlite:///{path}", "--state-dir", str(tmp_path / "s"),
+                  "--listen", "127.0.0.1:0")  # fmt: skip
+    assert_one_line_error(done, str(path), said)
+    assert digest(path) == before  # no leadership taken, nothing written
+
+
+async def test_a_sqlite_log_reached_through_a_link_has_the_same_leader_lock(tmp_path):
+    path = tmp_path / "events.db"
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "events.db").symlink_to(path)
+    leader = await urls.open_store(f"sqlite:///{path}")
+    other = await urls.open_store(f"sqlite:///{tmp_path / 'other' / 'events.db'}")
+    try:
+        assert await leader.try_lock_leader()
+        assert not await other.try_lock_leader()  # it stands by: one leader per log
+    finally:
+        await other.close()
+        await leader.close()
+
+
 async def _set_schema_version(url: str, version: int) -> int:
     """Set the log's schema version; the one it had."""
     target = parse(url)
