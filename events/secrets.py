@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import base64
 import functools
+import hashlib
+import hmac
 import os
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -26,6 +28,8 @@ from batchd.events import errors
 SEALED_EXT = 1  # msgpack extension type code of a sealed value
 REDACTED = "***"
 _NONCE_BYTES = 12
+_SIGNING = b"batchd: signing key"  # (each key's signing key is its own, apart from sealing)
+_MAC_BYTES = 32
 
 
 class Sealed:
@@ -64,6 +68,7 @@ class Keyring:
             if len(key) != 32:
                 raise errors.SecretKeyError(f"secret key {key_id!r} must be 32 bytes")
         self._ciphers = {k: AESGCM(v) for k, v in keys.items()}
+        self._signing = {k: hmac.digest(v, _SIGNING, "sha256") for k, v in keys.items()}
         self.active = active
 
     @classmethod
@@ -77,6 +82,31 @@ class Keyring:
         except ValueError:
             raise errors.SecretKeyError("secret keys must be base64 (32 bytes each)") from None
         return cls(decoded, active)
+
+    def sign(self, *parts: bytes) -> bytes:
+        """A signature of `parts` (taken as one run of bytes) under the active key: its id's
+        length and id, then an HMAC-SHA256 that only a holder of that key can make."""
+        kid = self.active.encode("ascii")
+        mac = hmac.new(self._signing[self.active], digestmod=hashlib.sha256)
+        for part in parts:
+            mac.update(part)
+        return bytes([len(kid)]) + kid + mac.digest()
+
+    def verify(self, signature: bytes, *parts: bytes) -> bool:
+        """Did a key of these sign `parts` so (`sign`)? False also for a key not loaded."""
+        kid = signature[1 : 1 + signature[0]] if signature else b""
+        key = self._signing.get(kid.decode("ascii", "replace"))
+        if key is None or len(signature) != 1 + len(kid) + _MAC_BYTES:
+            return False
+        mac = hmac.new(key, digestmod=hashlib.sha256)
+        for part in parts:
+            mac.update(part)
+        return hmac.compare_digest(signature[1 + len(kid) :], mac.digest())
+
+    @staticmethod
+    def signature_length(data: bytes) -> int:
+        """The length of the signature `data` begins with (see `sign`)."""
+        return 1 + data[0] + _MAC_BYTES if data else 0
 
     def holds(self, key_id: str) -> bool:
         """Is a key of that id among these?"""

@@ -88,8 +88,13 @@ class Runner:
             discarded = _incompatible(stored)
             if stored is not None and discarded is None:
                 try:
-                    self.models = snapshot.decode(stored.state)
+                    state = await opened(self.store, stored)
+                    self.models = snapshot.decode(state)
                     self._snapshot_position = stored.position
+                except Unsealed as exc:  # not what this daemon stored: say so, and rebuild
+                    discarded = str(exc)
+                    logger.warning("projections.snapshot_refused", position=stored.position,
+                                   reason=discarded)  # fmt: skip
                 except Exception as exc:  # any damage means: rebuild from the log
                     self.models = ReadModels()
                     discarded = f"unreadable ({type(exc).__name__}: {exc})"
@@ -139,18 +144,21 @@ class Runner:
         """Store the read models as they are now (a no-op if nothing changed, or if the store
         is read-only). The encoding runs in a worker thread, so the event loop keeps serving
         readers meanwhile; `follow` applies no event until it is done."""
-        if self.store.readonly:
+        keyring = self.store.codec.keyring
+        if self.store.readonly or keyring is None:  # (none: it could not be sealed)
             return
         async with self._saving:
             position = self.models.position
             if position == self._snapshot_position:
                 return
+            anchor = await _anchor(self.store, position)
             self._encoding = asyncio.get_running_loop().create_future()
             try:
                 state = await asyncio.to_thread(snapshot.encode, self.models)
             finally:
                 self._encoding.set_result(None)
                 self._encoding = None
+            state = await asyncio.to_thread(snapshot.seal, state, keyring, position, anchor)
             await self.store.save_snapshot(
                 Snapshot(snapshot.NAME, position, snapshot.FORMAT, snapshot.CODE_HASH, state),
                 keep=SNAPSHOTS_KEPT,
@@ -162,6 +170,41 @@ class Runner:
         """Return once the read models have applied `position` (TimeoutError after `timeout`)."""
         async with asyncio.timeout(timeout), self._advanced:  # not wait_for: in 3.11 it can
             await self._advanced.wait_for(lambda: self.models.position >= position)  # eat a cancel
+
+
+class Unsealed(ValueError):
+    """A stored snapshot that cannot be shown to be what a daemon of these keys stored."""
+
+
+async def opened(store: EventStore, stored: Snapshot) -> bytes:
+    """The state of a stored snapshot, once its seal is shown to be this daemon's (keys) and
+    to be bound to the log's event at its position; Unsealed if not."""
+    keyring = store.codec.keyring
+    if keyring is None:
+        raise Unsealed("no secret keys to check its seal with (the daemon's: "
+                       "$BATCHD_SECRET_KEYS, or --config/--state-dir)")  # fmt: skip
+    try:
+        anchor = await _anchor(store, stored.position)
+    except LookupError:
+        raise Unsealed(f"the log holds no event at its position {stored.position}") from None
+    try:
+        return await asyncio.to_thread(snapshot.unseal, stored.state, keyring, stored.position,
+                                       anchor)  # fmt: skip
+    except ValueError as exc:
+        raise Unsealed(str(exc)) from None
+
+
+async def _anchor(store: EventStore, position: int) -> bytes:
+    """The hash of the log's event at `position` (LookupError: there is none)."""
+    found = await store.read_all(position - 1, 1)
+    if not found or found[0].position != position:
+        raise LookupError(position)
+    return found[0].hash
+
+
+def usable(stored: Snapshot | None) -> bool:
+    """Could the running code use `stored` (its seal aside)?"""
+    return stored is not None and _incompatible(stored) is None
 
 
 def _incompatible(stored: Snapshot | None) -> str | None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import msgpack
 
+from batchd.events.secrets import Keyring
 from batchd.projections import allocation, fold, lifecycle, model, queue
 from batchd.projections.model import (
     Cluster,
@@ -27,7 +28,7 @@ from batchd.projections.model import (
     Workspace,
 )
 
-FORMAT = 1
+FORMAT = 2  # 2: sealed (`seal`); 1 was not
 NAME = "read-models"  # the projection name snapshots are stored under
 
 _ENTITIES = (  # (ReadModels attribute, entity class, key of an entity)
@@ -51,6 +52,27 @@ def _code_hash() -> str:
 
 
 CODE_HASH = _code_hash()
+
+
+def seal(state: bytes, keyring: Keyring, position: int, anchor: bytes) -> bytes:
+    """`state` signed with the daemon's secret key, bound to its position and to the hash of
+    the log's event there (`anchor`): no one without the key can change a stored snapshot,
+    nor move one to another position or log, unseen."""
+    return keyring.sign(_bound(position, anchor), state) + state
+
+
+def unseal(sealed: bytes, keyring: Keyring, position: int, anchor: bytes) -> bytes:
+    """The state a sealed snapshot holds; ValueError if its signature does not verify."""
+    cut = Keyring.signature_length(sealed)
+    state = sealed[cut:]
+    if not keyring.verify(sealed[:cut], _bound(position, anchor), state):
+        raise ValueError("its seal does not verify: it was changed since it was stored, or "
+                         "sealed with keys this daemon does not hold")  # fmt: skip
+    return state
+
+
+def _bound(position: int, anchor: bytes) -> bytes:
+    return f"{NAME}\0{position}\0{FORMAT}\0{CODE_HASH}\0".encode() + anchor
 
 
 def encode(models: ReadModels) -> bytes:

@@ -6,8 +6,10 @@ import argparse
 import json
 import sys
 
-from batchd.events import audit, jsonform, urls
+from batchd.events import audit, errors, jsonform, urls
+from batchd.events.codec import Codec
 from batchd.events.envelope import RecordedEvent
+from batchd.events.secrets import Keyring
 from batchd.events.store import EventStore
 from batchd.events.timeutil import to_iso
 from batchd.scheduler import config
@@ -23,7 +25,18 @@ async def open_readonly(args: argparse.Namespace) -> EventStore:
         url = config.default_store_url(config.state_dir(args.state_dir))
     if urls.parse(url).scheme == "memory":
         raise ValueError("a memory:// log lives only inside one process: give a file or database")
-    return await urls.open_store(url, readonly=True)
+    return await urls.open_store(url, readonly=True, codec=Codec(_keys(args)))
+
+
+def _keys(args: argparse.Namespace) -> Keyring | None:
+    """The daemon's secret keys where this user can read them ($BATCHD_SECRET_KEYS, the
+    configuration's keys file, `<state-dir>/secret.keys`): `replay` then starts from the
+    newest snapshot whose seal they verify; without them it rebuilds from the log."""
+    try:
+        cfg = config.load(args.config or None, state=args.state_dir)
+        return config.load_keyring(cfg, create=False)
+    except (config.ConfigError, ValueError, OSError, errors.SecretKeyError):
+        return None
 
 
 def nothing_after(after: int, head: int, follow: bool) -> str:

@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import hashlib
 import json
 import re
 import shutil
@@ -76,9 +77,13 @@ async def bench_store(url: str | None) -> AsyncIterator[str]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
+BENCH_KEY = hashlib.sha256(b"batchd bench: a key for made-up logs only").digest()
+
+
 def bench_codec() -> codec.Codec:
-    """A codec with a fresh key, so that secret fields are sealed as in production."""
-    return codec.Codec(secrets.Keyring.generate())
+    """A codec with a key, so that secret fields and snapshots are sealed as in production
+    (the same key in every run: a log generated once keeps a snapshot later runs can open)."""
+    return codec.Codec(secrets.Keyring({"bench": BENCH_KEY}, "bench"))
 
 
 async def run(url: str, events: int, batch: int, writers: int) -> dict:

@@ -31,7 +31,7 @@ import time
 from batchd.events import errors, urls
 from batchd.events.store import EventStore
 from batchd.projections import snapshot
-from batchd.projections.runner import SNAPSHOT_EVERY, Runner
+from batchd.projections.runner import SNAPSHOT_EVERY, Runner, Unsealed, opened, usable
 from batchd.scheduler.bench import append, workload
 
 PAGE = 5000  # events per read_all
@@ -175,9 +175,13 @@ NO_SNAPSHOT = (
 
 async def _usable_snapshot(store: EventStore) -> bool:
     stored = await store.load_snapshot(snapshot.NAME)
-    if stored is None:
+    if not usable(stored):
         return False
-    return stored.format == snapshot.FORMAT and stored.code_hash == snapshot.CODE_HASH
+    try:
+        await opened(store, stored)
+    except Unsealed:
+        return False
+    return True
 
 
 def _summary(result: dict, generated: int, url: str) -> str:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 
 from batchd.events import urls
+from batchd.events.secrets import Keyring
 from batchd.events.store import Snapshot
 from batchd.projections import fold, snapshot
 from batchd.projections.runner import Runner
 from batchd.scheduler.bench import workload
 from tests.conftest import sealing_codec
+from tests.logs import info_logs
 
 
 async def _append_workload(store, events: int, seed: int = 11):
@@ -59,7 +61,11 @@ async def test_restore_uses_the_snapshot_then_catches_up(durable_url):
         pass
     await store.close()
 
-    store = await urls.open_store(durable_url, readonly=True)
+    keyless = await urls.open_store(durable_url, readonly=True)  # (the daemon's keys unknown)
+    info = await Runner(keyless).restore()
+    assert info.snapshot_position == 0 and "no secret keys" in info.discarded
+    await keyless.close()
+    store = await urls.open_store(durable_url, readonly=True, codec=sealing_codec())
     restored = Runner(store)
     info = await restored.restore()
     assert info.snapshot_position == taken and info.discarded is None
@@ -106,8 +112,10 @@ async def test_an_unreadable_snapshot_is_discarded_and_the_models_rebuilt(store)
     async for _ in _append_workload(store, 200):
         pass
     head = (await store.head()).position
+    anchor = (await store.read_all(head - 1, 1))[0].hash
+    damaged = snapshot.seal(b"\xc1 not msgpack", store.codec.keyring, head, anchor)
     await store.save_snapshot(
-        Snapshot(snapshot.NAME, head, snapshot.FORMAT, snapshot.CODE_HASH, b"\xc1 not msgpack")
+        Snapshot(snapshot.NAME, head, snapshot.FORMAT, snapshot.CODE_HASH, damaged)
     )
     runner = Runner(store)
     info = await runner.restore()
@@ -115,3 +123,38 @@ async def test_an_unreadable_snapshot_is_discarded_and_the_models_rebuilt(store)
     scratch = Runner(store, use_snapshots=False)
     await scratch.restore()
     assert snapshot.plain(runner.models) == snapshot.plain(scratch.models)
+
+
+async def test_a_snapshot_changed_or_moved_since_it_was_stored_is_refused(store):
+    """Whoever can write the snapshots table but lacks the daemon's keys cannot make the read
+    models say what the log does not (grant a token, change a job's end)."""
+    async for _ in _append_workload(store, 300):
+        pass
+    head = (await store.head()).position
+    first = Runner(store)
+    await first.restore()
+    await first.save_snapshot()
+    stored = await store.load_snapshot(snapshot.NAME)
+    cut = Keyring.signature_length(stored.state)
+    forged = snapshot.decode(stored.state[cut:])
+    job = next(iter(forged.jobs.values()))
+    job.state, job.exit_code = "failed", 42
+    changes = {
+        "changed, the old seal kept": stored.state[:cut] + snapshot.encode(forged),
+        "changed, sealed with other keys": snapshot.seal(
+            snapshot.encode(forged), Keyring.generate("k1"), head, b"x"
+        ),
+    }
+    for what, state in changes.items():
+        await store.save_snapshot(stored._replace(state=state))
+        with info_logs() as logs:
+            info = await Runner(store).restore()
+        assert info.snapshot_position == 0 and "seal does not verify" in info.discarded, what
+        assert [line["event"] for line in logs if line["log_level"] == "warning"] == [
+            "projections.snapshot_refused"
+        ]
+    await store.save_snapshot(stored._replace(position=head - 1), keep=9)  # the genuine, moved
+    runner = Runner(store)
+    info = await runner.restore(upto=head - 1)
+    assert info.snapshot_position == 0 and "seal does not verify" in info.discarded
+    assert runner.models.jobs[job.job_id].exit_code != 42  # the log's, rebuilt
