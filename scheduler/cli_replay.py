@@ -72,8 +72,8 @@ def world_text(w: dict[str, Any]) -> str:
     lines += table(
         ["NODE", "CLUSTER", "STATE", "SINCE", "GPUS", "ALLOCATED"],
         [[n["id"], n["cluster"], n["state"], n["since"], n["gpus"],
-          " ".join(f"{'*' if a['gpu'] is None else a['gpu']}:{a['jobName']}#{a['attempt']}"
-                   for a in n["allocations"]) or "-"]
+          " ".join(f"{'*' if a['gpu'] is None else a['gpu']}:{a['jobName'] or a['job']}"
+                   f"#{a['attempt']}" for a in n["allocations"]) or "-"]
          for n in w["nodes"]],
     )  # fmt: skip
     for name, queued in w["queues"].items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from batchd.scheduler.cli_api import _flatten, _node_row
+from batchd.scheduler.cli_replay import world_text
 
 ERRORS = [
     {
@@ -32,3 +33,14 @@ def test_show_prints_values_as_json_has_them():
     shown = dict(_flatten({"properties": {"preemption": True, "tags": {}, "n": 2}}, ""))
     assert shown == {"properties.preemption": "true", "properties.tags": "{}",
                      "properties.n": "2"}  # fmt: skip
+
+
+def test_replay_names_gpus_held_by_a_deleted_jobs_stopping_task_by_its_id():
+    node = {"id": "n0", "cluster": "ws/c", "state": "ready", "since": "-", "gpus": 2,
+            "allocations": [{"gpu": 0, "job": "j-1", "jobName": None, "attempt": 1, "task": 0},
+                            {"gpu": 1, "job": "j-2", "jobName": "train", "attempt": 2,
+                             "task": 0}]}  # fmt: skip
+    world = {"position": 9, "recordedAt": None, "clusters": [], "nodes": [node], "queues": {},
+             "jobs": [], "note": None}  # fmt: skip
+    text = world_text(world)
+    assert "0:j-1#1 1:train#2" in text and "None" not in text
