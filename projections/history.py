@@ -134,5 +134,8 @@ def pending_reason(reason: dict[str, Any] | None) -> str | None:
     pending reason as people read it."""
     if not reason:
         return None
-    params = ", ".join(f"{k}={v}" for k, v in reason.items() if k != "code")
+    shown = dict(reason)
+    if "victimNames" in shown:  # (preempting: the names people know, not the ids)
+        shown["victims"] = shown.pop("victimNames")
+    params = ", ".join(f"{k}={v}" for k, v in shown.items() if k != "code")
     return f"{reason.get('code')}{{{params}}}" if params else str(reason.get("code"))

@@ -50,6 +50,16 @@ def node(m: ReadModels, n: Node) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def pending_reason(m: ReadModels, reason: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A job's pending reason as shown: `preempting` also names its victims
+    (`victimNames`: workspace/experiment/name, as people know them; `victims` are ids)."""
+    if not reason or reason.get("code") != "preempting":
+        return reason
+    jobs = [m.jobs.get(v) for v in reason.get("victims") or ()]
+    names = [f"{j.workspace}/{j.experiment}/{j.name}" if j else "(deleted)" for j in jobs]
+    return {**reason, "victimNames": names}
+
+
 def _job_name(m: ReadModels, job_id: str) -> str | None:
     held = m.jobs.get(job_id)
     return None if held is None else held.name
@@ -84,7 +94,7 @@ def job(m: ReadModels, j: Job) -> dict[str, Any]:
         "cluster": where[1] if where else j.cluster, "owner": j.owner, "priority": j.priority,
         "nodeCount": j.node_count, "gpusPerNode": j.gpus_per_node, "state": j.state,
         "executionState": EXECUTION_STATE[j.state], "attempt": j.attempt,
-        "retries": j.retries, "pendingReason": j.pending_reason,
+        "retries": j.retries, "pendingReason": pending_reason(m, j.pending_reason),
         "pendingReasonSince": _time(j.pending_reason_at) if j.pending_reason else None,
         "tasks": [{"node": node_id, "gpus": gpus} for node_id, gpus in j.tasks],
         "creationTime": _time(j.submitted_at), "scheduledTime": _time(j.scheduled_at),
@@ -96,7 +106,12 @@ def job(m: ReadModels, j: Job) -> dict[str, Any]:
 def queued(m: ReadModels, cluster_id: str) -> list[dict[str, Any]]:
     """The cluster's queue in placement order, with each job's pending reason."""
     return [
-        {"job": j.job_id, "name": j.name, "priority": j.priority, "pendingReason": j.pending_reason}
+        {
+            "job": j.job_id,
+            "name": j.name,
+            "priority": j.priority,
+            "pendingReason": pending_reason(m, j.pending_reason),
+        }
         for j in queue.ordered(m, cluster_id)
     ]
 

@@ -9,7 +9,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from batchd.events.envelope import RecordedEvent
-from batchd.projections import clusters, fold
+from batchd.projections import clusters, fold, history, views
 from batchd.projections.model import ReadModels
 from batchd.scheduler import commands
 from batchd.scheduler.planner import cut_short, overdue, plan
@@ -176,6 +176,9 @@ def test_preemption_takes_only_preemptible_lower_priority_jobs_where_allowed():
     assert preempted == [victim]
     assert reasons(decisions)[urgent] == {"code": "preempting", "victims": [victim]}
     assert w.models.jobs[victim].state == "queued" and w.models.jobs[keep].state == "running"
+    shown = views.job(w.models, w.models.jobs[urgent])["pendingReason"]  # who, by name
+    assert shown["victimNames"] == [f"ws/e/{victim}"]
+    assert history.pending_reason(shown) == f"preempting{{victims=['ws/e/{victim}']}}"
     # the victim's task still runs (its SIGTERM grace): nothing else is preempted, nothing is
     # placed on its GPUs, and the victim waits for its own task too
     decisions = w.plan()
