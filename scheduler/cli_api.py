@@ -883,7 +883,9 @@ async def _job_again(args: argparse.Namespace, api: Client, server: _Reconnectin
 
 
 async def job_exec(args: argparse.Namespace) -> int:
-    """A command beside the job's task on node K, its output as it comes; its exit code."""
+    """A command beside the job's task on node K, its output as it comes; its exit code.
+    With --json: the API's lines as they come (`{"stdout": ...}`, `{"stderr": ...}`, then
+    `{"exitCode": ...}`), on stdout."""
     parts, node = args.cmd, args.node  # (cli.main takes all after -- as the command)
     command = parts[0] if len(parts) == 1 else " ".join(shlex.quote(part) for part in parts)
     if not command:
@@ -894,6 +896,11 @@ async def job_exec(args: argparse.Namespace) -> int:
                                                 body=body) as response:  # fmt: skip
         async for line in response.content:
             message = json.loads(line)
+            if args.json:
+                sys.stdout.write(json.dumps(message) + "\n")
+                sys.stdout.flush()
+                code = message.get("exitCode", code)
+                continue
             if "stdout" in message:
                 sys.stdout.write(message["stdout"])
                 sys.stdout.flush()

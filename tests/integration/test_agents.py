@@ -919,8 +919,15 @@ async def test_job_exec_runs_beside_the_job_in_its_environment_and_streams_outpu
         'echo "in $AZ_BATCHAI_JOB_NAME on GPU $CUDA_VISIBLE_DEVICES"; echo warn >&2; exit 5',
         env=env,
     )  # fmt: skip
+    [(_node, gpus)] = newest_job(models, "busy").tasks
     assert done.returncode == 5
-    assert done.stdout.startswith("in busy on GPU ") and done.stderr == "warn\n"
+    assert done.stdout == f"in busy on GPU {','.join(map(str, gpus))}\n"
+    assert done.stderr == "warn\n"
+    done = await asyncio.to_thread(batchd, "job", "exec", "busy", "--json", "--",
+                                   "echo out; echo err >&2; exit 3", env=env)  # fmt: skip
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert done.returncode == 3 and lines[-1]["exitCode"] == 3, (done.stdout, done.stderr)
+    assert {"stdout": "out\n"} in lines and {"stderr": "err\n"} in lines
     done = await asyncio.to_thread(batchd, "job", "exec", "busy", "--node", "3", "--", "true",
                                    env=env)  # fmt: skip
     assert done.returncode == 1 and "0 to 0" in done.stderr  # one task only
