@@ -250,10 +250,17 @@ async def errors_middleware(request: web.Request, handler: Callable[..., Awaitab
             return error_response(500, "InternalError", "the request failed; see the daemon's log")
         if status == 503:
             return retry_soon("the read models are behind; retry")
-        response = error_response(status, _code(status), str(exc))
-        if status == 401:
-            response.headers["WWW-Authenticate"] = 'Bearer realm="batchd"'
-        return response
+        return _refused(exc, status)
+
+
+def _refused(exc: Exception, status: int) -> web.Response:
+    """The answer to a request refused with `exc`, and the headers its status asks for."""
+    response = error_response(status, _code(status), str(exc))
+    if status == 401:
+        response.headers["WWW-Authenticate"] = 'Bearer realm="batchd"'
+    if isinstance(exc, RangeNotSatisfiable) and exc.size is not None:
+        response.headers["Content-Range"] = f"bytes */{exc.size}"
+    return response
 
 
 @web.middleware
@@ -1145,7 +1152,7 @@ def _span(wanted: tuple[int, int | None] | None, size: int) -> tuple[int, int]:
         return 0, size
     start, stop = wanted
     if start >= size:
-        raise _unsatisfiable(f"the file has {size} bytes")
+        raise _unsatisfiable(f"the file has {size} bytes", size)
     return start, size if stop is None else min(stop, size)
 
 
@@ -1180,11 +1187,16 @@ def _local_reader(base: Path, relative: str,
 
 
 class RangeNotSatisfiable(ValueError):
-    """A Range header that cannot be served (416)."""
+    """A Range header that cannot be served (416); `size`, where known, the file's (its
+    answer then says `Content-Range: bytes */SIZE`, as RFC 9110 asks)."""
+
+    def __init__(self, message: str, size: int | None = None) -> None:
+        super().__init__(message)
+        self.size = size
 
 
-def _unsatisfiable(message: str) -> RangeNotSatisfiable:
-    return RangeNotSatisfiable(message)
+def _unsatisfiable(message: str, size: int | None = None) -> RangeNotSatisfiable:
+    return RangeNotSatisfiable(message, size)
 
 
 def _follow_start(request: web.Request) -> int:

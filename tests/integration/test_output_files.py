@@ -228,6 +228,8 @@ async def test_range_requests_answer_alike_wherever_the_file_lies(local, tmp_pat
         status, answer = await client.call("GET", f"{EXP}/jobs/{path}", headers={"Range": asked})
         assert status == 416 and words in answer["error"]["message"], (asked, answer)
         assert answer["error"]["code"] == "RangeNotSatisfiable"
+    status, _got, headers = await _get(client, path, Range="bytes=26-")
+    assert (status, headers.get("Content-Range")) == (416, "bytes */26")  # (RFC 9110)
     for ignored in ("pages=1-2", "bytes=-3", "bytes=0-1,3-4", "garbage"):  # the whole file
         status, got, headers = await _get(client, path, Range=ignored)
         assert (status, got, headers.get("Content-Range")) == (200, ALPHABET, None), ignored
