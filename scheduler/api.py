@@ -33,6 +33,7 @@ from batchd.events.types import CLUSTER_SECRET_PATHS, JOB_SECRET_PATHS, VOCABULA
 from batchd.projections import history, lifecycle, views
 from batchd.projections.model import (
     EXECUTION_STATE,
+    LIVE_STATES,
     RUNNING,
     Job,
     ReadModels,
@@ -983,7 +984,8 @@ async def get_file(request: web.Request) -> web.StreamResponse:
     if follow:
         return await _follow(request, job, start, _local_reader(base, relative, api.mount_root))
     wanted = _wanted_range(request)
-    with _opened(base, relative, "path", api.mount_root, f"no file {relative!r} (yet)") as fd:
+    yet = " (yet)" if job.state in LIVE_STATES else ""  # (an ended job writes no more)
+    with _opened(base, relative, "path", api.mount_root, f"no file {relative!r}{yet}") as fd:
         info = files.regular(fd, relative)
 
         async def read(offset: int, most: int) -> bytes:
