@@ -54,6 +54,7 @@ LEADER_LOCK = 0x6261_7463_6864_0001  # the advisory lock key of a log's leader (
 # default of two hours.
 LEADER_KEEPALIVE = {"tcp_keepalives_idle": "10", "tcp_keepalives_interval": "5",
                     "tcp_keepalives_count": "4"}  # fmt: skip
+_TABLES = frozenset({"events", "log_head", "snapshots", "batchd_schema"})  # every version's
 MIGRATION_LOCK = 0x62617463  # advisory lock key held while migrating ("batc")
 WRITE_ATTEMPTS = 3
 LISTEN_BACKOFF = 0.5  # seconds between listener reconnects
@@ -291,9 +292,29 @@ class PostgresBackend:
         self._listener = asyncio.create_task(self._listen(), name="postgres-listener")
 
     async def _schema_version(self, conn: asyncpg.Connection) -> int | None:
-        if await conn.fetchval("SELECT to_regclass('batchd_schema')") is None:
+        """The log's schema version; None where the database holds none of its tables.
+        StoreCorrupt where it holds some and not others, or no version."""
+        found = await conn.fetch(
+            "SELECT t FROM unnest($1::text[]) AS t WHERE to_regclass(t) IS NOT NULL",
+            sorted(_TABLES),
+        )
+        present = {row[0] for row in found}
+        if not present:
             return None
-        return await conn.fetchval("SELECT version FROM batchd_schema")
+        if "batchd_schema" not in present:
+            raise errors.StoreCorrupt(
+                f"{self.where} holds a table named {sorted(present)[0]} but no batchd log"
+            )
+        missing = sorted(_TABLES - present)
+        if missing:
+            raise errors.StoreCorrupt(f"log {self.where} is damaged: its {missing[0]} table "
+                                      "is missing")  # fmt: skip
+        rows = await conn.fetch("SELECT version FROM batchd_schema")
+        if len(rows) != 1 or rows[0][0] is None or rows[0][0] < 1:
+            raise errors.StoreCorrupt(
+                f"log {self.where} is damaged: its batchd_schema table holds no schema version"
+            )
+        return rows[0][0]
 
     def _check_version(self, version: int) -> None:
         if version > SCHEMA_VERSION:

@@ -232,6 +232,33 @@ def test_a_log_whose_own_tables_are_damaged_is_refused_untouched(tmp_path, damag
     assert digest(path) == before  # no leadership taken, nothing written
 
 
+@pytest.mark.parametrize(
+    ("damage", "said"),
+    [
+        ("DELETE FROM batchd_schema", "batchd_schema table holds no schema version"),
+        ("DROP TABLE snapshots", "its snapshots table is missing"),
+        ("DROP TABLE batchd_schema", "holds a table named events but no batchd log"),
+    ],
+)
+async def test_a_postgres_log_whose_own_tables_are_damaged_is_refused_untouched(
+    pg_database, tmp_path, damage, said
+):
+    done = batchd("bench", "append", "--events", "100", "--batch", "10", "--store", pg_database)
+    assert done.returncode == 0, done.stderr
+    conn = await asyncpg.connect(pg_database)
+    try:
+        await conn.execute(damage)
+        epoch = await conn.fetchval("SELECT epoch FROM log_head")
+        for command in (["audit", "verify", "--store"], ["events", "tail", "--store"]):
+            assert_one_line_error(batchd(*command, pg_database), said)
+        done = batchd("serve", "--store", pg_database, "--state-dir", str(tmp_path / "s"),
+                      "--listen", "127.0.0.1:0")  # fmt: skip
+        assert_one_line_error(done, said)
+        assert await conn.fetchval("SELECT epoch FROM log_head") == epoch  # no leadership taken
+    finally:
+        await conn.close()
+
+
 async def test_a_sqlite_log_reached_through_a_link_has_the_same_leader_lock(tmp_path):
     path = tmp_path / "events.db"
     (tmp_path / "other").mkdir()
