@@ -57,10 +57,12 @@ from batchd.scheduler.runtimes import (
     release_job_temp,
     remove_work_dir,
     remove_work_tree,
+    scratch_dirs,
     shares_job_temp,
     sweep_dirs,
     sweep_orphans,
     task_label,
+    unwritable_dir,
     watch_children_with_pidfd,
 )
 from batchd.scheduler.vmsizes import memory_mb
@@ -219,6 +221,10 @@ class Agent:
         # daemon gives the node no work meanwhile (checked every heartbeat: _watch_engine)
         self.engine_down: str | None = None
         self.engine_down_at = 0.0  # (monotonic) when it was last found not to answer
+        # the node's own scratch space a task found it could not write (a full disk): the
+        # directories to try, and why; told in heartbeats (the daemon gives the node no work
+        # meanwhile) until a probe writes in each of them again (_watch_scratch)
+        self.unwritable: tuple[list[Path], str] | None = None
         # a kill given up or a container left as it stopped: its watchdog removes what is left
         self.left_running = False
         self.engine = "docker"
@@ -339,7 +345,8 @@ class Agent:
                 if await self._until_stopped(stop, workers[:1], registering):  # to work
                     if self.docker is not None:
                         workers.append(asyncio.create_task(self._watch_engine(), name="engine"))
-                    workers += [asyncio.create_task(self._heartbeats(), name="heartbeats"),
+                    workers += [asyncio.create_task(self._watch_scratch(), name="scratch"),
+                                asyncio.create_task(self._heartbeats(), name="heartbeats"),
                                 asyncio.create_task(self._commands(), name="commands"),
                                 asyncio.create_task(self._send(), name="reports")]  # fmt: skip
                     await self._until_stopped(stop, [w for w in workers if w is not registering])
@@ -507,8 +514,26 @@ class Agent:
         self.engine_down, self.engine_down_at = said, time.monotonic()
 
     def _engine_word(self) -> dict[str, str]:
-        """What a Heartbeat or Register says of the container engine: only that it is away."""
-        return {"engineDown": self.engine_down} if self.engine_down else {}
+        """What a Heartbeat or Register says of the node's faults: that its container engine
+        is away, that its scratch space cannot be written; nothing while all is well."""
+        word = {"engineDown": self.engine_down} if self.engine_down else {}
+        if self.unwritable is not None:
+            word["scratchUnwritable"] = self.unwritable[1]
+        return word
+
+    async def _watch_scratch(self) -> None:
+        """While a task found the node's scratch space unwritable: write a probe in each of
+        its directories every heartbeat interval; once all take one, the node can work."""
+        while True:
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
+            if self.unwritable is None:
+                continue
+            still = await asyncio.to_thread(unwritable_dir, self.unwritable[0])
+            if still is None:
+                logger.info("agent.scratch_writable_again")
+                self.unwritable = None
+            else:
+                self.unwritable = (self.unwritable[0], still)
 
     def _check_lease(self) -> None:
         """Out of touch for longer than the lease: stop every task (the daemon has moved on)."""
@@ -769,6 +794,8 @@ class Agent:
             error = result.error or _cannot_start_error(index, result.exit_code, task.spec)
         if error and error["code"] == protocol.ENGINE_UNREACHABLE:  # until its check says
             self._engine_away(error["message"])  # otherwise
+        if error and error["code"] == protocol.NODE_UNWRITABLE:  # until a probe writes there
+            self.unwritable = (scratch_dirs(task.spec, self.running_dir), error["message"])
         self.tasks.pop(key, None)  # (no await since its run ended: nothing saw it still here)
         self._report_exit(key, result.exit_code, error)  # its GPUs are free now
         self.ended[task_label(task.spec)] = time.monotonic()

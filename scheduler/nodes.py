@@ -395,7 +395,7 @@ class NodeService:
             await self.control.run(_by_agent(node_id, lambda m: _setup_exited(m, msg)),
                                    key=f"node/{node_id}")  # fmt: skip
         elif kind == "Heartbeat":
-            await self._heartbeat(node_id, _running_keys(msg), _engine_down(msg))
+            await self._heartbeat(node_id, _running_keys(msg), _fault_said(msg))
         elif kind in protocol.TASK_REPORTS:
             await self._task_report(node_id, kind, msg)
         elif kind == "TaskPrepared":
@@ -405,7 +405,7 @@ class NodeService:
                                    key=f"node/{node_id}")  # fmt: skip
 
     async def _heartbeat(self, node_id: str, running: list[TaskKey],
-                         engine_down: str | None) -> None:  # fmt: skip
+                         fault: tuple[str, str] | None) -> None:  # fmt: skip
         for job_id, attempt in self._resend_unstarted(node_id, running):
             await self.control.run(_by_agent(node_id, lambda m, j=job_id, a=attempt:
                                              _terminated(m, j, a)),
@@ -421,10 +421,9 @@ class NodeService:
         # (not while the daemon stops: it has just lost its local nodes, agents still up)
         if node is None or self.closing:
             return
-        if engine_down is not None:  # it takes no work until its engine answers again
-            if _engine_suspected(self.models, node_id, ""):  # (most beats: said already)
-                await self._suspect(node_id, protocol.ENGINE_UNREACHABLE,
-                                    _engine_said(engine_down))  # fmt: skip
+        if fault is not None:  # no work until its engine answers, its scratch takes files
+            if _fault_suspected(self.models, node_id, fault[0], ""):  # (most beats: said)
+                await self._suspect(node_id, *fault)
         elif node.state in (SUSPECT, LOST) and _may_recover(node, None, now_us()):
             await self.control.run(_by_agent(node_id, lambda m: _recovered(m, node_id)),
                                    key=f"node/{node_id}")  # fmt: skip
@@ -559,15 +558,14 @@ class NodeService:
                     data[field] = msg[field]
             out.append((stream, NewEvent("NodeRegistered", data, actor)))
         state = node.state if node is not None else PROVISIONING
-        engine_down = _engine_down(msg)
+        fault = _fault_said(msg)
         fresh = node is None or node.incarnation != msg["incarnation"]  # a start, or a reboot
         if fresh or state in (PROVISIONING, PREPARING):
             out += await self._prepare(m, cluster_id, node, node_id, msg, actor)
-        elif state in (SUSPECT, LOST) and _may_recover(node, engine_down, now_us()):
+        elif state in (SUSPECT, LOST) and _may_recover(node, fault, now_us()):
             out.append((stream, NewEvent("NodeRecovered", {"nodeId": node_id}, actor)))
-        elif engine_down is not None:  # (an agent registering again)
-            out += _by_agent(node_id, lambda m: _engine_suspected(
-                m, node_id, _engine_said(engine_down)))(m)  # fmt: skip
+        elif fault is not None:  # (an agent registering again)
+            out += _by_agent(node_id, lambda m: _fault_suspected(m, node_id, *fault))(m)
         self._kill_unwanted(m, node_id, _running_keys(msg))
         return out
 
@@ -591,10 +589,9 @@ class NodeService:
         if state in (PROVISIONING, PREPARING, SUSPECT, LOST, UNUSABLE):
             out.append((stream, NewEvent("NodeSetupSucceeded", {"nodeId": node_id}, actor)))
             state = LEAVING if node is not None and node.draining else READY
-        engine_down = _engine_down(msg)
-        if state == READY and engine_down is not None:  # ready, but no work yet
-            out.append(_suspicion(node_id, protocol.ENGINE_UNREACHABLE,
-                                  _engine_said(engine_down), actor))  # fmt: skip
+        fault = _fault_said(msg)
+        if state == READY and fault is not None:  # ready, but no work yet
+            out.append(_suspicion(node_id, *fault, actor))
         return out
 
     def _kill_unwanted(self, m: ReadModels, node_id: str, running: list[TaskKey]) -> None:
@@ -973,7 +970,7 @@ def _check_register(msg: dict[str, Any], principal: auth.Principal) -> None:
     unknown = [r for r in msg.get("runtimes") or () if r not in protocol.RUNTIMES]
     if unknown:
         raise protocol.ProtocolError(f"unknown runtimes {unknown}")
-    _engine_down(msg)  # a string, if given
+    _fault_said(msg)  # strings, if given
 
 
 def _engine_down(msg: dict[str, Any]) -> str | None:
@@ -987,12 +984,19 @@ def _engine_down(msg: dict[str, Any]) -> str | None:
     return said[:MAX_SAID] or "no reason given"
 
 
-def _engine_said(said: str) -> str:
-    return f"its container engine does not answer: {said}"
-
-
-def _engine_suspected(m: ReadModels, node_id: str, message: str) -> list[Decision]:
-    return _fault_suspected(m, node_id, protocol.ENGINE_UNREACHABLE, message)
+def _fault_said(msg: dict[str, Any]) -> tuple[str, str] | None:
+    """The fault of the node's own that a Heartbeat's (or Register's) agent reports, as
+    (code, message): its container engine does not answer (`engineDown`), its scratch space
+    takes no file (`scratchUnwritable`: a full disk); None while neither."""
+    said = _engine_down(msg)
+    if said is not None:
+        return protocol.ENGINE_UNREACHABLE, f"its container engine does not answer: {said}"
+    unwritable = msg.get("scratchUnwritable")
+    if unwritable is None:
+        return None
+    if not isinstance(unwritable, str):
+        raise protocol.ProtocolError(f"{msg['type']} scratchUnwritable must be a string")
+    return protocol.NODE_UNWRITABLE, unwritable[:MAX_SAID] or "no reason given"
 
 
 def _fault_suspected(m: ReadModels, node_id: str, code: str, message: str) -> list[Decision]:
@@ -1045,11 +1049,11 @@ def _moved_out(m: ReadModels, node: Node, msg: dict[str, Any], actor: str) -> De
     return (f"node-{node.node_id}", NewEvent("NodeRemoved", {"nodeId": node.node_id}, actor))
 
 
-def _may_recover(node: Node, engine_down: str | None, now: int) -> bool:
+def _may_recover(node: Node, fault: tuple[str, str] | None, now: int) -> bool:
     """May a suspect or lost node whose agent is heard from be ready again? Not while its
     agent says its engine does not answer, nor within the hold (HELD) of a suspicion for a
     fault its agent reported."""
-    if engine_down is not None:
+    if fault is not None:
         return False
     hold = _hold(node)
     # (abs: a clock set back, or a former leader's ahead, does not hold it longer)

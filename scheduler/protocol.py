@@ -9,9 +9,10 @@ started, or a report already recorded, changes nothing.
 Agent to daemon (POST /agent/v1/messages, a list of messages in one body):
   Register {gpus, gpuModel, gpuMemoryMb, cpus, memoryMb, runtimes, agentVersion,
             running: [task keys], address (optional: default, where it connects from),
-            engineDown? (as in Heartbeat)}
+            engineDown?, scratchUnwritable? (as in Heartbeat)}
   Heartbeat {running: [task keys], engineDown? (why its container engine does not answer:
-             the node takes no work until a heartbeat without it)}
+             the node takes no work until a heartbeat without it), scratchUnwritable? (why
+             its own scratch space takes no file, a full disk: the same)}
   TaskPreparing {jobId, attempt, task}: the task's preparation began (an image pull, the
            job's jobPreparation); sent at most once, before TaskStarted
   TaskPrepared {jobId, attempt, task}: a task whose StartTask says `barrier` is prepared and

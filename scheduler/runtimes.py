@@ -150,6 +150,34 @@ def prepare_directories(spec: dict[str, Any]) -> TaskResult | None:
     return None
 
 
+PROBE = ".batchd-probe"  # (written and removed at once: a disk that takes it has room)
+
+
+def scratch_dirs(spec: dict[str, Any], running_dir: Path) -> list[Path]:
+    """The directories of the node's own scratch space a task writes in: where its work and
+    job temp directories are made, and where its processes are recorded."""
+    dirs = [Path(path).parent for path in (spec.get("workDir"), job_temp(spec)) if path]
+    return [*dirs, running_dir]
+
+
+def unwritable_dir(dirs: list[Path]) -> str | None:
+    """Why one of `dirs` (made where missing) takes no file of 4 KiB now; None if all do."""
+    for directory in dirs:
+        probe = directory / PROBE
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            with open(probe, "wb") as handle:
+                handle.write(b"\0" * 4096)
+                handle.flush()
+                os.fsync(handle.fileno())  # (a full disk may take the write and refuse this)
+        except OSError as exc:
+            return f"this node cannot write its own {exc.filename or probe}: {exc.strerror}"
+        finally:
+            with contextlib.suppress(OSError):
+                probe.unlink()
+    return None
+
+
 class OutputText:
     """A command's stdout and stderr bytes, as they come, as text for `send(stdout=...)` and
     `send(stderr=...)`: each stream is decoded on its own, so a character split between two

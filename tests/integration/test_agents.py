@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -159,6 +160,34 @@ async def test_deleting_a_running_job_terminates_it_and_deletes_it_once_stopped(
     assert not any(n.allocations for n in daemon.models.models.nodes.values())
     await _run(client, "doomed", "echo again")  # the name is free
     assert (await _ended(daemon, client, "doomed"))["properties"]["state"] == "succeeded"
+
+
+async def test_a_node_whose_scratch_space_is_unwritable_takes_no_work_until_it_is(
+    local, monkeypatch
+):
+    """A full disk (here: a file where the tasks' work directories go): the attempt ends as a
+    node fault, and the node stays suspect past its hold for as long as its agent's probe
+    cannot write there; once it can, the node works again and the job's retry runs."""
+    monkeypatch.setitem(node_service.HELD, protocol.NODE_UNWRITABLE, 1_000_000)  # 1 s
+    daemon, client = local
+    work = daemon.state_dir / "nodes" / "work"
+    shutil.rmtree(work, ignore_errors=True)
+    work.write_text("in the way")
+    await _run(client, "squeezed", "echo ran")
+    nodes = daemon.models.models.nodes
+
+    def unwritable() -> list[str]:
+        return [n.node_id for n in nodes.values() if n.state == "suspect"
+                and n.errors and n.errors[-1]["code"] == "node_unwritable"]  # fmt: skip
+
+    await _until(lambda: len(unwritable()) == 2, 30)  # its retry found the other node so
+    await asyncio.sleep(3 * HEARTBEAT_INTERVAL)  # past the hold: still said, still suspect
+    assert len(unwritable()) == 2 and newest_job(daemon.models.models, "squeezed").state == "queued"
+    work.unlink()  # room again
+    job = await _ended(daemon, client, "squeezed")
+    assert job["properties"]["state"] == "succeeded", job["properties"]
+    assert job["properties"]["retries"] == {"node_lost": 2}
+    assert {n.state for n in nodes.values()} == {"ready"}
 
 
 async def test_a_jobs_output_directories_exist_when_it_starts(local):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from batchd.projections.model import Node, ReadModels
-from batchd.scheduler.nodes import _engine_suspected
+from batchd.scheduler import protocol
+from batchd.scheduler.nodes import _fault_said, _fault_suspected
 
 
 def _node(state: str, setup: str | None = None, draining: bool = False) -> ReadModels:
@@ -35,7 +36,8 @@ def _node(state: str, setup: str | None = None, draining: bool = False) -> ReadM
 def test_which_nodes_an_engine_that_does_not_answer_makes_suspect(
     state, setup, draining, suspected
 ):
-    decided = _engine_suspected(_node(state, setup, draining), "n1", "its engine is away")
+    m = _node(state, setup, draining)
+    decided = _fault_suspected(m, "n1", "engine_unreachable", "its engine is away")
     assert bool(decided) is suspected
     if decided:
         [(stream, event)] = decided
@@ -57,7 +59,8 @@ def test_a_node_that_cannot_write_its_scratch_space_is_held_longer_than_for_its_
         assert _fault_suspected(m, "n1", code, "again") == []  # said once
         assert not _may_recover(node, None, node.since + (held_s - 1) * 1_000_000)
         assert _may_recover(node, None, node.since + held_s * 1_000_000)
-        assert not _may_recover(node, "its engine is away", node.since + 600 * 1_000_000)
+        for fault in (("engine_unreachable", "away"), ("node_unwritable", "no space left")):
+            assert not _may_recover(node, fault, node.since + 600 * 1_000_000)  # still said
     # held a moment for its engine, then its disk is full too: held the longer for that
     m = _node("ready")
     [(_stream, event)] = _fault_suspected(m, "n1", "engine_unreachable", "away")
@@ -66,3 +69,17 @@ def test_a_node_that_cannot_write_its_scratch_space_is_held_longer_than_for_its_
     node.errors = [{**event.data["error"], "at": node.since}]
     [(_stream, later)] = _fault_suspected(m, "n1", "node_unwritable", "no space left")
     assert later.data["error"]["code"] == "node_unwritable"
+
+
+def test_what_an_agent_says_of_its_nodes_faults():
+    beat = protocol.message("Heartbeat", "n1", 1, running=[])
+    assert _fault_said(beat) is None
+    said = _fault_said({**beat, "engineDown": "connection refused"})
+    assert said == (
+        "engine_unreachable",
+        "its container engine does not answer: connection refused",
+    )
+    full = "this node cannot write its own /w/.batchd-probe: No space left on device"
+    assert _fault_said({**beat, "scratchUnwritable": full}) == ("node_unwritable", full)
+    with pytest.raises(protocol.ProtocolError, match="scratchUnwritable must be a string"):
+        _fault_said({**beat, "scratchUnwritable": 3})

@@ -147,7 +147,7 @@ def test_a_node_suspected_for_its_engine_is_ready_again_only_once_its_agent_says
     at = 1_000_000_000
     engine = {"code": "engine_unreachable", "message": "away", "at": at}
     node = Node("n", "c", "suspect", at, "NodeSuspected", errors=[engine])
-    assert not nodes._may_recover(node, "connection refused", at + 60_000_000)
+    assert not nodes._may_recover(node, ("engine_unreachable", "refused"), at + 60_000_000)
     assert not nodes._may_recover(node, None, at + nodes.ENGINE_HOLD - 1)
     assert nodes._may_recover(node, None, at + nodes.ENGINE_HOLD)
     assert nodes._may_recover(node, None, at - 60_000_000)  # the clock was set back
