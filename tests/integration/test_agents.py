@@ -187,7 +187,7 @@ async def test_a_node_whose_scratch_space_is_unwritable_takes_no_work_until_it_i
     job = await _ended(daemon, client, "squeezed")
     assert job["properties"]["state"] == "succeeded", job["properties"]
     assert job["properties"]["retries"] == {"node_lost": 2}
-    assert {n.state for n in nodes.values()} == {"ready"}
+    await _until(lambda: {n.state for n in nodes.values()} == {"ready"}, 20)  # both again
 
 
 async def test_a_jobs_output_directories_exist_when_it_starts(local):
