@@ -701,8 +701,8 @@ def _file_operations() -> dict[str, Schema]:
     }
     return {
         _JOB + "/files": _with_params({
-            "get": read("listJobFiles", "list a job's output files", "FileList",
-                        (OUTPUT_DIRECTORY, directory, ATTEMPT)),
+            "get": listing("listJobFiles", "list a job's output files", "FileList",
+                           (OUTPUT_DIRECTORY, directory, ATTEMPT)),
         }, WORKSPACE, EXPERIMENT, JOB),
         _JOB + "/files/{path}": _with_params({
             "get": operation("getJobFile", "a job's output file", content,

@@ -465,3 +465,28 @@ async def test_a_command_runs_in_bash_as_batch_ai_ran_it(local):
     job = await _ended(daemon, client, "bashism")
     assert job["properties"]["state"] == "succeeded"
     assert _out(daemon, "bashism") == "ok\n"
+
+
+@pytest.mark.parametrize("where", ["storage", "node"])
+async def test_a_long_file_list_pages_through_the_links_the_server_gives(local, tmp_path, where):
+    """Every nextLink and downloadUrl the server builds is one it takes (a link refused as
+    an unknown parameter broke `job file list` past 100 files)."""
+    daemon, client = local
+    fields, _base = _where(daemon, tmp_path, where)
+    await _run(client, "many", 'for i in $(seq 105); do : > "$AZ_BATCHAI_STDOUTERR_DIR/f$i"; '
+               "done", **fields)  # fmt: skip
+    assert (await _ended(daemon, client, "many"))["properties"]["state"] == "succeeded"
+    names, link = [], f"{client.url}{EXP}/jobs/many/files?top=40"
+    while link:
+        async with client.session.get(link, headers=client.headers) as r:
+            assert r.status == 200, await r.text()
+            page = await r.json()
+        names += [f["name"] for f in page["value"]]
+        link = page["nextLink"] and client.url + page["nextLink"]  # (a path on this server)
+    assert len(names) == 107 and len(set(names)) == 107  # f1..f105, stdout and stderr
+    download = page["value"][-1]["downloadUrl"]
+    async with client.session.get(client.url + download, headers=client.headers) as r:
+        assert r.status == 200
+    async with client.session.head(f"{client.url}{EXP}/jobs/many/files?bogus=1",
+                                   headers=client.headers) as r:  # fmt: skip
+        assert r.status == 400  # as a GET
