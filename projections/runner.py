@@ -84,17 +84,23 @@ class Runner:
     async def _restore(self, upto: int | None) -> Restored:
         discarded = None
         if self.use_snapshots:
-            stored = await self.store.load_snapshot(snapshot.NAME, upto)
-            discarded = _incompatible(stored)
+            try:
+                stored = await self.store.load_snapshot(snapshot.NAME, upto)
+            except errors.StoreCorrupt as exc:  # a damaged row: rebuild from the log
+                stored, discarded = None, f"unreadable ({exc})"
+            discarded = discarded or _incompatible(stored)
             if stored is not None and discarded is None:
                 try:
                     state = await opened(self.store, stored)
                     self.models = snapshot.decode(state)
+                    if self.models.position != stored.position:
+                        raise ValueError(f"it holds position {self.models.position}")
                     self._snapshot_position = stored.position
                 except Unsealed as exc:  # not what this daemon stored: say so, and rebuild
                     discarded = str(exc)
-                    logger.warning("projections.snapshot_refused", position=stored.position,
-                                   reason=discarded)  # fmt: skip
+                    if exc.suspicious:  # (not for a reader without the daemon's keys)
+                        logger.warning("projections.snapshot_refused",
+                                       position=stored.position, reason=discarded)  # fmt: skip
                 except Exception as exc:  # any damage means: rebuild from the log
                     self.models = ReadModels()
                     discarded = f"unreadable ({type(exc).__name__}: {exc})"
@@ -148,12 +154,13 @@ class Runner:
         if self.store.readonly or keyring is None:  # (none: it could not be sealed)
             return
         async with self._saving:
-            position = self.models.position
-            if position == self._snapshot_position:
+            if self.models.position == self._snapshot_position:
                 return
-            anchor = await _anchor(self.store, position)
+            # the models hold still from here: the position sealed is that of the state
             self._encoding = asyncio.get_running_loop().create_future()
             try:
+                position = self.models.position
+                anchor = await _anchor(self.store, position)
                 state = await asyncio.to_thread(snapshot.encode, self.models)
             finally:
                 self._encoding.set_result(None)
@@ -173,7 +180,12 @@ class Runner:
 
 
 class Unsealed(ValueError):
-    """A stored snapshot that cannot be shown to be what a daemon of these keys stored."""
+    """A stored snapshot that cannot be shown to be what a daemon of these keys stored;
+    `suspicious` unless it is for want of keys to check it with."""
+
+    def __init__(self, message: str, suspicious: bool = True) -> None:
+        super().__init__(message)
+        self.suspicious = suspicious
 
 
 async def opened(store: EventStore, stored: Snapshot) -> bytes:
@@ -181,8 +193,11 @@ async def opened(store: EventStore, stored: Snapshot) -> bytes:
     to be bound to the log's event at its position; Unsealed if not."""
     keyring = store.codec.keyring
     if keyring is None:
-        raise Unsealed("no secret keys to check its seal with (the daemon's: "
-                       "$BATCHD_SECRET_KEYS, or --config/--state-dir)")  # fmt: skip
+        raise Unsealed(
+            "no secret keys to check its seal with (the daemon's: "
+            "$BATCHD_SECRET_KEYS, or --config/--state-dir)",
+            suspicious=False,
+        )
     try:
         anchor = await _anchor(store, stored.position)
     except LookupError:

@@ -200,9 +200,10 @@ def _unknown_query(request: web.Request) -> tuple[str | None, frozenset[str]]:
     """A query parameter the request's operation does not take, if any, and those it takes
     (routes outside the OpenAPI document, such as the agents', are not looked at)."""
     route = request.match_info.route.resource
-    if route is None:
+    if route is None or not request.path.startswith("/v1/"):  # (probes: whatever they add)
         return None, frozenset()
-    known = _query_names().get(openapi.route_key(request.method, route.canonical))
+    method = "GET" if request.method == "HEAD" else request.method  # (aiohttp's, for a GET)
+    known = _query_names().get(openapi.route_key(method, route.canonical))
     if known is None:
         return None, frozenset()
     return next((k for k in request.query if k not in known), None), known
@@ -710,6 +711,10 @@ async def delete_job(request: web.Request) -> web.Response:
         lambda m: commands.delete_job(m, ws, exp, name, _actor(request)),
         key=job_key(ws, exp, name),
     )
+    done = await api.control.run(
+        lambda m: commands.finish_job(m, ws, exp, name), key=job_key(ws, exp, name)
+    )  # (a queued one: deleted now)
+    position = done or position
     left = commands.current_job(api.models, ws, exp, name)  # a live one: terminating first
     return _written(resources.job(api.models, left) if left else {}, position, request, 202)
 

@@ -682,7 +682,7 @@ async def job_delete(args: argparse.Namespace) -> int:
     done = f"deleted job {_job_key(args)}"
     if isinstance(answer, dict) and _get(answer, "properties.state"):  # it was live
         done = (f"deleting job {_job_key(args)}: it is terminated first, and deleted once its "
-                "tasks have stopped (batchd job wait)")  # fmt: skip
+                "tasks have stopped")  # fmt: skip
     return _print_write(args, status, answer, done)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from batchd.events import audit, errors, jsonform, urls
 from batchd.events.codec import Codec
@@ -34,7 +35,12 @@ def _keys(args: argparse.Namespace) -> Keyring | None:
     newest snapshot whose seal they verify; without them it rebuilds from the log."""
     try:
         cfg = config.load(args.config or None, state=args.state_dir)
-        return config.load_keyring(cfg, create=False)
+        keyring = config.load_keyring(cfg, create=False)
+        target = urls.parse(args.store) if args.store else None
+        if keyring is None and target is not None and target.scheme == "sqlite":
+            beside = Path(target.target).parent  # (a state directory's log: its keys there)
+            keyring = config.load_keyring(config.load(None, state=str(beside)), create=False)
+        return keyring
     except (config.ConfigError, ValueError, OSError, errors.SecretKeyError):
         return None
 

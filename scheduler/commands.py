@@ -121,19 +121,11 @@ def create_experiment(m: ReadModels, workspace: str, experiment: str, actor: str
 def delete_experiment(m: ReadModels, workspace: str, experiment: str, actor: str) -> list[Decision]:
     """Deleting an experiment terminates its live jobs (as Batch AI did)."""
     find_experiment(m, workspace, experiment)
-    out = [
-        _event(f"job-{j.job_id}", "JobTerminateRequested",
-               {"jobId": j.job_id, "reason": f"experiment {experiment} deleted"}, actor)
-        for j in m.jobs.values()
-        if j.workspace == workspace and j.experiment == experiment
-        and lifecycle.allowed(j.state, "JobTerminateRequested")
-    ]  # fmt: skip
-    out += [
-        _event(f"job-{j.job_id}", "JobTerminated",
-               {"jobId": j.job_id, "reason": f"experiment {experiment} deleted"}, actor)
-        for j in m.jobs.values()
-        if j.workspace == workspace and j.experiment == experiment and j.state == QUEUED
-    ]  # fmt: skip
+    reason = f"experiment {experiment} deleted"
+    out = [decision for j in m.jobs.values()
+           if j.workspace == workspace and j.experiment == experiment
+           and lifecycle.allowed(j.state, "JobTerminateRequested")
+           for decision in terminate(j, actor, reason)]  # fmt: skip
     data = {"workspace": workspace, "experiment": experiment}
     out.append(_event(f"experiment-{workspace}/{experiment}", "ExperimentDeleted", data, actor))
     return out
@@ -435,10 +427,10 @@ def terminate_job(
 ) -> list[Decision]:
     """A user's terminate (see `terminate`)."""
     job = find_job(m, workspace, experiment, name)
-    return terminate(m, job, actor, f"terminated by {actor}")
+    return terminate(job, actor, f"terminated by {actor}")
 
 
-def terminate(m: ReadModels, job: Job, actor: str, reason: str) -> list[Decision]:
+def terminate(job: Job, actor: str, reason: str) -> list[Decision]:
     """Terminate `job` for `reason`: a queued job ends at once; one that holds GPUs ends when
     its node reports it killed, and so does a queued one whose earlier attempt's tasks are
     still being killed (`finish_jobs`). Asked again while it is terminating, nothing
@@ -491,6 +483,8 @@ def delete_job(
     """Delete a job; one still live is terminated first, as Batch AI's Delete did, and deleted
     once it has ended and its tasks have stopped (`finish_jobs`): a queued one at once."""
     job = find_job(m, workspace, experiment, name)
+    if job.delete_requested_by is not None:
+        return []  # asked already (finish_jobs deletes it): a retried request succeeds
     if job.state in LIVE_STATES:
         return _delete_live(job, actor)
     if job.stopping:  # (its name, and so its output directories, could be reused meanwhile)
@@ -504,12 +498,19 @@ def delete_job(
 
 
 def _delete_live(job: Job, actor: str) -> list[Decision]:
-    if job.delete_requested_by is not None:
-        return []  # asked already: a retried request succeeds
+    """JobDeleteRequested first (whatever the planner decided meanwhile, the job is deleted
+    once it has ended), then its termination; JobDeleted comes from `finish_jobs`, at once
+    for a queued job (the API asks for it right after: `finish_job`)."""
     stream, data = f"job-{job.job_id}", {"jobId": job.job_id, "reason": f"deleted by {actor}"}
-    out = [] if job.state == TERMINATING else [
-        _event(stream, "JobTerminateRequested", data, actor)]  # fmt: skip
-    if job.state == QUEUED and not job.stopping:  # ends at once
-        return [*out, _event(stream, "JobTerminated", data, actor),
-                _event(stream, "JobDeleted", {"jobId": job.job_id}, actor)]  # fmt: skip
-    return [*out, _event(stream, "JobDeleteRequested", data, actor)]
+    asked = [_event(stream, "JobDeleteRequested", data, actor)]
+    if job.state == TERMINATING:
+        return asked
+    return asked + terminate(job, actor, data["reason"])
+
+
+def finish_job(m: ReadModels, workspace: str, experiment: str, name: str) -> list[Decision]:
+    """`finished` for one job now (a queued job just deleted is deleted at once)."""
+    job = current_job(m, workspace, experiment, name)
+    if job is None or job.stopping:
+        return []
+    return finished(job, job.delete_requested_by or "scheduler")

@@ -1130,8 +1130,8 @@ def _stopped(
     job_id, attempt, task = key
     data = {"jobId": job_id, "attempt": attempt, "task": task, "exitCode": code, "node": node_id}
     out = [(f"job-{job_id}", NewEvent("JobTaskExited", data))]
-    job = m.jobs[job_id]
-    if job.stopping == [[attempt, task, node_id]]:  # the last one it waited for
+    job = m.jobs.get(job_id)  # (None: deleted, its GPUs held by a task stopping still)
+    if job is not None and job.stopping == [[attempt, task, node_id]]:  # the last one
         out += commands.finished(job, "scheduler")
     return out
 

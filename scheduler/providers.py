@@ -572,7 +572,7 @@ def deallocate(m: ReadModels, node_id: str, option: str, actor: str) -> list[Dec
                f"(nodeDeallocationOption {option})")  # fmt: skip
     for job_id, attempt in _placed_attempts(m, node_id):
         if option == TERMINATE:
-            out += commands.terminate(m, m.jobs[job_id], actor, message)
+            out += commands.terminate(m.jobs[job_id], actor, message)
         else:
             error = {"code": "node_deallocated", "message": message}
             out += retries.attempt_ended(m, job_id, attempt, "interrupted", error=error)

@@ -32,6 +32,8 @@ def attempt_ended(
     if job is None or job.attempt != attempt:
         return []
     stream = f"job-{job_id}"
+    if job.state == TERMINATING and not job.tasks:  # terminated after its attempt was
+        return []  # retired: it ends once its last stopping task has (commands.finish_jobs)
     if job.state == TERMINATING:  # it was being killed anyway: the termination is complete
         reason = f"{job.terminate_reason or 'terminated'} (its attempt ended: {cause})"
         data = {"jobId": job_id, "attempt": attempt, "reason": reason}

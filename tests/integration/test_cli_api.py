@@ -322,8 +322,7 @@ async def test_terminate_a_running_job_says_it_is_terminating(batchd, api):
     assert as_json.code == 0 and as_json.json["properties"]["state"] == "terminating"
     done = await batchd("job", "delete", "r", "-w", "ws", "-e", "exp")  # once it has stopped
     assert done.code == 0 and done.lines == [
-        "deleting job ws/exp/r: it is terminated first, and deleted once its tasks have stopped "
-        "(batchd job wait)"
+        "deleting job ws/exp/r: it is terminated first, and deleted once its tasks have stopped"
     ], done.err
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 
 from batchd.events import urls
 from batchd.events.secrets import Keyring
@@ -158,3 +159,36 @@ async def test_a_snapshot_changed_or_moved_since_it_was_stored_is_refused(store)
     info = await runner.restore(upto=head - 1)
     assert info.snapshot_position == 0 and "seal does not verify" in info.discarded
     assert runner.models.jobs[job.job_id].exit_code != 42  # the log's, rebuilt
+
+
+async def test_a_sealed_snapshot_of_another_position_or_a_damaged_row_is_discarded(durable_url):
+    """A snapshot sealed under one position holding the state of another is not used (one
+    taken while events still arrived could say so); a row the store cannot read is
+    discarded, not a failure to start; a reader without the daemon's keys just rebuilds."""
+    store = await urls.open_store(durable_url, codec=sealing_codec())
+    async for _ in _append_workload(store, 200):
+        pass
+    head = (await store.head()).position
+    later = Runner(store, use_snapshots=False)
+    await later.restore()
+    anchor = (await store.read_all(head - 2, 1))[0].hash
+    state = snapshot.seal(snapshot.encode(later.models), store.codec.keyring, head - 1, anchor)
+    await store.save_snapshot(
+        Snapshot(snapshot.NAME, head - 1, snapshot.FORMAT, snapshot.CODE_HASH, state)
+    )
+    info = await Runner(store).restore()
+    assert info.snapshot_position == 0 and f"holds position {head}" in info.discarded
+    if urls.parse(durable_url).scheme == "sqlite":  # a blob turned to text that is not UTF-8
+        conn = sqlite3.connect(urls.parse(durable_url).target)
+        conn.execute("UPDATE snapshots SET state = CAST(x'02fffe' AS TEXT)")
+        conn.commit()
+        conn.close()
+        info = await Runner(store).restore()
+        assert info.snapshot_position == 0 and info.discarded.startswith("unreadable")
+    await store.close()
+    keyless = await urls.open_store(durable_url, readonly=True)
+    with info_logs() as logs:
+        info = await Runner(keyless).restore()
+    assert info.replayed == head
+    assert not [line for line in logs if line["log_level"] == "warning"]  # (nothing amiss)
+    await keyless.close()

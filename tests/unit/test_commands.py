@@ -167,9 +167,13 @@ def test_names_conflicts_and_lifecycle(w):
     w.do(commands.submit_job(w.m, "ws", "exp", "j", JOB, "user:ann", cluster="gpu"))  # reused
     assert len(w.m.job_ids["ws/exp/j"]) == 2
     queued = commands.delete_job(w.m, "ws", "exp", "j", "user:ann")  # as Batch AI: terminated
-    assert [e.type for _s, e in queued] == ["JobTerminateRequested", "JobTerminated", "JobDeleted"]
+    assert [e.type for _s, e in queued] == [
+        "JobDeleteRequested", "JobTerminateRequested", "JobTerminated"]  # fmt: skip
     assert queued[0][1].data["reason"] == "deleted by user:ann"
     w.do(queued)
+    assert commands.delete_job(w.m, "ws", "exp", "j", "user:ann") == []  # asked already
+    [(_s, deleted)] = w.do(commands.finish_job(w.m, "ws", "exp", "j"))  # (the API, at once)
+    assert (deleted.type, deleted.actor) == ("JobDeleted", "user:ann")
     assert commands.current_job(w.m, "ws", "exp", "j") is None
     w.do(commands.submit_job(w.m, "ws", "exp", "j", JOB, "user:ann", cluster="gpu"))
     job_id = w.m.job_ids["ws/exp/j"][-1]
@@ -177,7 +181,7 @@ def test_names_conflicts_and_lifecycle(w):
     w.do([(f"job-{job_id}", _event("JobScheduled", jobId=job_id, attempt=1, tasks=tasks)),
           (f"job-{job_id}", _event("JobStarted", jobId=job_id, attempt=1))])  # fmt: skip
     running = w.do(commands.delete_job(w.m, "ws", "exp", "j", "user:ann"))
-    assert [e.type for _s, e in running] == ["JobTerminateRequested", "JobDeleteRequested"]
+    assert [e.type for _s, e in running] == ["JobDeleteRequested", "JobTerminateRequested"]
     assert w.m.jobs[job_id].state == "terminating"
     assert w.m.jobs[job_id].delete_requested_by == "user:ann"
     assert commands.delete_job(w.m, "ws", "exp", "j", "user:ann") == []  # asked again

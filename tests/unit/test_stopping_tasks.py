@@ -165,7 +165,7 @@ def _named(w: World) -> World:
 
 
 def _terminate(w: World, job: str) -> list[str]:
-    decided = commands.terminate(w.models, w.models.jobs[job], "user:ann", "terminated by ann")
+    decided = commands.terminate(w.models.jobs[job], "user:ann", "terminated by ann")
     for _stream, event in decided:
         w.apply(event.type, **event.data)
     return [event.type for _stream, event in decided]
@@ -202,13 +202,30 @@ def _stopping_and_terminated(w: World) -> str:
     return job
 
 
-def test_a_terminating_job_whose_stopping_tasks_node_is_lost_ends_with_the_loss():
-    w = World().cluster(nodes=1, gpus=4)
-    _stopping_and_terminated(w)
+def test_a_terminating_gang_ends_once_its_last_stopping_task_has_not_when_one_node_is_lost():
+    w = World().cluster(nodes=2, gpus=4)
+    gang = w.job(gpus=4, nodes=2)
+    w.run(gang, [("c-n0", [0, 1, 2, 3]), ("c-n1", [0, 1, 2, 3])])
+    w.apply("JobRequeued", jobId=gang, attempt=1, cause="preempted")
+    _terminate(w, gang)
     w.apply("NodeSuspected", nodeId="c-n0")
-    decided = [event for _stream, event in nodes._lost(w.models, "c-n0")]
-    assert [e.type for e in decided] == ["NodeLost", "JobTerminated"]
-    assert decided[1].data["reason"] == "terminated by ann (its attempt ended: node_lost)"
+    for _stream, event in nodes._lost(w.models, "c-n0"):
+        assert event.type == "NodeLost"  # its task on c-n1 still runs: not ended yet
+        w.apply(event.type, **event.data)
+    assert w.models.jobs[gang].state == "terminating"
+    assert commands.finish_jobs(w.models, "scheduler") == []
+    decided = _stopped(w.models, (gang, 1, 1), "c-n1", 143)
+    assert [e.type for _s, e in decided] == ["JobTaskExited", "JobTerminated"]
+
+
+def test_a_stopping_task_of_a_job_gone_is_taken_off_its_node_all_the_same():
+    w = World().cluster(nodes=1, gpus=4)
+    job = w.job(gpus=4)
+    w.run(job, [("c-n0", [0, 1, 2, 3])])
+    w.apply("JobRequeued", jobId=job, attempt=1, cause="preempted")
+    del w.models.jobs[job]  # (as a deletion raced by a placement left it, in older versions)
+    decided = _stopped(w.models, (job, 1, 0), "c-n0", 143)
+    assert [e.type for _s, e in decided] == ["JobTaskExited"]
 
 
 def test_a_terminating_job_whose_stopping_tasks_node_was_removed_ends_at_the_next_sweep():
@@ -234,3 +251,12 @@ def test_an_ended_job_whose_tasks_still_stop_cannot_be_deleted_yet():
     assert w.models.jobs[gang].stopping == [[1, 1, "c-n1"]]
     with pytest.raises(commands.CommandError, match=r"still being stopped \(on c-n1\)"):
         commands.delete_job(_named(w).models, "ws", "e", w.models.jobs[gang].name, "user:ann")
+
+
+def test_deleting_an_experiment_ends_its_queued_job_once_its_stopping_task_has():
+    w = _named(World().cluster(nodes=1, gpus=4))
+    job = w.job(gpus=4)
+    w.run(job, [("c-n0", [0, 1, 2, 3])])
+    w.apply("JobRequeued", jobId=job, attempt=1, cause="preempted")
+    decided = commands.delete_experiment(w.models, "ws", "e", "user:ann")
+    assert [e.type for _s, e in decided] == ["JobTerminateRequested", "ExperimentDeleted"]
