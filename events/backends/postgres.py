@@ -305,11 +305,14 @@ class PostgresBackend:
             raise errors.StoreCorrupt(
                 f"{self.where} holds a table named {sorted(present)[0]} but no batchd log"
             )
+        rows = await conn.fetch("SELECT version FROM batchd_schema")
+        newest = max((r[0] for r in rows if r[0] is not None), default=0)
+        if newest > SCHEMA_VERSION:
+            return newest  # a newer batchd's: its tables are its own (_check_version says so)
         missing = sorted(_TABLES - present)
         if missing:
             raise errors.StoreCorrupt(f"log {self.where} is damaged: its {missing[0]} table "
                                       "is missing")  # fmt: skip
-        rows = await conn.fetch("SELECT version FROM batchd_schema")
         if len(rows) != 1 or rows[0][0] is None or rows[0][0] < 1:
             raise errors.StoreCorrupt(
                 f"log {self.where} is damaged: its batchd_schema table holds no schema version"

@@ -206,10 +206,13 @@ class SqliteBackend:
                     "and no batchd log"
                 )
             return None
+        rows = conn.execute("SELECT version FROM batchd_schema").fetchall()
+        newest = max((r[0] for r in rows if type(r[0]) is int), default=0)
+        if newest > SCHEMA_VERSION:
+            return newest  # a newer batchd's: its tables are its own (_check_version says so)
         missing = sorted(_TABLES - tables)
         if missing:  # (checked before anything is written, leadership included)
             raise errors.StoreCorrupt(f"{self.path} is damaged: its {missing[0]} table is missing")
-        rows = conn.execute("SELECT version FROM batchd_schema").fetchall()
         if len(rows) != 1 or type(rows[0][0]) is not int or rows[0][0] < 1:
             raise errors.StoreCorrupt(
                 f"{self.path} is damaged: its batchd_schema table holds no schema version"

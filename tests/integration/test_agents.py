@@ -984,6 +984,19 @@ async def test_job_exec_runs_beside_the_job_in_its_environment_and_streams_outpu
     assert done.returncode == 1 and "the job's task ended" in done.stderr, done.stderr
 
 
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid`."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # (gone meanwhile)
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
 def _readme_block(after: str) -> str:
     """The README's first `sh` block after the line `after`."""
     readme = (Path(__file__).parents[2] / "README.md").read_text()
@@ -997,9 +1010,10 @@ def test_the_readme_walk_through_from_serve_to_the_jobs_output(tmp_path):
     root = Path(__file__).parents[2]
     port = _free_port()
     env = {"BATCHD_STATE_DIR": str(tmp_path / "state"), "BATCHD_SERVER": f"http://127.0.0.1:{port}"}
-    make = subprocess.Popen(
-        ["make", "--no-print-directory", "run", f"ARGS=--listen 127.0.0.1:{port}"], cwd=root,
-        env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    make = subprocess.Popen(  # (-o: the virtualenv as it is, installed by `make test`)
+        ["make", "--no-print-directory", "-o", ".venv/.run-installed", "run",
+         f"ARGS=--listen 127.0.0.1:{port}"], cwd=root, env={**os.environ, **env},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 60
@@ -1019,9 +1033,13 @@ def test_the_readme_walk_through_from_serve_to_the_jobs_output(tmp_path):
             "job default/default/hello succeeded, exit code 0\nhello\n"
         ), (done.stdout, done.stderr)
     finally:
-        (serve,) = Path(f"/proc/{make.pid}/task/{make.pid}/children").read_text().split()
-        os.kill(int(serve), signal.SIGTERM)  # (batchd serve, which make started)
-        assert make.wait(30) == 0  # it stopped cleanly
+        serve = _children(make.pid)  # (batchd serve, which make started)
+        if serve:
+            os.kill(serve[0], signal.SIGTERM)
+        else:  # (make ended, or had not started it: stop whatever is left of the run)
+            os.killpg(make.pid, signal.SIGTERM)
+        code = make.wait(30)
+    assert serve and code == 0  # it stopped cleanly
 
 
 async def test_output_the_daemon_cannot_read_is_served_by_the_jobs_node(local, tmp_path):

@@ -212,6 +212,8 @@ def test_a_log_with_a_damaged_page_is_not_written_to(tmp_path):
         ("DELETE FROM batchd_schema", "batchd_schema table holds no schema version"),
         ("UPDATE batchd_schema SET version = 'abc'", "batchd_schema table holds no schema version"),
         ("DROP TABLE snapshots", "its snapshots table is missing"),
+        # a newer batchd's log may have other tables: it says to upgrade, not "damaged"
+        ("UPDATE batchd_schema SET version = 2; DROP TABLE snapshots", "upgrade batchd"),
     ],
 )
 def test_a_log_whose_own_tables_are_damaged_is_refused_untouched(tmp_path, damage, said):
@@ -220,7 +222,7 @@ def test_a_log_whose_own_tables_are_damaged_is_refused_untouched(tmp_path, damag
                   "--store", f"sqlite:///{path}")  # fmt: skip
     assert done.returncode == 0, done.stderr
     conn = sqlite3.connect(path)
-    conn.execute(damage)
+    conn.executescript(damage)
     conn.commit()
     conn.close()
     before = digest(path)
@@ -238,6 +240,7 @@ def test_a_log_whose_own_tables_are_damaged_is_refused_untouched(tmp_path, damag
         ("DELETE FROM batchd_schema", "batchd_schema table holds no schema version"),
         ("DROP TABLE snapshots", "its snapshots table is missing"),
         ("DROP TABLE batchd_schema", "holds a table named events but no batchd log"),
+        ("UPDATE batchd_schema SET version = 2; DROP TABLE snapshots", "upgrade batchd"),
     ],
 )
 async def test_a_postgres_log_whose_own_tables_are_damaged_is_refused_untouched(
