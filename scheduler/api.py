@@ -88,6 +88,9 @@ class Api:
         self.serving = False  # the daemon has started (its read models restored): see starting
         self.heard_from: dict[str, float] = {}  # node id -> monotonic time of its last message
         self.nodes: Any = None  # the agent channel (scheduler/nodes.py), for exec
+        # the daemon's update of clusters' allocation states, run after a cluster's write so
+        # that its answer shows the state that write leads to (None: none to run)
+        self.resize_changes: Callable[[], Awaitable[int | None]] | None = None
 
     @property
     def models(self) -> ReadModels:
@@ -526,6 +529,8 @@ async def put_cluster(request: web.Request) -> web.Response:
 async def _cluster_answer(request: web.Request, ws: str, name: str, position: int | None,
                           status: int) -> web.Response:  # fmt: skip
     api = request.app[API_KEY]
+    if position is not None and api.resize_changes is not None:  # (a write: its state now)
+        position = await api.resize_changes() or position
     found = commands.find_cluster(api.models, ws, name)
     spec = await resources.cluster_spec(api.store, found)
     return _written(resources.cluster(api.models, found, spec), position, request, status)

@@ -148,6 +148,7 @@ class Daemon:
                                  cfg.state_dir, cfg.catalog)  # fmt: skip
         self.nodes.leading = self._leading
         service.heard_from = self.nodes.seen
+        service.resize_changes = self._resize_changes
         service.nodes = self.nodes
         app = api.build(service, self._add_service_routes)
         self._web = httpserver.AppRunner(app, access_log=None, handle_signals=False)
@@ -393,13 +394,18 @@ class Daemon:
             with contextlib.suppress(TimeoutError):
                 await self.models.wait_for(planned_at + 1, 1.0)
 
-    async def _resize_changes(self) -> None:
-        """Each cluster's allocation state, against the node counts its provider wants."""
+    async def _resize_changes(self) -> int | None:
+        """Each cluster's allocation state, against the node counts its provider wants (by
+        the planner loop, and at once after a cluster's write: api.Api.resize_changes); the
+        position of what it appended, if anything."""
         wanted: dict[str, int] = {}
         for provider in self.providers:
             wanted.update(provider.wanted())
-        if commands.resize_changes(self.models.models, ACTOR, wanted):  # any due?
-            await self.control.run(lambda m: commands.resize_changes(m, ACTOR, wanted))
+        if not commands.resize_changes(self.models.models, ACTOR, wanted):  # any due?
+            return None
+        return await self.control.run(
+            lambda m: commands.resize_changes(m, ACTOR, wanted), key="allocation-states"
+        )  # (one at a time)
 
     def _timed_plan(self, models) -> list:
         started = time.perf_counter()

@@ -143,6 +143,20 @@ async def test_every_bad_document_is_refused_through_the_api_and_nothing_is_appe
     assert (await api.store.head()).position == head  # nothing appended
 
 
+async def test_a_cluster_write_answers_the_allocation_state_it_leads_to(client):
+    """The answer to a PATCH is what the next GET says (the state was the one before)."""
+    await seed(client)  # (manual, 2 nodes that never join here: resizing)
+    auto = {"scaleSettings": {"autoScale": {"minimumNodeCount": 0, "maximumNodeCount": 4}}}
+    status, patched = await client.call("PATCH", "/v1/workspaces/ws/clusters/gpu", auto)
+    assert status == 200
+    _status, got = await client.call("GET", "/v1/workspaces/ws/clusters/gpu")
+    assert patched["properties"]["allocationState"] == "steady"  # no provider scales it
+    assert got["properties"]["allocationState"] == "steady"
+    manual = {"scaleSettings": {"manual": {"targetNodeCount": 3}}}
+    status, patched = await client.call("PATCH", "/v1/workspaces/ws/clusters/gpu", manual)
+    assert patched["properties"]["allocationState"] == "resizing"  # 3 to come
+
+
 async def test_a_jobs_tool_type_is_its_toolkits(client):
     await seed(client)
     horovod = {**JOB, "horovodSettings": {"pythonScriptFilePath": "train.py"}}
