@@ -575,12 +575,21 @@ async def cluster_delete(args: argparse.Namespace) -> int:
 
 
 # -- jobs -------------------------------------------------------------------------------------
+def _cluster_shown(j: dict[str, Any]) -> str:
+    """A job's cluster by name, as `workspace/name` when it is another workspace's."""
+    parts = str(_get(j, "properties.cluster.id", "")).split("/")  # /workspaces/W/clusters/C
+    own = str(j.get("id", "")).split("/")[2:3]  # /workspaces/W/experiments/E/jobs/J
+    if len(parts) == 5 and parts[1] == "workspaces" and [parts[2]] != own:
+        return f"{parts[2]}/{parts[4]}"
+    return parts[-1]
+
+
 def _job_row(j: dict[str, Any]) -> list[Any]:
     state = _get(j, "properties.state")
     reason = pending_reason(_get(j, "properties.pendingReason")) if state == "queued" else None
     nodes = [t.get("node") for t in _get(j, "properties.tasks", []) if isinstance(t, dict)]
     return [
-        j.get("name"), state, _get(j, "properties.cluster.id", "").rpartition("/")[2],
+        j.get("name"), state, _cluster_shown(j),
         _get(j, "properties.nodeCount"), _get(j, "properties.priority"),
         _get(j, "properties.attempt"), _get(j, "properties.executionInfo.exitCode"),
         _when(_get(j, "properties.creationTime")), reason or " ".join(n for n in nodes if n),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from batchd.scheduler.cli_api import _flatten, _node_row
+from batchd.scheduler.cli_api import _flatten, _job_row, _node_row
 from batchd.scheduler.cli_replay import world_text
 
 ERRORS = [
@@ -44,3 +44,12 @@ def test_replay_names_gpus_held_by_a_deleted_jobs_stopping_task_by_its_id():
              "jobs": [], "note": None}  # fmt: skip
     text = world_text(world)
     assert "0:j-1#1 1:train#2" in text and "None" not in text
+
+
+def test_a_jobs_cluster_of_another_workspace_is_named_with_it():
+    def job(cluster: str) -> dict:
+        return {"id": "/workspaces/default/experiments/e/jobs/j", "name": "j",
+                "properties": {"state": "running", "cluster": {"id": cluster}}}  # fmt: skip
+
+    assert _job_row(job("/workspaces/default/clusters/c1"))[2] == "c1"
+    assert _job_row(job("/workspaces/ws1/clusters/c1"))[2] == "ws1/c1"
