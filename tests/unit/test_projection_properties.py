@@ -342,7 +342,11 @@ class World(RuleBasedStateMachine):
     @rule(data=st.data())
     def terminate(self, data) -> None:
         job_id = data.draw(st.sampled_from(self._jobs_in(QUEUED, *RUNNING_STATES)))
-        finish = data.draw(st.booleans())
+        finish, deleting = data.draw(st.booleans()), data.draw(st.booleans())
+        if deleting:  # (a delete of a live job: deleted once it has ended, by the daemon)
+            self.emit(f"job-{job_id}", "JobDeleteRequested",
+                      {"jobId": job_id, "reason": "deleted by user:bob"}, "user:bob")  # fmt: skip
+            self.jobs[job_id]["deleting"] = True
         self.emit(f"job-{job_id}", "JobTerminateRequested", {"jobId": job_id}, "user:bob")
         self.jobs[job_id]["state"] = "terminating"
         if finish:
@@ -366,6 +370,9 @@ class World(RuleBasedStateMachine):
         }
         assert {n: s["state"] for n, s in self.nodes.items()} == {
             n: node.state for n, node in m.nodes.items()
+        }
+        assert {j for j, s in self.jobs.items() if s.get("deleting")} == {
+            j for j, job in m.jobs.items() if job.delete_requested_by == "user:bob"
         }
 
     @invariant()
