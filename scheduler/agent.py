@@ -526,14 +526,17 @@ class Agent:
         its directories every heartbeat interval; once all take one, the node can work."""
         while True:
             await asyncio.sleep(HEARTBEAT_INTERVAL)
-            if self.unwritable is None:
+            probed = self.unwritable
+            if probed is None:
                 continue
-            still = await asyncio.to_thread(unwritable_dir, self.unwritable[0])
+            still = await asyncio.to_thread(unwritable_dir, probed[0])
+            if self.unwritable is not probed:
+                continue  # a task found it so meanwhile: that says more than this probe
             if still is None:
                 logger.info("agent.scratch_writable_again")
                 self.unwritable = None
             else:
-                self.unwritable = (self.unwritable[0], still)
+                self.unwritable = (probed[0], still)
 
     def _check_lease(self) -> None:
         """Out of touch for longer than the lease: stop every task (the daemon has moved on)."""

@@ -508,6 +508,12 @@ def _delete_live(job: Job, actor: str) -> list[Decision]:
     return asked + terminate(job, actor, data["reason"])
 
 
+def finish_one(m: ReadModels, job_id: str, actor: str) -> list[Decision]:
+    """`finish_jobs` for one job (decided under its lock)."""
+    job = m.jobs.get(job_id)
+    return [] if job is None or job.stopping else finished(job, actor)
+
+
 def finish_job(m: ReadModels, workspace: str, experiment: str, name: str) -> list[Decision]:
     """`finished` for one job now (a queued job just deleted is deleted at once)."""
     job = current_job(m, workspace, experiment, name)

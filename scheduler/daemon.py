@@ -35,6 +35,7 @@ from batchd.events import errors, urls
 from batchd.events.codec import Codec
 from batchd.events.secrets import Keyring, sealed_in
 from batchd.events.store import EventStore
+from batchd.projections.model import job_key
 from batchd.projections.runner import SNAPSHOT_INTERVAL, Runner
 from batchd.scheduler import api, commands, config, httpserver, planner, systemd, tls
 from batchd.scheduler.control import Control, token_file
@@ -398,14 +399,18 @@ class Daemon:
         """Each cluster's allocation state, against the node counts its provider wants (by
         the planner loop, and at once after a cluster's write: api.Api.resize_changes); the
         position of what it appended, if anything."""
+        if not commands.resize_changes(self.models.models, ACTOR, self._wanted()):  # any due?
+            return None
+        return await self.control.run(  # (one at a time, on the counts wanted as it decides)
+            lambda m: commands.resize_changes(m, ACTOR, self._wanted()), key="allocation-states"
+        )
+
+    def _wanted(self) -> dict[str, int]:
+        """The node counts the providers want, by cluster id."""
         wanted: dict[str, int] = {}
         for provider in self.providers:
             wanted.update(provider.wanted())
-        if not commands.resize_changes(self.models.models, ACTOR, wanted):  # any due?
-            return None
-        return await self.control.run(
-            lambda m: commands.resize_changes(m, ACTOR, wanted), key="allocation-states"
-        )  # (one at a time)
+        return wanted
 
     def _timed_plan(self, models) -> list:
         started = time.perf_counter()
@@ -417,8 +422,15 @@ class Daemon:
         await self.control.run(lambda m: planner.overdue(m, _now_us()))
 
     async def _finish_jobs(self) -> None:
-        if commands.finish_jobs(self.models.models, ACTOR):  # any due? (rarely)
-            await self.control.run(lambda m: commands.finish_jobs(m, ACTOR))
+        """`commands.finish_jobs`, one job at a time under the job's own lock (the API's and
+        the agent channel's for it): decided twice at once, its events would be too."""
+        for _stream, event in commands.finish_jobs(self.models.models, ACTOR):  # (rarely any)
+            job = self.models.models.jobs.get(event.data["jobId"])
+            if job is None:
+                continue
+            key = job_key(job.workspace, job.experiment, job.name)
+            await self.control.run(lambda m, j=job.job_id: commands.finish_one(m, j, ACTOR),
+                                   key=key)  # fmt: skip
 
     async def _publish_anchor(self) -> None:
         head = await self.store.head()

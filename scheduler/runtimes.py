@@ -167,7 +167,7 @@ def unwritable_dir(dirs: list[Path]) -> str | None:
         try:
             directory.mkdir(parents=True, exist_ok=True)
             with open(probe, "wb") as handle:
-                handle.write(b"\0" * 4096)
+                handle.write(os.urandom(4096))  # (zeros could be a hole, or compressed)
                 handle.flush()
                 os.fsync(handle.fileno())  # (a full disk may take the write and refuse this)
         except OSError as exc:
