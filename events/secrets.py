@@ -104,6 +104,12 @@ class Keyring:
         return hmac.compare_digest(signature[1 + len(kid) :], mac.digest())
 
     @staticmethod
+    def signer(signature: bytes) -> str:
+        """The id of the key a signature names (see `sign`)."""
+        kid = signature[1 : 1 + signature[0]] if signature else b""
+        return kid.decode("ascii", "replace")
+
+    @staticmethod
     def signature_length(data: bytes) -> int:
         """The length of the signature `data` begins with (see `sign`)."""
         return 1 + data[0] + _MAC_BYTES if data else 0

@@ -49,12 +49,16 @@ class Runner:
         snapshot_every: int = SNAPSHOT_EVERY,
         snapshot_interval: float = SNAPSHOT_INTERVAL,
         use_snapshots: bool = True,
+        warn_refused: bool = True,
     ) -> None:
         self.store = store
         self.models = ReadModels()
         self.snapshot_every = snapshot_every
         self.snapshot_interval = snapshot_interval
         self.use_snapshots = use_snapshots
+        # a refused seal is a warning (the daemon's own keys), or an info line where the keys
+        # are a guess (offline tools: they may be another daemon's)
+        self.warn_refused = warn_refused
         self._snapshot_position = 0
         self._snapshot_time = time.monotonic()
         self._advanced = asyncio.Condition()
@@ -98,7 +102,7 @@ class Runner:
                     self._snapshot_position = stored.position
                 except Unsealed as exc:  # not what this daemon stored: say so, and rebuild
                     discarded = str(exc)
-                    if exc.suspicious:  # (not for a reader without the daemon's keys)
+                    if exc.suspicious and self.warn_refused:  # (not for a reader's guess)
                         logger.warning("projections.snapshot_refused",
                                        position=stored.position, reason=discarded)  # fmt: skip
                 except Exception as exc:  # any damage means: rebuild from the log
@@ -205,6 +209,8 @@ async def opened(store: EventStore, stored: Snapshot) -> bytes:
     try:
         return await asyncio.to_thread(snapshot.unseal, stored.state, keyring, stored.position,
                                        anchor)  # fmt: skip
+    except snapshot.KeyNotLoaded as exc:
+        raise Unsealed(str(exc), suspicious=False) from None
     except ValueError as exc:
         raise Unsealed(str(exc)) from None
 

@@ -54,6 +54,10 @@ def _code_hash() -> str:
 CODE_HASH = _code_hash()
 
 
+class KeyNotLoaded(ValueError):
+    """A sealed snapshot whose key is not among those loaded (nothing says it was changed)."""
+
+
 def seal(state: bytes, keyring: Keyring, position: int, anchor: bytes) -> bytes:
     """`state` signed with the daemon's secret key, bound to its position and to the hash of
     the log's event there (`anchor`): no one without the key can change a stored snapshot,
@@ -65,6 +69,9 @@ def unseal(sealed: bytes, keyring: Keyring, position: int, anchor: bytes) -> byt
     """The state a sealed snapshot holds; ValueError if its signature does not verify."""
     cut = Keyring.signature_length(sealed)
     state = sealed[cut:]
+    signer = Keyring.signer(sealed[:cut])
+    if signer and not keyring.holds(signer):
+        raise KeyNotLoaded(f"it was sealed with key {signer!r}, which is not loaded here")
     if not keyring.verify(sealed[:cut], _bound(position, anchor), state):
         raise ValueError("its seal does not verify: it was changed since it was stored, or "
                          "sealed with keys this daemon does not hold")  # fmt: skip

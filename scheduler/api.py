@@ -187,6 +187,8 @@ async def input_middleware(request: web.Request, handler: Callable[..., Awaitabl
     unknown, known = _unknown_query(request)
     if unknown is not None:  # (a mistyped filter would otherwise list everything)
         takes = f"it takes {', '.join(sorted(known))}" if known else "it takes none"
+        if not unknown:
+            raise DocumentError("query", f"names a parameter with no name ({takes})")
         raise DocumentError(unknown, f"is not a query parameter of this request ({takes})")
     coding = request.headers.get("Content-Encoding")
     if coding is not None and coding.strip().lower() not in CONTENT_CODINGS:
@@ -948,14 +950,14 @@ def _entries(request: web.Request, entries: list[dict[str, Any]]) -> web.Respons
 
 
 async def list_files(request: web.Request) -> web.Response:
-    _job_found, base, nodes = await _output_dir(request)
+    job, base, nodes = await _output_dir(request)
     api = request.app[API_KEY]
     relative = request.query.get("directory", ".")
     if nodes is not None:
         directory = files.joined(base, relative, "directory")
         return _entries(request, await _merged_listing(api, nodes, directory))
-    missing = "no such directory (yet)"
-    with _opened(base, relative, "directory", api.mount_root, missing) as fd:
+    yet = " (yet)" if job.state in LIVE_STATES else ""  # (an ended job writes no more)
+    with _opened(base, relative, "directory", api.mount_root, f"no such directory{yet}") as fd:
         return _entries(request, files.listing(fd))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -34,13 +35,14 @@ def _keys(args: argparse.Namespace) -> Keyring | None:
     configuration's keys file, `<state-dir>/secret.keys`): `replay` then starts from the
     newest snapshot whose seal they verify; without them it rebuilds from the log."""
     try:
-        cfg = config.load(args.config or None, state=args.state_dir)
-        keyring = config.load_keyring(cfg, create=False)
         target = urls.parse(args.store) if args.store else None
-        if keyring is None and target is not None and target.scheme == "sqlite":
-            beside = Path(target.target).parent  # (a state directory's log: its keys there)
+        if target is not None and target.scheme == "sqlite" and not os.environ.get(config.KEYS_ENV):
+            beside = Path(target.target).parent  # a state directory's log: its keys there
             keyring = config.load_keyring(config.load(None, state=str(beside)), create=False)
-        return keyring
+            if keyring is not None:
+                return keyring
+        cfg = config.load(args.config or None, state=args.state_dir)
+        return config.load_keyring(cfg, create=False)
     except (config.ConfigError, ValueError, OSError, errors.SecretKeyError):
         return None
 

@@ -38,7 +38,7 @@ async def replay(args: argparse.Namespace) -> int:
             position = args.position
             if position > head:
                 raise NotFound(f"--position: {position} is beyond the log's head ({head})")
-        runner = Runner(store)
+        runner = Runner(store, warn_refused=False)  # (keys: cli_log._keys)
         await runner.restore(upto=position)
         document = views.world(runner.models, await moment_note(store, at, position))
     finally:
@@ -118,7 +118,7 @@ async def job_history(args: argparse.Namespace) -> int:
         check_name(kind, name)
     store = await open_readonly(args)
     try:
-        runner = Runner(store)
+        runner = Runner(store, warn_refused=False)  # (keys: cli_log._keys)
         await runner.restore()
         key = job_key(args.workspace, args.experiment, args.name)
         job_ids = runner.models.job_ids.get(key)

@@ -41,6 +41,7 @@ import asyncpg
 import structlog
 
 from batchd.events import errors
+from batchd.events.backends import LOG_COLUMNS, lacking
 from batchd.events.envelope import NO_STREAM, Head
 from batchd.events.store import AppendRequest, BatchPlan, Prepare, Snapshot
 
@@ -54,7 +55,6 @@ LEADER_LOCK = 0x6261_7463_6864_0001  # the advisory lock key of a log's leader (
 # default of two hours.
 LEADER_KEEPALIVE = {"tcp_keepalives_idle": "10", "tcp_keepalives_interval": "5",
                     "tcp_keepalives_count": "4"}  # fmt: skip
-_TABLES = frozenset({"events", "log_head", "snapshots", "batchd_schema"})  # every version's
 MIGRATION_LOCK = 0x62617463  # advisory lock key held while migrating ("batc")
 WRITE_ATTEMPTS = 3
 LISTEN_BACKOFF = 0.5  # seconds between listener reconnects
@@ -295,10 +295,14 @@ class PostgresBackend:
         """The log's schema version; None where the database holds none of its tables.
         StoreCorrupt where it holds some and not others, or no version."""
         found = await conn.fetch(
-            "SELECT t FROM unnest($1::text[]) AS t WHERE to_regclass(t) IS NOT NULL",
-            sorted(_TABLES),
+            "SELECT table_name, column_name FROM information_schema.columns "
+            "WHERE table_schema = current_schema() AND table_name = ANY($1::text[])",
+            sorted(LOG_COLUMNS),
         )
-        present = {row[0] for row in found}
+        columns: dict[str, set[str]] = {}
+        for table, column in found:
+            columns.setdefault(table, set()).add(column)
+        present = set(columns)
         if not present:
             return None
         if "batchd_schema" not in present:
@@ -309,13 +313,13 @@ class PostgresBackend:
         newest = max((r[0] for r in rows if r[0] is not None), default=0)
         if newest > SCHEMA_VERSION:
             return newest  # a newer batchd's: its tables are its own (_check_version says so)
-        missing = sorted(_TABLES - present)
-        if missing:
-            raise errors.StoreCorrupt(f"log {self.where} is damaged: its {missing[0]} table "
-                                      "is missing")  # fmt: skip
+        damage = lacking(f"log {self.where}", columns)
+        if damage is not None:
+            raise errors.StoreCorrupt(damage)
         if len(rows) != 1 or rows[0][0] is None or rows[0][0] < 1:
+            held = f"{len(rows)} rows, not one version" if len(rows) > 1 else "no schema version"
             raise errors.StoreCorrupt(
-                f"log {self.where} is damaged: its batchd_schema table holds no schema version"
+                f"log {self.where} is damaged: its batchd_schema table holds {held}"
             )
         return rows[0][0]
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import structlog
 
 from batchd.events import errors
+from batchd.events.backends import LOG_COLUMNS, lacking
 from batchd.events.envelope import Head, uuid_of_bytes
 from batchd.events.store import AppendRequest, BatchPlan, Prepare, Snapshot
 
@@ -31,7 +32,6 @@ WAL_CHECKPOINT_PAGES = 10_000  # checkpoint every ~40 MB of WAL instead of SQLit
 
 logger = structlog.get_logger(__name__)
 
-_TABLES = frozenset({"events", "log_head", "snapshots", "batchd_schema"})  # every version's
 MIGRATIONS: dict[int, str] = {
     1: """
     CREATE TABLE events (
@@ -210,12 +210,15 @@ class SqliteBackend:
         newest = max((r[0] for r in rows if type(r[0]) is int), default=0)
         if newest > SCHEMA_VERSION:
             return newest  # a newer batchd's: its tables are its own (_check_version says so)
-        missing = sorted(_TABLES - tables)
-        if missing:  # (checked before anything is written, leadership included)
-            raise errors.StoreCorrupt(f"{self.path} is damaged: its {missing[0]} table is missing")
+        columns = {t: {r[1] for r in conn.execute(f"PRAGMA table_info({t})")}
+                   for t in LOG_COLUMNS if t in tables}  # fmt: skip
+        damage = lacking(self.path, columns)  # (before anything is written, leadership too)
+        if damage is not None:
+            raise errors.StoreCorrupt(damage)
         if len(rows) != 1 or type(rows[0][0]) is not int or rows[0][0] < 1:
+            held = f"{len(rows)} rows, not one version" if len(rows) > 1 else "no schema version"
             raise errors.StoreCorrupt(
-                f"{self.path} is damaged: its batchd_schema table holds no schema version"
+                f"{self.path} is damaged: its batchd_schema table holds {held}"
             )
         return rows[0][0]
 

@@ -111,6 +111,8 @@ async def test_a_job_runs_on_its_gpu_and_its_output_and_exit_code_come_back(loca
     assert sorted(f["name"] for f in files["value"]) == ["stderr.txt", "stdout.txt"]
     status, missing = await client.call("GET", f"{EXP}/jobs/hello/files/absent.txt")
     assert (status, missing["error"]["message"]) == (404, "no file 'absent.txt'")  # ended: no "yet"
+    status, missing = await client.call("GET", f"{EXP}/jobs/hello/files?directory=nosuch")
+    assert (status, missing["error"]["message"]) == (404, "no such directory")
 
 
 async def test_each_job_sees_exactly_the_gpus_it_was_given(local):

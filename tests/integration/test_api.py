@@ -92,6 +92,8 @@ async def test_the_whole_lifecycle_of_workspace_experiment_cluster_and_job(clien
         assert status == 400, error
         assert error["error"]["details"][0]["name"] == query.split("&")[-1].split("=")[0]
         assert "state" in error["error"]["details"][0]["value"]  # (what it takes)
+    status, error = await client.call("GET", "/v1/jobs?=queued")  # a parameter with no name
+    assert status == 400 and error["error"]["details"][0]["name"] == "query", error
     status, error = await client.call("GET", "/v1/jobs?state=queued&state=failed")
     assert status == 400 and error["error"]["details"][0]["name"] == "state", error
     status, error = await client.call("GET", f"{EXP}/jobs/train?top=1")  # takes `after` only

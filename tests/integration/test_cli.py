@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import base64
 import hashlib
@@ -27,7 +28,9 @@ from batchd.events.envelope import NewEvent
 from batchd.events.secrets import Keyring
 from batchd.events.urls import parse
 from batchd.projections import snapshot
-from batchd.scheduler import config
+from batchd.projections.runner import Runner
+from batchd.scheduler import cli_log, config
+from batchd.scheduler.bench import workload
 from batchd.scheduler.daemon import Daemon
 
 
@@ -212,6 +215,11 @@ def test_a_log_with_a_damaged_page_is_not_written_to(tmp_path):
         ("DELETE FROM batchd_schema", "batchd_schema table holds no schema version"),
         ("UPDATE batchd_schema SET version = 'abc'", "batchd_schema table holds no schema version"),
         ("DROP TABLE snapshots", "its snapshots table is missing"),
+        (
+            "DROP TABLE snapshots; CREATE TABLE snapshots (x)",
+            "its snapshots table lacks its code_hash column",
+        ),
+        ("INSERT INTO batchd_schema VALUES (1)", "holds 2 rows, not one version"),
         # a newer batchd's log may have other tables: it says to upgrade, not "damaged"
         ("UPDATE batchd_schema SET version = 2; DROP TABLE snapshots", "upgrade batchd"),
     ],
@@ -240,6 +248,10 @@ def test_a_log_whose_own_tables_are_damaged_is_refused_untouched(tmp_path, damag
         ("DELETE FROM batchd_schema", "batchd_schema table holds no schema version"),
         ("DROP TABLE snapshots", "its snapshots table is missing"),
         ("DROP TABLE batchd_schema", "holds a table named events but no batchd log"),
+        (
+            "ALTER TABLE snapshots DROP COLUMN code_hash",
+            "its snapshots table lacks its code_hash column",
+        ),
         ("UPDATE batchd_schema SET version = 2; DROP TABLE snapshots", "upgrade batchd"),
     ],
 )
@@ -637,3 +649,37 @@ def test_version_and_help_say_what_a_user_asks():
     assert done.returncode == 0 and done.stdout == f"batchd {installed}\n"
     helped = batchd("experiment", "--help").stdout
     assert "create an experiment" in helped and "a experiment" not in helped
+
+
+async def test_offline_replay_opens_a_snapshot_with_the_keys_beside_its_sqlite_log(
+    tmp_path, monkeypatch
+):
+    """The keys of the state directory the log lies in, before the default state directory's
+    (another daemon's): its sealed snapshot is used, and nothing is said to be amiss."""
+    state, other = tmp_path / "state", tmp_path / "home-state"
+    keyring = config.load_keyring(config.load(None, state=str(state)), create=True)
+    config.load_keyring(config.load(None, state=str(other)), create=True)  # another daemon's
+    url = f"sqlite:///{state / 'events.db'}"
+    store = await urls.open_store(url, codec=Codec(keyring))
+    try:
+        for stream, batch in workload.cluster_log(40, 3):
+            await store.append(stream, batch)
+        runner = Runner(store)
+        await runner.restore()
+        await runner.save_snapshot()
+    finally:
+        await store.close()
+    monkeypatch.delenv("BATCHD_SECRET_KEYS", raising=False)
+    env = {"BATCHD_STATE_DIR": str(other)}
+    done = batchd("replay", "--store", url, "--position", "30", "--json", env=env)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["position"] == 30
+    monkeypatch.setenv("BATCHD_STATE_DIR", str(other))  # what the CLI found: those keys
+    keys = cli_log._keys(argparse.Namespace(store=url, config=None, state_dir=None))
+    reader = await urls.open_store(url, readonly=True, codec=Codec(keys))
+    try:
+        info = await Runner(reader).restore()
+    finally:
+        await reader.close()
+    assert info.snapshot_position == runner.position and info.discarded is None
+    assert "snapshot_refused" not in done.stderr and "seal" not in done.stderr, done.stderr

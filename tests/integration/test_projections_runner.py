@@ -192,3 +192,20 @@ async def test_a_sealed_snapshot_of_another_position_or_a_damaged_row_is_discard
     assert info.replayed == head
     assert not [line for line in logs if line["log_level"] == "warning"]  # (nothing amiss)
     await keyless.close()
+
+
+async def test_a_snapshot_sealed_with_a_key_not_loaded_is_not_taken_for_tampering(store):
+    async for _ in _append_workload(store, 100):
+        pass
+    head = (await store.head()).position
+    anchor = (await store.read_all(head - 1, 1))[0].hash
+    models = Runner(store, use_snapshots=False)
+    await models.restore()
+    sealed = snapshot.seal(snapshot.encode(models.models), Keyring.generate("k9"), head, anchor)
+    await store.save_snapshot(
+        Snapshot(snapshot.NAME, head, snapshot.FORMAT, snapshot.CODE_HASH, sealed)
+    )
+    with info_logs() as logs:
+        info = await Runner(store).restore()
+    assert info.snapshot_position == 0 and "key 'k9', which is not loaded" in info.discarded
+    assert not [line for line in logs if line["log_level"] == "warning"]
