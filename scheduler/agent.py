@@ -623,22 +623,11 @@ class Agent:
         if epoch < self.epoch:
             return  # from a daemon that has been replaced
         self.epoch = epoch
-        if command["type"] == "ReadFile":
-            self._background(self._read_file(command), "read file")
-            return
-        if command["type"] == "Exec":
-            exec_id = command.get("execId")
-            self.execs[exec_id] = asyncio.create_task(self._exec(command), name=f"exec {exec_id}")
-            self.execs[exec_id].add_done_callback(lambda _t: self.execs.pop(exec_id, None))
-            return
-        if command["type"] == "CancelExec":
-            running = self.execs.get(command.get("execId"))
-            if running is not None:
-                running.cancel()  # the command is killed (ProcessTask.exec)
-            return
-        if command["type"] == "RunSetup":
-            if self.setup is None or self.setup.done():
-                self.setup = asyncio.create_task(self._run_setup(command), name="setup")
+        other = {"ReadFile": self._on_read_file, "Exec": self._on_exec,
+                 "CancelExec": self._on_cancel_exec, "RunSetup": self._on_run_setup,
+                 "CheckScratch": self._on_check_scratch}.get(command["type"])  # fmt: skip
+        if other is not None:
+            other(command)
             return
         key = protocol.task_key(command)
         if command["type"] == "StartTask" and key not in self.tasks:
@@ -663,6 +652,30 @@ class Agent:
             self._background(self.tasks[key].kill(), f"kill {key}")
         elif command["type"] == "ProceedTask" and key in self.tasks:
             self.tasks[key].proceed.set()
+
+    def _on_read_file(self, command: dict[str, Any]) -> None:
+        self._background(self._read_file(command), "read file")
+
+    def _on_exec(self, command: dict[str, Any]) -> None:
+        exec_id = command.get("execId")
+        self.execs[exec_id] = asyncio.create_task(self._exec(command), name=f"exec {exec_id}")
+        self.execs[exec_id].add_done_callback(lambda _t: self.execs.pop(exec_id, None))
+
+    def _on_cancel_exec(self, command: dict[str, Any]) -> None:
+        running = self.execs.get(command.get("execId"))
+        if running is not None:
+            running.cancel()  # the command is killed (ProcessTask.exec)
+
+    def _on_run_setup(self, command: dict[str, Any]) -> None:
+        if self.setup is None or self.setup.done():
+            self.setup = asyncio.create_task(self._run_setup(command), name="setup")
+
+    def _on_check_scratch(self, command: dict[str, Any]) -> None:
+        """The node was found unwritable before this agent: said so from now on, and probed
+        (_watch_scratch) until it can be written."""
+        if self.unwritable is None:
+            dirs = [Path(str(d)) for d in command.get("dirs") or ()]
+            self.unwritable = ([*dirs, self.running_dir], str(command.get("message", "")))
 
     def _background(self, coroutine, name: str) -> None:
         task = asyncio.create_task(coroutine, name=name)

@@ -597,10 +597,22 @@ class NodeService:
         if state in (PROVISIONING, PREPARING, SUSPECT, LOST, UNUSABLE):
             out.append((stream, NewEvent("NodeSetupSucceeded", {"nodeId": node_id}, actor)))
             state = LEAVING if node is not None and node.draining else READY
-        fault = _fault_said(msg) or self._said_lately(node_id)
+        said = _fault_said(msg)
+        fault = said or self._said_lately(node_id)
+        if fault is None and node is not None and node.state in (SUSPECT, LOST):
+            fault = _unwritable_last(node)  # (found before this agent, or this daemon)
         if state == READY and fault is not None:  # ready, but no work yet
             out.append(_suspicion(node_id, *fault, actor))
+            if said is None and fault[0] == protocol.NODE_UNWRITABLE:
+                self.check_scratch(node_id, fault[1])  # its new agent probes it too
         return out
+
+    def check_scratch(self, node_id: str, message: str) -> None:
+        """Have the node's agent probe the scratch space tasks are given (its own is probed
+        too) and say whether it is unwritable: a new agent (restarted, or after a daemon
+        restart) of a node last found so does not know."""
+        roots = [str(self.state_dir / "nodes" / part) for part in ("work", "temp")]
+        self._send(node_id, {"type": "CheckScratch", "dirs": roots, "message": message})
 
     def _said_lately(self, node_id: str) -> tuple[str, str] | None:
         """The fault of its own (HELD) that the node's agent said in a heartbeat less than
@@ -1065,6 +1077,20 @@ def _moved_out(m: ReadModels, node: Node, msg: dict[str, Any], actor: str) -> De
             f"{msg.get('cluster')}: give this agent its own --node-id, or stop the other one "
             "and wait until that node is lost")  # fmt: skip
     return (f"node-{node.node_id}", NewEvent("NodeRemoved", {"nodeId": node.node_id}, actor))
+
+
+_LOSSES = frozenset({"node_lost", "agent_exited", "agent_stopped"})  # (how an agent goes)
+
+
+def _unwritable_last(node: Node | None) -> tuple[str, str] | None:
+    """`node_unwritable` if that is the last fault said of the node, but for the loss of its
+    agent since (a full disk outlives an agent's, and a daemon's, restart)."""
+    for error in reversed(node.errors if node is not None else ()):
+        if error.get("code") == protocol.NODE_UNWRITABLE:
+            return protocol.NODE_UNWRITABLE, str(error.get("message", ""))
+        if error.get("code") not in _LOSSES:
+            return None
+    return None
 
 
 def _may_recover(node: Node, fault: tuple[str, str] | None, now: int) -> bool:

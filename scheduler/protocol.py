@@ -39,6 +39,8 @@ Daemon to agent (GET /agent/v1/commands?node=&incarnation=&wait=S, long-poll):
   CancelExec {execId, jobId, attempt, task}: its caller went away: stop that command
   ReadFile {requestId, path, list, offset, size}: a job's output file (or directory) that the
         daemon cannot read itself
+  CheckScratch {dirs, message}: the node was last found unable to write its own scratch
+        space (before this agent): say so (scratchUnwritable) until a probe writes in `dirs`
 """
 
 from __future__ import annotations
@@ -71,7 +73,8 @@ CONTENT_TYPE = "application/msgpack"
 AGENT_MESSAGES = ("Register", "Heartbeat", "TaskPreparing", "TaskPrepared", "TaskStarted",
                   "TaskExited", "SetupExited", "ExecOutput", "FileData", "Leaving")  # fmt: skip
 TASK_REPORTS = ("TaskPreparing", "TaskStarted", "TaskExited")
-COMMANDS = ("StartTask", "ProceedTask", "KillTask", "RunSetup", "Exec", "CancelExec", "ReadFile")
+COMMANDS = ("StartTask", "ProceedTask", "KillTask", "RunSetup", "Exec", "CancelExec", "ReadFile",
+            "CheckScratch")  # fmt: skip
 
 TaskKey = tuple[str, int, int]  # (job id, attempt, task index)
 

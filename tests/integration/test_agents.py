@@ -185,13 +185,16 @@ async def test_a_node_whose_scratch_space_is_unwritable_takes_no_work_until_it_i
     await _until(lambda: len(unwritable()) == 2, 30)  # its retry found the other node so
     await asyncio.sleep(2 * HEARTBEAT_INTERVAL + 5)  # past the hold: still said, still held
     assert len(unwritable()) == 2 and newest_job(daemon.models.models, "squeezed").state == "queued"
-    # an agent restarted meanwhile does not know of the full disk: its node is held again
-    # for the hold (not given the job at once, which would spend its last retry)
+    # an agent restarted meanwhile does not know of the full disk: its node is held again,
+    # and the daemon has it probe there (CheckScratch): held past the hold while still full,
+    # not given the job (which would spend its last retry)
     [provider] = daemon.providers
     restarted = nodes["local-0"].incarnation
     provider.processes["local-0"].kill()
     await _until(lambda: nodes["local-0"].incarnation != restarted
                  and "local-0" in unwritable(), 30)  # fmt: skip
+    await asyncio.sleep(2 * HEARTBEAT_INTERVAL + 5)
+    assert "local-0" in unwritable()
     assert newest_job(daemon.models.models, "squeezed").state == "queued"
     work.unlink()  # room again
     job = await _ended(daemon, client, "squeezed")
