@@ -515,8 +515,6 @@ def finish_one(m: ReadModels, job_id: str, actor: str) -> list[Decision]:
 
 
 def finish_job(m: ReadModels, workspace: str, experiment: str, name: str) -> list[Decision]:
-    """`finished` for one job now (a queued job just deleted is deleted at once)."""
+    """`finish_one` for the job of that name now (a queued job just deleted: deleted at once)."""
     job = current_job(m, workspace, experiment, name)
-    if job is None or job.stopping:
-        return []
-    return finished(job, job.delete_requested_by or "scheduler")
+    return [] if job is None else finish_one(m, job.job_id, job.delete_requested_by or "scheduler")
