@@ -109,15 +109,21 @@ async def test_a_read_only_follower_keeps_following_when_snapshots_are_due(durab
         await writer.close()
 
 
+async def _store_sealed(store, state: bytes, position: int, keyring=None) -> None:
+    """Store `state` as the snapshot at `position`, sealed (by default with the store's keys)
+    for the log's event there."""
+    anchor = (await store.read_all(position - 1, 1))[0].hash
+    sealed = snapshot.seal(state, keyring or store.codec.keyring, position, anchor)
+    await store.save_snapshot(
+        Snapshot(snapshot.NAME, position, snapshot.FORMAT, snapshot.CODE_HASH, sealed)
+    )
+
+
 async def test_an_unreadable_snapshot_is_discarded_and_the_models_rebuilt(store):
     async for _ in _append_workload(store, 200):
         pass
     head = (await store.head()).position
-    anchor = (await store.read_all(head - 1, 1))[0].hash
-    damaged = snapshot.seal(b"\xc1 not msgpack", store.codec.keyring, head, anchor)
-    await store.save_snapshot(
-        Snapshot(snapshot.NAME, head, snapshot.FORMAT, snapshot.CODE_HASH, damaged)
-    )
+    await _store_sealed(store, b"\xc1 not msgpack", head)
     runner = Runner(store)
     info = await runner.restore()
     assert info.discarded.startswith("unreadable") and info.replayed == head
@@ -171,11 +177,7 @@ async def test_a_sealed_snapshot_of_another_position_or_a_damaged_row_is_discard
     head = (await store.head()).position
     later = Runner(store, use_snapshots=False)
     await later.restore()
-    anchor = (await store.read_all(head - 2, 1))[0].hash
-    state = snapshot.seal(snapshot.encode(later.models), store.codec.keyring, head - 1, anchor)
-    await store.save_snapshot(
-        Snapshot(snapshot.NAME, head - 1, snapshot.FORMAT, snapshot.CODE_HASH, state)
-    )
+    await _store_sealed(store, snapshot.encode(later.models), head - 1)
     info = await Runner(store).restore()
     assert info.snapshot_position == 0 and f"holds position {head}" in info.discarded
     if urls.parse(durable_url).scheme == "sqlite":  # a blob turned to text that is not UTF-8
@@ -198,13 +200,9 @@ async def test_a_snapshot_sealed_with_a_key_not_loaded_is_not_taken_for_tamperin
     async for _ in _append_workload(store, 100):
         pass
     head = (await store.head()).position
-    anchor = (await store.read_all(head - 1, 1))[0].hash
     models = Runner(store, use_snapshots=False)
     await models.restore()
-    sealed = snapshot.seal(snapshot.encode(models.models), Keyring.generate("k9"), head, anchor)
-    await store.save_snapshot(
-        Snapshot(snapshot.NAME, head, snapshot.FORMAT, snapshot.CODE_HASH, sealed)
-    )
+    await _store_sealed(store, snapshot.encode(models.models), head, Keyring.generate("k9"))
     with info_logs() as logs:
         info = await Runner(store).restore()
     assert info.snapshot_position == 0 and "key 'k9', which is not loaded" in info.discarded
