@@ -1114,11 +1114,14 @@ def _running_keys(msg: dict[str, Any]) -> list[TaskKey]:
 
 
 def _terminated(m: ReadModels, job_id: str, attempt: int) -> list[Decision]:
-    """End the termination of an attempt whose task never started."""
+    """End the termination of an attempt whose task its node was not seen to start (for the
+    reason it was asked with: its node may yet start it, if the StartTask reached an agent
+    that was stalled; its next heartbeat then has it killed, its GPUs held till then)."""
     job = m.jobs.get(job_id)
     if job is None or job.attempt != attempt or job.state != TERMINATING:
         return []
-    data = {"jobId": job_id, "attempt": attempt, "reason": "terminated before it started"}
+    reason = f"{job.terminate_reason or 'terminated'} (its task was not seen to start)"
+    data = {"jobId": job_id, "attempt": attempt, "reason": reason}
     return [(f"job-{job_id}", NewEvent("JobTerminated", data))]
 
 

@@ -260,3 +260,12 @@ def test_deleting_an_experiment_ends_its_queued_job_once_its_stopping_task_has()
     w.apply("JobRequeued", jobId=job, attempt=1, cause="preempted")
     decided = commands.delete_experiment(w.models, "ws", "e", "user:ann")
     assert [e.type for _s, e in decided] == ["JobTerminateRequested", "ExperimentDeleted"]
+
+
+def test_a_termination_ended_before_its_task_was_seen_to_start_keeps_its_reason():
+    w = World().cluster(nodes=1, gpus=4)
+    job = w.job(gpus=4)
+    w.apply("JobScheduled", jobId=job, attempt=1, tasks=[{"node": "c-n0", "gpus": [0, 1, 2, 3]}])
+    w.apply("JobTerminateRequested", jobId=job, reason="deleted by user:ann")
+    [(_stream, ended)] = nodes._terminated(w.models, job, 1)
+    assert ended.data["reason"] == "deleted by user:ann (its task was not seen to start)"
