@@ -31,9 +31,10 @@ async def open_readonly(args: argparse.Namespace) -> EventStore:
 
 
 def _keys(args: argparse.Namespace) -> Keyring | None:
-    """The daemon's secret keys where this user can read them ($BATCHD_SECRET_KEYS, the
-    configuration's keys file, `<state-dir>/secret.keys`): `replay` then starts from the
-    newest snapshot whose seal they verify; without them it rebuilds from the log."""
+    """The daemon's secret keys where this user can read them: $BATCHD_SECRET_KEYS; for a
+    SQLite --store, the keys beside it; else the configuration's keys file, or
+    `<state-dir>/secret.keys`. `replay` then starts from the newest snapshot whose seal they
+    verify; without them it rebuilds from the log."""
     try:
         target = urls.parse(args.store) if args.store else None
         if target is not None and target.scheme == "sqlite" and not os.environ.get(config.KEYS_ENV):

@@ -424,13 +424,14 @@ class Daemon:
     async def _finish_jobs(self) -> None:
         """`commands.finish_jobs`, one job at a time under the job's own lock (the API's and
         the agent channel's for it): decided twice at once, its events would be too."""
-        for _stream, event in commands.finish_jobs(self.models.models, ACTOR):  # (rarely any)
-            job = self.models.models.jobs.get(event.data["jobId"])
+        due = {event.data["jobId"] for _s, event in commands.finish_jobs(self.models.models,
+                                                                        ACTOR)}  # fmt: skip
+        for job_id in due:  # (rarely any)
+            job = self.models.models.jobs.get(job_id)
             if job is None:
                 continue
             key = job_key(job.workspace, job.experiment, job.name)
-            await self.control.run(lambda m, j=job.job_id: commands.finish_one(m, j, ACTOR),
-                                   key=key)  # fmt: skip
+            await self.control.run(lambda m, j=job_id: commands.finish_one(m, j, ACTOR), key=key)
 
     async def _publish_anchor(self) -> None:
         head = await self.store.head()

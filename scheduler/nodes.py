@@ -92,7 +92,6 @@ UNWRITABLE_HOLD = 60_000_000  # µs a node that could not write its own scratch 
 # a node suspected for a fault its agent reported (not for its silence) takes no work for a
 # while after, so that the retry is placed elsewhere: the fault's code -> how long (µs)
 HELD = {protocol.ENGINE_UNREACHABLE: ENGINE_HOLD, protocol.NODE_UNWRITABLE: UNWRITABLE_HOLD}
-FAULT_MEMORY = 120.0  # seconds a fault an agent said is held against a new agent of its node
 BEGUN = (PREPARING_JOB, RUNNING, TERMINATING)  # a job whose tasks have begun on their nodes
 # states of a node with an agent, in which silence for NODE_TIMEOUT makes it lost
 LOSABLE = (SUSPECT, LEAVING, PREPARING, UNUSABLE)
@@ -133,9 +132,6 @@ class NodeService:
         # node id -> tasks of earlier attempts holding its GPUs that its heartbeats do not
         # list -> when a heartbeat first did not
         self.unlisted: dict[str, dict[TaskKey, float]] = {}
-        # node id -> the fault of its own its agent last said in a heartbeat, and when
-        # (monotonic): a new agent of the node does not know of it (_said_lately)
-        self.faults_said: dict[str, tuple[tuple[str, str], float]] = {}
         # exec or file request id -> (the node asked, where its answers go)
         self.execs: dict[str, tuple[str, asyncio.Queue[dict[str, Any]]]] = {}
 
@@ -425,10 +421,6 @@ class NodeService:
         # (not while the daemon stops: it has just lost its local nodes, agents still up)
         if node is None or self.closing:
             return
-        if fault is None:
-            self.faults_said.pop(node_id, None)
-        else:
-            self.faults_said[node_id] = (fault, time.monotonic())
         if fault is not None:  # no work until its engine answers, its scratch takes files
             if _fault_suspected(self.models, node_id, fault[0], ""):  # (most beats: said)
                 await self._suspect(node_id, *fault)
@@ -598,9 +590,9 @@ class NodeService:
             out.append((stream, NewEvent("NodeSetupSucceeded", {"nodeId": node_id}, actor)))
             state = LEAVING if node is not None and node.draining else READY
         said = _fault_said(msg)
-        fault = said or self._said_lately(node_id)
+        fault = said
         if fault is None and node is not None and node.state in (SUSPECT, LOST):
-            fault = _unwritable_last(node)  # (found before this agent, or this daemon)
+            fault = _fault_last(node)  # (found before this agent, or this daemon)
         if state == READY and fault is not None:  # ready, but no work yet
             out.append(_suspicion(node_id, *fault, actor))
             if said is None and fault[0] == protocol.NODE_UNWRITABLE:
@@ -613,16 +605,6 @@ class NodeService:
         restart) of a node last found so does not know."""
         roots = [str(self.state_dir / "nodes" / part) for part in ("work", "temp")]
         self._send(node_id, {"type": "CheckScratch", "dirs": roots, "message": message})
-
-    def _said_lately(self, node_id: str) -> tuple[str, str] | None:
-        """The fault of its own (HELD) that the node's agent said in a heartbeat less than
-        FAULT_MEMORY ago: a new agent of the node (restarted; the node lost meanwhile) does not know
-        of it yet, and a full disk outlives an agent's restart, so the node is held again
-        rather than given work at once (its new agent says so itself once a task finds it)."""
-        said = self.faults_said.get(node_id)
-        if said is None or time.monotonic() - said[1] >= FAULT_MEMORY:
-            return None
-        return said[0]
 
     def _kill_unwanted(self, m: ReadModels, node_id: str, running: list[TaskKey]) -> None:
         """KillTask for each task the node runs that the log does not place there now."""
@@ -1082,12 +1064,14 @@ def _moved_out(m: ReadModels, node: Node, msg: dict[str, Any], actor: str) -> De
 _LOSSES = frozenset({"node_lost", "agent_exited", "agent_stopped"})  # (how an agent goes)
 
 
-def _unwritable_last(node: Node | None) -> tuple[str, str] | None:
-    """`node_unwritable` if that is the last fault said of the node, but for the loss of its
-    agent since (a full disk outlives an agent's, and a daemon's, restart)."""
+def _fault_last(node: Node | None) -> tuple[str, str] | None:
+    """The fault of its own (HELD) that is the last said of the node, but for the loss of its
+    agent since, as (code, message): a new agent of the node (restarted, or after a daemon
+    restart) does not know of it, and a full disk outlives both, so the node is held again
+    rather than given work at once. From its logged errors."""
     for error in reversed(node.errors if node is not None else ()):
-        if error.get("code") == protocol.NODE_UNWRITABLE:
-            return protocol.NODE_UNWRITABLE, str(error.get("message", ""))
+        if error.get("code") in HELD:
+            return error["code"], str(error.get("message", ""))
         if error.get("code") not in _LOSSES:
             return None
     return None
